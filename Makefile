@@ -1,0 +1,35 @@
+# Tessera: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install services lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create the virtualenv and install Tessera with its test tools
+
+run: $(STAMP)  ## set up and run the whole suite on embedded defaults (SQLite, embedded broker, CPU)
+	$(BIN)/tessera up
+
+services:  ## start PostgreSQL and Redis on loopback when installed but stopped
+	bash scripts/ensure_services.sh
+
+test: $(STAMP)  ## set up and run the whole test suite (SQLite and PostgreSQL + Redis variants)
+	bash scripts/ensure_services.sh || true
+	bash scripts/lint.sh
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)  ## ruff + mypy, the same gate CI runs
+	bash scripts/lint.sh
+
+bench: $(STAMP)  ## run every benchmark (prints tables, writes bench/results/*.json)
+	$(BIN)/tessera bench runtime
+
+clean:
+	rm -rf $(VENV) .tessera .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Make PostgreSQL and Redis available on loopback for the PostgreSQL + Redis test variants.
+# Already running: nothing to do. Installed but stopped: start them. Absent: install them from
+# Debian's packages when running as root with apt (set TESSERA_NO_APT=1 to skip); otherwise the
+# tests skip those variants and say why.
+set -u
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if ! listening 5432 || ! listening 6379; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0}" != 1 ]; then
+    need=()
+    command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+    command -v redis-server >/dev/null || need+=(redis-server)
+    if [ ${#need[@]} -gt 0 ]; then
+      echo "ensure_services: installing ${need[*]} from Debian packages"
+      timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+  fi
+fi
+
+if ! listening 5432 && command -v pg_ctlcluster >/dev/null; then
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$version" ]; then
+    conf=/etc/postgresql/$version/main/pg_hba.conf
+    # The tests connect as postgres over TCP without a password (trust on loopback only).
+    grep -q "tessera-test" "$conf" 2>/dev/null || sed -i '1i host all all 127.0.0.1/32 trust # tessera-test' "$conf"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    su postgres -c "psql -tc \"SELECT 1 FROM pg_database WHERE datname='test'\" | grep -q 1 || createdb test" 2>/dev/null || true
+  fi
+fi
+if ! listening 6379 && command -v redis-server >/dev/null; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null || true
+fi
+for i in $(seq 1 30); do listening 5432 && listening 6379 && break; sleep 0.5; done
+listening 5432 && echo "ensure_services: PostgreSQL up on 127.0.0.1:5432" || echo "ensure_services: PostgreSQL unavailable: its test variants will be skipped"
+listening 6379 && echo "ensure_services: Redis up on 127.0.0.1:6379" || echo "ensure_services: Redis unavailable: its test variants will be skipped"
+exit 0

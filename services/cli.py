@@ -1,0 +1,253 @@
+"""The ``tessera`` command: up, worker, beat, db, keys, train, simulate, bench.
+
+``tessera up`` is the embedded default in one command: it applies migrations, then starts the
+gateway API (all four verticals), one Celery worker (with the job sweeper's beat) and any listener
+a vertical declares, and stops them all cleanly on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.config import VERTICALS, get_settings
+from shared.queue import QUEUES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VERTICAL_PACKAGES = {"fraud": "fraud", "cs": "customer_service", "nodule": "nodule", "iiot": "iiot"}
+LISTENERS: tuple[tuple[str, list[str]], ...] = ()
+"""Extra long-running processes a vertical adds to ``tessera up`` (name, argv), e.g. a DICOM SCP."""
+STOP_GRACE_S = 20.0
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def gateway_command(host: str, port: int, workers: int) -> list[str]:
+    """argv of the API server process."""
+    return _python("-m", "uvicorn", "services.gateway:app", "--host", host, "--port", str(port),
+                   "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
+                   "--no-access-log", "--timeout-graceful-shutdown", "10")
+
+
+def worker_command(queues: Sequence[str], concurrency: int, beat: bool,
+                   hostname: str | None = None) -> list[str]:
+    """argv of a Celery worker on ``queues`` (``beat`` embeds the scheduler: one per deployment)."""
+    argv = _python("-m", "celery", "-A", "shared.queue:celery_app", "worker", "-Q", ",".join(queues),
+                   "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip",
+                   "--without-mingle")
+    if beat:
+        argv += ["-B", "--schedule", str(get_settings().data_dir / "celerybeat-schedule")]
+    if hostname:
+        argv += ["--hostname", hostname]
+    return argv
+
+
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to ``revision``."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(), revision)
+
+
+def _alembic_config():  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    return config
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Migrate, then run API + worker + listeners until interrupted."""
+    settings = get_settings()
+    db_upgrade()
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+    commands = [("api", gateway_command(args.host or settings.host, args.port or settings.port,
+                                        args.workers or settings.workers))]
+    if not args.no_worker:
+        commands.append(("worker", worker_command(QUEUES, args.concurrency, beat=True)))
+    commands.extend(LISTENERS)
+    for name, argv in commands:
+        print(f"tessera up: starting {name}: {' '.join(argv[1:])}", flush=True)
+        processes.append((name, subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True)))
+    return _supervise(processes)
+
+
+def _supervise(processes: list[tuple[str, subprocess.Popen[bytes]]]) -> int:
+    stopping = False
+
+    def _request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    exit_code = 0
+    while not stopping:
+        for name, process in processes:
+            if process.poll() is not None:
+                print(f"tessera up: {name} exited with {process.returncode}; stopping the rest", flush=True)
+                exit_code = process.returncode or 1
+                stopping = True
+        time.sleep(0.2)
+    _stop_all(processes)
+    return exit_code
+
+
+def _stop_all(processes: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    for _name, process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the leader stops its own children gracefully
+    deadline = time.monotonic() + STOP_GRACE_S
+    for name, process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"tessera up: {name} did not stop in {STOP_GRACE_S:.0f}s; killing it", flush=True)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    print("tessera up: all stopped", flush=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run one Celery worker in the foreground."""
+    queues = args.queues.split(",") if args.queues else list(QUEUES)
+    os.execv(sys.executable, worker_command(queues, args.concurrency, args.beat, args.hostname))
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_beat(_args: argparse.Namespace) -> int:
+    """Run the Celery beat scheduler alone (one per deployment, when workers run without -B)."""
+    argv = _python("-m", "celery", "-A", "shared.queue:celery_app", "beat", "--loglevel", "INFO",
+                   "--schedule", str(get_settings().data_dir / "celerybeat-schedule"))
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Migrations: upgrade, downgrade, current."""
+    from alembic import command
+
+    config = _alembic_config()
+    if args.action == "upgrade":
+        command.upgrade(config, args.revision or "head")
+    elif args.action == "downgrade":
+        command.downgrade(config, args.revision or "-1")
+    else:
+        command.current(config, verbose=True)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    """Create an API key; print it once, with the tenant's webhook signing secret."""
+    from shared.db import session_scope
+    from shared.security import create_api_key, ensure_tenant
+
+    with session_scope() as session:
+        plaintext = create_api_key(session, tenant_id=args.tenant, name=args.name, scopes=args.scope)
+        secret = ensure_tenant(session, args.tenant).webhook_secret
+    print(f"api_key={plaintext}\nwebhook_secret={secret}\n# store both now: the key is not shown again")
+    return 0
+
+
+def _vertical_entry(vertical: str, module: str, argv: list[str]) -> int:
+    package = VERTICAL_PACKAGES[vertical]
+    try:
+        target = importlib.import_module(f"services.{package}.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"services.{package}.{module}":
+            raise
+        print(f"tessera: the {vertical} vertical has no {module} yet", file=sys.stderr)
+        return 2
+    main = getattr(target, "main", None)
+    if main is None:
+        print(f"tessera: services.{package}.{module} has no main(argv)", file=sys.stderr)
+        return 2
+    return int(main(argv) or 0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a vertical's model artifact (``services/<vertical>/training.py:main``)."""
+    return _vertical_entry(args.vertical, "training", args.rest)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run a vertical's data simulator (``services/<vertical>/simulate.py:main``)."""
+    return _vertical_entry(args.vertical, "simulate", args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``bench/<name>.py`` with the remaining arguments."""
+    script = REPO_ROOT / "bench" / f"{args.name}.py"
+    if not script.exists():
+        available = sorted(p.stem for p in (REPO_ROOT / "bench").glob("*.py") if not p.stem.startswith("_"))
+        print(f"tessera: no benchmark '{args.name}'; available: {', '.join(available)}", file=sys.stderr)
+        return 2
+    return subprocess.call(_python(str(script), *args.rest), cwd=REPO_ROOT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tessera`` command."""
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="migrate and run API + worker + listeners (Ctrl-C stops all)")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.add_argument("--workers", type=int, help="API processes")
+    up.add_argument("--concurrency", type=int, default=1, help="Celery pool processes")
+    up.add_argument("--no-worker", action="store_true", help="API only")
+    up.set_defaults(handler=cmd_up)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", help=f"comma-separated, default all: {','.join(QUEUES)}")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--beat", action="store_true", help="embed the scheduler (one per deployment)")
+    worker.add_argument("--hostname")
+    worker.set_defaults(handler=cmd_worker)
+
+    sub.add_parser("beat", help="run the scheduler alone").set_defaults(handler=cmd_beat)
+
+    db = sub.add_parser("db", help="database migrations")
+    db.add_argument("action", choices=["upgrade", "downgrade", "current"])
+    db.add_argument("revision", nargs="?")
+    db.set_defaults(handler=cmd_db)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create an API key for a tenant")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default="default")
+    create.add_argument("--scope", action="append", required=True, choices=[*VERTICALS, "admin"])
+    create.set_defaults(handler=cmd_keys_create)
+
+    entry_points = (("train", cmd_train, "train a model"), ("simulate", cmd_simulate, "simulate data"))
+    for name, handler, what in entry_points:
+        cmd = sub.add_parser(name, help=f"{what} for a vertical")
+        cmd.add_argument("vertical", choices=list(VERTICAL_PACKAGES))
+        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+        cmd.set_defaults(handler=handler)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/")
+    bench.add_argument("name")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tessera`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Emotion-aware customer service (`/cs`)."""

@@ -1,0 +1,1 @@
+"""Celery tasks of the fraud vertical (queue ``fraud``)."""

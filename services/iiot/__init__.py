@@ -1,0 +1,1 @@
+"""IIoT failure prediction (`/iiot`)."""

@@ -1,0 +1,1 @@
+"""Celery tasks of the iiot failure prediction vertical (queue ``iiot``); none yet."""

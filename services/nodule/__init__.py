@@ -1,0 +1,1 @@
+"""CT nodule detection with DICOM fusion (`/nodule`)."""

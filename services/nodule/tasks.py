@@ -1,0 +1,1 @@
+"""Celery tasks of the ct nodule detection with dicom fusion vertical (queue ``nodule``); none yet."""

@@ -1,0 +1,103 @@
+"""One settings object for the whole suite.
+
+Every value comes from the environment (prefix ``TESSERA_``) or a ``.env`` file, with embedded
+defaults that run on one machine with nothing installed: a SQLite file database, a SQLite-backed
+Celery broker, a local artifact directory and automatic CPU/GPU choice. Scaling out means changing
+URLs (``TESSERA_DATABASE_URL=postgresql+psycopg://...``, ``TESSERA_BROKER_URL=redis://...``), never code.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, computed_field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "change-me-in-production"
+
+VERTICALS: tuple[str, ...] = ("fraud", "cs", "nodule", "iiot")
+"""Vertical short names; each is a URL prefix, a Celery queue and an API-key scope."""
+
+
+class Settings(BaseSettings):
+    """Suite-wide settings, read once per process through :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    environment: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Field(default=Path(".tessera"), description="SQLite files, broker, uploads")
+    models_dir: Path = Field(default=Path("models"), description="shipped model artifacts")
+
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite file if unset")
+    broker_url: str | None = Field(default=None, description="Celery broker; embedded SQLite if unset")
+    result_backend: str | None = Field(default=None, description="Celery results; database if unset")
+    broker_polling_interval_s: float = Field(default=0.1, gt=0, description="embedded broker polling")
+    task_lease_s: float = Field(default=120.0, gt=0, description="a job unfinished this long is retried")
+    job_sweep_interval_s: float = Field(default=15.0, gt=0, description="how often stalled jobs are swept")
+    redis_url: str | None = Field(default=None, description="shared fast state (e.g. velocity counters)")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(default=1, ge=1, description="intra-op threads per model worker thread")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(default=1, ge=1, description="API processes started by `tessera up`")
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    secret_key: str = Field(default=PLACEHOLDER_SECRET, description="pepper for hashing API keys")
+    require_api_keys: bool = Field(default=True, description="refuse requests without a valid key")
+    webhook_tolerance_s: int = Field(default=300, ge=1, description="signature replay window")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tessera.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def celery_broker_url(self) -> str:
+        """The broker URL, defaulting to kombu's SQLAlchemy transport on a SQLite file."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def celery_result_backend(self) -> str:
+        """Where task results go: Redis when the broker is Redis, else a database file."""
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return f"db+sqlite:///{(self.data_dir / 'results.db').resolve()}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        """True when the broker is the single-machine SQLite transport."""
+        return self.celery_broker_url.startswith("sqla+")
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment == "production" and self.secret_key == PLACEHOLDER_SECRET:
+            raise ValueError("TESSERA_SECRET_KEY is still the placeholder; set a real secret in production")
+        return self
+
+    def ensure_dirs(self) -> None:
+        """Create the local data directory (SQLite files, uploads) if missing."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests clear with ``get_settings.cache_clear()``)."""
+    settings = Settings()
+    settings.ensure_dirs()
+    return settings

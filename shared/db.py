@@ -1,0 +1,137 @@
+"""Database engine, sessions and the one declarative ``Base`` for every vertical's tables.
+
+The same code runs on SQLite (embedded default) and PostgreSQL: the URL decides. SQLite gets WAL,
+a busy timeout and foreign keys so several processes (API + worker) can share one file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Annotated, Any
+
+from fastapi import Depends
+from sqlalchemy import JSON, DateTime, MetaData, create_engine, event, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from shared.config import get_settings
+
+logger = logging.getLogger("tessera.db")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+"""JSON column: JSONB on PostgreSQL, JSON text on SQLite."""
+
+
+class Base(DeclarativeBase):
+    """Declarative base for all tables; table names are prefixed by their vertical."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSONType}
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now in UTC (the only clock tables use)."""
+    return datetime.now(UTC)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine for ``url`` with settings fit for its dialect."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    if "poolclass" not in kwargs:
+        kwargs.update(pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str | None = None) -> Engine:
+    """The process-wide engine for ``url`` (default: the configured database)."""
+    return make_engine(url or get_settings().sqlalchemy_url)
+
+
+def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    """A session factory bound to the engine for ``url``."""
+    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session committed on success and rolled back on error (for tasks and scripts)."""
+    session = session_factory(url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_session() -> Iterator[Session]:
+    """FastAPI dependency: one session per request, committed by the route when it chooses."""
+    session = session_factory()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+_AFTER_COMMIT_KEY = "tessera_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once ``session`` commits (and never if it rolls back).
+
+    Used to enqueue Celery work only after the rows the task will read are durable.
+    """
+    session.info.setdefault(_AFTER_COMMIT_KEY, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit_callbacks(session: Session) -> None:
+    for callback in session.info.pop(_AFTER_COMMIT_KEY, []):
+        try:
+            callback()
+        except Exception:  # the commit stands; e.g. a lost publish is recovered by the job sweeper
+            logger.exception("after-commit callback failed")
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit_callbacks(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT_KEY, None)
+
+
+def check_database(url: str | None = None) -> None:
+    """Raise if the database cannot answer a trivial query (used by ``/readyz``)."""
+    with get_engine(url).connect() as connection:
+        connection.execute(text("SELECT 1"))

@@ -1,0 +1,169 @@
+"""One error shape for every vertical: RFC 9457 ``application/problem+json``.
+
+Domain code raises the exceptions below (or subclasses); :func:`install_problem_handlers` maps
+them, FastAPI's validation errors and Starlette's HTTP errors to problem+json. Anything else
+becomes a generic 500 that leaks no internals (the traceback goes to the log with the request id).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://tessera.dev/problems/"
+
+logger = logging.getLogger("tessera.errors")
+
+
+class ProblemError(Exception):
+    """A failure with an HTTP meaning. Subclasses fix ``status``, ``title`` and ``type_slug``."""
+
+    status: int = 500
+    title: str = "Internal Server Error"
+    type_slug: str = "internal"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None,
+                 **extensions: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 body for this error."""
+        return problem_body(self.status, self.title, self.detail, self.type_slug, instance, self.extensions)
+
+
+class BadRequest(ProblemError):
+    status, title, type_slug = 400, "Bad Request", "bad-request"
+
+
+class Unauthorized(ProblemError):
+    status, title, type_slug = 401, "Unauthorized", "unauthorized"
+
+
+class Forbidden(ProblemError):
+    status, title, type_slug = 403, "Forbidden", "forbidden"
+
+
+class NotFound(ProblemError):
+    status, title, type_slug = 404, "Not Found", "not-found"
+
+
+class Conflict(ProblemError):
+    status, title, type_slug = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(ProblemError):
+    status, title, type_slug = 413, "Content Too Large", "payload-too-large"
+
+
+class UnsupportedMediaType(ProblemError):
+    status, title, type_slug = 415, "Unsupported Media Type", "unsupported-media-type"
+
+
+class UnprocessableContent(ProblemError):
+    status, title, type_slug = 422, "Unprocessable Content", "validation-error"
+
+
+class ServiceOverloaded(ProblemError):
+    """Too much work queued: callers should back off and retry (503 + Retry-After)."""
+
+    status, title, type_slug = 503, "Service Unavailable", "overloaded"
+
+    def __init__(self, detail: str | None = None, *, retry_after_s: float = 1.0, **extensions: Any) -> None:
+        retry = max(1, round(retry_after_s))
+        super().__init__(detail, headers={"Retry-After": str(retry)}, retry_after_s=retry, **extensions)
+
+
+class NotReady(ProblemError):
+    status, title, type_slug = 503, "Service Unavailable", "not-ready"
+
+
+class DeadlineExceeded(ProblemError):
+    """Work waited past its deadline and was dropped rather than answered late."""
+
+    status, title, type_slug = 504, "Gateway Timeout", "deadline-exceeded"
+
+
+_STATUS_TITLES = {
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 409: "Conflict", 413: "Content Too Large",
+    415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
+    500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def problem_body(status: int, title: str | None, detail: str | None, type_slug: str | None = None,
+                 instance: str | None = None, extensions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build an RFC 9457 problem document."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + type_slug if type_slug else "about:blank",
+        "title": title or _STATUS_TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail or title or _STATUS_TITLES.get(status, "Error"),
+    }
+    if instance:
+        body["instance"] = instance
+    if extensions:
+        body.update(extensions)
+    return body
+
+
+def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON response carrying a problem document with the right media type."""
+    return JSONResponse(body, status_code=body["status"], headers=headers,
+                        media_type=PROBLEM_CONTENT_TYPE)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    body = exc.to_problem(instance=request.url.path)
+    body["request_id"] = _request_id(request)
+    return problem_response(body, exc.headers)
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors()
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"])
+    body = problem_body(422, "Unprocessable Content", f"{where}: {first['msg']}", "validation-error",
+                        request.url.path, {"errors": errors, "request_id": _request_id(request)})
+    return problem_response(body)
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    body = problem_body(exc.status_code, None, detail, None, request.url.path,
+                        {"request_id": _request_id(request)})
+    return problem_response(body, dict(exc.headers or {}))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", extra={"path": request.url.path})
+    body = problem_body(500, "Internal Server Error", "An unexpected error occurred; it has been logged.",
+                        "internal", request.url.path, {"request_id": _request_id(request)})
+    return problem_response(body)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Make every error ``app`` returns a problem+json document."""
+    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,161 @@
+"""JSON logs with request ids, Prometheus metrics, ``/healthz`` and ``/readyz``.
+
+The request middleware is plain ASGI (no ``BaseHTTPMiddleware``): it costs a few microseconds on
+the fraud hot path. Readiness is a registry of named checks (database, broker, models loaded) that
+each app fills in; ``/readyz`` answers 503 problem+json naming what is not ready.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.config import get_settings
+from shared.errors import problem_body, problem_response
+
+REQUEST_ID_HEADER = "x-request-id"
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+HTTP_REQUESTS = Counter("tessera_http_requests_total", "HTTP requests", ["app", "method", "status"])
+HTTP_LATENCY = Histogram(
+    "tessera_http_request_seconds", "HTTP request latency", ["app"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+ReadinessCheck = Callable[[], Awaitable[None] | None]
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the current request id when there is one."""
+
+    _RESERVED = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        entry.update({k: v for k, v in vars(record).items() if k not in self._RESERVED and k != "message"})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str | None = None, json_logs: bool | None = None) -> None:
+    """Route all logging to stderr, as JSON lines unless disabled in settings."""
+    settings = get_settings()
+    handler = logging.StreamHandler(sys.stderr)
+    use_json = settings.log_json if json_logs is None else json_logs
+    handler.setFormatter(JsonLogFormatter() if use_json else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level or settings.log_level)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class RequestContextMiddleware:
+    """Assign/propagate ``X-Request-ID`` and record request count and latency per app."""
+
+    def __init__(self, app: ASGIApp, app_name: str) -> None:
+        self.app = app
+        self.app_name = app_name
+        self._latency = HTTP_LATENCY.labels(app_name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        outer_request_id = state.get("request_id")  # set already when mounted under the gateway
+        request_id = outer_request_id or _incoming_request_id(scope) or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status_holder = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                if outer_request_id is None:
+                    message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._latency.observe(time.perf_counter() - started)
+            HTTP_REQUESTS.labels(self.app_name, scope["method"], str(status_holder[0])).inc()
+            request_id_var.reset(token)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")[:128]
+            return text if text.replace("-", "").isalnum() else None
+    return None
+
+
+class Readiness:
+    """Named readiness checks; each raises (or returns an awaitable that raises) when not ready."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, ReadinessCheck] = {}
+
+    def add(self, name: str, check: ReadinessCheck) -> None:
+        """Register (or replace) a check."""
+        self._checks[name] = check
+
+    async def run(self) -> dict[str, str]:
+        """Run every check; returns ``{name: "ok" | "<error>"}``."""
+        results: dict[str, str] = {}
+        for name, check in self._checks.items():
+            try:
+                outcome = check()
+                if outcome is not None:
+                    await outcome
+                results[name] = "ok"
+            except Exception as exc:  # a failing check is reported, never raised
+                results[name] = f"{type(exc).__name__}: {exc}"[:300]
+        return results
+
+
+def health_router(readiness: Readiness) -> APIRouter:
+    """``/healthz`` (process alive), ``/readyz`` (dependencies ready) and ``/metrics``."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", response_model=None)
+    async def readyz() -> Any:
+        results = await readiness.run()
+        failing = {name: result for name, result in results.items() if result != "ok"}
+        if failing:
+            detail = "not ready: " + ", ".join(failing)
+            return problem_response(problem_body(503, None, detail, "not-ready", "/readyz",
+                                                 {"checks": results}))
+        return {"status": "ready", "checks": results}
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

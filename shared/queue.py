@@ -1,0 +1,90 @@
+"""The one Celery app: a named queue per vertical, late acks, prefetch 1, retries with backoff.
+
+Broker by URL: the embedded default is kombu's SQLAlchemy transport on a SQLite file (works across
+processes on one machine, no server); Redis or RabbitMQ by setting ``TESSERA_BROKER_URL``.
+
+Delivery guarantees: ``acks_late`` + ``task_reject_on_worker_lost`` requeue a task whose pool
+process dies. The embedded transport never re-delivers a message whose *whole* worker died, and
+Redis only after its visibility timeout, so durable work also goes through :mod:`shared.jobs`: a job
+row with a lease, re-enqueued by the sweeper when the lease lapses, and applied once by key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+from kombu import pools as kombu_pools
+from kombu.transport import sqlalchemy as kombu_sqla
+
+from shared.config import VERTICALS, Settings, get_settings
+
+DEFAULT_QUEUE = "default"
+QUEUES: tuple[str, ...] = (DEFAULT_QUEUE, *VERTICALS)
+TASK_MODULES: tuple[str, ...] = (
+    "shared.jobs",
+    "services.fraud.tasks",
+    "services.customer_service.tasks",
+    "services.nodule.tasks",
+    "services.iiot.tasks",
+)
+"""Modules holding tasks. Listed as strings: the worker imports them, ``shared`` itself does not."""
+
+
+def _celery_config(settings: Settings) -> dict[str, Any]:
+    broker_options: dict[str, Any] = {}
+    if settings.celery_broker_url.startswith(("redis://", "rediss://")):
+        # Unacked messages of a dead worker come back after this; jobs dedupe by key anyway.
+        broker_options["visibility_timeout"] = max(60, int(settings.task_lease_s * 2))
+    return {
+        "broker_url": settings.celery_broker_url,
+        "result_backend": settings.celery_result_backend,
+        "broker_transport_options": broker_options,
+        "broker_connection_retry_on_startup": True,
+        "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_default_exchange": DEFAULT_QUEUE,
+        "task_default_routing_key": DEFAULT_QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_expires": 24 * 3600,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "sweep-stalled-jobs": {
+                "task": "shared.jobs.sweep_stalled_jobs",
+                "schedule": settings.job_sweep_interval_s,
+                "options": {"queue": DEFAULT_QUEUE, "expires": settings.job_sweep_interval_s},
+            }
+        },
+    }
+
+
+def create_celery_app(settings: Settings | None = None) -> Celery:
+    """Build the Celery app from settings (tests build their own with other URLs)."""
+    settings = settings or get_settings()
+    # The embedded transport polls; its class attribute is the knob that works (see module doc).
+    kombu_sqla.Transport.polling_interval = settings.broker_polling_interval_s
+    app = Celery("tessera", include=list(TASK_MODULES))
+    app.conf.update(_celery_config(settings))
+    return app
+
+
+celery_app = create_celery_app()
+"""The process-wide Celery app used by every ``tasks.py``."""
+
+
+def reconfigure_celery_app(settings: Settings) -> None:
+    """Point the process-wide app at other URLs (tests switching between SQLite and PostgreSQL)."""
+    kombu_sqla.Transport.polling_interval = settings.broker_polling_interval_s
+    celery_app.conf.update(_celery_config(settings))
+    # The next publish opens fresh connection and producer pools on the new broker.
+    kombu_pools.reset()
+    celery_app._after_fork()

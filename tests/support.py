@@ -1,0 +1,103 @@
+"""Helpers for tests that run real processes and servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO_ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """True when something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    """Poll ``predicate`` until true or fail the test naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class ManagedProcess:
+    """A child process whose combined output is captured line by line for assertions."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], name: str) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_output(self, pattern: str, timeout_s: float = 60.0) -> None:
+        """Block until a line matches ``pattern`` (regex) or the process dies."""
+        regex = re.compile(pattern)
+
+        def seen() -> bool:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                raise AssertionError(f"{self.name} exited ({code}):\n{self.output[-4000:]}")
+            return any(regex.search(line) for line in list(self.lines))
+
+        wait_until(seen, timeout_s, f"{self.name} to print {pattern!r}\n{self.output[-3000:]}")
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (worker and its pool children)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+        self.process.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM the leader, wait, then SIGKILL the group if needed; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the group, if any
+        return int(self.process.returncode)
+
+
+def python_argv(*args: str) -> list[str]:
+    """argv running this interpreter."""
+    return [sys.executable, *args]
