@@ -39,7 +39,13 @@ class Base(DeclarativeBase):
     """Declarative base for all tables; table names are prefixed by their vertical."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSONType}
+    type_annotation_map = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONType,
+        list[dict[str, Any]]: JSONType,
+        list[float]: JSONType,
+        list[str]: JSONType,
+    }
 
 
 def utcnow() -> datetime:

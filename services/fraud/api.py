@@ -1,7 +1,235 @@
-"""HTTP app of the fraud scoring vertical, mounted at ``/fraud``."""
+"""HTTP app of the fraud scoring vertical, mounted at ``/fraud``.
+
+Routes parse, call the domain (``scoring``, ``rules``, ``feedback``), and return schemas. The
+transaction webhooks need an API key with the ``fraud`` scope (it names the tenant) and a
+``Tessera-Signature`` made with that tenant's webhook secret.
+"""
 
 from __future__ import annotations
 
-from shared.app import create_service_app
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
 
-app = create_service_app("fraud", title="Tessera — Fraud scoring")
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from model_runtime.runtime import get_runtime
+from services.fraud import feedback, rules
+from services.fraud.schemas import (
+    BatchIn,
+    BatchItemOut,
+    BatchOut,
+    CaseOut,
+    DecisionOut,
+    LabelIn,
+    RuleIn,
+    RuleSetOut,
+    TenantSettingsIn,
+    TransactionIn,
+)
+from services.fraud.scoring import RULE_FIELDS, TenantPolicy, score_transaction, tenant_policies
+from services.fraud.serving import FRAUD_MODEL_NAME, live_artifact_dir, watch_live_model
+from services.fraud.tasks import enqueue_callback
+from shared.app import create_service_app
+from shared.config import get_settings
+from shared.db import SessionDep
+from shared.errors import NotReady, ProblemError, UnprocessableContent
+from shared.jobs import get_job
+from shared.observability import Readiness
+from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
+
+logger = logging.getLogger("tessera.fraud.api")
+
+FraudPrincipal = Annotated[Principal, Depends(require_scope("fraud"))]
+MAX_BODY_BYTES = 1 << 20
+
+
+async def signed_body(request: Request, principal: FraudPrincipal) -> tuple[bytes, TenantPolicy]:
+    """The raw body after checking its signature against the caller's tenant secrets (else 401)."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise UnprocessableContent(f"body larger than {MAX_BODY_BYTES} bytes")
+    policy = await tenant_policies.get(principal.tenant_id)
+    verify_signature(request.headers.get(SIGNATURE_HEADER), body, policy.webhook_secrets,
+                     tolerance_s=get_settings().webhook_tolerance_s)
+    return body, policy
+
+
+SignedBody = Annotated[tuple[bytes, TenantPolicy], Depends(signed_body)]
+
+
+def parse_json_model(model: type, body: bytes):  # type: ignore[no-untyped-def]
+    """Validate a raw JSON body into ``model``; malformed input is a 422 problem with the errors."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise UnprocessableContent(f"{where}: {first['msg']}", errors=errors) from None
+
+
+transactions = APIRouter(prefix="/v1", tags=["transactions"])
+
+
+@transactions.post("/transactions", response_model=DecisionOut)
+async def post_transaction(principal: FraudPrincipal, signed: SignedBody) -> DecisionOut:
+    """Score one transaction synchronously (idempotent by its id)."""
+    body, policy = signed
+    tx = parse_json_model(TransactionIn, body)
+    return await score_transaction(principal.tenant_id, tx, policy, on_flagged=enqueue_callback)
+
+
+@transactions.post("/transactions:batch", response_model=BatchOut)
+async def post_transaction_batch(principal: FraudPrincipal, signed: SignedBody) -> BatchOut:
+    """Score several transactions in order; one failing item does not fail the others."""
+    body, policy = signed
+    batch = parse_json_model(BatchIn, body)
+    results = []
+    for tx in batch.transactions:
+        try:
+            decision = await score_transaction(principal.tenant_id, tx, policy, on_flagged=enqueue_callback)
+            results.append(BatchItemOut(transaction_id=tx.id, result=decision))
+        except ProblemError as exc:
+            results.append(BatchItemOut(transaction_id=tx.id, error=exc.to_problem()))
+    return BatchOut(results=results)
+
+
+@transactions.get("/transactions/{transaction_id}", response_model=DecisionOut)
+def get_transaction(transaction_id: str, principal: FraudPrincipal, session: SessionDep) -> DecisionOut:
+    """The stored decision for a transaction."""
+    return feedback.decision_of(session, principal.tenant_id, transaction_id)
+
+
+@transactions.post("/transactions/{transaction_id}/label", response_model=DecisionOut)
+def post_label(transaction_id: str, label: LabelIn, principal: FraudPrincipal,
+               session: SessionDep) -> DecisionOut:
+    """Record an analyst verdict or a chargeback; it feeds terminal risk and retraining."""
+    decision = feedback.record_label(session, principal.tenant_id, transaction_id, label)
+    session.commit()
+    return decision
+
+
+review = APIRouter(prefix="/v1", tags=["review"])
+
+
+@review.get("/cases", response_model=list[CaseOut])
+def list_cases(principal: FraudPrincipal, session: SessionDep,
+               status: Annotated[str, Query(pattern="^(open|confirmed_fraud|legitimate)$")] = "open",
+               limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[CaseOut]:
+    """The review queue, highest score first."""
+    return feedback.list_cases(session, principal.tenant_id, status, limit)
+
+
+@review.get("/settings", response_model=TenantSettingsIn)
+def get_settings_route(principal: FraudPrincipal, session: SessionDep) -> TenantSettingsIn:
+    """The tenant's thresholds and callback URL."""
+    return feedback.get_tenant_settings(session, principal.tenant_id)
+
+
+@review.put("/settings", response_model=TenantSettingsIn)
+def put_settings(new: TenantSettingsIn, principal: FraudPrincipal, session: SessionDep) -> TenantSettingsIn:
+    """Change thresholds or the callback URL (seen by every replica within seconds)."""
+    saved = feedback.set_tenant_settings(session, principal.tenant_id, new)
+    session.commit()
+    tenant_policies.invalidate(principal.tenant_id)
+    return saved
+
+
+rule_routes = APIRouter(prefix="/v1/rules", tags=["rules"])
+
+
+def _rule_set_out(row) -> RuleSetOut:  # type: ignore[no-untyped-def]
+    return RuleSetOut(version=row.version, rules=[RuleIn.model_validate(r) for r in row.rules],
+                      created_at=row.created_at, change=row.change)
+
+
+def _after_rules_change(session: Session, tenant_id: str, row) -> RuleSetOut:  # type: ignore[no-untyped-def]
+    out = _rule_set_out(row)
+    session.commit()
+    tenant_policies.invalidate(tenant_id)
+    return out
+
+
+@rule_routes.get("", response_model=RuleSetOut)
+def get_rules(principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
+    """The active rule set (version 0, empty, if none was ever defined)."""
+    row = rules.active_rule_set(session, principal.tenant_id)
+    if row is None:
+        return RuleSetOut(version=0, rules=[], created_at=feedback.epoch(), change="none")
+    return _rule_set_out(row)
+
+
+@rule_routes.get("/versions", response_model=list[RuleSetOut])
+def get_rule_versions(principal: FraudPrincipal, session: SessionDep) -> list[RuleSetOut]:
+    """Every version of the tenant's rules, newest first."""
+    return [_rule_set_out(row) for row in rules.rule_set_history(session, principal.tenant_id)]
+
+
+@rule_routes.post("", response_model=RuleSetOut, status_code=201)
+def post_rule(rule: RuleIn, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
+    """Add a rule; returns the new active version."""
+    rules.validate_rule_fields(rule, set(RULE_FIELDS))
+    return _after_rules_change(session, principal.tenant_id, rules.add_rule(session, principal.tenant_id, rule))
+
+
+@rule_routes.put("/{rule_id}", response_model=RuleSetOut)
+def put_rule(rule_id: str, rule: RuleIn, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
+    """Replace a rule; returns the new active version."""
+    rules.validate_rule_fields(rule, set(RULE_FIELDS))
+    row = rules.replace_rule(session, principal.tenant_id, rule_id, rule)
+    return _after_rules_change(session, principal.tenant_id, row)
+
+
+@rule_routes.delete("/{rule_id}", response_model=RuleSetOut)
+def delete_rule(rule_id: str, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
+    """Remove a rule; returns the new active version."""
+    row = rules.delete_rule(session, principal.tenant_id, rule_id)
+    return _after_rules_change(session, principal.tenant_id, row)
+
+
+jobs = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+@jobs.get("/jobs/{job_id}")
+def get_job_route(job_id: str, _principal: FraudPrincipal, session: SessionDep) -> dict[str, object]:
+    """Status, progress and result of a fraud job (retraining, back-test, callback)."""
+    job = get_job(session, job_id)
+    return {"id": job.id, "task": job.task_name, "status": job.status, "progress": job.progress,
+            "attempts": job.attempts, "result": job.result, "error": job.error}
+
+
+async def _models_ready() -> None:
+    if not get_runtime().is_ready([FRAUD_MODEL_NAME]):
+        raise NotReady("fraud model not loaded")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    """Load the live fraud model into the runtime; watch for promotions and hot-swap them."""
+    from services.fraud.serving import fraud_model_spec
+
+    runtime = get_runtime()
+    artifact = live_artifact_dir()
+    if artifact is not None:
+        await runtime.load(fraud_model_spec(artifact))
+    else:
+        logger.error("no fraud model artifact found under %s/fraud", get_settings().models_dir)
+    watcher = asyncio.create_task(watch_live_model())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await runtime.unload(FRAUD_MODEL_NAME)
+
+
+readiness = Readiness()
+readiness.add("models", _models_ready)
+app = create_service_app("fraud", title="Tessera — Fraud scoring", lifespan=lifespan, readiness=readiness,
+                         routers=[transactions, review, rule_routes, jobs])

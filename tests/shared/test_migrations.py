@@ -29,4 +29,5 @@ def test_upgrade_then_downgrade_to_base_and_back(stack) -> None:
 def test_migrations_match_the_models(migrated_stack) -> None:
     with get_engine().connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), load_all_tables())
+    diff = [d for d in diff if not (d[0] == "remove_table" and d[1].name.startswith("test_"))]  # test fixtures
     assert diff == [], f"models and migrations disagree; run alembic revision --autogenerate: {diff}"

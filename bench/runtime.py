@@ -1,0 +1,438 @@
+"""Serving benchmark: the reference model behind uvicorn three ways, loaded by wrk on loopback.
+
+Reference model (``shared/reference/performance.md``): transformer encoder classifier, 2 layers,
+d_model 128, 4 heads, ff 256, learned positions, input 32x16 floats as JSON
+``{"sequence": [[16 floats] x 32]}``, 271k parameters, ``torch.set_num_threads(1)``.
+
+Servers (each a separate uvicorn process, uvloop + httptools, started one after the other):
+
+- ``def``: FastAPI ``def`` endpoint, the model called per request in the threadpool (naive baseline);
+- ``async``: ``async def`` endpoint calling the model inline on the event loop;
+- ``runtime``: ``async def`` endpoint -> ``model_runtime`` dynamic batching, greedy policy;
+- ``runtime-window``: the same with the Ray/LitServe-style fixed 2 ms window (policy comparison).
+
+Every server parses the body with the same pydantic model and records server-side latency per
+status, so admitted (200) latency can be told apart from fast 503s at the overload point.
+
+Usage::
+
+    python bench/runtime.py            # full run (~4 min), 10 s a point
+    python bench/runtime.py --quick    # ~1 min, 3 s a point
+    python bench/runtime.py serve --mode runtime --port 8765   # one server, for poking at
+
+Writes ``bench/results/runtime.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+import torch
+from fastapi import Depends, FastAPI, Request, Response
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SEQ_LEN, FEATURES, CLASSES = 32, 16, 2
+MODEL_NAME = "reference"
+MODES = ("def", "async", "runtime", "runtime-window")
+CONCURRENCY = (1, 32, 128)
+OVERLOAD_CONCURRENCY = 256
+RUNTIME_BATCH, RUNTIME_QUEUE, WINDOW_MS = 64, 96, 2.0
+
+
+class ReferenceClassifier(torch.nn.Module):
+    """(N, 32, 16) float -> (N, 2) logits: 2-layer transformer encoder, d_model 128, 4 heads, ff 256."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(FEATURES, 128)
+        self.position = torch.nn.Parameter(torch.zeros(1, SEQ_LEN, 128))
+        layer = torch.nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(128, CLASSES)
+
+    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(sequence) + self.position).mean(dim=1))
+
+
+def reference_model() -> ReferenceClassifier:
+    """The reference model with fixed random weights (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    return ReferenceClassifier().eval()
+
+
+def example_body(seed: int = 1) -> str:
+    """One request body: ``{"sequence": [[16 floats] x 32]}``."""
+    rng = random.Random(seed)
+    rows = [[round(rng.gauss(0, 1), 5) for _ in range(FEATURES)] for _ in range(SEQ_LEN)]
+    return json.dumps({"sequence": rows})
+
+
+# ---------------------------------------------------------------------------------------------
+# Server side
+# ---------------------------------------------------------------------------------------------
+class SequenceIn(BaseModel):
+    """Request body: ``{"sequence": [[16 floats] x 32]}``."""
+
+    sequence: list[list[float]]
+
+
+async def raw_body(request: Request) -> bytes:
+    """The request body as bytes (a dependency, so the ``def`` endpoint gets it too)."""
+    return await request.body()
+
+
+def decode(body: bytes) -> torch.Tensor:
+    """Request bytes -> (32, 16) float32 tensor, or 422. The same decoder serves every mode."""
+    from pydantic import ValidationError
+
+    from shared.errors import UnprocessableContent
+
+    try:
+        array = np.asarray(SequenceIn.model_validate_json(body).sequence, dtype=np.float32)
+    except (ValidationError, ValueError) as exc:
+        raise UnprocessableContent(f"body is not {{\"sequence\": [[floats]]}}: {exc}") from exc
+    if array.shape != (SEQ_LEN, FEATURES):
+        raise UnprocessableContent(f"sequence must be {SEQ_LEN}x{FEATURES}, got {array.shape}")
+    return torch.from_numpy(array)
+
+
+def answer(probabilities: list[float]) -> dict[str, Any]:
+    """Response body for one item."""
+    return {"label": max(range(len(probabilities)), key=probabilities.__getitem__),
+            "probabilities": probabilities}
+
+
+def run_reference(model: torch.nn.Module, items: list[torch.Tensor]) -> list[list[float]]:
+    """Batched forward: list of (32, 16) tensors -> list of class probabilities."""
+    with torch.inference_mode():
+        return torch.softmax(model(torch.stack(items)), dim=-1).tolist()
+
+
+class StatusLatency:
+    """Plain ASGI middleware recording server-side latency per HTTP status (for admitted p99)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.samples: dict[int, list[float]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/bench"):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.samples.setdefault(status, []).append(time.perf_counter() - started)
+
+    def report(self) -> dict[str, Any]:
+        """Count, p50 and p99 (ms) per status since the last report; resets."""
+        samples, self.samples = self.samples, {}
+        report = {}
+        for status, values in samples.items():
+            values.sort()
+            pick = lambda q, v=values: v[min(len(v) - 1, int(q * len(v)))] * 1000  # noqa: E731
+            report[str(status)] = {"count": len(values), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
+        return report
+
+
+def build_server(mode: str) -> StatusLatency:
+    """The ASGI app for one mode, wrapped in :class:`StatusLatency`.
+
+    Every mode reads the raw body, decodes it with :func:`decode` and answers with orjson, so the
+    modes differ only in how the model is called.
+    """
+    from prometheus_client import REGISTRY
+
+    from model_runtime import ModelSpec, get_runtime
+    from shared.errors import install_problem_handlers
+
+    model = reference_model()
+    runtime = get_runtime()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if mode.startswith("runtime"):
+            await runtime.load(ModelSpec(
+                name=MODEL_NAME, version="bench", loader=lambda _ctx: model, prepare=decode,
+                run_batch=run_reference, finalize=answer, max_batch_size=RUNTIME_BATCH,
+                max_queue=RUNTIME_QUEUE, max_wait_ms=WINDOW_MS,
+                fill="window" if mode == "runtime-window" else "greedy",
+                warmup_items=[example_body().encode()] * 8))
+        yield
+        await runtime.close()
+
+    app = FastAPI(lifespan=lifespan)
+    install_problem_handlers(app)
+    timing = StatusLatency(app)
+
+    def json_response(result: dict[str, Any]) -> Response:
+        return Response(orjson.dumps(result), media_type="application/json")
+
+    if mode == "def":
+        @app.post("/predict")
+        def predict_sync(body: Annotated[bytes, Depends(raw_body)]) -> Response:
+            return json_response(answer(run_reference(model, [decode(body)])[0]))
+    elif mode == "async":
+        @app.post("/predict")
+        async def predict_inline(request: Request) -> Response:
+            return json_response(answer(run_reference(model, [decode(await request.body())])[0]))
+    else:
+        @app.post("/predict")
+        async def predict_batched(request: Request) -> Response:
+            # The raw body is the item: the runtime checks capacity before decoding it, so a
+            # refused request costs almost nothing on the event loop.
+            return json_response(await runtime.predict(MODEL_NAME, await request.body()))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/bench/stats")
+    async def bench_stats() -> dict[str, Any]:
+        labels = {"model": MODEL_NAME}
+        batches = [REGISTRY.get_sample_value(f"tessera_model_batch_size_{kind}", labels) or 0.0
+                   for kind in ("count", "sum")]
+        return {"latency": timing.report(), "runtime": runtime.stats(), "batches": batches}
+
+    return timing
+
+
+def serve(mode: str, port: int) -> None:
+    """Run one server in this process until terminated."""
+    import uvicorn
+
+    torch.set_num_threads(1)
+    uvicorn.run(build_server(mode), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False, lifespan="on")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load side
+# ---------------------------------------------------------------------------------------------
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [=[BODY]=]
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local merged = {}
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do merged[code] = (merged[code] or 0) + n end
+  end
+  local parts = {}
+  for code, n in pairs(merged) do table.insert(parts, string.format('"%d":%d', code, n)) end
+  io.write(string.format('WRKJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"max_us":%d,"socket_errors":%d,"timeouts":%d,"statuses":{%s}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
+    summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.timeout,
+    table.concat(parts, ",")))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def server_process(mode: str) -> Any:
+    """Start one server subprocess and yield its base URL once it answers /healthz."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "serve", "--mode", mode, "--port", str(port)],
+                               env={**os.environ, "TESSERA_LOG_JSON": "false"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                get_json(base + "/healthz")
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server {mode} did not start")
+            time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def run_wrk(base: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
+    """One closed-loop wrk run; returns its JSON summary."""
+    threads = 1 if connections == 1 else 2
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "15s",
+               "-s", str(script), base + "/predict"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("WRKJSON "))
+    return json.loads(line.removeprefix("WRKJSON "))
+
+
+def measure_point(base: str, script: Path, connections: int, seconds: float,
+                  warmup_s: float) -> dict[str, Any]:
+    """Warm up, then measure one (server, concurrency) point; adds server-side per-status latency."""
+    run_wrk(base, script, connections, warmup_s)
+    before = get_json(base + "/bench/stats")  # also resets the server-side latency window
+    wrk = run_wrk(base, script, connections, seconds)
+    server = get_json(base + "/bench/stats")
+    batches, items = (after - earlier for after, earlier in zip(server["batches"], before["batches"],
+                                                                 strict=True))
+    total = max(1, wrk["requests"])
+    statuses = {int(k): v for k, v in wrk["statuses"].items()}
+    ok = statuses.get(200, 0)
+    admitted = server["latency"].get("200", {})
+    return {
+        "concurrency": connections,
+        "req_per_s": wrk["requests"] / (wrk["duration_us"] / 1e6),
+        "ok_per_s": ok / (wrk["duration_us"] / 1e6),
+        "p50_ms": wrk["p50_us"] / 1000, "p99_ms": wrk["p99_us"] / 1000, "max_ms": wrk["max_us"] / 1000,
+        "rate_503": statuses.get(503, 0) / total,
+        "error_rate": (total - ok - statuses.get(503, 0) + wrk["socket_errors"]) / total,
+        "server_p50_ms_200": admitted.get("p50_ms"), "server_p99_ms_200": admitted.get("p99_ms"),
+        "server_p99_ms_503": server["latency"].get("503", {}).get("p99_ms"),
+        "statuses": statuses, "runtime": server["runtime"].get(MODEL_NAME),
+        "mean_batch": items / batches if batches else None,
+    }
+
+
+def measure_backends() -> dict[str, Any]:
+    """Eager vs ONNX Runtime vs ONNX int8 for the reference model (1 thread)."""
+    from model_runtime import choose_cpu_backend
+
+    torch.set_num_threads(1)
+    torch.manual_seed(2)
+    example = torch.randn(64, SEQ_LEN, FEATURES)
+    choice = choose_cpu_backend(reference_model(), example, max_abs_error=1e-3, batch_sizes=(1, 8, 64))
+    return choice.as_dict()
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_backends(record: dict[str, Any]) -> None:
+    print(f"\nCPU backends, reference model, 1 thread (chosen: {record['chosen']})")
+    print(f"{'backend':<10} {'b=1 ms':>8} {'b=8 ms/item':>12} {'b=64 ms/item':>13} {'max |err|':>10}")
+    for m in record["measurements"]:
+        if m["error"]:
+            print(f"{m['name']:<10} failed: {m['error']}")
+            continue
+        per_item = m["per_item_ms"]
+        print(f"{m['name']:<10} {m['latency_ms'][1]:>8.3f} {per_item[8]:>12.3f} {per_item[64]:>13.3f} "
+              f"{m['max_abs_error']:>10.2e}")
+
+
+def print_table(points: list[dict[str, Any]]) -> None:
+    print(f"\n{'server':<15} {'c':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503 %':>6} {'err %':>6} "
+          f"{'200 p99 srv':>11} {'mean batch':>10}")
+    for p in points:
+        print(f"{p['server']:<15} {p['concurrency']:>4} {p['req_per_s']:>8.0f} {p['p50_ms']:>8.2f} "
+              f"{p['p99_ms']:>8.1f} {100 * p['rate_503']:>6.1f} {100 * p['error_rate']:>6.1f} "
+              f"{fmt(p['server_p99_ms_200']):>11} {fmt(p['mean_batch']):>10}")
+
+
+def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Batched / unbatched throughput per concurrency (vs ``def`` and vs ``async``)."""
+    by = {(p["server"], p["concurrency"]): p["ok_per_s"] for p in points}
+    table: dict[str, dict[int, float]] = {}
+    for baseline in ("def", "async"):
+        table[f"runtime/{baseline}"] = {
+            c: by[("runtime", c)] / by[(baseline, c)] for c in CONCURRENCY
+            if by.get((baseline, c)) and ("runtime", c) in by}
+    return table
+
+
+def bench(quick: bool, seconds: float | None, modes: list[str]) -> dict[str, Any]:
+    """Run every point, print the tables, return the JSON record."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install -y wrk")
+    seconds = seconds or (3.0 if quick else 10.0)
+    warmup_s = 1.0 if quick else 2.0
+    backends = measure_backends()
+    print_backends(backends)
+    points: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        script = Path(scratch) / "post.lua"
+        script.write_text(WRK_SCRIPT.replace("BODY", example_body()))
+        for mode in modes:
+            with server_process(mode) as base:
+                levels = [*CONCURRENCY, OVERLOAD_CONCURRENCY] if mode == "runtime" else CONCURRENCY
+                for connections in levels:
+                    point = measure_point(base, script, connections, seconds, warmup_s)
+                    point["server"] = mode
+                    points.append(point)
+                    print(f"  {mode:<15} c={connections:<4} {point['req_per_s']:7.0f} req/s "
+                          f"p99 {point['p99_ms']:7.1f} ms", flush=True)
+    print_table(points)
+    ratio_table = ratios(points)
+    record: dict[str, Any] = {"points": points, "backends": backends, "ratios": ratio_table,
+              "config": {"seconds": seconds, "quick": quick, "load": "wrk (closed loop, Lua POST body)",
+                         "runtime_batch": RUNTIME_BATCH, "runtime_queue": RUNTIME_QUEUE,
+                         "window_ms": WINDOW_MS, "cpus": os.cpu_count(), "python": platform.python_version(),
+                         "torch": torch.__version__}}
+    print("\nbatched/unbatched throughput (200s per second):")
+    for name, row in ratio_table.items():
+        print(f"  {name:<15} " + "  ".join(f"c={c}: {r:.2f}x" for c, r in row.items()))
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    serve_cmd = sub.add_parser("serve", help="run one server")
+    serve_cmd.add_argument("--mode", choices=MODES, required=True)
+    serve_cmd.add_argument("--port", type=int, required=True)
+    parser.add_argument("--quick", action="store_true", help="3 s a point (about a minute in all)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per point")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of servers")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime.json")
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.mode, args.port)
+        return
+    record = bench(args.quick, args.seconds, args.modes.split(","))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Execution backends for one torch model, and a measured choice between them on CPU.
+
+A backend is a callable ``(batch: Tensor[N, ...] float32, CPU) -> Tensor[N, ...] float32, CPU`` with a
+``name``. Candidates:
+
+- ``eager``: the torch module itself (CUDA + autocast when the placement says so);
+- ``onnx``: the module exported with the TorchScript-based exporter (``dynamo=False``: the dynamo
+  exporter needs ``onnxscript``, not installed) and run by ONNX Runtime;
+- ``onnx-int8``: that graph with weights quantized to int8 by ONNX Runtime's dynamic quantizer
+  (chosen over ``torch.ao.quantize_dynamic``, deprecated in torch 2.13 and unsafe on
+  ``nn.TransformerEncoder`` unless the process-wide MHA fast path is switched off).
+
+Only single-input, single-output modules are exported. :func:`choose_cpu_backend` measures latency
+and accuracy against eager; the verticals record its measurements in their model cards.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model_runtime.device import Placement, inference_context
+from shared.config import get_settings
+
+CPU_CANDIDATES: tuple[str, ...] = ("eager", "onnx", "onnx-int8")
+
+
+class Backend(Protocol):
+    """Runs a batch: ``(Tensor[N, ...]) -> Tensor[N, ...]`` on CPU, float32."""
+
+    name: str
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchBackend:
+    """A torch module under ``inference_mode`` (and autocast on CUDA).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Put in eval mode and moved to ``placement.device``.
+    placement : Placement, optional
+        Defaults to CPU, fp32.
+    """
+
+    def __init__(self, module: torch.nn.Module, placement: Placement | None = None) -> None:
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.module = module.eval().to(self.placement.device)
+        self.name = "eager" if self.placement.device.type == "cpu" else f"eager/{self.placement.describe()}"
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with inference_context(self.placement):
+            output = self.module(batch.to(self.placement.device, non_blocking=True))
+        return output.float().cpu()
+
+
+class OnnxRuntimeBackend:
+    """An ONNX graph run by ONNX Runtime on CPU.
+
+    Parameters
+    ----------
+    model : Path or bytes
+        ``.onnx`` file or its serialized bytes; one input, one output, dynamic axis 0.
+    threads : int, optional
+        Intra-op threads (default ``settings.torch_threads``).
+    name : str
+        Label reported by ``runtime.loaded()``.
+    """
+
+    def __init__(self, model: Path | bytes, *, threads: int | None = None, name: str = "onnx") -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or get_settings().torch_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = str(model) if isinstance(model, Path) else model
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+        self.name = name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self._input: array})[0])
+
+
+def export_onnx(module: torch.nn.Module, example_batch: torch.Tensor, path: Path, *,
+                opset: int = 17) -> Path:
+    """Export ``module`` to ``path`` with a dynamic batch axis.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Single-input, single-output module; exported in eval mode on CPU.
+    example_batch : Tensor[N, ...]
+        Example input (any N >= 1).
+    path : Path
+        Destination ``.onnx`` file.
+    """
+    module = module.eval().cpu()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # The fused transformer fast path (aten::_transformer_encoder_layer_fwd) has no ONNX symbolic;
+    # it is process-wide, so it is off only for the export (other threads just run unfused meanwhile).
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
+            warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice, once per export
+            torch.onnx.export(module, (example_batch.cpu(),), str(path), dynamo=False,
+                              input_names=["input"], output_names=["output"], opset_version=opset,
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
+
+
+def quantize_onnx_int8(source: Path, destination: Path) -> Path:
+    """Write an int8-weight copy of an ONNX graph (dynamic activation quantization)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the quantizer logs a "run pre-processing" hint on every call
+    try:
+        quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8)
+    finally:
+        quiet.setLevel(level)
+    return destination
+
+
+def build_cpu_backend(kind: str, module: torch.nn.Module, example_batch: torch.Tensor,
+                      workdir: Path) -> Backend:
+    """Build one CPU backend by name (``eager``, ``onnx`` or ``onnx-int8``), exporting into ``workdir``."""
+    if kind == "eager":
+        return TorchBackend(module)
+    onnx_path = workdir / "model.onnx"
+    if not onnx_path.exists():
+        export_onnx(module, example_batch, onnx_path)
+    if kind == "onnx":
+        return OnnxRuntimeBackend(onnx_path, name="onnx")
+    if kind == "onnx-int8":
+        quantized = quantize_onnx_int8(onnx_path, workdir / "model.int8.onnx")
+        return OnnxRuntimeBackend(quantized, name="onnx-int8")
+    raise ValueError(f"unknown CPU backend {kind!r}; expected one of {CPU_CANDIDATES}")
+
+
+@dataclass
+class BackendMeasurement:
+    """One candidate as measured: latency per batch size and error versus eager.
+
+    Attributes
+    ----------
+    latency_ms : dict[int, float]
+        Median wall time of one call, by batch size (ms).
+    per_item_ms : dict[int, float]
+        ``latency_ms[b] / b`` (ms per item).
+    max_abs_error : float
+        Largest absolute output difference from eager on the example batch.
+    """
+
+    name: str
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    per_item_ms: dict[int, float] = field(default_factory=dict)
+    max_abs_error: float = 0.0
+    accurate: bool = True
+    error: str | None = None
+
+    @property
+    def score(self) -> float:
+        """Geometric mean of latency over batch sizes (lower is better; inf when unusable)."""
+        if self.error or not self.accurate or not self.latency_ms:
+            return math.inf
+        return math.exp(statistics.fmean(math.log(v) for v in self.latency_ms.values()))
+
+
+@dataclass
+class BackendChoice:
+    """The fastest accurate backend and every measurement behind the choice."""
+
+    backend: Backend
+    measurements: list[BackendMeasurement]
+    max_abs_error: float
+
+    @property
+    def name(self) -> str:
+        """Name of the chosen backend."""
+        return self.backend.name
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready record for a model card."""
+        return {"chosen": self.name, "max_abs_error_allowed": self.max_abs_error,
+                "measurements": [asdict(m) for m in self.measurements]}
+
+
+def time_call(call: Callable[[torch.Tensor], Any], batch: torch.Tensor, *, repeats: int = 30,
+              warmup: int = 3) -> float:
+    """Median wall time of ``call(batch)`` in milliseconds."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            call(batch)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            call(batch)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000.0
+
+
+def _tile(example_batch: torch.Tensor, size: int) -> torch.Tensor:
+    return example_batch[torch.arange(size) % example_batch.shape[0]].contiguous()
+
+
+def _measure(name: str, backend: Backend, example_batch: torch.Tensor, reference: torch.Tensor,
+             batch_sizes: Sequence[int], max_abs_error: float, repeats: int) -> BackendMeasurement:
+    with torch.inference_mode():
+        error = float((backend(example_batch) - reference).abs().max())
+    measurement = BackendMeasurement(name, max_abs_error=error, accurate=error <= max_abs_error)
+    for size in batch_sizes:
+        latency = time_call(backend, _tile(example_batch, size), repeats=repeats)
+        measurement.latency_ms[size] = round(latency, 4)
+        measurement.per_item_ms[size] = round(latency / size, 4)
+    return measurement
+
+
+def choose_cpu_backend(model: torch.nn.Module, example_batch: torch.Tensor,
+                       candidates: Sequence[str] = CPU_CANDIDATES, max_abs_error: float = 1e-3, *,
+                       batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
+                       workdir: Path | None = None) -> BackendChoice:
+    """Measure each CPU backend and return the fastest one whose outputs stay close to eager.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Single-input, single-output module (float32).
+    example_batch : Tensor[N, ...]
+        Representative inputs; accuracy is checked on all N, latency on tiles of it.
+    candidates : sequence of str
+        Backend names from :data:`CPU_CANDIDATES`.
+    max_abs_error : float
+        Largest allowed absolute difference from eager outputs (output units).
+    batch_sizes : sequence of int
+        Batch sizes to time; the score is the geometric mean of their latencies.
+    repeats : int
+        Timed calls per batch size (median kept).
+    workdir : Path, optional
+        Where exported graphs are written (a temporary directory by default; keep it if the
+        chosen backend is ONNX, since ONNX Runtime has already loaded the graph into memory).
+
+    Returns
+    -------
+    BackendChoice
+        The chosen backend (eager when nothing beats it accurately) and all measurements.
+    """
+    eager = TorchBackend(model)
+    with torch.inference_mode():
+        reference = eager(example_batch)
+    measurements: list[BackendMeasurement] = []
+    built: dict[str, Backend] = {}
+    with tempfile.TemporaryDirectory(prefix="tessera-backend-") as scratch:
+        folder = workdir or Path(scratch)
+        for name in candidates:
+            try:
+                backend = eager if name == "eager" else build_cpu_backend(name, model, example_batch, folder)
+                measurements.append(_measure(name, backend, example_batch, reference, batch_sizes,
+                                             max_abs_error, repeats))
+                built[name] = backend
+            except Exception as exc:  # a candidate that cannot be built is recorded, not fatal
+                measurements.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
+    best = min(measurements, key=lambda m: m.score)
+    chosen = built.get(best.name, eager) if math.isfinite(best.score) else eager
+    return BackendChoice(backend=chosen, measurements=measurements, max_abs_error=max_abs_error)

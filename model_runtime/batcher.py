@@ -1,0 +1,383 @@
+"""Dynamic batching for one model: a bounded queue drained by one asyncio task into one worker thread.
+
+Each caller's item carries its own future. The drain task takes what is waiting (up to
+``max_batch_size``), runs it in the model's dedicated thread (torch releases the GIL, so the event
+loop keeps serving), and sets each future. Policies:
+
+- ``greedy`` (default): never wait for a batch to fill. At concurrency 1 an item runs at once, so
+  latency equals the unbatched call; under load, items pile up while the worker is busy and the
+  next batch takes them all, so batch size follows load by itself.
+- ``window``: Ray Serve / LitServe habit: wait up to ``max_wait_ms`` from the first item's
+  arrival (monotonic clock) for a full batch. Kept for comparison; ``bench/runtime.py`` measures both.
+
+Failure rules: a full queue raises :class:`ServiceOverloaded` with a Retry-After estimated from
+queue depth x recent per-item time; an item past its deadline fails with :class:`DeadlineExceeded`
+without running; cancelled callers are skipped; an exception from ``run_batch`` fails only its
+batch (and, with isolation on, the batch is retried item by item so one poison item fails alone);
+an output count that differs from the input count fails every item of that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from model_runtime.metrics import ModelMetrics
+from shared.errors import DeadlineExceeded, NotReady, ServiceOverloaded
+
+logger = logging.getLogger("tessera.model_runtime.batcher")
+
+FillPolicy = Literal["greedy", "window"]
+RunBatch = Callable[[list[Any]], Sequence[Any]]
+Finalize = Callable[[Any], Any]
+
+
+class BatchOutputMismatch(RuntimeError):
+    """``run_batch`` returned a different number of outputs than it was given items."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model's queue is batched and bounded.
+
+    Parameters
+    ----------
+    max_batch_size : int
+        Most items handed to one ``run_batch`` call.
+    max_wait_ms : float
+        ``window`` policy only: longest wait, from the first item's arrival, for a batch to fill (ms).
+    max_queue : int
+        Most items waiting (not counting the batch running); beyond it callers get 503.
+    timeout_s : float or None
+        Default per-item deadline from arrival (s); ``None`` waits as long as it takes.
+    isolate_failures : bool
+        Retry a failed batch one item at a time, so one bad item fails alone.
+    fill : {"greedy", "window"}
+        Batch-forming policy (see module docstring).
+    """
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    timeout_s: float | None = None
+    isolate_failures: bool = True
+    fill: FillPolicy = "greedy"
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        if self.max_wait_ms < 0 or (self.timeout_s is not None and self.timeout_s <= 0):
+            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+
+
+@dataclass(slots=True)
+class _Pending:
+    prepared: Any
+    future: asyncio.Future[Any]
+    enqueued_at: float
+    deadline: float | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one item: ``value`` when ``ok``, else the exception in ``error``."""
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+
+
+def execute_batch(run_batch: RunBatch, items: list[Any], *, finalize: Finalize | None = None,
+                  isolate_failures: bool = True) -> list[Outcome]:
+    """Run one batch and return one :class:`Outcome` per item, never raising.
+
+    Parameters
+    ----------
+    run_batch : callable
+        ``(items) -> outputs``, one output per item, in order.
+    items : list
+        Prepared items, length N.
+    finalize : callable, optional
+        Applied to each output; a failure fails that item alone.
+    isolate_failures : bool
+        When the batch raises and N > 1, rerun each item alone.
+
+    Returns
+    -------
+    list of Outcome
+        Length N, aligned with ``items``.
+    """
+    try:
+        outputs = list(run_batch(items))
+    except Exception as exc:
+        if not isolate_failures or len(items) == 1:
+            return [Outcome(False, error=exc) for _ in items]
+        logger.warning("batch of %d failed (%r); retrying items one by one", len(items), exc)
+        return [_run_alone(run_batch, item, finalize) for item in items]
+    if len(outputs) != len(items):
+        mismatch = BatchOutputMismatch(f"run_batch returned {len(outputs)} outputs for {len(items)} items")
+        logger.error("%s", mismatch)
+        return [Outcome(False, error=mismatch) for _ in items]
+    return [_finalize(output, finalize) for output in outputs]
+
+
+def _run_alone(run_batch: RunBatch, item: Any, finalize: Finalize | None) -> Outcome:
+    outcome = execute_batch(run_batch, [item], finalize=finalize, isolate_failures=False)
+    return outcome[0]
+
+
+def _finalize(output: Any, finalize: Finalize | None) -> Outcome:
+    if finalize is None:
+        return Outcome(True, value=output)
+    try:
+        return Outcome(True, value=finalize(output))
+    except Exception as exc:
+        return Outcome(False, error=exc)
+
+
+@dataclass
+class _Recent:
+    """Exponential moving average of per-item run time, for Retry-After estimates."""
+
+    per_item_s: float = 0.001
+    alpha: float = 0.2
+    samples: int = field(default=0)
+
+    def update(self, batch_seconds: float, batch_size: int) -> None:
+        per_item = batch_seconds / batch_size
+        self.per_item_s = per_item if self.samples == 0 else (
+            self.alpha * per_item + (1 - self.alpha) * self.per_item_s)
+        self.samples += 1
+
+
+class DynamicBatcher:
+    """Queue, drain task and worker thread of one model version, bound to one event loop.
+
+    Parameters
+    ----------
+    name : str
+        Model name (log messages, thread name).
+    run_batch : callable
+        ``(items: list) -> list`` of the same length; runs in the worker thread.
+    policy : BatchPolicy
+        Batch size, wait, queue bound, deadline and isolation settings.
+    metrics : ModelMetrics
+        Series to record into (shared across versions of the model).
+    finalize : callable, optional
+        Per-output post-processing, run in the worker thread.
+    thread_initializer : callable, optional
+        Run once in the worker thread (e.g. ``torch.set_num_threads``).
+    per_item_s : float, optional
+        Initial per-item time estimate (s), e.g. measured at warm-up.
+
+    Notes
+    -----
+    Construct and use it inside a running event loop; :meth:`start` creates the drain task there.
+    """
+
+    def __init__(self, name: str, run_batch: RunBatch, policy: BatchPolicy, metrics: ModelMetrics, *,
+                 finalize: Finalize | None = None, thread_initializer: Callable[[], None] | None = None,
+                 per_item_s: float | None = None) -> None:
+        self.name = name
+        self.policy = policy
+        self.metrics = metrics
+        self._run_batch = run_batch
+        self._finalize = finalize
+        self._queue: deque[_Pending] = deque()
+        self._inflight: list[_Pending] = []
+        self._recent = _Recent(per_item_s=per_item_s or 0.001, samples=1 if per_item_s else 0)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}",
+                                            initializer=thread_initializer)
+        self.loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._accepting = True
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the drain task on the current loop."""
+        self._task = self.loop.create_task(self._drain_forever(), name=f"batcher-{self.name}")
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not counting the batch being run)."""
+        return len(self._queue)
+
+    @property
+    def per_item_seconds(self) -> float:
+        """Recent run time per item (s), a moving average over batches."""
+        return self._recent.per_item_s
+
+    def check_capacity(self) -> None:
+        """Raise :class:`ServiceOverloaded` (or :class:`NotReady` when closing) if an item would be refused.
+
+        Called before an item is decoded, so a refused caller costs almost nothing.
+        """
+        if not self._accepting:
+            raise NotReady(f"model {self.name} is shutting down")
+        if len(self._queue) >= self.policy.max_queue:
+            self.metrics.rejected.inc()
+            retry_after = (len(self._queue) + len(self._inflight)) * self._recent.per_item_s
+            raise ServiceOverloaded(f"model {self.name}: {len(self._queue)} requests queued",
+                                    retry_after_s=retry_after)
+
+    async def submit(self, prepared: Any, timeout_s: float | None = None) -> Any:
+        """Queue one prepared item and wait for its output.
+
+        Parameters
+        ----------
+        prepared : Any
+            One item already validated/decoded by the model's ``prepare``.
+        timeout_s : float, optional
+            Deadline from now (s); defaults to the policy's ``timeout_s``.
+
+        Raises
+        ------
+        ServiceOverloaded
+            The queue is full.
+        DeadlineExceeded
+            The item was not answered within its deadline.
+        """
+        self.check_capacity()
+        timeout_s = self.policy.timeout_s if timeout_s is None else timeout_s
+        now = time.monotonic()
+        pending = _Pending(prepared, self.loop.create_future(), now,
+                           None if timeout_s is None else now + timeout_s)
+        self._queue.append(pending)
+        self.metrics.queue_depth.set(len(self._queue))
+        self._wakeup.set()
+        timer = None if timeout_s is None else self.loop.call_later(timeout_s, self._expire, pending)
+        try:
+            return await pending.future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        waited = time.monotonic() - pending.enqueued_at
+        self.metrics.deadline_exceeded.inc()
+        pending.future.set_exception(DeadlineExceeded(f"model {self.name}: no answer within {waited:.3f} s"))
+
+    async def _drain_forever(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            try:
+                await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must survive anything a batch does
+                logger.exception("batcher %s: unexpected failure", self.name)
+                self._deliver(batch, [Outcome(False, error=exc) for _ in batch])
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        while True:
+            if not self._queue:
+                if not self._accepting:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.policy.fill == "window":
+                await self._wait_for_fill()
+            batch = self._take_live()
+            if batch:
+                return batch
+
+    async def _wait_for_fill(self) -> None:
+        until = self._queue[0].enqueued_at + self.policy.max_wait_ms / 1000.0
+        while len(self._queue) < self.policy.max_batch_size and self._accepting:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_live(self) -> list[_Pending]:
+        """Pop up to max_batch_size items, dropping cancelled and expired ones."""
+        batch: list[_Pending] = []
+        now = time.monotonic()
+        while self._queue and len(batch) < self.policy.max_batch_size:
+            pending = self._queue.popleft()
+            if pending.future.done():  # cancelled by its caller, or already expired
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                self._expire(pending)
+                continue
+            self.metrics.queue_wait.observe(now - pending.enqueued_at)
+            batch.append(pending)
+        self.metrics.queue_depth.set(len(self._queue))
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        items = [pending.prepared for pending in batch]
+        self._inflight = batch
+        started = time.monotonic()
+        try:
+            outcomes = await self.loop.run_in_executor(self._executor, self._execute, items)
+        finally:
+            self._inflight = []
+        elapsed = time.monotonic() - started
+        self._recent.update(elapsed, len(batch))
+        self.metrics.inference.observe(elapsed)
+        self.metrics.batch_size.observe(len(batch))
+        self._deliver(batch, outcomes)
+
+    def _execute(self, items: list[Any]) -> list[Outcome]:
+        return execute_batch(self._run_batch, items, finalize=self._finalize,
+                             isolate_failures=self.policy.isolate_failures)
+
+    def _deliver(self, batch: list[_Pending], outcomes: list[Outcome]) -> None:
+        now = time.monotonic()
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if outcome.ok:
+                pending.future.set_result(outcome.value)
+                self.metrics.latency.record(now - pending.enqueued_at)
+            else:
+                self.metrics.errors.inc()
+                pending.future.set_exception(outcome.error or RuntimeError("inference failed"))
+
+    async def drain(self) -> None:
+        """Stop accepting, finish every queued and running item, then stop the thread."""
+        self._accepting = False
+        self._wakeup.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self._executor.shutdown(wait=True)
+
+    async def close(self) -> None:
+        """Stop now: queued and running items fail with :class:`NotReady`; the thread is joined."""
+        self._accepting = False
+        self._fail_all(NotReady(f"model {self.name} was unloaded"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self._executor.shutdown, True)
+
+    def abandon(self) -> None:
+        """Release the thread of a batcher whose event loop is gone (no awaiting possible)."""
+        self._accepting = False
+        self._queue.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _fail_all(self, error: Exception) -> None:
+        for pending in [*self._inflight, *self._queue]:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._queue.clear()
+        self.metrics.queue_depth.set(0)

@@ -1,0 +1,437 @@
+"""The process-wide model runtime: a registry of loaded models, each behind its own dynamic batcher.
+
+A vertical describes a model with a :class:`ModelSpec` and loads it once (FastAPI lifespan, Celery
+worker start-up)::
+
+    runtime = get_runtime()
+    await runtime.load(spec)                      # verify artifact, build, warm up, start batching
+    label = await runtime.predict("fraud", txn)   # 422 / 503 / 504 as problem+json on failure
+    await runtime.swap("fraud", spec_v2)          # hot swap: v2 warmed first, v1 drains
+    rows = runtime.predict_many_sync("fraud", txns)  # Celery / batch jobs, no event loop
+
+Nothing here is bound to an event loop until the first ``load``/``predict`` inside one, so the
+runtime can be created at import time, used from a Celery worker, or inside uvicorn. A batcher
+belongs to the loop that created it; a later loop (e.g. a second ``asyncio.run``) gets a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manifest
+from model_runtime.backends import OnnxRuntimeBackend, TorchBackend
+from model_runtime.batcher import BatchPolicy, DynamicBatcher, FillPolicy, Outcome, execute_batch
+from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
+from model_runtime.metrics import ModelMetrics
+from shared.errors import NotReady, ProblemError, UnprocessableContent
+
+logger = logging.getLogger("tessera.model_runtime")
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a loader gets to build its model.
+
+    Attributes
+    ----------
+    artifact_dir : Path or None
+        The verified artifact directory (``None`` for models built in code, e.g. in tests).
+    manifest : ArtifactManifest or None
+        Its manifest, already checked against the sha256 digests.
+    placement : Placement
+        Device and precision to build on.
+    """
+
+    artifact_dir: Path | None
+    manifest: ArtifactManifest | None
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the runtime needs to serve one version of one model.
+
+    Parameters
+    ----------
+    name, version : str
+        Registry key and version label. An empty version takes the artifact manifest's.
+    loader : callable
+        ``(LoadContext) -> model``: builds the model object (torch module, backend, anything).
+    run_batch : callable
+        ``(model, prepared_items: list) -> list`` of outputs, same length and order. Runs in the
+        model's worker thread under ``torch.inference_mode`` (and autocast on CUDA).
+    prepare : callable, optional
+        ``(item) -> prepared``: validates/decodes ONE item on the caller's side before it is
+        queued; any exception fails that caller alone with 422.
+    finalize : callable, optional
+        ``(output) -> answer`` per item, in the worker thread (e.g. tensor row -> dict).
+    artifact_dir : Path, optional
+        Versioned artifact directory; verified with :func:`load_manifest` before ``loader`` runs.
+    max_batch_size, max_wait_ms, max_queue, timeout_s, isolate_failures, fill
+        Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
+    warmup_items : sequence
+        Raw example items run (batch 1, then all together) before the model takes traffic.
+    device : {"auto", "cpu", "cuda"}, optional
+        Overrides ``settings.device`` for this model.
+    """
+
+    name: str
+    version: str
+    loader: Callable[[LoadContext], Any]
+    run_batch: Callable[[Any, list[Any]], Sequence[Any]]
+    prepare: Callable[[Any], Any] | None = None
+    finalize: Callable[[Any], Any] | None = None
+    artifact_dir: Path | None = None
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    timeout_s: float | None = None
+    isolate_failures: bool = True
+    fill: FillPolicy = "greedy"
+    warmup_items: Sequence[Any] = ()
+    device: str | None = None
+
+    @property
+    def policy(self) -> BatchPolicy:
+        """The batching policy of this spec."""
+        return BatchPolicy(max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+                           max_queue=self.max_queue, timeout_s=self.timeout_s,
+                           isolate_failures=self.isolate_failures, fill=self.fill)
+
+
+@dataclass
+class _LoadedModel:
+    spec: ModelSpec
+    model: Any
+    version: str
+    digest: str | None
+    placement: Placement
+    backend: str
+    run: Callable[[list[Any]], Sequence[Any]]
+    per_item_s: float | None
+    loaded_at: float = field(default_factory=time.time)
+    batcher: DynamicBatcher | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest, "device": self.placement.describe(),
+                "backend": self.backend}
+
+
+def describe_backend(model: Any) -> str:
+    """Label of what runs a model: a backend's name, ``eager`` for a torch module, else its type."""
+    explicit = getattr(model, "backend_name", None)
+    if isinstance(explicit, str):
+        return explicit
+    if isinstance(model, TorchBackend | OnnxRuntimeBackend):
+        return model.name
+    if isinstance(model, torch.nn.Module):
+        return "eager"
+    return type(model).__name__
+
+
+class ModelRuntime:
+    """Every loaded model of this process; use :func:`get_runtime` rather than constructing one."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, _LoadedModel] = {}
+        self._metrics: dict[str, ModelMetrics] = {}
+        self._lock = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------------
+    async def load(self, spec: ModelSpec) -> dict[str, Any]:
+        """Verify, build and warm up ``spec`` off the event loop, then start serving it.
+
+        Loading a name that is already served is a :meth:`swap`.
+
+        Returns
+        -------
+        dict
+            ``{"version", "digest", "device", "backend"}`` of the model now served.
+
+        Raises
+        ------
+        ArtifactError
+            The artifact is missing or its files do not match the manifest's sha256.
+        """
+        if spec.name in self._models:
+            return await self.swap(spec.name, spec)
+        loaded = await asyncio.to_thread(self._build, spec)
+        self._models[spec.name] = loaded
+        self._batcher_for(loaded)
+        return loaded.describe()
+
+    def load_sync(self, spec: ModelSpec) -> dict[str, Any]:
+        """Blocking :meth:`load` for processes without an event loop (Celery workers, batch jobs)."""
+        loaded = self._build(spec)
+        with self._lock:
+            previous = self._models.get(spec.name)
+            self._models[spec.name] = loaded
+        if previous is not None and previous.batcher is not None:
+            previous.batcher.abandon()
+        return loaded.describe()
+
+    async def swap(self, name: str, new_spec: ModelSpec) -> dict[str, Any]:
+        """Serve ``new_spec`` instead of the current version without dropping a request.
+
+        The new version is built and warmed up first; then new requests go to it while the old
+        version's batcher finishes everything already queued, and its thread stops.
+        """
+        if new_spec.name != name:
+            raise ValueError(f"swap({name!r}) was given a spec named {new_spec.name!r}")
+        fresh = await asyncio.to_thread(self._build, new_spec)
+        previous = self._models.get(name)
+        self._models[name] = fresh
+        self._batcher_for(fresh)
+        logger.info("model %s: now serving %s (was %s)", name, fresh.version,
+                    previous.version if previous else None)
+        if previous is not None and previous.batcher is not None:
+            await self._retire(previous.batcher, drain=True)
+        return fresh.describe()
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``; its waiting callers get :class:`NotReady`."""
+        loaded = self._models.pop(name, None)
+        if loaded is not None and loaded.batcher is not None:
+            await self._retire(loaded.batcher, drain=False)
+
+    def _build(self, spec: ModelSpec) -> _LoadedModel:
+        configure_threads()
+        manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
+        version = _resolve_version(spec, manifest)
+        placement = resolve_placement(spec.device)
+        model = spec.loader(LoadContext(spec.artifact_dir, manifest, placement))
+        run = _bind_run(spec, model, placement)
+        started = time.perf_counter()
+        per_item_s = _warm_up(spec, run)
+        logger.info("model %s %s loaded on %s (warm-up %.1f ms)", spec.name, version,
+                    placement.describe(), (time.perf_counter() - started) * 1000)
+        return _LoadedModel(spec=spec, model=model, version=version,
+                            digest=manifest.digest if manifest else None, placement=placement,
+                            backend=describe_backend(model), run=run, per_item_s=per_item_s)
+
+    # -- serving ---------------------------------------------------------------------------------
+    async def predict(self, name: str, item: Any, *, timeout_s: float | None = None) -> Any:
+        """Answer one item through the model's batcher.
+
+        Parameters
+        ----------
+        name : str
+            A loaded model.
+        item : Any
+            One raw input; the spec's ``prepare`` validates it before it is queued.
+        timeout_s : float, optional
+            Deadline from now (s); defaults to the spec's ``timeout_s``.
+
+        Raises
+        ------
+        NotReady
+            ``name`` is not loaded (503).
+        UnprocessableContent
+            ``prepare`` refused the item (422).
+        ServiceOverloaded
+            The queue is full (503 + Retry-After).
+        DeadlineExceeded
+            No answer within the deadline (504).
+        """
+        loaded = self._models.get(name)
+        if loaded is None:
+            raise NotReady(f"model {name} is not loaded")
+        batcher = self._batcher_for(loaded)
+        batcher.check_capacity()
+        prepared = _prepare(loaded.spec, item)
+        return await batcher.submit(prepared, timeout_s)
+
+    def predict_many_sync(self, name: str, items: Sequence[Any], *,
+                          return_exceptions: bool = False) -> list[Any]:
+        """Run ``items`` in batches of ``max_batch_size`` in the calling thread, no event loop needed.
+
+        Parameters
+        ----------
+        name : str
+            A loaded model.
+        items : sequence
+            Raw inputs, length N.
+        return_exceptions : bool
+            Put each failed item's exception in its slot instead of raising the first one.
+
+        Returns
+        -------
+        list
+            N answers, in input order.
+        """
+        loaded = self._models.get(name)
+        if loaded is None:
+            raise NotReady(f"model {name} is not loaded")
+        outcomes: list[Outcome | None] = [None] * len(items)
+        ready: list[tuple[int, Any]] = []
+        for index, item in enumerate(items):
+            try:
+                ready.append((index, _prepare(loaded.spec, item)))
+            except ProblemError as exc:
+                outcomes[index] = Outcome(False, error=exc)
+        self._run_sync_batches(loaded, ready, outcomes)
+        return _unwrap(outcomes, return_exceptions)
+
+    def _run_sync_batches(self, loaded: _LoadedModel, ready: list[tuple[int, Any]],
+                          outcomes: list[Outcome | None]) -> None:
+        metrics = self._metrics_for(loaded.spec.name)
+        size = loaded.spec.max_batch_size
+        for start in range(0, len(ready), size):
+            chunk = ready[start:start + size]
+            started = time.monotonic()
+            results = execute_batch(loaded.run, [prepared for _, prepared in chunk],
+                                    finalize=loaded.spec.finalize,
+                                    isolate_failures=loaded.spec.isolate_failures)
+            metrics.inference.observe(time.monotonic() - started)
+            metrics.batch_size.observe(len(chunk))
+            for (index, _), outcome in zip(chunk, results, strict=True):
+                outcomes[index] = outcome
+                if not outcome.ok:
+                    metrics.errors.inc()
+
+    def _batcher_for(self, loaded: _LoadedModel) -> DynamicBatcher:
+        loop = asyncio.get_running_loop()
+        current = loaded.batcher
+        if current is not None and current.loop is loop:
+            return current
+        if current is not None:
+            if not current.loop.is_closed():
+                logger.warning("model %s: batcher of a still-open event loop replaced", loaded.spec.name)
+            current.abandon()
+        batcher = DynamicBatcher(loaded.spec.name, loaded.run, loaded.spec.policy,
+                                 self._metrics_for(loaded.spec.name), finalize=loaded.spec.finalize,
+                                 thread_initializer=configure_threads, per_item_s=loaded.per_item_s)
+        batcher.start()
+        loaded.batcher = batcher
+        return batcher
+
+    def _metrics_for(self, name: str) -> ModelMetrics:
+        with self._lock:
+            if name not in self._metrics:
+                self._metrics[name] = ModelMetrics(name)
+            return self._metrics[name]
+
+    # -- introspection ---------------------------------------------------------------------------
+    def loaded(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"version", "digest", "device", "backend"}}`` of every served model."""
+        return {name: loaded.describe() for name, loaded in self._models.items()}
+
+    def is_ready(self, names: Iterable[str]) -> bool:
+        """True when every model in ``names`` is loaded (for ``/readyz``)."""
+        return all(name in self._models for name in names)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per model: version, p50/p99 end-to-end latency (ms) over recent items, queue depth."""
+        report: dict[str, dict[str, Any]] = {}
+        for name, loaded in self._models.items():
+            metrics = self._metrics_for(name)
+            p50, p99 = metrics.latency.percentiles(0.5, 0.99)
+            batcher = loaded.batcher
+            report[name] = {
+                "version": loaded.version, "p50_ms": p50, "p99_ms": p99, "samples": len(metrics.latency),
+                "queue_depth": batcher.depth if batcher else 0,
+                "per_item_ms": (batcher.per_item_seconds if batcher else loaded.per_item_s or 0.0) * 1000,
+            }
+        return report
+
+    # -- shutdown --------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop every batcher: waiting callers get :class:`NotReady`, worker threads are joined."""
+        models, self._models = self._models, {}
+        for loaded in models.values():
+            if loaded.batcher is not None:
+                await self._retire(loaded.batcher, drain=False)
+
+    def close_sync(self) -> None:
+        """Blocking :meth:`close` for processes without a running event loop."""
+        models, self._models = self._models, {}
+        for loaded in models.values():
+            if loaded.batcher is not None:
+                loaded.batcher.abandon()
+
+    @staticmethod
+    async def _retire(batcher: DynamicBatcher, *, drain: bool) -> None:
+        if batcher.loop is not asyncio.get_running_loop():
+            batcher.abandon()
+        elif drain:
+            await batcher.drain()
+        else:
+            await batcher.close()
+
+
+def _resolve_version(spec: ModelSpec, manifest: ArtifactManifest | None) -> str:
+    if manifest is None or manifest.version == "local":
+        return spec.version or (manifest.version if manifest else "unversioned")
+    if spec.version and spec.version != manifest.version:
+        raise ArtifactError(f"{spec.name}: spec version {spec.version} but artifact holds {manifest.version}")
+    return manifest.version
+
+
+def _prepare(spec: ModelSpec, item: Any) -> Any:
+    if spec.prepare is None:
+        return item
+    try:
+        return spec.prepare(item)
+    except ProblemError:
+        raise
+    except Exception as exc:
+        raise UnprocessableContent(f"{spec.name}: {exc}") from exc
+
+
+def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[list[Any]], Sequence[Any]]:
+    def run(items: list[Any]) -> Sequence[Any]:
+        with inference_context(placement):
+            return spec.run_batch(model, items)
+
+    return run
+
+
+def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> float | None:
+    """Run the warm-up items (batch 1, then all); return seconds per item of the larger batch."""
+    if not spec.warmup_items:
+        return None
+    prepared = [_prepare(spec, item) for item in spec.warmup_items]
+    per_item_s = None
+    for batch in ([prepared[0]], prepared) if len(prepared) > 1 else ([prepared[0]],):
+        started = time.perf_counter()
+        outcomes = execute_batch(run, batch, finalize=spec.finalize, isolate_failures=False)
+        per_item_s = (time.perf_counter() - started) / len(batch)
+        failed = next((outcome.error for outcome in outcomes if not outcome.ok), None)
+        if failed is not None:
+            raise RuntimeError(f"model {spec.name} {spec.version}: warm-up failed: {failed!r}") from failed
+    return per_item_s
+
+
+def _unwrap(outcomes: list[Outcome | None], return_exceptions: bool) -> list[Any]:
+    answers: list[Any] = []
+    for outcome in outcomes:
+        assert outcome is not None
+        if outcome.ok:
+            answers.append(outcome.value)
+        elif return_exceptions:
+            answers.append(outcome.error)
+        else:
+            raise outcome.error or RuntimeError("inference failed")
+    return answers
+
+
+_RUNTIME: ModelRuntime | None = None
+_RUNTIME_LOCK = threading.Lock()
+
+
+def get_runtime() -> ModelRuntime:
+    """The process-wide :class:`ModelRuntime` (created on first use; binds to no event loop)."""
+    global _RUNTIME
+    with _RUNTIME_LOCK:
+        if _RUNTIME is None:
+            _RUNTIME = ModelRuntime()
+        return _RUNTIME

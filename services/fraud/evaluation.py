@@ -1,0 +1,119 @@
+"""The handbook's evaluation protocol: metrics, the Chapter 3 split and prequential folds.
+
+Metrics follow the handbook's ``shared_functions``: AUC ROC and Average Precision over all test
+transactions; Card Precision@k per day = (fraudulent cards among the k cards with the highest
+max score that day) / k, where cards already found fraudulent among an earlier day's top k are
+removed, averaged over the test days.
+
+Protocol: for a training start date, 7 days train, 7 days delay (unused, labels not yet known),
+7 days test with cards known compromised removed (``handbook.train_test_split``). Features for
+all rows are computed once from the whole file; they only look backwards and only use labels
+at least the delay old.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from services.fraud.features import FEATURE_NAMES, HANDBOOK_FEATURES
+from services.fraud.handbook import train_test_split
+
+
+def card_precision_top_k(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 100) -> float:
+    """Mean daily Card Precision@k with already-detected cards removed (handbook definition).
+
+    Parameters
+    ----------
+    scores : (N,) scores aligned with ``frame`` rows.
+    frame : test transactions with TX_TIME_DAYS, CUSTOMER_ID, TX_FRAUD.
+    """
+    data = pd.DataFrame({"day": frame.TX_TIME_DAYS.to_numpy(), "card": frame.CUSTOMER_ID.to_numpy(),
+                         "fraud": frame.TX_FRAUD.to_numpy(), "score": np.asarray(scores)})
+    detected: set[int] = set()
+    daily = []
+    for _, day in data.groupby("day", sort=True):
+        day = day[~day.card.isin(detected)]
+        per_card = day.groupby("card")[["score", "fraud"]].max()
+        top = per_card.sort_values("score", ascending=False, kind="stable").head(top_k)
+        found = top.index[top.fraud == 1]
+        daily.append(len(found) / top_k)
+        detected.update(int(c) for c in found)
+    return float(np.mean(daily))
+
+
+def assess(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 100) -> dict[str, float]:
+    """AUC ROC, Average Precision and Card Precision@k of ``scores`` on ``frame``."""
+    labels = frame.TX_FRAUD.to_numpy()
+    return {"auc_roc": float(roc_auc_score(labels, scores)),
+            "average_precision": float(average_precision_score(labels, scores)),
+            f"card_precision_at_{top_k}": card_precision_top_k(scores, frame, top_k)}
+
+
+@dataclass
+class PreparedData:
+    """The whole file with its features and sequences, row-aligned."""
+
+    transactions: pd.DataFrame
+    features: np.ndarray   # (N, F) float32, FEATURE_NAMES order
+    sequences: np.ndarray  # (N, K, S) float32
+
+    def handbook_features(self) -> np.ndarray:
+        """(N, 15) the handbook's baseline inputs."""
+        index = [FEATURE_NAMES.index(name) for name in HANDBOOK_FEATURES]
+        return self.features[:, index]
+
+
+Scorer = Callable[[PreparedData, np.ndarray, np.ndarray], np.ndarray]
+"""(data, train_positions, test_positions) -> (len(test),) scores: trains and predicts one fold."""
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """Metrics of one model on one fold."""
+
+    start: str
+    metrics: dict[str, float]
+    seconds: float
+
+
+def evaluate_fold(data: PreparedData, scorer: Scorer, start: dt.datetime) -> FoldResult:
+    """Train and assess one model on the fold whose training starts at ``start``."""
+    train_pos, test_pos = train_test_split(data.transactions, start)
+    began = time.perf_counter()
+    scores = scorer(data, train_pos, test_pos)
+    seconds = time.perf_counter() - began
+    return FoldResult(start=start.date().isoformat(),
+                      metrics=assess(scores, data.transactions.iloc[test_pos]), seconds=seconds)
+
+
+def evaluate_folds(data: PreparedData, scorer: Scorer, starts: list[dt.datetime]) -> dict:
+    """Prequential assessment: per-fold metrics plus mean and std (population, as numpy)."""
+    folds = [evaluate_fold(data, scorer, start) for start in starts]
+    names = folds[0].metrics.keys()
+    summary = {name: {"mean": float(np.mean([f.metrics[name] for f in folds])),
+                      "std": float(np.std([f.metrics[name] for f in folds]))} for name in names}
+    return {"folds": [f.__dict__ for f in folds], "summary": summary,
+            "seconds": float(sum(f.seconds for f in folds))}
+
+
+def sklearn_scorer(make_model: Callable[[], object], scale: bool = True) -> Scorer:
+    """A handbook baseline: sklearn-style classifier on the 15 handbook features, standard-scaled."""
+    from sklearn.preprocessing import StandardScaler
+
+    def score(data: PreparedData, train_pos: np.ndarray, test_pos: np.ndarray) -> np.ndarray:
+        x = data.handbook_features()
+        x_train, x_test = x[train_pos].astype(np.float64), x[test_pos].astype(np.float64)
+        if scale:
+            scaler = StandardScaler().fit(x_train)
+            x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+        model = make_model()
+        model.fit(x_train, data.transactions.TX_FRAUD.to_numpy()[train_pos])
+        return model.predict_proba(x_test)[:, 1]
+    return score

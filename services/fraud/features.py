@@ -1,0 +1,447 @@
+"""Fraud features: the online aggregate contract, the feature vector, and its exact offline twin.
+
+Online, the state store (Redis or the database) answers each incoming transaction with one
+:class:`WindowAggregates`; :func:`feature_vector` turns it into the model's tabular input and
+:func:`sequence_matrix` turns the card's recent history into the sequence model's input.
+Offline, :func:`compute_offline_features` computes the same numbers for a whole DataFrame of
+transactions (the Fraud Detection Handbook's columns) with sorted-array window arithmetic, and
+:func:`aggregates_for_row` is the slow, obviously-correct reference the tests compare against.
+
+Window semantics (pandas time-based ``rolling('Nd')``, closed right): a window of width W ending
+at a transaction at time t holds the same entity's transactions with time in (t - W, t] that
+arrived no later than it (ties on time are broken by TRANSACTION_ID), the current one included.
+Terminal label windows are shifted back by a delay (labels are known a week late): they hold the
+terminal's transactions with time in (t - delay - W, t - delay], exactly as the handbook's
+``rolling(delay + W) - rolling(delay)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+SECONDS_PER_DAY = 86_400
+SECONDS_PER_HOUR = 3_600
+HISTORY_LENGTH = 16
+"""How many previous card transactions the sequence model sees."""
+SEQUENCE_STEPS = HISTORY_LENGTH + 1
+"""History plus the current transaction (the last step)."""
+SEQUENCE_CHANNELS: tuple[str, ...] = (
+    "valid", "log_amount", "log_age_s", "log_gap_s", "hour_sin", "hour_cos", "same_terminal",
+)
+AMOUNT_STD_FLOOR = 1.0
+"""Added to a standard deviation before dividing (currency units): keeps z-scores finite."""
+
+HANDBOOK_FEATURES: tuple[str, ...] = (
+    "TX_AMOUNT", "TX_DURING_WEEKEND", "TX_DURING_NIGHT",
+    "CUSTOMER_ID_NB_TX_1DAY_WINDOW", "CUSTOMER_ID_AVG_AMOUNT_1DAY_WINDOW",
+    "CUSTOMER_ID_NB_TX_7DAY_WINDOW", "CUSTOMER_ID_AVG_AMOUNT_7DAY_WINDOW",
+    "CUSTOMER_ID_NB_TX_30DAY_WINDOW", "CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_1DAY_WINDOW", "TERMINAL_ID_RISK_1DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_7DAY_WINDOW", "TERMINAL_ID_RISK_7DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_30DAY_WINDOW", "TERMINAL_ID_RISK_30DAY_WINDOW",
+)
+"""The handbook's 15 baseline features, named and defined as in its Chapter 3."""
+
+DERIVED_FEATURES: tuple[str, ...] = (
+    "TX_HOUR",
+    "CUSTOMER_NB_TX_1HOUR_WINDOW",
+    "CUSTOMER_AMOUNT_1HOUR_WINDOW",
+    "LOG_SECONDS_SINCE_PREV_TX",
+    "AMOUNT_OVER_CUSTOMER_AVG_7DAY",
+    "AMOUNT_OVER_CUSTOMER_AVG_30DAY",
+    "CUSTOMER_STD_AMOUNT_30DAY",
+    "AMOUNT_ZSCORE_30DAY",
+    "AMOUNT_OVER_PRIOR_AVG_30DAY",
+    "AMOUNT_ZSCORE_PRIOR_30DAY",
+    "TERMINAL_NB_TX_1HOUR_WINDOW",
+    "TERMINAL_NB_TX_1DAY_CURRENT",
+    "TERMINAL_NB_FRAUD_7DAY_DELAYED",
+    "TERMINAL_NB_FRAUD_30DAY_DELAYED",
+)
+"""Extra features derived only from :class:`WindowAggregates` (no other state)."""
+
+FEATURE_NAMES: tuple[str, ...] = HANDBOOK_FEATURES + DERIVED_FEATURES
+
+
+@dataclass(frozen=True, slots=True)
+class WindowAggregates:
+    """Raw window aggregates for one transaction, as the online state store returns them.
+
+    Counts include the current transaction wherever the window ends at it. Amounts are in the
+    transaction currency; times in seconds. Terminal ``*_delayed_*`` windows cover
+    (t - 7 d - W, t - 7 d]. ``card_history`` holds the card's previous (at most 16)
+    transactions, oldest first, as ``(tx_time_seconds, amount, terminal_id)``.
+    """
+
+    customer_count_1h: int
+    customer_count_1d: int
+    customer_count_7d: int
+    customer_count_30d: int
+    customer_amount_sum_1h: float
+    customer_amount_sum_1d: float
+    customer_amount_sum_7d: float
+    customer_amount_sum_30d: float
+    customer_amount_sumsq_30d: float
+    seconds_since_prev_customer_tx: float | None
+    terminal_count_delayed_1d: int
+    terminal_count_delayed_7d: int
+    terminal_count_delayed_30d: int
+    terminal_fraud_delayed_1d: int
+    terminal_fraud_delayed_7d: int
+    terminal_fraud_delayed_30d: int
+    terminal_count_1h: int
+    terminal_count_1d: int
+    card_history: tuple[tuple[float, float, str], ...] = ()
+
+
+# --------------------------------------------------------------------------- shared formulas
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (the handbook's fillna(0))."""
+    out = np.zeros_like(numerator, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
+                     agg: dict[str, np.ndarray]) -> np.ndarray:
+    """The one formula both the online and the offline path use.
+
+    Parameters
+    ----------
+    amount, weekday, hour : (N,) arrays (amount in currency units, weekday 0 = Monday, hour 0-23).
+    agg : WindowAggregates field name -> (N,) float64 array; ``seconds_since_prev_customer_tx``
+        uses NaN for "no previous transaction".
+
+    Returns
+    -------
+    (N, len(FEATURE_NAMES)) float64.
+    """
+    amount = amount.astype(np.float64)
+    count_30 = agg["customer_count_30d"]
+    avg_7 = _safe_ratio(agg["customer_amount_sum_7d"], agg["customer_count_7d"])
+    avg_30 = _safe_ratio(agg["customer_amount_sum_30d"], count_30)
+    var_30 = np.maximum(_safe_ratio(agg["customer_amount_sumsq_30d"], count_30) - avg_30**2, 0.0)
+    std_30 = np.sqrt(var_30)
+    prior_count = count_30 - 1
+    prior_sum = agg["customer_amount_sum_30d"] - amount
+    prior_avg = np.where(prior_count > 0, _safe_ratio(prior_sum, prior_count), amount)
+    prior_sumsq = agg["customer_amount_sumsq_30d"] - amount**2
+    prior_var = np.maximum(_safe_ratio(prior_sumsq, prior_count) - prior_avg**2, 0.0)
+    gap = agg["seconds_since_prev_customer_tx"]
+    columns = [
+        amount,
+        (weekday >= 5).astype(np.float64),
+        (hour <= 6).astype(np.float64),
+        agg["customer_count_1d"], _safe_ratio(agg["customer_amount_sum_1d"], agg["customer_count_1d"]),
+        agg["customer_count_7d"], avg_7,
+        count_30, avg_30,
+        agg["terminal_count_delayed_1d"],
+        _safe_ratio(agg["terminal_fraud_delayed_1d"], agg["terminal_count_delayed_1d"]),
+        agg["terminal_count_delayed_7d"],
+        _safe_ratio(agg["terminal_fraud_delayed_7d"], agg["terminal_count_delayed_7d"]),
+        agg["terminal_count_delayed_30d"],
+        _safe_ratio(agg["terminal_fraud_delayed_30d"], agg["terminal_count_delayed_30d"]),
+        hour.astype(np.float64),
+        agg["customer_count_1h"],
+        agg["customer_amount_sum_1h"],
+        np.where(np.isnan(gap), -1.0, np.log1p(np.nan_to_num(gap, nan=0.0).clip(min=0.0))),
+        _safe_ratio(amount, avg_7),
+        _safe_ratio(amount, avg_30),
+        std_30,
+        (amount - avg_30) / (std_30 + AMOUNT_STD_FLOOR),
+        _safe_ratio(amount, prior_avg),
+        (amount - prior_avg) / (np.sqrt(prior_var) + AMOUNT_STD_FLOOR),
+        agg["terminal_count_1h"],
+        agg["terminal_count_1d"],
+        agg["terminal_fraud_delayed_7d"],
+        agg["terminal_fraud_delayed_30d"],
+    ]
+    return np.column_stack([np.asarray(c, dtype=np.float64) for c in columns])
+
+
+_NUMERIC_FIELDS: tuple[str, ...] = tuple(
+    f for f in WindowAggregates.__slots__ if f != "card_history"  # type: ignore[attr-defined]
+)
+
+
+def feature_vector(amount: float, tx_datetime: datetime, agg: WindowAggregates) -> np.ndarray:
+    """Tabular model input for one transaction.
+
+    Parameters
+    ----------
+    amount : transaction amount (currency units).
+    tx_datetime : transaction local time (weekend and night flags, hour of day).
+    agg : the transaction's window aggregates.
+
+    Returns
+    -------
+    (len(FEATURE_NAMES),) float32, in FEATURE_NAMES order.
+    """
+    columns = {}
+    for name in _NUMERIC_FIELDS:
+        value = getattr(agg, name)
+        columns[name] = np.array([np.nan if value is None else value], dtype=np.float64)
+    row = _feature_columns(np.array([amount]), np.array([tx_datetime.weekday()]),
+                           np.array([tx_datetime.hour]), columns)
+    return row[0].astype(np.float32)
+
+
+def _sequence_channels(amounts: np.ndarray, times: np.ndarray, same_terminal: np.ndarray,
+                       valid: np.ndarray) -> np.ndarray:
+    """Per-step sequence inputs.
+
+    Parameters
+    ----------
+    amounts, times, same_terminal, valid : (N, K) arrays, the last step being the current
+        transaction; times in seconds (hour of day taken as ``time mod 86400``).
+
+    Returns
+    -------
+    (N, K, len(SEQUENCE_CHANNELS)) float32; padded steps are all zero.
+    """
+    current_time = times[:, -1:]
+    age = np.clip(current_time - times, 0.0, None)
+    gap = np.zeros_like(times)
+    gap[:, 1:] = np.clip(times[:, 1:] - times[:, :-1], 0.0, None)
+    gap[:, 1:] *= valid[:, :-1]  # the first real step has no predecessor
+    angle = 2.0 * math.pi * (np.mod(times, SECONDS_PER_DAY) / SECONDS_PER_DAY)
+    channels = np.stack([
+        np.ones_like(amounts), np.log1p(np.clip(amounts, 0.0, None)),
+        np.log1p(age) / 10.0, np.log1p(gap) / 10.0,
+        np.sin(angle), np.cos(angle), same_terminal.astype(np.float64),
+    ], axis=-1)
+    return (channels * valid[..., None]).astype(np.float32)
+
+
+def sequence_matrix(amount: float, tx_time_seconds: float, terminal_id: str,
+                    card_history: tuple[tuple[float, float, str], ...]) -> np.ndarray:
+    """Sequence-model input for one transaction: its card history plus itself.
+
+    Parameters
+    ----------
+    amount, tx_time_seconds, terminal_id : the current transaction.
+    card_history : up to HISTORY_LENGTH previous transactions, oldest first,
+        ``(tx_time_seconds, amount, terminal_id)``; older ones beyond the limit are ignored.
+
+    Returns
+    -------
+    (SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)) float32, left-padded with zero rows.
+    """
+    history = tuple(card_history)[-HISTORY_LENGTH:]
+    pad = HISTORY_LENGTH - len(history)
+    times = np.zeros(SEQUENCE_STEPS)
+    amounts = np.zeros(SEQUENCE_STEPS)
+    same = np.zeros(SEQUENCE_STEPS)
+    valid = np.zeros(SEQUENCE_STEPS)
+    for offset, (time_s, past_amount, past_terminal) in enumerate(history):
+        step = pad + offset
+        times[step], amounts[step] = time_s, past_amount
+        same[step] = float(str(past_terminal) == str(terminal_id))
+        valid[step] = 1.0
+    times[-1], amounts[-1], same[-1], valid[-1] = tx_time_seconds, amount, 1.0, 1.0
+    return _sequence_channels(amounts[None], times[None], same[None], valid[None])[0]
+
+
+# --------------------------------------------------------------------------- reference (slow)
+
+def aggregates_for_row(df: pd.DataFrame, row_index: int, delay_days: int = 7) -> WindowAggregates:
+    """Aggregates for one transaction by plain filtering: slow and obviously correct.
+
+    Parameters
+    ----------
+    df : transactions with the handbook columns (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID,
+        TX_AMOUNT, TX_TIME_SECONDS, TX_FRAUD).
+    row_index : positional index of the transaction in ``df``.
+    delay_days : label delay for the terminal windows (days).
+    """
+    row = df.iloc[row_index]
+    t, tx_id = float(row.TX_TIME_SECONDS), int(row.TRANSACTION_ID)
+    times = df.TX_TIME_SECONDS.to_numpy(dtype=np.float64)
+    ids = df.TRANSACTION_ID.to_numpy()
+    arrived = (times < t) | ((times == t) & (ids <= tx_id))
+    customer = arrived & (df.CUSTOMER_ID.to_numpy() == row.CUSTOMER_ID)
+    terminal = df.TERMINAL_ID.to_numpy() == row.TERMINAL_ID
+    amounts = df.TX_AMOUNT.to_numpy(dtype=np.float64)
+    fraud = df.TX_FRAUD.to_numpy()
+
+    def in_window(mask: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        return mask & (times > lo) & (times <= hi)
+
+    cust = {w: in_window(customer, t - s, t) for w, s in
+            (("1h", SECONDS_PER_HOUR), ("1d", SECONDS_PER_DAY), ("7d", 7 * SECONDS_PER_DAY),
+             ("30d", 30 * SECONDS_PER_DAY))}
+    delay = delay_days * SECONDS_PER_DAY
+    term_delayed = {d: in_window(terminal, t - delay - d * SECONDS_PER_DAY, t - delay) for d in (1, 7, 30)}
+    previous = np.flatnonzero(customer & ~(ids == tx_id))
+    previous = previous[np.lexsort((ids[previous], times[previous]))]
+    history = tuple((float(times[j]), float(amounts[j]), str(df.TERMINAL_ID.iat[j]))
+                    for j in previous[-HISTORY_LENGTH:])
+    return WindowAggregates(
+        customer_count_1h=int(cust["1h"].sum()), customer_count_1d=int(cust["1d"].sum()),
+        customer_count_7d=int(cust["7d"].sum()), customer_count_30d=int(cust["30d"].sum()),
+        customer_amount_sum_1h=float(amounts[cust["1h"]].sum()),
+        customer_amount_sum_1d=float(amounts[cust["1d"]].sum()),
+        customer_amount_sum_7d=float(amounts[cust["7d"]].sum()),
+        customer_amount_sum_30d=float(amounts[cust["30d"]].sum()),
+        customer_amount_sumsq_30d=float((amounts[cust["30d"]] ** 2).sum()),
+        seconds_since_prev_customer_tx=(t - float(times[previous[-1]])) if len(previous) else None,
+        terminal_count_delayed_1d=int(term_delayed[1].sum()),
+        terminal_count_delayed_7d=int(term_delayed[7].sum()),
+        terminal_count_delayed_30d=int(term_delayed[30].sum()),
+        terminal_fraud_delayed_1d=int(fraud[term_delayed[1]].sum()),
+        terminal_fraud_delayed_7d=int(fraud[term_delayed[7]].sum()),
+        terminal_fraud_delayed_30d=int(fraud[term_delayed[30]].sum()),
+        terminal_count_1h=int(in_window(terminal & arrived, t - SECONDS_PER_HOUR, t).sum()),
+        terminal_count_1d=int(in_window(terminal & arrived, t - SECONDS_PER_DAY, t).sum()),
+        card_history=history,
+    )
+
+
+# --------------------------------------------------------------------------- offline (vectorised)
+
+@dataclass(frozen=True)
+class _SortedGroups:
+    """Transactions sorted by (entity, time, id), with a searchable composite key."""
+
+    order: np.ndarray      # (N,) positions into the original frame
+    key: np.ndarray        # (N,) int64 entity * span + time, ascending
+    group_start: np.ndarray  # (N,) sorted position of the entity's first transaction
+
+    def window_start(self, width_s: int) -> np.ndarray:
+        """Sorted position of the first transaction with time > t - width (same entity)."""
+        return np.searchsorted(self.key, self.key - width_s, side="right")
+
+
+def _sort_groups(entity: np.ndarray, times: np.ndarray, ids: np.ndarray, max_width_s: int) -> _SortedGroups:
+    codes = pd.factorize(entity)[0].astype(np.int64)
+    rel = times - times.min()
+    span = int(rel.max()) + max_width_s + 1
+    order = np.lexsort((ids, rel, codes))
+    key = codes[order] * span + rel[order]
+    sorted_codes = codes[order]
+    is_first = np.ones(len(order), dtype=bool)
+    is_first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    group_start = np.maximum.accumulate(np.where(is_first, np.arange(len(order)), 0))
+    return _SortedGroups(order=order, key=key, group_start=group_start)
+
+
+def _window_sum(prefix: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Sum over sorted positions [start, end) from an exclusive prefix array of length N + 1."""
+    return prefix[end] - prefix[start]
+
+
+def _customer_aggregates(df: pd.DataFrame, times: np.ndarray, ids: np.ndarray) -> tuple[dict, _SortedGroups]:
+    groups = _sort_groups(df.CUSTOMER_ID.to_numpy(), times, ids, 30 * SECONDS_PER_DAY)
+    amounts = df.TX_AMOUNT.to_numpy(dtype=np.float64)
+    positions = np.arange(len(df))
+    end = positions + 1
+    out: dict[str, np.ndarray] = {}
+    for label, width in (("1h", SECONDS_PER_HOUR), ("1d", SECONDS_PER_DAY),
+                         ("7d", 7 * SECONDS_PER_DAY), ("30d", 30 * SECONDS_PER_DAY)):
+        start = groups.window_start(width)
+        out[f"customer_count_{label}"] = (end - start).astype(np.float64)
+        out[f"customer_amount_sum_{label}"] = _window_sum_grouped(amounts, groups, start, end)
+        if label == "30d":
+            out["customer_amount_sumsq_30d"] = _window_sum_grouped(amounts**2, groups, start, end)
+    sorted_times = times[groups.order].astype(np.float64)
+    gap = np.full(len(df), np.nan)
+    has_prev = positions > groups.group_start
+    gap[has_prev] = sorted_times[has_prev] - sorted_times[positions[has_prev] - 1]
+    out["seconds_since_prev_customer_tx"] = gap
+    return out, groups
+
+
+def _window_sum_grouped(values: np.ndarray, groups: _SortedGroups, start: np.ndarray,
+                        end: np.ndarray) -> np.ndarray:
+    """Window sums of ``values`` over sorted positions [start, end) within one entity."""
+    sorted_values = values[groups.order]
+    inclusive = _group_inclusive_cumsum(sorted_values, groups)
+    before_start = np.where(start > groups.group_start, inclusive[np.maximum(start - 1, 0)], 0.0)
+    return inclusive[end - 1] - before_start
+
+
+def _group_inclusive_cumsum(sorted_values: np.ndarray, groups: _SortedGroups) -> np.ndarray:
+    group_ids = np.cumsum(groups.group_start == np.arange(len(sorted_values)))
+    return pd.Series(sorted_values).groupby(group_ids).cumsum().to_numpy()
+
+
+def _terminal_aggregates(df: pd.DataFrame, times: np.ndarray, ids: np.ndarray,
+                         delay_days: int) -> tuple[dict, _SortedGroups]:
+    delay = delay_days * SECONDS_PER_DAY
+    groups = _sort_groups(df.TERMINAL_ID.to_numpy(), times, ids, delay + 30 * SECONDS_PER_DAY)
+    fraud_prefix = np.concatenate([[0], np.cumsum(df.TX_FRAUD.to_numpy(dtype=np.int64)[groups.order])])
+    start_delay = groups.window_start(delay)
+    out: dict[str, np.ndarray] = {}
+    for days in (1, 7, 30):
+        start = groups.window_start(delay + days * SECONDS_PER_DAY)
+        out[f"terminal_count_delayed_{days}d"] = (start_delay - start).astype(np.float64)
+        fraud = _window_sum(fraud_prefix, start, start_delay)
+        out[f"terminal_fraud_delayed_{days}d"] = fraud.astype(np.float64)
+    end = np.arange(len(df)) + 1
+    out["terminal_count_1h"] = (end - groups.window_start(SECONDS_PER_HOUR)).astype(np.float64)
+    out["terminal_count_1d"] = (end - groups.window_start(SECONDS_PER_DAY)).astype(np.float64)
+    return out, groups
+
+
+def _unsort(values: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray]:
+    """Map arrays in sorted order back to the original row order."""
+    result = {}
+    for name, sorted_values in values.items():
+        original = np.empty_like(sorted_values)
+        original[order] = sorted_values
+        result[name] = original
+    return result
+
+
+def _offline_sequences(df: pd.DataFrame, groups: _SortedGroups, times: np.ndarray) -> np.ndarray:
+    """(N, SEQUENCE_STEPS, channels) sequence inputs, rows in the frame's original order."""
+    n = len(df)
+    positions = np.arange(n)
+    offsets = np.arange(-HISTORY_LENGTH, 1)
+    index = positions[:, None] + offsets[None, :]
+    valid = index >= groups.group_start[:, None]
+    index = np.clip(index, 0, None)
+    order = groups.order
+    amounts = df.TX_AMOUNT.to_numpy(dtype=np.float64)[order][index]
+    step_times = times.astype(np.float64)[order][index]
+    terminals = pd.factorize(df.TERMINAL_ID.to_numpy())[0][order]
+    same = terminals[index] == terminals[positions][:, None]
+    sequences_sorted = _sequence_channels(amounts, step_times, same, valid.astype(np.float64))
+    sequences = np.empty_like(sequences_sorted)
+    sequences[order] = sequences_sorted
+    return sequences
+
+
+def compute_offline_features(transactions: pd.DataFrame, delay_days: int = 7
+                             ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Features for a whole DataFrame, equal to the online path row by row.
+
+    Parameters
+    ----------
+    transactions : handbook columns TRANSACTION_ID, TX_DATETIME, CUSTOMER_ID, TERMINAL_ID,
+        TX_AMOUNT, TX_TIME_SECONDS, TX_FRAUD (any row order).
+    delay_days : label delay for the terminal risk windows (days).
+
+    Returns
+    -------
+    features : DataFrame (N, len(FEATURE_NAMES)) float32, columns FEATURE_NAMES, same index
+        and row order as ``transactions``.
+    sequences : (N, SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)) float32, same row order.
+    """
+    times = transactions.TX_TIME_SECONDS.to_numpy(dtype=np.int64)
+    ids = transactions.TRANSACTION_ID.to_numpy(dtype=np.int64)
+    customer, customer_groups = _customer_aggregates(transactions, times, ids)
+    terminal, terminal_groups = _terminal_aggregates(transactions, times, ids, delay_days)
+    agg = _unsort(customer, customer_groups.order) | _unsort(terminal, terminal_groups.order)
+    tx_datetime = pd.to_datetime(transactions.TX_DATETIME)
+    matrix = _feature_columns(transactions.TX_AMOUNT.to_numpy(dtype=np.float64),
+                              tx_datetime.dt.weekday.to_numpy(), tx_datetime.dt.hour.to_numpy(), agg)
+    features = pd.DataFrame(matrix.astype(np.float32), columns=list(FEATURE_NAMES),
+                            index=transactions.index)
+    return features, _offline_sequences(transactions, customer_groups, times)

@@ -1,0 +1,300 @@
+"""Fraud models: the card-sequence transformer, the calibrator, and the serving adapter.
+
+The score is a LightGBM booster over the tabular features (``features.FEATURE_NAMES``),
+optionally stacked with one extra input: the logit of a small transformer that reads the card's
+recent transactions (``features.sequence_matrix``). A Platt calibrator (strictly monotone, so the
+ranking and therefore AP and Card Precision@k are untouched) maps the booster margin to a
+probability. :class:`FraudScorer` loads all of it from a sealed artifact directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_runtime.artifacts import load_manifest
+from services.fraud.features import SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_matrix
+
+SEQUENCE_FEATURE = "CARD_SEQUENCE_LOGIT"
+"""Name of the stacked sequence-model input (and of its contribution in ``reasons``)."""
+BOOSTER_FILE = "booster.txt"
+TREES_FILE = "trees.npz"
+SEQUENCE_STATE_FILE = "sequence.pt"
+SEQUENCE_ONNX_FILE = "sequence.onnx"
+SEQUENCE_INT8_FILE = "sequence_int8.onnx"
+CONFIG_FILE = "scorer.json"
+
+RawTransaction = tuple[float, float, str, tuple[tuple[float, float, str], ...]]
+"""(amount, tx_time_seconds, terminal_id, card_history) - what ``sequence_matrix`` takes."""
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """Shape of the card-sequence transformer."""
+
+    d_model: int = 32
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 64
+    dropout: float = 0.1
+
+
+class CardSequenceEncoder(nn.Module):
+    """Tiny transformer encoder over a card's last transactions; scores the last one.
+
+    Input ``(B, K, S)`` float32 from ``features.sequence_matrix`` (K = 17 steps, the current
+    transaction last; S = 7 channels, channel 0 = valid flag). Output ``(B,)`` fraud logits.
+    Padded steps are masked out of attention; the current step is always valid.
+    """
+
+    def __init__(self, config: SequenceConfig = SequenceConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Linear(len(SEQUENCE_CHANNELS), config.d_model)
+        self.position = nn.Parameter(torch.zeros(1, SEQUENCE_STEPS, config.d_model))
+        layer = nn.TransformerEncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, 1)
+
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, K, S) float32 -> (B,) logits."""
+        padding = sequences[..., 0] < 0.5
+        hidden = self.embed(sequences) + self.position
+        # Additive float mask rather than a bool key-padding mask: exports cleanly to ONNX.
+        bias = padding.to(hidden.dtype)[:, None, :] * -1e4
+        bias = bias.repeat_interleave(self.config.n_heads, dim=0).expand(-1, SEQUENCE_STEPS, -1)
+        hidden = self.encoder(hidden, mask=bias)
+        return self.head(self.norm(hidden[:, -1])).squeeze(-1)
+
+
+class SequenceEnsemble(nn.Module):
+    """Mean logit of several :class:`CardSequenceEncoder` (the stacking fold models)."""
+
+    def __init__(self, models: list[CardSequenceEncoder]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, K, S) float32 -> (B,) mean logits."""
+        return torch.stack([model(sequences) for model in self.models]).mean(0)
+
+
+def platt_probability(margin: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Calibrated probability sigmoid(slope * margin + intercept); (B,) -> (B,) float64."""
+    return 1.0 / (1.0 + np.exp(-(slope * np.asarray(margin, dtype=np.float64) + intercept)))
+
+
+# --------------------------------------------------------------------------- compact trees
+
+@dataclass(frozen=True)
+class CompactTrees:
+    """A LightGBM booster flattened into arrays, evaluated level by level in NumPy.
+
+    Leaves are encoded as negative child indices ``~leaf``. Missing values follow LightGBM's
+    default direction per node. All arrays are (T, M) over T trees and M internal nodes.
+    """
+
+    feature: np.ndarray       # int32 split feature
+    threshold: np.ndarray     # float64, go left when value <= threshold
+    left: np.ndarray          # int32 child (>= 0 internal node, < 0 leaf as ~leaf)
+    right: np.ndarray
+    default_left: np.ndarray  # bool, where NaN goes
+    leaf_value: np.ndarray    # (T, L) float64
+    depth: int
+
+    @classmethod
+    def from_booster(cls, booster: Any) -> CompactTrees:
+        """Flatten ``booster.dump_model()`` (numerical splits only)."""
+        trees = booster.dump_model()["tree_info"]
+        n_nodes = max(max(t["num_leaves"] - 1, 1) for t in trees)
+        n_leaves = max(t["num_leaves"] for t in trees)
+        shape = (len(trees), n_nodes)
+        arrays = {"feature": np.zeros(shape, np.int32), "threshold": np.zeros(shape),
+                  "left": np.full(shape, -1, np.int32), "right": np.full(shape, -1, np.int32),
+                  "default_left": np.ones(shape, bool)}
+        leaf_value = np.zeros((len(trees), n_leaves))
+        depth = 1
+        for t, tree in enumerate(trees):
+            depth = max(depth, _flatten_node(tree["tree_structure"], t, arrays, leaf_value, 1))
+        return cls(leaf_value=leaf_value, depth=depth, **arrays)
+
+    def margin(self, features: np.ndarray) -> np.ndarray:
+        """Raw score (sum of leaf values) for (B, F) features -> (B,) float64."""
+        x = np.asarray(features, dtype=np.float64)
+        n_trees = self.feature.shape[0]
+        tree_index = np.arange(n_trees)[None, :]
+        node = np.zeros((x.shape[0], n_trees), dtype=np.int32)
+        rows = np.arange(x.shape[0])[:, None]
+        for _ in range(self.depth):
+            internal = node >= 0
+            safe = np.where(internal, node, 0)
+            value = x[rows, self.feature[tree_index, safe]]
+            go_left = np.where(np.isnan(value), self.default_left[tree_index, safe],
+                               value <= self.threshold[tree_index, safe])
+            child = np.where(go_left, self.left[tree_index, safe], self.right[tree_index, safe])
+            node = np.where(internal, child, node)
+        return self.leaf_value[tree_index, ~node].sum(axis=1)
+
+    def save(self, path: Path) -> None:
+        """Write as an uncompressed .npz."""
+        np.savez(path, feature=self.feature, threshold=self.threshold, left=self.left,
+                 right=self.right, default_left=self.default_left, leaf_value=self.leaf_value,
+                 depth=np.array(self.depth))
+
+    @classmethod
+    def load(cls, path: Path) -> CompactTrees:
+        """Read what :meth:`save` wrote."""
+        data = np.load(path)
+        return cls(**{k: data[k] for k in ("feature", "threshold", "left", "right", "default_left",
+                                            "leaf_value")}, depth=int(data["depth"]))
+
+
+def _flatten_node(node: dict, tree: int, arrays: dict[str, np.ndarray], leaf_value: np.ndarray,
+                  depth: int) -> int:
+    """Fill one tree's arrays; returns the tree depth below ``node``. Returns encoded index."""
+    if "leaf_index" in node:  # a single-leaf tree: route everything to leaf 0
+        leaf_value[tree, node["leaf_index"]] = node["leaf_value"]
+        return depth
+    index = node["split_index"]
+    if node.get("decision_type", "<=") != "<=":
+        raise ValueError("only numerical '<=' splits are supported")
+    arrays["feature"][tree, index] = node["split_feature"]
+    arrays["threshold"][tree, index] = node["threshold"]
+    arrays["default_left"][tree, index] = bool(node["default_left"])
+    deepest = depth
+    for side in ("left", "right"):
+        child = node[f"{side}_child"]
+        if "leaf_index" in child:
+            arrays[side][tree, index] = ~child["leaf_index"]
+            leaf_value[tree, child["leaf_index"]] = child["leaf_value"]
+        else:
+            arrays[side][tree, index] = child["split_index"]
+            deepest = max(deepest, _flatten_node(child, tree, arrays, leaf_value, depth + 1))
+    return deepest
+
+
+# --------------------------------------------------------------------------- serving adapter
+
+class FraudScorer:
+    """Calibrated fraud probability and reasons, loaded from a sealed artifact directory.
+
+    Parameters
+    ----------
+    directory : artifact folder (``manifest.json`` + payload), verified by sha256 on load.
+    sequence_backend : "onnx" (ONNX Runtime fp32, default), "int8" (dynamically quantized ONNX)
+        or "torch" (eager) for the card-sequence transformer.
+    tree_backend : "numpy" (compact arrays, low per-call overhead) or "lightgbm".
+    """
+
+    def __init__(self, directory: Path, *, sequence_backend: str = "onnx", tree_backend: str = "numpy",
+                 verify: bool = True) -> None:
+        self.manifest = load_manifest(Path(directory), verify=verify)
+        directory = Path(directory)
+        self.config = json.loads((directory / CONFIG_FILE).read_text())
+        self.feature_names: tuple[str, ...] = tuple(self.config["model_features"])
+        self.uses_sequence = SEQUENCE_FEATURE in self.feature_names
+        self.slope, self.intercept = self.config["platt"]
+        import lightgbm as lgb
+        self.booster = lgb.Booster(model_file=str(directory / BOOSTER_FILE))
+        self.trees = CompactTrees.load(directory / TREES_FILE)
+        self.tree_backend = tree_backend
+        self._sequence = _load_sequence_backend(directory, sequence_backend) if self.uses_sequence else None
+
+    @property
+    def n_tabular_features(self) -> int:
+        """Tabular features expected by :meth:`predict_batch` (F)."""
+        return len(self.feature_names) - int(self.uses_sequence)
+
+    def model_inputs(self, features: np.ndarray,
+                     sequences: np.ndarray | Sequence[RawTransaction] | None = None) -> np.ndarray:
+        """Booster inputs (B, F [+ 1]) float64: tabular features plus the sequence logit if used."""
+        features = np.asarray(features, dtype=np.float32).reshape(-1, self.n_tabular_features)
+        if not self.uses_sequence:
+            return features.astype(np.float64)
+        if sequences is None:
+            raise ValueError("this model stacks the card-sequence transformer: pass sequences")
+        batch = _as_sequence_array(sequences)
+        if batch.shape[0] != features.shape[0]:
+            raise ValueError(f"{features.shape[0]} feature rows but {batch.shape[0]} sequences")
+        logits = self._sequence(batch)
+        return np.column_stack([features.astype(np.float64), logits.astype(np.float64)])
+
+    def predict_batch(self, features: np.ndarray,
+                      sequences: np.ndarray | Sequence[RawTransaction] | None = None) -> np.ndarray:
+        """Calibrated fraud probabilities.
+
+        Parameters
+        ----------
+        features : (B, F) float32 from ``features.feature_vector`` (F = len(FEATURE_NAMES)).
+        sequences : (B, K, S) float32 from ``features.sequence_matrix``, or B raw tuples
+            ``(amount, tx_time_seconds, terminal_id, card_history)``; required when the model
+            stacks the sequence transformer (``uses_sequence``), ignored otherwise.
+
+        Returns
+        -------
+        (B,) float64 probabilities in [0, 1].
+        """
+        inputs = self.model_inputs(features, sequences)
+        if self.tree_backend == "numpy":
+            margin = self.trees.margin(inputs)
+        else:
+            margin = self.booster.predict(inputs, raw_score=True, num_threads=1)
+        return platt_probability(margin, self.slope, self.intercept)
+
+    def top_contributions(self, features: np.ndarray, k: int = 3,
+                          sequences: np.ndarray | Sequence[RawTransaction] | None = None
+                          ) -> list[list[tuple[str, float]]]:
+        """The k features that pushed each score up the most (exact TreeSHAP, margin units).
+
+        Uses LightGBM ``pred_contrib`` (exact SHAP values of the booster's raw margin, log-odds
+        before calibration), ranked by signed contribution, largest first.
+
+        Returns
+        -------
+        B lists of k ``(feature_name, contribution)`` pairs.
+        """
+        inputs = self.model_inputs(features, sequences)
+        contrib = self.booster.predict(inputs, pred_contrib=True, num_threads=1)[:, :-1]
+        top = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
+        return [[(self.feature_names[j], float(row[j])) for j in idx]
+                for row, idx in zip(contrib, top, strict=True)]
+
+
+def _as_sequence_array(sequences: np.ndarray | Sequence[RawTransaction]) -> np.ndarray:
+    if isinstance(sequences, np.ndarray):
+        return sequences.astype(np.float32, copy=False)
+    return np.stack([sequence_matrix(a, t, term, hist) for a, t, term, hist in sequences])
+
+
+def _load_sequence_backend(directory: Path, backend: str):
+    """A callable (B, K, S) float32 -> (B,) float32 logits for the chosen backend."""
+    if backend == "torch":
+        state = torch.load(directory / SEQUENCE_STATE_FILE, map_location="cpu", weights_only=True)
+        config = SequenceConfig(**state["config"])
+        model = SequenceEnsemble([CardSequenceEncoder(config) for _ in range(state["n_models"])])
+        model.load_state_dict(state["weights"])
+        model.eval()
+
+        def run_torch(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+        return run_torch
+    import onnxruntime as ort
+    name = SEQUENCE_INT8_FILE if backend == "int8" else SEQUENCE_ONNX_FILE
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+
+    def run_onnx(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"sequences": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    return run_onnx

@@ -1,0 +1,154 @@
+"""The public contract of the fraud API: transactions in, decisions out, rules, cases, labels."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+
+
+class Channel(StrEnum):
+    card_present = "card_present"
+    ecommerce = "ecommerce"
+    atm = "atm"
+    moto = "moto"
+    other = "other"
+
+
+class Decision(StrEnum):
+    approve = "approve"
+    review = "review"
+    decline = "decline"
+
+
+DECISION_SEVERITY = {Decision.approve: 0, Decision.review: 1, Decision.decline: 2}
+
+
+class TransactionIn(BaseModel):
+    """A card transaction as the bank's processor sends it."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: Identifier = Field(description="the processor's transaction id; the idempotency key")
+    timestamp: datetime = Field(description="event time, ISO 8601 with offset (UTC assumed if none)")
+    customer_id: Identifier = Field(description="card or customer id")
+    terminal_id: Identifier = Field(description="terminal or merchant id")
+    amount: float = Field(gt=0, lt=1e9, description="amount in currency units")
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code")
+    channel: Channel = Channel.card_present
+    merchant_category: str | None = Field(default=None, pattern=r"^\d{4}$", description="ISO 18245 MCC")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Reason(BaseModel):
+    """Why a decision came out as it did: a rule hit or a top model contribution."""
+
+    source: Literal["rule", "model"]
+    code: str
+    description: str
+    contribution: float | None = None
+
+
+class DecisionOut(BaseModel):
+    """The synchronous answer to a transaction webhook."""
+
+    transaction_id: str
+    decision: Decision
+    score: float = Field(ge=0, le=1, description="calibrated probability of fraud")
+    reasons: list[Reason]
+    model_version: str
+    rules_version: int
+    replayed: bool = Field(default=False, description="true when this is a resend's stored answer")
+
+
+class BatchIn(BaseModel):
+    """Several transactions scored in order (back-testing, catch-up after an outage)."""
+
+    model_config = ConfigDict(extra="forbid")
+    transactions: list[TransactionIn] = Field(min_length=1, max_length=1000)
+
+
+class BatchItemOut(BaseModel):
+    transaction_id: str
+    result: DecisionOut | None = None
+    error: dict[str, Any] | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItemOut]
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+Operator = Literal["gt", "gte", "lt", "lte", "eq", "ne", "in", "not_in"]
+
+
+class Condition(BaseModel):
+    """``field op value``; fields are transaction fields, features (FEATURE_NAMES) or ``score``."""
+
+    model_config = ConfigDict(extra="forbid")
+    field: str = Field(min_length=1, max_length=64)
+    op: Operator
+    value: float | str | list[float | str]
+
+
+class RuleIn(BaseModel):
+    """A declarative rule: when all conditions hold, the decision is at least ``action``."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Identifier
+    description: str = Field(min_length=1, max_length=300)
+    when: list[Condition] = Field(min_length=1, max_length=10)
+    action: Decision
+    enabled: bool = True
+
+
+class RuleSetOut(BaseModel):
+    version: int
+    rules: list[RuleIn]
+    created_at: datetime
+    change: str
+
+
+# --- feedback ------------------------------------------------------------------------------------
+
+class LabelIn(BaseModel):
+    """An analyst's verdict or a chargeback for a scored transaction."""
+
+    model_config = ConfigDict(extra="forbid")
+    is_fraud: bool
+    source: Literal["analyst", "chargeback"] = "analyst"
+    analyst: str | None = Field(default=None, max_length=100)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class CaseOut(BaseModel):
+    id: int
+    transaction_id: str
+    status: str
+    decision: Decision
+    score: float
+    amount: float
+    customer_id: str
+    created_at: datetime
+    reasons: list[Reason]
+
+
+class TenantSettingsIn(BaseModel):
+    """Per-tenant decision thresholds on the calibrated score, and the callback URL."""
+
+    model_config = ConfigDict(extra="forbid")
+    review_threshold: float = Field(default=0.2, ge=0, le=1)
+    decline_threshold: float = Field(default=0.8, ge=0, le=1)
+    callback_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://")

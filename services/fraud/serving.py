@@ -1,0 +1,117 @@
+"""The fraud model in the shared runtime: which artifact is live, and how a batch is scored.
+
+Items are ``(features (F,), sequence (K, S))`` pairs prepared on the request side; the runtime
+batches concurrent requests and calls :func:`score_batch` in its model thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from model_runtime.artifacts import MANIFEST_NAME, load_manifest
+from model_runtime.runtime import LoadContext, ModelSpec, get_runtime
+from services.fraud.features import FEATURE_NAMES, SEQUENCE_CHANNELS, SEQUENCE_STEPS
+from services.fraud.model import FraudScorer, platt_probability
+from shared.config import get_settings
+from shared.db import session_factory
+
+FRAUD_MODEL_NAME = "fraud"
+TOP_CONTRIBUTIONS = 3
+
+ScoringItem = tuple[np.ndarray, np.ndarray]
+
+
+def shipped_versions(models_dir: Path | None = None) -> list[Path]:
+    """Sealed fraud artifacts under ``models/fraud``, oldest first."""
+    root = (models_dir or get_settings().models_dir) / "fraud"
+    found = [(json.loads((d / MANIFEST_NAME).read_text())["created_at"], d)
+             for d in root.glob("*") if (d / MANIFEST_NAME).exists()] if root.is_dir() else []
+    return [d for _, d in sorted(found)]
+
+
+def _load(context: LoadContext) -> FraudScorer:
+    assert context.artifact_dir is not None
+    return FraudScorer(context.artifact_dir, verify=False)  # the runtime verified sha256 already
+
+
+def _prepare(item: ScoringItem) -> ScoringItem:
+    features, sequence = item
+    if features.shape != (len(FEATURE_NAMES),) or sequence.shape != (SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)):
+        raise ValueError(f"bad scoring input shapes {features.shape}, {sequence.shape}")
+    if not np.isfinite(features[~np.isnan(features)]).all():
+        raise ValueError("features must be finite")
+    return item
+
+
+def score_batch(scorer: FraudScorer, items: list[ScoringItem]) -> list[tuple[float, tuple[tuple[str, float], ...]]]:
+    """Calibrated scores and the top contributions for a batch.
+
+    Returns one ``(score, ((feature, contribution), ...))`` per item, in order.
+    """
+    features = np.stack([f for f, _ in items])
+    sequences = np.stack([s for _, s in items])
+    inputs = scorer.model_inputs(features, sequences)
+    margin = scorer.trees.margin(inputs)
+    scores = platt_probability(margin, scorer.slope, scorer.intercept)
+    contributions = scorer.booster.predict(inputs, pred_contrib=True, num_threads=1)[:, :-1]
+    top = np.argsort(-contributions, axis=1, kind="stable")[:, :TOP_CONTRIBUTIONS]
+    names = scorer.feature_names
+    return [
+        (float(score), tuple((names[j], float(row[j])) for j in order))
+        for score, row, order in zip(scores, contributions, top, strict=True)
+    ]
+
+
+def fraud_model_spec(artifact_dir: Path) -> ModelSpec:
+    """How the runtime serves one fraud artifact (batched, warmed up at load)."""
+    warmup = (np.zeros(len(FEATURE_NAMES), dtype=np.float32),
+              np.zeros((SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)), dtype=np.float32))
+    return ModelSpec(name=FRAUD_MODEL_NAME, version="", loader=_load, run_batch=score_batch,
+                     prepare=_prepare, artifact_dir=artifact_dir, max_batch_size=64, max_wait_ms=1.0,
+                     max_queue=512, timeout_s=2.0, warmup_items=[warmup])
+
+
+LIVE_MODEL_POLL_S = 15.0
+logger = logging.getLogger("tessera.fraud.serving")
+
+
+def live_artifact_dir() -> Path | None:
+    """The artifact to serve: the promoted live version if any, else the newest shipped one."""
+    from services.fraud.db import ModelVersion  # imported late: serving must not need the DB to load
+
+    try:
+        with session_factory()() as session:
+            live = session.scalar(select(ModelVersion).where(ModelVersion.status == "live"))
+    except SQLAlchemyError:  # database not migrated yet: fall back to what ships
+        live = None
+    if live is not None and Path(live.artifact_dir).is_dir():
+        return Path(live.artifact_dir)
+    shipped = shipped_versions()
+    return shipped[-1] if shipped else None
+
+
+def _digest(artifact: Path) -> str:
+    return load_manifest(artifact, verify=False).digest
+
+
+async def watch_live_model(poll_s: float = LIVE_MODEL_POLL_S) -> None:
+    """Hot-swap the served model when another process promotes a new version."""
+    runtime = get_runtime()
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            artifact = await asyncio.to_thread(live_artifact_dir)
+            loaded = runtime.loaded().get(FRAUD_MODEL_NAME)
+            if artifact is None or (loaded and loaded.get("digest") == _digest(artifact)):
+                continue
+            logger.info("swapping fraud model to %s", artifact)
+            await runtime.swap(FRAUD_MODEL_NAME, fraud_model_spec(artifact))
+        except Exception:  # keep serving the current version; try again next poll
+            logger.exception("fraud model hot swap failed")

@@ -1,0 +1,101 @@
+"""Real-time window state read from the database, so every API replica sees the same numbers.
+
+Windows follow the handbook's definitions (see :class:`~services.fraud.features.WindowAggregates`):
+customer windows are (t - W, t] and include the transaction being scored; terminal risk windows
+are (t - 7 d - W, t - 7 d] and count frauds among transactions whose label is known. The state is
+the ``fraud_transactions`` table itself (indexed by customer/terminal and time), so a resend that
+was already stored is never counted twice, and late (out-of-order) transactions see exactly the
+transactions that happened before them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import and_, case, func, select
+from sqlalchemy.orm import Session
+
+from services.fraud.db import Transaction
+from services.fraud.features import HISTORY_LENGTH, SECONDS_PER_DAY, SECONDS_PER_HOUR, WindowAggregates
+
+LABEL_DELAY_S = 7 * SECONDS_PER_DAY
+"""Labels are assumed known a week after the transaction (the handbook's feedback delay)."""
+
+_CUSTOMER_WINDOWS = {"1h": SECONDS_PER_HOUR, "1d": SECONDS_PER_DAY, "7d": 7 * SECONDS_PER_DAY,
+                     "30d": 30 * SECONDS_PER_DAY}
+_TERMINAL_DELAYED_WINDOWS = {"1d": SECONDS_PER_DAY, "7d": 7 * SECONDS_PER_DAY, "30d": 30 * SECONDS_PER_DAY}
+
+
+def _count_if(condition):  # type: ignore[no-untyped-def]
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+def _sum_if(condition, value):  # type: ignore[no-untyped-def]
+    return func.coalesce(func.sum(case((condition, value), else_=0.0)), 0.0)
+
+
+def _customer_row(session: Session, tenant_id: str, customer_id: str, t: float) -> dict[str, float]:
+    tx = Transaction
+    in_window = {name: tx.tx_time_s > t - seconds for name, seconds in _CUSTOMER_WINDOWS.items()}
+    columns = [_count_if(cond).label(f"count_{name}") for name, cond in in_window.items()]
+    columns += [_sum_if(cond, tx.amount).label(f"sum_{name}") for name, cond in in_window.items()]
+    columns.append(_sum_if(in_window["30d"], tx.amount * tx.amount).label("sumsq_30d"))
+    statement = select(*columns).where(
+        tx.tenant_id == tenant_id, tx.customer_id == customer_id,
+        tx.tx_time_s > t - _CUSTOMER_WINDOWS["30d"], tx.tx_time_s <= t,
+    )
+    return dict(session.execute(statement).one()._mapping)
+
+
+def _terminal_row(session: Session, tenant_id: str, terminal_id: str, t: float) -> dict[str, float]:
+    tx = Transaction
+    end = t - LABEL_DELAY_S
+    delayed = {name: and_(tx.tx_time_s > end - seconds, tx.tx_time_s <= end)
+               for name, seconds in _TERMINAL_DELAYED_WINDOWS.items()}
+    columns = [_count_if(cond).label(f"count_delayed_{name}") for name, cond in delayed.items()]
+    columns += [_count_if(and_(cond, tx.is_fraud.is_(True))).label(f"fraud_delayed_{name}")
+                for name, cond in delayed.items()]
+    columns.append(_count_if(tx.tx_time_s > t - SECONDS_PER_HOUR).label("count_1h"))
+    columns.append(_count_if(tx.tx_time_s > t - SECONDS_PER_DAY).label("count_1d"))
+    statement = select(*columns).where(
+        tx.tenant_id == tenant_id, tx.terminal_id == terminal_id,
+        tx.tx_time_s > end - _TERMINAL_DELAYED_WINDOWS["30d"], tx.tx_time_s <= t,
+    )
+    return dict(session.execute(statement).one()._mapping)
+
+
+def _card_history(session: Session, tenant_id: str, customer_id: str,
+                  t: float) -> tuple[tuple[float, float, str], ...]:
+    tx = Transaction
+    rows = session.execute(
+        select(tx.tx_time_s, tx.amount, tx.terminal_id)
+        .where(tx.tenant_id == tenant_id, tx.customer_id == customer_id, tx.tx_time_s <= t)
+        .order_by(tx.tx_time_s.desc()).limit(HISTORY_LENGTH)
+    ).all()
+    return tuple((float(time_s), float(amount), str(terminal)) for time_s, amount, terminal in reversed(rows))
+
+
+def read_aggregates(session: Session, *, tenant_id: str, customer_id: str, terminal_id: str,
+                    tx_time_s: float, amount: float) -> WindowAggregates:
+    """Window aggregates for a transaction not yet stored, as if it were (current one included).
+
+    Parameters
+    ----------
+    tx_time_s : event time in seconds since the epoch.
+    amount : amount of the transaction being scored (currency units).
+    """
+    customer = _customer_row(session, tenant_id, customer_id, tx_time_s)
+    terminal = _terminal_row(session, tenant_id, terminal_id, tx_time_s)
+    history = _card_history(session, tenant_id, customer_id, tx_time_s)
+    previous = history[-1][0] if history else None
+    return WindowAggregates(
+        **{f"customer_count_{w}": int(customer[f"count_{w}"]) + 1 for w in _CUSTOMER_WINDOWS},
+        **{f"customer_amount_sum_{w}": float(customer[f"sum_{w}"]) + amount for w in _CUSTOMER_WINDOWS},
+        customer_amount_sumsq_30d=float(customer["sumsq_30d"]) + amount * amount,
+        seconds_since_prev_customer_tx=None if previous is None else tx_time_s - previous,
+        **{f"terminal_count_delayed_{w}": int(terminal[f"count_delayed_{w}"])
+           for w in _TERMINAL_DELAYED_WINDOWS},
+        **{f"terminal_fraud_delayed_{w}": int(terminal[f"fraud_delayed_{w}"])
+           for w in _TERMINAL_DELAYED_WINDOWS},
+        terminal_count_1h=int(terminal["count_1h"]) + 1,
+        terminal_count_1d=int(terminal["count_1d"]) + 1,
+        card_history=history,
+    )

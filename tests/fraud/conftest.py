@@ -1,0 +1,101 @@
+"""Fixtures for the fraud vertical: a real uvicorn server per backend stack and a signing client."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+
+from tests.conftest import Stack
+from tests.support import ManagedProcess, free_port, python_argv
+
+FRAUD_ENV = {"TESSERA_LOG_LEVEL": "WARNING"}
+
+
+def run_cli(stack: Stack, *args: str) -> str:
+    """Run ``tessera <args>`` against ``stack`` in a child process; returns its stdout."""
+    done = subprocess.run(python_argv("-m", "services.cli", *args), env={**stack_env(stack)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def stack_env(stack: Stack) -> dict[str, str]:
+    import os
+
+    return {**os.environ, **stack.env, **FRAUD_ENV}
+
+
+@dataclass
+class FraudTenant:
+    """A tenant with its API key and webhook secret, and a client that signs what it sends."""
+
+    tenant_id: str
+    api_key: str
+    webhook_secret: str
+    base_url: str
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers={"X-API-Key": self.api_key}, timeout=30)
+
+    def async_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, headers={"X-API-Key": self.api_key}, timeout=30)
+
+    def signed(self, payload: object, timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
+        from shared.security import SIGNATURE_HEADER, sign_payload
+
+        body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        return body, {SIGNATURE_HEADER: sign_payload(self.webhook_secret, body, timestamp),
+                      "Content-Type": "application/json"}
+
+
+@dataclass
+class FraudServer:
+    stack: Stack
+    base_url: str
+    engine: Engine
+
+    def new_tenant(self, scopes: tuple[str, ...] = ("fraud",)) -> FraudTenant:
+        tenant_id = f"bank-{uuid.uuid4().hex[:8]}"
+        scope_args = [arg for scope in scopes for arg in ("--scope", scope)]
+        out = run_cli(self.stack, "keys", "create", "--tenant", tenant_id, *scope_args)
+        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line and not line.startswith("#"))
+        return FraudTenant(tenant_id, values["api_key"], values["webhook_secret"], self.base_url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def fraud_server(request: pytest.FixtureRequest) -> Iterator[FraudServer]:
+    """The fraud app alone under uvicorn, on a migrated database of each stack."""
+    stack: Stack = request.getfixturevalue(f"{request.param}_stack")
+    run_cli(stack, "db", "upgrade")
+    port = free_port()
+    server = ManagedProcess(python_argv("-m", "uvicorn", "services.fraud.api:app", "--host", "127.0.0.1",
+                                        "--port", str(port), "--loop", "uvloop", "--http", "httptools"),
+                            {**stack.env, **FRAUD_ENV}, f"fraud-{stack.name}")
+    server.wait_for_output(r"Uvicorn running on", timeout_s=120)
+    engine = create_engine(stack.database_url)
+    yield FraudServer(stack, f"http://127.0.0.1:{port}/v1", engine)
+    engine.dispose()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tenant(fraud_server: FraudServer) -> FraudTenant:
+    return fraud_server.new_tenant()
+
+
+def transaction(**overrides: object) -> dict[str, object]:
+    """A valid transaction payload (factory)."""
+    payload: dict[str, object] = {
+        "id": f"tx-{uuid.uuid4().hex}", "timestamp": "2026-11-23T10:15:00Z", "customer_id": "cust-1",
+        "terminal_id": "term-1", "amount": 42.5, "currency": "EUR", "channel": "card_present",
+    }
+    payload.update(overrides)
+    return payload

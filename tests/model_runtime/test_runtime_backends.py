@@ -1,0 +1,68 @@
+"""CPU backends agree with eager torch, and the choice between them is measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_runtime import OnnxRuntimeBackend, TorchBackend, choose_cpu_backend, export_onnx
+from model_runtime.device import Placement, resolve_placement
+
+
+class SmallEncoder(torch.nn.Module):
+    """(N, 8, 6) float -> (N, 3) logits: a one-layer transformer encoder classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 16)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SmallEncoder:
+    torch.manual_seed(0)
+    return SmallEncoder().eval()
+
+
+def test_onnx_backend_matches_eager(encoder: SmallEncoder, tmp_path: Path) -> None:
+    onnx = OnnxRuntimeBackend(export_onnx(encoder, torch.randn(2, 8, 6), tmp_path / "m.onnx"))
+    eager = TorchBackend(encoder)
+    for batch_size in (1, 5, 17):  # the exported batch axis is dynamic
+        batch = torch.randn(batch_size, 8, 6)
+        assert torch.allclose(onnx(batch), eager(batch), atol=1e-4)
+
+
+def test_choose_cpu_backend_measures_every_candidate(encoder: SmallEncoder) -> None:
+    example = torch.randn(8, 8, 6)
+    choice = choose_cpu_backend(encoder, example, max_abs_error=1e-4, batch_sizes=(1, 8), repeats=5)
+    by_name = {m.name: m for m in choice.measurements}
+    assert set(by_name) == {"eager", "onnx", "onnx-int8"}
+    assert all(m.error is None and set(m.latency_ms) == {1, 8} for m in by_name.values())
+    assert by_name["onnx"].max_abs_error < 1e-4
+    assert by_name["onnx-int8"].max_abs_error > 0  # quantized: close, not equal
+    chosen = by_name[choice.name]
+    assert chosen.accurate and chosen.score == min(m.score for m in by_name.values())
+    record = choice.as_dict()
+    assert record["chosen"] == choice.name and len(record["measurements"]) == 3
+
+
+def test_inaccurate_candidates_are_never_chosen(encoder: SmallEncoder) -> None:
+    choice = choose_cpu_backend(encoder, torch.randn(4, 8, 6), candidates=("eager", "onnx-int8"),
+                                max_abs_error=0.0, batch_sizes=(1,), repeats=3)
+    assert choice.name == "eager"
+
+
+def test_placement_defaults_to_cpu_without_cuda() -> None:
+    placement = resolve_placement("cpu")
+    assert placement == Placement(torch.device("cpu")) and placement.describe() == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_placement("auto").device.type == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_placement("cuda")

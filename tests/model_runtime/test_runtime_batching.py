@@ -1,0 +1,206 @@
+"""Dynamic batching behaviour a caller notices: right answers, no idle wait, failures that stay local."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+from runtime_fakes import GatedModel, make_spec, wait_entered, wait_until
+
+from model_runtime import BatchOutputMismatch, ModelRuntime
+from shared.errors import DeadlineExceeded, ServiceOverloaded, UnprocessableContent
+
+
+def _sample(metric: str, model: str) -> float:
+    return REGISTRY.get_sample_value(metric, {"model": model}) or 0.0
+
+
+def test_concurrent_callers_are_batched_and_get_their_own_answers(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> None:
+        await runtime.load(make_spec(model, max_batch_size=16))
+        model.hold()
+        first = asyncio.create_task(runtime.predict("double", 1000))
+        await wait_entered(model)
+        others = [asyncio.create_task(runtime.predict("double", x)) for x in range(64)]
+        await wait_until(lambda: runtime.stats()["double"]["queue_depth"] == 64)
+        model.release()
+        assert await first == 2000
+        assert await asyncio.gather(*others) == [2 * x for x in range(64)]
+
+    asyncio.run(scenario())
+    served = model.batches[1:]  # after the batch of 1 that held the gate
+    assert [len(batch) for batch in served] == [16, 16, 16, 16]
+    assert sorted(x for batch in served for x in batch) == list(range(64))
+
+
+def test_single_caller_does_not_wait_for_a_batch_to_fill(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> float:
+        await runtime.load(make_spec(model, max_batch_size=64, max_wait_ms=500))
+        started = time.perf_counter()
+        assert await runtime.predict("double", 3) == 6
+        return time.perf_counter() - started
+
+    assert asyncio.run(scenario()) < 0.1  # the window (500 ms) only applies to the "window" policy
+
+
+def test_window_policy_runs_a_partial_batch_when_the_wait_ends(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> float:
+        await runtime.load(make_spec(model, max_batch_size=8, max_wait_ms=50, fill="window"))
+        started = time.perf_counter()
+        assert await asyncio.gather(*(runtime.predict("double", x) for x in range(3))) == [0, 2, 4]
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(scenario())
+    assert model.batches == [[0, 1, 2]]
+    assert 0.045 <= elapsed < 1.0
+
+
+def test_poison_item_fails_alone_when_isolation_is_on(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> list[object]:
+        await runtime.load(make_spec(model, max_batch_size=8))
+        model.hold()
+        blocker = asyncio.create_task(runtime.predict("double", 0))
+        await wait_entered(model)
+        batch = [asyncio.create_task(runtime.predict("double", x)) for x in (1, 2, -1, 3)]
+        await wait_until(lambda: runtime.stats()["double"]["queue_depth"] == 4)
+        model.release()
+        await blocker
+        return await asyncio.gather(*batch, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results[:2] == [2, 4] and results[3] == 6
+    assert isinstance(results[2], ValueError)
+    assert [1, 2, -1, 3] in model.batches  # the batch ran once together, then item by item
+
+
+def test_without_isolation_an_error_fails_its_whole_batch_and_the_loop_goes_on(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> tuple[list[object], int]:
+        await runtime.load(make_spec(model, max_batch_size=8, isolate_failures=False))
+        model.hold()
+        blocker = asyncio.create_task(runtime.predict("double", 0))
+        await wait_entered(model)
+        batch = [asyncio.create_task(runtime.predict("double", x)) for x in (1, -1, 3)]
+        await wait_until(lambda: runtime.stats()["double"]["queue_depth"] == 3)
+        model.release()
+        await blocker
+        failed = await asyncio.gather(*batch, return_exceptions=True)
+        return failed, await runtime.predict("double", 5)
+
+    failed, after = asyncio.run(scenario())
+    assert all(isinstance(r, ValueError) for r in failed)
+    assert after == 10
+
+
+def test_output_count_mismatch_fails_every_item_of_the_batch(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+    short = dataclasses.replace(make_spec(model, name="short", max_batch_size=8),
+                                run_batch=lambda m, items: m.run_batch(items)[:-1])
+
+    async def scenario() -> list[object]:
+        await runtime.load(short)
+        return await asyncio.gather(*(runtime.predict("short", x) for x in (1, 2, 3)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, BatchOutputMismatch) for r in results)
+    assert _sample("tessera_model_errors_total", "short") >= 3
+
+
+def test_cancelled_caller_does_not_block_the_others(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> int:
+        await runtime.load(make_spec(model, max_batch_size=8))
+        model.hold()
+        blocker = asyncio.create_task(runtime.predict("double", 0))
+        await wait_entered(model)
+        abandoned = asyncio.create_task(runtime.predict("double", 111))
+        kept = asyncio.create_task(runtime.predict("double", 5))
+        await wait_until(lambda: runtime.stats()["double"]["queue_depth"] == 2)
+        abandoned.cancel()
+        model.release()
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        return await kept
+
+    assert asyncio.run(scenario()) == 10
+    assert 111 not in model.seen()
+
+
+def test_full_queue_answers_overloaded_with_retry_after(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+    rejected_before = _sample("tessera_model_rejected_total", "bounded")
+
+    async def scenario() -> ServiceOverloaded:
+        await runtime.load(make_spec(model, name="bounded", max_batch_size=4, max_queue=2))
+        model.hold()
+        admitted = [asyncio.create_task(runtime.predict("bounded", 0))]
+        await wait_entered(model)
+        admitted += [asyncio.create_task(runtime.predict("bounded", x)) for x in (1, 2)]
+        await wait_until(lambda: runtime.stats()["bounded"]["queue_depth"] == 2)
+        with pytest.raises(ServiceOverloaded) as refused:
+            await runtime.predict("bounded", 3)
+        model.release()
+        assert await asyncio.gather(*admitted) == [0, 2, 4]
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.status == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert _sample("tessera_model_rejected_total", "bounded") == rejected_before + 1
+    assert 3 not in model.seen()
+
+
+def test_item_past_its_deadline_is_answered_504_and_never_run(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> float:
+        await runtime.load(make_spec(model, name="deadline", max_batch_size=4))
+        model.hold()
+        blocker = asyncio.create_task(runtime.predict("deadline", 0))
+        await wait_entered(model)
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            await runtime.predict("deadline", 7, timeout_s=0.05)
+        waited = time.perf_counter() - started
+        model.release()
+        assert await blocker == 0
+        assert await runtime.predict("deadline", 8) == 16  # the queue moves on
+        return waited
+
+    assert asyncio.run(scenario()) < 1.0
+    assert 7 not in model.seen()
+    assert _sample("tessera_model_deadline_exceeded_total", "deadline") >= 1
+
+
+def test_prepare_failure_fails_alone_before_queueing(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    def prepare(item: object) -> float:
+        if not isinstance(item, (int, float)):
+            raise TypeError(f"expected a number, got {type(item).__name__}")
+        return float(item)
+
+    async def scenario() -> list[object]:
+        await runtime.load(make_spec(model, prepare=prepare))
+        return await asyncio.gather(*(runtime.predict("double", x) for x in (1, "bad", 2)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results[0] == 2.0 and results[2] == 4.0
+    assert isinstance(results[1], UnprocessableContent) and results[1].status == 422
+    assert "bad" not in model.seen()
