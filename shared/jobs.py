@@ -127,7 +127,7 @@ def _claim(job_id: str) -> tuple[str, int | None, float]:
         now = utcnow()
         if job.status in (SUCCEEDED, FAILED):
             return "finished", None, 0.0
-        lease_until = _aware(job.lease_until)
+        lease_until = job.lease_until
         if job.status == RUNNING and lease_until is not None and lease_until > now:
             return "leased", None, (lease_until - now).total_seconds()
         attempt = job.attempts + 1
@@ -144,13 +144,6 @@ def _claim(job_id: str) -> tuple[str, int | None, float]:
 def _execute_update(session: Session, statement: Any) -> CursorResult[Any]:
     """Run an UPDATE and return its cursor result (for ``rowcount``: compare-and-set)."""
     return cast(CursorResult[Any], session.execute(statement))
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; all of ours are UTC."""
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=utcnow().tzinfo)
-    return moment
 
 
 def _finish(session: Session, job_id: str, attempt: int, **values: Any) -> bool:
