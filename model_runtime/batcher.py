@@ -55,6 +55,10 @@ class BatchPolicy:
         ``window`` policy only: longest wait, from the first item's arrival, for a batch to fill (ms).
     max_queue : int
         Most items waiting (not counting the batch running); beyond it callers get 503.
+    max_queue_delay_ms : float or None
+        Also refuse (503) when the expected wait of a new item (running batch + queued batches, in
+        recent batch wall time) exceeds this (ms), while anything is queued. It bounds admitted
+        latency in time rather than count, so the bound holds when the model slows down.
     timeout_s : float or None
         Default per-item deadline from arrival (s); ``None`` waits as long as it takes.
     isolate_failures : bool
@@ -69,6 +73,7 @@ class BatchPolicy:
     timeout_s: float | None = None
     isolate_failures: bool = True
     fill: FillPolicy = "greedy"
+    max_queue_delay_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1:
@@ -144,16 +149,17 @@ def _finalize(output: Any, finalize: Finalize | None) -> Outcome:
 
 @dataclass
 class _Recent:
-    """Exponential moving average of per-item run time, for Retry-After estimates."""
+    """Exponential moving averages of batch wall time and per-item time (s), for load estimates."""
 
     per_item_s: float = 0.001
+    batch_s: float = 0.001
     alpha: float = 0.2
     samples: int = field(default=0)
 
     def update(self, batch_seconds: float, batch_size: int) -> None:
-        per_item = batch_seconds / batch_size
-        self.per_item_s = per_item if self.samples == 0 else (
-            self.alpha * per_item + (1 - self.alpha) * self.per_item_s)
+        weight = 1.0 if self.samples == 0 else self.alpha
+        self.per_item_s += weight * (batch_seconds / batch_size - self.per_item_s)
+        self.batch_s += weight * (batch_seconds - self.batch_s)
         self.samples += 1
 
 
@@ -192,7 +198,8 @@ class DynamicBatcher:
         self._finalize = finalize
         self._queue: deque[_Pending] = deque()
         self._inflight: list[_Pending] = []
-        self._recent = _Recent(per_item_s=per_item_s or 0.001, samples=1 if per_item_s else 0)
+        self._recent = _Recent(per_item_s=per_item_s or 0.001, batch_s=per_item_s or 0.001,
+                               samples=1 if per_item_s else 0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}",
                                             initializer=thread_initializer)
         self.loop = asyncio.get_running_loop()
@@ -214,6 +221,17 @@ class DynamicBatcher:
         """Recent run time per item (s), a moving average over batches."""
         return self._recent.per_item_s
 
+    def expected_wait_s(self) -> float:
+        """Expected wait of a new item (s): the batch running plus the batches queued ahead of it.
+
+        Counted in batches of recent wall time, not items x per-item time: small batches cost more
+        per item, and an item-based estimate would refuse more as batches shrink (a feedback loop
+        that collapses throughput). In batches, shrinking batches lower the estimate instead.
+        """
+        queued_batches = -(-len(self._queue) // self.policy.max_batch_size)
+        running = 1 if self._inflight else 0
+        return (running + queued_batches) * self._recent.batch_s
+
     def check_capacity(self) -> None:
         """Raise :class:`ServiceOverloaded` (or :class:`NotReady` when closing) if an item would be refused.
 
@@ -221,11 +239,14 @@ class DynamicBatcher:
         """
         if not self._accepting:
             raise NotReady(f"model {self.name} is shutting down")
-        if len(self._queue) >= self.policy.max_queue:
+        depth = len(self._queue)
+        expected_wait_s = self.expected_wait_s()
+        too_slow = (self.policy.max_queue_delay_ms is not None and depth > 0
+                    and expected_wait_s * 1000.0 > self.policy.max_queue_delay_ms)
+        if depth >= self.policy.max_queue or too_slow:
             self.metrics.rejected.inc()
-            retry_after = (len(self._queue) + len(self._inflight)) * self._recent.per_item_s
-            raise ServiceOverloaded(f"model {self.name}: {len(self._queue)} requests queued",
-                                    retry_after_s=retry_after)
+            raise ServiceOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
+                                    f"{expected_wait_s:.3f} s", retry_after_s=expected_wait_s)
 
     async def submit(self, prepared: Any, timeout_s: float | None = None) -> Any:
         """Queue one prepared item and wait for its output.

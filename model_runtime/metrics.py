@@ -43,7 +43,8 @@ class LatencyWindow:
 
     def record(self, seconds: float) -> None:
         """Add one end-to-end latency, in seconds."""
-        self._samples.append(seconds)
+        with self._lock:
+            self._samples.append(seconds)
 
     def percentiles(self, *quantiles: float) -> list[float | None]:
         """Nearest-rank percentiles in milliseconds (``None`` when the window is empty).

@@ -76,7 +76,7 @@ class ModelSpec:
         ``(output) -> answer`` per item, in the worker thread (e.g. tensor row -> dict).
     artifact_dir : Path, optional
         Versioned artifact directory; verified with :func:`load_manifest` before ``loader`` runs.
-    max_batch_size, max_wait_ms, max_queue, timeout_s, isolate_failures, fill
+    max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, isolate_failures, fill
         Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
     warmup_items : sequence
         Raw example items run (batch 1, then all together) before the model takes traffic.
@@ -94,6 +94,7 @@ class ModelSpec:
     max_batch_size: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    max_queue_delay_ms: float | None = None
     timeout_s: float | None = None
     isolate_failures: bool = True
     fill: FillPolicy = "greedy"
@@ -104,7 +105,8 @@ class ModelSpec:
     def policy(self) -> BatchPolicy:
         """The batching policy of this spec."""
         return BatchPolicy(max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
-                           max_queue=self.max_queue, timeout_s=self.timeout_s,
+                           max_queue=self.max_queue, max_queue_delay_ms=self.max_queue_delay_ms,
+                           timeout_s=self.timeout_s,
                            isolate_failures=self.isolate_failures, fill=self.fill)
 
 
@@ -164,10 +166,7 @@ class ModelRuntime:
         """
         if spec.name in self._models:
             return await self.swap(spec.name, spec)
-        loaded = await asyncio.to_thread(self._build, spec)
-        self._models[spec.name] = loaded
-        self._batcher_for(loaded)
-        return loaded.describe()
+        return await self._install(await asyncio.to_thread(self._build, spec))
 
     def load_sync(self, spec: ModelSpec) -> dict[str, Any]:
         """Blocking :meth:`load` for processes without an event loop (Celery workers, batch jobs)."""
@@ -187,14 +186,18 @@ class ModelRuntime:
         """
         if new_spec.name != name:
             raise ValueError(f"swap({name!r}) was given a spec named {new_spec.name!r}")
-        fresh = await asyncio.to_thread(self._build, new_spec)
+        return await self._install(await asyncio.to_thread(self._build, new_spec))
+
+    async def _install(self, fresh: _LoadedModel) -> dict[str, Any]:
+        """Route new requests to ``fresh``, then let whatever it replaces drain."""
+        name = fresh.spec.name
         previous = self._models.get(name)
         self._models[name] = fresh
         self._batcher_for(fresh)
-        logger.info("model %s: now serving %s (was %s)", name, fresh.version,
-                    previous.version if previous else None)
-        if previous is not None and previous.batcher is not None:
-            await self._retire(previous.batcher, drain=True)
+        if previous is not None:
+            logger.info("model %s: now serving %s (was %s)", name, fresh.version, previous.version)
+            if previous.batcher is not None:
+                await self._retire(previous.batcher, drain=True)
         return fresh.describe()
 
     async def unload(self, name: str) -> None:

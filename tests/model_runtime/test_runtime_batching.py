@@ -204,3 +204,24 @@ def test_prepare_failure_fails_alone_before_queueing(runtime: ModelRuntime) -> N
     assert results[0] == 2.0 and results[2] == 4.0
     assert isinstance(results[1], UnprocessableContent) and results[1].status == 422
     assert "bad" not in model.seen()
+
+
+def test_queue_delay_bound_refuses_work_that_would_wait_too_long(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> ServiceOverloaded:
+        await runtime.load(make_spec(model, name="slow", max_batch_size=1, max_queue=100,
+                                     max_queue_delay_ms=50))
+        runtime._models["slow"].batcher._recent.batch_s = 0.02  # type: ignore[union-attr]
+        model.hold()
+        running = asyncio.create_task(runtime.predict("slow", 0))
+        await wait_entered(model)
+        queued = [asyncio.create_task(runtime.predict("slow", x)) for x in (1, 2)]  # admitted: <= 40 ms
+        await wait_until(lambda: runtime.stats()["slow"]["queue_depth"] == 2)
+        with pytest.raises(ServiceOverloaded) as refused:  # running + 2 queued batches = 60 ms > 50 ms
+            await runtime.predict("slow", 3)
+        model.release()
+        assert await asyncio.gather(running, *queued) == [0, 2, 4]
+        return refused.value
+
+    assert "expected wait" in asyncio.run(scenario()).detail
