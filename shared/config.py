@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="shared fast state (e.g. velocity counters)")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_reload_poll_s: float = Field(default=15.0, gt=0, description="how often a promoted model is looked for")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads per model worker thread")
 
     host: str = "127.0.0.1"

@@ -45,6 +45,7 @@ class Stack:
             "TESSERA_LOG_JSON": "false",
             "TESSERA_TASK_LEASE_S": "4",
             "TESSERA_JOB_SWEEP_INTERVAL_S": "1",
+            "TESSERA_MODEL_RELOAD_POLL_S": "1",
             "PYTHONUNBUFFERED": "1",
         }
         if self.redis_url:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, UploadFile
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from model_runtime.runtime import get_runtime
 from services.fraud import feedback, rules
+from services.fraud.backtest import check_backtest_header
+from services.fraud.db import ModelVersion
 from services.fraud.schemas import (
     BatchIn,
     BatchItemOut,
@@ -26,6 +31,7 @@ from services.fraud.schemas import (
     CaseOut,
     DecisionOut,
     LabelIn,
+    RetrainIn,
     RuleIn,
     RuleSetOut,
     TenantSettingsIn,
@@ -33,12 +39,12 @@ from services.fraud.schemas import (
 )
 from services.fraud.scoring import RULE_FIELDS, TenantPolicy, score_transaction, tenant_policies
 from services.fraud.serving import FRAUD_MODEL_NAME, live_artifact_dir, watch_live_model
-from services.fraud.tasks import enqueue_callback
+from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
 from shared.app import create_service_app
 from shared.config import get_settings
 from shared.db import SessionDep
 from shared.errors import NotReady, ProblemError, UnprocessableContent
-from shared.jobs import get_job
+from shared.jobs import get_job, submit_job
 from shared.observability import Readiness
 from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
 
@@ -203,6 +209,42 @@ def get_job_route(job_id: str, _principal: FraudPrincipal, session: SessionDep) 
             "attempts": job.attempts, "result": job.result, "error": job.error}
 
 
+models = APIRouter(prefix="/v1", tags=["models"])
+
+
+@models.get("/models")
+def list_models(_principal: FraudPrincipal, session: SessionDep) -> list[dict[str, object]]:
+    """Every fraud model version trained here, newest first, with its evaluation."""
+    return [{"version": m.version, "status": m.status, "metrics": m.metrics, "created_at": m.created_at,
+             "promoted_at": m.promoted_at} for m in session.scalars(
+                 select(ModelVersion).order_by(ModelVersion.created_at.desc()))]
+
+
+@models.post("/models/retrain", status_code=202)
+def post_retrain(request: RetrainIn, principal: FraudPrincipal, session: SessionDep) -> dict[str, str]:
+    """Start a retraining job (candidate vs live on the latest held-out days)."""
+    job = submit_job(session, retrain_model, key=f"fraud-retrain:{uuid.uuid4().hex}",
+                     payload={**request.model_dump(), "tenant_id": principal.tenant_id}, max_attempts=2)
+    session.commit()
+    return {"job_id": job.id}
+
+
+@models.post("/backtests", status_code=202)
+async def post_backtest(file: UploadFile, principal: FraudPrincipal, session: SessionDep) -> dict[str, str]:
+    """Upload a CSV of past transactions to replay through scoring (idempotent by file content)."""
+    content = await file.read()
+    header = content.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    check_backtest_header(header)
+    digest = hashlib.sha256(content).hexdigest()
+    path = get_settings().data_dir / "uploads" / f"backtest-{digest}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    job = submit_job(session, backtest_csv, key=f"fraud-backtest:{principal.tenant_id}:{digest}",
+                     payload={"tenant_id": principal.tenant_id, "path": str(path.resolve())}, max_attempts=2)
+    session.commit()
+    return {"job_id": job.id}
+
+
 async def _models_ready() -> None:
     if not get_runtime().is_ready([FRAUD_MODEL_NAME]):
         raise NotReady("fraud model not loaded")
@@ -232,4 +274,4 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 readiness = Readiness()
 readiness.add("models", _models_ready)
 app = create_service_app("fraud", title="Tessera — Fraud scoring", lifespan=lifespan, readiness=readiness,
-                         routers=[transactions, review, rule_routes, jobs])
+                         routers=[transactions, review, rule_routes, jobs, models])

@@ -62,8 +62,14 @@ DERIVED_FEATURES: tuple[str, ...] = (
     "TERMINAL_NB_TX_1DAY_CURRENT",
     "TERMINAL_NB_FRAUD_7DAY_DELAYED",
     "TERMINAL_NB_FRAUD_30DAY_DELAYED",
+    "CARD_HISTORY_NB_TX",
+    "AMOUNT_OVER_HISTORY_MEDIAN",
+    "HISTORY_MAX_OVER_MEDIAN",
+    "HISTORY_NB_OVER_3X_MEDIAN",
 )
-"""Extra features derived only from :class:`WindowAggregates` (no other state)."""
+"""Extra features derived only from :class:`WindowAggregates` (no other state); the last four
+come from ``card_history`` amounts (a median is robust to the inflated amounts of a compromised
+card, which a 30-day mean is not)."""
 
 FEATURE_NAMES: tuple[str, ...] = HANDBOOK_FEATURES + DERIVED_FEATURES
 
@@ -108,8 +114,25 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
+def _history_columns(amount: np.ndarray, history_amounts: np.ndarray) -> list[np.ndarray]:
+    """Card-history features; ``history_amounts`` (N, HISTORY_LENGTH) with NaN for absent steps.
+
+    Returns [number of previous transactions, amount / (median + 1), max / (median + 1), number of
+    previous amounts above 3 x (median + 1)]; ratios are 1 and the count 0 without history.
+    """
+    present = ~np.isnan(history_amounts)
+    count = present.sum(axis=1).astype(np.float64)
+    has = count > 0
+    padded = np.where(has[:, None], history_amounts, 0.0)  # all-NaN rows would warn in nanmedian
+    floor = np.nanmedian(padded, axis=1) + AMOUNT_STD_FLOOR
+    peak = np.nanmax(padded, axis=1)
+    spikes = (np.where(present, history_amounts, 0.0) > 3.0 * floor[:, None]).sum(axis=1)
+    return [count, np.where(has, amount / floor, 1.0), np.where(has, peak / floor, 1.0),
+            spikes.astype(np.float64)]
+
+
 def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
-                     agg: dict[str, np.ndarray]) -> np.ndarray:
+                     agg: dict[str, np.ndarray], history_amounts: np.ndarray) -> np.ndarray:
     """The one formula both the online and the offline path use.
 
     Parameters
@@ -117,6 +140,8 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
     amount, weekday, hour : (N,) arrays (amount in currency units, weekday 0 = Monday, hour 0-23).
     agg : WindowAggregates field name -> (N,) float64 array; ``seconds_since_prev_customer_tx``
         uses NaN for "no previous transaction".
+    history_amounts : (N, HISTORY_LENGTH) amounts of the card's previous transactions, NaN where
+        there is none.
 
     Returns
     -------
@@ -161,6 +186,7 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
         agg["terminal_count_1d"],
         agg["terminal_fraud_delayed_7d"],
         agg["terminal_fraud_delayed_30d"],
+        *_history_columns(amount, history_amounts),
     ]
     return np.column_stack([np.asarray(c, dtype=np.float64) for c in columns])
 
@@ -187,8 +213,12 @@ def feature_vector(amount: float, tx_datetime: datetime, agg: WindowAggregates) 
     for name in _NUMERIC_FIELDS:
         value = getattr(agg, name)
         columns[name] = np.array([np.nan if value is None else value], dtype=np.float64)
+    history = np.full((1, HISTORY_LENGTH), np.nan)
+    past = [past_amount for _, past_amount, _ in tuple(agg.card_history)[-HISTORY_LENGTH:]]
+    if past:
+        history[0, HISTORY_LENGTH - len(past):] = past
     row = _feature_columns(np.array([amount]), np.array([tx_datetime.weekday()]),
-                           np.array([tx_datetime.hour]), columns)
+                           np.array([tx_datetime.hour]), columns, history)
     return row[0].astype(np.float32)
 
 
@@ -399,12 +429,12 @@ def _unsort(values: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.nd
     return result
 
 
-def _offline_sequences(df: pd.DataFrame, groups: _SortedGroups, times: np.ndarray) -> np.ndarray:
-    """(N, SEQUENCE_STEPS, channels) sequence inputs, rows in the frame's original order."""
-    n = len(df)
-    positions = np.arange(n)
-    offsets = np.arange(-HISTORY_LENGTH, 1)
-    index = positions[:, None] + offsets[None, :]
+def _offline_sequences(df: pd.DataFrame, groups: _SortedGroups, times: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence inputs (N, SEQUENCE_STEPS, channels) and history amounts (N, HISTORY_LENGTH, NaN
+    where absent), rows in the frame's original order."""
+    positions = np.arange(len(df))
+    index = positions[:, None] + np.arange(-HISTORY_LENGTH, 1)[None, :]
     valid = index >= groups.group_start[:, None]
     index = np.clip(index, 0, None)
     order = groups.order
@@ -415,7 +445,9 @@ def _offline_sequences(df: pd.DataFrame, groups: _SortedGroups, times: np.ndarra
     sequences_sorted = _sequence_channels(amounts, step_times, same, valid.astype(np.float64))
     sequences = np.empty_like(sequences_sorted)
     sequences[order] = sequences_sorted
-    return sequences
+    history = np.empty((len(df), HISTORY_LENGTH))
+    history[order] = np.where(valid, amounts, np.nan)[:, :-1]
+    return sequences, history
 
 
 def compute_offline_features(transactions: pd.DataFrame, delay_days: int = 7
@@ -439,9 +471,11 @@ def compute_offline_features(transactions: pd.DataFrame, delay_days: int = 7
     customer, customer_groups = _customer_aggregates(transactions, times, ids)
     terminal, terminal_groups = _terminal_aggregates(transactions, times, ids, delay_days)
     agg = _unsort(customer, customer_groups.order) | _unsort(terminal, terminal_groups.order)
+    sequences, history = _offline_sequences(transactions, customer_groups, times)
     tx_datetime = pd.to_datetime(transactions.TX_DATETIME)
     matrix = _feature_columns(transactions.TX_AMOUNT.to_numpy(dtype=np.float64),
-                              tx_datetime.dt.weekday.to_numpy(), tx_datetime.dt.hour.to_numpy(), agg)
+                              tx_datetime.dt.day_of_week.to_numpy(), tx_datetime.dt.hour.to_numpy(), agg,
+                              history)
     features = pd.DataFrame(matrix.astype(np.float32), columns=list(FEATURE_NAMES),
                             index=transactions.index)
-    return features, _offline_sequences(transactions, customer_groups, times)
+    return features, sequences

@@ -92,7 +92,7 @@ def handbook_reference_features(transactions: pd.DataFrame, delay_days: int = 7,
     DataFrame indexed by TRANSACTION_ID with the 15 handbook feature columns.
     """
     df = transactions.sort_values("TRANSACTION_ID").copy()
-    df["TX_DURING_WEEKEND"] = (df.TX_DATETIME.dt.weekday >= 5).astype(int)
+    df["TX_DURING_WEEKEND"] = (df.TX_DATETIME.dt.day_of_week >= 5).astype(int)
     df["TX_DURING_NIGHT"] = (df.TX_DATETIME.dt.hour <= 6).astype(int)
     if "customer" in entities:
         parts = [_customer_rolling(g) for _, g in df.groupby("CUSTOMER_ID")]

@@ -152,3 +152,12 @@ class TenantSettingsIn(BaseModel):
     review_threshold: float = Field(default=0.2, ge=0, le=1)
     decline_threshold: float = Field(default=0.8, ge=0, le=1)
     callback_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://")
+
+
+class RetrainIn(BaseModel):
+    """Options of a retraining run."""
+
+    model_config = ConfigDict(extra="forbid")
+    holdout_days: int = Field(default=7, ge=1, le=60)
+    min_improvement: float = Field(default=0.0, ge=-1, le=1,
+                                   description="AP margin the candidate must beat the live model by")

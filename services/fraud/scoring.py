@@ -192,6 +192,17 @@ def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: Decisio
     return out
 
 
+def _decision(tx: TransactionIn, policy: TenantPolicy, features: np.ndarray, score: float,
+              contributions: tuple[tuple[str, float], ...], model_version: str) -> DecisionOut:
+    answer = ModelAnswer(score=score, contributions=contributions)
+    hits = evaluate_rules(policy.rules.rules, rule_facts(tx, features, answer.score))
+    return DecisionOut(
+        transaction_id=tx.id, decision=decide(answer.score, hits, policy.settings),
+        score=round(answer.score, 6), reasons=explain(hits, answer), model_version=model_version,
+        rules_version=policy.rules.version,
+    )
+
+
 async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPolicy, *,
                             on_flagged: Any | None = None) -> DecisionOut:
     """Score, decide, store and answer one transaction (idempotent by ``tx.id``).
@@ -205,15 +216,22 @@ async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPol
     assert prepared.features is not None
     runtime = get_runtime()
     score, contributions = await runtime.predict(FRAUD_MODEL_NAME, (prepared.features, prepared.sequence))
-    answer = ModelAnswer(score=score, contributions=contributions)
-    hits = evaluate_rules(policy.rules.rules, rule_facts(tx, prepared.features, answer.score))
-    out = DecisionOut(
-        transaction_id=tx.id, decision=decide(answer.score, hits, policy.settings),
-        score=round(answer.score, 6), reasons=explain(hits, answer),
-        model_version=runtime.loaded()[FRAUD_MODEL_NAME]["version"],
-        rules_version=policy.rules.version,
-    )
+    out = _decision(tx, policy, prepared.features, score, contributions,
+                    runtime.loaded()[FRAUD_MODEL_NAME]["version"])
     return await asyncio.to_thread(_store, tenant_id, tx, prepared.features, out, on_flagged)
+
+
+def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
+    """The same as :func:`score_transaction` for worker processes (no event loop, no callbacks)."""
+    prepared = _read_state(tenant_id, tx)
+    if prepared.stored is not None:
+        return prepared.stored
+    assert prepared.features is not None
+    runtime = get_runtime()
+    [(score, contributions)] = runtime.predict_many_sync(FRAUD_MODEL_NAME, [(prepared.features, prepared.sequence)])
+    out = _decision(tx, policy, prepared.features, score, contributions,
+                    runtime.loaded()[FRAUD_MODEL_NAME]["version"])
+    return _store(tenant_id, tx, prepared.features, out, None)
 
 
 def find_transaction(session: Session, tenant_id: str, transaction_id: str) -> Transaction | None:

@@ -78,7 +78,6 @@ def fraud_model_spec(artifact_dir: Path) -> ModelSpec:
                      max_queue=512, timeout_s=2.0, warmup_items=[warmup])
 
 
-LIVE_MODEL_POLL_S = 15.0
 logger = logging.getLogger("tessera.fraud.serving")
 
 
@@ -101,11 +100,11 @@ def _digest(artifact: Path) -> str:
     return load_manifest(artifact, verify=False).digest
 
 
-async def watch_live_model(poll_s: float = LIVE_MODEL_POLL_S) -> None:
+async def watch_live_model() -> None:
     """Hot-swap the served model when another process promotes a new version."""
     runtime = get_runtime()
     while True:
-        await asyncio.sleep(poll_s)
+        await asyncio.sleep(get_settings().model_reload_poll_s)
         try:
             artifact = await asyncio.to_thread(live_artifact_dir)
             loaded = runtime.loaded().get(FRAUD_MODEL_NAME)

@@ -6,17 +6,20 @@ Tasks are thin: each is a durable job (``shared.jobs``) whose handler calls the 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 from sqlalchemy.orm import Session
 
+from services.fraud.backtest import run_backtest
 from services.fraud.db import CallbackDelivery, Transaction
+from services.fraud.retraining import retrain
 from services.fraud.schemas import DecisionOut
 from services.fraud.scoring import stored_decision, tenant_settings
 from shared.db import session_scope
-from shared.jobs import Job, TransientJobError, job_task, submit_job
+from shared.jobs import Job, TransientJobError, job_task, report_progress, submit_job
 from shared.security import SIGNATURE_HEADER, Tenant, sign_payload
 
 logger = logging.getLogger("tessera.fraud.tasks")
@@ -69,3 +72,18 @@ def enqueue_callback(session: Session, tenant_id: str, decision: DecisionOut) ->
         submit_job(session, deliver_callback, key=f"fraud-callback:{tenant_id}:{decision.transaction_id}",
                    payload={"tenant_id": tenant_id, "transaction_id": decision.transaction_id, "url": url},
                    max_attempts=CALLBACK_MAX_ATTEMPTS)
+
+
+@job_task(name="fraud.retrain", queue="fraud")
+def retrain_model(session: Session, job: Job) -> dict[str, Any]:
+    """Train a candidate on labelled traffic; promote it only if it beats the live model."""
+    outcome = retrain(session, job.payload["tenant_id"], holdout_days=int(job.payload.get("holdout_days", 7)),
+                      min_improvement=float(job.payload.get("min_improvement", 0.0)))
+    return outcome.as_dict()
+
+
+@job_task(name="fraud.backtest", queue="fraud")
+def backtest_csv(session: Session, job: Job) -> dict[str, Any]:
+    """Replay an uploaded CSV through the scoring path in its own namespace; report metrics."""
+    namespace = f"{job.payload['tenant_id']}~backtest-{job.id[:12]}"
+    return run_backtest(Path(job.payload["path"]), job.payload["tenant_id"], namespace, lambda done: report_progress(job.id, done))

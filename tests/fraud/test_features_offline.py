@@ -70,7 +70,7 @@ def test_first_transaction_has_no_history(simulated: pd.DataFrame) -> None:
     features = feature_vector(1.0, simulated.TX_DATETIME.iloc[first].to_pydatetime(), agg)
     assert features[FEATURE_NAMES.index("LOG_SECONDS_SINCE_PREV_TX")] == -1.0
     busy = simulated.CUSTOMER_ID.value_counts().index[0]
-    last = simulated.index[simulated.CUSTOMER_ID == busy][-1]
+    last = simulated.index[simulated.CUSTOMER_ID.to_numpy() == busy][-1]
     assert len(aggregates_for_row(simulated, int(last)).card_history) == HISTORY_LENGTH
 
 

@@ -1,0 +1,117 @@
+"""Training builds a sealed artifact; FraudScorer loads it and scores like the trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model_runtime.artifacts import ArtifactError, load_manifest
+from services.fraud.features import FEATURE_NAMES, compute_offline_features
+from services.fraud.model import SEQUENCE_FEATURE, FraudScorer
+from services.fraud.simulate import SimulationConfig, simulate_transactions
+from services.fraud.training import GbmParams, SequenceTraining, train_candidate, train_fraud_model
+
+SMALL_GBM = GbmParams(num_leaves=15, n_estimators=40, min_child_samples=20)
+SMALL_SEQUENCE = SequenceTraining(epochs=1, negative_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def transactions() -> pd.DataFrame:
+    return simulate_transactions(SimulationConfig(n_customers=300, n_terminals=600, n_days=45, seed=5))
+
+
+@pytest.fixture(scope="module")
+def artifact(transactions: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    train = transactions[transactions.TX_TIME_DAYS.between(14, 34)]
+    valid = transactions[transactions.TX_TIME_DAYS.between(35, 44)]
+    root = tmp_path_factory.mktemp("models")
+    train_fraud_model(train, valid, output_dir=root, version="test-1", context_df=transactions,
+                      params=SMALL_GBM, sequence_settings=SMALL_SEQUENCE,
+                      data_description="simulated (tests)", rebuild_command="pytest tests/fraud")
+    return root / "test-1"
+
+
+@pytest.fixture(scope="module")
+def inputs(transactions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    features, sequences = compute_offline_features(transactions)
+    last = transactions.TX_TIME_DAYS >= 40
+    return features.to_numpy(np.float32)[last], sequences[last.to_numpy()], transactions[last]
+
+
+def test_artifact_is_sealed_with_a_model_card(artifact: Path) -> None:
+    manifest = load_manifest(artifact)
+    assert manifest.name == "fraud" and "valid_average_precision" in manifest.metrics
+    assert (artifact / "MODEL_CARD.md").read_text().strip()
+    with (artifact / "scorer.json").open("a") as handle:
+        handle.write(" ")
+    with pytest.raises(ArtifactError):
+        FraudScorer(artifact)
+    (artifact / "scorer.json").write_text((artifact / "scorer.json").read_text()[:-1])
+
+
+def test_scores_are_probabilities_and_rank_frauds_first(artifact: Path, inputs) -> None:
+    features, sequences, frame = inputs
+    scorer = FraudScorer(artifact)
+    assert scorer.uses_sequence and scorer.feature_names[-1] == SEQUENCE_FEATURE
+    scores = scorer.predict_batch(features, sequences)
+    assert scores.shape == (len(features),) and ((scores >= 0) & (scores <= 1)).all()
+    fraud = frame.TX_FRAUD.to_numpy() == 1
+    assert scores[fraud].mean() > 3 * scores[~fraud].mean()
+
+
+def test_batch_equals_single_and_backends_agree(artifact: Path, inputs) -> None:
+    features, sequences, _ = inputs
+    scorer = FraudScorer(artifact)
+    batch = scorer.predict_batch(features[:64], sequences[:64])
+    single = np.concatenate([scorer.predict_batch(features[i:i + 1], sequences[i:i + 1]) for i in range(64)])
+    np.testing.assert_allclose(single, batch, rtol=1e-6, atol=1e-9)
+    lgb_scores = FraudScorer(artifact, tree_backend="lightgbm").predict_batch(features[:64], sequences[:64])
+    np.testing.assert_allclose(lgb_scores, batch, rtol=1e-9, atol=1e-12)
+    torch_scores = FraudScorer(artifact, sequence_backend="torch").predict_batch(features[:64], sequences[:64])
+    np.testing.assert_allclose(torch_scores, batch, rtol=1e-4, atol=1e-6)
+    int8 = FraudScorer(artifact, sequence_backend="int8").predict_batch(features[:64], sequences[:64])
+    assert np.corrcoef(int8, batch)[0, 1] > 0.98
+
+
+def test_raw_histories_score_like_precomputed_sequences(artifact: Path, transactions: pd.DataFrame) -> None:
+    from services.fraud.features import aggregates_for_row, feature_vector
+
+    scorer = FraudScorer(artifact)
+    rows = transactions.index[transactions.TX_TIME_DAYS >= 40][:5]
+    feats, raw = [], []
+    for i in rows:
+        agg = aggregates_for_row(transactions, int(i))
+        row = transactions.loc[i]
+        feats.append(feature_vector(row.TX_AMOUNT, row.TX_DATETIME.to_pydatetime(), agg))
+        raw.append((row.TX_AMOUNT, float(row.TX_TIME_SECONDS), str(row.TERMINAL_ID), agg.card_history))
+    features, sequences = compute_offline_features(transactions)
+    positions = transactions.index.get_indexer(rows)
+    np.testing.assert_allclose(scorer.predict_batch(np.stack(feats), raw),
+                               scorer.predict_batch(features.to_numpy(np.float32)[positions],
+                                                    sequences[positions]), rtol=1e-5)
+
+
+def test_top_contributions_name_the_features(artifact: Path, inputs) -> None:
+    features, sequences, _ = inputs
+    reasons = FraudScorer(artifact).top_contributions(features[:8], k=3, sequences=sequences[:8])
+    assert len(reasons) == 8 and all(len(r) == 3 for r in reasons)
+    names = set(FEATURE_NAMES) | {SEQUENCE_FEATURE}
+    assert all(name in names and isinstance(value, float) for r in reasons for name, value in r)
+    assert all(r[0][1] >= r[1][1] >= r[2][1] for r in reasons)
+
+
+def test_missing_sequences_are_refused(artifact: Path, inputs) -> None:
+    features, _, _ = inputs
+    with pytest.raises(ValueError, match="sequences"):
+        FraudScorer(artifact).predict_batch(features[:2])
+
+
+def test_retraining_candidate_reports_holdout_metrics(transactions: pd.DataFrame) -> None:
+    features, _ = compute_offline_features(transactions)
+    labelled = pd.concat([transactions, features], axis=1)
+    model, metrics = train_candidate(labelled, params=SMALL_GBM, holdout_days=7, delay_days=7)
+    assert 0.5 < metrics["auc_roc"] <= 1.0 and 0.0 <= metrics["card_precision_at_100"] <= 1.0
+    assert metrics["n_train"] > 0 and metrics["n_holdout"] > 0 and not model.uses_sequence
