@@ -86,4 +86,5 @@ def retrain_model(session: Session, job: Job) -> dict[str, Any]:
 def backtest_csv(session: Session, job: Job) -> dict[str, Any]:
     """Replay an uploaded CSV through the scoring path in its own namespace; report metrics."""
     namespace = f"{job.payload['tenant_id']}~backtest-{job.id[:12]}"
-    return run_backtest(Path(job.payload["path"]), job.payload["tenant_id"], namespace, lambda done: report_progress(job.id, done))
+    return run_backtest(Path(job.payload["path"]), job.payload["tenant_id"], namespace,
+                        lambda done: report_progress(job.id, done))

@@ -108,7 +108,8 @@ def test_flagged_decisions_are_pushed_signed_and_retried(fraud_server: FraudServ
                                                          callback_receiver: str) -> None:
     stack = fraud_server.stack
     worker = ManagedProcess(python_argv("-m", "celery", "-A", "shared.queue:celery_app", "worker", "-Q", "fraud",
-                                        "--concurrency", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+                                        "--concurrency", "1", "--without-gossip", "--without-mingle",
+                                        "--loglevel", "INFO",
                                         "--hostname", f"fraud-{uuid.uuid4().hex[:6]}@%h"),
                             stack.env, "fraud-worker")
     try:
