@@ -4,8 +4,9 @@ Training data are the stored transactions themselves: each row keeps the exact f
 scored with and, once known, its label. Only transactions older than the label delay are used (a
 younger one may still get its chargeback), and one of those with no label is taken as genuine.
 The candidate is trained on the older part and judged on the latest ``holdout_days``; the live
-model is judged on the same days by the scores it actually gave. The candidate becomes live only if its Average Precision beats the live model's by
-``min_improvement``; every version's metrics are kept either way.
+model is judged on the same days by the scores it actually gave. The candidate becomes live
+only if its Average Precision beats the live model's by ``min_improvement``; every version's
+metrics are kept either way.
 """
 
 from __future__ import annotations
