@@ -145,8 +145,9 @@ def _timings_ms(call, repeats: int) -> dict[str, float]:
 
 
 def latency(artifact: Path, repeats: int = 300) -> dict:
-    """predict_batch / top_contributions latency per backend at B = 1, 8, 64 (1 thread each),
-    and the ranking quality of each sequence backend on the Chapter 3 test set."""
+    """Single-thread latency at B = 1, 8, 64: the sequence model per backend (eager torch, ONNX
+    Runtime fp32, ONNX Runtime int8), predict_batch per tree backend, reasons; plus the ranking
+    quality of each sequence backend on the Chapter 3 test set."""
     from services.fraud.evaluation import assess
     from services.fraud.model import FraudScorer
 
@@ -154,24 +155,28 @@ def latency(artifact: Path, repeats: int = 300) -> dict:
     features, sequences = compute_offline_features(transactions)
     _, test_pos = hb.train_test_split(transactions, hb.CHAPTER3_START)
     x, seq = features.to_numpy(np.float32)[test_pos], sequences[test_pos]
-    report: dict = {"artifact": str(artifact), "threads": 1}
-    for seq_backend in ("onnx", "int8", "torch"):
-        for tree_backend in ("numpy", "lightgbm"):
-            scorer = FraudScorer(artifact, sequence_backend=seq_backend, tree_backend=tree_backend)
-            key = f"sequence={seq_backend},trees={tree_backend}"
-            report[key] = {f"B={b}": _timings_ms(lambda b=b, sc=scorer: sc.predict_batch(x[:b], seq[:b]),
-                                                 repeats) for b in (1, 8, 64)}
-            if tree_backend == "numpy":
-                report[key]["chapter3_test"] = assess(scorer.predict_batch(x, seq), transactions.iloc[test_pos])
-            print(f"  {key}: {report[key]}", flush=True)
-            if not scorer.uses_sequence:
-                break
-        if not scorer.uses_sequence:
-            break
+    sizes = (1, 8, 64)
+    report: dict = {"artifact": str(artifact), "threads": 1, "sequence_model": {}, "predict_batch": {}}
+    for backend in ("torch", "onnx", "int8"):
+        scorer = FraudScorer(artifact, sequence_backend=backend)
+        run_sequence = scorer._sequence
+        report["sequence_model"][backend] = {
+            f"B={b}": _timings_ms(lambda b=b, f=run_sequence: f(seq[:b]), repeats) for b in sizes}
+        report["sequence_model"][backend]["chapter3_test"] = assess(scorer.predict_batch(x, seq),
+                                                                    transactions.iloc[test_pos])
+        print(f"  sequence model {backend}: {report['sequence_model'][backend]}", flush=True)
+    for trees in ("lightgbm", "numpy"):
+        scorer = FraudScorer(artifact, tree_backend=trees)
+        report["predict_batch"][f"onnx+{trees}"] = {
+            f"B={b}": _timings_ms(lambda b=b, sc=scorer: sc.predict_batch(x[:b], seq[:b]), repeats) for b in sizes}
+        print(f"  predict_batch onnx+{trees}: {report['predict_batch'][f'onnx+{trees}']}", flush=True)
     scorer = FraudScorer(artifact)
     report["top_contributions"] = {f"B={b}": _timings_ms(
-        lambda b=b: scorer.top_contributions(x[:b], k=3, sequences=seq[:b]), repeats // 3) for b in (1, 8, 64)}
-    print(f"  top_contributions (LightGBM pred_contrib): {report['top_contributions']}", flush=True)
+        lambda b=b: scorer.top_contributions(x[:b], k=3, sequences=seq[:b]), repeats // 3) for b in sizes}
+    report["score_with_reasons"] = {f"B={b}": _timings_ms(
+        lambda b=b: scorer.score_with_reasons(x[:b], seq[:b], k=3), repeats // 3) for b in sizes}
+    print(f"  top_contributions: {report['top_contributions']}", flush=True)
+    print(f"  score_with_reasons (one pred_contrib pass): {report['score_with_reasons']}", flush=True)
     return report
 
 

@@ -192,10 +192,12 @@ class FraudScorer:
     directory : artifact folder (``manifest.json`` + payload), verified by sha256 on load.
     sequence_backend : "onnx" (ONNX Runtime fp32, default), "int8" (dynamically quantized ONNX)
         or "torch" (eager) for the card-sequence transformer.
-    tree_backend : "numpy" (compact arrays, low per-call overhead) or "lightgbm".
+    tree_backend : "lightgbm" (default; fastest as measured) or "numpy" (the booster flattened into
+        arrays, :class:`CompactTrees`: no LightGBM needed at serving time, but 3-5x slower for a
+        500-tree, 63-leaf booster on 2 CPU cores - see bench/fraud_eval.py --latency).
     """
 
-    def __init__(self, directory: Path, *, sequence_backend: str = "onnx", tree_backend: str = "numpy",
+    def __init__(self, directory: Path, *, sequence_backend: str = "onnx", tree_backend: str = "lightgbm",
                  verify: bool = True) -> None:
         self.manifest = load_manifest(Path(directory), verify=verify)
         directory = Path(directory)
@@ -250,6 +252,29 @@ class FraudScorer:
             margin = self.booster.predict(inputs, raw_score=True, num_threads=1)
         return platt_probability(margin, self.slope, self.intercept)
 
+    def score_with_reasons(self, features: np.ndarray,
+                           sequences: np.ndarray | Sequence[RawTransaction] | None = None, k: int = 3
+                           ) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
+        """Scores and reasons from one ``pred_contrib`` pass (SHAP values sum to the margin).
+
+        Returns
+        -------
+        (B,) calibrated probabilities (equal to :meth:`predict_batch` up to float rounding) and
+        B lists of k ``(feature_name, contribution)`` pairs as in :meth:`top_contributions`.
+        """
+        contrib = self._contributions(self.model_inputs(features, sequences))
+        scores = platt_probability(contrib.sum(axis=1), self.slope, self.intercept)
+        return scores, self._top(contrib[:, :-1], k)
+
+    def _contributions(self, inputs: np.ndarray) -> np.ndarray:
+        """(B, F + 1) SHAP values in margin units; the last column is the expected value."""
+        return self.booster.predict(inputs, pred_contrib=True, num_threads=1)
+
+    def _top(self, contrib: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        top = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
+        return [[(self.feature_names[j], float(row[j])) for j in idx]
+                for row, idx in zip(contrib, top, strict=True)]
+
     def top_contributions(self, features: np.ndarray, k: int = 3,
                           sequences: np.ndarray | Sequence[RawTransaction] | None = None
                           ) -> list[list[tuple[str, float]]]:
@@ -262,11 +287,7 @@ class FraudScorer:
         -------
         B lists of k ``(feature_name, contribution)`` pairs.
         """
-        inputs = self.model_inputs(features, sequences)
-        contrib = self.booster.predict(inputs, pred_contrib=True, num_threads=1)[:, :-1]
-        top = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
-        return [[(self.feature_names[j], float(row[j])) for j in idx]
-                for row, idx in zip(contrib, top, strict=True)]
+        return self._top(self._contributions(self.model_inputs(features, sequences))[:, :-1], k)
 
 
 def _as_sequence_array(sequences: np.ndarray | Sequence[RawTransaction]) -> np.ndarray:

@@ -215,7 +215,8 @@ async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPol
         return prepared.stored
     assert prepared.features is not None
     runtime = get_runtime()
-    score, contributions = await runtime.predict(FRAUD_MODEL_NAME, (prepared.features, prepared.sequence))
+    item = (prepared.features, prepared.sequence, policy.settings.review_threshold)
+    score, contributions = await runtime.predict(FRAUD_MODEL_NAME, item)
     out = _decision(tx, policy, prepared.features, score, contributions,
                     runtime.loaded()[FRAUD_MODEL_NAME]["version"])
     return await asyncio.to_thread(_store, tenant_id, tx, prepared.features, out, on_flagged)
@@ -228,7 +229,8 @@ def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPoli
         return prepared.stored
     assert prepared.features is not None
     runtime = get_runtime()
-    [(score, contributions)] = runtime.predict_many_sync(FRAUD_MODEL_NAME, [(prepared.features, prepared.sequence)])
+    item = (prepared.features, prepared.sequence, policy.settings.review_threshold)
+    [(score, contributions)] = runtime.predict_many_sync(FRAUD_MODEL_NAME, [item])
     out = _decision(tx, policy, prepared.features, score, contributions,
                     runtime.loaded()[FRAUD_MODEL_NAME]["version"])
     return _store(tenant_id, tx, prepared.features, out, None)
