@@ -7,6 +7,7 @@ the gateway calls it too and mounts the four vertical apps, running their lifesp
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -46,7 +47,7 @@ def create_service_app(name: str, *, title: str, routers: Sequence[APIRouter] = 
     readiness.add("database", database_ready)
     if check_broker:
         readiness.add("broker", broker_ready)
-    app = FastAPI(title=title, version=version, lifespan=lifespan)
+    app = FastAPI(title=title, version=version, lifespan=_with_gc_tuning(lifespan))
     app.state.readiness = readiness
     app.state.service_name = name
     install_problem_handlers(app)
@@ -55,6 +56,35 @@ def create_service_app(name: str, *, title: str, routers: Sequence[APIRouter] = 
     for router in routers:
         app.include_router(router)
     return app
+
+
+GC_THRESHOLDS = (50_000, 50, 1_000)
+
+
+def tune_garbage_collector() -> None:
+    """Move start-up objects out of the collector's sight and collect young objects less often.
+
+    Measured on this box (performance.md): default GC set a webhook's p99 at 33-36 ms; with
+    ``gc.freeze()`` after start-up and these thresholds it was 7-8 ms at the same throughput.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _with_gc_tuning(lifespan: Lifespan | None) -> Lifespan:
+    @asynccontextmanager
+    async def tuned(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app) if lifespan else _nothing():
+            tune_garbage_collector()
+            yield
+
+    return tuned
+
+
+@asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
 
 
 def lifespan_of_children(children: dict[str, FastAPI]) -> Lifespan:

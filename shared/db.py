@@ -92,14 +92,29 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-@lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
     """The process-wide engine for ``url`` (default: the configured database)."""
-    return make_engine(url or get_settings().sqlalchemy_url)
+    return _engine(url or get_settings().sqlalchemy_url)
+
+
+@lru_cache(maxsize=8)
+def _engine(url: str) -> Engine:
+    return make_engine(url)
+
+
+def reset_engines() -> None:
+    """Forget cached engines and session factories (after the database URL changes, e.g. in tests)."""
+    _engine.cache_clear()
+    _session_factory.cache_clear()
 
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
-    """A session factory bound to the engine for ``url``."""
+    """The session factory bound to the engine for ``url`` (cached with the engine)."""
+    return _session_factory(url or get_settings().sqlalchemy_url)
+
+
+@lru_cache(maxsize=8)
+def _session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
 
 

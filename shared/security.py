@@ -10,12 +10,13 @@ entries are accepted so a tenant can rotate its secret without downtime.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -113,16 +114,27 @@ def revoke_api_key(session: Session, key_id: str) -> None:
 
 
 _principal_cache: dict[str, tuple[float, Principal | None]] = {}
+_NOT_CACHED = object()
+MAX_CACHED_KEYS = 10_000
+
+
+def cached_principal(plaintext: str) -> Principal | None | object:
+    """The cached principal for a key (None: known bad), or ``_NOT_CACHED``."""
+    cached = _principal_cache.get(plaintext)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    return _NOT_CACHED
 
 
 def authenticate_api_key(session: Session, plaintext: str) -> Principal | None:
     """The principal for a presented key, or None. Results are cached briefly per process."""
-    now = time.monotonic()
-    cached = _principal_cache.get(plaintext)
-    if cached is not None and cached[0] > now:
-        return cached[1]
+    found = cached_principal(plaintext)
+    if found is not _NOT_CACHED:
+        return found  # type: ignore[return-value]
     principal = _lookup_api_key(session, plaintext)
-    _principal_cache[plaintext] = (now + API_KEY_CACHE_TTL_S, principal)
+    if len(_principal_cache) >= MAX_CACHED_KEYS:  # bounded: garbage keys must not grow memory
+        _principal_cache.clear()
+    _principal_cache[plaintext] = (time.monotonic() + API_KEY_CACHE_TTL_S, principal)
     return principal
 
 
@@ -147,24 +159,35 @@ def presented_api_key(request: Request) -> str | None:
     return None
 
 
-def require_scope(scope: str) -> Callable[[Request], Principal]:
-    """FastAPI dependency factory: the caller must hold a key with ``scope`` (or ``admin``)."""
+def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    """FastAPI dependency factory: the caller must hold a key with ``scope`` (or ``admin``).
 
-    def dependency(request: Request) -> Principal:
+    Async on purpose: a cached key costs a dict lookup on the event loop; only a cache miss
+    visits the database, in a worker thread.
+    """
+
+    async def dependency(request: Request) -> Principal:
         plaintext = presented_api_key(request)
         if plaintext is None:
             raise Unauthorized("missing API key (X-API-Key or Authorization: Bearer)",
                                headers={"WWW-Authenticate": "Bearer"})
-        with session_factory()() as session:
-            principal = authenticate_api_key(session, plaintext)
+        principal = cached_principal(plaintext)
+        if principal is _NOT_CACHED:
+            principal = await asyncio.to_thread(_authenticate_in_new_session, plaintext)
         if principal is None:
             raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        assert isinstance(principal, Principal)
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise Forbidden(f"this key is not allowed to use '{scope}'")
         request.state.principal = principal
         return principal
 
     return dependency
+
+
+def _authenticate_in_new_session(plaintext: str) -> Principal | None:
+    with session_factory()() as session:
+        return authenticate_api_key(session, plaintext)
 
 
 def principal_dependency(scope: str) -> Any:

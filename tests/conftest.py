@@ -57,13 +57,13 @@ class Stack:
 def apply_stack_in_process(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make this process's settings, engine and Celery app use ``stack``."""
     from shared.config import get_settings
-    from shared.db import get_engine
+    from shared.db import reset_engines
     from shared.queue import reconfigure_celery_app
 
     for key, value in stack.env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    reset_engines()
     reconfigure_celery_app(get_settings())
 
 
@@ -108,9 +108,9 @@ def postgres_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         redis_url=f"{REDIS_TEST_URL}/{REDIS_TEST_DB - 1}",
         data_dir=tmp_path_factory.mktemp("postgres-stack"),
     )
-    from shared.db import get_engine
+    from shared.db import reset_engines
 
-    get_engine.cache_clear()
+    reset_engines()
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
@@ -136,14 +136,14 @@ def migrated_stack(stack: Stack) -> Stack:
 def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test reads the developer's .env or writes into the repo's .tessera directory."""
     from shared.config import get_settings
-    from shared.db import get_engine
+    from shared.db import reset_engines
 
     monkeypatch.setenv("TESSERA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("TESSERA_ENVIRONMENT", "test")
     monkeypatch.delenv("TESSERA_DATABASE_URL", raising=False)
     monkeypatch.delenv("TESSERA_BROKER_URL", raising=False)
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    reset_engines()
     yield
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    reset_engines()

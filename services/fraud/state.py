@@ -10,7 +10,9 @@ transactions that happened before them.
 
 from __future__ import annotations
 
-from sqlalchemy import and_, case, func, select
+from typing import Any
+
+from sqlalchemy import ColumnElement, Float, Select, String, and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
 from services.fraud.db import Transaction
@@ -24,53 +26,52 @@ _CUSTOMER_WINDOWS = {"1h": SECONDS_PER_HOUR, "1d": SECONDS_PER_DAY, "7d": 7 * SE
 _TERMINAL_DELAYED_WINDOWS = {"1d": SECONDS_PER_DAY, "7d": 7 * SECONDS_PER_DAY, "30d": 30 * SECONDS_PER_DAY}
 
 
-def _count_if(condition):  # type: ignore[no-untyped-def]
+_T = bindparam("t", type_=Float)
+_TENANT = bindparam("tenant_id", type_=String)
+_CUSTOMER = bindparam("customer_id", type_=String)
+_TERMINAL = bindparam("terminal_id", type_=String)
+
+
+def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
     return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
 
-def _sum_if(condition, value):  # type: ignore[no-untyped-def]
+def _sum_if(condition: ColumnElement[bool], value: ColumnElement[float]) -> ColumnElement[float]:
     return func.coalesce(func.sum(case((condition, value), else_=0.0)), 0.0)
 
 
-def _customer_row(session: Session, tenant_id: str, customer_id: str, t: float) -> dict[str, float]:
+def _customer_statement() -> Select[Any]:
     tx = Transaction
-    in_window = {name: tx.tx_time_s > t - seconds for name, seconds in _CUSTOMER_WINDOWS.items()}
+    in_window = {name: tx.tx_time_s > _T - seconds for name, seconds in _CUSTOMER_WINDOWS.items()}
     columns = [_count_if(cond).label(f"count_{name}") for name, cond in in_window.items()]
     columns += [_sum_if(cond, tx.amount).label(f"sum_{name}") for name, cond in in_window.items()]
     columns.append(_sum_if(in_window["30d"], tx.amount * tx.amount).label("sumsq_30d"))
-    statement = select(*columns).where(
-        tx.tenant_id == tenant_id, tx.customer_id == customer_id,
-        tx.tx_time_s > t - _CUSTOMER_WINDOWS["30d"], tx.tx_time_s <= t,
-    )
-    return dict(session.execute(statement).one()._mapping)
+    return select(*columns).where(tx.tenant_id == _TENANT, tx.customer_id == _CUSTOMER,
+                                  tx.tx_time_s > _T - _CUSTOMER_WINDOWS["30d"], tx.tx_time_s <= _T)
 
 
-def _terminal_row(session: Session, tenant_id: str, terminal_id: str, t: float) -> dict[str, float]:
+def _terminal_statement() -> Select[Any]:
     tx = Transaction
-    end = t - LABEL_DELAY_S
+    end = _T - LABEL_DELAY_S
     delayed = {name: and_(tx.tx_time_s > end - seconds, tx.tx_time_s <= end)
                for name, seconds in _TERMINAL_DELAYED_WINDOWS.items()}
     columns = [_count_if(cond).label(f"count_delayed_{name}") for name, cond in delayed.items()]
     columns += [_count_if(and_(cond, tx.is_fraud.is_(True))).label(f"fraud_delayed_{name}")
                 for name, cond in delayed.items()]
-    columns.append(_count_if(tx.tx_time_s > t - SECONDS_PER_HOUR).label("count_1h"))
-    columns.append(_count_if(tx.tx_time_s > t - SECONDS_PER_DAY).label("count_1d"))
-    statement = select(*columns).where(
-        tx.tenant_id == tenant_id, tx.terminal_id == terminal_id,
-        tx.tx_time_s > end - _TERMINAL_DELAYED_WINDOWS["30d"], tx.tx_time_s <= t,
-    )
-    return dict(session.execute(statement).one()._mapping)
+    columns.append(_count_if(tx.tx_time_s > _T - SECONDS_PER_HOUR).label("count_1h"))
+    columns.append(_count_if(tx.tx_time_s > _T - SECONDS_PER_DAY).label("count_1d"))
+    return select(*columns).where(tx.tenant_id == _TENANT, tx.terminal_id == _TERMINAL,
+                                  tx.tx_time_s > end - _TERMINAL_DELAYED_WINDOWS["30d"], tx.tx_time_s <= _T)
 
 
-def _card_history(session: Session, tenant_id: str, customer_id: str,
-                  t: float) -> tuple[tuple[float, float, str], ...]:
-    tx = Transaction
-    rows = session.execute(
-        select(tx.tx_time_s, tx.amount, tx.terminal_id)
-        .where(tx.tenant_id == tenant_id, tx.customer_id == customer_id, tx.tx_time_s <= t)
-        .order_by(tx.tx_time_s.desc()).limit(HISTORY_LENGTH)
-    ).all()
-    return tuple((float(time_s), float(amount), str(terminal)) for time_s, amount, terminal in reversed(rows))
+# Built once: constructing these expressions per request cost more than running them on SQLite.
+CUSTOMER_WINDOWS_SQL = _customer_statement()
+TERMINAL_WINDOWS_SQL = _terminal_statement()
+CARD_HISTORY_SQL = (
+    select(Transaction.tx_time_s, Transaction.amount, Transaction.terminal_id)
+    .where(Transaction.tenant_id == _TENANT, Transaction.customer_id == _CUSTOMER, Transaction.tx_time_s <= _T)
+    .order_by(Transaction.tx_time_s.desc()).limit(HISTORY_LENGTH)
+)
 
 
 def read_aggregates(session: Session, *, tenant_id: str, customer_id: str, terminal_id: str,
@@ -82,9 +83,12 @@ def read_aggregates(session: Session, *, tenant_id: str, customer_id: str, termi
     tx_time_s : event time in seconds since the epoch.
     amount : amount of the transaction being scored (currency units).
     """
-    customer = _customer_row(session, tenant_id, customer_id, tx_time_s)
-    terminal = _terminal_row(session, tenant_id, terminal_id, tx_time_s)
-    history = _card_history(session, tenant_id, customer_id, tx_time_s)
+    params = {"tenant_id": tenant_id, "customer_id": customer_id, "terminal_id": terminal_id, "t": tx_time_s}
+    customer = session.execute(CUSTOMER_WINDOWS_SQL, params).one()._mapping
+    terminal = session.execute(TERMINAL_WINDOWS_SQL, params).one()._mapping
+    rows = session.execute(CARD_HISTORY_SQL, params).all()
+    history = tuple((float(time_s), float(amount), str(past_terminal))
+                    for time_s, amount, past_terminal in reversed(rows))
     previous = history[-1][0] if history else None
     return WindowAggregates(
         **{f"customer_count_{w}": int(customer[f"count_{w}"]) + 1 for w in _CUSTOMER_WINDOWS},
