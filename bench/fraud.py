@@ -210,7 +210,8 @@ def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, An
     n = min(len(df), args.inproc_items)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(df))[:n]
-    items = [(features[i], sequences[i]) for i in order]
+    review_threshold = 0.2  # the default tenant setting: only scores >= it get TreeSHAP reasons
+    items = [(features[i], sequences[i], review_threshold) for i in order]
     budget = args.inproc_seconds
     scorer = FraudScorer(artifact, verify=False)
     print(f"\n[in-process] artifact {artifact} (uses_sequence={scorer.uses_sequence}, "
