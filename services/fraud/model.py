@@ -193,18 +193,17 @@ class PathAttribution:
     row for the shipped 500-tree booster on one core).
     """
 
-    leaf_contrib: np.ndarray  # (T, L, F) float64 attributions of reaching leaf l of tree t
-    leaf_value: np.ndarray    # (T, L) float64
-    bias: float               # sum of root expected values
+    table: np.ndarray  # (T * L, F + 1) float64: attributions of reaching leaf l of tree t, then its value
+    n_leaves: int      # L, the largest leaf count of any tree
+    bias: float        # sum of root expected values
 
     @classmethod
     def from_booster(cls, booster: Any) -> PathAttribution:
-        """Precompute the tables from ``booster.dump_model()`` (about a second at load)."""
+        """Precompute the table from ``booster.dump_model()`` (about a second at load)."""
         trees = booster.dump_model()["tree_info"]
         n_leaves = max(t["num_leaves"] for t in trees)
         n_features = booster.num_feature()
-        contrib = np.zeros((len(trees), n_leaves, n_features))
-        values = np.zeros((len(trees), n_leaves))
+        table = np.zeros((len(trees), n_leaves, n_features + 1))
         bias = 0.0
         for t, tree in enumerate(trees):
             root = tree["tree_structure"]
@@ -214,8 +213,8 @@ class PathAttribution:
             while stack:
                 node, path, value = stack.pop()
                 if "leaf_index" in node:
-                    contrib[t, node["leaf_index"]] = path
-                    values[t, node["leaf_index"]] = node["leaf_value"]
+                    table[t, node["leaf_index"], :-1] = path
+                    table[t, node["leaf_index"], -1] = node["leaf_value"]
                     continue
                 for side in ("left_child", "right_child"):
                     child = node[side]
@@ -223,14 +222,22 @@ class PathAttribution:
                     step = path.copy()
                     step[node["split_feature"]] += child_value - value
                     stack.append((child, step, child_value))
-        return cls(leaf_contrib=contrib, leaf_value=values, bias=bias)
+        return cls(table=table.reshape(-1, n_features + 1), n_leaves=n_leaves, bias=bias)
 
     def explain(self, leaf_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, T) leaf indices from ``pred_leaf`` -> margins (B,) and attributions (B, F)."""
+        """(B, T) leaf indices from ``pred_leaf`` -> margins (B,) and attributions (B, F).
+
+        One sparse (B, T*L) x (T*L, F+1) product: about B*T*F multiply-adds.
+        """
+        from scipy.sparse import csr_matrix
+
         leaf_index = np.asarray(leaf_index, dtype=np.int64)
-        trees = np.arange(leaf_index.shape[1])[None, :]
-        margin = self.leaf_value[trees, leaf_index].sum(axis=1)
-        return margin, self.leaf_contrib[trees, leaf_index].sum(axis=1)
+        batch, n_trees = leaf_index.shape
+        columns = (np.arange(n_trees)[None, :] * self.n_leaves + leaf_index).ravel()
+        selector = csr_matrix((np.ones(columns.size), columns, np.arange(0, columns.size + 1, n_trees)),
+                              shape=(batch, self.table.shape[0]))
+        summed = np.asarray(selector @ self.table)
+        return summed[:, -1], summed[:, :-1]
 
 
 # --------------------------------------------------------------------------- serving adapter

@@ -106,6 +106,18 @@ def test_top_contributions_name_the_features(artifact: Path, inputs) -> None:
     assert all(r[0][1] >= r[1][1] >= r[2][1] for r in reasons)
 
 
+def test_path_attributions_add_up_to_the_margin(artifact: Path, inputs) -> None:
+    features, sequences, _ = inputs
+    scorer = FraudScorer(artifact)
+    model_inputs = scorer.model_inputs(features[:32], sequences[:32])
+    leaves = scorer.booster.predict(model_inputs, pred_leaf=True)
+    margin, contrib = scorer.paths.explain(leaves)
+    np.testing.assert_allclose(margin, scorer.booster.predict(model_inputs, raw_score=True), atol=1e-9)
+    np.testing.assert_allclose(contrib.sum(axis=1) + scorer.paths.bias, margin, atol=1e-9)
+    shap = scorer.top_contributions(features[:32], k=1, sequences=sequences[:32], method="shap")
+    assert len(shap) == 32 and all(len(r) == 1 for r in shap)
+
+
 def test_missing_sequences_are_refused(artifact: Path, inputs) -> None:
     features, _, _ = inputs
     with pytest.raises(ValueError, match="sequences"):
