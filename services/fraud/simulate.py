@@ -22,6 +22,7 @@ Deterministic by seed; a 30-day x 500-customer run takes well under a second.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -136,3 +137,21 @@ def simulate_transactions(config: SimulationConfig = SimulationConfig()) -> pd.D
     tx.insert(0, "TRANSACTION_ID", np.arange(len(tx), dtype=np.int64))
     tx.insert(1, "TX_DATETIME", start + pd.to_timedelta(tx.TX_TIME_SECONDS, unit="s"))
     return tx
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tessera simulate fraud``: write simulated transactions (handbook columns) to a CSV file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tessera simulate fraud", description=main.__doc__)
+    parser.add_argument("--customers", type=int, default=SimulationConfig.n_customers)
+    parser.add_argument("--terminals", type=int, default=SimulationConfig.n_terminals)
+    parser.add_argument("--days", type=int, default=SimulationConfig.n_days)
+    parser.add_argument("--seed", type=int, default=SimulationConfig.seed)
+    parser.add_argument("--output", type=Path, required=True, help="CSV path (gzip if it ends in .gz)")
+    args = parser.parse_args(argv)
+    frame = simulate_transactions(SimulationConfig(n_customers=args.customers, n_terminals=args.terminals,
+                                                   n_days=args.days, seed=args.seed))
+    frame.to_csv(args.output, index=False)
+    print(f"{len(frame)} simulated transactions ({int(frame.TX_FRAUD.sum())} frauds) -> {args.output}")
+    return 0
