@@ -169,19 +169,20 @@ def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: Decisio
            on_flagged: Any | None) -> DecisionOut:
     """Commit the decision; a concurrent duplicate that committed first wins and is returned."""
     with session_factory()() as session:
-        session.add(Transaction(
-            tenant_id=tenant_id, transaction_id=tx.id, customer_id=tx.customer_id,
-            terminal_id=tx.terminal_id, tx_time_s=tx.timestamp.timestamp(), amount=tx.amount,
-            currency=tx.currency, channel=tx.channel.value, score=out.score, decision=out.decision.value,
-            reasons=[r.model_dump(exclude_none=True) for r in out.reasons],
-            features=[round(float(v), 6) for v in features], model_version=out.model_version,
-            rules_version=out.rules_version,
-        ))
-        if out.decision != Decision.approve:
-            session.add(Case(tenant_id=tenant_id, transaction_id=tx.id))
-            if on_flagged is not None:
-                on_flagged(session, tenant_id, out)
         try:
+            session.add(Transaction(
+                tenant_id=tenant_id, transaction_id=tx.id, customer_id=tx.customer_id,
+                terminal_id=tx.terminal_id, tx_time_s=tx.timestamp.timestamp(), amount=tx.amount,
+                currency=tx.currency, channel=tx.channel.value, score=out.score, decision=out.decision.value,
+                reasons=[r.model_dump(exclude_none=True) for r in out.reasons],
+                features=[round(float(v), 6) for v in features], model_version=out.model_version,
+                rules_version=out.rules_version,
+            ))
+            session.flush()  # a duplicate fails here, before any case or callback is written
+            if out.decision != Decision.approve:
+                session.add(Case(tenant_id=tenant_id, transaction_id=tx.id))
+                if on_flagged is not None:
+                    on_flagged(session, tenant_id, out)
             session.commit()
         except IntegrityError:
             session.rollback()

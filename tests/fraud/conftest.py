@@ -84,6 +84,8 @@ def fraud_server(request: pytest.FixtureRequest) -> Iterator[FraudServer]:
     yield FraudServer(stack, f"http://127.0.0.1:{port}/v1", engine)
     engine.dispose()
     server.stop()
+    if "Traceback" in server.output:  # surfaced in the test report: a 500 must be explainable
+        print(f"--- fraud server ({stack.name}) log with errors ---\n{server.output[-6000:]}")
 
 
 @pytest.fixture(scope="module")

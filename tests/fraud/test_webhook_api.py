@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 import orjson
+import pytest
 from sqlalchemy import text
 
 from tests.fraud.conftest import FraudServer, FraudTenant, transaction
@@ -85,7 +86,11 @@ def test_resend_returns_the_stored_decision(tenant: FraudTenant) -> None:
     assert {k: v for k, v in again.items() if k != "replayed"} == {k: v for k, v in first.items() if k != "replayed"}
 
 
-def test_concurrent_duplicates_are_stored_and_counted_once(fraud_server: FraudServer, tenant: FraudTenant) -> None:
+@pytest.mark.parametrize("review_threshold", [1.0, 0.0], ids=["approved", "flagged"])
+def test_concurrent_duplicates_are_stored_and_counted_once(fraud_server: FraudServer, review_threshold: float) -> None:
+    tenant = fraud_server.new_tenant()
+    with tenant.client() as client:
+        client.put("/settings", json={"review_threshold": review_threshold, "decline_threshold": 1.0})
     customer = f"cust-{uuid.uuid4().hex[:8]}"
     payload = transaction(customer_id=customer, timestamp="2026-11-23T09:00:00Z")
     body, headers = tenant.signed(payload)
