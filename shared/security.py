@@ -19,9 +19,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Request
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -188,11 +188,6 @@ def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
 def _authenticate_in_new_session(plaintext: str) -> Principal | None:
     with session_factory()() as session:
         return authenticate_api_key(session, plaintext)
-
-
-def principal_dependency(scope: str) -> Any:
-    """``Annotated[Principal, Depends(...)]`` for a route signature."""
-    return Annotated[Principal, Depends(require_scope(scope))]
 
 
 # --- webhook signatures -------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,7 +38,6 @@ from shared.security import Tenant
 logger = logging.getLogger("tessera.fraud.scoring")
 
 TENANT_CACHE_TTL_S = 10.0
-TOP_MODEL_REASONS = 3
 TRANSACTION_FIELDS = ("amount", "currency", "channel", "merchant_category", "customer_id", "terminal_id")
 RULE_FIELDS: frozenset[str] = frozenset((*TRANSACTION_FIELDS, *FEATURE_NAMES, "score"))
 """What a rule condition may name."""
@@ -151,7 +149,7 @@ def explain(hits: list[RuleHit], answer: ModelAnswer) -> list[Reason]:
     reasons += [
         Reason(source="model", code=name, description=f"{name} raised the score",
                contribution=round(value, 4))
-        for name, value in answer.contributions[:TOP_MODEL_REASONS] if value > 0
+        for name, value in answer.contributions if value > 0
     ]
     return reasons
 
@@ -235,9 +233,3 @@ def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPoli
     out = _decision(tx, policy, prepared.features, score, contributions,
                     runtime.loaded()[FRAUD_MODEL_NAME]["version"])
     return _store(tenant_id, tx, prepared.features, out, None)
-
-
-def find_transaction(session: Session, tenant_id: str, transaction_id: str) -> Transaction | None:
-    """A stored transaction of the tenant."""
-    return session.scalar(select(Transaction).where(Transaction.tenant_id == tenant_id,
-                                                    Transaction.transaction_id == transaction_id))
