@@ -7,6 +7,8 @@ listeners) runs inside the gateway's.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI
 
 from services.customer_service.api import app as customer_service_app
@@ -14,7 +16,7 @@ from services.fraud.api import app as fraud_app
 from services.iiot.api import app as iiot_app
 from services.nodule.api import app as nodule_app
 from shared.app import create_service_app, lifespan_of_children
-from shared.observability import configure_logging
+from shared.observability import Readiness, configure_logging
 
 VERTICAL_APPS: dict[str, FastAPI] = {
     "/fraud": fraud_app,
@@ -24,10 +26,26 @@ VERTICAL_APPS: dict[str, FastAPI] = {
 }
 
 
+def _vertical_ready(vertical_app: FastAPI) -> Callable[[], Awaitable[None]]:
+    """A gateway readiness check that passes when the vertical's own checks (e.g. models) pass."""
+
+    async def check() -> None:
+        results = await vertical_app.state.readiness.run()
+        failing = [f"{name}: {result}" for name, result in results.items() if result != "ok"]
+        if failing:
+            raise RuntimeError("; ".join(failing))
+
+    return check
+
+
 def create_gateway() -> FastAPI:
-    """The gateway app with every vertical mounted."""
+    """The gateway app with every vertical mounted; its /readyz covers every vertical's checks."""
     configure_logging()
-    gateway = create_service_app("gateway", title="Tessera", lifespan=lifespan_of_children(VERTICAL_APPS))
+    readiness = Readiness()
+    for prefix, vertical_app in VERTICAL_APPS.items():
+        readiness.add(prefix.strip("/"), _vertical_ready(vertical_app))
+    gateway = create_service_app("gateway", title="Tessera", lifespan=lifespan_of_children(VERTICAL_APPS),
+                                 readiness=readiness)
     for prefix, vertical_app in VERTICAL_APPS.items():
         gateway.mount(prefix, vertical_app)
     return gateway

@@ -39,7 +39,8 @@ def test_gateway_reports_health_readiness_and_metrics(gateway: str) -> None:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+        assert ready.json()["checks"] == {"fraud": "ok", "cs": "ok", "nodule": "ok", "iiot": "ok",
+                                          "database": "ok", "broker": "ok"}
         response = client.get("/cs/v1/status", headers={"X-Request-ID": "req-123"})
         assert response.headers["x-request-id"] == "req-123"
         metrics = client.get("/metrics").text
