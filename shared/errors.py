@@ -8,17 +8,20 @@ becomes a generic 500 that leaks no internals (the traceback goes to the log wit
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://tessera.dev/problems/"
 
 logger = logging.getLogger("tessera.errors")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ProblemError(Exception):
@@ -133,15 +136,32 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(body, exc.headers)
 
 
+def _error_entries(raw_errors: Sequence[Any]) -> tuple[list[dict[str, Any]], str]:
+    """pydantic errors as problem ``errors`` entries, plus a one-line detail naming the first."""
+    errors = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+              for err in raw_errors]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return errors, f"{where}: {first['msg']}"
+
+
+def parse_json(model: type[ModelT], body: bytes) -> ModelT:
+    """Validate a raw JSON body (e.g. one whose signature was checked first) into ``model``.
+
+    Malformed input raises :class:`UnprocessableContent` carrying every error, as FastAPI's own
+    request validation does.
+    """
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors, detail = _error_entries(exc.errors())
+        raise UnprocessableContent(detail, errors=errors) from None
+
+
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in exc.errors()
-    ]
-    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(part) for part in first["loc"])
-    body = problem_body(422, "Unprocessable Content", f"{where}: {first['msg']}", "validation-error",
+    errors, detail = _error_entries(exc.errors())
+    body = problem_body(422, "Unprocessable Content", detail, "validation-error",
                         request.url.path, {"errors": errors, "request_id": _request_id(request)})
     return problem_response(body)
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, UploadFile
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,7 +42,7 @@ from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
 from shared.app import create_service_app
 from shared.config import get_settings
 from shared.db import SessionDep
-from shared.errors import NotReady, ProblemError, UnprocessableContent
+from shared.errors import NotReady, ProblemError, UnprocessableContent, parse_json
 from shared.jobs import get_job, submit_job
 from shared.observability import Readiness
 from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
@@ -68,17 +67,6 @@ async def signed_body(request: Request, principal: FraudPrincipal) -> tuple[byte
 SignedBody = Annotated[tuple[bytes, TenantPolicy], Depends(signed_body)]
 
 
-def parse_json_model(model: type, body: bytes):  # type: ignore[no-untyped-def]
-    """Validate a raw JSON body into ``model``; malformed input is a 422 problem with the errors."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        first = errors[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise UnprocessableContent(f"{where}: {first['msg']}", errors=errors) from None
-
-
 transactions = APIRouter(prefix="/v1", tags=["transactions"])
 
 
@@ -86,7 +74,7 @@ transactions = APIRouter(prefix="/v1", tags=["transactions"])
 async def post_transaction(principal: FraudPrincipal, signed: SignedBody) -> DecisionOut:
     """Score one transaction synchronously (idempotent by its id)."""
     body, policy = signed
-    tx = parse_json_model(TransactionIn, body)
+    tx = parse_json(TransactionIn, body)
     return await score_transaction(principal.tenant_id, tx, policy, on_flagged=enqueue_callback)
 
 
@@ -94,7 +82,7 @@ async def post_transaction(principal: FraudPrincipal, signed: SignedBody) -> Dec
 async def post_transaction_batch(principal: FraudPrincipal, signed: SignedBody) -> BatchOut:
     """Score several transactions in order; one failing item does not fail the others."""
     body, policy = signed
-    batch = parse_json_model(BatchIn, body)
+    batch = parse_json(BatchIn, body)
     results = []
     for tx in batch.transactions:
         try:
