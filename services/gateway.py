@@ -26,11 +26,15 @@ VERTICAL_APPS: dict[str, FastAPI] = {
 }
 
 
+GATEWAY_OWN_CHECKS = frozenset({"database", "broker"})
+"""Checked once by the gateway itself, not again per vertical."""
+
+
 def _vertical_ready(vertical_app: FastAPI) -> Callable[[], Awaitable[None]]:
     """A gateway readiness check that passes when the vertical's own checks (e.g. models) pass."""
 
     async def check() -> None:
-        results = await vertical_app.state.readiness.run()
+        results = await vertical_app.state.readiness.run(skip=GATEWAY_OWN_CHECKS)
         failing = [f"{name}: {result}" for name, result in results.items() if result != "ok"]
         if failing:
             raise RuntimeError("; ".join(failing))

@@ -122,10 +122,12 @@ class Readiness:
         """Register (or replace) a check."""
         self._checks[name] = check
 
-    async def run(self) -> dict[str, str]:
-        """Run every check; returns ``{name: "ok" | "<error>"}``."""
+    async def run(self, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+        """Run every check not in ``skip``; returns ``{name: "ok" | "<error>"}``."""
         results: dict[str, str] = {}
         for name, check in self._checks.items():
+            if name in skip:
+                continue
             try:
                 outcome = check()
                 if outcome is not None:

@@ -7,7 +7,6 @@ batches concurrent requests and calls :func:`score_batch` in its model thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from model_runtime.artifacts import MANIFEST_NAME, load_manifest
+from model_runtime.artifacts import list_versions, load_manifest
 from model_runtime.runtime import LoadContext, ModelSpec, get_runtime
 from services.fraud.features import FEATURE_NAMES, SEQUENCE_CHANNELS, SEQUENCE_STEPS
-from services.fraud.model import FraudScorer, platt_probability
+from services.fraud.model import FraudScorer
 from shared.config import get_settings
 from shared.db import session_factory
 
@@ -31,10 +30,8 @@ ScoringItem = tuple[np.ndarray, np.ndarray, float]
 
 def shipped_versions(models_dir: Path | None = None) -> list[Path]:
     """Sealed fraud artifacts under ``models/fraud``, oldest first."""
-    root = (models_dir or get_settings().models_dir) / "fraud"
-    found = [(json.loads((d / MANIFEST_NAME).read_text())["created_at"], d)
-             for d in root.glob("*") if (d / MANIFEST_NAME).exists()] if root.is_dir() else []
-    return [d for _, d in sorted(found)]
+    root = models_dir or get_settings().models_dir
+    return [root / FRAUD_MODEL_NAME / version for version in list_versions(root, FRAUD_MODEL_NAME)]
 
 
 def _load(context: LoadContext) -> FraudScorer:
@@ -62,10 +59,7 @@ def score_batch(scorer: FraudScorer, items: list[ScoringItem]) -> list[tuple[flo
     features = np.stack([item[0] for item in items])
     sequences = np.stack([item[1] for item in items])
     explain_from = np.fromiter((item[2] for item in items), dtype=np.float64, count=len(items))
-    inputs = scorer.model_inputs(features, sequences)
-    # LightGBM's own walk beats the numpy CompactTrees on deep trees (0.11 vs 1.3 ms at B=1, measured).
-    margin = scorer.booster.predict(inputs, raw_score=True, num_threads=1)
-    scores = platt_probability(margin, scorer.slope, scorer.intercept)
+    scores = scorer.predict_batch(features, sequences)
     explained = np.flatnonzero(scores >= explain_from)
     reasons: list[tuple[tuple[str, float], ...]] = [()] * len(items)
     if explained.size:
