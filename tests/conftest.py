@@ -58,12 +58,14 @@ def apply_stack_in_process(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
     """Make this process's settings, engine and Celery app use ``stack``."""
     from shared.config import get_settings
     from shared.db import reset_engines
+    from shared.kv import reset_redis_clients
     from shared.queue import reconfigure_celery_app
 
     for key, value in stack.env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
     reset_engines()
+    reset_redis_clients()
     reconfigure_celery_app(get_settings())
 
 

@@ -23,6 +23,7 @@ from model_runtime.runtime import get_runtime
 from services.fraud import feedback, rules
 from services.fraud.backtest import check_backtest_header
 from services.fraud.db import ModelVersion
+from services.fraud.recorder import DecisionRecorder
 from services.fraud.schemas import (
     BatchIn,
     BatchItemOut,
@@ -44,6 +45,7 @@ from shared.config import get_settings
 from shared.db import SessionDep
 from shared.errors import NotReady, ProblemError, UnprocessableContent, parse_json
 from shared.jobs import get_job, submit_job
+from shared.kv import async_redis, close_async_redis, redis_configured
 from shared.observability import Readiness
 from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
 
@@ -238,6 +240,29 @@ async def _models_ready() -> None:
         raise NotReady("fraud model not loaded")
 
 
+async def _fast_state_ready() -> None:
+    if redis_configured():
+        await async_redis().ping()
+
+
+@contextlib.asynccontextmanager
+async def decision_recorder() -> AsyncIterator[DecisionRecorder | None]:
+    """With Redis state, drain the decision stream into the database for as long as the app runs."""
+    if not redis_configured():
+        yield None
+        return
+    recorder = DecisionRecorder(async_redis())
+    task = asyncio.create_task(recorder.run())
+    try:
+        yield recorder
+    finally:
+        recorder.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5.0)
+        await recorder.drain()
+        await close_async_redis()
+
+
 @contextlib.asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     """Load the live fraud model into the runtime; watch for promotions and hot-swap them."""
@@ -251,7 +276,8 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.error("no fraud model artifact found under %s/fraud", get_settings().models_dir)
     watcher = asyncio.create_task(watch_live_model())
     try:
-        yield
+        async with decision_recorder():
+            yield
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -261,5 +287,6 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 readiness = Readiness()
 readiness.add("models", _models_ready)
+readiness.add("fast_state", _fast_state_ready)
 app = create_service_app("fraud", title="Tessera — Fraud scoring", lifespan=lifespan, readiness=readiness,
                          routers=[transactions, review, rule_routes, jobs, models])

@@ -18,6 +18,7 @@ terminal's transactions with time in (t - delay - W, t - delay], exactly as the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -196,30 +197,43 @@ _NUMERIC_FIELDS: tuple[str, ...] = tuple(
 )
 
 
-def feature_vector(amount: float, tx_datetime: datetime, agg: WindowAggregates) -> np.ndarray:
-    """Tabular model input for one transaction.
+def feature_matrix(amounts: Sequence[float], tx_datetimes: Sequence[datetime],
+                   aggregates: Sequence[WindowAggregates]) -> np.ndarray:
+    """Tabular model input for a batch of transactions (the serving path builds a whole batch at once).
 
     Parameters
     ----------
-    amount : transaction amount (currency units).
-    tx_datetime : transaction local time (weekend and night flags, hour of day).
-    agg : the transaction's window aggregates.
+    amounts : transaction amounts (currency units).
+    tx_datetimes : transaction local times (weekend and night flags, hour of day).
+    aggregates : each transaction's window aggregates.
+
+    Returns
+    -------
+    (N, len(FEATURE_NAMES)) float32, in FEATURE_NAMES order.
+    """
+    count = len(aggregates)
+    numeric = np.array([[np.nan if (value := getattr(agg, name)) is None else value for name in _NUMERIC_FIELDS]
+                        for agg in aggregates], dtype=np.float64).reshape(count, len(_NUMERIC_FIELDS))
+    columns = {name: numeric[:, position] for position, name in enumerate(_NUMERIC_FIELDS)}
+    history = np.full((count, HISTORY_LENGTH), np.nan)
+    for row, agg in enumerate(aggregates):
+        past = [past_amount for _, past_amount, _ in tuple(agg.card_history)[-HISTORY_LENGTH:]]
+        if past:
+            history[row, HISTORY_LENGTH - len(past):] = past
+    weekday = np.fromiter((moment.weekday() for moment in tx_datetimes), dtype=np.int64, count=count)
+    hour = np.fromiter((moment.hour for moment in tx_datetimes), dtype=np.int64, count=count)
+    rows = _feature_columns(np.asarray(amounts, dtype=np.float64), weekday, hour, columns, history)
+    return rows.astype(np.float32)
+
+
+def feature_vector(amount: float, tx_datetime: datetime, agg: WindowAggregates) -> np.ndarray:
+    """Tabular model input for one transaction: :func:`feature_matrix` of one row.
 
     Returns
     -------
     (len(FEATURE_NAMES),) float32, in FEATURE_NAMES order.
     """
-    columns = {}
-    for name in _NUMERIC_FIELDS:
-        value = getattr(agg, name)
-        columns[name] = np.array([np.nan if value is None else value], dtype=np.float64)
-    history = np.full((1, HISTORY_LENGTH), np.nan)
-    past = [past_amount for _, past_amount, _ in tuple(agg.card_history)[-HISTORY_LENGTH:]]
-    if past:
-        history[0, HISTORY_LENGTH - len(past):] = past
-    row = _feature_columns(np.array([amount]), np.array([tx_datetime.weekday()]),
-                           np.array([tx_datetime.hour]), columns, history)
-    return row[0].astype(np.float32)
+    return feature_matrix([amount], [tx_datetime], [agg])[0]
 
 
 def _sequence_channels(amounts: np.ndarray, times: np.ndarray, same_terminal: np.ndarray,
@@ -249,33 +263,48 @@ def _sequence_channels(amounts: np.ndarray, times: np.ndarray, same_terminal: np
     return (channels * valid[..., None]).astype(np.float32)
 
 
-def sequence_matrix(amount: float, tx_time_seconds: float, terminal_id: str,
-                    card_history: tuple[tuple[float, float, str], ...]) -> np.ndarray:
-    """Sequence-model input for one transaction: its card history plus itself.
+def sequence_tensor(amounts: Sequence[float], tx_times_seconds: Sequence[float], terminal_ids: Sequence[str],
+                    card_histories: Sequence[tuple[tuple[float, float, str], ...]]) -> np.ndarray:
+    """Sequence-model input for a batch of transactions: each card's history plus the transaction.
 
     Parameters
     ----------
-    amount, tx_time_seconds, terminal_id : the current transaction.
-    card_history : up to HISTORY_LENGTH previous transactions, oldest first,
+    amounts, tx_times_seconds, terminal_ids : the current transactions.
+    card_histories : per transaction, up to HISTORY_LENGTH previous transactions, oldest first,
         ``(tx_time_seconds, amount, terminal_id)``; older ones beyond the limit are ignored.
+
+    Returns
+    -------
+    (N, SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)) float32, each left-padded with zero rows.
+    """
+    count = len(amounts)
+    times = np.zeros((count, SEQUENCE_STEPS))
+    past_amounts = np.zeros((count, SEQUENCE_STEPS))
+    same = np.zeros((count, SEQUENCE_STEPS))
+    valid = np.zeros((count, SEQUENCE_STEPS))
+    for row, (terminal_id, card_history) in enumerate(zip(terminal_ids, card_histories, strict=True)):
+        history = tuple(card_history)[-HISTORY_LENGTH:]
+        pad = HISTORY_LENGTH - len(history)
+        for offset, (time_s, past_amount, past_terminal) in enumerate(history):
+            step = pad + offset
+            times[row, step], past_amounts[row, step] = time_s, past_amount
+            same[row, step] = float(str(past_terminal) == str(terminal_id))
+            valid[row, step] = 1.0
+    times[:, -1] = tx_times_seconds
+    past_amounts[:, -1] = amounts
+    same[:, -1] = valid[:, -1] = 1.0
+    return _sequence_channels(past_amounts, times, same, valid)
+
+
+def sequence_matrix(amount: float, tx_time_seconds: float, terminal_id: str,
+                    card_history: tuple[tuple[float, float, str], ...]) -> np.ndarray:
+    """Sequence-model input for one transaction: :func:`sequence_tensor` of one row.
 
     Returns
     -------
     (SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)) float32, left-padded with zero rows.
     """
-    history = tuple(card_history)[-HISTORY_LENGTH:]
-    pad = HISTORY_LENGTH - len(history)
-    times = np.zeros(SEQUENCE_STEPS)
-    amounts = np.zeros(SEQUENCE_STEPS)
-    same = np.zeros(SEQUENCE_STEPS)
-    valid = np.zeros(SEQUENCE_STEPS)
-    for offset, (time_s, past_amount, past_terminal) in enumerate(history):
-        step = pad + offset
-        times[step], amounts[step] = time_s, past_amount
-        same[step] = float(str(past_terminal) == str(terminal_id))
-        valid[step] = 1.0
-    times[-1], amounts[-1], same[-1], valid[-1] = tx_time_seconds, amount, 1.0, 1.0
-    return _sequence_channels(amounts[None], times[None], same[None], valid[None])[0]
+    return sequence_tensor([amount], [tx_time_seconds], [terminal_id], [card_history])[0]
 
 
 # --------------------------------------------------------------------------- reference (slow)

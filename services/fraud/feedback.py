@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.fraud.db import Case, Transaction
+from services.fraud.redis_state import record_label_sync, stored_answer_sync
 from services.fraud.schemas import CaseOut, Decision, DecisionOut, LabelIn, Reason, TenantSettingsIn
-from services.fraud.scoring import stored_decision, tenant_settings
+from services.fraud.scoring import replayed_answer, stored_decision, tenant_settings
 from shared.db import utcnow
-from shared.errors import NotFound, UnprocessableContent
+from shared.errors import NotFound, NotReady, UnprocessableContent
+from shared.kv import redis_configured, sync_redis
 from shared.security import ensure_tenant
+
+RECORDING_WAIT_S = 10.0
 
 
 def epoch() -> datetime:
@@ -28,16 +33,41 @@ def _transaction(session: Session, tenant_id: str, transaction_id: str) -> Trans
 
 
 def decision_of(session: Session, tenant_id: str, transaction_id: str) -> DecisionOut:
-    """The stored decision of a transaction."""
-    return stored_decision(_transaction(session, tenant_id, transaction_id))
+    """The stored decision of a transaction (from Redis while its row is still being written)."""
+    row = session.get(Transaction, (tenant_id, transaction_id))
+    if row is None and redis_configured():
+        answer = stored_answer_sync(sync_redis(), tenant_id, transaction_id)
+        if answer is not None:
+            return replayed_answer(answer)
+    if row is None:
+        raise NotFound(f"transaction '{transaction_id}' was never scored for this tenant")
+    return stored_decision(row)
+
+
+def _wait_until_recorded(session: Session, tenant_id: str, transaction_id: str) -> None:
+    """With write-behind, a decision answered a moment ago may not be a row yet: wait for the recorder."""
+    if not redis_configured() or stored_answer_sync(sync_redis(), tenant_id, transaction_id) is None:
+        return
+    deadline = time.monotonic() + RECORDING_WAIT_S
+    while time.monotonic() < deadline:
+        if session.get(Transaction, (tenant_id, transaction_id), populate_existing=True) is not None:
+            return
+        session.rollback()  # end the read transaction so the next look sees new commits
+        time.sleep(0.02)
+    raise NotReady("the decision is still being recorded; retry shortly", headers={"Retry-After": "1"})
 
 
 def record_label(session: Session, tenant_id: str, transaction_id: str, label: LabelIn) -> DecisionOut:
     """Label a transaction (analyst verdict or chargeback) and close its open case.
 
     A chargeback overrides an analyst's earlier 'legitimate'; the latest label wins otherwise.
+    With Redis state the label also enters the terminal risk windows there (before the commit: a
+    retried label is harmless, a lost one is not).
     """
+    _wait_until_recorded(session, tenant_id, transaction_id)
     row = _transaction(session, tenant_id, transaction_id)
+    if redis_configured():
+        record_label_sync(sync_redis(), tenant_id, row.terminal_id, transaction_id, row.tx_time_s, label.is_fraud)
     row.is_fraud = label.is_fraud
     row.label_source = label.source
     row.labelled_at = utcnow()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from model_runtime.artifacts import load_manifest
-from services.fraud.features import SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_matrix
+from services.fraud.features import SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_tensor
 
 SEQUENCE_FEATURE = "CARD_SEQUENCE_LOGIT"
 """Name of the stacked sequence-model input (and of its contribution in ``reasons``)."""
@@ -357,7 +357,8 @@ class FraudScorer:
 def _as_sequence_array(sequences: np.ndarray | Sequence[RawTransaction]) -> np.ndarray:
     if isinstance(sequences, np.ndarray):
         return sequences.astype(np.float32, copy=False)
-    return np.stack([sequence_matrix(a, t, term, hist) for a, t, term, hist in sequences])
+    amounts, times, terminals, histories = zip(*sequences, strict=True) if sequences else ((), (), (), ())
+    return sequence_tensor(amounts, times, terminals, histories)
 
 
 def _load_sequence_backend(directory: Path, backend: str):

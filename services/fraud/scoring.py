@@ -1,9 +1,14 @@
-"""Scoring one transaction: window state -> features -> batched model -> rules -> decision -> stored.
+"""Scoring one transaction: window state -> batched features + model -> rules -> decision -> recorded.
 
-The request path does two short database visits in a worker thread (read the window state, then
-write the decision) and awaits the model through the shared runtime, where concurrent requests are
-batched. The decision is committed before it is answered, so an answered transaction is never lost;
-a resend of the same transaction id returns the stored answer and changes no feature.
+Two state stores, one semantics (a resend of the same transaction id gets the stored answer and
+changes no feature; an answered transaction is never lost):
+
+- the database (embedded default): two short visits in a worker thread, reading the window state
+  and then committing the decision before it is answered;
+- Redis (``TESSERA_REDIS_URL`` set): one Lua script before the model and one after, on the event
+  loop; the database row is written behind, in batches (:mod:`services.fraud.recorder`).
+
+Features are built with the model, in the runtime's batch (:func:`services.fraud.serving.score_batch`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -20,7 +26,8 @@ from sqlalchemy.orm import Session
 
 from model_runtime.runtime import get_runtime
 from services.fraud.db import Case, Transaction
-from services.fraud.features import FEATURE_NAMES, feature_vector, sequence_matrix
+from services.fraud.features import FEATURE_NAMES, WindowAggregates
+from services.fraud.redis_state import RedisWindowState, wait_while_busy
 from services.fraud.rules import ActiveRules, RuleHit, evaluate_rules, load_active_rules
 from services.fraud.schemas import (
     DECISION_SEVERITY,
@@ -30,9 +37,11 @@ from services.fraud.schemas import (
     TenantSettingsIn,
     TransactionIn,
 )
-from services.fraud.serving import FRAUD_MODEL_NAME
+from services.fraud.serving import FRAUD_MODEL_NAME, ScoredItem, ScoringItem
 from services.fraud.state import read_aggregates
 from shared.db import session_factory
+from shared.errors import Conflict
+from shared.kv import async_redis, redis_configured
 from shared.security import Tenant
 
 logger = logging.getLogger("tessera.fraud.scoring")
@@ -41,14 +50,6 @@ TENANT_CACHE_TTL_S = 10.0
 TRANSACTION_FIELDS = ("amount", "currency", "channel", "merchant_category", "customer_id", "terminal_id")
 RULE_FIELDS: frozenset[str] = frozenset((*TRANSACTION_FIELDS, *FEATURE_NAMES, "score"))
 """What a rule condition may name."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelAnswer:
-    """The runtime's output for one transaction."""
-
-    score: float
-    contributions: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,15 +101,6 @@ def tenant_settings(session: Session, tenant_id: str) -> TenantSettingsIn:
     return TenantSettingsIn.model_validate(raw)
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    """What the read visit produced: either a stored answer or the model inputs."""
-
-    stored: DecisionOut | None
-    features: np.ndarray | None = None
-    sequence: np.ndarray | None = None
-
-
 def stored_decision(row: Transaction) -> DecisionOut:
     """The answer recorded for a transaction (what a resend gets back)."""
     return DecisionOut(transaction_id=row.transaction_id, decision=Decision(row.decision), score=row.score,
@@ -116,18 +108,26 @@ def stored_decision(row: Transaction) -> DecisionOut:
                        model_version=row.model_version, rules_version=row.rules_version, replayed=True)
 
 
-def _read_state(tenant_id: str, tx: TransactionIn) -> _Prepared:
-    """The stored answer for a resend, else the model inputs from the window state."""
+def _stored_in_database(tenant_id: str, transaction_id: str) -> DecisionOut | None:
+    with session_factory()() as session:
+        existing = session.get(Transaction, (tenant_id, transaction_id))
+        return None if existing is None else stored_decision(existing)
+
+
+def _scoring_item(tx: TransactionIn, aggregates: WindowAggregates, policy: TenantPolicy) -> ScoringItem:
+    return ScoringItem(amount=tx.amount, tx_datetime=tx.timestamp.replace(tzinfo=None),
+                       tx_time_s=tx.timestamp.timestamp(), terminal_id=tx.terminal_id, aggregates=aggregates,
+                       explain_from=policy.settings.review_threshold)
+
+
+def _read_state(tenant_id: str, tx: TransactionIn) -> DecisionOut | WindowAggregates:
+    """The stored answer for a resend, else the window state from the database."""
     with session_factory()() as session:
         existing = session.get(Transaction, (tenant_id, tx.id))
         if existing is not None:
-            return _Prepared(stored=stored_decision(existing))
-        t = tx.timestamp.timestamp()
-        aggregates = read_aggregates(session, tenant_id=tenant_id, customer_id=tx.customer_id,
-                                     terminal_id=tx.terminal_id, tx_time_s=t, amount=tx.amount)
-    features = feature_vector(tx.amount, tx.timestamp.replace(tzinfo=None), aggregates)
-    sequence = sequence_matrix(tx.amount, t, tx.terminal_id, aggregates.card_history)
-    return _Prepared(stored=None, features=features, sequence=sequence)
+            return stored_decision(existing)
+        return read_aggregates(session, tenant_id=tenant_id, customer_id=tx.customer_id,
+                               terminal_id=tx.terminal_id, tx_time_s=tx.timestamp.timestamp(), amount=tx.amount)
 
 
 def decide(score: float, hits: list[RuleHit], settings: TenantSettingsIn) -> Decision:
@@ -143,13 +143,13 @@ def decide(score: float, hits: list[RuleHit], settings: TenantSettingsIn) -> Dec
     return decision
 
 
-def explain(hits: list[RuleHit], answer: ModelAnswer) -> list[Reason]:
+def explain(hits: list[RuleHit], contributions: tuple[tuple[str, float], ...]) -> list[Reason]:
     """Rule hits first, then the model's top contributions that pushed the score up."""
     reasons = [Reason(source="rule", code=hit.rule_id, description=hit.description) for hit in hits]
     reasons += [
         Reason(source="model", code=name, description=f"{name} raised the score",
                contribution=round(value, 4))
-        for name, value in answer.contributions if value > 0
+        for name, value in contributions if value > 0
     ]
     return reasons
 
@@ -163,19 +163,26 @@ def rule_facts(tx: TransactionIn, features: np.ndarray, score: float) -> dict[st
     return facts
 
 
+def decision_record(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: DecisionOut) -> dict[str, Any]:
+    """The ``fraud_transactions`` row of a decision, as plain values."""
+    return {
+        "tenant_id": tenant_id, "transaction_id": tx.id, "customer_id": tx.customer_id,
+        "terminal_id": tx.terminal_id, "tx_time_s": tx.timestamp.timestamp(), "amount": tx.amount,
+        "currency": tx.currency, "channel": tx.channel.value, "score": out.score, "decision": out.decision.value,
+        "reasons": [r.model_dump(exclude_none=True) for r in out.reasons],
+        "features": [round(float(v), 6) for v in features.tolist()], "model_version": out.model_version,
+        "rules_version": out.rules_version, "received_at_s": time.time(),
+    }
+
+
 def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: DecisionOut,
            on_flagged: Any | None) -> DecisionOut:
     """Commit the decision; a concurrent duplicate that committed first wins and is returned."""
+    record = decision_record(tenant_id, tx, features, out)
+    received_at = datetime.fromtimestamp(record.pop("received_at_s"), UTC)
     with session_factory()() as session:
         try:
-            session.add(Transaction(
-                tenant_id=tenant_id, transaction_id=tx.id, customer_id=tx.customer_id,
-                terminal_id=tx.terminal_id, tx_time_s=tx.timestamp.timestamp(), amount=tx.amount,
-                currency=tx.currency, channel=tx.channel.value, score=out.score, decision=out.decision.value,
-                reasons=[r.model_dump(exclude_none=True) for r in out.reasons],
-                features=[round(float(v), 6) for v in features], model_version=out.model_version,
-                rules_version=out.rules_version,
-            ))
+            session.add(Transaction(**record, received_at=received_at))
             session.flush()  # a duplicate fails here, before any case or callback is written
             if out.decision != Decision.approve:
                 session.add(Case(tenant_id=tenant_id, transaction_id=tx.id))
@@ -191,45 +198,99 @@ def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: Decisio
     return out
 
 
-def _decision(tx: TransactionIn, policy: TenantPolicy, features: np.ndarray, score: float,
-              contributions: tuple[tuple[str, float], ...], model_version: str) -> DecisionOut:
-    answer = ModelAnswer(score=score, contributions=contributions)
-    hits = evaluate_rules(policy.rules.rules, rule_facts(tx, features, answer.score))
+def _decision(tx: TransactionIn, policy: TenantPolicy, scored: ScoredItem, model_version: str) -> DecisionOut:
+    hits = evaluate_rules(policy.rules.rules, rule_facts(tx, scored.features, scored.score))
     return DecisionOut(
-        transaction_id=tx.id, decision=decide(answer.score, hits, policy.settings),
-        score=round(answer.score, 6), reasons=explain(hits, answer), model_version=model_version,
+        transaction_id=tx.id, decision=decide(scored.score, hits, policy.settings),
+        score=round(scored.score, 6), reasons=explain(hits, scored.contributions), model_version=model_version,
         rules_version=policy.rules.version,
     )
 
 
+def _model_version() -> str:
+    return str(get_runtime().loaded()[FRAUD_MODEL_NAME]["version"])
+
+
 async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPolicy, *,
                             on_flagged: Any | None = None) -> DecisionOut:
-    """Score, decide, store and answer one transaction (idempotent by ``tx.id``).
+    """Score, decide, record and answer one transaction (idempotent by ``tx.id``).
 
-    ``on_flagged(session, tenant_id, decision)`` runs inside the storing transaction for review and
-    decline decisions (the API uses it to enqueue the bank callback after commit).
+    With Redis configured the window state and the answer live there and the row is written
+    behind (:mod:`services.fraud.redis_state`, :mod:`services.fraud.recorder`, which also opens the
+    case and queues the callback); otherwise the database is the state and the decision is
+    committed before it is answered, ``on_flagged(session, tenant_id, decision)`` running inside
+    that transaction for review and decline decisions.
     """
-    prepared = await asyncio.to_thread(_read_state, tenant_id, tx)
-    if prepared.stored is not None:
-        return prepared.stored
-    assert prepared.features is not None
-    runtime = get_runtime()
-    item = (prepared.features, prepared.sequence, policy.settings.review_threshold)
-    score, contributions = await runtime.predict(FRAUD_MODEL_NAME, item)
-    out = _decision(tx, policy, prepared.features, score, contributions,
-                    runtime.loaded()[FRAUD_MODEL_NAME]["version"])
-    return await asyncio.to_thread(_store, tenant_id, tx, prepared.features, out, on_flagged)
+    if redis_configured():
+        return await _score_with_redis(tenant_id, tx, policy)
+    state = await asyncio.to_thread(_read_state, tenant_id, tx)
+    if isinstance(state, DecisionOut):
+        return state
+    scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, state, policy))
+    out = _decision(tx, policy, scored, _model_version())
+    return await asyncio.to_thread(_store, tenant_id, tx, scored.features, out, on_flagged)
+
+
+MAX_RESERVE_ATTEMPTS = 4
+
+
+async def _reserve(state: RedisWindowState, tenant_id: str, tx: TransactionIn) -> DecisionOut | WindowAggregates:
+    """Window state for a new transaction, or the answer a resend (or a concurrent duplicate) gets."""
+    takeover = False
+    for _ in range(MAX_RESERVE_ATTEMPTS):
+        reservation = await state.reserve(tenant_id, tx.id, tx.customer_id, tx.terminal_id,
+                                          tx.timestamp.timestamp(), tx.amount, takeover=takeover)
+        if reservation.aggregates is not None:
+            return reservation.aggregates
+        if reservation.answer is not None:
+            return replayed_answer(reservation.answer)
+        if reservation.status == "busy":
+            answer = await wait_while_busy(state, tenant_id, tx.id)
+            if answer is not None:
+                return replayed_answer(answer)
+            continue  # the duplicate's lease lapsed: its process died; reserve again
+        stored = await asyncio.to_thread(_stored_in_database, tenant_id, tx.id)
+        if stored is not None:
+            return stored
+        takeover = True  # in the windows but never answered: a crashed attempt, score it now
+    raise Conflict("a duplicate of this transaction is still being scored; retry shortly",
+                   headers={"Retry-After": "1"})
+
+
+def replayed_answer(answer: bytes) -> DecisionOut:
+    """A stored answer as a resend gets it."""
+    return DecisionOut.model_validate_json(answer).model_copy(update={"replayed": True})
+
+
+async def _score_with_redis(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
+    state = redis_window_state()
+    prepared = await _reserve(state, tenant_id, tx)
+    if isinstance(prepared, DecisionOut):
+        return prepared
+    scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, prepared, policy))
+    out = _decision(tx, policy, scored, _model_version())
+    winner = await state.commit(tenant_id, tx.id, out.model_dump_json().encode(),
+                                decision_record(tenant_id, tx, scored.features, out))
+    return out if winner is None else replayed_answer(winner)
+
+
+def redis_window_state() -> RedisWindowState:
+    """The Redis window state of the running event loop."""
+    client = async_redis()
+    state = _redis_states.get(id(client))
+    if state is None:
+        state = _redis_states[id(client)] = RedisWindowState(client)
+    return state
+
+
+_redis_states: dict[int, RedisWindowState] = {}
 
 
 def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
-    """The same as :func:`score_transaction` for worker processes (no event loop, no callbacks)."""
-    prepared = _read_state(tenant_id, tx)
-    if prepared.stored is not None:
-        return prepared.stored
-    assert prepared.features is not None
-    runtime = get_runtime()
-    item = (prepared.features, prepared.sequence, policy.settings.review_threshold)
-    [(score, contributions)] = runtime.predict_many_sync(FRAUD_MODEL_NAME, [item])
-    out = _decision(tx, policy, prepared.features, score, contributions,
-                    runtime.loaded()[FRAUD_MODEL_NAME]["version"])
-    return _store(tenant_id, tx, prepared.features, out, None)
+    """The database-state path of :func:`score_transaction` for worker processes (back-tests)."""
+    state = _read_state(tenant_id, tx)
+    if isinstance(state, DecisionOut):
+        return state
+    [scored] = get_runtime().predict_many_sync(FRAUD_MODEL_NAME, [_scoring_item(tx, state, policy)])
+    out = _decision(tx, policy, scored, _model_version())
+    return _store(tenant_id, tx, scored.features, out, None)

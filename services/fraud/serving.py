@@ -1,13 +1,16 @@
 """The fraud model in the shared runtime: which artifact is live, and how a batch is scored.
 
-Items are ``(features (F,), sequence (K, S))`` pairs prepared on the request side; the runtime
-batches concurrent requests and calls :func:`score_batch` in its model thread.
+Items are :class:`ScoringItem` (a transaction and its window state); the runtime batches concurrent
+requests and calls :func:`score_batch` in its model thread, which builds features for the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from model_runtime.artifacts import list_versions, load_manifest
 from model_runtime.runtime import LoadContext, ModelSpec, get_runtime
-from services.fraud.features import FEATURE_NAMES, SEQUENCE_CHANNELS, SEQUENCE_STEPS
+from services.fraud.features import WindowAggregates, feature_matrix, sequence_tensor
 from services.fraud.model import FraudScorer
 from shared.config import get_settings
 from shared.db import session_factory
@@ -24,8 +27,33 @@ from shared.db import session_factory
 FRAUD_MODEL_NAME = "fraud"
 TOP_CONTRIBUTIONS = 3
 
-ScoringItem = tuple[np.ndarray, np.ndarray, float]
-"""(features (F,), sequence (K, S), explain_from): contributions are computed for scores >= explain_from."""
+@dataclass(frozen=True, slots=True)
+class ScoringItem:
+    """One transaction as the request side hands it to the runtime: raw window state, no features yet.
+
+    Features are built in the model thread for the whole batch at once (one vectorised formula:
+    ~30 us a row in a batch against ~0.9 ms for a lone row).
+    """
+
+    amount: float
+    tx_datetime: datetime
+    """Event time as naive UTC (weekend, night and hour features)."""
+    tx_time_s: float
+    terminal_id: str
+    aggregates: WindowAggregates
+    explain_from: float
+    """Contributions are computed when the score reaches this (the tenant's review threshold)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    """The runtime's answer for one transaction."""
+
+    score: float
+    contributions: tuple[tuple[str, float], ...]
+    """Top contributions (feature, margin units); empty when the score is below ``explain_from``."""
+    features: np.ndarray
+    """(F,) float32, in FEATURE_NAMES order (rules test them; the decision record keeps them)."""
 
 
 def shipped_versions(models_dir: Path | None = None) -> list[Path]:
@@ -40,25 +68,26 @@ def _load(context: LoadContext) -> FraudScorer:
 
 
 def _prepare(item: ScoringItem) -> ScoringItem:
-    features, sequence, _explain_from = item
-    if features.shape != (len(FEATURE_NAMES),) or sequence.shape != (SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)):
-        raise ValueError(f"bad scoring input shapes {features.shape}, {sequence.shape}")
-    if not np.isfinite(features[~np.isnan(features)]).all():
-        raise ValueError("features must be finite")
+    if not isinstance(item, ScoringItem):
+        raise TypeError(f"expected a ScoringItem, got {type(item).__name__}")
+    if not math.isfinite(item.amount) or not math.isfinite(item.tx_time_s):
+        raise ValueError("amount and time must be finite")
     return item
 
 
-def score_batch(scorer: FraudScorer, items: list[ScoringItem]) -> list[tuple[float, tuple[tuple[str, float], ...]]]:
-    """Calibrated scores, and the top contributions of the items that need explaining.
+def score_batch(scorer: FraudScorer, items: list[ScoringItem]) -> list[ScoredItem]:
+    """Features, calibrated scores, and the top contributions of the items that need explaining.
 
     Reasons are path attributions (they sum to the margin; exact TreeSHAP cost ~10-18 ms a row on
     the shipped booster, 100x the score) and are computed only for rows scoring at or above their
-    tenant's review threshold: the decisions an analyst or the bank will look at. Returns
-    ``(score, ((feature, value), ...))`` per item, in order; the tuple is empty when not explained.
+    tenant's review threshold: the decisions an analyst or the bank will look at.
     """
-    features = np.stack([item[0] for item in items])
-    sequences = np.stack([item[1] for item in items])
-    explain_from = np.fromiter((item[2] for item in items), dtype=np.float64, count=len(items))
+    features = feature_matrix([item.amount for item in items], [item.tx_datetime for item in items],
+                              [item.aggregates for item in items])
+    sequences = sequence_tensor([item.amount for item in items], [item.tx_time_s for item in items],
+                                [item.terminal_id for item in items],
+                                [item.aggregates.card_history for item in items])
+    explain_from = np.fromiter((item.explain_from for item in items), dtype=np.float64, count=len(items))
     scores = scorer.predict_batch(features, sequences)
     explained = np.flatnonzero(scores >= explain_from)
     reasons: list[tuple[tuple[str, float], ...]] = [()] * len(items)
@@ -67,13 +96,15 @@ def score_batch(scorer: FraudScorer, items: list[ScoringItem]) -> list[tuple[flo
                                        method="path")
         for position, pairs in zip(explained, top, strict=True):
             reasons[position] = tuple(pairs)
-    return [(float(score), reason) for score, reason in zip(scores, reasons, strict=True)]
+    return [ScoredItem(score=float(score), contributions=reason, features=row)
+            for score, reason, row in zip(scores, reasons, features, strict=True)]
 
 
 def fraud_model_spec(artifact_dir: Path) -> ModelSpec:
     """How the runtime serves one fraud artifact (batched, warmed up at load)."""
-    warmup = (np.zeros(len(FEATURE_NAMES), dtype=np.float32),
-              np.zeros((SEQUENCE_STEPS, len(SEQUENCE_CHANNELS)), dtype=np.float32), 0.0)
+    warmup = ScoringItem(amount=1.0, tx_datetime=datetime(2024, 1, 1), tx_time_s=1_704_067_200.0,
+                         terminal_id="warmup", aggregates=WindowAggregates(*([1] * 9), None, *([0] * 8)),
+                         explain_from=0.0)
     return ModelSpec(name=FRAUD_MODEL_NAME, version="", loader=_load, run_batch=score_batch,
                      prepare=_prepare, artifact_dir=artifact_dir, max_batch_size=64, max_wait_ms=1.0,
                      max_queue=512, timeout_s=2.0, warmup_items=[warmup])

@@ -62,6 +62,23 @@ class FraudServer:
     base_url: str
     engine: Engine
 
+    def wait_recorded(self, tenant_id: str, transaction_ids: list[str], timeout_s: float = 15.0) -> None:
+        """Wait until the rows exist: with Redis state, decisions are written behind the answer."""
+        import time
+
+        from sqlalchemy import text
+
+        deadline = time.monotonic() + timeout_s
+        wanted = set(transaction_ids)
+        while True:
+            with self.engine.connect() as connection:
+                stored = {row[0] for row in connection.execute(text(
+                    "SELECT transaction_id FROM fraud_transactions WHERE tenant_id = :t"), {"t": tenant_id})}
+            if wanted <= stored:
+                return
+            assert time.monotonic() < deadline, f"{len(wanted - stored)} decisions were never recorded"
+            time.sleep(0.05)
+
     def new_tenant(self, scopes: tuple[str, ...] = ("fraud",)) -> FraudTenant:
         tenant_id = f"bank-{uuid.uuid4().hex[:8]}"
         scope_args = [arg for scope in scopes for arg in ("--scope", scope)]

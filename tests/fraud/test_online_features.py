@@ -55,6 +55,7 @@ def replay(tenant: FraudTenant, sample: pd.DataFrame) -> None:
 
 
 def stored_features(server: FraudServer, tenant: FraudTenant, ids: list[int]) -> np.ndarray:
+    server.wait_recorded(tenant.tenant_id, [str(i) for i in ids])
     with server.engine.connect() as connection:
         rows = dict(connection.execute(text(
             "SELECT transaction_id, features FROM fraud_transactions WHERE tenant_id = :t"),

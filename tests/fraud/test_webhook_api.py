@@ -103,12 +103,14 @@ def test_concurrent_duplicates_are_stored_and_counted_once(fraud_server: FraudSe
     responses = asyncio.run(storm())
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     assert len({(r.json()["decision"], r.json()["score"]) for r in responses}) == 1
+    fraud_server.wait_recorded(tenant.tenant_id, [payload["id"]])
     with fraud_server.engine.connect() as connection:
         stored = connection.execute(text("SELECT count(*) FROM fraud_transactions WHERE tenant_id = :t "
                                          "AND customer_id = :c"), {"t": tenant.tenant_id, "c": customer}).scalar()
     assert stored == 1
     follow_up = transaction(customer_id=customer, timestamp="2026-11-23T09:30:00Z")
     assert post(tenant, follow_up).status_code == 200
+    fraud_server.wait_recorded(tenant.tenant_id, [follow_up["id"]])
     with fraud_server.engine.connect() as connection:
         features = connection.execute(text("SELECT features FROM fraud_transactions WHERE tenant_id = :t "
                                            "AND transaction_id = :i"),

@@ -1,0 +1,180 @@
+"""Write-behind of fraud decisions: the ``fraud:decisions`` stream drained into the database in batches.
+
+With Redis configured, scoring answers once the decision record is in the stream
+(:mod:`services.fraud.redis_state`); each API process runs one :class:`DecisionRecorder` that reads
+the stream through a consumer group and writes whatever has accumulated in one transaction: the
+rows (``INSERT ... ON CONFLICT DO NOTHING``), a review case and a bank callback job for each newly
+stored flagged decision. Entries are acknowledged only after the commit, so a recorder that dies
+mid-batch leaves them pending, and another recorder claims them once idle for
+``CLAIM_IDLE_MS``; the conflict clause makes the replay a no-op (exactly once in effect).
+
+Batching replaces one synchronous commit per request (a ~4 ms disk flush on PostgreSQL) with one
+per batch, which is what lets the webhook hold its rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from services.fraud.db import Case, Transaction
+from services.fraud.redis_state import DECISION_STREAM
+from services.fraud.schemas import Decision, DecisionOut
+from services.fraud.tasks import enqueue_callback
+from shared.db import session_factory
+
+logger = logging.getLogger("tessera.fraud.recorder")
+
+GROUP = "recorders"
+BATCH_SIZE = 1000
+BLOCK_MS = 20
+CLAIM_IDLE_MS = 5000
+"""Entries read but unacknowledged this long belong to a dead recorder and are claimed."""
+CLAIM_EVERY_S = 2.0
+DEAD_LETTER_STREAM = "fraud:decisions:quarantine"
+"""Records the database refused (kept with the error for an operator, never dropped)."""
+
+
+def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """Insert rows, skipping ids already stored; returns the (tenant, transaction) keys inserted."""
+    dialect = session.get_bind().dialect.name
+    table = Transaction.__table__
+    if dialect == "postgresql":
+        statement: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=["tenant_id", "transaction_id"])
+    elif dialect == "sqlite":
+        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["tenant_id", "transaction_id"])
+    else:  # pragma: no cover - the two supported databases are handled above
+        statement = insert(table).prefix_with("IGNORE")
+    statement = statement.values(rows).returning(table.c.tenant_id, table.c.transaction_id)
+    return {(tenant, transaction) for tenant, transaction in session.execute(statement)}
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    row = {key: value for key, value in record.items() if key != "received_at_s"}
+    row["received_at"] = datetime.fromtimestamp(record["received_at_s"], UTC)
+    return row
+
+
+def write_records(records: list[dict[str, Any]]) -> int:
+    """Store decision records in one transaction; returns how many were new.
+
+    Cases and callbacks are created only for rows this call inserted, so replaying a batch after a
+    crash creates none twice.
+    """
+    if not records:
+        return 0
+    with session_factory()() as session:
+        inserted: set[tuple[str, str]] = set()
+        for start in range(0, len(records), BATCH_SIZE):
+            inserted |= _insert_ignoring_duplicates(session, [_row(r) for r in records[start:start + BATCH_SIZE]])
+        for record in records:
+            key = (record["tenant_id"], record["transaction_id"])
+            if key in inserted and record["decision"] != Decision.approve.value:
+                inserted.discard(key)  # the same record twice in one batch: one case
+                session.add(Case(tenant_id=key[0], transaction_id=key[1]))
+                enqueue_callback(session, key[0], _decision_out(record))
+        session.commit()
+    return len(inserted)
+
+
+def _decision_out(record: dict[str, Any]) -> DecisionOut:
+    return DecisionOut(transaction_id=record["transaction_id"], decision=Decision(record["decision"]),
+                       score=record["score"], reasons=record["reasons"], model_version=record["model_version"],
+                       rules_version=record["rules_version"])
+
+
+class DecisionRecorder:
+    """Drains the decision stream into the database until stopped (one per API process)."""
+
+    def __init__(self, client: aioredis.Redis, consumer: str | None = None) -> None:
+        self._client = client
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self._stopping = asyncio.Event()
+        self._last_claim = 0.0
+        self.recorded = 0
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (reading from the stream's start) unless it exists."""
+        try:
+            await self._client.xgroup_create(DECISION_STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        """Record batches until :meth:`stop`; errors are logged and retried (entries stay pending)."""
+        await self.ensure_group()
+        while not self._stopping.is_set():
+            try:
+                await self.record_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("recording decisions failed; retrying")
+                await asyncio.sleep(1.0)
+
+    def stop(self) -> None:
+        """Finish the current batch, then return from :meth:`run`."""
+        self._stopping.set()
+
+    async def record_once(self) -> int:
+        """Read (or claim) one batch, store it, acknowledge it; returns how many entries it handled."""
+        entries = await self._claim_abandoned() or await self._read_new()
+        if not entries:
+            return 0
+        ids = [entry_id for entry_id, _ in entries]
+        records = [orjson.loads(fields[b"r"]) for _, fields in entries if fields and b"r" in fields]
+        try:
+            self.recorded += await asyncio.to_thread(write_records, records)
+        except SQLAlchemyError:
+            logger.exception("a batch of %d decision records failed; writing them one by one", len(records))
+            await self._write_one_by_one(records)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.xack(DECISION_STREAM, GROUP, *ids)
+            pipe.xdel(DECISION_STREAM, *ids)
+            await pipe.execute()
+        return len(ids)
+
+    async def _write_one_by_one(self, records: list[dict[str, Any]]) -> None:
+        """Isolate a poison record: it goes to the dead-letter stream, the others are stored."""
+        for record in records:
+            try:
+                self.recorded += await asyncio.to_thread(write_records, [record])
+            except SQLAlchemyError as exc:
+                logger.error("decision record %s/%s quarantined: %s", record.get("tenant_id"),
+                             record.get("transaction_id"), exc)
+                await self._client.xadd(DEAD_LETTER_STREAM, {"r": orjson.dumps(record), "error": str(exc)[:2000]})
+
+    async def _read_new(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply = await self._client.xreadgroup(GROUP, self.consumer, {DECISION_STREAM: ">"}, count=BATCH_SIZE,
+                                              block=BLOCK_MS)
+        return reply[0][1] if reply else []
+
+    async def _claim_abandoned(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        loop_time = asyncio.get_running_loop().time()
+        if loop_time - self._last_claim < CLAIM_EVERY_S:
+            return []
+        self._last_claim = loop_time
+        _next, claimed, *_deleted = await self._client.xautoclaim(
+            DECISION_STREAM, GROUP, self.consumer, min_idle_time=CLAIM_IDLE_MS, start_id="0-0", count=BATCH_SIZE)
+        if claimed:
+            logger.warning("claimed %d decision records abandoned by a dead recorder", len(claimed))
+        return list(claimed)  # entries deleted meanwhile come back without fields: acknowledged below
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Record everything already in the stream (shutdown, tests)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline and await self.record_once():
+            pass

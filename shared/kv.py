@@ -1,0 +1,60 @@
+"""Redis clients for shared fast state (velocity windows, idempotency answers, write-behind streams).
+
+Fast state is optional: with ``TESSERA_REDIS_URL`` unset (the embedded default) every vertical
+keeps its state in the database instead, so :func:`redis_configured` is the one switch callers test.
+Clients are cached per process (the async one per event loop: a client's connections belong to
+the loop that opened them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+
+import redis
+import redis.asyncio as aioredis
+
+from shared.config import get_settings
+
+_async_clients: dict[int, aioredis.Redis] = {}
+
+
+def redis_configured() -> bool:
+    """Whether a Redis URL is set for fast shared state."""
+    return bool(get_settings().redis_url)
+
+
+def _url() -> str:
+    url = get_settings().redis_url
+    if not url:
+        raise RuntimeError("TESSERA_REDIS_URL is not set; check redis_configured() first")
+    return url
+
+
+def async_redis() -> aioredis.Redis:
+    """The async client of the running event loop (bytes in, bytes out)."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _async_clients.get(loop_id)
+    if client is None:
+        client = aioredis.Redis.from_url(_url(), health_check_interval=30, socket_keepalive=True)
+        _async_clients[loop_id] = client
+    return client
+
+
+@lru_cache(maxsize=1)
+def sync_redis() -> redis.Redis:
+    """A blocking client for code that runs in worker threads or Celery tasks."""
+    return redis.Redis.from_url(_url(), health_check_interval=30, socket_keepalive=True)
+
+
+async def close_async_redis() -> None:
+    """Close the running loop's async client (app shutdown)."""
+    client = _async_clients.pop(id(asyncio.get_running_loop()), None)
+    if client is not None:
+        await client.aclose()
+
+
+def reset_redis_clients() -> None:
+    """Forget cached clients (tests that change the settings between stacks)."""
+    _async_clients.clear()
+    sync_redis.cache_clear()
