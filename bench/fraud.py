@@ -99,9 +99,21 @@ def rss_peak_mb(pid: int | str = "self") -> float | None:
 
 
 def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its live children (uvicorn workers), from /proc."""
+    total = 0.0
+    for member in (pid, *_children(pid)):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return found + [grandchild for child in found for grandchild in _children(child)]
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -200,18 +212,24 @@ _batch_calls = [0, 0]  # run_batch calls, items (counted by a wrapper around sco
 
 
 def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, Any]]:
-    from services.fraud.features import compute_offline_features
+    from services.fraud.features import aggregates_for_row, feature_vector, sequence_matrix
     from services.fraud.model import FraudScorer
-    from services.fraud.serving import fraud_model_spec, score_batch
+    from services.fraud.serving import ScoringItem, fraud_model_spec, score_batch
 
     df = simulate(n_customers=500 if args.quick else 1000, n_days=30, seed=1)
-    features_df, sequences = compute_offline_features(df)
-    features = features_df.to_numpy(dtype=np.float32)
     n = min(len(df), args.inproc_items)
     rng = np.random.default_rng(0)
-    order = rng.permutation(len(df))[:n]
-    review_threshold = 0.2  # the default tenant setting: only scores >= it get TreeSHAP reasons
-    items = [(features[i], sequences[i], review_threshold) for i in order]
+    order = rng.permutation(np.arange(len(df) // 2, len(df)))[:n]  # later rows: windows are full
+    review_threshold = 0.2  # the default tenant setting: only scores >= it get reasons
+    items = []
+    for i in order:
+        row = df.iloc[i]
+        items.append(ScoringItem(amount=float(row.TX_AMOUNT), tx_datetime=row.TX_DATETIME.to_pydatetime(),
+                                 tx_time_s=float(row.TX_TIME_SECONDS), terminal_id=str(row.TERMINAL_ID),
+                                 aggregates=aggregates_for_row(df, int(i)), explain_from=review_threshold))
+    model_rows = [(feature_vector(it.amount, it.tx_datetime, it.aggregates),
+                   sequence_matrix(it.amount, it.tx_time_s, it.terminal_id, it.aggregates.card_history))
+                  for it in items]
     budget = args.inproc_seconds
     scorer = FraudScorer(artifact, verify=False)
     print(f"\n[in-process] artifact {artifact} (uses_sequence={scorer.uses_sequence}, "
@@ -225,8 +243,8 @@ def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, An
 
     rows: list[dict[str, Any]] = []
 
-    def model_inputs(item):  # type: ignore[no-untyped-def]
-        return scorer.model_inputs(item[0][None, :], item[1][None])
+    def model_inputs(pair):  # type: ignore[no-untyped-def]
+        return scorer.model_inputs(pair[0][None, :], pair[1][None])
 
     def lgb_row(item):  # type: ignore[no-untyped-def]
         return scorer.booster.predict(model_inputs(item), raw_score=True, num_threads=1)
@@ -236,10 +254,11 @@ def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, An
         scorer.booster.predict(inputs, raw_score=True, num_threads=1)
         return scorer.booster.predict(inputs, pred_contrib=True, num_threads=1)
 
-    for name, fn in (("lightgbm per-row (score only)", lgb_row),
-                     ("lightgbm per-row + pred_contrib", lgb_row_contrib),
-                     ("score_batch B=1 (sync, unbatched)", lambda item: score_batch(scorer, [item]))):
-        rows.append(_timed_sync(name, fn, items, budget))
+    for name, fn, inputs in (("lightgbm per-row, features precomputed (score only)", lgb_row, model_rows),
+                             ("lightgbm per-row + pred_contrib (exact SHAP)", lgb_row_contrib, model_rows),
+                             ("score_batch B=1: features + model + reasons", lambda item: score_batch(scorer, [item]),
+                              items)):
+        rows.append(_timed_sync(name, fn, inputs, budget))
         print(f"  {name}: {rows[-1]['throughput']:.0f}/s", file=sys.stderr, flush=True)
 
     base = dataclasses.replace(fraud_model_spec(artifact), run_batch=counted_score_batch)
@@ -543,13 +562,14 @@ def serve_entry(argv: list[str]) -> None:
     import uvicorn
 
     port = int(argv[0])
+    workers = int(os.environ.get("BENCH_WORKERS", "1"))
     if "--unbatched" in argv:
         import services.fraud.serving as serving
 
         shipped = serving.fraud_model_spec
         serving.fraud_model_spec = lambda artifact: dataclasses.replace(shipped(artifact), max_batch_size=1)
     uvicorn.run("services.fraud.api:app", host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", timeout_keep_alive=60)
+                access_log=False, log_level="warning", timeout_keep_alive=60, workers=workers)
 
 
 @dataclasses.dataclass
@@ -563,6 +583,14 @@ def make_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databas
     env = {"TESSERA_DATA_DIR": str(workdir / kind), "TESSERA_LOG_LEVEL": "WARNING"}
     (workdir / kind).mkdir(parents=True, exist_ok=True)
     suffix = " (runtime unbatched)" if kind.endswith("-unbatched") else ""
+    if kind.startswith("redis"):
+        import redis
+
+        redis.Redis.from_url(args.redis_state).flushdb()
+        env["TESSERA_REDIS_URL"] = args.redis_state
+        suffix = " + Redis state, rows written behind" + suffix
+    if args.workers > 1:
+        suffix += f", {args.workers} API workers"
     kind = kind.split("-")[0]
     if kind == "sqlite":
         return Database("SQLite" + suffix, env, lambda: None)
@@ -582,6 +610,25 @@ def make_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databas
     if args.redis_broker:
         env["TESSERA_BROKER_URL"] = args.redis_broker
     return Database("PostgreSQL" + suffix, env, drop)
+
+
+def wait_recorded(env: dict[str, str], expected: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    """After a Redis-state run: how long until every answered decision is a database row."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(env["TESSERA_DATABASE_URL"])
+    started = time.perf_counter()
+    stored = 0
+    try:
+        while time.perf_counter() - started < timeout_s:
+            with engine.connect() as connection:
+                stored = connection.execute(text("SELECT count(*) FROM fraud_transactions")).scalar() or 0
+            if stored >= expected:
+                break
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    return {"answered": expected, "rows": stored, "seconds_to_catch_up": round(time.perf_counter() - started, 2)}
 
 
 def tessera_cmd(*argv: str) -> list[str]:
@@ -673,7 +720,7 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
              df) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     db = make_database(kind, args, workdir)
     env = {**os.environ, **db.env, "TESSERA_MODELS_DIR": str(artifact.parent.parent),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "BENCH_WORKERS": str(1 if kind.endswith("-unbatched") else args.workers)}
     proc: subprocess.Popen | None = None
     try:
         subprocess.run(tessera_cmd("db", "upgrade"), env=env, cwd=REPO, check=True,
@@ -710,8 +757,13 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
         profile = None
         if kind in args.profile_dbs:
             profile = profile_server(args, proc.pid, plan, workdir, kind, env)
+        recorded = None
+        if kind.startswith("redis"):
+            answered = sum(p.get("ok", 0) for p in result["points"])
+            recorded = wait_recorded(env, answered)
+            print(f"    rows written behind: {recorded}", file=sys.stderr, flush=True)
         log_text = server_log.read_text(errors="replace")
-        return {"database": db.label, "points": points, "profile": profile,
+        return {"database": db.label, "points": points, "profile": profile, "write_behind": recorded,
                 "server_peak_rss_mb": rss_peak_mb(proc.pid),
                 # tracebacks the server logged (ClientDisconnect when the generator drops a backlog)
                 "server_exceptions_logged": log_text.count("Exception in ASGI application"),
@@ -810,19 +862,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--artifact", help="artifact directory (default: newest under TESSERA_MODELS_DIR/fraud)")
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
-    parser.add_argument("--dbs", help="comma-separated: sqlite, postgres, postgres-unbatched (the API with the "
-                        "runtime's max_batch_size=1: naive per-request model call); default all three, "
-                        "--quick: sqlite,postgres")
+    parser.add_argument("--dbs", help="comma-separated: sqlite, postgres (database state, a commit per request), "
+                        "redis (PostgreSQL rows written behind, Redis window state), redis-unbatched (the same "
+                        "with the runtime's max_batch_size=1: a naive per-request model call); default all four, "
+                        "--quick: sqlite,redis")
     parser.add_argument("--rates", help="comma-separated open-loop rates (tx/s)")
     parser.add_argument("--point-s", type=float, help="seconds a point")
     parser.add_argument("--closed-concurrency", type=int, default=32)
     parser.add_argument("--pg-url", default=DEFAULT_PG, help="server URL without database name")
     parser.add_argument("--redis-broker", default="redis://127.0.0.1:6379/14",
                         help="broker for the PostgreSQL run ('' keeps the embedded one)")
-    parser.add_argument("--profile-dbs", default="sqlite,postgres", help="runs to profile (comma-separated)")
+    parser.add_argument("--redis-state", default="redis://127.0.0.1:6379/11",
+                        help="Redis for the 'redis' runs' window state (flushed first)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes for the server")
+    parser.add_argument("--profile-dbs", default="sqlite,postgres,redis", help="runs to profile (comma-separated)")
     args = parser.parse_args(argv)
-    args.dbs = [d for d in (args.dbs or ("sqlite,postgres" if args.quick else
-                                         "sqlite,postgres,postgres-unbatched")).split(",") if d]
+    args.dbs = [d for d in (args.dbs or ("sqlite,redis" if args.quick else
+                                         "sqlite,postgres,redis,redis-unbatched")).split(",") if d]
     args.profile_dbs = [d for d in args.profile_dbs.split(",") if d]
     if args.rates:
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -830,7 +886,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.rates = [50, 200, 1200] if args.quick else [25, 50, 100, 200, 400, 800, 1200]
     args.point_s = args.point_s or (3.0 if args.quick else 10.0)
     args.warmup_s = 2.0 if args.quick else 5.0
-    args.inproc_items = 2000 if args.quick else 20000
+    args.inproc_items = 1000 if args.quick else 4000
     args.inproc_seconds = 1.5 if args.quick else 5.0
     args.inproc_concurrency = [1, 8, 32, 64]
     return args

@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 
 from shared.config import get_settings
 
+MAX_CONNECTIONS = 64
+POOL_TIMEOUT_S = 2.0
 _async_clients: dict[int, aioredis.Redis] = {}
 
 
@@ -36,7 +38,12 @@ def async_redis() -> aioredis.Redis:
     loop_id = id(asyncio.get_running_loop())
     client = _async_clients.get(loop_id)
     if client is None:
-        client = aioredis.Redis.from_url(_url(), health_check_interval=30, socket_keepalive=True)
+        # A blocking pool: past MAX_CONNECTIONS in-flight commands a caller waits for a free
+        # connection instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(_url(), max_connections=MAX_CONNECTIONS,
+                                                        timeout=POOL_TIMEOUT_S, health_check_interval=30,
+                                                        socket_keepalive=True)
+        client = aioredis.Redis(connection_pool=pool)
         _async_clients[loop_id] = client
     return client
 

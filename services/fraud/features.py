@@ -122,12 +122,17 @@ def _history_columns(amount: np.ndarray, history_amounts: np.ndarray) -> list[np
     previous amounts above 3 x (median + 1)]; ratios are 1 and the count 0 without history.
     """
     present = ~np.isnan(history_amounts)
-    count = present.sum(axis=1).astype(np.float64)
+    count = present.sum(axis=1)
     has = count > 0
-    padded = np.where(has[:, None], history_amounts, 0.0)  # all-NaN rows would warn in nanmedian
-    floor = np.nanmedian(padded, axis=1) + AMOUNT_STD_FLOOR
-    peak = np.nanmax(padded, axis=1)
+    # np.nanmedian goes through masked arrays (~0.5 ms a call); NaNs sort last, so the median of
+    # each row is the middle of its first `count` sorted values.
+    ordered = np.sort(history_amounts, axis=1)
+    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    high = np.take_along_axis(ordered, np.maximum(count // 2, 0)[:, None], axis=1)[:, 0]
+    floor = np.where(has, (low + high) / 2.0, 0.0) + AMOUNT_STD_FLOOR
+    peak = np.where(present, history_amounts, -np.inf).max(axis=1)
     spikes = (np.where(present, history_amounts, 0.0) > 3.0 * floor[:, None]).sum(axis=1)
+    count = count.astype(np.float64)
     return [count, np.where(has, amount / floor, 1.0), np.where(has, peak / floor, 1.0),
             spikes.astype(np.float64)]
 

@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import psycopg
 import redis.asyncio as aioredis
+import sqlalchemy.exc
 from redis.exceptions import ResponseError
-from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.fraud.db import Case, Transaction
@@ -45,20 +45,62 @@ CLAIM_IDLE_MS = 5000
 CLAIM_EVERY_S = 2.0
 DEAD_LETTER_STREAM = "fraud:decisions:quarantine"
 """Records the database refused (kept with the error for an operator, never dropped)."""
+RECORD_ERRORS = (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError, psycopg.DataError,
+                 psycopg.IntegrityError, KeyError, TypeError, ValueError)
+"""Errors a record itself causes (quarantined); anything else, such as a lost connection, is retried."""
 
 
-def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    """Insert rows, skipping ids already stored; returns the (tenant, transaction) keys inserted."""
-    dialect = session.get_bind().dialect.name
+_COPY_COLUMNS = ("tenant_id", "transaction_id", "customer_id", "terminal_id", "tx_time_s", "amount", "currency",
+                 "channel", "score", "decision", "reasons", "features", "model_version", "rules_version",
+                 "received_at")
+_STAGING = "fraud_transactions_staging"
+
+
+def _copy_ignoring_duplicates(session: Session, records: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """PostgreSQL: COPY the batch into a temporary staging table, then INSERT ... ON CONFLICT DO NOTHING.
+
+    COPY costs a fraction of an INSERT per row in the client (no statement per row, no SQL text
+    built per batch size), which matters because the recorder shares the API process's CPU.
+    """
+    connection = session.connection()
+    raw = connection.connection.driver_connection
+    columns = ", ".join(_COPY_COLUMNS)
+    with raw.cursor() as cursor:
+        # every batch: a rolled-back batch takes the table's creation with it
+        cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING} "
+                       f"(LIKE fraud_transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        with cursor.copy(f"COPY {_STAGING} ({columns}) FROM STDIN") as copy:
+            for record in records:
+                copy.write_row(_copy_row(record))
+        cursor.execute(f"INSERT INTO fraud_transactions ({columns}) SELECT {columns} FROM {_STAGING} "
+                       f"ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING tenant_id, transaction_id")
+        inserted = {(tenant, transaction) for tenant, transaction in cursor.fetchall()}
+        cursor.execute(f"DELETE FROM {_STAGING}")  # the session may go on to a second batch before committing
+    return inserted
+
+
+def _copy_row(record: dict[str, Any]) -> tuple[Any, ...]:
+    row = _row(record)
+    row["reasons"] = orjson.dumps(row["reasons"]).decode()
+    row["features"] = orjson.dumps(row["features"]).decode()
+    return tuple(row[column] for column in _COPY_COLUMNS)
+
+
+def _insert_ignoring_duplicates(session: Session, records: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """Insert rows, skipping ids already stored; returns the (tenant, transaction) keys inserted.
+
+    PostgreSQL through psycopg uses COPY; other databases an executemany of one cached statement.
+    """
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        return _copy_ignoring_duplicates(session, records)
+    module = {"postgresql": postgresql, "sqlite": sqlite}.get(dialect.name)
+    if module is None:  # pragma: no cover - the supported databases are handled above
+        raise RuntimeError(f"write-behind is not implemented for {dialect.name}")
     table = Transaction.__table__
-    if dialect == "postgresql":
-        statement: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=["tenant_id", "transaction_id"])
-    elif dialect == "sqlite":
-        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["tenant_id", "transaction_id"])
-    else:  # pragma: no cover - the two supported databases are handled above
-        statement = insert(table).prefix_with("IGNORE")
-    statement = statement.values(rows).returning(table.c.tenant_id, table.c.transaction_id)
-    return {(tenant, transaction) for tenant, transaction in session.execute(statement)}
+    statement = module.insert(table).on_conflict_do_nothing(index_elements=["tenant_id", "transaction_id"])
+    statement = statement.returning(table.c.tenant_id, table.c.transaction_id)
+    return {(tenant, transaction) for tenant, transaction in session.execute(statement, [_row(r) for r in records])}
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
@@ -78,11 +120,12 @@ def write_records(records: list[dict[str, Any]]) -> int:
     with session_factory()() as session:
         inserted: set[tuple[str, str]] = set()
         for start in range(0, len(records), BATCH_SIZE):
-            inserted |= _insert_ignoring_duplicates(session, [_row(r) for r in records[start:start + BATCH_SIZE]])
+            inserted |= _insert_ignoring_duplicates(session, records[start:start + BATCH_SIZE])
+        flagged_new = set()
         for record in records:
             key = (record["tenant_id"], record["transaction_id"])
-            if key in inserted and record["decision"] != Decision.approve.value:
-                inserted.discard(key)  # the same record twice in one batch: one case
+            if key in inserted and key not in flagged_new and record["decision"] != Decision.approve.value:
+                flagged_new.add(key)  # the same record twice in one batch still gets one case
                 session.add(Case(tenant_id=key[0], transaction_id=key[1]))
                 enqueue_callback(session, key[0], _decision_out(record))
         session.commit()
@@ -135,27 +178,39 @@ class DecisionRecorder:
         if not entries:
             return 0
         ids = [entry_id for entry_id, _ in entries]
-        records = [orjson.loads(fields[b"r"]) for _, fields in entries if fields and b"r" in fields]
+        records = await self._parse([fields for _, fields in entries if fields])
         try:
             self.recorded += await asyncio.to_thread(write_records, records)
-        except SQLAlchemyError:
+        except RECORD_ERRORS:
             logger.exception("a batch of %d decision records failed; writing them one by one", len(records))
             await self._write_one_by_one(records)
+        # any other error (database down) propagates: the batch stays pending and is retried
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.xack(DECISION_STREAM, GROUP, *ids)
             pipe.xdel(DECISION_STREAM, *ids)
             await pipe.execute()
         return len(ids)
 
+    async def _parse(self, entries: list[dict[bytes, bytes]]) -> list[dict[str, Any]]:
+        records = []
+        for fields in entries:
+            try:
+                records.append(orjson.loads(fields[b"r"]))
+            except (KeyError, orjson.JSONDecodeError) as exc:
+                await self._quarantine(fields.get(b"r", repr(fields).encode()), exc)
+        return records
+
     async def _write_one_by_one(self, records: list[dict[str, Any]]) -> None:
         """Isolate a poison record: it goes to the dead-letter stream, the others are stored."""
         for record in records:
             try:
                 self.recorded += await asyncio.to_thread(write_records, [record])
-            except SQLAlchemyError as exc:
-                logger.error("decision record %s/%s quarantined: %s", record.get("tenant_id"),
-                             record.get("transaction_id"), exc)
-                await self._client.xadd(DEAD_LETTER_STREAM, {"r": orjson.dumps(record), "error": str(exc)[:2000]})
+            except RECORD_ERRORS as exc:
+                await self._quarantine(orjson.dumps(record), exc)
+
+    async def _quarantine(self, raw: bytes, error: Exception) -> None:
+        logger.error("decision record quarantined in %s: %r", DEAD_LETTER_STREAM, error)
+        await self._client.xadd(DEAD_LETTER_STREAM, {"r": raw, "error": repr(error)[:2000]})
 
     async def _read_new(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         reply = await self._client.xreadgroup(GROUP, self.consumer, {DECISION_STREAM: ">"}, count=BATCH_SIZE,

@@ -44,6 +44,9 @@ ANSWER_TTL_S = 3600
 and answered from the database."""
 RETENTION_S = 40 * SECONDS_PER_DAY
 """Window entries older than this (event time) are trimmed: the longest window is 7 + 30 days."""
+CUSTOMER_IDLE_EXPIRY_S = 400 * SECONDS_PER_DAY
+"""A card unseen this long (wall clock) is forgotten; its card history then starts afresh, where the
+database store would still find its last transactions."""
 PENDING_LEASE_MS = 2000
 """A reservation not committed within this is presumed dead (its process crashed)."""
 
@@ -114,7 +117,7 @@ if old > 0 then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', cutoff)
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 return result
 """
@@ -196,7 +199,8 @@ class RedisWindowState:
         keys = [answer_key(tenant_id, transaction_id), _key(tenant_id, "cust", customer_id),
                 _key(tenant_id, "term", terminal_id), terminal_fraud_key(tenant_id, terminal_id)]
         args = [repr(tx_time_s), window_member(transaction_id, amount, terminal_id), transaction_id,
-                PENDING_LEASE_MS, RETENTION_S, "1" if takeover else "0", HISTORY_LENGTH, LABEL_DELAY_S]
+                PENDING_LEASE_MS, RETENTION_S, "1" if takeover else "0", HISTORY_LENGTH, LABEL_DELAY_S,
+                CUSTOMER_IDLE_EXPIRY_S]
         reply = await self._reserve(keys=keys, args=args)
         status = reply[0].decode()
         if status == "new":

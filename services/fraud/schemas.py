@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_FUTURE_SKEW = timedelta(days=1)
+"""Event times further ahead than this are refused (a wrong clock would age every window out)."""
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
@@ -46,9 +49,10 @@ class TransactionIn(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if value > datetime.now(UTC) + MAX_FUTURE_SKEW:
+            raise ValueError(f"timestamp is more than {MAX_FUTURE_SKEW} in the future")
+        return value
 
 
 class Reason(BaseModel):

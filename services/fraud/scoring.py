@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,7 +41,7 @@ from services.fraud.schemas import (
 from services.fraud.serving import FRAUD_MODEL_NAME, ScoredItem, ScoringItem
 from services.fraud.state import read_aggregates
 from shared.db import session_factory
-from shared.errors import Conflict
+from shared.errors import Conflict, NotReady
 from shared.kv import async_redis, redis_configured
 from shared.security import Tenant
 
@@ -263,6 +264,15 @@ def replayed_answer(answer: bytes) -> DecisionOut:
 
 
 async def _score_with_redis(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
+    try:
+        return await _score_with_redis_state(tenant_id, tx, policy)
+    except RedisError as exc:  # nothing was answered: the processor's retry is safe (idempotent)
+        logger.warning("fast state unavailable: %r", exc)
+        raise NotReady("fraud window state (Redis) is unavailable; retry shortly",
+                       headers={"Retry-After": "1"}) from exc
+
+
+async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
     state = redis_window_state()
     prepared = await _reserve(state, tenant_id, tx)
     if isinstance(prepared, DecisionOut):

@@ -1,0 +1,252 @@
+"""Write-behind of fraud decisions on real PostgreSQL + Redis: the recorder and the Redis window state.
+
+The recorder is driven in-process against a decision stream of each test's own (the module constant
+is patched), so a fraud server of another module, or entries left in the shared stream by an earlier
+run, can neither take these entries nor hand over theirs; assertions are about this test's tenant only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from sqlalchemy import text
+
+from services.fraud import recorder, redis_state
+from services.fraud.features import FEATURE_NAMES, SECONDS_PER_DAY
+from services.fraud.recorder import DEAD_LETTER_STREAM, GROUP, DecisionRecorder, write_records
+from services.fraud.redis_state import RedisWindowState, record_label_sync, terminal_fraud_key
+from services.fraud.schemas import Decision, DecisionOut, Reason, TransactionIn
+from services.fraud.scoring import decision_record
+from shared.db import session_scope
+from tests.conftest import Stack, apply_stack_in_process
+
+T0 = 1_790_000_000.0
+"""An event time (2026-09-21) for the window tests."""
+
+
+@pytest.fixture
+def tenant_id(postgres_stack: Stack) -> Iterator[str]:
+    """A tenant of this test's own; its Redis keys are removed afterwards."""
+    tenant = f"wb-{uuid4().hex[:8]}"
+    yield tenant
+    client = redis.Redis.from_url(postgres_stack.redis_url)
+    keys = list(client.scan_iter(match=f"fraud:{{{tenant}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def stream(postgres_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A decision stream (and its consumer group) that only this test reads and writes."""
+    name = f"fraud:decisions:test-{uuid4().hex[:8]}"
+    monkeypatch.setattr(recorder, "DECISION_STREAM", name)
+    monkeypatch.setattr(redis_state, "DECISION_STREAM", name)
+    yield name
+    client = redis.Redis.from_url(postgres_stack.redis_url)
+    client.delete(name)
+    client.close()
+
+
+@pytest.fixture
+def database(postgres_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """This process pointed at the migrated PostgreSQL + Redis stack."""
+    from services.cli import db_upgrade
+
+    apply_stack_in_process(postgres_stack, monkeypatch)
+    db_upgrade()
+    return postgres_stack
+
+
+def decision(tenant_id: str, outcome: str, *, tx_id: str | None = None) -> tuple[DecisionOut, dict[str, Any]]:
+    """A decision and its record exactly as scoring builds them."""
+    tx = TransactionIn(id=tx_id or f"tx-{uuid4().hex[:12]}", timestamp=datetime.fromtimestamp(T0, UTC),
+                       customer_id="cust-1", terminal_id="term-1", amount=42.5)
+    out = DecisionOut(transaction_id=tx.id, decision=Decision(outcome), score=0.1 if outcome == "approve" else 0.9,
+                      reasons=[Reason(source="rule", code="r-1", description="test rule")],
+                      model_version="test", rules_version=1)
+    return out, decision_record(tenant_id, tx, np.zeros(len(FEATURE_NAMES)), out)
+
+
+async def commit_all(client: aioredis.Redis, decisions: list[tuple[DecisionOut, dict[str, Any]]]) -> None:
+    """Queue decisions as the API does (answer stored, record appended to the stream)."""
+    state = RedisWindowState(client)
+    for out, record in decisions:
+        assert await state.commit(record["tenant_id"], out.transaction_id, out.model_dump_json().encode(),
+                                  record) is None
+
+
+def count(sql: str, **params: object) -> int:
+    with session_scope() as session:
+        return int(session.execute(text(sql), params).scalar_one())
+
+
+def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id: str, stream: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recorder that dies after its commit but before XACK leaves its entries pending; another
+    recorder claims and replays them, and the replay stores no row, case or entry twice."""
+    monkeypatch.setattr(recorder, "CLAIM_IDLE_MS", 100)
+    monkeypatch.setattr(recorder, "CLAIM_EVERY_S", 0)
+    decisions = [decision(tenant_id, "review"), decision(tenant_id, "approve"), decision(tenant_id, "approve")]
+
+    async def scenario() -> tuple[list[bytes], int]:
+        client = aioredis.Redis.from_url(database.redis_url)
+        try:
+            survivor = DecisionRecorder(client, consumer="survivor")
+            await survivor.ensure_group()
+            await commit_all(client, decisions)
+            [(_, entries)] = await client.xreadgroup(GROUP, "dead-recorder", {stream: ">"}, count=100)
+            ids = [entry_id for entry_id, _ in entries]
+            write_records([orjson.loads(fields[b"r"]) for _, fields in entries])
+            assert count("SELECT count(*) FROM fraud_transactions WHERE tenant_id = :t", t=tenant_id) == 3
+            # ... and the process dies here, before XACK
+            pending = await client.xpending_range(stream, GROUP, min="-", max="+", count=100)
+            assert sorted(p["message_id"] for p in pending) == sorted(ids)
+            assert {p["consumer"] for p in pending} == {b"dead-recorder"}
+            await asyncio.sleep(0.2)  # idle past the (patched) claim time
+            handled = await survivor.record_once()
+            still_pending = await client.xpending_range(stream, GROUP, min="-", max="+", count=100)
+            assert not [p for p in still_pending if p["message_id"] in ids]
+            remaining = {entry_id for entry_id, _ in await client.xrange(stream)}
+            assert not remaining & set(ids), "acknowledged entries must be deleted from the stream"
+            assert survivor.recorded == 0, "the replay inserted rows the dead recorder had already committed"
+            return ids, handled
+        finally:
+            await client.aclose()
+
+    ids, handled = asyncio.run(scenario())
+    assert len(ids) == 3 and handled == 3
+    assert count("SELECT count(*) FROM fraud_transactions WHERE tenant_id = :t", t=tenant_id) == 3
+    review_id = decisions[0][0].transaction_id
+    assert count("SELECT count(*) FROM fraud_cases WHERE tenant_id = :t", t=tenant_id) == 1
+    assert count("SELECT count(*) FROM fraud_cases WHERE tenant_id = :t AND transaction_id = :x",
+                 t=tenant_id, x=review_id) == 1
+
+
+def test_poison_record_is_quarantined_not_dropped(database: Stack, tenant_id: str, stream: str) -> None:
+    """A record the database refuses (tenant id longer than its column) goes to the dead-letter stream
+    with the error, while the good record of the same batch is stored and the batch is acknowledged."""
+    poison_tenant = tenant_id + "x" * (80 - len(tenant_id))
+    good_out, good = decision(tenant_id, "review")
+    poison_out, poison = decision(poison_tenant, "approve")
+
+    async def scenario() -> tuple[int, list[dict[bytes, bytes]]]:
+        client = aioredis.Redis.from_url(database.redis_url)
+        quarantined: list[bytes] = []
+        try:
+            survivor = DecisionRecorder(client, consumer="survivor")
+            await survivor.ensure_group()
+            await commit_all(client, [(good_out, good), (poison_out, poison)])
+            handled = await survivor.record_once()
+            assert await client.xpending_range(stream, GROUP, min="-", max="+", count=100) == []
+            assert await client.xlen(stream) == 0
+            mine = [(entry_id, fields) for entry_id, fields in await client.xrevrange(DEAD_LETTER_STREAM, count=100)
+                    if orjson.loads(fields[b"r"])["tenant_id"] in (tenant_id, poison_tenant)]
+            quarantined = [entry_id for entry_id, _ in mine]
+            return handled, [fields for _, fields in mine]
+        finally:
+            if quarantined:
+                await client.xdel(DEAD_LETTER_STREAM, *quarantined)
+            await client.aclose()
+
+    handled, quarantined = asyncio.run(scenario())
+    assert handled == 2
+    assert len(quarantined) == 1
+    assert orjson.loads(quarantined[0][b"r"]) == poison
+    assert b"too long" in quarantined[0][b"error"]
+    assert count("SELECT count(*) FROM fraud_transactions WHERE tenant_id = :t", t=tenant_id) == 1
+    assert count("SELECT count(*) FROM fraud_cases WHERE tenant_id = :t", t=tenant_id) == 1
+    assert count("SELECT count(*) FROM fraud_transactions WHERE tenant_id LIKE :t", t=f"{tenant_id}x%") == 0
+
+
+def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stack: Stack, tenant_id: str,
+                                                                   stream: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A duplicate of a pending reservation is told 'busy'; a reservation never committed (its process
+    died) counts in later windows, then, once its lease lapses, is 'seen' and taken over without being
+    counted twice; the taken-over answer is what a resend gets."""
+    monkeypatch.setattr(redis_state, "PENDING_LEASE_MS", 300)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(postgres_stack.redis_url)
+        try:
+            state = RedisWindowState(client)
+            started = time.monotonic()
+            first = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
+            assert first.status == "new" and first.aggregates is not None
+            assert first.aggregates.customer_count_1h == 1
+            duplicate = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
+            assert time.monotonic() - started < 0.3, "too slow to observe the lease"
+            assert duplicate.status == "busy"
+            # tx-a's process dies: nothing is committed
+            later = await state.reserve(tenant_id, "tx-b", "cust-c", "term-1", T0 + 60, 20.0)
+            assert later.status == "new" and later.aggregates is not None
+            assert later.aggregates.customer_count_1h == 2
+            assert later.aggregates.customer_amount_sum_1h == 30.0
+            assert later.aggregates.seconds_since_prev_customer_tx == 60.0
+            await asyncio.sleep(0.4)  # the lease lapses
+            resend = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
+            assert resend.status == "seen"
+            takeover = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0, takeover=True)
+            assert takeover.status == "new" and takeover.aggregates is not None
+            assert takeover.aggregates.customer_count_1h == 1
+            assert takeover.aggregates.customer_amount_sum_1h == 10.0
+            assert takeover.aggregates.terminal_count_1h == 1
+            assert takeover.aggregates.seconds_since_prev_customer_tx is None
+            assert await client.zcard(f"fraud:{{{tenant_id}}}:cust:cust-c") == 2
+            assert await client.zcard(f"fraud:{{{tenant_id}}}:term:term-1") == 2
+            out, record = decision(tenant_id, "approve", tx_id="tx-a")
+            await commit_all(client, [(out, record)])
+            done = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
+            assert done.status == "done" and done.answer == out.model_dump_json().encode()
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_label_moves_terminal_risk_in_redis(postgres_stack: Stack, tenant_id: str) -> None:
+    """A fraud label enters the terminal's delayed risk windows ((t - 7 d - W, t - 7 d], as the database
+    store) and a reversed label leaves them."""
+    labelled_at = T0 + 7 * SECONDS_PER_DAY + 12 * 3600  # the label's tx is inside the delayed 1-day window
+    boundary = T0 + 8 * SECONDS_PER_DAY  # the delayed 1-day window is (T0, T0 + 1 d]: T0 is just outside
+
+    async def reserve(tx_id: str, at: float) -> Any:
+        client = aioredis.Redis.from_url(postgres_stack.redis_url)
+        try:
+            reservation = await RedisWindowState(client).reserve(tenant_id, tx_id, "cust-other", "term-t", at, 5.0)
+        finally:
+            await client.aclose()
+        assert reservation.status == "new" and reservation.aggregates is not None
+        return reservation.aggregates
+
+    first = asyncio.run(reserve("tx-fraud", T0))
+    assert first.terminal_fraud_delayed_30d == 0
+    sync_client = redis.Redis.from_url(postgres_stack.redis_url)
+    try:
+        record_label_sync(sync_client, tenant_id, "term-t", "tx-fraud", T0, is_fraud=True)
+        assert sync_client.zscore(terminal_fraud_key(tenant_id, "term-t"), "tx-fraud") == T0
+        inside = asyncio.run(reserve("tx-later-1", labelled_at))
+        assert (inside.terminal_fraud_delayed_1d, inside.terminal_fraud_delayed_7d,
+                inside.terminal_fraud_delayed_30d) == (1, 1, 1)
+        assert inside.terminal_count_delayed_1d == 1
+        edge = asyncio.run(reserve("tx-later-2", boundary))
+        assert (edge.terminal_fraud_delayed_1d, edge.terminal_fraud_delayed_7d) == (0, 1)
+        assert (edge.terminal_count_delayed_1d, edge.terminal_count_delayed_7d) == (0, 1)
+        record_label_sync(sync_client, tenant_id, "term-t", "tx-fraud", T0, is_fraud=False)
+        reversed_ = asyncio.run(reserve("tx-later-3", labelled_at))
+        assert (reversed_.terminal_fraud_delayed_1d, reversed_.terminal_fraud_delayed_7d,
+                reversed_.terminal_fraud_delayed_30d) == (0, 0, 0)
+        assert reversed_.terminal_count_delayed_1d == 1
+    finally:
+        sync_client.close()
