@@ -1,36 +1,41 @@
 """Fraud scoring benchmark: the model in-process, then the signed webhook end to end over HTTP.
 
 Part 1, in-process (this process, no HTTP, no database). The served artifact is loaded the way the
-API loads it (``serving.fraud_model_spec``); model inputs (features, sequence) for N simulated
-transactions are precomputed offline (``features.compute_offline_features``). Points:
+API loads it (``serving.fraud_model_spec``); the items are simulated transactions with their window
+state (``features.aggregates_for_row``), so every point pays for features, model and reasons:
 
-- ``lightgbm per-row``: naive baseline, ``booster.predict`` on one row (score only, no reasons);
-- ``lightgbm per-row + contrib``: the same plus ``pred_contrib`` (what the API answers: reasons);
-- ``score_batch B=1``: the production adapter called per item, synchronously (unbatched);
+- ``lightgbm per-row``: naive baseline, ``booster.predict`` on one precomputed feature row;
+- ``lightgbm per-row + pred_contrib``: the same plus exact TreeSHAP (a naive way to give reasons);
+- ``score_batch B=1``: the production batch function called per item, synchronously (unbatched);
 - ``runtime unbatched c=K``: ``runtime.predict`` from K asyncio callers, ``max_batch_size=1``;
 - ``runtime batched c=K``: the shipped spec (greedy dynamic batching, max batch 64).
 
 Part 2, HTTP. ``services.fraud.api:app`` under uvicorn (uvloop, httptools, no access log,
-``TESSERA_LOG_LEVEL=WARNING``) in a subprocess, once on SQLite (embedded default) and once on
-PostgreSQL (a throw-away database, dropped after). A load generator in a second process (raw
-HTTP/1.1 keep-alive over asyncio/uvloop: ~30 us of client CPU a request, far less than httpx)
-sends signed ``POST /v1/transactions`` of simulated transactions (distinct ids, the simulator's
-customers and terminals, event times increasing) at FIXED ARRIVAL RATES (open loop; latency is
-measured from each request's scheduled send time, so a stalled server is not hidden by the
-client waiting), then one closed-loop point (max throughput). Rates above the first saturated
-one are skipped. The server is profiled once with py-spy under closed-loop load.
+``TESSERA_LOG_LEVEL=WARNING``; ``--workers N`` processes) in a subprocess, per state store:
+``sqlite`` (embedded default: the database is the window state, a commit per request),
+``postgres`` (the same on PostgreSQL), ``redis`` (PostgreSQL rows written behind through the
+decision stream, window state and answers in Redis: the production configuration) and
+``redis-unbatched`` (the same with the runtime's max_batch_size=1). A load generator in a second
+process (raw HTTP/1.1 keep-alive over asyncio/uvloop: ~30 us of client CPU a request) sends
+signed ``POST /v1/transactions`` of simulated transactions (distinct ids, the simulator's customers
+and terminals, event times increasing) at FIXED ARRIVAL RATES (open loop; latency is measured from
+each request's scheduled send time, so a stalled server is not hidden by the client waiting), then
+one closed-loop point (max throughput). Rates above the first saturated one are skipped. For the
+``redis`` runs the bench then waits until every answered decision is a database row and reports
+how long that took. The server is profiled once with py-spy under closed-loop load.
 
 Usage::
 
-    TESSERA_MODELS_DIR=/tmp/tmpmodels .venv/bin/python bench/fraud.py           # full, ~6-9 min
-    TESSERA_MODELS_DIR=/tmp/tmpmodels .venv/bin/python bench/fraud.py --quick   # ~1-2 min
-    .venv/bin/python bench/fraud.py --skip-http        # part 1 only
-    .venv/bin/python bench/fraud.py --dbs postgres --rates 50,100,200
+    .venv/bin/python bench/fraud.py                  # full, ~10-15 min
+    .venv/bin/python bench/fraud.py --quick          # ~2-3 min
+    .venv/bin/python bench/fraud.py --skip-http      # part 1 only
+    .venv/bin/python bench/fraud.py --dbs redis --workers 2 --rates 100,200,400
 
-Without ``TESSERA_MODELS_DIR`` the newest artifact under ``models/fraud`` is used. PostgreSQL is
-taken from ``--pg-url`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432``); py-spy, if
-installed in the venv (``pip install py-spy``), profiles the server. Prints markdown tables;
-writes ``bench/results/fraud.json`` (and ``fraud_profile_<db>.txt``, collapsed stacks).
+The newest artifact under ``models/fraud`` (or ``TESSERA_MODELS_DIR``) is used. PostgreSQL is
+taken from ``--pg-url`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432``), Redis state from
+``--redis-state`` (db 11, flushed); py-spy, if installed (``pip install -e '.[bench]'``), profiles
+the server. Prints markdown tables; writes ``bench/results/fraud.json`` (and
+``fraud_profile_<db>.txt``, collapsed stacks).
 
 Note: the load generator and the server share this machine's cores; the JSON records the load
 average at start, the server's and the generator's CPU per point.

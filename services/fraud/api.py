@@ -45,7 +45,7 @@ from shared.config import get_settings
 from shared.db import SessionDep
 from shared.errors import NotReady, ProblemError, UnprocessableContent, parse_json
 from shared.jobs import get_job, submit_job
-from shared.kv import async_redis, close_async_redis, redis_configured
+from shared.kv import async_redis, close_async_redis, redis_configured, warm_async_redis
 from shared.observability import Readiness
 from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
 
@@ -251,6 +251,7 @@ async def decision_recorder() -> AsyncIterator[DecisionRecorder | None]:
     if not redis_configured():
         yield None
         return
+    await warm_async_redis()
     recorder = DecisionRecorder(async_redis())
     task = asyncio.create_task(recorder.run())
     try:

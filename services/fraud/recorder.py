@@ -40,6 +40,8 @@ logger = logging.getLogger("tessera.fraud.recorder")
 GROUP = "recorders"
 BATCH_SIZE = 1000
 BLOCK_MS = 20
+FLUSH_INTERVAL_S = 0.02
+"""At most one database transaction this often (per recorder): rows wait at most this long to be written."""
 CLAIM_IDLE_MS = 5000
 """Entries read but unacknowledged this long belong to a dead recorder and are claimed."""
 CLAIM_EVERY_S = 2.0
@@ -160,8 +162,11 @@ class DecisionRecorder:
         """Record batches until :meth:`stop`; errors are logged and retried (entries stay pending)."""
         await self.ensure_group()
         while not self._stopping.is_set():
+            started = asyncio.get_running_loop().time()
             try:
                 await self.record_once()
+                # Let records accumulate: one transaction per FLUSH_INTERVAL_S, not one per row at low load.
+                await asyncio.sleep(max(0.0, started + FLUSH_INTERVAL_S - asyncio.get_running_loop().time()))
             except asyncio.CancelledError:
                 raise
             except Exception:
