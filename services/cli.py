@@ -152,9 +152,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from shared.db import session_scope
     from shared.security import create_api_key, ensure_tenant
 
-    with session_scope() as session:
-        plaintext = create_api_key(session, tenant_id=args.tenant, name=args.name, scopes=args.scope)
-        secret = ensure_tenant(session, args.tenant).webhook_secret
+    try:
+        with session_scope() as session:
+            plaintext = create_api_key(session, tenant_id=args.tenant, name=args.name, scopes=args.scope)
+            secret = ensure_tenant(session, args.tenant).webhook_secret
+    except ValueError as exc:
+        print(f"tessera keys create: {exc}", file=sys.stderr)
+        return 2
     print(f"api_key={plaintext}\nwebhook_secret={secret}\n# store both now: the key is not shown again")
     return 0
 

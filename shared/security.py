@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 import time
 import uuid
@@ -77,10 +78,18 @@ def hash_api_key(plaintext: str) -> str:
     return hmac.new(pepper, plaintext.encode(), hashlib.sha256).hexdigest()
 
 
+TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
+"""Tenant ids: short enough that derived names (a vertical's back-test namespace, 64 characters)
+fit, and free of characters with a meaning in keys (Redis hash tags use braces)."""
+
+
 def ensure_tenant(session: Session, tenant_id: str, name: str | None = None) -> Tenant:
-    """Fetch or create a tenant (with a fresh webhook secret)."""
+    """Fetch or create a tenant (with a fresh webhook secret); a new id must match TENANT_ID_PATTERN."""
     tenant = session.get(Tenant, tenant_id)
     if tenant is None:
+        if not TENANT_ID_PATTERN.match(tenant_id):
+            raise ValueError(f"tenant id {tenant_id!r} must be 1-40 of a-z, 0-9, '.', '_', '-' "
+                             "(starting with a letter or digit)")
         tenant = Tenant(id=tenant_id, name=name or tenant_id, webhook_secret=new_webhook_secret())
         session.add(tenant)
         session.flush()

@@ -8,6 +8,7 @@ import pytest
 
 from shared.db import session_scope
 from shared.security import (
+    TENANT_ID_PATTERN,
     ApiKey,
     SignatureError,
     authenticate_api_key,
@@ -77,3 +78,13 @@ def test_api_keys_are_stored_hashed_scoped_and_revocable(migrated_stack) -> None
 def test_unknown_scopes_are_refused(migrated_stack) -> None:
     with session_scope() as session, pytest.raises(ValueError, match="scopes"):
         create_api_key(session, tenant_id="bank-a", name="x", scopes=["payroll"])
+
+
+@pytest.mark.parametrize("tenant_id", ["bank-a", "b", "acme.eu_1-2", "x" * 40])
+def test_tenant_ids_that_fit_every_derived_name_are_accepted(tenant_id: str) -> None:
+    assert TENANT_ID_PATTERN.match(tenant_id)
+
+
+@pytest.mark.parametrize("tenant_id", ["", "x" * 41, "Bank", "{bank}", "bank a", "-bank", "bank|a"])
+def test_tenant_ids_that_would_break_keys_or_namespaces_are_refused(tenant_id: str) -> None:
+    assert not TENANT_ID_PATTERN.match(tenant_id)
