@@ -189,6 +189,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _vertical_entry(args.vertical, "simulate", args.rest)
 
 
+def cmd_restore_state(args: argparse.Namespace) -> int:
+    """Rebuild a vertical's Redis fast state from its database (``services/<vertical>/restore.py:main``)."""
+    return _vertical_entry(args.vertical, "restore", args.rest)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``bench/<name>.py`` with the remaining arguments."""
     script = REPO_ROOT / "bench" / f"{args.name}.py"
@@ -233,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scope", action="append", required=True, choices=[*VERTICALS, "admin"])
     create.set_defaults(handler=cmd_keys_create)
 
-    entry_points = (("train", cmd_train, "train a model"), ("simulate", cmd_simulate, "simulate data"))
+    entry_points = (("train", cmd_train, "train a model"), ("simulate", cmd_simulate, "simulate data"),
+                    ("restore-state", cmd_restore_state, "rebuild Redis fast state from the database"))
     for name, handler, what in entry_points:
         cmd = sub.add_parser(name, help=f"{what} for a vertical")
         cmd.add_argument("vertical", choices=list(VERTICAL_PACKAGES))

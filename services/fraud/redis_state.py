@@ -140,6 +140,16 @@ def answer_key(tenant_id: str, transaction_id: str) -> str:
     return _key(tenant_id, "answer", transaction_id)
 
 
+def customer_key(tenant_id: str, customer_id: str) -> str:
+    """The sorted set of a card's transactions (``window_member`` entries, by event time)."""
+    return _key(tenant_id, "cust", customer_id)
+
+
+def terminal_key(tenant_id: str, terminal_id: str) -> str:
+    """The sorted set of a terminal's transaction ids (by event time)."""
+    return _key(tenant_id, "term", terminal_id)
+
+
 def terminal_fraud_key(tenant_id: str, terminal_id: str) -> str:
     """The sorted set of a terminal's transactions labelled fraud (by event time)."""
     return _key(tenant_id, "termfraud", terminal_id)
@@ -196,8 +206,8 @@ class RedisWindowState:
     async def reserve(self, tenant_id: str, transaction_id: str, customer_id: str, terminal_id: str,
                       tx_time_s: float, amount: float, *, takeover: bool = False) -> Reservation:
         """Check the id and, for a new transaction, read its windows and add it to them (atomically)."""
-        keys = [answer_key(tenant_id, transaction_id), _key(tenant_id, "cust", customer_id),
-                _key(tenant_id, "term", terminal_id), terminal_fraud_key(tenant_id, terminal_id)]
+        keys = [answer_key(tenant_id, transaction_id), customer_key(tenant_id, customer_id),
+                terminal_key(tenant_id, terminal_id), terminal_fraud_key(tenant_id, terminal_id)]
         args = [repr(tx_time_s), window_member(transaction_id, amount, terminal_id), transaction_id,
                 PENDING_LEASE_MS, RETENTION_S, "1" if takeover else "0", HISTORY_LENGTH, LABEL_DELAY_S,
                 CUSTOMER_IDLE_EXPIRY_S]

@@ -250,3 +250,39 @@ def test_label_moves_terminal_risk_in_redis(postgres_stack: Stack, tenant_id: st
         assert reversed_.terminal_count_delayed_1d == 1
     finally:
         sync_client.close()
+
+
+def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, tenant_id: str) -> None:
+    """After Redis lost a tenant's state, `tessera restore-state fraud` puts stored transactions back in
+    the card and terminal windows, labels in the terminal fraud windows, and a second run adds nothing."""
+    from services.fraud.restore import restore_window_state
+    from shared.db import session_factory
+
+    stored = [decision(tenant_id, "approve") for _ in range(2)]
+    assert write_records([record for _, record in stored]) == 2
+    with session_scope() as session:
+        session.execute(text("UPDATE fraud_transactions SET is_fraud = true WHERE tenant_id = :t AND "
+                             "transaction_id = :i"), {"t": tenant_id, "i": stored[0][0].transaction_id})
+    sync_client = redis.Redis.from_url(database.redis_url)
+    try:
+        for _ in range(2):  # idempotent: the second run re-adds the same members
+            with session_factory()() as session:
+                assert restore_window_state(session, sync_client, tenant_id) == 2
+        assert sync_client.zcard(f"fraud:{{{tenant_id}}}:cust:cust-1") == 2
+    finally:
+        sync_client.close()
+
+    async def reserve(tx_id: str, at: float) -> Any:
+        client = aioredis.Redis.from_url(database.redis_url)
+        try:
+            reservation = await RedisWindowState(client).reserve(tenant_id, tx_id, "cust-1", "term-1", at, 10.0)
+        finally:
+            await client.aclose()
+        assert reservation.status == "new" and reservation.aggregates is not None
+        return reservation.aggregates
+
+    soon = asyncio.run(reserve("tx-after-restore", T0 + 60))
+    assert soon.customer_count_1h == 3 and soon.customer_amount_sum_1h == 42.5 * 2 + 10.0
+    week_later = asyncio.run(reserve("tx-week-later", T0 + 7 * SECONDS_PER_DAY + 3600))
+    # the two restored transactions and tx-after-restore, one of them labelled fraud
+    assert (week_later.terminal_count_delayed_1d, week_later.terminal_fraud_delayed_1d) == (3, 1)
