@@ -86,6 +86,22 @@ async def commit_all(client: aioredis.Redis, decisions: list[tuple[DecisionOut, 
                                   record) is None
 
 
+def reserve_new(redis_url: str, tenant_id: str, tx_id: str, customer_id: str, terminal_id: str, at: float,
+                amount: float) -> Any:
+    """Reserve a new transaction on a fresh client; returns its window aggregates."""
+
+    async def reserve() -> Any:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await RedisWindowState(client).reserve(tenant_id, tx_id, customer_id, terminal_id, at, amount)
+        finally:
+            await client.aclose()
+
+    reservation = asyncio.run(reserve())
+    assert reservation.status == "new" and reservation.aggregates is not None
+    return reservation.aggregates
+
+
 def count(sql: str, **params: object) -> int:
     with session_scope() as session:
         return int(session.execute(text(sql), params).scalar_one())
@@ -221,30 +237,24 @@ def test_label_moves_terminal_risk_in_redis(postgres_stack: Stack, tenant_id: st
     labelled_at = T0 + 7 * SECONDS_PER_DAY + 12 * 3600  # the label's tx is inside the delayed 1-day window
     boundary = T0 + 8 * SECONDS_PER_DAY  # the delayed 1-day window is (T0, T0 + 1 d]: T0 is just outside
 
-    async def reserve(tx_id: str, at: float) -> Any:
-        client = aioredis.Redis.from_url(postgres_stack.redis_url)
-        try:
-            reservation = await RedisWindowState(client).reserve(tenant_id, tx_id, "cust-other", "term-t", at, 5.0)
-        finally:
-            await client.aclose()
-        assert reservation.status == "new" and reservation.aggregates is not None
-        return reservation.aggregates
+    def reserve(tx_id: str, at: float) -> Any:
+        return reserve_new(postgres_stack.redis_url, tenant_id, tx_id, "cust-other", "term-t", at, 5.0)
 
-    first = asyncio.run(reserve("tx-fraud", T0))
+    first = reserve("tx-fraud", T0)
     assert first.terminal_fraud_delayed_30d == 0
     sync_client = redis.Redis.from_url(postgres_stack.redis_url)
     try:
         record_label_sync(sync_client, tenant_id, "term-t", "tx-fraud", T0, is_fraud=True)
         assert sync_client.zscore(terminal_fraud_key(tenant_id, "term-t"), "tx-fraud") == T0
-        inside = asyncio.run(reserve("tx-later-1", labelled_at))
+        inside = reserve("tx-later-1", labelled_at)
         assert (inside.terminal_fraud_delayed_1d, inside.terminal_fraud_delayed_7d,
                 inside.terminal_fraud_delayed_30d) == (1, 1, 1)
         assert inside.terminal_count_delayed_1d == 1
-        edge = asyncio.run(reserve("tx-later-2", boundary))
+        edge = reserve("tx-later-2", boundary)
         assert (edge.terminal_fraud_delayed_1d, edge.terminal_fraud_delayed_7d) == (0, 1)
         assert (edge.terminal_count_delayed_1d, edge.terminal_count_delayed_7d) == (0, 1)
         record_label_sync(sync_client, tenant_id, "term-t", "tx-fraud", T0, is_fraud=False)
-        reversed_ = asyncio.run(reserve("tx-later-3", labelled_at))
+        reversed_ = reserve("tx-later-3", labelled_at)
         assert (reversed_.terminal_fraud_delayed_1d, reversed_.terminal_fraud_delayed_7d,
                 reversed_.terminal_fraud_delayed_30d) == (0, 0, 0)
         assert reversed_.terminal_count_delayed_1d == 1
@@ -272,17 +282,11 @@ def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, t
     finally:
         sync_client.close()
 
-    async def reserve(tx_id: str, at: float) -> Any:
-        client = aioredis.Redis.from_url(database.redis_url)
-        try:
-            reservation = await RedisWindowState(client).reserve(tenant_id, tx_id, "cust-1", "term-1", at, 10.0)
-        finally:
-            await client.aclose()
-        assert reservation.status == "new" and reservation.aggregates is not None
-        return reservation.aggregates
+    def reserve(tx_id: str, at: float) -> Any:
+        return reserve_new(database.redis_url, tenant_id, tx_id, "cust-1", "term-1", at, 10.0)
 
-    soon = asyncio.run(reserve("tx-after-restore", T0 + 60))
+    soon = reserve("tx-after-restore", T0 + 60)
     assert soon.customer_count_1h == 3 and soon.customer_amount_sum_1h == 42.5 * 2 + 10.0
-    week_later = asyncio.run(reserve("tx-week-later", T0 + 7 * SECONDS_PER_DAY + 3600))
+    week_later = reserve("tx-week-later", T0 + 7 * SECONDS_PER_DAY + 3600)
     # the two restored transactions and tx-after-restore, one of them labelled fraud
     assert (week_later.terminal_count_delayed_1d, week_later.terminal_fraud_delayed_1d) == (3, 1)
