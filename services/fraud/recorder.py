@@ -40,7 +40,7 @@ logger = logging.getLogger("tessera.fraud.recorder")
 GROUP = "recorders"
 BATCH_SIZE = 1000
 BLOCK_MS = 20
-FLUSH_INTERVAL_S = 0.02
+FLUSH_INTERVAL_S = 0.05
 """At most one database transaction this often (per recorder): rows wait at most this long to be written."""
 CLAIM_IDLE_MS = 5000
 """Entries read but unacknowledged this long belong to a dead recorder and are claimed."""
@@ -76,9 +76,7 @@ def _copy_ignoring_duplicates(session: Session, records: list[dict[str, Any]]) -
                 copy.write_row(_copy_row(record))
         cursor.execute(f"INSERT INTO fraud_transactions ({columns}) SELECT {columns} FROM {_STAGING} "
                        f"ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING tenant_id, transaction_id")
-        inserted = {(tenant, transaction) for tenant, transaction in cursor.fetchall()}
-        cursor.execute(f"DELETE FROM {_STAGING}")  # the session may go on to a second batch before committing
-    return inserted
+        return {(tenant, transaction) for tenant, transaction in cursor.fetchall()}
 
 
 def _copy_row(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -102,7 +100,11 @@ def _insert_ignoring_duplicates(session: Session, records: list[dict[str, Any]])
     table = Transaction.__table__
     statement = module.insert(table).on_conflict_do_nothing(index_elements=["tenant_id", "transaction_id"])
     statement = statement.returning(table.c.tenant_id, table.c.transaction_id)
-    return {(tenant, transaction) for tenant, transaction in session.execute(statement, [_row(r) for r in records])}
+    inserted: set[tuple[str, str]] = set()
+    for start in range(0, len(records), BATCH_SIZE):  # bounded statements on every database
+        chunk = [_row(r) for r in records[start:start + BATCH_SIZE]]
+        inserted |= {(tenant, transaction) for tenant, transaction in session.execute(statement, chunk)}
+    return inserted
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
@@ -120,9 +122,7 @@ def write_records(records: list[dict[str, Any]]) -> int:
     if not records:
         return 0
     with session_factory()() as session:
-        inserted: set[tuple[str, str]] = set()
-        for start in range(0, len(records), BATCH_SIZE):
-            inserted |= _insert_ignoring_duplicates(session, records[start:start + BATCH_SIZE])
+        inserted = _insert_ignoring_duplicates(session, records)
         flagged_new = set()
         for record in records:
             key = (record["tenant_id"], record["transaction_id"])
