@@ -9,12 +9,19 @@ the loop that opened them).
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from shared.config import get_settings
+from shared.errors import NotReady
+
+logger = logging.getLogger("tessera.kv")
 
 MAX_CONNECTIONS = 64
 POOL_TIMEOUT_S = 2.0
@@ -61,7 +68,10 @@ async def warm_async_redis(connections: int = MAX_CONNECTIONS) -> None:
     of CPU); made lazily, they land on requests' latency whenever concurrency reaches a new high.
     """
     client = async_redis()
-    await asyncio.gather(*(client.ping() for _ in range(connections)))
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(connections)))
+    except RedisError as exc:  # start anyway: readiness reports it, requests get 503 until it is back
+        logger.warning("Redis unreachable at start-up: %r", exc)
 
 
 async def close_async_redis() -> None:
@@ -75,3 +85,13 @@ def reset_redis_clients() -> None:
     """Forget cached clients (tests that change the settings between stacks)."""
     _async_clients.clear()
     sync_redis.cache_clear()
+
+
+@contextmanager
+def redis_unavailable_as_503(what: str) -> Iterator[None]:
+    """Turn a Redis failure inside the block into a 503 problem (callers retry) instead of a 500."""
+    try:
+        yield
+    except RedisError as exc:
+        logger.warning("%s unavailable: %r", what, exc)
+        raise NotReady(f"{what} (Redis) is unavailable; retry shortly", headers={"Retry-After": "1"}) from exc

@@ -14,7 +14,7 @@ from services.fraud.schemas import CaseOut, Decision, DecisionOut, LabelIn, Reas
 from services.fraud.scoring import replayed_answer, stored_decision, tenant_settings
 from shared.db import utcnow
 from shared.errors import NotFound, NotReady, UnprocessableContent
-from shared.kv import redis_configured, sync_redis
+from shared.kv import redis_configured, redis_unavailable_as_503, sync_redis
 from shared.security import ensure_tenant
 
 RECORDING_WAIT_S = 10.0
@@ -36,7 +36,8 @@ def decision_of(session: Session, tenant_id: str, transaction_id: str) -> Decisi
     """The stored decision of a transaction (from Redis while its row is still being written)."""
     row = session.get(Transaction, (tenant_id, transaction_id))
     if row is None and redis_configured():
-        answer = stored_answer_sync(sync_redis(), tenant_id, transaction_id)
+        with redis_unavailable_as_503("fraud decision store"):
+            answer = stored_answer_sync(sync_redis(), tenant_id, transaction_id)
         if answer is not None:
             return replayed_answer(answer)
     if row is None:
@@ -46,8 +47,11 @@ def decision_of(session: Session, tenant_id: str, transaction_id: str) -> Decisi
 
 def _wait_until_recorded(session: Session, tenant_id: str, transaction_id: str) -> None:
     """With write-behind, a decision answered a moment ago may not be a row yet: wait for the recorder."""
-    if not redis_configured() or stored_answer_sync(sync_redis(), tenant_id, transaction_id) is None:
+    if not redis_configured():
         return
+    with redis_unavailable_as_503("fraud decision store"):
+        if stored_answer_sync(sync_redis(), tenant_id, transaction_id) is None:
+            return
     deadline = time.monotonic() + RECORDING_WAIT_S
     while time.monotonic() < deadline:
         if session.get(Transaction, (tenant_id, transaction_id), populate_existing=True) is not None:
@@ -67,7 +71,9 @@ def record_label(session: Session, tenant_id: str, transaction_id: str, label: L
     _wait_until_recorded(session, tenant_id, transaction_id)
     row = _transaction(session, tenant_id, transaction_id)
     if redis_configured():
-        record_label_sync(sync_redis(), tenant_id, row.terminal_id, transaction_id, row.tx_time_s, label.is_fraud)
+        with redis_unavailable_as_503("fraud window state"):
+            record_label_sync(sync_redis(), tenant_id, row.terminal_id, transaction_id, row.tx_time_s,
+                              label.is_fraud)
     row.is_fraud = label.is_fraud
     row.label_source = label.source
     row.labelled_at = utcnow()

@@ -25,7 +25,7 @@ import orjson
 import psycopg
 import redis.asyncio as aioredis
 import sqlalchemy.exc
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -160,17 +160,25 @@ class DecisionRecorder:
 
     async def run(self) -> None:
         """Record batches until :meth:`stop`; errors are logged and retried (entries stay pending)."""
-        await self.ensure_group()
+        group_ready = False
         while not self._stopping.is_set():
             started = asyncio.get_running_loop().time()
             try:
+                if not group_ready:
+                    await self.ensure_group()
+                    group_ready = True
                 await self.record_once()
                 # Let records accumulate: one transaction per FLUSH_INTERVAL_S, not one per row at low load.
                 await asyncio.sleep(max(0.0, started + FLUSH_INTERVAL_S - asyncio.get_running_loop().time()))
             except asyncio.CancelledError:
                 raise
+            except RedisError as exc:  # Redis away: nothing to read, nothing lost; say so once a second
+                logger.warning("decision stream unreachable (%r); retrying", exc)
+                group_ready = False
+                await asyncio.sleep(1.0)
             except Exception:
                 logger.exception("recording decisions failed; retrying")
+                group_ready = False  # a Redis that lost its data lost the group too: re-create it
                 await asyncio.sleep(1.0)
 
     def stop(self) -> None:

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,8 +40,8 @@ from services.fraud.schemas import (
 from services.fraud.serving import FRAUD_MODEL_NAME, ScoredItem, ScoringItem
 from services.fraud.state import read_aggregates
 from shared.db import session_factory
-from shared.errors import Conflict, NotReady
-from shared.kv import async_redis, redis_configured
+from shared.errors import Conflict
+from shared.kv import async_redis, redis_configured, redis_unavailable_as_503
 from shared.security import Tenant
 
 logger = logging.getLogger("tessera.fraud.scoring")
@@ -264,12 +263,8 @@ def replayed_answer(answer: bytes) -> DecisionOut:
 
 
 async def _score_with_redis(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
-    try:
+    with redis_unavailable_as_503("fraud window state"):  # nothing was answered: a retry is safe
         return await _score_with_redis_state(tenant_id, tx, policy)
-    except RedisError as exc:  # nothing was answered: the processor's retry is safe (idempotent)
-        logger.warning("fast state unavailable: %r", exc)
-        raise NotReady("fraud window state (Redis) is unavailable; retry shortly",
-                       headers={"Retry-After": "1"}) from exc
 
 
 async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
