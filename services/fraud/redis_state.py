@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 
 from services.fraud.features import HISTORY_LENGTH, SECONDS_PER_DAY, WindowAggregates
 from services.fraud.state import LABEL_DELAY_S
+from shared.kv import ScriptPipeline
 
 DECISION_STREAM = "fraud:decisions"
 ANSWER_TTL_S = 3600
@@ -200,8 +201,9 @@ class RedisWindowState:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._reserve = client.register_script(RESERVE_LUA)
-        self._commit = client.register_script(COMMIT_LUA)
+        self._scripts = ScriptPipeline(client)
+        self._reserve = self._scripts.register(RESERVE_LUA)
+        self._commit = self._scripts.register(COMMIT_LUA)
 
     async def reserve(self, tenant_id: str, transaction_id: str, customer_id: str, terminal_id: str,
                       tx_time_s: float, amount: float, *, takeover: bool = False) -> Reservation:
@@ -211,7 +213,7 @@ class RedisWindowState:
         args = [repr(tx_time_s), window_member(transaction_id, amount, terminal_id), transaction_id,
                 PENDING_LEASE_MS, RETENTION_S, "1" if takeover else "0", HISTORY_LENGTH, LABEL_DELAY_S,
                 CUSTOMER_IDLE_EXPIRY_S]
-        reply = await self._reserve(keys=keys, args=args)
+        reply = await self._scripts.run(self._reserve, keys, args)
         status = reply[0].decode()
         if status == "new":
             return Reservation(status, aggregates=_aggregates(reply, amount, tx_time_s))
@@ -222,8 +224,8 @@ class RedisWindowState:
 
         Returns None when this answer was stored, else the answer that was already there.
         """
-        return await self._commit(keys=[answer_key(tenant_id, transaction_id), DECISION_STREAM],
-                                  args=[answer, orjson.dumps(record), ANSWER_TTL_S])
+        return await self._scripts.run(self._commit, [answer_key(tenant_id, transaction_id), DECISION_STREAM],
+                                       [answer, orjson.dumps(record), ANSWER_TTL_S])
 
     async def answer(self, tenant_id: str, transaction_id: str) -> bytes | None:
         """The stored answer (None while pending or unknown)."""

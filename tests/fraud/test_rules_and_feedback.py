@@ -60,6 +60,7 @@ def test_review_queue_and_labels(fraud_server: FraudServer, fresh_tenant: FraudT
                        422, "must not exceed")
     payload = transaction()
     assert post(fresh_tenant, payload).json()["decision"] == "review"
+    fraud_server.wait_recorded(fresh_tenant.tenant_id, [payload["id"]])  # cases are written with the row
     with fresh_tenant.client() as client:
         cases = client.get("/cases").json()
         assert [c["transaction_id"] for c in cases] == [payload["id"]]
