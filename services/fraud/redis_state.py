@@ -131,6 +131,11 @@ redis.call('XADD', KEYS[2], '*', 'r', ARGV[2])
 return false
 """
 
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == 'P' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def _key(tenant_id: str, kind: str, name: str) -> str:
     return f"fraud:{{{tenant_id}}}:{kind}:{name}"
@@ -204,6 +209,7 @@ class RedisWindowState:
         self._scripts = ScriptPipeline(client)
         self._reserve = self._scripts.register(RESERVE_LUA)
         self._commit = self._scripts.register(COMMIT_LUA)
+        self._release = self._scripts.register(RELEASE_LUA)
 
     async def reserve(self, tenant_id: str, transaction_id: str, customer_id: str, terminal_id: str,
                       tx_time_s: float, amount: float, *, takeover: bool = False) -> Reservation:
@@ -226,6 +232,13 @@ class RedisWindowState:
         """
         return await self._scripts.run(self._commit, [answer_key(tenant_id, transaction_id), DECISION_STREAM],
                                        [answer, orjson.dumps(record), ANSWER_TTL_S])
+
+    async def release(self, tenant_id: str, transaction_id: str) -> None:
+        """Drop a pending lease whose scoring failed (overload, deadline): a retry need not wait it out.
+
+        The transaction stays in the windows; the retry finds it there and takes it over.
+        """
+        await self._scripts.run(self._release, [answer_key(tenant_id, transaction_id)], [])
 
     async def answer(self, tenant_id: str, transaction_id: str) -> bytes | None:
         """The stored answer (None while pending or unknown)."""

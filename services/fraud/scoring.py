@@ -14,6 +14,7 @@ Features are built with the model, in the runtime's batch (:func:`services.fraud
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -272,8 +274,13 @@ async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: Ten
     prepared = await _reserve(state, tenant_id, tx)
     if isinstance(prepared, DecisionOut):
         return prepared
-    scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, prepared, policy))
-    out = _decision(tx, policy, scored, _model_version())
+    try:
+        scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, prepared, policy))
+        out = _decision(tx, policy, scored, _model_version())
+    except BaseException:  # 503 overload, 504 deadline, a cancelled caller: nothing was answered
+        with contextlib.suppress(RedisError):  # else the lease lapses by itself
+            await asyncio.shield(state.release(tenant_id, tx.id))
+        raise
     winner = await state.commit(tenant_id, tx.id, out.model_dump_json().encode(),
                                 decision_record(tenant_id, tx, scored.features, out))
     return out if winner is None else replayed_answer(winner)

@@ -290,3 +290,27 @@ def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, t
     week_later = reserve("tx-week-later", T0 + 7 * SECONDS_PER_DAY + 3600)
     # the two restored transactions and tx-after-restore, one of them labelled fraud
     assert (week_later.terminal_count_delayed_1d, week_later.terminal_fraud_delayed_1d) == (3, 1)
+
+
+def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: str, stream: str) -> None:
+    """Scoring that fails after the reservation (overload 503, deadline 504) drops the pending lease, so the
+    processor's retry is taken over at once instead of waiting the lease out, and counted once."""
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(postgres_stack.redis_url)
+        try:
+            state = RedisWindowState(client)
+            assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "new"
+            await state.release(tenant_id, "tx-shed")
+            retry = await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)
+            assert retry.status == "seen"
+            taken = await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0, takeover=True)
+            assert taken.aggregates is not None and taken.aggregates.customer_count_1h == 1
+            out, record = decision(tenant_id, "approve", tx_id="tx-shed")
+            await commit_all(client, [(out, record)])
+            await state.release(tenant_id, "tx-shed")  # a committed answer is never released
+            assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "done"
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
