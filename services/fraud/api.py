@@ -246,19 +246,20 @@ async def _fast_state_ready() -> None:
 
 
 @contextlib.asynccontextmanager
-async def decision_recorder() -> AsyncIterator[DecisionRecorder | None]:
-    """With Redis state, drain the decision stream into the database for as long as the app runs."""
+async def redis_fast_state() -> AsyncIterator[None]:
+    """With Redis state: a warm connection pool, and the decision stream drained into the database,
+    for as long as the app runs."""
     if not redis_configured():
-        yield None
+        yield
         return
     await warm_async_redis()
     recorder = DecisionRecorder(async_redis())
     task = asyncio.create_task(recorder.run())
     try:
-        yield recorder
+        yield
     finally:
         recorder.stop()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(task, timeout=5.0)
         try:
             await recorder.drain()
@@ -280,7 +281,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.error("no fraud model artifact found under %s/fraud", get_settings().models_dir)
     watcher = asyncio.create_task(watch_live_model())
     try:
-        async with decision_recorder():
+        async with redis_fast_state():
             yield
     finally:
         watcher.cancel()

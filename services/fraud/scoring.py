@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -287,15 +288,16 @@ async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: Ten
 
 
 def redis_window_state() -> RedisWindowState:
-    """The Redis window state of the running event loop."""
+    """The Redis window state of the running event loop's client (one script pipeline per client)."""
     client = async_redis()
-    state = _redis_states.get(id(client))
+    state = _redis_states.get(client)
     if state is None:
-        state = _redis_states[id(client)] = RedisWindowState(client)
+        state = _redis_states[client] = RedisWindowState(client)
     return state
 
 
-_redis_states: dict[int, RedisWindowState] = {}
+_redis_states: weakref.WeakKeyDictionary[Any, RedisWindowState] = weakref.WeakKeyDictionary()
+"""Keyed by the client itself, not its id(): a closed client's id may be reused by the next one."""
 
 
 def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
