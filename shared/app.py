@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp
 
+from shared.config import get_settings
 from shared.db import check_database
 from shared.errors import install_problem_handlers
+from shared.hot_routes import HotRoute, HotRouter
 from shared.observability import Readiness, RequestContextMiddleware, health_router
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -36,22 +39,45 @@ async def broker_ready() -> None:
     await asyncio.to_thread(_connect)
 
 
+class ServiceApp(FastAPI):
+    """A FastAPI app whose request context (request id, metrics) wraps everything, hot routes included.
+
+    Order, outermost first: :class:`RequestContextMiddleware`, :class:`HotRouter` (when the app has
+    hot routes and ``TESSERA_HOT_ROUTES`` is on), then FastAPI's own stack.
+    """
+
+    def __init__(self, *, service_name: str, hot_routes: Sequence[HotRoute] = (), **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.service_name = service_name
+        self.hot_routes = tuple(hot_routes)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """FastAPI's stack behind the hot routes, all inside the request context."""
+        stack = super().build_middleware_stack()
+        if self.hot_routes and get_settings().hot_routes:
+            stack = HotRouter(stack, self.hot_routes)
+        return RequestContextMiddleware(stack, app_name=self.service_name)
+
+
 def create_service_app(name: str, *, title: str, routers: Sequence[APIRouter] = (),
                        lifespan: Lifespan | None = None, readiness: Readiness | None = None,
-                       check_broker: bool = True, version: str = "0.1.0") -> FastAPI:
+                       check_broker: bool = True, version: str = "0.1.0",
+                       hot_routes: Sequence[HotRoute] = ()) -> FastAPI:
     """Build an app with Tessera's error shape, middleware and operations endpoints.
 
     ``app.state.readiness`` holds the checks; a vertical adds e.g. ``models`` at start-up.
+    ``hot_routes`` (:mod:`shared.hot_routes`) serve a latency-critical endpoint without FastAPI's
+    per-request machinery; each should shadow a documented FastAPI route of the same path.
     """
     readiness = readiness or Readiness()
     readiness.add("database", database_ready)
     if check_broker:
         readiness.add("broker", broker_ready)
-    app = FastAPI(title=title, version=version, lifespan=_with_gc_tuning(lifespan))
+    app = ServiceApp(service_name=name, hot_routes=hot_routes, title=title, version=version,
+                     lifespan=_with_gc_tuning(lifespan))
     app.state.readiness = readiness
     app.state.service_name = name
     install_problem_handlers(app)
-    app.add_middleware(RequestContextMiddleware, app_name=name)
     app.include_router(health_router(readiness))
     for router in routers:
         app.include_router(router)

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = Field(default=1, ge=1, description="API processes started by `tessera up`")
+    hot_routes: bool = Field(default=True, description="serve hot endpoints (the fraud webhook) as plain ASGI")
     log_level: str = "INFO"
     log_json: bool = True
 

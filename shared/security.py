@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -157,37 +157,45 @@ def _lookup_api_key(session: Session, plaintext: str) -> Principal | None:
     return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes.split(",")))
 
 
-def presented_api_key(request: Request) -> str | None:
-    """The key from ``X-API-Key`` or ``Authorization: Bearer``."""
-    key = request.headers.get(API_KEY_HEADER)
+def presented_api_key(headers: Mapping[str, str]) -> str | None:
+    """The key from ``X-API-Key`` or ``Authorization: Bearer``.
+
+    ``headers`` is Starlette's case-insensitive ``Headers`` or a dict with lower-case names (ASGI's).
+    """
+    key = headers.get(API_KEY_HEADER.lower())
     if key:
         return key
-    auth = request.headers.get("authorization", "")
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
     return None
 
 
-def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
-    """FastAPI dependency factory: the caller must hold a key with ``scope`` (or ``admin``).
+async def authorize(plaintext: str | None, scope: str) -> Principal:
+    """The principal of a presented key holding ``scope`` (or ``admin``); else 401 or 403.
 
     Async on purpose: a cached key costs a dict lookup on the event loop; only a cache miss
     visits the database, in a worker thread.
     """
+    if plaintext is None:
+        raise Unauthorized("missing API key (X-API-Key or Authorization: Bearer)",
+                           headers={"WWW-Authenticate": "Bearer"})
+    principal = cached_principal(plaintext)
+    if principal is _NOT_CACHED:
+        principal = await asyncio.to_thread(_authenticate_in_new_session, plaintext)
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    assert isinstance(principal, Principal)
+    if scope not in principal.scopes and "admin" not in principal.scopes:
+        raise Forbidden(f"this key is not allowed to use '{scope}'")
+    return principal
+
+
+def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    """FastAPI dependency factory: the caller must hold a key with ``scope`` (or ``admin``)."""
 
     async def dependency(request: Request) -> Principal:
-        plaintext = presented_api_key(request)
-        if plaintext is None:
-            raise Unauthorized("missing API key (X-API-Key or Authorization: Bearer)",
-                               headers={"WWW-Authenticate": "Bearer"})
-        principal = cached_principal(plaintext)
-        if principal is _NOT_CACHED:
-            principal = await asyncio.to_thread(_authenticate_in_new_session, plaintext)
-        if principal is None:
-            raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-        assert isinstance(principal, Principal)
-        if scope not in principal.scopes and "admin" not in principal.scopes:
-            raise Forbidden(f"this key is not allowed to use '{scope}'")
+        principal = await authorize(presented_api_key(request.headers), scope)
         request.state.principal = principal
         return principal
 

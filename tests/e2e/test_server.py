@@ -59,6 +59,21 @@ def test_every_vertical_is_mounted_and_errors_are_problem_json(gateway: str) -> 
         assert body["request_id"] == missing.headers["x-request-id"]
 
 
+def test_the_fraud_webhook_hot_route_is_served_under_the_gateway_prefix(gateway: str) -> None:
+    with httpx.Client(base_url=gateway, timeout=10) as client:
+        anonymous = client.post("/fraud/v1/transactions", content=b"{}", headers={"X-Request-ID": "hot-1"})
+        assert anonymous.status_code == 401
+        assert anonymous.headers["content-type"] == "application/problem+json"
+        assert anonymous.headers["x-request-id"] == "hot-1"
+        assert anonymous.json()["request_id"] == "hot-1"
+        assert anonymous.json()["instance"] == "/fraud/v1/transactions"
+        other_method = client.get("/fraud/v1/transactions")  # not a hot route: FastAPI answers
+        assert other_method.status_code == 405
+        assert other_method.headers["content-type"] == "application/problem+json"
+        metrics = client.get("/metrics").text
+        assert 'tessera_http_requests_total{app="fraud",method="POST",status="401"}' in metrics
+
+
 @pytest.mark.parametrize("vertical", sorted(VERTICAL_APPS))
 def test_each_vertical_runs_alone(sqlite_stack: Stack, vertical: str) -> None:
     process, base_url = serve(VERTICAL_APPS[vertical], sqlite_stack.env, vertical)

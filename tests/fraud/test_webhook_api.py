@@ -67,6 +67,14 @@ def test_another_tenants_secret_does_not_verify(fraud_server: FraudServer, tenan
         assert_problem(client.post("/transactions", content=body, headers=headers), 401, "does not match")
 
 
+def test_oversized_body_is_413_and_problems_carry_the_request_id(tenant: FraudTenant) -> None:
+    with tenant.client() as client:
+        huge = client.post("/transactions", content=b"x" * ((1 << 20) + 1),
+                           headers={"X-Request-ID": "big-1", "Content-Type": "application/json"})
+    problem = assert_problem(huge, 413, "larger than")
+    assert problem["request_id"] == "big-1" == huge.headers["x-request-id"]
+
+
 def test_malformed_input_is_422_with_the_failing_field(tenant: FraudTenant) -> None:
     assert_problem(post(tenant, b"{not json"), 422, "")
     problem = assert_problem(post(tenant, transaction(amount=-5)), 422, "amount")
