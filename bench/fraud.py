@@ -15,7 +15,11 @@ Part 2, HTTP. ``services.fraud.api:app`` under uvicorn (uvloop, httptools, no ac
 ``sqlite`` (embedded default: the database is the window state, a commit per request),
 ``postgres`` (the same on PostgreSQL), ``redis`` (PostgreSQL rows written behind through the
 decision stream, window state and answers in Redis: the production configuration) and
-``redis-unbatched`` (the same with the runtime's max_batch_size=1). A load generator in a second
+``redis-unbatched`` (the same with the runtime's max_batch_size=1). Variants of a Redis run add
+suffixes: ``-fastapi`` serves the webhook through its FastAPI route instead of the hot route
+(``TESSERA_HOT_ROUTES=false``); ``-inapi`` runs the write-behind recorder inside the API process
+instead of in its own ``tessera recorder fraud`` process (whose CPU is counted with the
+server's). A load generator in a second
 process (raw HTTP/1.1 keep-alive over asyncio/uvloop: ~30 us of client CPU a request) sends
 signed ``POST /v1/transactions`` of simulated transactions (distinct ids, the simulator's customers
 and terminals, event times increasing) at FIXED ARRIVAL RATES (open loop; latency is measured from
@@ -501,7 +505,7 @@ def _build_requests(plan: dict[str, Any], bodies: list[bytes]) -> list[bytes]:
 async def _loadgen_main(plan: dict[str, Any]) -> dict[str, Any]:
     bodies = Path(plan["bodies"]).read_bytes().split(b"\n")
     gen = LoadGen(plan["host"], plan["port"], plan.get("max_connections", 256))
-    server_pid = plan["server_pid"]
+    server_pids = plan["server_pids"]
     cursor = plan.get("start", 0)
     results: list[dict[str, Any]] = []
     saturated_at: float | None = None
@@ -516,7 +520,7 @@ async def _loadgen_main(plan: dict[str, Any]) -> dict[str, Any]:
         requests = _build_requests(plan, bodies[cursor:cursor + count])
         gc.collect()
         gen.reset()
-        cpu_server0, cpu_self0 = proc_cpu_s(server_pid), time.process_time()
+        cpu_server0, cpu_self0 = sum(map(proc_cpu_s, server_pids)), time.process_time()
         if kind == "open":
             t0 = await gen.open_loop(requests, phase["rate"])
             sent = count
@@ -533,7 +537,7 @@ async def _loadgen_main(plan: dict[str, Any]) -> dict[str, Any]:
                "errors": sent - ok, "statuses": {str(k): v for k, v in gen.statuses.items()},
                "conn_errors": gen.conn_errors, "timeouts": missing, "p50_ms": p50, "p99_ms": p99,
                "p999_ms": p999, "max_ms": max(gen.latencies_ok) if gen.latencies_ok else None,
-               "server_cpu_cores": (proc_cpu_s(server_pid) - cpu_server0) / wall,
+               "server_cpu_cores": (sum(map(proc_cpu_s, server_pids)) - cpu_server0) / wall,
                "loadgen_cpu_cores": (time.process_time() - cpu_self0) / wall,
                "connections": len(gen.conns)}
         results.append(row)
@@ -587,13 +591,20 @@ class Database:
 def make_database(kind: str, args: argparse.Namespace, workdir: Path) -> Database:
     env = {"TESSERA_DATA_DIR": str(workdir / kind), "TESSERA_LOG_LEVEL": "WARNING"}
     (workdir / kind).mkdir(parents=True, exist_ok=True)
-    suffix = " (runtime unbatched)" if kind.endswith("-unbatched") else ""
+    variants = set(kind.split("-")[1:])
+    suffix = " (runtime unbatched)" if "unbatched" in variants else ""
+    if "fastapi" in variants:
+        env["TESSERA_HOT_ROUTES"] = "false"
+        suffix += ", FastAPI route"
     if kind.startswith("redis"):
         import redis
 
         redis.Redis.from_url(args.redis_state).flushdb()
         env["TESSERA_REDIS_URL"] = args.redis_state
-        suffix = " + Redis state, rows written behind" + suffix
+        in_api = "inapi" in variants
+        env["TESSERA_RECORDER_IN_API"] = "true" if in_api else "false"
+        suffix = (" + Redis state, rows written behind" + (" (recorder in the API)" if in_api else "")
+                  + suffix)
     if args.workers > 1:
         suffix += f", {args.workers} API workers"
     kind = kind.split("-")[0]
@@ -634,6 +645,18 @@ def wait_recorded(env: dict[str, str], expected: int, timeout_s: float = 30.0) -
     finally:
         engine.dispose()
     return {"answered": expected, "rows": stored, "seconds_to_catch_up": round(time.perf_counter() - started, 2)}
+
+
+def start_recorder(env: dict[str, str], log: Path, timeout_s: float = 90.0) -> subprocess.Popen:
+    """``tessera recorder fraud`` in its own process, once it reads the stream."""
+    process = subprocess.Popen(tessera_cmd("recorder", "fraud"), env={**env, "TESSERA_LOG_LEVEL": "INFO"},
+                               cwd=REPO, stderr=log.open("wb"))
+    deadline = time.time() + timeout_s
+    while "recording fraud decisions" not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the recorder did not start: {log.read_text(errors='replace')[-500:]}")
+        time.sleep(0.3)
+    return process
 
 
 def tessera_cmd(*argv: str) -> list[str]:
@@ -725,8 +748,9 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
              df) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     db = make_database(kind, args, workdir)
     env = {**os.environ, **db.env, "TESSERA_MODELS_DIR": str(artifact.parent.parent),
-           "PYTHONPATH": str(REPO), "BENCH_WORKERS": str(1 if kind.endswith("-unbatched") else args.workers)}
+           "PYTHONPATH": str(REPO), "BENCH_WORKERS": str(1 if "unbatched" in kind else args.workers)}
     proc: subprocess.Popen | None = None
+    recorder: subprocess.Popen | None = None
     try:
         subprocess.run(tessera_cmd("db", "upgrade"), env=env, cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -736,11 +760,13 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
         secret = re.search(r"webhook_secret=(\S+)", out).group(1)  # type: ignore[union-attr]
         port = free_port()
         serve = [sys.executable, str(Path(__file__).resolve()), "_serve", str(port)]
-        if kind.endswith("-unbatched"):
+        if "unbatched" in kind:
             serve.append("--unbatched")
         server_log = workdir / f"server-{kind}.log"
         proc = subprocess.Popen(serve, env=env, cwd=REPO, stderr=server_log.open("wb"))
         wait_ready(port, proc)
+        if env.get("TESSERA_RECORDER_IN_API") == "false":
+            recorder = start_recorder(env, workdir / f"recorder-{kind}.log")
         bodies_path = workdir / f"bodies-{kind}.jsonl"
         bodies_path.write_bytes(request_bodies(df, f"{kind}{os.getpid()}"))
         print(f"\n[http {db.label}] server pid {proc.pid} on :{port}, {len(df)} simulated transactions",
@@ -750,7 +776,8 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
         phases = [warm] + [{"kind": "open", "rate": r, "duration": args.point_s} for r in args.rates]
         phases.append({"kind": "closed", "concurrency": args.closed_concurrency, "duration": args.point_s})
         plan = {"host": "127.0.0.1", "port": port, "api_key": api_key, "secret": secret,
-                "server_pid": proc.pid, "bodies": str(bodies_path), "phases": phases,
+                "server_pids": [proc.pid] + ([recorder.pid] if recorder else []),
+                "bodies": str(bodies_path), "phases": phases,
                 "out": str(workdir / f"result-{kind}.json"), "label": db.label}
         plan_path = workdir / f"plan-{kind}.json"
         plan_path.write_text(json.dumps(plan))
@@ -774,12 +801,13 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
                 "server_exceptions_logged": log_text.count("Exception in ASGI application"),
                 "server_log_tail": log_text[-2000:]}
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for process in (proc, recorder):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         db.cleanup()
 
 

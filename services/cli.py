@@ -1,4 +1,4 @@
-"""The ``tessera`` command: up, worker, beat, db, keys, train, simulate, bench.
+"""The ``tessera`` command: up, worker, beat, db, keys, train, simulate, restore-state, recorder, bench.
 
 ``tessera up`` is the embedded default in one command: it applies migrations, then starts the
 gateway API (all four verticals), one Celery worker (with the job sweeper's beat) and any listener
@@ -194,6 +194,11 @@ def cmd_restore_state(args: argparse.Namespace) -> int:
     return _vertical_entry(args.vertical, "restore", args.rest)
 
 
+def cmd_recorder(args: argparse.Namespace) -> int:
+    """Run a vertical's write-behind recorder alone (``services/<vertical>/recorder.py:main``)."""
+    return _vertical_entry(args.vertical, "recorder", args.rest)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``bench/<name>.py`` with the remaining arguments."""
     script = REPO_ROOT / "bench" / f"{args.name}.py"
@@ -239,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(handler=cmd_keys_create)
 
     entry_points = (("train", cmd_train, "train a model"), ("simulate", cmd_simulate, "simulate data"),
-                    ("restore-state", cmd_restore_state, "rebuild Redis fast state from the database"))
+                    ("restore-state", cmd_restore_state, "rebuild Redis fast state from the database"),
+                    ("recorder", cmd_recorder, "drain write-behind streams into the database (own process)"))
     for name, handler, what in entry_points:
         cmd = sub.add_parser(name, help=f"{what} for a vertical")
         cmd.add_argument("vertical", choices=list(VERTICAL_PACKAGES))

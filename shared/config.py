@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     task_lease_s: float = Field(default=120.0, gt=0, description="a job unfinished this long is retried")
     job_sweep_interval_s: float = Field(default=15.0, gt=0, description="how often stalled jobs are swept")
     redis_url: str | None = Field(default=None, description="shared fast state (e.g. velocity counters)")
+    recorder_in_api: bool = Field(default=True, description="each API process drains the write-behind "
+                                  "streams itself; false when `tessera recorder <vertical>` runs beside it")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_reload_poll_s: float = Field(default=15.0, gt=0, description="how often a promoted model is looked for")

@@ -270,12 +270,25 @@ async def _fast_state_ready() -> None:
 
 @contextlib.asynccontextmanager
 async def redis_fast_state() -> AsyncIterator[None]:
-    """With Redis state: a warm connection pool, and the decision stream drained into the database,
-    for as long as the app runs."""
+    """With Redis state: a warm connection pool and, unless a separate ``tessera recorder fraud``
+    does it, the decision stream drained into the database, for as long as the app runs."""
     if not redis_configured():
         yield
         return
     await warm_async_redis()
+    try:
+        if get_settings().recorder_in_api:
+            async with running_recorder():
+                yield
+        else:
+            yield
+    finally:
+        await close_async_redis()
+
+
+@contextlib.asynccontextmanager
+async def running_recorder() -> AsyncIterator[None]:
+    """A :class:`DecisionRecorder` on this event loop; on exit it stops and drains what is left."""
     recorder = DecisionRecorder(async_redis())
     task = asyncio.create_task(recorder.run())
     try:
@@ -288,7 +301,6 @@ async def redis_fast_state() -> AsyncIterator[None]:
             await recorder.drain()
         except Exception:  # entries left in the stream are recorded by the next process
             logger.exception("could not drain the decision stream at shutdown")
-        await close_async_redis()
 
 
 @contextlib.asynccontextmanager

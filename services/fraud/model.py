@@ -224,6 +224,11 @@ class PathAttribution:
                     stack.append((child, step, child_value))
         return cls(table=table.reshape(-1, n_features + 1), n_leaves=n_leaves, bias=bias)
 
+    def margin(self, leaf_index: np.ndarray) -> np.ndarray:
+        """(B, T) leaf indices from ``pred_leaf`` -> margins (B,): the sum of the reached leaves' values."""
+        leaf_index = np.asarray(leaf_index, dtype=np.int64)
+        return self.table[np.arange(leaf_index.shape[1]) * self.n_leaves + leaf_index, -1].sum(axis=1)
+
     def explain(self, leaf_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, T) leaf indices from ``pred_leaf`` -> margins (B,) and attributions (B, F).
 
@@ -312,17 +317,30 @@ class FraudScorer:
         return platt_probability(margin, self.slope, self.intercept)
 
     def score_with_reasons(self, features: np.ndarray,
-                           sequences: np.ndarray | Sequence[RawTransaction] | None = None, k: int = 3
+                           sequences: np.ndarray | Sequence[RawTransaction] | None = None, k: int = 3,
+                           explain_from: float | np.ndarray = 0.0
                            ) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
-        """Scores and fast path-attribution reasons from one ``pred_leaf`` pass.
+        """Scores, and reasons for the rows scoring at least ``explain_from``, from one tree pass.
+
+        The sequence model runs once and the trees once (``pred_leaf``): the margin is the sum of
+        the reached leaves' values (equal to LightGBM's raw score up to float rounding), and the
+        path attributions of the explained rows come from the same leaves.
 
         Returns
         -------
-        (B,) calibrated probabilities (equal to :meth:`predict_batch` up to float rounding) and
-        B lists of k ``(feature_name, contribution)`` pairs (margin units, largest first).
+        (B,) calibrated probabilities and B lists of k ``(feature_name, contribution)`` pairs
+        (margin units, largest first); empty for rows below ``explain_from``.
         """
-        margin, contrib = self._explain(self.model_inputs(features, sequences))
-        return platt_probability(margin, self.slope, self.intercept), self._top(contrib, k)
+        inputs = self.model_inputs(features, sequences)
+        leaves = self.booster.predict(inputs, pred_leaf=True, num_threads=1).reshape(len(inputs), -1)
+        scores = platt_probability(self.paths.margin(leaves), self.slope, self.intercept)
+        reasons: list[list[tuple[str, float]]] = [[] for _ in range(len(inputs))]
+        explained = np.flatnonzero(scores >= explain_from)
+        if explained.size:
+            top = self._top(self.paths.explain(leaves[explained])[1], k)
+            for position, pairs in zip(explained, top, strict=True):
+                reasons[position] = pairs
+        return scores, reasons
 
     def top_contributions(self, features: np.ndarray, k: int = 3,
                           sequences: np.ndarray | Sequence[RawTransaction] | None = None,

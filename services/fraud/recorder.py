@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -141,11 +142,18 @@ def _decision_out(record: dict[str, Any]) -> DecisionOut:
 
 
 class DecisionRecorder:
-    """Drains the decision stream into the database until stopped (one per API process)."""
+    """Drains the decision stream into the database until stopped.
 
-    def __init__(self, client: aioredis.Redis, consumer: str | None = None) -> None:
+    One runs in each API process unless ``TESSERA_RECORDER_IN_API=false``, in which case
+    ``tessera recorder fraud`` (:func:`main`) runs it in its own process: the batches then cost the
+    API's event loop nothing (measured in bench/fraud.py).
+    """
+
+    def __init__(self, client: aioredis.Redis, consumer: str | None = None,
+                 flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         self._client = client
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.flush_interval_s = flush_interval_s
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
         self.recorded = 0
@@ -168,8 +176,8 @@ class DecisionRecorder:
                     await self.ensure_group()
                     group_ready = True
                 await self.record_once()
-                # Let records accumulate: one transaction per FLUSH_INTERVAL_S, not one per row at low load.
-                await asyncio.sleep(max(0.0, started + FLUSH_INTERVAL_S - asyncio.get_running_loop().time()))
+                # Let records accumulate: one transaction per interval, not one per row at low load.
+                await asyncio.sleep(max(0.0, started + self.flush_interval_s - asyncio.get_running_loop().time()))
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:  # Redis away: nothing to read, nothing lost; say so once a second
@@ -246,3 +254,44 @@ class DecisionRecorder:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline and await self.record_once():
             pass
+
+
+SEPARATE_FLUSH_INTERVAL_S = 0.2
+"""A recorder in its own process shares no event loop with requests: larger batches cost less a row."""
+
+
+def main(argv: list[str]) -> int:
+    """``tessera recorder fraud``: drain the decision stream in this process until SIGTERM or Ctrl-C."""
+    import argparse
+    import signal
+
+    import uvloop
+
+    from shared.kv import async_redis, close_async_redis, redis_configured
+    from shared.observability import configure_logging
+
+    parser = argparse.ArgumentParser(prog="tessera recorder fraud", description=main.__doc__)
+    parser.add_argument("--flush-interval", type=float, default=SEPARATE_FLUSH_INTERVAL_S,
+                        help="seconds between database transactions (default %(default)s)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    if not redis_configured():
+        print("tessera recorder fraud: TESSERA_REDIS_URL is not set: decisions are committed by the API "
+              "itself, there is nothing to record", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        recorder = DecisionRecorder(async_redis(), flush_interval_s=args.flush_interval)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, recorder.stop)
+        logger.info("recording fraud decisions as %s", recorder.consumer)
+        try:
+            await recorder.run()
+            await recorder.drain()
+        finally:
+            await close_async_redis()
+        logger.info("recorder stopped after %d rows", recorder.recorded)
+
+    uvloop.run(run())
+    return 0

@@ -73,6 +73,12 @@ def test_batch_equals_single_and_backends_agree(artifact: Path, inputs) -> None:
     one_pass, reasons = scorer.score_with_reasons(features[:64], sequences[:64], k=3)
     np.testing.assert_allclose(one_pass, batch, rtol=1e-6, atol=1e-9)
     assert reasons == scorer.top_contributions(features[:64], k=3, sequences=sequences[:64])
+    threshold = float(np.median(batch[:64]))
+    flagged_scores, flagged_reasons = scorer.score_with_reasons(features[:64], sequences[:64], k=3,
+                                                                explain_from=threshold)
+    np.testing.assert_allclose(flagged_scores, batch, rtol=1e-6, atol=1e-9)
+    assert [bool(r) for r in flagged_reasons] == [bool(s >= threshold) for s in flagged_scores]
+    assert [r for r in flagged_reasons if r] == [r for r, s in zip(reasons, one_pass, strict=True) if s >= threshold]
     torch_scores = FraudScorer(artifact, sequence_backend="torch").predict_batch(features[:64], sequences[:64])
     np.testing.assert_allclose(torch_scores, batch, rtol=1e-4, atol=1e-6)
     int8 = FraudScorer(artifact, sequence_backend="int8").predict_batch(features[:64], sequences[:64])
