@@ -699,25 +699,34 @@ def request_bodies(df, tag: str) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def summarise_profile(collapsed: Path) -> list[tuple[str, float]]:
-    """Share of non-idle samples per request stage, from py-spy's collapsed (raw) output."""
+    """Share of non-idle samples per request stage, from py-spy's collapsed (raw) output.
+
+    Each sample goes to the stage of the frame nearest its leaf that names one (so time in the
+    Redis client under the webhook handler counts as Redis, not as the handler).
+    """
     waits = ("Connection.wait", "wait_c", "select (selectors", "_wait_conn", "poll (", "sleep (")
-    buckets = [  # first match wins: most specific stage first
-        ("model (score_batch: trees + pred_contrib)", ("score_batch", "serving.py", "lightgbm", "model.py")),
-        ("features (feature_vector, sequence_matrix)", ("feature_vector", "sequence_matrix")),
+    buckets = [  # checked per frame, leaf first; within a frame the first match wins
+        ("model (score_batch: features, sequence model, trees, reasons)",
+         ("score_batch", "serving.py", "lightgbm", "model.py", "features.py", "onnxruntime")),
         ("DB read (_read_state: 3 window queries)", ("_read_state",)),
         ("DB write (_store: INSERT + commit)", ("_store",)),
-        ("signature (verify_signature)", ("verify_signature", "compute_signature")),
-        ("API key dependency (require_scope)", ("require_scope", "authenticate_api_key", "shared/security.py")),
+        ("write-behind recorder (in the API process)", ("recorder.py",)),
+        ("Redis window state (redis-py client, Lua calls)", ("redis/", "ScriptPipeline", "redis_state.py")),
+        ("signature (verify_signature)", ("verify_signature", "compute_signature", "hmac.py")),
+        ("API key (authorize / require_scope)", ("authorize (shared", "require_scope", "authenticate_api_key")),
         ("tenant policy cache", ("TenantPolicyCache", "load_tenant_policy")),
-        ("body parse (pydantic)", ("parse_json_model", "model_validate_json")),
-        ("rules + decision", ("evaluate_rules", "rule_facts", "decide (services", "explain (services")),
+        ("body parse (pydantic)", ("parse_json", "model_validate_json")),
+        ("rules + decision + record", ("evaluate_rules", "rule_facts", "decide (services", "explain (services",
+                                       "decision_record", "_decision (services", "_scoring_item")),
         ("response JSON (serialize)", ("serialize_response", "jsonable_encoder", "render (",
-                                       "_prepare_response_content")),
+                                       "_prepare_response_content", "model_dump_json", "to_json")),
         ("runtime batcher / queue", ("model_runtime",)),
         ("thread hand-off (to_thread, threadpool)", ("to_thread", "run_in_threadpool", "anyio", "concurrent/futures",
                                                      "threading.py")),
-        ("middleware / observability", ("observability", "RequestContextMiddleware", "prometheus")),
-        ("framework (uvicorn, starlette, fastapi)", ("uvicorn", "starlette", "fastapi", "httptools")),
+        ("hot route + request context (ids, metrics)", ("hot_routes.py", "observability.py", "prometheus",
+                                                         "services/fraud/api.py")),
+        ("FastAPI / Starlette routing and dependencies", ("starlette", "fastapi")),
+        ("HTTP server (uvicorn, httptools)", ("uvicorn", "httptools")),
         ("event loop / asyncio", ("asyncio", "uvloop")),
     ]
     counts: collections.Counter[str] = collections.Counter()
@@ -728,17 +737,20 @@ def summarise_profile(collapsed: Path) -> list[tuple[str, float]]:
             continue
         n = int(count)
         total += n
-        leaf = stack.rsplit(";", 1)[-1]
-        if any(w in leaf for w in waits):  # GIL released, waiting on the database: not CPU here
+        frames = stack.split(";")
+        if any(w in frames[-1] for w in waits):  # GIL released, waiting on the database: not CPU here
             counts[WAIT_LABEL] += n
             continue
-        for label, needles in buckets:
-            if any(needle in stack for needle in needles):
-                counts[label] += n
-                break
-        else:
-            counts["other (gc, imports, misc)"] += n
+        counts[_stage_of(frames[1:], buckets)] += n
     return [(label, 100.0 * c / total) for label, c in counts.most_common()] if total else []
+
+
+def _stage_of(frames: list[str], buckets: list[tuple[str, tuple[str, ...]]]) -> str:
+    for frame in reversed(frames):
+        for label, needles in buckets:
+            if any(needle in frame for needle in needles):
+                return label
+    return "other (gc, imports, misc)"
 
 
 WAIT_LABEL = "(waiting on the database socket, no CPU)"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,6 +76,13 @@ class RequestContextMiddleware:
         self.app = app
         self.app_name = app_name
         self._latency = HTTP_LATENCY.labels(app_name)
+        self._counters: dict[tuple[str, int], Any] = {}  # label lookups cost more than the increment
+
+    def _count(self, method: str, status: int) -> None:
+        counter = self._counters.get((method, status))
+        if counter is None:
+            counter = self._counters[(method, status)] = HTTP_REQUESTS.labels(self.app_name, method, str(status))
+        counter.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,7 +90,7 @@ class RequestContextMiddleware:
             return
         state = scope.setdefault("state", {})
         outer_request_id = state.get("request_id")  # set already when mounted under the gateway
-        request_id = outer_request_id or _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = outer_request_id or _incoming_request_id(scope) or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         state["request_id"] = request_id
         started = time.perf_counter()
@@ -100,7 +107,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self._latency.observe(time.perf_counter() - started)
-            HTTP_REQUESTS.labels(self.app_name, scope["method"], str(status_holder[0])).inc()
+            self._count(scope["method"], status_holder[0])
             request_id_var.reset(token)
 
 

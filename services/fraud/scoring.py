@@ -74,24 +74,52 @@ def load_tenant_policy(tenant_id: str) -> TenantPolicy:
 
 
 class TenantPolicyCache:
-    """Per-process cache of tenant policies; a change is seen within ``TENANT_CACHE_TTL_S``."""
+    """Per-process cache of tenant policies; a change is seen within ``TENANT_CACHE_TTL_S``.
+
+    A stale entry is answered at once while one background read refreshes it (stale while
+    revalidate), so no request waits for the database once a tenant is known, and a busy process
+    does not start one read per request when an entry expires.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, TenantPolicy]] = {}
+        self._reads: dict[str, asyncio.Future[TenantPolicy]] = {}
+        self._generation: dict[str, int] = {}  # bumped by invalidate: a read started before is not kept
 
     async def get(self, tenant_id: str) -> TenantPolicy:
-        """The cached policy, re-read in a worker thread when stale."""
-        now = time.monotonic()
+        """The cached policy; a first read is shared by every caller that needs it meanwhile."""
         cached = self._entries.get(tenant_id)
-        if cached and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        policy = await asyncio.to_thread(load_tenant_policy, tenant_id)
-        self._entries[tenant_id] = (now + TENANT_CACHE_TTL_S, policy)
+        read = self._reads.get(tenant_id)
+        if read is None:
+            read = self._reads[tenant_id] = asyncio.ensure_future(self._read(tenant_id))
+            read.add_done_callback(_log_failed_refresh)
+        if cached is not None:
+            return cached[1]  # stale by at most the read's duration
+        return await asyncio.shield(read)
+
+    async def _read(self, tenant_id: str) -> TenantPolicy:
+        generation = self._generation.get(tenant_id, 0)
+        try:
+            policy = await asyncio.to_thread(load_tenant_policy, tenant_id)
+        finally:
+            if self._generation.get(tenant_id, 0) == generation:
+                self._reads.pop(tenant_id, None)
+        if self._generation.get(tenant_id, 0) == generation:
+            self._entries[tenant_id] = (time.monotonic() + TENANT_CACHE_TTL_S, policy)
         return policy
 
     def invalidate(self, tenant_id: str) -> None:
         """Forget a tenant (after its rules or settings change in this process)."""
+        self._generation[tenant_id] = self._generation.get(tenant_id, 0) + 1
         self._entries.pop(tenant_id, None)
+        self._reads.pop(tenant_id, None)
+
+
+def _log_failed_refresh(read: asyncio.Future[TenantPolicy]) -> None:
+    if not read.cancelled() and read.exception() is not None:
+        logger.warning("reading a tenant policy failed: %r", read.exception())
 
 
 tenant_policies = TenantPolicyCache()
