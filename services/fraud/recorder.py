@@ -1,12 +1,13 @@
 """Write-behind of fraud decisions: the ``fraud:decisions`` stream drained into the database in batches.
 
 With Redis configured, scoring answers once the decision record is in the stream
-(:mod:`services.fraud.redis_state`); each API process runs one :class:`DecisionRecorder` that reads
-the stream through a consumer group and writes whatever has accumulated in one transaction: the
-rows (``INSERT ... ON CONFLICT DO NOTHING``), a review case and a bank callback job for each newly
-stored flagged decision. Entries are acknowledged only after the commit, so a recorder that dies
-mid-batch leaves them pending, and another recorder claims them once idle for
-``CLAIM_IDLE_MS``; the conflict clause makes the replay a no-op (exactly once in effect).
+(:mod:`services.fraud.redis_state`); a :class:`DecisionRecorder` (one in each API process, or
+``tessera recorder fraud`` in its own, see :func:`main`) reads the stream through a consumer group
+and writes whatever has accumulated in one transaction: the rows (``INSERT ... ON CONFLICT DO
+NOTHING``), a review case and a bank callback job for each newly stored flagged decision. Entries
+are acknowledged only after the commit, so a recorder that dies mid-batch leaves them pending, and
+another recorder claims them once idle for ``CLAIM_IDLE_MS``; the conflict clause makes the replay
+a no-op (exactly once in effect).
 
 Batching replaces one synchronous commit per request (a ~4 ms disk flush on PostgreSQL) with one
 per batch, which is what lets the webhook hold its rate.

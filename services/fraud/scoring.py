@@ -104,9 +104,10 @@ class TenantPolicyCache:
         try:
             policy = await asyncio.to_thread(load_tenant_policy, tenant_id)
         finally:
-            if self._generation.get(tenant_id, 0) == generation:
+            still_current = self._generation.get(tenant_id, 0) == generation
+            if still_current:  # else invalidate() already forgot this read
                 self._reads.pop(tenant_id, None)
-        if self._generation.get(tenant_id, 0) == generation:
+        if still_current:
             self._entries[tenant_id] = (time.monotonic() + TENANT_CACHE_TTL_S, policy)
         return policy
 
