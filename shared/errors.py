@@ -129,11 +129,20 @@ def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def failure_document(exc: ProblemError | None, instance: str, request_id: str | None) -> dict[str, Any]:
+    """The problem document of a failed request; ``None`` is an unexpected error (a 500 that leaks nothing)."""
+    if exc is None:
+        body = problem_body(500, "Internal Server Error", "An unexpected error occurred; it has been logged.",
+                            "internal", instance)
+    else:
+        body = exc.to_problem(instance=instance)
+    body["request_id"] = request_id
+    return body
+
+
 async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    body = exc.to_problem(instance=request.url.path)
-    body["request_id"] = _request_id(request)
-    return problem_response(body, exc.headers)
+    return problem_response(failure_document(exc, request.url.path, _request_id(request)), exc.headers)
 
 
 def _error_entries(raw_errors: Sequence[Any]) -> tuple[list[dict[str, Any]], str]:
@@ -176,9 +185,7 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", extra={"path": request.url.path})
-    body = problem_body(500, "Internal Server Error", "An unexpected error occurred; it has been logged.",
-                        "internal", request.url.path, {"request_id": _request_id(request)})
-    return problem_response(body)
+    return problem_response(failure_document(None, request.url.path, _request_id(request)))
 
 
 def install_problem_handlers(app: FastAPI) -> None:

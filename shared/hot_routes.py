@@ -20,7 +20,7 @@ import orjson
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, ProblemError, problem_body
+from shared.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, ProblemError, failure_document
 from shared.security import Principal, authorize, presented_api_key
 
 logger = logging.getLogger("tessera.hot_routes")
@@ -119,10 +119,4 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 def problem_json(scope: Scope, exc: ProblemError | None) -> bytes:
     """The problem document of a failed hot request (``None``: an unexpected error, 500)."""
-    if exc is None:
-        body = problem_body(500, "Internal Server Error", "An unexpected error occurred; it has been logged.",
-                            "internal", scope["path"])
-    else:
-        body = exc.to_problem(instance=scope["path"])
-    body["request_id"] = scope.get("state", {}).get("request_id")
-    return orjson.dumps(body)
+    return orjson.dumps(failure_document(exc, scope["path"], scope.get("state", {}).get("request_id")))

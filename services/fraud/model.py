@@ -226,8 +226,12 @@ class PathAttribution:
 
     def margin(self, leaf_index: np.ndarray) -> np.ndarray:
         """(B, T) leaf indices from ``pred_leaf`` -> margins (B,): the sum of the reached leaves' values."""
+        return self.table[self._rows(leaf_index), -1].sum(axis=1)
+
+    def _rows(self, leaf_index: np.ndarray) -> np.ndarray:
+        """(B, T) leaf indices -> (B, T) rows of :attr:`table`."""
         leaf_index = np.asarray(leaf_index, dtype=np.int64)
-        return self.table[np.arange(leaf_index.shape[1]) * self.n_leaves + leaf_index, -1].sum(axis=1)
+        return np.arange(leaf_index.shape[1])[None, :] * self.n_leaves + leaf_index
 
     def explain(self, leaf_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, T) leaf indices from ``pred_leaf`` -> margins (B,) and attributions (B, F).
@@ -236,9 +240,9 @@ class PathAttribution:
         """
         from scipy.sparse import csr_matrix
 
-        leaf_index = np.asarray(leaf_index, dtype=np.int64)
-        batch, n_trees = leaf_index.shape
-        columns = (np.arange(n_trees)[None, :] * self.n_leaves + leaf_index).ravel()
+        rows = self._rows(leaf_index)
+        batch, n_trees = rows.shape
+        columns = rows.ravel()
         selector = csr_matrix((np.ones(columns.size), columns, np.arange(0, columns.size + 1, n_trees)),
                               shape=(batch, self.table.shape[0]))
         summed = np.asarray(selector @ self.table)

@@ -15,9 +15,11 @@ per batch, which is what lets the webhook hold its rate.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ import orjson
 import psycopg
 import redis.asyncio as aioredis
 import sqlalchemy.exc
+import uvloop
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -36,6 +39,8 @@ from services.fraud.redis_state import DECISION_STREAM
 from services.fraud.schemas import Decision, DecisionOut
 from services.fraud.tasks import enqueue_callback
 from shared.db import session_factory
+from shared.kv import async_redis, close_async_redis, redis_configured
+from shared.observability import configure_logging
 
 logger = logging.getLogger("tessera.fraud.recorder")
 
@@ -263,14 +268,6 @@ SEPARATE_FLUSH_INTERVAL_S = 0.2
 
 def main(argv: list[str]) -> int:
     """``tessera recorder fraud``: drain the decision stream in this process until SIGTERM or Ctrl-C."""
-    import argparse
-    import signal
-
-    import uvloop
-
-    from shared.kv import async_redis, close_async_redis, redis_configured
-    from shared.observability import configure_logging
-
     parser = argparse.ArgumentParser(prog="tessera recorder fraud", description=main.__doc__)
     parser.add_argument("--flush-interval", type=float, default=SEPARATE_FLUSH_INTERVAL_S,
                         help="seconds between database transactions (default %(default)s)")
