@@ -833,7 +833,8 @@ def profile_server(args: argparse.Namespace, pid: int, plan: dict[str, Any], wor
     raw = RESULTS_DIR / f"fraud_profile_{kind}.txt"
     # drive the server at a fixed rate near its measured capacity while py-spy samples it
     plan = {**plan, "label": f"{plan['label']} (profiled)", "out": str(workdir / f"profile-{kind}.json"),
-            "phases": [{"kind": "closed", "concurrency": args.closed_concurrency, "duration": seconds + 2}]}
+            "phases": [{"kind": "open", "rate": args.profile_rate, "duration": seconds + 2} if args.profile_rate
+                       else {"kind": "closed", "concurrency": args.closed_concurrency, "duration": seconds + 2}]}
     plan_path = workdir / f"plan-profile-{kind}.json"
     plan_path.write_text(json.dumps(plan))
     load = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_loadgen", str(plan_path)],
@@ -884,7 +885,9 @@ def profile_table(runs: list[dict[str, Any]]) -> str:
         if not prof:
             continue
         per_req = prof["server_cpu_ms_per_request"]
-        out.append(f"Profile, {run['database']} (py-spy, closed loop c={prof['load']['concurrency']}: "
+        load = prof["load"]
+        driven = f"open loop {load['rate']:g}/s" if load["kind"] == "open" else f"closed loop c={load['concurrency']}"
+        out.append(f"Profile, {run['database']} (py-spy, {driven}: "
                    f"{prof['load']['achieved']:.0f} tx/s, server {prof['load']['server_cpu_cores']:.2f} cores, "
                    f"{fmt(per_req, 2)} ms CPU a request; stacks: {prof['collapsed_stacks']})\n")
         out.append("| stage | share of non-idle samples | share of CPU samples | ≈ ms CPU a request |")
@@ -921,6 +924,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="Redis for the 'redis' runs' window state (flushed first)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes for the server")
     parser.add_argument("--profile-dbs", default="sqlite,postgres,redis", help="runs to profile (comma-separated)")
+    parser.add_argument("--profile-rate", type=float,
+                        help="profile under this open-loop rate (tx/s) instead of the closed loop")
     args = parser.parse_args(argv)
     args.dbs = [d for d in (args.dbs or ("sqlite,redis" if args.quick else
                                          "sqlite,postgres,redis,redis-unbatched")).split(",") if d]

@@ -110,7 +110,7 @@ class WindowAggregates:
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """numerator / denominator, 0 where the denominator is 0 (the handbook's fillna(0))."""
-    out = np.zeros_like(numerator, dtype=np.float64)
+    out = np.zeros(np.broadcast_shapes(numerator.shape, denominator.shape))
     np.divide(numerator, denominator, out=out, where=denominator != 0)
     return out
 
@@ -127,8 +127,9 @@ def _history_columns(amount: np.ndarray, history_amounts: np.ndarray) -> list[np
     # np.nanmedian goes through masked arrays (~0.5 ms a call); NaNs sort last, so the median of
     # each row is the middle of its first `count` sorted values.
     ordered = np.sort(history_amounts, axis=1)
-    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0)[:, None], axis=1)[:, 0]
-    high = np.take_along_axis(ordered, np.maximum(count // 2, 0)[:, None], axis=1)[:, 0]
+    rows = np.arange(len(ordered))
+    low = ordered[rows, np.maximum((count - 1) // 2, 0)]
+    high = ordered[rows, np.maximum(count // 2, 0)]
     floor = np.where(has, (low + high) / 2.0, 0.0) + AMOUNT_STD_FLOOR
     peak = np.where(present, history_amounts, -np.inf).max(axis=1)
     spikes = (np.where(present, history_amounts, 0.0) > 3.0 * floor[:, None]).sum(axis=1)
@@ -137,15 +138,47 @@ def _history_columns(amount: np.ndarray, history_amounts: np.ndarray) -> list[np
             spikes.astype(np.float64)]
 
 
+_NUMERIC_FIELDS: tuple[str, ...] = tuple(
+    f for f in WindowAggregates.__slots__ if f != "card_history"  # type: ignore[attr-defined]
+)
+_AT = {name: position for position, name in enumerate(_NUMERIC_FIELDS)}
+_RATIO_PAIRS: tuple[tuple[str, str], ...] = (
+    ("customer_amount_sum_1d", "customer_count_1d"), ("customer_amount_sum_7d", "customer_count_7d"),
+    ("customer_amount_sum_30d", "customer_count_30d"), ("customer_amount_sumsq_30d", "customer_count_30d"),
+    ("terminal_fraud_delayed_1d", "terminal_count_delayed_1d"),
+    ("terminal_fraud_delayed_7d", "terminal_count_delayed_7d"),
+    ("terminal_fraud_delayed_30d", "terminal_count_delayed_30d"),
+)
+_RATIO_NUMERATORS = [_AT[numerator] for numerator, _ in _RATIO_PAIRS]
+_RATIO_DENOMINATORS = [_AT[denominator] for _, denominator in _RATIO_PAIRS]
+_COPIED: dict[str, str] = {  # feature -> the aggregate it is, unchanged
+    "CUSTOMER_ID_NB_TX_1DAY_WINDOW": "customer_count_1d", "CUSTOMER_ID_NB_TX_7DAY_WINDOW": "customer_count_7d",
+    "CUSTOMER_ID_NB_TX_30DAY_WINDOW": "customer_count_30d",
+    "TERMINAL_ID_NB_TX_1DAY_WINDOW": "terminal_count_delayed_1d",
+    "TERMINAL_ID_NB_TX_7DAY_WINDOW": "terminal_count_delayed_7d",
+    "TERMINAL_ID_NB_TX_30DAY_WINDOW": "terminal_count_delayed_30d",
+    "CUSTOMER_NB_TX_1HOUR_WINDOW": "customer_count_1h", "CUSTOMER_AMOUNT_1HOUR_WINDOW": "customer_amount_sum_1h",
+    "TERMINAL_NB_TX_1HOUR_WINDOW": "terminal_count_1h", "TERMINAL_NB_TX_1DAY_CURRENT": "terminal_count_1d",
+    "TERMINAL_NB_FRAUD_7DAY_DELAYED": "terminal_fraud_delayed_7d",
+    "TERMINAL_NB_FRAUD_30DAY_DELAYED": "terminal_fraud_delayed_30d",
+}
+_COPIED_TO = [FEATURE_NAMES.index(feature) for feature in _COPIED]
+_COPIED_FROM = [_AT[field] for field in _COPIED.values()]
+_COLUMN = {name: position for position, name in enumerate(FEATURE_NAMES)}
+
+
 def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
-                     agg: dict[str, np.ndarray], history_amounts: np.ndarray) -> np.ndarray:
+                     aggregates: np.ndarray, history_amounts: np.ndarray) -> np.ndarray:
     """The one formula both the online and the offline path use.
+
+    Whole blocks of columns are computed per numpy call (a serving batch is often one row, where
+    the cost is the number of calls, not their size).
 
     Parameters
     ----------
     amount, weekday, hour : (N,) arrays (amount in currency units, weekday 0 = Monday, hour 0-23).
-    agg : WindowAggregates field name -> (N,) float64 array; ``seconds_since_prev_customer_tx``
-        uses NaN for "no previous transaction".
+    aggregates : (N, len(_NUMERIC_FIELDS)) float64, the WindowAggregates fields in that order;
+        ``seconds_since_prev_customer_tx`` is NaN for "no previous transaction".
     history_amounts : (N, HISTORY_LENGTH) amounts of the card's previous transactions, NaN where
         there is none.
 
@@ -154,52 +187,43 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
     (N, len(FEATURE_NAMES)) float64.
     """
     amount = amount.astype(np.float64)
-    count_30 = agg["customer_count_30d"]
-    avg_7 = _safe_ratio(agg["customer_amount_sum_7d"], agg["customer_count_7d"])
-    avg_30 = _safe_ratio(agg["customer_amount_sum_30d"], count_30)
-    var_30 = np.maximum(_safe_ratio(agg["customer_amount_sumsq_30d"], count_30) - avg_30**2, 0.0)
-    std_30 = np.sqrt(var_30)
+    count_30 = aggregates[:, _AT["customer_count_30d"]]
     prior_count = count_30 - 1
-    prior_sum = agg["customer_amount_sum_30d"] - amount
-    prior_avg = np.where(prior_count > 0, _safe_ratio(prior_sum, prior_count), amount)
-    prior_sumsq = agg["customer_amount_sumsq_30d"] - amount**2
-    prior_var = np.maximum(_safe_ratio(prior_sumsq, prior_count) - prior_avg**2, 0.0)
-    gap = agg["seconds_since_prev_customer_tx"]
-    columns = [
-        amount,
-        (weekday >= 5).astype(np.float64),
-        (hour <= 6).astype(np.float64),
-        agg["customer_count_1d"], _safe_ratio(agg["customer_amount_sum_1d"], agg["customer_count_1d"]),
-        agg["customer_count_7d"], avg_7,
-        count_30, avg_30,
-        agg["terminal_count_delayed_1d"],
-        _safe_ratio(agg["terminal_fraud_delayed_1d"], agg["terminal_count_delayed_1d"]),
-        agg["terminal_count_delayed_7d"],
-        _safe_ratio(agg["terminal_fraud_delayed_7d"], agg["terminal_count_delayed_7d"]),
-        agg["terminal_count_delayed_30d"],
-        _safe_ratio(agg["terminal_fraud_delayed_30d"], agg["terminal_count_delayed_30d"]),
-        hour.astype(np.float64),
-        agg["customer_count_1h"],
-        agg["customer_amount_sum_1h"],
-        np.where(np.isnan(gap), -1.0, np.log1p(np.nan_to_num(gap, nan=0.0).clip(min=0.0))),
-        _safe_ratio(amount, avg_7),
-        _safe_ratio(amount, avg_30),
-        std_30,
-        (amount - avg_30) / (std_30 + AMOUNT_STD_FLOOR),
-        _safe_ratio(amount, prior_avg),
-        (amount - prior_avg) / (np.sqrt(prior_var) + AMOUNT_STD_FLOOR),
-        agg["terminal_count_1h"],
-        agg["terminal_count_1d"],
-        agg["terminal_fraud_delayed_7d"],
-        agg["terminal_fraud_delayed_30d"],
-        *_history_columns(amount, history_amounts),
-    ]
-    return np.column_stack([np.asarray(c, dtype=np.float64) for c in columns])
+    pairs = len(_RATIO_PAIRS)
+    numerators = np.empty((len(amount), pairs + 2))
+    numerators[:, :pairs] = aggregates[:, _RATIO_NUMERATORS]
+    numerators[:, pairs] = aggregates[:, _AT["customer_amount_sum_30d"]] - amount
+    numerators[:, pairs + 1] = aggregates[:, _AT["customer_amount_sumsq_30d"]] - amount**2
+    denominators = np.empty_like(numerators)
+    denominators[:, :pairs] = aggregates[:, _RATIO_DENOMINATORS]
+    denominators[:, pairs:] = prior_count[:, None]
+    avg_1, avg_7, avg_30, mean_sq_30, risk_1, risk_7, risk_30, prior_avg, prior_mean_sq = \
+        _safe_ratio(numerators, denominators).T
+    std_30 = np.sqrt(np.maximum(mean_sq_30 - avg_30**2, 0.0))
+    prior_avg = np.where(prior_count > 0, prior_avg, amount)
+    prior_var = np.maximum(prior_mean_sq - prior_avg**2, 0.0)
+    over_7, over_30, over_prior = _safe_ratio(amount, np.stack([avg_7, avg_30, prior_avg]))
+    gap = aggregates[:, _AT["seconds_since_prev_customer_tx"]]
 
-
-_NUMERIC_FIELDS: tuple[str, ...] = tuple(
-    f for f in WindowAggregates.__slots__ if f != "card_history"  # type: ignore[attr-defined]
-)
+    out = np.empty((len(amount), len(FEATURE_NAMES)))
+    out[:, _COPIED_TO] = aggregates[:, _COPIED_FROM]
+    computed = {
+        "TX_AMOUNT": amount, "TX_DURING_WEEKEND": weekday >= 5, "TX_DURING_NIGHT": hour <= 6,
+        "CUSTOMER_ID_AVG_AMOUNT_1DAY_WINDOW": avg_1, "CUSTOMER_ID_AVG_AMOUNT_7DAY_WINDOW": avg_7,
+        "CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW": avg_30, "TERMINAL_ID_RISK_1DAY_WINDOW": risk_1,
+        "TERMINAL_ID_RISK_7DAY_WINDOW": risk_7, "TERMINAL_ID_RISK_30DAY_WINDOW": risk_30, "TX_HOUR": hour,
+        "LOG_SECONDS_SINCE_PREV_TX": np.where(np.isnan(gap), -1.0, np.log1p(np.where(gap > 0.0, gap, 0.0))),
+        "AMOUNT_OVER_CUSTOMER_AVG_7DAY": over_7, "AMOUNT_OVER_CUSTOMER_AVG_30DAY": over_30,
+        "CUSTOMER_STD_AMOUNT_30DAY": std_30, "AMOUNT_ZSCORE_30DAY": (amount - avg_30) / (std_30 + AMOUNT_STD_FLOOR),
+        "AMOUNT_OVER_PRIOR_AVG_30DAY": over_prior,
+        "AMOUNT_ZSCORE_PRIOR_30DAY": (amount - prior_avg) / (np.sqrt(prior_var) + AMOUNT_STD_FLOOR),
+    }
+    for name, column in computed.items():
+        out[:, _COLUMN[name]] = column
+    first_history_column = _COLUMN["CARD_HISTORY_NB_TX"]
+    for offset, column in enumerate(_history_columns(amount, history_amounts)):
+        out[:, first_history_column + offset] = column
+    return out
 
 
 def feature_matrix(amounts: Sequence[float], tx_datetimes: Sequence[datetime],
@@ -219,7 +243,6 @@ def feature_matrix(amounts: Sequence[float], tx_datetimes: Sequence[datetime],
     count = len(aggregates)
     numeric = np.array([[np.nan if (value := getattr(agg, name)) is None else value for name in _NUMERIC_FIELDS]
                         for agg in aggregates], dtype=np.float64).reshape(count, len(_NUMERIC_FIELDS))
-    columns = {name: numeric[:, position] for position, name in enumerate(_NUMERIC_FIELDS)}
     history = np.full((count, HISTORY_LENGTH), np.nan)
     for row, agg in enumerate(aggregates):
         past = [past_amount for _, past_amount, _ in tuple(agg.card_history)[-HISTORY_LENGTH:]]
@@ -227,7 +250,7 @@ def feature_matrix(amounts: Sequence[float], tx_datetimes: Sequence[datetime],
             history[row, HISTORY_LENGTH - len(past):] = past
     weekday = np.fromiter((moment.weekday() for moment in tx_datetimes), dtype=np.int64, count=count)
     hour = np.fromiter((moment.hour for moment in tx_datetimes), dtype=np.int64, count=count)
-    rows = _feature_columns(np.asarray(amounts, dtype=np.float64), weekday, hour, columns, history)
+    rows = _feature_columns(np.asarray(amounts, dtype=np.float64), weekday, hour, numeric, history)
     return rows.astype(np.float32)
 
 
@@ -507,8 +530,9 @@ def compute_offline_features(transactions: pd.DataFrame, delay_days: int = 7
     agg = _unsort(customer, customer_groups.order) | _unsort(terminal, terminal_groups.order)
     sequences, history = _offline_sequences(transactions, customer_groups, times)
     tx_datetime = pd.to_datetime(transactions.TX_DATETIME)
+    aggregates = np.column_stack([agg[name] for name in _NUMERIC_FIELDS]).astype(np.float64)
     matrix = _feature_columns(transactions.TX_AMOUNT.to_numpy(dtype=np.float64),
-                              tx_datetime.dt.day_of_week.to_numpy(), tx_datetime.dt.hour.to_numpy(), agg,
+                              tx_datetime.dt.day_of_week.to_numpy(), tx_datetime.dt.hour.to_numpy(), aggregates,
                               history)
     features = pd.DataFrame(matrix.astype(np.float32), columns=list(FEATURE_NAMES),
                             index=transactions.index)

@@ -33,11 +33,10 @@ from typing import Any
 
 import orjson
 import redis
-import redis.asyncio as aioredis
 
 from services.fraud.features import HISTORY_LENGTH, SECONDS_PER_DAY, WindowAggregates
 from services.fraud.state import LABEL_DELAY_S
-from shared.kv import ScriptPipeline
+from shared.kv import RedisMultiplexer, ScriptPipeline
 
 DECISION_STREAM = "fraud:decisions"
 ANSWER_TTL_S = 3600
@@ -204,9 +203,9 @@ def _aggregates(reply: list[Any], amount: float, tx_time_s: float) -> WindowAggr
 class RedisWindowState:
     """The Redis side of scoring: reserve (read + add to windows), commit (answer + record), labels."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._client = client
-        self._scripts = ScriptPipeline(client)
+    def __init__(self, redis: RedisMultiplexer) -> None:
+        self._redis = redis
+        self._scripts = ScriptPipeline(redis)
         self._reserve = self._scripts.register(RESERVE_LUA)
         self._commit = self._scripts.register(COMMIT_LUA)
         self._release = self._scripts.register(RELEASE_LUA)
@@ -242,7 +241,7 @@ class RedisWindowState:
 
     async def answer(self, tenant_id: str, transaction_id: str) -> bytes | None:
         """The stored answer (None while pending or unknown)."""
-        value = await self._client.get(answer_key(tenant_id, transaction_id))
+        value = await self._redis.execute("GET", answer_key(tenant_id, transaction_id))
         return None if value in (None, b"P") else value
 
 

@@ -44,7 +44,7 @@ from services.fraud.serving import FRAUD_MODEL_NAME, ScoredItem, ScoringItem
 from services.fraud.state import read_aggregates
 from shared.db import session_factory
 from shared.errors import Conflict
-from shared.kv import async_redis, redis_configured, redis_unavailable_as_503
+from shared.kv import redis_configured, redis_multiplexer, redis_unavailable_as_503
 from shared.security import Tenant
 
 logger = logging.getLogger("tessera.fraud.scoring")
@@ -317,16 +317,16 @@ async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: Ten
 
 
 def redis_window_state() -> RedisWindowState:
-    """The Redis window state of the running event loop's client (one script pipeline per client)."""
-    client = async_redis()
-    state = _redis_states.get(client)
+    """The Redis window state over the running event loop's :class:`~shared.kv.RedisMultiplexer`."""
+    multiplexer = redis_multiplexer()
+    state = _redis_states.get(multiplexer)
     if state is None:
-        state = _redis_states[client] = RedisWindowState(client)
+        state = _redis_states[multiplexer] = RedisWindowState(multiplexer)
     return state
 
 
 _redis_states: weakref.WeakKeyDictionary[Any, RedisWindowState] = weakref.WeakKeyDictionary()
-"""Keyed by the client itself, not its id(): a closed client's id may be reused by the next one."""
+"""Keyed by the multiplexer itself, not its id(): a closed one's id may be reused by the next one."""
 
 
 def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:

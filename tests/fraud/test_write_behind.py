@@ -28,6 +28,7 @@ from services.fraud.redis_state import RedisWindowState, record_label_sync, term
 from services.fraud.schemas import Decision, DecisionOut, Reason, TransactionIn
 from services.fraud.scoring import decision_record
 from shared.db import session_scope
+from shared.kv import RedisMultiplexer
 from tests.conftest import Stack, apply_stack_in_process
 
 T0 = 1_790_000_000.0
@@ -78,12 +79,16 @@ def decision(tenant_id: str, outcome: str, *, tx_id: str | None = None) -> tuple
     return out, decision_record(tenant_id, tx, np.zeros(len(FEATURE_NAMES)), out)
 
 
-async def commit_all(client: aioredis.Redis, decisions: list[tuple[DecisionOut, dict[str, Any]]]) -> None:
+async def commit_all(redis_url: str, decisions: list[tuple[DecisionOut, dict[str, Any]]]) -> None:
     """Queue decisions as the API does (answer stored, record appended to the stream)."""
-    state = RedisWindowState(client)
-    for out, record in decisions:
-        assert await state.commit(record["tenant_id"], out.transaction_id, out.model_dump_json().encode(),
-                                  record) is None
+    multiplexer = RedisMultiplexer(redis_url)
+    try:
+        state = RedisWindowState(multiplexer)
+        for out, record in decisions:
+            assert await state.commit(record["tenant_id"], out.transaction_id, out.model_dump_json().encode(),
+                                      record) is None
+    finally:
+        await multiplexer.close()
 
 
 def reserve_new(redis_url: str, tenant_id: str, tx_id: str, customer_id: str, terminal_id: str, at: float,
@@ -91,11 +96,12 @@ def reserve_new(redis_url: str, tenant_id: str, tx_id: str, customer_id: str, te
     """Reserve a new transaction on a fresh client; returns its window aggregates."""
 
     async def reserve() -> Any:
-        client = aioredis.Redis.from_url(redis_url)
+        multiplexer = RedisMultiplexer(redis_url)
         try:
-            return await RedisWindowState(client).reserve(tenant_id, tx_id, customer_id, terminal_id, at, amount)
+            return await RedisWindowState(multiplexer).reserve(tenant_id, tx_id, customer_id, terminal_id, at,
+                                                              amount)
         finally:
-            await client.aclose()
+            await multiplexer.close()
 
     reservation = asyncio.run(reserve())
     assert reservation.status == "new" and reservation.aggregates is not None
@@ -120,7 +126,7 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
         try:
             survivor = DecisionRecorder(client, consumer="survivor")
             await survivor.ensure_group()
-            await commit_all(client, decisions)
+            await commit_all(database.redis_url, decisions)
             [(_, entries)] = await client.xreadgroup(GROUP, "dead-recorder", {stream: ">"}, count=100)
             ids = [entry_id for entry_id, _ in entries]
             write_records([orjson.loads(fields[b"r"]) for _, fields in entries])
@@ -162,7 +168,7 @@ def test_poison_record_is_quarantined_not_dropped(database: Stack, tenant_id: st
         try:
             survivor = DecisionRecorder(client, consumer="survivor")
             await survivor.ensure_group()
-            await commit_all(client, [(good_out, good), (poison_out, poison)])
+            await commit_all(database.redis_url, [(good_out, good), (poison_out, poison)])
             handled = await survivor.record_once()
             assert await client.xpending_range(stream, GROUP, min="-", max="+", count=100) == []
             assert await client.xlen(stream) == 0
@@ -196,7 +202,7 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
     async def scenario() -> None:
         client = aioredis.Redis.from_url(postgres_stack.redis_url)
         try:
-            state = RedisWindowState(client)
+            state = RedisWindowState(RedisMultiplexer(postgres_stack.redis_url))
             started = time.monotonic()
             first = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert first.status == "new" and first.aggregates is not None
@@ -222,7 +228,7 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
             assert await client.zcard(f"fraud:{{{tenant_id}}}:cust:cust-c") == 2
             assert await client.zcard(f"fraud:{{{tenant_id}}}:term:term-1") == 2
             out, record = decision(tenant_id, "approve", tx_id="tx-a")
-            await commit_all(client, [(out, record)])
+            await commit_all(postgres_stack.redis_url, [(out, record)])
             done = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert done.status == "done" and done.answer == out.model_dump_json().encode()
         finally:
@@ -299,7 +305,7 @@ def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: s
     async def scenario() -> None:
         client = aioredis.Redis.from_url(postgres_stack.redis_url)
         try:
-            state = RedisWindowState(client)
+            state = RedisWindowState(RedisMultiplexer(postgres_stack.redis_url))
             assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "new"
             await state.release(tenant_id, "tx-shed")
             retry = await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)
@@ -307,7 +313,7 @@ def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: s
             taken = await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0, takeover=True)
             assert taken.aggregates is not None and taken.aggregates.customer_count_1h == 1
             out, record = decision(tenant_id, "approve", tx_id="tx-shed")
-            await commit_all(client, [(out, record)])
+            await commit_all(postgres_stack.redis_url, [(out, record)])
             await state.release(tenant_id, "tx-shed")  # a committed answer is never released
             assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "done"
         finally:
