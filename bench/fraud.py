@@ -567,16 +567,19 @@ def loadgen_entry(plan_path: str) -> None:
 # Part 2: server lifecycle
 # ---------------------------------------------------------------------------------------------
 def serve_entry(argv: list[str]) -> None:
-    """`bench/fraud.py _serve PORT [--unbatched]`: uvicorn with the bench's options (one process)."""
+    """`bench/fraud.py _serve PORT [--unbatched] [--inline|--threaded]`: uvicorn with the bench's options."""
     import uvicorn
 
     port = int(argv[0])
     workers = int(os.environ.get("BENCH_WORKERS", "1"))
-    if "--unbatched" in argv:
+    overrides = {**({"max_batch_size": 1} if "--unbatched" in argv else {}),
+                 **({"run_inline": True} if "--inline" in argv else {}),
+                 **({"run_inline": False} if "--threaded" in argv else {})}
+    if overrides:
         import services.fraud.serving as serving
 
         shipped = serving.fraud_model_spec
-        serving.fraud_model_spec = lambda artifact: dataclasses.replace(shipped(artifact), max_batch_size=1)
+        serving.fraud_model_spec = lambda artifact: dataclasses.replace(shipped(artifact), **overrides)
     uvicorn.run("services.fraud.api:app", host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning", timeout_keep_alive=60, workers=workers)
 
@@ -593,6 +596,8 @@ def make_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databas
     (workdir / kind).mkdir(parents=True, exist_ok=True)
     variants = set(kind.split("-")[1:])
     suffix = " (runtime unbatched)" if "unbatched" in variants else ""
+    suffix += " (model on the event loop)" if "inline" in variants else ""
+    suffix += " (model in its worker thread)" if "threaded" in variants else ""
     if "fastapi" in variants:
         env["TESSERA_HOT_ROUTES"] = "false"
         suffix += ", FastAPI route"
@@ -772,8 +777,7 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
         secret = re.search(r"webhook_secret=(\S+)", out).group(1)  # type: ignore[union-attr]
         port = free_port()
         serve = [sys.executable, str(Path(__file__).resolve()), "_serve", str(port)]
-        if "unbatched" in kind:
-            serve.append("--unbatched")
+        serve += [f"--{variant}" for variant in ("unbatched", "inline", "threaded") if variant in kind.split("-")]
         server_log = workdir / f"server-{kind}.log"
         proc = subprocess.Popen(serve, env=env, cwd=REPO, stderr=server_log.open("wb"))
         wait_ready(port, proc)

@@ -17,6 +17,7 @@ belongs to the loop that created it; a later loop (e.g. a second ``asyncio.run``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -76,12 +77,15 @@ class ModelSpec:
         ``(output) -> answer`` per item, in the worker thread (e.g. tensor row -> dict).
     artifact_dir : Path, optional
         Versioned artifact directory; verified with :func:`load_manifest` before ``loader`` runs.
-    max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, isolate_failures, fill
+    max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, isolate_failures, fill, run_inline
         Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
     warmup_items : sequence
         Raw example items run (batch 1, then all together) before the model takes traffic.
     device : {"auto", "cpu", "cuda"}, optional
         Overrides ``settings.device`` for this model.
+    uses_torch : bool
+        Run batches under ``torch.inference_mode`` (and autocast); ``False`` for models that never
+        touch torch (ONNX Runtime, LightGBM), which then skip entering torch's modes every batch.
     """
 
     name: str
@@ -98,6 +102,8 @@ class ModelSpec:
     timeout_s: float | None = None
     isolate_failures: bool = True
     fill: FillPolicy = "greedy"
+    run_inline: bool = False
+    uses_torch: bool = True
     warmup_items: Sequence[Any] = ()
     device: str | None = None
 
@@ -107,7 +113,7 @@ class ModelSpec:
         return BatchPolicy(max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
                            max_queue=self.max_queue, max_queue_delay_ms=self.max_queue_delay_ms,
                            timeout_s=self.timeout_s,
-                           isolate_failures=self.isolate_failures, fill=self.fill)
+                           isolate_failures=self.isolate_failures, fill=self.fill, run_inline=self.run_inline)
 
 
 @dataclass
@@ -328,6 +334,10 @@ class ModelRuntime:
         """``{name: {"version", "digest", "device", "backend"}}`` of every served model."""
         return {name: loaded.describe() for name, loaded in self._models.items()}
 
+    def version(self, name: str) -> str:
+        """The served version of model ``name`` (KeyError when not loaded); cheap enough per request."""
+        return self._models[name].version
+
     def is_ready(self, names: Iterable[str]) -> bool:
         """True when every model in ``names`` is loaded (for ``/readyz``)."""
         return all(name in self._models for name in names)
@@ -391,6 +401,9 @@ def _prepare(spec: ModelSpec, item: Any) -> Any:
 
 
 def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[list[Any]], Sequence[Any]]:
+    if not spec.uses_torch:
+        return functools.partial(spec.run_batch, model)
+
     def run(items: list[Any]) -> Sequence[Any]:
         with inference_context(placement):
             return spec.run_batch(model, items)

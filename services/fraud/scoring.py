@@ -240,7 +240,7 @@ def _decision(tx: TransactionIn, policy: TenantPolicy, scored: ScoredItem, model
 
 
 def _model_version() -> str:
-    return str(get_runtime().loaded()[FRAUD_MODEL_NAME]["version"])
+    return get_runtime().version(FRAUD_MODEL_NAME)
 
 
 async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPolicy, *,
