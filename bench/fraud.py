@@ -716,7 +716,7 @@ def summarise_profile(collapsed: Path) -> list[tuple[str, float]]:
         ("DB read (_read_state: 3 window queries)", ("_read_state",)),
         ("DB write (_store: INSERT + commit)", ("_store",)),
         ("write-behind recorder (in the API process)", ("recorder.py",)),
-        ("Redis window state (redis-py client, Lua calls)", ("redis/", "ScriptPipeline", "redis_state.py")),
+        ("Redis window state (client, Lua calls)", ("redis/", "shared/kv.py", "hiredis", "redis_state.py")),
         ("signature (verify_signature)", ("verify_signature", "compute_signature", "hmac.py")),
         ("API key (authorize / require_scope)", ("authorize (shared", "require_scope", "authenticate_api_key")),
         ("tenant policy cache", ("TenantPolicyCache", "load_tenant_policy")),

@@ -119,7 +119,8 @@ class RedisMultiplexer:
     their own: commands issued in one turn of the loop leave in one write, hiredis parses the
     replies, and each is handed to its caller in order (the design of StackExchange.Redis and
     Lettuce). redis-py's asyncio client checks a connection out of its pool for every command or
-    pipeline: ~200 us of CPU for a lone call here, against ~20 us this way.
+    pipeline: measured here, a lone GET costs 119 us of client CPU that way against 21 us this
+    way (88 against 8 us with 16 in flight).
 
     A command unanswered for ``timeout_s`` closes the connection: every caller still waiting gets
     :class:`redis.exceptions.ConnectionError`, and the next command reconnects. Blocking commands
