@@ -205,7 +205,7 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
     over_7, over_30, over_prior = _safe_ratio(amount, np.stack([avg_7, avg_30, prior_avg]))
     gap = aggregates[:, _AT["seconds_since_prev_customer_tx"]]
 
-    out = np.empty((len(amount), len(FEATURE_NAMES)))
+    out = np.full((len(amount), len(FEATURE_NAMES)), np.nan)  # a column left unset shows as NaN
     out[:, _COPIED_TO] = aggregates[:, _COPIED_FROM]
     computed = {
         "TX_AMOUNT": amount, "TX_DURING_WEEKEND": weekday >= 5, "TX_DURING_NIGHT": hour <= 6,

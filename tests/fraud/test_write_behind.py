@@ -201,8 +201,9 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(postgres_stack.redis_url)
+        multiplexer = RedisMultiplexer(postgres_stack.redis_url)
         try:
-            state = RedisWindowState(RedisMultiplexer(postgres_stack.redis_url))
+            state = RedisWindowState(multiplexer)
             started = time.monotonic()
             first = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert first.status == "new" and first.aggregates is not None
@@ -232,6 +233,7 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
             done = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert done.status == "done" and done.answer == out.model_dump_json().encode()
         finally:
+            await multiplexer.close()
             await client.aclose()
 
     asyncio.run(scenario())
@@ -303,9 +305,9 @@ def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: s
     processor's retry is taken over at once instead of waiting the lease out, and counted once."""
 
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(postgres_stack.redis_url)
+        multiplexer = RedisMultiplexer(postgres_stack.redis_url)
         try:
-            state = RedisWindowState(RedisMultiplexer(postgres_stack.redis_url))
+            state = RedisWindowState(multiplexer)
             assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "new"
             await state.release(tenant_id, "tx-shed")
             retry = await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)
@@ -317,6 +319,6 @@ def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: s
             await state.release(tenant_id, "tx-shed")  # a committed answer is never released
             assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "done"
         finally:
-            await client.aclose()
+            await multiplexer.close()
 
     asyncio.run(scenario())
