@@ -2,7 +2,8 @@
 
 Each caller's item carries its own future. The drain task takes what is waiting (up to
 ``max_batch_size``), runs it in the model's dedicated thread (torch releases the GIL, so the event
-loop keeps serving), and sets each future. Policies:
+loop keeps serving) or, with ``run_inline``, on the loop itself (items that arrive in one loop turn
+still share a batch), and sets each future. Policies:
 
 - ``greedy`` (default): never wait for a batch to fill. At concurrency 1 an item runs at once, so
   latency equals the unbatched call; under load, items pile up while the worker is busy and the
