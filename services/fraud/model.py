@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from model_runtime.artifacts import load_manifest
+from model_runtime.backends import onnx_session
 from services.fraud.features import SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_tensor
 
 SEQUENCE_FEATURE = "CARD_SEQUENCE_LOGIT"
@@ -396,12 +397,8 @@ def _load_sequence_backend(directory: Path, backend: str):
             with torch.inference_mode():
                 return model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
         return run_torch
-    import onnxruntime as ort
     name = SEQUENCE_INT8_FILE if backend == "int8" else SEQUENCE_ONNX_FILE
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(directory / name, threads=1)
 
     def run_onnx(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {"sequences": np.ascontiguousarray(batch, dtype=np.float32)})[0]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
 from model_runtime import OnnxRuntimeBackend, TorchBackend, choose_cpu_backend, export_onnx
+from model_runtime.backends import simplified_onnx
 from model_runtime.device import Placement, resolve_placement
 
 
@@ -37,6 +39,25 @@ def test_onnx_backend_matches_eager(encoder: SmallEncoder, tmp_path: Path) -> No
     for batch_size in (1, 5, 17):  # the exported batch axis is dynamic
         batch = torch.randn(batch_size, 8, 6)
         assert torch.allclose(onnx(batch), eager(batch), atol=1e-4)
+
+
+def test_served_graphs_are_simplified_without_changing_outputs(encoder: SmallEncoder, tmp_path: Path) -> None:
+    exported = export_onnx(encoder, torch.randn(2, 8, 6), tmp_path / "m.onnx")
+    simplified = onnx.load_from_string(simplified_onnx(exported))
+    assert len(simplified.graph.node) < len(onnx.load(str(exported)).graph.node)
+    served = OnnxRuntimeBackend(simplified.SerializeToString())
+    batch = torch.randn(3, 8, 6)
+    assert torch.allclose(served(batch), TorchBackend(encoder)(batch), atol=1e-4)
+
+
+def test_a_graph_onnxsim_cannot_take_is_served_as_exported(tmp_path: Path) -> None:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("NoSuchOp", ["x"], ["y"], domain="tessera.test")], "odd",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("tessera.test", 1)])
+    assert simplified_onnx(model.SerializeToString()) == model.SerializeToString()
 
 
 def test_choose_cpu_backend_measures_every_candidate(encoder: SmallEncoder) -> None:
