@@ -9,6 +9,7 @@ probability. :class:`FraudScorer` loads all of it from a sealed artifact directo
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,6 +251,46 @@ class PathAttribution:
         return summed[:, -1], summed[:, :-1]
 
 
+class LeafIndexer:
+    """LightGBM leaf indices (``pred_leaf``) through its C API, without the per-call Python wrapper.
+
+    ``Booster.predict`` re-validates and converts its input every call: 78 us for one row of the
+    shipped booster here against 44 us for the same ``LGBM_BoosterPredictForMat`` call made
+    directly. Results are identical (the same C function). If the installed LightGBM does not
+    expose its library handle as expected, it falls back to ``Booster.predict``.
+    """
+
+    _PREDICT_LEAF_INDEX = 2  # C_API_PREDICT_LEAF_INDEX in LightGBM's c_api.h
+    _DTYPE_FLOAT64 = 1       # C_API_DTYPE_FLOAT64
+
+    def __init__(self, booster: Any) -> None:
+        self.booster = booster
+        self.n_trees = booster.num_trees()
+        self.num_iteration = booster.best_iteration if booster.best_iteration > 0 else -1
+        self._parameters = ctypes.c_char_p(b"num_threads=1")
+        try:
+            from lightgbm.basic import _LIB, _safe_call
+
+            self._predict = _LIB.LGBM_BoosterPredictForMat
+            self._safe_call = _safe_call
+        except (ImportError, AttributeError):
+            self._predict = None
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        """(B, F) model inputs -> (B, T) leaf indices (float64, as LightGBM returns them)."""
+        if self._predict is None:
+            return self.booster.predict(inputs, pred_leaf=True, num_threads=1).reshape(len(inputs), -1)
+        rows = np.ascontiguousarray(inputs, dtype=np.float64)
+        out = np.empty(rows.shape[0] * self.n_trees, dtype=np.float64)
+        written = ctypes.c_int64(0)
+        self._safe_call(self._predict(
+            self.booster._handle, rows.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(self._DTYPE_FLOAT64),
+            ctypes.c_int32(rows.shape[0]), ctypes.c_int32(rows.shape[1]), ctypes.c_int(1),  # row-major
+            ctypes.c_int(self._PREDICT_LEAF_INDEX), ctypes.c_int(0), ctypes.c_int(self.num_iteration),
+            self._parameters, ctypes.byref(written), out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))))
+        return out[:written.value].reshape(rows.shape[0], -1)
+
+
 # --------------------------------------------------------------------------- serving adapter
 
 class FraudScorer:
@@ -277,6 +318,7 @@ class FraudScorer:
         self.booster = lgb.Booster(model_file=str(directory / BOOSTER_FILE))
         self.trees = CompactTrees.load(directory / TREES_FILE)
         self.paths = PathAttribution.from_booster(self.booster)
+        self.leaf_index = LeafIndexer(self.booster)
         self.tree_backend = tree_backend
         self._sequence = _load_sequence_backend(directory, sequence_backend) if self.uses_sequence else None
 
@@ -337,7 +379,7 @@ class FraudScorer:
         (margin units, largest first); empty for rows below ``explain_from``.
         """
         inputs = self.model_inputs(features, sequences)
-        leaves = self.booster.predict(inputs, pred_leaf=True, num_threads=1).reshape(len(inputs), -1)
+        leaves = self.leaf_index(inputs)
         scores = platt_probability(self.paths.margin(leaves), self.slope, self.intercept)
         reasons: list[list[tuple[str, float]]] = [[] for _ in range(len(inputs))]
         explained = np.flatnonzero(scores >= explain_from)
@@ -368,8 +410,7 @@ class FraudScorer:
         return self._top(contrib, k)
 
     def _explain(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        leaves = self.booster.predict(inputs, pred_leaf=True, num_threads=1)
-        return self.paths.explain(leaves.reshape(len(inputs), -1))
+        return self.paths.explain(self.leaf_index(inputs))
 
     def _top(self, contrib: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         top = np.argsort(-contrib, axis=1, kind="stable")[:, :k]

@@ -124,6 +124,17 @@ def test_path_attributions_add_up_to_the_margin(artifact: Path, inputs) -> None:
     assert len(shap) == 32 and all(len(r) == 1 for r in shap)
 
 
+def test_leaf_indices_through_the_c_api_equal_the_wrapper(artifact: Path, inputs) -> None:
+    features, sequences, _ = inputs
+    scorer = FraudScorer(artifact)
+    for count in (1, 7, 64):
+        model_inputs = scorer.model_inputs(features[:count], sequences[:count])
+        expected = scorer.booster.predict(model_inputs, pred_leaf=True, num_threads=1)
+        np.testing.assert_array_equal(scorer.leaf_index(model_inputs), expected)
+    scorer.leaf_index._predict = None  # a LightGBM without the expected handle: the wrapper serves
+    np.testing.assert_array_equal(scorer.leaf_index(model_inputs), expected)
+
+
 def test_missing_sequences_are_refused(artifact: Path, inputs) -> None:
     features, _, _ = inputs
     with pytest.raises(ValueError, match="sequences"):
