@@ -202,7 +202,7 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
     std_30 = np.sqrt(np.maximum(mean_sq_30 - avg_30**2, 0.0))
     prior_avg = np.where(prior_count > 0, prior_avg, amount)
     prior_var = np.maximum(prior_mean_sq - prior_avg**2, 0.0)
-    over_7, over_30, over_prior = _safe_ratio(amount, np.stack([avg_7, avg_30, prior_avg]))
+    over_7, over_30, over_prior = _safe_ratio(amount, np.array([avg_7, avg_30, prior_avg]))
     gap = aggregates[:, _AT["seconds_since_prev_customer_tx"]]
 
     out = np.full((len(amount), len(FEATURE_NAMES)), np.nan)  # a column left unset shows as NaN
@@ -277,17 +277,21 @@ def _sequence_channels(amounts: np.ndarray, times: np.ndarray, same_terminal: np
     -------
     (N, K, len(SEQUENCE_CHANNELS)) float32; padded steps are all zero.
     """
-    current_time = times[:, -1:]
-    age = np.clip(current_time - times, 0.0, None)
+    # np.maximum(x, 0) rather than np.clip(x, 0, None) and one preallocated block rather than
+    # np.stack: the same numbers, a fraction of the per-call cost for a batch of one.
+    age = np.maximum(times[:, -1:] - times, 0.0)
     gap = np.zeros_like(times)
-    gap[:, 1:] = np.clip(times[:, 1:] - times[:, :-1], 0.0, None)
+    gap[:, 1:] = np.maximum(times[:, 1:] - times[:, :-1], 0.0)
     gap[:, 1:] *= valid[:, :-1]  # the first real step has no predecessor
     angle = 2.0 * math.pi * (np.mod(times, SECONDS_PER_DAY) / SECONDS_PER_DAY)
-    channels = np.stack([
-        np.ones_like(amounts), np.log1p(np.clip(amounts, 0.0, None)),
-        np.log1p(age) / 10.0, np.log1p(gap) / 10.0,
-        np.sin(angle), np.cos(angle), same_terminal.astype(np.float64),
-    ], axis=-1)
+    channels = np.empty((*times.shape, len(SEQUENCE_CHANNELS)))
+    channels[..., 0] = 1.0
+    channels[..., 1] = np.log1p(np.maximum(amounts, 0.0))
+    channels[..., 2] = np.log1p(age) / 10.0
+    channels[..., 3] = np.log1p(gap) / 10.0
+    channels[..., 4] = np.sin(angle)
+    channels[..., 5] = np.cos(angle)
+    channels[..., 6] = same_terminal
     return (channels * valid[..., None]).astype(np.float32)
 
 
