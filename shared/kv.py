@@ -123,7 +123,8 @@ class RedisMultiplexer:
     way (88 against 8 us with 16 in flight).
 
     A command unanswered for ``timeout_s`` closes the connection: every caller still waiting gets
-    :class:`redis.exceptions.ConnectionError`, and the next command reconnects. Blocking commands
+    :class:`redis.exceptions.TimeoutError` (a lost connection gives ``ConnectionError``; both are
+    ``RedisError``), and the next command reconnects. Blocking commands
     (``BLPOP``, ``XREAD BLOCK``) and pub/sub must not go through it: they would hold up every
     caller queued behind them; use :func:`async_redis` for those.
 
