@@ -48,6 +48,44 @@ def card_precision_top_k(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 1
     return float(np.mean(daily))
 
 
+COMPROMISE_DAYS = 28
+"""The handbook simulator's scenario 2 marks every transaction at a drawn terminal as fraud for
+this many days."""
+
+
+def visible_fraud(transactions: pd.DataFrame, delay_days: int = 7) -> np.ndarray:
+    """(N,) bool: frauds a model could in principle see at scoring time, from the simulator's truth.
+
+    Uses ``TX_FRAUD_SCENARIO`` (the simulator's own record, never a model input). Scenario 1 (amount
+    over 220) and 3 (a card's amounts multiplied by 5) show in the transaction itself. A scenario 2
+    fraud (a compromised terminal) is visible only if a fraud of the same compromise at that terminal
+    is already labelled, i.e. happened in (t - 28 d, t - delay]; a terminal compromised within the
+    label delay looks like any other terminal. Exact while one terminal's compromises do not
+    overlap in time (the simulator draws 2 of 10,000 terminals a day); a fresh compromise within 28
+    days of an earlier one at the same terminal counts as visible.
+    """
+    day = 86_400
+    times = transactions.TX_TIME_SECONDS.to_numpy(dtype=np.int64)
+    times = times - times.min() + COMPROMISE_DAYS * day  # window starts stay inside their terminal's keys
+    terminals = pd.factorize(transactions.TERMINAL_ID.to_numpy())[0].astype(np.int64)
+    scenario = transactions.TX_FRAUD_SCENARIO.to_numpy()
+    fraud = transactions.TX_FRAUD.to_numpy() == 1
+    span = int(times.max()) + 1
+    terminal_frauds = np.sort(terminals[scenario == 2] * span + times[scenario == 2])
+    lower = np.searchsorted(terminal_frauds, terminals * span + times - COMPROMISE_DAYS * day, side="right")
+    upper = np.searchsorted(terminal_frauds, terminals * span + times - delay_days * day, side="right")
+    return fraud & (np.isin(scenario, (1, 3)) | ((scenario == 2) & (upper > lower)))
+
+
+def card_precision_ceiling(transactions: pd.DataFrame, test_positions: np.ndarray, top_k: int = 100) -> float:
+    """Card Precision@k of an oracle that ranks every :func:`visible_fraud` card first and the
+    invisible frauds last: the most any model can reach on these test days."""
+    visible = visible_fraud(transactions)[test_positions]
+    frame = transactions.iloc[test_positions]
+    oracle = np.where(visible, 1.0, np.where(frame.TX_FRAUD.to_numpy() == 1, -1.0, 0.0))
+    return card_precision_top_k(oracle, frame, top_k)
+
+
 def assess(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 100) -> dict[str, float]:
     """AUC ROC, Average Precision and Card Precision@k of ``scores`` on ``frame``."""
     labels = frame.TX_FRAUD.to_numpy()
