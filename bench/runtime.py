@@ -11,8 +11,10 @@ Servers (each a separate uvicorn process, uvloop + httptools, started one after 
 - ``runtime``: ``async def`` endpoint -> ``model_runtime`` dynamic batching, greedy policy;
 - ``runtime-window``: the same with the Ray/LitServe-style fixed 2 ms window (policy comparison).
 
-Every server parses the body with the same pydantic model and records server-side latency per
-status, so admitted (200) latency can be told apart from fast 503s at the overload point.
+Every server parses the body with the same pydantic model, records server-side latency per
+status (so admitted (200) latency can be told apart from fast 503s at the overload point) and tunes
+the garbage collector after start-up as every Tessera service does (``shared.app``): the modes
+differ only in how the model is called.
 
 Usage::
 
@@ -175,6 +177,7 @@ def build_server(mode: str) -> StatusLatency:
     from prometheus_client import REGISTRY
 
     from model_runtime import ModelSpec, get_runtime
+    from shared.app import tune_garbage_collector
     from shared.errors import install_problem_handlers
 
     model = reference_model()
@@ -189,6 +192,7 @@ def build_server(mode: str) -> StatusLatency:
                 max_queue=RUNTIME_QUEUE, max_queue_delay_ms=RUNTIME_QUEUE_DELAY_MS, max_wait_ms=WINDOW_MS,
                 fill="window" if mode == "runtime-window" else "greedy",
                 warmup_items=[example_body().encode()] * 8))
+        tune_garbage_collector()  # every mode, as every Tessera service app does after start-up
         yield
         await runtime.close()
 
