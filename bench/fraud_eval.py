@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,7 +123,7 @@ def run(quick: bool = False) -> dict:
             "seconds": round(time.perf_counter() - began, 1)}
 
 
-def ceilings(transactions) -> dict:
+def ceilings(transactions: pd.DataFrame) -> dict:
     """CP@100 of the oracle that ranks every fraud visible at scoring time first, per protocol."""
     def on(start: dt.datetime) -> float:
         return card_precision_ceiling(transactions, hb.train_test_split(transactions, start)[1])

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from services.fraud.features import FEATURE_NAMES, HANDBOOK_FEATURES
+from services.fraud.features import FEATURE_NAMES, HANDBOOK_FEATURES, SECONDS_PER_DAY
 from services.fraud.handbook import train_test_split
 
 
@@ -64,7 +64,7 @@ def visible_fraud(transactions: pd.DataFrame, delay_days: int = 7) -> np.ndarray
     overlap in time (the simulator draws 2 of 10,000 terminals a day); a fresh compromise within 28
     days of an earlier one at the same terminal counts as visible.
     """
-    day = 86_400
+    day = SECONDS_PER_DAY
     times = transactions.TX_TIME_SECONDS.to_numpy(dtype=np.int64)
     times = times - times.min() + COMPROMISE_DAYS * day  # window starts stay inside their terminal's keys
     terminals = pd.factorize(transactions.TERMINAL_ID.to_numpy())[0].astype(np.int64)
@@ -79,7 +79,8 @@ def visible_fraud(transactions: pd.DataFrame, delay_days: int = 7) -> np.ndarray
 
 def card_precision_ceiling(transactions: pd.DataFrame, test_positions: np.ndarray, top_k: int = 100) -> float:
     """Card Precision@k of an oracle that ranks every :func:`visible_fraud` card first and the
-    invisible frauds last: the most any model can reach on these test days."""
+    invisible frauds last: what a model that finds every visible fraud reaches on these test days
+    (one could exceed it only by catching invisible frauds by chance)."""
     visible = visible_fraud(transactions)[test_positions]
     frame = transactions.iloc[test_positions]
     oracle = np.where(visible, 1.0, np.where(frame.TX_FRAUD.to_numpy() == 1, -1.0, 0.0))
