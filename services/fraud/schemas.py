@@ -40,11 +40,19 @@ class TransactionIn(BaseModel):
     timestamp: datetime = Field(description="event time, ISO 8601 with offset (UTC assumed if none)")
     customer_id: Identifier = Field(description="card or customer id")
     terminal_id: Identifier = Field(description="terminal or merchant id")
-    amount: float = Field(gt=0, lt=1e9, description="amount in currency units")
+    amount: float = Field(gt=0, lt=1e9, description="amount in currency units (a JSON number or numeric string)")
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code")
     channel: Channel = Channel.card_present
     merchant_category: str | None = Field(default=None, pattern=r"^\d{4}$", description="ISO 18245 MCC")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # pydantic's lax mode reads true as 1.0; a numeric string ("12.50") stays accepted.
+        if isinstance(value, bool):
+            raise ValueError("amount must be a number, not a boolean")
+        return value
 
     @field_validator("timestamp")
     @classmethod

@@ -79,6 +79,7 @@ def test_malformed_input_is_422_with_the_failing_field(tenant: FraudTenant) -> N
     assert_problem(post(tenant, b"{not json"), 422, "")
     problem = assert_problem(post(tenant, transaction(amount=-5)), 422, "amount")
     assert problem["errors"][0]["loc"] == ["amount"]
+    assert_problem(post(tenant, transaction(amount=True)), 422, "not a boolean")
     assert_problem(post(tenant, transaction(currency="euro")), 422, "currency")
     assert_problem(post(tenant, transaction(unexpected="x")), 422, "unexpected")
     missing = transaction()
