@@ -37,7 +37,7 @@ from services.fraud.schemas import (
     TenantSettingsIn,
     TransactionIn,
 )
-from services.fraud.scoring import RULE_FIELDS, TenantPolicy, score_transaction, tenant_policies
+from services.fraud.scoring import RULE_FIELDS, TEXT_RULE_FIELDS, TenantPolicy, score_transaction, tenant_policies
 from services.fraud.serving import FRAUD_MODEL_NAME, live_artifact_dir, watch_live_model
 from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
 from shared.app import create_service_app
@@ -192,14 +192,14 @@ def get_rule_versions(principal: FraudPrincipal, session: SessionDep) -> list[Ru
 @rule_routes.post("", response_model=RuleSetOut, status_code=201)
 def post_rule(rule: RuleIn, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
     """Add a rule; returns the new active version."""
-    rules.validate_rule_fields(rule, set(RULE_FIELDS))
+    rules.validate_rule(rule, set(RULE_FIELDS), set(TEXT_RULE_FIELDS))
     return _after_rules_change(session, principal.tenant_id, rules.add_rule(session, principal.tenant_id, rule))
 
 
 @rule_routes.put("/{rule_id}", response_model=RuleSetOut)
 def put_rule(rule_id: str, rule: RuleIn, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
     """Replace a rule; returns the new active version."""
-    rules.validate_rule_fields(rule, set(RULE_FIELDS))
+    rules.validate_rule(rule, set(RULE_FIELDS), set(TEXT_RULE_FIELDS))
     row = rules.replace_rule(session, principal.tenant_id, rule_id, rule)
     return _after_rules_change(session, principal.tenant_id, row)
 

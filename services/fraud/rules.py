@@ -8,6 +8,7 @@ decision records exactly which rules produced it (``rules_version``).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,12 +65,41 @@ def evaluate_rules(rules: tuple[RuleIn, ...], facts: Mapping[str, Any]) -> list[
     ]
 
 
-def validate_rule_fields(rule: RuleIn, known_fields: set[str]) -> None:
-    """Refuse a rule that names a field no transaction will ever have (a typo would never fire)."""
+ORDERING_OPS = frozenset({"gt", "gte", "lt", "lte"})
+MEMBERSHIP_OPS = frozenset({"in", "not_in"})
+
+
+def validate_rule(rule: RuleIn, known_fields: set[str], text_fields: set[str]) -> None:
+    """Refuse a rule that could never fire: an unknown field (a typo) or a condition whose value
+    cannot be compared with its field (evaluation would quietly call it false).
+
+    Checked when a rule is written, not when a stored rule set is loaded, so a rule set stored
+    before a check existed keeps scoring.
+    """
     unknown = sorted({c.field for c in rule.when} - known_fields)
     if unknown:
         raise UnprocessableContent(f"rule '{rule.id}' uses unknown fields: {', '.join(unknown)}",
                                    known_fields=sorted(known_fields))
+    for position, condition in enumerate(rule.when):
+        problem = _condition_problem(condition, is_text=condition.field in text_fields)
+        if problem:
+            raise UnprocessableContent(f"rule '{rule.id}', condition {position} ({condition.field} "
+                                       f"{condition.op}): {problem}")
+
+
+def _condition_problem(condition: Condition, *, is_text: bool) -> str | None:
+    """Why ``condition`` cannot be evaluated as meant, or None."""
+    values = condition.value if isinstance(condition.value, list) else [condition.value]
+    if (condition.op in MEMBERSHIP_OPS) != isinstance(condition.value, list):
+        return "in and not_in take a list, the other operators a single value"
+    if not values:
+        return "the list is empty"
+    if is_text and condition.op in ORDERING_OPS:
+        return "a text field is compared with eq, ne, in or not_in"
+    kind, wanted = (str, "text") if is_text else (float, "a finite number")
+    if any(not isinstance(v, kind) or (kind is float and not math.isfinite(v)) for v in values):
+        return f"the value must be {wanted}"
+    return None
 
 
 def active_rule_set(session: Session, tenant_id: str) -> RuleSet | None:

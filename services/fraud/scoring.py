@@ -53,6 +53,8 @@ TENANT_CACHE_TTL_S = 10.0
 TRANSACTION_FIELDS = ("amount", "currency", "channel", "merchant_category", "customer_id", "terminal_id")
 RULE_FIELDS: frozenset[str] = frozenset((*TRANSACTION_FIELDS, *FEATURE_NAMES, "score"))
 """What a rule condition may name."""
+TEXT_RULE_FIELDS: frozenset[str] = frozenset(TRANSACTION_FIELDS) - {"amount"}
+"""The rule fields holding text; every other one is a number."""
 
 
 @dataclass(frozen=True, slots=True)

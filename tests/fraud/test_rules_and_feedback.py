@@ -35,6 +35,14 @@ def test_rules_crud_versions_and_effect_on_decisions(fresh_tenant: FraudTenant) 
         assert_problem(client.post("/rules", json=BIG_AMOUNT_RULE), 409, "exists")
         typo = {**BIG_AMOUNT_RULE, "id": "typo", "when": [{"field": "amout", "op": "gt", "value": 1}]}
         assert_problem(client.post("/rules", json=typo), 422, "amout")
+        for condition, complaint in (({"field": "amount", "op": "in", "value": 5}, "take a list"),
+                                     ({"field": "amount", "op": "gt", "value": "abc"}, "finite number"),
+                                     ({"field": "currency", "op": "gt", "value": 5}, "text field"),
+                                     ({"field": "merchant_category", "op": "eq", "value": 5411}, "be text"),
+                                     ({"field": "channel", "op": "in", "value": []}, "empty")):
+            never_fires = {**BIG_AMOUNT_RULE, "id": "never", "when": [condition]}
+            assert_problem(client.post("/rules", json=never_fires), 422, complaint)
+        assert client.get("/rules").json()["version"] == 1
 
     declined = post(fresh_tenant, transaction(amount=5000)).json()
     assert declined["decision"] == "decline" and declined["rules_version"] == 1
