@@ -63,14 +63,17 @@ DERIVED_FEATURES: tuple[str, ...] = (
     "TERMINAL_NB_TX_1DAY_CURRENT",
     "TERMINAL_NB_FRAUD_7DAY_DELAYED",
     "TERMINAL_NB_FRAUD_30DAY_DELAYED",
+    "TERMINAL_DAYS_SINCE_FIRST_FRAUD_DELAYED",
     "CARD_HISTORY_NB_TX",
     "AMOUNT_OVER_HISTORY_MEDIAN",
     "HISTORY_MAX_OVER_MEDIAN",
     "HISTORY_NB_OVER_3X_MEDIAN",
 )
-"""Extra features derived only from :class:`WindowAggregates` (no other state); the last four
-come from ``card_history`` amounts (a median is robust to the inflated amounts of a compromised
-card, which a 30-day mean is not)."""
+"""Extra features derived only from :class:`WindowAggregates` (no other state). The age of the
+terminal's first labelled fraud in its delayed 30-day window tells a compromise that began
+recently (still running) from one that began long ago (likely over); -1 without one. The last
+four come from ``card_history`` amounts (a median is robust to the inflated amounts of a
+compromised card, which a 30-day mean is not)."""
 
 FEATURE_NAMES: tuple[str, ...] = HANDBOOK_FEATURES + DERIVED_FEATURES
 
@@ -81,8 +84,10 @@ class WindowAggregates:
 
     Counts include the current transaction wherever the window ends at it. Amounts are in the
     transaction currency; times in seconds. Terminal ``*_delayed_*`` windows cover
-    (t - 7 d - W, t - 7 d]. ``card_history`` holds the card's previous (at most 16)
-    transactions, oldest first, as ``(tx_time_seconds, amount, terminal_id)``.
+    (t - 7 d - W, t - 7 d]; ``seconds_since_first_terminal_fraud_delayed`` is t minus the time of
+    the earliest fraud in the delayed 30-day window (None without one). ``card_history`` holds the
+    card's previous (at most 16) transactions, oldest first, as ``(tx_time_seconds, amount,
+    terminal_id)``.
     """
 
     customer_count_1h: int
@@ -103,6 +108,7 @@ class WindowAggregates:
     terminal_fraud_delayed_30d: int
     terminal_count_1h: int
     terminal_count_1d: int
+    seconds_since_first_terminal_fraud_delayed: float | None
     card_history: tuple[tuple[float, float, str], ...] = ()
 
 
@@ -204,6 +210,7 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
     prior_var = np.maximum(prior_mean_sq - prior_avg**2, 0.0)
     over_7, over_30, over_prior = _safe_ratio(amount, np.array([avg_7, avg_30, prior_avg]))
     gap = aggregates[:, _AT["seconds_since_prev_customer_tx"]]
+    first_fraud_age = aggregates[:, _AT["seconds_since_first_terminal_fraud_delayed"]]
 
     out = np.full((len(amount), len(FEATURE_NAMES)), np.nan)  # a column left unset shows as NaN
     out[:, _COPIED_TO] = aggregates[:, _COPIED_FROM]
@@ -217,6 +224,8 @@ def _feature_columns(amount: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
         "CUSTOMER_STD_AMOUNT_30DAY": std_30, "AMOUNT_ZSCORE_30DAY": (amount - avg_30) / (std_30 + AMOUNT_STD_FLOOR),
         "AMOUNT_OVER_PRIOR_AVG_30DAY": over_prior,
         "AMOUNT_ZSCORE_PRIOR_30DAY": (amount - prior_avg) / (np.sqrt(prior_var) + AMOUNT_STD_FLOOR),
+        "TERMINAL_DAYS_SINCE_FIRST_FRAUD_DELAYED": np.where(np.isnan(first_fraud_age), -1.0,
+                                                            first_fraud_age / SECONDS_PER_DAY),
     }
     for name, column in computed.items():
         out[:, _COLUMN[name]] = column
@@ -369,6 +378,7 @@ def aggregates_for_row(df: pd.DataFrame, row_index: int, delay_days: int = 7) ->
              ("30d", 30 * SECONDS_PER_DAY))}
     delay = delay_days * SECONDS_PER_DAY
     term_delayed = {d: in_window(terminal, t - delay - d * SECONDS_PER_DAY, t - delay) for d in (1, 7, 30)}
+    known_frauds = times[term_delayed[30] & (fraud == 1)]
     previous = np.flatnonzero(customer & ~(ids == tx_id))
     previous = previous[np.lexsort((ids[previous], times[previous]))]
     history = tuple((float(times[j]), float(amounts[j]), str(df.TERMINAL_ID.iat[j]))
@@ -390,6 +400,7 @@ def aggregates_for_row(df: pd.DataFrame, row_index: int, delay_days: int = 7) ->
         terminal_fraud_delayed_30d=int(fraud[term_delayed[30]].sum()),
         terminal_count_1h=int(in_window(terminal & arrived, t - SECONDS_PER_HOUR, t).sum()),
         terminal_count_1d=int(in_window(terminal & arrived, t - SECONDS_PER_DAY, t).sum()),
+        seconds_since_first_terminal_fraud_delayed=float(t - known_frauds.min()) if len(known_frauds) else None,
         card_history=history,
     )
 
@@ -475,9 +486,21 @@ def _terminal_aggregates(df: pd.DataFrame, times: np.ndarray, ids: np.ndarray,
         fraud = _window_sum(fraud_prefix, start, start_delay)
         out[f"terminal_fraud_delayed_{days}d"] = fraud.astype(np.float64)
     end = np.arange(len(df)) + 1
+    start_30 = groups.window_start(delay + 30 * SECONDS_PER_DAY)
+    first_fraud = _next_flagged(df.TX_FRAUD.to_numpy()[groups.order] == 1)[start_30]
+    known = first_fraud < start_delay  # both bounds lie within the transaction's own terminal
+    sorted_times = times[groups.order].astype(np.float64)
+    out["seconds_since_first_terminal_fraud_delayed"] = np.where(
+        known, sorted_times - sorted_times[np.minimum(first_fraud, len(df) - 1)], np.nan)
     out["terminal_count_1h"] = (end - groups.window_start(SECONDS_PER_HOUR)).astype(np.float64)
     out["terminal_count_1d"] = (end - groups.window_start(SECONDS_PER_DAY)).astype(np.float64)
     return out, groups
+
+
+def _next_flagged(flags: np.ndarray) -> np.ndarray:
+    """(N,) for each position, the first position at or after it whose flag is set (N if none)."""
+    positions = np.where(flags, np.arange(len(flags)), len(flags))
+    return np.minimum.accumulate(positions[::-1])[::-1]
 
 
 def _unsort(values: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from model_runtime.artifacts import load_manifest
 from model_runtime.backends import onnx_session
-from services.fraud.features import SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_tensor
+from services.fraud.features import FEATURE_NAMES, SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_tensor
 
 SEQUENCE_FEATURE = "CARD_SEQUENCE_LOGIT"
 """Name of the stacked sequence-model input (and of its contribution in ``reasons``)."""
@@ -313,6 +313,7 @@ class FraudScorer:
         self.config = json.loads((directory / CONFIG_FILE).read_text())
         self.feature_names: tuple[str, ...] = tuple(self.config["model_features"])
         self.uses_sequence = SEQUENCE_FEATURE in self.feature_names
+        self._columns = _tabular_columns(self.feature_names)
         self.slope, self.intercept = self.config["platt"]
         import lightgbm as lgb
         self.booster = lgb.Booster(model_file=str(directory / BOOSTER_FILE))
@@ -322,15 +323,12 @@ class FraudScorer:
         self.tree_backend = tree_backend
         self._sequence = _load_sequence_backend(directory, sequence_backend) if self.uses_sequence else None
 
-    @property
-    def n_tabular_features(self) -> int:
-        """Tabular features expected by :meth:`predict_batch` (F)."""
-        return len(self.feature_names) - int(self.uses_sequence)
-
     def model_inputs(self, features: np.ndarray,
                      sequences: np.ndarray | Sequence[RawTransaction] | None = None) -> np.ndarray:
         """Booster inputs (B, F [+ 1]) float64: tabular features plus the sequence logit if used."""
-        features = np.asarray(features, dtype=np.float32).reshape(-1, self.n_tabular_features)
+        features = np.asarray(features, dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
+        if self._columns is not None:
+            features = features[:, self._columns]
         if not self.uses_sequence:
             return features.astype(np.float64)
         if sequences is None:
@@ -416,6 +414,20 @@ class FraudScorer:
         top = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
         return [[(self.feature_names[j], float(row[j])) for j in idx]
                 for row, idx in zip(contrib, top, strict=True)]
+
+
+def _tabular_columns(model_features: tuple[str, ...]) -> np.ndarray | None:
+    """Which FEATURE_NAMES columns the booster reads, in its order (None: all, as they are).
+
+    An artifact trained before a feature was added keeps serving on the columns it knows.
+    """
+    tabular = tuple(name for name in model_features if name != SEQUENCE_FEATURE)
+    if tabular == FEATURE_NAMES:
+        return None
+    missing = sorted(set(tabular) - set(FEATURE_NAMES))
+    if missing:
+        raise ValueError(f"the artifact needs features this build does not compute: {', '.join(missing)}")
+    return np.array([FEATURE_NAMES.index(name) for name in tabular])
 
 
 def _as_sequence_array(sequences: np.ndarray | Sequence[RawTransaction]) -> np.ndarray:

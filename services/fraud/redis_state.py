@@ -105,6 +105,9 @@ end
 local own = redis.call('ZSCORE', KEYS[3], tx_id) and 1 or 0
 result[#result + 1] = redis.call('ZCOUNT', KEYS[3], '(' .. fmt(bounds[1]), ARGV[1]) - own
 result[#result + 1] = redis.call('ZCOUNT', KEYS[3], '(' .. fmt(bounds[2]), ARGV[1]) - own
+local first_fraud = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. fmt(delayed_end - widths[4]), upper,
+                               'WITHSCORES', 'LIMIT', 0, 1)
+result[#result + 1] = first_fraud[2] or ''
 for i = 1, #history do result[#result + 1] = history[i] end
 
 redis.call('ZADD', KEYS[2], ARGV[1], member)
@@ -181,7 +184,8 @@ def _aggregates(reply: list[Any], amount: float, tx_time_s: float) -> WindowAggr
     sums = [float(v) for v in reply[5:9]]
     sumsq = float(reply[9])
     terminal = [int(v) for v in reply[10:18]]
-    flat = reply[18:]
+    first_fraud = reply[18]
+    flat = reply[19:]
     history = tuple((float(flat[i]), float(flat[i + 1]), flat[i + 2].decode())
                     for i in range(len(flat) - 3, -1, -3))  # the script lists newest first
     previous = history[-1][0] if history else None
@@ -196,6 +200,7 @@ def _aggregates(reply: list[Any], amount: float, tx_time_s: float) -> WindowAggr
         terminal_count_delayed_30d=terminal[2], terminal_fraud_delayed_1d=terminal[3],
         terminal_fraud_delayed_7d=terminal[4], terminal_fraud_delayed_30d=terminal[5],
         terminal_count_1h=terminal[6] + 1, terminal_count_1d=terminal[7] + 1,
+        seconds_since_first_terminal_fraud_delayed=tx_time_s - float(first_fraud) if first_fraud else None,
         card_history=history,
     )
 

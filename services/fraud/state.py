@@ -58,6 +58,8 @@ def _terminal_statement() -> Select[Any]:
     columns = [_count_if(cond).label(f"count_delayed_{name}") for name, cond in delayed.items()]
     columns += [_count_if(and_(cond, tx.is_fraud.is_(True))).label(f"fraud_delayed_{name}")
                 for name, cond in delayed.items()]
+    columns.append(func.min(case((and_(delayed["30d"], tx.is_fraud.is_(True)), tx.tx_time_s), else_=None))
+                   .label("first_fraud_delayed_30d"))
     columns.append(_count_if(tx.tx_time_s > _T - SECONDS_PER_HOUR).label("count_1h"))
     columns.append(_count_if(tx.tx_time_s > _T - SECONDS_PER_DAY).label("count_1d"))
     return select(*columns).where(tx.tenant_id == _TENANT, tx.terminal_id == _TERMINAL,
@@ -90,6 +92,7 @@ def read_aggregates(session: Session, *, tenant_id: str, customer_id: str, termi
     history = tuple((float(time_s), float(amount), str(past_terminal))
                     for time_s, amount, past_terminal in reversed(rows))
     previous = history[-1][0] if history else None
+    first_fraud = terminal["first_fraud_delayed_30d"]
     return WindowAggregates(
         **{f"customer_count_{w}": int(customer[f"count_{w}"]) + 1 for w in _CUSTOMER_WINDOWS},
         **{f"customer_amount_sum_{w}": float(customer[f"sum_{w}"]) + amount for w in _CUSTOMER_WINDOWS},
@@ -101,5 +104,6 @@ def read_aggregates(session: Session, *, tenant_id: str, customer_id: str, termi
            for w in _TERMINAL_DELAYED_WINDOWS},
         terminal_count_1h=int(terminal["count_1h"]) + 1,
         terminal_count_1d=int(terminal["count_1d"]) + 1,
+        seconds_since_first_terminal_fraud_delayed=None if first_fraud is None else tx_time_s - float(first_fraud),
         card_history=history,
     )

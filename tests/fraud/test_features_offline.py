@@ -41,7 +41,11 @@ def _online(df: pd.DataFrame, i: int) -> tuple[np.ndarray, np.ndarray]:
 def test_vectorised_features_equal_the_online_path(simulated: pd.DataFrame) -> None:
     offline, sequences = compute_offline_features(simulated)
     assert list(offline.columns) == list(FEATURE_NAMES) and offline.dtypes.eq(np.float32).all()
-    rows = np.random.default_rng(0).choice(len(simulated), 300, replace=False)
+    rng = np.random.default_rng(0)
+    compromise_age_known = np.flatnonzero(offline["TERMINAL_DAYS_SINCE_FIRST_FRAUD_DELAYED"].to_numpy() >= 0)
+    assert len(compromise_age_known) >= 20, "the simulation must exercise labelled terminal frauds"
+    rows = np.concatenate([rng.choice(len(simulated), 300, replace=False),
+                           rng.choice(compromise_age_known, 20, replace=False)])
     for i in rows:
         features, sequence = _online(simulated, int(i))
         # counts are exact; sums differ only by float summation order (well below float32 ulp)

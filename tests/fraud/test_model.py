@@ -10,7 +10,7 @@ import pytest
 
 from model_runtime.artifacts import ArtifactError, load_manifest
 from services.fraud.features import FEATURE_NAMES, compute_offline_features
-from services.fraud.model import SEQUENCE_FEATURE, FraudScorer
+from services.fraud.model import SEQUENCE_FEATURE, FraudScorer, _tabular_columns
 from services.fraud.simulate import SimulationConfig, simulate_transactions
 from services.fraud.training import GbmParams, SequenceTraining, train_candidate, train_fraud_model
 
@@ -147,3 +147,12 @@ def test_retraining_candidate_reports_holdout_metrics(transactions: pd.DataFrame
     model, metrics = train_candidate(labelled, params=SMALL_GBM, holdout_days=7, delay_days=7)
     assert 0.5 < metrics["auc_roc"] <= 1.0 and 0.0 <= metrics["card_precision_at_100"] <= 1.0
     assert metrics["n_train"] > 0 and metrics["n_holdout"] > 0 and not model.uses_sequence
+
+
+def test_an_artifact_of_an_older_feature_set_reads_its_own_columns() -> None:
+    older = tuple(name for name in FEATURE_NAMES if name != "TERMINAL_DAYS_SINCE_FIRST_FRAUD_DELAYED")
+    columns = _tabular_columns(older + (SEQUENCE_FEATURE,))
+    assert columns is not None and [FEATURE_NAMES[c] for c in columns] == list(older)
+    assert _tabular_columns(FEATURE_NAMES + (SEQUENCE_FEATURE,)) is None
+    with pytest.raises(ValueError, match="RETIRED_FEATURE"):
+        _tabular_columns(("TX_AMOUNT", "RETIRED_FEATURE"))

@@ -80,3 +80,4 @@ def test_request_time_features_equal_the_pandas_reference(fraud_server: FraudSer
     offline, _ = compute_offline_features(handbook_sample)
     offline.index = handbook_sample.TRANSACTION_ID.to_numpy()
     np.testing.assert_allclose(online.to_numpy(), offline.loc[ids].to_numpy(np.float64), rtol=1e-5, atol=1e-4)
+    assert online["TERMINAL_DAYS_SINCE_FIRST_FRAUD_DELAYED"].ge(7).any(), "the sample must exercise compromise age"
