@@ -477,17 +477,17 @@ def _terminal_aggregates(df: pd.DataFrame, times: np.ndarray, ids: np.ndarray,
                          delay_days: int) -> tuple[dict, _SortedGroups]:
     delay = delay_days * SECONDS_PER_DAY
     groups = _sort_groups(df.TERMINAL_ID.to_numpy(), times, ids, delay + 30 * SECONDS_PER_DAY)
-    fraud_prefix = np.concatenate([[0], np.cumsum(df.TX_FRAUD.to_numpy(dtype=np.int64)[groups.order])])
+    sorted_fraud = df.TX_FRAUD.to_numpy(dtype=np.int64)[groups.order]
+    fraud_prefix = np.concatenate([[0], np.cumsum(sorted_fraud)])
     start_delay = groups.window_start(delay)
     out: dict[str, np.ndarray] = {}
-    for days in (1, 7, 30):
-        start = groups.window_start(delay + days * SECONDS_PER_DAY)
+    starts = {days: groups.window_start(delay + days * SECONDS_PER_DAY) for days in (1, 7, 30)}
+    for days, start in starts.items():
         out[f"terminal_count_delayed_{days}d"] = (start_delay - start).astype(np.float64)
         fraud = _window_sum(fraud_prefix, start, start_delay)
         out[f"terminal_fraud_delayed_{days}d"] = fraud.astype(np.float64)
     end = np.arange(len(df)) + 1
-    start_30 = groups.window_start(delay + 30 * SECONDS_PER_DAY)
-    first_fraud = _next_flagged(df.TX_FRAUD.to_numpy()[groups.order] == 1)[start_30]
+    first_fraud = _next_flagged(sorted_fraud == 1)[starts[30]]
     known = first_fraud < start_delay  # both bounds lie within the transaction's own terminal
     sorted_times = times[groups.order].astype(np.float64)
     out["seconds_since_first_terminal_fraud_delayed"] = np.where(
