@@ -51,6 +51,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     task_name: Mapped[str] = mapped_column(String(200))
+    tenant_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True,
+                                                  doc="the submitting tenant: only it may see the job")
     queue: Mapped[str] = mapped_column(String(50), default=DEFAULT_QUEUE)
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(20), default=PENDING, index=True)

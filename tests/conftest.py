@@ -19,7 +19,8 @@ from tests.support import port_open
 
 PG_ADMIN_URL = os.environ.get("TESSERA_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_TEST_URL = os.environ.get("TESSERA_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_TEST_DB = 13
+REDIS_TEST_DB = int(os.environ.get("TESSERA_TEST_REDIS_DB", "13"))
+"""The broker's Redis database; the fast state uses the one below it (two runs side by side need two)."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, utcnow
@@ -39,6 +39,8 @@ class Transaction(Base):
     features: Mapped[list[float]] = mapped_column(default=list)
     model_version: Mapped[str] = mapped_column(String(64))
     rules_version: Mapped[int] = mapped_column(Integer)
+    request_digest: Mapped[str | None] = mapped_column(String(64), default=None,
+                                                       doc="sha256 of the scored request (a resend must match)")
     is_fraud: Mapped[bool | None] = mapped_column(Boolean, default=None)
     label_source: Mapped[str | None] = mapped_column(String(20), default=None)
     labelled_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -93,11 +95,20 @@ class CallbackDelivery(Base):
 
 
 class ModelVersion(Base):
-    """Every fraud model version ever trained, with its evaluation; one is live."""
+    """Every fraud model version a tenant trained, with its evaluation; at most one per tenant is live.
+
+    A tenant with no live version is scored by the shipped default model.
+    """
 
     __tablename__ = "fraud_model_versions"
+    __table_args__ = (
+        Index("ix_fraud_model_versions_tenant_created", "tenant_id", "created_at"),
+        Index("ix_fraud_model_versions_one_live", "tenant_id", unique=True,
+              sqlite_where=text("status = 'live'"), postgresql_where=text("status = 'live'")),
+    )
 
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), server_default="")
     status: Mapped[str] = mapped_column(String(20), doc="live | candidate | rejected | retired")
     artifact_dir: Mapped[str] = mapped_column(String(500))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
