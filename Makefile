@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SHELL  := /bin/bash
 
 .PHONY: run test install services lint bench clean
 
 $(STAMP): pyproject.toml
+	@echo "tessera: creating the virtualenv in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	@echo "tessera: installing Tessera and its dependencies (about a minute the first time; pip lists each package)"
+	set -o pipefail; $(BIN)/pip install --progress-bar off -e '.[test]' | grep --line-buffered -E '^(Collecting|Successfully installed)'
 	touch $(STAMP)
+	@echo "tessera: installed"
 
 install: $(STAMP)  ## create the virtualenv and install Tessera with its test tools
 

@@ -58,6 +58,13 @@ def db_upgrade(revision: str = "head") -> None:
     command.upgrade(_alembic_config(), revision)
 
 
+def _display_url(url: str) -> str:
+    """A database URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _alembic_config():  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
@@ -69,7 +76,9 @@ def _alembic_config():  # type: ignore[no-untyped-def]
 def cmd_up(args: argparse.Namespace) -> int:
     """Migrate, then run API + worker + listeners until interrupted."""
     settings = get_settings()
+    print(f"tessera up: migrating the database ({_display_url(settings.sqlalchemy_url)})", flush=True)
     db_upgrade()
+    print("tessera up: database schema is current", flush=True)
     processes: list[tuple[str, subprocess.Popen[bytes]]] = []
     commands = [("api", gateway_command(args.host or settings.host, args.port or settings.port,
                                         args.workers or settings.workers))]
