@@ -10,7 +10,6 @@ entries are accepted so a tenant can rotate its secret without downtime.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -19,20 +18,22 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import ForeignKey, String, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from shared.cache import FreshnessBoundedCache
 from shared.config import VERTICALS, get_settings
 from shared.db import Base, session_factory, utcnow
-from shared.errors import Forbidden, Unauthorized
+from shared.errors import Forbidden, NotReady, Unauthorized
 
 SIGNATURE_HEADER = "Tessera-Signature"
 API_KEY_HEADER = "X-API-Key"
-API_KEY_CACHE_TTL_S = 30.0
 
 
 class Tenant(Base):
@@ -115,46 +116,74 @@ def create_api_key(session: Session, *, tenant_id: str, name: str, scopes: Itera
     return plaintext
 
 
-def revoke_api_key(session: Session, key_id: str) -> None:
-    """Revoke a key; it stops working within the cache TTL."""
+def revoke_api_key(session: Session, key_id: str, *, after_s: float = 0.0) -> ApiKey | None:
+    """Revoke a key now, or ``after_s`` seconds from now (a rotation's grace period).
+
+    Every API process refuses it within :data:`API_KEY_MAX_AGE_S` of that moment (of the commit,
+    for an immediate revocation). An already revoked key keeps its earlier revocation time.
+    Returns the key, or None when there is no such key.
+    """
     key = session.get(ApiKey, key_id)
-    if key is not None and key.revoked_at is None:
-        key.revoked_at = utcnow()
+    if key is None:
+        return None
+    revoke_at = utcnow() + timedelta(seconds=after_s)
+    if key.revoked_at is None or key.revoked_at > revoke_at:
+        key.revoked_at = revoke_at
+    return key
 
 
-_principal_cache: dict[str, tuple[float, Principal | None]] = {}
-_NOT_CACHED = object()
-MAX_CACHED_KEYS = 10_000
+def list_api_keys(session: Session, tenant_id: str | None = None) -> list[ApiKey]:
+    """Keys (of ``tenant_id``, or of every tenant), oldest first; only hashes are stored."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    return list(session.scalars(query))
 
 
-def cached_principal(plaintext: str) -> Principal | None | object:
-    """The cached principal for a key (None: known bad), or ``_NOT_CACHED``."""
-    cached = _principal_cache.get(plaintext)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1]
-    return _NOT_CACHED
+def rotate_api_key(session: Session, key_id: str, *, grace_s: float = 0.0) -> tuple[ApiKey, str]:
+    """A new key with the tenant, name and scopes of ``key_id``, which is revoked after ``grace_s``.
+
+    Returns (the old key, the new key's plaintext, shown once). ``LookupError`` if the key does not
+    exist or is already revoked.
+    """
+    old = session.get(ApiKey, key_id)
+    if old is None or (old.revoked_at is not None and old.revoked_at <= utcnow()):
+        raise LookupError(f"no active API key {key_id!r}")
+    plaintext = create_api_key(session, tenant_id=old.tenant_id, name=old.name, scopes=old.scopes.split(","))
+    revoke_api_key(session, key_id, after_s=grace_s)
+    return old, plaintext
 
 
 def authenticate_api_key(session: Session, plaintext: str) -> Principal | None:
-    """The principal for a presented key, or None. Results are cached briefly per process."""
-    found = cached_principal(plaintext)
-    if found is not _NOT_CACHED:
-        return found  # type: ignore[return-value]
-    principal = _lookup_api_key(session, plaintext)
-    if len(_principal_cache) >= MAX_CACHED_KEYS:  # bounded: garbage keys must not grow memory
-        _principal_cache.clear()
-    _principal_cache[plaintext] = (time.monotonic() + API_KEY_CACHE_TTL_S, principal)
-    return principal
-
-
-def _lookup_api_key(session: Session, plaintext: str) -> Principal | None:
+    """The principal for a presented key, or None (unknown, wrong or revoked). Reads the database."""
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != "tsk":
         return None
-    key = session.scalar(select(ApiKey).where(ApiKey.id == parts[1], ApiKey.revoked_at.is_(None)))
-    if key is None or not hmac.compare_digest(key.key_hash, hash_api_key(plaintext)):
+    key = session.get(ApiKey, parts[1])
+    if key is None or (key.revoked_at is not None and key.revoked_at <= utcnow()):
+        return None
+    if not hmac.compare_digest(key.key_hash, hash_api_key(plaintext)):
         return None
     return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes.split(",")))
+
+
+def _authenticate_in_new_session(plaintext: str) -> Principal | None:
+    with session_factory()() as session:
+        return authenticate_api_key(session, plaintext)
+
+
+API_KEY_MAX_AGE_S = 1.0
+"""An API process answers from a key lookup at most this long after that lookup began: a revoked
+key is refused by every replica within 1 s of the revocation's commit (while the database answers)."""
+API_KEY_REFRESH_AFTER_S = 0.5
+"""A key in use is looked up again in the background after this long, so no request waits for it."""
+API_KEY_STALE_IF_ERROR_S = 30.0
+"""While the database cannot be read, the last lookup keeps answering this much longer (then 503)."""
+
+principal_cache: FreshnessBoundedCache[str, Principal | None] = FreshnessBoundedCache(
+    _authenticate_in_new_session, name="an API key", max_age_s=API_KEY_MAX_AGE_S,
+    refresh_after_s=API_KEY_REFRESH_AFTER_S, stale_if_error_s=API_KEY_STALE_IF_ERROR_S)
+"""Per process, keyed by the presented key (unknown keys too: a bad key costs one read a second)."""
 
 
 def presented_api_key(headers: Mapping[str, str]) -> str | None:
@@ -174,37 +203,42 @@ def presented_api_key(headers: Mapping[str, str]) -> str | None:
 async def authorize(plaintext: str | None, scope: str) -> Principal:
     """The principal of a presented key holding ``scope`` (or ``admin``); else 401 or 403.
 
-    Async on purpose: a cached key costs a dict lookup on the event loop; only a cache miss
-    visits the database, in a worker thread.
+    Async on purpose: a cached key costs a dict lookup on the event loop; the database is read in
+    a worker thread (:data:`principal_cache`), and a database that cannot be read is a 503.
     """
     if plaintext is None:
         raise Unauthorized("missing API key (X-API-Key or Authorization: Bearer)",
                            headers={"WWW-Authenticate": "Bearer"})
-    principal = cached_principal(plaintext)
-    if principal is _NOT_CACHED:
-        principal = await asyncio.to_thread(_authenticate_in_new_session, plaintext)
+    try:
+        principal = await principal_cache.get(plaintext)
+    except SQLAlchemyError as exc:
+        raise NotReady("API keys cannot be checked right now; retry shortly",
+                       headers={"Retry-After": "1"}) from exc
     if principal is None:
         raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-    assert isinstance(principal, Principal)
     if scope not in principal.scopes and "admin" not in principal.scopes:
         raise Forbidden(f"this key is not allowed to use '{scope}'")
     return principal
 
 
-def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+API_KEY_SCHEME = APIKeyHeader(name=API_KEY_HEADER, scheme_name="ApiKey", auto_error=False,
+                              description="tsk_<id>_<secret>, from `tessera keys create --tenant ID --scope VERTICAL`")
+BEARER_SCHEME = HTTPBearer(scheme_name="Bearer", auto_error=False,
+                           description="the same API key as `Authorization: Bearer tsk_<id>_<secret>`")
+"""How the OpenAPI declares the key (either header); :func:`authorize` reads it, with the same answers."""
+
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     """FastAPI dependency factory: the caller must hold a key with ``scope`` (or ``admin``)."""
 
-    async def dependency(request: Request) -> Principal:
+    async def dependency(request: Request,
+                         _api_key: Annotated[str | None, Security(API_KEY_SCHEME)],
+                         _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_SCHEME)]) -> Principal:
         principal = await authorize(presented_api_key(request.headers), scope)
         request.state.principal = principal
         return principal
 
     return dependency
-
-
-def _authenticate_in_new_session(plaintext: str) -> Principal | None:
-    with session_factory()() as session:
-        return authenticate_api_key(session, plaintext)
 
 
 # --- webhook signatures -------------------------------------------------------------------------
@@ -227,21 +261,41 @@ def sign_payload(secret: str, body: bytes, timestamp: int | None = None) -> str:
     return f"t={timestamp},v1={compute_signature(secret, timestamp, body)}"
 
 
+SIGNATURE_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+"""``t=``: 1-12 ASCII digits (``str.isdigit`` also accepts '²', and ``int()`` of 5,000 digits raises)."""
+SIGNATURE_HEX = re.compile(r"[0-9a-fA-F]{64}")
+"""``v1=``: a hex HMAC-SHA256 (``hmac.compare_digest`` raises on a non-ASCII ``str``)."""
+MAX_SIGNATURES = 8
+
+
 def parse_signature_header(header: str) -> tuple[int, list[str]]:
-    """Split ``t=...,v1=...[,v1=...]`` into (timestamp, signatures)."""
-    timestamp: int | None = None
+    """Split ``t=...,v1=...[,v1=...]`` into (timestamp, lower-case hex signatures).
+
+    Every malformed header is a :class:`SignatureError` saying what is wrong; entries of other
+    schemes (``v0=``) are ignored, as Stripe does.
+    """
+    timestamps: list[str] = []
     signatures: list[str] = []
     for part in header.split(","):
         key, _, value = part.strip().partition("=")
         if key == "t":
-            if not value.isdigit():
-                raise SignatureError("signature timestamp is not an integer")
-            timestamp = int(value)
-        elif key == "v1" and value:
+            timestamps.append(value)
+        elif key == "v1":
             signatures.append(value)
-    if timestamp is None or not signatures:
-        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: expected t=<unix>,v1=<hex>")
-    return timestamp, signatures
+    if not timestamps:
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: no t=; expected t=<unix>,v1=<hex>")
+    if len(timestamps) > 1:
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: more than one t=")
+    if not SIGNATURE_TIMESTAMP.fullmatch(timestamps[0]):
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: t must be 1-12 ASCII digits (unix seconds)")
+    if not signatures:
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: no v1=; expected t=<unix>,v1=<hex>")
+    if len(signatures) > MAX_SIGNATURES:
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: at most {MAX_SIGNATURES} v1= entries")
+    if not all(SIGNATURE_HEX.fullmatch(signature) for signature in signatures):
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: v1 must be 64 hex characters "
+                             "(HMAC-SHA256)")
+    return int(timestamps[0]), [signature.lower() for signature in signatures]
 
 
 def verify_signature(header: str | None, body: bytes, secrets_to_try: Iterable[str], *,

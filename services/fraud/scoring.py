@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from redis.exceptions import RedisError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from model_runtime.runtime import get_runtime
@@ -42,14 +42,18 @@ from services.fraud.schemas import (
 )
 from services.fraud.serving import FRAUD_MODEL_NAME, ScoredItem, ScoringItem
 from services.fraud.state import read_aggregates
+from shared.cache import FreshnessBoundedCache
 from shared.db import session_factory
-from shared.errors import Conflict
+from shared.errors import Conflict, NotReady
 from shared.kv import redis_configured, redis_multiplexer, redis_unavailable_as_503
 from shared.security import Tenant
 
 logger = logging.getLogger("tessera.fraud.scoring")
 
-TENANT_CACHE_TTL_S = 10.0
+TENANT_CACHE_MAX_AGE_S = 1.0
+"""Tenant settings, rules and webhook secrets changed on any replica are used everywhere within 1 s."""
+TENANT_CACHE_REFRESH_AFTER_S = 0.5
+TENANT_CACHE_STALE_IF_ERROR_S = 30.0
 TRANSACTION_FIELDS = ("amount", "currency", "channel", "merchant_category", "customer_id", "terminal_id")
 RULE_FIELDS: frozenset[str] = frozenset((*TRANSACTION_FIELDS, *FEATURE_NAMES, "score"))
 """What a rule condition may name."""
@@ -59,7 +63,7 @@ TEXT_RULE_FIELDS: frozenset[str] = frozenset(TRANSACTION_FIELDS) - {"amount"}
 
 @dataclass(frozen=True, slots=True)
 class TenantPolicy:
-    """A tenant's webhook secrets, thresholds and active rules, cached briefly per process."""
+    """A tenant's webhook secrets, thresholds and active rules, cached per process for at most 1 s."""
 
     webhook_secrets: tuple[str, ...]
     settings: TenantSettingsIn
@@ -75,54 +79,28 @@ def load_tenant_policy(tenant_id: str) -> TenantPolicy:
                             rules=load_active_rules(session, tenant_id))
 
 
-class TenantPolicyCache:
-    """Per-process cache of tenant policies; a change is seen within ``TENANT_CACHE_TTL_S``.
+class TenantPolicyCache(FreshnessBoundedCache[str, TenantPolicy]):
+    """Per-process cache of tenant policies: a change committed at time T (on any replica) is used by
+    no request that starts after T + ``TENANT_CACHE_MAX_AGE_S`` (:class:`~shared.cache.FreshnessBoundedCache`).
 
-    A stale entry is answered at once while one background read refreshes it (stale while
-    revalidate), so no request waits for the database once a tenant is known, and a busy process
-    does not start one read per request when an entry expires.
+    A policy in use is read again in the background after ``TENANT_CACHE_REFRESH_AFTER_S``, so a
+    busy process reads each tenant about twice a second and no request waits for it; the first
+    request after an idle second waits for one read. A database that cannot be read is a 503 once
+    the last policy read is ``TENANT_CACHE_STALE_IF_ERROR_S`` past its age limit.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, TenantPolicy]] = {}
-        self._reads: dict[str, asyncio.Future[TenantPolicy]] = {}
-        self._generation: dict[str, int] = {}  # bumped by invalidate: a read started before is not kept
+        super().__init__(lambda tenant_id: load_tenant_policy(tenant_id), name="a tenant policy",
+                         max_age_s=TENANT_CACHE_MAX_AGE_S, refresh_after_s=TENANT_CACHE_REFRESH_AFTER_S,
+                         stale_if_error_s=TENANT_CACHE_STALE_IF_ERROR_S)
 
-    async def get(self, tenant_id: str) -> TenantPolicy:
-        """The cached policy; a first read is shared by every caller that needs it meanwhile."""
-        cached = self._entries.get(tenant_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        read = self._reads.get(tenant_id)
-        if read is None:
-            read = self._reads[tenant_id] = asyncio.ensure_future(self._read(tenant_id))
-            read.add_done_callback(_log_failed_refresh)
-        if cached is not None:
-            return cached[1]  # stale by at most the read's duration
-        return await asyncio.shield(read)
-
-    async def _read(self, tenant_id: str) -> TenantPolicy:
-        generation = self._generation.get(tenant_id, 0)
+    async def get(self, key: str) -> TenantPolicy:
+        """The tenant's policy, fresh within the bound; 503 when the database cannot be read."""
         try:
-            policy = await asyncio.to_thread(load_tenant_policy, tenant_id)
-        finally:
-            still_current = self._generation.get(tenant_id, 0) == generation
-            if still_current:  # else invalidate() already forgot this read
-                self._reads.pop(tenant_id, None)
-        if still_current:
-            self._entries[tenant_id] = (time.monotonic() + TENANT_CACHE_TTL_S, policy)
-        return policy
-
-    def invalidate(self, tenant_id: str) -> None:
-        """Forget a tenant (after its rules or settings change in this process)."""
-        self._generation[tenant_id] = self._generation.get(tenant_id, 0) + 1
-        self._entries.pop(tenant_id, None)
-        self._reads.pop(tenant_id, None)
-
-
-def _log_failed_refresh(read: asyncio.Future[TenantPolicy]) -> None:
-    if not read.cancelled() and read.exception() is not None:
-        logger.warning("reading a tenant policy failed: %r", read.exception())
+            return await super().get(key)
+        except SQLAlchemyError as exc:
+            raise NotReady("tenant settings cannot be read right now; retry shortly",
+                           headers={"Retry-After": "1"}) from exc
 
 
 tenant_policies = TenantPolicyCache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -92,17 +93,26 @@ def fraud_server(request: pytest.FixtureRequest) -> Iterator[FraudServer]:
     """The fraud app alone under uvicorn, on a migrated database of each stack."""
     stack: Stack = request.getfixturevalue(f"{request.param}_stack")
     run_cli(stack, "db", "upgrade")
+    with serve_fraud(stack) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_fraud(stack: Stack, env: dict[str, str] | None = None, name: str = "fraud") -> Iterator[FraudServer]:
+    """The fraud app alone under uvicorn on a migrated ``stack``, with ``env`` over :data:`FRAUD_ENV`."""
     port = free_port()
     server = ManagedProcess(python_argv("-m", "uvicorn", "services.fraud.api:app", "--host", "127.0.0.1",
                                         "--port", str(port), "--loop", "uvloop", "--http", "httptools"),
-                            {**stack.env, **FRAUD_ENV}, f"fraud-{stack.name}")
-    server.wait_for_output(r"Uvicorn running on", timeout_s=120)
+                            {**stack.env, **FRAUD_ENV, **(env or {})}, f"{name}-{stack.name}")
     engine = create_engine(stack.database_url)
-    yield FraudServer(stack, f"http://127.0.0.1:{port}/v1", engine)
-    engine.dispose()
-    server.stop()
-    if "Traceback" in server.output:  # surfaced in the test report: a 500 must be explainable
-        print(f"--- fraud server ({stack.name}) log with errors ---\n{server.output[-6000:]}")
+    try:
+        server.wait_for_output(r"Uvicorn running on", timeout_s=120)
+        yield FraudServer(stack, f"http://127.0.0.1:{port}/v1", engine)
+    finally:
+        engine.dispose()
+        server.stop()
+        if "Traceback" in server.output:  # surfaced in the test report: a 500 must be explainable
+            print(f"--- {name} server ({stack.name}) log with errors ---\n{server.output[-6000:]}")
 
 
 @pytest.fixture(scope="module")
