@@ -773,8 +773,8 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         out = subprocess.run(tessera_cmd("keys", "create", "--tenant", BENCH_TENANT, "--scope", "fraud"),
                              env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
-        api_key = re.search(r"api_key=(\S+)", out).group(1)  # type: ignore[union-attr]
-        secret = re.search(r"webhook_secret=(\S+)", out).group(1)  # type: ignore[union-attr]
+        api_key = re.search(r"API_KEY=(\S+)", out).group(1)  # type: ignore[union-attr]
+        secret = re.search(r"WEBHOOK_SECRET=(\S+)", out).group(1)  # type: ignore[union-attr]
         port = free_port()
         serve = [sys.executable, str(Path(__file__).resolve()), "_serve", str(port)]
         serve += [f"--{variant}" for variant in ("unbatched", "inline", "threaded") if variant in kind.split("-")]

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.config import VERTICALS, get_settings
@@ -157,7 +160,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    """Create an API key; print it once, with the tenant's webhook signing secret."""
+    """Create an API key; print it once, with the tenant's webhook signing secret, as export lines."""
     from shared.db import session_scope
     from shared.security import create_api_key, ensure_tenant
 
@@ -168,8 +171,77 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tessera keys create: {exc}", file=sys.stderr)
         return 2
-    print(f"api_key={plaintext}\nwebhook_secret={secret}\n# store both now: the key is not shown again")
+    print(f"# API key {_key_id(plaintext)} of tenant {args.tenant} ({','.join(sorted(set(args.scope)))}) and the "
+          "tenant's webhook signing secret.\n# Shown once: store both now. Paste into a shell to use them:")
+    print(_export_lines(API_KEY=plaintext, WEBHOOK_SECRET=secret))
     return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """List API keys (never the key or its hash): id, tenant, name, scopes, created, revoked."""
+    from shared.db import session_scope
+    from shared.security import list_api_keys
+
+    with session_scope() as session:
+        rows = [{"id": key.id, "tenant": key.tenant_id, "name": key.name, "scopes": key.scopes,
+                 "created": _iso(key.created_at), "revoked": _iso(key.revoked_at) if key.revoked_at else None}
+                for key in list_api_keys(session, args.tenant)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("id", "tenant", "name", "scopes", "created", "revoked")
+    table = [columns, *((*(str(row[c]) for c in columns[:-1]), row["revoked"] or "-") for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke a key: every API process refuses it within a second."""
+    from shared.db import session_scope
+    from shared.security import API_KEY_MAX_AGE_S, revoke_api_key
+
+    with session_scope() as session:
+        key = revoke_api_key(session, args.key_id)
+        revoked_at = key.revoked_at if key is not None else None
+    if revoked_at is None:
+        print(f"tessera keys revoke: no API key {args.key_id!r} (see `tessera keys list`)", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id} at {_iso(revoked_at)}; refused by every API process within "
+          f"{API_KEY_MAX_AGE_S:g} s")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """Replace a key by a new one with the same tenant and scopes; the old one is revoked after the grace."""
+    from shared.db import session_scope
+    from shared.security import rotate_api_key
+
+    try:
+        with session_scope() as session:
+            old, plaintext = rotate_api_key(session, args.key_id, grace_s=args.grace_seconds)
+            tenant_id, scopes, revoked_at = old.tenant_id, old.scopes, old.revoked_at
+    except LookupError as exc:
+        print(f"tessera keys rotate: {exc} (see `tessera keys list`)", file=sys.stderr)
+        return 1
+    assert revoked_at is not None
+    print(f"# API key {_key_id(plaintext)} of tenant {tenant_id} ({scopes}) replaces {args.key_id}, which is "
+          f"revoked at {_iso(revoked_at)}.\n# Shown once: store it now. Paste into a shell to use it:")
+    print(_export_lines(API_KEY=plaintext))
+    return 0
+
+
+def _key_id(plaintext: str) -> str:
+    return plaintext.split("_", 2)[1]
+
+
+def _export_lines(**values: str) -> str:
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in values.items())
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _vertical_entry(vertical: str, module: str, argv: list[str]) -> int:
@@ -218,6 +290,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call(_python(str(script), *args.rest), cwd=REPO_ROOT)
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tessera`` command."""
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
@@ -251,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="default")
     create.add_argument("--scope", action="append", required=True, choices=[*VERTICALS, "admin"])
     create.set_defaults(handler=cmd_keys_create)
+    listing = keys.add_parser("list", help="list API keys (never the key itself)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.set_defaults(handler=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke an API key (refused everywhere within a second)")
+    revoke.add_argument("key_id", help="the id shown by `keys list` (tsk_<id>_...)")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+    rotate = keys.add_parser("rotate", help="a new key with the same tenant and scopes; the old one revoked")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace-seconds", type=_seconds, default=0.0,
+                        help="keep the old key working this long (default: revoke it now)")
+    rotate.set_defaults(handler=cmd_keys_rotate)
 
     entry_points = (("train", cmd_train, "train a model"), ("simulate", cmd_simulate, "simulate data"),
                     ("restore-state", cmd_restore_state, "rebuild Redis fast state from the database"),

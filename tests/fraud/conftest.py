@@ -84,8 +84,15 @@ class FraudServer:
         tenant_id = f"bank-{uuid.uuid4().hex[:8]}"
         scope_args = [arg for scope in scopes for arg in ("--scope", scope)]
         out = run_cli(self.stack, "keys", "create", "--tenant", tenant_id, *scope_args)
-        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line and not line.startswith("#"))
-        return FraudTenant(tenant_id, values["api_key"], values["webhook_secret"], self.base_url)
+        values = exported_values(out)
+        return FraudTenant(tenant_id, values["API_KEY"], values["WEBHOOK_SECRET"], self.base_url)
+
+
+def exported_values(cli_output: str) -> dict[str, str]:
+    """``NAME: value`` of each ``export NAME=value`` line ``tessera keys create/rotate`` printed."""
+    import shlex
+
+    return dict(shlex.split(line)[1].split("=", 1) for line in cli_output.splitlines() if line.startswith("export "))
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
