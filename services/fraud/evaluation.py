@@ -36,7 +36,7 @@ def card_precision_top_k(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 1
     """
     data = pd.DataFrame({"day": frame.TX_TIME_DAYS.to_numpy(), "card": frame.CUSTOMER_ID.to_numpy(),
                          "fraud": frame.TX_FRAUD.to_numpy(), "score": np.asarray(scores)})
-    detected: set[int] = set()
+    detected: set[object] = set()  # card ids as stored: integers or text such as "c-42"
     daily = []
     for _, day in data.groupby("day", sort=True):
         day = day[~day.card.isin(detected)]
@@ -44,7 +44,7 @@ def card_precision_top_k(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 1
         top = per_card.sort_values("score", ascending=False, kind="stable").head(top_k)
         found = top.index[top.fraud == 1]
         daily.append(len(found) / top_k)
-        detected.update(int(c) for c in found)
+        detected.update(found)
     return float(np.mean(daily))
 
 

@@ -41,3 +41,12 @@ def test_the_ceiling_ranks_visible_frauds_first_and_invisible_ones_last() -> Non
     test_positions = np.array([0, 1, 2])
     # card 2 is visible (terminal 7 labelled since day 0), card 3 is not: one of the top 2
     assert card_precision_ceiling(frame, test_positions, top_k=2) == 0.5
+
+
+def test_card_precision_takes_text_card_ids_as_stored() -> None:
+    """Stored customer ids are text (the README's ``c-42``); CP@k used to int() them."""
+    frame = _frame([(0, 1, 9, 1, 1), (0, 2, 9, 0, 0), (1, 1, 9, 1, 1), (1, 3, 9, 1, 3), (1, 4, 9, 0, 0)])
+    frame["CUSTOMER_ID"] = [f"c-{card}" for card in frame.CUSTOMER_ID]
+    scores = np.array([0.9, 0.1, 0.9, 0.2, 0.5])
+    # day 0: top 2 cards {c-1, c-2}, one fraud; day 1: c-1 already found, top 2 {c-4, c-3}, one fraud
+    assert card_precision_top_k(scores, frame, top_k=2) == 0.5
