@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp
 
 from shared.config import get_settings
 from shared.db import check_database
-from shared.errors import install_problem_handlers
+from shared.errors import Problem, install_problem_handlers, problem_responses
 from shared.hot_routes import HotRoute, HotRouter
 from shared.observability import Readiness, RequestContextMiddleware, health_router
+from shared.security import SIGNATURE_HEADER
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -46,10 +51,19 @@ class ServiceApp(FastAPI):
     hot routes and ``TESSERA_HOT_ROUTES`` is on), then FastAPI's own stack.
     """
 
-    def __init__(self, *, service_name: str, hot_routes: Sequence[HotRoute] = (), **kwargs: object) -> None:
+    def __init__(self, *, service_name: str, hot_routes: Sequence[HotRoute] = (),
+                 documented_models: Sequence[type[BaseModel]] = (), **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.service_name = service_name
         self.hot_routes = tuple(hot_routes)
+        self.documented_models = tuple(documented_models)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's OpenAPI, finished with Tessera's error shape and the models of bodies read raw."""
+        if self.openapi_schema is None:
+            finish_openapi(super().openapi(), self.documented_models)
+        return self.openapi_schema  # type: ignore[return-value]
+
 
     def build_middleware_stack(self) -> ASGIApp:
         """FastAPI's stack behind the hot routes, all inside the request context."""
@@ -59,22 +73,64 @@ class ServiceApp(FastAPI):
         return RequestContextMiddleware(stack, app_name=self.service_name)
 
 
+COMPONENT_REF = "#/components/schemas/{model}"
+
+
+def raw_json_body(model: type[BaseModel], example: dict[str, Any], *, signed: bool = False) -> dict[str, Any]:
+    """A route's ``openapi_extra`` documenting a JSON body that the route reads raw, e.g. to check
+    its ``Tessera-Signature`` over the exact bytes before parsing them (``signed``).
+
+    Name ``model`` in :func:`create_service_app`'s ``documented_models`` so its schema is published.
+    """
+    extra: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": COMPONENT_REF.format(model=model.__name__)}, "example": example}}}}
+    if signed:
+        extra["parameters"] = [{
+            "name": SIGNATURE_HEADER, "in": "header", "required": True, "schema": {"type": "string"},
+            "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.\" + the exact body bytes, keyed with "
+                           "the tenant's webhook secret> (several v1= while rotating secrets); at most 300 s old",
+            "example": "t=1764583200,v1=" + "0" * 64}]
+    return extra
+
+
+def finish_openapi(schema: dict[str, Any], documented_models: Sequence[type[BaseModel]]) -> None:
+    """Publish the ``Problem`` schema and ``documented_models``; every 422 is a problem, as served.
+
+    FastAPI documents its own validation-error body for a route that lists no 422; Tessera answers
+    those with a problem document (:mod:`shared.errors`).
+    """
+    models: list[type[BaseModel]] = [Problem, *documented_models]
+    _, definitions = models_json_schema([(model, "validation") for model in models], ref_template=COMPONENT_REF)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in definitions.get("$defs", {}).items():
+        components.setdefault(name, definition)
+    for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+        if "HTTPValidationError" in str(operation.get("responses", {}).get("422", "")):
+            operation["responses"]["422"] = problem_responses(422)[422]
+    if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+
+
 def create_service_app(name: str, *, title: str, routers: Sequence[APIRouter] = (),
                        lifespan: Lifespan | None = None, readiness: Readiness | None = None,
                        check_broker: bool = True, version: str = "0.1.0",
-                       hot_routes: Sequence[HotRoute] = ()) -> FastAPI:
+                       hot_routes: Sequence[HotRoute] = (),
+                       documented_models: Sequence[type[BaseModel]] = ()) -> FastAPI:
     """Build an app with Tessera's error shape, middleware and operations endpoints.
 
     ``app.state.readiness`` holds the checks; a vertical adds e.g. ``models`` at start-up.
     ``hot_routes`` (:mod:`shared.hot_routes`) serve a latency-critical endpoint without FastAPI's
     per-request machinery; each should shadow a documented FastAPI route of the same path.
+    ``documented_models`` are published in the OpenAPI components though no route parses them
+    (bodies read raw: :func:`raw_json_body`).
     """
     readiness = readiness or Readiness()
     readiness.add("database", database_ready)
     if check_broker:
         readiness.add("broker", broker_ready)
-    app = ServiceApp(service_name=name, hot_routes=hot_routes, title=title, version=version,
-                     lifespan=_with_gc_tuning(lifespan))
+    app = ServiceApp(service_name=name, hot_routes=hot_routes, documented_models=documented_models, title=title,
+                     version=version, lifespan=_with_gc_tuning(lifespan))
     app.state.readiness = readiness
     app.state.service_name = name
     install_problem_handlers(app)

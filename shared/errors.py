@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://tessera.dev/problems/"
@@ -125,6 +126,74 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
                         media_type=PROBLEM_CONTENT_TYPE)
 
 
+# --- the error shape in OpenAPI --------------------------------------------------------------------
+
+class InvalidField(BaseModel):
+    """One invalid input of a 422, as pydantic names it."""
+
+    loc: list[str | int] = Field(description="where: body, query, path or header, then the field path")
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. missing, string_pattern_mismatch")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: the body of every 4xx and 5xx, as ``application/problem+json``.
+
+    Members beyond these are extensions of the problem's type (e.g. ``known_fields``,
+    ``retry_after_s``).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description=f"the kind of problem: {PROBLEM_TYPE_BASE}<slug>, or about:blank")
+    title: str = Field(description="short summary of the kind of problem")
+    status: int = Field(ge=400, le=599, description="the HTTP status code")
+    detail: str = Field(description="what went wrong with this request")
+    instance: str | None = Field(default=None, description="the request path")
+    request_id: str | None = Field(default=None, description="the request's X-Request-ID (also in the logs)")
+    errors: list[InvalidField] | None = Field(default=None, description="422 only: every invalid input")
+
+
+PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
+
+_PROBLEM_MEANINGS = {
+    400: "The request could not be read.",
+    401: "No valid API key (X-API-Key or Authorization: Bearer), or, on a signed route, a missing, malformed, "
+         "wrong or expired Tessera-Signature.",
+    403: "The API key is valid but not for this vertical (scope).",
+    404: "Nothing with this id for the caller's tenant.",
+    409: "Conflicts with what is stored (an id that exists, or one reused with a different body).",
+    413: "The body is larger than this route accepts.",
+    415: "The body is not sent as JSON (Content-Type: application/json).",
+    422: "The request is well formed but invalid; `errors` lists every invalid input.",
+    503: "Temporarily unavailable (overloaded, a dependency down, a model not loaded): retry, after Retry-After "
+         "seconds when given.",
+    504: "The request waited past its deadline and was dropped rather than answered late.",
+}
+_PROBLEM_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer, when the API key is missing or invalid",
+                               "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+}
+
+
+def problem_responses(*statuses: int, notes: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the problems a route can answer, for a route's ``responses=``.
+
+    ``notes`` adds a route's own meaning to a status's general one (e.g. ``{404: "no such rule"}``).
+    The ``Problem`` schema they refer to is added to every service app's OpenAPI (``shared.app``).
+    """
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        description = " ".join(filter(None, (_PROBLEM_MEANINGS.get(status, _STATUS_TITLES.get(status, "Error")),
+                                             (notes or {}).get(status))))
+        responses[status] = {"description": description,
+                             "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}}}
+        if status in _PROBLEM_HEADERS:
+            responses[status]["headers"] = _PROBLEM_HEADERS[status]
+    return responses
+
+
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
@@ -180,7 +249,22 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else None
     body = problem_body(exc.status_code, None, detail, None, request.url.path,
                         {"request_id": _request_id(request)})
-    return problem_response(body, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
+    return problem_response(body, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the app documents at the request's path (Starlette's 405 names one route's
+    only, though GET and PUT of a path are two routes). As in OpenAPI, a concrete path is matched
+    before templated ones."""
+    root_path, path = request.scope.get("root_path", ""), request.scope["path"]
+    path = path[len(root_path):] if root_path and path.startswith(root_path) else path
+    documented = request.app.openapi().get("paths", {}) if isinstance(request.app, FastAPI) else {}
+    matching = documented.get(path) or {method: None for template, operations in documented.items()
+                                        if compile_path(template)[0].fullmatch(path) for method in operations}
+    return sorted(method.upper() for method in matching)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.config import get_settings
-from shared.errors import problem_body, problem_response
+from shared.errors import problem_body, problem_response, problem_responses
 
 REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -153,7 +154,9 @@ def health_router(readiness: Readiness) -> APIRouter:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", response_model=None)
+    @router.get("/readyz", response_model=None, responses={
+        200: {"description": "Every check passes", "content": {"application/json": {"schema": {"type": "object"}}}},
+        **problem_responses(503, notes={503: "A check fails; the problem's checks say which."})})
     async def readyz() -> Any:
         results = await readiness.run()
         failing = {name: result for name, result in results.items() if result != "ok"}
@@ -163,7 +166,8 @@ def health_router(readiness: Readiness) -> APIRouter:
                                                  {"checks": results}))
         return {"status": "ready", "checks": results}
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

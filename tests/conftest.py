@@ -80,7 +80,11 @@ def _postgres_available() -> str | None:
 
 @pytest.fixture(scope="session")
 def sqlite_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    data_dir = tmp_path_factory.mktemp("sqlite-stack")
+    return sqlite_stack_at(tmp_path_factory.mktemp("sqlite-stack"))
+
+
+def sqlite_stack_at(data_dir: Path) -> Stack:
+    """The embedded configuration with every file under ``data_dir``."""
     return Stack(
         name="sqlite",
         database_url=f"sqlite:///{data_dir / 'tessera.db'}",

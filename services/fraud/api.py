@@ -25,6 +25,8 @@ from services.fraud.backtest import check_backtest_header
 from services.fraud.db import ModelVersion
 from services.fraud.recorder import DecisionRecorder
 from services.fraud.schemas import (
+    RULE_FIELDS,
+    TEXT_RULE_FIELDS,
     BatchIn,
     BatchItemOut,
     BatchOut,
@@ -37,13 +39,13 @@ from services.fraud.schemas import (
     TenantSettingsIn,
     TransactionIn,
 )
-from services.fraud.scoring import RULE_FIELDS, TEXT_RULE_FIELDS, TenantPolicy, score_transaction, tenant_policies
+from services.fraud.scoring import TenantPolicy, score_transaction, tenant_policies
 from services.fraud.serving import FRAUD_MODEL_NAME, live_artifact_dir, watch_live_model
 from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
-from shared.app import create_service_app
+from shared.app import create_service_app, raw_json_body
 from shared.config import get_settings
 from shared.db import SessionDep
-from shared.errors import NotReady, PayloadTooLarge, ProblemError, parse_json
+from shared.errors import NotReady, PayloadTooLarge, ProblemError, parse_json, problem_responses
 from shared.hot_routes import HotRequest, HotRoute
 from shared.jobs import get_job, submit_job
 from shared.kv import async_redis, close_async_redis, redis_configured, warm_async_redis
@@ -90,10 +92,23 @@ async def hot_transaction_webhook(request: HotRequest) -> DecisionOut:
 HOT_ROUTES = (HotRoute("POST", "/v1/transactions", "fraud", hot_transaction_webhook, MAX_BODY_BYTES),)
 
 
-transactions = APIRouter(prefix="/v1", tags=["transactions"])
+KEYED = problem_responses(401, 403, 503)
+"""What any route can answer before its own work: the fraud-scoped API key is checked first."""
+JSON_BODY = problem_responses(400, 415, 422, notes={400: "The body is not UTF-8 text."})
+TRANSACTION_EXAMPLE = {"id": "tx-1", "timestamp": "2026-11-23T10:15:00Z", "customer_id": "c-42",
+                       "terminal_id": "t-7", "amount": 42.5, "currency": "EUR", "channel": "ecommerce"}
+BATCH_EXAMPLE = {"transactions": [TRANSACTION_EXAMPLE, {**TRANSACTION_EXAMPLE, "id": "tx-2", "amount": 1250.0}]}
+
+transactions = APIRouter(prefix="/v1", tags=["transactions"], responses=KEYED)
 
 
-@transactions.post("/transactions", response_model=DecisionOut)
+@transactions.post("/transactions", response_model=DecisionOut,
+                   openapi_extra=raw_json_body(TransactionIn, TRANSACTION_EXAMPLE, signed=True),
+                   responses=problem_responses(409, 413, 415, 422, 503, 504, notes={
+                       409: "The id was scored before for a different transaction (the same body replays the "
+                            "stored decision).",
+                       503: "Also: the model's queue is full or the fast state store is unreachable.",
+                       504: "The model did not answer within the request's deadline."}))
 async def post_transaction(principal: FraudPrincipal, signed: SignedBody) -> DecisionOut:
     """Score one transaction synchronously (idempotent by its id).
 
@@ -103,7 +118,10 @@ async def post_transaction(principal: FraudPrincipal, signed: SignedBody) -> Dec
     return await transaction_webhook(principal.tenant_id, body, policy)
 
 
-@transactions.post("/transactions:batch", response_model=BatchOut)
+@transactions.post("/transactions:batch", response_model=BatchOut,
+                   openapi_extra=raw_json_body(BatchIn, BATCH_EXAMPLE, signed=True),
+                   responses=problem_responses(413, 415, 422, notes={
+                       422: "The body as a whole (an item's own problems are in its result)."}))
 async def post_transaction_batch(principal: FraudPrincipal, signed: SignedBody) -> BatchOut:
     """Score several transactions in order; one failing item does not fail the others."""
     body, policy = signed
@@ -118,13 +136,15 @@ async def post_transaction_batch(principal: FraudPrincipal, signed: SignedBody) 
     return BatchOut(results=results)
 
 
-@transactions.get("/transactions/{transaction_id}", response_model=DecisionOut)
+@transactions.get("/transactions/{transaction_id}", response_model=DecisionOut,
+                  responses=problem_responses(404, 422))
 def get_transaction(transaction_id: str, principal: FraudPrincipal, session: SessionDep) -> DecisionOut:
     """The stored decision for a transaction."""
     return feedback.decision_of(session, principal.tenant_id, transaction_id)
 
 
-@transactions.post("/transactions/{transaction_id}/label", response_model=DecisionOut)
+@transactions.post("/transactions/{transaction_id}/label", response_model=DecisionOut,
+                   responses={**problem_responses(404), **JSON_BODY})
 def post_label(transaction_id: str, label: LabelIn, principal: FraudPrincipal,
                session: SessionDep) -> DecisionOut:
     """Record an analyst verdict or a chargeback; it feeds terminal risk and retraining."""
@@ -133,10 +153,10 @@ def post_label(transaction_id: str, label: LabelIn, principal: FraudPrincipal,
     return decision
 
 
-review = APIRouter(prefix="/v1", tags=["review"])
+review = APIRouter(prefix="/v1", tags=["review"], responses=KEYED)
 
 
-@review.get("/cases", response_model=list[CaseOut])
+@review.get("/cases", response_model=list[CaseOut], responses=problem_responses(422))
 def list_cases(principal: FraudPrincipal, session: SessionDep,
                status: Annotated[str, Query(pattern="^(open|confirmed_fraud|legitimate)$")] = "open",
                limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[CaseOut]:
@@ -150,7 +170,8 @@ def get_settings_route(principal: FraudPrincipal, session: SessionDep) -> Tenant
     return feedback.get_tenant_settings(session, principal.tenant_id)
 
 
-@review.put("/settings", response_model=TenantSettingsIn)
+@review.put("/settings", response_model=TenantSettingsIn, responses={**JSON_BODY, **problem_responses(422, notes={
+    422: "Also a review_threshold above the decline_threshold."})})
 def put_settings(new: TenantSettingsIn, principal: FraudPrincipal, session: SessionDep) -> TenantSettingsIn:
     """Change thresholds or the callback URL (seen by every replica within seconds)."""
     saved = feedback.set_tenant_settings(session, principal.tenant_id, new)
@@ -159,7 +180,11 @@ def put_settings(new: TenantSettingsIn, principal: FraudPrincipal, session: Sess
     return saved
 
 
-rule_routes = APIRouter(prefix="/v1/rules", tags=["rules"])
+rule_routes = APIRouter(prefix="/v1/rules", tags=["rules"], responses=KEYED)
+NO_SUCH_RULE = problem_responses(404, notes={404: "No rule with this id in the active rule set."})
+NEVER_FIRES = ("Also a rule that could never fire: an unknown field (the problem's known_fields lists them), "
+               "in/not_in without a list, an ordering on a text field, a value of the wrong kind.")
+RULE_REFUSED = {**JSON_BODY, **problem_responses(422, notes={422: NEVER_FIRES})}
 
 
 def _rule_set_out(row) -> RuleSetOut:  # type: ignore[no-untyped-def]
@@ -189,14 +214,16 @@ def get_rule_versions(principal: FraudPrincipal, session: SessionDep) -> list[Ru
     return [_rule_set_out(row) for row in rules.rule_set_history(session, principal.tenant_id)]
 
 
-@rule_routes.post("", response_model=RuleSetOut, status_code=201)
+@rule_routes.post("", response_model=RuleSetOut, status_code=201, responses={
+    **RULE_REFUSED, **problem_responses(409, notes={409: "A rule with this id exists (PUT replaces it)."})})
 def post_rule(rule: RuleIn, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
     """Add a rule; returns the new active version."""
     rules.validate_rule(rule, set(RULE_FIELDS), set(TEXT_RULE_FIELDS))
     return _after_rules_change(session, principal.tenant_id, rules.add_rule(session, principal.tenant_id, rule))
 
 
-@rule_routes.put("/{rule_id}", response_model=RuleSetOut)
+@rule_routes.put("/{rule_id}", response_model=RuleSetOut, responses={
+    **NO_SUCH_RULE, **JSON_BODY, **problem_responses(422, notes={422: f"{NEVER_FIRES} Or a body id not the path's."})})
 def put_rule(rule_id: str, rule: RuleIn, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
     """Replace a rule; returns the new active version."""
     rules.validate_rule(rule, set(RULE_FIELDS), set(TEXT_RULE_FIELDS))
@@ -204,17 +231,17 @@ def put_rule(rule_id: str, rule: RuleIn, principal: FraudPrincipal, session: Ses
     return _after_rules_change(session, principal.tenant_id, row)
 
 
-@rule_routes.delete("/{rule_id}", response_model=RuleSetOut)
+@rule_routes.delete("/{rule_id}", response_model=RuleSetOut, responses={**NO_SUCH_RULE, **problem_responses(422)})
 def delete_rule(rule_id: str, principal: FraudPrincipal, session: SessionDep) -> RuleSetOut:
     """Remove a rule; returns the new active version."""
     row = rules.delete_rule(session, principal.tenant_id, rule_id)
     return _after_rules_change(session, principal.tenant_id, row)
 
 
-jobs = APIRouter(prefix="/v1", tags=["jobs"])
+jobs = APIRouter(prefix="/v1", tags=["jobs"], responses=KEYED)
 
 
-@jobs.get("/jobs/{job_id}")
+@jobs.get("/jobs/{job_id}", responses=problem_responses(404, 422, notes={404: "No job with this id for this tenant."}))
 def get_job_route(job_id: str, _principal: FraudPrincipal, session: SessionDep) -> dict[str, object]:
     """Status, progress and result of a fraud job (retraining, back-test, callback)."""
     job = get_job(session, job_id)
@@ -222,7 +249,7 @@ def get_job_route(job_id: str, _principal: FraudPrincipal, session: SessionDep) 
             "attempts": job.attempts, "result": job.result, "error": job.error}
 
 
-models = APIRouter(prefix="/v1", tags=["models"])
+models = APIRouter(prefix="/v1", tags=["models"], responses=KEYED)
 
 
 @models.get("/models")
@@ -233,7 +260,8 @@ def list_models(_principal: FraudPrincipal, session: SessionDep) -> list[dict[st
                  select(ModelVersion).order_by(ModelVersion.created_at.desc()))]
 
 
-@models.post("/models/retrain", status_code=202)
+@models.post("/models/retrain", status_code=202, responses={**JSON_BODY, **problem_responses(422, notes={
+    422: "Also too few labels to train and judge a candidate (the problem's needed and have give the counts)."})})
 def post_retrain(request: RetrainIn, principal: FraudPrincipal, session: SessionDep) -> dict[str, str]:
     """Start a retraining job (candidate vs live on the latest held-out days)."""
     job = submit_job(session, retrain_model, key=f"fraud-retrain:{uuid.uuid4().hex}",
@@ -242,7 +270,9 @@ def post_retrain(request: RetrainIn, principal: FraudPrincipal, session: Session
     return {"job_id": job.id}
 
 
-@models.post("/backtests", status_code=202)
+@models.post("/backtests", status_code=202, responses=problem_responses(400, 422, notes={
+    400: "The multipart body is malformed.",
+    422: "Also a CSV whose header has neither our columns nor the handbook's."}))
 async def post_backtest(file: UploadFile, principal: FraudPrincipal, session: SessionDep) -> dict[str, str]:
     """Upload a CSV of past transactions to replay through scoring (idempotent by file content)."""
     content = await file.read()
@@ -329,4 +359,5 @@ readiness = Readiness()
 readiness.add("models", _models_ready)
 readiness.add("fast_state", _fast_state_ready)
 app = create_service_app("fraud", title="Tessera — Fraud scoring", lifespan=lifespan, readiness=readiness,
-                         routers=[transactions, review, rule_routes, jobs, models], hot_routes=HOT_ROUTES)
+                         routers=[transactions, review, rule_routes, jobs, models], hot_routes=HOT_ROUTES,
+                         documented_models=[TransactionIn, BatchIn])

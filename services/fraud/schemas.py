@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.fraud.features import FEATURE_NAMES
+
 MAX_FUTURE_SKEW = timedelta(days=1)
 """Event times further ahead than this are refused (a wrong clock would age every window out)."""
 
@@ -104,21 +106,67 @@ class BatchOut(BaseModel):
 # --- rules ---------------------------------------------------------------------------------------
 
 Operator = Literal["gt", "gte", "lt", "lte", "eq", "ne", "in", "not_in"]
+OPERATOR_MEANINGS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!=",
+                     "in": "is one of the listed values", "not_in": "is none of the listed values"}
+MEMBERSHIP_OPERATORS = ("in", "not_in")
+EQUALITY_OPERATORS = ("eq", "ne")
+ORDERING_OPERATORS = ("gt", "gte", "lt", "lte")
+
+TRANSACTION_FIELDS = ("amount", "currency", "channel", "merchant_category", "customer_id", "terminal_id")
+RULE_FIELDS: frozenset[str] = frozenset((*TRANSACTION_FIELDS, *FEATURE_NAMES, "score"))
+"""What a rule condition may name."""
+TEXT_RULE_FIELDS: frozenset[str] = frozenset(TRANSACTION_FIELDS) - {"amount"}
+"""The rule fields holding text; every other one is a number."""
+
+
+def _condition_shape(fields: frozenset[str], operators: tuple[str, ...], value: dict[str, Any]) -> dict[str, Any]:
+    return {"properties": {"field": {"enum": sorted(fields)}, "op": {"enum": list(operators)}, "value": value}}
+
+
+def _document_condition(schema: dict[str, Any]) -> None:
+    """The published schema of a condition: which fields and operators exist and which values go with them.
+
+    Checked when a rule is written (``rules.validate_rule``, whose 422 names the unknown field and
+    lists the known ones), not by this model: rules stored before a field was retired keep loading.
+    """
+    numbers = RULE_FIELDS - TEXT_RULE_FIELDS
+    one_or_more = {"type": "array", "minItems": 1}
+    schema["properties"]["field"] = {
+        "type": "string", "enum": sorted(RULE_FIELDS), "title": "Field",
+        "description": f"a transaction field ({', '.join(TRANSACTION_FIELDS)}), a feature computed at request "
+                       "time, or score (the model's calibrated probability); text fields: "
+                       f"{', '.join(sorted(TEXT_RULE_FIELDS))}, all others are numbers"}
+    schema["properties"]["op"]["description"] = "; ".join(f"{op}: {means}" for op, means in OPERATOR_MEANINGS.items())
+    schema["anyOf"] = [
+        _condition_shape(numbers, (*ORDERING_OPERATORS, *EQUALITY_OPERATORS), {"type": "number"}),
+        _condition_shape(numbers, MEMBERSHIP_OPERATORS, {**one_or_more, "items": {"type": "number"}}),
+        _condition_shape(TEXT_RULE_FIELDS, EQUALITY_OPERATORS, {"type": "string"}),
+        _condition_shape(TEXT_RULE_FIELDS, MEMBERSHIP_OPERATORS, {**one_or_more, "items": {"type": "string"}}),
+    ]
 
 
 class Condition(BaseModel):
-    """``field op value``; fields are transaction fields, features (FEATURE_NAMES) or ``score``."""
+    """``field op value``: a number field compared with a number (or in a list of numbers), or a text
+    field equal to a text (or in a list of texts)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_condition)
     field: str = Field(min_length=1, max_length=64)
     op: Operator
     value: float | str | list[float | str]
 
 
+EXAMPLE_RULE: dict[str, Any] = {
+    "id": "large-foreign-ecommerce", "description": "large e-commerce payment in another currency",
+    "when": [{"field": "amount", "op": "gt", "value": 1000}, {"field": "channel", "op": "eq", "value": "ecommerce"},
+             {"field": "currency", "op": "not_in", "value": ["EUR", "CHF"]}],
+    "action": "review",
+}
+
+
 class RuleIn(BaseModel):
     """A declarative rule: when all conditions hold, the decision is at least ``action``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_RULE]})
     id: Identifier
     description: str = Field(min_length=1, max_length=300)
     when: list[Condition] = Field(min_length=1, max_length=10)

@@ -34,6 +34,7 @@ from services.fraud.redis_state import RedisWindowState, wait_while_busy
 from services.fraud.rules import ActiveRules, RuleHit, evaluate_rules, load_active_rules
 from services.fraud.schemas import (
     DECISION_SEVERITY,
+    TRANSACTION_FIELDS,
     Decision,
     DecisionOut,
     Reason,
@@ -54,11 +55,6 @@ TENANT_CACHE_MAX_AGE_S = 1.0
 """Tenant settings, rules and webhook secrets changed on any replica are used everywhere within 1 s."""
 TENANT_CACHE_REFRESH_AFTER_S = 0.5
 TENANT_CACHE_STALE_IF_ERROR_S = 30.0
-TRANSACTION_FIELDS = ("amount", "currency", "channel", "merchant_category", "customer_id", "terminal_id")
-RULE_FIELDS: frozenset[str] = frozenset((*TRANSACTION_FIELDS, *FEATURE_NAMES, "score"))
-"""What a rule condition may name."""
-TEXT_RULE_FIELDS: frozenset[str] = frozenset(TRANSACTION_FIELDS) - {"amount"}
-"""The rule fields holding text; every other one is a number."""
 
 
 @dataclass(frozen=True, slots=True)
