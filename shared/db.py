@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any
@@ -17,7 +18,7 @@ from fastapi import Depends
 from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 
 from shared.config import get_settings
 
@@ -147,26 +148,72 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _AFTER_COMMIT_KEY = "tessera_after_commit"
 
 
-def after_commit(session: Session, callback: Callable[[], Any]) -> None:
-    """Run ``callback`` once ``session`` commits (and never if it rolls back).
+@dataclass
+class _PendingCallback:
+    callback: Callable[[], Any]
+    savepoint: SessionTransaction | None
+    """The innermost savepoint open when it was registered (None: the outer transaction)."""
 
-    Used to enqueue Celery work only after the rows the task will read are durable.
+
+def after_commit(session: Session, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once the OUTER transaction of ``session`` commits; never if it rolls back.
+
+    Used to enqueue Celery work only after the rows the task will read are durable. SQLAlchemy
+    fires ``after_commit`` when a savepoint (``begin_nested``) is released too: such a release only
+    hands the savepoint's callbacks to the enclosing transaction, and a savepoint rolled back drops
+    the callbacks registered inside it (those registered before it stay).
     """
-    session.info.setdefault(_AFTER_COMMIT_KEY, []).append(callback)
+    pending = _PendingCallback(callback, session.get_nested_transaction())
+    session.info.setdefault(_AFTER_COMMIT_KEY, []).append(pending)
+
+
+def _enclosing_savepoint(savepoint: SessionTransaction) -> SessionTransaction | None:
+    parent = savepoint.parent
+    while parent is not None and not parent.nested:
+        parent = parent.parent
+    return parent
+
+
+def _registered_inside(pending: _PendingCallback, savepoint: SessionTransaction) -> bool:
+    transaction = pending.savepoint
+    while transaction is not None:
+        if transaction is savepoint:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 @event.listens_for(Session, "after_commit")
 def _run_after_commit_callbacks(session: Session) -> None:
-    for callback in session.info.pop(_AFTER_COMMIT_KEY, []):
+    released = session.get_nested_transaction()  # set while a savepoint is the one committing
+    if released is not None:
+        enclosing = _enclosing_savepoint(released)
+        for pending in session.info.get(_AFTER_COMMIT_KEY, []):
+            if pending.savepoint is released:
+                pending.savepoint = enclosing
+        return
+    for pending in session.info.pop(_AFTER_COMMIT_KEY, []):
         try:
-            callback()
+            pending.callback()
         except Exception:  # the commit stands; e.g. a lost publish is recovered by the job sweeper
             logger.exception("after-commit callback failed")
 
 
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit_callbacks(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT_KEY, None)
+    rolled_back = session.get_nested_transaction()
+    if rolled_back is None:
+        session.info.pop(_AFTER_COMMIT_KEY, None)
+        return
+    session.info[_AFTER_COMMIT_KEY] = [pending for pending in session.info.get(_AFTER_COMMIT_KEY, [])
+                                       if not _registered_inside(pending, rolled_back)]
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_callbacks_of_ended_transaction(session: Session, transaction: SessionTransaction) -> None:
+    """A session closed without commit or rollback (``close()``) must not run them on a later commit."""
+    if transaction.parent is None:
+        session.info.pop(_AFTER_COMMIT_KEY, None)
 
 
 def check_database(url: str | None = None) -> None:

@@ -1,15 +1,21 @@
 """Durable jobs: accepted work survives a worker crash and is applied once in effect.
 
-A job is a row (``platform_jobs``) written in the caller's transaction, keyed by an idempotency key;
-its Celery message is sent only after that commit. A worker *claims* the job with a lease and an
-attempt number (a fencing token), runs the handler in one transaction, and marks it succeeded in
-that same transaction only if it still holds the claim. So:
+A job is a row (``platform_jobs``) written in the caller's transaction, keyed by an idempotency key
+and owned by a tenant (``tenant_id``; None for platform work), who alone may read it. Its Celery
+message is sent only after the caller's OUTER transaction commits (a savepoint's release is not a
+commit; a rollback sends nothing). A worker *claims* the job with a lease and an attempt number (a
+fencing token), runs the handler in one transaction, and marks it succeeded in that same
+transaction only if it still holds the claim. So:
 
 - a resubmitted key returns the existing job (no second job);
 - a pool process killed mid-task is requeued by Celery (``task_reject_on_worker_lost``);
 - a whole worker killed mid-task leaves a running job whose lease lapses; the sweeper re-enqueues it;
 - a message lost between commit and publish leaves a pending job; the sweeper re-enqueues it;
-- a late duplicate finds the job succeeded (or its claim stolen) and changes nothing.
+- a late duplicate finds the job succeeded (or its claim stolen) and changes nothing;
+- a job that fails is a failed Celery task (:class:`JobFailed`, acked, not redelivered); its stored
+  ``error`` names the exception type and carries its message only for a :class:`PublicJobError`,
+  otherwise "internal error ... see the worker log for job <id>": exception text may hold customer
+  or card data, so it stays in the worker log (with the traceback), which is operators' data.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ from typing import Any, cast
 from celery import Task
 from celery.signals import worker_ready
 from sqlalchemy import Integer, String, Text, select, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.config import get_settings
 from shared.db import Base, after_commit, session_scope, utcnow
 from shared.errors import NotFound
-from shared.queue import DEFAULT_QUEUE, celery_app
+from shared.queue import DEFAULT_QUEUE, SWEEP_TASK, celery_app
 
 logger = logging.getLogger("tessera.jobs")
 
@@ -39,8 +46,24 @@ STALE_PENDING_AFTER_S = 30.0
 """A pending job older than this whose message may have been lost is re-enqueued."""
 
 
-class TransientJobError(Exception):
+class PublicJobError(Exception):
+    """A job failure whose message is written for the tenant: it is stored in the job's ``error``.
+
+    Domain code raises it (or a subclass) on purpose, with no customer or card data in the text.
+    Any other exception is stored as a generic "internal error ... see the worker log for job <id>";
+    its text and traceback go to the worker log only (operators' data).
+    """
+
+
+class TransientJobError(PublicJobError):
     """Raise from a job handler for a failure worth retrying (network, lock, busy peer)."""
+
+
+class JobFailed(Exception):
+    """Raised by a job task once its job is closed as failed, so Celery records a failed task.
+
+    Late acks still ack a task that raised (it is not delivered again); the job row holds the error.
+    """
 
 
 class Job(Base):
@@ -70,25 +93,36 @@ class Job(Base):
 JobHandler = Callable[[Session, Job], dict[str, Any] | None]
 
 
-def submit_job(session: Session, task: Task, *, key: str, payload: dict[str, Any],
+def submit_job(session: Session, task: Task, *, key: str, payload: dict[str, Any], tenant_id: str | None,
                max_attempts: int = 5) -> Job:
-    """Record a job in ``session`` (idempotent by ``key``) and enqueue it after commit.
+    """Record a job of ``tenant_id`` in ``session`` (idempotent by ``key``); enqueue it after commit.
 
-    Returns the existing job when ``key`` was submitted before; nothing new is enqueued then.
+    ``tenant_id`` is None only for platform work that no tenant may see. The message is published
+    once the session's outer transaction commits (see :func:`shared.db.after_commit`), never for a
+    row that is not committed. Returns the existing job when ``key`` was submitted before; nothing
+    new is enqueued then.
     """
     existing = session.scalar(select(Job).where(Job.idempotency_key == key))
     if existing is not None:
         return existing
-    job = Job(idempotency_key=key, task_name=task.name, queue=task_queue(task), payload=payload,
-              max_attempts=max_attempts)
-    try:
-        with session.begin_nested():
-            session.add(job)
-    except IntegrityError:  # a concurrent submit of the same key won the insert
-        return session.scalars(select(Job).where(Job.idempotency_key == key)).one()
-    task_name, queue, job_id = job.task_name, job.queue, job.id
-    after_commit(session, lambda: enqueue(task_name, queue, job_id))
+    # No savepoint: pysqlite's legacy transactions make RELEASE of a savepoint opened before the
+    # session's first write a COMMIT, which would keep the job of a transaction that rolls back.
+    insert = _dialect_insert(session).values(
+        idempotency_key=key, task_name=task.name, queue=task_queue(task), payload=payload,
+        tenant_id=tenant_id, max_attempts=max_attempts,
+    ).on_conflict_do_nothing(index_elements=[Job.idempotency_key]).returning(Job.id)
+    inserted_id = session.scalar(insert)  # None: a concurrent submit of the same key committed first
+    job = session.scalars(select(Job).where(Job.idempotency_key == key)).one()
+    if inserted_id is not None:
+        task_name, queue = job.task_name, job.queue
+        after_commit(session, lambda: enqueue(task_name, queue, inserted_id))
     return job
+
+
+def _dialect_insert(session: Session) -> Any:
+    """``INSERT INTO platform_jobs`` with ``ON CONFLICT`` support (PostgreSQL and SQLite)."""
+    dialect = {"postgresql": postgresql, "sqlite": sqlite_dialect}[session.get_bind().dialect.name]
+    return dialect.insert(Job)
 
 
 def task_queue(task: Task) -> str:
@@ -101,12 +135,19 @@ def enqueue(task_name: str, queue: str, job_id: str, countdown: float | None = N
     celery_app.send_task(task_name, args=[job_id], queue=queue, countdown=countdown)
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    """The job ``job_id``, or :class:`NotFound`."""
+def get_job(session: Session, job_id: str, *, tenant_id: str | None) -> Job:
+    """The job ``job_id`` of ``tenant_id``, or :class:`NotFound` (also for another tenant's job)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} does not exist")
     return job
+
+
+def public_error(job_id: str, exc: BaseException) -> str:
+    """What a failed job's ``error`` says: the message of a :class:`PublicJobError` only."""
+    if isinstance(exc, PublicJobError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"internal error ({type(exc).__name__}); see the worker log for job {job_id}"
 
 
 def report_progress(job_id: str, fraction: float) -> None:
@@ -180,43 +221,49 @@ def execute_job(task: Task, job_id: str, handler: JobHandler) -> dict[str, Any] 
         _retry_or_fail(task, job_id, attempt, exc)
         return None
     except Exception as exc:
+        # The traceback (with whatever data the exception carries) goes to the worker log only.
         logger.exception("job %s failed permanently", job_id)
         _close_failed(job_id, attempt, exc)
-        return None
+        raise JobFailed(f"job {job_id} failed: {type(exc).__name__}") from None
 
 
 class _ClaimLost(Exception):
     pass
 
 
-def _retry_or_fail(task: Task, job_id: str, attempt: int, exc: Exception) -> None:
+def _retry_or_fail(task: Task, job_id: str, attempt: int, exc: TransientJobError) -> None:
+    """Retry with backoff, or close the job as failed (raising :class:`JobFailed`) after its last attempt."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None:
             return None
-        if attempt >= job.max_attempts:
-            _finish(session, job_id, attempt, status=FAILED, error=f"{type(exc).__name__}: {exc}")
-            return None
-        session.execute(update(Job).where(Job.id == job_id, Job.attempts == attempt)
-                        .values(status=PENDING, lease_until=None, error=str(exc)))
-    backoff_s = min(300.0, 2.0 ** attempt)
-    raise task.retry(countdown=backoff_s, max_retries=None, exc=exc)
+        retrying = attempt < job.max_attempts
+        if retrying:
+            session.execute(update(Job).where(Job.id == job_id, Job.attempts == attempt)
+                            .values(status=PENDING, lease_until=None, error=public_error(job_id, exc)))
+    if retrying:
+        raise task.retry(countdown=min(300.0, 2.0 ** attempt), max_retries=None, exc=exc)
+    logger.error("job %s failed after %s attempts: %s", job_id, attempt, exc)
+    _close_failed(job_id, attempt, exc)
+    raise JobFailed(f"job {job_id} failed after {attempt} attempts: {type(exc).__name__}")
 
 
 def _close_failed(job_id: str, attempt: int, exc: Exception) -> None:
     with session_scope() as session:
-        _finish(session, job_id, attempt, status=FAILED, error=f"{type(exc).__name__}: {exc}")
+        _finish(session, job_id, attempt, status=FAILED, error=public_error(job_id, exc))
 
 
 def job_task(*, name: str, queue: str) -> Callable[[JobHandler], Task]:
     """Turn ``handler(session, job) -> result`` into a Celery task run through :func:`execute_job`.
 
     The handler's writes and the job's success commit together, so its effect happens once.
-    Raise :class:`TransientJobError` to retry with exponential backoff.
+    Raise :class:`TransientJobError` to retry with exponential backoff, :class:`PublicJobError` to
+    fail with a message the tenant may read. A failed job is a failed task (:class:`JobFailed`,
+    logged by Celery as "raised expected" next to the job's own error line with the traceback).
     """
 
     def decorate(handler: JobHandler) -> Task:
-        @celery_app.task(name=name, bind=True, acks_late=True, ignore_result=True)
+        @celery_app.task(name=name, bind=True, acks_late=True, ignore_result=True, throws=(JobFailed,))
         def run(self: Task, job_id: str) -> dict[str, Any] | None:
             return execute_job(self, job_id, handler)
 
@@ -238,11 +285,13 @@ def find_stalled_jobs(session: Session, now: datetime | None = None) -> list[Job
     ))
 
 
-@celery_app.task(name="shared.jobs.sweep_stalled_jobs", ignore_result=True)
+@celery_app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep_stalled_jobs() -> int:
     """Re-enqueue stalled jobs (scheduled by beat; also run when a worker starts)."""
     with session_scope() as session:
         stalled = [(job.task_name, job.queue, job.id) for job in find_stalled_jobs(session)]
+        if not stalled:
+            logger.debug("job sweep: nothing stalled")
         for _task_name, _queue, job_id in stalled:
             # Touch pending ones so they are not re-sent on every sweep while the queue is busy.
             session.execute(update(Job).where(Job.id == job_id, Job.status == PENDING)

@@ -11,6 +11,7 @@ row with a lease, re-enqueued by the sweeper when the lease lapses, and applied 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,7 @@ from kombu.transport import sqlalchemy as kombu_sqla
 from shared.config import VERTICALS, Settings, get_settings
 
 DEFAULT_QUEUE = "default"
+SWEEP_TASK = "shared.jobs.sweep_stalled_jobs"
 QUEUES: tuple[str, ...] = (DEFAULT_QUEUE, *VERTICALS)
 TASK_MODULES: tuple[str, ...] = (
     "shared.jobs",
@@ -59,7 +61,7 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "sweep-stalled-jobs": {
-                "task": "shared.jobs.sweep_stalled_jobs",
+                "task": SWEEP_TASK,
                 "schedule": settings.job_sweep_interval_s,
                 "options": {"queue": DEFAULT_QUEUE, "expires": settings.job_sweep_interval_s},
             }
@@ -79,6 +81,23 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
 
 celery_app = create_celery_app()
 """The process-wide Celery app used by every ``tasks.py``."""
+
+
+class _SweepsAtDebug(logging.Filter):
+    """Celery's per-run INFO lines about the job sweeper (beat sending it, the worker receiving and
+    finishing it, every few seconds) become DEBUG: an idle system is quiet at INFO. A sweep that
+    recovers jobs says so itself, at WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO or SWEEP_TASK not in record.getMessage():
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+for _celery_logger in ("celery.beat", "celery.worker.strategy", "celery.app.trace",
+                       "celery.worker.request"):  # the last: sweeps expired in a busy queue
+    logging.getLogger(_celery_logger).addFilter(_SweepsAtDebug())
 
 
 def reconfigure_celery_app(settings: Settings) -> None:

@@ -242,9 +242,9 @@ jobs = APIRouter(prefix="/v1", tags=["jobs"], responses=KEYED)
 
 
 @jobs.get("/jobs/{job_id}", responses=problem_responses(404, 422, notes={404: "No job with this id for this tenant."}))
-def get_job_route(job_id: str, _principal: FraudPrincipal, session: SessionDep) -> dict[str, object]:
-    """Status, progress and result of a fraud job (retraining, back-test, callback)."""
-    job = get_job(session, job_id)
+def get_job_route(job_id: str, principal: FraudPrincipal, session: SessionDep) -> dict[str, object]:
+    """Status, progress and result of one of the tenant's fraud jobs (retraining, back-test, callback)."""
+    job = get_job(session, job_id, tenant_id=principal.tenant_id)
     return {"id": job.id, "task": job.task_name, "status": job.status, "progress": job.progress,
             "attempts": job.attempts, "result": job.result, "error": job.error}
 
@@ -265,7 +265,8 @@ def list_models(_principal: FraudPrincipal, session: SessionDep) -> list[dict[st
 def post_retrain(request: RetrainIn, principal: FraudPrincipal, session: SessionDep) -> dict[str, str]:
     """Start a retraining job (candidate vs live on the latest held-out days)."""
     job = submit_job(session, retrain_model, key=f"fraud-retrain:{uuid.uuid4().hex}",
-                     payload={**request.model_dump(), "tenant_id": principal.tenant_id}, max_attempts=2)
+                     payload={**request.model_dump(), "tenant_id": principal.tenant_id},
+                     tenant_id=principal.tenant_id, max_attempts=2)
     session.commit()
     return {"job_id": job.id}
 
@@ -283,7 +284,8 @@ async def post_backtest(file: UploadFile, principal: FraudPrincipal, session: Se
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     job = submit_job(session, backtest_csv, key=f"fraud-backtest:{principal.tenant_id}:{digest}",
-                     payload={"tenant_id": principal.tenant_id, "path": str(path.resolve())}, max_attempts=2)
+                     payload={"tenant_id": principal.tenant_id, "path": str(path.resolve())},
+                     tenant_id=principal.tenant_id, max_attempts=2)
     session.commit()
     return {"job_id": job.id}
 

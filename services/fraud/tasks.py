@@ -71,7 +71,7 @@ def enqueue_callback(session: Session, tenant_id: str, decision: DecisionOut) ->
     if url:
         submit_job(session, deliver_callback, key=f"fraud-callback:{tenant_id}:{decision.transaction_id}",
                    payload={"tenant_id": tenant_id, "transaction_id": decision.transaction_id, "url": url},
-                   max_attempts=CALLBACK_MAX_ATTEMPTS)
+                   tenant_id=tenant_id, max_attempts=CALLBACK_MAX_ATTEMPTS)
 
 
 @job_task(name="fraud.retrain", queue="fraud")

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.jobs import Job, TransientJobError, job_task
+from shared.jobs import Job, PublicJobError, TransientJobError, job_task
 
 EFFECTS_DDL = "CREATE TABLE IF NOT EXISTS test_job_effects (job_key VARCHAR(200), worker_pid INTEGER)"
 
@@ -31,3 +31,15 @@ def record_effect(session: Session, job: Job) -> dict[str, Any]:
     session.execute(text("INSERT INTO test_job_effects (job_key, worker_pid) VALUES (:key, :pid)"),
                     {"key": job.idempotency_key, "pid": os.getpid()})
     return {"pid": os.getpid(), "attempt": job.attempts}
+
+
+@job_task(name="tests.fail_with_private_text", queue="default")
+def fail_with_private_text(session: Session, job: Job) -> dict[str, Any]:
+    """Fail the way a domain bug does: an exception whose text carries customer data."""
+    return {"customer": int(job.payload["customer_id"])}  # ValueError: invalid literal ... 'c-42'
+
+
+@job_task(name="tests.fail_with_public_text", queue="default")
+def fail_with_public_text(session: Session, job: Job) -> dict[str, Any]:
+    """Fail on purpose with a message written for the tenant."""
+    raise PublicJobError(f"needs at least {job.payload['needed']} labels")
