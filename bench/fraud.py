@@ -592,7 +592,7 @@ class Database:
 
 
 def make_database(kind: str, args: argparse.Namespace, workdir: Path) -> Database:
-    env = {"TESSERA_DATA_DIR": str(workdir / kind), "TESSERA_LOG_LEVEL": "WARNING"}
+    env = {"TESSERA_DATA_DIR": str(workdir / kind), "TESSERA_LOG_LEVEL": "WARNING", "TESSERA_ACCESS_LOG": "false"}
     (workdir / kind).mkdir(parents=True, exist_ok=True)
     variants = set(kind.split("-")[1:])
     suffix = " (runtime unbatched)" if "unbatched" in variants else ""

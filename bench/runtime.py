@@ -284,7 +284,7 @@ def server_process(mode: str) -> Any:
     """Start one server subprocess and yield its base URL once it answers /healthz."""
     port = free_port()
     process = subprocess.Popen([sys.executable, __file__, "serve", "--mode", mode, "--port", str(port)],
-                               env={**os.environ, "TESSERA_LOG_JSON": "false"})
+                               env={**os.environ, "TESSERA_LOG_JSON": "false", "TESSERA_ACCESS_LOG": "false"})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

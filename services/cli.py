@@ -8,6 +8,8 @@ a vertical declares, and stops them all cleanly on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib
 import json
 import os
@@ -16,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -88,29 +90,69 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.no_worker:
         commands.append(("worker", worker_command(QUEUES, args.concurrency, beat=True)))
     commands.extend(LISTENERS)
+    stop = _StopRequest.on(STOP_SIGNALS)  # before the first child: no signal may leave one behind
     for name, argv in commands:
-        print(f"tessera up: starting {name}: {' '.join(argv[1:])}", flush=True)
-        processes.append((name, subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True)))
-    return _supervise(processes)
+        _say(f"starting {name}: {' '.join(argv[1:])}")
+        processes.append((name, subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True,
+                                                 preexec_fn=_ended_with_parent(os.getpid()))))
+    return _supervise(processes, stop)
 
 
-def _supervise(processes: list[tuple[str, subprocess.Popen[bytes]]]) -> int:
-    stopping = False
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+"""Each ends `tessera up` and, first, every process it started (SIGHUP: the terminal was closed)."""
+PR_SET_PDEATHSIG = 1
 
-    def _request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
 
-    signal.signal(signal.SIGINT, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
+class _StopRequest:
+    """Set by the first stop signal; the supervisor loop looks at it."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @classmethod
+    def on(cls, signals: Sequence[signal.Signals]) -> _StopRequest:
+        request = cls()
+        for signum in signals:
+            signal.signal(signum, request._record)
+        return request
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def _ended_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes Linux send the child SIGTERM when `tessera up` dies, however it
+    dies (SIGKILL, a crash): no server outlives its supervisor. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+
+    def arrange() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
+def _say(message: str) -> None:
+    """A status line; after SIGHUP the terminal may be gone, which must not stop the shutdown."""
+    with contextlib.suppress(OSError):
+        print(f"tessera up: {message}", flush=True)
+
+
+def _supervise(processes: list[tuple[str, subprocess.Popen[bytes]]], stop: _StopRequest) -> int:
     exit_code = 0
-    while not stopping:
+    while stop.signal_name is None and exit_code == 0:
         for name, process in processes:
             if process.poll() is not None:
-                print(f"tessera up: {name} exited with {process.returncode}; stopping the rest", flush=True)
+                _say(f"{name} exited with {process.returncode}; stopping the rest")
                 exit_code = process.returncode or 1
-                stopping = True
-        time.sleep(0.2)
+                break
+        else:
+            time.sleep(0.2)
+    if stop.signal_name is not None:
+        _say(f"{stop.signal_name} received; stopping")
     _stop_all(processes)
     return exit_code
 
@@ -124,10 +166,11 @@ def _stop_all(processes: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"tessera up: {name} did not stop in {STOP_GRACE_S:.0f}s; killing it", flush=True)
-            os.killpg(process.pid, signal.SIGKILL)
+            _say(f"{name} did not stop in {STOP_GRACE_S:.0f}s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    print("tessera up: all stopped", flush=True)
+    _say("all stopped")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request, params
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp
 
 from shared.config import get_settings
 from shared.db import check_database
-from shared.errors import Problem, install_problem_handlers, problem_responses
+from shared.errors import Problem, install_problem_handlers, problem_responses, require_json_body
 from shared.hot_routes import HotRoute, HotRouter
 from shared.observability import Readiness, RequestContextMiddleware, health_router
 from shared.security import SIGNATURE_HEADER
@@ -44,6 +44,19 @@ async def broker_ready() -> None:
     await asyncio.to_thread(_connect)
 
 
+async def json_request_bodies(request: Request) -> None:
+    """App-wide dependency: a request body must be JSON (415 otherwise), except on form routes.
+
+    Form routes (``UploadFile``/``Form`` parameters, e.g. ``POST /fraud/v1/backtests``) keep their
+    multipart type; hot routes make the same check themselves (:mod:`shared.hot_routes`).
+    """
+    route = request.scope.get("route")
+    body_field = getattr(route, "body_field", None)
+    if body_field is not None and isinstance(body_field.field_info, params.Form):
+        return
+    require_json_body(request.headers)
+
+
 class ServiceApp(FastAPI):
     """A FastAPI app whose request context (request id, metrics) wraps everything, hot routes included.
 
@@ -63,7 +76,6 @@ class ServiceApp(FastAPI):
         if self.openapi_schema is None:
             finish_openapi(super().openapi(), self.documented_models)
         return self.openapi_schema  # type: ignore[return-value]
-
 
     def build_middleware_stack(self) -> ASGIApp:
         """FastAPI's stack behind the hot routes, all inside the request context."""
@@ -130,7 +142,8 @@ def create_service_app(name: str, *, title: str, routers: Sequence[APIRouter] = 
     if check_broker:
         readiness.add("broker", broker_ready)
     app = ServiceApp(service_name=name, hot_routes=hot_routes, documented_models=documented_models, title=title,
-                     version=version, lifespan=_with_gc_tuning(lifespan))
+                     version=version, lifespan=_with_gc_tuning(lifespan),
+                     dependencies=[Depends(json_request_bodies)])
     app.state.readiness = readiness
     app.state.service_name = name
     install_problem_handlers(app)

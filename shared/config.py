@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     hot_routes: bool = Field(default=True, description="serve hot endpoints (the fraud webhook) as plain ASGI")
     log_level: str = "INFO"
     log_json: bool = True
+    access_log: bool = Field(default=True, description="one log line per HTTP request (method, path, status, "
+                             "duration, request id, tenant); off in benchmarks")
 
     secret_key: str = Field(default=PLACEHOLDER_SECRET, description="pepper for hashing API keys")
     require_api_keys: bool = Field(default=True, description="refuse requests without a valid key")

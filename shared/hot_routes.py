@@ -20,7 +20,7 @@ import orjson
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, ProblemError, failure_document
+from shared.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, ProblemError, failure_document, require_json_body
 from shared.security import Principal, authorize, presented_api_key
 
 logger = logging.getLogger("tessera.hot_routes")
@@ -44,7 +44,8 @@ HotHandler = Callable[[HotRequest], Awaitable[BaseModel]]
 class HotRoute:
     """``method path`` (relative to the app's mount point) answered by ``handler`` with a JSON model.
 
-    The caller needs an API key with ``scope``; a body over ``max_body_bytes`` gets 413.
+    The caller needs an API key with ``scope``; a body over ``max_body_bytes`` gets 413, one declared
+    as anything but JSON 415 (:func:`shared.errors.require_json_body`).
     """
 
     method: str
@@ -68,7 +69,9 @@ class HotRouter:
             return
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         try:
+            require_json_body(headers)
             principal = await authorize(presented_api_key(headers), route.scope)
+            scope.setdefault("state", {})["principal"] = principal  # for the access log, as FastAPI routes do
             body = await read_body(receive, route.max_body_bytes)
             answer = await route.handler(HotRequest(principal, headers, body))
             status, content, extra = 200, answer.__pydantic_serializer__.to_json(answer), {}

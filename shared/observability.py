@@ -25,6 +25,7 @@ from shared.config import get_settings
 from shared.errors import problem_body, problem_response, problem_responses
 
 REQUEST_ID_HEADER = "x-request-id"
+access_logger = logging.getLogger("tessera.access")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 HTTP_REQUESTS = Counter("tessera_http_requests_total", "HTTP requests", ["app", "method", "status"])
@@ -71,11 +72,16 @@ def configure_logging(level: str | None = None, json_logs: bool | None = None) -
 
 
 class RequestContextMiddleware:
-    """Assign/propagate ``X-Request-ID`` and record request count and latency per app."""
+    """Assign/propagate ``X-Request-ID``, record request count and latency per app, write the access log.
 
-    def __init__(self, app: ASGIApp, app_name: str) -> None:
+    The outermost instance (the gateway's, or a vertical app's when it runs alone) writes one
+    access line per request, unless ``TESSERA_ACCESS_LOG=false``.
+    """
+
+    def __init__(self, app: ASGIApp, app_name: str, access_log: bool | None = None) -> None:
         self.app = app
         self.app_name = app_name
+        self.access_log = get_settings().access_log if access_log is None else access_log
         self._latency = HTTP_LATENCY.labels(app_name)
         self._counters: dict[tuple[str, int], Any] = {}  # label lookups cost more than the increment
 
@@ -94,22 +100,44 @@ class RequestContextMiddleware:
         request_id = outer_request_id or _incoming_request_id(scope) or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         state["request_id"] = request_id
+        path = scope["path"]  # as the client sent it, before a mounted app's routing touches the scope
         started = time.perf_counter()
         status_holder = [500]
+        answered = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal answered
             if message["type"] == "http.response.start":
                 status_holder[0] = message["status"]
                 if outer_request_id is None:
                     message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not answered:
+                raise
+            # Starlette re-raises an error after its 500 handler answered (and logged) it; raising
+            # it further would make uvicorn log it a second time and drop the keep-alive connection.
         finally:
-            self._latency.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._latency.observe(elapsed)
             self._count(scope["method"], status_holder[0])
+            if self.access_log and outer_request_id is None and access_logger.isEnabledFor(logging.INFO):
+                log_access(scope["method"], path, status_holder[0], elapsed, state.get("principal"))
             request_id_var.reset(token)
+
+
+def log_access(method: str, path: str, status: int, elapsed_s: float, principal: Any) -> None:
+    """One access-log line: never the query string, headers or body (keys, secrets, card data)."""
+    duration_ms = round(elapsed_s * 1000, 2)
+    fields: dict[str, Any] = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
+    if principal is not None:  # set once the API key was checked (shared.security, shared.hot_routes)
+        fields["tenant"] = principal.tenant_id
+    access_logger.info("%s %s %d %.2f ms", method, path, status, duration_ms, extra=fields)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, UploadFile
 from sqlalchemy import select
@@ -45,7 +45,7 @@ from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
 from shared.app import create_service_app, raw_json_body
 from shared.config import get_settings
 from shared.db import SessionDep
-from shared.errors import NotReady, PayloadTooLarge, ProblemError, parse_json, problem_responses
+from shared.errors import NotReady, PayloadTooLarge, ProblemError, parse_json, parse_object, problem_responses
 from shared.hot_routes import HotRequest, HotRoute
 from shared.jobs import get_job, submit_job
 from shared.kv import async_redis, close_async_redis, redis_configured, warm_async_redis
@@ -123,17 +123,32 @@ async def post_transaction(principal: FraudPrincipal, signed: SignedBody) -> Dec
                    responses=problem_responses(413, 415, 422, notes={
                        422: "The body as a whole (an item's own problems are in its result)."}))
 async def post_transaction_batch(principal: FraudPrincipal, signed: SignedBody) -> BatchOut:
-    """Score several transactions in order; one failing item does not fail the others."""
+    """Score several transactions in order; each item gets its own result or error.
+
+    Items are validated one by one: an invalid item gets a 422 problem with its ``index`` (and its
+    ``transaction_id`` when the id itself is valid), a resent id with a different body a 409, and
+    the other items are scored. Only a body that is not an object with a ``transactions`` list of
+    1 to 1000 objects fails as a whole (422), as does a bad signature (401) or size (413).
+    """
     body, policy = signed
     batch = parse_json(BatchIn, body)
-    results = []
-    for tx in batch.transactions:
-        try:
-            decision = await score_transaction(principal.tenant_id, tx, policy, on_flagged=enqueue_callback)
-            results.append(BatchItemOut(transaction_id=tx.id, result=decision))
-        except ProblemError as exc:
-            results.append(BatchItemOut(transaction_id=tx.id, error=exc.to_problem()))
-    return BatchOut(results=results)
+    return BatchOut(results=[await _batch_item(principal.tenant_id, index, item, policy)
+                             for index, item in enumerate(batch.transactions)])
+
+
+async def _batch_item(tenant_id: str, index: int, item: dict[str, Any], policy: TenantPolicy) -> BatchItemOut:
+    """One batch item scored, or the problem that stopped it (with its index and id)."""
+    raw_id = item.get("id")
+    transaction_id = raw_id if isinstance(raw_id, str) else None
+    try:
+        tx = parse_object(TransactionIn, item)
+        decision = await score_transaction(tenant_id, tx, policy, on_flagged=enqueue_callback)
+        return BatchItemOut(index=index, transaction_id=tx.id, result=decision)
+    except ProblemError as exc:
+        if any(error["loc"][:1] == ["id"] for error in exc.extensions.get("errors", ())):
+            transaction_id = None  # not a valid id: nothing to name the item by but its index
+        return BatchItemOut(index=index, transaction_id=transaction_id,
+                            error={**exc.to_problem(), "index": index, "transaction_id": transaction_id})
 
 
 @transactions.get("/transactions/{transaction_id}", response_model=DecisionOut,

@@ -61,7 +61,7 @@ RECORD_ERRORS = (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError, psycop
 
 _COPY_COLUMNS = ("tenant_id", "transaction_id", "customer_id", "terminal_id", "tx_time_s", "amount", "currency",
                  "channel", "score", "decision", "reasons", "features", "model_version", "rules_version",
-                 "received_at")
+                 "received_at", "request_digest")
 _STAGING = "fraud_transactions_staging"
 
 
@@ -117,6 +117,7 @@ def _insert_ignoring_duplicates(session: Session, records: list[dict[str, Any]])
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     row = {key: value for key, value in record.items() if key != "received_at_s"}
     row["received_at"] = datetime.fromtimestamp(record["received_at_s"], UTC)
+    row.setdefault("request_digest", None)  # a record queued by a version that kept no digest
     return row
 
 

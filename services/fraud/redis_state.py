@@ -18,10 +18,11 @@ after step 1 leaves only a short pending lease; a resend then takes over and, be
 are transaction ids, is not counted twice.
 
 Key layout (``{tenant}`` is a hash tag, so one tenant's keys share a slot): ``answer:<tx>`` (the
-answer, kept ``ANSWER_TTL_S``), ``cust:<customer>`` (sorted set by event time of
-``<tx>|<amount>|<terminal>``), ``term:<terminal>`` and ``termfraud:<terminal>`` (sorted sets of
-transaction ids, all and labelled fraud). The scripts touch a global stream too, so they need a
-single Redis primary (Sentinel for failover), not Redis Cluster.
+request's digest and the answer, :func:`split_answer`, kept ``ANSWER_TTL_S``), ``cust:<customer>``
+(sorted set by event time of ``<tx>|<amount>|<terminal>``), ``term:<terminal>`` and
+``termfraud:<terminal>`` (sorted sets of transaction ids, all and labelled fraud). The scripts
+touch a global stream too, so they need a single Redis primary (Sentinel for failover), not Redis
+Cluster.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ if answer then
 end
 local t = tonumber(ARGV[1])
 local member, tx_id = ARGV[2], ARGV[3]
-if redis.call('ZSCORE', KEYS[2], member) and ARGV[6] ~= '1' then return {'seen'} end
+if ARGV[6] ~= '1' and (redis.call('ZSCORE', KEYS[2], member) or redis.call('ZSCORE', KEYS[3], tx_id)) then
+  return {'seen'}  -- the same id in the card's or the terminal's window: a resend, whatever else changed
+end
 redis.call('SET', KEYS[1], 'P', 'PX', ARGV[4])
 local function fmt(x) return string.format('%.17g', x) end
 local history_length = tonumber(ARGV[7])
@@ -168,6 +171,20 @@ def window_member(transaction_id: str, amount: float, terminal_id: str) -> str:
     return f"{transaction_id}|{amount!r}|{terminal_id}"
 
 
+DIGEST_LENGTH = 64
+
+
+def split_answer(value: bytes) -> tuple[str | None, bytes]:
+    """(request digest, answer JSON) of an answer key's value.
+
+    The value is the sha256 hex digest of the scored request followed by the answer's JSON, so a
+    resend can be checked against it; answers stored before digests existed are the JSON alone.
+    """
+    if value.startswith(b"{"):
+        return None, value
+    return value[:DIGEST_LENGTH].decode(), value[DIGEST_LENGTH:]
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What :data:`RESERVE_LUA` said: ``new`` (with aggregates), ``done`` (with the stored answer),
@@ -229,13 +246,16 @@ class RedisWindowState:
             return Reservation(status, aggregates=_aggregates(reply, amount, tx_time_s))
         return Reservation(status, answer=reply[1] if status == "done" else None)
 
-    async def commit(self, tenant_id: str, transaction_id: str, answer: bytes, record: dict[str, Any]) -> bytes | None:
-        """Store the answer and queue the record for the database; a duplicate's earlier answer wins.
+    async def commit(self, tenant_id: str, transaction_id: str, answer: bytes, record: dict[str, Any],
+                     digest: str | None = None) -> bytes | None:
+        """Store the answer (after the request's ``digest``, see :func:`split_answer`) and queue the
+        record for the database; a duplicate's earlier answer wins.
 
-        Returns None when this answer was stored, else the answer that was already there.
+        Returns None when this answer was stored, else the value that was already there.
         """
+        value = answer if digest is None else digest.encode() + answer
         return await self._scripts.run(self._commit, [answer_key(tenant_id, transaction_id), DECISION_STREAM],
-                                       [answer, orjson.dumps(record), ANSWER_TTL_S])
+                                       [value, orjson.dumps(record), ANSWER_TTL_S])
 
     async def release(self, tenant_id: str, transaction_id: str) -> None:
         """Drop a pending lease whose scoring failed (overload, deadline): a retry need not wait it out.

@@ -6,12 +6,18 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from services.fraud.features import FEATURE_NAMES
 
 MAX_FUTURE_SKEW = timedelta(days=1)
 """Event times further ahead than this are refused (a wrong clock would age every window out)."""
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+"""Event times before this are refused: no card network replays them, and training reads event
+times as pandas timestamps (a year-1500 row made every retrain of its tenant fail)."""
+TIMESTAMP_WINDOW = f"from {EARLIEST_TIMESTAMP:%Y-%m-%dT%H:%M:%SZ} to {MAX_FUTURE_SKEW.days} day after the server clock"
+"""The event times a transaction may have (older ones inside it are scored against the windows of
+their own time: back-tests, catch-up after an outage)."""
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
@@ -39,7 +45,9 @@ class TransactionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     id: Identifier = Field(description="the processor's transaction id; the idempotency key")
-    timestamp: datetime = Field(description="event time, ISO 8601 with offset (UTC assumed if none)")
+    timestamp: datetime = Field(description="event time, ISO 8601 with offset (UTC assumed if none), accepted "
+                                f"{TIMESTAMP_WINDOW}; an older event is scored against the windows of its "
+                                "own time (back-tests, catch-up after an outage)")
     customer_id: Identifier = Field(description="card or customer id")
     terminal_id: Identifier = Field(description="terminal or merchant id")
     amount: float = Field(gt=0, lt=1e9, description="amount in currency units (a JSON number or numeric string)")
@@ -47,6 +55,12 @@ class TransactionIn(BaseModel):
     channel: Channel = Channel.card_present
     merchant_category: str | None = Field(default=None, pattern=r"^\d{4}$", description="ISO 18245 MCC")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("metadata")
+    @classmethod
+    def _sorted_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        # key order is not meaning: a resend with reordered metadata has the same request digest
+        return dict(sorted(value.items())) if len(value) > 1 else value
 
     @field_validator("amount", mode="before")
     @classmethod
@@ -59,9 +73,14 @@ class TransactionIn(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: its UTC time is before year 1
+            raise ValueError(f"timestamp is outside the datetime range (accepted {TIMESTAMP_WINDOW})") from None
+        if value < EARLIEST_TIMESTAMP:
+            raise ValueError(f"timestamp is too old (accepted {TIMESTAMP_WINDOW})")
         if value > datetime.now(UTC) + MAX_FUTURE_SKEW:
-            raise ValueError(f"timestamp is more than {MAX_FUTURE_SKEW} in the future")
+            raise ValueError(f"timestamp is more than {MAX_FUTURE_SKEW} in the future (accepted {TIMESTAMP_WINDOW})")
         return value
 
 
@@ -86,20 +105,38 @@ class DecisionOut(BaseModel):
     replayed: bool = Field(default=False, description="true when this is a resend's stored answer")
 
 
+MAX_BATCH_ITEMS = 1000
+
+
 class BatchIn(BaseModel):
-    """Several transactions scored in order (back-testing, catch-up after an outage)."""
+    """Several transactions scored in order (back-testing, catch-up after an outage).
+
+    Each item is validated on its own: an invalid item gets its own error in the answer and the
+    others are scored. Only a body that is not an object with a ``transactions`` list of objects
+    (1 to ``MAX_BATCH_ITEMS``) fails as a whole.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    transactions: list[TransactionIn] = Field(min_length=1, max_length=1000)
+    transactions: list[dict[str, Any]] = Field(
+        min_length=1, max_length=MAX_BATCH_ITEMS,
+        description="transactions, each with the fields of TransactionIn (the body of POST /v1/transactions), "
+                    "validated one by one")
 
 
 class BatchItemOut(BaseModel):
-    transaction_id: str
+    """One item's outcome: its decision, or the problem document of its failure."""
+
+    index: int = Field(description="position of the item in the request's transactions list")
+    transaction_id: str | None = Field(description="the item's id; null when the item has no valid id")
     result: DecisionOut | None = None
-    error: dict[str, Any] | None = None
+    error: dict[str, Any] | None = Field(
+        default=None, description="an RFC 9457 problem (422 invalid item with its `errors`, 409 id reused "
+                                  "with a different body, 503 ...) with the item's `index` and `transaction_id`")
 
 
 class BatchOut(BaseModel):
+    """Every item's outcome, in request order."""
+
     results: list[BatchItemOut]
 
 
@@ -152,7 +189,8 @@ class Condition(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_document_condition)
     field: str = Field(min_length=1, max_length=64)
     op: Operator
-    value: float | str | list[float | str]
+    value: StrictFloat | str | list[StrictFloat | str] = Field(
+        description="a number (never a boolean) or text, or a list of them for in/not_in")
 
 
 EXAMPLE_RULE: dict[str, Any] = {
@@ -171,7 +209,7 @@ class RuleIn(BaseModel):
     description: str = Field(min_length=1, max_length=300)
     when: list[Condition] = Field(min_length=1, max_length=10)
     action: Decision
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class RuleSetOut(BaseModel):
@@ -187,7 +225,7 @@ class LabelIn(BaseModel):
     """An analyst's verdict or a chargeback for a scored transaction."""
 
     model_config = ConfigDict(extra="forbid")
-    is_fraud: bool
+    is_fraud: StrictBool
     source: Literal["analyst", "chargeback"] = "analyst"
     analyst: str | None = Field(default=None, max_length=100)
     note: str | None = Field(default=None, max_length=2000)
@@ -209,8 +247,8 @@ class TenantSettingsIn(BaseModel):
     """Per-tenant decision thresholds on the calibrated score, and the callback URL."""
 
     model_config = ConfigDict(extra="forbid")
-    review_threshold: float = Field(default=0.2, ge=0, le=1)
-    decline_threshold: float = Field(default=0.8, ge=0, le=1)
+    review_threshold: StrictFloat = Field(default=0.2, ge=0, le=1)
+    decline_threshold: StrictFloat = Field(default=0.8, ge=0, le=1)
     callback_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://")
 
 
@@ -218,6 +256,6 @@ class RetrainIn(BaseModel):
     """Options of a retraining run."""
 
     model_config = ConfigDict(extra="forbid")
-    holdout_days: int = Field(default=7, ge=1, le=60)
+    holdout_days: StrictInt = Field(default=7, ge=1, le=60)
     min_improvement: float = Field(default=0.0, ge=-1, le=1,
                                    description="AP margin the candidate must beat the live model by")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import weakref
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from model_runtime.runtime import get_runtime
 from services.fraud.db import Case, Transaction
 from services.fraud.features import FEATURE_NAMES, WindowAggregates
-from services.fraud.redis_state import RedisWindowState, wait_while_busy
+from services.fraud.redis_state import RedisWindowState, split_answer, wait_while_busy
 from services.fraud.rules import ActiveRules, RuleHit, evaluate_rules, load_active_rules
 from services.fraud.schemas import (
     DECISION_SEVERITY,
@@ -116,10 +117,37 @@ def stored_decision(row: Transaction) -> DecisionOut:
                        model_version=row.model_version, rules_version=row.rules_version, replayed=True)
 
 
-def _stored_in_database(tenant_id: str, transaction_id: str) -> DecisionOut | None:
+def request_digest(tx: TransactionIn) -> str:
+    """sha256 of the validated transaction's canonical JSON: what a resend of its id must match.
+
+    Bodies that differ only in form (key order, spacing, ``+01:00`` for the same instant in ``Z``,
+    ``42.50`` for ``42.5``) have the same digest.
+    """
+    return hashlib.sha256(tx.model_dump_json().encode()).hexdigest()
+
+
+class TransactionIdReused(Conflict):
+    """A transaction id already scored for a different transaction (Stripe's idempotency-key rule)."""
+
+    type_slug = "transaction-id-reused"
+
+
+def check_same_request(transaction_id: str, stored_digest: str | None, digest: str) -> None:
+    """409 unless the request stored under ``transaction_id`` had ``digest`` (a stored decision
+    without a digest, from before digests were kept, replays as before)."""
+    if stored_digest is not None and stored_digest != digest:
+        raise TransactionIdReused(
+            f"transaction id '{transaction_id}' was already used for a different transaction: a resend must "
+            "repeat the original body; a new transaction needs a new id", transaction_id=transaction_id)
+
+
+def _stored_in_database(tenant_id: str, transaction_id: str, digest: str) -> DecisionOut | None:
     with session_factory()() as session:
         existing = session.get(Transaction, (tenant_id, transaction_id))
-        return None if existing is None else stored_decision(existing)
+        if existing is None:
+            return None
+        check_same_request(transaction_id, existing.request_digest, digest)
+        return stored_decision(existing)
 
 
 def _scoring_item(tx: TransactionIn, aggregates: WindowAggregates, policy: TenantPolicy) -> ScoringItem:
@@ -128,11 +156,12 @@ def _scoring_item(tx: TransactionIn, aggregates: WindowAggregates, policy: Tenan
                        explain_from=policy.settings.review_threshold)
 
 
-def _read_state(tenant_id: str, tx: TransactionIn) -> DecisionOut | WindowAggregates:
-    """The stored answer for a resend, else the window state from the database."""
+def _read_state(tenant_id: str, tx: TransactionIn, digest: str) -> DecisionOut | WindowAggregates:
+    """The stored answer for a resend (409 if its body differs), else the window state from the database."""
     with session_factory()() as session:
         existing = session.get(Transaction, (tenant_id, tx.id))
         if existing is not None:
+            check_same_request(tx.id, existing.request_digest, digest)
             return stored_decision(existing)
         return read_aggregates(session, tenant_id=tenant_id, customer_id=tx.customer_id,
                                terminal_id=tx.terminal_id, tx_time_s=tx.timestamp.timestamp(), amount=tx.amount)
@@ -171,8 +200,9 @@ def rule_facts(tx: TransactionIn, features: np.ndarray, score: float) -> dict[st
     return facts
 
 
-def decision_record(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: DecisionOut) -> dict[str, Any]:
-    """The ``fraud_transactions`` row of a decision, as plain values."""
+def decision_record(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: DecisionOut,
+                    digest: str | None = None) -> dict[str, Any]:
+    """The ``fraud_transactions`` row of a decision, as plain values (``digest``: of ``tx`` if not given)."""
     return {
         "tenant_id": tenant_id, "transaction_id": tx.id, "customer_id": tx.customer_id,
         "terminal_id": tx.terminal_id, "tx_time_s": tx.timestamp.timestamp(), "amount": tx.amount,
@@ -180,13 +210,15 @@ def decision_record(tenant_id: str, tx: TransactionIn, features: np.ndarray, out
         "reasons": [r.model_dump(exclude_none=True) for r in out.reasons],
         "features": [round(float(v), 6) for v in features.tolist()], "model_version": out.model_version,
         "rules_version": out.rules_version, "received_at_s": time.time(),
+        "request_digest": digest or request_digest(tx),
     }
 
 
 def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: DecisionOut,
-           on_flagged: Any | None) -> DecisionOut:
-    """Commit the decision; a concurrent duplicate that committed first wins and is returned."""
-    record = decision_record(tenant_id, tx, features, out)
+           on_flagged: Any | None, digest: str) -> DecisionOut:
+    """Commit the decision; a concurrent duplicate that committed first wins and is returned (409 if
+    its body differs)."""
+    record = decision_record(tenant_id, tx, features, out, digest)
     received_at = datetime.fromtimestamp(record.pop("received_at_s"), UTC)
     with session_factory()() as session:
         try:
@@ -202,6 +234,7 @@ def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: Decisio
             winner = session.get(Transaction, (tenant_id, tx.id))
             if winner is None:
                 raise
+            check_same_request(tx.id, winner.request_digest, digest)
             return stored_decision(winner)
     return out
 
@@ -229,21 +262,24 @@ async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPol
     committed before it is answered, ``on_flagged(session, tenant_id, decision)`` running inside
     that transaction for review and decline decisions.
     """
+    digest = request_digest(tx)
     if redis_configured():
-        return await _score_with_redis(tenant_id, tx, policy)
-    state = await asyncio.to_thread(_read_state, tenant_id, tx)
+        return await _score_with_redis(tenant_id, tx, policy, digest)
+    state = await asyncio.to_thread(_read_state, tenant_id, tx, digest)
     if isinstance(state, DecisionOut):
         return state
     scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, state, policy))
     out = _decision(tx, policy, scored, _model_version())
-    return await asyncio.to_thread(_store, tenant_id, tx, scored.features, out, on_flagged)
+    return await asyncio.to_thread(_store, tenant_id, tx, scored.features, out, on_flagged, digest)
 
 
 MAX_RESERVE_ATTEMPTS = 4
 
 
-async def _reserve(state: RedisWindowState, tenant_id: str, tx: TransactionIn) -> DecisionOut | WindowAggregates:
-    """Window state for a new transaction, or the answer a resend (or a concurrent duplicate) gets."""
+async def _reserve(state: RedisWindowState, tenant_id: str, tx: TransactionIn,
+                   digest: str) -> DecisionOut | WindowAggregates:
+    """Window state for a new transaction, or the answer a resend (or a concurrent duplicate) gets
+    (409 when its body differs from the one answered)."""
     takeover = False
     for _ in range(MAX_RESERVE_ATTEMPTS):
         reservation = await state.reserve(tenant_id, tx.id, tx.customer_id, tx.terminal_id,
@@ -251,13 +287,13 @@ async def _reserve(state: RedisWindowState, tenant_id: str, tx: TransactionIn) -
         if reservation.aggregates is not None:
             return reservation.aggregates
         if reservation.answer is not None:
-            return replayed_answer(reservation.answer)
+            return checked_replay(tx.id, reservation.answer, digest)
         if reservation.status == "busy":
             answer = await wait_while_busy(state, tenant_id, tx.id)
             if answer is not None:
-                return replayed_answer(answer)
+                return checked_replay(tx.id, answer, digest)
             continue  # the duplicate's lease lapsed: its process died; reserve again
-        stored = await asyncio.to_thread(_stored_in_database, tenant_id, tx.id)
+        stored = await asyncio.to_thread(_stored_in_database, tenant_id, tx.id, digest)
         if stored is not None:
             return stored
         takeover = True  # in the windows but never answered: a crashed attempt, score it now
@@ -265,19 +301,27 @@ async def _reserve(state: RedisWindowState, tenant_id: str, tx: TransactionIn) -
                    headers={"Retry-After": "1"})
 
 
-def replayed_answer(answer: bytes) -> DecisionOut:
-    """A stored answer as a resend gets it."""
+def replayed_answer(value: bytes) -> DecisionOut:
+    """A stored answer (an answer key's value, :func:`~services.fraud.redis_state.split_answer`) as a resend gets it."""
+    _digest, answer = split_answer(value)
     return DecisionOut.model_validate_json(answer).model_copy(update={"replayed": True})
 
 
-async def _score_with_redis(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
+def checked_replay(transaction_id: str, value: bytes, digest: str) -> DecisionOut:
+    """The stored answer for a resend whose request has ``digest`` (409 if the stored one differs)."""
+    check_same_request(transaction_id, split_answer(value)[0], digest)
+    return replayed_answer(value)
+
+
+async def _score_with_redis(tenant_id: str, tx: TransactionIn, policy: TenantPolicy, digest: str) -> DecisionOut:
     with redis_unavailable_as_503("fraud window state"):  # nothing was answered: a retry is safe
-        return await _score_with_redis_state(tenant_id, tx, policy)
+        return await _score_with_redis_state(tenant_id, tx, policy, digest)
 
 
-async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
+async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: TenantPolicy,
+                                  digest: str) -> DecisionOut:
     state = redis_window_state()
-    prepared = await _reserve(state, tenant_id, tx)
+    prepared = await _reserve(state, tenant_id, tx, digest)
     if isinstance(prepared, DecisionOut):
         return prepared
     try:
@@ -288,8 +332,8 @@ async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: Ten
             await asyncio.shield(state.release(tenant_id, tx.id))
         raise
     winner = await state.commit(tenant_id, tx.id, out.model_dump_json().encode(),
-                                decision_record(tenant_id, tx, scored.features, out))
-    return out if winner is None else replayed_answer(winner)
+                                decision_record(tenant_id, tx, scored.features, out, digest), digest)
+    return out if winner is None else checked_replay(tx.id, winner, digest)
 
 
 def redis_window_state() -> RedisWindowState:
@@ -307,9 +351,10 @@ _redis_states: weakref.WeakKeyDictionary[Any, RedisWindowState] = weakref.WeakKe
 
 def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPolicy) -> DecisionOut:
     """The database-state path of :func:`score_transaction` for worker processes (back-tests)."""
-    state = _read_state(tenant_id, tx)
+    digest = request_digest(tx)
+    state = _read_state(tenant_id, tx, digest)
     if isinstance(state, DecisionOut):
         return state
     [scored] = get_runtime().predict_many_sync(FRAUD_MODEL_NAME, [_scoring_item(tx, state, policy)])
     out = _decision(tx, policy, scored, _model_version())
-    return _store(tenant_id, tx, scored.features, out, None)
+    return _store(tenant_id, tx, scored.features, out, None, digest)
