@@ -16,13 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, UploadFile
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from model_runtime.runtime import get_runtime
-from services.fraud import feedback, rules
+from services.fraud import feedback, retraining, rules
 from services.fraud.backtest import check_backtest_header
-from services.fraud.db import ModelVersion
 from services.fraud.recorder import DecisionRecorder
 from services.fraud.schemas import (
     RULE_FIELDS,
@@ -40,7 +38,13 @@ from services.fraud.schemas import (
     TransactionIn,
 )
 from services.fraud.scoring import TenantPolicy, score_transaction, tenant_policies
-from services.fraud.serving import FRAUD_MODEL_NAME, live_artifact_dir, watch_live_model
+from services.fraud.serving import (
+    FRAUD_MODEL_NAME,
+    default_artifact_dir,
+    load_fraud_models,
+    unload_fraud_models,
+    watch_live_model,
+)
 from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
 from shared.app import create_service_app, raw_json_body
 from shared.config import get_settings
@@ -268,17 +272,37 @@ models = APIRouter(prefix="/v1", tags=["models"], responses=KEYED)
 
 
 @models.get("/models")
-def list_models(_principal: FraudPrincipal, session: SessionDep) -> list[dict[str, object]]:
-    """Every fraud model version trained here, newest first, with its evaluation."""
-    return [{"version": m.version, "status": m.status, "metrics": m.metrics, "created_at": m.created_at,
-             "promoted_at": m.promoted_at} for m in session.scalars(
-                 select(ModelVersion).order_by(ModelVersion.created_at.desc()))]
+def list_models(principal: FraudPrincipal, session: SessionDep) -> list[dict[str, object]]:
+    """The caller's own fraud model versions, newest first, then the shared default model.
+
+    Own versions carry their evaluation (``metrics.candidate``, and ``metrics.live_at_evaluation``
+    of the model they were compared with); status ``live`` (it scores this tenant), ``rejected`` or
+    ``retired``. The shared default (``"default": true``, the shipped model) carries its model
+    card's metrics and is ``live`` for a tenant with no live version of its own, else ``standby``.
+    Another tenant's versions are never listed.
+    """
+    return retraining.model_versions(session, principal.tenant_id)
 
 
 @models.post("/models/retrain", status_code=202, responses={**JSON_BODY, **problem_responses(422, notes={
     422: "Also too few labels to train and judge a candidate (the problem's needed and have give the counts)."})})
 def post_retrain(request: RetrainIn, principal: FraudPrincipal, session: SessionDep) -> dict[str, str]:
-    """Start a retraining job (candidate vs live on the latest held-out days)."""
+    """Start a retraining job: a candidate trained on this tenant's labelled traffic, judged against
+    the model that scores this tenant now (its own live version, else the shared default) on the
+    latest held-out days; promoted, for this tenant alone, when its Average Precision there is not
+    lower than the live model's plus ``min_improvement`` (>= 0).
+
+    Labelled days are those older than the tenant's newest transaction by the 7-day label delay
+    (an unlabelled one counts as legitimate). Refused with 422 (the problem's ``needed`` and
+    ``have`` give the counts) unless the tenant has, among them:
+
+    - at least 20 frauds and 1 legitimate transaction in the training days: older than the newest
+      labelled day minus ``holdout_days`` and a further 7 days (labels arrive a week late);
+    - at least 1 fraud and 1 legitimate transaction in the calibration days: the first half
+      (rounded up) of the held-out days.
+    """
+    retraining.check_enough_labels(
+        retraining.stored_label_counts(session, principal.tenant_id, request.holdout_days), request.holdout_days)
     job = submit_job(session, retrain_model, key=f"fraud-retrain:{uuid.uuid4().hex}",
                      payload={**request.model_dump(), "tenant_id": principal.tenant_id},
                      tenant_id=principal.tenant_id, max_attempts=2)
@@ -352,15 +376,10 @@ async def running_recorder() -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    """Load the live fraud model into the runtime; watch for promotions and hot-swap them."""
-    from services.fraud.serving import fraud_model_spec
-
-    runtime = get_runtime()
-    artifact = live_artifact_dir()
-    if artifact is not None:
-        await runtime.load(fraud_model_spec(artifact))
-    else:
+    """Load the default fraud model and every tenant's live one; watch for promotions and hot-swap them."""
+    if default_artifact_dir() is None:
         logger.error("no fraud model artifact found under %s/fraud", get_settings().models_dir)
+    await load_fraud_models()
     watcher = asyncio.create_task(watch_live_model())
     try:
         async with redis_fast_state():
@@ -369,7 +388,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await runtime.unload(FRAUD_MODEL_NAME)
+        await unload_fraud_models()
 
 
 readiness = Readiness()

@@ -23,12 +23,11 @@ import pandas as pd
 from pydantic import ValidationError
 from sqlalchemy import update
 
-from model_runtime.runtime import get_runtime
 from services.fraud.db import Transaction
 from services.fraud.evaluation import assess
 from services.fraud.schemas import TransactionIn
 from services.fraud.scoring import load_tenant_policy, score_transaction_sync
-from services.fraud.serving import FRAUD_MODEL_NAME, fraud_model_spec, live_artifact_dir
+from services.fraud.serving import default_artifact_dir, serve_tenant_model_sync
 from services.fraud.state import LABEL_DELAY_S
 from shared.db import session_scope
 from shared.errors import UnprocessableContent
@@ -67,14 +66,11 @@ def read_backtest_csv(path: Path) -> pd.DataFrame:
     return frame.sort_values(["event_time", "id"], kind="stable").reset_index(drop=True)
 
 
-def ensure_model_loaded() -> None:
-    """Load the live fraud model into this process's runtime (once per worker process)."""
-    runtime = get_runtime()
-    if FRAUD_MODEL_NAME not in runtime.loaded():
-        artifact = live_artifact_dir()
-        if artifact is None:
-            raise RuntimeError("no fraud model artifact to back-test with")
-        runtime.load_sync(fraud_model_spec(artifact))
+def ensure_model_loaded(tenant_id: str) -> None:
+    """Serve ``tenant_id``'s current model in this worker (its live version, else the default)."""
+    if default_artifact_dir() is None:
+        raise RuntimeError("no fraud model artifact to back-test with")
+    serve_tenant_model_sync(tenant_id)
 
 
 def _row_transaction(row: dict[str, Any]) -> TransactionIn:
@@ -86,7 +82,7 @@ def _row_transaction(row: dict[str, Any]) -> TransactionIn:
 def run_backtest(path: Path, tenant_id: str, namespace: str, progress: Callable[[float], None]) -> dict[str, Any]:
     """Score every row of ``path`` with the tenant's rules and thresholds, stored under ``namespace``."""
     frame = read_backtest_csv(path)
-    ensure_model_loaded()
+    ensure_model_loaded(tenant_id)
     policy = load_tenant_policy(tenant_id)
     labelled = "is_fraud" in frame.columns
     pending: list[tuple[float, str]] = []
@@ -133,6 +129,6 @@ def _metrics(frame: pd.DataFrame, scores: dict[int, float]) -> dict[str, float] 
         return None
     days = scored["event_time"].dt.normalize()
     evaluation = pd.DataFrame({"TX_FRAUD": labels.to_numpy(),
-                               "CUSTOMER_ID": pd.factorize(scored["customer_id"])[0],  # CP@k wants integer cards
+                               "CUSTOMER_ID": scored["customer_id"].to_numpy(),
                                "TX_TIME_DAYS": (days - days.min()).dt.days.to_numpy()})
     return assess(np.fromiter(scores.values(), dtype=float), evaluation)

@@ -42,7 +42,7 @@ from services.fraud.schemas import (
     TenantSettingsIn,
     TransactionIn,
 )
-from services.fraud.serving import FRAUD_MODEL_NAME, ScoredItem, ScoringItem
+from services.fraud.serving import ScoredItem, ScoringItem, model_name_for
 from services.fraud.state import read_aggregates
 from shared.cache import FreshnessBoundedCache
 from shared.db import session_factory
@@ -248,8 +248,8 @@ def _decision(tx: TransactionIn, policy: TenantPolicy, scored: ScoredItem, model
     )
 
 
-def _model_version() -> str:
-    return get_runtime().version(FRAUD_MODEL_NAME)
+def _model_version(model: str) -> str:
+    return get_runtime().version(model)
 
 
 async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPolicy, *,
@@ -268,8 +268,9 @@ async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPol
     state = await asyncio.to_thread(_read_state, tenant_id, tx, digest)
     if isinstance(state, DecisionOut):
         return state
-    scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, state, policy))
-    out = _decision(tx, policy, scored, _model_version())
+    model = model_name_for(tenant_id)
+    scored: ScoredItem = await get_runtime().predict(model, _scoring_item(tx, state, policy))
+    out = _decision(tx, policy, scored, _model_version(model))
     return await asyncio.to_thread(_store, tenant_id, tx, scored.features, out, on_flagged, digest)
 
 
@@ -325,8 +326,9 @@ async def _score_with_redis_state(tenant_id: str, tx: TransactionIn, policy: Ten
     if isinstance(prepared, DecisionOut):
         return prepared
     try:
-        scored: ScoredItem = await get_runtime().predict(FRAUD_MODEL_NAME, _scoring_item(tx, prepared, policy))
-        out = _decision(tx, policy, scored, _model_version())
+        model = model_name_for(tenant_id)
+        scored: ScoredItem = await get_runtime().predict(model, _scoring_item(tx, prepared, policy))
+        out = _decision(tx, policy, scored, _model_version(model))
     except BaseException:  # 503 overload, 504 deadline, a cancelled caller: nothing was answered
         with contextlib.suppress(RedisError):  # else the lease lapses by itself
             await asyncio.shield(state.release(tenant_id, tx.id))
@@ -355,6 +357,7 @@ def score_transaction_sync(tenant_id: str, tx: TransactionIn, policy: TenantPoli
     state = _read_state(tenant_id, tx, digest)
     if isinstance(state, DecisionOut):
         return state
-    [scored] = get_runtime().predict_many_sync(FRAUD_MODEL_NAME, [_scoring_item(tx, state, policy)])
-    out = _decision(tx, policy, scored, _model_version())
+    model = model_name_for(tenant_id)
+    [scored] = get_runtime().predict_many_sync(model, [_scoring_item(tx, state, policy)])
+    out = _decision(tx, policy, scored, _model_version(model))
     return _store(tenant_id, tx, scored.features, out, None, digest)

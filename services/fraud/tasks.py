@@ -18,6 +18,7 @@ from services.fraud.db import CallbackDelivery, Transaction
 from services.fraud.retraining import retrain
 from services.fraud.schemas import DecisionOut
 from services.fraud.scoring import stored_decision, tenant_settings
+from services.fraud.serving import backtest_namespace
 from shared.db import session_scope
 from shared.jobs import Job, TransientJobError, job_task, report_progress, submit_job
 from shared.security import SIGNATURE_HEADER, Tenant, sign_payload
@@ -85,6 +86,6 @@ def retrain_model(session: Session, job: Job) -> dict[str, Any]:
 @job_task(name="fraud.backtest", queue="fraud")
 def backtest_csv(session: Session, job: Job) -> dict[str, Any]:
     """Replay an uploaded CSV through the scoring path in its own namespace; report metrics."""
-    namespace = f"{job.payload['tenant_id']}~backtest-{job.id[:12]}"
+    namespace = backtest_namespace(job.payload["tenant_id"], job.id)
     return run_backtest(Path(job.payload["path"]), job.payload["tenant_id"], namespace,
                         lambda done: report_progress(job.id, done))

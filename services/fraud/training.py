@@ -145,7 +145,10 @@ def out_of_fold_sequence_logits(sequences: np.ndarray, labels: np.ndarray, custo
     -------
     oof_logits : (N,) float64; models : the fold models.
     """
-    fold_of = np.asarray(customers, dtype=np.int64) % settings.stacking_folds
+    cards = np.asarray(customers)
+    if not np.issubdtype(cards.dtype, np.integer):  # text ids such as "c-42"
+        cards = pd.factorize(cards)[0]
+    fold_of = cards.astype(np.int64) % settings.stacking_folds
     oof = np.zeros(len(labels))
     models = []
     for fold in range(settings.stacking_folds):
@@ -235,6 +238,32 @@ def holdout_metrics(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 100) -
         "brier": float(np.mean((scores - frame.TX_FRAUD.to_numpy()) ** 2))}
 
 
+@dataclass(frozen=True)
+class CandidatePeriods:
+    """How a labelled history is split for a candidate (days since the epoch, inclusive bounds).
+
+    Training days, then ``delay_days`` left out (their labels were not known yet when the
+    held-out days were scored), then the latest ``holdout_days``: the first half of those fits the
+    Platt calibration, all of them measure the candidate.
+    """
+
+    last_day: int
+    holdout_days: int = 7
+    delay_days: int = 7
+
+    @property
+    def last_training_day(self) -> int:
+        return self.last_day - self.holdout_days - self.delay_days
+
+    @property
+    def first_holdout_day(self) -> int:
+        return self.last_day - self.holdout_days + 1
+
+    @property
+    def last_calibration_day(self) -> int:
+        return self.last_day - self.holdout_days // 2
+
+
 def train_candidate(labelled: pd.DataFrame, sequences: np.ndarray | None = None, *,
                     holdout_days: int = 7, delay_days: int = 7, params: GbmParams = GbmParams(),
                     sequence_settings: SequenceTraining | None = None
@@ -242,10 +271,12 @@ def train_candidate(labelled: pd.DataFrame, sequences: np.ndarray | None = None,
     """Train a candidate on older labelled days and evaluate it on the latest ``holdout_days``.
 
     For a retraining task: ``labelled`` already holds FEATURE_NAMES columns plus TX_FRAUD,
-    TX_DATETIME, CUSTOMER_ID and TX_TIME_DAYS. The training part ends ``delay_days`` before the
-    holdout (labels are known a week late), the booster is Platt-calibrated on the first half of
-    the holdout, and metrics are measured on the whole holdout (ranking metrics do not depend on
-    the calibration).
+    TX_DATETIME, CUSTOMER_ID and TX_TIME_DAYS. The periods are :class:`CandidatePeriods`: the
+    training part ends ``delay_days`` before the holdout (labels are known a week late), the
+    booster is Platt-calibrated on the first half of the holdout, and metrics are measured on the
+    whole holdout (ranking metrics do not depend on the calibration). The calibration half needs a
+    fraud and a legitimate transaction, the training days some rows of each (else scikit-learn
+    or LightGBM refuse): :func:`services.fraud.retraining.check_enough_labels` says so first.
 
     Returns
     -------
@@ -254,9 +285,9 @@ def train_candidate(labelled: pd.DataFrame, sequences: np.ndarray | None = None,
     """
     labelled = labelled.loc[:, ~labelled.columns.duplicated(keep="last")]  # e.g. TX_AMOUNT twice
     days = labelled.TX_TIME_DAYS.to_numpy()
-    last = int(days.max())
-    holdout = days > last - holdout_days
-    train = days <= last - holdout_days - delay_days
+    periods = CandidatePeriods(int(days.max()), holdout_days, delay_days)
+    holdout = days >= periods.first_holdout_day
+    train = days <= periods.last_training_day
     started = time.perf_counter()
     seq = None if sequences is None else sequences[train]
     model = fit_model(labelled.loc[train, list(FEATURE_NAMES)].to_numpy(np.float32),
@@ -267,7 +298,7 @@ def train_candidate(labelled: pd.DataFrame, sequences: np.ndarray | None = None,
     hold = labelled[holdout]
     hold_seq = None if sequences is None else sequences[holdout]
     margin = model.margin(hold[list(FEATURE_NAMES)].to_numpy(np.float32), hold_seq)
-    first_half = hold.TX_TIME_DAYS.to_numpy() <= last - holdout_days // 2
+    first_half = hold.TX_TIME_DAYS.to_numpy() <= periods.last_calibration_day
     model.platt = fit_platt(margin[first_half], hold.TX_FRAUD.to_numpy()[first_half])
     metrics = holdout_metrics(platt_probability(margin, *model.platt), hold)
     return model, metrics | {"n_train": int(train.sum()), "n_holdout": int(holdout.sum()),
