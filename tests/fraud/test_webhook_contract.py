@@ -178,17 +178,18 @@ def forget_answer_in_redis(server: FraudServer, tenant: FraudTenant, transaction
 def test_a_resend_with_another_body_is_409_and_the_same_transaction_replays(server: FraudServer,
                                                                             tenant: FraudTenant) -> None:
     payload = transaction(metadata={"a": "1", "b": "2"})
+    tx_id = str(payload["id"])
     first = post_signed(tenant, payload)
     assert first.status_code == 200, first.text
-    problem = assert_problem(post_signed(tenant, {**payload, "amount": 43.0}), 409, payload["id"])
-    assert problem["transaction_id"] == payload["id"]
+    problem = assert_problem(post_signed(tenant, {**payload, "amount": 43.0}), 409, tx_id)
+    assert problem["transaction_id"] == tx_id
     again = post_signed(tenant, the_same_written_differently(payload))
     assert again.status_code == 200, again.text
     assert again.json() == {**first.json(), "replayed": True}
-    assert stored_digest(server, tenant, payload["id"]) == expected_digest(payload)
+    assert stored_digest(server, tenant, tx_id) == expected_digest(payload)
     if server.stack.redis_url:  # the resend answered from the database row, not from Redis
-        forget_answer_in_redis(server, tenant, payload["id"])
-        assert_problem(post_signed(tenant, {**payload, "amount": 43.0}), 409, payload["id"])
+        forget_answer_in_redis(server, tenant, tx_id)
+        assert_problem(post_signed(tenant, {**payload, "amount": 43.0}), 409, tx_id)
         assert post_signed(tenant, payload).json() == {**first.json(), "replayed": True}
 
 
@@ -207,13 +208,13 @@ def test_concurrent_duplicates_with_different_bodies_store_one_and_refuse_the_ot
     by_body = [{r.status_code for r in responses[start::2]} for start in (0, 1)]
     assert sorted(by_body, key=lambda statuses: min(statuses)) == [{200}, {409}], [r.text for r in responses]
     winner = first if by_body[0] == {200} else second
-    assert stored_digest(server, tenant, first["id"]) == expected_digest(winner)
+    assert stored_digest(server, tenant, str(first["id"])) == expected_digest(winner)
 
 
 def test_a_decision_stored_without_a_digest_keeps_replaying(server: FraudServer, tenant: FraudTenant) -> None:
     payload = transaction()
     first = post_signed(tenant, payload).json()
-    server.wait_recorded(tenant.tenant_id, [payload["id"]])
+    server.wait_recorded(tenant.tenant_id, [str(payload["id"])])
     with server.engine.begin() as connection:  # as a row written before digests were kept
         connection.execute(text("UPDATE fraud_transactions SET request_digest = NULL WHERE tenant_id = :t AND "
                                 "transaction_id = :i"), {"t": tenant.tenant_id, "i": payload["id"]})
@@ -223,7 +224,7 @@ def test_a_decision_stored_without_a_digest_keeps_replaying(server: FraudServer,
         from services.fraud.redis_state import answer_key, split_answer
 
         client = redis.Redis.from_url(server.stack.redis_url)
-        key = answer_key(tenant.tenant_id, payload["id"])
+        key = answer_key(tenant.tenant_id, str(payload["id"]))
         client.set(key, split_answer(client.get(key))[1])  # type: ignore[arg-type]
     replay = post_signed(tenant, {**payload, "amount": 1.0})
     assert replay.status_code == 200 and replay.json() == {**first, "replayed": True}
@@ -377,7 +378,7 @@ def test_tessera_up_writes_one_access_line_per_request(sqlite_stack: Stack) -> N
     assert lines["acc-4"]["status"] == 401 and "tenant" not in lines["acc-4"]
     assert all(isinstance(entry["duration_ms"], float) for entry in lines.values())
     logged = json.dumps(access_lines())
-    assert "query-secret" not in logged and tenant.api_key not in logged and payload["customer_id"] not in logged
+    assert "query-secret" not in logged and tenant.api_key not in logged and str(payload["customer_id"]) not in logged
     assert not any("HTTP/1.1\" 200" in line for line in process.lines)  # uvicorn's own access log stays off
 
 
