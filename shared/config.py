@@ -8,12 +8,13 @@ URLs (``TESSERA_DATABASE_URL=postgresql+psycopg://...``, ``TESSERA_BROKER_URL=re
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, computed_field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, computed_field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me-in-production"
 
@@ -58,6 +59,25 @@ class Settings(BaseSettings):
     secret_key: str = Field(default=PLACEHOLDER_SECRET, description="pepper for hashing API keys")
     require_api_keys: bool = Field(default=True, description="refuse requests without a valid key")
     webhook_tolerance_s: int = Field(default=300, ge=1, description="signature replay window")
+    callback_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated host names, addresses or CIDR networks that "
+        "tenants' callback URLs may reach although not public (loopback, private, link-local): "
+        "e.g. `127.0.0.1,10.20.0.0/16,hooks.internal`")
+
+    @field_validator("callback_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [entry.strip() for entry in value.split(",") if entry.strip()]
+        return value
+
+    @field_validator("callback_allowed_hosts")
+    @classmethod
+    def _networks_parse(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            if "/" in entry or ":" in entry:
+                ipaddress.ip_network(entry, strict=False)  # a ValueError names the bad entry
+        return entries
 
     @computed_field  # type: ignore[prop-decorator]
     @property

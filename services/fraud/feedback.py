@@ -15,6 +15,7 @@ from services.fraud.scoring import replayed_answer, stored_decision, tenant_sett
 from shared.db import utcnow
 from shared.errors import NotFound, NotReady, UnprocessableContent
 from shared.kv import redis_configured, redis_unavailable_as_503, sync_redis
+from shared.outbound import OutboundPolicy, OutboundRefused, UnresolvableHost
 from shared.security import ensure_tenant
 
 RECORDING_WAIT_S = 10.0
@@ -109,9 +110,22 @@ def get_tenant_settings(session: Session, tenant_id: str) -> TenantSettingsIn:
 
 
 def set_tenant_settings(session: Session, tenant_id: str, new: TenantSettingsIn) -> TenantSettingsIn:
-    """Store the tenant's fraud settings (thresholds must be ordered)."""
+    """Store the tenant's fraud settings (thresholds must be ordered; the callback URL must reach
+    public addresses only, :mod:`shared.outbound`)."""
     if new.review_threshold > new.decline_threshold:
         raise UnprocessableContent("review_threshold must not exceed decline_threshold")
+    if new.callback_url is not None:
+        check_callback_url(new.callback_url)
     tenant = ensure_tenant(session, tenant_id)
     tenant.settings = {**(tenant.settings or {}), "fraud": new.model_dump()}
     return new
+
+
+def check_callback_url(url: str) -> None:
+    """422 naming the reason unless ``url`` and every address its host resolves to may be called back."""
+    try:
+        OutboundPolicy.from_settings().vet(url)
+    except OutboundRefused as exc:
+        raise UnprocessableContent(f"callback_url refused: {exc}", reason=exc.reason) from None
+    except UnresolvableHost as exc:
+        raise UnprocessableContent(f"callback_url refused: {exc}", reason="unresolvable") from None

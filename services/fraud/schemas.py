@@ -249,7 +249,11 @@ class TenantSettingsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     review_threshold: StrictFloat = Field(default=0.2, ge=0, le=1)
     decline_threshold: StrictFloat = Field(default=0.8, ge=0, le=1)
-    callback_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://")
+    callback_url: str | None = Field(
+        default=None, max_length=500, pattern=r"^https?://",
+        description="where review and decline decisions are POSTed, signed; every address its host resolves "
+                    "to must be public (not loopback, private, link-local...) unless the operator allow-lists "
+                    "it; https in production")
 
 
 class RetrainIn(BaseModel):

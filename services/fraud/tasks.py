@@ -20,7 +20,8 @@ from services.fraud.schemas import DecisionOut
 from services.fraud.scoring import stored_decision, tenant_settings
 from services.fraud.serving import backtest_namespace
 from shared.db import session_scope
-from shared.jobs import Job, TransientJobError, job_task, report_progress, submit_job
+from shared.jobs import Job, PublicJobError, TransientJobError, job_task, report_progress, submit_job
+from shared.outbound import OutboundRefused, UnresolvableHost, post_to_vetted_address
 from shared.security import SIGNATURE_HEADER, Tenant, sign_payload
 
 logger = logging.getLogger("tessera.fraud.tasks")
@@ -31,7 +32,11 @@ CALLBACK_MAX_ATTEMPTS = 6
 
 @job_task(name="fraud.deliver_callback", queue="fraud")
 def deliver_callback(session: Session, job: Job) -> dict[str, Any]:
-    """POST a signed review/decline decision to the bank's callback URL; retried with backoff."""
+    """POST a signed review/decline decision to the bank's callback URL; retried with backoff.
+
+    The URL is vetted again now and the connection made to the address vetted (``shared.outbound``):
+    a refused URL fails the job at once, with the reason in the delivery log and the job's error.
+    """
     tenant_id, transaction_id, url = job.payload["tenant_id"], job.payload["transaction_id"], job.payload["url"]
     row = session.get(Transaction, (tenant_id, transaction_id))
     tenant = session.get(Tenant, tenant_id)
@@ -41,20 +46,26 @@ def deliver_callback(session: Session, job: Job) -> dict[str, Any]:
                                                                                    exclude={"replayed"})})
     headers = {SIGNATURE_HEADER: sign_payload(tenant.webhook_secret, body), "Content-Type": "application/json",
                "Idempotency-Key": f"{tenant_id}:{transaction_id}"}
-    status_code, error = _post(url, body, headers)
+    try:
+        status_code, error = _post(url, body, headers)
+    except OutboundRefused as exc:  # checked again at delivery: DNS or the policy may have changed
+        _log_attempt(job, tenant_id, transaction_id, url, None, f"refused: {exc}")
+        raise PublicJobError(f"callback URL refused, not retried: {exc}") from None
     _log_attempt(job, tenant_id, transaction_id, url, status_code, error)
     if status_code is None or status_code >= 500 or status_code == 429:
         raise TransientJobError(error or f"callback answered {status_code}")
+    if 300 <= status_code < 400:
+        raise PublicJobError(f"callback answered {status_code}; redirects are not followed")
     if status_code >= 400:
         raise ValueError(f"callback refused with {status_code}; not retried")
     return {"status_code": status_code}
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str | None]:
+    """(status, None), or (None, the error) for a failure worth a retry; ``OutboundRefused`` is not."""
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=CALLBACK_TIMEOUT_S)
-        return response.status_code, None
-    except httpx.HTTPError as exc:
+        return post_to_vetted_address(url, content=body, headers=headers, timeout_s=CALLBACK_TIMEOUT_S), None
+    except (httpx.HTTPError, UnresolvableHost) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 

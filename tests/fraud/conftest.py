@@ -17,7 +17,9 @@ from sqlalchemy.engine import Engine
 from tests.conftest import Stack
 from tests.support import ManagedProcess, free_port, python_argv
 
-FRAUD_ENV = {"TESSERA_LOG_LEVEL": "WARNING"}
+CALLBACKS_TO_LOOPBACK = {"TESSERA_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}
+"""Lets callbacks reach the tests' receivers on 127.0.0.1 (refused by default: not a public address)."""
+FRAUD_ENV = {"TESSERA_LOG_LEVEL": "WARNING", **CALLBACKS_TO_LOOPBACK}
 
 
 def run_cli(stack: Stack, *args: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from shared.security import SIGNATURE_HEADER, verify_signature
-from tests.fraud.conftest import FraudServer, FraudTenant, transaction
+from tests.fraud.conftest import CALLBACKS_TO_LOOPBACK, FraudServer, FraudTenant, transaction
 from tests.fraud.test_webhook_api import assert_problem, post
 from tests.support import ManagedProcess, python_argv, wait_until
 
@@ -120,7 +120,7 @@ def test_flagged_decisions_are_pushed_signed_and_retried(fraud_server: FraudServ
                                         "--concurrency", "1", "--without-gossip", "--without-mingle",
                                         "--loglevel", "INFO",
                                         "--hostname", f"fraud-{uuid.uuid4().hex[:6]}@%h"),
-                            stack.env, "fraud-worker")
+                            {**stack.env, **CALLBACKS_TO_LOOPBACK}, "fraud-worker")
     try:
         worker.wait_for_output(r"ready\.", timeout_s=60)
         with fresh_tenant.client() as client:
