@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from model_runtime.runtime import get_runtime
@@ -175,12 +175,28 @@ def post_label(transaction_id: str, label: LabelIn, principal: FraudPrincipal,
 review = APIRouter(prefix="/v1", tags=["review"], responses=KEYED)
 
 
-@review.get("/cases", response_model=list[CaseOut], responses=problem_responses(422))
-def list_cases(principal: FraudPrincipal, session: SessionDep,
+@review.get("/cases", response_model=list[CaseOut], responses={
+    200: {"headers": {"Link": {"description": "<url of the next page>; rel=\"next\", on a full page",
+                               "schema": {"type": "string"}}}},
+    **problem_responses(422, notes={422: "Also a cursor this API did not issue."})})
+def list_cases(principal: FraudPrincipal, session: SessionDep, request: Request, response: Response,
                status: Annotated[str, Query(pattern="^(open|confirmed_fraud|legitimate)$")] = "open",
-               limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[CaseOut]:
-    """The review queue, highest score first."""
-    return feedback.list_cases(session, principal.tenant_id, status, limit)
+               limit: Annotated[int, Query(ge=1, le=500)] = 100,
+               cursor: Annotated[str | None, Query(max_length=200, description=(
+                   "where the previous page ended: take it from that page's `Link: <…>; rel=\"next\"` "
+                   "header"))] = None) -> list[CaseOut]:
+    """The review queue, highest score first, a page at a time.
+
+    A full page carries an RFC 8288 ``Link`` header to the next one (keyset paging: cases opened
+    meanwhile never shift a page).
+    """
+    after = feedback.CasePosition.decode(cursor) if cursor is not None else None
+    cases = feedback.list_cases(session, principal.tenant_id, status, limit, after)
+    if len(cases) == limit:
+        last = feedback.CasePosition(cases[-1].score, cases[-1].id)
+        next_url = request.url.include_query_params(cursor=last.encode())
+        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    return cases
 
 
 @review.get("/settings", response_model=TenantSettingsIn)
@@ -192,7 +208,7 @@ def get_settings_route(principal: FraudPrincipal, session: SessionDep) -> Tenant
 @review.put("/settings", response_model=TenantSettingsIn, responses={**JSON_BODY, **problem_responses(422, notes={
     422: "Also a review_threshold above the decline_threshold."})})
 def put_settings(new: TenantSettingsIn, principal: FraudPrincipal, session: SessionDep) -> TenantSettingsIn:
-    """Change thresholds or the callback URL (seen by every replica within seconds)."""
+    """Change thresholds or the callback URL (used by every replica within 1 s)."""
     saved = feedback.set_tenant_settings(session, principal.tenant_id, new)
     session.commit()
     tenant_policies.invalidate(principal.tenant_id)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import orjson
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -87,21 +90,48 @@ def record_label(session: Session, tenant_id: str, transaction_id: str, label: L
     return stored_decision(row)
 
 
-def list_cases(session: Session, tenant_id: str, status: str, limit: int) -> list[CaseOut]:
-    """Cases in ``status``, highest score first."""
-    rows = session.execute(
-        select(Case, Transaction)
-        .join(Transaction, (Transaction.tenant_id == Case.tenant_id)
-              & (Transaction.transaction_id == Case.transaction_id))
-        .where(Case.tenant_id == tenant_id, Case.status == status)
-        .order_by(Transaction.score.desc()).limit(limit)
-    ).all()
+def list_cases(session: Session, tenant_id: str, status: str, limit: int,
+               after: CasePosition | None = None) -> list[CaseOut]:
+    """Cases in ``status``, highest score first (ties by case id), starting after ``after``."""
+    query = (select(Case, Transaction)
+             .join(Transaction, (Transaction.tenant_id == Case.tenant_id)
+                   & (Transaction.transaction_id == Case.transaction_id))
+             .where(Case.tenant_id == tenant_id, Case.status == status))
+    if after is not None:
+        query = query.where((Transaction.score < after.score)
+                            | ((Transaction.score == after.score) & (Case.id > after.case_id)))
+    rows = session.execute(query.order_by(Transaction.score.desc(), Case.id).limit(limit)).all()
     return [
         CaseOut(id=case.id, transaction_id=case.transaction_id, status=case.status,
                 decision=Decision(tx.decision), score=tx.score, amount=tx.amount, customer_id=tx.customer_id,
                 created_at=case.created_at, reasons=[Reason.model_validate(r) for r in tx.reasons])
         for case, tx in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class CasePosition:
+    """Where a page of the review queue ended: the opaque ``cursor`` of the next page."""
+
+    score: float
+    case_id: int
+
+    def encode(self) -> str:
+        """The cursor a client passes back to get the next page."""
+        return base64.urlsafe_b64encode(orjson.dumps([self.score, self.case_id])).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, cursor: str) -> CasePosition:
+        """The position a cursor names; a cursor this API did not issue is a 422."""
+        try:
+            score, case_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+            if isinstance(score, bool) or not isinstance(score, int | float) or type(case_id) is not int:
+                raise ValueError
+            return cls(float(score), case_id)
+        except (ValueError, TypeError, orjson.JSONDecodeError):
+            raise UnprocessableContent("cursor: not a cursor this API issued (take it from the Link header)",
+                                       errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor",
+                                                "type": "value_error"}]) from None
 
 
 def get_tenant_settings(session: Session, tenant_id: str) -> TenantSettingsIn:
