@@ -261,6 +261,6 @@ class RetrainIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     holdout_days: StrictInt = Field(default=7, ge=1, le=60)
-    min_improvement: float = Field(default=0.0, ge=0, le=1,
+    min_improvement: StrictFloat = Field(default=0.0, ge=0, le=1,
                                    description="promote only when candidate AP - live AP >= this, on the "
                                                "tenant's held-out days (0: the candidate must not be worse)")

@@ -73,6 +73,7 @@ def test_one_tenants_promoted_model_scores_that_tenant_alone(
     store_history(fraud_server, bank_a)  # its live scores are chance: a candidate beats them
     with bank_a.client() as client:
         assert_problem(client.post("/models/retrain", json={"min_improvement": -1}), 422, "min_improvement")
+        assert_problem(client.post("/models/retrain", json={"min_improvement": True}), 422, "min_improvement")
         outcome = wait_for_job(client, client.post("/models/retrain", json={}).json()["job_id"])
     assert outcome["promoted"] is True, outcome
     assert outcome["live_version"] == DEFAULT_VERSION
