@@ -206,7 +206,8 @@ def get_settings_route(principal: FraudPrincipal, session: SessionDep) -> Tenant
 
 
 @review.put("/settings", response_model=TenantSettingsIn, responses={**JSON_BODY, **problem_responses(422, notes={
-    422: "Also a review_threshold above the decline_threshold."})})
+    422: "Also a review_threshold above the decline_threshold, or a callback_url refused (the problem's reason: "
+         "a loopback, link-local or private address unless allow-listed, not https in production, unresolvable)."})})
 def put_settings(new: TenantSettingsIn, principal: FraudPrincipal, session: SessionDep) -> TenantSettingsIn:
     """Change thresholds or the callback URL (used by every replica within 1 s)."""
     saved = feedback.set_tenant_settings(session, principal.tenant_id, new)

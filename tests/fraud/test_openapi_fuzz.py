@@ -39,7 +39,7 @@ MAX_EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "20"))
 SIGNED_ROUTES = r"/v1/transactions(:batch)?$"
 VALID_YET_REFUSED = {
     ("GET", "/v1/cases"): "a cursor this API did not issue",
-    ("PUT", "/v1/settings"): "a review_threshold above the decline_threshold",
+    ("PUT", "/v1/settings"): "a review_threshold above the decline_threshold, a callback_url refused",
     ("PUT", "/v1/rules/{rule_id}"): "a body whose id is not the path's",
     ("POST", "/v1/models/retrain"): "too few labelled transactions",
     ("POST", "/v1/backtests"): "a CSV without the needed columns",
