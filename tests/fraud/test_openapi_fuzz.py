@@ -27,7 +27,7 @@ import requests
 import schemathesis
 from schemathesis import BaseSchema, Case
 
-from services.fraud.schemas import EARLIEST_TIMESTAMP
+from services.fraud.schemas import EARLIEST_TIMESTAMP, EXAMPLE_RULE, RULE_FIELDS
 from shared.security import SIGNATURE_HEADER, sign_payload
 from tests.conftest import Stack, sqlite_stack_at
 from tests.fraud.conftest import FraudServer, FraudTenant, run_cli
@@ -226,3 +226,28 @@ def test_a_wrong_method_lists_every_method_of_the_path(fuzz_target: FuzzTarget) 
     assert response.status_code == 405
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["allow"] == "GET, PUT"
+
+
+def test_the_served_schema_states_keys_signed_bodies_problems_and_rule_fields(fuzz_target: FuzzTarget) -> None:
+    schema = requests.get(f"{fuzz_target.gateway_url}/openapi.json", timeout=10).json()
+    components = schema["components"]
+    assert components["securitySchemes"]["ApiKey"] == {
+        **components["securitySchemes"]["ApiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert components["securitySchemes"]["Bearer"]["scheme"] == "bearer"
+    webhook = schema["paths"]["/v1/transactions"]["post"]
+    assert webhook["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert webhook["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TransactionIn"}
+    assert [(p["name"], p["in"], p["required"]) for p in webhook["parameters"]] == [
+        (SIGNATURE_HEADER, "header", True)]
+    for status in ("401", "403", "409", "413", "415", "422", "503", "504"):
+        assert webhook["responses"][status]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    batch = schema["paths"]["/v1/transactions:batch"]["post"]["requestBody"]["content"]["application/json"]
+    assert batch["schema"] == {"$ref": "#/components/schemas/BatchIn"} and batch["example"]["transactions"]
+    problem_members = set(components["schemas"]["Problem"]["properties"])
+    assert {"type", "title", "status", "detail", "request_id", "errors"} <= problem_members
+    condition = components["schemas"]["Condition"]
+    assert condition["properties"]["field"]["enum"] == sorted(RULE_FIELDS)
+    assert set(condition["properties"]["op"]["enum"]) == {"gt", "gte", "lt", "lte", "eq", "ne", "in", "not_in"}
+    assert components["schemas"]["RuleIn"]["examples"] == [EXAMPLE_RULE]
