@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.fraud.db import RuleSet
-from services.fraud.schemas import Condition, Decision, RuleIn
+from services.fraud.schemas import MEMBERSHIP_OPERATORS, ORDERING_OPERATORS, Condition, Decision, RuleIn
 from shared.errors import Conflict, NotFound, UnprocessableContent
 
 _COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
@@ -65,8 +65,8 @@ def evaluate_rules(rules: tuple[RuleIn, ...], facts: Mapping[str, Any]) -> list[
     ]
 
 
-ORDERING_OPS = frozenset({"gt", "gte", "lt", "lte"})
-MEMBERSHIP_OPS = frozenset({"in", "not_in"})
+ORDERING_OPS = frozenset(ORDERING_OPERATORS)
+MEMBERSHIP_OPS = frozenset(MEMBERSHIP_OPERATORS)
 
 
 def validate_rule(rule: RuleIn, known_fields: set[str], text_fields: set[str]) -> None:
