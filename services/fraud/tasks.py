@@ -57,7 +57,7 @@ def deliver_callback(session: Session, job: Job) -> dict[str, Any]:
     if 300 <= status_code < 400:
         raise PublicJobError(f"callback answered {status_code}; redirects are not followed")
     if status_code >= 400:
-        raise ValueError(f"callback refused with {status_code}; not retried")
+        raise PublicJobError(f"callback refused with {status_code}; not retried")
     return {"status_code": status_code}
 
 
