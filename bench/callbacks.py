@@ -201,8 +201,11 @@ def run_stack(args: argparse.Namespace, stack: str, artifact: Path, workdir: Pat
         subprocess.run(tessera_cmd("db", "upgrade"), env=env, cwd=REPO, check=True, capture_output=True)
         keys = subprocess.run(tessera_cmd("keys", "create", "--tenant", BENCH_TENANT, "--scope", "fraud"),
                               env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
-        api_key = re.search(r"API_KEY=(\S+)", keys).group(1)  # type: ignore[union-attr]
-        receiver.secret = re.search(r"WEBHOOK_SECRET=(\S+)", keys).group(1)  # type: ignore[union-attr]
+        found = {name.lower(): value for name, value in  # API_KEY= today, api_key= before (old builds)
+                 re.findall(r"(API_KEY|WEBHOOK_SECRET)=(\S+)", keys, re.IGNORECASE)}
+        if len(found) != 2:
+            raise RuntimeError(f"tessera keys create printed no key: {keys[-500:]!r}")
+        api_key, receiver.secret = found["api_key"], found["webhook_secret"]
         port = free_port()
         processes.append(subprocess.Popen([sys.executable, str(REPO / "bench" / "fraud.py"), "_serve", str(port)],
                                           env=env, cwd=REPO, stderr=(workdir / f"server-{stack}.log").open("wb")))
