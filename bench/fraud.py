@@ -492,10 +492,11 @@ def _build_requests(plan: dict[str, Any], bodies: list[bytes]) -> list[bytes]:
     timestamp = int(time.time())
     host = f"Host: {plan['host']}:{plan['port']}\r\n".encode()
     key = f"X-API-Key: {plan['api_key']}\r\n".encode()
+    request_line = f"POST {plan.get('path_prefix', '')}/v1/transactions HTTP/1.1\r\n".encode()
     out = []
     for body in bodies:
         signature = compute_signature(plan["secret"], timestamp, body)
-        out.append(b"POST /v1/transactions HTTP/1.1\r\n" + host + key
+        out.append(request_line + host + key
                    + f"Tessera-Signature: t={timestamp},v1={signature}\r\n".encode()
                    + b"Content-Type: application/json\r\nContent-Length: "
                    + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -532,10 +533,10 @@ async def _loadgen_main(plan: dict[str, Any]) -> dict[str, Any]:
         cursor += sent
         ok = gen.statuses.get(200, 0)
         span = max(gen.last_done - t0, duration * 0.5) if ok else duration
-        p50, p99, p999 = percentiles(gen.latencies_ok, 50, 99, 99.9)
+        p50, p90, p99, p999 = percentiles(gen.latencies_ok, 50, 90, 99, 99.9)
         row = {**phase, "sent": sent, "ok": ok, "achieved": ok / span,
                "errors": sent - ok, "statuses": {str(k): v for k, v in gen.statuses.items()},
-               "conn_errors": gen.conn_errors, "timeouts": missing, "p50_ms": p50, "p99_ms": p99,
+               "conn_errors": gen.conn_errors, "timeouts": missing, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99,
                "p999_ms": p999, "max_ms": max(gen.latencies_ok) if gen.latencies_ok else None,
                "server_cpu_cores": (sum(map(proc_cpu_s, server_pids)) - cpu_server0) / wall,
                "loadgen_cpu_cores": (time.process_time() - cpu_self0) / wall,

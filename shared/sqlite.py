@@ -1,0 +1,272 @@
+"""SQLite for the embedded default: WAL, writers queued in-process, checkpoints off the request path.
+
+Every connection :func:`shared.db.make_engine` opens to a SQLite file gets WAL,
+``synchronous=NORMAL``, a 30 s busy timeout and foreign keys, plus what was measured to matter
+under concurrent requests (issue 14; ``bench/fraud_sqlite_wrk.py`` drives the webhook with wrk):
+
+- **Writers queue on a lock instead of SQLite's busy handler.** SQLite lets one connection write
+  at a time; the others get SQLITE_BUSY and its busy handler *sleeps* 1, 2, 5, 10, 15, 20, 25 …
+  100 ms between retries, waking long after the lock was freed (8 threads taking turns: one
+  waited 430 ms, the run took twice the time the lock was held). A :class:`WriteGate` per
+  database file and process, taken at a connection's first write statement (where SQLite takes
+  its own write lock) and released when its transaction ends, hands the lock straight to the
+  next writer (longest wait 32 ms, the run as long as the lock was held). Writers in other
+  processes (the Celery worker) still meet SQLite's busy handler; they write rarely.
+- **No commit checkpoints.** With ``wal_autocheckpoint`` (1000 pages) the commit that took the
+  WAL past it copied the WAL into the database and fsynced both files before returning (an
+  fsync costs 3-16 ms on this box's disk; every ~0.7 s at 400 decisions/s), while the writers
+  behind it waited. Commits now only append to the WAL, and a :class:`WalCheckpointer` thread
+  per database file and process copies it in the background (see its docstring for how the
+  WAL is kept from growing).
+
+Durability is unchanged: a transaction is committed (in the WAL) before ``commit()`` returns; with
+``synchronous=NORMAL`` in WAL mode a committed transaction survives a crash of the process, and
+the last ones before a power loss or OS crash may roll back (the WAL is fsynced at checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("tessera.db.sqlite")
+
+BUSY_TIMEOUT_S = 30.0
+POOL_SIZE = 16
+"""Connections kept open: SQLAlchemy's default of 5 (+10 opened and closed per use) made a
+backlogged API open a connection (schema parse, pragmas) for every request past the fifth."""
+POOL_OVERFLOW = 48
+CHECKPOINT_INTERVAL_S = 0.1
+RESTART_FRAMES = 8192
+"""WAL size (frames of 4 KiB pages, 32 MiB) past which the checkpointer makes it start over."""
+RESTART_WAIT_S = 0.1
+"""How long a RESTART checkpoint waits for readers on old frames before trying again later."""
+
+_WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+"""The statements before which Python's sqlite3 opens a transaction (and SQLite takes its write lock)."""
+
+
+class WriteGate:
+    """One process's queue for the write lock of one database file.
+
+    A connection holds it from its first write statement until its transaction ends. A thread
+    that already holds it through another connection does not wait on itself: its second
+    connection meets SQLite's busy handler, as it would without the gate.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def acquire(self) -> bool:
+        """Wait for the gate (at most the busy timeout); False when not taken."""
+        if self._owner == threading.get_ident():
+            return False
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT_S):
+            return False  # SQLite's busy timeout decides from here
+        self._owner = threading.get_ident()
+        return True
+
+    def release(self) -> None:
+        """Let the next writer in."""
+        self._owner = None
+        self._lock.release()
+
+
+_gates: dict[str, WriteGate] = {}
+_gates_lock = threading.Lock()
+
+
+def write_gate(database: str) -> WriteGate | None:
+    """The process's gate for a database file (None for in-memory databases: nothing is shared)."""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    path = os.path.realpath(database)
+    with _gates_lock:
+        return _gates.setdefault(path, WriteGate())
+
+
+def _is_write(sql: str) -> bool:
+    return sql.lstrip()[:7].upper().startswith(_WRITE_VERBS)
+
+
+class GatedConnection(sqlite3.Connection):
+    """A sqlite3 connection that passes its database file's :class:`WriteGate` before writing."""
+
+    def __init__(self, database: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        self._gate = write_gate(str(database))
+        self._holds_gate = False
+
+    def cursor(self, factory: Any = None) -> Any:  # type: ignore[override]
+        """A :class:`GatedCursor` unless another factory is asked for."""
+        return super().cursor(factory or GatedCursor)
+
+    def before_statement(self, sql: str) -> None:
+        """Take the gate before the first write of a transaction."""
+        if self._gate is not None and not self._holds_gate and _is_write(sql):
+            self._holds_gate = self._gate.acquire()
+
+    def after_statement(self) -> None:
+        """Release the gate when no transaction is left open (e.g. a failed first write)."""
+        if self._holds_gate and not self.in_transaction:
+            self._release_gate()
+
+    def commit(self) -> None:
+        """Commit, then let the next writer in."""
+        try:
+            super().commit()
+        finally:
+            self.after_statement()
+
+    def rollback(self) -> None:
+        """Roll back, then let the next writer in."""
+        try:
+            super().rollback()
+        finally:
+            self.after_statement()
+
+    def close(self) -> None:
+        """Close (ending any transaction) and release the gate."""
+        try:
+            super().close()
+        finally:
+            if self._holds_gate:
+                self._release_gate()
+
+    def _release_gate(self) -> None:
+        self._holds_gate = False
+        if self._gate is not None:
+            self._gate.release()
+
+
+class GatedCursor(sqlite3.Cursor):
+    """Cursor of a :class:`GatedConnection`: write statements pass the gate first."""
+
+    connection: GatedConnection
+
+    def execute(self, sql: str, parameters: Any = (), /) -> GatedCursor:  # type: ignore[override]
+        """Execute ``sql`` (after the gate, for a write)."""
+        self.connection.before_statement(sql)
+        try:
+            return super().execute(sql, parameters)  # type: ignore[return-value]
+        finally:
+            self.connection.after_statement()
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> GatedCursor:  # type: ignore[override]
+        """Execute ``sql`` for each parameter set (after the gate, for a write)."""
+        self.connection.before_statement(sql)
+        try:
+            return super().executemany(sql, seq_of_parameters)  # type: ignore[return-value]
+        finally:
+            self.connection.after_statement()
+
+
+def configure_connection(dbapi_connection: sqlite3.Connection) -> None:
+    """Per-connection settings: WAL, NORMAL sync, busy timeout, foreign keys; no checkpoint in commits."""
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={int(BUSY_TIMEOUT_S * 1000)}",
+                   "foreign_keys=ON", "wal_autocheckpoint=0"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+class WalCheckpointer:
+    """A daemon thread that checkpoints one database file's WAL for this process.
+
+    Every ``interval_s`` a PASSIVE checkpoint copies the committed frames into the database (it
+    fsyncs the WAL, then the database) while readers and writers carry on. The WAL only starts
+    again from its beginning when a writer begins right after a checkpoint that copied every
+    frame with no reader still on old frames, which a steady stream of commits rarely leaves
+    room for; so once it holds more than :data:`RESTART_FRAMES` frames, one RESTART checkpoint
+    runs with this process's :class:`WriteGate` held (its writers wait on the gate for what is
+    left to copy and two fsyncs, ~10-20 ms here), and the next writer starts the WAL over.
+    """
+
+    def __init__(self, path: str, interval_s: float | None = None) -> None:
+        self.path, self.interval_s = path, interval_s or CHECKPOINT_INTERVAL_S
+        self._gate = write_gate(path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sqlite-checkpoint:{os.path.basename(path)}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, isolation_level=None,
+                                     check_same_thread=False)
+        try:
+            while not self._stop.wait(self.interval_s):
+                self.run_once(connection)
+        finally:
+            connection.close()
+
+    def run_once(self, connection: sqlite3.Connection) -> tuple[int, int, int] | None:
+        """A passive checkpoint, then a gated restart if the WAL has grown past its bound."""
+        result = checkpoint(connection, "PASSIVE")
+        if result is None or result[1] <= RESTART_FRAMES or self._gate is None:
+            return result
+        if not self._gate.acquire():
+            return result
+        try:
+            return checkpoint(connection, "RESTART")
+        finally:
+            self._gate.release()
+
+    def stop(self) -> None:
+        """Stop after the checkpoint in progress."""
+        self._stop.set()
+
+
+def checkpoint(connection: sqlite3.Connection, mode: str) -> tuple[int, int, int] | None:
+    """``PRAGMA wal_checkpoint(mode)``: (busy, frames in the WAL, frames copied); None on error."""
+    try:
+        # fetchall, not fetchone: a statement left unfinished holds a read mark, and with it
+        # the WAL could never start over
+        [(busy, frames, copied)] = connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        return int(busy), int(frames), int(copied)
+    except sqlite3.Error as exc:  # e.g. the file went away with its test; try again next time
+        logger.debug("wal checkpoint of %s failed: %r", connection, exc)
+        return None
+
+
+_checkpointers: dict[tuple[int, str], tuple[WalCheckpointer, weakref.WeakSet[Any]]] = {}
+_checkpointers_lock = threading.Lock()
+
+
+def ensure_checkpointer(path: str, owner: object) -> None:
+    """Run this process's checkpointer for ``path`` for as long as ``owner`` (an engine) lives."""
+    key = (os.getpid(), os.path.realpath(path))  # a forked child (Celery pool) starts its own
+    with _checkpointers_lock:
+        if key not in _checkpointers:
+            _checkpointers[key] = (WalCheckpointer(key[1]), weakref.WeakSet())
+        owners = _checkpointers[key][1]
+        if owner in owners:
+            return
+        owners.add(owner)
+    weakref.finalize(owner, _owner_gone, key)
+
+
+def _owner_gone(key: tuple[int, str]) -> None:
+    with _checkpointers_lock:
+        entry = _checkpointers.get(key)
+        if entry is not None and not entry[1]:  # the last engine on this file is gone
+            entry[0].stop()
+            del _checkpointers[key]
+
+
+def connect_listener(database: str | None, owner: object) -> Callable[[Any, Any], None]:
+    """The engine's ``connect`` listener: configure each connection; checkpoint a file database."""
+    owner_ref = weakref.ref(owner)
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        configure_connection(dbapi_connection)
+        engine = owner_ref()
+        if database and getattr(dbapi_connection, "_gate", None) is not None and engine is not None:
+            ensure_checkpointer(database, engine)
+
+    return on_connect
