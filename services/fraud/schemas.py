@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+)
 
 from services.fraud.features import FEATURE_NAMES
 
@@ -18,6 +28,11 @@ times as pandas timestamps (a year-1500 row made every retrain of its tenant fai
 TIMESTAMP_WINDOW = f"from {EARLIEST_TIMESTAMP:%Y-%m-%dT%H:%M:%SZ} to {MAX_FUTURE_SKEW.days} day after the server clock"
 """The event times a transaction may have (older ones inside it are scored against the windows of
 their own time: back-tests, catch-up after an outage)."""
+
+AMOUNT_TEXT = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,20})?$")
+"""An amount sent as text: a plain decimal."""
+TIMESTAMP_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:?\d{2})?$")
+"""An event time: ISO 8601 date and time, with an optional UTC offset."""
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
@@ -50,7 +65,10 @@ class TransactionIn(BaseModel):
                                 "own time (back-tests, catch-up after an outage)")
     customer_id: Identifier = Field(description="card or customer id")
     terminal_id: Identifier = Field(description="terminal or merchant id")
-    amount: float = Field(gt=0, lt=1e9, description="amount in currency units (a JSON number or numeric string)")
+    amount: Annotated[float, WithJsonSchema({"anyOf": [
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e9},
+        {"type": "string", "pattern": AMOUNT_TEXT.pattern}]})] = Field(
+        gt=0, lt=1e9, description="amount in currency units: a JSON number, or a decimal string such as \"12.50\"")
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code")
     channel: Channel = Channel.card_present
     merchant_category: str | None = Field(default=None, pattern=r"^\d{4}$", description="ISO 18245 MCC")
@@ -64,10 +82,24 @@ class TransactionIn(BaseModel):
 
     @field_validator("amount", mode="before")
     @classmethod
-    def _not_a_boolean(cls, value: Any) -> Any:
-        # pydantic's lax mode reads true as 1.0; a numeric string ("12.50") stays accepted.
+    def _number_or_decimal_text(cls, value: Any) -> Any:
+        # pydantic's lax mode reads true as 1.0 and "1e3" as 1000.0; the contract is a JSON number
+        # or plain decimal text ("12.50"), as published in the schema.
         if isinstance(value, bool):
             raise ValueError("amount must be a number, not a boolean")
+        if isinstance(value, str) and not AMOUNT_TEXT.match(value):
+            raise ValueError('amount text must be a plain decimal such as "12.50"')
+        return value
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _date_time_text(cls, value: Any) -> Any:
+        # pydantic's lax mode reads a number as Unix seconds and "2026-11-30" as midnight: the
+        # contract is an ISO 8601 date and time.
+        if isinstance(value, datetime):  # built in Python, not parsed from a request
+            return value
+        if not isinstance(value, str) or not TIMESTAMP_TEXT.match(value):
+            raise ValueError("timestamp must be an ISO 8601 date and time, e.g. 2026-11-23T10:15:00Z")
         return value
 
     @field_validator("timestamp")

@@ -108,6 +108,14 @@ def test_integers_for_numbers_and_numeric_amount_strings_stay_accepted(tenant: F
     assert post_signed(tenant, transaction(amount="12.50")).status_code == 200  # documented: numeric string
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("timestamp", 1764500000), ("timestamp", "2026-11-30"), ("amount", "1e3"), ("amount", "12,50")])
+def test_values_the_schema_refuses_are_refused(tenant: FraudTenant, field: str, value: object) -> None:
+    """Unix seconds, a date without a time and exponent or comma amounts: pydantic's lax mode read them."""
+    problem = assert_problem(post_signed(tenant, transaction(**{field: value})), 422, field)
+    assert field in problem["errors"][0]["loc"]
+
+
 # --- 4: media types ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/x-www-form-urlencoded"])
