@@ -12,13 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Depends
-from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator, create_engine, event, text
+from sqlalchemy import JSON, DateTime, MetaData, Select, TypeDecorator, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from shared import sqlite
 from shared.config import Settings, get_settings
@@ -85,6 +86,37 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if "poolclass" not in kwargs:
         kwargs.update(pool_size=10, max_overflow=20)
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+class DriverStatement:
+    """A Core ``SELECT`` compiled once per dialect and run straight on a DBAPI cursor.
+
+    For hot paths: no per-call cache-key, ORM or result processing. The fraud window reads cost
+    0.56 ms of CPU through a Session and 0.1-0.2 ms this way on SQLite. Parameters go to the
+    driver as given and rows come back as the driver's tuples: plain numbers and text only.
+    """
+
+    def __init__(self, statement: Select[Any]) -> None:
+        self.statement = statement
+        self.columns = tuple(str(column.key) for column in statement.selected_columns)
+        self._compiled: dict[tuple[str, str, str], SQLCompiler] = {}
+
+    def execute(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> Any:
+        """Execute on ``cursor`` (of a connection of ``dialect``); returns the cursor."""
+        key = (dialect.name, dialect.driver, dialect.paramstyle)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = cast(SQLCompiler, self.statement.compile(dialect=dialect))
+        values = compiled.construct_params(params)
+        if compiled.positiontup is not None:
+            return cursor.execute(compiled.string, [values[name] for name in compiled.positiontup])
+        return cursor.execute(compiled.string, values)
+
+    def one(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The first row by column name (None when there is none)."""
+        row = self.execute(cursor, dialect, params).fetchone()
+        cursor.fetchall()  # finish the statement (an unfinished one holds SQLite's read snapshot)
+        return None if row is None else dict(zip(self.columns, row, strict=True))
 
 
 def get_engine(url: str | None = None) -> Engine:

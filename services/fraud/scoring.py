@@ -3,8 +3,10 @@
 Two state stores, one semantics (a resend of the same transaction id gets the stored answer and
 changes no feature; an answered transaction is never lost):
 
-- the database (embedded default): two short visits in a worker thread, reading the window state
-  and then committing the decision before it is answered;
+- the database (embedded default): two short visits on the DBAPI cursor (:mod:`services.fraud.state`),
+  reading the window state (on SQLite right on the event loop: ~0.1 ms that never waits on a
+  lock, cheaper than a thread hop; in a worker thread otherwise) and then, in a worker thread,
+  committing the decision before it is answered;
 - Redis (``TESSERA_REDIS_URL`` set): one Lua script before the model and one after, on the event
   loop; the database row is written behind, in batches (:mod:`services.fraud.recorder`).
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from redis.exceptions import RedisError
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -43,9 +46,9 @@ from services.fraud.schemas import (
     TransactionIn,
 )
 from services.fraud.serving import ScoredItem, ScoringItem, model_name_for
-from services.fraud.state import read_aggregates
+from services.fraud.state import read_window_state
 from shared.cache import FreshnessBoundedCache
-from shared.db import session_factory
+from shared.db import get_engine, session_factory
 from shared.errors import Conflict, NotReady
 from shared.kv import redis_configured, redis_multiplexer, redis_unavailable_as_503
 from shared.security import Tenant
@@ -158,13 +161,14 @@ def _scoring_item(tx: TransactionIn, aggregates: WindowAggregates, policy: Tenan
 
 def _read_state(tenant_id: str, tx: TransactionIn, digest: str) -> DecisionOut | WindowAggregates:
     """The stored answer for a resend (409 if its body differs), else the window state from the database."""
-    with session_factory()() as session:
-        existing = session.get(Transaction, (tenant_id, tx.id))
-        if existing is not None:
-            check_same_request(tx.id, existing.request_digest, digest)
-            return stored_decision(existing)
-        return read_aggregates(session, tenant_id=tenant_id, customer_id=tx.customer_id,
-                               terminal_id=tx.terminal_id, tx_time_s=tx.timestamp.timestamp(), amount=tx.amount)
+    aggregates = read_window_state(get_engine(), tenant_id=tenant_id, transaction_id=tx.id,
+                                   customer_id=tx.customer_id, terminal_id=tx.terminal_id,
+                                   tx_time_s=tx.timestamp.timestamp(), amount=tx.amount)
+    if aggregates is not None:
+        return aggregates
+    stored = _stored_in_database(tenant_id, tx.id, digest)
+    assert stored is not None, "decision rows are never deleted"
+    return stored
 
 
 def decide(score: float, hits: list[RuleHit], settings: TenantSettingsIn) -> Decision:
@@ -214,12 +218,26 @@ def decision_record(tenant_id: str, tx: TransactionIn, features: np.ndarray, out
     }
 
 
+_INSERT_DECISION = insert(Transaction)
+
+
 def _store(tenant_id: str, tx: TransactionIn, features: np.ndarray, out: DecisionOut,
            on_flagged: Any | None, digest: str) -> DecisionOut:
     """Commit the decision; a concurrent duplicate that committed first wins and is returned (409 if
     its body differs)."""
     record = decision_record(tenant_id, tx, features, out, digest)
     received_at = datetime.fromtimestamp(record.pop("received_at_s"), UTC)
+    if out.decision == Decision.approve:  # no case, no callback: one INSERT, without the ORM's work
+        try:
+            with get_engine().connect() as connection:
+                connection.execute(_INSERT_DECISION, {**record, "received_at": received_at})
+                connection.commit()
+        except IntegrityError:  # a concurrent duplicate committed first: its answer (409 if it differs)
+            stored = _stored_in_database(tenant_id, tx.id, digest)
+            if stored is None:
+                raise
+            return stored
+        return out
     with session_factory()() as session:
         try:
             session.add(Transaction(**record, received_at=received_at))
@@ -265,7 +283,10 @@ async def score_transaction(tenant_id: str, tx: TransactionIn, policy: TenantPol
     digest = request_digest(tx)
     if redis_configured():
         return await _score_with_redis(tenant_id, tx, policy, digest)
-    state = await asyncio.to_thread(_read_state, tenant_id, tx, digest)
+    if get_engine().dialect.name == "sqlite":  # ~0.1 ms that never waits: cheaper than a thread hop
+        state = _read_state(tenant_id, tx, digest)
+    else:
+        state = await asyncio.to_thread(_read_state, tenant_id, tx, digest)
     if isinstance(state, DecisionOut):
         return state
     model = model_name_for(tenant_id)

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import ColumnElement, Float, Select, String, and_, bindparam, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
 
 from services.fraud.db import Transaction
 from services.fraud.features import HISTORY_LENGTH, SECONDS_PER_DAY, SECONDS_PER_HOUR, WindowAggregates
+from shared.db import DriverStatement
 
 LABEL_DELAY_S = 7 * SECONDS_PER_DAY
 """Labels are assumed known a week after the transaction (the handbook's feedback delay)."""
@@ -30,6 +31,7 @@ _T = bindparam("t", type_=Float)
 _TENANT = bindparam("tenant_id", type_=String)
 _CUSTOMER = bindparam("customer_id", type_=String)
 _TERMINAL = bindparam("terminal_id", type_=String)
+_ID = bindparam("transaction_id", type_=String)
 
 
 def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
@@ -66,31 +68,52 @@ def _terminal_statement() -> Select[Any]:
                                   tx.tx_time_s > end - _TERMINAL_DELAYED_WINDOWS["30d"], tx.tx_time_s <= _T)
 
 
-# Built once: constructing these expressions per request cost more than running them on SQLite.
-CUSTOMER_WINDOWS_SQL = _customer_statement()
-TERMINAL_WINDOWS_SQL = _terminal_statement()
-CARD_HISTORY_SQL = (
+# Built and compiled once: building the expressions per request cost more than running them on
+# SQLite, and so did SQLAlchemy's per-execution work (0.56 ms of CPU for the four reads through a
+# Session against 0.1-0.2 ms on the DBAPI cursor, measured on this box).
+CUSTOMER_WINDOWS_SQL = DriverStatement(_customer_statement())
+TERMINAL_WINDOWS_SQL = DriverStatement(_terminal_statement())
+CARD_HISTORY_SQL = DriverStatement(
     select(Transaction.tx_time_s, Transaction.amount, Transaction.terminal_id)
     .where(Transaction.tenant_id == _TENANT, Transaction.customer_id == _CUSTOMER, Transaction.tx_time_s <= _T)
     .order_by(Transaction.tx_time_s.desc()).limit(HISTORY_LENGTH)
 )
+STORED_SQL = DriverStatement(
+    select(Transaction.transaction_id).where(Transaction.tenant_id == _TENANT, Transaction.transaction_id == _ID)
+)
 
 
-def read_aggregates(session: Session, *, tenant_id: str, customer_id: str, terminal_id: str,
-                    tx_time_s: float, amount: float) -> WindowAggregates:
-    """Window aggregates for a transaction not yet stored, as if it were (current one included).
+def read_window_state(engine: Engine, *, tenant_id: str, transaction_id: str, customer_id: str, terminal_id: str,
+                      tx_time_s: float, amount: float) -> WindowAggregates | None:
+    """Window aggregates for a transaction not yet stored, as if it were (current one included);
+    None when ``transaction_id`` is already stored (a resend: its stored answer is read apart).
 
     Parameters
     ----------
     tx_time_s : event time in seconds since the epoch.
     amount : amount of the transaction being scored (currency units).
     """
-    params = {"tenant_id": tenant_id, "customer_id": customer_id, "terminal_id": terminal_id, "t": tx_time_s}
-    customer = session.execute(CUSTOMER_WINDOWS_SQL, params).one()._mapping
-    terminal = session.execute(TERMINAL_WINDOWS_SQL, params).one()._mapping
-    rows = session.execute(CARD_HISTORY_SQL, params).all()
-    history = tuple((float(time_s), float(amount), str(past_terminal))
-                    for time_s, amount, past_terminal in reversed(rows))
+    params = {"tenant_id": tenant_id, "transaction_id": transaction_id, "customer_id": customer_id,
+              "terminal_id": terminal_id, "t": tx_time_s}
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        if STORED_SQL.one(cursor, engine.dialect, params) is not None:
+            return None
+        customer = CUSTOMER_WINDOWS_SQL.one(cursor, engine.dialect, params)
+        terminal = TERMINAL_WINDOWS_SQL.one(cursor, engine.dialect, params)
+        rows = CARD_HISTORY_SQL.execute(cursor, engine.dialect, params).fetchall()
+        cursor.close()
+    finally:
+        connection.close()
+    assert customer is not None and terminal is not None  # aggregates always return one row
+    return _aggregates(customer, terminal, rows, tx_time_s, amount)
+
+
+def _aggregates(customer: dict[str, Any], terminal: dict[str, Any], history_rows: list[Any],
+                tx_time_s: float, amount: float) -> WindowAggregates:
+    history = tuple((float(time_s), float(past_amount), str(past_terminal))
+                    for time_s, past_amount, past_terminal in reversed(history_rows))
     previous = history[-1][0] if history else None
     first_fraud = terminal["first_fraud_delayed_30d"]
     return WindowAggregates(

@@ -1,0 +1,86 @@
+"""The embedded default's database path: what a decision costs in CPU, and what it stores."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.fraud import scoring
+from services.fraud.db import Transaction
+from services.fraud.features import WindowAggregates
+from services.fraud.schemas import Decision, DecisionOut, Reason, TransactionIn
+from shared.config import get_settings
+from shared.db import session_factory
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+FEATURES = np.linspace(0.0, 1.0, 40)
+
+
+@pytest.fixture
+def migrated_sqlite() -> Path:
+    from services.cli import db_upgrade
+
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    db_upgrade()
+    return get_settings().data_dir
+
+
+def _transaction(i: int, rng: np.random.Generator) -> TransactionIn:
+    return TransactionIn(id=f"tx-{i}", timestamp=START + timedelta(seconds=52 * i),
+                         customer_id=f"c-{rng.integers(1000)}", terminal_id=f"t-{rng.integers(2000)}",
+                         amount=float(rng.integers(1, 300)))
+
+
+def _approval(tx: TransactionIn) -> DecisionOut:
+    return DecisionOut(transaction_id=tx.id, decision=Decision.approve, score=0.01, reasons=[],
+                       model_version="m", rules_version=0, replayed=False)
+
+
+def _decide_and_store(tx: TransactionIn) -> None:
+    digest = scoring.request_digest(tx)
+    state = scoring._read_state("bank", tx, digest)
+    assert isinstance(state, WindowAggregates)
+    scoring._store("bank", tx, FEATURES, _approval(tx), None, digest)
+
+
+def test_a_decision_costs_under_half_a_millisecond_of_database_cpu(migrated_sqlite: Path) -> None:
+    """Window read + committed row of one decision, on 3,000 stored ones (1,000 cards, 2,000 terminals).
+
+    Through the ORM it cost 0.9-1.1 ms of CPU on this box (read 0.56-0.71, store 0.36), and at
+    400 decisions/s the API's database threads alone needed 0.6 of a core; on the DBAPI cursor
+    and one Core INSERT it is ~0.25 ms.
+    """
+    rng = np.random.default_rng(0)
+    transactions = [_transaction(i, rng) for i in range(3600)]
+    for tx in transactions[:3000]:
+        _decide_and_store(tx)
+    started = time.thread_time()
+    for tx in transactions[3000:]:
+        _decide_and_store(tx)
+    per_decision_ms = 1000 * (time.thread_time() - started) / 600
+    assert per_decision_ms < 0.5, f"{per_decision_ms:.2f} ms of CPU a decision"
+
+
+def test_the_fast_paths_store_and_replay_what_the_orm_did(migrated_sqlite: Path) -> None:
+    tx = _transaction(1, np.random.default_rng(1))
+    digest = scoring.request_digest(tx)
+    out = _approval(tx).model_copy(update={"reasons": [Reason(source="model", code="amount", description="d",
+                                                               contribution=0.1)]})
+    assert scoring._store("bank", tx, FEATURES, out, None, digest) == out
+    with session_factory()() as session:
+        row = session.get(Transaction, ("bank", tx.id))
+        assert row is not None
+        assert row.features == [round(float(v), 6) for v in FEATURES]
+        assert row.reasons == [{"source": "model", "code": "amount", "description": "d", "contribution": 0.1}]
+        assert row.request_digest == digest and row.received_at.tzinfo is not None
+        assert row.is_fraud is None and row.decision == "approve"
+    replay = scoring._read_state("bank", tx, digest)
+    assert isinstance(replay, DecisionOut) and replay.replayed and replay.reasons == out.reasons
+    assert scoring._store("bank", tx, FEATURES, out, None, digest).replayed  # a duplicate that lost the race
+    changed = tx.model_copy(update={"amount": tx.amount + 1})
+    with pytest.raises(scoring.TransactionIdReused):
+        scoring._read_state("bank", changed, scoring.request_digest(changed))
