@@ -31,6 +31,11 @@ def run_migrations_online() -> None:
     url = _url()
     engine = make_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
+        if url.startswith("sqlite"):
+            # Batch mode rebuilds a table (copy, DROP, rename): with foreign keys on, the DROP of a
+            # referenced table with rows fails. SQLite ignores this pragma inside a transaction.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # end SQLAlchemy's autobegun transaction: Alembic opens its own
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=url.startswith("sqlite"), compare_type=True)
         with context.begin_transaction():

@@ -14,11 +14,12 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
+from services.cli import db_upgrade
 from shared import jobs
 from shared.db import after_commit, get_engine, session_factory, session_scope, utcnow
 from shared.errors import NotFound
 from shared.jobs import FAILED, SUCCEEDED, Job, get_job, submit_job, sweep_stalled_jobs
-from tests.conftest import Stack
+from tests.conftest import Stack, apply_stack_in_process, sqlite_stack_at
 from tests.shared.job_tasks import EFFECTS_DDL, fail_with_private_text, fail_with_public_text, record_effect
 from tests.support import ManagedProcess, python_argv, wait_until
 
@@ -256,8 +257,11 @@ def test_an_idle_worker_with_beat_is_quiet_at_info(worker: ManagedProcess) -> No
     assert noisy == [], "\n".join(noisy)
 
 
-def test_the_sweeper_logs_only_what_it_recovers(migrated_stack: Stack, monkeypatch: pytest.MonkeyPatch,
+def test_the_sweeper_logs_only_what_it_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # A database of its own: the session's shared stacks hold other tests' unfinished jobs.
+    apply_stack_in_process(sqlite_stack_at(tmp_path), monkeypatch)
+    db_upgrade()
     republished: list[str] = []
     monkeypatch.setattr(jobs, "enqueue", lambda task_name, queue, job_id, countdown=None: republished.append(job_id))
     caplog.set_level(logging.DEBUG, logger="tessera.jobs")
