@@ -58,6 +58,7 @@ from bench.fraud import (  # noqa: E402  (the path above makes the repo importab
     request_bodies,
     simulate,
     start_recorder,
+    stop_processes,
     tessera_cmd,
     wait_ready,
 )
@@ -223,12 +224,7 @@ def run_stack(args: argparse.Namespace, stack: str, artifact: Path, workdir: Pat
         return {**summarise(stack, receiver, answered, waited), **worker_log_counts(worker_log)}
     finally:
         server.shutdown()
-        for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(list(reversed(processes)))
         db.cleanup()
 
 

@@ -665,6 +665,16 @@ def start_recorder(env: dict[str, str], log: Path, timeout_s: float = 90.0) -> s
     return process
 
 
+def stop_processes(processes: list[subprocess.Popen], timeout_s: float = 20.0) -> None:  # type: ignore[type-arg]
+    """SIGTERM each process, wait for it, and kill the ones that do not stop in ``timeout_s``."""
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def tessera_cmd(*argv: str) -> list[str]:
     script = Path(sys.executable).parent / "tessera"
     return [str(script), *argv] if script.exists() else [sys.executable, "-m", "services.cli", *argv]
@@ -818,13 +828,7 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
                 "server_exceptions_logged": log_text.count("Exception in ASGI application"),
                 "server_log_tail": log_text[-2000:]}
     finally:
-        for process in (proc, recorder):
-            if process is not None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stop_processes([p for p in (proc, recorder) if p is not None])
         db.cleanup()
 
 

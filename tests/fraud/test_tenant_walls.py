@@ -113,7 +113,9 @@ def test_models_and_jobs_of_another_tenant_are_invisible(
         job_id = submitted.json()["job_id"]
         models_a = client.get("/models").json()
     with bank_b.client() as client:
-        assert_problem(client.get(f"/jobs/{job_id}"), 404, job_id)
+        foreign = assert_problem(client.get(f"/jobs/{job_id}"), 404, job_id)
+        missing = assert_problem(client.get(f"/jobs/{uuid.uuid4().hex}"), 404, "does not exist")
+        assert foreign.keys() == missing.keys(), "another tenant's job looks exactly like no job"
         models_b = client.get("/models").json()
         # B has no labels of its own: A's traffic does not count towards B's retraining.
         refused = client.post("/models/retrain", json={})

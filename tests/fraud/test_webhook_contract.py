@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import Stack
 from tests.fraud.conftest import FraudServer, FraudTenant, run_cli, serve_fraud, transaction
+from tests.fraud.test_webhook_api import assert_problem
 from tests.support import ManagedProcess, free_port, python_argv, wait_until
 
 VARIANTS = [("sqlite", "hot"), ("sqlite", "fastapi"), ("postgres", "hot"), ("postgres", "fastapi")]
@@ -46,14 +47,6 @@ def post_signed(tenant: FraudTenant, payload: object, path: str = "/transactions
     body, signed_headers = tenant.signed(payload)
     with tenant.client() as client:
         return client.post(path, content=body, headers={**signed_headers, **(headers or {})})
-
-
-def assert_problem(response: httpx.Response, status: int, detail_contains: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    problem = response.json()
-    assert problem["status"] == status and detail_contains in problem["detail"], problem
-    return problem
 
 
 # --- 1, 2: the timestamp window ----------------------------------------------------------------
