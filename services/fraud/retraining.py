@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 from model_runtime.artifacts import load_manifest, save_artifact
 from services.fraud.db import ModelVersion, Transaction
 from services.fraud.features import FEATURE_NAMES, SECONDS_PER_DAY
-from services.fraud.schemas import MAX_FUTURE_SKEW
+from services.fraud.schemas import EARLIEST_TIMESTAMP, MAX_FUTURE_SKEW
 from services.fraud.serving import BACKTEST_NAMESPACE_MARK, default_artifact_dir
 from services.fraud.state import LABEL_DELAY_S
 from services.fraud.training import (
@@ -59,8 +59,8 @@ from shared.jobs import PublicJobError
 
 logger = logging.getLogger("tessera.fraud.retraining")
 
-TRAINING_WINDOW_START_S = 946_684_800.0
-"""2000-01-01T00:00:00Z: older rows are left out of training (and pandas' datetimes end in 1677)."""
+TRAINING_WINDOW_START_S = EARLIEST_TIMESTAMP.timestamp()
+"""The webhook's earliest event time: older rows are left out of training (pandas' datetimes end in 1677)."""
 MIN_TRAINING_FRAUDS = 20
 PROMOTION_METRIC = "average_precision"
 LABELS_NEEDED = {"training_frauds": MIN_TRAINING_FRAUDS, "training_legitimate": 1,
