@@ -12,6 +12,7 @@ row with a lease, re-enqueued by the sweeper when the lease lapses, and applied 
 from __future__ import annotations
 
 import logging
+from importlib.metadata import entry_points
 from typing import Any
 
 from celery import Celery
@@ -24,14 +25,17 @@ from shared.config import VERTICALS, Settings, get_settings
 DEFAULT_QUEUE = "default"
 SWEEP_TASK = "shared.jobs.sweep_stalled_jobs"
 QUEUES: tuple[str, ...] = (DEFAULT_QUEUE, *VERTICALS)
-TASK_MODULES: tuple[str, ...] = (
-    "shared.jobs",
-    "services.fraud.tasks",
-    "services.customer_service.tasks",
-    "services.nodule.tasks",
-    "services.iiot.tasks",
-)
-"""Modules holding tasks. Listed as strings: the worker imports them, ``shared`` itself does not."""
+TASK_MODULE_ENTRY_POINTS = "tessera.task_modules"
+"""Entry-point group in which each vertical declares its Celery task module (``pyproject.toml``)."""
+
+
+def task_modules() -> list[str]:
+    """Modules holding tasks: the platform's own and every vertical's declared one.
+
+    Named as strings: the worker imports them, ``shared`` itself imports no vertical.
+    """
+    declared = sorted(entry.value for entry in entry_points(group=TASK_MODULE_ENTRY_POINTS))
+    return ["shared.jobs", *declared]
 
 
 def _celery_config(settings: Settings) -> dict[str, Any]:
@@ -74,7 +78,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     # The embedded transport polls; its class attribute is the knob that works (see module doc).
     kombu_sqla.Transport.polling_interval = settings.broker_polling_interval_s
-    app = Celery("tessera", include=list(TASK_MODULES))
+    app = Celery("tessera", include=task_modules())
     app.conf.update(_celery_config(settings))
     return app
 
