@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, params
+from fastapi import APIRouter, Depends, FastAPI, params
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp
 
 from shared.config import get_settings
 from shared.db import check_database
-from shared.errors import Problem, install_problem_handlers, problem_responses, require_json_body
+from shared.errors import Problem, install_problem_handlers, is_json_media_type, problem_responses, require_json_body
 from shared.hot_routes import HotRoute, HotRouter
 from shared.observability import Readiness, RequestContextMiddleware, health_router
 from shared.security import SIGNATURE_HEADER
@@ -44,17 +45,24 @@ async def broker_ready() -> None:
     await asyncio.to_thread(_connect)
 
 
-async def json_request_bodies(request: Request) -> None:
+async def json_request_bodies(connection: HTTPConnection) -> None:
     """App-wide dependency: a request body must be JSON (415 otherwise), except on form routes.
 
-    Form routes (``UploadFile``/``Form`` parameters, e.g. ``POST /fraud/v1/backtests``) keep their
-    multipart type; hot routes make the same check themselves (:mod:`shared.hot_routes`).
+    Form routes (``UploadFile``/``Form`` parameters) keep their multipart type, and a route that
+    documents a body of its own non-JSON types in ``openapi_extra`` reads and checks it itself
+    (streamed uploads, :mod:`shared.uploads`); hot routes make the same check themselves
+    (:mod:`shared.hot_routes`). WebSocket routes have no body (:mod:`shared.websockets`).
     """
-    route = request.scope.get("route")
+    if connection.scope["type"] != "http":
+        return
+    route = connection.scope.get("route")
     body_field = getattr(route, "body_field", None)
     if body_field is not None and isinstance(body_field.field_info, params.Form):
         return
-    require_json_body(request.headers)
+    declared_types = (getattr(route, "openapi_extra", None) or {}).get("requestBody", {}).get("content", {})
+    if declared_types and not any(is_json_media_type(media_type) for media_type in declared_types):
+        return
+    require_json_body(connection.headers)
 
 
 class ServiceApp(FastAPI):
