@@ -726,7 +726,7 @@ def summarise_profile(collapsed: Path) -> list[tuple[str, float]]:
          ("score_batch", "serving.py", "lightgbm", "model.py", "features.py", "onnxruntime")),
         ("DB read (_read_state: 3 window queries)", ("_read_state",)),
         ("DB write (_store: INSERT + commit)", ("_store",)),
-        ("write-behind recorder (in the API process)", ("recorder.py",)),
+        ("write-behind recorder (in the API process)", ("recorder.py", "shared/streams.py")),
         ("Redis window state (client, Lua calls)", ("redis/", "shared/kv.py", "hiredis", "redis_state.py")),
         ("signature (verify_signature)", ("verify_signature", "compute_signature", "hmac.py")),
         ("API key (authorize / require_scope)", ("authorize (shared", "require_scope", "authenticate_api_key")),

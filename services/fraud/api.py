@@ -55,6 +55,7 @@ from shared.jobs import get_job, submit_job
 from shared.kv import async_redis, close_async_redis, redis_configured, warm_async_redis
 from shared.observability import Readiness
 from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
+from shared.streams import running_recorders
 
 logger = logging.getLogger("tessera.fraud.api")
 
@@ -366,29 +367,12 @@ async def redis_fast_state() -> AsyncIterator[None]:
     await warm_async_redis()
     try:
         if get_settings().recorder_in_api:
-            async with running_recorder():
+            async with running_recorders([DecisionRecorder(async_redis())]):
                 yield
         else:
             yield
     finally:
         await close_async_redis()
-
-
-@contextlib.asynccontextmanager
-async def running_recorder() -> AsyncIterator[None]:
-    """A :class:`DecisionRecorder` on this event loop; on exit it stops and drains what is left."""
-    recorder = DecisionRecorder(async_redis())
-    task = asyncio.create_task(recorder.run())
-    try:
-        yield
-    finally:
-        recorder.stop()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, timeout=5.0)
-        try:
-            await recorder.drain()
-        except Exception:  # entries left in the stream are recorded by the next process
-            logger.exception("could not drain the decision stream at shutdown")
 
 
 @contextlib.asynccontextmanager

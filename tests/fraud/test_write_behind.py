@@ -27,6 +27,7 @@ from services.fraud.recorder import DEAD_LETTER_STREAM, GROUP, DecisionRecorder,
 from services.fraud.redis_state import RedisWindowState, record_label_sync, terminal_fraud_key
 from services.fraud.schemas import Decision, DecisionOut, Reason, TransactionIn
 from services.fraud.scoring import decision_record
+from shared import streams
 from shared.db import session_scope
 from shared.kv import RedisMultiplexer
 from tests.conftest import Stack, apply_stack_in_process
@@ -117,8 +118,8 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A recorder that dies after its commit but before XACK leaves its entries pending; another
     recorder claims and replays them, and the replay stores no row, case or entry twice."""
-    monkeypatch.setattr(recorder, "CLAIM_IDLE_MS", 100)
-    monkeypatch.setattr(recorder, "CLAIM_EVERY_S", 0)
+    monkeypatch.setattr(streams, "CLAIM_IDLE_MS", 100)
+    monkeypatch.setattr(streams, "CLAIM_EVERY_S", 0)
     decisions = [decision(tenant_id, "review"), decision(tenant_id, "approve"), decision(tenant_id, "approve")]
 
     async def scenario() -> tuple[list[bytes], int]:
