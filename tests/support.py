@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -42,6 +43,16 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, inter
             return
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+async def wait_until_async(predicate: Callable[[], bool], timeout_s: float, what: str,
+                           interval_s: float = 0.001) -> None:
+    """:func:`wait_until` inside a running event loop: yields to it between polls instead of blocking it."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        await asyncio.sleep(interval_s)
 
 
 class ManagedProcess:
