@@ -1,7 +1,8 @@
 """Redis clients for shared fast state (velocity windows, idempotency answers, write-behind streams).
 
 Fast state is optional: with ``TESSERA_REDIS_URL`` unset (the embedded default) every vertical
-keeps its state in the database instead, so :func:`redis_configured` is the one switch callers test.
+keeps its state in the database instead (:func:`redis_configured`); window state is chosen once,
+by :mod:`shared.window_state`, and its callers never test this switch.
 Clients are cached per process (the async one per event loop: a client's connections belong to
 the loop that opened them).
 """
@@ -108,8 +109,17 @@ def redis_unavailable_as_503(what: str) -> Iterator[None]:
     try:
         yield
     except RedisError as exc:
-        logger.warning("%s unavailable: %r", what, exc)
-        raise NotReady(f"{what} (Redis) is unavailable; retry shortly", headers={"Retry-After": "1"}) from exc
+        raise redis_unavailable(what, exc) from exc
+
+
+def redis_unavailable(what: str, exc: RedisError) -> NotReady:
+    """The 503 problem (logged) for ``exc`` while using ``what``: raise it ``from exc``.
+
+    For hot paths, where a ``try``/``except`` costs nothing and :func:`redis_unavailable_as_503`'s
+    generator would be built on every call.
+    """
+    logger.warning("%s unavailable: %r", what, exc)
+    return NotReady(f"{what} (Redis) is unavailable; retry shortly", headers={"Retry-After": "1"})
 
 
 class RedisMultiplexer:

@@ -46,13 +46,14 @@ from services.fraud.serving import (
     watch_live_model,
 )
 from services.fraud.tasks import backtest_csv, enqueue_callback, retrain_model
+from services.fraud.window_store import window_store
 from shared.app import create_service_app, raw_json_body
 from shared.config import get_settings
 from shared.db import SessionDep
 from shared.errors import NotReady, PayloadTooLarge, ProblemError, parse_json, parse_object, problem_responses
 from shared.hot_routes import HotRequest, HotRoute
 from shared.jobs import get_job, submit_job
-from shared.kv import async_redis, close_async_redis, redis_configured, warm_async_redis
+from shared.kv import async_redis
 from shared.observability import Readiness
 from shared.security import SIGNATURE_HEADER, Principal, require_scope, verify_signature
 from shared.streams import running_recorders
@@ -353,26 +354,21 @@ async def _models_ready() -> None:
 
 
 async def _fast_state_ready() -> None:
-    if redis_configured():
-        await async_redis().ping()
+    await window_store().check_ready()
 
 
 @contextlib.asynccontextmanager
-async def redis_fast_state() -> AsyncIterator[None]:
-    """With Redis state: a warm connection pool and, unless a separate ``tessera recorder fraud``
-    does it, the decision stream drained into the database, for as long as the app runs."""
-    if not redis_configured():
-        yield
-        return
-    await warm_async_redis()
-    try:
-        if get_settings().recorder_in_api:
+async def fast_state() -> AsyncIterator[None]:
+    """The window-state store's connections (warm) and, when it writes rows behind and no separate
+    ``tessera recorder fraud`` does it, the decision stream drained into the database, for as long
+    as the app runs."""
+    store = window_store()
+    async with store.connected():
+        if store.written_behind and get_settings().recorder_in_api:
             async with running_recorders([DecisionRecorder(async_redis())]):
                 yield
         else:
             yield
-    finally:
-        await close_async_redis()
 
 
 @contextlib.asynccontextmanager
@@ -383,7 +379,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     await load_fraud_models()
     watcher = asyncio.create_task(watch_live_model())
     try:
-        async with redis_fast_state():
+        async with fast_state():
             yield
     finally:
         watcher.cancel()

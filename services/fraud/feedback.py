@@ -12,12 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.fraud.db import Case, Transaction
-from services.fraud.redis_state import record_label_sync, stored_answer_sync
 from services.fraud.schemas import CaseOut, Decision, DecisionOut, LabelIn, Reason, TenantSettingsIn
-from services.fraud.scoring import replayed_answer, stored_decision, tenant_settings
+from services.fraud.scoring import tenant_settings
+from services.fraud.state import stored_decision
+from services.fraud.window_store import window_store
 from shared.db import utcnow
 from shared.errors import NotFound, NotReady, UnprocessableContent
-from shared.kv import redis_configured, redis_unavailable_as_503, sync_redis
 from shared.outbound import OutboundPolicy, OutboundRefused, UnresolvableHost
 from shared.security import ensure_tenant
 
@@ -37,25 +37,21 @@ def _transaction(session: Session, tenant_id: str, transaction_id: str) -> Trans
 
 
 def decision_of(session: Session, tenant_id: str, transaction_id: str) -> DecisionOut:
-    """The stored decision of a transaction (from Redis while its row is still being written)."""
+    """The stored decision of a transaction (from the window-state store while its row is still
+    being written behind)."""
     row = session.get(Transaction, (tenant_id, transaction_id))
-    if row is None and redis_configured():
-        with redis_unavailable_as_503("fraud decision store"):
-            answer = stored_answer_sync(sync_redis(), tenant_id, transaction_id)
-        if answer is not None:
-            return replayed_answer(answer)
-    if row is None:
+    if row is not None:
+        return stored_decision(row)
+    answer = window_store().unrecorded_answer(tenant_id, transaction_id)
+    if answer is None:
         raise NotFound(f"transaction '{transaction_id}' was never scored for this tenant")
-    return stored_decision(row)
+    return answer
 
 
 def _wait_until_recorded(session: Session, tenant_id: str, transaction_id: str) -> None:
     """With write-behind, a decision answered a moment ago may not be a row yet: wait for the recorder."""
-    if not redis_configured():
+    if window_store().unrecorded_answer(tenant_id, transaction_id) is None:
         return
-    with redis_unavailable_as_503("fraud decision store"):
-        if stored_answer_sync(sync_redis(), tenant_id, transaction_id) is None:
-            return
     deadline = time.monotonic() + RECORDING_WAIT_S
     while time.monotonic() < deadline:
         if session.get(Transaction, (tenant_id, transaction_id), populate_existing=True) is not None:
@@ -69,15 +65,12 @@ def record_label(session: Session, tenant_id: str, transaction_id: str, label: L
     """Label a transaction (analyst verdict or chargeback) and close its open case.
 
     A chargeback overrides an analyst's earlier 'legitimate'; the latest label wins otherwise.
-    With Redis state the label also enters the terminal risk windows there (before the commit: a
+    The label also enters the window-state store's terminal risk windows (before the commit: a
     retried label is harmless, a lost one is not).
     """
     _wait_until_recorded(session, tenant_id, transaction_id)
     row = _transaction(session, tenant_id, transaction_id)
-    if redis_configured():
-        with redis_unavailable_as_503("fraud window state"):
-            record_label_sync(sync_redis(), tenant_id, row.terminal_id, transaction_id, row.tx_time_s,
-                              label.is_fraud)
+    window_store().record_label(tenant_id, row.terminal_id, transaction_id, row.tx_time_s, label.is_fraud)
     row.is_fraud = label.is_fraud
     row.label_source = label.source
     row.labelled_at = utcnow()

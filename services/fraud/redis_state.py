@@ -11,6 +11,9 @@ The hot path with Redis configured (every API replica shares it):
    record to the ``fraud:decisions`` stream - unless a duplicate committed first, whose answer
    wins. The answer goes back to the processor only after this.
 
+:class:`RedisWindowStore` is the :class:`~shared.window_state.WindowStateStore` over these steps
+(one per process; the scripts run over the running loop's :class:`~shared.kv.RedisMultiplexer`).
+
 The database row is written off the request path by :mod:`services.fraud.recorder`, which drains
 the stream in batches. Nothing answered is lost if an API process dies: the record is already in
 the stream (Redis with AOF, ``appendfsync everysec``, as in compose.yaml), and a process that dies
@@ -28,16 +31,22 @@ Cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
+from redis.exceptions import RedisError
 
 from services.fraud.features import HISTORY_LENGTH, SECONDS_PER_DAY, WindowAggregates
-from services.fraud.state import LABEL_DELAY_S
-from shared.kv import RedisMultiplexer, ScriptPipeline
+from services.fraud.schemas import DecisionOut, TransactionIn
+from services.fraud.state import LABEL_DELAY_S, FlaggedHook, check_same_request, stored_in_database
+from shared.errors import Conflict
+from shared.kv import RedisMultiplexer, ScriptPipeline, redis_multiplexer, redis_unavailable, sync_redis
+from shared.window_state import RedisWindowStoreBase
 
 DECISION_STREAM = "fraud:decisions"
 ANSWER_TTL_S = 3600
@@ -297,3 +306,103 @@ async def wait_while_busy(state: RedisWindowState, tenant_id: str, transaction_i
             return answer
         await asyncio.sleep(poll_s)
     return None
+
+
+def replayed_answer(value: bytes) -> DecisionOut:
+    """A stored answer (an answer key's value, :func:`split_answer`) as a resend gets it."""
+    _digest, answer = split_answer(value)
+    return DecisionOut.model_validate_json(answer).model_copy(update={"replayed": True})
+
+
+def checked_replay(transaction_id: str, value: bytes, digest: str) -> DecisionOut:
+    """The stored answer for a resend whose request has ``digest`` (409 if the stored one differs)."""
+    check_same_request(transaction_id, split_answer(value)[0], digest)
+    return replayed_answer(value)
+
+
+MAX_RESERVE_ATTEMPTS = 4
+WINDOW_STATE = "fraud window state"
+DECISION_STORE = "fraud decision store"
+
+
+class RedisWindowStore(RedisWindowStoreBase):
+    """Fraud's window state and answers in Redis (``TESSERA_REDIS_URL`` set), rows written behind.
+
+    A Redis failure is a 503 (:func:`~shared.kv.redis_unavailable`): nothing was answered.
+    """
+
+    def __init__(self) -> None:
+        self._states: weakref.WeakKeyDictionary[RedisMultiplexer, RedisWindowState] = weakref.WeakKeyDictionary()
+        """Keyed by the multiplexer itself, not its id(): a closed one's id may be reused by the next one."""
+
+    def scripts(self) -> RedisWindowState:
+        """The scripts over the running event loop's multiplexer."""
+        multiplexer = redis_multiplexer()
+        state = self._states.get(multiplexer)
+        if state is None:
+            state = self._states[multiplexer] = RedisWindowState(multiplexer)
+        return state
+
+    async def admit(self, tenant_id: str, event: TransactionIn, digest: str) -> WindowAggregates | DecisionOut:
+        """Window state for a new transaction, or the answer a resend (or a concurrent duplicate) gets
+        (409 when its body differs from the one answered)."""
+        try:
+            return await self._reserve(self.scripts(), tenant_id, event, digest)
+        except RedisError as exc:
+            raise redis_unavailable(WINDOW_STATE, exc) from exc
+
+    async def _reserve(self, state: RedisWindowState, tenant_id: str, tx: TransactionIn,
+                       digest: str) -> WindowAggregates | DecisionOut:
+        takeover = False
+        for _ in range(MAX_RESERVE_ATTEMPTS):
+            reservation = await state.reserve(tenant_id, tx.id, tx.customer_id, tx.terminal_id,
+                                              tx.timestamp.timestamp(), tx.amount, takeover=takeover)
+            if reservation.aggregates is not None:
+                return reservation.aggregates
+            if reservation.answer is not None:
+                return checked_replay(tx.id, reservation.answer, digest)
+            if reservation.status == "busy":
+                answer = await wait_while_busy(state, tenant_id, tx.id)
+                if answer is not None:
+                    return checked_replay(tx.id, answer, digest)
+                continue  # the duplicate's lease lapsed: its process died; reserve again
+            stored = await asyncio.to_thread(stored_in_database, tenant_id, tx.id, digest)
+            if stored is not None:
+                return stored
+            takeover = True  # in the windows but never answered: a crashed attempt, score it now
+        raise Conflict("a duplicate of this transaction is still being scored; retry shortly",
+                       headers={"Retry-After": "1"})
+
+    async def commit(self, tenant_id: str, event: TransactionIn, answer: DecisionOut, record: dict[str, Any], *,
+                     on_flagged: FlaggedHook | None = None) -> DecisionOut:
+        """Store the answer and queue ``record`` for the recorder (which opens a flagged decision's
+        case and callback: ``on_flagged`` is not called here); a duplicate's earlier answer wins."""
+        digest = record["request_digest"]
+        try:
+            winner = await self.scripts().commit(tenant_id, event.id, answer.model_dump_json().encode(), record,
+                                                 digest)
+        except RedisError as exc:
+            raise redis_unavailable(WINDOW_STATE, exc) from exc
+        return answer if winner is None else checked_replay(event.id, winner, digest)
+
+    async def release(self, tenant_id: str, event: TransactionIn) -> None:
+        """Drop the pending lease (shielded from the caller's cancellation); if Redis cannot be
+        reached the lease lapses by itself."""
+        with contextlib.suppress(RedisError):
+            await asyncio.shield(self.scripts().release(tenant_id, event.id))
+
+    def unrecorded_answer(self, tenant_id: str, event_id: str) -> DecisionOut | None:
+        """The answer Redis holds for a transaction (None while pending or unknown)."""
+        try:
+            value = stored_answer_sync(sync_redis(), tenant_id, event_id)
+        except RedisError as exc:
+            raise redis_unavailable(DECISION_STORE, exc) from exc
+        return None if value is None else replayed_answer(value)
+
+    def record_label(self, tenant_id: str, terminal_id: str, transaction_id: str, tx_time_s: float,
+                     is_fraud: bool) -> None:
+        """Make a label count in the terminal risk windows (or stop counting, for a reversed label)."""
+        try:
+            record_label_sync(sync_redis(), tenant_id, terminal_id, transaction_id, tx_time_s, is_fraud)
+        except RedisError as exc:
+            raise redis_unavailable(WINDOW_STATE, exc) from exc

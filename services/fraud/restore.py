@@ -27,8 +27,10 @@ from services.fraud.redis_state import (
     terminal_key,
     window_member,
 )
+from services.fraud.window_store import window_store
 from shared.db import session_factory
-from shared.kv import redis_configured, sync_redis
+from shared.kv import sync_redis
+from shared.window_state import WindowBackend
 
 logger = logging.getLogger("tessera.fraud.restore")
 
@@ -83,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tessera restore-state fraud", description=__doc__.splitlines()[0])
     parser.add_argument("--tenant", help="only this tenant (default: all)")
     args = parser.parse_args(argv)
-    if not redis_configured():
+    if window_store().backend is not WindowBackend.REDIS:
         parser.error("TESSERA_REDIS_URL is not set: the window state lives in the database already")
     with session_factory()() as session:
         written = restore_window_state(session, sync_redis(), args.tenant)

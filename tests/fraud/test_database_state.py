@@ -13,6 +13,7 @@ from services.fraud import scoring
 from services.fraud.db import Transaction
 from services.fraud.features import WindowAggregates
 from services.fraud.schemas import Decision, DecisionOut, Reason, TransactionIn
+from services.fraud.state import DatabaseWindowStore, TransactionIdReused
 from shared.config import get_settings
 from shared.db import session_factory
 
@@ -40,11 +41,15 @@ def _approval(tx: TransactionIn) -> DecisionOut:
                        model_version="m", rules_version=0, replayed=False)
 
 
-def _decide_and_store(tx: TransactionIn) -> None:
+def _store(store: DatabaseWindowStore, tx: TransactionIn, out: DecisionOut, digest: str) -> DecisionOut:
+    return store.store("bank", out, scoring.decision_record("bank", tx, FEATURES, out, digest))
+
+
+def _decide_and_store(store: DatabaseWindowStore, tx: TransactionIn) -> None:
     digest = scoring.request_digest(tx)
-    state = scoring._read_state("bank", tx, digest)
+    state = store.read("bank", tx, digest)
     assert isinstance(state, WindowAggregates)
-    scoring._store("bank", tx, FEATURES, _approval(tx), None, digest)
+    _store(store, tx, _approval(tx), digest)
 
 
 def test_a_decision_costs_under_half_a_millisecond_of_database_cpu(migrated_sqlite: Path) -> None:
@@ -56,11 +61,12 @@ def test_a_decision_costs_under_half_a_millisecond_of_database_cpu(migrated_sqli
     """
     rng = np.random.default_rng(0)
     transactions = [_transaction(i, rng) for i in range(3600)]
+    store = DatabaseWindowStore()
     for tx in transactions[:3000]:
-        _decide_and_store(tx)
+        _decide_and_store(store, tx)
     started = time.thread_time()
     for tx in transactions[3000:]:
-        _decide_and_store(tx)
+        _decide_and_store(store, tx)
     per_decision_ms = 1000 * (time.thread_time() - started) / 600
     assert per_decision_ms < 0.5, f"{per_decision_ms:.2f} ms of CPU a decision"
 
@@ -70,7 +76,8 @@ def test_the_fast_paths_store_and_replay_what_the_orm_did(migrated_sqlite: Path)
     digest = scoring.request_digest(tx)
     out = _approval(tx).model_copy(update={"reasons": [Reason(source="model", code="amount", description="d",
                                                                contribution=0.1)]})
-    assert scoring._store("bank", tx, FEATURES, out, None, digest) == out
+    store = DatabaseWindowStore()
+    assert _store(store, tx, out, digest) == out
     with session_factory()() as session:
         row = session.get(Transaction, ("bank", tx.id))
         assert row is not None
@@ -78,9 +85,9 @@ def test_the_fast_paths_store_and_replay_what_the_orm_did(migrated_sqlite: Path)
         assert row.reasons == [{"source": "model", "code": "amount", "description": "d", "contribution": 0.1}]
         assert row.request_digest == digest and row.received_at.tzinfo is not None
         assert row.is_fraud is None and row.decision == "approve"
-    replay = scoring._read_state("bank", tx, digest)
+    replay = store.read("bank", tx, digest)
     assert isinstance(replay, DecisionOut) and replay.replayed and replay.reasons == out.reasons
-    assert scoring._store("bank", tx, FEATURES, out, None, digest).replayed  # a duplicate that lost the race
+    assert _store(store, tx, out, digest).replayed  # a duplicate that lost the race
     changed = tx.model_copy(update={"amount": tx.amount + 1})
-    with pytest.raises(scoring.TransactionIdReused):
-        scoring._read_state("bank", changed, scoring.request_digest(changed))
+    with pytest.raises(TransactionIdReused):
+        store.read("bank", changed, scoring.request_digest(changed))
