@@ -171,7 +171,7 @@ def latency(artifact: Path, repeats: int = 300) -> dict:
     Runtime fp32, ONNX Runtime int8), predict_batch per tree backend, reasons; plus the ranking
     quality of each sequence backend on the Chapter 3 test set."""
     from services.fraud.evaluation import assess
-    from services.fraud.model import FraudScorer
+    from services.fraud.model import SEQUENCE_BACKENDS, FraudScorer
 
     transactions = hb.load_transactions()
     features, sequences = compute_offline_features(transactions)
@@ -179,7 +179,7 @@ def latency(artifact: Path, repeats: int = 300) -> dict:
     x, seq = features.to_numpy(np.float32)[test_pos], sequences[test_pos]
     sizes = (1, 8, 64)
     report: dict = {"artifact": str(artifact), "threads": 1, "sequence_model": {}, "predict_batch": {}}
-    for backend in ("torch", "onnx", "int8"):
+    for backend in SEQUENCE_BACKENDS:
         scorer = FraudScorer(artifact, sequence_backend=backend)
         run_sequence = scorer._sequence
         report["sequence_model"][backend] = {

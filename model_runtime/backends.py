@@ -10,8 +10,11 @@ A backend is a callable ``(batch: Tensor[N, ...] float32, CPU) -> Tensor[N, ...]
   (chosen over ``torch.ao.quantize_dynamic``, deprecated in torch 2.13 and unsafe on
   ``nn.TransformerEncoder`` unless the process-wide MHA fast path is switched off).
 
-Only single-input, single-output modules are exported. :func:`choose_cpu_backend` measures latency
-and accuracy against eager; the verticals record its measurements in their model cards.
+Only single-input, single-output modules are exported. :func:`choose_cpu_backend` exports and
+measures latency and accuracy against eager; :func:`compare_backends` measures backends a vertical
+built itself (e.g. from the graphs in its artifact). A vertical measures at training time and
+records the choice in its artifact (:func:`record_backend_choice`: manifest ``extra`` and model
+card), and its loader serves :func:`recorded_backend`.
 Every ONNX Runtime session is made by :func:`onnx_session`, which first folds the export's shape
 plumbing away (:func:`simplified_onnx`).
 """
@@ -20,13 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
+import os
+import platform
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,10 +40,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from model_runtime.artifacts import MANIFEST_NAME, MODEL_CARD_NAME, ArtifactManifest
 from model_runtime.device import Placement, inference_context
 from shared.config import get_settings
 
 CPU_CANDIDATES: tuple[str, ...] = ("eager", "onnx", "onnx-int8")
+SERVING_BACKEND_KEY = "serving_backend"
+"""Manifest ``extra`` key of the measured choices: ``{component: BackendChoice.as_dict()}``."""
 logger = logging.getLogger("tessera.model_runtime.backends")
 
 
@@ -165,8 +174,6 @@ def export_onnx(module: torch.nn.Module, example_batch: torch.Tensor, path: Path
 
 def quantize_onnx_int8(source: Path, destination: Path) -> Path:
     """Write an int8-weight copy of an ONNX graph (dynamic activation quantization)."""
-    import logging
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quiet = logging.getLogger()
@@ -226,11 +233,15 @@ class BackendMeasurement:
 
 @dataclass
 class BackendChoice:
-    """The fastest accurate backend and every measurement behind the choice."""
+    """The fastest accurate backend and every measurement behind the choice.
+
+    ``conditions``: how it was measured (threads, example rows, machine), recorded beside it.
+    """
 
     backend: Backend
     measurements: list[BackendMeasurement]
     max_abs_error: float
+    conditions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -240,7 +251,7 @@ class BackendChoice:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready record for a model card."""
         return {"chosen": self.name, "max_abs_error_allowed": self.max_abs_error,
-                "measurements": [asdict(m) for m in self.measurements]}
+                "measurements": [asdict(m) for m in self.measurements], "conditions": self.conditions}
 
 
 def time_call(call: Callable[[torch.Tensor], Any], batch: torch.Tensor, *, repeats: int = 30,
@@ -273,11 +284,66 @@ def _measure(name: str, backend: Backend, example_batch: torch.Tensor, reference
     return measurement
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count set to ``threads`` (unchanged when None)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def compare_backends(reference: Backend, candidates: Mapping[str, Backend], example_batch: torch.Tensor,
+                     max_abs_error: float = 1e-3, *, batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
+                     threads: int | None = None,
+                     failed: Sequence[BackendMeasurement] = ()) -> BackendChoice:
+    """Measure built backends against ``reference`` and choose the fastest accurate one.
+
+    Parameters
+    ----------
+    reference : Backend
+        Whose outputs are the truth (eager torch); chosen when no candidate is usable.
+    candidates : mapping of name -> Backend
+        The backends to measure (the reference may be one of them, under its own name).
+    example_batch : Tensor[N, ...]
+        Representative inputs; accuracy is checked on all N, latency on tiles of it.
+    max_abs_error : float
+        Largest allowed absolute difference from the reference's outputs (output units).
+    batch_sizes : sequence of int
+        Batch sizes to time; the score is the geometric mean of their latencies.
+    repeats : int
+        Timed calls per batch size (median kept).
+    threads : int, optional
+        Torch intra-op threads while measuring (match what serving uses, e.g. 1).
+    failed : sequence of BackendMeasurement
+        Candidates that could not be built, recorded as they are.
+    """
+    with torch_threads(threads), torch.inference_mode():
+        reference_output = reference(example_batch)
+        measurements = list(failed)
+        for name, backend in candidates.items():
+            try:
+                measurements.append(_measure(name, backend, example_batch, reference_output, batch_sizes,
+                                             max_abs_error, repeats))
+            except Exception as exc:  # a candidate that cannot run is recorded, not fatal
+                measurements.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
+    best = min(measurements, key=lambda m: m.score)
+    chosen = candidates.get(best.name, reference) if math.isfinite(best.score) else reference
+    conditions = {"torch_threads": threads or torch.get_num_threads(), "example_rows": int(example_batch.shape[0]),
+                  "repeats": repeats, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return BackendChoice(backend=chosen, measurements=measurements, max_abs_error=max_abs_error,
+                         conditions=conditions)
+
+
 def choose_cpu_backend(model: torch.nn.Module, example_batch: torch.Tensor,
                        candidates: Sequence[str] = CPU_CANDIDATES, max_abs_error: float = 1e-3, *,
                        batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
                        workdir: Path | None = None) -> BackendChoice:
-    """Measure each CPU backend and return the fastest one whose outputs stay close to eager.
+    """Export, measure each CPU backend and return the fastest one whose outputs stay close to eager.
 
     Parameters
     ----------
@@ -287,12 +353,8 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: torch.Tensor,
         Representative inputs; accuracy is checked on all N, latency on tiles of it.
     candidates : sequence of str
         Backend names from :data:`CPU_CANDIDATES`.
-    max_abs_error : float
-        Largest allowed absolute difference from eager outputs (output units).
-    batch_sizes : sequence of int
-        Batch sizes to time; the score is the geometric mean of their latencies.
-    repeats : int
-        Timed calls per batch size (median kept).
+    max_abs_error, batch_sizes, repeats
+        As in :func:`compare_backends`.
     workdir : Path, optional
         Where exported graphs are written (a temporary directory by default; keep it if the
         chosen backend is ONNX, since ONNX Runtime has already loaded the graph into memory).
@@ -303,20 +365,69 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: torch.Tensor,
         The chosen backend (eager when nothing beats it accurately) and all measurements.
     """
     eager = TorchBackend(model)
-    with torch.inference_mode():
-        reference = eager(example_batch)
-    measurements: list[BackendMeasurement] = []
     built: dict[str, Backend] = {}
+    failed: list[BackendMeasurement] = []
     with tempfile.TemporaryDirectory(prefix="tessera-backend-") as scratch:
         folder = workdir or Path(scratch)
         for name in candidates:
             try:
-                backend = eager if name == "eager" else build_cpu_backend(name, model, example_batch, folder)
-                measurements.append(_measure(name, backend, example_batch, reference, batch_sizes,
-                                             max_abs_error, repeats))
-                built[name] = backend
+                built[name] = eager if name == "eager" else build_cpu_backend(name, model, example_batch, folder)
             except Exception as exc:  # a candidate that cannot be built is recorded, not fatal
-                measurements.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
-    best = min(measurements, key=lambda m: m.score)
-    chosen = built.get(best.name, eager) if math.isfinite(best.score) else eager
-    return BackendChoice(backend=chosen, measurements=measurements, max_abs_error=max_abs_error)
+                failed.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
+        return compare_backends(eager, built, example_batch, max_abs_error, batch_sizes=batch_sizes,
+                                repeats=repeats, failed=failed)
+
+
+# --------------------------------------------------------------------------- the record in an artifact
+
+BACKEND_SECTION = "## Serving backend (measured)"
+
+
+def record_backend_choice(directory: Path, component: str, choice: BackendChoice) -> None:
+    """Write ``choice`` into a sealed artifact: manifest ``extra[serving_backend][component]`` and the card.
+
+    Neither file is a payload file, so the artifact's digests (and its served bytes) are unchanged.
+    The card gets (or has replaced) a ``## Serving backend (measured)`` section per component.
+    """
+    manifest_path = directory / MANIFEST_NAME
+    raw = json.loads(manifest_path.read_text())
+    raw.setdefault("extra", {}).setdefault(SERVING_BACKEND_KEY, {})[component] = choice.as_dict()
+    manifest_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    card_path = directory / MODEL_CARD_NAME
+    card = card_path.read_text() if card_path.exists() else ""
+    card_path.write_text(_with_card_section(card, component, backend_choice_markdown(component, choice)))
+
+
+def recorded_backend(manifest: ArtifactManifest, component: str) -> str | None:
+    """The backend an artifact's card chose for ``component``, or None if the card predates the record."""
+    record = manifest.extra.get(SERVING_BACKEND_KEY, {}).get(component)
+    return record.get("chosen") if isinstance(record, dict) else None
+
+
+def backend_choice_markdown(component: str, choice: BackendChoice) -> str:
+    """The card section: one row per candidate, latency per batch size, error against the reference."""
+    sizes = sorted({size for m in choice.measurements for size in m.latency_ms})
+    header = " | ".join(f"batch {size} ms" for size in sizes)
+    rows = []
+    for m in choice.measurements:
+        if m.error:
+            rows.append(f"| {m.name} | failed: {m.error} |")
+            continue
+        latencies = " | ".join(f"{m.latency_ms.get(size, float('nan')):.4f}" for size in sizes)
+        rows.append(f"| {m.name} | {latencies} | {m.max_abs_error:.2e} | {'yes' if m.accurate else 'no'} |")
+    conditions = ", ".join(f"{k} {v}" for k, v in choice.conditions.items())
+    return (f"{BACKEND_SECTION}: {component}\n"
+            f"Served: **{choice.name}** - the fastest candidate (geometric mean over batch sizes) whose outputs "
+            f"stay within {choice.max_abs_error:g} of the reference's on the example batch ({conditions}).\n\n"
+            f"| backend | {header} | max abs error | accurate |\n|---|{'---|' * len(sizes)}---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def _with_card_section(card: str, component: str, section: str) -> str:
+    """``card`` with the section of ``component`` replaced, or appended when absent."""
+    heading = f"{BACKEND_SECTION}: {component}\n"
+    if heading not in card:
+        return card.rstrip("\n") + "\n\n" + section
+    before, after = card.split(heading, 1)
+    rest = after.split("\n## ", 1)
+    return before + section + ("\n## " + rest[1] if len(rest) > 1 else "")

@@ -17,6 +17,7 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -142,7 +143,15 @@ def evaluate_folds(data: PreparedData, scorer: Scorer, starts: list[dt.datetime]
             "seconds": float(sum(f.seconds for f in folds))}
 
 
-def sklearn_scorer(make_model: Callable[[], object], scale: bool = True) -> Scorer:
+class Classifier(Protocol):
+    """What a baseline needs of a scikit-learn-style classifier."""
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> object: ...
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def sklearn_scorer(make_model: Callable[[], Classifier], scale: bool = True) -> Scorer:
     """A handbook baseline: sklearn-style classifier on the 15 handbook features, standard-scaled."""
     from sklearn.preprocessing import StandardScaler
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_runtime.artifacts import load_manifest
-from model_runtime.backends import onnx_session
+from model_runtime.artifacts import ArtifactManifest, load_manifest
+from model_runtime.backends import (
+    CPU_CANDIDATES,
+    Backend,
+    BackendChoice,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    compare_backends,
+    onnx_session,
+    recorded_backend,
+)
 from services.fraud.features import FEATURE_NAMES, SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_tensor
 
 SEQUENCE_FEATURE = "CARD_SEQUENCE_LOGIT"
@@ -32,6 +41,16 @@ SEQUENCE_STATE_FILE = "sequence.pt"
 SEQUENCE_ONNX_FILE = "sequence.onnx"
 SEQUENCE_INT8_FILE = "sequence_int8.onnx"
 CONFIG_FILE = "scorer.json"
+SEQUENCE_COMPONENT = "sequence"
+"""Name of the card-sequence transformer in the card's measured backend record."""
+SEQUENCE_BACKENDS = CPU_CANDIDATES
+"""``eager`` (torch), ``onnx`` (ONNX Runtime fp32), ``onnx-int8`` (dynamically quantized ONNX)."""
+FALLBACK_SEQUENCE_BACKEND = "onnx"
+"""Served when the card predates the measured record: the backend every measurement so far chose."""
+SEQUENCE_MAX_ABS_ERROR = 1e-3
+"""Largest logit difference from eager torch a sequence backend may have to be chosen."""
+SEQUENCE_THREADS = 1
+"""Intra-op threads of the served sequence model (one request's model pass runs on one core)."""
 
 RawTransaction = tuple[float, float, str, tuple[tuple[float, float, str], ...]]
 """(amount, tx_time_seconds, terminal_id, card_history) - what ``sequence_matrix`` takes."""
@@ -268,13 +287,14 @@ class LeafIndexer:
         self.n_trees = booster.num_trees()
         self.num_iteration = booster.best_iteration if booster.best_iteration > 0 else -1
         self._parameters = ctypes.c_char_p(b"num_threads=1")
+        self._predict: Any = None
         try:
             from lightgbm.basic import _LIB, _safe_call
 
             self._predict = _LIB.LGBM_BoosterPredictForMat
             self._safe_call = _safe_call
         except (ImportError, AttributeError):
-            self._predict = None
+            pass  # Booster.predict serves
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         """(B, F) model inputs -> (B, T) leaf indices (float64, as LightGBM returns them)."""
@@ -299,14 +319,16 @@ class FraudScorer:
     Parameters
     ----------
     directory : artifact folder (``manifest.json`` + payload), verified by sha256 on load.
-    sequence_backend : "onnx" (ONNX Runtime fp32, default), "int8" (dynamically quantized ONNX)
-        or "torch" (eager) for the card-sequence transformer.
+    sequence_backend : one of :data:`SEQUENCE_BACKENDS` for the card-sequence transformer; by
+        default the one the artifact's card records as measured fastest and accurate at training
+        time (:func:`measure_sequence_backends`), :data:`FALLBACK_SEQUENCE_BACKEND` for a card
+        without that record.
     tree_backend : "lightgbm" (default; fastest as measured) or "numpy" (the booster flattened into
         arrays, :class:`CompactTrees`: no LightGBM needed at serving time, but 3-5x slower for a
         500-tree, 63-leaf booster on 2 CPU cores - see bench/fraud_eval.py --latency).
     """
 
-    def __init__(self, directory: Path, *, sequence_backend: str = "onnx", tree_backend: str = "lightgbm",
+    def __init__(self, directory: Path, *, sequence_backend: str | None = None, tree_backend: str = "lightgbm",
                  verify: bool = True) -> None:
         self.manifest = load_manifest(Path(directory), verify=verify)
         directory = Path(directory)
@@ -321,7 +343,8 @@ class FraudScorer:
         self.paths = PathAttribution.from_booster(self.booster)
         self.leaf_index = LeafIndexer(self.booster)
         self.tree_backend = tree_backend
-        self._sequence = _load_sequence_backend(directory, sequence_backend) if self.uses_sequence else None
+        self.sequence_backend = sequence_backend or served_sequence_backend(self.manifest)
+        self._sequence = _load_sequence_backend(directory, self.sequence_backend) if self.uses_sequence else None
 
     def model_inputs(self, features: np.ndarray,
                      sequences: np.ndarray | Sequence[RawTransaction] | None = None) -> np.ndarray:
@@ -336,6 +359,7 @@ class FraudScorer:
         batch = _as_sequence_array(sequences)
         if batch.shape[0] != features.shape[0]:
             raise ValueError(f"{features.shape[0]} feature rows but {batch.shape[0]} sequences")
+        assert self._sequence is not None  # uses_sequence
         logits = self._sequence(batch)
         return np.column_stack([features.astype(np.float64), logits.astype(np.float64)])
 
@@ -358,7 +382,7 @@ class FraudScorer:
         if self.tree_backend == "numpy":
             margin = self.trees.margin(inputs)
         else:
-            margin = self.booster.predict(inputs, raw_score=True, num_threads=1)
+            margin = np.asarray(self.booster.predict(inputs, raw_score=True, num_threads=1))
         return platt_probability(margin, self.slope, self.intercept)
 
     def score_with_reasons(self, features: np.ndarray,
@@ -402,7 +426,7 @@ class FraudScorer:
         """
         inputs = self.model_inputs(features, sequences)
         if method == "shap":
-            contrib = self.booster.predict(inputs, pred_contrib=True, num_threads=1)[:, :-1]
+            contrib = np.asarray(self.booster.predict(inputs, pred_contrib=True, num_threads=1))[:, :-1]
         else:
             contrib = self._explain(inputs)[1]
         return self._top(contrib, k)
@@ -437,22 +461,59 @@ def _as_sequence_array(sequences: np.ndarray | Sequence[RawTransaction]) -> np.n
     return sequence_tensor(amounts, times, terminals, histories)
 
 
-def _load_sequence_backend(directory: Path, backend: str):
-    """A callable (B, K, S) float32 -> (B,) float32 logits for the chosen backend."""
-    if backend == "torch":
-        state = torch.load(directory / SEQUENCE_STATE_FILE, map_location="cpu", weights_only=True)
-        config = SequenceConfig(**state["config"])
-        model = SequenceEnsemble([CardSequenceEncoder(config) for _ in range(state["n_models"])])
-        model.load_state_dict(state["weights"])
-        model.eval()
+def served_sequence_backend(manifest: ArtifactManifest) -> str:
+    """The sequence backend an artifact's card records as chosen by measurement, else the fallback."""
+    chosen = recorded_backend(manifest, SEQUENCE_COMPONENT)
+    return chosen if chosen in SEQUENCE_BACKENDS else FALLBACK_SEQUENCE_BACKEND
+
+
+def load_sequence_ensemble(directory: Path) -> SequenceEnsemble:
+    """The card-sequence transformer from its state file, in eval mode (eager torch)."""
+    state = torch.load(directory / SEQUENCE_STATE_FILE, map_location="cpu", weights_only=True)
+    config = SequenceConfig(**state["config"])
+    model = SequenceEnsemble([CardSequenceEncoder(config) for _ in range(state["n_models"])])
+    model.load_state_dict(state["weights"])
+    return model.eval()
+
+
+def measure_sequence_backends(directory: Path, example_sequences: np.ndarray, *,
+                              repeats: int = 30) -> BackendChoice:
+    """Time eager torch, the artifact's ONNX graph and its int8 graph as served; choose one.
+
+    The runtime's measurement (:func:`model_runtime.backends.compare_backends`): one thread, batch
+    sizes 1, 8 and 64, accuracy as the largest logit difference from eager on ``example_sequences``
+    ((N, K, S) float32 from ``features.sequence_matrix``), at most :data:`SEQUENCE_MAX_ABS_ERROR`.
+    """
+    eager = TorchBackend(load_sequence_ensemble(directory))
+    candidates: dict[str, Backend] = {
+        "eager": eager,
+        "onnx": OnnxRuntimeBackend(directory / SEQUENCE_ONNX_FILE, threads=SEQUENCE_THREADS, name="onnx"),
+        "onnx-int8": OnnxRuntimeBackend(directory / SEQUENCE_INT8_FILE, threads=SEQUENCE_THREADS,
+                                        name="onnx-int8"),
+    }
+    example = torch.from_numpy(np.ascontiguousarray(example_sequences, dtype=np.float32))
+    return compare_backends(eager, candidates, example, SEQUENCE_MAX_ABS_ERROR, batch_sizes=(1, 8, 64),
+                            repeats=repeats, threads=SEQUENCE_THREADS)
+
+
+SequenceRunner = Callable[[np.ndarray], np.ndarray]
+
+
+def _load_sequence_backend(directory: Path, backend: str) -> SequenceRunner:
+    """A callable (B, K, S) float32 -> (B,) float32 logits for one of :data:`SEQUENCE_BACKENDS`."""
+    if backend not in SEQUENCE_BACKENDS:
+        raise ValueError(f"unknown sequence backend {backend!r}; expected one of {', '.join(SEQUENCE_BACKENDS)}")
+    if backend == "eager":
+        model = load_sequence_ensemble(directory)
 
         def run_torch(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
         return run_torch
-    name = SEQUENCE_INT8_FILE if backend == "int8" else SEQUENCE_ONNX_FILE
-    session = onnx_session(directory / name, threads=1)
+    session = onnx_session(directory / (SEQUENCE_INT8_FILE if backend == "onnx-int8" else SEQUENCE_ONNX_FILE),
+                           threads=SEQUENCE_THREADS)
+    input_name = session.get_inputs()[0].name  # "sequences" in older artifacts, the runtime's "input" since
 
     def run_onnx(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {"sequences": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
     return run_onnx

@@ -13,9 +13,9 @@ so the evaluation protocol reuses exactly what ships.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,30 @@ import pandas as pd
 import torch
 from torch import nn
 
-from model_runtime.artifacts import ArtifactManifest, save_artifact
-from services.fraud.features import FEATURE_NAMES, compute_offline_features
+from model_runtime.artifacts import ArtifactManifest, load_manifest, save_artifact
+from model_runtime.backends import export_onnx, quantize_onnx_int8, record_backend_choice
+from model_runtime.training_data import (
+    TRAINING_DATA_KEY,
+    DataProvenance,
+    DateRange,
+    TrainingDataError,
+    add_data_arguments,
+    bad_rows_text,
+    date_range_from,
+    parse_timestamps,
+    read_table,
+)
+from services.fraud.features import (
+    FEATURE_NAMES,
+    SECONDS_PER_DAY,
+    SEQUENCE_CHANNELS,
+    SEQUENCE_STEPS,
+    compute_offline_features,
+)
 from services.fraud.model import (
     BOOSTER_FILE,
     CONFIG_FILE,
+    SEQUENCE_COMPONENT,
     SEQUENCE_FEATURE,
     SEQUENCE_INT8_FILE,
     SEQUENCE_ONNX_FILE,
@@ -40,8 +59,10 @@ from services.fraud.model import (
     CompactTrees,
     SequenceConfig,
     SequenceEnsemble,
+    measure_sequence_backends,
     platt_probability,
 )
+from shared.config import get_settings
 
 MODEL_NAME = "fraud"
 
@@ -181,11 +202,13 @@ class FittedModel:
         features = np.asarray(features, dtype=np.float64)
         if not self.uses_sequence:
             return features
+        if sequences is None:
+            raise ValueError("this model stacks the card-sequence transformer: pass sequences")
         return np.column_stack([features, sequence_logits(self.sequence_models, sequences)])
 
     def margin(self, features: np.ndarray, sequences: np.ndarray | None = None) -> np.ndarray:
         """Raw booster score (log-odds) per row; (N,) float64."""
-        return self.booster.predict(self.inputs(features, sequences), raw_score=True)
+        return np.asarray(self.booster.predict(self.inputs(features, sequences), raw_score=True))
 
     def predict(self, features: np.ndarray, sequences: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probability per row; (N,) float64."""
@@ -207,6 +230,8 @@ def fit_model(features: np.ndarray, labels: np.ndarray, *, sequences: np.ndarray
     sequence_models: list[CardSequenceEncoder] = []
     x = np.asarray(features, dtype=np.float64)
     if sequence_settings is not None:
+        if sequences is None or customers is None:
+            raise ValueError("the sequence model needs sequences and customers")
         oof, sequence_models = out_of_fold_sequence_logits(sequences, labels, customers, sequence_settings)
         x = np.column_stack([x, oof])
         names = names + (SEQUENCE_FEATURE,)
@@ -307,21 +332,11 @@ def train_candidate(labelled: pd.DataFrame, sequences: np.ndarray | None = None,
 
 # --------------------------------------------------------------------------- artifact
 
-def export_sequence_onnx(model: CardSequenceEncoder, path: Path, int8_path: Path | None = None) -> None:
-    """Export the sequence model to ONNX (dynamic batch) and optionally an int8 dynamic-quantized copy."""
-    from services.fraud.features import SEQUENCE_CHANNELS, SEQUENCE_STEPS
-
+def export_sequence_onnx(model: nn.Module, directory: Path) -> None:
+    """The sequence model as ONNX (dynamic batch) and its int8 copy, by the runtime's exporter."""
     example = torch.zeros(2, SEQUENCE_STEPS, len(SEQUENCE_CHANNELS))
-    example[:, -1, 0] = 1.0
-    with warnings.catch_warnings():  # tracer notes about shape checks that are constant here
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=["sequences"], output_names=["logits"],
-                          dynamic_axes={"sequences": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    if int8_path is not None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(path), str(int8_path), weight_type=QuantType.QInt8)
+    example[:, -1, 0] = 1.0  # the current step is always valid
+    quantize_onnx_int8(export_onnx(model, example, directory / SEQUENCE_ONNX_FILE), directory / SEQUENCE_INT8_FILE)
 
 
 def write_payload(model: FittedModel, directory: Path) -> None:
@@ -335,7 +350,7 @@ def write_payload(model: FittedModel, directory: Path) -> None:
         merged = SequenceEnsemble(model.sequence_models).eval()
         torch.save({"config": asdict(model.sequence_models[0].config), "n_models": len(model.sequence_models),
                     "weights": merged.state_dict()}, directory / SEQUENCE_STATE_FILE)
-        export_sequence_onnx(merged, directory / SEQUENCE_ONNX_FILE, directory / SEQUENCE_INT8_FILE)
+        export_sequence_onnx(merged, directory)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -343,8 +358,12 @@ def train_fraud_model(train_df: pd.DataFrame, valid_df: pd.DataFrame, *, output_
                       version: str, context_df: pd.DataFrame | None = None,
                       test_df: pd.DataFrame | None = None, params: GbmParams = GbmParams(),
                       sequence_settings: SequenceTraining | None = None, data_description: str = "",
-                      rebuild_command: str = "", card_notes: str = "") -> ArtifactManifest:
+                      rebuild_command: str = "", card_notes: str = "",
+                      extra: dict[str, Any] | None = None) -> ArtifactManifest:
     """Train on ``train_df``, Platt-calibrate and measure on the later ``valid_df``, seal an artifact.
+
+    With the sequence model, its serving backend is then chosen by the runtime's measurement on
+    ``valid_df``'s sequences and recorded in the card (:func:`record_sequence_backend`).
 
     Parameters
     ----------
@@ -354,6 +373,7 @@ def train_fraud_model(train_df: pd.DataFrame, valid_df: pd.DataFrame, *, output_
         (e.g. the whole file); features only look backwards, so later rows change nothing.
     test_df : optional later labelled period, measured after calibration (``test_*`` metrics).
     card_notes : extra Markdown appended to the model card (provenance, citation, caveats).
+    extra : more manifest ``extra`` fields (e.g. the training data's provenance).
 
     Returns
     -------
@@ -384,10 +404,40 @@ def train_fraud_model(train_df: pd.DataFrame, valid_df: pd.DataFrame, *, output_
     directory = Path(output_dir) / version
     write_payload(model, directory)
     card = model_card(version, metrics, model, data_description, rebuild_command, card_notes)
-    return save_artifact(directory, name=MODEL_NAME, version=version, framework="lightgbm+onnx",
-                         metrics=metrics, data=data_description, rebuild_command=rebuild_command,
-                         model_card=card,
-                         extra={"model_features": list(model.model_features), "params": model.params})
+    manifest = save_artifact(directory, name=MODEL_NAME, version=version, framework="lightgbm+onnx",
+                             metrics=metrics, data=data_description, rebuild_command=rebuild_command,
+                             model_card=card, extra={"model_features": list(model.model_features),
+                                                     "params": model.params} | (extra or {}))
+    if not model.uses_sequence:
+        return manifest
+    valid_pos = position.loc[valid_df.TRANSACTION_ID.to_numpy()].to_numpy()
+    record_sequence_backend(directory, example_rows(sequences[valid_pos]), "calibration period")
+    return load_manifest(directory, verify=False)
+
+
+MEASURED_EXAMPLE_ROWS = 512
+
+
+def example_rows(sequences: np.ndarray, rows: int = MEASURED_EXAMPLE_ROWS, seed: int = 0) -> np.ndarray:
+    """Up to ``rows`` sequences drawn without replacement (the accuracy check's inputs)."""
+    pick = np.random.default_rng(seed).permutation(len(sequences))[:rows]
+    return sequences[np.sort(pick)]
+
+
+def record_sequence_backend(directory: Path, example_sequences: np.ndarray, example_source: str,
+                            command: str = "") -> str:
+    """Measure the artifact's sequence backends, record the choice in its card; the chosen name.
+
+    The record (manifest ``extra["serving_backend"]["sequence"]`` and a card section) holds each
+    candidate's latency at batch 1, 8 and 64 and its largest logit difference from eager torch;
+    :class:`~services.fraud.model.FraudScorer` serves the chosen one.
+    """
+    choice = measure_sequence_backends(directory, example_sequences)
+    choice.conditions["example"] = f"{len(example_sequences)} sequences of the {example_source}"
+    if command:
+        choice.conditions["recorded_by"] = command
+    record_backend_choice(directory, SEQUENCE_COMPONENT, choice)
+    return choice.name
 
 
 def model_card(version: str, metrics: dict[str, Any], model: FittedModel, data: str, rebuild: str,
@@ -448,18 +498,209 @@ def train_handbook_model(output_dir: Path, version: str, *, with_sequence: bool,
                              data_description=data, rebuild_command=rebuild, card_notes=notes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: rebuild the shipped handbook model into ``<output>/<version>``."""
-    import argparse
+# --------------------------------------------------------------------------- a bank's own export
 
-    parser = argparse.ArgumentParser(description="Train the shipped fraud model on the handbook data")
-    parser.add_argument("--output", type=Path, default=Path("models/fraud"))
-    parser.add_argument("--version", required=True)
+REQUIRED_COLUMNS = ("TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD")
+"""The columns of a bank's export (the handbook's names); any other column is ignored."""
+COLUMNS_HELP = ("one row a card transaction with columns TRANSACTION_ID (unique), TX_DATETIME (ISO 8601; UTC "
+                "unless it has an offset), CUSTOMER_ID (the card), TERMINAL_ID, TX_AMOUNT (>= 0) and TX_FRAUD "
+                "(1 fraud, 0 legitimate; true/false accepted)")
+CALIBRATION_DAYS = 7
+"""The last days of the range: Platt calibration and the card's ``valid_*`` metrics; the rest trains."""
+FRAUD_LABELS = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0}
+
+USER_DATA_NOTES = """## Reading the metrics
+`valid_*`: the last days of the range, held out from the trees and the transformer but used to fit the
+Platt calibration (AUC, AP and CP@100 rank, so the calibration does not move them; the Brier score is
+optimistic). Earlier rows of the file serve as look-back history for the features. For prequential
+folds on the same file: `tessera bench fraud_eval --data FILE [--from DATE --to DATE]`.
+Intended use: ranking this bank's transactions for review in Tessera's fraud vertical; not a credit decision."""
+
+
+def load_transactions_file(path: Path) -> pd.DataFrame:
+    """A bank's export (CSV or Parquet, :data:`REQUIRED_COLUMNS`) as handbook-format transactions.
+
+    TX_DATETIME becomes naive UTC; TX_TIME_SECONDS (Unix time, as the webhook computes it) and
+    TX_TIME_DAYS are derived from it, replacing any such columns of the file; TX_FRAUD becomes 0/1.
+    Text transaction ids are numbered in time order (the features break time ties by id).
+
+    Raises
+    ------
+    TrainingDataError
+        Naming the missing columns, or the column and rows of unreadable values.
+    """
+    frame = read_table(path, REQUIRED_COLUMNS)
+    frame["TX_DATETIME"] = parse_timestamps(frame.TX_DATETIME, "TX_DATETIME")
+    frame["TX_AMOUNT"] = _amounts(frame.TX_AMOUNT)
+    frame["TX_FRAUD"] = _labels(frame.TX_FRAUD)
+    for column in ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID"):
+        _require_values(frame[column], column)
+    duplicated = frame.TRANSACTION_ID.duplicated(keep=False).to_numpy()
+    if duplicated.any():
+        raise TrainingDataError(f"TRANSACTION_ID: {int(duplicated.sum())} rows share an id: "
+                                f"{bad_rows_text(duplicated, frame.TRANSACTION_ID)}")
+    seconds = (frame.TX_DATETIME - pd.Timestamp(0)) // pd.Timedelta(seconds=1)
+    frame["TX_TIME_SECONDS"] = seconds.astype(np.int64)
+    frame["TX_TIME_DAYS"] = frame.TX_TIME_SECONDS // SECONDS_PER_DAY
+    if not pd.api.types.is_integer_dtype(frame.TRANSACTION_ID):
+        frame["SOURCE_TRANSACTION_ID"] = frame.TRANSACTION_ID
+        order = np.lexsort((np.arange(len(frame)), frame.TX_TIME_SECONDS.to_numpy()))
+        frame["TRANSACTION_ID"] = np.argsort(order).astype(np.int64)
+    return frame.sort_values("TRANSACTION_ID", kind="stable").reset_index(drop=True)
+
+
+def _require_values(values: pd.Series, column: str) -> None:
+    empty = (values.isna() | (values.astype("string").str.strip() == "")).to_numpy()
+    if empty.any():
+        raise TrainingDataError(f"{column}: {int(empty.sum())} empty value(s): {bad_rows_text(empty, values)}")
+
+
+def _amounts(values: pd.Series) -> pd.Series:
+    amounts = pd.to_numeric(values, errors="coerce")
+    bad = (amounts.isna() | ~np.isfinite(amounts) | (amounts < 0)).to_numpy()
+    if bad.any():
+        raise TrainingDataError(f"TX_AMOUNT: {int(bad.sum())} value(s) are not amounts >= 0: "
+                                f"{bad_rows_text(bad, values)}")
+    return amounts.astype(np.float64)
+
+
+def _labels(values: pd.Series) -> pd.Series:
+    labels = values.astype("string").str.strip().str.lower().map(FRAUD_LABELS)
+    bad = labels.isna().to_numpy()
+    if bad.any():
+        raise TrainingDataError(f"TX_FRAUD: {int(bad.sum())} value(s) are not labels (1 fraud, 0 legitimate; "
+                                f"every row needs one): {bad_rows_text(bad, values)}")
+    return labels.astype(np.int64)
+
+
+def split_calibration(transactions: pd.DataFrame, calibration_days: int = CALIBRATION_DAYS
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, calibration rows): the last ``calibration_days`` calendar days calibrate.
+
+    Each part needs a fraud and a legitimate transaction (LightGBM and the calibrator learn from
+    both): :class:`TrainingDataError` says which part lacks what.
+    """
+    first_calibration_day = transactions.TX_DATETIME.max().normalize() - pd.Timedelta(days=calibration_days - 1)
+    later = (first_calibration_day <= transactions.TX_DATETIME).to_numpy()
+    parts = transactions[~later], transactions[later]
+    for name, part in zip(("training", "calibration"), parts, strict=True):
+        frauds = int(part.TX_FRAUD.sum())
+        if frauds == 0 or frauds == len(part):
+            span = f"{part.TX_DATETIME.min().date()}..{part.TX_DATETIME.max().date()}" if len(part) else "none"
+            raise TrainingDataError(
+                f"the {name} days ({span}; the last {calibration_days} days of the range calibrate, the days "
+                f"before train) hold {frauds} fraud(s) among {len(part)} transactions: each part needs frauds "
+                "and legitimate transactions; widen --from/--to or change --calibration-days")
+    return parts
+
+
+def train_on_file(path: Path, output_dir: Path, version: str | None = None, *, period: DateRange = DateRange(),
+                  calibration_days: int = CALIBRATION_DAYS, with_sequence: bool = True,
+                  params: GbmParams | None = None,
+                  sequence_settings: SequenceTraining | None = None) -> ArtifactManifest:
+    """A model of a bank's own export: trained on ``period`` but its last days, calibrated on those.
+
+    The card records the file (its sha256, rows and dates) and the rows and dates used
+    (manifest ``extra["training_data"]``). ``version`` defaults to ``data-<sha256 prefix>``;
+    ``params`` to :data:`SELECTED_PARAMS`, ``sequence_settings`` to :class:`SequenceTraining`'s.
+
+    Raises
+    ------
+    TrainingDataError
+        The file, its columns, the range or the labels in it cannot be trained on.
+    """
+    transactions = load_transactions_file(path)
+    used = period.select(transactions, "TX_DATETIME")
+    train, calibration = split_calibration(used, calibration_days)
+    provenance = DataProvenance.of(path, transactions.TX_DATETIME, used.TX_DATETIME)
+    version = version or f"data-{provenance.sha256[:12]}"
+    history = transactions[used.TX_DATETIME.max() >= transactions.TX_DATETIME]
+    rebuild = (f"tessera train fraud --data {path}{period.option_text()} --version {version}"
+               + ("" if calibration_days == CALIBRATION_DAYS else f" --calibration-days {calibration_days}")
+               + ("" if with_sequence else " --no-sequence"))
+    data = (f"{provenance.describe()} Training {_span(train)} ({len(train)} tx, {int(train.TX_FRAUD.sum())} "
+            f"frauds); Platt calibration and `valid_*` metrics {_span(calibration)} ({len(calibration)} tx, "
+            f"{int(calibration.TX_FRAUD.sum())} frauds).")
+    record = provenance.as_card() | {"training_days": _span(train), "calibration_days": _span(calibration)}
+    sequence = (sequence_settings or SequenceTraining()) if with_sequence else None
+    return train_fraud_model(train, calibration, output_dir=output_dir, version=version, context_df=history,
+                             params=params or SELECTED_PARAMS, sequence_settings=sequence, data_description=data,
+                             rebuild_command=rebuild, card_notes=USER_DATA_NOTES, extra={TRAINING_DATA_KEY: record})
+
+
+def _span(part: pd.DataFrame) -> str:
+    return f"{part.TX_DATETIME.min().date()}..{part.TX_DATETIME.max().date()}"
+
+
+def simulated_example_sequences(rows: int = MEASURED_EXAMPLE_ROWS) -> np.ndarray:
+    """Card sequences of simulated traffic: inputs for re-measuring an artifact's backends."""
+    from services.fraud.simulate import SimulationConfig, simulate_transactions
+
+    transactions = simulate_transactions(SimulationConfig(n_customers=300, n_terminals=600, n_days=20, seed=0))
+    return example_rows(compute_offline_features(transactions)[1], rows)
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    """``tessera train fraud`` options (``python -m services.fraud.training`` takes the same)."""
+    parser = argparse.ArgumentParser(
+        prog="tessera train fraud",
+        description="Train a fraud model artifact: on the handbook data (the shipped model) or, with --data, "
+                    "on a bank's own export.")
+    parser.add_argument("--output", type=Path, metavar="DIR",
+                        help="folder of the fraud artifacts (default: TESSERA_MODELS_DIR/fraud)")
+    parser.add_argument("--version", help="artifact version (required for the handbook model; default "
+                                          "with --data: data-<first 12 hex digits of the file's sha256>)")
     parser.add_argument("--no-sequence", action="store_true", help="LightGBM only, no transformer")
+    add_data_arguments(parser, columns_help=COLUMNS_HELP)
+    parser.add_argument("--calibration-days", type=int, default=CALIBRATION_DAYS, metavar="N",
+                        help=f"with --data: the last N days calibrate and measure (default {CALIBRATION_DAYS})")
+    parser.add_argument("--measure-backend", type=Path, metavar="ARTIFACT",
+                        help="no training: re-measure the sequence-model backends of this artifact directory "
+                             "on simulated traffic and record the choice in its card")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train the handbook model or a bank's export into ``<output>/<version>``; print its metrics.
+
+    Bad files, columns, values or dates exit with status 2 and one line saying what and where.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    manifest = train_handbook_model(args.output, args.version, with_sequence=not args.no_sequence)
-    print(json.dumps(manifest.metrics, indent=1))
+    output = args.output or get_settings().models_dir / MODEL_NAME
+    try:
+        if args.measure_backend:
+            chosen = record_sequence_backend(args.measure_backend, simulated_example_sequences(), "simulated traffic",
+                                             f"tessera train fraud --measure-backend {args.measure_backend}")
+            print(json.dumps(load_manifest(args.measure_backend, verify=False).extra["serving_backend"], indent=1))
+            print(f"serving backend of {args.measure_backend}: {chosen}")
+            return
+        if args.data:
+            if args.calibration_days < 1:
+                parser.error("--calibration-days must be at least 1")
+            manifest = train_on_file(args.data, output, args.version, period=date_range_from(args),
+                                     calibration_days=args.calibration_days, with_sequence=not args.no_sequence)
+        else:
+            manifest = _train_handbook_from_args(parser, args, output)
+    except TrainingDataError as exc:
+        parser.error(str(exc))
+    print(json.dumps(manifest.metrics | {"version": manifest.version}, indent=1))
+
+
+def _train_handbook_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                              output: Path) -> ArtifactManifest:
+    from services.fraud import handbook as hb
+
+    if args.date_from or args.date_to:
+        parser.error("--from/--to select days of --data; the handbook model's days are fixed")
+    if not args.version:
+        parser.error("--version is required for the handbook model")
+    if not hb.dataset_path().exists():
+        parser.error(f"handbook data not found at {hb.dataset_path()}; pass --data FILE to train on your own")
+    return train_handbook_model(output, args.version, with_sequence=not args.no_sequence)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from model_runtime.artifacts import ArtifactError, load_manifest
 from services.fraud.features import FEATURE_NAMES, compute_offline_features
-from services.fraud.model import SEQUENCE_FEATURE, FraudScorer, _tabular_columns
+from services.fraud.model import FALLBACK_SEQUENCE_BACKEND, SEQUENCE_FEATURE, FraudScorer, _tabular_columns
 from services.fraud.simulate import SimulationConfig, simulate_transactions
 from services.fraud.training import GbmParams, SequenceTraining, train_candidate, train_fraud_model
 
@@ -79,10 +79,38 @@ def test_batch_equals_single_and_backends_agree(artifact: Path, inputs) -> None:
     np.testing.assert_allclose(flagged_scores, batch, rtol=1e-6, atol=1e-9)
     assert [bool(r) for r in flagged_reasons] == [bool(s >= threshold) for s in flagged_scores]
     assert [r for r in flagged_reasons if r] == [r for r, s in zip(reasons, one_pass, strict=True) if s >= threshold]
-    torch_scores = FraudScorer(artifact, sequence_backend="torch").predict_batch(features[:64], sequences[:64])
+    torch_scores = FraudScorer(artifact, sequence_backend="eager").predict_batch(features[:64], sequences[:64])
     np.testing.assert_allclose(torch_scores, batch, rtol=1e-4, atol=1e-6)
-    int8 = FraudScorer(artifact, sequence_backend="int8").predict_batch(features[:64], sequences[:64])
+    int8 = FraudScorer(artifact, sequence_backend="onnx-int8").predict_batch(features[:64], sequences[:64])
     assert np.corrcoef(int8, batch)[0, 1] > 0.98
+
+
+def test_the_card_records_the_measured_sequence_backend_and_the_scorer_serves_it(artifact: Path) -> None:
+    manifest = load_manifest(artifact)
+    record = manifest.extra["serving_backend"]["sequence"]
+    measured = {m["name"]: m for m in record["measurements"]}
+    assert set(measured) == {"eager", "onnx", "onnx-int8"}
+    assert all(set(m["latency_ms"]) == {"1", "8", "64"} for m in measured.values())
+    assert measured["onnx"]["max_abs_error"] < 1e-4 and measured[record["chosen"]]["accurate"]
+    assert record["conditions"]["torch_threads"] == 1 and "calibration period" in record["conditions"]["example"]
+    card = (artifact / "MODEL_CARD.md").read_text()
+    assert f"Served: **{record['chosen']}**" in card and "| onnx-int8 |" in card
+    assert FraudScorer(artifact).sequence_backend == record["chosen"]
+    assert FraudScorer(artifact, sequence_backend="eager").sequence_backend == "eager"
+    with pytest.raises(ValueError, match="unknown sequence backend"):
+        FraudScorer(artifact, sequence_backend="torch")
+
+
+def test_a_card_without_the_measured_record_serves_the_fallback(artifact: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    older = tmp_path / "older"
+    shutil.copytree(artifact, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["extra"]["serving_backend"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert FraudScorer(older).sequence_backend == FALLBACK_SEQUENCE_BACKEND == "onnx"
 
 
 def test_raw_histories_score_like_precomputed_sequences(artifact: Path, transactions: pd.DataFrame) -> None:
@@ -116,7 +144,7 @@ def test_path_attributions_add_up_to_the_margin(artifact: Path, inputs) -> None:
     features, sequences, _ = inputs
     scorer = FraudScorer(artifact)
     model_inputs = scorer.model_inputs(features[:32], sequences[:32])
-    leaves = scorer.booster.predict(model_inputs, pred_leaf=True)
+    leaves = np.asarray(scorer.booster.predict(model_inputs, pred_leaf=True))
     margin, contrib = scorer.paths.explain(leaves)
     np.testing.assert_allclose(margin, scorer.booster.predict(model_inputs, raw_score=True), atol=1e-9)
     np.testing.assert_allclose(contrib.sum(axis=1) + scorer.paths.bias, margin, atol=1e-9)

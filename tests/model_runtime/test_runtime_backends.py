@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model_runtime import OnnxRuntimeBackend, TorchBackend, choose_cpu_backend, export_onnx
-from model_runtime.backends import simplified_onnx
+from model_runtime.artifacts import load_manifest, save_artifact
+from model_runtime.backends import compare_backends, record_backend_choice, recorded_backend, simplified_onnx
 from model_runtime.device import Placement, resolve_placement
 
 
@@ -78,6 +79,39 @@ def test_inaccurate_candidates_are_never_chosen(encoder: SmallEncoder) -> None:
     choice = choose_cpu_backend(encoder, torch.randn(4, 8, 6), candidates=("eager", "onnx-int8"),
                                 max_abs_error=0.0, batch_sizes=(1,), repeats=3)
     assert choice.name == "eager"
+
+
+def test_built_backends_are_compared_and_a_broken_one_is_recorded(encoder: SmallEncoder, tmp_path: Path) -> None:
+    class Broken:
+        name = "broken"
+
+        def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no kernel")
+
+    eager = TorchBackend(encoder)
+    onnx = OnnxRuntimeBackend(export_onnx(encoder, torch.randn(2, 8, 6), tmp_path / "m.onnx"), threads=1)
+    choice = compare_backends(eager, {"eager": eager, "onnx": onnx, "broken": Broken()}, torch.randn(4, 8, 6),
+                              1e-4, batch_sizes=(1, 4), repeats=3, threads=1)
+    by_name = {m.name: m for m in choice.measurements}
+    assert choice.name in ("eager", "onnx") and "no kernel" in (by_name["broken"].error or "")
+    assert choice.conditions["torch_threads"] == 1 and choice.conditions["example_rows"] == 4
+
+
+def test_the_choice_is_recorded_in_a_sealed_artifact_without_touching_its_payload(
+        encoder: SmallEncoder, tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"w")
+    sealed = save_artifact(tmp_path, name="m", version="1", framework="torch", model_card="# m 1\n\n## Rebuild\nx\n")
+    assert recorded_backend(load_manifest(tmp_path), "encoder") is None  # a card from before the record
+    for _ in range(2):  # recording again replaces the record and the card section
+        choice = choose_cpu_backend(encoder, torch.randn(4, 8, 6), candidates=("eager", "onnx"),
+                                    max_abs_error=1e-4, batch_sizes=(1,), repeats=3)
+        record_backend_choice(tmp_path, "encoder", choice)
+    manifest = load_manifest(tmp_path)  # verified: the payload digests still hold
+    assert manifest.digest == sealed.digest and recorded_backend(manifest, "encoder") == choice.name
+    assert manifest.extra["serving_backend"]["encoder"]["chosen"] == choice.name
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert card.count("## Serving backend (measured): encoder") == 1 and "## Rebuild" in card
+    assert f"Served: **{choice.name}**" in card and "| onnx |" in card
 
 
 def test_placement_defaults_to_cpu_without_cuda() -> None:
