@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack
+from tests.conftest import Stack, Variant, variant_stack
 from tests.support import ManagedProcess, free_port, python_argv
 
 CALLBACKS_TO_LOOPBACK = {"TESSERA_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}
@@ -97,10 +97,10 @@ def exported_values(cli_output: str) -> dict[str, str]:
     return dict(shlex.split(line)[1].split("=", 1) for line in cli_output.splitlines() if line.startswith("export "))
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def fraud_server(request: pytest.FixtureRequest) -> Iterator[FraudServer]:
-    """The fraud app alone under uvicorn, on a migrated database of each stack."""
-    stack: Stack = request.getfixturevalue(f"{request.param}_stack")
+@pytest.fixture(scope="module")
+def fraud_server(request: pytest.FixtureRequest, stack_variant: Variant) -> Iterator[FraudServer]:
+    """The fraud app alone under uvicorn, on a migrated database of each variant (see tests/conftest.py)."""
+    stack = variant_stack(request, stack_variant)
     run_cli(stack, "db", "upgrade")
     with serve_fraud(stack) as server:
         yield server

@@ -16,7 +16,10 @@ from sqlalchemy import text
 
 from services.fraud import handbook
 from services.fraud.features import FEATURE_NAMES, HANDBOOK_FEATURES, compute_offline_features
+from tests.conftest import STATE_STORES
 from tests.fraud.conftest import FraudServer, FraudTenant
+
+pytestmark = pytest.mark.stack_variants(*STATE_STORES)  # the windows of each state store match the reference
 
 LABEL_DELAY = pd.Timedelta(days=7)
 

@@ -11,7 +11,10 @@ import orjson
 import pytest
 from sqlalchemy import text
 
+from tests.conftest import STATE_STORES
 from tests.fraud.conftest import FraudServer, FraudTenant, transaction
+
+pytestmark = pytest.mark.stack_variants(*STATE_STORES)  # concurrent duplicates race differently on each
 
 
 def post(tenant: FraudTenant, payload: object, timestamp: int | None = None) -> httpx.Response:
