@@ -96,6 +96,16 @@ class DeadlineExceeded(ProblemError):
     status, title, type_slug = 504, "Gateway Timeout", "deadline-exceeded"
 
 
+class NotBuilt(ProblemError):
+    """A declared endpoint whose work is not built yet (501): its path, method and provisional
+    contract are published, and ``tracking_issue`` names the issue that builds it."""
+
+    status, title, type_slug = 501, "Not Implemented", "not-built"
+
+    def __init__(self, tracking_issue: int) -> None:
+        super().__init__(f"not built yet: tracked in issue {tracking_issue}", tracking_issue=tracking_issue)
+
+
 _STATUS_TITLES = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 406: "Not Acceptable", 409: "Conflict", 413: "Content Too Large",
@@ -166,6 +176,7 @@ _PROBLEM_MEANINGS = {
     413: "The body is larger than this route accepts.",
     415: "The body is not sent as JSON (Content-Type: application/json).",
     422: "The request is well formed but invalid; `errors` lists every invalid input.",
+    501: "Declared but not built yet: `tracking_issue` names the issue that builds it.",
     503: "Temporarily unavailable (overloaded, a dependency down, a model not loaded): retry, after Retry-After "
          "seconds when given.",
     504: "The request waited past its deadline and was dropped rather than answered late.",

@@ -1,1 +1,5 @@
-"""Celery tasks of the iiot failure prediction vertical (queue ``iiot``); none yet."""
+"""Celery tasks of the IIoT vertical (queue ``iiot``): none yet.
+
+Issue 19 adds them, thin over the domain modules: an ingestion file as a durable job, scheduled
+scoring of every asset (Celery beat), alert notifications and retraining.
+"""
