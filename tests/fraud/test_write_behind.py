@@ -8,7 +8,6 @@ run, can neither take these entries nor hand over theirs; assertions are about t
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -118,7 +117,7 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A recorder that dies after its commit but before XACK leaves its entries pending; another
     recorder claims and replays them, and the replay stores no row, case or entry twice."""
-    monkeypatch.setattr(streams, "CLAIM_IDLE_MS", 100)
+    monkeypatch.setattr(streams, "CLAIM_IDLE_MS", 0)  # the dead recorder's entries count as abandoned at once
     monkeypatch.setattr(streams, "CLAIM_EVERY_S", 0)
     decisions = [decision(tenant_id, "review"), decision(tenant_id, "approve"), decision(tenant_id, "approve")]
 
@@ -136,7 +135,6 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
             pending = await client.xpending_range(stream, GROUP, min="-", max="+", count=100)
             assert sorted(p["message_id"] for p in pending) == sorted(ids)
             assert {p["consumer"] for p in pending} == {b"dead-recorder"}
-            await asyncio.sleep(0.2)  # idle past the (patched) claim time
             handled = await survivor.record_once()
             still_pending = await client.xpending_range(stream, GROUP, min="-", max="+", count=100)
             assert not [p for p in still_pending if p["message_id"] in ids]
@@ -198,19 +196,17 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
     """A duplicate of a pending reservation is told 'busy'; a reservation never committed (its process
     died) counts in later windows, then, once its lease lapses, is 'seen' and taken over without being
     counted twice; the taken-over answer is what a resend gets."""
-    monkeypatch.setattr(redis_state, "PENDING_LEASE_MS", 300)
+    monkeypatch.setattr(redis_state, "PENDING_LEASE_MS", 600_000)  # lapses below when the test says so
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(postgres_stack.redis_url)
         multiplexer = RedisMultiplexer(postgres_stack.redis_url)
         try:
             state = RedisWindowState(multiplexer)
-            started = time.monotonic()
             first = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert first.status == "new" and first.aggregates is not None
             assert first.aggregates.customer_count_1h == 1
             duplicate = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
-            assert time.monotonic() - started < 0.3, "too slow to observe the lease"
             assert duplicate.status == "busy"
             # tx-a's process dies: nothing is committed
             later = await state.reserve(tenant_id, "tx-b", "cust-c", "term-1", T0 + 60, 20.0)
@@ -218,7 +214,7 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
             assert later.aggregates.customer_count_1h == 2
             assert later.aggregates.customer_amount_sum_1h == 30.0
             assert later.aggregates.seconds_since_prev_customer_tx == 60.0
-            await asyncio.sleep(0.4)  # the lease lapses
+            await client.delete(redis_state.answer_key(tenant_id, "tx-a"))  # the lease lapses, as its PX ends it
             resend = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert resend.status == "seen"
             takeover = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0, takeover=True)
