@@ -1,8 +1,10 @@
-"""The ``tessera`` command: up, worker, beat, db, keys, train, simulate, restore-state, recorder, bench.
+"""The ``tessera`` command: up, worker, beat, db, keys, verticals, listen, train, simulate,
+restore-state, recorder, bench.
 
 ``tessera up`` is the embedded default in one command: it applies migrations, then starts the
-gateway API (all four verticals), one Celery worker (with the job sweeper's beat) and any listener
-a vertical declares, and stops them all cleanly on Ctrl-C / SIGTERM.
+gateway API (every registered vertical), one Celery worker (with the job sweeper's beat) and every
+enabled listener a vertical declares, and stops them all cleanly on Ctrl-C / SIGTERM. Verticals and
+what they offer come from their declarations (:mod:`shared.verticals`), never from a list here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib
 import json
 import os
 import shlex
@@ -21,14 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from shared.config import VERTICALS, get_settings
+from shared.config import get_settings
 from shared.queue import QUEUES
+from shared.verticals import COMMANDS, Vertical, api_key_scopes, get_vertical, verticals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VERTICAL_PACKAGES = {"fraud": "fraud", "cs": "customer_service", "nodule": "nodule", "iiot": "iiot"}
-LISTENERS: tuple[tuple[str, list[str]], ...] = ()
-"""Extra long-running processes a vertical adds to ``tessera up`` (name, argv), e.g. a DICOM SCP."""
 STOP_GRACE_S = 20.0
 
 
@@ -54,6 +54,12 @@ def worker_command(queues: Sequence[str], concurrency: int, beat: bool,
     if hostname:
         argv += ["--hostname", hostname]
     return argv
+
+
+def listener_commands() -> list[tuple[str, list[str]]]:
+    """(name, argv) of every enabled listener of every vertical, as ``tessera up`` starts them."""
+    return [(f"{vertical.name}:{listener.name}", _python("-m", "services.cli", "listen", vertical.name, listener.name))
+            for vertical in verticals() for listener in vertical.listeners if listener.enabled()]
 
 
 def db_upgrade(revision: str = "head") -> None:
@@ -89,7 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                         args.workers or settings.workers))]
     if not args.no_worker:
         commands.append(("worker", worker_command(QUEUES, args.concurrency, beat=True)))
-    commands.extend(LISTENERS)
+    commands.extend(listener_commands())
     stop = _StopRequest.on(STOP_SIGNALS)  # before the first child: no signal may leave one behind
     for name, argv in commands:
         _say(f"starting {name}: {' '.join(argv[1:])}")
@@ -287,49 +293,65 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _vertical_entry(vertical: str, module: str, argv: list[str]) -> int:
-    package = VERTICAL_PACKAGES[vertical]
+def cmd_vertical_command(args: argparse.Namespace) -> int:
+    """``tessera <verb> <vertical> [args...]``: the vertical's declared ``main(argv)`` for the verb."""
+    vertical = get_vertical(args.vertical)
+    reference = vertical.commands.get(args.command)
+    if reference is None:
+        offering = sorted(v.name for v in verticals() if args.command in v.commands) or ["none yet"]
+        print(f"tessera {args.command}: the {vertical.name} vertical does not offer it (offered by: "
+              f"{', '.join(offering)})", file=sys.stderr)
+        return 2
+    return int(vertical.resolve(reference)(args.rest) or 0)
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Run one of a vertical's listeners in the foreground until SIGTERM/SIGINT (as `tessera up` does)."""
+    from shared.listeners import run_listener
+    from shared.observability import configure_logging
+
+    configure_logging()
+    vertical = get_vertical(args.vertical)
     try:
-        target = importlib.import_module(f"services.{package}.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"services.{package}.{module}":
-            raise
-        print(f"tessera: the {vertical} vertical has no {module} yet", file=sys.stderr)
+        listener = vertical.listener(args.listener)
+    except LookupError as exc:
+        print(f"tessera listen: {exc}", file=sys.stderr)
         return 2
-    main = getattr(target, "main", None)
-    if main is None:
-        print(f"tessera: services.{package}.{module} has no main(argv)", file=sys.stderr)
-        return 2
-    return int(main(argv) or 0)
+    return run_listener(f"{vertical.name}:{listener.name}", vertical.resolve(listener.target))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a vertical's model artifact (``services/<vertical>/training.py:main``)."""
-    return _vertical_entry(args.vertical, "training", args.rest)
+def cmd_verticals(args: argparse.Namespace) -> int:
+    """List the registered verticals and what each declares."""
+    rows = [_vertical_summary(vertical) for vertical in verticals()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']:<8} {row['prefix']:<9} {row['title']}  ({row['package']})")
+        for key in ("queues", "commands", "listeners", "benchmarks"):
+            print(f"{'':8} {key + ':':<11} {', '.join(row[key]) or '-'}")
+    return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Run a vertical's data simulator (``services/<vertical>/simulate.py:main``)."""
-    return _vertical_entry(args.vertical, "simulate", args.rest)
-
-
-def cmd_restore_state(args: argparse.Namespace) -> int:
-    """Rebuild a vertical's Redis fast state from its database (``services/<vertical>/restore.py:main``)."""
-    return _vertical_entry(args.vertical, "restore", args.rest)
-
-
-def cmd_recorder(args: argparse.Namespace) -> int:
-    """Run a vertical's write-behind recorder alone (``services/<vertical>/recorder.py:main``)."""
-    return _vertical_entry(args.vertical, "recorder", args.rest)
+def _vertical_summary(vertical: Vertical) -> dict[str, Any]:
+    return {"name": vertical.name, "prefix": vertical.prefix, "title": vertical.title, "package": vertical.package,
+            "queues": list(vertical.queue_names), "commands": sorted(vertical.commands),
+            "listeners": [f"{listener.name}{'' if listener.enabled() else ' (off)'}"
+                          for listener in vertical.listeners],
+            "benchmarks": list(vertical.benchmarks)}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run ``bench/<name>.py`` with the remaining arguments."""
-    script = REPO_ROOT / "bench" / f"{args.name}.py"
-    if not script.exists():
+    """Run ``bench/<name>.py`` with the remaining arguments; without a name, list them by vertical."""
+    script = REPO_ROOT / "bench" / f"{args.name}.py" if args.name else None
+    if script is None or not script.exists():
+        declared = {name: v.name for v in verticals() for name in v.benchmarks}
         available = sorted(p.stem for p in (REPO_ROOT / "bench").glob("*.py") if not p.stem.startswith("_"))
-        print(f"tessera: no benchmark '{args.name}'; available: {', '.join(available)}", file=sys.stderr)
-        return 2
+        listing = ", ".join(f"{name} ({declared.get(name, 'platform')})" for name in available)
+        if args.name:
+            print(f"tessera: no benchmark '{args.name}'", file=sys.stderr)
+        print(f"benchmarks: {listing}", file=sys.stderr if args.name else sys.stdout)
+        return 2 if args.name else 0
     return subprocess.call(_python(str(script), *args.rest), cwd=REPO_ROOT)
 
 
@@ -338,6 +360,11 @@ def _seconds(text: str) -> float:
     if not 0 <= value < 10 * 365 * 86400:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
     return value
+
+
+COMMAND_HELP = {"train": "train a model", "simulate": "simulate data",
+                "restore-state": "rebuild Redis fast state from the database",
+                "recorder": "drain write-behind streams into the database (own process)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create an API key for a tenant")
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default="default")
-    create.add_argument("--scope", action="append", required=True, choices=[*VERTICALS, "admin"])
+    create.add_argument("--scope", action="append", required=True, choices=api_key_scopes())
     create.set_defaults(handler=cmd_keys_create)
     listing = keys.add_parser("list", help="list API keys (never the key itself)")
     listing.add_argument("--tenant", help="only this tenant's keys")
@@ -386,17 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the old key working this long (default: revoke it now)")
     rotate.set_defaults(handler=cmd_keys_rotate)
 
-    entry_points = (("train", cmd_train, "train a model"), ("simulate", cmd_simulate, "simulate data"),
-                    ("restore-state", cmd_restore_state, "rebuild Redis fast state from the database"),
-                    ("recorder", cmd_recorder, "drain write-behind streams into the database (own process)"))
-    for name, handler, what in entry_points:
-        cmd = sub.add_parser(name, help=f"{what} for a vertical")
-        cmd.add_argument("vertical", choices=list(VERTICAL_PACKAGES))
-        cmd.add_argument("rest", nargs=argparse.REMAINDER)
-        cmd.set_defaults(handler=handler)
+    listing = sub.add_parser("verticals", help="list the registered verticals and what each declares")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_verticals)
 
-    bench = sub.add_parser("bench", help="run a benchmark from bench/")
-    bench.add_argument("name")
+    listen = sub.add_parser("listen", help="run a vertical's listener (non-HTTP server) in the foreground")
+    listen.add_argument("vertical", choices=[v.name for v in verticals()])
+    listen.add_argument("listener")
+    listen.set_defaults(handler=cmd_listen)
+
+    for verb in COMMANDS:
+        cmd = sub.add_parser(verb, help=f"{COMMAND_HELP[verb]} for a vertical")
+        cmd.add_argument("vertical", choices=[v.name for v in verticals()])
+        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+        cmd.set_defaults(handler=cmd_vertical_command)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (no name: list them)")
+    bench.add_argument("name", nargs="?")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(handler=cmd_bench)
     return parser

@@ -1,8 +1,8 @@
-"""The embedded default: one ASGI app mounting the four verticals under their prefixes.
+"""The embedded default: one ASGI app serving every registered vertical under its prefix.
 
-``uvicorn services.gateway:app`` serves ``/fraud``, ``/cs``, ``/nodule`` and ``/iiot``, plus the
-gateway's own ``/healthz``, ``/readyz`` and ``/metrics``. Each vertical's lifespan (model loading,
-listeners) runs inside the gateway's.
+``uvicorn services.gateway:app`` serves each vertical of :mod:`shared.verticals` under
+``/<name>`` (``/fraud``, ``/cs``, ``/nodule``, ``/iiot``), plus the gateway's own ``/healthz``,
+``/readyz`` and ``/metrics``. Each vertical's lifespan (model loading) runs inside the gateway's.
 """
 
 from __future__ import annotations
@@ -11,20 +11,9 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 
-from services.customer_service.api import app as customer_service_app
-from services.fraud.api import app as fraud_app
-from services.iiot.api import app as iiot_app
-from services.nodule.api import app as nodule_app
-from shared.app import create_service_app, lifespan_of_children
+from shared.app import PrefixDispatcher, create_service_app, lifespan_of_children
 from shared.observability import Readiness, configure_logging
-
-VERTICAL_APPS: dict[str, FastAPI] = {
-    "/fraud": fraud_app,
-    "/cs": customer_service_app,
-    "/nodule": nodule_app,
-    "/iiot": iiot_app,
-}
-
+from shared.verticals import verticals
 
 GATEWAY_OWN_CHECKS = frozenset({"database", "broker"})
 """Checked once by the gateway itself, not again per vertical."""
@@ -42,17 +31,22 @@ def _vertical_ready(vertical_app: FastAPI) -> Callable[[], Awaitable[None]]:
     return check
 
 
-def create_gateway() -> FastAPI:
-    """The gateway app with every vertical mounted; its /readyz covers every vertical's checks."""
+def vertical_apps() -> dict[str, FastAPI]:
+    """Every registered vertical's app by its prefix (importing the apps)."""
+    return {vertical.prefix: vertical.load_app() for vertical in verticals()}
+
+
+def create_gateway() -> PrefixDispatcher:
+    """The gateway: its own app (health, metrics, docs) and every vertical's under its prefix;
+    its /readyz covers every vertical's checks."""
     configure_logging()
+    children = vertical_apps()
     readiness = Readiness()
-    for prefix, vertical_app in VERTICAL_APPS.items():
+    for prefix, vertical_app in children.items():
         readiness.add(prefix.strip("/"), _vertical_ready(vertical_app))
-    gateway = create_service_app("gateway", title="Tessera", lifespan=lifespan_of_children(VERTICAL_APPS),
+    gateway = create_service_app("gateway", title="Tessera", lifespan=lifespan_of_children(children),
                                  readiness=readiness)
-    for prefix, vertical_app in VERTICAL_APPS.items():
-        gateway.mount(prefix, vertical_app)
-    return gateway
+    return PrefixDispatcher(gateway, children)
 
 
 app = create_gateway()

@@ -1,7 +1,8 @@
 """The one way to build a FastAPI app in Tessera: problem+json errors, request ids, metrics, health.
 
 Each vertical's ``api.py`` calls :func:`create_service_app` with its routers and readiness checks;
-the gateway calls it too and mounts the four vertical apps, running their lifespans.
+the gateway calls it too and puts every registered vertical's app under its prefix
+(:class:`PrefixDispatcher`), running their lifespans.
 """
 
 from __future__ import annotations
@@ -9,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, params
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette._utils import get_route_path
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.config import get_settings
 from shared.db import check_database
@@ -212,3 +214,35 @@ async def _enter_all(apps: list[FastAPI]) -> AsyncIterator[None]:
     first, rest = apps[0], apps[1:]
     async with first.router.lifespan_context(first), _enter_all(rest):
         yield
+
+
+class PrefixDispatcher:
+    """ASGI: a request under a child's prefix goes straight to that child app, the rest to ``parent``.
+
+    The child sees the scope Starlette's ``Mount`` would give it (``root_path`` extended, the path
+    kept whole), but the parent's FastAPI stack (error and exception middleware, exit stack, router)
+    is not run first: on the fraud webhook that stack cost as much CPU as the route's own framing.
+    Each child app has its own request context (request id, metrics, access log, problem
+    handlers), so nothing is lost. Lifespan events and paths outside every prefix (the gateway's
+    ``/healthz``, ``/metrics``, ``/docs``) go to ``parent``.
+    """
+
+    def __init__(self, parent: ASGIApp, children: Mapping[str, ASGIApp]) -> None:
+        for prefix in children:
+            if not prefix.startswith("/") or prefix.endswith("/") or prefix.count("/") != 1:
+                raise ValueError(f"a prefix is one path segment like '/fraud', got {prefix!r}")
+        self.parent = parent
+        self.children = dict(children)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path = get_route_path(scope)
+            prefix = path[:path.find("/", 1)] if path.find("/", 1) > 0 else None
+            child = self.children.get(prefix) if prefix else None
+            if child is not None:
+                root_path = scope.get("root_path", "")
+                scope["app_root_path"] = scope.get("app_root_path", root_path)
+                scope["root_path"] = root_path + prefix  # type: ignore[operator]
+                await child(scope, receive, send)
+                return
+        await self.parent(scope, receive, send)

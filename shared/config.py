@@ -18,10 +18,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me-in-production"
 
-VERTICALS: tuple[str, ...] = ("fraud", "cs", "nodule", "iiot")
-"""Vertical short names; each is a URL prefix, a Celery queue and an API-key scope."""
-
-
 class Settings(BaseSettings):
     """Suite-wide settings, read once per process through :func:`get_settings`."""
 
@@ -32,6 +28,8 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = "development"
     data_dir: Path = Field(default=Path(".tessera"), description="SQLite files, broker, uploads")
     models_dir: Path = Field(default=Path("models"), description="shipped model artifacts")
+    verticals_package: str = Field(default="services", description="the package whose sub-packages with a "
+                                   "`vertical.py` are the verticals (shared.verticals)")
 
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite file if unset")
     broker_url: str | None = Field(default=None, description="Celery broker; embedded SQLite if unset")

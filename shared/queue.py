@@ -12,7 +12,6 @@ row with a lease, re-enqueued by the sweeper when the lease lapses, and applied 
 from __future__ import annotations
 
 import logging
-from importlib.metadata import entry_points
 from typing import Any
 
 from celery import Celery
@@ -20,22 +19,21 @@ from kombu import Exchange, Queue
 from kombu import pools as kombu_pools
 from kombu.transport import sqlalchemy as kombu_sqla
 
-from shared.config import VERTICALS, Settings, get_settings
+from shared.config import Settings, get_settings
+from shared.verticals import vertical_queues, vertical_task_modules
 
 DEFAULT_QUEUE = "default"
 SWEEP_TASK = "shared.jobs.sweep_stalled_jobs"
-QUEUES: tuple[str, ...] = (DEFAULT_QUEUE, *VERTICALS)
-TASK_MODULE_ENTRY_POINTS = "tessera.task_modules"
-"""Entry-point group in which each vertical declares its Celery task module (``pyproject.toml``)."""
+QUEUES: tuple[str, ...] = (DEFAULT_QUEUE, *vertical_queues())
+PLATFORM_TASK_MODULES: tuple[str, ...] = ("shared.jobs",)
 
 
 def task_modules() -> list[str]:
-    """Modules holding tasks: the platform's own and every vertical's declared one.
+    """Modules holding tasks: the platform's own and every registered vertical's (:mod:`shared.verticals`).
 
     Named as strings: the worker imports them, ``shared`` itself imports no vertical.
     """
-    declared = sorted(entry.value for entry in entry_points(group=TASK_MODULE_ENTRY_POINTS))
-    return ["shared.jobs", *declared]
+    return [*PLATFORM_TASK_MODULES, *vertical_task_modules()]
 
 
 def _celery_config(settings: Settings) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import FreshnessBoundedCache
-from shared.config import VERTICALS, get_settings
+from shared.config import get_settings
 from shared.db import Base, session_factory, utcnow
 from shared.errors import Forbidden, NotReady, Unauthorized
+from shared.verticals import api_key_scopes
 
 SIGNATURE_HEADER = "Tessera-Signature"
 API_KEY_HEADER = "X-API-Key"
@@ -105,9 +106,10 @@ def new_webhook_secret() -> str:
 def create_api_key(session: Session, *, tenant_id: str, name: str, scopes: Iterable[str]) -> str:
     """Create a key for ``tenant_id`` limited to ``scopes``; returns the plaintext (shown once)."""
     scope_set = sorted(set(scopes))
-    unknown = [s for s in scope_set if s not in VERTICALS and s != "admin"]
+    known = api_key_scopes()
+    unknown = [s for s in scope_set if s not in known]
     if unknown or not scope_set:
-        raise ValueError(f"scopes must be among {VERTICALS + ('admin',)}, got {scope_set}")
+        raise ValueError(f"scopes must be among {known}, got {scope_set}")
     ensure_tenant(session, tenant_id)
     key_id = uuid.uuid4().hex[:12]
     plaintext = f"tsk_{key_id}_{secrets.token_urlsafe(32)}"

@@ -8,15 +8,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from shared.verticals import verticals
 from tests.conftest import Stack
 from tests.support import ManagedProcess, free_port, python_argv, wait_until
 
-VERTICAL_APPS = {
-    "fraud": "services.fraud.api:app",
-    "cs": "services.customer_service.api:app",
-    "nodule": "services.nodule.api:app",
-    "iiot": "services.iiot.api:app",
-}
+VERTICAL_APPS = {vertical.name: f"{vertical.package}.{vertical.app}" for vertical in verticals()}
+"""Every registered vertical's app as uvicorn names it (``services.fraud.api:app``)."""
 
 
 def serve(app_path: str, env: dict[str, str], name: str) -> tuple[ManagedProcess, str]:

@@ -1,0 +1,5 @@
+"""The emotion-aware customer-service vertical's declaration (see :mod:`shared.verticals`)."""
+
+from shared.verticals import Vertical
+
+VERTICAL = Vertical(name="cs", title="Emotion-aware customer service")
