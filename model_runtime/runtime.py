@@ -212,6 +212,13 @@ class ModelRuntime:
         if loaded is not None and loaded.batcher is not None:
             await self._retire(loaded.batcher, drain=False)
 
+    def unload_sync(self, name: str) -> None:
+        """Blocking :meth:`unload` for processes without an event loop (Celery workers)."""
+        with self._lock:
+            loaded = self._models.pop(name, None)
+        if loaded is not None and loaded.batcher is not None:
+            loaded.batcher.abandon()
+
     def _build(self, spec: ModelSpec) -> _LoadedModel:
         configure_threads()
         manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None

@@ -94,10 +94,11 @@ JobHandler = Callable[[Session, Job], dict[str, Any] | None]
 
 
 def submit_job(session: Session, task: Task, *, key: str, payload: dict[str, Any], tenant_id: str | None,
-               max_attempts: int = 5) -> Job:
+               max_attempts: int = 5, queue: str | None = None) -> Job:
     """Record a job of ``tenant_id`` in ``session`` (idempotent by ``key``); enqueue it after commit.
 
-    ``tenant_id`` is None only for platform work that no tenant may see. The message is published
+    ``tenant_id`` is None only for platform work that no tenant may see. ``queue`` overrides the
+    task's own (a platform task run by the workers of the vertical it serves). The message is published
     once the session's outer transaction commits (see :func:`shared.db.after_commit`), never for a
     row that is not committed. Returns the existing job when ``key`` was submitted before; nothing
     new is enqueued then.
@@ -108,7 +109,7 @@ def submit_job(session: Session, task: Task, *, key: str, payload: dict[str, Any
     # No savepoint: pysqlite's legacy transactions make RELEASE of a savepoint opened before the
     # session's first write a COMMIT, which would keep the job of a transaction that rolls back.
     insert = _dialect_insert(session).values(
-        idempotency_key=key, task_name=task.name, queue=task_queue(task), payload=payload,
+        idempotency_key=key, task_name=task.name, queue=queue or task_queue(task), payload=payload,
         tenant_id=tenant_id, max_attempts=max_attempts,
     ).on_conflict_do_nothing(index_elements=[Job.idempotency_key]).returning(Job.id)
     inserted_id = session.scalar(insert)  # None: a concurrent submit of the same key committed first

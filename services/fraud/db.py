@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import Boolean, Float, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, utcnow
@@ -76,22 +76,6 @@ class Case(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
     analyst: Mapped[str | None] = mapped_column(String(100), default=None)
     note: Mapped[str | None] = mapped_column(Text, default=None)
-
-
-class CallbackDelivery(Base):
-    """Delivery log of a decision pushed to the bank's callback URL."""
-
-    __tablename__ = "fraud_callback_deliveries"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("platform_jobs.id"), index=True)
-    tenant_id: Mapped[str] = mapped_column(String(64))
-    transaction_id: Mapped[str] = mapped_column(String(128))
-    url: Mapped[str] = mapped_column(String(500))
-    attempt: Mapped[int] = mapped_column(Integer)
-    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
-    error: Mapped[str | None] = mapped_column(Text, default=None)
-    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ModelVersion(Base):

@@ -36,14 +36,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
 from model_runtime.artifacts import load_manifest, save_artifact
-from services.fraud.db import ModelVersion, Transaction
+from model_runtime.versions import CANDIDATE, REJECTED, live_version, promote, record_version, recorded_versions
+from services.fraud.db import Transaction
 from services.fraud.features import FEATURE_NAMES, SECONDS_PER_DAY
 from services.fraud.schemas import EARLIEST_TIMESTAMP, MAX_FUTURE_SKEW
-from services.fraud.serving import BACKTEST_NAMESPACE_MARK, default_artifact_dir
+from services.fraud.serving import BACKTEST_NAMESPACE_MARK, FRAUD_MODEL_NAME, default_artifact_dir
 from services.fraud.state import LABEL_DELAY_S
 from services.fraud.training import (
     MODEL_NAME,
@@ -53,7 +54,6 @@ from services.fraud.training import (
     write_payload,
 )
 from shared.config import get_settings
-from shared.db import utcnow
 from shared.errors import UnprocessableContent
 from shared.jobs import PublicJobError
 
@@ -219,10 +219,9 @@ def check_enough_labels(counts: LabelCounts, holdout_days: int) -> None:
 
 def _live_version(session: Session, tenant_id: str) -> str | None:
     """The version scoring the tenant now: its own live one, else the shared default."""
-    own = session.scalar(select(ModelVersion.version).where(ModelVersion.tenant_id == tenant_id,
-                                                            ModelVersion.status == "live"))
+    own = live_version(session, FRAUD_MODEL_NAME, tenant_id)
     if own is not None:
-        return own
+        return own.version
     shipped = default_artifact_dir()
     return shipped.name if shipped else None
 
@@ -276,19 +275,16 @@ def _retrain(session: Session, tenant_id: str, holdout_days: int, min_improvemen
 
 def _record(session: Session, tenant_id: str, version: str, directory: Path, candidate: dict[str, float],
             live: dict[str, float], promoted: bool) -> None:
-    if promoted:  # the tenant's previous live version only: at most one live a tenant
-        session.execute(update(ModelVersion).where(ModelVersion.tenant_id == tenant_id,
-                                                   ModelVersion.status == "live").values(status="retired"))
-    session.add(ModelVersion(version=version, tenant_id=tenant_id, status="live" if promoted else "rejected",
-                             artifact_dir=str(directory.resolve()),
-                             metrics={"candidate": candidate, "live_at_evaluation": live},
-                             promoted_at=utcnow() if promoted else None))
+    record_version(session, FRAUD_MODEL_NAME, version, directory, tenant_id=tenant_id,
+                   metrics={"candidate": candidate, "live_at_evaluation": live},
+                   status=CANDIDATE if promoted else REJECTED)
+    if promoted:  # retires the tenant's previous live version only: at most one live a tenant
+        promote(session, FRAUD_MODEL_NAME, version)
 
 
 def model_versions(session: Session, tenant_id: str) -> list[dict[str, Any]]:
     """The tenant's own versions, newest first, then the shared default (live unless one of them is)."""
-    own = list(session.scalars(select(ModelVersion).where(ModelVersion.tenant_id == tenant_id)
-                               .order_by(ModelVersion.created_at.desc())))
+    own = recorded_versions(session, FRAUD_MODEL_NAME, tenant_id)
     listed: list[dict[str, Any]] = [
         {"version": m.version, "status": m.status, "default": False, "metrics": m.metrics,
          "created_at": m.created_at, "promoted_at": m.promoted_at} for m in own]

@@ -8,24 +8,20 @@ alone (:func:`model_name_for`).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from model_runtime.artifacts import list_versions, load_manifest
-from model_runtime.runtime import LoadContext, ModelSpec, get_runtime
+from model_runtime.artifacts import list_versions
+from model_runtime.runtime import LoadContext, ModelSpec
+from model_runtime.versions import LiveModels
 from services.fraud.features import WindowAggregates, feature_matrix, sequence_tensor
 from services.fraud.model import FraudScorer
 from shared.config import get_settings
-from shared.db import session_factory
 
 FRAUD_MODEL_NAME = "fraud"
 TOP_CONTRIBUTIONS = 3
@@ -111,9 +107,6 @@ def fraud_model_spec(artifact_dir: Path) -> ModelSpec:
                      warmup_items=[warmup])
 
 
-logger = logging.getLogger("tessera.fraud.serving")
-
-
 def default_artifact_dir() -> Path | None:
     """The shared default model: the newest shipped artifact (``models/fraud/<version>``)."""
     shipped = shipped_versions()
@@ -124,20 +117,21 @@ def default_artifact_dir() -> Path | None:
 #
 # The default serves as runtime model "fraud". A tenant whose retrained version was promoted is
 # served by that version alone, as runtime model "fraud@<tenant>"; scoring asks
-# model_name_for(tenant) which one to use (a dict lookup: no database read per request).
+# model_name_for(tenant) which one to use (a dict lookup: no database read per request). The
+# versions and their promotion live in the platform's registry (model_runtime.versions).
 
 BACKTEST_NAMESPACE_MARK = "~backtest-"
 """Back-test rows are stored under ``<tenant>~backtest-<job>`` (``~`` never occurs in a tenant id)."""
 UNLOAD_GRACE_S = 2.0
 """A tenant model is unloaded this long after requests stop being routed to it (its timeout_s)."""
 
-_tenant_models: dict[str, str] = {}
-"""tenant id -> runtime name of the tenant's own live model, for the tenants this process serves."""
+
+def _tenant_spec(name: str, artifact_dir: Path) -> ModelSpec:
+    return dataclasses.replace(fraud_model_spec(artifact_dir), name=name)
 
 
-def tenant_model_name(tenant_id: str) -> str:
-    """Runtime name of a tenant's own model."""
-    return f"{FRAUD_MODEL_NAME}@{tenant_id}"
+FRAUD_MODELS = LiveModels(FRAUD_MODEL_NAME, _tenant_spec, default_artifact_dir, unload_grace_s=UNLOAD_GRACE_S)
+"""The default and every tenant's live fraud version this process serves."""
 
 
 def backtest_namespace(tenant_id: str, job_id: str) -> str:
@@ -150,121 +144,25 @@ def model_name_for(tenant_id: str) -> str:
 
     A back-test namespace scores with its tenant's model.
     """
-    name = _tenant_models.get(tenant_id)
+    name = FRAUD_MODELS.own_name(tenant_id)
     if name is None and BACKTEST_NAMESPACE_MARK in tenant_id:
-        name = _tenant_models.get(tenant_id.split(BACKTEST_NAMESPACE_MARK, 1)[0])
+        name = FRAUD_MODELS.own_name(tenant_id.split(BACKTEST_NAMESPACE_MARK, 1)[0])
     return name or FRAUD_MODEL_NAME
 
 
-@dataclass(frozen=True)
-class TenantModel:
-    """A tenant's promoted live version."""
-
-    tenant_id: str
-    version: str
-    artifact_dir: Path
-
-
-_missing_reported: set[str] = set()
-_versions_unreadable: set[bool] = set()
-"""Non-empty while the versions table cannot be read (reported once, not every poll)."""
-
-
-def live_tenant_models(tenant_id: str | None = None) -> dict[str, TenantModel]:
-    """Every tenant's live version (or only ``tenant_id``'s) whose artifact is on this machine.
-
-    Raises SQLAlchemyError when the database cannot be read: callers keep what they serve.
-    """
-    from services.fraud.db import ModelVersion  # imported late: serving must not need the DB to load
-
-    query = select(ModelVersion.tenant_id, ModelVersion.version, ModelVersion.artifact_dir).where(
-        ModelVersion.status == "live", ModelVersion.tenant_id != "")
-    if tenant_id is not None:
-        query = query.where(ModelVersion.tenant_id == tenant_id)
-    with session_factory()() as session:
-        rows = session.execute(query).all()
-    found: dict[str, TenantModel] = {}
-    for row in rows:
-        if Path(row.artifact_dir).is_dir():
-            found[row.tenant_id] = TenantModel(row.tenant_id, row.version, Path(row.artifact_dir))
-        elif row.version not in _missing_reported:  # the tenant stays on the default meanwhile
-            _missing_reported.add(row.version)
-            logger.error("live fraud model %s of tenant %s: artifact %s missing on this machine",
-                         row.version, row.tenant_id, row.artifact_dir)
-    return found
-
-
-def _serves(name: str, version: str) -> bool:
-    try:
-        return get_runtime().version(name) == version
-    except KeyError:
-        return False
-
-
-def _tenant_spec(live: TenantModel) -> ModelSpec:
-    return dataclasses.replace(fraud_model_spec(live.artifact_dir), name=tenant_model_name(live.tenant_id))
-
-
-def _default_spec_if_changed() -> ModelSpec | None:
-    """The default's spec when this process does not serve the newest shipped artifact yet."""
-    artifact = default_artifact_dir()
-    if artifact is None:
-        return None
-    loaded = get_runtime().loaded().get(FRAUD_MODEL_NAME)
-    if loaded and loaded.get("digest") == load_manifest(artifact, verify=False).digest:
-        return None
-    return fraud_model_spec(artifact)
-
-
 async def load_fraud_models() -> None:
-    """Serve the default and every tenant's live version (API start-up, then every poll).
-
-    Loads or hot-swaps what changed since the last call and unloads the versions no longer live.
-    The database unreadable at start-up (not migrated yet): the default alone serves.
-    """
-    runtime = get_runtime()
-    default = _default_spec_if_changed()
-    if default is not None:
-        await runtime.load(default)
-    try:
-        wanted = await asyncio.to_thread(live_tenant_models)
-    except SQLAlchemyError as exc:  # not migrated yet, or an outage: keep serving what is loaded
-        if not _versions_unreadable:
-            logger.warning("fraud model versions unreadable (%s): serving the models loaded so far",
-                           type(exc).__name__)
-        _versions_unreadable.add(True)
-        return
-    _versions_unreadable.clear()
-    for live in wanted.values():
-        try:
-            if not _serves(tenant_model_name(live.tenant_id), live.version):
-                await runtime.load(_tenant_spec(live))
-            _tenant_models[live.tenant_id] = tenant_model_name(live.tenant_id)
-        except Exception:  # this tenant keeps its current model; the next poll retries
-            logger.exception("loading fraud model %s of tenant %s failed", live.version, live.tenant_id)
-    for tenant_id in set(_tenant_models) - set(wanted):
-        name = _tenant_models.pop(tenant_id)
-        await asyncio.sleep(UNLOAD_GRACE_S)  # requests already routed to it finish first
-        await runtime.unload(name)
+    """Serve the default and every tenant's live version (API start-up); see :meth:`LiveModels.refresh`."""
+    await FRAUD_MODELS.refresh()
 
 
 async def unload_fraud_models() -> None:
     """Stop serving the default and every tenant model (API shutdown)."""
-    runtime = get_runtime()
-    names = [FRAUD_MODEL_NAME, *_tenant_models.values()]
-    _tenant_models.clear()
-    for name in names:
-        await runtime.unload(name)
+    await FRAUD_MODELS.unload_all()
 
 
 async def watch_live_model() -> None:
     """Load, hot-swap and unload tenant models as other processes promote versions."""
-    while True:
-        await asyncio.sleep(get_settings().model_reload_poll_s)
-        try:
-            await load_fraud_models()
-        except Exception:  # keep serving the current versions; try again next poll
-            logger.exception("fraud model reload failed")
+    await FRAUD_MODELS.watch()
 
 
 def serve_tenant_model_sync(tenant_id: str) -> str:
@@ -273,15 +171,4 @@ def serve_tenant_model_sync(tenant_id: str) -> str:
     Called before each back-test, so a long-lived worker never scores with a version that was
     replaced since it last ran.
     """
-    runtime = get_runtime()
-    default = _default_spec_if_changed()
-    if default is not None:
-        runtime.load_sync(default)
-    live = live_tenant_models(tenant_id).get(tenant_id)
-    if live is None:
-        _tenant_models.pop(tenant_id, None)
-        return FRAUD_MODEL_NAME
-    if not _serves(tenant_model_name(tenant_id), live.version):
-        runtime.load_sync(_tenant_spec(live))
-    _tenant_models[tenant_id] = tenant_model_name(tenant_id)
-    return _tenant_models[tenant_id]
+    return FRAUD_MODELS.serve_sync(tenant_id)

@@ -96,15 +96,15 @@ def test_a_stored_loopback_callback_url_is_refused_at_delivery(fraud_server: Fra
         def job() -> tuple[str, str | None] | None:
             with fraud_server.engine.connect() as connection:
                 row = connection.execute(text("SELECT status, error FROM platform_jobs WHERE idempotency_key = :k"),
-                                         {"k": f"fraud-callback:{tenant.tenant_id}:{payload['id']}"}).first()
+                                         {"k": f"webhook:fraud:{tenant.tenant_id}:{payload['id']}"}).first()
             return None if row is None else (row[0], row[1])
 
         wait_until(lambda: (job() or ("", None))[0] == "failed", 60, "the callback job to fail")
         status, error = job()  # type: ignore[misc]
         assert error is not None and "refused" in error and "loopback" in error, error
         with fraud_server.engine.connect() as connection:
-            log = connection.execute(text("SELECT attempt, status_code, error FROM fraud_callback_deliveries "
-                                          "WHERE transaction_id = :i"), {"i": payload["id"]}).all()
+            log = connection.execute(text("SELECT attempt, status_code, error FROM platform_webhook_deliveries "
+                                          "WHERE subject_id = :i"), {"i": payload["id"]}).all()
         assert len(log) == 1 and log[0][1] is None and log[0][2].startswith("refused: 127.0.0.1 is a loopback")
         assert _Receiver.received == []  # never reached
     finally:

@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from model_runtime.versions import ModelVersion
 from services.fraud import retraining
-from services.fraud.db import ModelVersion, Transaction
+from services.fraud.db import Transaction
 from services.fraud.features import compute_offline_features
 from services.fraud.retraining import labelled_frame, retrain
 from services.fraud.serving import default_artifact_dir
@@ -130,7 +131,7 @@ def test_a_row_dated_1500_is_left_out_of_training(migrated_stack: Stack) -> None
         outcome = retrain(session, tenant_id)
     assert outcome.candidate["n_train"] + outcome.candidate["n_holdout"] < len(history)
     with session_scope() as session:
-        stored = session.get(ModelVersion, outcome.version)
+        stored = session.get(ModelVersion, ("fraud", outcome.version))
         assert stored is not None and stored.tenant_id == tenant_id
 
 

@@ -138,7 +138,7 @@ def test_flagged_decisions_are_pushed_signed_and_retried(fraud_server: FraudServ
         def delivery_log() -> list[tuple[int, int | None]]:
             with fraud_server.engine.connect() as connection:
                 return [tuple(r) for r in connection.execute(text(
-                    "SELECT attempt, status_code FROM fraud_callback_deliveries WHERE transaction_id = :i "
+                    "SELECT attempt, status_code FROM platform_webhook_deliveries WHERE subject_id = :i "
                     "ORDER BY attempt"), {"i": payload["id"]})]
 
         wait_until(lambda: len(delivery_log()) == 2, 30, "both attempts to be logged")
