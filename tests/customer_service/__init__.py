@@ -1,0 +1,1 @@
+"""Tests of the emotion-aware customer-service vertical (``services/customer_service``)."""

@@ -1,0 +1,1 @@
+"""Tests of the IIoT failure-prediction vertical (``services/iiot``)."""

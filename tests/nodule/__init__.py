@@ -1,0 +1,1 @@
+"""Tests of the CT nodule detection vertical (``services/nodule``)."""
