@@ -1,11 +1,12 @@
-"""Tables of the fraud vertical (all prefixed ``fraud_``)."""
+"""Tables of the fraud vertical (all prefixed ``fraud_``); its model versions are in
+:mod:`model_runtime.versions` (model ``fraud``)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Float, Index, Integer, String, Text, text
+from sqlalchemy import Boolean, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, utcnow
@@ -76,25 +77,3 @@ class Case(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
     analyst: Mapped[str | None] = mapped_column(String(100), default=None)
     note: Mapped[str | None] = mapped_column(Text, default=None)
-
-
-class ModelVersion(Base):
-    """Every fraud model version a tenant trained, with its evaluation; at most one per tenant is live.
-
-    A tenant with no live version is scored by the shipped default model.
-    """
-
-    __tablename__ = "fraud_model_versions"
-    __table_args__ = (
-        Index("ix_fraud_model_versions_tenant_created", "tenant_id", "created_at"),
-        Index("ix_fraud_model_versions_one_live", "tenant_id", unique=True,
-              sqlite_where=text("status = 'live'"), postgresql_where=text("status = 'live'")),
-    )
-
-    version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(String(64), server_default="")
-    status: Mapped[str] = mapped_column(String(20), doc="live | candidate | rejected | retired")
-    artifact_dir: Mapped[str] = mapped_column(String(500))
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    promoted_at: Mapped[datetime | None] = mapped_column(default=None)

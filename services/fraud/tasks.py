@@ -11,17 +11,20 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from model_runtime.versions import reload_in_workers
 from services.fraud.backtest import run_backtest
 from services.fraud.retraining import retrain
 from services.fraud.schemas import DecisionOut
 from services.fraud.scoring import tenant_settings
-from services.fraud.serving import backtest_namespace
+from services.fraud.serving import FRAUD_MODELS, backtest_namespace
 from shared.jobs import Job, job_task, report_progress
 from shared.webhooks import enqueue_webhook
 
 logger = logging.getLogger("tessera.fraud.tasks")
 
 CALLBACK_EVENT = "fraud.decision"
+
+reload_in_workers(FRAUD_MODELS)  # a worker swaps in promoted versions when a task starts, not only at start-up
 
 
 def enqueue_callback(session: Session, tenant_id: str, decision: DecisionOut) -> None:
