@@ -34,10 +34,11 @@ Answers, all problem+json, and the partial file deleted with each:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -115,8 +116,20 @@ class UploadSink:
         os.replace(self.partial_path, path)
         return StoredUpload(path=path, size=self.size, sha256=digest, filename=filename, content_type=content_type)
 
+    @contextlib.contextmanager
+    def deleted_unless_complete(self) -> Iterator[None]:
+        """Delete the partial file when the block raises: a refusal, a failure, a client gone (a 400)."""
+        try:
+            yield
+        except ClientDisconnect:
+            self.discard()
+            raise BadRequest("the client closed the connection before the body ended") from None
+        except BaseException:
+            self.discard()
+            raise
+
     def discard(self) -> None:
-        """Close and delete the partial file (after a refusal or a failure)."""
+        """Close and delete the partial file."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -171,16 +184,10 @@ async def receive_body_upload(request: Request, directory: Path, *, max_bytes: i
                                    f"send one of {', '.join(content_types)}", supported=list(content_types))
     refuse_declared_size(request, max_bytes)
     sink = UploadSink(directory, max_bytes=max_bytes, check_head=check_head, head_bytes=head_bytes)
-    try:
+    with sink.deleted_unless_complete():
         async for chunk in request.stream():
             await sink.write(chunk)
         return await sink.finish(name_prefix, name_suffix, None, content_type)
-    except ClientDisconnect:
-        sink.discard()
-        raise BadRequest("the client closed the connection before the body ended") from None
-    except BaseException:
-        sink.discard()
-        raise
 
 
 async def receive_multipart_upload(request: Request, directory: Path, *, max_bytes: int, field: str = "file",
@@ -196,18 +203,12 @@ async def receive_multipart_upload(request: Request, directory: Path, *, max_byt
     refuse_declared_size(request, max_bytes + MAX_MULTIPART_OVERHEAD_BYTES)
     sink = UploadSink(directory, max_bytes=max_bytes, check_head=check_head, head_bytes=head_bytes)
     reader = MultipartFileReader(boundary, field, part_types)
-    try:
+    with sink.deleted_unless_complete():
         async for chunk in request.stream():
             for data in reader.feed(chunk):
                 await sink.write(data)
         reader.check_complete()
         return await sink.finish(name_prefix, name_suffix, reader.filename, reader.content_type)
-    except ClientDisconnect:
-        sink.discard()
-        raise BadRequest("the client closed the connection before the body ended") from None
-    except BaseException:
-        sink.discard()
-        raise
 
 
 def multipart_boundary(content_type: str | None) -> bytes:

@@ -18,7 +18,22 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from shared.db import session_factory
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    DeadlineExceeded,
+    Forbidden,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    ProblemError,
+    ServiceOverloaded,
+    Unauthorized,
+    UnprocessableContent,
+    UnsupportedMediaType,
+)
 from shared.security import create_api_key, revoke_api_key
+from shared.websockets import close_code_for, close_reason
 from tests.conftest import Stack
 from tests.shared.websocket_app import MAX_ECHO_MESSAGE_BYTES
 from tests.support import ManagedProcess, free_port, python_argv, wait_until
@@ -231,3 +246,18 @@ def test_connections_and_messages_are_counted(ws_server: WebSocketServer) -> Non
         assert sample in metrics, sample
     wait_until(lambda: 'tessera_websocket_closes_total{app="websocket-test",by="client",code="1000"}'
                in httpx.get(f"http://127.0.0.1:{ws_server.port}/metrics").text, 10, "the client's close counted")
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (UnsupportedMediaType(), 1003), (UnprocessableContent(), 1007), (BadRequest(), 1007), (Unauthorized(), 1008),
+    (Forbidden(), 1008), (NotFound(), 1008), (Conflict(), 1008), (PayloadTooLarge(), 1009),
+    (ServiceOverloaded(), 1013), (NotReady(), 1013), (DeadlineExceeded(), 1013), (ProblemError(), 1011),
+])
+def test_each_platform_error_has_its_close_code(error: ProblemError, code: int) -> None:
+    assert close_code_for(error) == code
+
+
+def test_a_long_reason_is_cut_to_fit_a_close_frame() -> None:
+    reason = close_reason("é" * 100)
+    assert len(reason.encode("utf-8")) <= 123 and reason.endswith("...") and "\ufffd" not in reason
+    assert close_reason("short") == "short"
