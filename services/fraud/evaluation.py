@@ -8,7 +8,8 @@ removed, averaged over the test days.
 Protocol: for a training start date, 7 days train, 7 days delay (unused, labels not yet known),
 7 days test with cards known compromised removed (``handbook.train_test_split``). Features for
 all rows are computed once from the whole file; they only look backwards and only use labels
-at least the delay old.
+at least the delay old. Which training start dates: :data:`HANDBOOK_FOLDS` on the handbook's
+file, :func:`folds_for_range` on any other file or date range.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from model_runtime.training_data import TrainingDataError
+from services.fraud import handbook as hb
 from services.fraud.features import FEATURE_NAMES, HANDBOOK_FEATURES, SECONDS_PER_DAY
 from services.fraud.handbook import train_test_split
 
@@ -94,6 +97,54 @@ def assess(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 100) -> dict[st
     return {"auc_roc": float(roc_auc_score(labels, scores)),
             "average_precision": float(average_precision_score(labels, scores)),
             f"card_precision_at_{top_k}": card_precision_top_k(scores, frame, top_k)}
+
+
+FOLD_DAYS = 7 + 7 + 7
+"""One fold: 7 days train, 7 days delay, 7 days test (``handbook.train_test_split``'s defaults)."""
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """The training start dates an evaluation runs.
+
+    ``test_starts``: the prequential test folds, latest first; ``validation_starts``: earlier folds
+    for model selection (empty: no selection); ``chapter3_start``: the handbook's single-split fold
+    (None off the handbook's file).
+    """
+
+    test_starts: list[dt.datetime]
+    validation_starts: list[dt.datetime]
+    chapter3_start: dt.datetime | None = None
+
+
+HANDBOOK_FOLDS = FoldPlan(hb.TEST_FOLD_STARTS, hb.VALIDATION_FOLD_STARTS, hb.CHAPTER3_START)
+
+
+def folds_for_range(first_day: dt.date, last_day: dt.date, n_folds: int = 4) -> FoldPlan:
+    """Prequential folds inside ``first_day..last_day`` (inclusive), laid out as the handbook's.
+
+    The latest fold's test week ends on ``last_day``; each earlier fold starts a week before the
+    next, as long as it starts on or after ``first_day``. Validation folds end two weeks before the
+    earliest test fold starts (the handbook's test folds start 07-25..08-15, its validation folds
+    07-11 back to 06-20) and are kept where they fit. Features look back up to 30 days: folds in a
+    range's first month see truncated windows.
+
+    Raises
+    ------
+    TrainingDataError
+        The range holds no whole fold (21 days).
+    """
+    if n_folds < 1:
+        raise TrainingDataError("--folds must be at least 1")
+    first = dt.datetime.combine(first_day, dt.time())
+    latest = dt.datetime.combine(last_day, dt.time()) - dt.timedelta(days=FOLD_DAYS - 1)
+    test = [start for start in hb.prequential_starts(latest, n_folds) if start >= first]
+    if not test:
+        raise TrainingDataError(f"{first_day}..{last_day} is shorter than one fold ({FOLD_DAYS} days: "
+                                "7 train, 7 delay, 7 test)")
+    validation_latest = test[-1] - dt.timedelta(days=14)
+    validation = [start for start in hb.prequential_starts(validation_latest, n_folds) if start >= first]
+    return FoldPlan(test, validation)
 
 
 @dataclass

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pandas as pd
+import pytest
 
-from services.fraud.evaluation import card_precision_ceiling, card_precision_top_k, visible_fraud
+from model_runtime.training_data import TrainingDataError
+from services.fraud.evaluation import (
+    HANDBOOK_FOLDS,
+    card_precision_ceiling,
+    card_precision_top_k,
+    folds_for_range,
+    visible_fraud,
+)
 
 DAY = 86_400
 
@@ -50,3 +60,17 @@ def test_card_precision_takes_text_card_ids_as_stored() -> None:
     scores = np.array([0.9, 0.1, 0.9, 0.2, 0.5])
     # day 0: top 2 cards {c-1, c-2}, one fraud; day 1: c-1 already found, top 2 {c-4, c-3}, one fraud
     assert card_precision_top_k(scores, frame, top_k=2) == 0.5
+
+
+def test_folds_for_a_range_are_laid_out_as_the_handbooks() -> None:
+    """The handbook's own folds come back from its dates: its latest test week ends 2018-09-04."""
+    plan = folds_for_range(dt.date(2018, 6, 11), dt.date(2018, 9, 4))
+    assert plan.test_starts == HANDBOOK_FOLDS.test_starts
+    assert plan.validation_starts == HANDBOOK_FOLDS.validation_starts and plan.chapter3_start is None
+
+
+def test_a_short_range_keeps_the_folds_that_fit_and_refuses_less_than_one() -> None:
+    plan = folds_for_range(dt.date(2024, 1, 1), dt.date(2024, 1, 28))  # 28 days: two folds, no validation
+    assert plan.test_starts == [dt.datetime(2024, 1, 8), dt.datetime(2024, 1, 1)] and plan.validation_starts == []
+    with pytest.raises(TrainingDataError, match=r"2024-01-01..2024-01-20 is shorter than one fold \(21 days"):
+        folds_for_range(dt.date(2024, 1, 1), dt.date(2024, 1, 20))
