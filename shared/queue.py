@@ -25,7 +25,7 @@ from shared.verticals import vertical_queues, vertical_task_modules
 DEFAULT_QUEUE = "default"
 SWEEP_TASK = "shared.jobs.sweep_stalled_jobs"
 QUEUES: tuple[str, ...] = (DEFAULT_QUEUE, *vertical_queues())
-PLATFORM_TASK_MODULES: tuple[str, ...] = ("shared.jobs",)
+PLATFORM_TASK_MODULES: tuple[str, ...] = ("shared.jobs", "shared.webhooks")
 
 
 def task_modules() -> list[str]:
