@@ -109,3 +109,7 @@ def reconfigure_celery_app(settings: Settings) -> None:
     # The next publish opens fresh connection and producer pools on the new broker.
     kombu_pools.reset()
     celery_app._after_fork()
+    # The cached result backend too, so the next AsyncResult reads the new one (Celery keeps a
+    # thread-safe backend on the app and others per thread).
+    celery_app._backend_cache = None
+    celery_app._local.__dict__.pop("backend", None)
