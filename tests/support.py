@@ -95,6 +95,10 @@ class ManagedProcess:
             os.killpg(self.process.pid, sig)
         self.process.wait(timeout=30)
 
+    def _read_to_the_end(self) -> None:
+        """After the group is gone: every line it wrote is in :attr:`lines` (nothing more can come)."""
+        self._reader.join(timeout=10)
+
     def stop(self, timeout_s: float = 20.0) -> int:
         """SIGTERM the leader, wait, then SIGKILL the group if needed; returns the exit code."""
         if self.process.poll() is None:
@@ -106,6 +110,7 @@ class ManagedProcess:
                 self.process.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the group, if any
+        self._read_to_the_end()
         return int(self.process.returncode)
 
 

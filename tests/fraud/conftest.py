@@ -15,7 +15,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from tests.conftest import Stack, Variant, variant_stack
-from tests.support import ManagedProcess, free_port, python_argv
+from tests.support import ManagedProcess, free_port, python_argv, wait_until
 
 CALLBACKS_TO_LOOPBACK = {"TESSERA_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}
 """Lets callbacks reach the tests' receivers on 127.0.0.1 (refused by default: not a public address)."""
@@ -65,22 +65,17 @@ class FraudServer:
     base_url: str
     engine: Engine
 
-    def wait_recorded(self, tenant_id: str, transaction_ids: list[str], timeout_s: float = 15.0) -> None:
+    def wait_recorded(self, tenant_id: str, transaction_ids: list[str], timeout_s: float = 30.0) -> None:
         """Wait until the rows exist: with Redis state, decisions are written behind the answer."""
-        import time
-
         from sqlalchemy import text
 
-        deadline = time.monotonic() + timeout_s
-        wanted = set(transaction_ids)
-        while True:
+        def recorded() -> bool:
             with self.engine.connect() as connection:
                 stored = {row[0] for row in connection.execute(text(
                     "SELECT transaction_id FROM fraud_transactions WHERE tenant_id = :t"), {"t": tenant_id})}
-            if wanted <= stored:
-                return
-            assert time.monotonic() < deadline, f"{len(wanted - stored)} decisions were never recorded"
-            time.sleep(0.05)
+            return set(transaction_ids) <= stored
+
+        wait_until(recorded, timeout_s, f"{len(transaction_ids)} decisions to be recorded", interval_s=0.05)
 
     def new_tenant(self, scopes: tuple[str, ...] = ("fraud",)) -> FraudTenant:
         tenant_id = f"bank-{uuid.uuid4().hex[:8]}"

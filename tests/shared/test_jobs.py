@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,16 +19,17 @@ from shared import jobs
 from shared.db import after_commit, get_engine, session_factory, session_scope, utcnow
 from shared.errors import NotFound
 from shared.jobs import FAILED, SUCCEEDED, Job, get_job, submit_job, sweep_stalled_jobs
+from shared.queue import SWEEP_TASK
 from tests.conftest import Stack, apply_stack_in_process, sqlite_stack_at
 from tests.shared.job_tasks import EFFECTS_DDL, fail_with_private_text, fail_with_public_text, record_effect
 from tests.support import ManagedProcess, python_argv, wait_until
 
 
-def start_worker(stack: Stack, name: str) -> ManagedProcess:
+def start_worker(stack: Stack, name: str, loglevel: str = "INFO") -> ManagedProcess:
     argv = python_argv("-m", "celery", "-A", "shared.queue:celery_app", "worker", "-Q", "default",
                        "--concurrency", "1", "--include", "tests.shared.job_tasks", "-B",
                        "--schedule", str(stack.data_dir / f"beat-{name}"), "--hostname", f"{name}@%h",
-                       "--without-gossip", "--without-mingle", "--loglevel", "INFO")
+                       "--without-gossip", "--without-mingle", "--loglevel", loglevel)
     worker = ManagedProcess(argv, stack.env, name)
     worker.wait_for_output(r"ready\.", timeout_s=60)
     return worker
@@ -44,6 +45,22 @@ def effects_table(migrated_stack: Stack) -> Stack:
 @pytest.fixture
 def worker(effects_table: Stack) -> Iterator[ManagedProcess]:
     process = start_worker(effects_table, f"w-{uuid.uuid4().hex[:6]}")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def quiet_worker(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagedProcess]:
+    """A worker whose database holds no other test's jobs. On SQLite a test's open transaction holds
+    the one write lock, and a sweep re-sending another test's stale job would wait on it (the busy
+    timeout, 30 s) in the worker's only process, ahead of everything queued after it."""
+    if stack.database_url.startswith("sqlite"):
+        stack = sqlite_stack_at(tmp_path)
+        apply_stack_in_process(stack, monkeypatch)
+    db_upgrade()
+    with session_scope() as session:
+        session.execute(text(EFFECTS_DDL))
+    process = start_worker(stack, f"quiet-{uuid.uuid4().hex[:6]}")
     yield process
     process.stop()
 
@@ -189,16 +206,19 @@ def test_no_message_is_published_for_an_uncommitted_row(publishes: list[tuple[st
             "a rolled-back job leaves no row (that the sweeper would run later)"
 
 
-def test_jobs_of_one_transaction_run_promptly_on_a_real_worker(worker: ManagedProcess) -> None:
+def test_jobs_of_one_transaction_run_promptly_on_a_real_worker(quiet_worker: ManagedProcess) -> None:
     """Before the fix the first job's message left when the second's savepoint was released: the
     worker found no row ("skipped: missing") and the job waited ~30 s for the sweeper."""
+    worker = quiet_worker
     keys = [f"batch-{index}-{uuid.uuid4().hex}" for index in range(3)]
+    probe = f"probe-{uuid.uuid4().hex}"  # no such job: the worker logs it as missing
     with session_scope() as session:
         job_ids = [submit_in(session, key) for key in keys]
-        time.sleep(1.5)  # a slow transaction: the worker would have taken an early message by now
+        jobs.enqueue(record_effect.name, "default", probe)  # behind any message published too early
+        worker.wait_for_output(rf"job {probe} skipped: missing", timeout_s=30)
     for job_id in job_ids:
         wait_succeeded(job_id, timeout_s=15)
-    assert "skipped: missing" not in worker.output
+    assert [line for line in worker.lines if "skipped: missing" in line and probe not in line] == []
     assert all(effect_count(key) == 1 for key in keys)
 
 
@@ -237,8 +257,8 @@ def test_a_failed_job_is_a_failed_task_without_private_text(worker: ManagedProce
                f"the worker to log the task as failed:\n{worker.output[-3000:]}")
     assert not task_lines(worker, fail_with_private_text.name, "succeeded")
     assert "c-42" in worker.output, "the worker log keeps the traceback for operators"
-    time.sleep(3)  # acked: the failed task is not delivered again
-    assert len(task_lines(worker, fail_with_private_text.name, "received")) == 1
+    wait_succeeded(submit(f"after-{uuid.uuid4().hex}"))  # the worker took what was queued after the failure
+    assert len(task_lines(worker, fail_with_private_text.name, "received")) == 1, "acked: not delivered again"
     assert job_state(job_id).attempts == 1
 
 
@@ -250,10 +270,17 @@ def test_a_public_job_error_keeps_its_message(worker: ManagedProcess) -> None:
 
 # --- a quiet idle system ---------------------------------------------------------------------------
 
-def test_an_idle_worker_with_beat_is_quiet_at_info(worker: ManagedProcess) -> None:
-    time.sleep(3.5)  # the test stack sweeps every second
-    logged = [line for line in worker.lines if line.startswith("[")]  # records, not the banner
-    noisy = [line for line in logged if "sweep" in line.lower()]
+def test_an_idle_worker_with_beat_is_quiet_at_info(effects_table: Stack) -> None:
+    """The worker logs at DEBUG to see beat's sweeps happen; each line about them must be at DEBUG."""
+    worker = start_worker(effects_table, f"idle-{uuid.uuid4().hex[:6]}", loglevel="DEBUG")
+    try:
+        swept = re.compile(rf"Task {re.escape(SWEEP_TASK)}\[.*\] succeeded")
+        wait_until(lambda: len([line for line in worker.lines if swept.search(line)]) >= 3, 60,
+                   "three sweeps (the test stack sweeps every second)")
+    finally:
+        worker.stop()
+    records = [line for line in worker.lines if line.startswith("[")]  # records, not the banner
+    noisy = [line for line in records if "sweep" in line.lower() and not re.match(r"\[[^\]]*: DEBUG/", line)]
     assert noisy == [], "\n".join(noisy)
 
 
