@@ -96,10 +96,16 @@ def _condition_problem(condition: Condition, *, is_text: bool) -> str | None:
         return "the list is empty"
     if is_text and condition.op in ORDERING_OPS:
         return "a text field is compared with eq, ne, in or not_in"
-    kind, wanted = (str, "text") if is_text else (float, "a finite number")
-    if any(not isinstance(v, kind) or (kind is float and not math.isfinite(v)) for v in values):
-        return f"the value must be {wanted}"
+    if not all(_is_valid_value(v, is_text=is_text) for v in values):
+        return f"the value must be {'text' if is_text else 'a finite number'}"
     return None
+
+
+def _is_valid_value(value: object, *, is_text: bool) -> bool:
+    """Whether ``value`` is a text (for a text field) or a finite number (for a number field)."""
+    if is_text:
+        return isinstance(value, str)
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def active_rule_set(session: Session, tenant_id: str) -> RuleSet | None:

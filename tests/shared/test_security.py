@@ -65,6 +65,7 @@ def test_api_keys_are_stored_hashed_scoped_and_revocable(migrated_stack) -> None
         plaintext = create_api_key(session, tenant_id="bank-a", name="processor", scopes=["fraud"])
     with session_scope() as session:
         stored = session.get(ApiKey, plaintext.split("_")[1])
+        assert stored is not None
         assert plaintext not in stored.key_hash and len(stored.key_hash) == 64
         principal = authenticate_api_key(session, plaintext)
         assert principal is not None and principal.tenant_id == "bank-a"

@@ -144,9 +144,14 @@ def test_the_configured_url_is_computed_once_per_settings(tmp_path: Path, monkey
     monkeypatch.delenv("TESSERA_DATABASE_URL", raising=False)
     get_settings.cache_clear()
     reset_engines()
-    resolved = []
+    resolved: list[Path] = []
     real_resolve = Path.resolve
-    monkeypatch.setattr(Path, "resolve", lambda self, *a: resolved.append(self) or real_resolve(self, *a))
+
+    def counting_resolve(self: Path, *args: bool) -> Path:
+        resolved.append(self)
+        return real_resolve(self, *args)
+
+    monkeypatch.setattr(Path, "resolve", counting_resolve)
     try:
         for _ in range(5):
             session_factory()
