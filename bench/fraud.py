@@ -573,14 +573,19 @@ def serve_entry(argv: list[str]) -> None:
 
     port = int(argv[0])
     workers = int(os.environ.get("BENCH_WORKERS", "1"))
-    overrides = {**({"max_batch_size": 1} if "--unbatched" in argv else {}),
+    overrides: dict[str, Any] = {**({"max_batch_size": 1} if "--unbatched" in argv else {}),
                  **({"run_inline": True} if "--inline" in argv else {}),
                  **({"run_inline": False} if "--threaded" in argv else {})}
     if overrides:
         import services.fraud.serving as serving
+        from model_runtime.runtime import ModelSpec
 
         shipped = serving.fraud_model_spec
-        serving.fraud_model_spec = lambda artifact: dataclasses.replace(shipped(artifact), **overrides)
+
+        def bench_model_spec(artifact_dir: Path) -> ModelSpec:
+            return dataclasses.replace(shipped(artifact_dir), **overrides)
+
+        serving.fraud_model_spec = bench_model_spec
     uvicorn.run("services.fraud.api:app", host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning", timeout_keep_alive=60, workers=workers)
 
@@ -802,10 +807,10 @@ def run_http(args: argparse.Namespace, artifact: Path, kind: str, workdir: Path,
         warm = {"kind": "closed", "concurrency": 4, "duration": args.warmup_s, "warmup": True}
         phases = [warm] + [{"kind": "open", "rate": r, "duration": args.point_s} for r in args.rates]
         phases.append({"kind": "closed", "concurrency": args.closed_concurrency, "duration": args.point_s})
-        plan = {"host": "127.0.0.1", "port": port, "api_key": api_key, "secret": secret,
-                "server_pids": [proc.pid] + ([recorder.pid] if recorder else []),
-                "bodies": str(bodies_path), "phases": phases,
-                "out": str(workdir / f"result-{kind}.json"), "label": db.label}
+        plan: dict[str, Any] = {"host": "127.0.0.1", "port": port, "api_key": api_key, "secret": secret,
+                                "server_pids": [proc.pid] + ([recorder.pid] if recorder else []),
+                                "bodies": str(bodies_path), "phases": phases,
+                                "out": str(workdir / f"result-{kind}.json"), "label": db.label}
         plan_path = workdir / f"plan-{kind}.json"
         plan_path.write_text(json.dumps(plan))
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "_loadgen", str(plan_path)],

@@ -178,10 +178,11 @@ def run_project_generator(server: Server, bodies: list[bytes], rate: float, dura
     """One point of bench/fraud.py's own open-loop generator (evenly spaced sends)."""
     bodies_file = workdir / "own-bodies.jsonl"
     bodies_file.write_bytes(b"\n".join(bodies))
-    plan = {"host": "127.0.0.1", "port": server.port, "api_key": server.api_key, "secret": server.secret,
-            "server_pids": server.pids, "bodies": str(bodies_file), "label": "project generator",
-            "phases": [{"kind": "open", "rate": rate, "duration": duration_s}], "out": str(workdir / "own.json"),
-            "path_prefix": "/fraud"}
+    plan: dict[str, Any] = {
+        "host": "127.0.0.1", "port": server.port, "api_key": server.api_key, "secret": server.secret,
+        "server_pids": server.pids, "bodies": str(bodies_file), "label": "project generator",
+        "phases": [{"kind": "open", "rate": rate, "duration": duration_s}], "out": str(workdir / "own.json"),
+        "path_prefix": "/fraud"}
     plan_file = workdir / "own-plan.json"
     plan_file.write_text(json.dumps(plan))
     subprocess.run([sys.executable, str(REPO / "bench" / "fraud.py"), "_loadgen", str(plan_file)],
