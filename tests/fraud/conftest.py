@@ -7,6 +7,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import orjson
@@ -124,9 +125,9 @@ def tenant(fraud_server: FraudServer) -> FraudTenant:
     return fraud_server.new_tenant()
 
 
-def transaction(**overrides: object) -> dict[str, object]:
+def transaction(**overrides: object) -> dict[str, Any]:
     """A valid transaction payload (factory)."""
-    payload: dict[str, object] = {
+    payload: dict[str, Any] = {
         "id": f"tx-{uuid.uuid4().hex}", "timestamp": "2026-11-23T10:15:00Z", "customer_id": "cust-1",
         "terminal_id": "term-1", "amount": 42.5, "currency": "EUR", "channel": "card_present",
     }

@@ -8,6 +8,8 @@ decision) must equal the handbook's own pandas computation over the same transac
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import orjson
 import pandas as pd
@@ -60,7 +62,7 @@ def replay(tenant: FraudTenant, sample: pd.DataFrame) -> None:
 def stored_features(server: FraudServer, tenant: FraudTenant, ids: list[int]) -> np.ndarray:
     server.wait_recorded(tenant.tenant_id, [str(i) for i in ids])
     with server.engine.connect() as connection:
-        rows = dict(connection.execute(text(
+        rows: dict[str, Any] = dict(connection.execute(text(
             "SELECT transaction_id, features FROM fraud_transactions WHERE tenant_id = :t"),
             {"t": tenant.tenant_id}).all())
     decoded = [orjson.loads(rows[str(i)]) if isinstance(rows[str(i)], str) else rows[str(i)] for i in ids]

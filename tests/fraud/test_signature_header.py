@@ -41,7 +41,7 @@ def test_malformed_signature_headers_are_401_problems(server: FraudServer, path:
     with tenant.client() as client:
         for case, (header, detail) in MALFORMED.items():
             # httpx sends str headers as ASCII; latin-1 bytes are what a client can put on the wire.
-            answer = client.post(path, content=body, headers={"Tessera-Signature": header.encode("latin-1"),
-                                                              "Content-Type": "application/json"})
+            answer = client.post(path, content=body, headers={b"Tessera-Signature": header.encode("latin-1"),
+                                                              b"Content-Type": b"application/json"})
             problem = assert_problem(answer, 401, detail)
             assert problem["type"].endswith("/invalid-signature"), (case, problem)

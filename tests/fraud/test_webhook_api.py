@@ -129,6 +129,7 @@ def test_concurrent_duplicates_are_stored_and_counted_once(fraud_server: FraudSe
                                       {"t": tenant.tenant_id, "i": follow_up["id"]}).scalar()
     from services.fraud.features import FEATURE_NAMES
 
+    assert features is not None
     features = orjson.loads(features) if isinstance(features, str) else features
     assert features[FEATURE_NAMES.index("CUSTOMER_ID_NB_TX_1DAY_WINDOW")] == 2.0
 
