@@ -36,11 +36,18 @@ T0 = 1_790_000_000.0
 
 
 @pytest.fixture
-def tenant_id(postgres_stack: Stack) -> Iterator[str]:
+def redis_url(postgres_stack: Stack) -> str:
+    """The PostgreSQL stack's Redis (that stack always has one)."""
+    assert postgres_stack.redis_url is not None
+    return postgres_stack.redis_url
+
+
+@pytest.fixture
+def tenant_id(redis_url: str) -> Iterator[str]:
     """A tenant of this test's own; its Redis keys are removed afterwards."""
     tenant = f"wb-{uuid4().hex[:8]}"
     yield tenant
-    client = redis.Redis.from_url(postgres_stack.redis_url)
+    client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"fraud:{{{tenant}*"))
     if keys:
         client.delete(*keys)
@@ -48,13 +55,13 @@ def tenant_id(postgres_stack: Stack) -> Iterator[str]:
 
 
 @pytest.fixture
-def stream(postgres_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def stream(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A decision stream (and its consumer group) that only this test reads and writes."""
     name = f"fraud:decisions:test-{uuid4().hex[:8]}"
     monkeypatch.setattr(recorder, "DECISION_STREAM", name)
     monkeypatch.setattr(redis_state, "DECISION_STREAM", name)
     yield name
-    client = redis.Redis.from_url(postgres_stack.redis_url)
+    client = redis.Redis.from_url(redis_url)
     client.delete(name)
     client.close()
 
@@ -108,12 +115,26 @@ def reserve_new(redis_url: str, tenant_id: str, tx_id: str, customer_id: str, te
     return reservation.aggregates
 
 
+ByteEntries = list[tuple[bytes, dict[bytes, bytes]]]
+"""Stream entries (id, fields) as the tests' clients read them: RESP2, bytes (no ``decode_responses``)."""
+
+
+def byte_entries(reply: object) -> ByteEntries:
+    """``reply`` (XRANGE, XREVRANGE, or one stream's part of XREADGROUP) checked and typed as ByteEntries."""
+    assert isinstance(reply, list), reply
+    entries: ByteEntries = []
+    for entry_id, fields in reply:
+        assert isinstance(entry_id, bytes) and isinstance(fields, dict), (entry_id, fields)
+        entries.append((entry_id, fields))
+    return entries
+
+
 def count(sql: str, **params: object) -> int:
     with session_scope() as session:
         return int(session.execute(text(sql), params).scalar_one())
 
 
-def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id: str, stream: str,
+def test_recorder_replay_after_crash_is_exactly_once(database: Stack, redis_url: str, tenant_id: str, stream: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A recorder that dies after its commit but before XACK leaves its entries pending; another
     recorder claims and replays them, and the replay stores no row, case or entry twice."""
@@ -122,12 +143,15 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
     decisions = [decision(tenant_id, "review"), decision(tenant_id, "approve"), decision(tenant_id, "approve")]
 
     async def scenario() -> tuple[list[bytes], int]:
-        client = aioredis.Redis.from_url(database.redis_url)
+        client = aioredis.Redis.from_url(redis_url)
         try:
             survivor = DecisionRecorder(client, consumer="survivor")
             await survivor.ensure_group()
-            await commit_all(database.redis_url, decisions)
-            [(_, entries)] = await client.xreadgroup(GROUP, "dead-recorder", {stream: ">"}, count=100)
+            await commit_all(redis_url, decisions)
+            read = await client.xreadgroup(GROUP, "dead-recorder", {stream: ">"}, count=100)
+            assert isinstance(read, list), read
+            [(_, stream_entries)] = read
+            entries = byte_entries(stream_entries)
             ids = [entry_id for entry_id, _ in entries]
             write_records([orjson.loads(fields[b"r"]) for _, fields in entries])
             assert count("SELECT count(*) FROM fraud_transactions WHERE tenant_id = :t", t=tenant_id) == 3
@@ -138,7 +162,7 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
             handled = await survivor.record_once()
             still_pending = await client.xpending_range(stream, GROUP, min="-", max="+", count=100)
             assert not [p for p in still_pending if p["message_id"] in ids]
-            remaining = {entry_id for entry_id, _ in await client.xrange(stream)}
+            remaining = {entry_id for entry_id, _ in byte_entries(await client.xrange(stream))}
             assert not remaining & set(ids), "acknowledged entries must be deleted from the stream"
             assert survivor.recorded == 0, "the replay inserted rows the dead recorder had already committed"
             return ids, handled
@@ -154,7 +178,8 @@ def test_recorder_replay_after_crash_is_exactly_once(database: Stack, tenant_id:
                  t=tenant_id, x=review_id) == 1
 
 
-def test_poison_record_is_quarantined_not_dropped(database: Stack, tenant_id: str, stream: str) -> None:
+def test_poison_record_is_quarantined_not_dropped(database: Stack, redis_url: str, tenant_id: str,
+                                                  stream: str) -> None:
     """A record the database refuses (tenant id longer than its column) goes to the dead-letter stream
     with the error, while the good record of the same batch is stored and the batch is acknowledged."""
     poison_tenant = tenant_id + "x" * (80 - len(tenant_id))
@@ -162,16 +187,17 @@ def test_poison_record_is_quarantined_not_dropped(database: Stack, tenant_id: st
     poison_out, poison = decision(poison_tenant, "approve")
 
     async def scenario() -> tuple[int, list[dict[bytes, bytes]]]:
-        client = aioredis.Redis.from_url(database.redis_url)
+        client = aioredis.Redis.from_url(redis_url)
         quarantined: list[bytes] = []
         try:
             survivor = DecisionRecorder(client, consumer="survivor")
             await survivor.ensure_group()
-            await commit_all(database.redis_url, [(good_out, good), (poison_out, poison)])
+            await commit_all(redis_url, [(good_out, good), (poison_out, poison)])
             handled = await survivor.record_once()
             assert await client.xpending_range(stream, GROUP, min="-", max="+", count=100) == []
             assert await client.xlen(stream) == 0
-            mine = [(entry_id, fields) for entry_id, fields in await client.xrevrange(DEAD_LETTER_STREAM, count=100)
+            dead_letters = byte_entries(await client.xrevrange(DEAD_LETTER_STREAM, count=100))
+            mine = [(entry_id, fields) for entry_id, fields in dead_letters
                     if orjson.loads(fields[b"r"])["tenant_id"] in (tenant_id, poison_tenant)]
             quarantined = [entry_id for entry_id, _ in mine]
             return handled, [fields for _, fields in mine]
@@ -190,7 +216,7 @@ def test_poison_record_is_quarantined_not_dropped(database: Stack, tenant_id: st
     assert count("SELECT count(*) FROM fraud_transactions WHERE tenant_id LIKE :t", t=f"{tenant_id}x%") == 0
 
 
-def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stack: Stack, tenant_id: str,
+def test_crashed_reservation_is_taken_over_without_double_counting(redis_url: str, tenant_id: str,
                                                                    stream: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A duplicate of a pending reservation is told 'busy'; a reservation never committed (its process
@@ -199,8 +225,8 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
     monkeypatch.setattr(redis_state, "PENDING_LEASE_MS", 600_000)  # lapses below when the test says so
 
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(postgres_stack.redis_url)
-        multiplexer = RedisMultiplexer(postgres_stack.redis_url)
+        client = aioredis.Redis.from_url(redis_url)
+        multiplexer = RedisMultiplexer(redis_url)
         try:
             state = RedisWindowState(multiplexer)
             first = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
@@ -226,7 +252,7 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
             assert await client.zcard(f"fraud:{{{tenant_id}}}:cust:cust-c") == 2
             assert await client.zcard(f"fraud:{{{tenant_id}}}:term:term-1") == 2
             out, record = decision(tenant_id, "approve", tx_id="tx-a")
-            await commit_all(postgres_stack.redis_url, [(out, record)])
+            await commit_all(redis_url, [(out, record)])
             done = await state.reserve(tenant_id, "tx-a", "cust-c", "term-1", T0, 10.0)
             assert done.status == "done" and done.answer == out.model_dump_json().encode()
         finally:
@@ -236,18 +262,18 @@ def test_crashed_reservation_is_taken_over_without_double_counting(postgres_stac
     asyncio.run(scenario())
 
 
-def test_label_moves_terminal_risk_in_redis(postgres_stack: Stack, tenant_id: str) -> None:
+def test_label_moves_terminal_risk_in_redis(redis_url: str, tenant_id: str) -> None:
     """A fraud label enters the terminal's delayed risk windows ((t - 7 d - W, t - 7 d], as the database
     store) and a reversed label leaves them."""
     labelled_at = T0 + 7 * SECONDS_PER_DAY + 12 * 3600  # the label's tx is inside the delayed 1-day window
     boundary = T0 + 8 * SECONDS_PER_DAY  # the delayed 1-day window is (T0, T0 + 1 d]: T0 is just outside
 
     def reserve(tx_id: str, at: float) -> Any:
-        return reserve_new(postgres_stack.redis_url, tenant_id, tx_id, "cust-other", "term-t", at, 5.0)
+        return reserve_new(redis_url, tenant_id, tx_id, "cust-other", "term-t", at, 5.0)
 
     first = reserve("tx-fraud", T0)
     assert first.terminal_fraud_delayed_30d == 0
-    sync_client = redis.Redis.from_url(postgres_stack.redis_url)
+    sync_client = redis.Redis.from_url(redis_url)
     try:
         record_label_sync(sync_client, tenant_id, "term-t", "tx-fraud", T0, is_fraud=True)
         assert sync_client.zscore(terminal_fraud_key(tenant_id, "term-t"), "tx-fraud") == T0
@@ -267,7 +293,8 @@ def test_label_moves_terminal_risk_in_redis(postgres_stack: Stack, tenant_id: st
         sync_client.close()
 
 
-def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, tenant_id: str) -> None:
+def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, redis_url: str,
+                                                              tenant_id: str) -> None:
     """After Redis lost a tenant's state, `tessera restore-state fraud` puts stored transactions back in
     the card and terminal windows, labels in the terminal fraud windows, and a second run adds nothing."""
     from services.fraud.restore import restore_window_state
@@ -278,7 +305,7 @@ def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, t
     with session_scope() as session:
         session.execute(text("UPDATE fraud_transactions SET is_fraud = true WHERE tenant_id = :t AND "
                              "transaction_id = :i"), {"t": tenant_id, "i": stored[0][0].transaction_id})
-    sync_client = redis.Redis.from_url(database.redis_url)
+    sync_client = redis.Redis.from_url(redis_url)
     try:
         for _ in range(2):  # idempotent: the second run re-adds the same members
             with session_factory()() as session:
@@ -288,7 +315,7 @@ def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, t
         sync_client.close()
 
     def reserve(tx_id: str, at: float) -> Any:
-        return reserve_new(database.redis_url, tenant_id, tx_id, "cust-1", "term-1", at, 10.0)
+        return reserve_new(redis_url, tenant_id, tx_id, "cust-1", "term-1", at, 10.0)
 
     soon = reserve("tx-after-restore", T0 + 60)
     assert soon.customer_count_1h == 3 and soon.customer_amount_sum_1h == 42.5 * 2 + 10.0
@@ -297,12 +324,12 @@ def test_restore_rebuilds_the_redis_windows_from_the_database(database: Stack, t
     assert (week_later.terminal_count_delayed_1d, week_later.terminal_fraud_delayed_1d) == (3, 1)
 
 
-def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: str, stream: str) -> None:
+def test_a_failed_scoring_releases_its_lease(redis_url: str, tenant_id: str, stream: str) -> None:
     """Scoring that fails after the reservation (overload 503, deadline 504) drops the pending lease, so the
     processor's retry is taken over at once instead of waiting the lease out, and counted once."""
 
     async def scenario() -> None:
-        multiplexer = RedisMultiplexer(postgres_stack.redis_url)
+        multiplexer = RedisMultiplexer(redis_url)
         try:
             state = RedisWindowState(multiplexer)
             assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "new"
@@ -312,7 +339,7 @@ def test_a_failed_scoring_releases_its_lease(postgres_stack: Stack, tenant_id: s
             taken = await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0, takeover=True)
             assert taken.aggregates is not None and taken.aggregates.customer_count_1h == 1
             out, record = decision(tenant_id, "approve", tx_id="tx-shed")
-            await commit_all(postgres_stack.redis_url, [(out, record)])
+            await commit_all(redis_url, [(out, record)])
             await state.release(tenant_id, "tx-shed")  # a committed answer is never released
             assert (await state.reserve(tenant_id, "tx-shed", "cust-r", "term-r", T0, 7.0)).status == "done"
         finally:
