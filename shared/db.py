@@ -96,7 +96,7 @@ class DriverStatement:
     driver as given and rows come back as the driver's tuples: plain numbers and text only.
     """
 
-    def __init__(self, statement: Select[Any]) -> None:
+    def __init__(self, statement: Select[*tuple[Any, ...]]) -> None:
         self.statement = statement
         self.columns = tuple(str(column.key) for column in statement.selected_columns)
         self._compiled: dict[tuple[str, str, str], SQLCompiler] = {}

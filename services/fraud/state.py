@@ -19,7 +19,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, Select, String, and_, bindparam, case, func, insert, select
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Label,
+    Select,
+    SQLColumnExpression,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -50,21 +63,21 @@ def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
     return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
 
-def _sum_if(condition: ColumnElement[bool], value: ColumnElement[float]) -> ColumnElement[float]:
+def _sum_if(condition: ColumnElement[bool], value: SQLColumnExpression[float]) -> ColumnElement[float]:
     return func.coalesce(func.sum(case((condition, value), else_=0.0)), 0.0)
 
 
-def _customer_statement() -> Select[Any]:
+def _customer_statement() -> Select[*tuple[Any, ...]]:
     tx = Transaction
     in_window = {name: tx.tx_time_s > _T - seconds for name, seconds in _CUSTOMER_WINDOWS.items()}
-    columns = [_count_if(cond).label(f"count_{name}") for name, cond in in_window.items()]
+    columns: list[Label[Any]] = [_count_if(cond).label(f"count_{name}") for name, cond in in_window.items()]
     columns += [_sum_if(cond, tx.amount).label(f"sum_{name}") for name, cond in in_window.items()]
     columns.append(_sum_if(in_window["30d"], tx.amount * tx.amount).label("sumsq_30d"))
     return select(*columns).where(tx.tenant_id == _TENANT, tx.customer_id == _CUSTOMER,
                                   tx.tx_time_s > _T - _CUSTOMER_WINDOWS["30d"], tx.tx_time_s <= _T)
 
 
-def _terminal_statement() -> Select[Any]:
+def _terminal_statement() -> Select[*tuple[Any, ...]]:
     tx = Transaction
     end = _T - LABEL_DELAY_S
     delayed = {name: and_(tx.tx_time_s > end - seconds, tx.tx_time_s <= end)
@@ -129,14 +142,20 @@ def _aggregates(customer: dict[str, Any], terminal: dict[str, Any], history_rows
     previous = history[-1][0] if history else None
     first_fraud = terminal["first_fraud_delayed_30d"]
     return WindowAggregates(
-        **{f"customer_count_{w}": int(customer[f"count_{w}"]) + 1 for w in _CUSTOMER_WINDOWS},
-        **{f"customer_amount_sum_{w}": float(customer[f"sum_{w}"]) + amount for w in _CUSTOMER_WINDOWS},
+        customer_count_1h=int(customer["count_1h"]) + 1, customer_count_1d=int(customer["count_1d"]) + 1,
+        customer_count_7d=int(customer["count_7d"]) + 1, customer_count_30d=int(customer["count_30d"]) + 1,
+        customer_amount_sum_1h=float(customer["sum_1h"]) + amount,
+        customer_amount_sum_1d=float(customer["sum_1d"]) + amount,
+        customer_amount_sum_7d=float(customer["sum_7d"]) + amount,
+        customer_amount_sum_30d=float(customer["sum_30d"]) + amount,
         customer_amount_sumsq_30d=float(customer["sumsq_30d"]) + amount * amount,
         seconds_since_prev_customer_tx=None if previous is None else tx_time_s - previous,
-        **{f"terminal_count_delayed_{w}": int(terminal[f"count_delayed_{w}"])
-           for w in _TERMINAL_DELAYED_WINDOWS},
-        **{f"terminal_fraud_delayed_{w}": int(terminal[f"fraud_delayed_{w}"])
-           for w in _TERMINAL_DELAYED_WINDOWS},
+        terminal_count_delayed_1d=int(terminal["count_delayed_1d"]),
+        terminal_count_delayed_7d=int(terminal["count_delayed_7d"]),
+        terminal_count_delayed_30d=int(terminal["count_delayed_30d"]),
+        terminal_fraud_delayed_1d=int(terminal["fraud_delayed_1d"]),
+        terminal_fraud_delayed_7d=int(terminal["fraud_delayed_7d"]),
+        terminal_fraud_delayed_30d=int(terminal["fraud_delayed_30d"]),
         terminal_count_1h=int(terminal["count_1h"]) + 1,
         terminal_count_1d=int(terminal["count_1d"]) + 1,
         seconds_since_first_terminal_fraud_delayed=None if first_fraud is None else tx_time_s - float(first_fraud),
