@@ -29,7 +29,7 @@ from services.fraud.db import Case, Transaction
 from services.fraud.redis_state import DECISION_STREAM
 from services.fraud.schemas import Decision, DecisionOut
 from services.fraud.tasks import enqueue_callback
-from shared.kv import redis_configured
+from services.fraud.window_store import window_store
 from shared.observability import configure_logging
 from shared.streams import (
     BATCH_SIZE,
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
                         help="seconds between database transactions (default %(default)s)")
     args = parser.parse_args(argv)
     configure_logging()
-    if not redis_configured():
+    if not window_store().written_behind:
         print("tessera recorder fraud: TESSERA_REDIS_URL is not set: decisions are committed by the API "
               "itself, there is nothing to record", file=sys.stderr)
         return 2

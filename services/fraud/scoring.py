@@ -40,7 +40,6 @@ from services.fraud.schemas import (
 )
 from services.fraud.serving import ScoredItem, ScoringItem, model_name_for
 from services.fraud.state import DatabaseWindowStore, FlaggedHook
-from services.fraud.state import stored_decision as stored_decision  # tasks.py imports it from here
 from services.fraud.window_store import window_store
 from shared.cache import FreshnessBoundedCache
 from shared.db import session_factory
