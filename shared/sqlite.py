@@ -190,8 +190,13 @@ class WalCheckpointer:
     left to copy and two fsyncs, ~10-20 ms here), and the next writer starts the WAL over.
     """
 
-    def __init__(self, path: str, interval_s: float | None = None) -> None:
+    def __init__(self, path: str, interval_s: float | None = None, *,
+                 registry_key: tuple[int, str] | None = None) -> None:
         self.path, self.interval_s = path, interval_s or CHECKPOINT_INTERVAL_S
+        # The engines using this file (ensure_checkpointer); registered, the thread retires once
+        # they are all gone.
+        self.owners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._registry_key = registry_key
         self._gate = write_gate(path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sqlite-checkpoint:{os.path.basename(path)}",
@@ -203,6 +208,8 @@ class WalCheckpointer:
                                      check_same_thread=False)
         try:
             while not self._stop.wait(self.interval_s):
+                if self._registry_key is not None and _retired(self, self._registry_key):
+                    return
                 self.run_once(connection)
         finally:
             connection.close()
@@ -236,29 +243,34 @@ def checkpoint(connection: sqlite3.Connection, mode: str) -> tuple[int, int, int
         return None
 
 
-_checkpointers: dict[tuple[int, str], tuple[WalCheckpointer, weakref.WeakSet[Any]]] = {}
+_checkpointers: dict[tuple[int, str], WalCheckpointer] = {}
 _checkpointers_lock = threading.Lock()
 
 
 def ensure_checkpointer(path: str, owner: object) -> None:
-    """Run this process's checkpointer for ``path`` for as long as ``owner`` (an engine) lives."""
+    """Run this process's checkpointer for ``path`` for as long as ``owner`` (an engine) lives.
+
+    The thread notices on its own, at its next tick, that every engine on its file is gone. A
+    finalizer on the engine must not do it: engines are freed by the cyclic garbage collector,
+    which can run inside this function's critical section, on this thread, where taking the lock
+    again would deadlock.
+    """
     key = (os.getpid(), os.path.realpath(path))  # a forked child (Celery pool) starts its own
     with _checkpointers_lock:
-        if key not in _checkpointers:
-            _checkpointers[key] = (WalCheckpointer(key[1]), weakref.WeakSet())
-        owners = _checkpointers[key][1]
-        if owner in owners:
-            return
-        owners.add(owner)
-    weakref.finalize(owner, _owner_gone, key)
+        checkpointer = _checkpointers.get(key)
+        if checkpointer is None:
+            checkpointer = _checkpointers[key] = WalCheckpointer(key[1], registry_key=key)
+        checkpointer.owners.add(owner)
 
 
-def _owner_gone(key: tuple[int, str]) -> None:
+def _retired(checkpointer: WalCheckpointer, key: tuple[int, str]) -> bool:
+    """True, and the checkpointer forgotten, once no engine uses its file any more."""
     with _checkpointers_lock:
-        entry = _checkpointers.get(key)
-        if entry is not None and not entry[1]:  # the last engine on this file is gone
-            entry[0].stop()
+        if checkpointer.owners:
+            return False
+        if _checkpointers.get(key) is checkpointer:
             del _checkpointers[key]
+        return True
 
 
 def connect_listener(database: str | None, owner: object) -> Callable[[Any, Any], None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ from sqlalchemy import event
 from shared import sqlite
 from shared.config import get_settings
 from shared.db import configured_url, make_engine, reset_engines, session_factory
+from tests.support import wait_until
 
 
 def _engine_with_table(path: Path):  # type: ignore[no-untyped-def]
@@ -113,6 +115,33 @@ def test_engines_run_one_checkpointer_thread_per_database_file(tmp_path: Path) -
     names = [t.name for t in threading.enumerate() if t.name == "sqlite-checkpoint:k.db"]
     assert len(names) == 1
     del first, second
+
+
+def test_engines_freed_by_the_garbage_collector_never_deadlock_the_checkpointer_registry(tmp_path: Path) -> None:
+    """Before, an engine's finalizer took the registry's lock, and the cyclic collector can run it
+    inside ``ensure_checkpointer``'s critical section on the same thread: a wait forever (seen as a
+    300 s test timeout). It also ran while the dying engine still counted as an owner, so no
+    checkpointer thread ever stopped (this test's last step failed on that)."""
+    threshold = gc.get_threshold()
+    finished = threading.Event()
+
+    def churn() -> None:
+        for _ in range(40):
+            engine = make_engine(f"sqlite:///{tmp_path / 'g.db'}")
+            with engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+            del engine
+        finished.set()
+
+    gc.set_threshold(1)  # a collection at nearly every allocation, critical sections included
+    try:
+        threading.Thread(target=churn, daemon=True).start()
+        assert finished.wait(timeout=120), "a thread creating engines deadlocked"
+    finally:
+        gc.set_threshold(*threshold)
+    gc.collect()
+    wait_until(lambda: not any(t.name == "sqlite-checkpoint:g.db" for t in threading.enumerate()), 30,
+               "the checkpointer to retire at its next tick once its engines are gone")
 
 
 def test_busy_threads_reuse_pooled_connections(tmp_path: Path) -> None:
