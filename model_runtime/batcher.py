@@ -11,8 +11,8 @@ still share a batch), and sets each future. Policies:
 - ``window``: Ray Serve / LitServe habit: wait up to ``max_wait_ms`` from the first item's
   arrival (monotonic clock) for a full batch. Kept for comparison; ``bench/runtime.py`` measures both.
 
-Failure rules: a full queue raises :class:`ServiceOverloaded` with a Retry-After estimated from
-queue depth x recent per-item time; an item past its deadline fails with :class:`DeadlineExceeded`
+Failure rules: a full queue raises :class:`RuntimeOverloaded` with a Retry-After estimated from
+queue depth x recent per-item time; an item past its deadline fails with :class:`RuntimeTimeout`
 without running; cancelled callers are skipped; an exception from ``run_batch`` fails only its
 batch (and, with isolation on, the batch is retried item by item so one poison item fails alone);
 an output count that differs from the input count fails every item of that batch.
@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from model_runtime.errors import ModelNotReady, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.metrics import ModelMetrics
-from shared.errors import DeadlineExceeded, NotReady, ServiceOverloaded
 
 logger = logging.getLogger("tessera.model_runtime.batcher")
 
@@ -239,19 +239,19 @@ class DynamicBatcher:
         return (running + queued_batches) * self._recent.batch_s
 
     def check_capacity(self) -> None:
-        """Raise :class:`ServiceOverloaded` (or :class:`NotReady` when closing) if an item would be refused.
+        """Raise :class:`RuntimeOverloaded` (or :class:`ModelNotReady` when closing) if an item would be refused.
 
         Called before an item is decoded, so a refused caller costs almost nothing.
         """
         if not self._accepting:
-            raise NotReady(f"model {self.name} is shutting down")
+            raise ModelNotReady(f"model {self.name} is shutting down")
         depth = len(self._queue)
         expected_wait_s = self.expected_wait_s()
         too_slow = (self.policy.max_queue_delay_ms is not None and depth > 0
                     and expected_wait_s * 1000.0 > self.policy.max_queue_delay_ms)
         if depth >= self.policy.max_queue or too_slow:
             self.metrics.rejected.inc()
-            raise ServiceOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
+            raise RuntimeOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
                                     f"{expected_wait_s:.3f} s", retry_after_s=expected_wait_s)
 
     async def submit(self, prepared: Any, timeout_s: float | None = None) -> Any:
@@ -266,9 +266,9 @@ class DynamicBatcher:
 
         Raises
         ------
-        ServiceOverloaded
+        RuntimeOverloaded
             The queue is full.
-        DeadlineExceeded
+        RuntimeTimeout
             The item was not answered within its deadline.
         """
         self.check_capacity()
@@ -291,7 +291,7 @@ class DynamicBatcher:
             return
         waited = time.monotonic() - pending.enqueued_at
         self.metrics.deadline_exceeded.inc()
-        pending.future.set_exception(DeadlineExceeded(f"model {self.name}: no answer within {waited:.3f} s"))
+        pending.future.set_exception(RuntimeTimeout(f"model {self.name}: no answer within {waited:.3f} s"))
 
     async def _drain_forever(self) -> None:
         while True:
@@ -390,9 +390,9 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True)
 
     async def close(self) -> None:
-        """Stop now: queued and running items fail with :class:`NotReady`; the thread is joined."""
+        """Stop now: queued and running items fail with :class:`ModelNotReady`; the thread is joined."""
         self._accepting = False
-        self._fail_all(NotReady(f"model {self.name} was unloaded"))
+        self._fail_all(ModelNotReady(f"model {self.name} was unloaded"))
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,7 +5,7 @@ worker start-up)::
 
     runtime = get_runtime()
     await runtime.load(spec)                      # verify artifact, build, warm up, start batching
-    label = await runtime.predict("fraud", txn)   # 422 / 503 / 504 as problem+json on failure
+    label = await runtime.predict("fraud", txn)   # BadInput / RuntimeOverloaded / RuntimeTimeout
     await runtime.swap("fraud", spec_v2)          # hot swap: v2 warmed first, v1 drains
     rows = runtime.predict_many_sync("fraud", txns)  # Celery / batch jobs, no event loop
 
@@ -32,8 +32,9 @@ from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manife
 from model_runtime.backends import OnnxRuntimeBackend, TorchBackend
 from model_runtime.batcher import BatchPolicy, DynamicBatcher, FillPolicy, Outcome, execute_batch
 from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
+from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError
 from model_runtime.metrics import ModelMetrics
-from shared.errors import NotReady, ProblemError, UnprocessableContent
+from shared.errors import ProblemError
 
 logger = logging.getLogger("tessera.model_runtime")
 
@@ -72,7 +73,7 @@ class ModelSpec:
         model's worker thread under ``torch.inference_mode`` (and autocast on CUDA).
     prepare : callable, optional
         ``(item) -> prepared``: validates/decodes ONE item on the caller's side before it is
-        queued; any exception fails that caller alone with 422.
+        queued; any exception fails that caller alone with :class:`BadInput` (422 at the edge).
     finalize : callable, optional
         ``(output) -> answer`` per item, in the worker thread (e.g. tensor row -> dict).
     artifact_dir : Path, optional
@@ -207,7 +208,7 @@ class ModelRuntime:
         return fresh.describe()
 
     async def unload(self, name: str) -> None:
-        """Stop serving ``name``; its waiting callers get :class:`NotReady`."""
+        """Stop serving ``name``; its waiting callers get :class:`ModelNotReady`."""
         loaded = self._models.pop(name, None)
         if loaded is not None and loaded.batcher is not None:
             await self._retire(loaded.batcher, drain=False)
@@ -249,18 +250,18 @@ class ModelRuntime:
 
         Raises
         ------
-        NotReady
-            ``name`` is not loaded (503).
-        UnprocessableContent
+        ModelNotReady
+            ``name`` is not loaded (503 at the HTTP edge).
+        BadInput
             ``prepare`` refused the item (422).
-        ServiceOverloaded
-            The queue is full (503 + Retry-After).
-        DeadlineExceeded
+        RuntimeOverloaded
+            The model cannot take it in time (503 + Retry-After).
+        RuntimeTimeout
             No answer within the deadline (504).
         """
         loaded = self._models.get(name)
         if loaded is None:
-            raise NotReady(f"model {name} is not loaded")
+            raise ModelNotReady(f"model {name} is not loaded")
         batcher = self._batcher_for(loaded)
         batcher.check_capacity()
         prepared = _prepare(loaded.spec, item)
@@ -286,13 +287,13 @@ class ModelRuntime:
         """
         loaded = self._models.get(name)
         if loaded is None:
-            raise NotReady(f"model {name} is not loaded")
+            raise ModelNotReady(f"model {name} is not loaded")
         outcomes: list[Outcome | None] = [None] * len(items)
         ready: list[tuple[int, Any]] = []
         for index, item in enumerate(items):
             try:
                 ready.append((index, _prepare(loaded.spec, item)))
-            except ProblemError as exc:
+            except (ProblemError, ModelRuntimeError) as exc:
                 outcomes[index] = Outcome(False, error=exc)
         self._run_sync_batches(loaded, ready, outcomes)
         return _unwrap(outcomes, return_exceptions)
@@ -365,7 +366,7 @@ class ModelRuntime:
 
     # -- shutdown --------------------------------------------------------------------------------
     async def close(self) -> None:
-        """Stop every batcher: waiting callers get :class:`NotReady`, worker threads are joined."""
+        """Stop every batcher: waiting callers get :class:`ModelNotReady`, worker threads are joined."""
         models, self._models = self._models, {}
         for loaded in models.values():
             if loaded.batcher is not None:
@@ -401,10 +402,10 @@ def _prepare(spec: ModelSpec, item: Any) -> Any:
         return item
     try:
         return spec.prepare(item)
-    except ProblemError:
+    except (ProblemError, ModelRuntimeError):
         raise
     except Exception as exc:
-        raise UnprocessableContent(f"{spec.name}: {exc}") from exc
+        raise BadInput(f"{spec.name}: {exc}") from exc
 
 
 def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[list[Any]], Sequence[Any]]:

@@ -8,7 +8,7 @@ becomes a generic 500 that leaks no internals (the traceback goes to the log wit
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -104,6 +104,36 @@ class NotBuilt(ProblemError):
 
     def __init__(self, tracking_issue: int) -> None:
         super().__init__(f"not built yet: tracked in issue {tracking_issue}", tracking_issue=tracking_issue)
+
+
+class EdgeMappedError(Exception):
+    """An error raised below the HTTP edge (e.g. by the model runtime) that has no HTTP meaning of its own.
+
+    Celery tasks and scripts see it as a plain Python exception; at the HTTP edge the problem
+    handlers answer it with the :class:`ProblemError` that :func:`register_problem_mapping`
+    registered for its class (an unmapped one is a generic 500). ``shared`` imports nothing of
+    the layers that define such errors: each layer registers its own mapping when it is imported.
+    """
+
+
+_EDGE_MAPPINGS: dict[type[BaseException], Callable[[Any], ProblemError]] = {}
+
+
+def register_problem_mapping(error_type: type[EdgeMappedError], to_problem: Callable[[Any], ProblemError]) -> None:
+    """Answer ``error_type`` (and its subclasses without a mapping of their own) with ``to_problem(error)``."""
+    _EDGE_MAPPINGS[error_type] = to_problem
+
+
+def as_problem(error: BaseException) -> ProblemError | None:
+    """The problem an error is answered with at the edge: itself when a :class:`ProblemError`, the
+    registered mapping of its nearest mapped class for an :class:`EdgeMappedError`, else ``None``."""
+    if isinstance(error, ProblemError):
+        return error
+    for cls in type(error).__mro__:
+        mapping = _EDGE_MAPPINGS.get(cls)
+        if mapping is not None:
+            return mapping(error)
+    return None
 
 
 _STATUS_TITLES = {
@@ -225,6 +255,13 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(failure_document(exc, request.url.path, _request_id(request)), exc.headers)
 
 
+async def _on_mapped(request: Request, exc: Exception) -> JSONResponse:
+    problem = as_problem(exc)
+    if problem is None:
+        return await _on_unexpected(request, exc)
+    return await _on_problem(request, problem)
+
+
 def _error_entries(raw_errors: Sequence[Any]) -> tuple[list[dict[str, Any]], str]:
     """pydantic errors as problem ``errors`` entries, plus a one-line detail naming the first."""
     errors = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
@@ -326,6 +363,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error ``app`` returns a problem+json document (unexpected ones: a generic 500)."""
     app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(EdgeMappedError, _on_mapped)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)

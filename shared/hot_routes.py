@@ -20,7 +20,15 @@ import orjson
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, ProblemError, failure_document, require_json_body
+from shared.errors import (
+    PROBLEM_CONTENT_TYPE,
+    EdgeMappedError,
+    PayloadTooLarge,
+    ProblemError,
+    as_problem,
+    failure_document,
+    require_json_body,
+)
 from shared.security import Principal, authorize, presented_api_key
 
 logger = logging.getLogger("tessera.hot_routes")
@@ -77,8 +85,12 @@ class HotRouter:
             status, content, extra = 200, answer.__pydantic_serializer__.to_json(answer), {}
         except ClientDisconnected:
             return  # nobody to answer; nothing was done
-        except ProblemError as exc:
-            status, content, extra = exc.status, problem_json(scope, exc), exc.headers
+        except (ProblemError, EdgeMappedError) as exc:
+            problem = as_problem(exc)  # EdgeMappedError: e.g. the model runtime's overload or deadline
+            if problem is None:
+                logger.error("unhandled error", exc_info=exc, extra={"path": scope["path"]})
+            status = problem.status if problem else 500
+            content, extra = problem_json(scope, problem), problem.headers if problem else {}
         except Exception:
             logger.exception("unhandled error", extra={"path": scope["path"]})
             status, content, extra = 500, problem_json(scope, None), {}

@@ -74,9 +74,11 @@ from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from shared.errors import (
+    EdgeMappedError,
     PayloadTooLarge,
     ProblemError,
     UnsupportedMediaType,
+    as_problem,
     failure_document,
     parse_json,
     problem_response,
@@ -337,8 +339,13 @@ async def _run_accepted(connection: AuthorizedWebSocket, handler: WebSocketHandl
         await handler(connection)
     except WebSocketDisconnect as exc:
         connection.client_close_code = connection.client_close_code or exc.code
-    except ProblemError as exc:
-        code, reason = close_code_for(exc), exc.detail
+    except (ProblemError, EdgeMappedError) as exc:  # EdgeMappedError: e.g. the model runtime's overload
+        problem = as_problem(exc)
+        if problem is None:
+            logger.error("websocket handler failed", exc_info=exc, extra={"path": websocket.url.path})
+            code, reason = INTERNAL_ERROR, f"internal error; request id {connection.request_id}"
+        else:
+            code, reason = close_code_for(problem), problem.detail
     except Exception:
         logger.exception("websocket handler failed", extra={"path": websocket.url.path})
         code, reason = INTERNAL_ERROR, f"internal error; request id {connection.request_id}"

@@ -49,7 +49,16 @@ from services.fraud.window_store import window_store
 from shared.app import create_service_app, raw_json_body
 from shared.config import get_settings
 from shared.db import SessionDep
-from shared.errors import NotReady, PayloadTooLarge, ProblemError, parse_json, parse_object, problem_responses
+from shared.errors import (
+    EdgeMappedError,
+    NotReady,
+    PayloadTooLarge,
+    ProblemError,
+    as_problem,
+    parse_json,
+    parse_object,
+    problem_responses,
+)
 from shared.hot_routes import HotRequest, HotRoute
 from shared.jobs import get_job, submit_job
 from shared.kv import async_redis
@@ -152,11 +161,14 @@ async def _batch_item(tenant_id: str, index: int, item: dict[str, Any], policy: 
         tx = parse_object(TransactionIn, item)
         decision = await score_transaction(tenant_id, tx, policy, on_flagged=enqueue_callback)
         return BatchItemOut(index=index, transaction_id=tx.id, result=decision)
-    except ProblemError as exc:
-        if any(error["loc"][:1] == ["id"] for error in exc.extensions.get("errors", ())):
+    except (ProblemError, EdgeMappedError) as exc:  # EdgeMappedError: the runtime's overload, deadline
+        problem = as_problem(exc)
+        if problem is None:
+            raise
+        if any(error["loc"][:1] == ["id"] for error in problem.extensions.get("errors", ())):
             transaction_id = None  # not a valid id: nothing to name the item by but its index
         return BatchItemOut(index=index, transaction_id=transaction_id,
-                            error={**exc.to_problem(), "index": index, "transaction_id": transaction_id})
+                            error={**problem.to_problem(), "index": index, "transaction_id": transaction_id})
 
 
 @transactions.get("/transactions/{transaction_id}", response_model=DecisionOut,

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from runtime_fakes import GatedModel, make_spec, wait_entered, wait_until
 
 from model_runtime import BatchOutputMismatch, ModelRuntime
-from shared.errors import DeadlineExceeded, ServiceOverloaded, UnprocessableContent
+from model_runtime.errors import BadInput, RuntimeOverloaded, RuntimeTimeout, problem_for
 
 WAIT_S = 10.0
 """Generous: how long a test waits for an answer it knows will come (a hang fails instead of blocking)."""
@@ -147,22 +147,23 @@ def test_full_queue_answers_overloaded_with_retry_after(runtime: ModelRuntime) -
     model = GatedModel()
     rejected_before = _sample("tessera_model_rejected_total", "bounded")
 
-    async def scenario() -> ServiceOverloaded:
+    async def scenario() -> RuntimeOverloaded:
         await runtime.load(make_spec(model, name="bounded", max_batch_size=4, max_queue=2))
         model.hold()
         admitted = [asyncio.create_task(runtime.predict("bounded", 0))]
         await wait_entered(model)
         admitted += [asyncio.create_task(runtime.predict("bounded", x)) for x in (1, 2)]
         await wait_until(lambda: runtime.stats()["bounded"]["queue_depth"] == 2)
-        with pytest.raises(ServiceOverloaded) as refused:
+        with pytest.raises(RuntimeOverloaded) as refused:
             await runtime.predict("bounded", 3)
         model.release()
         assert await asyncio.gather(*admitted) == [0, 2, 4]
         return refused.value
 
     refused = asyncio.run(scenario())
-    assert refused.status == 503
-    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.retry_after_s > 0
+    problem = problem_for(refused)  # what the HTTP edge answers
+    assert problem.status == 503 and int(problem.headers["Retry-After"]) >= 1
     assert _sample("tessera_model_rejected_total", "bounded") == rejected_before + 1
     assert 3 not in model.seen()
 
@@ -175,7 +176,7 @@ def test_item_past_its_deadline_is_answered_504_and_never_run(runtime: ModelRunt
         model.hold()
         blocker = asyncio.create_task(runtime.predict("deadline", 0))
         await wait_entered(model)
-        with pytest.raises(DeadlineExceeded):  # while the model is held: only the deadline can answer it
+        with pytest.raises(RuntimeTimeout):  # while the model is held: only the deadline can answer it
             await asyncio.wait_for(runtime.predict("deadline", 7, timeout_s=0.05), WAIT_S)
         model.release()
         assert await blocker == 0
@@ -201,14 +202,14 @@ def test_prepare_failure_fails_alone_before_queueing(runtime: ModelRuntime) -> N
 
     results = asyncio.run(scenario())
     assert results[0] == 2.0 and results[2] == 4.0
-    assert isinstance(results[1], UnprocessableContent) and results[1].status == 422
+    assert isinstance(results[1], BadInput)
     assert "bad" not in model.seen()
 
 
 def test_queue_delay_bound_refuses_work_that_would_wait_too_long(runtime: ModelRuntime) -> None:
     model = GatedModel()
 
-    async def scenario() -> ServiceOverloaded:
+    async def scenario() -> RuntimeOverloaded:
         await runtime.load(make_spec(model, name="slow", max_batch_size=1, max_queue=100,
                                      max_queue_delay_ms=50))
         runtime._models["slow"].batcher._recent.batch_s = 0.02  # type: ignore[union-attr]
@@ -217,10 +218,10 @@ def test_queue_delay_bound_refuses_work_that_would_wait_too_long(runtime: ModelR
         await wait_entered(model)
         queued = [asyncio.create_task(runtime.predict("slow", x)) for x in (1, 2)]  # admitted: <= 40 ms
         await wait_until(lambda: runtime.stats()["slow"]["queue_depth"] == 2)
-        with pytest.raises(ServiceOverloaded) as refused:  # running + 2 queued batches = 60 ms > 50 ms
+        with pytest.raises(RuntimeOverloaded) as refused:  # running + 2 queued batches = 60 ms > 50 ms
             await runtime.predict("slow", 3)
         model.release()
         assert await asyncio.gather(running, *queued) == [0, 2, 4]
         return refused.value
 
-    assert "expected wait" in asyncio.run(scenario()).detail
+    assert "expected wait" in str(asyncio.run(scenario()))

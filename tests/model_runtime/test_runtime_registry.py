@@ -18,7 +18,7 @@ from model_runtime import (
     load_manifest,
     save_artifact,
 )
-from shared.errors import NotReady, UnprocessableContent
+from model_runtime.errors import BadInput, ModelNotReady
 
 
 def _positive(item: object) -> float:
@@ -177,9 +177,9 @@ def test_sync_path_runs_batches_without_an_event_loop(runtime: ModelRuntime) -> 
     runtime.load_sync(make_spec(model, max_batch_size=4, prepare=_positive))
     answers = runtime.predict_many_sync("double", [1, 2, 3, 4, 5, "x", 6], return_exceptions=True)
     assert answers[:5] == [2.0, 4.0, 6.0, 8.0, 10.0] and answers[6] == 12.0
-    assert isinstance(answers[5], UnprocessableContent)
+    assert isinstance(answers[5], BadInput)
     assert model.batches == [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0]]
-    with pytest.raises(UnprocessableContent):
+    with pytest.raises(BadInput):
         runtime.predict_many_sync("double", ["x"])
 
 
@@ -207,9 +207,9 @@ def test_close_fails_waiting_callers_and_leaves_no_thread(runtime: ModelRuntime)
         return results
 
     results = asyncio.run(scenario())
-    assert all(isinstance(r, NotReady) for r in results)
+    assert all(isinstance(r, ModelNotReady) for r in results)
     assert model_threads() == [] and runtime.loaded() == {}
-    with pytest.raises(NotReady):
+    with pytest.raises(ModelNotReady):
         asyncio.run(runtime.predict("double", 1))
 
 
