@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from model_runtime.artifacts import MANIFEST_NAME, MODEL_CARD_NAME, ArtifactManifest
-from model_runtime.device import Placement, inference_context
+from model_runtime.device import Placement, inference_context, onnx_providers
 from shared.config import get_settings
 
 CPU_CANDIDATES: tuple[str, ...] = ("eager", "onnx", "onnx-int8")
@@ -81,7 +81,7 @@ class TorchBackend:
 
 
 class OnnxRuntimeBackend:
-    """An ONNX graph run by ONNX Runtime on CPU.
+    """An ONNX graph run by ONNX Runtime, on CUDA when the placement is a GPU and the provider exists.
 
     Parameters
     ----------
@@ -91,10 +91,14 @@ class OnnxRuntimeBackend:
         Intra-op threads (default ``settings.torch_threads``).
     name : str
         Label reported by ``runtime.loaded()``.
+    placement : Placement, optional
+        Chooses the execution providers (:func:`~model_runtime.device.onnx_providers`); CPU by default.
+        The graph runs in its own precision (the placement's autocast applies to torch only).
     """
 
-    def __init__(self, model: Path | bytes, *, threads: int | None = None, name: str = "onnx") -> None:
-        self.session = onnx_session(model, threads=threads)
+    def __init__(self, model: Path | bytes, *, threads: int | None = None, name: str = "onnx",
+                 placement: Placement | None = None) -> None:
+        self.session = onnx_session(model, threads=threads, placement=placement)
         self._input = self.session.get_inputs()[0].name
         self.name = name
 
@@ -129,10 +133,12 @@ def simplified_onnx(model: Path | bytes) -> bytes:
     return simplified.SerializeToString()
 
 
-def onnx_session(model: Path | bytes, *, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session of :func:`simplified_onnx` ``(model)``.
+def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: Placement | None = None) -> Any:
+    """An ONNX Runtime session of :func:`simplified_onnx` ``(model)``.
 
     ``threads``: intra-op threads (default ``settings.torch_threads``); one inter-op thread.
+    ``placement``: a CUDA placement runs on ONNX Runtime's CUDA provider when this build has it
+    (:func:`~model_runtime.device.onnx_providers`), else on CPU.
     """
     import onnxruntime as ort
 
@@ -140,7 +146,7 @@ def onnx_session(model: Path | bytes, *, threads: int | None = None) -> Any:
     options.intra_op_num_threads = threads or get_settings().torch_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(simplified_onnx(model), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(simplified_onnx(model), options, providers=onnx_providers(placement))
 
 
 def export_onnx(module: torch.nn.Module, example_batch: torch.Tensor, path: Path, *,

@@ -1,18 +1,47 @@
-"""Device and precision: CUDA with fp16/bf16 autocast when present, else CPU in full precision.
+"""Device and precision per model: where a model runs (cpu, cuda, cuda:n) and in which precision.
 
-Settings (``TESSERA_DEVICE`` = auto|cpu|cuda, ``TESSERA_TORCH_THREADS``) decide; the runtime calls
-:func:`configure_threads` in each model worker thread because OpenMP thread counts are per thread.
+A model spec names its device (``auto`` | ``cpu`` | ``cuda`` | ``cuda:<n>``, default
+``settings.device``) and its precision (``fp32`` | ``fp16`` | ``bf16``, default ``fp32``).
+``fp32`` runs the model in its own dtype with no autocast, on CPU and CUDA alike; ``fp16`` and
+``bf16`` run it under ``torch.autocast`` with that dtype. Nothing is mixed-precision unless a spec
+asks for it.
+
+Validation (:func:`resolve_placement`):
+
+- ``bf16`` on CPU is allowed (CPU autocast supports bfloat16; fast on CPUs with AVX512-BF16/AMX).
+- ``fp16`` on CPU is refused when the spec names ``cpu`` explicitly (CPU fp16 kernels are few and
+  slow); when ``auto`` falls back to CPU (a GPU spec on a machine without one), ``fp16`` runs as
+  ``fp32`` with a warning, so the same spec loads on a CPU-only box.
+- ``bf16`` on a CUDA device without bf16 support (before Ampere) is refused: ask for ``fp16``.
+- ``cuda`` or ``cuda:<n>`` with no such device visible is refused.
+
+The runtime calls :func:`configure_threads` in each model worker thread because OpenMP thread counts
+are per thread. :func:`onnx_providers` gives ONNX Runtime's execution providers for a placement:
+CUDA first when the placement is on a GPU and this onnxruntime build has the CUDA provider, CPU
+always last (ONNX Runtime falls back to it for operators CUDA lacks).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from shared.config import get_settings
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+logger = logging.getLogger("tessera.model_runtime.device")
+
+
+class PlacementError(ValueError):
+    """A device or precision a model spec asks for is malformed or cannot be had on this machine."""
 
 
 @dataclass(frozen=True)
@@ -24,54 +53,90 @@ class Placement:
     device : torch.device
         ``cpu`` or ``cuda[:n]``.
     autocast_dtype : torch.dtype or None
-        Mixed-precision dtype under autocast (``torch.bfloat16``/``torch.float16`` on CUDA); ``None``
-        runs in the model's own dtype (float32 on CPU).
+        Mixed-precision dtype under autocast (``torch.bfloat16``/``torch.float16``); ``None``
+        runs in the model's own dtype (float32).
     """
 
     device: torch.device
     autocast_dtype: torch.dtype | None = None
 
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``fp16`` or ``bf16``."""
+        return next(name for name, dtype in PRECISION_DTYPES.items() if dtype == self.autocast_dtype)
+
     def describe(self) -> str:
         """Short label such as ``cpu`` or ``cuda:0/bf16``."""
         if self.autocast_dtype is None:
             return str(self.device)
-        return f"{self.device}/{str(self.autocast_dtype).removeprefix('torch.').replace('bfloat', 'bf')}"
+        return f"{self.device}/{self.precision}"
+
+
+def _parse_device(choice: str) -> tuple[str, int | None]:
+    match = _DEVICE_PATTERN.match(choice.strip().lower())
+    if match is None:
+        raise PlacementError(f"device {choice!r} is not one of auto, cpu, cuda, cuda:<n>")
+    kind, index = match.group(1), match.group(2)
+    if index is not None and kind != "cuda":
+        raise PlacementError(f"device {choice!r}: only cuda takes an index")
+    return kind, int(index) if index is not None else None
 
 
 def resolve_device(preference: str | None = None) -> torch.device:
-    """The device to load models on.
+    """The device to load a model on.
 
     Parameters
     ----------
-    preference : {"auto", "cpu", "cuda"}, optional
-        Defaults to ``settings.device``. ``auto`` picks CUDA when available.
+    preference : {"auto", "cpu", "cuda", "cuda:<n>"}, optional
+        Defaults to ``settings.device``. ``auto`` picks the current CUDA device when one is visible.
 
     Raises
     ------
-    RuntimeError
-        ``cuda`` was asked for but no CUDA device is visible.
+    PlacementError
+        Malformed, or CUDA (or CUDA device ``n``) asked for but not visible.
     """
-    choice = preference or get_settings().device
-    if choice == "cpu":
+    kind, index = _parse_device(preference or get_settings().device)
+    if kind == "cpu":
         return torch.device("cpu")
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        if kind == "cuda":
+            raise PlacementError(f"device {preference or kind!r} asked for but torch sees no CUDA device")
+        return torch.device("cpu")
+    if index is None:
         return torch.device("cuda", torch.cuda.current_device())
-    if choice == "cuda":
-        raise RuntimeError("TESSERA_DEVICE=cuda but torch sees no CUDA device")
-    return torch.device("cpu")
+    if index >= torch.cuda.device_count():
+        raise PlacementError(f"device cuda:{index} asked for but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
-def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it, fp16 on older ones, ``None`` (fp32) on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def resolve_placement(preference: str | None = None, precision: str | None = None) -> Placement:
+    """Device plus precision of one model (see the module docstring for what is refused).
 
+    Parameters
+    ----------
+    preference : str, optional
+        As in :func:`resolve_device`.
+    precision : {"fp32", "fp16", "bf16"}, optional
+        Default ``fp32`` (no autocast).
 
-def resolve_placement(preference: str | None = None) -> Placement:
-    """Device plus precision, from settings unless ``preference`` is given."""
+    Raises
+    ------
+    PlacementError
+        An unknown precision, or one the chosen device cannot run.
+    """
+    wanted = (precision or "fp32").lower()
+    if wanted not in PRECISION_DTYPES:
+        raise PlacementError(f"precision {precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
     device = resolve_device(preference)
-    return Placement(device=device, autocast_dtype=autocast_dtype_for(device))
+    dtype = PRECISION_DTYPES[wanted]
+    if device.type == "cpu" and dtype == torch.float16:
+        if _parse_device(preference or get_settings().device)[0] == "cpu":
+            raise PlacementError("precision fp16 is not served on CPU (few, slow kernels): use bf16 or fp32")
+        logger.warning("fp16 asked for but no CUDA device is visible: running in fp32 on CPU")
+        dtype = None
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise PlacementError(f"precision bf16 asked for but {torch.cuda.get_device_name(device)} lacks it: use fp16")
+    return Placement(device=device, autocast_dtype=dtype)
 
 
 def configure_threads(threads: int | None = None) -> None:
@@ -88,3 +153,30 @@ def inference_context(placement: Placement) -> Iterator[None]:
                 if placement.autocast_dtype is not None else nullcontext())
     with torch.inference_mode(), autocast:
         yield
+
+
+def onnx_providers(placement: Placement | None = None,
+                   available: list[str] | None = None) -> list[str | tuple[str, dict[str, Any]]]:
+    """ONNX Runtime execution providers for a placement, in order of preference.
+
+    Parameters
+    ----------
+    placement : Placement, optional
+        A CUDA placement gets ``("CUDAExecutionProvider", {"device_id": n})`` first when the
+        provider is available; anything else (or no CUDA provider in this onnxruntime build) gets
+        ``["CPUExecutionProvider"]``.
+    available : list of str, optional
+        ``onnxruntime.get_available_providers()`` by default.
+    """
+    if placement is None or placement.device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if available is None:
+        import onnxruntime as ort
+
+        available = list(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in available:
+        logger.warning("model placed on %s but onnxruntime has no CUDA provider: ONNX graphs run on CPU",
+                       placement.device)
+        return ["CPUExecutionProvider"]
+    device_id = placement.device.index if placement.device.index is not None else 0
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]

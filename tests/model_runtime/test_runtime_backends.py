@@ -11,7 +11,7 @@ import torch
 from model_runtime import OnnxRuntimeBackend, TorchBackend, choose_cpu_backend, export_onnx
 from model_runtime.artifacts import load_manifest, save_artifact
 from model_runtime.backends import compare_backends, record_backend_choice, recorded_backend, simplified_onnx
-from model_runtime.device import Placement, resolve_placement
+from model_runtime.device import Placement, PlacementError, resolve_placement
 
 
 class SmallEncoder(torch.nn.Module):
@@ -119,5 +119,5 @@ def test_placement_defaults_to_cpu_without_cuda() -> None:
     assert placement == Placement(torch.device("cpu")) and placement.describe() == "cpu"
     if not torch.cuda.is_available():
         assert resolve_placement("auto").device.type == "cpu"
-        with pytest.raises(RuntimeError, match="no CUDA"):
+        with pytest.raises(PlacementError, match="no CUDA"):
             resolve_placement("cuda")
