@@ -1,0 +1,313 @@
+"""Streaming sessions on a real recurrent model (a GRU cell): batched across streams, exact per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from runtime_fakes import wait_until
+
+from model_runtime import ModelRuntime
+from model_runtime.streaming import (
+    SessionClosed,
+    StreamAlreadyOpen,
+    StreamingModel,
+    StreamingSessions,
+)
+from shared.errors import NotReady, UnprocessableContent
+
+FEATURES, HIDDEN, CLASSES, FRAMES = 4, 8, 3, 5
+RTOL, ATOL = 1e-5, 1e-6
+REFUSED_CHUNK = (UnprocessableContent, ValueError)  # the runtime's BadInput is a ValueError
+
+
+class RecurrentTagger(torch.nn.Module):
+    """A GRU cell over the frames of each chunk and a linear head on its last hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = torch.nn.GRUCell(FEATURES, HIDDEN)
+        self.head = torch.nn.Linear(HIDDEN, CLASSES)
+
+
+class SpiedStep:
+    """The batched step function, recording every batch's size and held on a gate when asked."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, model: RecurrentTagger, states: dict[str, Any],
+                 chunks: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """states: hidden (B, HIDDEN), frames (B,); chunks: (B, FRAMES, FEATURES) -> logits (B, CLASSES)."""
+        self.entered.set()
+        if not self.gate.wait(timeout=10):
+            raise TimeoutError("test gate never opened")
+        self.batch_sizes.append(chunks.shape[0])
+        return recurrent_step(model, states, chunks)
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def recurrent_step(model: RecurrentTagger, states: Mapping[str, Any],
+                   chunks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of B streams; a chunk holding NaN poisons the batch (a model-side failure)."""
+    if torch.isnan(chunks).any():
+        raise ValueError("NaN in a chunk")
+    hidden = states["hidden"]
+    for frame in range(chunks.shape[1]):
+        hidden = model.cell(chunks[:, frame], hidden)
+    return model.head(hidden), {"hidden": hidden, "frames": states["frames"] + chunks.shape[1]}
+
+
+def initial_state(_model: RecurrentTagger) -> dict[str, torch.Tensor]:
+    return {"hidden": torch.zeros(HIDDEN), "frames": torch.tensor(0)}
+
+
+def checked_chunk(raw: Any) -> torch.Tensor:
+    chunk = torch.as_tensor(raw, dtype=torch.float32)
+    if chunk.shape != (FRAMES, FEATURES):
+        raise ValueError(f"chunk of shape {tuple(chunk.shape)}, expected {(FRAMES, FEATURES)}")
+    return chunk
+
+
+@pytest.fixture
+def tagger() -> RecurrentTagger:
+    torch.manual_seed(7)
+    return RecurrentTagger().eval()
+
+
+def streaming_model(tagger: RecurrentTagger, step: SpiedStep, **options: Any) -> StreamingModel:
+    return StreamingModel(name="tagger", version="v1", loader=lambda _ctx: tagger, step=step,
+                          initial_state=initial_state, prepare_chunk=checked_chunk, **options)
+
+
+def stream_chunks(seed: int, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(FRAMES, FEATURES, generator=generator) for _ in range(count)]
+
+
+def run_alone(tagger: RecurrentTagger,
+              chunks: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The reference: one stream stepped by itself, batch of one, no runtime."""
+    state = initial_state(tagger)
+    outputs = []
+    with torch.no_grad():
+        for chunk in chunks:
+            logits, batched = recurrent_step(tagger, {k: v.unsqueeze(0) for k, v in state.items()},
+                                             chunk.unsqueeze(0))
+            outputs.append(logits[0])
+            state = {k: v[0] for k, v in batched.items()}
+    return outputs, state
+
+
+def assert_same_stream(outputs: list[Any], state: Mapping[str, Any] | None,
+                       expected: tuple[list[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+    expected_outputs, expected_state = expected
+    assert state is not None
+    assert len(outputs) == len(expected_outputs)
+    for got, want in zip(outputs, expected_outputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(state["hidden"], expected_state["hidden"], rtol=RTOL, atol=ATOL)
+    assert int(state["frames"]) == int(expected_state["frames"])
+
+
+def _sample(metric: str, model: str = "tagger") -> float:
+    return REGISTRY.get_sample_value(metric, {"model": model}) or 0.0
+
+
+def test_concurrent_streams_match_each_stream_run_alone(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    chunks = {f"call-{n}": stream_chunks(seed=n, count=6) for n in range(8)}
+
+    async def stream(sessions: StreamingSessions, stream_id: str) -> tuple[list[Any], Any]:
+        with sessions.open_session("tagger", stream_id) as session:
+            outputs = [await session.step(chunk) for chunk in chunks[stream_id]]
+            return outputs, session.state
+
+    async def scenario() -> dict[str, tuple[list[Any], Any]]:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, step))
+        results = await asyncio.gather(*(stream(sessions, stream_id) for stream_id in chunks))
+        await sessions.close()
+        return dict(zip(chunks, results, strict=True))
+
+    results = asyncio.run(scenario())
+    for stream_id, (outputs, state) in results.items():
+        assert_same_stream(outputs, state, run_alone(tagger, chunks[stream_id]))
+    assert sum(step.batch_sizes) == 8 * 6
+
+
+def test_steps_of_different_streams_share_one_batch(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    batch_streams_before = _sample("tessera_stream_batch_streams_sum")
+
+    async def scenario() -> None:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, step, max_batch_size=16))
+        opened = [sessions.open_session("tagger", f"call-{n}") for n in range(8)]
+        step.hold()
+        first = opened[0].step(stream_chunks(0, 1)[0])
+        await wait_until(step.entered.is_set)
+        others = [session.step(stream_chunks(n, 1)[0]) for n, session in enumerate(opened[1:], start=1)]
+        await wait_until(lambda: runtime.stats()["tagger"]["queue_depth"] == 7)
+        step.release()
+        await asyncio.gather(first, *others)
+        await sessions.close()
+
+    asyncio.run(scenario())
+    assert step.batch_sizes == [1, 7]
+    assert _sample("tessera_stream_batch_streams_sum") - batch_streams_before == 8
+
+
+def test_steps_submitted_together_run_in_order_one_at_a_time(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    ordered, other = stream_chunks(1, 10), stream_chunks(2, 10)
+
+    async def scenario() -> tuple[list[Any], Any, list[Any], Any]:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, step))
+        first = sessions.open_session("tagger", "ordered")
+        second = sessions.open_session("tagger", "other")
+        # every step submitted before any is answered; the two streams interleave
+        submitted = [task for pair in zip(ordered, other, strict=True)
+                     for task in (first.step(pair[0]), second.step(pair[1]))]
+        assert first.pending == 10
+        answers = await asyncio.gather(*submitted)
+        result = answers[0::2], first.state, answers[1::2], second.state
+        await sessions.close()
+        return result
+
+    first_outputs, first_state, second_outputs, second_state = asyncio.run(scenario())
+    assert_same_stream(first_outputs, first_state, run_alone(tagger, ordered))
+    assert_same_stream(second_outputs, second_state, run_alone(tagger, other))
+    assert max(step.batch_sizes) <= 2  # never two steps of one stream in one batch
+
+
+def test_a_bad_chunk_fails_only_its_stream(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    good = {name: stream_chunks(seed, 3) for seed, name in enumerate(("a", "b", "c"))}
+    poisoned = torch.full((FRAMES, FEATURES), float("nan"))
+    errors_before = _sample("tessera_stream_step_errors_total")
+
+    async def scenario() -> dict[str, tuple[list[Any], Any]]:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, step))
+        opened = {name: sessions.open_session("tagger", name) for name in good}
+        outputs: dict[str, list[Any]] = {name: [await opened[name].step(good[name][0])] for name in good}
+        with pytest.raises(REFUSED_CHUNK, match="shape"):
+            await opened["b"].step(torch.zeros(FRAMES, FEATURES + 1))  # refused before it is queued
+        step.hold()
+        blocker = opened["a"].step(good["a"][1])
+        await wait_until(step.entered.is_set)
+        shared = [opened["b"].step(poisoned), opened["c"].step(good["c"][1])]
+        await wait_until(lambda: runtime.stats()["tagger"]["queue_depth"] == 2)
+        step.release()
+        outputs["a"].append(await blocker)
+        bad, fine = await asyncio.gather(*shared, return_exceptions=True)
+        assert isinstance(bad, ValueError) and "NaN" in str(bad)
+        outputs["c"].append(fine)
+        for name in ("a", "b", "c"):  # b goes on from its last good state
+            outputs[name].append(await opened[name].step(good[name][-1] if name != "b" else good["b"][1]))
+        result = {name: (outputs[name], opened[name].state) for name in good}
+        await sessions.close()
+        return result
+
+    results = asyncio.run(scenario())
+    assert 2 in step.batch_sizes  # b and c shared a batch (then ran alone: isolation)
+    assert_same_stream(*results["a"], run_alone(tagger, good["a"]))
+    assert_same_stream(*results["c"], run_alone(tagger, good["c"]))
+    assert_same_stream(*results["b"], run_alone(tagger, good["b"][:2]))
+    assert _sample("tessera_stream_step_errors_total") - errors_before == 2
+
+
+def test_a_closed_session_cannot_step_and_its_pending_steps_fail(runtime: ModelRuntime,
+                                                                  tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    chunks = stream_chunks(3, 2)
+    open_before = _sample("tessera_stream_sessions_open")
+
+    async def scenario() -> None:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, step))
+        session = sessions.open_session("tagger", "call")
+        with pytest.raises(StreamAlreadyOpen):
+            sessions.open_session("tagger", "call")
+        assert _sample("tessera_stream_sessions_open") - open_before == 1
+        step.hold()
+        running, queued = session.step(chunks[0]), session.step(chunks[1])
+        await wait_until(step.entered.is_set)
+        session.close()
+        step.release()
+        for task in (running, queued):
+            with pytest.raises(SessionClosed):
+                await task
+        assert session.closed and session.state is None
+        with pytest.raises(SessionClosed):
+            session.step(chunks[0])
+        assert sessions.session("tagger", "call") is None
+        assert _sample("tessera_stream_sessions_open") - open_before == 0
+        with sessions.open_session("tagger", "call") as reopened:  # a fresh state, not the old one
+            assert_same_stream([await reopened.step(chunks[0])], reopened.state, run_alone(tagger, chunks[:1]))
+        with pytest.raises(NotReady):
+            sessions.open_session("not-loaded", "call")
+        await sessions.close()
+
+    asyncio.run(scenario())
+
+
+def test_idle_sessions_are_reaped_but_not_while_a_step_is_pending(runtime: ModelRuntime,
+                                                                   tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    now = [1000.0]
+    reaped_before = _sample("tessera_stream_sessions_reaped_total")
+
+    async def scenario() -> None:
+        sessions = StreamingSessions(runtime, clock=lambda: now[0], reap_interval_s=3600)
+        await sessions.load(streaming_model(tagger, step, idle_timeout_s=60))
+        quiet = sessions.open_session("tagger", "quiet")
+        busy = sessions.open_session("tagger", "busy")
+        await quiet.step(stream_chunks(0, 1)[0])
+        now[0] += 30
+        step.hold()
+        pending = busy.step(stream_chunks(1, 1)[0])
+        await wait_until(step.entered.is_set)
+        now[0] += 31
+        assert sessions.reap_idle() == [quiet]
+        assert quiet.closed and quiet.state is None and not busy.closed
+        now[0] += 120  # busy's step is still running: not idle however long it takes
+        assert sessions.reap_idle() == []
+        step.release()
+        await pending
+        now[0] += 60
+        assert sessions.reap_idle() == [busy]
+        assert sessions.open_count() == 0
+        await sessions.close()
+
+    asyncio.run(scenario())
+    assert _sample("tessera_stream_sessions_reaped_total") - reaped_before == 2
+
+
+def test_the_reaper_closes_an_abandoned_session_by_itself(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    async def scenario() -> None:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, SpiedStep(), idle_timeout_s=0.05))
+        abandoned = sessions.open_session("tagger", "dropped-call")
+        await abandoned.step(stream_chunks(0, 1)[0])
+        await wait_until(lambda: abandoned.closed)
+        assert abandoned.state is None and sessions.open_count() == 0
+        await sessions.close()
+
+    asyncio.run(scenario())
