@@ -1,0 +1,536 @@
+"""Sliding-window inference: one volume fans out into patches that share the runtime's batches and
+fans back in as one stitched answer.
+
+A study (a channel-first volume ``(C, *spatial)``) is cut into a grid of overlapping patches of
+``roi_size``; each patch is one item of a model loaded in the :class:`~model_runtime.ModelRuntime`
+(``run_batch`` gets a list of patches, e.g. :func:`run_patch_batch`), so the model's batcher groups
+patches of every study in flight into the same batches. Each patch output is weighted (constant or
+Gaussian importance map) and added into a preallocated output and weight sum as it arrives, so no
+study holds all its patch outputs at once. The grid, padding and Gaussian map are MONAI's
+(``monai.inferers.sliding_window_inference``, 1.6): the stitched output equals it on the same
+weights, up to float summation order.
+
+::
+
+    runtime = get_runtime()
+    await runtime.load(ModelSpec(name="nodule-seg", version="v1", loader=build_unet,
+                                 run_batch=run_patch_batch, max_batch_size=8, max_queue=512))
+    inferer = SlidingWindowInferer(runtime, "nodule-seg",
+                                   SlidingWindowConfig(roi_size=(96, 96, 96), mode="gaussian"))
+    mask_logits = await inferer.infer(volume, on_progress=lambda done, total: ...)
+    study = inferer.start(volume)                  # or: a handle with a progress stream
+    async for done, total in study.progress(): ...
+    mask_logits = await study
+
+Work off the event loop: padding, the weight sum and the final division run in a thread
+(``asyncio.to_thread``); stitching too, one patch at a time per study. Cancelling a study (its
+caller's task, or :meth:`StudyInference.cancel`) cancels its queued patches, which the batcher then
+skips; other studies are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model_runtime.runtime import ModelRuntime
+
+logger = logging.getLogger("tessera.model_runtime.sliding_window")
+
+BlendMode = Literal["constant", "gaussian"]
+PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
+ProgressCallback = Callable[[int, int], None]
+Window = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    """How a volume is cut into patches and blended back, with the meaning of MONAI's arguments.
+
+    Parameters
+    ----------
+    roi_size : tuple of int
+        Patch size per spatial axis (voxels); a value <= 0 takes the whole axis.
+    overlap : float or tuple of float
+        Fraction of a patch shared with its neighbour along each axis, in [0, 1).
+    mode : {"constant", "gaussian"}
+        Blend overlapping patches with equal weights, or with a Gaussian that favours patch centres.
+    sigma_scale : float or tuple of float
+        Gaussian sigma as a fraction of the patch size, per axis (``mode="gaussian"`` only).
+    padding_mode : {"constant", "reflect", "replicate", "circular"}
+        How an axis shorter than the patch is padded (symmetrically; the output is cropped back).
+    cval : float
+        Fill value of ``constant`` padding.
+    """
+
+    roi_size: tuple[int, ...]
+    overlap: float | tuple[float, ...] = 0.25
+    mode: BlendMode = "constant"
+    sigma_scale: float | tuple[float, ...] = 0.125
+    padding_mode: PaddingMode = "constant"
+    cval: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.roi_size:
+            raise ValueError("roi_size needs at least one spatial axis")
+        if any(not 0.0 <= value < 1.0 for value in self.overlaps):
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.mode not in ("constant", "gaussian"):
+            raise ValueError(f"mode must be 'constant' or 'gaussian', got {self.mode!r}")
+        if self.padding_mode not in ("constant", "reflect", "replicate", "circular"):
+            raise ValueError(f"unknown padding_mode {self.padding_mode!r}")
+
+    @property
+    def spatial_dims(self) -> int:
+        """Number of spatial axes (3 for a volume)."""
+        return len(self.roi_size)
+
+    @property
+    def overlaps(self) -> tuple[float, ...]:
+        """``overlap`` per spatial axis."""
+        return _per_axis(self.overlap, self.spatial_dims, "overlap")
+
+    @property
+    def sigma_scales(self) -> tuple[float, ...]:
+        """``sigma_scale`` per spatial axis."""
+        return _per_axis(self.sigma_scale, self.spatial_dims, "sigma_scale")
+
+    def patch_size_for(self, image_size: Sequence[int]) -> tuple[int, ...]:
+        """The patch size for an image: ``roi_size`` with non-positive entries replaced by the image's."""
+        return tuple(roi if roi > 0 else size for roi, size in zip(self.roi_size, image_size, strict=True))
+
+
+def _per_axis(value: float | tuple[float, ...], dims: int, name: str) -> tuple[float, ...]:
+    if isinstance(value, int | float):
+        return (float(value),) * dims
+    if len(value) != dims:
+        raise ValueError(f"{name} has {len(value)} values for {dims} spatial axes")
+    return tuple(float(v) for v in value)
+
+
+# -- the grid and the weights (pure functions, MONAI's arithmetic) --------------------------------
+def scan_interval(image_size: Sequence[int], patch_size: Sequence[int], overlaps: Sequence[float]) -> tuple[int, ...]:
+    """Step between patch starts per axis: ``int(patch * (1 - overlap))`` (at least 1), or the whole
+    patch when it spans the axis (MONAI's ``_get_scan_interval``)."""
+    steps = []
+    for size, patch, overlap in zip(image_size, patch_size, overlaps, strict=True):
+        steps.append(patch if patch == size else max(int(patch * (1 - overlap)), 1))
+    return tuple(steps)
+
+
+def patch_grid(image_size: Sequence[int], patch_size: Sequence[int], overlaps: Sequence[float]) -> list[Window]:
+    """Every patch window over an image at least as large as the patch, in C order of their starts.
+
+    The last patch on each axis is shifted back to end at the border (MONAI's ``dense_patch_slices``),
+    so every voxel is covered and no patch leaves the image.
+
+    Parameters
+    ----------
+    image_size, patch_size : sequence of int
+        Spatial sizes (voxels), ``patch_size[i] <= image_size[i]``.
+    overlaps : sequence of float
+        Overlap per axis, in [0, 1).
+    """
+    steps = scan_interval(image_size, patch_size, overlaps)
+    starts_per_axis = [_axis_starts(size, patch, step)
+                       for size, patch, step in zip(image_size, patch_size, steps, strict=True)]
+    grid = np.meshgrid(*starts_per_axis, indexing="ij")
+    starts = np.stack([axis.ravel() for axis in grid], axis=1)
+    return [tuple(slice(int(start), int(start) + patch) for start, patch in zip(row, patch_size, strict=True))
+            for row in starts]
+
+
+def _axis_starts(size: int, patch: int, step: int) -> list[int]:
+    count = next((n for n in range(math.ceil(size / step)) if n * step + patch >= size), 0) + 1
+    return [n * step - max(n * step + patch - size, 0) for n in range(count)]
+
+
+def importance_map(patch_size: Sequence[int], mode: BlendMode = "constant",
+                   sigma_scales: Sequence[float] = (0.125, 0.125, 0.125)) -> torch.Tensor:
+    """Per-voxel weight of a patch's output, shape ``patch_size``, float32 (MONAI's ``compute_importance_map``).
+
+    ``gaussian``: separable Gaussian centred on the patch with sigma ``sigma_scale * size`` per axis;
+    weights are clamped below at max(min weight, 1e-3), so borders still count a little.
+    """
+    if mode == "constant":
+        return torch.ones(tuple(patch_size), dtype=torch.float32)
+    weights: torch.Tensor | None = None
+    for axis, (size, sigma_scale) in enumerate(zip(patch_size, sigma_scales, strict=True)):
+        sigma = size * sigma_scale
+        offsets = torch.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=torch.float)
+        profile = torch.exp(offsets**2 / (-2 * sigma**2))
+        weights = profile if weights is None else weights.unsqueeze(-1) * profile[(None,) * axis]
+    assert weights is not None
+    floor = max(torch.min(weights).item(), 1e-3)
+    return torch.clamp_(weights, min=floor)
+
+
+def padding_for(image_size: Sequence[int], patch_size: Sequence[int]) -> list[int]:
+    """``torch.nn.functional.pad`` widths (last axis first) that grow each axis to at least the patch."""
+    widths: list[int] = []
+    for size, patch in reversed(list(zip(image_size, patch_size, strict=True))):
+        missing = max(patch - size, 0)
+        widths.extend([missing // 2, missing - missing // 2])
+    return widths
+
+
+# -- one study: plan (in a thread), stitch (in a thread), finish (in a thread) -----------------------
+@dataclass
+class StudyPlan:
+    """A volume ready to be cut: padded, its windows, their weights and the weight sum per voxel.
+
+    Attributes
+    ----------
+    volume : torch.Tensor
+        ``(C, *padded_size)``; the caller's tensor itself when no padding was needed.
+    windows : list of tuple of slice
+        Patch windows over the spatial axes of ``volume``.
+    weights : torch.Tensor
+        ``patch_size`` importance map, float32.
+    weight_sum : torch.Tensor
+        ``padded_size``: the sum of ``weights`` over every window, float32.
+    crop : tuple of slice
+        Spatial window of the original volume inside the padded one.
+    """
+
+    volume: torch.Tensor
+    windows: list[Window]
+    weights: torch.Tensor
+    weight_sum: torch.Tensor
+    crop: Window
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """Spatial size of every patch."""
+        return tuple(self.weights.shape)
+
+    def patch(self, index: int) -> torch.Tensor:
+        """Patch ``index`` as a view ``(C, *patch_size)`` of the (padded) volume (no copy)."""
+        return self.volume[(slice(None), *self.windows[index])]
+
+
+def plan_study(volume: torch.Tensor | np.ndarray, config: SlidingWindowConfig) -> StudyPlan:
+    """Pad ``volume`` where it is smaller than the patch and lay out its windows and weights.
+
+    Parameters
+    ----------
+    volume : torch.Tensor or numpy.ndarray
+        ``(C, *spatial)``, floating point, channel first, no batch axis.
+    config : SlidingWindowConfig
+        Grid, blending and padding.
+
+    Raises
+    ------
+    ValueError
+        The volume's rank or dtype does not fit the config.
+    """
+    tensor = _as_volume(volume, config.spatial_dims)
+    image_size = tuple(tensor.shape[1:])
+    patch_size = config.patch_size_for(image_size)
+    widths = padding_for(image_size, patch_size)
+    if any(widths):
+        tensor = _pad(tensor, widths, config)
+    padded_size = tuple(tensor.shape[1:])
+    windows = patch_grid(padded_size, patch_size, config.overlaps)
+    weights = importance_map(patch_size, config.mode, config.sigma_scales)
+    weight_sum = torch.zeros(padded_size, dtype=torch.float32)
+    for window in windows:
+        weight_sum[window] += weights
+    before = widths[::2][::-1]  # pad widths come last axis first
+    crop = tuple(slice(start, start + size) for start, size in zip(before, image_size, strict=True))
+    return StudyPlan(volume=tensor, windows=windows, weights=weights, weight_sum=weight_sum, crop=crop)
+
+
+def _as_volume(volume: torch.Tensor | np.ndarray, spatial_dims: int) -> torch.Tensor:
+    tensor = torch.from_numpy(volume) if isinstance(volume, np.ndarray) else volume
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"a volume is a torch tensor or numpy array, not {type(volume).__name__}")
+    if tensor.ndim != spatial_dims + 1:
+        raise ValueError(f"a volume is (C, {', '.join(['spatial'] * spatial_dims)}) for a "
+                         f"{spatial_dims}D roi_size; got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"a volume must be floating point, got {tensor.dtype}")
+    if min(tensor.shape) == 0:
+        raise ValueError(f"empty volume {tuple(tensor.shape)}")
+    return tensor
+
+
+def _pad(volume: torch.Tensor, widths: list[int], config: SlidingWindowConfig) -> torch.Tensor:
+    # reflect/replicate/circular need a batch axis; constant fills with cval
+    padded = F.pad(volume[None], widths, mode=config.padding_mode,
+                   value=config.cval if config.padding_mode == "constant" else None)
+    return padded[0]
+
+
+class Stitcher:
+    """The running weighted sum of one study's patch outputs, allocated at the first patch.
+
+    Parameters
+    ----------
+    plan : StudyPlan
+        The study's windows, weights and weight sum.
+
+    Notes
+    -----
+    Not thread-safe: one :meth:`add` at a time per study (the inferer serialises them).
+    """
+
+    def __init__(self, plan: StudyPlan) -> None:
+        self.plan = plan
+        self.output: torch.Tensor | None = None
+
+    def add(self, index: int, patch_output: torch.Tensor) -> None:
+        """Add window ``index``'s output ``(C_out, *patch_size)`` times the importance map."""
+        expected = self.plan.patch_size
+        if patch_output.ndim != len(expected) + 1 or tuple(patch_output.shape[1:]) != expected:
+            raise ValueError(f"a patch output is (C_out, {', '.join(map(str, expected))}); "
+                             f"got {tuple(patch_output.shape)}")
+        if self.output is None:
+            channels = patch_output.shape[0]
+            self.output = torch.zeros((channels, *self.plan.weight_sum.shape), dtype=torch.float32)
+        region = self.output[(slice(None), *self.plan.windows[index])]
+        region.addcmul_(patch_output.to(device="cpu", dtype=torch.float32), self.plan.weights)
+
+    def finish(self) -> torch.Tensor:
+        """The blended output ``(C_out, *spatial)`` of the original (unpadded) volume, float32."""
+        if self.output is None:
+            raise RuntimeError("no patch was stitched")
+        self.output /= self.plan.weight_sum
+        return self.output[(slice(None), *self.plan.crop)].contiguous()
+
+
+# -- progress ---------------------------------------------------------------------------------------
+@dataclass
+class StudyProgress:
+    """Patches stitched so far out of the study's total, with change notification on the event loop.
+
+    Attributes
+    ----------
+    done : int
+        Patches stitched.
+    total : int or None
+        Patches in the study (``None`` until the volume is planned).
+    finished : bool
+        The study has ended (answered, failed or cancelled).
+    """
+
+    on_progress: ProgressCallback | None = None
+    done: int = 0
+    total: int | None = None
+    finished: bool = False
+    _changed: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    def begin(self, total: int) -> None:
+        """Record the study's patch count (reports ``(0, total)``)."""
+        self.total = total
+        self._publish()
+
+    def advance(self) -> None:
+        """Record one more stitched patch."""
+        self.done += 1
+        self._publish()
+
+    def end(self) -> None:
+        """Record that the study is over, whatever its outcome."""
+        self.finished = True
+        self._publish(report=False)
+
+    def _publish(self, *, report: bool = True) -> None:
+        waiter, self._changed = self._changed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if report and self.on_progress is not None and self.total is not None:
+            try:
+                self.on_progress(self.done, self.total)
+            except Exception:  # progress is advisory: a broken observer must not fail the study
+                logger.exception("progress callback failed")
+
+    async def updates(self) -> AsyncIterator[tuple[int, int]]:
+        """Yield ``(done, total)`` whenever it changed (coalesced if the reader lags), until the study ends."""
+        last: tuple[int, int] | None = None
+        while True:
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            changed = self._changed
+            current = None if self.total is None else (self.done, self.total)
+            if current is not None and current != last:
+                last = current
+                yield current
+                continue
+            if self.finished:
+                return
+            await asyncio.shield(changed)  # shared by every reader: one reader's cancel must not cancel it
+
+
+class StudyInference:
+    """A study being inferred in its own task: await it for the output, read its progress, cancel it.
+
+    Created by :meth:`SlidingWindowInferer.start`.
+    """
+
+    def __init__(self, task: asyncio.Task[torch.Tensor], progress: StudyProgress) -> None:
+        self._task = task
+        self._progress = progress
+
+    @property
+    def done(self) -> int:
+        """Patches stitched so far."""
+        return self._progress.done
+
+    @property
+    def total(self) -> int | None:
+        """Patches in the study (``None`` until planned)."""
+        return self._progress.total
+
+    @property
+    def finished(self) -> bool:
+        """The study has ended: answered, failed or cancelled."""
+        return self._task.done()
+
+    def progress(self) -> AsyncIterator[tuple[int, int]]:
+        """``(done, total)`` as patches are stitched, ending when the study ends (see :meth:`StudyProgress.updates`)."""
+        return self._progress.updates()
+
+    def cancel(self) -> bool:
+        """Cancel the study: its queued patches are skipped by the batcher; awaiting it raises CancelledError."""
+        return self._task.cancel()
+
+    async def result(self) -> torch.Tensor:
+        """The stitched output ``(C_out, *spatial)``, float32 on the CPU."""
+        return await self._task
+
+    def __await__(self) -> Generator[Any, None, torch.Tensor]:
+        return self._task.__await__()
+
+
+# -- the inferer ------------------------------------------------------------------------------------
+class SlidingWindowInferer:
+    """Sliding-window inference of whole volumes through one runtime model whose items are patches.
+
+    Parameters
+    ----------
+    runtime : ModelRuntime
+        Where the patch model is loaded.
+    model : str
+        Name of the loaded patch model: ``run_batch(model, patches)`` gets ``(C, *patch_size)``
+        tensors and returns one ``(C_out, *patch_size)`` output per patch (see :func:`run_patch_batch`).
+        Its ``prepare``, if any, runs on the event loop for every patch: keep it cheap or absent.
+    config : SlidingWindowConfig
+        Grid, blending and padding.
+    patches_per_study : int
+        Patches one study keeps queued or running at once: enough to fill the model's batches
+        (about twice ``max_batch_size``) while bounding the patch outputs waiting to be stitched.
+    max_patches_in_flight : int
+        Patches queued or running across every study of this inferer; keep it below the model's
+        ``max_queue``, so admitted studies wait for a slot rather than being refused mid-study.
+        Slots are granted first come, first served, so concurrent studies interleave.
+    """
+
+    def __init__(self, runtime: ModelRuntime, model: str, config: SlidingWindowConfig, *,
+                 patches_per_study: int = 16, max_patches_in_flight: int = 128) -> None:
+        if patches_per_study < 1 or max_patches_in_flight < 1:
+            raise ValueError("patches_per_study and max_patches_in_flight must be >= 1")
+        self.runtime = runtime
+        self.model = model
+        self.config = config
+        self.patches_per_study = patches_per_study
+        self.max_patches_in_flight = max_patches_in_flight
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    async def infer(self, volume: torch.Tensor | np.ndarray, *, on_progress: ProgressCallback | None = None,
+                    timeout_s: float | None = None) -> torch.Tensor:
+        """Infer one study; cancelling the caller cancels its remaining patches.
+
+        Parameters
+        ----------
+        volume : torch.Tensor or numpy.ndarray
+            ``(C, *spatial)``, floating point, channel first, no batch axis.
+        on_progress : callable, optional
+            ``(done, total)`` on the event loop: once with ``done=0`` when planned, then per patch.
+        timeout_s : float, optional
+            Deadline for the whole study (s).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(C_out, *spatial)`` float32 on the CPU: the blended patch outputs.
+
+        Raises
+        ------
+        ValueError
+            The volume does not fit the config, or a patch output is not ``(C_out, *patch_size)``.
+        TimeoutError
+            The study was not done within ``timeout_s``.
+        """
+        progress = StudyProgress(on_progress=on_progress)
+        try:
+            return await self._run_study(volume, progress, timeout_s)
+        finally:
+            progress.end()
+
+    def start(self, volume: torch.Tensor | np.ndarray, *, on_progress: ProgressCallback | None = None,
+              timeout_s: float | None = None) -> StudyInference:
+        """Start inferring one study in its own task (see :meth:`infer`) and return its handle."""
+        progress = StudyProgress(on_progress=on_progress)
+        task = asyncio.get_running_loop().create_task(self._run_study(volume, progress, timeout_s),
+                                                      name=f"sliding-window-{self.model}")
+        task.add_done_callback(lambda _task: progress.end())
+        return StudyInference(task, progress)
+
+    async def _run_study(self, volume: torch.Tensor | np.ndarray, progress: StudyProgress,
+                         timeout_s: float | None) -> torch.Tensor:
+        try:
+            async with asyncio.timeout(timeout_s):
+                plan = await asyncio.to_thread(plan_study, volume, self.config)
+                progress.begin(len(plan.windows))
+                stitcher = Stitcher(plan)
+                await self._fan_out(plan, stitcher, progress)
+                return await asyncio.to_thread(stitcher.finish)
+        except TimeoutError as exc:
+            raise TimeoutError(f"model {self.model}: study not inferred within {timeout_s} s") from exc
+
+    async def _fan_out(self, plan: StudyPlan, stitcher: Stitcher, progress: StudyProgress) -> None:
+        """Run every patch through the model in ``patches_per_study`` lanes, stitching as they come."""
+        pending = iter(range(len(plan.windows)))  # shared: each lane takes the next window
+        stitching = asyncio.Lock()
+        lanes = [asyncio.ensure_future(self._lane(pending, plan, stitcher, stitching, progress))
+                 for _ in range(min(self.patches_per_study, len(plan.windows)))]
+        try:
+            await asyncio.gather(*lanes)
+        except BaseException:
+            for lane in lanes:
+                lane.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+            raise
+
+    async def _lane(self, pending: Iterator[int], plan: StudyPlan, stitcher: Stitcher,
+                    stitching: asyncio.Lock, progress: StudyProgress) -> None:
+        slots = self._slots_for_loop()
+        for index in pending:
+            async with slots:
+                patch_output = await self.runtime.predict(self.model, plan.patch(index))
+            async with stitching:
+                await asyncio.to_thread(stitcher.add, index, patch_output)
+            progress.advance()
+
+    def _slots_for_loop(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.max_patches_in_flight))
+        return self._slots[1]
+
+
+def run_patch_batch(model: torch.nn.Module, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``run_batch`` for a torch patch model: stack to ``(N, C, *patch)`` on the model's device, run,
+    and return one float32 CPU output ``(C_out, *patch)`` per patch."""
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+    batch = torch.stack(patches).to(device, non_blocking=True)
+    return list(model(batch).float().cpu().unbind(0))

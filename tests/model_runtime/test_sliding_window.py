@@ -1,0 +1,229 @@
+"""Sliding-window inference through the runtime: MONAI's answer, patches of concurrent studies in shared
+batches, progress per study, a cancelled study that stops alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import torch
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
+from runtime_fakes import wait_until
+
+from model_runtime import ModelRuntime, ModelSpec
+from model_runtime.sliding_window import (
+    SlidingWindowConfig,
+    SlidingWindowInferer,
+    importance_map,
+    patch_grid,
+    run_patch_batch,
+)
+
+ROI = (16, 16, 16)
+OFFSET_B = 10.0
+"""Study B's voxels are shifted by this, so the spy can tell its patches from study A's."""
+
+
+def tiny_net() -> torch.nn.Module:
+    """A 2-layer 3D conv net, 1 channel in, 2 out, fixed random weights."""
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(4, 2, 3, padding=1))
+    return net.eval()
+
+
+def monai_reference(net: torch.nn.Module, volume: torch.Tensor, config: SlidingWindowConfig) -> torch.Tensor:
+    """MONAI's ``sliding_window_inference`` of one ``(C, *spatial)`` volume, batch axis dropped."""
+    with torch.inference_mode():
+        output = sliding_window_inference(volume[None], config.roi_size, 4, net, overlap=config.overlap,
+                                          mode=config.mode, sigma_scale=config.sigma_scale)
+    assert isinstance(output, torch.Tensor)
+    return output[0]
+
+
+def assert_matches(stitched: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float summation order (patches are stitched in arrival order, MONAI's in grid order)."""
+    torch.testing.assert_close(stitched, expected, rtol=1e-5, atol=1e-5)
+
+
+class SpyPatchModel:
+    """The tiny net as a runtime model that records which study each patch of each batch came from,
+    and can be held on a gate (the Ray Serve habit: hold, don't sleep)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.running = 0
+
+    def run_batch(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.running = len(patches)
+        self.entered.set()
+        if not self.gate.wait(timeout=10):
+            raise TimeoutError("test gate never opened")
+        self.batches.append(["B" if patch.min() >= OFFSET_B else "A" for patch in patches])
+        return run_patch_batch(self.net, patches)
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def patches_of(self, study: str) -> int:
+        return sum(batch.count(study) for batch in self.batches)
+
+
+def patch_spec(run_batch: object, model: object, *, max_batch_size: int = 8) -> ModelSpec:
+    return ModelSpec(name="seg", version="v1", loader=lambda _ctx: model, device="cpu",
+                     run_batch=run_batch,  # type: ignore[arg-type]
+                     max_batch_size=max_batch_size, max_queue=512)
+
+
+def two_volumes(size: Sequence[int] = (40, 24, 24)) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    volume_a = torch.rand((1, *size), generator=generator)
+    volume_b = torch.rand((1, *size), generator=generator) + OFFSET_B
+    return volume_a, volume_b
+
+
+# -- MONAI's arithmetic --------------------------------------------------------------------------------
+@pytest.mark.parametrize("image_size", [(37, 29, 21), (16, 16, 16), (40, 16, 20), (17, 33, 64)])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+def test_patch_grid_is_monais(image_size: tuple[int, ...], overlap: float) -> None:
+    interval = _get_scan_interval(image_size, ROI, 3, (overlap,) * 3)
+    assert patch_grid(image_size, ROI, (overlap,) * 3) == dense_patch_slices(image_size, ROI, interval)
+
+
+@pytest.mark.parametrize("patch_size", [(16, 16, 16), (8, 13, 5)])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_importance_map_is_monais(patch_size: tuple[int, ...], mode: str) -> None:
+    expected = compute_importance_map(patch_size, mode=mode, sigma_scale=0.125)
+    assert torch.equal(importance_map(patch_size, mode, (0.125,) * 3), expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+@pytest.mark.parametrize("size", [(37, 29, 21), (40, 12, 20)], ids=["uneven", "padded"])
+def test_stitched_study_equals_monai(runtime: ModelRuntime, mode: str, overlap: float,
+                                     size: tuple[int, ...]) -> None:
+    net = tiny_net()
+    volume = torch.rand((1, *size), generator=torch.Generator().manual_seed(1))
+    config = SlidingWindowConfig(ROI, overlap=overlap, mode=mode)  # type: ignore[arg-type]
+
+    async def scenario() -> torch.Tensor:
+        await runtime.load(patch_spec(run_patch_batch, net))
+        return await SlidingWindowInferer(runtime, "seg", config).infer(volume)
+
+    stitched = asyncio.run(scenario())
+    expected = monai_reference(net, volume, config)
+    assert stitched.shape == (2, *size)
+    assert_matches(stitched, expected)
+
+
+# -- fan-out / fan-in across studies ----------------------------------------------------------------------
+def test_concurrent_studies_share_batches_and_get_their_own_answers(runtime: ModelRuntime) -> None:
+    spy = SpyPatchModel(tiny_net())
+    volume_a, volume_b = two_volumes()
+    config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
+
+    async def scenario() -> tuple[torch.Tensor, torch.Tensor]:
+        await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy, max_batch_size=4))
+        inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
+        spy.hold()
+        study_a, study_b = inferer.start(volume_a), inferer.start(volume_b)
+        # every lane of both studies has a patch queued or running while the model is held
+        await wait_until(lambda: spy.entered.is_set()
+                         and runtime.stats()["seg"]["queue_depth"] == 12 - spy.running)
+        spy.release()
+        return await study_a, await study_b
+
+    stitched_a, stitched_b = asyncio.run(scenario())
+    assert_matches(stitched_a, monai_reference(spy.net, volume_a, config))
+    assert_matches(stitched_b, monai_reference(spy.net, volume_b, config))
+    assert spy.patches_of("A") == spy.patches_of("B") == 16  # 4 x 2 x 2 windows each, each run once
+    assert any(set(batch) == {"A", "B"} for batch in spy.batches), spy.batches
+
+
+def test_progress_reaches_total_through_callback_and_stream(runtime: ModelRuntime) -> None:
+    net = tiny_net()
+    volume_a, volume_b = two_volumes()
+    config = SlidingWindowConfig(ROI, overlap=0.25)
+    reported: list[tuple[int, int]] = []
+
+    async def scenario() -> list[tuple[int, int]]:
+        await runtime.load(patch_spec(run_patch_batch, net))
+        inferer = SlidingWindowInferer(runtime, "seg", config)
+        study_b = inferer.start(volume_b)
+        streamed = asyncio.create_task(_collect(study_b.progress()))
+        await inferer.infer(volume_a, on_progress=lambda done, total: reported.append((done, total)))
+        await study_b
+        return await streamed
+
+    streamed = asyncio.run(scenario())
+    total = reported[-1][1]
+    assert total == 3 * 2 * 2  # windows of a 40 x 24 x 24 volume, 16^3 patches, overlap 0.25
+    assert reported == [(done, total) for done in range(total + 1)]
+    assert streamed[-1] == (total, total)
+    assert [done for done, _ in streamed] == sorted({done for done, _ in streamed})
+
+
+async def _collect(updates: AsyncIterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [update async for update in updates]
+
+
+def test_cancelled_study_skips_its_queued_patches_and_the_other_completes(runtime: ModelRuntime) -> None:
+    spy = SpyPatchModel(tiny_net())
+    volume_a, volume_b = two_volumes()
+    config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
+    a_updates: list[tuple[int, int]] = []
+
+    async def scenario() -> torch.Tensor:
+        await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy, max_batch_size=4))
+        inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
+        spy.hold()
+        study_a = inferer.start(volume_a, on_progress=lambda done, total: a_updates.append((done, total)))
+        study_b = inferer.start(volume_b)
+        await wait_until(lambda: spy.entered.is_set()
+                         and runtime.stats()["seg"]["queue_depth"] == 12 - spy.running)
+        study_a.cancel()
+        await wait_until(lambda: study_a.finished)
+        spy.release()
+        with pytest.raises(asyncio.CancelledError):
+            await study_a
+        return await study_b
+
+    stitched_b = asyncio.run(scenario())
+    assert_matches(stitched_b, monai_reference(spy.net, volume_b, config))
+    assert spy.patches_of("B") == 16
+    assert spy.patches_of("A") <= 4  # only the batch already running when it was cancelled
+    assert a_updates == [(0, 16)]  # nothing of A was stitched after it was cancelled
+
+
+def test_study_deadline_and_bad_volumes_fail_alone(runtime: ModelRuntime) -> None:
+    spy = SpyPatchModel(tiny_net())
+    volume_a, volume_b = two_volumes()
+    inferer_config = SlidingWindowConfig(ROI)
+
+    async def scenario() -> torch.Tensor:
+        await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy))
+        inferer = SlidingWindowInferer(runtime, "seg", inferer_config)
+        with pytest.raises(ValueError, match="a volume is"):
+            await inferer.infer(volume_a[0])  # no channel axis
+        with pytest.raises(ValueError, match="floating point"):
+            await inferer.infer(volume_a.to(torch.int16))
+        spy.hold()
+        with pytest.raises(TimeoutError, match="not inferred within"):
+            await inferer.infer(volume_a, timeout_s=0.2)
+        spy.release()
+        return await inferer.infer(volume_b)
+
+    stitched_b = asyncio.run(scenario())
+    assert_matches(stitched_b, monai_reference(spy.net, volume_b, inferer_config))
