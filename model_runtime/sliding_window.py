@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_runtime.errors import BadInput, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.runtime import ModelRuntime
 
 logger = logging.getLogger("tessera.model_runtime.sliding_window")
@@ -49,6 +50,8 @@ BlendMode = Literal["constant", "gaussian"]
 PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
 ProgressCallback = Callable[[int, int], None]
 Window = tuple[slice, ...]
+MAX_RETRY_WAIT_S = 1.0
+"""Longest wait before a refused patch of a study under way is offered again (s)."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +232,8 @@ def plan_study(volume: torch.Tensor | np.ndarray, config: SlidingWindowConfig) -
 
     Raises
     ------
-    ValueError
-        The volume's rank or dtype does not fit the config.
+    BadInput
+        The volume's rank or dtype does not fit the config (a ``ValueError``; 422 at the HTTP edge).
     """
     tensor = _as_volume(volume, config.spatial_dims)
     image_size = tuple(tensor.shape[1:])
@@ -252,14 +255,14 @@ def plan_study(volume: torch.Tensor | np.ndarray, config: SlidingWindowConfig) -
 def _as_volume(volume: torch.Tensor | np.ndarray, spatial_dims: int) -> torch.Tensor:
     tensor = torch.from_numpy(volume) if isinstance(volume, np.ndarray) else volume
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"a volume is a torch tensor or numpy array, not {type(volume).__name__}")
+        raise BadInput(f"a volume is a torch tensor or numpy array, not {type(volume).__name__}")
     if tensor.ndim != spatial_dims + 1:
-        raise ValueError(f"a volume is (C, {', '.join(['spatial'] * spatial_dims)}) for a "
+        raise BadInput(f"a volume is (C, {', '.join(['spatial'] * spatial_dims)}) for a "
                          f"{spatial_dims}D roi_size; got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
-        raise ValueError(f"a volume must be floating point, got {tensor.dtype}")
+        raise BadInput(f"a volume must be floating point, got {tensor.dtype}")
     if min(tensor.shape) == 0:
-        raise ValueError(f"empty volume {tuple(tensor.shape)}")
+        raise BadInput(f"empty volume {tuple(tensor.shape)}")
     return tensor
 
 
@@ -465,10 +468,14 @@ class SlidingWindowInferer:
 
         Raises
         ------
+        BadInput
+            The volume does not fit the config (422 at the HTTP edge).
+        RuntimeOverloaded
+            The model refused the study's first patches (503): nothing was stitched yet.
+        RuntimeTimeout
+            The study was not done within ``timeout_s`` (504).
         ValueError
-            The volume does not fit the config, or a patch output is not ``(C_out, *patch_size)``.
-        TimeoutError
-            The study was not done within ``timeout_s``.
+            A patch output is not ``(C_out, *patch_size)`` (the model does not fit the config).
         """
         progress = StudyProgress(on_progress=on_progress)
         try:
@@ -495,7 +502,9 @@ class SlidingWindowInferer:
                 await self._fan_out(plan, stitcher, progress)
                 return await asyncio.to_thread(stitcher.finish)
         except TimeoutError as exc:
-            raise TimeoutError(f"model {self.model}: study not inferred within {timeout_s} s") from exc
+            if isinstance(exc, RuntimeTimeout):  # a patch's own deadline
+                raise
+            raise RuntimeTimeout(f"model {self.model}: study not inferred within {timeout_s} s") from exc
 
     async def _fan_out(self, plan: StudyPlan, stitcher: Stitcher, progress: StudyProgress) -> None:
         """Run every patch through the model in ``patches_per_study`` lanes, stitching as they come."""
@@ -516,10 +525,22 @@ class SlidingWindowInferer:
         slots = self._slots_for_loop()
         for index in pending:
             async with slots:
-                patch_output = await self.runtime.predict(self.model, plan.patch(index))
+                patch_output = await self._predict_patch(plan.patch(index), progress)
             async with stitching:
                 await asyncio.to_thread(stitcher.add, index, patch_output)
             progress.advance()
+
+    async def _predict_patch(self, patch: torch.Tensor, progress: StudyProgress) -> Any:
+        """One patch through the model. A study under way (a patch already stitched) was admitted:
+        a refusal then waits ``retry_after_s`` and tries again (within the study's deadline) rather than
+        losing the work done; a refusal of the first patches fails the study as overloaded."""
+        while True:
+            try:
+                return await self.runtime.predict(self.model, patch)
+            except RuntimeOverloaded as refused:
+                if progress.done == 0:
+                    raise
+                await asyncio.sleep(min(max(refused.retry_after_s, 0.001), MAX_RETRY_WAIT_S))
 
     def _slots_for_loop(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from monai.inferers.utils import _get_scan_interval
 from runtime_fakes import wait_until
 
 from model_runtime import ModelRuntime, ModelSpec
+from model_runtime.errors import BadInput, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.sliding_window import (
     SlidingWindowConfig,
     SlidingWindowInferer,
@@ -215,15 +216,75 @@ def test_study_deadline_and_bad_volumes_fail_alone(runtime: ModelRuntime) -> Non
     async def scenario() -> torch.Tensor:
         await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy))
         inferer = SlidingWindowInferer(runtime, "seg", inferer_config)
-        with pytest.raises(ValueError, match="a volume is"):
+        with pytest.raises(BadInput, match="a volume is"):
             await inferer.infer(volume_a[0])  # no channel axis
-        with pytest.raises(ValueError, match="floating point"):
+        with pytest.raises(BadInput, match="floating point"):
             await inferer.infer(volume_a.to(torch.int16))
         spy.hold()
-        with pytest.raises(TimeoutError, match="not inferred within"):
+        with pytest.raises(RuntimeTimeout, match="not inferred within"):
             await inferer.infer(volume_a, timeout_s=0.2)
         spy.release()
         return await inferer.infer(volume_b)
 
     stitched_b = asyncio.run(scenario())
     assert_matches(stitched_b, monai_reference(spy.net, volume_b, inferer_config))
+
+
+def test_a_study_whose_patches_fail_fails_alone(runtime: ModelRuntime) -> None:
+    spy = SpyPatchModel(tiny_net())
+    volume_a, volume_b = two_volumes()
+    config = SlidingWindowConfig(ROI, overlap=0.5)
+
+    def fails_on_study_a(model: SpyPatchModel, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(patch.min() < OFFSET_B for patch in patches):
+            raise RuntimeError("study A's patches poison the batch")
+        return model.run_batch(patches)
+
+    async def scenario() -> torch.Tensor:
+        await runtime.load(patch_spec(fails_on_study_a, spy, max_batch_size=4))
+        inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
+        study_a, study_b = inferer.start(volume_a), inferer.start(volume_b)
+        with pytest.raises(RuntimeError, match="poison"):
+            await study_a
+        return await study_b
+
+    stitched_b = asyncio.run(scenario())
+    assert_matches(stitched_b, monai_reference(spy.net, volume_b, config))
+
+
+class RefusingRuntime:
+    """Pure logic of the retry rule: ``predict`` answers with the net, but refuses the calls numbered in
+    ``refuse`` (1-based) as the runtime does when it is overloaded."""
+
+    def __init__(self, net: torch.nn.Module, refuse: set[int]) -> None:
+        self.net = net
+        self.refuse = refuse
+        self.calls = 0
+
+    async def predict(self, name: str, patch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls in self.refuse:
+            raise RuntimeOverloaded(f"{name}: queue full", retry_after_s=0.001)
+        await asyncio.sleep(0)
+        with torch.inference_mode():
+            return run_patch_batch(self.net, [patch])[0]
+
+
+def test_an_admitted_study_retries_refused_patches_and_a_new_one_is_refused() -> None:
+    net = tiny_net()
+    volume, _ = two_volumes()
+    config = SlidingWindowConfig(ROI, overlap=0.25)
+    under_way = RefusingRuntime(net, refuse={5, 6})  # after patches were stitched
+    refused_at_once = RefusingRuntime(net, refuse={1})
+
+    async def scenario() -> torch.Tensor:
+        with pytest.raises(RuntimeOverloaded):
+            await SlidingWindowInferer(refused_at_once, "seg", config,  # type: ignore[arg-type]
+                                       patches_per_study=1).infer(volume)
+        return await SlidingWindowInferer(under_way, "seg", config,  # type: ignore[arg-type]
+                                          patches_per_study=1).infer(volume)
+
+    stitched = asyncio.run(scenario())
+    assert refused_at_once.calls == 1
+    assert under_way.calls == 12 + 2  # every window once, the two refused ones twice
+    assert_matches(stitched, monai_reference(net, volume, config))
