@@ -121,7 +121,11 @@ def test_stitched_study_equals_monai(runtime: ModelRuntime, mode: str, overlap: 
 
     async def scenario() -> torch.Tensor:
         await runtime.load(patch_spec(run_patch_batch, net))
-        return await SlidingWindowInferer(runtime, "seg", config).infer(volume)
+        inferer = SlidingWindowInferer(runtime, "seg", config)
+        from_numpy = await inferer.infer(volume.numpy())
+        from_torch = await inferer.infer(volume)
+        assert_matches(from_numpy, from_torch)
+        return from_torch
 
     stitched = asyncio.run(scenario())
     expected = monai_reference(net, volume, config)
@@ -186,11 +190,12 @@ def test_cancelled_study_skips_its_queued_patches_and_the_other_completes(runtim
     config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
     a_updates: list[tuple[int, int]] = []
 
-    async def scenario() -> torch.Tensor:
+    async def scenario() -> tuple[torch.Tensor, list[tuple[int, int]]]:
         await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy, max_batch_size=4))
         inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
         spy.hold()
         study_a = inferer.start(volume_a, on_progress=lambda done, total: a_updates.append((done, total)))
+        a_stream = asyncio.create_task(_collect(study_a.progress()))
         study_b = inferer.start(volume_b)
         await wait_until(lambda: spy.entered.is_set()
                          and runtime.stats()["seg"]["queue_depth"] == 12 - spy.running)
@@ -199,9 +204,10 @@ def test_cancelled_study_skips_its_queued_patches_and_the_other_completes(runtim
         spy.release()
         with pytest.raises(asyncio.CancelledError):
             await study_a
-        return await study_b
+        return await study_b, await a_stream  # the stream of a cancelled study ends
 
-    stitched_b = asyncio.run(scenario())
+    stitched_b, a_streamed = asyncio.run(scenario())
+    assert a_streamed == [(0, 16)]
     assert_matches(stitched_b, monai_reference(spy.net, volume_b, config))
     assert spy.patches_of("B") == 16
     assert spy.patches_of("A") <= 4  # only the batch already running when it was cancelled
