@@ -43,8 +43,9 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from model_runtime.batcher import FillPolicy
+from model_runtime.errors import ModelNotReady, ModelRuntimeError
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
-from shared.errors import NotReady
+from shared.errors import Conflict, ProblemError, register_problem_mapping
 
 logger = logging.getLogger("tessera.model_runtime.streaming")
 
@@ -62,8 +63,8 @@ BATCH_STREAMS = Histogram("tessera_stream_batch_streams", "Streams stepped toget
                           ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
-class StreamingError(Exception):
-    """Base class of the streaming session errors."""
+class StreamingError(ModelRuntimeError):
+    """Base class of the streaming session errors (409 ``conflict`` at an HTTP edge)."""
 
 
 class SessionClosed(StreamingError):
@@ -72,6 +73,13 @@ class SessionClosed(StreamingError):
 
 class StreamAlreadyOpen(StreamingError):
     """A session for this model and stream id is already open."""
+
+
+def _problem_for(error: StreamingError) -> ProblemError:
+    return Conflict(str(error))
+
+
+register_problem_mapping(StreamingError, _problem_for)
 
 
 class StreamingMetrics:
@@ -106,7 +114,7 @@ class StreamingModel:
         ``(model) -> {name: tensor}`` without the batch axis: the state of a stream's first step.
     prepare_chunk : callable, optional
         ``(raw chunk) -> chunk``: validates/decodes one chunk before it is queued; an exception
-        fails that step alone (422, :class:`~shared.errors.UnprocessableContent`).
+        fails that step alone (:class:`~model_runtime.errors.BadInput`).
     finalize : callable, optional
         ``(one stream's output) -> answer``, in the worker thread.
     state_axes : mapping, optional
@@ -271,7 +279,7 @@ class Session:
         self.stream_id = stream_id
         self._owner = owner
         self._state: StreamState | None = None
-        self._tail: asyncio.Task[Any] | None = None
+        self._last_turn: asyncio.Future[None] | None = None
         self._pending = 0
         self._closed = False
         self.steps_answered = 0
@@ -314,28 +322,36 @@ class Session:
         """
         if self._closed:
             raise SessionClosed(f"stream {self.stream_id} on {self.model} is closed")
-        previous = self._tail
+        loop = asyncio.get_running_loop()
+        previous_turn, turn = self._last_turn, loop.create_future()
+        self._last_turn = turn
         self._pending += 1
         self.last_active = self._owner.clock()
-        task = asyncio.get_running_loop().create_task(self._take_turn(previous, chunk, timeout_s),
-                                                      name=f"stream-{self.model}-{self.stream_id}")
-        self._tail = task
+        task = loop.create_task(self._take_turn(previous_turn, chunk, timeout_s),
+                                name=f"stream-{self.model}-{self.stream_id}")
+        # a callback, not a finally: a task cancelled before it first runs never enters its coroutine
+        task.add_done_callback(functools.partial(self._step_done, previous_turn, turn))
         return task
 
-    async def _take_turn(self, previous: asyncio.Task[Any] | None, chunk: Any, timeout_s: float | None) -> Any:
-        try:
-            if previous is not None and not previous.done():
-                await asyncio.wait({previous})
-            result = await self._run(chunk, timeout_s)
-        except Exception:
-            self._owner.metrics_for(self.model).step_errors.inc()
-            raise
-        finally:
-            self._pending -= 1
-            self.last_active = self._owner.clock()
-        self.steps_answered += 1
-        self._owner.metrics_for(self.model).steps.inc()
-        return result
+    async def _take_turn(self, previous_turn: asyncio.Future[None] | None, chunk: Any,
+                         timeout_s: float | None) -> Any:
+        if previous_turn is not None and not previous_turn.done():
+            await asyncio.wait({previous_turn})
+        return await self._run(chunk, timeout_s)
+
+    def _step_done(self, previous_turn: asyncio.Future[None] | None, turn: asyncio.Future[None],
+                   task: asyncio.Task[Any]) -> None:
+        self._pending -= 1
+        self.last_active = self._owner.clock()
+        _end_turn_after(previous_turn, turn)
+        metrics = self._owner.metrics_for(self.model)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            metrics.step_errors.inc()
+        else:
+            self.steps_answered += 1
+            metrics.steps.inc()
 
     async def _run(self, chunk: Any, timeout_s: float | None) -> Any:
         if self._closed:
@@ -361,6 +377,14 @@ class Session:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+def _end_turn_after(previous_turn: asyncio.Future[None] | None, turn: asyncio.Future[None]) -> None:
+    """End ``turn`` once ``previous_turn`` is over (a step cancelled while it waits must not let the next overtake)."""
+    if previous_turn is None or previous_turn.done():
+        turn.set_result(None)
+    else:
+        previous_turn.add_done_callback(lambda _: turn.set_result(None))
 
 
 class StreamingSessions:
@@ -411,13 +435,13 @@ class StreamingSessions:
 
         Raises
         ------
-        NotReady
+        ModelNotReady
             ``model`` is not a loaded streaming model.
         StreamAlreadyOpen
             A session for this stream is open already.
         """
         if model not in self._models:
-            raise NotReady(f"streaming model {model} is not loaded")
+            raise ModelNotReady(f"streaming model {model} is not loaded")
         key = (model, stream_id)
         if key in self._sessions:
             raise StreamAlreadyOpen(f"stream {stream_id} already has a session on {model}")

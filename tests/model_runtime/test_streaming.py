@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,17 +14,17 @@ from prometheus_client import REGISTRY
 from runtime_fakes import wait_until
 
 from model_runtime import ModelRuntime
+from model_runtime.errors import BadInput, ModelNotReady
 from model_runtime.streaming import (
     SessionClosed,
     StreamAlreadyOpen,
     StreamingModel,
     StreamingSessions,
 )
-from shared.errors import NotReady, UnprocessableContent
+from shared.errors import Conflict, as_problem
 
 FEATURES, HIDDEN, CLASSES, FRAMES = 4, 8, 3, 5
 RTOL, ATOL = 1e-5, 1e-6
-REFUSED_CHUNK = (UnprocessableContent, ValueError)  # the runtime's BadInput is a ValueError
 
 
 class RecurrentTagger(torch.nn.Module):
@@ -207,7 +208,7 @@ def test_a_bad_chunk_fails_only_its_stream(runtime: ModelRuntime, tagger: Recurr
         await sessions.load(streaming_model(tagger, step))
         opened = {name: sessions.open_session("tagger", name) for name in good}
         outputs: dict[str, list[Any]] = {name: [await opened[name].step(good[name][0])] for name in good}
-        with pytest.raises(REFUSED_CHUNK, match="shape"):
+        with pytest.raises(BadInput, match="shape"):
             await opened["b"].step(torch.zeros(FRAMES, FEATURES + 1))  # refused before it is queued
         step.hold()
         blocker = opened["a"].step(good["a"][1])
@@ -243,8 +244,9 @@ def test_a_closed_session_cannot_step_and_its_pending_steps_fail(runtime: ModelR
         sessions = StreamingSessions(runtime)
         await sessions.load(streaming_model(tagger, step))
         session = sessions.open_session("tagger", "call")
-        with pytest.raises(StreamAlreadyOpen):
+        with pytest.raises(StreamAlreadyOpen) as duplicate:
             sessions.open_session("tagger", "call")
+        assert isinstance(as_problem(duplicate.value), Conflict)  # 409 at an HTTP edge
         assert _sample("tessera_stream_sessions_open") - open_before == 1
         step.hold()
         running, queued = session.step(chunks[0]), session.step(chunks[1])
@@ -261,7 +263,7 @@ def test_a_closed_session_cannot_step_and_its_pending_steps_fail(runtime: ModelR
         assert _sample("tessera_stream_sessions_open") - open_before == 0
         with sessions.open_session("tagger", "call") as reopened:  # a fresh state, not the old one
             assert_same_stream([await reopened.step(chunks[0])], reopened.state, run_alone(tagger, chunks[:1]))
-        with pytest.raises(NotReady):
+        with pytest.raises(ModelNotReady):
             sessions.open_session("not-loaded", "call")
         await sessions.close()
 
@@ -311,3 +313,116 @@ def test_the_reaper_closes_an_abandoned_session_by_itself(runtime: ModelRuntime,
         await sessions.close()
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_step_leaves_its_stream_where_it_was(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    step = SpiedStep()
+    chunks = stream_chunks(4, 4)
+
+    async def scenario() -> tuple[list[Any], Any]:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, step))
+        session = sessions.open_session("tagger", "call")
+        step.hold()
+        submitted = [session.step(chunk) for chunk in chunks]
+        await wait_until(step.entered.is_set)
+        submitted[0].cancel()  # while its batch runs: the answer is dropped, the state not taken
+        submitted[2].cancel()  # while it waits its turn: never queued
+        step.release()
+        answers = await asyncio.gather(*submitted, return_exceptions=True)
+        assert [type(answer) for answer in answers[0::2]] == [asyncio.CancelledError] * 2
+        never_started = session.step(chunks[0])
+        never_started.cancel()  # before its task first runs
+        answers.append(await asyncio.wait_for(session.step(chunks[2]), 10))
+        assert session.pending == 0
+        result = [*answers[1::2], answers[-1]], session.state
+        await sessions.close()
+        return result
+
+    outputs, state = asyncio.run(scenario())
+    assert_same_stream(outputs, state, run_alone(tagger, [chunks[1], chunks[3], chunks[2]]))
+
+
+def test_unloading_closes_the_sessions_of_the_model(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    async def scenario() -> None:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, SpiedStep()))
+        session = sessions.open_session("tagger", "call")
+        await session.step(stream_chunks(0, 1)[0])
+        await sessions.unload("tagger")
+        assert session.closed and sessions.open_count() == 0 and "tagger" not in runtime.loaded()
+        with pytest.raises(SessionClosed):
+            session.step(stream_chunks(0, 1)[0])
+        await sessions.close()
+
+    asyncio.run(scenario())
+
+
+VAD_SAMPLES, VAD_HIDDEN = 64, 16
+
+
+class VadLike(torch.nn.Module):
+    """silero-vad's ONNX interface on two GRU cells: input (B, samples), state (2, B, hidden) -> (B, 1), state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.GRUCell(VAD_SAMPLES, VAD_HIDDEN)
+        self.second = torch.nn.GRUCell(VAD_HIDDEN, VAD_HIDDEN)
+        self.head = torch.nn.Linear(VAD_HIDDEN, 1)
+
+    def forward(self, samples: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.first(samples, state[0])
+        second = self.second(first, state[1])
+        return torch.sigmoid(self.head(second)), torch.stack([first, second])
+
+
+def export_vad_like(path: Any) -> Any:
+    torch.manual_seed(11)
+    example = (torch.randn(2, VAD_SAMPLES), torch.zeros(2, 2, VAD_HIDDEN))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        torch.onnx.export(VadLike().eval(), example, str(path), dynamo=False, input_names=["input", "state"],
+                          output_names=["output", "stateN"], opset_version=17,
+                          dynamic_axes={"input": {0: "batch"}, "state": {1: "batch"}, "output": {0: "batch"},
+                                        "stateN": {1: "batch"}})
+    return path
+
+
+def vad_step(session: Any, states: dict[str, Any], chunks: Any) -> tuple[Any, dict[str, Any]]:
+    """NumPy in and out: chunks (B, samples) float32, state (2, B, hidden) -> {"speech": (B,)}, state."""
+    probability, state = session.run(["output", "stateN"], {"input": chunks, "state": states["state"]})
+    return {"speech": probability[:, 0]}, {"state": state}
+
+
+def test_onnx_runtime_model_with_numpy_state_on_a_second_batch_axis(runtime: ModelRuntime, tmp_path: Any) -> None:
+    import numpy as np
+    import onnxruntime
+
+    graph = export_vad_like(tmp_path / "vad_like.onnx")
+    onnx_session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    generator = np.random.default_rng(5)
+    calls = {f"call-{n}": generator.standard_normal((6, VAD_SAMPLES)).astype(np.float32) for n in range(6)}
+    vad = StreamingModel(
+        name="vad-like", version="v1", loader=lambda _ctx: onnx_session, step=vad_step,
+        initial_state=lambda _model: {"state": np.zeros((2, VAD_HIDDEN), np.float32)},
+        state_axes={"state": 1}, uses_torch=False, warmup_chunks=[calls["call-0"][0]],
+        prepare_chunk=lambda raw: np.asarray(raw, dtype=np.float32).reshape(VAD_SAMPLES))
+
+    async def stream(sessions: StreamingSessions, call: str) -> tuple[list[Any], Any]:
+        with sessions.open_session("vad-like", call) as session:
+            return [await session.step(frame) for frame in calls[call]], session.state
+
+    async def scenario() -> dict[str, tuple[list[Any], Any]]:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(vad)
+        results = await asyncio.gather(*(stream(sessions, call) for call in calls))
+        await sessions.close()
+        return dict(zip(calls, results, strict=True))
+
+    for call, (outputs, state) in asyncio.run(scenario()).items():
+        alone = np.zeros((2, 1, VAD_HIDDEN), np.float32)
+        for frame, output in zip(calls[call], outputs, strict=True):
+            probability, alone = onnx_session.run(None, {"input": frame[None], "state": alone})
+            np.testing.assert_allclose(output["speech"], probability[0, 0], rtol=1e-5, atol=1e-6)
+        assert state is not None and state["state"].shape == (2, VAD_HIDDEN)
+        np.testing.assert_allclose(state["state"], alone[:, 0], rtol=1e-5, atol=1e-6)
