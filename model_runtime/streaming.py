@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -43,7 +44,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from model_runtime.batcher import FillPolicy
-from model_runtime.errors import ModelNotReady, ModelRuntimeError
+from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeOverloaded
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
 from shared.errors import Conflict, ProblemError, register_problem_mapping
 
@@ -121,6 +122,9 @@ class StreamingModel:
         Batch axis of each stacked state (default 0).
     idle_timeout_s : float
         A session with no step for this long (and none pending) is closed and its state freed.
+    max_sessions : int, optional
+        Most sessions open at once on this model; beyond it :meth:`StreamingSessions.open_session`
+        refuses with :class:`~model_runtime.errors.RuntimeOverloaded` (capacity is in streams).
     warmup_chunks : sequence
         Raw chunks stepped from the initial state before the model takes traffic.
     max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, fill, run_inline, device, uses_torch
@@ -136,6 +140,7 @@ class StreamingModel:
     finalize: Callable[[Any], Any] | None = None
     state_axes: Mapping[str, int] = field(default_factory=dict)
     idle_timeout_s: float = 60.0
+    max_sessions: int | None = None
     warmup_chunks: Sequence[Any] = ()
     max_batch_size: int = 64
     max_wait_ms: float = 2.0
@@ -150,16 +155,21 @@ class StreamingModel:
     def __post_init__(self) -> None:
         if self.idle_timeout_s <= 0:
             raise ValueError("idle_timeout_s must be > 0")
+        if self.max_sessions is not None and self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
 
     def model_spec(self, metrics: StreamingMetrics | None = None) -> ModelSpec:
         """The runtime spec serving this model: items are :class:`StreamStep`, answers :class:`StepResult`.
 
         Failure isolation is always on: a step is a pure function of (state, chunk), so a failed
-        batch is safely rerun stream by stream and only the failing stream's step fails.
+        batch is safely rerun stream by stream and only the failing stream's step fails. Each spec
+        is one generation: a state left by another (an earlier version, before a swap) is not fed
+        to this one's model; that stream starts again from this model's initial state.
         """
+        generation = object()
         return ModelSpec(
             name=self.name, version=self.version, loader=self.loader,
-            run_batch=lambda model, steps: run_steps(self, model, steps, metrics),
+            run_batch=lambda model, steps: run_steps(self, model, steps, metrics, generation=generation),
             prepare=self._prepare_step, finalize=self._finalize_result,
             max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, max_queue=self.max_queue,
             max_queue_delay_ms=self.max_queue_delay_ms, timeout_s=self.timeout_s, isolate_failures=True,
@@ -170,20 +180,22 @@ class StreamingModel:
     def _prepare_step(self, step: StreamStep) -> StreamStep:
         if self.prepare_chunk is None:
             return step
-        return StreamStep(step.state, self.prepare_chunk(step.chunk))
+        return dataclasses.replace(step, chunk=self.prepare_chunk(step.chunk))
 
     def _finalize_result(self, result: StepResult) -> StepResult:
         if self.finalize is None:
             return result
-        return StepResult(self.finalize(result.output), result.state)
+        return dataclasses.replace(result, output=self.finalize(result.output))
 
 
 @dataclass(frozen=True, slots=True)
 class StreamStep:
-    """One queued step: the stream's current state (``None`` before its first step) and its chunk."""
+    """One queued step: the stream's current state (``None`` before its first step), its chunk, and
+    the generation (model spec) that produced the state."""
 
     state: StreamState | None
     chunk: Any
+    generation: object | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +204,11 @@ class StepResult:
 
     output: Any
     state: StreamState
+    generation: object | None = None
 
 
 def run_steps(streaming: StreamingModel, model: Any, steps: list[StreamStep],
-              metrics: StreamingMetrics | None = None) -> list[StepResult]:
+              metrics: StreamingMetrics | None = None, *, generation: object | None = None) -> list[StepResult]:
     """Stack the states and chunks of B streams, run ``streaming.step`` once, split the results.
 
     Parameters
@@ -208,13 +221,16 @@ def run_steps(streaming: StreamingModel, model: Any, steps: list[StreamStep],
         B prepared steps, at most one per stream.
     metrics : StreamingMetrics, optional
         Records how many streams shared the batch.
+    generation : object, optional
+        The spec's token: a state left by another generation is replaced by the initial state.
 
     Returns
     -------
     list of StepResult
         B results aligned with ``steps``; every state tensor is a copy owned by its stream.
     """
-    states = [step.state if step.state is not None else streaming.initial_state(model) for step in steps]
+    states = [step.state if step.state is not None and step.generation is generation
+              else streaming.initial_state(model) for step in steps]
     names = list(states[0])
     for state in states[1:]:
         if list(state) != names:
@@ -232,7 +248,7 @@ def run_steps(streaming: StreamingModel, model: Any, steps: list[StreamStep],
     for name in names:
         for index, row in enumerate(_unstack(new_states[name], axes[name], count)):
             per_stream_states[index][name] = row
-    return [StepResult(output, MappingProxyType(state))
+    return [StepResult(output, MappingProxyType(state), generation)
             for output, state in zip(per_stream_outputs, per_stream_states, strict=True)]
 
 
@@ -279,6 +295,7 @@ class Session:
         self.stream_id = stream_id
         self._owner = owner
         self._state: StreamState | None = None
+        self._state_generation: object | None = None
         self._last_turn: asyncio.Future[None] | None = None
         self._pending = 0
         self._closed = False
@@ -356,11 +373,11 @@ class Session:
     async def _run(self, chunk: Any, timeout_s: float | None) -> Any:
         if self._closed:
             raise SessionClosed(f"stream {self.stream_id} on {self.model} closed before this step ran")
-        result: StepResult = await self._owner.runtime.predict(self.model, StreamStep(self._state, chunk),
-                                                               timeout_s=timeout_s)
+        step = StreamStep(self._state, chunk, self._state_generation)
+        result: StepResult = await self._owner.runtime.predict(self.model, step, timeout_s=timeout_s)
         if self._closed:
             raise SessionClosed(f"stream {self.stream_id} on {self.model} closed during this step")
-        self._state = result.state
+        self._state, self._state_generation = result.state, result.generation
         return result.output
 
     def close(self) -> None:
@@ -439,12 +456,18 @@ class StreamingSessions:
             ``model`` is not a loaded streaming model.
         StreamAlreadyOpen
             A session for this stream is open already.
+        RuntimeOverloaded
+            The model holds ``max_sessions`` sessions already.
         """
-        if model not in self._models:
+        streaming = self._models.get(model)
+        if streaming is None:
             raise ModelNotReady(f"streaming model {model} is not loaded")
         key = (model, stream_id)
         if key in self._sessions:
             raise StreamAlreadyOpen(f"stream {stream_id} already has a session on {model}")
+        if streaming.max_sessions is not None and self.open_count(model) >= streaming.max_sessions:
+            raise RuntimeOverloaded(f"streaming model {model} holds {streaming.max_sessions} sessions",
+                                    retry_after_s=min(streaming.idle_timeout_s, 5.0))
         session = Session(self, model, stream_id)
         self._sessions[key] = session
         self.metrics_for(model).sessions_open.inc()

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from runtime_fakes import wait_until
 
 from model_runtime import ModelRuntime
-from model_runtime.errors import BadInput, ModelNotReady
+from model_runtime.errors import BadInput, ModelNotReady, RuntimeOverloaded
 from model_runtime.streaming import (
     SessionClosed,
     StreamAlreadyOpen,
@@ -90,8 +90,8 @@ def tagger() -> RecurrentTagger:
     return RecurrentTagger().eval()
 
 
-def streaming_model(tagger: RecurrentTagger, step: SpiedStep, **options: Any) -> StreamingModel:
-    return StreamingModel(name="tagger", version="v1", loader=lambda _ctx: tagger, step=step,
+def streaming_model(tagger: RecurrentTagger, step: SpiedStep, version: str = "v1", **options: Any) -> StreamingModel:
+    return StreamingModel(name="tagger", version=version, loader=lambda _ctx: tagger, step=step,
                           initial_state=initial_state, prepare_chunk=checked_chunk, **options)
 
 
@@ -353,6 +353,42 @@ def test_unloading_closes_the_sessions_of_the_model(runtime: ModelRuntime, tagge
         assert session.closed and sessions.open_count() == 0 and "tagger" not in runtime.loaded()
         with pytest.raises(SessionClosed):
             session.step(stream_chunks(0, 1)[0])
+        await sessions.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_swapped_model_starts_each_stream_from_its_own_initial_state(runtime: ModelRuntime,
+                                                                      tagger: RecurrentTagger) -> None:
+    torch.manual_seed(8)
+    retrained = RecurrentTagger().eval()
+    chunks = stream_chunks(6, 3)
+
+    async def scenario() -> tuple[list[Any], Any]:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, SpiedStep()))
+        session = sessions.open_session("tagger", "call")
+        for chunk in chunks[:2]:
+            await session.step(chunk)
+        await sessions.load(streaming_model(retrained, SpiedStep(), version="v2"))
+        result = [await session.step(chunks[2])], session.state
+        await sessions.close()
+        return result
+
+    outputs, state = asyncio.run(scenario())
+    assert_same_stream(outputs, state, run_alone(retrained, chunks[2:]))  # v1's hidden state not fed to v2
+
+
+def test_sessions_beyond_the_models_capacity_are_refused(runtime: ModelRuntime, tagger: RecurrentTagger) -> None:
+    async def scenario() -> None:
+        sessions = StreamingSessions(runtime)
+        await sessions.load(streaming_model(tagger, SpiedStep(), max_sessions=2))
+        first = sessions.open_session("tagger", "one")
+        sessions.open_session("tagger", "two")
+        with pytest.raises(RuntimeOverloaded):
+            sessions.open_session("tagger", "three")
+        first.close()
+        sessions.open_session("tagger", "three")
         await sessions.close()
 
     asyncio.run(scenario())
