@@ -1,4 +1,4 @@
-"""Tessera's in-process model runtime: registry, dynamic batching, devices, backends, artifacts.
+"""Tessera's in-process model runtime: registry, dynamic batching, streaming sessions, devices, backends, artifacts.
 
 Typical use from a vertical::
 
@@ -21,6 +21,14 @@ from model_runtime.backends import (
 from model_runtime.batcher import BatchOutputMismatch, BatchPolicy, DynamicBatcher
 from model_runtime.device import Placement, inference_context, resolve_placement
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
+from model_runtime.streaming import (
+    Session,
+    SessionClosed,
+    StreamAlreadyOpen,
+    StreamingModel,
+    StreamingSessions,
+    get_streaming_sessions,
+)
 
 __all__ = [
     "ArtifactError",
@@ -35,10 +43,16 @@ __all__ = [
     "ModelSpec",
     "OnnxRuntimeBackend",
     "Placement",
+    "Session",
+    "SessionClosed",
+    "StreamAlreadyOpen",
+    "StreamingModel",
+    "StreamingSessions",
     "TorchBackend",
     "choose_cpu_backend",
     "export_onnx",
     "get_runtime",
+    "get_streaming_sessions",
     "inference_context",
     "load_manifest",
     "resolve_placement",
