@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +50,8 @@ BlendMode = Literal["constant", "gaussian"]
 PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
 ProgressCallback = Callable[[int, int], None]
 Window = tuple[slice, ...]
+PatchOutput = torch.Tensor | Mapping[str, torch.Tensor]
+"""One patch's output, or one study's stitched output: a tensor, or named tensors."""
 MAX_RETRY_WAIT_S = 1.0
 """Longest wait before a refused patch of a study under way is offered again (s)."""
 
@@ -276,6 +278,9 @@ def _pad(volume: torch.Tensor, widths: list[int], config: SlidingWindowConfig) -
 class Stitcher:
     """The running weighted sum of one study's patch outputs, allocated at the first patch.
 
+    A patch output is one tensor ``(C_out, *patch_size)`` or named tensors ``{name: (C_k, *patch_size)}``
+    (each stitched on its own, as MONAI does with a dict-returning predictor).
+
     Parameters
     ----------
     plan : StudyPlan
@@ -288,26 +293,43 @@ class Stitcher:
 
     def __init__(self, plan: StudyPlan) -> None:
         self.plan = plan
-        self.output: torch.Tensor | None = None
+        self.outputs: dict[str, torch.Tensor] | None = None
+        self.named = False
 
-    def add(self, index: int, patch_output: torch.Tensor) -> None:
-        """Add window ``index``'s output ``(C_out, *patch_size)`` times the importance map."""
+    def add(self, index: int, patch_output: PatchOutput) -> None:
+        """Add window ``index``'s output times the importance map into the study's output."""
+        parts = self._parts(patch_output)
+        if self.outputs is None:
+            self.named = isinstance(patch_output, Mapping)
+            self.outputs = {name: torch.zeros((part.shape[0], *self.plan.weight_sum.shape), dtype=torch.float32)
+                            for name, part in parts.items()}
+        if parts.keys() != self.outputs.keys():
+            raise ValueError(f"patch outputs changed from {sorted(self.outputs)} to {sorted(parts)}")
+        window = (slice(None), *self.plan.windows[index])
+        for name, part in parts.items():
+            self.outputs[name][window].addcmul_(part.to(device="cpu", dtype=torch.float32), self.plan.weights)
+
+    def _parts(self, patch_output: PatchOutput) -> dict[str, torch.Tensor]:
+        parts = dict(patch_output) if isinstance(patch_output, Mapping) else {"": patch_output}
         expected = self.plan.patch_size
-        if patch_output.ndim != len(expected) + 1 or tuple(patch_output.shape[1:]) != expected:
-            raise ValueError(f"a patch output is (C_out, {', '.join(map(str, expected))}); "
-                             f"got {tuple(patch_output.shape)}")
-        if self.output is None:
-            channels = patch_output.shape[0]
-            self.output = torch.zeros((channels, *self.plan.weight_sum.shape), dtype=torch.float32)
-        region = self.output[(slice(None), *self.plan.windows[index])]
-        region.addcmul_(patch_output.to(device="cpu", dtype=torch.float32), self.plan.weights)
+        for name, part in parts.items():
+            if not isinstance(part, torch.Tensor) or tuple(part.shape[1:]) != expected or part.ndim < 2:
+                shape = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+                raise ValueError(f"a patch output{f' {name!r}' if name else ''} is "
+                                 f"(C_out, {', '.join(map(str, expected))}); got {shape}")
+        return parts
 
-    def finish(self) -> torch.Tensor:
-        """The blended output ``(C_out, *spatial)`` of the original (unpadded) volume, float32."""
-        if self.output is None:
+    def finish(self) -> PatchOutput:
+        """The blended output ``(C_out, *spatial)`` of the original (unpadded) volume, float32 (or
+        ``{name: (C_k, *spatial)}`` for named patch outputs)."""
+        if self.outputs is None:
             raise RuntimeError("no patch was stitched")
-        self.output /= self.plan.weight_sum
-        return self.output[(slice(None), *self.plan.crop)].contiguous()
+        crop = (slice(None), *self.plan.crop)
+        blended = {}
+        for name, output in self.outputs.items():
+            output /= self.plan.weight_sum
+            blended[name] = output[crop].contiguous()
+        return blended if self.named else blended[""]
 
 
 # -- progress ---------------------------------------------------------------------------------------
@@ -379,7 +401,7 @@ class StudyInference:
     Created by :meth:`SlidingWindowInferer.start`.
     """
 
-    def __init__(self, task: asyncio.Task[torch.Tensor], progress: StudyProgress) -> None:
+    def __init__(self, task: asyncio.Task[PatchOutput], progress: StudyProgress) -> None:
         self._task = task
         self._progress = progress
 
@@ -406,11 +428,11 @@ class StudyInference:
         """Cancel the study: its queued patches are skipped by the batcher; awaiting it raises CancelledError."""
         return self._task.cancel()
 
-    async def result(self) -> torch.Tensor:
-        """The stitched output ``(C_out, *spatial)``, float32 on the CPU."""
+    async def result(self) -> PatchOutput:
+        """The stitched output, as :meth:`SlidingWindowInferer.infer` returns it."""
         return await self._task
 
-    def __await__(self) -> Generator[Any, None, torch.Tensor]:
+    def __await__(self) -> Generator[Any, None, PatchOutput]:
         return self._task.__await__()
 
 
@@ -449,7 +471,7 @@ class SlidingWindowInferer:
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     async def infer(self, volume: torch.Tensor | np.ndarray, *, on_progress: ProgressCallback | None = None,
-                    timeout_s: float | None = None) -> torch.Tensor:
+                    timeout_s: float | None = None) -> PatchOutput:
         """Infer one study; cancelling the caller cancels its remaining patches.
 
         Parameters
@@ -463,8 +485,9 @@ class SlidingWindowInferer:
 
         Returns
         -------
-        torch.Tensor
-            ``(C_out, *spatial)`` float32 on the CPU: the blended patch outputs.
+        torch.Tensor or dict of torch.Tensor
+            ``(C_out, *spatial)`` float32 on the CPU: the blended patch outputs (``{name: (C_k, *spatial)}``
+            when the model answers named outputs).
 
         Raises
         ------
@@ -493,7 +516,7 @@ class SlidingWindowInferer:
         return StudyInference(task, progress)
 
     async def _run_study(self, volume: torch.Tensor | np.ndarray, progress: StudyProgress,
-                         timeout_s: float | None) -> torch.Tensor:
+                         timeout_s: float | None) -> PatchOutput:
         try:
             async with asyncio.timeout(timeout_s):
                 plan = await asyncio.to_thread(plan_study, volume, self.config)
@@ -549,9 +572,29 @@ class SlidingWindowInferer:
         return self._slots[1]
 
 
-def run_patch_batch(model: torch.nn.Module, patches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``run_batch`` for a torch patch model: stack to ``(N, C, *patch)`` on the model's device, run,
-    and return one float32 CPU output ``(C_out, *patch)`` per patch."""
-    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
-    batch = torch.stack(patches).to(device, non_blocking=True)
-    return list(model(batch).float().cpu().unbind(0))
+def run_patch_batch(model: Callable[[torch.Tensor], Any], patches: list[torch.Tensor]) -> list[PatchOutput]:
+    """``run_batch`` for a patch model: stack to ``(N, C, *patch)``, run, split per patch.
+
+    Parameters
+    ----------
+    model : callable
+        A torch module (the batch goes to its device) or a runtime backend (``TorchBackend``,
+        ``OnnxRuntimeBackend``...: they place it themselves); returns ``(N, C_out, *patch)`` or
+        ``{name: (N, C_k, *patch)}``.
+    patches : list of torch.Tensor
+        ``(C, *patch)`` each.
+
+    Returns
+    -------
+    list
+        One float32 CPU output per patch: ``(C_out, *patch)``, or ``{name: (C_k, *patch)}``.
+    """
+    batch = torch.stack(patches)
+    if isinstance(model, torch.nn.Module):
+        device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+        batch = batch.to(device, non_blocking=True)
+    output = model(batch)
+    if isinstance(output, Mapping):
+        on_host = {name: value.float().cpu() for name, value in output.items()}
+        return [{name: value[row] for name, value in on_host.items()} for row in range(len(patches))]
+    return list(output.float().cpu().unbind(0))

@@ -17,6 +17,7 @@ from runtime_fakes import wait_until
 from model_runtime import ModelRuntime, ModelSpec
 from model_runtime.errors import BadInput, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.sliding_window import (
+    PatchOutput,
     SlidingWindowConfig,
     SlidingWindowInferer,
     importance_map,
@@ -37,16 +38,18 @@ def tiny_net() -> torch.nn.Module:
     return net.eval()
 
 
-def monai_reference(net: torch.nn.Module, volume: torch.Tensor, config: SlidingWindowConfig) -> torch.Tensor:
+def monai_reference(net: torch.nn.Module, volume: torch.Tensor, config: SlidingWindowConfig) -> object:
     """MONAI's ``sliding_window_inference`` of one ``(C, *spatial)`` volume, batch axis dropped."""
     with torch.inference_mode():
         output = sliding_window_inference(volume[None], config.roi_size, 4, net, overlap=config.overlap,
                                           mode=config.mode, sigma_scale=config.sigma_scale)
+    if isinstance(output, dict):
+        return {name: value[0] for name, value in output.items()}
     assert isinstance(output, torch.Tensor)
     return output[0]
 
 
-def assert_matches(stitched: torch.Tensor, expected: torch.Tensor) -> None:
+def assert_matches(stitched: object, expected: object) -> None:
     """Equal up to float summation order (patches are stitched in arrival order, MONAI's in grid order)."""
     torch.testing.assert_close(stitched, expected, rtol=1e-5, atol=1e-5)
 
@@ -63,7 +66,7 @@ class SpyPatchModel:
         self.entered = threading.Event()
         self.running = 0
 
-    def run_batch(self, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_batch(self, patches: list[torch.Tensor]) -> list[PatchOutput]:
         self.running = len(patches)
         self.entered.set()
         if not self.gate.wait(timeout=10):
@@ -119,7 +122,7 @@ def test_stitched_study_equals_monai(runtime: ModelRuntime, mode: str, overlap: 
     volume = torch.rand((1, *size), generator=torch.Generator().manual_seed(1))
     config = SlidingWindowConfig(ROI, overlap=overlap, mode=mode)  # type: ignore[arg-type]
 
-    async def scenario() -> torch.Tensor:
+    async def scenario() -> PatchOutput:
         await runtime.load(patch_spec(run_patch_batch, net))
         inferer = SlidingWindowInferer(runtime, "seg", config)
         from_numpy = await inferer.infer(volume.numpy())
@@ -129,7 +132,7 @@ def test_stitched_study_equals_monai(runtime: ModelRuntime, mode: str, overlap: 
 
     stitched = asyncio.run(scenario())
     expected = monai_reference(net, volume, config)
-    assert stitched.shape == (2, *size)
+    assert isinstance(stitched, torch.Tensor) and stitched.shape == (2, *size)
     assert_matches(stitched, expected)
 
 
@@ -139,7 +142,7 @@ def test_concurrent_studies_share_batches_and_get_their_own_answers(runtime: Mod
     volume_a, volume_b = two_volumes()
     config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
 
-    async def scenario() -> tuple[torch.Tensor, torch.Tensor]:
+    async def scenario() -> tuple[PatchOutput, PatchOutput]:
         await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy, max_batch_size=4))
         inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
         spy.hold()
@@ -190,7 +193,7 @@ def test_cancelled_study_skips_its_queued_patches_and_the_other_completes(runtim
     config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
     a_updates: list[tuple[int, int]] = []
 
-    async def scenario() -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    async def scenario() -> tuple[PatchOutput, list[tuple[int, int]]]:
         await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy, max_batch_size=4))
         inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
         spy.hold()
@@ -219,7 +222,7 @@ def test_study_deadline_and_bad_volumes_fail_alone(runtime: ModelRuntime) -> Non
     volume_a, volume_b = two_volumes()
     inferer_config = SlidingWindowConfig(ROI)
 
-    async def scenario() -> torch.Tensor:
+    async def scenario() -> PatchOutput:
         await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), spy))
         inferer = SlidingWindowInferer(runtime, "seg", inferer_config)
         with pytest.raises(BadInput, match="a volume is"):
@@ -241,12 +244,12 @@ def test_a_study_whose_patches_fail_fails_alone(runtime: ModelRuntime) -> None:
     volume_a, volume_b = two_volumes()
     config = SlidingWindowConfig(ROI, overlap=0.5)
 
-    def fails_on_study_a(model: SpyPatchModel, patches: list[torch.Tensor]) -> list[torch.Tensor]:
+    def fails_on_study_a(model: SpyPatchModel, patches: list[torch.Tensor]) -> list[PatchOutput]:
         if any(patch.min() < OFFSET_B for patch in patches):
             raise RuntimeError("study A's patches poison the batch")
         return model.run_batch(patches)
 
-    async def scenario() -> torch.Tensor:
+    async def scenario() -> PatchOutput:
         await runtime.load(patch_spec(fails_on_study_a, spy, max_batch_size=4))
         inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
         study_a, study_b = inferer.start(volume_a), inferer.start(volume_b)
@@ -267,7 +270,7 @@ class RefusingRuntime:
         self.refuse = refuse
         self.calls = 0
 
-    async def predict(self, name: str, patch: torch.Tensor) -> torch.Tensor:
+    async def predict(self, name: str, patch: torch.Tensor) -> PatchOutput:
         self.calls += 1
         if self.calls in self.refuse:
             raise RuntimeOverloaded(f"{name}: queue full", retry_after_s=0.001)
@@ -283,7 +286,7 @@ def test_an_admitted_study_retries_refused_patches_and_a_new_one_is_refused() ->
     under_way = RefusingRuntime(net, refuse={5, 6})  # after patches were stitched
     refused_at_once = RefusingRuntime(net, refuse={1})
 
-    async def scenario() -> torch.Tensor:
+    async def scenario() -> PatchOutput:
         with pytest.raises(RuntimeOverloaded):
             await SlidingWindowInferer(refused_at_once, "seg", config,  # type: ignore[arg-type]
                                        patches_per_study=1).infer(volume)
@@ -294,3 +297,44 @@ def test_an_admitted_study_retries_refused_patches_and_a_new_one_is_refused() ->
     assert refused_at_once.calls == 1
     assert under_way.calls == 12 + 2  # every window once, the two refused ones twice
     assert_matches(stitched, monai_reference(net, volume, config))
+
+
+class TwoHeads(torch.nn.Module):
+    """A shared conv trunk with two named heads, like a segmentation net with an auxiliary output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.trunk = torch.nn.Conv3d(1, 3, 3, padding=1)
+        self.mask = torch.nn.Conv3d(3, 2, 1)
+        self.edges = torch.nn.Conv3d(3, 1, 3, padding=1)
+
+    def forward(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = torch.relu(self.trunk(volume))
+        return {"mask": self.mask(features), "edges": self.edges(features)}
+
+
+def test_named_outputs_are_stitched_each_as_monai_does(runtime: ModelRuntime) -> None:
+    net = TwoHeads().eval()
+    volume, _ = two_volumes((37, 29, 21))
+    config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
+
+    async def scenario() -> PatchOutput:
+        await runtime.load(patch_spec(run_patch_batch, net))
+        return await SlidingWindowInferer(runtime, "seg", config).infer(volume)
+
+    stitched = asyncio.run(scenario())
+    assert isinstance(stitched, dict) and stitched["edges"].shape == (1, 37, 29, 21)
+    assert_matches(stitched, monai_reference(net, volume, config))
+
+
+def test_a_model_whose_patch_outputs_do_not_fit_the_grid_is_refused(runtime: ModelRuntime) -> None:
+    downsampling = torch.nn.Conv3d(1, 2, 2, stride=2).eval()  # (2, 8, 8, 8) per 16^3 patch
+    volume, _ = two_volumes()
+
+    async def scenario() -> None:
+        await runtime.load(patch_spec(run_patch_batch, downsampling))
+        with pytest.raises(ValueError, match=r"a patch output is \(C_out, 16, 16, 16\); got \(2, 8, 8, 8\)"):
+            await SlidingWindowInferer(runtime, "seg", SlidingWindowConfig(ROI)).infer(volume)
+
+    asyncio.run(scenario())
