@@ -11,6 +11,12 @@ still share a batch), and sets each future. Policies:
 - ``window``: Ray Serve / LitServe habit: wait up to ``max_wait_ms`` from the first item's
   arrival (monotonic clock) for a full batch. Kept for comparison; ``bench/runtime.py`` measures both.
 
+Cost: a batch is bounded by ``max_batch_size`` items and, when the policy sets ``max_batch_cost``,
+by the sum of its items' ``cost`` (tokens, audio samples, voxels...); an item whose cost alone
+exceeds the budget fails with :class:`BadInput` before it is queued. With a ``bucket`` function a
+batch takes only items of the oldest waiting item's bucket (similar lengths pad little), in
+arrival order; other buckets wait for the next batch.
+
 Failure rules: a full queue raises :class:`RuntimeOverloaded` with a Retry-After estimated from
 queue depth x recent per-item time; an item past its deadline fails with :class:`RuntimeTimeout`
 without running; cancelled callers are skipped; an exception from ``run_batch`` fails only its
@@ -23,14 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from model_runtime.errors import ModelNotReady, RuntimeOverloaded, RuntimeTimeout
+from model_runtime.errors import BadInput, ModelNotReady, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.metrics import ModelMetrics
 
 logger = logging.getLogger("tessera.model_runtime.batcher")
@@ -38,6 +45,8 @@ logger = logging.getLogger("tessera.model_runtime.batcher")
 FillPolicy = Literal["greedy", "window"]
 RunBatch = Callable[[list[Any]], Sequence[Any]]
 Finalize = Callable[[Any], Any]
+CostOf = Callable[[Any], float]
+BucketOf = Callable[[Any], Hashable]
 
 
 class BatchOutputMismatch(RuntimeError):
@@ -70,6 +79,13 @@ class BatchPolicy:
         Run batches on the event loop's thread instead of the model's worker thread. For a model
         whose batch costs well under a millisecond of CPU the hand-off (a thread wake-up each
         way, GIL switches) costs more than it overlaps; the loop is busy for each batch instead.
+    cost : callable or None
+        ``(prepared item) -> float``: what one item costs (tokens, samples, voxels); 1 when ``None``.
+    max_batch_cost : float or None
+        Most total cost in one batch; an item costing more fails alone with :class:`BadInput`.
+    bucket : callable or None
+        ``(prepared item) -> hashable``: shape bucket (e.g. :func:`~model_runtime.collate.length_bucket`);
+        a batch holds items of one bucket only.
     """
 
     max_batch_size: int = 32
@@ -80,10 +96,27 @@ class BatchPolicy:
     fill: FillPolicy = "greedy"
     max_queue_delay_ms: float | None = None
     run_inline: bool = False
+    cost: CostOf | None = None
+    max_batch_cost: float | None = None
+    bucket: BucketOf | None = None
+
+    def cost_of(self, prepared: Any) -> float:
+        """One prepared item's cost; :class:`BadInput` when it alone exceeds ``max_batch_cost``."""
+        cost = 1.0 if self.cost is None else float(self.cost(prepared))
+        if self.max_batch_cost is not None and cost > self.max_batch_cost:
+            raise BadInput(f"item cost {cost:g} exceeds the batch budget {self.max_batch_cost:g}",
+                           cost=cost, budget=self.max_batch_cost)
+        return cost
+
+    def bucket_of(self, prepared: Any) -> Hashable:
+        """One prepared item's shape bucket (``None`` without a ``bucket`` function)."""
+        return None if self.bucket is None else self.bucket(prepared)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if self.max_batch_cost is not None and self.max_batch_cost <= 0:
+            raise ValueError("max_batch_cost must be > 0")
         if self.max_wait_ms < 0 or (self.timeout_s is not None and self.timeout_s <= 0):
             raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
 
@@ -94,6 +127,8 @@ class _Pending:
     future: asyncio.Future[Any]
     enqueued_at: float
     deadline: float | None
+    cost: float = 1.0
+    bucket: Hashable = None
 
 
 @dataclass(slots=True)
@@ -103,6 +138,37 @@ class Outcome:
     ok: bool
     value: Any = None
     error: BaseException | None = None
+
+
+Entry = TypeVar("Entry")
+
+
+def split_batch(entries: Iterable[Entry], policy: BatchPolicy, cost: Callable[[Entry], float],
+                bucket: Callable[[Entry], Hashable]) -> tuple[list[Entry], deque[Entry]]:
+    """The next batch out of ``entries`` (in arrival order) and what stays queued, in order.
+
+    The batch takes the first entry's bucket only, and entries of it in order until
+    ``max_batch_size`` or ``max_batch_cost`` is reached (the first entry that does not fit ends
+    it, so a bucket is served first come, first served).
+    """
+    taken: list[Entry] = []
+    rest: deque[Entry] = deque()
+    total, full, key = 0.0, False, None
+    for entry in entries:
+        if taken and (full or bucket(entry) != key):
+            rest.append(entry)
+            continue
+        entry_cost = cost(entry)
+        over_budget = policy.max_batch_cost is not None and total + entry_cost > policy.max_batch_cost
+        if taken and (len(taken) >= policy.max_batch_size or over_budget):
+            full = True
+            rest.append(entry)
+            continue
+        if not taken:
+            key = bucket(entry)
+        taken.append(entry)
+        total += entry_cost
+    return taken, rest
 
 
 def execute_batch(run_batch: RunBatch, items: list[Any], *, finalize: Finalize | None = None,
@@ -203,6 +269,7 @@ class DynamicBatcher:
         self._run_batch = run_batch
         self._finalize = finalize
         self._queue: deque[_Pending] = deque()
+        self._queued_cost = 0.0
         self._inflight: list[_Pending] = []
         self._recent = _Recent(per_item_s=per_item_s or 0.001, batch_s=per_item_s or 0.001,
                                samples=1 if per_item_s else 0)
@@ -234,7 +301,8 @@ class DynamicBatcher:
         per item, and an item-based estimate would refuse more as batches shrink (a feedback loop
         that collapses throughput). In batches, shrinking batches lower the estimate instead.
         """
-        queued_batches = -(-len(self._queue) // self.policy.max_batch_size)
+        by_cost = math.ceil(self._queued_cost / self.policy.max_batch_cost) if self.policy.max_batch_cost else 0
+        queued_batches = max(-(-len(self._queue) // self.policy.max_batch_size), by_cost)
         running = 1 if self._inflight else 0
         return (running + queued_batches) * self._recent.batch_s
 
@@ -268,15 +336,19 @@ class DynamicBatcher:
         ------
         RuntimeOverloaded
             The queue is full.
+        BadInput
+            The item's cost alone exceeds the batch budget.
         RuntimeTimeout
             The item was not answered within its deadline.
         """
         self.check_capacity()
+        cost = self.policy.cost_of(prepared)
         timeout_s = self.policy.timeout_s if timeout_s is None else timeout_s
         now = time.monotonic()
         pending = _Pending(prepared, self.loop.create_future(), now,
-                           None if timeout_s is None else now + timeout_s)
+                           None if timeout_s is None else now + timeout_s, cost, self.policy.bucket_of(prepared))
         self._queue.append(pending)
+        self._queued_cost += cost
         self.metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
         timer = None if timeout_s is None else self.loop.call_later(timeout_s, self._expire, pending)
@@ -322,7 +394,8 @@ class DynamicBatcher:
 
     async def _wait_for_fill(self) -> None:
         until = self._queue[0].enqueued_at + self.policy.max_wait_ms / 1000.0
-        while len(self._queue) < self.policy.max_batch_size and self._accepting:
+        budget = self.policy.max_batch_cost or float("inf")
+        while len(self._queue) < self.policy.max_batch_size and self._queued_cost < budget and self._accepting:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
@@ -333,20 +406,23 @@ class DynamicBatcher:
                 return
 
     def _take_live(self) -> list[_Pending]:
-        """Pop up to max_batch_size items, dropping cancelled and expired ones."""
-        batch: list[_Pending] = []
+        """Take the next batch (:func:`split_batch`), dropping cancelled and expired items."""
         now = time.monotonic()
-        while self._queue and len(batch) < self.policy.max_batch_size:
-            pending = self._queue.popleft()
+        batch, self._queue = split_batch(self._live(now), self.policy, _cost_of_pending, _bucket_of_pending)
+        self._queued_cost = sum(pending.cost for pending in self._queue)
+        for pending in batch:
+            self.metrics.queue_wait.observe(now - pending.enqueued_at)
+        self.metrics.queue_depth.set(len(self._queue))
+        return batch
+
+    def _live(self, now: float) -> Iterable[_Pending]:
+        for pending in self._queue:
             if pending.future.done():  # cancelled by its caller, or already expired
                 continue
             if pending.deadline is not None and now >= pending.deadline:
                 self._expire(pending)
                 continue
-            self.metrics.queue_wait.observe(now - pending.enqueued_at)
-            batch.append(pending)
-        self.metrics.queue_depth.set(len(self._queue))
-        return batch
+            yield pending
 
     async def _run(self, batch: list[_Pending]) -> None:
         items = [pending.prepared for pending in batch]
@@ -410,4 +486,13 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_exception(error)
         self._queue.clear()
+        self._queued_cost = 0.0
         self.metrics.queue_depth.set(0)
+
+
+def _cost_of_pending(pending: _Pending) -> float:
+    return pending.cost
+
+
+def _bucket_of_pending(pending: _Pending) -> Hashable:
+    return pending.bucket

@@ -17,11 +17,10 @@ belongs to the loop that created it; a later loop (e.g. a second ``asyncio.run``
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,17 @@ import torch
 
 from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manifest
 from model_runtime.backends import OnnxRuntimeBackend, TorchBackend
-from model_runtime.batcher import BatchPolicy, DynamicBatcher, FillPolicy, Outcome, execute_batch
+from model_runtime.batcher import (
+    BatchPolicy,
+    BucketOf,
+    CostOf,
+    DynamicBatcher,
+    FillPolicy,
+    Outcome,
+    execute_batch,
+    split_batch,
+)
+from model_runtime.collate import split_outputs
 from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
 from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError
 from model_runtime.metrics import ModelMetrics
@@ -69,8 +78,11 @@ class ModelSpec:
     loader : callable
         ``(LoadContext) -> model``: builds the model object (torch module, backend, anything).
     run_batch : callable
-        ``(model, prepared_items: list) -> list`` of outputs, same length and order. Runs in the
-        model's worker thread under ``torch.inference_mode`` (and autocast on CUDA).
+        ``(model, prepared_items: list) -> list`` of outputs, same length and order, or a dict of
+        named batched outputs ``{name: array (N, ...)}``, split back into one ``{name: row}`` per
+        item. Runs in the model's worker thread under ``torch.inference_mode`` (and autocast on
+        CUDA). Items may be dicts of named arrays: :func:`~model_runtime.collate.collate` pads and
+        masks them.
     prepare : callable, optional
         ``(item) -> prepared``: validates/decodes ONE item on the caller's side before it is
         queued; any exception fails that caller alone with :class:`BadInput` (422 at the edge).
@@ -80,6 +92,9 @@ class ModelSpec:
         Versioned artifact directory; verified with :func:`load_manifest` before ``loader`` runs.
     max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, isolate_failures, fill, run_inline
         Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
+    cost, max_batch_cost, bucket
+        Cost-aware batching: ``cost(prepared) -> float`` per item (tokens, samples, voxels), the
+        batch budget, and an optional shape bucket per item (see :mod:`model_runtime.collate`).
     warmup_items : sequence
         Raw example items run (batch 1, then all together) before the model takes traffic.
     device : {"auto", "cpu", "cuda"}, optional
@@ -107,6 +122,9 @@ class ModelSpec:
     uses_torch: bool = True
     warmup_items: Sequence[Any] = ()
     device: str | None = None
+    cost: CostOf | None = None
+    max_batch_cost: float | None = None
+    bucket: BucketOf | None = None
 
     @property
     def policy(self) -> BatchPolicy:
@@ -114,7 +132,24 @@ class ModelSpec:
         return BatchPolicy(max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
                            max_queue=self.max_queue, max_queue_delay_ms=self.max_queue_delay_ms,
                            timeout_s=self.timeout_s,
-                           isolate_failures=self.isolate_failures, fill=self.fill, run_inline=self.run_inline)
+                           isolate_failures=self.isolate_failures, fill=self.fill, run_inline=self.run_inline,
+                           cost=self.cost, max_batch_cost=self.max_batch_cost, bucket=self.bucket)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """One prepared item of a synchronous call, with its place in the answer."""
+
+    index: int
+    prepared: Any
+    cost: float
+    bucket: Hashable
+
+    def cost_of(self) -> float:
+        return self.cost
+
+    def bucket_of(self) -> Hashable:
+        return self.bucket
 
 
 @dataclass
@@ -289,29 +324,31 @@ class ModelRuntime:
         if loaded is None:
             raise ModelNotReady(f"model {name} is not loaded")
         outcomes: list[Outcome | None] = [None] * len(items)
-        ready: list[tuple[int, Any]] = []
+        ready: list[_Ready] = []
+        policy = loaded.spec.policy
         for index, item in enumerate(items):
             try:
-                ready.append((index, _prepare(loaded.spec, item)))
+                prepared = _prepare(loaded.spec, item)
+                ready.append(_Ready(index, prepared, policy.cost_of(prepared), policy.bucket_of(prepared)))
             except (ProblemError, ModelRuntimeError) as exc:
                 outcomes[index] = Outcome(False, error=exc)
         self._run_sync_batches(loaded, ready, outcomes)
         return _unwrap(outcomes, return_exceptions)
 
-    def _run_sync_batches(self, loaded: _LoadedModel, ready: list[tuple[int, Any]],
+    def _run_sync_batches(self, loaded: _LoadedModel, ready: list[_Ready],
                           outcomes: list[Outcome | None]) -> None:
         metrics = self._metrics_for(loaded.spec.name)
-        size = loaded.spec.max_batch_size
-        for start in range(0, len(ready), size):
-            chunk = ready[start:start + size]
+        waiting: Iterable[_Ready] = ready
+        while waiting:
+            chunk, waiting = split_batch(waiting, loaded.spec.policy, _Ready.cost_of, _Ready.bucket_of)
             started = time.monotonic()
-            results = execute_batch(loaded.run, [prepared for _, prepared in chunk],
+            results = execute_batch(loaded.run, [entry.prepared for entry in chunk],
                                     finalize=loaded.spec.finalize,
                                     isolate_failures=loaded.spec.isolate_failures)
             metrics.inference.observe(time.monotonic() - started)
             metrics.batch_size.observe(len(chunk))
-            for (index, _), outcome in zip(chunk, results, strict=True):
-                outcomes[index] = outcome
+            for entry, outcome in zip(chunk, results, strict=True):
+                outcomes[entry.index] = outcome
                 if not outcome.ok:
                     metrics.errors.inc()
 
@@ -409,12 +446,15 @@ def _prepare(spec: ModelSpec, item: Any) -> Any:
 
 
 def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[list[Any]], Sequence[Any]]:
-    if not spec.uses_torch:
-        return functools.partial(spec.run_batch, model)
+    """The batch function the batcher calls: ``run_batch`` under torch's modes, named outputs split per item."""
 
     def run(items: list[Any]) -> Sequence[Any]:
-        with inference_context(placement):
-            return spec.run_batch(model, items)
+        if spec.uses_torch:
+            with inference_context(placement):
+                outputs = spec.run_batch(model, items)
+        else:
+            outputs = spec.run_batch(model, items)
+        return split_outputs(outputs, len(items)) if isinstance(outputs, Mapping) else outputs
 
     return run
 
