@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -231,31 +231,40 @@ def run_steps(streaming: StreamingModel, model: Any, steps: list[StreamStep],
     """
     states = [step.state if step.state is not None and step.generation is generation
               else streaming.initial_state(model) for step in steps]
-    names = list(states[0])
-    for state in states[1:]:
-        if list(state) != names:
-            raise ValueError(f"stream states hold different names: {names} and {list(state)}")
-    axes = {name: streaming.state_axes.get(name, 0) for name in names}
-    stacked = {name: _stack([state[name] for state in states], axes[name]) for name in names}
-    outputs, new_states = streaming.step(model, stacked, _stack_chunks([step.chunk for step in steps]))
-    if set(new_states) != set(names):
-        raise ValueError(f"step returned states {sorted(new_states)}, expected {sorted(names)}")
+    axes = {name: streaming.state_axes.get(name, 0) for name in states[0]}
+    outputs, new_states = streaming.step(model, _stack_states(states, axes),
+                                         _stack_chunks([step.chunk for step in steps]))
     if metrics is not None:
         metrics.batch_streams.observe(len(steps))
-    count = len(steps)
-    per_stream_outputs = _split_outputs(outputs, count)
-    per_stream_states = [dict[str, Array]() for _ in range(count)]
-    for name in names:
-        for index, row in enumerate(_unstack(new_states[name], axes[name], count)):
-            per_stream_states[index][name] = row
-    return [StepResult(output, MappingProxyType(state), generation)
+    per_stream_outputs = _split_outputs(outputs, len(steps))
+    per_stream_states = _split_states(new_states, axes, len(steps))
+    return [StepResult(output, state, generation)
             for output, state in zip(per_stream_outputs, per_stream_states, strict=True)]
+
+
+def _stack_states(states: list[StreamState], axes: Mapping[str, int]) -> dict[str, Array]:
+    """One tensor per state name, the streams stacked along that name's batch axis."""
+    for state in states:
+        if state.keys() != axes.keys():
+            raise ValueError(f"stream states hold different names: {sorted(axes)} and {sorted(state)}")
+    return {name: _stack([state[name] for state in states], axis) for name, axis in axes.items()}
+
+
+def _split_states(new_states: Mapping[str, Array], axes: Mapping[str, int], count: int) -> list[StreamState]:
+    """Each stream's own copy of its new state (read-only mapping)."""
+    if new_states.keys() != axes.keys():
+        raise ValueError(f"step returned states {sorted(new_states)}, expected {sorted(axes)}")
+    per_stream: list[dict[str, Array]] = [{} for _ in range(count)]
+    for name, axis in axes.items():
+        for index, row in enumerate(_unstack(new_states[name], axis, count)):
+            per_stream[index][name] = row
+    return [MappingProxyType(state) for state in per_stream]
 
 
 def _stack(rows: list[Array], axis: int) -> Array:
     if isinstance(rows[0], np.ndarray):
         return np.stack(rows, axis=axis)
-    return torch.stack(rows, dim=axis)  # type: ignore[arg-type]
+    return torch.stack(cast(list[torch.Tensor], rows), dim=axis)
 
 
 def _stack_chunks(chunks: list[Any]) -> Any:

@@ -20,6 +20,8 @@ from model_runtime.streaming import (
     StreamAlreadyOpen,
     StreamingModel,
     StreamingSessions,
+    StreamStep,
+    run_steps,
 )
 from shared.errors import Conflict, as_problem
 
@@ -462,3 +464,23 @@ def test_onnx_runtime_model_with_numpy_state_on_a_second_batch_axis(runtime: Mod
             np.testing.assert_allclose(output["speech"], probability[0, 0], rtol=1e-5, atol=1e-6)
         assert state is not None and state["state"].shape == (2, VAD_HIDDEN)
         np.testing.assert_allclose(state["state"], alone[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_run_steps_stacks_named_chunks_and_gives_each_stream_its_own_copy() -> None:
+    def step(_model: None, states: dict[str, Any], chunks: Any) -> tuple[Any, dict[str, Any]]:
+        total = states["total"] + chunks["samples"].sum(dim=1) * chunks["gain"]
+        return {"total": total, "peak": chunks["samples"].amax(dim=1)}, {"total": total}
+
+    streaming = StreamingModel(name="sum", version="v1", loader=lambda _ctx: None, step=step,
+                               initial_state=lambda _model: {"total": torch.tensor(0.0)})
+    chunks = [{"samples": torch.tensor([1.0, 2.0]), "gain": torch.tensor(1.0)},
+              {"samples": torch.tensor([3.0, 5.0]), "gain": torch.tensor(2.0)}]
+    first, second = run_steps(streaming, None, [StreamStep(None, chunk) for chunk in chunks])
+    assert (float(first.output["total"]), float(first.output["peak"])) == (3.0, 2.0)
+    assert (float(second.output["total"]), float(second.output["peak"])) == (16.0, 5.0)
+    for result in (first, second):
+        total = result.state["total"]
+        assert isinstance(total, torch.Tensor) and total._base is None  # a copy, not a view of the batch
+    with pytest.raises(ValueError, match="different names"):
+        run_steps(streaming, None, [StreamStep({"total": torch.tensor(0.0)}, chunks[0]),
+                                    StreamStep({"other": torch.tensor(0.0)}, chunks[1])])
