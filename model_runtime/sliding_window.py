@@ -25,7 +25,8 @@ weights, up to float summation order.
 Work off the event loop: padding, the weight sum and the final division run in a thread
 (``asyncio.to_thread``); stitching too, one patch at a time per study. Cancelling a study (its
 caller's task, or :meth:`StudyInference.cancel`) cancels its queued patches, which the batcher then
-skips; other studies are untouched.
+skips; other studies are untouched. A study's patches all come from one model version: a hot swap
+under a study makes it start over on the new version rather than blend the two.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_runtime.errors import BadInput, RuntimeOverloaded, RuntimeTimeout
+from model_runtime.errors import BadInput, ModelNotReady, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.runtime import ModelRuntime
 
 logger = logging.getLogger("tessera.model_runtime.sliding_window")
@@ -54,6 +55,8 @@ PatchOutput = torch.Tensor | Mapping[str, torch.Tensor]
 """One patch's output, or one study's stitched output: a tensor, or named tensors."""
 MAX_RETRY_WAIT_S = 1.0
 """Longest wait before a refused patch of a study under way is offered again (s)."""
+MAX_VERSION_RESTARTS = 2
+"""How often a study starts over because the model was swapped under it, before it gives up."""
 
 
 @dataclass(frozen=True)
@@ -354,8 +357,9 @@ class StudyProgress:
     _changed: asyncio.Future[None] | None = field(default=None, repr=False)
 
     def begin(self, total: int) -> None:
-        """Record the study's patch count (reports ``(0, total)``)."""
+        """Record the study's patch count and start from zero (reports ``(0, total)``)."""
         self.total = total
+        self.done = 0
         self._publish()
 
     def advance(self) -> None:
@@ -437,6 +441,23 @@ class StudyInference:
 
 
 # -- the inferer ------------------------------------------------------------------------------------
+class _ModelSwapped(Exception):
+    """The model was swapped while a study was under way: its patches would blend two versions."""
+
+
+@dataclass
+class _PinnedVersion:
+    """The model version one pass over a study's patches runs on (the first patch's)."""
+
+    version: str | None = None
+
+    def check(self, served: str | None) -> None:
+        if self.version is None:
+            self.version = served
+        elif served is not None and served != self.version:
+            raise _ModelSwapped(f"{self.version} -> {served}")
+
+
 class SlidingWindowInferer:
     """Sliding-window inference of whole volumes through one runtime model whose items are patches.
 
@@ -474,6 +495,9 @@ class SlidingWindowInferer:
                     timeout_s: float | None = None) -> PatchOutput:
         """Infer one study; cancelling the caller cancels its remaining patches.
 
+        Every patch of the answer comes from one model version: when the model is hot-swapped
+        under a study, the study starts over on the new version (progress restarts from 0).
+
         Parameters
         ----------
         volume : torch.Tensor or numpy.ndarray
@@ -497,6 +521,8 @@ class SlidingWindowInferer:
             The model refused the study's first patches (503): nothing was stitched yet.
         RuntimeTimeout
             The study was not done within ``timeout_s`` (504).
+        ModelNotReady
+            The model is not loaded, or was swapped under the study more than ``MAX_VERSION_RESTARTS`` times.
         ValueError
             A patch output is not ``(C_out, *patch_size)`` (the model does not fit the config).
         """
@@ -520,20 +546,30 @@ class SlidingWindowInferer:
         try:
             async with asyncio.timeout(timeout_s):
                 plan = await asyncio.to_thread(plan_study, volume, self.config)
-                progress.begin(len(plan.windows))
-                stitcher = Stitcher(plan)
-                await self._fan_out(plan, stitcher, progress)
-                return await asyncio.to_thread(stitcher.finish)
+                for _attempt in range(MAX_VERSION_RESTARTS + 1):
+                    progress.begin(len(plan.windows))
+                    stitcher = Stitcher(plan)
+                    try:
+                        await self._fan_out(plan, _PinnedVersion(), stitcher, progress)
+                    except _ModelSwapped as swapped:
+                        logger.info("model %s: swapped during a study (%s); starting the study over",
+                                    self.model, swapped)
+                        continue
+                    return await asyncio.to_thread(stitcher.finish)
+                raise ModelNotReady(f"model {self.model} changed version {MAX_VERSION_RESTARTS + 1} times "
+                                    "during one study")
         except TimeoutError as exc:
             if isinstance(exc, RuntimeTimeout):  # a patch's own deadline
                 raise
             raise RuntimeTimeout(f"model {self.model}: study not inferred within {timeout_s} s") from exc
 
-    async def _fan_out(self, plan: StudyPlan, stitcher: Stitcher, progress: StudyProgress) -> None:
-        """Run every patch through the model in ``patches_per_study`` lanes, stitching as they come."""
+    async def _fan_out(self, plan: StudyPlan, pinned: _PinnedVersion, stitcher: Stitcher,
+                       progress: StudyProgress) -> None:
+        """Run every patch through one version of the model in ``patches_per_study`` lanes, stitching
+        as they come; :class:`_ModelSwapped` when a patch would go to another version."""
         pending = iter(range(len(plan.windows)))  # shared: each lane takes the next window
         stitching = asyncio.Lock()
-        lanes = [asyncio.ensure_future(self._lane(pending, plan, stitcher, stitching, progress))
+        lanes = [asyncio.ensure_future(self._lane(pending, plan, pinned, stitcher, stitching, progress))
                  for _ in range(min(self.patches_per_study, len(plan.windows)))]
         try:
             await asyncio.gather(*lanes)
@@ -543,27 +579,39 @@ class SlidingWindowInferer:
             await asyncio.gather(*lanes, return_exceptions=True)
             raise
 
-    async def _lane(self, pending: Iterator[int], plan: StudyPlan, stitcher: Stitcher,
+    async def _lane(self, pending: Iterator[int], plan: StudyPlan, pinned: _PinnedVersion, stitcher: Stitcher,
                     stitching: asyncio.Lock, progress: StudyProgress) -> None:
         slots = self._slots_for_loop()
         for index in pending:
             async with slots:
-                patch_output = await self._predict_patch(plan.patch(index), progress)
+                patch_output = await self._predict_patch(plan.patch(index), pinned, progress)
             async with stitching:
                 await asyncio.to_thread(stitcher.add, index, patch_output)
             progress.advance()
 
-    async def _predict_patch(self, patch: torch.Tensor, progress: StudyProgress) -> Any:
-        """One patch through the model. A study under way (a patch already stitched) was admitted:
-        a refusal then waits ``retry_after_s`` and tries again (within the study's deadline) rather than
-        losing the work done; a refusal of the first patches fails the study as overloaded."""
+    async def _predict_patch(self, patch: torch.Tensor, pinned: _PinnedVersion, progress: StudyProgress) -> Any:
+        """One patch through the model version the study started on.
+
+        A study under way (a patch already stitched) was admitted: a refusal then waits
+        ``retry_after_s`` and tries again (within the study's deadline) rather than losing the work
+        done; a refusal of the first patches fails the study as overloaded.
+        """
         while True:
+            # predict looks the model up before its first await, so the version read here is the one
+            # that answers (a swap routes new items to the new version while the old one drains)
+            pinned.check(self._served_version())
             try:
                 return await self.runtime.predict(self.model, patch)
             except RuntimeOverloaded as refused:
                 if progress.done == 0:
                     raise
                 await asyncio.sleep(min(max(refused.retry_after_s, 0.001), MAX_RETRY_WAIT_S))
+
+    def _served_version(self) -> str | None:
+        try:
+            return self.runtime.version(self.model)
+        except KeyError:
+            return None  # not loaded: predict says so
 
     def _slots_for_loop(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

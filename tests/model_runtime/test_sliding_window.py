@@ -4,6 +4,7 @@ batches, progress per study, a cancelled study that stops alone."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 
@@ -338,3 +339,44 @@ def test_a_model_whose_patch_outputs_do_not_fit_the_grid_is_refused(runtime: Mod
             await SlidingWindowInferer(runtime, "seg", SlidingWindowConfig(ROI)).infer(volume)
 
     asyncio.run(scenario())
+
+
+def test_a_model_swapped_under_a_study_restarts_it_on_the_new_version(runtime: ModelRuntime) -> None:
+    old, new = SpyPatchModel(tiny_net()), SpyPatchModel(RetrainedNet())
+    volume, _ = two_volumes()
+    config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
+    reported: list[tuple[int, int]] = []
+
+    def run(model: SpyPatchModel, patches: list[torch.Tensor]) -> list[PatchOutput]:
+        return model.run_batch(patches)
+
+    async def scenario() -> PatchOutput:
+        await runtime.load(patch_spec(run, old, max_batch_size=4))
+        inferer = SlidingWindowInferer(runtime, "seg", config, patches_per_study=6)
+        old.hold()
+        study = inferer.start(volume, on_progress=lambda done, total: reported.append((done, total)))
+        await wait_until(lambda: old.entered.is_set() and runtime.stats()["seg"]["queue_depth"] == 6 - old.running)
+        swap = asyncio.create_task(runtime.swap("seg", dataclasses.replace(
+            patch_spec(run, new, max_batch_size=4), version="v2", loader=lambda _ctx: new)))
+        await wait_until(lambda: runtime.version("seg") == "v2")
+        old.release()  # v1 drains its queue; the study's next patches would go to v2
+        stitched = await study
+        await swap
+        return stitched
+
+    stitched = asyncio.run(scenario())
+    assert_matches(stitched, monai_reference(new.net, volume, config))
+    assert new.patches_of("A") == 16  # the whole study again, on v2 only
+    assert reported.count((0, 16)) == 2 and reported[-1] == (16, 16)
+
+
+class RetrainedNet(torch.nn.Module):
+    """Other weights, same shapes as :func:`tiny_net`: the 'retrained' version of the patch model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(21)
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(volume))
