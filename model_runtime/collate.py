@@ -158,3 +158,32 @@ def length_bucket(length_of: Callable[[Any], int], base: float = 2.0) -> Callabl
         return math.floor(math.log(max(1, length_of(item)), base))
 
     return bucket
+
+
+def run_collated(pad_axes: Mapping[str, Sequence[int]], *, trim: Mapping[str, str] | None = None,
+                 mask_suffix: str = "_mask", pad_values: Mapping[str, float] | None = None
+                 ) -> Callable[[Any, list[Any]], list[Any]]:
+    """A ``ModelSpec.run_batch`` for items that are dicts of named arrays.
+
+    It collates the items (:func:`collate`), adds each padded input's mask as ``<name><mask_suffix>``,
+    calls the model (a ``torch.nn.Module`` with the names as keyword arguments, or a backend called
+    with the mapping) and splits its output(s) per item.
+
+    Parameters
+    ----------
+    pad_axes : dict
+        ``{input name: axes}`` that vary in length between items.
+    trim : dict, optional
+        ``{output name: input name}``: cut that output back to the input's sizes, along the same
+        axes (e.g. per-frame outputs of a variable-length audio input).
+    """
+    trim = trim or {}
+
+    def run_batch(model: Any, items: list[Any]) -> list[Any]:
+        batch = collate(items, pad_axes, pad_values)
+        named = {**batch.inputs, **{name + mask_suffix: mask for name, mask in batch.masks.items()}}
+        outputs = model(**named) if isinstance(model, torch.nn.Module) else model(named)
+        cuts = {output: (tuple(pad_axes[source]), batch.sizes[source]) for output, source in trim.items()}
+        return split_outputs(outputs, len(items), trim=cuts)
+
+    return run_batch

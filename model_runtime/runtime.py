@@ -107,7 +107,7 @@ class ModelSpec:
     name: str
     version: str
     loader: Callable[[LoadContext], Any]
-    run_batch: Callable[[Any, list[Any]], Sequence[Any]]
+    run_batch: Callable[[Any, list[Any]], Sequence[Any] | Mapping[str, Any]]
     prepare: Callable[[Any], Any] | None = None
     finalize: Callable[[Any], Any] | None = None
     artifact_dir: Path | None = None

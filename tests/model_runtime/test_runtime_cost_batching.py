@@ -17,7 +17,7 @@ from runtime_fakes import wait_until
 
 from model_runtime import ModelRuntime, ModelSpec
 from model_runtime.batcher import BatchPolicy, split_batch
-from model_runtime.collate import collate, length_bucket, pad_stack, split_outputs
+from model_runtime.collate import length_bucket, pad_stack, run_collated
 from model_runtime.errors import BadInput
 
 FEATURES, HIDDEN, BUDGET = 4, 8, 64
@@ -34,12 +34,12 @@ class SequenceTagger(torch.nn.Module):
         self.text = torch.nn.Embedding(50, HIDDEN)
         self.head = torch.nn.Linear(2 * HIDDEN, 3)
 
-    def forward(self, steps: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
-                token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, steps: torch.Tensor, steps_mask: torch.Tensor, tokens: torch.Tensor,
+                tokens_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         states, _ = self.gru(steps)
-        weights = mask.unsqueeze(-1).to(states.dtype)
+        weights = steps_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weights).sum(1) / weights.sum(1)
-        text = (self.text(tokens) * token_mask.unsqueeze(-1).to(states.dtype)).sum(1)
+        text = (self.text(tokens) * tokens_mask.unsqueeze(-1).to(states.dtype)).sum(1)
         return {"states": states, "logits": self.head(torch.cat([pooled, text], dim=1))}
 
 
@@ -57,10 +57,10 @@ class Recorder:
         self.entered.set()
         assert self.gate.wait(WAIT_S)
         self.batches.append([int(item["steps"].shape[0]) for item in items])
-        batch = collate(items, pad_axes={"steps": (0,), "tokens": (0,)})
-        outputs = self.model(batch.inputs["steps"], batch.masks["steps"], batch.inputs["tokens"],
-                             batch.masks["tokens"])
-        return split_outputs(outputs, len(items), trim={"states": ((0,), batch.sizes["steps"])})
+        return run_tagger(self.model, items)
+
+
+run_tagger = run_collated({"steps": (0,), "tokens": (0,)}, trim={"states": "steps"})
 
 
 def item(length: int, tokens: int = 3, seed: int | None = None) -> dict[str, torch.Tensor]:
