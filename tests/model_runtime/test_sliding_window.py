@@ -271,6 +271,9 @@ class RefusingRuntime:
         self.refuse = refuse
         self.calls = 0
 
+    def version(self, name: str) -> str:
+        return "v1"
+
     async def predict(self, name: str, patch: torch.Tensor) -> PatchOutput:
         self.calls += 1
         if self.calls in self.refuse:
