@@ -41,8 +41,9 @@ from model_runtime.batcher import (
 )
 from model_runtime.collate import split_outputs
 from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
-from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError
+from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeTimeout
 from model_runtime.metrics import ModelMetrics
+from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, checked_prepare, resolve_prepare_in
 from shared.errors import ProblemError
 
 logger = logging.getLogger("tessera.model_runtime")
@@ -84,8 +85,11 @@ class ModelSpec:
         CUDA). Items may be dicts of named arrays: :func:`~model_runtime.collate.collate` pads and
         masks them.
     prepare : callable, optional
-        ``(item) -> prepared``: validates/decodes ONE item on the caller's side before it is
-        queued; any exception fails that caller alone with :class:`BadInput` (422 at the edge).
+        ``(item) -> prepared``: validates/decodes ONE item before it is queued, in a worker pool
+        (``prepare_in``); any exception fails that caller alone with :class:`BadInput` (422 at the edge).
+    prepare_in : {"auto", "thread", "process", "loop"}
+        Where ``prepare`` runs (:mod:`model_runtime.prepare`); ``auto``: the thread pool, or the
+        loop itself for a ``run_inline`` model (microsecond checks, where a hand-off costs more).
     finalize : callable, optional
         ``(output) -> answer`` per item, in the worker thread (e.g. tensor row -> dict).
     artifact_dir : Path, optional
@@ -125,6 +129,12 @@ class ModelSpec:
     cost: CostOf | None = None
     max_batch_cost: float | None = None
     bucket: BucketOf | None = None
+    prepare_in: PrepareIn = "auto"
+
+    @property
+    def prepare_where(self) -> PrepareIn:
+        """Where ``prepare`` runs: ``prepare_in`` with ``auto`` resolved (see :mod:`model_runtime.prepare`)."""
+        return resolve_prepare_in(self.prepare_in, has_prepare=self.prepare is not None, run_inline=self.run_inline)
 
     @property
     def policy(self) -> BatchPolicy:
@@ -185,10 +195,11 @@ def describe_backend(model: Any) -> str:
 class ModelRuntime:
     """Every loaded model of this process; use :func:`get_runtime` rather than constructing one."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, prepare_threads: int | None = None, prepare_processes: int | None = None) -> None:
         self._models: dict[str, _LoadedModel] = {}
         self._metrics: dict[str, ModelMetrics] = {}
         self._lock = threading.Lock()
+        self._prepare_pools = PreparePools(prepare_threads, prepare_processes)
 
     # -- loading ---------------------------------------------------------------------------------
     async def load(self, spec: ModelSpec) -> dict[str, Any]:
@@ -256,6 +267,8 @@ class ModelRuntime:
             loaded.batcher.abandon()
 
     def _build(self, spec: ModelSpec) -> _LoadedModel:
+        if spec.prepare_where == "process":
+            check_process_safe(spec.name, spec.prepare)
         configure_threads()
         manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
         version = _resolve_version(spec, manifest)
@@ -294,13 +307,26 @@ class ModelRuntime:
         RuntimeTimeout
             No answer within the deadline (504).
         """
+        arrived = time.monotonic()
+        loaded = self._serving(name)
+        batcher = self._batcher_for(loaded)
+        batcher.check_capacity()  # before any work, so a refusal costs almost nothing
+        spec = loaded.spec
+        where = spec.prepare_where
+        if where == "loop":
+            return await batcher.submit(_prepare(spec, item), timeout_s)
+        prepared = await self._prepare_pools.run(where, spec.name, spec.prepare, item)
+        timeout_s = spec.timeout_s if timeout_s is None else timeout_s
+        remaining_s = None if timeout_s is None else timeout_s - (time.monotonic() - arrived)
+        if remaining_s is not None and remaining_s <= 0:
+            raise RuntimeTimeout(f"model {name}: prepare took the whole {timeout_s:.3f} s deadline")
+        return await self._batcher_for(self._serving(name)).submit(prepared, remaining_s)  # swapped meanwhile?
+
+    def _serving(self, name: str) -> _LoadedModel:
         loaded = self._models.get(name)
         if loaded is None:
             raise ModelNotReady(f"model {name} is not loaded")
-        batcher = self._batcher_for(loaded)
-        batcher.check_capacity()
-        prepared = _prepare(loaded.spec, item)
-        return await batcher.submit(prepared, timeout_s)
+        return loaded
 
     def predict_many_sync(self, name: str, items: Sequence[Any], *,
                           return_exceptions: bool = False) -> list[Any]:
@@ -320,9 +346,7 @@ class ModelRuntime:
         list
             N answers, in input order.
         """
-        loaded = self._models.get(name)
-        if loaded is None:
-            raise ModelNotReady(f"model {name} is not loaded")
+        loaded = self._serving(name)
         outcomes: list[Outcome | None] = [None] * len(items)
         ready: list[_Ready] = []
         policy = loaded.spec.policy
@@ -408,6 +432,7 @@ class ModelRuntime:
         for loaded in models.values():
             if loaded.batcher is not None:
                 await self._retire(loaded.batcher, drain=False)
+        await asyncio.to_thread(self._prepare_pools.shutdown)
 
     def close_sync(self) -> None:
         """Blocking :meth:`close` for processes without a running event loop."""
@@ -415,6 +440,7 @@ class ModelRuntime:
         for loaded in models.values():
             if loaded.batcher is not None:
                 loaded.batcher.abandon()
+        self._prepare_pools.shutdown()
 
     @staticmethod
     async def _retire(batcher: DynamicBatcher, *, drain: bool) -> None:
@@ -435,14 +461,7 @@ def _resolve_version(spec: ModelSpec, manifest: ArtifactManifest | None) -> str:
 
 
 def _prepare(spec: ModelSpec, item: Any) -> Any:
-    if spec.prepare is None:
-        return item
-    try:
-        return spec.prepare(item)
-    except (ProblemError, ModelRuntimeError):
-        raise
-    except Exception as exc:
-        raise BadInput(f"{spec.name}: {exc}") from exc
+    return checked_prepare(spec.name, spec.prepare, item)
 
 
 def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[list[Any]], Sequence[Any]]:
