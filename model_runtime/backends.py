@@ -1,17 +1,26 @@
 """Execution backends for one torch model, and a measured choice between them on CPU.
 
-A backend is a callable ``(batch: Tensor[N, ...] float32, CPU) -> Tensor[N, ...] float32, CPU`` with a
-``name``. Candidates:
+A backend is a callable with a ``name``: ``(batch) -> outputs`` on CPU, where ``batch`` is one
+``Tensor[N, ...]`` or a mapping of named tensors (``{"tokens": Tensor[N, T], "mask": Tensor[N, T]}``),
+and the outputs are one ``Tensor[N, ...]`` or a mapping of named tensors, floats as float32.
+Candidates:
 
-- ``eager``: the torch module itself (CUDA + autocast when the placement says so);
+- ``eager``: the torch module itself (on the placement's device, autocast when it asks for it);
+- ``torch-compile``: the module under ``torch.compile`` (inductor, dynamic shapes); CPU needs a C++
+  compiler. Compiling happens when the backend is built, capped by ``compile_timeout_s``, and is not
+  part of the measured latency;
 - ``onnx``: the module exported with the TorchScript-based exporter (``dynamo=False``: the dynamo
-  exporter needs ``onnxscript``, not installed) and run by ONNX Runtime;
+  exporter needs ``onnxscript``, not installed) and run by ONNX Runtime (its CUDA provider for a
+  GPU placement when the build has it);
 - ``onnx-int8``: that graph with weights quantized to int8 by ONNX Runtime's dynamic quantizer
   (chosen over ``torch.ao.quantize_dynamic``, deprecated in torch 2.13 and unsafe on
-  ``nn.TransformerEncoder`` unless the process-wide MHA fast path is switched off).
+  ``nn.TransformerEncoder`` unless the process-wide MHA fast path is switched off);
+- ``openvino``: the same ONNX graph compiled by OpenVINO for the CPU, when ``openvino`` is installed.
 
-Only single-input, single-output modules are exported. :func:`choose_cpu_backend` exports and
-measures latency and accuracy against eager; :func:`compare_backends` measures backends a vertical
+:func:`export_onnx` exports several named inputs and outputs with dynamic axes (batch always,
+sequence length or spatial size when asked). :func:`available_cpu_candidates` lists the candidates
+this machine can build (the optional ones skipped cleanly when absent). :func:`choose_cpu_backend`
+exports and measures latency and accuracy against eager; :func:`compare_backends` measures backends a vertical
 built itself (e.g. from the graphs in its artifact). A vertical measures at training time and
 records the choice in its artifact (:func:`record_backend_choice`: manifest ``extra`` and model
 card), and its loader serves :func:`recorded_backend`.
@@ -22,14 +31,18 @@ plumbing away (:func:`simplified_onnx`).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import io
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,26 +58,45 @@ from model_runtime.device import Placement, inference_context, onnx_providers
 from shared.config import get_settings
 
 CPU_CANDIDATES: tuple[str, ...] = ("eager", "onnx", "onnx-int8")
+"""The default candidates (always buildable)."""
+OPTIONAL_CPU_CANDIDATES: tuple[str, ...] = ("torch-compile", "openvino")
+"""Candidates measured only where this machine can build them (see :func:`available_cpu_candidates`)."""
+DEFAULT_COMPILE_TIMEOUT_S = 300.0
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+"""One batch: a tensor, or named tensors (all with the batch on axis 0)."""
+Outputs = torch.Tensor | Mapping[str, torch.Tensor]
 SERVING_BACKEND_KEY = "serving_backend"
 """Manifest ``extra`` key of the measured choices: ``{component: BackendChoice.as_dict()}``."""
 logger = logging.getLogger("tessera.model_runtime.backends")
 
 
 class Backend(Protocol):
-    """Runs a batch: ``(Tensor[N, ...]) -> Tensor[N, ...]`` on CPU, float32."""
+    """Runs a batch: a tensor or named tensors in, a tensor or named tensors out, on CPU."""
 
     name: str
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, batch: Any) -> Any: ...
+
+
+def _to_host(output: Any) -> Any:
+    """Outputs on CPU with floating tensors as float32, keeping their structure (tensor, tuple, mapping)."""
+    if isinstance(output, torch.Tensor):
+        return (output.float() if output.is_floating_point() else output).cpu()
+    if isinstance(output, Mapping):
+        return {name: _to_host(value) for name, value in output.items()}
+    if isinstance(output, (tuple, list)):
+        return type(output)(_to_host(value) for value in output)
+    return output
 
 
 class TorchBackend:
-    """A torch module under ``inference_mode`` (and autocast on CUDA).
+    """A torch module under ``inference_mode`` (and autocast when the placement asks for it).
 
     Parameters
     ----------
     module : torch.nn.Module
-        Put in eval mode and moved to ``placement.device``.
+        Put in eval mode and moved to ``placement.device``. Named inputs are passed as keyword
+        arguments (``module(**batch)``).
     placement : Placement, optional
         Defaults to CPU, fp32.
     """
@@ -74,19 +106,110 @@ class TorchBackend:
         self.module = module.eval().to(self.placement.device)
         self.name = "eager" if self.placement.device.type == "cpu" else f"eager/{self.placement.describe()}"
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: Inputs) -> Any:
+        device = self.placement.device
         with inference_context(self.placement):
-            output = self.module(batch.to(self.placement.device, non_blocking=True))
-        return output.float().cpu()
+            if isinstance(batch, Mapping):
+                output = self.module(**{name: value.to(device, non_blocking=True) for name, value in batch.items()})
+            else:
+                output = self.module(batch.to(device, non_blocking=True))
+        return _to_host(output)
+
+
+def torch_compile_available() -> bool:
+    """Whether ``torch.compile`` can build CPU kernels here (inductor needs a C++ compiler)."""
+    compiler = os.environ.get("CXX") or "g++"
+    return shutil.which(compiler) is not None or shutil.which("c++") is not None
+
+
+class CompiledTorchBackend(TorchBackend):
+    """A torch module under ``torch.compile`` (inductor, dynamic shapes), compiled when built.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        As for :class:`TorchBackend`.
+    example_batch : Tensor or mapping of tensors
+        Run once to compile (and again at another batch size, so serving never compiles).
+    placement : Placement, optional
+        Defaults to CPU, fp32.
+    compile_timeout_s : float
+        Most seconds the compile may take; past it the backend is refused (``TimeoutError``). The
+        compiling thread cannot be interrupted: it finishes in the background (the process waits
+        for it at exit), its result unused.
+    """
+
+    def __init__(self, module: torch.nn.Module, example_batch: Inputs, placement: Placement | None = None, *,
+                 compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S) -> None:
+        super().__init__(module, placement)
+        eager = self.module
+        self.module = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
+        on_cpu = self.placement.device.type == "cpu"
+        self.name = "torch-compile" if on_cpu else f"torch-compile/{self.placement.describe()}"
+        started = time.perf_counter()
+        _within(compile_timeout_s, lambda: [self(_tile(example_batch, size)) for size in (1, 2)],
+                what="torch.compile")
+        self.compile_s = time.perf_counter() - started
+
+
+def _within(timeout_s: float, work: Callable[[], Any], *, what: str) -> None:
+    """Run ``work`` in a thread; raise ``TimeoutError`` if it is not done within ``timeout_s`` (it goes on)."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    # not a daemon: a compile abandoned past its cap still finishes before the interpreter exits
+    # (a daemon thread inside inductor's C++ at exit aborts the process: "terminate called...")
+    thread = threading.Thread(target=target, name=f"tessera-{what}", daemon=False)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} took longer than {timeout_s:g} s")
+    if failure:
+        raise failure[0]
+
+
+_ORT_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+                    "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def _named_arrays(batch: Inputs, input_types: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The batch as contiguous numpy arrays of the graph's input types, by input name."""
+    if isinstance(batch, torch.Tensor):
+        if len(input_types) != 1:
+            raise ValueError(f"the graph takes {len(input_types)} named inputs {sorted(input_types)}; got one tensor")
+        batch = {next(iter(input_types)): batch}
+    missing = set(input_types) - set(batch)
+    if missing:
+        raise ValueError(f"missing inputs {sorted(missing)} (the graph takes {sorted(input_types)})")
+    return {name: np.ascontiguousarray(batch[name].detach().cpu().numpy(), dtype=input_types[name])
+            for name in input_types}
+
+
+def _named_outputs(batch: Inputs, names: Sequence[str], arrays: Sequence[Any]) -> Outputs:
+    """One tensor for a one-output graph fed one tensor; otherwise ``{output name: tensor}``."""
+    tensors = [torch.from_numpy(np.asarray(array)) for array in arrays]
+    if isinstance(batch, torch.Tensor) and len(tensors) == 1:
+        return tensors[0]
+    return dict(zip(names, tensors, strict=True))
 
 
 class OnnxRuntimeBackend:
     """An ONNX graph run by ONNX Runtime, on CUDA when the placement is a GPU and the provider exists.
 
+    Called with one tensor (a one-input graph) or named tensors; answers one tensor when a
+    one-output graph was fed one tensor, else ``{output name: tensor}``. Inputs are converted to
+    the graph's input types (float32, int64 token ids, bool masks...).
+
     Parameters
     ----------
     model : Path or bytes
-        ``.onnx`` file or its serialized bytes; one input, one output, dynamic axis 0.
+        ``.onnx`` file or its serialized bytes (e.g. from :func:`export_onnx`).
     threads : int, optional
         Intra-op threads (default ``settings.torch_threads``).
     name : str
@@ -99,12 +222,51 @@ class OnnxRuntimeBackend:
     def __init__(self, model: Path | bytes, *, threads: int | None = None, name: str = "onnx",
                  placement: Placement | None = None) -> None:
         self.session = onnx_session(model, threads=threads, placement=placement)
-        self._input = self.session.get_inputs()[0].name
+        self.input_types = {node.name: _ORT_NUMPY_TYPES.get(node.type, np.float32)
+                            for node in self.session.get_inputs()}
+        self.output_names = [node.name for node in self.session.get_outputs()]
         self.name = name
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self._input: array})[0])
+    def __call__(self, batch: Inputs) -> Any:
+        if isinstance(batch, torch.Tensor) and len(self.input_types) == 1 and len(self.output_names) == 1:
+            # the one-tensor model on the hot path (fraud's sequence model): no dict building
+            name, dtype = next(iter(self.input_types.items()))
+            array: np.ndarray = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=dtype)
+            return torch.from_numpy(self.session.run(None, {name: array})[0])
+        arrays = self.session.run(None, _named_arrays(batch, self.input_types))
+        return _named_outputs(batch, self.output_names, arrays)
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package is installed."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+class OpenVinoBackend:
+    """An ONNX graph compiled by OpenVINO for the CPU (inputs and outputs as for :class:`OnnxRuntimeBackend`).
+
+    Parameters
+    ----------
+    model : Path
+        ``.onnx`` file (OpenVINO reads ONNX directly; dynamic axes stay dynamic).
+    threads : int, optional
+        ``INFERENCE_NUM_THREADS`` (default ``settings.torch_threads``).
+    """
+
+    def __init__(self, model: Path, *, threads: int | None = None, name: str = "openvino") -> None:
+        import openvino
+
+        core = openvino.Core()
+        self.compiled = core.compile_model(core.read_model(str(model)), "CPU",
+                                           {"INFERENCE_NUM_THREADS": threads or get_settings().torch_threads})
+        self.request = self.compiled.create_infer_request()
+        self.input_types = {node.get_any_name(): node.get_element_type().to_dtype() for node in self.compiled.inputs}
+        self.output_names = [node.get_any_name() for node in self.compiled.outputs]
+        self.name = name
+
+    def __call__(self, batch: Inputs) -> Any:
+        results = self.request.infer(_named_arrays(batch, self.input_types))
+        return _named_outputs(batch, self.output_names, [results[output] for output in self.compiled.outputs])
 
 
 def simplified_onnx(model: Path | bytes) -> bytes:
@@ -149,20 +311,106 @@ def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: 
     return ort.InferenceSession(simplified_onnx(model), options, providers=onnx_providers(placement))
 
 
-def export_onnx(module: torch.nn.Module, example_batch: torch.Tensor, path: Path, *,
-                opset: int = 17) -> Path:
-    """Export ``module`` to ``path`` with a dynamic batch axis.
+def _ordered_inputs(module: torch.nn.Module, example_batch: Inputs) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Input names and positional example tensors: ``input`` for one tensor, else the forward's order."""
+    if isinstance(example_batch, torch.Tensor):
+        return ["input"], (example_batch.cpu(),)
+    parameters = list(inspect.signature(module.forward).parameters)
+    unknown = set(example_batch) - set(parameters)
+    if unknown:
+        raise ValueError(f"inputs {sorted(unknown)} are not parameters of {type(module).__name__}.forward")
+    names = [name for name in parameters if name in example_batch]
+    if parameters[:len(names)] != names:
+        raise ValueError(f"named inputs must be the first parameters of forward, in order: {parameters}")
+    return names, tuple(example_batch[name].cpu() for name in names)
+
+
+def _output_names(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> list[str]:
+    """``output`` for one tensor, the keys of a mapping, ``output_<i>`` for a tuple."""
+    with torch.inference_mode():
+        sample = module(*args)
+    if isinstance(sample, torch.Tensor):
+        return ["output"]
+    if isinstance(sample, Mapping):
+        return [str(name) for name in sample]
+    return [f"output_{index}" for index in range(len(sample))]
+
+
+class OnnxExportError(ValueError):
+    """The exported graph does not honour its dynamic axes (it fails or differs at another size)."""
+
+
+def _grown(input_names: Sequence[str], args: tuple[torch.Tensor, ...],
+           axes: Mapping[str, Mapping[int, str]]) -> tuple[torch.Tensor, ...]:
+    """One row of the example with every dynamic non-batch axis doubled (values cycled, ids stay valid)."""
+    grown = []
+    for name, tensor in zip(input_names, args, strict=True):
+        row = tensor[:1]
+        for axis in (axis for axis in axes[name] if axis != 0):
+            row = row.index_select(axis, torch.arange(2 * row.shape[axis]) % row.shape[axis])
+        grown.append(row.contiguous())
+    return tuple(grown)
+
+
+def _check_dynamic_axes(module: torch.nn.Module, path: Path, input_names: Sequence[str],
+                        args: tuple[torch.Tensor, ...], axes: Mapping[str, Mapping[int, str]]) -> None:
+    """Run the graph at doubled sizes along its dynamic non-batch axes; raise if it fails or disagrees."""
+    import onnxruntime as ort
+
+    grown = _grown(input_names, args, axes)
+    with torch.inference_mode():
+        expected = _flat_tensors(module(*grown))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    hint = ("torch.nn.MultiheadAttention (and nn.Transformer*) under the TorchScript exporter fixes the "
+            "sequence length it was traced with (pytorch/pytorch#117209); write the attention with "
+            "shape-agnostic reshapes, e.g. view(batch, -1, heads, head_dim)")
+    try:
+        arrays = session.run(None, {name: tensor.numpy() for name, tensor in zip(input_names, grown, strict=True)})
+    except Exception as exc:
+        raise OnnxExportError(f"the exported graph fails at other sizes of its dynamic axes: {exc}. {hint}") from exc
+    for array, reference in zip(arrays, expected, strict=True):
+        got = torch.from_numpy(np.asarray(array))
+        if got.shape != reference.shape or not torch.allclose(got.double(), reference.double(), atol=1e-4, rtol=1e-3):
+            raise OnnxExportError(f"the exported graph's output differs from torch at other sizes of its dynamic "
+                                  f"axes (shape {tuple(got.shape)} vs {tuple(reference.shape)}). {hint}")
+
+
+def export_onnx(module: torch.nn.Module, example_batch: Inputs, path: Path, *, opset: int = 17,
+                output_names: Sequence[str] | None = None,
+                dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> Path:
+    """Export ``module`` to ``path`` with a dynamic batch axis on every input and output.
 
     Parameters
     ----------
     module : torch.nn.Module
-        Single-input, single-output module; exported in eval mode on CPU.
-    example_batch : Tensor[N, ...]
-        Example input (any N >= 1).
+        Exported in eval mode on CPU. Returns one tensor, a tuple of tensors or a mapping of them.
+    example_batch : Tensor[N, ...] or mapping of name -> Tensor[N, ...]
+        Example input (any N >= 1). One tensor becomes the graph input ``input``; named tensors
+        become inputs of those names, which must be the first parameters of ``forward``.
     path : Path
         Destination ``.onnx`` file.
+    output_names : sequence of str, optional
+        Graph output names; default ``output`` for one tensor, the keys of a returned mapping,
+        else ``output_0``, ``output_1``...
+    dynamic_axes : mapping of name -> {axis: label}, optional
+        Axes besides the batch that vary between calls, e.g. ``{"tokens": {1: "sequence"},
+        "mask": {1: "sequence"}, "hidden": {1: "sequence"}}``; axis 0 is always ``batch``.
+        Use the same label where two axes must agree. When given, the graph is run once more at
+        doubled sizes along these axes and compared with torch.
+
+    Raises
+    ------
+    OnnxExportError
+        The graph fails, or differs from torch, at other sizes of ``dynamic_axes``.
     """
     module = module.eval().cpu()
+    input_names, args = _ordered_inputs(module, example_batch)
+    names_out = list(output_names) if output_names is not None else _output_names(module, args)
+    axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in [*input_names, *names_out]}
+    for name, extra in (dynamic_axes or {}).items():
+        if name not in axes:
+            raise ValueError(f"dynamic_axes names {name!r}, not an input or output ({sorted(axes)})")
+        axes[name].update(extra)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     # The fused transformer fast path (aten::_transformer_encoder_layer_fwd) has no ONNX symbolic;
     # it is process-wide, so it is off only for the export (other threads just run unfused meanwhile).
@@ -170,11 +418,12 @@ def export_onnx(module: torch.nn.Module, example_batch: torch.Tensor, path: Path
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
             warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice, once per export
-            torch.onnx.export(module, (example_batch.cpu(),), str(path), dynamo=False,
-                              input_names=["input"], output_names=["output"], opset_version=opset,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
+                              output_names=names_out, opset_version=opset, dynamic_axes=axes)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    if dynamic_axes:
+        _check_dynamic_axes(module, path, input_names, args, axes)
     return path
 
 
@@ -192,20 +441,43 @@ def quantize_onnx_int8(source: Path, destination: Path) -> Path:
     return destination
 
 
-def build_cpu_backend(kind: str, module: torch.nn.Module, example_batch: torch.Tensor,
-                      workdir: Path) -> Backend:
-    """Build one CPU backend by name (``eager``, ``onnx`` or ``onnx-int8``), exporting into ``workdir``."""
+def available_cpu_candidates() -> tuple[str, ...]:
+    """:data:`CPU_CANDIDATES` plus the optional ones this machine can build (``torch-compile``, ``openvino``)."""
+    optional = {"torch-compile": torch_compile_available, "openvino": openvino_available}
+    return CPU_CANDIDATES + tuple(name for name in OPTIONAL_CPU_CANDIDATES if optional[name]())
+
+
+def build_cpu_backend(kind: str, module: torch.nn.Module, example_batch: Inputs, workdir: Path, *,
+                      export_options: Mapping[str, Any] | None = None,
+                      compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S) -> Backend:
+    """Build one CPU backend by name (see the module docstring), exporting into ``workdir``.
+
+    ``export_options``: keyword arguments for :func:`export_onnx` (``output_names``, ``dynamic_axes``).
+
+    Raises
+    ------
+    ModuleNotFoundError
+        ``openvino`` asked for but not installed.
+    TimeoutError
+        ``torch-compile`` took longer than ``compile_timeout_s``.
+    """
     if kind == "eager":
         return TorchBackend(module)
+    if kind == "torch-compile":
+        return CompiledTorchBackend(module, example_batch, compile_timeout_s=compile_timeout_s)
+    if kind == "openvino" and not openvino_available():
+        raise ModuleNotFoundError("openvino is not installed")
+    if kind not in CPU_CANDIDATES + OPTIONAL_CPU_CANDIDATES:
+        raise ValueError(f"unknown CPU backend {kind!r}; expected one of {CPU_CANDIDATES + OPTIONAL_CPU_CANDIDATES}")
     onnx_path = workdir / "model.onnx"
     if not onnx_path.exists():
-        export_onnx(module, example_batch, onnx_path)
+        export_onnx(module, example_batch, onnx_path, **(export_options or {}))
     if kind == "onnx":
         return OnnxRuntimeBackend(onnx_path, name="onnx")
-    if kind == "onnx-int8":
-        quantized = quantize_onnx_int8(onnx_path, workdir / "model.int8.onnx")
-        return OnnxRuntimeBackend(quantized, name="onnx-int8")
-    raise ValueError(f"unknown CPU backend {kind!r}; expected one of {CPU_CANDIDATES}")
+    if kind == "openvino":
+        return OpenVinoBackend(onnx_path)
+    quantized = quantize_onnx_int8(onnx_path, workdir / "model.int8.onnx")
+    return OnnxRuntimeBackend(quantized, name="onnx-int8")
 
 
 @dataclass
@@ -260,7 +532,7 @@ class BackendChoice:
                 "measurements": [asdict(m) for m in self.measurements], "conditions": self.conditions}
 
 
-def time_call(call: Callable[[torch.Tensor], Any], batch: torch.Tensor, *, repeats: int = 30,
+def time_call(call: Callable[[Any], Any], batch: Inputs, *, repeats: int = 30,
               warmup: int = 3) -> float:
     """Median wall time of ``call(batch)`` in milliseconds."""
     with torch.inference_mode():
@@ -274,14 +546,39 @@ def time_call(call: Callable[[torch.Tensor], Any], batch: torch.Tensor, *, repea
     return statistics.median(times) * 1000.0
 
 
-def _tile(example_batch: torch.Tensor, size: int) -> torch.Tensor:
-    return example_batch[torch.arange(size) % example_batch.shape[0]].contiguous()
+def _rows(batch: Inputs) -> int:
+    """The batch size (axis 0) of a tensor or of named tensors."""
+    return int(batch.shape[0] if isinstance(batch, torch.Tensor) else next(iter(batch.values())).shape[0])
 
 
-def _measure(name: str, backend: Backend, example_batch: torch.Tensor, reference: torch.Tensor,
+def _tile(example_batch: Inputs, size: int) -> Inputs:
+    """``size`` rows cycled from the example (every named tensor takes the same rows)."""
+    rows = torch.arange(size) % _rows(example_batch)
+    if isinstance(example_batch, torch.Tensor):
+        return example_batch[rows].contiguous()
+    return {name: value[rows].contiguous() for name, value in example_batch.items()}
+
+
+def _flat_tensors(outputs: Any) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    values = outputs.values() if isinstance(outputs, Mapping) else outputs
+    return [tensor for value in values for tensor in _flat_tensors(value)]
+
+
+def max_abs_difference(outputs: Any, reference: Any) -> float:
+    """Largest absolute difference between two outputs of the same structure (tensors, tuples, mappings)."""
+    ours, theirs = _flat_tensors(outputs), _flat_tensors(reference)
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} output tensors against the reference's {len(theirs)}")
+    return max(float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+               for a, b in zip(ours, theirs, strict=True))
+
+
+def _measure(name: str, backend: Backend, example_batch: Inputs, reference: Any,
              batch_sizes: Sequence[int], max_abs_error: float, repeats: int) -> BackendMeasurement:
     with torch.inference_mode():
-        error = float((backend(example_batch) - reference).abs().max())
+        error = max_abs_difference(backend(example_batch), reference)
     measurement = BackendMeasurement(name, max_abs_error=error, accurate=error <= max_abs_error)
     for size in batch_sizes:
         latency = time_call(backend, _tile(example_batch, size), repeats=repeats)
@@ -302,7 +599,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def compare_backends(reference: Backend, candidates: Mapping[str, Backend], example_batch: torch.Tensor,
+def compare_backends(reference: Backend, candidates: Mapping[str, Backend], example_batch: Inputs,
                      max_abs_error: float = 1e-3, *, batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
                      threads: int | None = None,
                      failed: Sequence[BackendMeasurement] = ()) -> BackendChoice:
@@ -314,10 +611,11 @@ def compare_backends(reference: Backend, candidates: Mapping[str, Backend], exam
         Whose outputs are the truth (eager torch); chosen when no candidate is usable.
     candidates : mapping of name -> Backend
         The backends to measure (the reference may be one of them, under its own name).
-    example_batch : Tensor[N, ...]
+    example_batch : Tensor[N, ...] or mapping of name -> Tensor[N, ...]
         Representative inputs; accuracy is checked on all N, latency on tiles of it.
     max_abs_error : float
-        Largest allowed absolute difference from the reference's outputs (output units).
+        Largest allowed absolute difference from the reference's outputs (output units, over
+        every output tensor).
     batch_sizes : sequence of int
         Batch sizes to time; the score is the geometric mean of their latencies.
     repeats : int
@@ -338,32 +636,39 @@ def compare_backends(reference: Backend, candidates: Mapping[str, Backend], exam
                 measurements.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
     best = min(measurements, key=lambda m: m.score)
     chosen = candidates.get(best.name, reference) if math.isfinite(best.score) else reference
-    conditions = {"torch_threads": threads or torch.get_num_threads(), "example_rows": int(example_batch.shape[0]),
+    conditions = {"torch_threads": threads or torch.get_num_threads(), "example_rows": _rows(example_batch),
                   "repeats": repeats, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return BackendChoice(backend=chosen, measurements=measurements, max_abs_error=max_abs_error,
                          conditions=conditions)
 
 
-def choose_cpu_backend(model: torch.nn.Module, example_batch: torch.Tensor,
+def choose_cpu_backend(model: torch.nn.Module, example_batch: Inputs,
                        candidates: Sequence[str] = CPU_CANDIDATES, max_abs_error: float = 1e-3, *,
                        batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
-                       workdir: Path | None = None) -> BackendChoice:
+                       workdir: Path | None = None, export_options: Mapping[str, Any] | None = None,
+                       compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S) -> BackendChoice:
     """Export, measure each CPU backend and return the fastest one whose outputs stay close to eager.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Single-input, single-output module (float32).
-    example_batch : Tensor[N, ...]
+        float32 module; one tensor or named tensors in (see :func:`export_onnx`).
+    example_batch : Tensor[N, ...] or mapping of name -> Tensor[N, ...]
         Representative inputs; accuracy is checked on all N, latency on tiles of it.
     candidates : sequence of str
-        Backend names from :data:`CPU_CANDIDATES`.
+        Backend names from :data:`CPU_CANDIDATES` and :data:`OPTIONAL_CPU_CANDIDATES`;
+        :func:`available_cpu_candidates` gives every one this machine can build. One that cannot be
+        built (not installed, compile over ``compile_timeout_s``) is recorded as failed.
     max_abs_error, batch_sizes, repeats
         As in :func:`compare_backends`.
     workdir : Path, optional
         Where exported graphs are written (a temporary directory by default; keep it if the
         chosen backend is ONNX, since ONNX Runtime has already loaded the graph into memory).
+    export_options : mapping, optional
+        Keyword arguments for :func:`export_onnx` (``output_names``, ``dynamic_axes``).
+    compile_timeout_s : float
+        Cap on ``torch-compile``'s compile time (never counted in its latency).
 
     Returns
     -------
@@ -377,7 +682,9 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: torch.Tensor,
         folder = workdir or Path(scratch)
         for name in candidates:
             try:
-                built[name] = eager if name == "eager" else build_cpu_backend(name, model, example_batch, folder)
+                built[name] = eager if name == "eager" else build_cpu_backend(
+                    name, model, example_batch, folder, export_options=export_options,
+                    compile_timeout_s=compile_timeout_s)
             except Exception as exc:  # a candidate that cannot be built is recorded, not fatal
                 failed.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
         return compare_backends(eager, built, example_batch, max_abs_error, batch_sizes=batch_sizes,
