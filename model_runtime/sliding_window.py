@@ -343,7 +343,9 @@ class StudyProgress:
     Attributes
     ----------
     done : int
-        Patches stitched.
+        Patches stitched (in the current pass: a study restarted on a swapped model starts again at 0).
+    stitched_ever : int
+        Patches stitched in every pass; more than zero means the study was admitted by the model.
     total : int or None
         Patches in the study (``None`` until the volume is planned).
     finished : bool
@@ -352,6 +354,7 @@ class StudyProgress:
 
     on_progress: ProgressCallback | None = None
     done: int = 0
+    stitched_ever: int = 0
     total: int | None = None
     finished: bool = False
     _changed: asyncio.Future[None] | None = field(default=None, repr=False)
@@ -365,6 +368,7 @@ class StudyProgress:
     def advance(self) -> None:
         """Record one more stitched patch."""
         self.done += 1
+        self.stitched_ever += 1
         self._publish()
 
     def end(self) -> None:
@@ -547,21 +551,24 @@ class SlidingWindowInferer:
             async with asyncio.timeout(timeout_s):
                 plan = await asyncio.to_thread(plan_study, volume, self.config)
                 for _attempt in range(MAX_VERSION_RESTARTS + 1):
-                    progress.begin(len(plan.windows))
-                    stitcher = Stitcher(plan)
                     try:
-                        await self._fan_out(plan, _PinnedVersion(), stitcher, progress)
+                        return await self._infer_on_one_version(plan, progress)
                     except _ModelSwapped as swapped:
                         logger.info("model %s: swapped during a study (%s); starting the study over",
                                     self.model, swapped)
-                        continue
-                    return await asyncio.to_thread(stitcher.finish)
                 raise ModelNotReady(f"model {self.model} changed version {MAX_VERSION_RESTARTS + 1} times "
                                     "during one study")
         except TimeoutError as exc:
             if isinstance(exc, RuntimeTimeout):  # a patch's own deadline
                 raise
             raise RuntimeTimeout(f"model {self.model}: study not inferred within {timeout_s} s") from exc
+
+    async def _infer_on_one_version(self, plan: StudyPlan, progress: StudyProgress) -> PatchOutput:
+        """One pass over every patch of the study, all on the version its first patch goes to."""
+        progress.begin(len(plan.windows))
+        stitcher = Stitcher(plan)
+        await self._fan_out(plan, _PinnedVersion(), stitcher, progress)
+        return await asyncio.to_thread(stitcher.finish)
 
     async def _fan_out(self, plan: StudyPlan, pinned: _PinnedVersion, stitcher: Stitcher,
                        progress: StudyProgress) -> None:
@@ -603,7 +610,7 @@ class SlidingWindowInferer:
             try:
                 return await self.runtime.predict(self.model, patch)
             except RuntimeOverloaded as refused:
-                if progress.done == 0:
+                if progress.stitched_ever == 0:
                     raise
                 await asyncio.sleep(min(max(refused.retry_after_s, 0.001), MAX_RETRY_WAIT_S))
 
