@@ -285,7 +285,7 @@ def simplified_onnx(model: Path | bytes) -> bytes:
 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints progress
             warnings.simplefilter("ignore")
-            simplified, checked = onnxsim.simplify(proto, check_n=3)
+            simplified, checked = onnxsim.simplify(proto, check_n=3, test_input_shapes=_check_shapes(proto))
     except Exception as exc:  # an exotic graph: serve it as exported rather than not at all
         logger.warning("ONNX graph not simplified (%r); serving it as exported", exc)
         return proto.SerializeToString()
@@ -293,6 +293,21 @@ def simplified_onnx(model: Path | bytes) -> bytes:
         logger.warning("simplified ONNX graph failed its output check; serving it as exported")
         return proto.SerializeToString()
     return simplified.SerializeToString()
+
+
+CHECK_AXIS_SIZE = 16
+"""Size given to a dynamic non-batch axis when onnxsim checks a graph (a multiple of 16 suits strided convs)."""
+
+
+def _check_shapes(proto: Any) -> dict[str, list[int]]:
+    """Concrete input shapes for onnxsim's output check: batch 1, other dynamic axes :data:`CHECK_AXIS_SIZE`.
+
+    Only the check runs at these shapes; the simplified graph keeps its dynamic axes.
+    """
+    initializers = {initializer.name for initializer in proto.graph.initializer}
+    return {node.name: [dim.dim_value or (1 if axis == 0 else CHECK_AXIS_SIZE)
+                        for axis, dim in enumerate(node.type.tensor_type.shape.dim)]
+            for node in proto.graph.input if node.name not in initializers}
 
 
 def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: Placement | None = None) -> Any:
@@ -492,6 +507,9 @@ class BackendMeasurement:
         ``latency_ms[b] / b`` (ms per item).
     max_abs_error : float
         Largest absolute output difference from eager on the example batch.
+    build_ms : float or None
+        Time to build the candidate (export, quantize, compile), kept out of its latency; ``None``
+        when it was built elsewhere (:func:`compare_backends` given built backends).
     """
 
     name: str
@@ -500,6 +518,7 @@ class BackendMeasurement:
     max_abs_error: float = 0.0
     accurate: bool = True
     error: str | None = None
+    build_ms: float | None = None
 
     @property
     def score(self) -> float:
@@ -678,17 +697,23 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: Inputs,
     eager = TorchBackend(model)
     built: dict[str, Backend] = {}
     failed: list[BackendMeasurement] = []
+    build_ms: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tessera-backend-") as scratch:
         folder = workdir or Path(scratch)
         for name in candidates:
+            started = time.perf_counter()
             try:
                 built[name] = eager if name == "eager" else build_cpu_backend(
                     name, model, example_batch, folder, export_options=export_options,
                     compile_timeout_s=compile_timeout_s)
             except Exception as exc:  # a candidate that cannot be built is recorded, not fatal
                 failed.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
-        return compare_backends(eager, built, example_batch, max_abs_error, batch_sizes=batch_sizes,
-                                repeats=repeats, failed=failed)
+            build_ms[name] = round((time.perf_counter() - started) * 1000.0, 1)
+        choice = compare_backends(eager, built, example_batch, max_abs_error, batch_sizes=batch_sizes,
+                                  repeats=repeats, failed=failed)
+    for measurement in choice.measurements:
+        measurement.build_ms = build_ms.get(measurement.name)
+    return choice
 
 
 # --------------------------------------------------------------------------- the record in an artifact

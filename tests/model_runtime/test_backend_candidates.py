@@ -78,7 +78,7 @@ def fusion() -> TokensAndFeatures:
 
 
 def test_two_named_inputs_with_a_dynamic_sequence_match_torch_at_two_lengths(
-        fusion: TokensAndFeatures, tmp_path: Path) -> None:
+        fusion: TokensAndFeatures, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     graph = export_onnx(fusion, _batch(2, 7), tmp_path / "fusion.onnx", dynamic_axes=SEQUENCE_AXES)
     proto = onnx.load(str(graph))
     assert [node.name for node in proto.graph.input] == ["tokens", "features"]
@@ -92,6 +92,7 @@ def test_two_named_inputs_with_a_dynamic_sequence_match_torch_at_two_lengths(
         assert isinstance(ours, dict) and ours["per_step"].shape == (rows, length, 8)
         torch.testing.assert_close(ours["per_step"], reference["per_step"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ours["pooled"], reference["pooled"], atol=1e-5, rtol=1e-4)
+    assert "not simplified" not in caplog.text  # onnxsim checked it at concrete sizes, axes kept dynamic
 
 
 def test_an_export_that_fixes_a_dynamic_axis_is_refused_at_export(tmp_path: Path) -> None:
@@ -151,9 +152,9 @@ def test_torch_compile_is_a_candidate_whose_compile_time_is_not_measured() -> No
     choice = choose_cpu_backend(mlp, example, candidates=("eager", "torch-compile"), max_abs_error=1e-4,
                                 batch_sizes=(1, 8), repeats=5)
     measured = {m.name: m for m in choice.measurements}["torch-compile"]
-    assert measured.error is None and measured.accurate
-    # the latency of a call, not of a compile (which takes seconds)
-    assert max(measured.latency_ms.values()) < 1000 * compiled.compile_s
+    assert measured.error is None and measured.accurate and measured.build_ms is not None
+    # the latency of a call, not of a compile (which takes seconds; recorded apart as build_ms)
+    assert max(measured.latency_ms.values()) < min(measured.build_ms, 1000 * compiled.compile_s)
 
 
 def test_a_compile_over_its_cap_is_recorded_not_fatal() -> None:
