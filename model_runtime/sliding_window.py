@@ -594,6 +594,7 @@ class SlidingWindowInferer:
                 patch_output = await self._predict_patch(plan.patch(index), pinned, progress)
             async with stitching:
                 await asyncio.to_thread(stitcher.add, index, patch_output)
+            del patch_output  # not held while the next patch waits: a study holds at most one output per lane
             progress.advance()
 
     async def _predict_patch(self, patch: torch.Tensor, pinned: _PinnedVersion, progress: StudyProgress) -> Any:

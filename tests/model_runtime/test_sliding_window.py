@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -383,3 +384,40 @@ class RetrainedNet(torch.nn.Module):
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.conv(volume))
+
+
+class CountingPatchModel:
+    """The tiny net, counting its patch outputs still alive (a weakref finalizer per output)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self.alive = 0
+        self.most_alive = 0
+        self.lock = threading.Lock()
+
+    def run_batch(self, patches: list[torch.Tensor]) -> list[PatchOutput]:
+        outputs = run_patch_batch(self.net, patches)
+        with self.lock:
+            self.alive += len(outputs)
+            self.most_alive = max(self.most_alive, self.alive)
+        for output in outputs:
+            weakref.finalize(output, self._gone)
+        return outputs
+
+    def _gone(self) -> None:
+        with self.lock:
+            self.alive -= 1
+
+
+def test_a_study_holds_few_patch_outputs_at_once(runtime: ModelRuntime) -> None:
+    counting = CountingPatchModel(tiny_net())
+    volume = torch.rand((1, 64, 40, 40), generator=torch.Generator().manual_seed(5))
+    config = SlidingWindowConfig(ROI, overlap=0.5, mode="gaussian")
+
+    async def scenario() -> PatchOutput:
+        await runtime.load(patch_spec(lambda model, patches: model.run_batch(patches), counting, max_batch_size=2))
+        return await SlidingWindowInferer(runtime, "seg", config, patches_per_study=2).infer(volume)
+
+    stitched = asyncio.run(scenario())
+    assert_matches(stitched, monai_reference(counting.net, volume, config))
+    assert counting.most_alive <= 2  # one per lane (patches_per_study), of 7 x 4 x 4 = 112 patches
