@@ -105,6 +105,7 @@ class DigestCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".digests-", suffix=".json")
+            os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide it from a worker running as another user
             with os.fdopen(handle, "w") as out:
                 json.dump(live, out, sort_keys=True)
             os.replace(temporary, self.path)
