@@ -44,7 +44,8 @@ def monai_reference(net: torch.nn.Module, volume: torch.Tensor, config: SlidingW
     """MONAI's ``sliding_window_inference`` of one ``(C, *spatial)`` volume, batch axis dropped."""
     with torch.inference_mode():
         output = sliding_window_inference(volume[None], config.roi_size, 4, net, overlap=config.overlap,
-                                          mode=config.mode, sigma_scale=config.sigma_scale)
+                                          mode=config.mode, sigma_scale=config.sigma_scale,
+                                          padding_mode=config.padding_mode, cval=config.cval)
     if isinstance(output, dict):
         return {name: value[0] for name, value in output.items()}
     assert isinstance(output, torch.Tensor)
@@ -421,3 +422,18 @@ def test_a_study_holds_few_patch_outputs_at_once(runtime: ModelRuntime) -> None:
     stitched = asyncio.run(scenario())
     assert_matches(stitched, monai_reference(counting.net, volume, config))
     assert counting.most_alive <= 2  # one per lane (patches_per_study), of 7 x 4 x 4 = 112 patches
+
+
+@pytest.mark.parametrize("padding", [("reflect", 0.0), ("replicate", 0.0), ("constant", -1.0)])
+def test_padding_of_a_volume_smaller_than_the_patch_is_monais(runtime: ModelRuntime,
+                                                              padding: tuple[str, float]) -> None:
+    net = tiny_net()
+    volume = torch.rand((1, 40, 12, 20), generator=torch.Generator().manual_seed(9))
+    config = SlidingWindowConfig(ROI, overlap=0.25, mode="gaussian", padding_mode=padding[0],  # type: ignore[arg-type]
+                                 cval=padding[1])
+
+    async def scenario() -> PatchOutput:
+        await runtime.load(patch_spec(run_patch_batch, net))
+        return await SlidingWindowInferer(runtime, "seg", config).infer(volume)
+
+    assert_matches(asyncio.run(scenario()), monai_reference(net, volume, config))
