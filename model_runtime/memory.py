@@ -55,6 +55,16 @@ class MemoryBudget:
     budget_bytes: int
     bytes_per_item: int | Callable[[Any], int]
 
+    @classmethod
+    def on_device(cls, device: torch.device, bytes_per_item: int | Callable[[Any], int],
+                  fraction: float = 0.8) -> MemoryBudget | None:
+        """A budget of ``fraction`` of the device's free memory now (call after the weights are loaded).
+
+        ``None`` on CPU, where out-of-memory is the operating system's business, not a batch's.
+        """
+        budget_bytes = device_memory_budget(device, fraction)
+        return None if budget_bytes is None else cls(budget_bytes, bytes_per_item)
+
     def estimate(self, items: Sequence[Any]) -> int:
         """Estimated bytes of running ``items`` together."""
         if isinstance(self.bytes_per_item, int):

@@ -38,6 +38,11 @@ def test_cuda_oom_is_constructible_here_and_recognised() -> None:
     assert is_out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only runtime errors carry an allocator's message
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    assert is_out_of_memory(RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
+                                             "returned while running MatMul node. Status Message: Failed to "
+                                             "allocate memory for requested buffer of size 1073741824"))
 
 
 def test_an_oom_batch_is_halved_until_it_fits_and_answers_in_order() -> None:
@@ -108,3 +113,10 @@ def test_an_item_over_the_budget_is_refused_without_running() -> None:
 
 def test_no_budget_on_cpu() -> None:
     assert device_memory_budget(torch.device("cpu")) is None
+    assert MemoryBudget.on_device(torch.device("cpu"), 1024) is None
+
+
+def test_a_device_budget_is_a_share_of_its_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000, 80_000))
+    budget = MemoryBudget.on_device(torch.device("cuda", 0), 1000, fraction=0.5)
+    assert budget == MemoryBudget(5000, 1000) and budget.fits([1] * 5) and not budget.fits([1] * 6)
