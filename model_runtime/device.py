@@ -12,7 +12,8 @@ Validation (:func:`resolve_placement`):
 - ``fp16`` on CPU is refused when the spec names ``cpu`` explicitly (CPU fp16 kernels are few and
   slow); when ``auto`` falls back to CPU (a GPU spec on a machine without one), ``fp16`` runs as
   ``fp32`` with a warning, so the same spec loads on a CPU-only box.
-- ``bf16`` on a CUDA device without bf16 support (before Ampere) is refused: ask for ``fp16``.
+- ``bf16`` on a CUDA device without native bf16 (before Ampere: only emulated) is refused: ask
+  for ``fp16``.
 - ``cuda`` or ``cuda:<n>`` with no such device visible is refused.
 
 The runtime calls :func:`configure_threads` in each model worker thread because OpenMP thread counts
@@ -109,6 +110,15 @@ def resolve_device(preference: str | None = None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 natively (Ampere, compute capability 8.0, or newer; any ROCm GPU).
+
+    Not ``torch.cuda.is_bf16_supported()``: it asks about the *current* device, and by default
+    answers yes where bf16 is only emulated (slowly) on older GPUs.
+    """
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_placement(preference: str | None = None, precision: str | None = None) -> Placement:
     """Device plus precision of one model (see the module docstring for what is refused).
 
@@ -134,7 +144,7 @@ def resolve_placement(preference: str | None = None, precision: str | None = Non
             raise PlacementError("precision fp16 is not served on CPU (few, slow kernels): use bf16 or fp32")
         logger.warning("fp16 asked for but no CUDA device is visible: running in fp32 on CPU")
         dtype = None
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _native_bf16(device):
         raise PlacementError(f"precision bf16 asked for but {torch.cuda.get_device_name(device)} lacks it: use fp16")
     return Placement(device=device, autocast_dtype=dtype)
 
