@@ -323,7 +323,12 @@ def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: 
     options.intra_op_num_threads = threads or get_settings().torch_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(simplified_onnx(model), options, providers=onnx_providers(placement))
+    providers = onnx_providers(placement)
+    session = ort.InferenceSession(simplified_onnx(model), options, providers=providers)
+    if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
+        # ONNX Runtime falls back to CPU when the CUDA provider cannot load (CUDA/cuDNN libraries missing)
+        logger.warning("ONNX Runtime could not start its CUDA provider; this graph runs on %s", session.get_providers())
+    return session
 
 
 def _ordered_inputs(module: torch.nn.Module, example_batch: Inputs) -> tuple[list[str], tuple[torch.Tensor, ...]]:

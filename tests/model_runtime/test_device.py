@@ -102,3 +102,16 @@ def test_an_onnx_graph_placed_on_a_gpu_runs_on_cpu_when_the_build_lacks_cuda(tmp
     backend = OnnxRuntimeBackend(graph, placement=Placement(torch.device("cuda", 0)))
     assert backend.session.get_providers() == ["CPUExecutionProvider"]
     torch.testing.assert_close(backend(example), layer(example).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_cuda_provider_that_cannot_start_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from model_runtime import backends
+
+    layer = torch.nn.Linear(8, 4)
+    graph = backends.export_onnx(layer, torch.randn(3, 8), tmp_path / "linear.onnx")
+    asked = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    monkeypatch.setattr(backends, "onnx_providers", lambda placement: asked)
+    session = backends.onnx_session(graph, placement=Placement(torch.device("cuda", 0)))
+    if "CUDAExecutionProvider" not in session.get_providers():
+        assert "could not start its CUDA provider" in caplog.text
