@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from model_runtime.admission import CapacityAdmission
 from model_runtime.errors import BadInput, ModelNotReady, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.metrics import ModelMetrics
 
@@ -86,6 +87,9 @@ class BatchPolicy:
     bucket : callable or None
         ``(prepared item) -> hashable``: shape bucket (e.g. :func:`~model_runtime.collate.length_bucket`);
         a batch holds items of one bucket only.
+    latency_target_ms : float or None
+        Admission by measured capacity (:mod:`model_runtime.admission`): refuse (503) an item whose
+        predicted answer time, from the fitted batch time and the work ahead of it, exceeds this.
     """
 
     max_batch_size: int = 32
@@ -99,6 +103,12 @@ class BatchPolicy:
     cost: CostOf | None = None
     max_batch_cost: float | None = None
     bucket: BucketOf | None = None
+    latency_target_ms: float | None = None
+
+    @property
+    def batch_capacity(self) -> float:
+        """Most cost one batch holds: the budget, or ``max_batch_size`` when items cost 1."""
+        return self.max_batch_cost if self.max_batch_cost is not None else float(self.max_batch_size)
 
     def cost_of(self, prepared: Any) -> float:
         """One prepared item's cost; :class:`BadInput` when it alone exceeds ``max_batch_cost``."""
@@ -117,6 +127,8 @@ class BatchPolicy:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if self.max_batch_cost is not None and self.max_batch_cost <= 0:
             raise ValueError("max_batch_cost must be > 0")
+        if self.latency_target_ms is not None and self.latency_target_ms <= 0:
+            raise ValueError("latency_target_ms must be > 0")
         if self.max_wait_ms < 0 or (self.timeout_s is not None and self.timeout_s <= 0):
             raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
 
@@ -270,6 +282,9 @@ class DynamicBatcher:
         self._finalize = finalize
         self._queue: deque[_Pending] = deque()
         self._queued_cost = 0.0
+        self._mean_cost = 1.0
+        self._admission = (None if policy.latency_target_ms is None
+                           else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity))
         self._inflight: list[_Pending] = []
         self._recent = _Recent(per_item_s=per_item_s or 0.001, batch_s=per_item_s or 0.001,
                                samples=1 if per_item_s else 0)
@@ -321,6 +336,13 @@ class DynamicBatcher:
             self.metrics.rejected.inc()
             raise RuntimeOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
                                     f"{expected_wait_s:.3f} s", retry_after_s=expected_wait_s)
+        if self._admission is not None:
+            decision = self._admission.decide(self._queued_cost, self._mean_cost)
+            if not decision.admitted:
+                self.metrics.rejected.inc()
+                raise RuntimeOverloaded(f"model {self.name}: an answer expected in {decision.expected_s:.3f} s, "
+                                        f"past the {self._admission.target_s:.3f} s target",
+                                        retry_after_s=decision.retry_after_s)
 
     async def submit(self, prepared: Any, timeout_s: float | None = None) -> Any:
         """Queue one prepared item and wait for its output.
@@ -349,6 +371,7 @@ class DynamicBatcher:
                            None if timeout_s is None else now + timeout_s, cost, self.policy.bucket_of(prepared))
         self._queue.append(pending)
         self._queued_cost += cost
+        self._mean_cost += 0.05 * (cost - self._mean_cost)
         self.metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
         timer = None if timeout_s is None else self.loop.call_later(timeout_s, self._expire, pending)
@@ -426,24 +449,30 @@ class DynamicBatcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         items = [pending.prepared for pending in batch]
+        cost = sum(pending.cost for pending in batch)
         self._inflight = batch
-        started = time.monotonic()
         try:
             if self.policy.run_inline:
-                outcomes = self._execute(items)
+                outcomes, elapsed = self._execute(items, cost)
             else:
-                outcomes = await self.loop.run_in_executor(self._executor, self._execute, items)
+                outcomes, elapsed = await self.loop.run_in_executor(self._executor, self._execute, items, cost)
         finally:
             self._inflight = []
-        elapsed = time.monotonic() - started
         self._recent.update(elapsed, len(batch))
+        if self._admission is not None:
+            self._admission.batch_finished(cost, elapsed)
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
         self._deliver(batch, outcomes)
 
-    def _execute(self, items: list[Any]) -> list[Outcome]:
-        return execute_batch(self._run_batch, items, finalize=self._finalize,
-                             isolate_failures=self.policy.isolate_failures)
+    def _execute(self, items: list[Any], cost: float) -> tuple[list[Outcome], float]:
+        """Run one batch (in the worker thread unless inline); its outcomes and run time (s)."""
+        if self._admission is not None:
+            self._admission.batch_started(cost)
+        started = time.monotonic()
+        outcomes = execute_batch(self._run_batch, items, finalize=self._finalize,
+                                 isolate_failures=self.policy.isolate_failures)
+        return outcomes, time.monotonic() - started
 
     def _deliver(self, batch: list[_Pending], outcomes: list[Outcome]) -> None:
         now = time.monotonic()

@@ -96,6 +96,9 @@ class ModelSpec:
         Versioned artifact directory; verified with :func:`load_manifest` before ``loader`` runs.
     max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, isolate_failures, fill, run_inline
         Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
+    latency_target_ms
+        Admission by measured capacity (:mod:`model_runtime.admission`): past saturation, refuse
+        at once what would be answered later than this, instead of queueing it.
     cost, max_batch_cost, bucket
         Cost-aware batching: ``cost(prepared) -> float`` per item (tokens, samples, voxels), the
         batch budget, and an optional shape bucket per item (see :mod:`model_runtime.collate`).
@@ -130,6 +133,7 @@ class ModelSpec:
     max_batch_cost: float | None = None
     bucket: BucketOf | None = None
     prepare_in: PrepareIn = "auto"
+    latency_target_ms: float | None = None
 
     @property
     def prepare_where(self) -> PrepareIn:
@@ -143,7 +147,8 @@ class ModelSpec:
                            max_queue=self.max_queue, max_queue_delay_ms=self.max_queue_delay_ms,
                            timeout_s=self.timeout_s,
                            isolate_failures=self.isolate_failures, fill=self.fill, run_inline=self.run_inline,
-                           cost=self.cost, max_batch_cost=self.max_batch_cost, bucket=self.bucket)
+                           cost=self.cost, max_batch_cost=self.max_batch_cost, bucket=self.bucket,
+                           latency_target_ms=self.latency_target_ms)
 
 
 @dataclass(frozen=True, slots=True)
