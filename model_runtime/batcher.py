@@ -285,7 +285,8 @@ class DynamicBatcher:
         self._mean_cost = 1.0
         self._admission = (None if policy.latency_target_ms is None
                            else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity))
-        self._inflight: list[_Pending] = []
+        self._inflight: list[list[_Pending]] = []  # the batch running first, then one handed over behind it
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self._recent = _Recent(per_item_s=per_item_s or 0.001, batch_s=per_item_s or 0.001,
                                samples=1 if per_item_s else 0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}",
@@ -301,8 +302,11 @@ class DynamicBatcher:
 
     @property
     def depth(self) -> int:
-        """Items waiting (not counting the batch being run)."""
-        return len(self._queue)
+        """Items waiting (not counting the batch being run; counting one handed to the worker behind it)."""
+        return len(self._queue) + sum(len(batch) for batch in self._inflight[1:])
+
+    def _waiting_cost(self) -> float:
+        return self._queued_cost + sum(pending.cost for batch in self._inflight[1:] for pending in batch)
 
     @property
     def per_item_seconds(self) -> float:
@@ -316,8 +320,8 @@ class DynamicBatcher:
         per item, and an item-based estimate would refuse more as batches shrink (a feedback loop
         that collapses throughput). In batches, shrinking batches lower the estimate instead.
         """
-        by_cost = math.ceil(self._queued_cost / self.policy.max_batch_cost) if self.policy.max_batch_cost else 0
-        queued_batches = max(-(-len(self._queue) // self.policy.max_batch_size), by_cost)
+        by_cost = math.ceil(self._waiting_cost() / self.policy.max_batch_cost) if self.policy.max_batch_cost else 0
+        queued_batches = max(-(-self.depth // self.policy.max_batch_size), by_cost)
         running = 1 if self._inflight else 0
         return (running + queued_batches) * self._recent.batch_s
 
@@ -328,7 +332,7 @@ class DynamicBatcher:
         """
         if not self._accepting:
             raise ModelNotReady(f"model {self.name} is shutting down")
-        depth = len(self._queue)
+        depth = self.depth
         expected_wait_s = self.expected_wait_s()
         too_slow = (self.policy.max_queue_delay_ms is not None and depth > 0
                     and expected_wait_s * 1000.0 > self.policy.max_queue_delay_ms)
@@ -337,7 +341,7 @@ class DynamicBatcher:
             raise RuntimeOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
                                     f"{expected_wait_s:.3f} s", retry_after_s=expected_wait_s)
         if self._admission is not None:
-            decision = self._admission.decide(self._queued_cost, self._mean_cost)
+            decision = self._admission.decide(self._waiting_cost(), self._mean_cost)
             if not decision.admitted:
                 self.metrics.rejected.inc()
                 raise RuntimeOverloaded(f"model {self.name}: an answer expected in {decision.expected_s:.3f} s, "
@@ -389,17 +393,50 @@ class DynamicBatcher:
         pending.future.set_exception(RuntimeTimeout(f"model {self.name}: no answer within {waited:.3f} s"))
 
     async def _drain_forever(self) -> None:
+        """Form batches and run them; in the worker thread, a full batch is handed over behind the running one.
+
+        A loop busy with other work (thousands of refusals a second past saturation) answers the
+        worker's "done" late; with the next batch already waiting in the worker's queue, the
+        model does not idle meanwhile. Only a full batch is handed over early: one that could
+        still grow waits, as before, for the running batch to end.
+        """
         while True:
+            if self._batch_tasks and (len(self._batch_tasks) > 1 or not self._full_batch_waiting()):
+                await self._until_changed()
+                continue
             batch = await self._next_batch()
             if batch is None:
+                if self._batch_tasks:
+                    await asyncio.wait(set(self._batch_tasks))
                 return
-            try:
-                await self._run(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the loop must survive anything a batch does
-                logger.exception("batcher %s: unexpected failure", self.name)
-                self._deliver(batch, [Outcome(False, error=exc) for _ in batch])
+            if self.policy.run_inline:
+                await self._run_safely(batch)
+                continue
+            task = self.loop.create_task(self._run_safely(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    def _full_batch_waiting(self) -> bool:
+        return (len(self._queue) >= self.policy.max_batch_size
+                or (self.policy.max_batch_cost is not None and self._queued_cost >= self.policy.max_batch_cost))
+
+    async def _until_changed(self) -> None:
+        """Wait until a batch ends or an item arrives."""
+        self._wakeup.clear()
+        arrival = self.loop.create_task(self._wakeup.wait())
+        try:
+            await asyncio.wait({arrival, *self._batch_tasks}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
+
+    async def _run_safely(self, batch: list[_Pending]) -> None:
+        try:
+            await self._run(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the loop must survive anything a batch does
+            logger.exception("batcher %s: unexpected failure", self.name)
+            self._deliver(batch, [Outcome(False, error=exc) for _ in batch])
 
     async def _next_batch(self) -> list[_Pending] | None:
         while True:
@@ -448,31 +485,44 @@ class DynamicBatcher:
             yield pending
 
     async def _run(self, batch: list[_Pending]) -> None:
-        items = [pending.prepared for pending in batch]
-        cost = sum(pending.cost for pending in batch)
-        self._inflight = batch
+        self._inflight.append(batch)
         try:
             if self.policy.run_inline:
-                outcomes, elapsed = self._execute(items, cost)
+                ran, outcomes, elapsed = self._execute(batch)
             else:
-                outcomes, elapsed = await self.loop.run_in_executor(self._executor, self._execute, items, cost)
+                ran, outcomes, elapsed = await self.loop.run_in_executor(self._executor, self._execute, batch)
         finally:
-            self._inflight = []
-        self._recent.update(elapsed, len(batch))
-        if self._admission is not None:
-            self._admission.batch_finished(cost, elapsed)
-        self.metrics.inference.observe(elapsed)
-        self.metrics.batch_size.observe(len(batch))
-        self._deliver(batch, outcomes)
+            self._inflight.remove(batch)
+        if ran:
+            cost = sum(pending.cost for pending in ran)
+            self._recent.update(elapsed, len(ran))
+            if self._admission is not None:
+                self._admission.batch_finished(cost, elapsed)
+            self.metrics.inference.observe(elapsed)
+            self.metrics.batch_size.observe(len(ran))
+        self._deliver(ran, outcomes)
+        now = time.monotonic()
+        for pending in batch:  # skipped in the worker: expired while handed over (cancelled ones are done)
+            if not pending.future.done() and pending.deadline is not None and now >= pending.deadline:
+                self._expire(pending)
 
-    def _execute(self, items: list[Any], cost: float) -> tuple[list[Outcome], float]:
-        """Run one batch (in the worker thread unless inline); its outcomes and run time (s)."""
+    def _execute(self, batch: list[_Pending]) -> tuple[list[_Pending], list[Outcome], float]:
+        """Run the live items of one batch (in the worker thread unless inline): them, their outcomes, run time (s).
+
+        Items whose caller went away or whose deadline passed while the batch waited are skipped
+        (reading ``done()`` from this thread is a plain state check).
+        """
+        now = time.monotonic()
+        ran = [pending for pending in batch if not pending.future.done()
+               and (pending.deadline is None or now < pending.deadline)]
+        if not ran:
+            return ran, [], 0.0
         if self._admission is not None:
-            self._admission.batch_started(cost)
+            self._admission.batch_started(sum(pending.cost for pending in ran))
         started = time.monotonic()
-        outcomes = execute_batch(self._run_batch, items, finalize=self._finalize,
+        outcomes = execute_batch(self._run_batch, [pending.prepared for pending in ran], finalize=self._finalize,
                                  isolate_failures=self.policy.isolate_failures)
-        return outcomes, time.monotonic() - started
+        return ran, outcomes, time.monotonic() - started
 
     def _deliver(self, batch: list[_Pending], outcomes: list[Outcome]) -> None:
         now = time.monotonic()
@@ -498,10 +548,11 @@ class DynamicBatcher:
         """Stop now: queued and running items fail with :class:`ModelNotReady`; the thread is joined."""
         self._accepting = False
         self._fail_all(ModelNotReady(f"model {self.name} was unloaded"))
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._batch_tasks]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.to_thread(self._executor.shutdown, True)
 
     def abandon(self) -> None:
@@ -511,7 +562,7 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _fail_all(self, error: Exception) -> None:
-        for pending in [*self._inflight, *self._queue]:
+        for pending in [*(pending for batch in self._inflight for pending in batch), *self._queue]:
             if not pending.future.done():
                 pending.future.set_exception(error)
         self._queue.clear()

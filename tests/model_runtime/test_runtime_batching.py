@@ -225,3 +225,25 @@ def test_queue_delay_bound_refuses_work_that_would_wait_too_long(runtime: ModelR
         return refused.value
 
     assert "expected wait" in str(asyncio.run(scenario()))
+
+
+def test_a_full_batch_waits_in_the_worker_so_a_busy_loop_does_not_idle_the_model(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> list[object]:
+        await runtime.load(make_spec(model, name="handover", max_batch_size=4))
+        model.hold()
+        running = asyncio.create_task(runtime.predict("handover", 0))
+        await wait_entered(model)
+        full = [asyncio.create_task(runtime.predict("handover", x)) for x in (1, 2, 3, 4)]
+        more = [asyncio.create_task(runtime.predict("handover", x)) for x in (5, 6, 7)]
+        await wait_until(lambda: runtime.stats()["handover"]["queue_depth"] == 7)  # 4 handed over, 3 queued
+        full[2].cancel()  # its caller leaves after the hand-over: the worker skips it
+        await asyncio.sleep(0)
+        model.release()
+        time.sleep(0.3)  # the loop is busy: the worker goes on with the handed-over batch by itself
+        assert [1, 2, 4] in model.batches
+        return await asyncio.gather(running, full[0], full[1], full[3], *more)
+
+    assert asyncio.run(scenario()) == [0, 2, 4, 8, 10, 12, 14]
+    assert 3 not in model.seen()
