@@ -19,7 +19,9 @@ from model_runtime.backends import (
     export_onnx,
 )
 from model_runtime.batcher import BatchOutputMismatch, BatchPolicy, DynamicBatcher
+from model_runtime.collate import Collated, collate, length_bucket, pad_stack, run_collated, split_outputs
 from model_runtime.device import Placement, inference_context, resolve_placement
+from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
 from model_runtime.streaming import (
     Session,
@@ -35,14 +37,20 @@ __all__ = [
     "ArtifactManifest",
     "BackendChoice",
     "BackendMeasurement",
+    "BadInput",
     "BatchOutputMismatch",
     "BatchPolicy",
+    "Collated",
     "DynamicBatcher",
     "LoadContext",
+    "ModelNotReady",
     "ModelRuntime",
+    "ModelRuntimeError",
     "ModelSpec",
     "OnnxRuntimeBackend",
     "Placement",
+    "RuntimeOverloaded",
+    "RuntimeTimeout",
     "Session",
     "SessionClosed",
     "StreamAlreadyOpen",
@@ -50,11 +58,16 @@ __all__ = [
     "StreamingSessions",
     "TorchBackend",
     "choose_cpu_backend",
+    "collate",
     "export_onnx",
     "get_runtime",
     "get_streaming_sessions",
     "inference_context",
+    "length_bucket",
     "load_manifest",
+    "pad_stack",
     "resolve_placement",
+    "run_collated",
     "save_artifact",
+    "split_outputs",
 ]

@@ -12,6 +12,17 @@ worker start-up)::
 Nothing here is bound to an event loop until the first ``load``/``predict`` inside one, so the
 runtime can be created at import time, used from a Celery worker, or inside uvicorn. A batcher
 belongs to the loop that created it; a later loop (e.g. a second ``asyncio.run``) gets a new one.
+
+What a spec can declare beyond a function over a list of items:
+
+- cost-aware batches: ``cost`` per item, ``max_batch_cost``, shape ``bucket`` (padding and masks:
+  :mod:`model_runtime.collate`); an item over the budget fails alone with :class:`BadInput`;
+- named inputs and outputs: items as dicts of arrays, ``run_batch`` returning a dict of batched
+  outputs (split per item here), or :func:`~model_runtime.collate.run_collated`;
+- ``prepare_in``: ``prepare`` in a thread or process pool, off the loop (:mod:`model_runtime.prepare`);
+- ``latency_target_ms``: admission by measured capacity (:mod:`model_runtime.admission`).
+
+Errors are the runtime's own (:mod:`model_runtime.errors`); the HTTP edge maps them to 422/503/504.
 """
 
 from __future__ import annotations
