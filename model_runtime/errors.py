@@ -70,8 +70,9 @@ class ModelNotReady(ModelRuntimeError):
     """The model is not loaded, or is being unloaded."""
 
 
-def problem_for(error: ModelRuntimeError) -> ProblemError:
-    """The problem+json error the HTTP edge answers ``error`` with (see the module docstring)."""
+def problem_for(error: ModelRuntimeError) -> ProblemError | None:
+    """The problem+json error the HTTP edge answers ``error`` with (see the module docstring); ``None``
+    for any other runtime error: an unexpected one, logged and answered with a generic 500."""
     if isinstance(error, RuntimeOverloaded):
         return ServiceOverloaded(str(error), retry_after_s=error.retry_after_s)
     if isinstance(error, RuntimeTimeout):
@@ -80,7 +81,7 @@ def problem_for(error: ModelRuntimeError) -> ProblemError:
         return UnprocessableContent(str(error), **error.extensions)
     if isinstance(error, ModelNotReady):
         return NotReady(str(error))
-    return ProblemError()  # an unexpected runtime failure: a 500 that leaks nothing
+    return None
 
 
 register_problem_mapping(ModelRuntimeError, problem_for)

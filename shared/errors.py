@@ -116,17 +116,20 @@ class EdgeMappedError(Exception):
     """
 
 
-_EDGE_MAPPINGS: dict[type[BaseException], Callable[[Any], ProblemError]] = {}
+_EDGE_MAPPINGS: dict[type[BaseException], Callable[[Any], ProblemError | None]] = {}
 
 
-def register_problem_mapping(error_type: type[EdgeMappedError], to_problem: Callable[[Any], ProblemError]) -> None:
-    """Answer ``error_type`` (and its subclasses without a mapping of their own) with ``to_problem(error)``."""
+def register_problem_mapping(error_type: type[EdgeMappedError],
+                             to_problem: Callable[[Any], ProblemError | None]) -> None:
+    """Answer ``error_type`` (and its subclasses without a mapping of their own) with ``to_problem(error)``;
+    ``None`` from it makes the error an unexpected one (logged, a generic 500)."""
     _EDGE_MAPPINGS[error_type] = to_problem
 
 
 def as_problem(error: BaseException) -> ProblemError | None:
     """The problem an error is answered with at the edge: itself when a :class:`ProblemError`, the
-    registered mapping of its nearest mapped class for an :class:`EdgeMappedError`, else ``None``."""
+    registered mapping of its nearest mapped class for an :class:`EdgeMappedError`, else ``None``
+    (an unexpected error)."""
     if isinstance(error, ProblemError):
         return error
     for cls in type(error).__mro__:

@@ -163,7 +163,7 @@ def test_full_queue_answers_overloaded_with_retry_after(runtime: ModelRuntime) -
     refused = asyncio.run(scenario())
     assert refused.retry_after_s > 0
     problem = problem_for(refused)  # what the HTTP edge answers
-    assert problem.status == 503 and int(problem.headers["Retry-After"]) >= 1
+    assert problem is not None and problem.status == 503 and int(problem.headers["Retry-After"]) >= 1
     assert _sample("tessera_model_rejected_total", "bounded") == rejected_before + 1
     assert 3 not in model.seen()
 

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from runtime_fakes import GatedModel, make_spec
 
-from model_runtime import ModelRuntime
+from model_runtime import ModelRuntime, ModelRuntimeError
 from shared.errors import install_problem_handlers
 
 MODEL = "http-double"
@@ -48,6 +48,14 @@ def build_app(runtime: ModelRuntime, model: GatedModel) -> FastAPI:
     @app.post("/predict")
     async def predict(item: Item) -> dict[str, float]:
         return {"y": await runtime.predict(MODEL, item.x)}
+
+    @app.post("/predict-soon")
+    async def predict_soon(item: Item) -> dict[str, float]:
+        return {"y": await runtime.predict(MODEL, item.x, timeout_s=0.05)}
+
+    @app.post("/broken")
+    async def broken() -> None:
+        raise ModelRuntimeError("internal detail of the runtime")
 
     return app
 
@@ -137,3 +145,23 @@ def test_http_concurrent_load_forms_batches(served: tuple[str, ModelRuntime, Gat
     count_after, sum_after = _batch_histogram()
     assert sum_after - sum_before >= 64 and count_after - count_before < 64
     assert max(len(batch) for batch in model.batches) > 1
+
+
+def test_http_deadline_is_504_and_an_unexpected_runtime_error_a_bare_500(
+        served: tuple[str, ModelRuntime, GatedModel]) -> None:
+    base_url, _runtime, model = served
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+            model.hold()
+            first = asyncio.create_task(client.post("/predict", json={"x": 1}))
+            await _until(model.entered.is_set)
+            late = await client.post("/predict-soon", json={"x": 2})
+            model.release()
+            return await first, late, await client.post("/broken")
+
+    first, late, broken = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert late.status_code == 504 and late.json()["type"].endswith("/deadline-exceeded")
+    assert broken.status_code == 500 and broken.headers["content-type"].startswith("application/problem+json")
+    assert "internal detail" not in broken.text
