@@ -293,6 +293,7 @@ class DynamicBatcher:
                                             initializer=thread_initializer)
         self.loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
+        self._batch_full = asyncio.Event()
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
 
@@ -376,6 +377,8 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._queued_cost += cost
         self._mean_cost += 0.05 * (cost - self._mean_cost)
+        if self._batch_tasks and self._full_batch_waiting():
+            self._batch_full.set()
         self.metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
         timer = None if timeout_s is None else self.loop.call_later(timeout_s, self._expire, pending)
@@ -421,13 +424,13 @@ class DynamicBatcher:
                 or (self.policy.max_batch_cost is not None and self._queued_cost >= self.policy.max_batch_cost))
 
     async def _until_changed(self) -> None:
-        """Wait until a batch ends or an item arrives."""
-        self._wakeup.clear()
-        arrival = self.loop.create_task(self._wakeup.wait())
+        """Wait until a batch ends or a full one is waiting (not woken by every arrival)."""
+        self._batch_full.clear()
+        full = self.loop.create_task(self._batch_full.wait())
         try:
-            await asyncio.wait({arrival, *self._batch_tasks}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({full, *self._batch_tasks}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            arrival.cancel()
+            full.cancel()
 
     async def _run_safely(self, batch: list[_Pending]) -> None:
         try:
