@@ -96,7 +96,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def halve(items: Sequence[Item]) -> tuple[Sequence[Item], Sequence[Item]]:
+def halve(items: list[Item]) -> tuple[list[Item], list[Item]]:
     """The default split: first half, second half (the first gets the smaller half of an odd count)."""
     middle = len(items) // 2
     return items[:middle], items[middle:]
@@ -108,8 +108,8 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_with_oom_split(run: Callable[[Sequence[Item]], Sequence[Output]], batch: Sequence[Item],
-                       split: Callable[[Sequence[Item]], tuple[Sequence[Item], Sequence[Item]]] = halve, *,
+def run_with_oom_split(run: Callable[[list[Item]], Sequence[Output]], batch: list[Item],
+                       split: Callable[[list[Item]], tuple[list[Item], list[Item]]] = halve, *,
                        budget: MemoryBudget | None = None,
                        on_split: Callable[[], None] | None = None) -> list[Output]:
     """Run ``batch``, splitting it until every part fits (see the module docstring).
@@ -118,7 +118,7 @@ def run_with_oom_split(run: Callable[[Sequence[Item]], Sequence[Output]], batch:
     ----------
     run : callable
         ``(items) -> outputs``, one output per item, in order (the model's bound ``run_batch``).
-    batch : sequence
+    batch : list
         Prepared items.
     split : callable
         ``(items) -> (first, second)``, both non-empty for two or more items; :func:`halve` by default.
@@ -153,8 +153,8 @@ def run_with_oom_split(run: Callable[[Sequence[Item]], Sequence[Output]], batch:
     return _run_halves(run, batch, split, budget, on_split)
 
 
-def _run_halves(run: Callable[[Sequence[Item]], Sequence[Output]], batch: Sequence[Item],
-                split: Callable[[Sequence[Item]], tuple[Sequence[Item], Sequence[Item]]],
+def _run_halves(run: Callable[[list[Item]], Sequence[Output]], batch: list[Item],
+                split: Callable[[list[Item]], tuple[list[Item], list[Item]]],
                 budget: MemoryBudget | None, on_split: Callable[[], None] | None) -> list[Output]:
     first, second = split(batch)
     if not first or not second or len(first) + len(second) != len(batch):

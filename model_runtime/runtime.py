@@ -53,7 +53,8 @@ from model_runtime.batcher import (
 from model_runtime.collate import split_outputs
 from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
 from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeTimeout
-from model_runtime.metrics import ModelMetrics
+from model_runtime.memory import MemoryBudget, run_with_oom_split
+from model_runtime.metrics import OOM_SPLITS, ModelMetrics
 from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, checked_prepare, resolve_prepare_in
 from shared.errors import ProblemError
 
@@ -115,8 +116,12 @@ class ModelSpec:
         batch budget, and an optional shape bucket per item (see :mod:`model_runtime.collate`).
     warmup_items : sequence
         Raw example items run (batch 1, then all together) before the model takes traffic.
-    device : {"auto", "cpu", "cuda"}, optional
+    device : {"auto", "cpu", "cuda", "cuda:<n>"}, optional
         Overrides ``settings.device`` for this model.
+    precision : {"fp32", "fp16", "bf16"}, optional
+        fp32 (default) runs without autocast; fp16/bf16 under autocast (:mod:`model_runtime.device`).
+    memory_budget : MemoryBudget, optional
+        Batches over it, or that run out of device memory, run in halves (:mod:`model_runtime.memory`).
     uses_torch : bool
         Run batches under ``torch.inference_mode`` (and autocast); ``False`` for models that never
         touch torch (ONNX Runtime, LightGBM), which then skip entering torch's modes every batch.
@@ -140,6 +145,8 @@ class ModelSpec:
     uses_torch: bool = True
     warmup_items: Sequence[Any] = ()
     device: str | None = None
+    precision: str | None = None
+    memory_budget: MemoryBudget | None = None
     cost: CostOf | None = None
     max_batch_cost: float | None = None
     bucket: BucketOf | None = None
@@ -288,7 +295,7 @@ class ModelRuntime:
         configure_threads()
         manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
         version = _resolve_version(spec, manifest)
-        placement = resolve_placement(spec.device)
+        placement = resolve_placement(spec.device, spec.precision)
         model = spec.loader(LoadContext(spec.artifact_dir, manifest, placement))
         run = _bind_run(spec, model, placement)
         started = time.perf_counter()
@@ -491,7 +498,10 @@ def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[li
             outputs = spec.run_batch(model, items)
         return split_outputs(outputs, len(items)) if isinstance(outputs, Mapping) else outputs
 
-    return run
+    if spec.memory_budget is None and placement.device.type != "cuda":
+        return run  # CPU without a budget: nothing to split (fraud's hot path unchanged)
+    budget, on_split = spec.memory_budget, OOM_SPLITS.labels(spec.name).inc
+    return lambda items: run_with_oom_split(run, items, budget=budget, on_split=on_split)
 
 
 def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def test_a_real_out_of_memory_is_answered_by_splitting() -> None:
     per_item = free // 3  # two items fit, four do not
     sizes: list[int] = []
 
-    def run(items: Sequence[int]) -> list[int]:
+    def run(items: list[int]) -> list[int]:
         sizes.append(len(items))
         block = torch.empty(len(items) * per_item, dtype=torch.uint8, device=device)
         del block

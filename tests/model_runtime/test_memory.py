@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Sequence
 
 import pytest
 import torch
 
+from model_runtime import ModelRuntime, ModelSpec
 from model_runtime.batcher import execute_batch
 from model_runtime.errors import BadInput
 from model_runtime.memory import (
@@ -26,7 +27,7 @@ class RunsOutAbove:
         self.limit = limit
         self.sizes: list[int] = []
 
-    def __call__(self, items: Sequence[int]) -> list[int]:
+    def __call__(self, items: list[int]) -> list[int]:
         self.sizes.append(len(items))
         if len(items) > self.limit or any(item < 0 for item in items):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -63,7 +64,7 @@ def test_a_single_item_out_of_memory_is_the_runtimes_own_error() -> None:
 def test_other_errors_are_not_split() -> None:
     calls: list[int] = []
 
-    def broken(items: Sequence[int]) -> list[int]:
+    def broken(items: list[int]) -> list[int]:
         calls.append(len(items))
         raise RuntimeError("index out of range")
 
@@ -86,7 +87,7 @@ def test_a_budget_splits_a_real_model_before_running_with_the_same_outputs() -> 
     rows = [torch.randn(16) for _ in range(13)]
     ran: list[int] = []
 
-    def run(items: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(items: list[torch.Tensor]) -> list[torch.Tensor]:
         ran.append(len(items))
         with torch.inference_mode():
             return list(model(torch.stack(list(items))))
@@ -120,3 +121,26 @@ def test_a_device_budget_is_a_share_of_its_free_memory(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000, 80_000))
     budget = MemoryBudget.on_device(torch.device("cuda", 0), 1000, fraction=0.5)
     assert budget == MemoryBudget(5000, 1000) and budget.fits([1] * 5) and not budget.fits([1] * 6)
+
+
+def test_a_model_with_a_memory_budget_splits_its_batches_and_an_oversized_item_fails_alone(
+        runtime: ModelRuntime) -> None:
+    ran: list[list[int]] = []
+
+    def run_batch(model: None, items: list[int]) -> list[int]:
+        ran.append(list(items))
+        return [item * 10 for item in items]
+
+    spec = ModelSpec(name="budgeted", version="v1", loader=lambda context: None, run_batch=run_batch,
+                     uses_torch=False, max_batch_size=16, max_wait_ms=20.0, fill="window",
+                     memory_budget=MemoryBudget(budget_bytes=1000, bytes_per_item=lambda item: item))
+
+    async def scenario() -> list[object]:
+        await runtime.load(spec)
+        items = [300, 200, 100, 400, 2000, 250, 150, 50]
+        return await asyncio.gather(*(runtime.predict("budgeted", item) for item in items), return_exceptions=True)
+
+    answers = asyncio.run(scenario())
+    assert answers[:4] == [3000, 2000, 1000, 4000] and answers[5:] == [2500, 1500, 500]
+    assert isinstance(answers[4], ItemTooLargeForMemory)
+    assert all(sum(batch) <= 1000 for batch in ran)  # no run over the budget, the oversized item never ran
