@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from runtime_fakes import GatedModel, make_spec, wait_entered, wait_until
@@ -126,6 +127,8 @@ def test_the_batcher_refuses_what_it_cannot_answer_within_the_target(runtime: Mo
         assert admission is not None
         for size in (1, 2) * 10:  # as measured: 20 ms a batch, whatever its size
             admission.batch_finished(size, 0.020)
+        started = time.monotonic()
+        admission.clock = lambda: started  # the running batch stays "just started": no race with a loaded machine
         model.hold()
         try:
             running = asyncio.create_task(runtime.predict("targeted", 0))
