@@ -90,7 +90,7 @@ class Vertical:
         return self.queues or (self.name,)
 
     def module_name(self, relative: str) -> str:
-        """The absolute module name of ``relative`` (``"tasks"`` -> ``"services.fraud.tasks"``)."""
+        """The absolute module name of ``relative``: ``"<package>.<relative>"``."""
         return f"{self.package}.{relative}"
 
     def resolve(self, reference: str) -> Any:
