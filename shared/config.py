@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         "tenants' callback URLs may reach although not public (loopback, private, link-local): "
         "e.g. `127.0.0.1,10.20.0.0/16,hooks.internal`")
 
+    nodule_pacs_host: str | None = Field(default=None, description="the PACS that receives the nodule results "
+                                         "(SR, SEG, key images) by C-STORE; unset: results are not sent")
+    nodule_pacs_port: int = Field(default=104, ge=1, le=65535, description="the PACS's DICOM port")
+    nodule_pacs_ae_title: str = Field(default="PACS", min_length=1, max_length=16, description="the PACS's "
+                                      "(called) AE title; ours is `nodule_ae_title`")
+
     @field_validator("callback_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
