@@ -24,10 +24,10 @@ What counts as transient (retry) and what as permanent (fail), by PS3.4 Annex B 
   that is permanent too): permanent;
 - ``0x0000`` success, ``0x0001`` and ``0xBxxx`` warnings: stored.
 
-The destination comes from the environment (:class:`PacsSettings`, prefix ``TESSERA_NODULE_PACS_``):
-``TESSERA_NODULE_PACS_HOST``, ``_PORT``, ``_AE_TITLE``, ``_CALLING_AE_TITLE``, ``_TIMEOUT_S``.
-No PACS is configured until the host is set. Logs name the destination, counts and status codes,
-never patient data.
+The destination comes from the settings (:func:`load_destination`): ``TESSERA_NODULE_PACS_HOST``,
+``TESSERA_NODULE_PACS_PORT`` (104) and ``TESSERA_NODULE_PACS_AE_TITLE`` (``PACS``); we call as
+``TESSERA_NODULE_AE_TITLE``. No PACS is configured until the host is set. Logs name the
+destination, counts and status codes, never patient data.
 """
 
 from __future__ import annotations
@@ -40,12 +40,11 @@ from enum import StrEnum
 from typing import Any
 
 import pydicom
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, evt
 
+from shared.config import Settings, get_settings
 from shared.jobs import PublicJobError, TransientJobError
 
 logger = logging.getLogger("tessera.nodule.pacs")
@@ -53,19 +52,8 @@ logger = logging.getLogger("tessera.nodule.pacs")
 MAX_PRESENTATION_CONTEXTS = 128
 UNCOMPRESSED_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 TRANSIENT_STATUSES = frozenset({0x0110, 0x0213})
-
-
-class PacsSettings(BaseSettings):
-    """Where results go: the PACS's Storage SCP (environment prefix ``TESSERA_NODULE_PACS_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="TESSERA_NODULE_PACS_", env_file=".env",
-                                      env_file_encoding="utf-8", extra="ignore")
-
-    host: str | None = Field(default=None, description="the PACS's address; unset: results are not sent")
-    port: int = Field(default=104, ge=1, le=65535, description="the PACS's DICOM port")
-    ae_title: str = Field(default="PACS", min_length=1, max_length=16, description="the PACS's (called) AE title")
-    calling_ae_title: str = Field(default="TESSERA", min_length=1, max_length=16, description="our AE title")
-    timeout_s: float = Field(default=30.0, gt=0, description="connect, association and per-message timeout")
+DEFAULT_CALLING_AE_TITLE = "TESSERA"
+DEFAULT_TIMEOUT_S = 30.0  # connect, association and per-message
 
 
 @dataclass(frozen=True)
@@ -75,20 +63,24 @@ class PacsDestination:
     ae_title: str
     host: str
     port: int
-    calling_ae_title: str = "TESSERA"
-    timeout_s: float = 30.0
+    calling_ae_title: str = DEFAULT_CALLING_AE_TITLE
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def load_destination(settings: PacsSettings | None = None) -> PacsDestination | None:
-    """The configured destination, or ``None`` when ``TESSERA_NODULE_PACS_HOST`` is not set."""
-    settings = settings or PacsSettings()
-    if not settings.host:
+def load_destination(settings: Settings | None = None) -> PacsDestination | None:
+    """The configured destination, or ``None`` when ``TESSERA_NODULE_PACS_HOST`` is not set.
+
+    We call as the vertical's own AE title (``nodule_ae_title``, the one its listener answers to).
+    """
+    settings = settings or get_settings()
+    if not settings.nodule_pacs_host:
         return None
-    return PacsDestination(ae_title=settings.ae_title, host=settings.host, port=settings.port,
-                           calling_ae_title=settings.calling_ae_title, timeout_s=settings.timeout_s)
+    calling = getattr(settings, "nodule_ae_title", DEFAULT_CALLING_AE_TITLE)  # the listener's setting
+    return PacsDestination(ae_title=settings.nodule_pacs_ae_title, host=settings.nodule_pacs_host,
+                           port=settings.nodule_pacs_port, calling_ae_title=calling)
 
 
 class Outcome(StrEnum):

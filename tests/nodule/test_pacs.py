@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
 from services.nodule import pacs, report
+from shared.config import Settings
 from shared.jobs import PublicJobError, TransientJobError
 from tests.nodule.orthanc import OrthancServer, free_port, run_orthanc
 from tests.nodule.test_report import (
@@ -141,12 +142,13 @@ def test_store_statuses_are_classified_by_ps3_4(status: int, outcome: pacs.Outco
     assert pacs.classify_status(status)[0] is outcome
 
 
-def test_destination_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_destination_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TESSERA_NODULE_PACS_HOST", raising=False)
-    assert pacs.load_destination(pacs.PacsSettings(_env_file=None)) is None  # type: ignore[call-arg]
+    assert pacs.load_destination(Settings(_env_file=None)) is None  # type: ignore[call-arg]
     monkeypatch.setenv("TESSERA_NODULE_PACS_HOST", "pacs.example.org")
     monkeypatch.setenv("TESSERA_NODULE_PACS_PORT", "11112")
     monkeypatch.setenv("TESSERA_NODULE_PACS_AE_TITLE", "MAINPACS")
-    configured = pacs.load_destination(pacs.PacsSettings(_env_file=None))  # type: ignore[call-arg]
-    assert configured == pacs.PacsDestination(ae_title="MAINPACS", host="pacs.example.org", port=11112)
+    configured = pacs.load_destination(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert configured is not None
+    assert (configured.ae_title, configured.host, configured.port) == ("MAINPACS", "pacs.example.org", 11112)
 
