@@ -49,8 +49,10 @@ number of nodules detected, and the study assessment group's finding.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -227,7 +229,8 @@ def _position_along_normal(dataset: Dataset) -> float:
 
 
 def build_sr(findings: SeriesFindings, source_datasets: Sequence[Dataset], *, risk: StudyRisk | None = None,
-             segmentation: Dataset | None = None, series_number: int = SR_SERIES_NUMBER) -> Dataset:
+             segmentation: Dataset | None = None, volume: SeriesVolume | None = None,
+             series_number: int = SR_SERIES_NUMBER) -> Dataset:
     """A Comprehensive 3D SR with a TID 1500 measurement report of the findings.
 
     One TID 1411 (volumetric ROI) measurement group per nodule: tracking identifier and UID,
@@ -246,6 +249,8 @@ def build_sr(findings: SeriesFindings, source_datasets: Sequence[Dataset], *, ri
     risk : StudyRisk, optional
     segmentation : pydicom.Dataset, optional
         The SEG from :func:`build_seg`; its segments become the measurement groups' regions.
+    volume : SeriesVolume, optional
+        The analysed stack; needed when the series was split into stacks (its instances are the evidence).
     series_number : int
 
     Returns
@@ -253,7 +258,7 @@ def build_sr(findings: SeriesFindings, source_datasets: Sequence[Dataset], *, ri
     pydicom.Dataset
         A :class:`highdicom.sr.Comprehensive3DSR` (SOP class 1.2.840.10008.5.1.4.1.1.88.34).
     """
-    sources = _ordered_sources(findings, source_datasets)
+    sources = _ordered_sources(findings, source_datasets, volume)
     frame_of_reference = str(sources[0].FrameOfReferenceUID)
     risk = risk or StudyRisk()
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=findings.model_version,
@@ -562,6 +567,24 @@ def build_results(findings: SeriesFindings, volume: SeriesVolume, source_dataset
         Ready to store or send; UIDs are stable for the same findings.
     """
     segmentation = build_seg(findings, source_datasets, volume=volume)
-    report = build_sr(findings, source_datasets, risk=risk, segmentation=segmentation)
+    report = build_sr(findings, source_datasets, risk=risk, segmentation=segmentation, volume=volume)
     images = build_key_images(findings, volume, source_datasets)
     return ([segmentation] if segmentation is not None else []) + [report] + images
+
+
+def save_results(datasets: Sequence[Dataset], directory: str | os.PathLike[str]) -> list[Path]:
+    """Write each object as a DICOM file ``<SOPInstanceUID>.dcm`` under ``directory``; return the paths.
+
+    Rewriting the same results overwrites the same files (their UIDs are stable), so a retried job
+    leaves one copy. The paths are what the send job and the retrieval endpoints read.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for dataset in datasets:
+        path = folder / f"{dataset.SOPInstanceUID}.dcm"
+        partial = path.with_suffix(".partial")
+        dataset.save_as(partial, enforce_file_format=True)
+        partial.replace(path)  # readers never see half a file
+        paths.append(path)
+    return paths

@@ -259,3 +259,12 @@ def test_no_nodules_gives_no_seg_and_an_sr_saying_none_were_found(case: Case) ->
 def test_findings_that_do_not_fit_the_series_are_refused(case: Case) -> None:
     with pytest.raises(report.ReportError, match="label slices"):
         report.build_seg(case.findings, case.datasets[:-1])
+
+
+def test_saved_results_read_back_as_the_same_objects(results: list[Dataset], tmp_path: Path) -> None:
+    paths = report.save_results(results, tmp_path / "results")
+    assert [path.name for path in paths] == [f"{d.SOPInstanceUID}.dcm" for d in results]
+    assert report.save_results(results, tmp_path / "results") == paths  # a retry overwrites, no second copy
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(path.name for path in paths)
+    for path, dataset in zip(paths, results, strict=True):
+        assert pydicom.dcmread(path).SOPInstanceUID == dataset.SOPInstanceUID
