@@ -292,8 +292,9 @@ def build_sr(findings: SeriesFindings, source_datasets: Sequence[Dataset], *, ri
 
 
 def _observation_context(findings: SeriesFindings) -> hd.sr.ObservationContext:
+    device_uid = str(generate_uid(entropy_srcs=[_UID_NAMESPACE, "device", findings.model_version]))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=result_uid(findings, "device"), name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
+        uid=device_uid, name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
         model_name=MODEL_NAME, serial_number=DEVICE_SERIAL_NUMBER)
     return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
