@@ -170,7 +170,7 @@ def study_risk(findings: SeriesFindings, brock: Mapping[int, BrockResult] | None
     """
     brock = brock or {}
     per_nodule = lung_rads.nodules if lung_rads is not None else ()
-    if per_nodule and len(per_nodule) != len(findings.nodules):
+    if lung_rads is not None and len(per_nodule) != len(findings.nodules):
         raise ReportError(f"{len(per_nodule)} Lung-RADS assessments for {len(findings.nodules)} nodules")
     nodules = {}
     for index, nodule in enumerate(findings.nodules):

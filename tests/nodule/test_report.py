@@ -19,7 +19,15 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from services.nodule import report
 from services.nodule.findings import DetectedNodule, SeriesFindings
-from services.nodule.risk import LungRadsCategory
+from services.nodule.risk import (
+    BrockInputs,
+    LungRadsCategory,
+    LungRadsNodule,
+    Sex,
+    brock_probability,
+    lung_rads_mean_diameter,
+    lung_rads_study,
+)
 from services.nodule.schemas import NoduleType
 from services.nodule.simulate import SimulatedStudy, SimulationConfig, simulate_study, write_dicom_series
 from services.nodule.volume import SeriesVolume, assemble_series
@@ -268,3 +276,26 @@ def test_saved_results_read_back_as_the_same_objects(results: list[Dataset], tmp
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(path.name for path in paths)
     for path, dataset in zip(paths, results, strict=True):
         assert pydicom.dcmread(path).SOPInstanceUID == dataset.SOPInstanceUID
+
+
+def test_risk_from_the_risk_module_lands_in_the_sr(case: Case) -> None:
+    nodules = case.findings.nodules
+    inputs = [BrockInputs(age_years=64, sex=Sex.FEMALE, family_history_lung_cancer=False, emphysema=True,
+                          nodule_diameter_mm=n.mean_diameter_mm, nodule_type=n.nodule_type, upper_lobe=True,
+                          nodule_count=len(nodules), spiculation=None) for n in nodules]
+    brock = {n.label: brock_probability(i) for n, i in zip(nodules, inputs, strict=True)}
+    measured = [LungRadsNodule(nodule_type=n.nodule_type,
+                               mean_diameter_mm=lung_rads_mean_diameter(n.long_axis_mm, n.short_axis_mm),
+                               solid_component_mm=n.solid_component_mm) for n in nodules]
+    lung_rads = lung_rads_study(measured, baseline=True)
+    risk = report.study_risk(case.findings, brock, lung_rads)
+    groups = nodule_groups(read_sr(encoded(report.build_sr(case.findings, case.datasets, risk=risk))))
+    for nodule, assessment in zip(nodules, lung_rads.nodules, strict=True):
+        group = groups[f"Nodule {nodule.label}"]
+        probability = measurement(group, report.PROBABILITY_OF_CANCER)
+        assert probability.value == pytest.approx(100 * brock[nodule.label].probability, abs=0.005)
+        assert probability.method == report.BROCK_METHOD_CODES["2a"]
+        assert [e.value for e in group.get_qualitative_evaluations(name=report.LUNG_RADS_CONCEPT)] == [
+            report.LUNG_RADS_CODES[assessment.category]]
+    with pytest.raises(report.ReportError, match="assessments"):
+        report.study_risk(case.findings, brock, lung_rads_study([], baseline=True))
