@@ -62,11 +62,45 @@ class Settings(BaseSettings):
         "tenants' callback URLs may reach although not public (loopback, private, link-local): "
         "e.g. `127.0.0.1,10.20.0.0/16,hooks.internal`")
 
+    nodule_ae_title: str = Field(default="TESSERA", min_length=1, max_length=16, description="the nodule "
+                                 "vertical's DICOM AE title (its C-STORE listener)")
+    nodule_dicom_host: str = Field(default="127.0.0.1", description="address the DICOM listener binds")
+    nodule_dicom_port: int = Field(default=11112, ge=0, le=65535, description="the DICOM listener's port")
+    nodule_dicom_listener: bool = Field(default=True, description="`tessera up` starts the DICOM listener")
+    nodule_allowed_calling_aets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated calling AE titles the DICOM listener accepts; "
+        "empty accepts any, which only the development and test environments allow")
+    nodule_calling_aet_tenants: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="comma-separated `AE_TITLE=tenant` pairs: whose studies an "
+        "association stores (others: `nodule_default_tenant`)")
+    nodule_default_tenant: str = Field(default="default", description="tenant of DICOM associations whose "
+                                       "calling AE title is not in `nodule_calling_aet_tenants`")
+    nodule_quiet_period_s: float = Field(default=10.0, gt=0, description="a series is complete after this "
+                                         "long without a new instance, then analysed")
+    nodule_storage_dir: Path | None = Field(default=None, description="where received DICOM files are "
+                                            "stored; `<data_dir>/nodule` if unset")
     nodule_pacs_host: str | None = Field(default=None, description="the PACS that receives the nodule results "
                                          "(SR, SEG, key images) by C-STORE; unset: results are not sent")
     nodule_pacs_port: int = Field(default=104, ge=1, le=65535, description="the PACS's DICOM port")
     nodule_pacs_ae_title: str = Field(default="PACS", min_length=1, max_length=16, description="the PACS's "
                                       "(called) AE title; ours is `nodule_ae_title`")
+
+    @field_validator("nodule_allowed_calling_aets", mode="before")
+    @classmethod
+    def _comma_separated_aets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [entry.strip() for entry in value.split(",") if entry.strip()]
+        return value
+
+    @field_validator("nodule_calling_aet_tenants", mode="before")
+    @classmethod
+    def _aet_tenant_pairs(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [entry.split("=", 1) for entry in value.split(",") if entry.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("nodule_calling_aet_tenants takes `AE_TITLE=tenant` pairs separated by commas")
+            return {aet.strip(): tenant.strip() for aet, tenant in pairs}
+        return value
 
     @field_validator("callback_allowed_hosts", mode="before")
     @classmethod
