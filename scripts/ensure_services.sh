@@ -18,6 +18,18 @@ if ! listening 5432 || ! listening 6379; then
   fi
 fi
 
+# DICOM tools for the nodule tests: dcmtk (storescu/storescp) and Orthanc (a real PACS). Installed
+# only; the tests start their own on loopback and skip, saying why, when they are absent.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0}" != 1 ]; then
+  dicom_need=()
+  command -v storescu >/dev/null || dicom_need+=(dcmtk)
+  command -v Orthanc >/dev/null || dicom_need+=(orthanc)
+  if [ ${#dicom_need[@]} -gt 0 ]; then
+    echo "ensure_services: installing ${dicom_need[*]} from Debian packages"
+    timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq "${dicom_need[@]}" >/dev/null
+  fi
+fi
+
 if ! listening 5432 && command -v pg_ctlcluster >/dev/null; then
   version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
   if [ -n "$version" ]; then

@@ -1,8 +1,659 @@
-"""Reading and writing DICOM for the nodule vertical: not built yet (issue 17).
+"""Reading, checking and storing the DICOM instances a PACS sends: C-STORE, STOW-RS parts, zip members.
 
-Its responsibility: parse instances arriving by C-STORE, STOW-RS or a zip upload (every transfer
-syntax pydicom and pylibjpeg can decode), refuse other SOP classes with a proper status, store
-them on disk and index them by patient, study, series and SOP instance UID (a duplicate is not an
-error), and tell when a series is complete (quiet period ``TESSERA_NODULE_QUIET_PERIOD_S``). No
-patient name or id is ever logged.
+Every way in ends in :func:`store_file`: the instance is parsed (:func:`parse_instance`), checked
+(CT Image Storage, the UIDs a series needs, pixel data present and decodable) and, if good, moved
+atomically to ``<storage>/<tenant>/<study>/<series>/<sop>.dcm`` and indexed
+(:mod:`services.nodule.db`). A refusal is an :class:`InstanceRefused` carrying the DICOM status
+(the C-STORE response status, the STOW-RS FailureReason) and a reason without patient data; nothing
+is stored then. A SOP instance UID the tenant already has is a success that stores nothing.
+
+The C-STORE SCP (:func:`start_scp`, :func:`serve` for ``tessera up``) accepts CT Image Storage in
+every transfer syntax pydicom can decode here (:func:`decodable_transfer_syntaxes`) and
+Verification; other SOP classes are refused at the presentation context. On embedded defaults any
+calling AE title is accepted; elsewhere only ``TESSERA_NODULE_ALLOWED_CALLING_AETS``. An
+association's instances belong to the tenant its calling AE title maps to
+(``TESSERA_NODULE_CALLING_AET_TENANTS``, else ``TESSERA_NODULE_DEFAULT_TENANT``).
+
+No patient name or id is ever logged: log lines carry AE titles, UIDs, statuses and counts.
 """
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.orm import Session
+
+from services.nodule.db import DONE, FAILED, RECEIVED, RECEIVING, Instance, Series, Study
+from services.nodule.volume import age_in_years
+from shared.config import Settings, get_settings
+from shared.db import session_scope, utcnow
+from shared.errors import BadRequest, UnprocessableContent, UnsupportedMediaType
+from shared.uploads import MultipartFileReader
+
+logger = logging.getLogger("tessera.nodule.dicom")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STUDY_UID_MISMATCH = 0xA901
+"""A STOW-RS instance outside the study its request names: PS3.18 defines no code of its own, so an
+A9xx one (the instance does not fit what was asked), as Microsoft's DICOM server answers it."""
+CANNOT_UNDERSTAND = 0xC000
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+
+ACCEPTED_SOP_CLASSES = (CTImageStorage,)
+NATIVE_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                            ExplicitVRBigEndian)
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+MAX_UID_CHARS = 64
+Source = Literal["c-store", "stow-rs", "upload"]
+
+
+class InstanceRefused(Exception):
+    """An instance that is not stored: its DICOM failure status and a reason free of patient data."""
+
+    def __init__(self, status: int, reason: str, *, sop_class_uid: str | None = None,
+                 sop_instance_uid: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """What indexing needs from a checked instance (the patient fields are never logged)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    patient_id: str | None
+    patient_age_years: float | None
+    patient_sex: str | None
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance now held for the tenant; ``duplicate`` when it was already there (nothing written)."""
+
+    instance: ParsedInstance
+    duplicate: bool
+
+
+@functools.cache
+def decodable_transfer_syntaxes() -> tuple[UID, ...]:
+    """The native transfer syntaxes and every compressed one a pydicom decoder plug-in here can decode."""
+    compressed = []
+    for syntax in AllTransferSyntaxes:
+        uid = UID(syntax)
+        if not uid.is_compressed:
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                compressed.append(uid)
+        except NotImplementedError:
+            continue
+    return (*NATIVE_TRANSFER_SYNTAXES, *compressed)
+
+
+# --- parsing and checking ---------------------------------------------------------------------------
+
+
+def parse_instance(source: Path | bytes, *, expected_study_uid: str | None = None) -> ParsedInstance:
+    """Read a DICOM Part 10 file and check it is a CT instance this node can store and decode.
+
+    Parameters
+    ----------
+    source:
+        The file, or its bytes.
+    expected_study_uid:
+        When set (a study-scoped STOW-RS), an instance of another study is refused.
+
+    Raises
+    ------
+    InstanceRefused
+        0xC000 unreadable or undecodable, 0x0122 another SOP class, 0xC122 a transfer syntax with
+        no decoder, 0xA900 missing or malformed identifiers, 0xA901 another study than expected.
+    """
+    dataset = _read_part10(source)
+    sop_class = _text(dataset, "SOPClassUID") or _text(dataset.file_meta, "MediaStorageSOPClassUID")
+    sop_instance = _text(dataset, "SOPInstanceUID")
+
+    def refuse(status: int, reason: str) -> InstanceRefused:
+        return InstanceRefused(status, reason, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+
+    if sop_class not in ACCEPTED_SOP_CLASSES:
+        raise refuse(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class or '(none)'} is not CT Image Storage")
+    parsed = _identify(dataset, refuse)
+    if expected_study_uid is not None and parsed.study_instance_uid != expected_study_uid:
+        raise refuse(STUDY_UID_MISMATCH, "the instance belongs to another study than the request names")
+    _check_pixels(dataset, refuse)
+    return parsed
+
+
+def _read_part10(source: Path | bytes) -> Dataset:
+    try:
+        handle: Any = io.BytesIO(source) if isinstance(source, bytes) else source
+        dataset = pydicom.dcmread(handle, force=False)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise InstanceRefused(CANNOT_UNDERSTAND, f"not a readable DICOM Part 10 file ({type(exc).__name__})") from None
+    if "TransferSyntaxUID" not in getattr(dataset, "file_meta", Dataset()):
+        raise InstanceRefused(CANNOT_UNDERSTAND, "no transfer syntax in the file meta information")
+    return dataset
+
+
+def _identify(dataset: Dataset, refuse: Any) -> ParsedInstance:
+    uids = {keyword: _text(dataset, keyword) for keyword in
+            ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    for keyword, value in uids.items():
+        if not value or len(value) > MAX_UID_CHARS or not UID_PATTERN.match(value):
+            raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing or not a valid UID")
+    modality = _text(dataset, "Modality")
+    if modality is not None and modality != "CT":
+        raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Modality {modality} in a CT Image Storage instance")
+    syntax = UID(str(dataset.file_meta.TransferSyntaxUID))
+    if syntax not in decodable_transfer_syntaxes():
+        raise refuse(TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {syntax} cannot be decoded here")
+    sex = _text(dataset, "PatientSex")
+    return ParsedInstance(
+        sop_class_uid=str(dataset.SOPClassUID), sop_instance_uid=str(uids["SOPInstanceUID"]),
+        study_instance_uid=str(uids["StudyInstanceUID"]), series_instance_uid=str(uids["SeriesInstanceUID"]),
+        transfer_syntax_uid=str(syntax), modality=modality, patient_id=(_text(dataset, "PatientID") or None),
+        patient_age_years=age_in_years(_text(dataset, "PatientAge")),
+        patient_sex=sex if sex in ("M", "F", "O") else None)
+
+
+def _check_pixels(dataset: Dataset, refuse: Any) -> None:
+    """Pixel data complete (native) or decodable (compressed): what assembly will need later."""
+    if "PixelData" not in dataset:
+        raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "no pixel data")
+    try:
+        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.pixel_array  # noqa: B018  (decoding is the check)
+        else:
+            _check_native_length(dataset)
+    except InstanceRefused:
+        raise
+    except Exception as exc:  # a decoder plug-in raises whatever its library raises
+        raise refuse(CANNOT_UNDERSTAND, f"pixel data cannot be decoded ({type(exc).__name__})") from None
+
+
+def _check_native_length(dataset: Dataset) -> None:
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    expected = rows * columns * samples * frames * bits // 8
+    if len(dataset.PixelData) < expected:
+        raise InstanceRefused(CANNOT_UNDERSTAND, f"pixel data is {len(dataset.PixelData)} bytes, "
+                              f"{expected} expected: the instance is truncated")
+
+
+def _text(dataset: Any, keyword: str) -> str | None:
+    value = getattr(dataset, keyword, None) if dataset is not None else None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+# --- storage and index ------------------------------------------------------------------------------
+
+
+def storage_root(settings: Settings | None = None) -> Path:
+    """Where instances are kept: ``TESSERA_NODULE_STORAGE_DIR``, else ``<data_dir>/nodule``."""
+    settings = settings or get_settings()
+    return settings.nodule_storage_dir or settings.data_dir / "nodule"
+
+
+def incoming_dir(settings: Settings | None = None) -> Path:
+    """Where files are received before they are checked (same file system: a move is a rename)."""
+    directory = storage_root(settings) / ".incoming"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def new_incoming_path(settings: Settings | None = None) -> Path:
+    """A fresh partial-file name under :func:`incoming_dir`."""
+    return incoming_dir(settings) / f"{uuid.uuid4().hex}.part"
+
+
+def instance_relative_path(tenant_id: str, instance: ParsedInstance) -> str:
+    """``<tenant>/<study>/<series>/<sop>.dcm`` (UIDs are digits and dots: checked before)."""
+    return "/".join((tenant_id, instance.study_instance_uid, instance.series_instance_uid,
+                     f"{instance.sop_instance_uid}.dcm"))
+
+
+def store_bytes(data: bytes, *, tenant_id: str, source: Source,
+                expected_study_uid: str | None = None) -> StoredInstance:
+    """Check and store one Part 10 instance held in memory (a C-STORE dataset with its meta)."""
+    parsed = parse_instance(data, expected_study_uid=expected_study_uid)
+    partial = new_incoming_path()
+    try:
+        with partial.open("xb") as handle:
+            handle.write(data)
+        return _keep(partial, parsed, tenant_id=tenant_id, source=source, size=len(data))
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def store_file(path: Path, *, tenant_id: str, source: Source, expected_study_uid: str | None = None) -> StoredInstance:
+    """Check and store one received file (under :func:`incoming_dir`); it is moved or deleted."""
+    try:
+        parsed = parse_instance(path, expected_study_uid=expected_study_uid)
+        return _keep(path, parsed, tenant_id=tenant_id, source=source, size=path.stat().st_size)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _keep(partial: Path, parsed: ParsedInstance, *, tenant_id: str, source: Source, size: int) -> StoredInstance:
+    """Move ``partial`` into place and index it, unless the tenant already holds the SOP instance."""
+    with session_scope() as session:
+        if _already_stored(session, tenant_id, parsed.sop_instance_uid):
+            return StoredInstance(parsed, duplicate=True)
+        relative = instance_relative_path(tenant_id, parsed)
+        _move_into_place(partial, storage_root() / relative, parsed)
+        inserted = index_instance(session, tenant_id, parsed, relative, size, source)
+    return StoredInstance(parsed, duplicate=not inserted)
+
+
+def _move_into_place(partial: Path, final: Path, parsed: ParsedInstance) -> None:
+    """Rename the received file to its final name (atomic: a reader sees all of it or nothing)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+    except OSError as exc:
+        raise InstanceRefused(OUT_OF_RESOURCES, f"the instance could not be written ({type(exc).__name__})",
+                              sop_class_uid=parsed.sop_class_uid, sop_instance_uid=parsed.sop_instance_uid) from None
+
+
+def _already_stored(session: Session, tenant_id: str, sop_instance_uid: str) -> bool:
+    return session.scalar(select(Instance.id).where(Instance.tenant_id == tenant_id,
+                                                    Instance.sop_instance_uid == sop_instance_uid)) is not None
+
+
+def index_instance(session: Session, tenant_id: str, parsed: ParsedInstance, relative_path: str, size: int,
+                   source: Source) -> bool:
+    """Index a stored file: its instance row, its series (one more instance, receiving again) and study.
+
+    Returns False when a concurrent copy of the same SOP instance was indexed first (nothing changes).
+    """
+    now = utcnow()
+    insert = _insert(session, Instance).values(
+        tenant_id=tenant_id, patient_id=parsed.patient_id, study_instance_uid=parsed.study_instance_uid,
+        series_instance_uid=parsed.series_instance_uid, sop_instance_uid=parsed.sop_instance_uid,
+        sop_class_uid=parsed.sop_class_uid, transfer_syntax_uid=parsed.transfer_syntax_uid, path=relative_path,
+        size_bytes=size, source=source, received_at=now,
+    ).on_conflict_do_nothing(index_elements=["tenant_id", "sop_instance_uid"]).returning(Instance.id)
+    if session.scalar(insert) is None:
+        return False
+    _count_in_series(session, tenant_id, parsed, now)
+    _touch_study(session, tenant_id, parsed, now)
+    return True
+
+
+def _count_in_series(session: Session, tenant_id: str, parsed: ParsedInstance, now: datetime) -> None:
+    insert = _insert(session, Series).values(
+        tenant_id=tenant_id, series_instance_uid=parsed.series_instance_uid,
+        study_instance_uid=parsed.study_instance_uid, modality=parsed.modality, state=RECEIVING,
+        instance_count=1, last_instance_at=now, created_at=now, updated_at=now)
+    session.execute(insert.on_conflict_do_update(
+        index_elements=["tenant_id", "series_instance_uid"],
+        set_={"instance_count": Series.instance_count + 1, "last_instance_at": now, "state": RECEIVING,
+              "updated_at": now}))
+
+
+def _touch_study(session: Session, tenant_id: str, parsed: ParsedInstance, now: datetime) -> None:
+    """Create the study, or bring a finished one back to ``received`` (it has a new instance)."""
+    insert = _insert(session, Study).values(
+        tenant_id=tenant_id, study_instance_uid=parsed.study_instance_uid, patient_id=parsed.patient_id,
+        patient_age_years=parsed.patient_age_years, patient_sex=parsed.patient_sex, state=RECEIVED,
+        created_at=now, updated_at=now)
+    session.execute(insert.on_conflict_do_update(
+        index_elements=["tenant_id", "study_instance_uid"],
+        set_={"state": RECEIVED, "failure_reason": None, "updated_at": now},
+        where=Study.state.in_((DONE, FAILED))))
+
+
+def _insert(session: Session, table: type[Any]) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` for the session's dialect (PostgreSQL or SQLite)."""
+    dialect = {"postgresql": postgresql, "sqlite": sqlite_dialect}[session.get_bind().dialect.name]
+    return dialect.insert(table)
+
+
+# --- the C-STORE SCP --------------------------------------------------------------------------------
+
+
+def tenant_of_calling_aet(calling_aet: str, settings: Settings | None = None) -> str:
+    """The tenant whose studies an association from ``calling_aet`` stores."""
+    settings = settings or get_settings()
+    return settings.nodule_calling_aet_tenants.get(calling_aet.strip(), settings.nodule_default_tenant)
+
+
+def check_listener_settings(settings: Settings) -> None:
+    """Refuse to listen in production without an allow-list of calling AE titles."""
+    if settings.environment == "production" and not settings.nodule_allowed_calling_aets:
+        raise RuntimeError("TESSERA_NODULE_ALLOWED_CALLING_AETS is empty: in production the DICOM listener "
+                           "accepts only listed calling AE titles")
+
+
+def build_ae(settings: Settings) -> AE:
+    """The application entity: CT Image Storage in every decodable transfer syntax, and Verification."""
+    ae = AE(ae_title=settings.nodule_ae_title)
+    for sop_class in ACCEPTED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, decodable_transfer_syntaxes())
+    ae.add_supported_context(Verification)
+    ae.require_calling_aet = list(settings.nodule_allowed_calling_aets)
+    ae.require_called_aet = True
+    ae.maximum_associations = 32
+    return ae
+
+
+def handle_store(event: Event) -> int:
+    """C-STORE: check and store the instance; the DICOM status of the outcome."""
+    calling_aet = str(event.assoc.requestor.ae_title)
+    tenant_id = tenant_of_calling_aet(calling_aet)
+    request: Any = event.request  # a C-STORE request
+    affected_class = str(request.AffectedSOPClassUID)
+    affected_instance = str(request.AffectedSOPInstanceUID)
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        parsed = parse_instance(data)
+        if parsed.sop_class_uid != affected_class or parsed.sop_instance_uid != affected_instance:
+            raise InstanceRefused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                  "the dataset's SOP class or instance differs from the C-STORE request")
+        stored = store_bytes(data, tenant_id=tenant_id, source="c-store")
+    except InstanceRefused as refused:
+        logger.warning("C-STORE refused", extra={"calling_aet": calling_aet, "status": f"0x{refused.status:04X}",
+                                                 "reason": refused.reason, "sop_instance_uid": affected_instance})
+        return refused.status
+    except Exception:
+        logger.exception("C-STORE failed", extra={"calling_aet": calling_aet, "sop_instance_uid": affected_instance})
+        return PROCESSING_FAILURE
+    if stored.duplicate:
+        logger.info("C-STORE duplicate ignored", extra={"calling_aet": calling_aet,
+                                                        "sop_instance_uid": affected_instance})
+    return SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: the node is up."""
+    return SUCCESS
+
+
+def start_scp(settings: Settings | None = None, *, host: str | None = None,
+              port: int | None = None) -> ThreadedAssociationServer:
+    """Start the SCP in background threads; ``shutdown()`` the returned server to stop it."""
+    settings = settings or get_settings()
+    check_listener_settings(settings)
+    _quiet_pynetdicom()
+    ae = build_ae(settings)
+    address = (host or settings.nodule_dicom_host, settings.nodule_dicom_port if port is None else port)
+    handlers: list[Any] = [(evt.EVT_C_STORE, handle_store), (evt.EVT_C_ECHO, handle_echo)]
+    server = ae.start_server(address, block=False, evt_handlers=handlers)
+    assert server is not None  # block=False returns the running server
+    logger.info("DICOM listener up", extra={"ae_title": settings.nodule_ae_title, "host": address[0],
+                                            "port": server.server_address[1]})
+    return server
+
+
+def _quiet_pynetdicom() -> None:
+    """pynetdicom's INFO/DEBUG lines can dump dataset summaries: keep them out of our logs."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def serve(stop: threading.Event) -> None:
+    """The ``dicom`` listener (``tessera listen nodule dicom``): serve until ``stop`` is set."""
+    server = start_scp()
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+
+
+MAX_ZIP_MEMBER_BYTES = 512 << 20
+"""A zip member larger than this is not a CT slice: refused unread (a zip bomb's member)."""
+
+
+def extract_zip_members(path: Path) -> Iterator[tuple[str, Path | InstanceRefused]]:
+    """Each file of a zip, extracted to its own incoming file; directories and ``__MACOSX`` skipped.
+
+    Yields (member name, incoming path) or (member name, the refusal of a member too large to be
+    an instance). The caller stores or deletes each path before asking for the next.
+    """
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir() or info.filename.startswith("__MACOSX/"):
+                continue
+            if info.file_size > MAX_ZIP_MEMBER_BYTES:
+                yield info.filename, InstanceRefused(OUT_OF_RESOURCES, "the member is too large for one instance")
+                continue
+            target = new_incoming_path()
+            with archive.open(info) as member, target.open("xb") as handle:
+                shutil.copyfileobj(member, handle, 1 << 20)
+            yield info.filename, target
+
+
+# --- STOW-RS and zip uploads ---------------------------------------------------------------------------
+
+DICOM_MEDIA_TYPE = "application/dicom"
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    """What became of one STOW-RS part or zip member: stored (status 0) or refused with a DICOM status."""
+
+    name: str
+    status: int
+    reason: str | None = None
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    duplicate: bool = False
+
+    @property
+    def stored(self) -> bool:
+        """Whether the tenant holds the instance now (a duplicate counts: it was already there)."""
+        return self.status == SUCCESS
+
+
+def stow_boundary(content_type: str | None) -> bytes:
+    """The boundary of a STOW-RS body: 415 unless ``multipart/related`` of ``application/dicom``, 400 without one."""
+    media_type, options = parse_options_header(content_type or "")
+    media = media_type.decode("latin-1").strip().lower()
+    related_type = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1").strip().lower()
+    if media != "multipart/related" or related_type != DICOM_MEDIA_TYPE:
+        raise UnsupportedMediaType(f'send multipart/related; type="{DICOM_MEDIA_TYPE}" (got {media or "(none)"}'
+                                   f"{'; type=' + related_type if media == 'multipart/related' else ''})",
+                                   supported=[f'multipart/related; type="{DICOM_MEDIA_TYPE}"'])
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadRequest("multipart/related without a boundary parameter")
+    return boundary
+
+
+class RelatedPartsReader(MultipartFileReader):
+    """A streaming parser of a ``multipart/related`` body whose parts are DICOM files.
+
+    Each part's bytes go to their own file under :func:`incoming_dir` as they arrive (nothing is
+    held in memory beyond the chunk being parsed). A part of another type than
+    ``application/dicom`` is a 415, a malformed or truncated body a 400. Call :meth:`feed` (from a
+    worker thread: it writes files) with each chunk, then :meth:`finish`; :meth:`discard` deletes
+    every file when the request fails. Part headers are collected as
+    :class:`shared.uploads.MultipartFileReader` collects them; there is no per-body overhead limit
+    (a study has one part per slice).
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        super().__init__(boundary, field="", part_types=(DICOM_MEDIA_TYPE,))
+        self.paths: list[Path] = []
+        self._file: IO[bytes] | None = None
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Parse (and write out) the next bytes of the body; nothing is returned (parts go to files)."""
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from None
+        return []
+
+    def finish(self) -> list[Path]:
+        """The part files, once the closing boundary came (400 otherwise, or when there is no part)."""
+        if not self.body_complete or self._file is not None:
+            raise BadRequest("truncated multipart body: it ended before its closing boundary")
+        if not self.paths:
+            raise BadRequest("the body holds no application/dicom part")
+        return list(self.paths)
+
+    def discard(self) -> None:
+        """Close and delete every part file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+    def _on_headers_finished(self) -> None:
+        media_type, _ = parse_options_header(self._headers.get(b"content-type", b""))
+        media = media_type.decode("latin-1").strip().lower()
+        if media != DICOM_MEDIA_TYPE:
+            raise UnsupportedMediaType(f"part {len(self.paths) + 1} is {media or '(untyped)'}; every part must be "
+                                       f"{DICOM_MEDIA_TYPE}", supported=[DICOM_MEDIA_TYPE])
+        path = new_incoming_path()
+        self.paths.append(path)
+        self._file = path.open("xb")
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self._file.write(data[start:end])
+
+    def _on_part_end(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def store_parts(paths: Sequence[Path], *, tenant_id: str, source: Source,
+                expected_study_uid: str | None = None, names: Sequence[str] | None = None) -> list[PartOutcome]:
+    """Check and store each received file (each is moved into place or deleted); one outcome each."""
+    return [store_one(path, name=names[index] if names else f"part {index + 1}", tenant_id=tenant_id,
+                      source=source, expected_study_uid=expected_study_uid)
+            for index, path in enumerate(paths)]
+
+
+def store_one(path: Path, *, name: str, tenant_id: str, source: Source,
+              expected_study_uid: str | None = None) -> PartOutcome:
+    """Store one received file; its outcome (a refusal is an outcome, not an exception)."""
+    try:
+        stored = store_file(path, tenant_id=tenant_id, source=source, expected_study_uid=expected_study_uid)
+    except InstanceRefused as refused:
+        logger.info("instance refused", extra={"source": source, "status": f"0x{refused.status:04X}",
+                                               "reason": refused.reason})
+        return PartOutcome(name, refused.status, refused.reason, refused.sop_class_uid, refused.sop_instance_uid)
+    parsed = stored.instance
+    return PartOutcome(name, SUCCESS, None, parsed.sop_class_uid, parsed.sop_instance_uid,
+                       parsed.study_instance_uid, parsed.series_instance_uid, stored.duplicate)
+
+
+def store_zip(path: Path, *, tenant_id: str) -> list[PartOutcome]:
+    """Store each member of an uploaded zip as a STOW-RS part; the zip is deleted afterwards.
+
+    Raises
+    ------
+    UnprocessableContent
+        When the file is not a readable zip archive.
+    """
+    outcomes = []
+    try:
+        for name, item in extract_zip_members(path):
+            if isinstance(item, InstanceRefused):
+                outcomes.append(PartOutcome(name, item.status, item.reason))
+            else:
+                outcomes.append(store_one(item, name=name, tenant_id=tenant_id, source="upload"))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+        raise UnprocessableContent(f"the upload is not a readable zip archive ({type(exc).__name__})") from None
+    finally:
+        path.unlink(missing_ok=True)
+    return outcomes
+
+
+def stow_status_code(outcomes: Sequence[PartOutcome]) -> int:
+    """PS3.18 10.5.3: 200 when every instance is stored, 202 when some are, 409 when none is."""
+    stored = sum(outcome.stored for outcome in outcomes)
+    return 200 if stored == len(outcomes) else 202 if stored else 409
+
+
+def stow_response(outcomes: Sequence[PartOutcome], base_url: str, study_uid: str | None = None) -> dict[str, Any]:
+    """The Store Instances Response (PS3.18 Annex I) as DICOM JSON.
+
+    ``base_url`` is the DICOMweb root (``.../nodule/dicomweb``): each stored instance's RetrieveURL
+    is ``<base>/studies/<study>/series/<series>/instances/<sop>``; the top RetrieveURL names the study
+    when the request was for one study or every stored instance is of one.
+    """
+    response = Dataset()
+    studies = {outcome.study_instance_uid for outcome in outcomes if outcome.stored}
+    study = study_uid or (next(iter(studies)) if len(studies) == 1 else None)
+    response.RetrieveURL = f"{base_url}/studies/{study}" if study else None
+    failed = [_failed_item(outcome) for outcome in outcomes if not outcome.stored]
+    referenced = [_referenced_item(outcome, base_url) for outcome in outcomes if outcome.stored]
+    if failed:
+        response.FailedSOPSequence = failed
+    if referenced:
+        response.ReferencedSOPSequence = referenced
+    return response.to_json_dict()
+
+
+def _failed_item(outcome: PartOutcome) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = outcome.sop_class_uid or ""
+    item.ReferencedSOPInstanceUID = outcome.sop_instance_uid or ""
+    item.FailureReason = outcome.status
+    return item
+
+
+def _referenced_item(outcome: PartOutcome, base_url: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = outcome.sop_class_uid
+    item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+    item.RetrieveURL = (f"{base_url}/studies/{outcome.study_instance_uid}/series/{outcome.series_instance_uid}"
+                        f"/instances/{outcome.sop_instance_uid}")
+    return item
