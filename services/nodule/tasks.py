@@ -1,5 +1,48 @@
-"""Celery tasks of the nodule vertical (queue ``nodule``): none yet.
+"""Celery tasks of the nodule vertical (queue ``nodule``), thin over :mod:`services.nodule.analysis`.
 
-Issue 17 adds them, thin over the domain modules: analysing a complete series as a durable job
-(exactly once even if a worker dies) and sending results to the PACS with retries.
+- ``nodule.analyse_series``: a durable job (:mod:`shared.jobs`) per complete series: exactly once in
+  effect even if a worker dies (lease, fencing, idempotency key), progress in the job row.
+- ``nodule.sweep_quiet_series``: run by beat every :func:`sweep_interval_s`; marks quiet series
+  complete and submits their jobs.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from services.nodule.analysis import analyse_series, queue_complete_series
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.jobs import Job, job_task, report_progress
+from shared.queue import celery_app
+
+QUEUE = "nodule"
+SWEEP_TASK = "nodule.sweep_quiet_series"
+
+
+def sweep_interval_s() -> float:
+    """How often beat sweeps: a fifth of the quiet period, between 0.5 and 2 s (cheap: one indexed query)."""
+    return max(0.5, min(2.0, get_settings().nodule_quiet_period_s / 5))
+
+
+@job_task(name="nodule.analyse_series", queue=QUEUE)
+def analyse_series_job(session: Session, job: Job) -> dict[str, Any]:
+    """Assemble and analyse one complete series; its progress is the job's."""
+    assert job.tenant_id is not None
+    return analyse_series(session, job.id, job.tenant_id, job.payload,
+                          on_progress=lambda fraction: report_progress(job.id, fraction))
+
+
+@celery_app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep_quiet_series() -> int:
+    """Submit the analysis of every series quiet for the quiet period; the number submitted."""
+    with session_scope() as session:
+        return len(queue_complete_series(session, analyse_series_job))
+
+
+celery_app.conf.beat_schedule["nodule-sweep-quiet-series"] = {
+    "task": SWEEP_TASK, "schedule": sweep_interval_s(),
+    "options": {"queue": QUEUE, "expires": sweep_interval_s()},
+}
