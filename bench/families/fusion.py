@@ -1,0 +1,800 @@
+"""Audio + text fusion family: utterances/s and p99 served one by one, by the model runtime, and by LitServe.
+
+Model (:class:`FusionClassifier`, random weights, seed 0, nothing downloaded): a small
+wav2vec2-style audio encoder (``transformers`` ``Wav2Vec2Model``: 7-layer conv feature encoder with
+layer norm, 128 channels instead of wav2vec2-base's 512, 3 transformer layers, hidden 128, 4 heads)
+and a small text encoder (``RobertaModel``: 2 layers, hidden 128, 4 heads, over a byte-level
+tokenizer, at most 64 tokens), fused by one transformer layer over
+``[fusion token; text; audio]`` with modality embeddings and a key padding mask, the fusion
+token's state giving 6-way emotion logits. Either modality may be missing (masks drop it).
+
+Request (the same for every server): body = raw little-endian int16 PCM at 16 kHz, the transcript
+URL-quoted in the ``X-Transcript`` header, ``Content-Type: application/octet-stream``; answer
+``{"label": emotion, "probabilities": {emotion: p}}``. Either may be empty, not both.
+
+Servers (each its own subprocess, uvicorn with uvloop + httptools, access log off; torch intra-op
+threads :data:`THREADS` = 1 everywhere, and :data:`REPLICAS` = 2 model workers wherever the server
+has workers, one per core of the 2-core box the table was measured on):
+
+- ``one-by-one``: FastAPI ``def`` endpoint, decode + eager model per request in the threadpool (naive);
+- ``runtime``: ``async def`` endpoint -> ``model_runtime`` (decode in ``prepare`` on the worker pool,
+  padded + masked collation by :func:`run_collated`, greedy batches bounded by audio samples),
+  two replicas of the spec (the runtime runs one batch thread per model) taken in turn;
+- ``runtime+buckets``: the same with batches grouped by audio length (:func:`length_bucket`);
+- ``runtime+onnx``, ``runtime+onnx+buckets``: the same two, the model served by the backend
+  ``choose_cpu_backend`` measures fastest and accurate (eager, ONNX Runtime, ONNX int8);
+- ``litserve``: LitServe 0.2.19 serving the same eager model and decode, 2 inference workers, its
+  own batching (:data:`LITSERVE_BATCH` / :data:`LITSERVE_TIMEOUT_S`), padding in ``predict``.
+
+Before the load, every server answers three pool utterances (one without transcript) and the
+answers are compared with the eager model run one by one (``answers_match``).
+
+Why batching alone gains nothing here (measured on this box, 1 thread): a 1–6 s utterance is
+already a large input (150–300 frames); the conv feature encoder takes ~85 % of the time and
+runs no faster per item in a batch, while padding random lengths and a batch's activations
+outgrowing the CPU cache make batches of 4 random utterances ~2x slower per item than one by one
+(sorted lengths: about even). Batches are therefore capped at 8 s of audio.
+
+Load: an asyncio HTTP/1.1 keep-alive client in its own subprocess, K callers in a closed loop, each
+request a random utterance of a fixed pool of 32 (1–6 s, same seed for every server).
+
+Usage::
+
+    python bench/families/fusion.py            # 8 s a point
+    python bench/families/fusion.py --quick    # 1.5 s a point, about 2 minutes
+
+Writes ``bench/results/fusion.json``. :func:`bench_fusion` and :func:`print_fusion` are the entry
+points ``bench/runtime.py`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import litserve as ls  # noqa: E402
+import orjson  # noqa: E402
+from transformers import RobertaConfig, RobertaModel, Wav2Vec2Config, Wav2Vec2Model  # noqa: E402
+
+from bench.families.litserve_peer import (  # noqa: E402
+    ServerHandle,
+    litserve_http,
+    litserve_server,
+    machine_busy_seconds,
+    server_subprocess,
+    tree_cpu_seconds,
+    use_threads,
+)
+from bench.runtime import get_json  # noqa: E402
+from model_runtime import (  # noqa: E402
+    ModelSpec,
+    choose_cpu_backend,
+    collate,
+    get_runtime,
+    length_bucket,
+    run_collated,
+)
+
+SAMPLE_RATE = 16_000
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised")
+BOS_ID, PAD_ID, EOS_ID, BYTE_OFFSET = 0, 1, 2, 3
+VOCAB_SIZE = 256 + BYTE_OFFSET
+MAX_TOKENS = 64
+MIN_AUDIO_SAMPLES = 400  # the conv encoder's receptive field (25 ms): shorter audio gives no frame
+MAX_AUDIO_SAMPLES = 10 * SAMPLE_RATE
+PAD_AXES = {"audio": (0,), "tokens": (0,)}
+MODEL_NAME = "fusion"
+THREADS = 1  # torch intra-op threads in every server, as bench/runtime.py's reference model
+SERVERS = ("one-by-one", "runtime", "runtime+buckets", "runtime+onnx", "runtime+onnx+buckets", "litserve")
+RUNTIME_VARIANTS = {"runtime": {"buckets": False, "choose_backend": False},
+                    "runtime+buckets": {"buckets": True, "choose_backend": False},
+                    "runtime+onnx": {"buckets": False, "choose_backend": True},
+                    "runtime+onnx+buckets": {"buckets": True, "choose_backend": True}}
+CALLERS = (1, 4, 16)
+POOL_SIZE, POOL_SEED = 32, 16
+REPLICAS = 2  # model workers per server: runtime replicas, LitServe inference workers (one thread each)
+RUNTIME_BATCH = 8
+RUNTIME_BATCH_COST = 8 * SAMPLE_RATE  # 8 s of audio: padded batches beyond ~100k samples leave the CPU cache
+BUCKET_BASE = 2.0
+LITSERVE_BATCH, LITSERVE_TIMEOUT_S = RUNTIME_BATCH, 0.005  # LitServe bounds batches by count only
+WORDS = ("i", "you", "we", "really", "never", "always", "can't", "believe", "this", "is", "so", "great", "awful",
+         "today", "call", "again", "thanks", "please", "why", "what", "happened", "okay", "fine", "wait",
+         "refund", "order", "late", "love", "hate", "sorry")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def audio_config(hidden: int = 128, layers: int = 3, conv_channels: int = 128) -> Wav2Vec2Config:
+    """A small wav2vec2 config: layer-norm conv encoder (so padding changes nothing), no SpecAugment."""
+    return Wav2Vec2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          intermediate_size=2 * hidden, conv_dim=(conv_channels,) * 7,
+                          feat_extract_norm="layer", do_stable_layer_norm=True, apply_spec_augment=False,
+                          mask_time_prob=0.0, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
+                          hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                          feat_proj_dropout=0.0, layerdrop=0.0)
+
+
+def text_config(hidden: int = 128, layers: int = 2) -> RobertaConfig:
+    """A small RoBERTa config over the byte-level vocabulary of :func:`tokenize`."""
+    return RobertaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, intermediate_size=2 * hidden,
+                         max_position_embeddings=MAX_TOKENS + PAD_ID + 1, type_vocab_size=1,
+                         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+class FusionLayer(torch.nn.Module):
+    """A post-norm transformer encoder layer with a key padding mask, written with shape-agnostic
+    reshapes so that an ONNX export keeps the sequence length dynamic (unlike ``nn.MultiheadAttention``)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.out = torch.nn.Linear(width, width)
+        self.feed_forward = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                                torch.nn.Linear(2 * width, width))
+        self.norm_attention = torch.nn.LayerNorm(width)
+        self.norm_feed_forward = torch.nn.LayerNorm(width)
+
+    def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        rows, width = states.shape[0], states.shape[2]
+        query, key, value = (part.reshape(rows, -1, self.heads, width // self.heads).transpose(1, 2)
+                             for part in self.qkv(states).chunk(3, dim=-1))
+        attended = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                                    attn_mask=valid[:, None, None, :])
+        states = self.norm_attention(states + self.out(attended.transpose(1, 2).reshape(rows, -1, width)))
+        return self.norm_feed_forward(states + self.feed_forward(states))
+
+
+class FusionClassifier(torch.nn.Module):
+    """Audio (wav2vec2-style) + text (RoBERTa-style) encoders fused by attention; 6 emotion logits.
+
+    ``forward(audio, audio_mask, tokens, tokens_mask)`` takes the padded batch of
+    :func:`model_runtime.collate` (``audio`` (N, S) float, ``tokens`` (N, T) int64, masks ``True`` on
+    real samples/tokens) and returns (N, 6) logits. A row whose mask is all ``False`` lacks that
+    modality; a batch may lack it entirely (S or T = 0).
+    """
+
+    def __init__(self, audio: Wav2Vec2Config, text: RobertaConfig, width: int = 128, classes: int = len(EMOTIONS)
+                 ) -> None:
+        super().__init__()
+        self.audio_encoder = Wav2Vec2Model(audio)
+        self.text_encoder = RobertaModel(text, add_pooling_layer=False)
+        self.audio_projection = torch.nn.Linear(audio.hidden_size, width)
+        self.text_projection = torch.nn.Linear(text.hidden_size, width)
+        self.fusion_token = torch.nn.Parameter(torch.zeros(1, 1, width))
+        self.modality = torch.nn.Embedding(3, width)  # fusion token, text, audio
+        self.fusion = FusionLayer(width, heads=4)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, audio: torch.Tensor, audio_mask: torch.Tensor, tokens: torch.Tensor,
+                tokens_mask: torch.Tensor) -> torch.Tensor:
+        rows = audio.shape[0]
+        fusion_token = (self.fusion_token + self.modality.weight[0]).expand(rows, 1, -1)
+        text_states, text_valid = self._encode_text(tokens, tokens_mask)
+        audio_states, audio_valid = self._encode_audio(audio, audio_mask)
+        sequence = torch.cat([fusion_token, text_states + self.modality.weight[1],
+                              audio_states + self.modality.weight[2]], dim=1)
+        valid = torch.cat([torch.ones(rows, 1, dtype=torch.bool, device=audio.device), text_valid, audio_valid], 1)
+        fused = self.fusion(sequence, valid)
+        return self.head(fused[:, 0])
+
+    def _encode_audio(self, audio: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, width = audio.shape[0], self.audio_projection.out_features
+        if audio.shape[1] < MIN_AUDIO_SAMPLES:
+            return audio.new_zeros(rows, 0, width), torch.zeros(rows, 0, dtype=torch.bool, device=audio.device)
+        lengths = mask.sum(dim=1)
+        present = lengths > 0
+        # Rows without audio run as silence of full length (their frames are dropped below), so the
+        # encoder's own mask never sees an empty row.
+        encoder_mask = (mask | ~present[:, None]).long()
+        states = self.audio_encoder(audio, attention_mask=encoder_mask).last_hidden_state
+        frames = self.audio_encoder._get_feat_extract_output_lengths(lengths).clamp(min=0)  # type: ignore[arg-type]
+        valid = torch.arange(states.shape[1], device=audio.device)[None, :] < frames[:, None]
+        return torch.where(valid[..., None], self.audio_projection(states), 0.0), valid
+
+    def _encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, width = tokens.shape[0], self.text_projection.out_features
+        if tokens.shape[1] == 0:
+            return self.fusion_token.new_zeros(rows, 0, width), torch.zeros(rows, 0, dtype=torch.bool,
+                                                                            device=tokens.device)
+        present = mask.any(dim=1, keepdim=True)
+        states = self.text_encoder(input_ids=tokens, attention_mask=(mask | ~present).long()).last_hidden_state
+        valid = mask & present
+        return torch.where(valid[..., None], self.text_projection(states), 0.0), valid
+
+
+def fusion_model(seed: int = 0, *, hidden: int = 128, audio_layers: int = 3, conv_channels: int = 128,
+                 text_layers: int = 2) -> FusionClassifier:
+    """The fusion model with fixed random weights, in eval mode (smaller sizes for tests)."""
+    torch.manual_seed(seed)
+    model = FusionClassifier(audio_config(hidden, audio_layers, conv_channels), text_config(hidden, text_layers),
+                             width=hidden)
+    return model.eval()
+
+
+def parameter_counts(model: FusionClassifier) -> dict[str, int]:
+    """Parameters per part (audio encoder, text encoder, fusion + head) and in total."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    audio, text = count(model.audio_encoder), count(model.text_encoder)
+    total = count(model)
+    return {"audio_encoder": audio, "text_encoder": text, "fusion_and_head": total - audio - text, "total": total}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and run: the same code in every server
+# ---------------------------------------------------------------------------------------------
+def tokenize(text: str) -> np.ndarray:
+    """Byte-level tokens: ``<s>`` + UTF-8 bytes (+3) + ``</s>``, at most 64; empty text -> no tokens."""
+    if not text:
+        return np.zeros(0, dtype=np.int64)
+    body = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)[:MAX_TOKENS - 2].astype(np.int64) + BYTE_OFFSET
+    return np.concatenate([[BOS_ID], body, [EOS_ID]]).astype(np.int64)
+
+
+def decode(body: bytes, transcript: str) -> dict[str, torch.Tensor]:
+    """Request body (int16 PCM) and transcript -> ``{"audio": float32 (S,), "tokens": int64 (T,)}``.
+
+    Audio is scaled to [-1, 1) and normalised to zero mean and unit variance per utterance (as
+    wav2vec2's feature extractor does). Raises ``ValueError`` for an odd byte count, audio
+    shorter than 25 ms or longer than 10 s, or neither audio nor text.
+    """
+    if len(body) % 2:
+        raise ValueError("the body must be int16 PCM (an even number of bytes)")
+    samples = len(body) // 2
+    if 0 < samples < MIN_AUDIO_SAMPLES or samples > MAX_AUDIO_SAMPLES:
+        raise ValueError(f"audio must last 25 ms to 10 s at 16 kHz, got {samples} samples")
+    tokens = tokenize(transcript)
+    if samples == 0 and tokens.size == 0:
+        raise ValueError("neither audio nor transcript")
+    audio = np.frombuffer(body, dtype="<i2").astype(np.float32) / 32768.0
+    if samples:
+        audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+    return {"audio": torch.from_numpy(audio), "tokens": torch.from_numpy(tokens)}
+
+
+def decode_item(item: tuple[bytes, str]) -> dict[str, torch.Tensor]:
+    """:func:`decode` over a ``(body, transcript)`` pair: the runtime's ``prepare``."""
+    return decode(*item)
+
+
+def audio_samples(prepared: dict[str, torch.Tensor]) -> float:
+    """An item's batch cost: its audio samples (a text-only item costs as 0.1 s of audio)."""
+    return float(max(int(prepared["audio"].shape[0]), SAMPLE_RATE // 10))
+
+
+run_fusion = run_collated(PAD_AXES, pad_values={"tokens": PAD_ID})
+
+
+def answer(logits: torch.Tensor) -> dict[str, Any]:
+    """One row of logits -> ``{"label", "probabilities"}``."""
+    probabilities = torch.softmax(logits.float(), dim=-1).tolist()
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return {"label": EMOTIONS[best], "probabilities": dict(zip(EMOTIONS, probabilities, strict=True))}
+
+
+def predict_one(model: FusionClassifier, item: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One utterance through the model on its own (the naive way)."""
+    with torch.inference_mode():
+        return answer(run_fusion(model, [item])[0])
+
+
+async def read_utterance(request: Request) -> tuple[bytes, str]:
+    """``(body, transcript)`` of a request (a FastAPI dependency, for every server)."""
+    return await request.body(), urllib.parse.unquote(request.headers.get("x-transcript", ""))
+
+
+Utterance = Annotated[tuple[bytes, str], Depends(read_utterance)]
+
+
+class FusionGraph:
+    """The fusion model served by a backend ``choose_cpu_backend`` picked, eager where the graph cannot go.
+
+    The exported graph was traced with both modalities present; a batch in which every row lacks
+    one of them (zero-length audio or tokens) runs on the eager module instead.
+    """
+
+    def __init__(self, model: FusionClassifier, backend: Any, backend_name: str) -> None:
+        self.model, self.backend, self.backend_name = model, backend, backend_name
+
+    def __call__(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        if named["audio"].shape[1] < MIN_AUDIO_SAMPLES or named["tokens"].shape[1] == 0:
+            return self.model(**named)
+        output = self.backend(named)
+        return torch.as_tensor(next(iter(output.values())) if isinstance(output, dict) else output)
+
+
+ONNX_DYNAMIC_AXES = {"audio": {1: "samples"}, "audio_mask": {1: "samples"}, "tokens": {1: "tokens"},
+                     "tokens_mask": {1: "tokens"}}
+
+
+def backend_example(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A padded example batch for export and measurement, as the model's keyword arguments.
+
+    Tokens are cut to 32: the export check reruns the graph at doubled sizes, which must stay
+    within the text encoder's 64 positions.
+    """
+    batch = collate([{**item, "tokens": item["tokens"][:32]} for item in items], PAD_AXES, {"tokens": PAD_ID})
+    return {**batch.inputs, **{name + "_mask": mask for name, mask in batch.masks.items()}}
+
+
+def choose_backend(model: FusionClassifier) -> tuple[FusionGraph, dict[str, Any]]:
+    """Eager vs ONNX Runtime vs ONNX int8 on this machine (``model_runtime.choose_cpu_backend``)."""
+    example = backend_example([decode(pcm, text) for pcm, text, _ in utterance_pool()[:2]])
+    choice = choose_cpu_backend(model, example, max_abs_error=1e-3, batch_sizes=(1, 4), repeats=3,
+                                export_options={"dynamic_axes": ONNX_DYNAMIC_AXES, "output_names": ["logits"]})
+    return FusionGraph(model, choice.backend, choice.name), choice.as_dict()
+
+
+def fusion_spec(model: FusionClassifier | FusionGraph, *, name: str = MODEL_NAME, buckets: bool,
+                warmup: Sequence[tuple[bytes, str]] = ()) -> ModelSpec:
+    """The runtime's spec: decode in ``prepare`` (thread pool), cost = audio samples, optional buckets."""
+    bucket = length_bucket(lambda item: int(item["audio"].shape[0]), base=BUCKET_BASE) if buckets else None
+    return ModelSpec(name=name, version="bench", loader=lambda _ctx: model, prepare=decode_item,
+                     prepare_in="thread", run_batch=run_fusion, finalize=answer, max_batch_size=RUNTIME_BATCH,
+                     max_queue=256, cost=audio_samples, max_batch_cost=RUNTIME_BATCH_COST, bucket=bucket,
+                     warmup_items=list(warmup))
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------------------------
+def build_app(server: str) -> FastAPI:
+    """The FastAPI app of ``one-by-one`` or a runtime variant (:data:`RUNTIME_VARIANTS`).
+
+    A runtime server loads :data:`REPLICAS` specs of the same model (one batching worker thread
+    each, the runtime having one per model) and sends requests to them in turn.
+    """
+    from prometheus_client import REGISTRY
+
+    from shared.app import tune_garbage_collector
+    from shared.errors import UnprocessableContent, install_problem_handlers
+
+    model = fusion_model()
+    runtime = get_runtime()
+    replicas = [f"{MODEL_NAME}-{index}" for index in range(REPLICAS)]
+    turn = itertools.cycle(replicas)
+    backend: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if server in RUNTIME_VARIANTS:
+            variant = RUNTIME_VARIANTS[server]
+            served: FusionClassifier | FusionGraph = model
+            if variant["choose_backend"]:
+                served, backend["choice"] = await asyncio.to_thread(choose_backend, model)
+            warmup = [(pcm, text) for pcm, text, _ in utterance_pool()[:4]]
+            for name in replicas:
+                await runtime.load(fusion_spec(served, name=name, buckets=variant["buckets"], warmup=warmup))
+        tune_garbage_collector()
+        yield
+        await runtime.close()
+
+    app = FastAPI(lifespan=lifespan)
+    install_problem_handlers(app)
+    json_response = lambda result: Response(orjson.dumps(result), media_type="application/json")  # noqa: E731
+
+    if server == "one-by-one":
+        @app.post("/predict")
+        def predict_sync(utterance: Utterance) -> Response:
+            use_threads(THREADS)  # the threadpool's threads, like the runtime's worker
+            try:
+                item = decode(*utterance)
+            except ValueError as exc:
+                raise UnprocessableContent(str(exc)) from exc
+            return json_response(predict_one(model, item))
+    else:
+        @app.post("/predict")
+        async def predict_batched(utterance: Utterance) -> Response:
+            return json_response(await runtime.predict(next(turn), utterance))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/bench/stats")
+    async def bench_stats() -> dict[str, Any]:
+        batches = [sum(REGISTRY.get_sample_value(f"tessera_model_batch_size_{kind}", {"model": name}) or 0.0
+                       for name in replicas) for kind in ("count", "sum")]
+        return {"batches": batches, "backend": backend.get("choice")}
+
+    return app
+
+
+def serve(server: str, port: int) -> None:
+    """Run one uvicorn server in this process until terminated."""
+    import uvicorn
+
+    use_threads(THREADS)
+    uvicorn.run(build_app(server), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False, lifespan="on")
+
+
+@litserve_http(Utterance)
+class FusionLitAPI(ls.LitAPI):
+    """The fusion model behind LitServe: same decode and model, LitServe's batching, padding in ``batch``."""
+
+    def __init__(self, max_batch_size: int = LITSERVE_BATCH, batch_timeout: float = LITSERVE_TIMEOUT_S,
+                 threads: int = THREADS) -> None:
+        super().__init__(max_batch_size=int(max_batch_size), batch_timeout=float(batch_timeout))
+        self.threads = int(threads)
+
+    def setup(self, device: str) -> None:
+        """Build the model (seed 0)."""
+        use_threads(self.threads)
+        self.model = fusion_model()
+
+    def decode_request(self, request: tuple[bytes, str]) -> dict[str, torch.Tensor]:
+        """``(body, transcript)`` (read by the API server) -> the prepared item, or 422."""
+        try:
+            return decode(*request)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+
+    def batch(self, inputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Keep the items: :func:`run_fusion` pads and masks them in ``predict``."""
+        return inputs
+
+    def predict(self, x: Any) -> list[torch.Tensor]:
+        """Logits per item of a batch (or of one item when batching is off)."""
+        use_threads(self.threads)
+        items = x if isinstance(x, list) else [x]
+        with torch.inference_mode():
+            return list(run_fusion(self.model, items))
+
+    def unbatch(self, output: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One logits row per request."""
+        return output
+
+    def encode_response(self, output: Any) -> dict[str, Any]:
+        """``{label, probabilities}``."""
+        return answer(output[0] if isinstance(output, list) else output)
+
+
+@contextlib.contextmanager
+def fusion_server(server: str) -> Iterator[ServerHandle]:
+    """One server of :data:`SERVERS` in a subprocess."""
+    if server == "litserve":
+        with litserve_server("bench.families.fusion:FusionLitAPI", max_batch_size=LITSERVE_BATCH,
+                             batch_timeout=LITSERVE_TIMEOUT_S, threads=THREADS, workers=REPLICAS) as handle:
+            yield handle
+        return
+    command = [sys.executable, str(Path(__file__).resolve()), "serve", "--server", server]
+    env = {"TESSERA_LOG_JSON": "false", "TESSERA_ACCESS_LOG": "false", "TESSERA_TORCH_THREADS": str(THREADS)}
+    with server_subprocess(command, "/healthz", env=env) as handle:
+        yield handle
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+def utterance_pool(count: int = POOL_SIZE, seed: int = POOL_SEED) -> list[tuple[bytes, str, float]]:
+    """``count`` utterances ``(int16 PCM bytes, transcript, seconds)`` of 1–6 s: a few sines + noise."""
+    rng = np.random.default_rng(seed)
+    pool = []
+    for _ in range(count):
+        seconds = float(rng.uniform(1.0, 6.0))
+        time_axis = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        wave = sum(rng.uniform(0.05, 0.3) * np.sin(2 * np.pi * rng.uniform(90, 400) * time_axis + rng.uniform(0, 6))
+                   for _ in range(3))
+        wave = wave * (0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * time_axis)) + rng.normal(0, 0.02,
+                                                                                                    time_axis.size)
+        pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 13))))
+        pool.append((pcm, text, seconds))
+    return pool
+
+
+class HttpConnection:
+    """A minimal HTTP/1.1 keep-alive client connection (Content-Length or chunked answers)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST and return ``(status, body)``; reconnects when the server closed the connection."""
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}",
+                 *(f"{name}: {value}" for name, value in headers.items())]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split()[1])
+        fields: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        payload = await self._read_body(fields)
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        return status, payload
+
+    async def _read_body(self, fields: dict[str, str]) -> bytes:
+        assert self.reader is not None
+        if "content-length" in fields:
+            return await self.reader.readexactly(int(fields["content-length"]))
+        chunks = []
+        while size := int((await self.reader.readline()).strip() or b"0", 16):
+            chunks.append(await self.reader.readexactly(size))
+            await self.reader.readline()
+        await self.reader.readline()
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Drop the connection (the next post opens a new one)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def closed_loop(url: str, callers: int, seconds: float, seed: int) -> dict[str, Any]:
+    """``callers`` callers, each posting random pool utterances back to back for ``seconds``."""
+    parts = urllib.parse.urlsplit(url)
+    pool = [(pcm, {"Content-Type": "application/octet-stream", "X-Transcript": urllib.parse.quote(text)})
+            for pcm, text, _ in utterance_pool()]
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def caller(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
+        connection = HttpConnection(parts.hostname or "127.0.0.1", parts.port or 80)
+        while time.perf_counter() < deadline:
+            body, headers = pool[rng.randrange(len(pool))]
+            sent = time.perf_counter()
+            try:
+                status, _ = await connection.post(parts.path, body, headers)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                status = 0
+                connection.close()
+            latencies.append(time.perf_counter() - sent)
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        connection.close()
+
+    await asyncio.gather(*(caller(index) for index in range(callers)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else None  # noqa: E731
+    total = len(latencies)
+    return {"callers": callers, "seconds": elapsed, "requests": total, "ok": statuses.get("200", 0),
+            "utt_per_s": statuses.get("200", 0) / elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99),
+            "error_rate": (total - statuses.get("200", 0)) / total if total else 0.0, "statuses": statuses}
+
+
+class LoadClient:
+    """The closed-loop client in its own subprocess (so its CPU is not the server's), started once.
+
+    Each :meth:`run` sends one job as a JSON line and reads the result line back.
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "load"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, url: str, callers: int, seconds: float, seed: int = 1) -> dict[str, Any]:
+        """:func:`closed_loop` with these arguments, in the client process; its result."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        job = {"url": url, "callers": callers, "seconds": seconds, "seed": seed}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the load client exited")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        """End the client process (it exits at the end of its input)."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def load_main() -> None:
+    """Entry of the client subprocess: one JSON job a line in, one JSON result a line out."""
+    import uvloop
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        result = uvloop.run(closed_loop(job["url"], job["callers"], job["seconds"], job["seed"]))
+        print(json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+def measure_server(client: LoadClient, server: str, seconds: float, warmup_s: float) -> list[dict[str, Any]]:
+    """Every caller count against one server; adds peak RSS and (runtime) the mean batch size."""
+    points = []
+    with fusion_server(server) as handle:
+        matches = answers_match(handle.url + "/predict")
+        client.run(handle.url + "/predict", 4, warmup_s, seed=99)
+        for callers in CALLERS:
+            before = _batches(handle, server)
+            window = CpuWindow(handle.pid, client.process.pid)
+            point = client.run(handle.url + "/predict", callers, seconds)
+            point.update(window.shares())
+            after = _batches(handle, server)
+            if RUNTIME_VARIANTS.get(server, {}).get("choose_backend") and callers == CALLERS[0]:
+                point["backend"] = get_json(handle.url + "/bench/stats")["backend"]
+            point.update(server=server, rss_mb=handle.peak_rss_mb(), answers_match=matches,
+                         mean_batch=(after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else None)
+            points.append(point)
+            print(f"  {server:<20} K={callers:<3} {point['utt_per_s']:6.1f} utt/s  "
+                  f"p99 {_fmt(point['p99_ms'], '.0f')} ms", flush=True)
+    return points
+
+
+class CpuWindow:
+    """CPU used during one point, in % of the whole machine: the server's (with its child processes),
+    the load client's, and everything else's (other work on the box the point competed with)."""
+
+    def __init__(self, server_pid: int, client_pid: int) -> None:
+        self.pids = {"server": server_pid, "client": client_pid, "bench": os.getpid()}
+        self.busy = machine_busy_seconds()
+        self.used = {role: tree_cpu_seconds(pid) for role, pid in self.pids.items() if role != "bench"}
+        self.used["bench"] = _own_cpu_seconds()
+        self.started = time.monotonic()
+
+    def shares(self) -> dict[str, float]:
+        """``{"server_cpu_pct", "client_cpu_pct", "background_cpu_pct"}`` since construction."""
+        capacity = (time.monotonic() - self.started) * (os.cpu_count() or 1) / 100
+        used = {role: tree_cpu_seconds(pid) - self.used[role] for role, pid in self.pids.items() if role != "bench"}
+        used["bench"] = _own_cpu_seconds() - self.used["bench"]
+        others = machine_busy_seconds() - self.busy - sum(used.values())
+        return {"server_cpu_pct": used["server"] / capacity, "client_cpu_pct": used["client"] / capacity,
+                "background_cpu_pct": max(0.0, others) / capacity}
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process alone (not its children: those are the server and the client)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def answers_match(url: str, count: int = 3, tolerance: float = 1e-3) -> bool:
+    """Whether the server's probabilities for the first ``count`` pool utterances (the first without
+    its transcript) equal the eager model's, one by one, within ``tolerance``."""
+    model = fusion_model()
+    for index, (pcm, text, _) in enumerate(utterance_pool()[:count]):
+        text = "" if index == 0 else text
+        request = urllib.request.Request(url, data=pcm, method="POST", headers={
+            "Content-Type": "application/octet-stream", "X-Transcript": urllib.parse.quote(text)})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            got = json.loads(response.read())["probabilities"]
+        want = predict_one(model, decode(pcm, text))["probabilities"]
+        if any(abs(got[name] - want[name]) > tolerance for name in EMOTIONS):
+            return False
+    return True
+
+
+def _batches(handle: ServerHandle, server: str) -> tuple[float, float]:
+    if server not in RUNTIME_VARIANTS:
+        return 0.0, 0.0
+    count, total = get_json(handle.url + "/bench/stats")["batches"]
+    return float(count), float(total)
+
+
+def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float | None]]]:
+    """Per runtime variant and K: throughput vs one-by-one and vs litserve, and p99 vs one-by-one."""
+    by = {(p["server"], p["callers"]): p for p in points}
+    table: dict[str, dict[int, dict[str, float | None]]] = {}
+    for variant in RUNTIME_VARIANTS:
+        for callers in CALLERS:
+            mine = by.get((variant, callers))
+            if mine is None:
+                continue
+            row: dict[str, float | None] = {}
+            for baseline in ("one-by-one", "litserve"):
+                other = by.get((baseline, callers))
+                row[f"vs_{baseline}"] = mine["utt_per_s"] / other["utt_per_s"] if other and other["utt_per_s"] else None
+                row[f"p99_vs_{baseline}"] = (mine["p99_ms"] / other["p99_ms"]
+                                             if other and other["p99_ms"] and mine["p99_ms"] else None)
+            table.setdefault(variant, {})[callers] = row
+    return table
+
+
+def bench_fusion(quick: bool, seconds: float | None = None) -> dict[str, Any]:
+    """Run every server at every caller count; print progress; return the JSON record."""
+    seconds = seconds or (1.5 if quick else 8.0)
+    warmup_s = 0.5 if quick else 2.0
+    model = fusion_model()
+    pool = utterance_pool()
+    print(f"fusion model: {parameter_counts(model)['total']:,} parameters; pool of {len(pool)} utterances, "
+          f"mean {np.mean([s for *_, s in pool]):.2f} s", flush=True)
+    points: list[dict[str, Any]] = []
+    client = LoadClient()
+    try:
+        for server in SERVERS:
+            points.extend(measure_server(client, server, seconds, warmup_s))
+    finally:
+        client.close()
+    return {"family": "audio+text fusion", "points": points, "ratios": ratios(points),
+            "parameters": parameter_counts(model),
+            "config": {"seconds": seconds, "quick": quick, "torch_threads": THREADS, "callers": list(CALLERS),
+                       "pool": {"size": POOL_SIZE, "seed": POOL_SEED,
+                                "mean_s": float(np.mean([s for *_, s in pool]))},
+                       "runtime": {"replicas": REPLICAS, "max_batch_size": RUNTIME_BATCH,
+                                   "max_batch_cost_samples": RUNTIME_BATCH_COST,
+                                   "bucket_base": BUCKET_BASE, "fill": "greedy", "prepare_in": "thread"},
+                       "litserve": {"workers": REPLICAS, "max_batch_size": LITSERVE_BATCH,
+                                    "batch_timeout_s": LITSERVE_TIMEOUT_S,
+                                    "version": ls.__version__},
+                       "load": "asyncio HTTP/1.1 keep-alive, closed loop, own subprocess",
+                       "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def print_fusion(record: dict[str, Any]) -> None:
+    """One table: server x callers -> utt/s, p50, p99, errors, RSS, mean batch, runtime ratios."""
+    params = record["parameters"]
+    print(f"\nAudio + text fusion ({params['total']:,} parameters: audio {params['audio_encoder']:,}, "
+          f"text {params['text_encoder']:,}, fusion+head {params['fusion_and_head']:,}), "
+          f"1–6 s utterances, torch threads {record['config']['torch_threads']}")
+    print(f"{'server':<20} {'K':>3} {'utt/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'err %':>6} {'RSS MB':>7} "
+          f"{'batch':>6} {'x 1-by-1':>8} {'x litsrv':>8} {'p99 x 1-by-1':>12} {'srv cpu%':>8} {'bg cpu%':>7}")
+    for p in record["points"]:
+        row = record["ratios"].get(p["server"], {}).get(p["callers"], {})
+        print(f"{p['server']:<20} {p['callers']:>3} {p['utt_per_s']:>7.1f} {_fmt(p['p50_ms']):>8} "
+              f"{_fmt(p['p99_ms']):>8} {100 * p['error_rate']:>6.1f} {p['rss_mb']:>7.0f} "
+              f"{_fmt(p['mean_batch']):>6} {_fmt(row.get('vs_one-by-one'), '.2f'):>8} "
+              f"{_fmt(row.get('vs_litserve'), '.2f'):>8} {_fmt(row.get('p99_vs_one-by-one'), '.2f'):>12} "
+              f"{_fmt(p.get('server_cpu_pct'), '.0f'):>8} {_fmt(p.get('background_cpu_pct'), '.0f'):>7}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    serve_cmd = sub.add_parser("serve", help="run one server")
+    serve_cmd.add_argument("--server", choices=[s for s in SERVERS if s != "litserve"], required=True)
+    serve_cmd.add_argument("--port", type=int, required=True)
+    sub.add_parser("load", help="the closed-loop client: JSON jobs on stdin, JSON results on stdout")
+    parser.add_argument("--quick", action="store_true", help="1.5 s a point (about 2 minutes)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per point")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fusion.json")
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.server, args.port)
+        return
+    if args.command == "load":
+        load_main()
+        return
+    record = bench_fusion(args.quick, args.seconds)
+    print_fusion(record)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
