@@ -48,6 +48,7 @@ number of nodules detected, and the study assessment group's finding.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -450,6 +451,15 @@ def build_key_images(findings: SeriesFindings, volume: SeriesVolume, source_data
         images.append(_key_image_dataset(findings, volume, sources[index], rgb, scale, nodule, series_uid,
                                          series_number, number))
     return images
+
+
+def key_image_png(findings: SeriesFindings, volume: SeriesVolume, nodule: DetectedNodule) -> bytes:
+    """The key image of ``nodule`` (as in :func:`build_key_images`) as PNG bytes, for the JSON API."""
+    index = _key_slice(findings.labels, nodule)
+    rgb, _ = _render_key_image(volume.hu[index], findings.labels[index] == nodule.label, nodule)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
 
 
 def _key_slice(labels: np.ndarray, nodule: DetectedNodule) -> int:

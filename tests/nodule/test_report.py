@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from highdicom.sr import CodedConcept
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -243,6 +244,13 @@ def test_seg_has_one_segment_per_nodule_with_its_voxels(case: Case, results: lis
 def test_key_images_show_each_nodule_outlined_on_its_centre_slice(case: Case, results: list[Dataset]) -> None:
     for image, nodule in zip(results[2:], case.findings.nodules, strict=True):
         check_key_image(encoded(image), case, nodule)
+
+
+def test_key_image_png_is_the_key_image(case: Case, results: list[Dataset]) -> None:
+    nodule = case.findings.nodules[0]
+    png = Image.open(io.BytesIO(report.key_image_png(case.findings, case.volume, nodule)))
+    assert png.format == "PNG" and png.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(png), results[2].pixel_array)
 
 
 def test_rebuilding_gives_the_same_uids(case: Case, results: list[Dataset]) -> None:
