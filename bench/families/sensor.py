@@ -375,7 +375,9 @@ def bench_sensor(quick: bool) -> dict[str, Any]:
     model = build_model()
     windows = make_windows(WINDOWS_QUICK if quick else WINDOWS_FULL)
     rounds = ROUNDS_QUICK if quick else ROUNDS_FULL
+    load_before = os.getloadavg()[0]  # the box may be shared: say how busy it was
     rows, choice = asyncio.run(measure_all(model, windows, rounds=rounds, backend_repeats=10 if quick else 30))
+    load_after = os.getloadavg()[0]
     record = {"family": "sensor-window",
               "model": {"parameters": parameter_count(model), "input": [STEPS, SENSORS], "d_model": D_MODEL,
                         "layers": LAYERS, "heads": HEADS, "feed_forward": FEED_FORWARD},
@@ -383,6 +385,7 @@ def bench_sensor(quick: bool) -> dict[str, Any]:
               "config": {"quick": quick, "windows": len(windows), "callers": list(CALLERS),
                          "rounds": rounds, "max_batch_size": MAX_BATCH, "fill": "greedy",
                          "prepare_in": PREPARE_IN, "torch_threads": threads,
+                         "load_average_1min": [round(load_before, 2), round(load_after, 2)],
                          "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
     print_sensor(record)
     return record
@@ -396,8 +399,10 @@ def print_sensor(record: dict[str, Any]) -> None:
     """Print the family's table: one row per way and K, then the bulk rows and the ratios."""
     model, config, backends = record["model"], record["config"], record["backends"]
     print(f"\nSensor-window attention ({model['input'][0]}x{model['input'][1]}, {model['parameters']:,} parameters), "
-          f"{config['windows']} windows, {config['torch_threads']} torch thread(s), "
-          f"{config['cpus']} CPUs; chosen backend: {backends['chosen']}")
+          f"{config['windows']} windows, {config['torch_threads']} torch thread(s)\n"
+          f"{config['cpus']} CPUs (1-min load {config['load_average_1min'][0]:.1f} before, "
+          f"{config['load_average_1min'][1]:.1f} after); chosen backend: {backends['chosen']}; "
+          f"median of {config['rounds']} interleaved rounds")
     print(f"{'way':<20} {'K':>3} {'windows/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'peak RSS MB':>11}")
     for row in record["points"]:
         print(f"{row['way']:<20} {row['callers']:>3} {row['windows_per_s']:>10.0f} {_fmt(row['p50_ms'], '.2f'):>8} "
