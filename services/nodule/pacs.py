@@ -78,9 +78,8 @@ def load_destination(settings: Settings | None = None) -> PacsDestination | None
     settings = settings or get_settings()
     if not settings.nodule_pacs_host:
         return None
-    calling = getattr(settings, "nodule_ae_title", DEFAULT_CALLING_AE_TITLE)  # the listener's setting
     return PacsDestination(ae_title=settings.nodule_pacs_ae_title, host=settings.nodule_pacs_host,
-                           port=settings.nodule_pacs_port, calling_ae_title=calling)
+                           port=settings.nodule_pacs_port, calling_ae_title=settings.nodule_ae_title)
 
 
 class Outcome(StrEnum):

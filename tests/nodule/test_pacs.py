@@ -148,7 +148,8 @@ def test_destination_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("TESSERA_NODULE_PACS_HOST", "pacs.example.org")
     monkeypatch.setenv("TESSERA_NODULE_PACS_PORT", "11112")
     monkeypatch.setenv("TESSERA_NODULE_PACS_AE_TITLE", "MAINPACS")
+    monkeypatch.setenv("TESSERA_NODULE_AE_TITLE", "AI_NODE")
     configured = pacs.load_destination(Settings(_env_file=None))  # type: ignore[call-arg]
-    assert configured is not None
-    assert (configured.ae_title, configured.host, configured.port) == ("MAINPACS", "pacs.example.org", 11112)
+    assert configured == pacs.PacsDestination(ae_title="MAINPACS", host="pacs.example.org", port=11112,
+                                              calling_ae_title="AI_NODE")
 
