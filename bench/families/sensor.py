@@ -358,7 +358,10 @@ def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]]:
 
 
 def bench_sensor(quick: bool) -> dict[str, Any]:
-    """Run the sensor-window family benchmark, print its table and return the JSON record.
+    """Run the sensor-window family benchmark (progress lines only) and return the JSON record.
+
+    Runs its own event loop (``asyncio.run``): call it outside one. Print the table with
+    :func:`print_sensor`.
 
     Parameters
     ----------
@@ -387,7 +390,6 @@ def bench_sensor(quick: bool) -> dict[str, Any]:
                          "prepare_in": PREPARE_IN, "torch_threads": threads,
                          "load_average_1min": [round(load_before, 2), round(load_after, 2)],
                          "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
-    print_sensor(record)
     return record
 
 
@@ -417,6 +419,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sensor.json")
     args = parser.parse_args()
     record = bench_sensor(args.quick)
+    print_sensor(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {args.out}")
