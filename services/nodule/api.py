@@ -1,54 +1,193 @@
-"""HTTP app of the CT nodule detection vertical, mounted at ``/nodule``: a scaffold (issue 17).
+"""HTTP app of the CT nodule detection vertical, mounted at ``/nodule``.
 
-Every endpoint issue 17 names is declared at its real path and method, with its provisional
-contract in the OpenAPI, and answers ``501`` problem+json (``tracking_issue: 17``) to a caller whose
-API key holds the ``nodule`` scope; without one it answers 401 or 403, as the built endpoint will.
-The DICOM C-STORE listener is not declared until it exists.
+- DICOMweb STOW-RS (``POST /dicomweb/studies[/{study}]``): a ``multipart/related`` body of
+  ``application/dicom`` parts, streamed part by part to disk, each instance checked and stored as a
+  C-STORE one would be; the answer is PS3.18's Store Instances Response as DICOM JSON (200 all
+  stored, 202 some, 409 none; 415 for a part of another type, 400 for a malformed body).
+- ``POST /v1/uploads``: a zip of DICOM files (multipart/form-data ``file``), streamed to disk,
+  each member stored like a STOW-RS part; the answer lists what was stored and what failed.
+- ``GET /v1/jobs/{id}``, ``GET /v1/studies``, ``GET /v1/studies/{uid}``,
+  ``POST /v1/studies/{uid}/clinical``: analysis jobs, study states with per-series errors and
+  findings, clinical data for risk fusion.
+
+Every route needs an API key with the ``nodule`` scope and sees its tenant's studies only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+import orjson
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
 
-from services.nodule.schemas import AnalysisJob, StudyFindings, StudySummary
+from services.nodule import analysis
+from services.nodule.db import ClinicalData, Series, SeriesFinding, Study
+from services.nodule.dicom_io import (
+    PartOutcome,
+    RelatedPartsReader,
+    incoming_dir,
+    store_parts,
+    store_zip,
+    stow_boundary,
+    stow_response,
+    stow_status_code,
+)
+from services.nodule.schemas import AnalysisJob, NoduleFinding, StudyFindings, StudyState, StudySummary
 from shared.app import create_service_app
-from shared.errors import NotBuilt, problem_responses
+from shared.db import SessionDep
+from shared.errors import BadRequest, NotFound, PayloadTooLarge, UnprocessableContent, problem_responses
+from shared.jobs import get_job
 from shared.security import Principal, require_scope
-from shared.uploads import binary_schema, multipart_upload_body
+from shared.uploads import binary_schema, multipart_upload_body, receive_multipart_upload, refuse_declared_size
 
 TRACKING_ISSUE = 17
 NodulePrincipal = Annotated[Principal, Depends(require_scope("nodule"))]
-KEYED = problem_responses(401, 403, 501)
+KEYED = problem_responses(401, 403)
+DICOM_JSON = "application/dicom+json"
+MAX_STOW_BYTES = 8 << 30
+"""Largest STOW-RS body: a thin-slice study of 1,000+ uncompressed 512 x 512 slices fits."""
+MAX_UPLOAD_BYTES = 8 << 30
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
+FEED_BATCH_BYTES = 1 << 20
+"""Received bytes are parsed (and written) in batches of this size, in a worker thread."""
 
 STOW_RS_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     'multipart/related; type="application/dicom"': {
-        "schema": binary_schema("application/dicom", "one DICOM instance per part", None)}}}}
+        "schema": binary_schema("application/dicom", "one DICOM instance per part", MAX_STOW_BYTES)}}}}
 """STOW-RS request body (DICOM PS3.18 10.5): read raw by the route, so documented here."""
 STOW_RS_ANSWERS: dict[int | str, dict[str, Any]] = {
-    code: {"description": meaning, "content": {"application/dicom+json": {}}} for code, meaning in {
-        200: "every instance stored (ReferencedSOPSequence)",
-        202: "some stored, some not (FailedSOPSequence gives each failure's reason)",
-        409: "none stored (FailedSOPSequence)",
-        415: "a part that is not application/dicom"}.items()}
-"""STOW-RS answers: a PS3.18 response dataset as DICOM JSON."""
+    **{code: {"description": meaning, "content": {DICOM_JSON: {}}} for code, meaning in {
+        200: "every instance stored (ReferencedSOPSequence with each RetrieveURL)",
+        202: "some stored, some not (FailedSOPSequence gives each failure's FailureReason)",
+        409: "none stored (FailedSOPSequence)"}.items()},
+    **problem_responses(400, 413, 415, notes={415: "A part that is not application/dicom, or a body that is "
+                                              'not multipart/related; type="application/dicom".'})}
+"""STOW-RS answers: a PS3.18 response dataset as DICOM JSON, or a problem for the whole request."""
+
+
+# --- public models (to move into schemas.py, which this change does not edit) ------------------------
+
+
+class SeriesStatus(BaseModel):
+    """One series of a study: its receiving/analysis state and, if it failed, why."""
+
+    series_instance_uid: str
+    state: str = Field(description="receiving, complete (analysis queued), analysing, done or failed")
+    instance_count: int
+    last_instance_at: datetime
+    job_id: str | None = Field(default=None, description="its latest analysis job (GET /v1/jobs/{id})")
+    error_code: str | None = Field(default=None, description="e.g. missing_slices, gantry_tilt, not_ct")
+    error_message: str | None = None
+
+
+class ClinicalDataIn(BaseModel):
+    """What the referring side knows of the patient (inputs of the Brock model); unknown stays null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pack_years: float | None = Field(default=None, ge=0, le=300, description="smoking history, pack-years")
+    current_smoker: bool | None = None
+    family_history_lung_cancer: bool | None = None
+    emphysema: bool | None = None
+
+
+class ClinicalDataOut(ClinicalDataIn):
+    """Clinical data stored for a study."""
+
+    study_instance_uid: str
+    updated_at: datetime
+
+
+class StudyDetail(StudyFindings):
+    """A study's status, its series with their states and errors, findings, and clinical data."""
+
+    series: list[SeriesStatus] = Field(default_factory=list)
+    clinical: ClinicalDataIn | None = None
+
+
+class UploadItem(BaseModel):
+    """One member of an uploaded zip: stored (status 0) or not, with the DICOM failure status and why."""
+
+    member: str
+    stored: bool
+    duplicate: bool = Field(default=False, description="already held: nothing new was stored")
+    status: int = Field(description="0 stored, else a DICOM failure status (0xA700, 0xA900, 0xC000, 0x0122...)")
+    reason: str | None = None
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+
+
+class UploadResult(BaseModel):
+    """What an upload stored and what it did not."""
+
+    stored: int
+    failed: int
+    items: list[UploadItem]
+
+
+# --- DICOMweb ------------------------------------------------------------------------------------
+
 
 dicomweb = APIRouter(prefix="/dicomweb", tags=["dicomweb"], responses=KEYED)
 
 
 @dicomweb.post("/studies", summary="Store instances (STOW-RS)", response_class=Response,
                responses=STOW_RS_ANSWERS, openapi_extra=STOW_RS_BODY)
-async def store_instances(principal: NodulePrincipal) -> None:
+async def store_instances(request: Request, principal: NodulePrincipal) -> Response:
     """Store CT instances of any studies, as a PACS does over DICOMweb."""
-    raise NotBuilt(TRACKING_ISSUE)
+    return await _stow(request, principal.tenant_id, None)
 
 
 @dicomweb.post("/studies/{study_instance_uid}", summary="Store instances of one study (STOW-RS)",
                response_class=Response, responses=STOW_RS_ANSWERS, openapi_extra=STOW_RS_BODY)
-async def store_study_instances(study_instance_uid: str, principal: NodulePrincipal) -> None:
-    """Store CT instances that must belong to ``study_instance_uid`` (others fail in FailedSOPSequence)."""
-    raise NotBuilt(TRACKING_ISSUE)
+async def store_study_instances(study_instance_uid: str, request: Request, principal: NodulePrincipal) -> Response:
+    """Store CT instances that must belong to ``study_instance_uid`` (others fail with FailureReason 0xA901)."""
+    return await _stow(request, principal.tenant_id, study_instance_uid)
+
+
+async def _stow(request: Request, tenant_id: str, study_uid: str | None) -> Response:
+    paths = await _receive_parts(request)
+    outcomes = await asyncio.to_thread(store_parts, paths, tenant_id=tenant_id, source="stow-rs",
+                                       expected_study_uid=study_uid)
+    base_url = str(request.base_url).rstrip("/") + "/dicomweb"
+    body = stow_response(outcomes, base_url, study_uid)
+    return Response(orjson.dumps(body), status_code=stow_status_code(outcomes), media_type=DICOM_JSON)
+
+
+async def _receive_parts(request: Request) -> list[Path]:
+    """Stream the multipart/related body to one file per part (parsed in batches off the loop)."""
+    reader = RelatedPartsReader(stow_boundary(request.headers.get("content-type")))
+    refuse_declared_size(request, MAX_STOW_BYTES)
+    received, pending_bytes = 0, 0
+    pending: list[bytes] = []
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > MAX_STOW_BYTES:
+                raise PayloadTooLarge(f"the body is larger than {MAX_STOW_BYTES} bytes", max_bytes=MAX_STOW_BYTES)
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= FEED_BATCH_BYTES:
+                await asyncio.to_thread(reader.feed, b"".join(pending))
+                pending, pending_bytes = [], 0
+        await asyncio.to_thread(reader.feed, b"".join(pending))
+        return reader.finish()
+    except ClientDisconnect:
+        reader.discard()
+        raise BadRequest("the client closed the connection before the body ended") from None
+    except BaseException:
+        reader.discard()
+        raise
+
+
+# --- uploads, jobs, studies -------------------------------------------------------------------------
 
 
 about = APIRouter(prefix="/v1", tags=["status"])
@@ -56,38 +195,107 @@ about = APIRouter(prefix="/v1", tags=["status"])
 
 @about.get("/status")
 async def status() -> dict[str, object]:
-    """What this vertical offers today: a scaffold whose endpoints answer 501 until its issue is built."""
-    return {"vertical": "nodule", "state": "scaffold", "tracking_issue": TRACKING_ISSUE}
+    """What this vertical offers today: ingest, analysis jobs and study status (detection in progress)."""
+    return {"vertical": "nodule", "state": "in progress", "tracking_issue": TRACKING_ISSUE}
 
 
 router = APIRouter(prefix="/v1", tags=["nodule"], responses=KEYED)
 
 
-@router.post("/uploads", summary="Upload a zipped series", response_class=Response,
+def _zip_head(head: bytes) -> None:
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise UnprocessableContent("the file is not a zip archive")
+
+
+@router.post("/uploads", summary="Upload a zipped series",
              openapi_extra=multipart_upload_body("file", description="a zip of one series' DICOM files",
-                                                 media_type="application/zip"))
-async def upload_series(request: Request, principal: NodulePrincipal) -> None:
+                                                 media_type="application/zip", max_bytes=MAX_UPLOAD_BYTES),
+             responses=problem_responses(400, 413, 415, 422))
+async def upload_series(request: Request, principal: NodulePrincipal) -> UploadResult:
     """Upload a zip of a series' DICOM files, streamed to disk and stored as if pushed by C-STORE."""
-    raise NotBuilt(TRACKING_ISSUE)
+    upload = await receive_multipart_upload(request, incoming_dir(), max_bytes=MAX_UPLOAD_BYTES, part_types=ZIP_TYPES,
+                                            name_prefix=f"upload-{uuid.uuid4().hex}-", name_suffix=".zip",
+                                            check_head=_zip_head, head_bytes=4)
+    outcomes = await asyncio.to_thread(store_zip, upload.path, tenant_id=principal.tenant_id)
+    items = [_upload_item(outcome) for outcome in outcomes]
+    stored = sum(item.stored for item in items)
+    return UploadResult(stored=stored, failed=len(items) - stored, items=items)
 
 
-@router.get("/jobs/{job_id}", summary="An analysis job")
-async def get_analysis_job(job_id: str, principal: NodulePrincipal) -> AnalysisJob:
+def _upload_item(outcome: PartOutcome) -> UploadItem:
+    return UploadItem(member=outcome.name, stored=outcome.stored, duplicate=outcome.duplicate, status=outcome.status,
+                      reason=outcome.reason, sop_instance_uid=outcome.sop_instance_uid,
+                      series_instance_uid=outcome.series_instance_uid, study_instance_uid=outcome.study_instance_uid)
+
+
+@router.get("/jobs/{job_id}", summary="An analysis job",
+            responses=problem_responses(404, notes={404: "No nodule job with this id for this tenant."}))
+def get_analysis_job(job_id: str, principal: NodulePrincipal, session: SessionDep) -> AnalysisJob:
     """Status and progress of one of the tenant's series analyses."""
-    raise NotBuilt(TRACKING_ISSUE)
+    job = get_job(session, job_id, tenant_id=principal.tenant_id)
+    if not job.task_name.startswith("nodule."):
+        raise NotFound(f"job {job_id} does not exist")
+    return AnalysisJob(id=job.id, status=job.status, progress=job.progress, error=job.error)
 
 
 @router.get("/studies", summary="List studies")
-async def list_studies(principal: NodulePrincipal) -> list[StudySummary]:
-    """The tenant's studies with their analysis status and Lung-RADS category."""
-    raise NotBuilt(TRACKING_ISSUE)
+def list_studies(principal: NodulePrincipal, session: SessionDep,
+                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                 offset: Annotated[int, Query(ge=0)] = 0) -> list[StudySummary]:
+    """The tenant's studies (newest first) with their analysis status and Lung-RADS category."""
+    return [_summary(study) for study in analysis.list_studies(session, principal.tenant_id, limit=limit,
+                                                                offset=offset)]
 
 
-@router.get("/studies/{study_instance_uid}", summary="A study's findings")
-async def get_study(study_instance_uid: str, principal: NodulePrincipal) -> StudyFindings:
-    """A study's status (received, analysing, done, failed with reason) and its findings with
-    measurements, risk and Lung-RADS category."""
-    raise NotBuilt(TRACKING_ISSUE)
+@router.get("/studies/{study_instance_uid}", summary="A study's findings",
+            responses=problem_responses(404, notes={404: "No study with this UID for this tenant."}))
+def get_study(study_instance_uid: str, principal: NodulePrincipal, session: SessionDep) -> StudyDetail:
+    """A study's status (received, analysing, done, failed with reason), its series with their errors,
+    and its findings with measurements, risk and Lung-RADS category (none until the detector ran)."""
+    tenant_id = principal.tenant_id
+    study = analysis.get_study(session, tenant_id, study_instance_uid)
+    clinical = analysis.get_clinical_data(session, tenant_id, study_instance_uid)
+    return StudyDetail(
+        **_summary(study).model_dump(),
+        findings=[finding for row in analysis.study_findings(session, tenant_id, study_instance_uid)
+                  for finding in _findings(row)],
+        series=[_series_status(series) for series in analysis.study_series(session, tenant_id, study_instance_uid)],
+        clinical=_clinical_in(clinical) if clinical else None)
+
+
+@router.post("/studies/{study_instance_uid}/clinical", summary="Clinical data of a study",
+             responses=problem_responses(404, 422, notes={404: "No study with this UID for this tenant."}))
+def post_clinical_data(study_instance_uid: str, clinical: ClinicalDataIn, principal: NodulePrincipal,
+                       session: SessionDep) -> ClinicalDataOut:
+    """Store (replace) smoking history, family history and emphysema for a study's risk estimate."""
+    stored = analysis.save_clinical_data(session, principal.tenant_id, study_instance_uid, clinical.model_dump())
+    session.commit()
+    return ClinicalDataOut(**_clinical_in(stored).model_dump(), study_instance_uid=study_instance_uid,
+                           updated_at=stored.updated_at)
+
+
+def _summary(study: Study) -> StudySummary:
+    return StudySummary(study_instance_uid=study.study_instance_uid, status=StudyState(study.state),
+                        failure_reason=study.failure_reason, lung_rads_category=None)
+
+
+def _series_status(series: Series) -> SeriesStatus:
+    return SeriesStatus(series_instance_uid=series.series_instance_uid, state=series.state,
+                        instance_count=series.instance_count, last_instance_at=series.last_instance_at,
+                        job_id=series.job_id, error_code=series.error_code, error_message=series.error_message)
+
+
+def _findings(row: SeriesFinding) -> list[NoduleFinding]:
+    return [NoduleFinding(centre_lps_mm=tuple(nodule["centre_lps_mm"]), long_axis_mm=nodule["long_axis_mm"],
+                          short_axis_mm=nodule["short_axis_mm"], volume_mm3=nodule["volume_mm3"],
+                          mean_hu=nodule["mean_hu"], nodule_type=nodule["nodule_type"],
+                          confidence=nodule["confidence"]) for nodule in row.nodules]
+
+
+def _clinical_in(clinical: ClinicalData) -> ClinicalDataIn:
+    return ClinicalDataIn(pack_years=clinical.pack_years, current_smoker=clinical.current_smoker,
+                          family_history_lung_cancer=clinical.family_history_lung_cancer,
+                          emphysema=clinical.emphysema)
 
 
 app = create_service_app("nodule", title="Tessera — CT nodule detection with DICOM fusion",

@@ -174,13 +174,21 @@ def parse_instance(source: Path | bytes, *, expected_study_uid: str | None = Non
 
 def _read_part10(source: Path | bytes) -> Dataset:
     try:
-        handle: Any = io.BytesIO(source) if isinstance(source, bytes) else source
-        dataset = pydicom.dcmread(handle, force=False)
+        try:
+            dataset = pydicom.dcmread(_readable(source), force=False)
+        except InvalidDicomError:
+            # No 128-byte preamble and "DICM" prefix: pydicom.dcmwrite writes a dataset so unless asked
+            # (dicomweb-client sends them so). Accepted when the file meta information follows.
+            dataset = pydicom.dcmread(_readable(source), force=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
         raise InstanceRefused(CANNOT_UNDERSTAND, f"not a readable DICOM Part 10 file ({type(exc).__name__})") from None
     if "TransferSyntaxUID" not in getattr(dataset, "file_meta", Dataset()):
         raise InstanceRefused(CANNOT_UNDERSTAND, "no transfer syntax in the file meta information")
     return dataset
+
+
+def _readable(source: Path | bytes) -> Any:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def _identify(dataset: Dataset, refuse: Any) -> ParsedInstance:
