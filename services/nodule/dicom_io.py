@@ -413,8 +413,10 @@ def handle_store(event: Event) -> int:
         logger.warning("C-STORE refused", extra={"calling_aet": calling_aet, "status": f"0x{refused.status:04X}",
                                                  "reason": refused.reason, "sop_instance_uid": affected_instance})
         return refused.status
-    except Exception:
-        logger.exception("C-STORE failed", extra={"calling_aet": calling_aet, "sop_instance_uid": affected_instance})
+    except Exception as exc:
+        # No traceback: a database error's text carries the statement's parameters (the PatientID).
+        logger.error("C-STORE failed: %s", type(exc).__name__,
+                     extra={"calling_aet": calling_aet, "sop_instance_uid": affected_instance})
         return PROCESSING_FAILURE
     if stored.duplicate:
         logger.info("C-STORE duplicate ignored", extra={"calling_aet": calling_aet,
@@ -597,6 +599,10 @@ def store_one(path: Path, *, name: str, tenant_id: str, source: Source,
         logger.info("instance refused", extra={"source": source, "status": f"0x{refused.status:04X}",
                                                "reason": refused.reason})
         return PartOutcome(name, refused.status, refused.reason, refused.sop_class_uid, refused.sop_instance_uid)
+    except Exception as exc:
+        # No traceback: a database error's text carries the statement's parameters (the PatientID).
+        logger.error("storing an instance failed: %s", type(exc).__name__, extra={"source": source})
+        return PartOutcome(name, PROCESSING_FAILURE, "the instance could not be stored (processing failure)")
     parsed = stored.instance
     return PartOutcome(name, SUCCESS, None, parsed.sop_class_uid, parsed.sop_instance_uid,
                        parsed.study_instance_uid, parsed.series_instance_uid, stored.duplicate)

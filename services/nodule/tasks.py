@@ -2,8 +2,9 @@
 
 - ``nodule.analyse_series``: a durable job (:mod:`shared.jobs`) per complete series: exactly once in
   effect even if a worker dies (lease, fencing, idempotency key), progress in the job row.
-- ``nodule.sweep_quiet_series``: run by beat every :func:`sweep_interval_s`; marks quiet series
-  complete and submits their jobs.
+- ``nodule.sweep_quiet_series``: run by beat every :func:`sweep_interval_s` on the ``default`` queue
+  (as the platform's job sweeper: never behind a long analysis on the ``nodule`` queue); marks quiet
+  series complete and submits their jobs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from services.nodule.analysis import analyse_series, queue_complete_series
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import Job, job_task, report_progress
-from shared.queue import celery_app
+from shared.queue import DEFAULT_QUEUE, celery_app
 
 QUEUE = "nodule"
 SWEEP_TASK = "nodule.sweep_quiet_series"
@@ -44,5 +45,5 @@ def sweep_quiet_series() -> int:
 
 celery_app.conf.beat_schedule["nodule-sweep-quiet-series"] = {
     "task": SWEEP_TASK, "schedule": sweep_interval_s(),
-    "options": {"queue": QUEUE, "expires": sweep_interval_s()},
+    "options": {"queue": DEFAULT_QUEUE, "expires": sweep_interval_s()},
 }
