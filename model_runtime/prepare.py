@@ -13,6 +13,10 @@
 - ``"loop"``: on the caller's event loop, as before. Only for validation that costs microseconds
   (the default with ``run_inline``, e.g. fraud's checks), where a hand-off costs more than the work.
 
+``"auto"`` (the default) decides at load: the runtime times ``prepare`` on the spec's warm-up items
+and keeps it on the loop when it costs at most :data:`CHEAP_PREPARE_S` an item (a shape check),
+else sends it to the thread pool; without warm-up items it cannot tell, and uses the thread pool.
+
 Any exception ``prepare`` raises fails that caller alone with :class:`BadInput` (a
 ``ProblemError`` or runtime error passes through as it is).
 """
@@ -36,11 +40,23 @@ PrepareIn = Literal["auto", "loop", "thread", "process"]
 Prepare = Callable[[Any], Any]
 
 
-def resolve_prepare_in(prepare_in: PrepareIn, *, has_prepare: bool, run_inline: bool) -> PrepareIn:
-    """``auto`` made concrete: ``loop`` for no prepare or a ``run_inline`` model, else ``thread``."""
+CHEAP_PREPARE_S = 20e-6
+"""A ``prepare`` measured at or below this (s per item) runs on the loop under ``auto``: handing it to
+a pool costs more than the work, and the round trip splits batches that would have formed together."""
+
+
+def resolve_prepare_in(prepare_in: PrepareIn, *, has_prepare: bool, run_inline: bool,
+                       measured_s: float | None = None) -> PrepareIn:
+    """``auto`` made concrete.
+
+    ``loop`` for no prepare, a ``run_inline`` model, or a prepare measured (``measured_s``, seconds
+    per item over the warm-up items) at most :data:`CHEAP_PREPARE_S`; ``thread`` otherwise,
+    including when it was never measured.
+    """
     if prepare_in != "auto":
         return prepare_in
-    return "loop" if run_inline or not has_prepare else "thread"
+    cheap = measured_s is not None and measured_s <= CHEAP_PREPARE_S
+    return "loop" if run_inline or not has_prepare or cheap else "thread"
 
 
 def check_process_safe(name: str, prepare: Prepare | None) -> None:

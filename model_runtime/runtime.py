@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -153,10 +154,11 @@ class ModelSpec:
     prepare_in: PrepareIn = "auto"
     latency_target_ms: float | None = None
 
-    @property
-    def prepare_where(self) -> PrepareIn:
-        """Where ``prepare`` runs: ``prepare_in`` with ``auto`` resolved (see :mod:`model_runtime.prepare`)."""
-        return resolve_prepare_in(self.prepare_in, has_prepare=self.prepare is not None, run_inline=self.run_inline)
+    def prepare_where(self, measured_s: float | None = None) -> PrepareIn:
+        """Where ``prepare`` runs: ``prepare_in``, with ``auto`` resolved from ``measured_s`` (the
+        prepare's seconds per item at warm-up; see :mod:`model_runtime.prepare`)."""
+        return resolve_prepare_in(self.prepare_in, has_prepare=self.prepare is not None, run_inline=self.run_inline,
+                                  measured_s=measured_s)
 
     @property
     def policy(self) -> BatchPolicy:
@@ -195,6 +197,7 @@ class _LoadedModel:
     backend: str
     run: Callable[[list[Any]], Sequence[Any]]
     per_item_s: float | None
+    prepare_where: PrepareIn = "thread"
     loaded_at: float = field(default_factory=time.time)
     batcher: DynamicBatcher | None = None
 
@@ -290,7 +293,7 @@ class ModelRuntime:
             loaded.batcher.abandon()
 
     def _build(self, spec: ModelSpec) -> _LoadedModel:
-        if spec.prepare_where == "process":
+        if spec.prepare_where() == "process":
             check_process_safe(spec.name, spec.prepare)
         configure_threads()
         manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
@@ -299,12 +302,14 @@ class ModelRuntime:
         model = spec.loader(LoadContext(spec.artifact_dir, manifest, placement))
         run = _bind_run(spec, model, placement)
         started = time.perf_counter()
-        per_item_s = _warm_up(spec, run)
-        logger.info("model %s %s loaded on %s (warm-up %.1f ms)", spec.name, version,
-                    placement.describe(), (time.perf_counter() - started) * 1000)
+        per_item_s, prepare_s = _warm_up(spec, run)
+        prepare_where = spec.prepare_where(prepare_s)
+        logger.info("model %s %s loaded on %s (warm-up %.1f ms; prepare on the %s)", spec.name, version,
+                    placement.describe(), (time.perf_counter() - started) * 1000, prepare_where)
         return _LoadedModel(spec=spec, model=model, version=version,
                             digest=manifest.digest if manifest else None, placement=placement,
-                            backend=describe_backend(model), run=run, per_item_s=per_item_s)
+                            backend=describe_backend(model), run=run, per_item_s=per_item_s,
+                            prepare_where=prepare_where)
 
     # -- serving ---------------------------------------------------------------------------------
     async def predict(self, name: str, item: Any, *, timeout_s: float | None = None) -> Any:
@@ -335,7 +340,7 @@ class ModelRuntime:
         batcher = self._batcher_for(loaded)
         batcher.check_capacity()  # before any work, so a refusal costs almost nothing
         spec = loaded.spec
-        where = spec.prepare_where
+        where = loaded.prepare_where
         if where == "loop":
             return await batcher.submit(_prepare(spec, item), timeout_s)
         prepared = await self._prepare_pools.run(where, spec.name, spec.prepare, item)
@@ -504,11 +509,20 @@ def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[li
     return lambda items: run_with_oom_split(run, items, budget=budget, on_split=on_split)
 
 
-def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> float | None:
-    """Run the warm-up items (batch 1, then all); return seconds per item of the larger batch."""
+def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> tuple[float | None, float | None]:
+    """Run the warm-up items (batch 1, then all).
+
+    Returns seconds per item of the larger batch, and the median seconds ``prepare`` took per item
+    (``None`` without warm-up items, or without ``prepare``).
+    """
     if not spec.warmup_items:
-        return None
-    prepared = [_prepare(spec, item) for item in spec.warmup_items]
+        return None, None
+    prepared, prepare_seconds = [], []
+    for item in spec.warmup_items:
+        started = time.perf_counter()
+        prepared.append(_prepare(spec, item))
+        prepare_seconds.append(time.perf_counter() - started)
+    prepare_s = statistics.median(prepare_seconds) if spec.prepare is not None else None
     per_item_s = None
     for batch in ([prepared[0]], prepared) if len(prepared) > 1 else ([prepared[0]],):
         started = time.perf_counter()
@@ -517,7 +531,7 @@ def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> floa
         failed = next((outcome.error for outcome in outcomes if not outcome.ok), None)
         if failed is not None:
             raise RuntimeError(f"model {spec.name} {spec.version}: warm-up failed: {failed!r}") from failed
-    return per_item_s
+    return per_item_s, prepare_s
 
 
 def _unwrap(outcomes: list[Outcome | None], return_exceptions: bool) -> list[Any]:

@@ -115,3 +115,30 @@ def test_process_prepare_must_be_a_module_level_function(runtime: ModelRuntime) 
         runtime.load_sync(ModelSpec(name="closure", version="v1", loader=lambda _ctx: None, uses_torch=False,
                                     run_batch=lambda _m, items: items, prepare=lambda item: item,
                                     prepare_in="process"))
+
+
+@pytest.mark.parametrize(("cost_s", "warm_up", "expected"), [
+    (0.0, True, "loop"),       # a shape check measured at warm-up: a hand-off would cost more than it
+    (0.002, True, "thread"),   # decoding: off the loop
+    (0.0, False, "thread"),    # never measured: the safe side
+])
+def test_auto_keeps_only_a_measured_cheap_prepare_on_the_loop(runtime: ModelRuntime, cost_s: float,
+                                                              warm_up: bool, expected: str) -> None:
+    model = linear()
+    prepared_on: list[int] = []
+
+    def check(item: list[float]) -> torch.Tensor:
+        prepared_on.append(threading.get_ident())
+        if cost_s:
+            time.sleep(cost_s)
+        return torch.tensor(item)
+
+    async def scenario() -> int:
+        await runtime.load(ModelSpec(name="checked", version="v1", loader=lambda _ctx: model, run_batch=scale_batch,
+                                     prepare=check, warmup_items=[[1.0, 2.0, 3.0]] * 4 if warm_up else ()))
+        prepared_on.clear()
+        await runtime.predict("checked", [1.0, 2.0, 3.0])
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert (prepared_on == [loop_thread]) == (expected == "loop")
