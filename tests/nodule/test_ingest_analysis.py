@@ -171,3 +171,37 @@ def test_study_state_is_derived_from_its_series() -> None:
     assert analysis.study_state([("1", "failed", "tilt"), ("2", "done", None)]) == ("done", None)
     assert analysis.study_state([("1", "failed", "tilt"), ("2", "failed", None)]) == (
         "failed", "series 1: tilt; series 2: failed")
+
+
+def test_a_detector_answer_is_stored_with_the_job_and_the_series_is_done(
+        nodule_env: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The persistence path, with a stand-in for the detector's answer (the detector has its own tests)."""
+    import numpy as np
+
+    from services.nodule.db import SeriesFinding
+    from services.nodule.findings import DetectedNodule, SeriesFindings
+    from services.nodule.schemas import NoduleType
+
+    def answer(volume, on_progress=None):  # type: ignore[no-untyped-def]
+        nodule = DetectedNodule(label=1, centre_voxel=(4.0, 10.0, 12.0), centre_lps_mm=(-91.6, -93.0, -46.0),
+                                long_axis_mm=6.5, short_axis_mm=5.0, volume_mm3=98.0, mean_hu=21.0,
+                                nodule_type=NoduleType.SOLID, confidence=0.93)
+        return SeriesFindings(volume.series_instance_uid, volume.study_instance_uid, (nodule,),
+                              np.zeros(volume.shape, np.uint16), "stand-in 1")
+
+    monkeypatch.setattr(analysis, "run_detector", answer)
+    identity = SeriesIdentity.new()
+    store(small_series(slices=8, identity=identity), tmp_path, "found")
+    job = next(job for job in sweep() if job.tenant_id == "found")
+    run_job(job.id)
+    finished = job_of(job.id)
+    assert (finished.status, finished.progress, finished.result) == (
+        "succeeded", 1.0, {"series_instance_uid": identity.series_instance_uid, "volumes": 1, "nodules": 1,
+                           "errors": []})
+    assert series_of("found", identity.series_instance_uid).state == "done"
+    assert study_of("found", identity.study_instance_uid).state == "done"
+    with session_scope() as session:
+        row = session.scalars(select(SeriesFinding).where(SeriesFinding.tenant_id == "found")).one()
+    assert row.job_id == job.id and row.model_version == "stand-in 1"
+    assert row.nodules[0]["nodule_type"] == "solid" and row.nodules[0]["centre_lps_mm"] == [-91.6, -93.0, -46.0]
+    assert row.labels_path and np.load(dicom_io.storage_root() / row.labels_path).shape == (8, 32, 32)
