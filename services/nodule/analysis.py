@@ -190,6 +190,11 @@ def analyse_series(session: Session, job_id: str, tenant_id: str, payload: dict[
         code = errors[0].code.value if errors and not volumes else _error_code(exc)
         _record_failure_now(tenant_id, series_uid, study_uid, code, str(exc))
         raise
+    except Exception:
+        # The job records the exception for operators; the series must not stay "analysing" forever.
+        _record_failure_now(tenant_id, series_uid, study_uid, "internal_error",
+                            f"internal error; see the worker log for job {job_id}")
+        raise
     on_progress(0.9)
     _save_findings(session, job_id, tenant_id, study_uid, findings, volumes)
     _finish_series(session, tenant_id, series_uid, study_uid, errors)
