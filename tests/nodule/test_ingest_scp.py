@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     MRImageStorage,
@@ -101,8 +103,9 @@ def test_a_simulated_series_pushed_by_pynetdicom_is_stored_and_indexed_and_echo_
     assert not list((root / ".incoming").iterdir())
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless], ids=str)
-def test_compressed_transfer_syntaxes_are_accepted_and_decoded(scp: int, syntax: str) -> None:
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless,
+                                    JPEG2000Lossless, JPEGLSLossless], ids=str)
+def test_other_transfer_syntaxes_are_accepted_and_decoded(scp: int, syntax: str) -> None:
     if syntax not in dicom_io.decodable_transfer_syntaxes():
         pytest.skip(f"no decoder for {syntax} here")
     datasets = small_series(slices=3, transfer_syntax=syntax)
