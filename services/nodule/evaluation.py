@@ -13,14 +13,16 @@ Scoring, as LUNA16 does it:
 
 - a candidate *hits* a true nodule when its centre lies within the nodule's radius (half its long
   axis) of the true centre (LPS mm); a candidate hitting several nodules counts for the nearest;
+- only nodules of at least :data:`MIN_COUNTED_MM` long axis are counted (LUNA16 evaluates nodules of
+  3 mm and more); a candidate hitting a smaller one counts neither as a hit nor as a false positive;
 - FROC: over all scans, for every threshold, the share of nodules hit by a candidate at or above it
   against the non-hitting candidates per scan; candidates that hit an already-hit nodule count
   neither way;
 - CPM: the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per scan, each the
   best sensitivity whose FP rate does not exceed it (a step curve, no interpolation);
-- per scan at an operating threshold: a scan with nodules is a true positive when at least one of
-  its nodules is hit by a reported candidate (a detection elsewhere does not count); a scan
-  without nodules is a true negative when nothing is reported;
+- per scan at an operating threshold: a scan with (counted) nodules is a true positive when at least
+  one of them is hit by a reported candidate (a detection elsewhere does not count); a scan
+  without is a true negative when nothing is reported (bar hits on uncounted small nodules);
 - 95 % intervals: percentile bootstrap over scans (resampled with replacement).
 """
 
@@ -38,6 +40,8 @@ from services.nodule.volume import SeriesVolume
 
 CPM_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which the LUNA16 CPM averages sensitivity."""
+MIN_COUNTED_MM = 3.0
+"""True nodules with a shorter long axis are not counted (neither to find nor as false positives)."""
 SPLIT_ROOTS = {"train": 17_001, "validation": 17_002, "evaluation": 17_003}
 TRAINING_CONFIG = SimulationConfig()
 """Training and validation studies: the simulator's defaults (64 x 256 x 256; slices 1-2.5 mm)."""
@@ -75,12 +79,20 @@ def volume_from_simulated(study: SimulatedStudy, uid: str = "") -> SeriesVolume:
 # -- per-scan records -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TruthNodule:
-    """A true nodule: centre (LPS mm), radius (mm) and what else is reported per nodule."""
+    """A true nodule: centre (LPS mm), radius (mm) and what else is reported per nodule.
+
+    ``long_axis_mm`` of 0 means unknown: the nodule is counted.
+    """
 
     centre_lps_mm: tuple[float, float, float]
     radius_mm: float
     nodule_type: str = ""
     long_axis_mm: float = 0.0
+
+    @property
+    def counted(self) -> bool:
+        """Whether it is large enough to be scored (:data:`MIN_COUNTED_MM`)."""
+        return self.long_axis_mm == 0.0 or self.long_axis_mm >= MIN_COUNTED_MM
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,8 @@ class ScanRecord:
 
     @property
     def positive(self) -> bool:
-        """The scan has at least one nodule."""
-        return bool(self.truths)
+        """The scan has at least one counted nodule."""
+        return any(truth.counted for truth in self.truths)
 
 
 def truths_of(study: SimulatedStudy) -> tuple[TruthNodule, ...]:
@@ -151,7 +163,8 @@ def _score(scan: ScanRecord) -> _Scored:
             false_positives.append(candidate.confidence)
         else:
             best[hit] = max(best[hit], candidate.confidence)
-    return _Scored(best, np.asarray(false_positives, dtype=float), scan.positive)
+    counted = np.array([truth.counted for truth in scan.truths], dtype=bool)
+    return _Scored(best[counted], np.asarray(false_positives, dtype=float), scan.positive)
 
 
 # -- FROC and CPM ---------------------------------------------------------------------------------

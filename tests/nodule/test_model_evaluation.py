@@ -89,6 +89,16 @@ def test_summary_intervals_and_type_accuracy() -> None:
     assert type_accuracy(_scans(), 0.5) == (0.5, 2)  # the ground-glass nodule was called solid
 
 
+def test_nodules_under_3_mm_count_neither_way() -> None:
+    small = ScanRecord("c", truths=(TruthNodule((0, 0, 0), 1.2, "solid", long_axis_mm=2.4),),
+                       candidates=(Candidate((0.5, 0, 0), 0.9),))
+    assert not small.positive
+    counts = scan_counts([small], 0.5)
+    assert (counts.true_negative, counts.false_positive, counts.nodules, counts.false_candidates) == (1, 0, 0, 0)
+    with_small = froc([*_scans(), small])
+    assert with_small.nodules == 2 and with_small.scans == 3
+
+
 def test_splits_share_no_seed() -> None:
     train, validation, evaluation = (set(split_seeds(split, 200)) for split in ("train", "validation", "evaluation"))
     assert len(train) == 200 and not train & validation and not train & evaluation and not validation & evaluation
