@@ -157,6 +157,15 @@ def parse_instance(source: Path | bytes, *, expected_study_uid: str | None = Non
         no decoder, 0xA900 missing or malformed identifiers, 0xA901 another study than expected.
     """
     dataset = _read_part10(source)
+    try:
+        return _check(dataset, expected_study_uid)
+    except InstanceRefused:
+        raise
+    except Exception as exc:  # pydicom parses elements lazily: a malformed one raises when first read
+        raise InstanceRefused(CANNOT_UNDERSTAND, f"a data element cannot be read ({type(exc).__name__})") from None
+
+
+def _check(dataset: Dataset, expected_study_uid: str | None) -> ParsedInstance:
     sop_class = _text(dataset, "SOPClassUID") or _text(dataset.file_meta, "MediaStorageSOPClassUID")
     sop_instance = _text(dataset, "SOPInstanceUID")
 
@@ -180,7 +189,7 @@ def _read_part10(source: Path | bytes) -> Dataset:
             # No 128-byte preamble and "DICM" prefix: pydicom.dcmwrite writes a dataset so unless asked
             # (dicomweb-client sends them so). Accepted when the file meta information follows.
             dataset = pydicom.dcmread(_readable(source), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # whatever a malformed file makes pydicom raise
         raise InstanceRefused(CANNOT_UNDERSTAND, f"not a readable DICOM Part 10 file ({type(exc).__name__})") from None
     if "TransferSyntaxUID" not in getattr(dataset, "file_meta", Dataset()):
         raise InstanceRefused(CANNOT_UNDERSTAND, "no transfer syntax in the file meta information")
@@ -207,7 +216,7 @@ def _identify(dataset: Dataset, refuse: Any) -> ParsedInstance:
     return ParsedInstance(
         sop_class_uid=str(dataset.SOPClassUID), sop_instance_uid=str(uids["SOPInstanceUID"]),
         study_instance_uid=str(uids["StudyInstanceUID"]), series_instance_uid=str(uids["SeriesInstanceUID"]),
-        transfer_syntax_uid=str(syntax), modality=modality, patient_id=(_text(dataset, "PatientID") or None),
+        transfer_syntax_uid=str(syntax), modality=modality, patient_id=(_text(dataset, "PatientID") or "")[:64] or None,
         patient_age_years=age_in_years(_text(dataset, "PatientAge")),
         patient_sex=sex if sex in ("M", "F", "O") else None)
 
@@ -220,21 +229,21 @@ def _check_pixels(dataset: Dataset, refuse: Any) -> None:
         if dataset.file_meta.TransferSyntaxUID.is_compressed:
             dataset.pixel_array  # noqa: B018  (decoding is the check)
         else:
-            _check_native_length(dataset)
+            _check_native_length(dataset, refuse)
     except InstanceRefused:
         raise
     except Exception as exc:  # a decoder plug-in raises whatever its library raises
         raise refuse(CANNOT_UNDERSTAND, f"pixel data cannot be decoded ({type(exc).__name__})") from None
 
 
-def _check_native_length(dataset: Dataset) -> None:
+def _check_native_length(dataset: Dataset, refuse: Any) -> None:
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     expected = rows * columns * samples * frames * bits // 8
     if len(dataset.PixelData) < expected:
-        raise InstanceRefused(CANNOT_UNDERSTAND, f"pixel data is {len(dataset.PixelData)} bytes, "
-                              f"{expected} expected: the instance is truncated")
+        raise refuse(CANNOT_UNDERSTAND, f"pixel data is {len(dataset.PixelData)} bytes, {expected} expected: "
+                     "the instance is truncated")
 
 
 def _text(dataset: Any, keyword: str) -> str | None:
