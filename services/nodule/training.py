@@ -57,6 +57,7 @@ from services.nodule.evaluation import (
 )
 from services.nodule.model import (
     DEFAULT_ROI,
+    HU_WINDOW,
     MODELS_SUBDIR,
     STUDENT_CONFIG,
     TEACHER_CONFIG,
@@ -105,6 +106,9 @@ class TrainingPlan:
         Share of patches centred (with jitter) on a nodule; the rest anywhere in the lungs.
     distillation_weight : float
         Weight of the teacher's soft targets in the student's loss.
+    extra_noise_hu : float
+        Half the patches get extra white noise of up to this standard deviation (HU), so the networks
+        see noisier scans than the simulator's training range draws.
     roi_size : tuple of int
         Inference patch shipped with the models.
     seed : int
@@ -123,6 +127,7 @@ class TrainingPlan:
     learning_rate: float = 2e-3
     positive_fraction: float = 0.6
     distillation_weight: float = 0.5
+    extra_noise_hu: float = 20.0
     roi_size: tuple[int, int, int] = DEFAULT_ROI
     seed: int = 0
 
@@ -191,7 +196,12 @@ def sample_batch(studies: list[TrainingStudy], rng: np.random.Generator,
     """A training batch ``(N, 1, *patch)`` of images and labels."""
     pairs = [sample_patch(studies[rng.integers(len(studies))], rng, plan.patch_size,
                           rng.random() < plan.positive_fraction) for _ in range(plan.batch_size)]
-    return torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs]))
+    images = np.stack([p[0] for p in pairs])
+    for image in images:
+        if plan.extra_noise_hu > 0 and rng.random() < 0.5:
+            sd = rng.uniform(0, plan.extra_noise_hu) / (HU_WINDOW[1] - HU_WINDOW[0])
+            image += rng.normal(0.0, sd, image.shape).astype(np.float32)
+    return torch.from_numpy(images), torch.from_numpy(np.stack([p[1] for p in pairs]))
 
 
 # -- losses and loops -----------------------------------------------------------------------------
@@ -441,7 +451,8 @@ Gaussian blending); post-processing in `services/nodule/detect.py`.
 ## Data
 {DATA_TEXT}
 Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels; validation: {plan.validation_studies}
-studies (other seeds). Patches {list(plan.patch_size)}, {int(plan.positive_fraction * 100)} % centred near a nodule.
+studies (other seeds). Patches {list(plan.patch_size)}, {int(plan.positive_fraction * 100)} % centred near a nodule,
+the rest anywhere in the lungs; left-right flips; extra white noise up to {plan.extra_noise_hu:g} HU on half of them.
 
 ## Training
 {stage.steps} steps of {plan.batch_size} patches in {stage.seconds:.0f} s on this machine's CPU
