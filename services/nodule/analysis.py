@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -206,8 +207,10 @@ def analyse_series(session: Session, job_id: str, tenant_id: str, payload: dict[
 def run_detector(volume: SeriesVolume, on_progress: ProgressCallback | None = None) -> SeriesFindings:
     """Detect nodules in one assembled volume with :func:`services.nodule.detect.detect_series`.
 
-    The student network is loaded into this process's runtime on first use. Runs its own event
-    loop (a Celery worker has none); the runtime rebinds its batcher to it.
+    The student network is loaded into this process's runtime on first use. The detector's
+    coroutine runs on this process's detector event loop (:func:`detector_loop`: a Celery worker
+    has none of its own), so the runtime's batcher and the sliding-window inferer keep one loop
+    from job to job.
 
     Raises
     ------
@@ -219,9 +222,25 @@ def run_detector(volume: SeriesVolume, on_progress: ProgressCallback | None = No
     """
     detect = _detector_module()
     try:
-        return asyncio.run(_detect(detect, volume, on_progress))
+        return asyncio.run_coroutine_threadsafe(_detect(detect, volume, on_progress), detector_loop()).result()
     except detect.DetectionRefused as refused:
         raise DetectionRefusedError(refused.reason) from None
+
+
+_LOOP: tuple[int, asyncio.AbstractEventLoop] | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def detector_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for the detector, running in a daemon thread (started on first use;
+    a forked child starts its own)."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP[0] != os.getpid() or _LOOP[1].is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="nodule-detector-loop", daemon=True).start()
+            _LOOP = (os.getpid(), loop)
+        return _LOOP[1]
 
 
 def _detector_module() -> Any:
