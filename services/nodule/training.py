@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from model_runtime.artifacts import load_manifest, save_artifact
+from model_runtime.device import resolve_device
 from model_runtime.runtime import ModelRuntime
 from services.nodule.detect import detect_series, solid_share
 from services.nodule.evaluation import (
@@ -240,12 +241,13 @@ def _train(net: NoduleNet, loss_of: Callable[[NoduleNet, torch.Tensor, torch.Ten
     log, started = StageLog(), time.perf_counter()
     recent: list[float] = []
     net.train()
+    device = next(net.parameters()).device
     for step in range(steps):
         elapsed = time.perf_counter() - started
         progress = max(step / steps, elapsed / max_seconds if max_seconds else 0.0)
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(plan.learning_rate, step, progress)
-        images, labels = sample_batch(studies, rng, plan)
+        images, labels = (tensor.to(device) for tensor in sample_batch(studies, rng, plan))
         loss = loss_of(net, images, labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,10 +272,10 @@ def _learning_rate(peak: float, step: int, progress: float, warmup: int = 30) ->
 
 
 def train_teacher(studies: list[TrainingStudy], plan: TrainingPlan, config: NetConfig = TEACHER_CONFIG,
-                  rng: np.random.Generator | None = None) -> tuple[NoduleNet, StageLog]:
+                  rng: np.random.Generator | None = None, device: str = "cpu") -> tuple[NoduleNet, StageLog]:
     """Train the teacher on labelled patches (Dice + BCE)."""
     rng = rng or np.random.default_rng(plan.seed)
-    net = NoduleNet(config)
+    net = NoduleNet(config).to(device)
     log = _train(net, lambda model, x, y: segmentation_loss(model(x), y), studies, plan, plan.teacher_steps,
                  plan.teacher_seconds, rng, "teacher")
     return net.eval(), log
@@ -281,11 +283,11 @@ def train_teacher(studies: list[TrainingStudy], plan: TrainingPlan, config: NetC
 
 def distil_student(teacher: NoduleNet, studies: list[TrainingStudy], plan: TrainingPlan,
                    config: NetConfig = STUDENT_CONFIG,
-                   rng: np.random.Generator | None = None) -> tuple[NoduleNet, StageLog]:
+                   rng: np.random.Generator | None = None, device: str = "cpu") -> tuple[NoduleNet, StageLog]:
     """Train the student on the teacher's probabilities and the labels (:func:`distillation_loss`)."""
     rng = rng or np.random.default_rng(plan.seed + 1)
-    teacher.eval()
-    net = NoduleNet(config)
+    teacher.eval().to(device)
+    net = NoduleNet(config).to(device)
 
     def loss_of(model: NoduleNet, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -309,17 +311,17 @@ class Calibration:
 
 
 def calibrate(net: NoduleNet, studies: list[SimulatedStudy], roi_size: tuple[int, int, int],
-              name: str = "nodule-calibration") -> Calibration:
+              name: str = "nodule-calibration", device: str = "cpu") -> Calibration:
     """Run ``net`` through a private runtime and the real post-processing on ``studies``; choose thresholds."""
-    return asyncio.run(_calibrate(net, studies, roi_size, name))
+    return asyncio.run(_calibrate(net, studies, roi_size, name, device))
 
 
 async def _calibrate(net: NoduleNet, studies: list[SimulatedStudy], roi_size: tuple[int, int, int],
-                     name: str) -> Calibration:
+                     name: str, device: str) -> Calibration:
     runtime = ModelRuntime()
     base = DetectorSettings(roi_size=roi_size)
     try:
-        await runtime.load(nodule_model_spec(name, net=net, roi_size=roi_size, device="cpu"))
+        await runtime.load(nodule_model_spec(name, net=net, roi_size=roi_size, device=device))
         records, shares, seconds = [], [], []
         for index, study in enumerate(studies):
             volume = volume_from_simulated(study, uid=f"validation-{index}")
@@ -510,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-from", type=Path, help="reuse this teacher artifact instead of training one")
     parser.add_argument("--teacher-only", action="store_true", help="train and write the teacher, not the student")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: settings.device)")
     parser.add_argument("--force", action="store_true", help="replace existing artifacts of this version")
     return parser
 
@@ -535,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = plan_from(args)
     output = args.output or _default_output()
+    device = str(resolve_device(args.device))
     torch.manual_seed(plan.seed)
     rng = np.random.default_rng(plan.seed)
     started = time.perf_counter()
@@ -542,19 +546,19 @@ def main(argv: list[str] | None = None) -> int:
     validation = simulate_split("validation", plan.validation_studies, plan.study_shape)
     logger.info("simulated %d + %d studies in %.0f s", len(studies), len(validation), time.perf_counter() - started)
     if args.teacher_from:
-        teacher, _ = load_net(args.teacher_from)
+        teacher, _ = load_net(args.teacher_from, device)
         teacher_log = StageLog(0, 0.0, float("nan"))
     else:
-        teacher, teacher_log = train_teacher(studies, plan, rng=rng)
+        teacher, teacher_log = train_teacher(studies, plan, rng=rng, device=device)
     trained = [] if args.teacher_from else [("teacher", teacher, teacher_log)]
     if not args.teacher_only:
-        student, student_log = distil_student(teacher, studies, plan, rng=rng)
+        student, student_log = distil_student(teacher, studies, plan, rng=rng, device=device)
         trained.append(("student", student, student_log))
     del studies
     rebuild = rebuild_command(argv)
     written = []
     for role, net, log in trained:
-        calibration = calibrate(net, validation, plan.roi_size, name=f"nodule-{role}-calibration")
+        calibration = calibrate(net, validation, plan.roi_size, name=f"nodule-{role}-calibration", device=device)
         extra = _teacher_note(args.teacher_from or output / "teacher" / args.version) if role == "student" else ""
         written.append(write_model(net, role, args.version, output, calibration, log, plan, rebuild,
                                    force=args.force, extra_card=extra))
