@@ -176,17 +176,30 @@ async def detect_series(volume: SeriesVolume, *, runtime: ModelRuntime | None = 
     check_volume(volume)
     settings = settings or settings_for(runtime, model_name)
     version = runtime.version(model_name)
-    inputs = await asyncio.to_thread(_network_input, volume.hu)
-    probability = await _inferer(runtime, model_name, settings).infer(inputs, on_progress=on_progress,
-                                                                      timeout_s=timeout_s)
-    assert isinstance(probability, torch.Tensor)
+    probability = await probability_map(volume.hu, runtime=runtime, model_name=model_name, settings=settings,
+                                        on_progress=on_progress, timeout_s=timeout_s)
     threshold = settings.report_threshold if min_confidence is None else min_confidence
     nodules, labels = await asyncio.to_thread(
-        extract_nodules, probability[0].numpy(), volume.hu, volume.spacing_mm, volume.voxel_to_lps, settings,
+        extract_nodules, probability, volume.hu, volume.spacing_mm, volume.voxel_to_lps, settings,
         min_confidence=threshold)
     return SeriesFindings(series_instance_uid=volume.series_instance_uid,
                           study_instance_uid=volume.study_instance_uid, nodules=tuple(nodules), labels=labels,
                           model_version=f"{model_name} {version}", notes=spacing_notes(volume))
+
+
+async def probability_map(hu: np.ndarray, *, runtime: ModelRuntime, model_name: str = STUDENT_NAME,
+                          settings: DetectorSettings | None = None, on_progress: ProgressCallback | None = None,
+                          timeout_s: float | None = None) -> np.ndarray:
+    """The network's stitched nodule probability over a ``(slice, row, column)`` HU volume (same shape).
+
+    Normalisation in a thread, then the sliding window through ``runtime`` (no post-processing).
+    """
+    settings = settings or settings_for(runtime, model_name)
+    inputs = await asyncio.to_thread(_network_input, hu)
+    probability = await _inferer(runtime, model_name, settings).infer(inputs, on_progress=on_progress,
+                                                                      timeout_s=timeout_s)
+    assert isinstance(probability, torch.Tensor)
+    return probability[0].numpy()
 
 
 def check_volume(volume: SeriesVolume) -> None:
