@@ -152,13 +152,20 @@ class CapacityAdmission:
         last_batch = min(self.batch_capacity, ahead - (full_batches - 1) * self.batch_capacity + joined)
         return starts_in + self.model.seconds(last_batch)
 
-    def decide(self, queued_cost: float, item_cost: float = 1.0) -> Decision:
-        """Admit or refuse one item; before any batch was measured, everything is admitted."""
-        if self.model.samples == 0:
-            return Decision(True, 0.0)
-        expected = self.expected_answer_s(queued_cost, item_cost)
+    def decide(self, queued_cost: float, item_cost: float = 1.0, *, record: bool = True) -> Decision:
+        """Admit or refuse one item (``record=False``: only ask, the admitted rate is left as it is).
+
+        Before any batch was measured everything is admitted, and so is an item that finds the model
+        idle (nothing queued or running): refusing it would help no one, and a fit made stale by
+        one slow batch would otherwise refuse everything for ever, since only admitted work refits it.
+        """
+        if self.model.samples == 0 or (queued_cost <= 0 and self._running_since is None):
+            expected = 0.0
+        else:
+            expected = self.expected_answer_s(queued_cost, item_cost)
         if expected <= self.target_s:
-            self._arrivals.add(item_cost)
+            if record:
+                self._arrivals.add(item_cost)
             return Decision(True, expected)
         return Decision(False, expected, retry_after_s=expected - self.target_s)
 

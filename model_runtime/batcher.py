@@ -331,23 +331,36 @@ class DynamicBatcher:
 
         Called before an item is decoded, so a refused caller costs almost nothing.
         """
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
+
+    def refusal(self, *, record: bool = True) -> RuntimeOverloaded | ModelNotReady | None:
+        """The error an item arriving now gets, or ``None`` if it is taken.
+
+        ``record=False`` only asks (a gate in front of the HTTP stack): no refusal is counted and
+        no arrival enters the admission's rate, since the item asks again when it is submitted.
+        """
         if not self._accepting:
-            raise ModelNotReady(f"model {self.name} is shutting down")
+            return ModelNotReady(f"model {self.name} is shutting down")
         depth = self.depth
         expected_wait_s = self.expected_wait_s()
         too_slow = (self.policy.max_queue_delay_ms is not None and depth > 0
                     and expected_wait_s * 1000.0 > self.policy.max_queue_delay_ms)
         if depth >= self.policy.max_queue or too_slow:
-            self.metrics.rejected.inc()
-            raise RuntimeOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
-                                    f"{expected_wait_s:.3f} s", retry_after_s=expected_wait_s)
-        if self._admission is not None:
-            decision = self._admission.decide(self._waiting_cost(), self._mean_cost)
-            if not decision.admitted:
+            if record:
                 self.metrics.rejected.inc()
-                raise RuntimeOverloaded(f"model {self.name}: an answer expected in {decision.expected_s:.3f} s, "
-                                        f"past the {self._admission.target_s:.3f} s target",
-                                        retry_after_s=decision.retry_after_s)
+            return RuntimeOverloaded(f"model {self.name}: {depth} requests queued, expected wait "
+                                     f"{expected_wait_s:.3f} s", retry_after_s=expected_wait_s)
+        if self._admission is not None:
+            decision = self._admission.decide(self._waiting_cost(), self._mean_cost, record=record)
+            if not decision.admitted:
+                if record:
+                    self.metrics.rejected.inc()
+                return RuntimeOverloaded(f"model {self.name}: an answer expected in {decision.expected_s:.3f} s, "
+                                         f"past the {self._admission.target_s:.3f} s target",
+                                         retry_after_s=decision.retry_after_s)
+        return None
 
     async def submit(self, prepared: Any, timeout_s: float | None = None) -> Any:
         """Queue one prepared item and wait for its output.

@@ -53,7 +53,7 @@ from model_runtime.batcher import (
 )
 from model_runtime.collate import split_outputs
 from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
-from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeTimeout
+from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.memory import MemoryBudget, run_with_oom_split
 from model_runtime.metrics import OOM_SPLITS, ModelMetrics
 from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, checked_prepare, resolve_prepare_in
@@ -349,6 +349,17 @@ class ModelRuntime:
         if remaining_s is not None and remaining_s <= 0:
             raise RuntimeTimeout(f"model {name}: prepare took the whole {timeout_s:.3f} s deadline")
         return await self._batcher_for(self._serving(name)).submit(prepared, remaining_s)  # swapped meanwhile?
+
+    def refusal(self, name: str) -> RuntimeOverloaded | ModelNotReady | None:
+        """What :meth:`predict` would refuse an item of ``name`` with now (``None``: it would be taken).
+
+        Only asks: nothing is counted. For a gate in front of the HTTP stack
+        (:class:`shared.shedding.SheddingGate`), so refused requests skip the framework's cost.
+        """
+        loaded = self._models.get(name)
+        if loaded is None:
+            return ModelNotReady(f"model {name} is not loaded")
+        return self._batcher_for(loaded).refusal(record=False)
 
     def _serving(self, name: str) -> _LoadedModel:
         loaded = self._models.get(name)

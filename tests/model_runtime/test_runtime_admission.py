@@ -144,3 +144,12 @@ def test_the_batcher_refuses_what_it_cannot_answer_within_the_target(runtime: Mo
 
     refused = asyncio.run(scenario())
     assert "target" in str(refused) and refused.retry_after_s > 0
+
+
+def test_an_idle_model_admits_even_when_one_slow_batch_poisoned_the_fit() -> None:
+    clock = FakeClock()
+    admission = fitted(clock)
+    admission.batch_started(CAPACITY)
+    admission.batch_finished(CAPACITY, 30.0)  # one batch stalled (a paused VM): the fit now says seconds
+    assert not admission.decide(queued_cost=CAPACITY).admitted  # with work queued, the fit is believed
+    assert admission.decide(queued_cost=0).admitted  # idle: only admitted work can correct the fit

@@ -1,0 +1,68 @@
+"""The load-shedding gate answers a refused request before the app, as the app itself would answer it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from model_runtime.errors import RuntimeOverloaded
+from shared.errors import ProblemError
+from shared.shedding import SheddingGate
+
+
+async def call(app: Any, method: str, path: str) -> list[dict[str, Any]]:
+    """One request through ``app``; the messages it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": method, "path": path, "root_path": "", "headers": []}, receive, send)
+    return sent
+
+
+def test_a_refused_request_gets_the_runtime_overload_problem_without_reaching_the_app() -> None:
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    full: list[ProblemError | RuntimeOverloaded | None] = [RuntimeOverloaded("queue full", retry_after_s=0.4)]
+    gate = SheddingGate(app, {("POST", "/predict"): lambda: full[0]})
+    refused = asyncio.run(call(gate, "POST", "/predict"))
+    assert reached == []
+    assert refused[0]["status"] == 503
+    headers = dict(refused[0]["headers"])
+    assert headers[b"content-type"] == b"application/problem+json" and b"retry-after" in headers
+    assert b'"status":503' in refused[1]["body"]
+
+    full[0] = None
+    taken = asyncio.run(call(gate, "POST", "/predict"))
+    other = asyncio.run(call(gate, "GET", "/predict"))
+    assert taken[0]["status"] == other[0]["status"] == 200 and reached == ["/predict", "/predict"]
+
+
+def test_the_runtime_answers_the_gate_without_counting_anything() -> None:
+    import torch
+
+    from model_runtime import ModelNotReady, ModelRuntime, ModelSpec
+
+    runtime = ModelRuntime()
+
+    async def scenario() -> tuple[object, object, float]:
+        unknown = runtime.refusal("absent")
+        await runtime.load(ModelSpec(name="tiny", version="v1", loader=lambda _ctx: torch.nn.Identity(),
+                                     run_batch=lambda model, items: list(model(torch.stack(items))),
+                                     max_queue=1, latency_target_ms=50))
+        idle = runtime.refusal("tiny")
+        await runtime.predict("tiny", torch.zeros(2))
+        await runtime.close()
+        return unknown, idle, runtime.stats().get("tiny", {}).get("rejected", 0.0)
+
+    unknown, idle, rejected = asyncio.run(scenario())
+    assert isinstance(unknown, ModelNotReady) and idle is None and not rejected
