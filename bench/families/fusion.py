@@ -19,7 +19,7 @@ has workers, one per core of the 2-core box the table was measured on):
 - ``one-by-one``: FastAPI ``def`` endpoint, decode + eager model per request in the threadpool (naive);
 - ``runtime``: ``async def`` endpoint -> ``model_runtime`` (decode in ``prepare`` on the worker pool,
   padded + masked collation by :func:`run_collated`, greedy batches bounded by audio samples),
-  two replicas of the spec (the runtime runs one batch thread per model) taken in turn;
+  two replicas of the spec (the runtime runs one batch thread per model), the less busy one taken;
 - ``runtime+buckets``: the same with batches grouped by audio length (:func:`length_bucket`);
 - ``runtime+onnx``, ``runtime+onnx+buckets``: the same two, the model served by the backend
   ``choose_cpu_backend`` measures fastest and accurate (eager, ONNX Runtime, ONNX int8);
@@ -36,7 +36,11 @@ outgrowing the CPU cache make batches of 4 random utterances ~2x slower per item
 (sorted lengths: about even). Batches are therefore capped at 8 s of audio.
 
 Load: an asyncio HTTP/1.1 keep-alive client in its own subprocess, K callers in a closed loop, each
-request a random utterance of a fixed pool of 32 (1–6 s, same seed for every server).
+request a random utterance of a fixed pool of 32 (1–6 s, same seeds for every server). All servers
+are up at once (idle but one); each point's seconds are split into rounds of slices taken server
+after server in rotating order, so that other work on a shared box weighs on every server alike.
+The table shows the CPU the measured server used and what the rest of the machine used meanwhile
+(``bg cpu%``: anything but this benchmark), both in % of all CPUs.
 
 Usage::
 
@@ -52,7 +56,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -368,7 +371,8 @@ def build_app(server: str) -> FastAPI:
     """The FastAPI app of ``one-by-one`` or a runtime variant (:data:`RUNTIME_VARIANTS`).
 
     A runtime server loads :data:`REPLICAS` specs of the same model (one batching worker thread
-    each, the runtime having one per model) and sends requests to them in turn.
+    each, the runtime having one per model) and sends each request to the one with the fewest
+    requests in flight.
     """
     from prometheus_client import REGISTRY
 
@@ -378,7 +382,7 @@ def build_app(server: str) -> FastAPI:
     model = fusion_model()
     runtime = get_runtime()
     replicas = [f"{MODEL_NAME}-{index}" for index in range(REPLICAS)]
-    turn = itertools.cycle(replicas)
+    in_flight = dict.fromkeys(replicas, 0)
     backend: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
@@ -411,7 +415,12 @@ def build_app(server: str) -> FastAPI:
     else:
         @app.post("/predict")
         async def predict_batched(utterance: Utterance) -> Response:
-            return json_response(await runtime.predict(next(turn), utterance))
+            name = min(in_flight, key=in_flight.__getitem__)  # the replica with the least work
+            in_flight[name] += 1
+            try:
+                return json_response(await runtime.predict(name, utterance))
+            finally:
+                in_flight[name] -= 1
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -580,13 +589,8 @@ async def closed_loop(url: str, callers: int, seconds: float, seed: int) -> dict
         connection.close()
 
     await asyncio.gather(*(caller(index) for index in range(callers)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else None  # noqa: E731
-    total = len(latencies)
-    return {"callers": callers, "seconds": elapsed, "requests": total, "ok": statuses.get("200", 0),
-            "utt_per_s": statuses.get("200", 0) / elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99),
-            "error_rate": (total - statuses.get("200", 0)) / total if total else 0.0, "statuses": statuses}
+    return {"seconds": time.perf_counter() - started, "latencies_ms": [round(value * 1000, 3) for value in latencies],
+            "statuses": statuses}
 
 
 class LoadClient:
@@ -630,43 +634,89 @@ def load_main() -> None:
 # ---------------------------------------------------------------------------------------------
 # Benchmark
 # ---------------------------------------------------------------------------------------------
-def measure_server(client: LoadClient, server: str, seconds: float, warmup_s: float) -> list[dict[str, Any]]:
-    """Every caller count against one server; adds peak RSS and (runtime) the mean batch size."""
-    points = []
-    with fusion_server(server) as handle:
-        matches = answers_match(handle.url + "/predict")
-        client.run(handle.url + "/predict", 4, warmup_s, seed=99)
-        for callers in CALLERS:
-            before = _batches(handle, server)
-            window = CpuWindow(handle.pid, client.process.pid)
-            point = client.run(handle.url + "/predict", callers, seconds)
-            point.update(window.shares())
-            after = _batches(handle, server)
-            if RUNTIME_VARIANTS.get(server, {}).get("choose_backend") and callers == CALLERS[0]:
-                point["backend"] = get_json(handle.url + "/bench/stats")["backend"]
-            point.update(server=server, rss_mb=handle.peak_rss_mb(), answers_match=matches,
-                         mean_batch=(after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else None)
-            points.append(point)
-            print(f"  {server:<20} K={callers:<3} {point['utt_per_s']:6.1f} utt/s  "
-                  f"p99 {_fmt(point['p99_ms'], '.0f')} ms", flush=True)
+def measure_slice(client: LoadClient, handles: dict[str, ServerHandle], server: str, callers: int,
+                  seconds: float, seed: int) -> dict[str, Any]:
+    """One closed-loop run against ``server`` (the others idle), with its CPU shares and batches."""
+    handle = handles[server]
+    before = _batches(handle, server)
+    window = CpuWindow(handle.pid, client.process.pid, [other.pid for other in handles.values()])
+    run = client.run(handle.url + "/predict", callers, seconds, seed)
+    run.update(window.shares())
+    after = _batches(handle, server)
+    run["batches"] = (after[0] - before[0], after[1] - before[1])
+    return run
+
+
+def merge_slices(server: str, callers: int, slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table point out of a server's slices at one caller count (latencies pooled, CPU time-weighted)."""
+    seconds = sum(run["seconds"] for run in slices)
+    latencies = sorted(value for run in slices for value in run["latencies_ms"])
+    statuses: dict[str, int] = {}
+    for run in slices:
+        for status, count in run["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + count
+    ok, total = statuses.get("200", 0), len(latencies)
+    pick = lambda q: latencies[min(total - 1, int(q * total))] if total else None  # noqa: E731
+    batches, items = (sum(run["batches"][index] for run in slices) for index in (0, 1))
+    weighted = lambda key: sum(run[key] * run["seconds"] for run in slices) / seconds  # noqa: E731
+    return {"server": server, "callers": callers, "seconds": seconds, "requests": total, "ok": ok,
+            "utt_per_s": ok / seconds, "p50_ms": pick(0.5), "p99_ms": pick(0.99),
+            "error_rate": (total - ok) / total if total else 0.0, "statuses": statuses,
+            "mean_batch": items / batches if batches else None, "slices": len(slices),
+            **{key: weighted(key) for key in ("server_cpu_pct", "client_cpu_pct", "background_cpu_pct")}}
+
+
+def measure_all(seconds: float, rounds: int, warmup_s: float) -> list[dict[str, Any]]:
+    """Every server at every caller count, interleaved: all servers up at once, each point's time
+    split into ``rounds`` slices taken in turn (rotating the order), so that other work on the
+    box weighs on every server alike."""
+    points: list[dict[str, Any]] = []
+    client = LoadClient()
+    try:
+        with contextlib.ExitStack() as stack:
+            handles = {server: stack.enter_context(fusion_server(server)) for server in SERVERS}
+            matches = {server: answers_match(handle.url + "/predict") for server, handle in handles.items()}
+            backends = {server: get_json(handle.url + "/bench/stats")["backend"] for server, handle in handles.items()
+                        if RUNTIME_VARIANTS.get(server, {}).get("choose_backend")}
+            for handle in handles.values():
+                client.run(handle.url + "/predict", 4, warmup_s, seed=99)
+            for callers in CALLERS:
+                slices: dict[str, list[dict[str, Any]]] = {server: [] for server in SERVERS}
+                for round_index in range(rounds):
+                    for server in SERVERS[round_index % len(SERVERS):] + SERVERS[:round_index % len(SERVERS)]:
+                        slices[server].append(measure_slice(client, handles, server, callers, seconds / rounds,
+                                                            seed=1 + round_index))
+                for server in SERVERS:
+                    point = merge_slices(server, callers, slices[server])
+                    point.update(rss_mb=handles[server].peak_rss_mb(), answers_match=matches[server])
+                    if server in backends:
+                        point["backend"] = backends[server]
+                    points.append(point)
+                    print(f"  {server:<20} K={callers:<3} {point['utt_per_s']:6.1f} utt/s  "
+                          f"p99 {_fmt(point['p99_ms'], '.0f')} ms  background cpu {point['background_cpu_pct']:.0f} %",
+                          flush=True)
+    finally:
+        client.close()
     return points
 
 
 class CpuWindow:
-    """CPU used during one point, in % of the whole machine: the server's (with its child processes),
-    the load client's, and everything else's (other work on the box the point competed with)."""
+    """CPU used during one run, in % of the whole machine: the server's (with its child processes),
+    the load client's, and everything else's (other work on the box the run competed with; the
+    benchmark's own idle servers are not counted there)."""
 
-    def __init__(self, server_pid: int, client_pid: int) -> None:
-        self.pids = {"server": server_pid, "client": client_pid, "bench": os.getpid()}
+    def __init__(self, server_pid: int, client_pid: int, idle_pids: Sequence[int] = ()) -> None:
+        self.pids = {"server": server_pid, "client": client_pid,
+                     **{f"idle {pid}": pid for pid in idle_pids if pid != server_pid}}
         self.busy = machine_busy_seconds()
-        self.used = {role: tree_cpu_seconds(pid) for role, pid in self.pids.items() if role != "bench"}
+        self.used = {role: tree_cpu_seconds(pid) for role, pid in self.pids.items()}
         self.used["bench"] = _own_cpu_seconds()
         self.started = time.monotonic()
 
     def shares(self) -> dict[str, float]:
         """``{"server_cpu_pct", "client_cpu_pct", "background_cpu_pct"}`` since construction."""
         capacity = (time.monotonic() - self.started) * (os.cpu_count() or 1) / 100
-        used = {role: tree_cpu_seconds(pid) - self.used[role] for role, pid in self.pids.items() if role != "bench"}
+        used = {role: tree_cpu_seconds(pid) - self.used[role] for role, pid in self.pids.items()}
         used["bench"] = _own_cpu_seconds() - self.used["bench"]
         others = machine_busy_seconds() - self.busy - sum(used.values())
         return {"server_cpu_pct": used["server"] / capacity, "client_cpu_pct": used["client"] / capacity,
@@ -724,21 +774,17 @@ def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float 
 def bench_fusion(quick: bool, seconds: float | None = None) -> dict[str, Any]:
     """Run every server at every caller count; print progress; return the JSON record."""
     seconds = seconds or (1.5 if quick else 8.0)
+    rounds = 1 if quick else 4
     warmup_s = 0.5 if quick else 2.0
     model = fusion_model()
     pool = utterance_pool()
     print(f"fusion model: {parameter_counts(model)['total']:,} parameters; pool of {len(pool)} utterances, "
           f"mean {np.mean([s for *_, s in pool]):.2f} s", flush=True)
-    points: list[dict[str, Any]] = []
-    client = LoadClient()
-    try:
-        for server in SERVERS:
-            points.extend(measure_server(client, server, seconds, warmup_s))
-    finally:
-        client.close()
+    points = measure_all(seconds, rounds, warmup_s)
     return {"family": "audio+text fusion", "points": points, "ratios": ratios(points),
             "parameters": parameter_counts(model),
-            "config": {"seconds": seconds, "quick": quick, "torch_threads": THREADS, "callers": list(CALLERS),
+            "config": {"seconds": seconds, "rounds": rounds, "quick": quick, "torch_threads": THREADS,
+                       "callers": list(CALLERS),
                        "pool": {"size": POOL_SIZE, "seed": POOL_SEED,
                                 "mean_s": float(np.mean([s for *_, s in pool]))},
                        "runtime": {"replicas": REPLICAS, "max_batch_size": RUNTIME_BATCH,
@@ -747,7 +793,8 @@ def bench_fusion(quick: bool, seconds: float | None = None) -> dict[str, Any]:
                        "litserve": {"workers": REPLICAS, "max_batch_size": LITSERVE_BATCH,
                                     "batch_timeout_s": LITSERVE_TIMEOUT_S,
                                     "version": ls.__version__},
-                       "load": "asyncio HTTP/1.1 keep-alive, closed loop, own subprocess",
+                       "load": "asyncio HTTP/1.1 keep-alive, closed loop, own subprocess; "
+                               "all servers up, each point in rounds of slices taken in turn",
                        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
 
 
