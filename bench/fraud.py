@@ -924,6 +924,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--artifact", help="artifact directory (default: newest under TESSERA_MODELS_DIR/fraud)")
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--out", type=Path, help="where the JSON record goes (default bench/results/fraud.json)")
     parser.add_argument("--dbs", help="comma-separated: sqlite, postgres (database state, a commit per request), "
                         "redis (PostgreSQL rows written behind, Redis window state), redis-unbatched (the same "
                         "with the runtime's max_batch_size=1: a naive per-request model call); default all four, "
@@ -1009,11 +1010,12 @@ def main(argv: list[str]) -> None:
             tables.append("### Server profile under load\n\n" + prof)
     report["elapsed_s"] = time.time() - started
     report["loadavg_at_end"] = os.getloadavg()
-    (RESULTS_DIR / "fraud.json").write_text(json.dumps(report, indent=2))
+    out = args.out or RESULTS_DIR / "fraud.json"
+    out.write_text(json.dumps(report, indent=2))
     print(f"\n## Fraud benchmark ({'quick' if args.quick else 'full'}; artifact {artifact.name}; "
           f"load average at start {load_before[0]:.2f}; {report['elapsed_s']:.0f} s)\n")
     print("\n\n".join(tables))
-    print(f"\nwrote {RESULTS_DIR / 'fraud.json'}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,18 @@ status (so admitted (200) latency can be told apart from fast 503s at the overlo
 the garbage collector after start-up as every Tessera service does (``shared.app``): the modes
 differ only in how the model is called.
 
+Then one table per model family the runtime serves (``bench/families/``), each against the naive
+way in the same run: ``volume`` (3D U-Net, sliding-window patches of concurrent studies against
+MONAI's ``sliding_window_inference`` per study), ``fusion`` (audio + text utterances from concurrent
+callers, batched against one-by-one and LitServe), ``sensor`` (attention over sensor windows,
+batched against unbatched); and ``fraud``, the fraud model's in-process figures
+(``bench/fraud.py --skip-http``), to show nothing regressed.
+
 Usage::
 
-    python bench/runtime.py            # full run (~4 min), 10 s a point
-    python bench/runtime.py --quick    # ~1 min, 3 s a point
+    python bench/runtime.py            # everything (~25 min), 10 s a reference point
+    python bench/runtime.py --quick    # ~6 min
+    python bench/runtime.py --families reference,volume     # a subset
     python bench/runtime.py serve --mode runtime --port 8765   # one server, for poking at
 
 Writes ``bench/results/runtime.json``.
@@ -40,7 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -56,11 +64,15 @@ if str(REPO) not in sys.path:
 
 SEQ_LEN, FEATURES, CLASSES = 32, 16, 2
 MODEL_NAME = "reference"
-MODES = ("def", "async", "runtime", "runtime-window")
+MODES = ("def", "async", "runtime", "runtime-window", "litserve-b64", "litserve-b16")
+PEER_MODES = {"litserve-b64": "b64-10ms", "litserve-b16": "b16-2ms"}
+"""LitServe 0.2.19 serving the same model (``bench/families/litserve_peer.py``), as performance.md measured it."""
 CONCURRENCY = (1, 32, 128)
 OVERLOAD_CONCURRENCY = 256
 RUNTIME_BATCH, RUNTIME_QUEUE, WINDOW_MS = 64, 96, 2.0
 RUNTIME_QUEUE_DELAY_MS: float | None = None  # measured: with instant client retries it sheds too much
+RUNTIME_LATENCY_TARGET_MS = float(os.environ.get("TESSERA_BENCH_LATENCY_TARGET_MS", "50"))
+"""Admission by measured capacity (``ModelSpec.latency_target_ms``); 0 turns it off (queue bound only)."""
 
 
 class ReferenceClassifier(torch.nn.Module):
@@ -179,6 +191,7 @@ def build_server(mode: str) -> StatusLatency:
     from model_runtime import ModelSpec, get_runtime
     from shared.app import tune_garbage_collector
     from shared.errors import install_problem_handlers
+    from shared.shedding import SheddingGate
 
     model = reference_model()
     runtime = get_runtime()
@@ -190,6 +203,7 @@ def build_server(mode: str) -> StatusLatency:
                 name=MODEL_NAME, version="bench", loader=lambda _ctx: model, prepare=decode,
                 run_batch=run_reference, finalize=answer, max_batch_size=RUNTIME_BATCH,
                 max_queue=RUNTIME_QUEUE, max_queue_delay_ms=RUNTIME_QUEUE_DELAY_MS, max_wait_ms=WINDOW_MS,
+                latency_target_ms=RUNTIME_LATENCY_TARGET_MS or None,
                 fill="window" if mode == "runtime-window" else "greedy",
                 warmup_items=[example_body().encode()] * 8))
         tune_garbage_collector()  # every mode, as every Tessera service app does after start-up
@@ -198,7 +212,10 @@ def build_server(mode: str) -> StatusLatency:
 
     app = FastAPI(lifespan=lifespan)
     install_problem_handlers(app)
-    timing = StatusLatency(app)
+    # The runtime modes put the platform's load-shedding gate in front: a request the model would
+    # refuse is answered 503 before FastAPI (admitted requests take the same FastAPI path as the others).
+    timing = StatusLatency(SheddingGate(app, {("POST", "/predict"): lambda: runtime.refusal(MODEL_NAME)})
+                           if mode.startswith("runtime") else app)
 
     def json_response(result: dict[str, Any]) -> Response:
         return Response(orjson.dumps(result), media_type="application/json")
@@ -237,6 +254,9 @@ def serve(mode: str, port: int) -> None:
     import uvicorn
 
     torch.set_num_threads(1)
+    switch_s = os.environ.get("TESSERA_BENCH_SWITCH_INTERVAL_S")
+    if switch_s:
+        sys.setswitchinterval(float(switch_s))
     uvicorn.run(build_server(mode), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False, lifespan="on")
 
@@ -311,6 +331,37 @@ def run_wrk(base: str, script: Path, connections: int, seconds: float) -> dict[s
     return json.loads(line.removeprefix("WRKJSON "))
 
 
+def measure_peer_point(base: str, script: Path, connections: int, seconds: float, warmup_s: float) -> dict[str, Any]:
+    """One point of a peer server (no ``/bench/stats``): wrk's figures only."""
+    run_wrk(base, script, connections, warmup_s)
+    wrk = run_wrk(base, script, connections, seconds)
+    total = max(1, wrk["requests"])
+    statuses = {int(k): v for k, v in wrk["statuses"].items()}
+    ok = statuses.get(200, 0)
+    return {"concurrency": connections, "req_per_s": wrk["requests"] / (wrk["duration_us"] / 1e6),
+            "ok_per_s": ok / (wrk["duration_us"] / 1e6), "p50_ms": wrk["p50_us"] / 1000,
+            "p99_ms": wrk["p99_us"] / 1000, "max_ms": wrk["max_us"] / 1000,
+            "rate_503": statuses.get(503, 0) / total,
+            "error_rate": (total - ok - statuses.get(503, 0) + wrk["socket_errors"]) / total,
+            "server_p50_ms_200": None, "server_p99_ms_200": None, "server_p99_ms_503": None,
+            "statuses": statuses, "runtime": None, "mean_batch": None}
+
+
+@contextlib.contextmanager
+def any_server(mode: str) -> Any:
+    """Our server for ``mode``, or the LitServe peer; yields its base URL."""
+    if mode in PEER_MODES:
+        from bench.families.litserve_peer import REFERENCE_API, REFERENCE_CONFIGS, litserve_server
+
+        config = REFERENCE_CONFIGS[PEER_MODES[mode]]
+        with litserve_server(REFERENCE_API, max_batch_size=config["max_batch_size"],
+                             batch_timeout=config["batch_timeout"]) as handle:
+            yield handle.url
+    else:
+        with server_process(mode) as base:
+            yield base
+
+
 def measure_point(base: str, script: Path, connections: int, seconds: float,
                   warmup_s: float) -> dict[str, Any]:
     """Warm up, then measure one (server, concurrency) point; adds server-side per-status latency."""
@@ -366,23 +417,47 @@ def print_backends(record: dict[str, Any]) -> None:
 
 
 def print_table(points: list[dict[str, Any]]) -> None:
-    print(f"\n{'server':<15} {'c':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503 %':>6} {'err %':>6} "
-          f"{'200 p99 srv':>11} {'mean batch':>10}")
+    print(f"\n{'server':<15} {'c':>4} {'req/s':>8} {'200/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503 %':>6} "
+          f"{'err %':>6} {'200 p99 srv':>11} {'mean batch':>10}")
     for p in points:
-        print(f"{p['server']:<15} {p['concurrency']:>4} {p['req_per_s']:>8.0f} {p['p50_ms']:>8.2f} "
-              f"{p['p99_ms']:>8.1f} {100 * p['rate_503']:>6.1f} {100 * p['error_rate']:>6.1f} "
+        print(f"{p['server']:<15} {p['concurrency']:>4} {p['req_per_s']:>8.0f} {p['ok_per_s']:>8.0f} "
+              f"{p['p50_ms']:>8.2f} {p['p99_ms']:>8.1f} {100 * p['rate_503']:>6.1f} {100 * p['error_rate']:>6.1f} "
               f"{fmt(p['server_p99_ms_200']):>11} {fmt(p['mean_batch']):>10}")
 
 
 def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
-    """Batched / unbatched throughput per concurrency (vs ``def`` and vs ``async``)."""
+    """Batched / other throughput of answered (200) requests per concurrency."""
     by = {(p["server"], p["concurrency"]): p["ok_per_s"] for p in points}
     table: dict[str, dict[int, float]] = {}
-    for baseline in ("def", "async"):
-        table[f"runtime/{baseline}"] = {
-            c: by[("runtime", c)] / by[(baseline, c)] for c in CONCURRENCY
-            if by.get((baseline, c)) and ("runtime", c) in by}
+    for baseline in ("def", "async", *PEER_MODES):
+        row = {c: by[("runtime", c)] / by[(baseline, c)] for c in (*CONCURRENCY, OVERLOAD_CONCURRENCY)
+               if by.get((baseline, c)) and ("runtime", c) in by}
+        if row:
+            table[f"runtime/{baseline}"] = row
     return table
+
+
+def goodput(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Past saturation, per server: answered/s at c=256 against its best below, and the admitted p99.
+
+    The admitted p99 is the server-side p99 of 200s where the server reports it (ours), else wrk's
+    p99 over every request (a peer that refuses nothing).
+    """
+    summary: dict[str, dict[str, float]] = {}
+    for server in {p["server"] for p in points}:
+        mine = {p["concurrency"]: p for p in points if p["server"] == server}
+        if OVERLOAD_CONCURRENCY not in mine:
+            continue
+        below = [mine[c] for c in CONCURRENCY if c in mine]
+        peak = max(below, key=lambda p: p["ok_per_s"])
+        over = mine[OVERLOAD_CONCURRENCY]
+        admitted_p99 = lambda p: p["server_p99_ms_200"] if p["server_p99_ms_200"] is not None else p["p99_ms"]  # noqa: E731
+        summary[server] = {"peak_ok_per_s": peak["ok_per_s"], "peak_concurrency": peak["concurrency"],
+                           "overload_ok_per_s": over["ok_per_s"],
+                           "share_of_peak": over["ok_per_s"] / peak["ok_per_s"],
+                           "admitted_p99_ms_at_peak": admitted_p99(peak),
+                           "admitted_p99_ms_overload": admitted_p99(over)}
+    return summary
 
 
 def bench(quick: bool, seconds: float | None, modes: list[str]) -> dict[str, Any]:
@@ -398,25 +473,34 @@ def bench(quick: bool, seconds: float | None, modes: list[str]) -> dict[str, Any
         script = Path(scratch) / "post.lua"
         script.write_text(WRK_SCRIPT.replace("BODY", example_body()))
         for mode in modes:
-            with server_process(mode) as base:
-                levels = [*CONCURRENCY, OVERLOAD_CONCURRENCY] if mode == "runtime" else CONCURRENCY
+            with any_server(mode) as base:
+                past_saturation = mode == "runtime" or mode in PEER_MODES
+                levels = [*CONCURRENCY, OVERLOAD_CONCURRENCY] if past_saturation else CONCURRENCY
                 for connections in levels:
-                    point = measure_point(base, script, connections, seconds, warmup_s)
+                    measure = measure_peer_point if mode in PEER_MODES else measure_point
+                    point = measure(base, script, connections, seconds, warmup_s)
                     point["server"] = mode
                     points.append(point)
                     print(f"  {mode:<15} c={connections:<4} {point['req_per_s']:7.0f} req/s "
                           f"p99 {point['p99_ms']:7.1f} ms", flush=True)
     print_table(points)
     ratio_table = ratios(points)
-    record: dict[str, Any] = {"points": points, "backends": backends, "ratios": ratio_table,
+    overload = goodput(points)
+    print(f"\npast saturation (c={OVERLOAD_CONCURRENCY}): answered/s against the server's best below it")
+    for server, row in sorted(overload.items()):
+        print(f"  {server:<15} {row['overload_ok_per_s']:7.0f}/s = {100 * row['share_of_peak']:5.1f} % of "
+              f"{row['peak_ok_per_s']:.0f}/s (c={row['peak_concurrency']}); admitted p99 "
+              f"{row['admitted_p99_ms_overload']:.1f} ms against {row['admitted_p99_ms_at_peak']:.1f} ms there")
+    record: dict[str, Any] = {"points": points, "backends": backends, "ratios": ratio_table, "goodput": overload,
               "config": {"seconds": seconds, "quick": quick, "load": "wrk (closed loop, Lua POST body)",
                          "runtime_batch": RUNTIME_BATCH, "runtime_queue": RUNTIME_QUEUE,
                          "runtime_queue_delay_ms": RUNTIME_QUEUE_DELAY_MS,
+                         "runtime_latency_target_ms": RUNTIME_LATENCY_TARGET_MS,
                          "window_ms": WINDOW_MS, "cpus": os.cpu_count(), "python": platform.python_version(),
                          "torch": torch.__version__}}
     print("\nbatched/unbatched throughput (200s per second):")
-    for name, row in ratio_table.items():
-        print(f"  {name:<15} " + "  ".join(f"c={c}: {r:.2f}x" for c, r in row.items()))
+    for name, ratio_row in ratio_table.items():
+        print(f"  {name:<15} " + "  ".join(f"c={c}: {r:.2f}x" for c, r in ratio_row.items()))
     return record
 
 
@@ -429,15 +513,97 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s a point (about a minute in all)")
     parser.add_argument("--seconds", type=float, help="measured seconds per point")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of servers")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated subset of {', '.join(FAMILIES)}")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime.json")
     args = parser.parse_args()
     if args.command == "serve":
         serve(args.mode, args.port)
         return
-    record = bench(args.quick, args.seconds, args.modes.split(","))
+    families = args.families.split(",")
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        parser.error(f"unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    record: dict[str, Any] = {}
+    if "reference" in families:
+        record = bench(args.quick, args.seconds, args.modes.split(","))
+    for family in families:
+        if family != "reference":
+            print(f"\n== {family} ==", flush=True)
+            record[family] = FAMILY_RUNNERS[family](args.quick)
+    for family in families:
+        if family != "reference":
+            FAMILY_PRINTERS[family](record[family])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The other model families (bench/families/) and the fraud model's in-process figures
+# ---------------------------------------------------------------------------------------------
+FAMILIES = ("reference", "volume", "fusion", "sensor", "fraud")
+
+
+def run_volume(quick: bool) -> dict[str, Any]:
+    """3D U-Net volumes (:mod:`bench.families.volume`)."""
+    from bench.families.volume import bench_volume
+
+    return bench_volume(quick)
+
+
+def run_fusion(quick: bool) -> dict[str, Any]:
+    """Audio + text utterances (:mod:`bench.families.fusion`)."""
+    from bench.families.fusion import bench_fusion
+
+    return bench_fusion(quick, 3.0 if quick else 8.0)
+
+
+def run_sensor(quick: bool) -> dict[str, Any]:
+    """Sensor windows (:mod:`bench.families.sensor`)."""
+    from bench.families.sensor import bench_sensor
+
+    return bench_sensor(quick)
+
+
+def run_fraud(quick: bool) -> dict[str, Any]:
+    """The fraud model in-process (``bench/fraud.py --skip-http``), its JSON record."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "fraud.json"
+        command = [sys.executable, str(REPO / "bench" / "fraud.py"), "--skip-http", "--out", str(out)]
+        subprocess.run([*command, *(["--quick"] if quick else [])], check=True)
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def print_volume(record: dict[str, Any]) -> None:
+    from bench.families.volume import print_volume as print_table
+
+    print_table(record)
+
+
+def print_fusion(record: dict[str, Any]) -> None:
+    from bench.families.fusion import print_fusion as print_table
+
+    print_table(record)
+
+
+def print_sensor(record: dict[str, Any]) -> None:
+    from bench.families.sensor import print_sensor as print_table
+
+    print_table(record)
+
+
+def print_fraud(record: dict[str, Any]) -> None:
+    """The fraud run printed its own table as it went; repeat its headline rows."""
+    print("\nfraud model in-process: see the table printed above (bench/fraud.py --skip-http)")
+    del record
+
+
+FAMILY_RUNNERS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "volume": run_volume, "fusion": run_fusion, "sensor": run_sensor, "fraud": run_fraud}
+FAMILY_PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "volume": print_volume, "fusion": print_fusion, "sensor": print_sensor, "fraud": print_fraud}
 
 
 if __name__ == "__main__":
