@@ -73,6 +73,8 @@ RUNTIME_BATCH, RUNTIME_QUEUE, WINDOW_MS = 64, 96, 2.0
 RUNTIME_QUEUE_DELAY_MS: float | None = None  # measured: with instant client retries it sheds too much
 RUNTIME_LATENCY_TARGET_MS = float(os.environ.get("TESSERA_BENCH_LATENCY_TARGET_MS", "50"))
 """Admission by measured capacity (``ModelSpec.latency_target_ms``); 0 turns it off (queue bound only)."""
+RUNTIME_HOLD_REFUSALS_S = float(os.environ.get("TESSERA_BENCH_HOLD_REFUSALS_S", "0.05"))
+"""How long the load-shedding gate holds a refusal (``SheddingGate(hold_s=...)``)."""
 
 
 class ReferenceClassifier(torch.nn.Module):
@@ -214,7 +216,8 @@ def build_server(mode: str) -> StatusLatency:
     install_problem_handlers(app)
     # The runtime modes put the platform's load-shedding gate in front: a request the model would
     # refuse is answered 503 before FastAPI (admitted requests take the same FastAPI path as the others).
-    timing = StatusLatency(SheddingGate(app, {("POST", "/predict"): lambda: runtime.refusal(MODEL_NAME)})
+    refusals = {("POST", "/predict"): lambda: runtime.refusal(MODEL_NAME)}
+    timing = StatusLatency(SheddingGate(app, refusals, hold_s=RUNTIME_HOLD_REFUSALS_S)
                            if mode.startswith("runtime") else app)
 
     def json_response(result: dict[str, Any]) -> Response:

@@ -15,6 +15,7 @@ and the app's own check still decides for the requests that pass (the gate only 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 
 import orjson
@@ -38,11 +39,16 @@ class SheddingGate:
     refusals : mapping of (method, path) -> callable
         Paths relative to the app's mount point; each check must be cheap and must not record
         anything (it runs again, recording, for the requests it lets through).
+    hold_s : float
+        How long a refused request waits for its answer (0: at once). Clients that retry at once
+        (a closed loop) then send one try per ``hold_s`` instead of as fast as refusals come back,
+        which would take the CPU the admitted requests need (client and server share it on one box).
     """
 
-    def __init__(self, app: ASGIApp, refusals: Mapping[tuple[str, str], Refusal]) -> None:
+    def __init__(self, app: ASGIApp, refusals: Mapping[tuple[str, str], Refusal], *, hold_s: float = 0.0) -> None:
         self.app = app
         self.refusals = dict(refusals)
+        self.hold_s = hold_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -50,6 +56,8 @@ class SheddingGate:
             refusal = check() if check is not None else None
             problem = as_problem(refusal) if refusal is not None else None
             if problem is not None:
+                if self.hold_s > 0:
+                    await asyncio.sleep(self.hold_s)
                 await send_problem(scope, send, problem)
                 return
         await self.app(scope, receive, send)

@@ -208,8 +208,9 @@ def server_subprocess(command: list[str], health_path: str, startup_s: float = 1
     terminated on exit.
     """
     port = free_port()
+    # stderr discarded: LitServe logs every request it cancels at shutdown (thousands of tracebacks)
     process = subprocess.Popen([*command, "--port", str(port)], env={**os.environ, **(env or {})},
-                               start_new_session=True)
+                               start_new_session=True, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s
