@@ -66,3 +66,16 @@ def test_the_runtime_answers_the_gate_without_counting_anything() -> None:
 
     unknown, idle, rejected = asyncio.run(scenario())
     assert isinstance(unknown, ModelNotReady) and idle is None and not rejected
+
+
+def test_a_held_refusal_is_answered_after_the_hold() -> None:
+    import time
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a refused request must not reach the app")
+
+    gate = SheddingGate(app, {("POST", "/predict"): lambda: RuntimeOverloaded("full", retry_after_s=1.0)},
+                        hold_s=0.05)
+    started = time.perf_counter()
+    answer = asyncio.run(call(gate, "POST", "/predict"))
+    assert answer[0]["status"] == 503 and time.perf_counter() - started >= 0.05
