@@ -254,6 +254,9 @@ def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 
     monkeypatch.setenv("TESSERA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("TESSERA_ENVIRONMENT", "test")
+    # `tessera up` in a test starts the DICOM listener too: on an ephemeral port, so two test runs (or a
+    # developer's `make run`) never fight over 11112; tests that talk DICOM choose their own port
+    monkeypatch.setenv("TESSERA_NODULE_DICOM_PORT", "0")
     for name in ("TESSERA_DATABASE_URL", "TESSERA_BROKER_URL", "TESSERA_RESULT_BACKEND", "TESSERA_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)  # a variant without Redis must not inherit the developer's
     get_settings.cache_clear()
