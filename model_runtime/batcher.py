@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -282,6 +282,7 @@ class DynamicBatcher:
         self._finalize = finalize
         self._queue: deque[_Pending] = deque()
         self._queued_cost = 0.0
+        self._preparing = 0  # admitted by check_capacity, not yet submitted (in a prepare pool)
         self._mean_cost = 1.0
         self._admission = (None if policy.latency_target_ms is None
                            else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity))
@@ -307,7 +308,18 @@ class DynamicBatcher:
         return len(self._queue) + sum(len(batch) for batch in self._inflight[1:])
 
     def _waiting_cost(self) -> float:
-        return self._queued_cost + sum(pending.cost for batch in self._inflight[1:] for pending in batch)
+        handed_over = sum(pending.cost for batch in self._inflight[1:] for pending in batch)
+        return self._queued_cost + handed_over + self._preparing * self._mean_cost
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Count an admitted item as waiting while it is prepared off the loop, until it is submitted
+        or fails: admission then sees the work it has already let in, not only the queue."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
 
     @property
     def per_item_seconds(self) -> float:

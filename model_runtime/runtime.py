@@ -343,7 +343,8 @@ class ModelRuntime:
         where = loaded.prepare_where
         if where == "loop":
             return await batcher.submit(_prepare(spec, item), timeout_s)
-        prepared = await self._prepare_pools.run(where, spec.name, spec.prepare, item)
+        with batcher.preparing():
+            prepared = await self._prepare_pools.run(where, spec.name, spec.prepare, item)
         timeout_s = spec.timeout_s if timeout_s is None else timeout_s
         remaining_s = None if timeout_s is None else timeout_s - (time.monotonic() - arrived)
         if remaining_s is not None and remaining_s <= 0:

@@ -153,3 +153,31 @@ def test_an_idle_model_admits_even_when_one_slow_batch_poisoned_the_fit() -> Non
     admission.batch_finished(CAPACITY, 30.0)  # one batch stalled (a paused VM): the fit now says seconds
     assert not admission.decide(queued_cost=CAPACITY).admitted  # with work queued, the fit is believed
     assert admission.decide(queued_cost=0).admitted  # idle: only admitted work can correct the fit
+
+
+def test_items_still_being_prepared_count_as_admitted_work(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> tuple[object, object]:
+        await runtime.load(make_spec(model, name="preparing", max_batch_size=2, max_queue=100,
+                                     latency_target_ms=50, warmup_items=[1, 2]))
+        batcher = runtime._models["preparing"].batcher
+        assert batcher is not None and batcher._admission is not None
+        for size in (1, 2) * 10:  # 20 ms a batch
+            batcher._admission.batch_finished(size, 0.020)
+        started = time.monotonic()
+        batcher._admission.clock = lambda: started
+        model.hold()
+        try:
+            running = asyncio.create_task(runtime.predict("preparing", 0))
+            await wait_entered(model)
+            with batcher.preparing(), batcher.preparing():  # two admitted items in a prepare pool: 40 ms
+                while_preparing = runtime.refusal("preparing")  # a third batch: 60 ms, past the target
+            after = runtime.refusal("preparing")
+        finally:
+            model.release()
+        await running
+        return while_preparing, after
+
+    while_preparing, after = asyncio.run(scenario())
+    assert isinstance(while_preparing, RuntimeOverloaded) and after is None
