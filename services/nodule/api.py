@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
 from services.nodule import analysis
@@ -38,7 +36,18 @@ from services.nodule.dicom_io import (
     stow_response,
     stow_status_code,
 )
-from services.nodule.schemas import AnalysisJob, NoduleFinding, StudyFindings, StudyState, StudySummary
+from services.nodule.schemas import (
+    AnalysisJob,
+    ClinicalDataIn,
+    ClinicalDataOut,
+    NoduleFinding,
+    SeriesStatus,
+    StudyDetail,
+    StudyState,
+    StudySummary,
+    UploadItem,
+    UploadResult,
+)
 from shared.app import create_service_app
 from shared.db import SessionDep
 from shared.errors import BadRequest, NotFound, PayloadTooLarge, UnprocessableContent, problem_responses
@@ -69,67 +78,6 @@ STOW_RS_ANSWERS: dict[int | str, dict[str, Any]] = {
     **problem_responses(400, 413, 415, notes={415: "A part that is not application/dicom, or a body that is "
                                               'not multipart/related; type="application/dicom".'})}
 """STOW-RS answers: a PS3.18 response dataset as DICOM JSON, or a problem for the whole request."""
-
-
-# --- public models (to move into schemas.py, which this change does not edit) ------------------------
-
-
-class SeriesStatus(BaseModel):
-    """One series of a study: its receiving/analysis state and, if it failed, why."""
-
-    series_instance_uid: str
-    state: str = Field(description="receiving, complete (analysis queued), analysing, done or failed")
-    instance_count: int
-    last_instance_at: datetime
-    job_id: str | None = Field(default=None, description="its latest analysis job (GET /v1/jobs/{id})")
-    error_code: str | None = Field(default=None, description="e.g. missing_slices, gantry_tilt, not_ct")
-    error_message: str | None = None
-
-
-class ClinicalDataIn(BaseModel):
-    """What the referring side knows of the patient (inputs of the Brock model); unknown stays null."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pack_years: float | None = Field(default=None, ge=0, le=300, description="smoking history, pack-years")
-    current_smoker: bool | None = None
-    family_history_lung_cancer: bool | None = None
-    emphysema: bool | None = None
-
-
-class ClinicalDataOut(ClinicalDataIn):
-    """Clinical data stored for a study."""
-
-    study_instance_uid: str
-    updated_at: datetime
-
-
-class StudyDetail(StudyFindings):
-    """A study's status, its series with their states and errors, findings, and clinical data."""
-
-    series: list[SeriesStatus] = Field(default_factory=list)
-    clinical: ClinicalDataIn | None = None
-
-
-class UploadItem(BaseModel):
-    """One member of an uploaded zip: stored (status 0) or not, with the DICOM failure status and why."""
-
-    member: str
-    stored: bool
-    duplicate: bool = Field(default=False, description="already held: nothing new was stored")
-    status: int = Field(description="0 stored, else a DICOM failure status (0xA700, 0xA900, 0xC000, 0x0122...)")
-    reason: str | None = None
-    sop_instance_uid: str | None = None
-    series_instance_uid: str | None = None
-    study_instance_uid: str | None = None
-
-
-class UploadResult(BaseModel):
-    """What an upload stored and what it did not."""
-
-    stored: int
-    failed: int
-    items: list[UploadItem]
 
 
 # --- DICOMweb ------------------------------------------------------------------------------------
