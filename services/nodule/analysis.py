@@ -25,10 +25,12 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pydicom
+import pydicom.errors
 from celery import Task
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -48,6 +50,15 @@ from services.nodule.db import (
 )
 from services.nodule.dicom_io import storage_root
 from services.nodule.findings import SeriesFindings
+from services.nodule.fusion import (
+    PatientContext,
+    PriorSeries,
+    SeriesRisk,
+    assess_series,
+    in_upper_lobe,
+    lung_z_extent,
+)
+from services.nodule.results import make_results
 from services.nodule.volume import SeriesError, SeriesVolume, assemble_series
 from shared.config import get_settings
 from shared.db import session_scope, utcnow
@@ -197,11 +208,14 @@ def analyse_series(session: Session, job_id: str, tenant_id: str, payload: dict[
                             f"internal error; see the worker log for job {job_id}")
         raise
     on_progress(0.9)
-    _save_findings(session, job_id, tenant_id, study_uid, findings, volumes)
+    _record_study_date(session, tenant_id, study_uid, volumes[0])
+    rows = _save_findings(session, job_id, tenant_id, study_uid, findings, volumes)
+    risks = [_assess_and_store(session, row) for row in rows]
     _finish_series(session, tenant_id, series_uid, study_uid, errors)
-    return {"series_instance_uid": series_uid, "volumes": len(volumes),
-            "nodules": sum(len(found.nodules) for found in findings),
-            "errors": [{"code": error.code.value, "message": error.message} for error in errors]}
+    outcome = {"series_instance_uid": series_uid, "volumes": len(volumes),
+               "nodules": sum(len(found.nodules) for found in findings),
+               "errors": [{"code": error.code.value, "message": error.message} for error in errors]}
+    return outcome | make_results(session, job_id, tenant_id, list(zip(findings, volumes, risks, strict=True)))
 
 
 def run_detector(volume: SeriesVolume, on_progress: ProgressCallback | None = None) -> SeriesFindings:
@@ -331,17 +345,25 @@ def _finish_series(session: Session, tenant_id: str, series_uid: str, study_uid:
 
 
 def _save_findings(session: Session, job_id: str, tenant_id: str, study_uid: str,
-                   findings: Sequence[SeriesFindings], volumes: Sequence[SeriesVolume]) -> None:
-    """Replace the series' earlier findings (an analysis of fewer instances) with these."""
+                   findings: Sequence[SeriesFindings], volumes: Sequence[SeriesVolume]) -> list[SeriesFinding]:
+    """Replace the series' earlier findings (an analysis of fewer instances) with these; each nodule
+    row also says whether it lies in an upper lobe (:func:`services.nodule.fusion.in_upper_lobe`)."""
     for series_uid in {found.series_instance_uid for found in findings}:
         session.execute(delete(SeriesFinding).where(SeriesFinding.tenant_id == tenant_id,
                                                     SeriesFinding.series_instance_uid == series_uid))
+    rows = []
     for index, (found, volume) in enumerate(zip(findings, volumes, strict=True)):
-        session.add(SeriesFinding(
+        extent = lung_z_extent(volume)
+        row = SeriesFinding(
             tenant_id=tenant_id, study_instance_uid=study_uid, series_instance_uid=found.series_instance_uid,
             stack_label=volume.stack_label[:64], job_id=job_id, model_version=found.model_version[:64],
-            nodules=[_nodule_row(asdict(nodule)) for nodule in found.nodules],
-            labels_path=_save_labels(found, tenant_id, study_uid, f"labels-{job_id}-{index}.npy")))
+            nodules=[{**_nodule_row(asdict(nodule)), "upper_lobe": in_upper_lobe(nodule.centre_lps_mm[2], extent)}
+                     for nodule in found.nodules],
+            labels_path=_save_labels(found, tenant_id, study_uid, f"labels-{job_id}-{index}.npy"))
+        session.add(row)
+        rows.append(row)
+    session.flush()
+    return rows
 
 
 def _save_labels(found: SeriesFindings, tenant_id: str, study_uid: str, name: str) -> str:
@@ -360,6 +382,68 @@ def _nodule_row(nodule: dict[str, Any]) -> dict[str, Any]:
     """A DetectedNodule as JSON (enums as their values, tuples as lists)."""
     return {key: (value.value if hasattr(value, "value") else list(value) if isinstance(value, tuple) else value)
             for key, value in nodule.items()}
+
+
+# --- risk fusion -------------------------------------------------------------------------------------
+
+
+def _record_study_date(session: Session, tenant_id: str, study_uid: str, volume: SeriesVolume) -> None:
+    """Keep the study's StudyDate (from its first analysed file) to order the patient's studies."""
+    study = session.get(Study, (tenant_id, study_uid))
+    path = next((path for path in volume.source_paths if path), None)
+    if study is None or study.study_date is not None or path is None:
+        return
+    study.study_date = read_study_date(path)
+
+
+def read_study_date(path: str) -> date | None:
+    """StudyDate (DA, ``YYYYMMDD``) of a stored instance, or None when absent or malformed."""
+    try:
+        value = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"]).get("StudyDate", ""))
+        return datetime.strptime(value.strip()[:8], "%Y%m%d").date() if value.strip() else None
+    except (ValueError, OSError, pydicom.errors.InvalidDicomError):
+        return None
+
+
+def patient_context(session: Session, tenant_id: str, study_uid: str) -> PatientContext:
+    """Age and sex from the study's header, family history and emphysema from its clinical data."""
+    study = session.get(Study, (tenant_id, study_uid))
+    clinical = session.get(ClinicalData, (tenant_id, study_uid))
+    return PatientContext(age_years=study.patient_age_years if study else None,
+                          sex=study.patient_sex if study else None,
+                          family_history_lung_cancer=clinical.family_history_lung_cancer if clinical else None,
+                          emphysema=clinical.emphysema if clinical else None)
+
+
+def prior_series(session: Session, tenant_id: str, study_uid: str) -> PriorSeries | None:
+    """The patient's most recent earlier analysed study (same tenant and PatientID, earlier StudyDate):
+    its first analysed series' nodules. None for a baseline (no PatientID, no date, no earlier study)."""
+    study = session.get(Study, (tenant_id, study_uid))
+    if study is None or not study.patient_id or study.study_date is None:
+        return None
+    earlier = session.scalars(select(Study).where(Study.tenant_id == tenant_id, Study.patient_id == study.patient_id,
+                                                  Study.study_date < study.study_date)
+                              .order_by(Study.study_date.desc())).all()
+    for candidate in earlier:
+        row = session.scalars(select(SeriesFinding).where(
+            SeriesFinding.tenant_id == tenant_id, SeriesFinding.study_instance_uid == candidate.study_instance_uid)
+            .order_by(SeriesFinding.id).limit(1)).first()
+        if row is not None and candidate.study_date is not None:
+            return PriorSeries(study_instance_uid=candidate.study_instance_uid,
+                               interval_days=float((study.study_date - candidate.study_date).days), nodules=row.nodules)
+    return None
+
+
+def assess_finding(session: Session, row: SeriesFinding) -> SeriesRisk:
+    """Risk of one analysed series with what is known now (clinical data posted later counts)."""
+    return assess_series(row.nodules, patient_context(session, row.tenant_id, row.study_instance_uid),
+                         prior_series(session, row.tenant_id, row.study_instance_uid))
+
+
+def _assess_and_store(session: Session, row: SeriesFinding) -> SeriesRisk:
+    risk = assess_finding(session, row)
+    row.risk = risk.as_json()
+    return risk
 
 
 # --- study state ------------------------------------------------------------------------------------

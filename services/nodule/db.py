@@ -7,17 +7,19 @@
 - :class:`Study`: a study's state (received, analysing, done, failed with a reason) and the header
   demographics the risk model needs.
 - :class:`ClinicalData`: smoking and family history, emphysema, posted for a study.
-- :class:`SeriesFinding`: the detector's nodules of one analysed series.
+- :class:`SeriesFinding`: the detector's nodules of one analysed series, with the risk computed
+  when it was analysed.
+- :class:`Result`: the DICOM objects made from an analysis (SR, SEG, key images), stored on disk.
 
 The PatientID is kept (a prior study is found by it) but never logged.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Float, Index, Integer, String, Text
+from sqlalchemy import Boolean, Date, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, utcnow
@@ -92,6 +94,9 @@ class Study(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64), default=None, doc="PatientID (never logged)")
     patient_age_years: Mapped[float | None] = mapped_column(Float, default=None)
     patient_sex: Mapped[str | None] = mapped_column(String(1), default=None)
+    study_date: Mapped[date | None] = mapped_column(Date, default=None,
+                                                    doc="StudyDate of the header, read when a series is analysed "
+                                                        "(orders a patient's studies for prior comparison)")
     state: Mapped[str] = mapped_column(String(16), default=RECEIVED)
     failure_reason: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -129,4 +134,33 @@ class SeriesFinding(Base):
     labels_path: Mapped[str | None] = mapped_column(Text, default=None,
                                                     doc="the label volume (.npy, uint16, z/y/x), relative "
                                                         "to the nodule storage directory")
+    risk: Mapped[dict[str, Any] | None] = mapped_column(default=None,
+                                                        doc="risk fusion at analysis time "
+                                                            "(services.nodule.fusion.SeriesRisk as JSON)")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+SR, SEG, KEY_IMAGE = "sr", "seg", "key_image"
+RESULT_KINDS = (SR, SEG, KEY_IMAGE)
+
+
+class Result(Base):
+    """One DICOM object made from an analysis (SR, SEG or key image), stored as a file."""
+
+    __tablename__ = "nodule_results"
+    __table_args__ = (
+        Index("ix_nodule_results_tenant_sop", "tenant_id", "sop_instance_uid", unique=True),
+        Index("ix_nodule_results_tenant_study", "tenant_id", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), doc="the result's own series")
+    source_series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), doc="the analysed CT series")
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    kind: Mapped[str] = mapped_column(String(16), doc="sr, seg or key_image")
+    path: Mapped[str] = mapped_column(Text, doc="relative to the nodule storage directory")
+    job_id: Mapped[str] = mapped_column(String(32), doc="the analysis job that made it")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

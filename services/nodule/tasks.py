@@ -2,6 +2,9 @@
 
 - ``nodule.analyse_series``: a durable job (:mod:`shared.jobs`) per complete series: exactly once in
   effect even if a worker dies (lease, fencing, idempotency key), progress in the job row.
+- ``nodule.send_results``: a durable job per analysed series when a PACS is configured: C-STOREs
+  its SR, SEG and key images (:func:`services.nodule.pacs.send_results`); transient failures retry
+  with backoff (12 attempts), refusals fail it with the PACS' reason.
 - ``nodule.sweep_quiet_series``: run by beat every :func:`sweep_interval_s` on the ``default`` queue
   (as the platform's job sweeper: never behind a long analysis on the ``nodule`` queue); marks quiet
   series complete and submits their jobs.
@@ -14,6 +17,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from services.nodule.analysis import analyse_series, queue_complete_series
+from services.nodule.dicom_io import storage_root
+from services.nodule.pacs import load_destination, send_results
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import Job, job_task, report_progress
@@ -34,6 +39,16 @@ def analyse_series_job(session: Session, job: Job) -> dict[str, Any]:
     assert job.tenant_id is not None
     return analyse_series(session, job.id, job.tenant_id, job.payload,
                           on_progress=lambda fraction: report_progress(job.id, fraction))
+
+
+@job_task(name="nodule.send_results", queue=QUEUE)
+def send_results_job(session: Session, job: Job) -> dict[str, Any]:
+    """C-STORE one analysed series' results to the configured PACS (a no-op answer without one)."""
+    destination = load_destination()
+    if destination is None:
+        return {"sent": False, "reason": "no PACS configured (TESSERA_NODULE_PACS_HOST)"}
+    root = storage_root()
+    return send_results([str(root / path) for path in job.payload["paths"]], destination).summary()
 
 
 @celery_app.task(name=SWEEP_TASK, ignore_result=True)

@@ -197,7 +197,7 @@ def test_a_detector_answer_is_stored_with_the_job_and_the_series_is_done(
     finished = job_of(job.id)
     assert (finished.status, finished.progress, finished.result) == (
         "succeeded", 1.0, {"series_instance_uid": identity.series_instance_uid, "volumes": 1, "nodules": 1,
-                           "errors": []})
+                           "errors": [], "results": {"sr": 1, "seg": 1, "key_image": 1}, "send_job_ids": []})
     assert series_of("found", identity.series_instance_uid).state == "done"
     assert study_of("found", identity.study_instance_uid).state == "done"
     with session_scope() as session:
@@ -205,3 +205,9 @@ def test_a_detector_answer_is_stored_with_the_job_and_the_series_is_done(
     assert row.job_id == job.id and row.model_version == "stand-in 1"
     assert row.nodules[0]["nodule_type"] == "solid" and row.nodules[0]["centre_lps_mm"] == [-91.6, -93.0, -46.0]
     assert row.labels_path and np.load(dicom_io.storage_root() / row.labels_path).shape == (8, 32, 32)
+    # Risk at analysis time: a baseline solid nodule of mean diameter 5.8 mm is Lung-RADS 2 (< 6 mm);
+    # Brock needs the clinical data, not posted here.
+    assert row.risk is not None and row.risk["baseline"] is True
+    assert row.risk["lung_rads"] == "2" and row.risk["nodules"][0]["lung_rads"] == "2"
+    assert row.risk["nodules"][0]["malignancy_probability"] is None
+    assert "family history" in row.risk["nodules"][0]["malignancy_note"]
