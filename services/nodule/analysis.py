@@ -55,6 +55,7 @@ from services.nodule.fusion import (
     PriorSeries,
     SeriesRisk,
     assess_series,
+    highest_category,
     in_upper_lobe,
     lung_z_extent,
 )
@@ -526,3 +527,13 @@ def get_clinical_data(session: Session, tenant_id: str, study_instance_uid: str)
     """The clinical data posted for a study, if any."""
     return session.get(ClinicalData, (tenant_id, study_instance_uid))
 
+
+
+def stored_lung_rads(session: Session, tenant_id: str, study_uids: Sequence[str]) -> dict[str, str | None]:
+    """Each study's Lung-RADS category as computed at analysis time (the most suspicious series')."""
+    by_study: dict[str, list[str | None]] = {}
+    rows = session.execute(select(SeriesFinding.study_instance_uid, SeriesFinding.risk).where(
+        SeriesFinding.tenant_id == tenant_id, SeriesFinding.study_instance_uid.in_(list(study_uids)))).all()
+    for study_uid, risk in rows:
+        by_study.setdefault(study_uid, []).append((risk or {}).get("lung_rads"))
+    return {study_uid: highest_category(categories) for study_uid, categories in by_study.items()}

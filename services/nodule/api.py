@@ -6,9 +6,14 @@
   stored, 202 some, 409 none; 415 for a part of another type, 400 for a malformed body).
 - ``POST /v1/uploads``: a zip of DICOM files (multipart/form-data ``file``), streamed to disk,
   each member stored like a STOW-RS part; the answer lists what was stored and what failed.
+- WADO-RS (``GET /dicomweb/studies/{study}/series/{series}/instances/{sop}``): a received
+  instance or one of our result objects, ``multipart/related; type="application/dicom"`` or a
+  single ``application/dicom`` part (:mod:`services.nodule.wado`).
 - ``GET /v1/jobs/{id}``, ``GET /v1/studies``, ``GET /v1/studies/{uid}``,
   ``POST /v1/studies/{uid}/clinical``: analysis jobs, study states with per-series errors and
-  findings, clinical data for risk fusion.
+  findings with risk (computed on read: clinical data posted later counts), clinical data.
+- ``GET /v1/studies/{uid}/results`` (SR, SEG, key images made) and
+  ``GET /v1/studies/{uid}/nodules/{label}/key-image.png``.
 
 Every route needs an API key with the ``nodule`` scope and sees its tenant's studies only.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,8 +30,8 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
-from services.nodule import analysis
-from services.nodule.db import ClinicalData, Series, SeriesFinding, Study
+from services.nodule import analysis, results, wado
+from services.nodule.db import ClinicalData, Result, Series, SeriesFinding, Study
 from services.nodule.dicom_io import (
     PartOutcome,
     RelatedPartsReader,
@@ -36,11 +42,14 @@ from services.nodule.dicom_io import (
     stow_response,
     stow_status_code,
 )
+from services.nodule.fusion import NoduleRisk, SeriesRisk, highest_category
 from services.nodule.schemas import (
     AnalysisJob,
     ClinicalDataIn,
     ClinicalDataOut,
     NoduleFinding,
+    PriorComparison,
+    ResultObject,
     SeriesStatus,
     StudyDetail,
     StudyState,
@@ -50,7 +59,14 @@ from services.nodule.schemas import (
 )
 from shared.app import create_service_app
 from shared.db import SessionDep
-from shared.errors import BadRequest, NotFound, PayloadTooLarge, UnprocessableContent, problem_responses
+from shared.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ProblemError,
+    UnprocessableContent,
+    problem_responses,
+)
 from shared.jobs import get_job
 from shared.security import Principal, require_scope
 from shared.uploads import binary_schema, multipart_upload_body, receive_multipart_upload, refuse_declared_size
@@ -135,6 +151,38 @@ async def _receive_parts(request: Request) -> list[Path]:
         raise
 
 
+class NotAcceptable(ProblemError):
+    """No representation the client accepts (WADO-RS Accept / transfer-syntax)."""
+
+    status, title, type_slug = 406, "Not Acceptable", "not-acceptable"
+
+
+WADO_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the instance", "content": {'multipart/related; type="application/dicom"': {},
+                                                       wado.DICOM: {}}},
+    **problem_responses(404, 406, notes={404: "No such instance in this tenant's studies.",
+                                         406: "Neither multipart/related; type=\"application/dicom\" nor "
+                                              "application/dicom in the stored transfer syntax is acceptable."})}
+
+
+@dicomweb.get("/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}",
+              summary="Retrieve an instance (WADO-RS)", response_class=Response, responses=WADO_ANSWERS)
+def retrieve_instance(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, request: Request,
+                      principal: NodulePrincipal, session: SessionDep) -> Response:
+    """A received CT instance or one of our results (SR, SEG, key image), as PS3.18 WADO-RS answers it."""
+    path = results.instance_path(session, principal.tenant_id, study_instance_uid, series_instance_uid,
+                                 sop_instance_uid)
+    syntax = wado.stored_transfer_syntax(path)
+    representation = wado.choose_representation(request.headers.get("accept"), syntax)
+    if representation is None:
+        raise NotAcceptable(f"the instance is stored in transfer syntax {syntax}; transcoding is not offered")
+    content = path.read_bytes()
+    if representation == "single":
+        return Response(content, media_type=f"{wado.DICOM}; transfer-syntax={syntax}")
+    body, content_type = wado.multipart_body(content, syntax)
+    return Response(body, headers={"content-type": content_type})
+
+
 # --- uploads, jobs, studies -------------------------------------------------------------------------
 
 
@@ -190,25 +238,55 @@ def get_analysis_job(job_id: str, principal: NodulePrincipal, session: SessionDe
 def list_studies(principal: NodulePrincipal, session: SessionDep,
                  limit: Annotated[int, Query(ge=1, le=500)] = 100,
                  offset: Annotated[int, Query(ge=0)] = 0) -> list[StudySummary]:
-    """The tenant's studies (newest first) with their analysis status and Lung-RADS category."""
-    return [_summary(study) for study in analysis.list_studies(session, principal.tenant_id, limit=limit,
-                                                                offset=offset)]
+    """The tenant's studies (newest first) with their analysis status and Lung-RADS category (as analysed)."""
+    studies = analysis.list_studies(session, principal.tenant_id, limit=limit, offset=offset)
+    categories = analysis.stored_lung_rads(session, principal.tenant_id, [s.study_instance_uid for s in studies])
+    return [_summary(study, categories.get(study.study_instance_uid)) for study in studies]
 
 
 @router.get("/studies/{study_instance_uid}", summary="A study's findings",
             responses=problem_responses(404, notes={404: "No study with this UID for this tenant."}))
 def get_study(study_instance_uid: str, principal: NodulePrincipal, session: SessionDep) -> StudyDetail:
     """A study's status (received, analysing, done, failed with reason), its series with their errors,
-    and its findings with measurements, risk and Lung-RADS category (none until the detector ran)."""
+    and its findings with measurements, malignancy probability, Lung-RADS category per nodule and for
+    the study, and the comparison with the patient's prior study when there is one."""
     tenant_id = principal.tenant_id
     study = analysis.get_study(session, tenant_id, study_instance_uid)
     clinical = analysis.get_clinical_data(session, tenant_id, study_instance_uid)
+    rows = analysis.study_findings(session, tenant_id, study_instance_uid)
+    risks = [analysis.assess_finding(session, row) for row in rows]
     return StudyDetail(
-        **_summary(study).model_dump(),
-        findings=[finding for row in analysis.study_findings(session, tenant_id, study_instance_uid)
-                  for finding in _findings(row)],
+        **_summary(study, highest_category(risk.lung_rads for risk in risks)).model_dump(),
+        findings=[finding for row, risk in zip(rows, risks, strict=True) for finding in _findings(row, risk)],
         series=[_series_status(series) for series in analysis.study_series(session, tenant_id, study_instance_uid)],
-        clinical=_clinical_in(clinical) if clinical else None)
+        clinical=_clinical_in(clinical) if clinical else None,
+        lung_rads_note=next((risk.lung_rads_note for risk in risks if risk.lung_rads_note), None),
+        baseline=all(risk.baseline for risk in risks) if risks else None,
+        prior_study_instance_uid=next((r.prior_study_instance_uid for r in risks if r.prior_study_instance_uid), None),
+        interval_days=next((risk.interval_days for risk in risks if risk.interval_days is not None), None))
+
+
+@router.get("/studies/{study_instance_uid}/results", summary="A study's result objects",
+            responses=problem_responses(404, notes={404: "No study with this UID for this tenant."}))
+def list_results(study_instance_uid: str, request: Request, principal: NodulePrincipal,
+                 session: SessionDep) -> list[ResultObject]:
+    """The SR, SEG and key images made for the study, each with its WADO-RS URL."""
+    analysis.get_study(session, principal.tenant_id, study_instance_uid)
+    base_url = str(request.base_url).rstrip("/") + "/dicomweb"
+    return [_result_object(row, base_url) for row in results.study_results(session, principal.tenant_id,
+                                                                           study_instance_uid)]
+
+
+@router.get("/studies/{study_instance_uid}/nodules/{label}/key-image.png", summary="A nodule's key image",
+            response_class=Response, responses={200: {"description": "PNG", "content": {"image/png": {}}},
+                                                **problem_responses(404)})
+def get_key_image(study_instance_uid: str, label: int, principal: NodulePrincipal, session: SessionDep,
+                  series: Annotated[str | None, Query(description="the analysed series, when several")] = None
+                  ) -> Response:
+    """The axial slice through the nodule in a lung window, its outline and size burned in (PNG)."""
+    row, _nodule = results.find_nodule(session, principal.tenant_id, study_instance_uid, label, series)
+    paths = analysis.instance_paths(session, principal.tenant_id, row.series_instance_uid)
+    return Response(results.key_image(row, label, paths), media_type="image/png")
 
 
 @router.post("/studies/{study_instance_uid}/clinical", summary="Clinical data of a study",
@@ -222,9 +300,9 @@ def post_clinical_data(study_instance_uid: str, clinical: ClinicalDataIn, princi
                            updated_at=stored.updated_at)
 
 
-def _summary(study: Study) -> StudySummary:
+def _summary(study: Study, lung_rads: str | None = None) -> StudySummary:
     return StudySummary(study_instance_uid=study.study_instance_uid, status=StudyState(study.state),
-                        failure_reason=study.failure_reason, lung_rads_category=None)
+                        failure_reason=study.failure_reason, lung_rads_category=lung_rads)
 
 
 def _series_status(series: Series) -> SeriesStatus:
@@ -233,11 +311,31 @@ def _series_status(series: Series) -> SeriesStatus:
                         job_id=series.job_id, error_code=series.error_code, error_message=series.error_message)
 
 
-def _findings(row: SeriesFinding) -> list[NoduleFinding]:
-    return [NoduleFinding(centre_lps_mm=tuple(nodule["centre_lps_mm"]), long_axis_mm=nodule["long_axis_mm"],
-                          short_axis_mm=nodule["short_axis_mm"], volume_mm3=nodule["volume_mm3"],
-                          mean_hu=nodule["mean_hu"], nodule_type=nodule["nodule_type"],
-                          confidence=nodule["confidence"]) for nodule in row.nodules]
+def _findings(row: SeriesFinding, risk: SeriesRisk) -> list[NoduleFinding]:
+    by_label = risk.by_label()
+    return [_finding(row, nodule, by_label.get(int(nodule["label"]), NoduleRisk(label=int(nodule["label"]))))
+            for nodule in row.nodules]
+
+
+def _finding(row: SeriesFinding, nodule: dict[str, Any], risk: NoduleRisk) -> NoduleFinding:
+    return NoduleFinding(
+        series_instance_uid=row.series_instance_uid, label=nodule["label"],
+        centre_lps_mm=tuple(nodule["centre_lps_mm"]), long_axis_mm=nodule["long_axis_mm"],
+        short_axis_mm=nodule["short_axis_mm"], volume_mm3=nodule["volume_mm3"], mean_hu=nodule["mean_hu"],
+        nodule_type=nodule["nodule_type"], solid_component_mm=nodule.get("solid_component_mm"),
+        confidence=nodule["confidence"], upper_lobe=nodule.get("upper_lobe"),
+        malignancy_probability=risk.malignancy_probability, brock_model=risk.brock_model,
+        malignancy_note=risk.malignancy_note, lung_rads_category=risk.lung_rads,
+        prior=PriorComparison(**asdict(risk.prior)) if risk.prior is not None else None)
+
+
+def _result_object(row: Result, base_url: str) -> ResultObject:
+    url = (f"{base_url}/studies/{row.study_instance_uid}/series/{row.series_instance_uid}"
+           f"/instances/{row.sop_instance_uid}")
+    return ResultObject(kind=row.kind, study_instance_uid=row.study_instance_uid,
+                        series_instance_uid=row.series_instance_uid, sop_instance_uid=row.sop_instance_uid,
+                        sop_class_uid=row.sop_class_uid, source_series_instance_uid=row.source_series_instance_uid,
+                        retrieve_url=url)
 
 
 def _clinical_in(clinical: ClinicalData) -> ClinicalDataIn:

@@ -24,7 +24,7 @@ after the analysis counts) and the analysis job stores what the SR reported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ import numpy as np
 
 from services.nodule.risk import (
     BrockInputs,
+    LungRadsCategory,
     LungRadsNodule,
     PriorComparison,
     PriorMeasurement,
@@ -264,3 +265,10 @@ def _prior_nodule(prior_by_label: Mapping[int, Mapping[str, Any]], matches: Mapp
     if match is None or match.prior_label is None:
         return None
     return prior_by_label.get(match.prior_label)
+
+
+def highest_category(categories: Iterable[str | None]) -> str | None:
+    """The most suspicious of some Lung-RADS categories (None when none is given)."""
+    order = list(LungRadsCategory)
+    known = [LungRadsCategory(category) for category in categories if category]
+    return max(known, key=order.index).value if known else None

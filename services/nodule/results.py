@@ -21,19 +21,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from services.nodule import report
-from services.nodule.db import KEY_IMAGE, SEG, SR, Result
+from services.nodule.db import KEY_IMAGE, SEG, SR, Instance, Result, SeriesFinding
 from services.nodule.dicom_io import storage_root
-from services.nodule.findings import SeriesFindings
+from services.nodule.findings import DetectedNodule, SeriesFindings
 from services.nodule.fusion import SeriesRisk
 from services.nodule.pacs import load_destination
 from services.nodule.risk import LungRadsCategory
-from services.nodule.volume import SeriesVolume
+from services.nodule.schemas import NoduleType
+from services.nodule.volume import SeriesVolume, assemble_series
+from shared.errors import NotFound
 from shared.jobs import Job, submit_job
 
 logger = logging.getLogger("tessera.nodule.results")
@@ -149,3 +152,57 @@ def study_results(session: Session, tenant_id: str, study_uid: str) -> list[Resu
     return list(session.scalars(select(Result).where(Result.tenant_id == tenant_id,
                                                      Result.study_instance_uid == study_uid)
                                 .order_by(Result.source_series_instance_uid, Result.kind, Result.id)))
+
+
+def instance_path(session: Session, tenant_id: str, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """The file of a received instance or of a result object of the tenant, or :class:`NotFound`."""
+    received = session.scalar(select(Instance.path).where(
+        Instance.tenant_id == tenant_id, Instance.sop_instance_uid == sop_uid,
+        Instance.study_instance_uid == study_uid, Instance.series_instance_uid == series_uid))
+    made = received or session.scalar(select(Result.path).where(
+        Result.tenant_id == tenant_id, Result.sop_instance_uid == sop_uid,
+        Result.study_instance_uid == study_uid, Result.series_instance_uid == series_uid))
+    path = storage_root() / made if made else None
+    if path is None or not path.is_file():
+        raise NotFound(f"instance {sop_uid} of series {series_uid} in study {study_uid} does not exist")
+    return path
+
+
+def find_nodule(session: Session, tenant_id: str, study_uid: str, label: int,
+                series_uid: str | None = None) -> tuple[SeriesFinding, dict[str, Any]]:
+    """The analysed series and stored nodule with this label (in ``series_uid`` when given), or NotFound."""
+    query = select(SeriesFinding).where(SeriesFinding.tenant_id == tenant_id,
+                                        SeriesFinding.study_instance_uid == study_uid)
+    if series_uid is not None:
+        query = query.where(SeriesFinding.series_instance_uid == series_uid)
+    for row in session.scalars(query.order_by(SeriesFinding.id)):
+        for nodule in row.nodules:
+            if int(nodule["label"]) == label:
+                return row, nodule
+    raise NotFound(f"no nodule {label} in study {study_uid}")
+
+
+def stored_findings(row: SeriesFinding) -> SeriesFindings:
+    """A findings row with its label volume, as the report writers take it."""
+    if row.labels_path is None:
+        raise NotFound("the label volume of this analysis is not stored")
+    labels = np.load(storage_root() / row.labels_path)
+    fields = {name for name in DetectedNodule.__dataclass_fields__}
+    nodules = tuple(DetectedNodule(**{**{key: value for key, value in nodule.items() if key in fields},
+                                      "centre_voxel": tuple(nodule["centre_voxel"]),
+                                      "centre_lps_mm": tuple(nodule["centre_lps_mm"]),
+                                      "nodule_type": NoduleType(nodule["nodule_type"])})
+                    for nodule in row.nodules)
+    return SeriesFindings(row.series_instance_uid, row.study_instance_uid, nodules, labels, row.model_version)
+
+
+def key_image(row: SeriesFinding, label: int, paths: Sequence[str]) -> bytes:
+    """PNG key image of one nodule: its series re-assembled from ``paths``, outline from the label volume."""
+    findings = stored_findings(row)
+    volume = next((result for result in assemble_series(paths)
+                   if isinstance(result, SeriesVolume) and result.stack_label[:64] == row.stack_label
+                   and result.shape == findings.labels.shape), None)
+    if volume is None:
+        raise NotFound("the analysed series can no longer be assembled")
+    nodule = next(n for n in findings.nodules if n.label == label)
+    return report.key_image_png(findings, volume, nodule)

@@ -28,18 +28,38 @@ class NoduleType(StrEnum):
     GROUND_GLASS = "ground-glass"
 
 
-class NoduleFinding(BaseModel):
-    """One detected nodule with its measurements and risk (provisional)."""
+class PriorComparison(BaseModel):
+    """How a nodule compares with the patient's prior study."""
 
+    matched: bool = Field(description="false: a new nodule (no counterpart in the prior)")
+    prior_label: int | None = Field(default=None, description="its label in the prior study's findings")
+    distance_mm: float | None = Field(default=None, description="centre distance after the study offset, mm")
+    diameter_change_mm: float | None = Field(default=None, description="mean diameter now minus then, mm")
+    volume_change_percent: float | None = None
+    growth: str | None = Field(default=None, description="growing, stable or shrinking")
+    volume_doubling_time_days: float | None = Field(default=None, description="while growing")
+
+
+class NoduleFinding(BaseModel):
+    """One detected nodule with its measurements and risk."""
+
+    series_instance_uid: str | None = Field(default=None, description="the analysed series")
+    label: int | None = Field(default=None, description="its number in that series (key image, SEG segment)")
     centre_lps_mm: tuple[float, float, float] = Field(description="centre in patient coordinates (DICOM LPS), mm")
     long_axis_mm: float = Field(ge=0, description="long-axis diameter, mm")
     short_axis_mm: float = Field(ge=0, description="short-axis diameter, mm")
     volume_mm3: float = Field(ge=0, description="volume, mm³")
     mean_hu: float = Field(description="mean attenuation, Hounsfield units")
     nodule_type: NoduleType
+    solid_component_mm: float | None = Field(default=None, description="solid core of a part-solid nodule, mm")
     confidence: float = Field(ge=0, le=1, description="detector confidence")
+    upper_lobe: bool | None = Field(default=None, description="estimated from the lung extent; null: unknown")
     malignancy_probability: float | None = Field(default=None, ge=0, le=1,
                                                  description="Brock (PanCan) model, when the inputs are known")
+    brock_model: str | None = Field(default=None, description="2a (spiculation is not measured)")
+    malignancy_note: str | None = Field(default=None, description="why there is no probability")
+    lung_rads_category: str | None = Field(default=None, description="this nodule's Lung-RADS v2022 category")
+    prior: PriorComparison | None = Field(default=None, description="against the prior study, when there is one")
 
 
 class StudySummary(BaseModel):
@@ -97,10 +117,16 @@ class ClinicalDataOut(ClinicalDataIn):
 
 
 class StudyDetail(StudyFindings):
-    """A study's status, its series with their states and errors, findings, and clinical data."""
+    """A study's status, its series with their states and errors, findings with risk, and clinical data.
+
+    Risk is computed when read, with the clinical data and prior studies known then."""
 
     series: list[SeriesStatus] = Field(default_factory=list)
     clinical: ClinicalDataIn | None = None
+    lung_rads_note: str | None = Field(default=None, description="why no Lung-RADS category was given")
+    baseline: bool | None = Field(default=None, description="true: no prior study of the patient was analysed")
+    prior_study_instance_uid: str | None = Field(default=None, description="the prior study compared against")
+    interval_days: float | None = Field(default=None, description="days since the prior study")
 
 
 class UploadItem(BaseModel):
@@ -122,3 +148,15 @@ class UploadResult(BaseModel):
     stored: int
     failed: int
     items: list[UploadItem]
+
+
+class ResultObject(BaseModel):
+    """A DICOM object made from the analysis (SR, SEG or key image), retrievable over WADO-RS."""
+
+    kind: str = Field(description="sr, seg or key_image")
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    source_series_instance_uid: str = Field(description="the analysed CT series")
+    retrieve_url: str = Field(description="WADO-RS URL of the instance")
