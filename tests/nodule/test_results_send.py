@@ -59,7 +59,8 @@ def test_the_send_job_stores_seg_sr_and_key_image_in_the_pacs(pacs: OrthancServe
     send_results_job.apply(args=[job.id])
     with session_scope() as session:
         finished = session.get(Job, job.id)
-        assert finished is not None and finished.status == "succeeded", finished.error
+        assert finished is not None
+        assert finished.status == "succeeded", finished.error
         assert finished.result is not None and finished.result["stored"] == 3
     for row in results:
         content = pacs.instance_file(row.sop_instance_uid)
