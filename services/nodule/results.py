@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from services.nodule import report
@@ -84,26 +84,33 @@ def send_key(tenant_id: str, series_uid: str, model_version: str) -> str:
 def make_results(session: Session, job_id: str, tenant_id: str, analysed: Sequence[Analysed]) -> dict[str, Any]:
     """Build, store and index the results of each analysed volume; queue their sending.
 
+    Each volume's results are indexed (and their send job submitted) in a savepoint: a volume whose
+    results cannot be built leaves no rows behind, and the findings are kept.
+
     Returns
     -------
     dict
         For the job's result: ``results`` (objects per kind), ``send_job_ids``, and
-        ``results_error`` when building failed (the findings are kept).
+        ``results_error`` when building failed.
     """
     counts = {SR: 0, SEG: 0, KEY_IMAGE: 0}
     send_jobs: list[str] = []
-    try:
-        for findings, volume, risk in analysed:
-            rows = _store_results(session, job_id, tenant_id, findings, volume, risk)
-            for row in rows:
-                counts[row.kind] += 1
-            job = _submit_send(session, tenant_id, findings, rows)
-            if job is not None:
-                send_jobs.append(job.id)
-    except Exception as exc:
-        logger.warning("results not built: %s", type(exc).__name__, extra={"job_id": job_id})
-        return {"results": counts, "send_job_ids": send_jobs,
-                "results_error": f"results not built ({type(exc).__name__}); see the worker log for job {job_id}"}
+    sources = {findings.series_instance_uid for findings, _volume, _risk in analysed}
+    session.execute(delete(Result).where(Result.tenant_id == tenant_id,
+                                         Result.source_series_instance_uid.in_(sources)))
+    for findings, volume, risk in analysed:
+        try:
+            with session.begin_nested():
+                rows = _store_results(session, job_id, tenant_id, findings, volume, risk)
+                job = _submit_send(session, tenant_id, findings, rows)
+        except Exception as exc:
+            logger.warning("results not built: %s", type(exc).__name__, extra={"job_id": job_id})
+            return {"results": counts, "send_job_ids": send_jobs,
+                    "results_error": f"results not built ({type(exc).__name__}); see the worker log for job {job_id}"}
+        for row in rows:
+            counts[row.kind] += 1
+        if job is not None:
+            send_jobs.append(job.id)
     return {"results": counts, "send_job_ids": send_jobs}
 
 
@@ -118,8 +125,7 @@ def _store_results(session: Session, job_id: str, tenant_id: str, findings: Seri
                                                             findings.series_instance_uid))
     root = storage_root()
     uids = [str(dataset.SOPInstanceUID) for dataset in datasets]
-    session.execute(delete(Result).where(Result.tenant_id == tenant_id, or_(
-        Result.source_series_instance_uid == findings.series_instance_uid, Result.sop_instance_uid.in_(uids))))
+    session.execute(delete(Result).where(Result.tenant_id == tenant_id, Result.sop_instance_uid.in_(uids)))
     rows = [Result(tenant_id=tenant_id, study_instance_uid=findings.study_instance_uid,
                    series_instance_uid=str(dataset.SeriesInstanceUID),
                    source_series_instance_uid=findings.series_instance_uid,
