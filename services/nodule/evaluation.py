@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from services.nodule.findings import SeriesFindings
+from services.nodule.findings import DetectedNodule, SeriesFindings
 from services.nodule.simulate import SimulatedStudy, SimulationConfig
 from services.nodule.volume import SeriesVolume
 
@@ -128,8 +128,13 @@ def truths_of(study: SimulatedStudy) -> tuple[TruthNodule, ...]:
 
 def candidates_of(findings: SeriesFindings) -> tuple[Candidate, ...]:
     """A detector's findings as :class:`Candidate` records."""
-    return tuple(Candidate(tuple(n.centre_lps_mm), n.confidence,  # type: ignore[arg-type]
-                           str(n.nodule_type.value).replace("-", "_"), n.long_axis_mm) for n in findings.nodules)
+    return candidates_of_nodules(findings.nodules)
+
+
+def candidates_of_nodules(nodules: Sequence[DetectedNodule]) -> tuple[Candidate, ...]:
+    """Detected nodules as :class:`Candidate` records (types as the simulator spells them)."""
+    return tuple(Candidate(n.centre_lps_mm, n.confidence, str(n.nodule_type.value).replace("-", "_"), n.long_axis_mm)
+                 for n in nodules)
 
 
 def match(scan: ScanRecord) -> list[int | None]:

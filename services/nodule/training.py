@@ -41,14 +41,16 @@ import torch.nn.functional as F
 from model_runtime.artifacts import load_manifest, save_artifact
 from model_runtime.device import resolve_device
 from model_runtime.runtime import ModelRuntime
-from services.nodule.detect import detect_series, solid_share
+from services.nodule.detect import extract_nodules, probability_map, solid_share
 from services.nodule.evaluation import (
     Interval,
     ScanRecord,
     Summary,
-    candidates_of,
+    candidates_of_nodules,
     choose_threshold,
+    froc,
     match,
+    scan_counts,
     split_config,
     split_seeds,
     summarise,
@@ -79,6 +81,8 @@ logger = logging.getLogger("tessera.nodule.training")
 DATA_TEXT = ("SIMULATED chest CT only (services.nodule.simulate: geometric body, lungs, vessel and airway trees, "
              "solid / part-solid / ground-glass nodules of 3-30 mm incl. juxta-pleural and juxta-vascular, "
              "soft and sharp kernels, noise 10-40 HU, slices 1-2.5 mm, pixels 0.6-0.9 mm). No patient data.")
+CANDIDATE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+"""Probability levels tried on the validation split for the candidate components."""
 SOLID_SHARE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 GROUND_GLASS_SHARE_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
 
@@ -320,27 +324,47 @@ async def _calibrate(net: NoduleNet, studies: list[SimulatedStudy], roi_size: tu
                      name: str, device: str) -> Calibration:
     runtime = ModelRuntime()
     base = DetectorSettings(roi_size=roi_size)
+    records: dict[float, list[ScanRecord]] = {level: [] for level in CANDIDATE_THRESHOLDS}
+    shares: dict[float, list[list[tuple[float, str, float] | None]]] = {level: [] for level in CANDIDATE_THRESHOLDS}
+    seconds = []
     try:
         await runtime.load(nodule_model_spec(name, net=net, roi_size=roi_size, device=device))
-        records, shares, seconds = [], [], []
         for index, study in enumerate(studies):
             volume = volume_from_simulated(study, uid=f"validation-{index}")
             started = time.perf_counter()
-            findings = await detect_series(volume, runtime=runtime, model_name=name, settings=base, min_confidence=0.0)
+            probability = await probability_map(volume.hu, runtime=runtime, model_name=name, settings=base)
             seconds.append(time.perf_counter() - started)
-            record = ScanRecord(f"validation-{index}", truths_of(study), candidates_of(findings))
-            records.append(record)
-            shares.append(_hit_shares(record, findings.labels, study))
+            for level in CANDIDATE_THRESHOLDS:  # the same post-processing detect_series runs, per candidate level
+                nodules, labels = extract_nodules(probability, volume.hu, volume.spacing_mm, volume.voxel_to_lps,
+                                                  replace(base, candidate_threshold=level))
+                record = ScanRecord(f"validation-{index}", truths_of(study),
+                                    candidates_of_nodules(nodules))
+                records[level].append(record)
+                shares[level].append(_hit_shares(record, labels, study))
     finally:
         await runtime.close()
-    threshold = choose_threshold(records)
-    solid_min, ground_glass_max = _choose_type_shares(shares, threshold)
-    settings = replace(base, report_threshold=threshold, solid_share_min=solid_min,
+    level, threshold = _choose_levels(records)
+    solid_min, ground_glass_max = _choose_type_shares(shares[level], threshold)
+    settings = replace(base, candidate_threshold=level, report_threshold=threshold, solid_share_min=solid_min,
                        ground_glass_share_max=ground_glass_max)
-    retyped = [_retyped(record, share, settings) for record, share in zip(records, shares, strict=True)]
+    retyped = [_retyped(record, share, settings) for record, share in zip(records[level], shares[level], strict=True)]
     accuracy, typed = type_accuracy(retyped, threshold)
-    return Calibration(settings, summarise(records, threshold, resamples=200), accuracy, typed,
+    return Calibration(settings, summarise(records[level], threshold, resamples=200), accuracy, typed,
                        float(np.median(seconds)) if seconds else float("nan"))
+
+
+def _choose_levels(records: dict[float, list[ScanRecord]]) -> tuple[float, float]:
+    """The candidate level and report threshold with the best per-scan sensitivity + specificity (then CPM)."""
+    best: tuple[float, float, float, float] | None = None
+    for level, scans in records.items():
+        threshold = choose_threshold(scans)
+        counts = scan_counts(scans, threshold)
+        youden = sum(0.0 if math.isnan(v) else v for v in (counts.sensitivity, counts.specificity))
+        key = (youden, froc(scans).cpm, level, threshold)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    assert best is not None
+    return best[2], best[3]
 
 
 def _hit_shares(record: ScanRecord, labels: np.ndarray, study: SimulatedStudy) -> list[tuple[float, str, float] | None]:
@@ -511,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student-seconds", type=float, help="wall-clock cap of the student stage")
     parser.add_argument("--teacher-from", type=Path, help="reuse this teacher artifact instead of training one")
     parser.add_argument("--teacher-only", action="store_true", help="train and write the teacher, not the student")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="train nothing: choose the thresholds of the existing <output>/*/<version> "
+                             "artifacts again on the validation split and reseal them")
+    parser.add_argument("--distillation-weight", type=float, help="weight of the teacher's soft targets (0-1)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: settings.device)")
     parser.add_argument("--force", action="store_true", help="replace existing artifacts of this version")
@@ -522,7 +550,7 @@ def plan_from(args: argparse.Namespace) -> TrainingPlan:
     plan = QUICK_PLAN if args.quick else TrainingPlan()
     overrides = {field_name: getattr(args, field_name) for field_name in
                  ("train_studies", "validation_studies", "teacher_steps", "student_steps", "teacher_seconds",
-                  "student_seconds", "seed") if getattr(args, field_name) is not None}
+                  "student_seconds", "distillation_weight", "seed") if getattr(args, field_name) is not None}
     return replace(plan, **overrides)
 
 
@@ -542,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(plan.seed)
     rng = np.random.default_rng(plan.seed)
     started = time.perf_counter()
+    if args.recalibrate:
+        validation = simulate_split("validation", plan.validation_studies, plan.study_shape)
+        for role in ("teacher", "student"):
+            if (output / role / args.version / "manifest.json").exists():
+                print(recalibrate(output / role / args.version, validation, device, rebuild_command(argv)))
+        return 0
     studies = [training_study(s, rng) for s in simulate_split("train", plan.train_studies, plan.study_shape)]
     validation = simulate_split("validation", plan.validation_studies, plan.study_shape)
     logger.info("simulated %d + %d studies in %.0f s", len(studies), len(validation), time.perf_counter() - started)
@@ -568,6 +602,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {time.perf_counter() - started:.0f} s: "
           + ", ".join(f"{role} {parameter_count(net):,} parameters, {log.steps} steps" for role, net, log in trained))
     return 0
+
+
+def recalibrate(directory: Path, validation: list[SimulatedStudy], device: str, command: str) -> Path:
+    """Choose an artifact's thresholds again on ``validation`` and reseal it (weights unchanged).
+
+    The card's rebuild command becomes the original one followed by ``command``.
+    """
+    import re
+
+    net, config = load_net(directory, device)
+    manifest = load_manifest(directory)
+    plan_json = dict(manifest.extra.get("plan", {}))
+    fields: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value
+                              for key, value in plan_json.items() if key in TrainingPlan.__dataclass_fields__}
+    plan = replace(TrainingPlan(), **fields)
+    old_card = (directory / "MODEL_CARD.md").read_text()
+    loss = re.search(r"final loss ([0-9.]+)", old_card)
+    stage = StageLog(int(manifest.metrics.get("training_steps", 0)), float(manifest.metrics.get("training_seconds", 0)),
+                     float(loss.group(1)) if loss else float("nan"))
+    calibration = calibrate(net, validation, plan.roi_size, name=f"nodule-{config.role}-calibration", device=device)
+    teacher = directory.parent.parent / "teacher" / directory.name
+    note = re.search(r"\nDistilled from the teacher at .*\n", old_card)
+    extra = note.group(0) if note else (_teacher_note(teacher) if config.role == "student" else "")
+    rebuild = f"{manifest.rebuild_command} && {command}"
+    return write_model(net, config.role, directory.name, directory.parent.parent, calibration, stage, plan, rebuild,
+                       force=True, extra_card=extra)
 
 
 def _teacher_note(directory: Path) -> str:

@@ -64,6 +64,13 @@ def test_quick_student_serves_from_its_artifact(quick_artifacts: Path) -> None:
     assert asyncio.run(scenario()) >= 0
 
 
+def test_recalibration_reseals_with_both_commands(quick_artifacts: Path) -> None:
+    assert main(["--quick", "--output", str(quick_artifacts), "--version", "t1", "--recalibrate"]) == 0
+    manifest = load_manifest(quick_artifacts / "student" / "t1")
+    assert manifest.rebuild_command.endswith("--version t1 --recalibrate") and " && " in manifest.rebuild_command
+    assert "Distilled from the teacher" in (quick_artifacts / "student" / "t1" / "MODEL_CARD.md").read_text()
+
+
 def test_existing_version_is_not_overwritten_without_force(quick_artifacts: Path) -> None:
     with pytest.raises(FileExistsError):
         main(["--quick", "--output", str(quick_artifacts), "--version", "t1", "--teacher-from",
