@@ -184,3 +184,15 @@ def test_wado_accept_negotiation() -> None:
     assert choose_representation("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50", explicit) is None
     assert choose_representation('multipart/related; type="image/jpeg"', explicit) is None
     assert choose_representation("application/json", explicit) is None
+
+
+def test_the_new_endpoints_need_a_key_with_the_nodule_scope(nodule_server: NoduleServer,
+                                                             analysed: dict[str, Any]) -> None:
+    study = analysed["current"].study_instance_uid
+    _tenant, fraud_key = new_key(nodule_server.stack.database_url, scopes=("fraud",))
+    for path in (f"/v1/studies/{study}/results", f"/v1/studies/{study}/nodules/1/key-image.png",
+                 f"/dicomweb/studies/{study}/series/1.2/instances/1.2.3"):
+        assert httpx.get(nodule_server.base_url + path, timeout=30).status_code == 401, path
+        assert get(nodule_server, fraud_key, path).status_code == 403, path
+    paths = httpx.get(nodule_server.base_url + "/openapi.json", timeout=30).json()["paths"]
+    assert "/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}" in paths
