@@ -85,13 +85,34 @@ celery_app = create_celery_app()
 """The process-wide Celery app used by every ``tasks.py``."""
 
 
+QUIET_PERIODIC_TASKS: set[str] = {SWEEP_TASK}
+"""Tasks beat runs every few seconds whose routine Celery lines are logged at DEBUG (:func:`schedule_periodic`)."""
+
+
+def schedule_periodic(entry: str, task: str, every_s: float, *, queue: str = DEFAULT_QUEUE, quiet: bool = True) -> None:
+    """Have beat send ``task`` every ``every_s`` seconds to ``queue`` (a run not started within the
+    interval expires: the next one replaces it).
+
+    ``quiet``: Celery's per-run INFO lines about it (beat sending it, a worker receiving and finishing
+    it) become DEBUG, as the platform's own job sweeper's do, so an idle system is quiet at INFO; the
+    task itself says at WARNING when a run finds something to report.
+    """
+    celery_app.conf.beat_schedule[entry] = {"task": task, "schedule": every_s,
+                                            "options": {"queue": queue, "expires": every_s}}
+    if quiet:
+        QUIET_PERIODIC_TASKS.add(task)
+
+
 class _SweepsAtDebug(logging.Filter):
-    """Celery's per-run INFO lines about the job sweeper (beat sending it, the worker receiving and
-    finishing it, every few seconds) become DEBUG: an idle system is quiet at INFO. A sweep that
-    recovers jobs says so itself, at WARNING."""
+    """Celery's per-run INFO lines about a quiet periodic task (beat sending it, the worker receiving
+    and finishing it, every few seconds) become DEBUG: an idle system is quiet at INFO. A sweep that
+    recovers something says so itself, at WARNING."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.INFO or SWEEP_TASK not in record.getMessage():
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        if not any(task in message for task in QUIET_PERIODIC_TASKS):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)

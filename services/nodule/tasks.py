@@ -22,7 +22,7 @@ from services.nodule.pacs import load_destination, send_results
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import Job, job_task, report_progress
-from shared.queue import DEFAULT_QUEUE, celery_app
+from shared.queue import DEFAULT_QUEUE, celery_app, schedule_periodic
 
 QUEUE = "nodule"
 SWEEP_TASK = "nodule.sweep_quiet_series"
@@ -58,7 +58,4 @@ def sweep_quiet_series() -> int:
         return len(queue_complete_series(session, analyse_series_job))
 
 
-celery_app.conf.beat_schedule["nodule-sweep-quiet-series"] = {
-    "task": SWEEP_TASK, "schedule": sweep_interval_s(),
-    "options": {"queue": DEFAULT_QUEUE, "expires": sweep_interval_s()},
-}
+schedule_periodic("nodule-sweep-quiet-series", SWEEP_TASK, sweep_interval_s(), queue=DEFAULT_QUEUE)
