@@ -9,8 +9,13 @@
    :func:`services.nodule.volume.assemble_series`, records progress, and runs the detector on each
    volume (:func:`run_detector`). What cannot be assembled is recorded on the series (code and
    message, visible in the API) and fails the job with that reason; the study's other series are
-   untouched.
+   untouched. With the findings it stores the risk (:mod:`services.nodule.fusion`: Brock, Lung-RADS,
+   the comparison with the patient's prior study) and makes the DICOM results
+   (:func:`services.nodule.results.make_results`: SR, SEG, key images, and the send job when a PACS
+   is configured), all in the job's transaction.
 3. :func:`refresh_study_state` derives a study's state from its series'.
+4. :func:`assess_finding` recomputes a series' risk with what is known now (the API calls it on
+   read, so clinical data posted after the analysis counts).
 
 Failure states are written in their own committed transaction (the job's own transaction rolls
 back when the handler raises); the findings and the ``done`` state commit with the job's success.
