@@ -179,7 +179,22 @@ def retrieve_instance(study_instance_uid: str, series_instance_uid: str, sop_ins
     content = path.read_bytes()
     if representation == "single":
         return Response(content, media_type=f"{wado.DICOM}; transfer-syntax={syntax}")
-    body, content_type = wado.multipart_body(content, syntax)
+    body, content_type = wado.multipart_body([(content, syntax)])
+    return Response(body, headers={"content-type": content_type})
+
+
+@dicomweb.get("/studies/{study_instance_uid}/series/{series_instance_uid}", summary="Retrieve a series (WADO-RS)",
+              response_class=Response, responses=WADO_ANSWERS)
+def retrieve_series(study_instance_uid: str, series_instance_uid: str, request: Request,
+                    principal: NodulePrincipal, session: SessionDep) -> Response:
+    """Every instance of a received series or of one of our result series, one part each."""
+    paths = results.series_paths(session, principal.tenant_id, study_instance_uid, series_instance_uid)
+    syntaxes = [wado.stored_transfer_syntax(path) for path in paths]
+    if any(wado.choose_representation(request.headers.get("accept"), syntax) != "multipart" for syntax in syntaxes):
+        raise NotAcceptable("a series is answered as multipart/related; type=\"application/dicom\" in the "
+                            "transfer syntaxes it is stored in; transcoding is not offered")
+    body, content_type = wado.multipart_body([(path.read_bytes(), syntax) for path, syntax in zip(paths, syntaxes,
+                                                                                                  strict=True)])
     return Response(body, headers={"content-type": content_type})
 
 

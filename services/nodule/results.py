@@ -174,6 +174,20 @@ def instance_path(session: Session, tenant_id: str, study_uid: str, series_uid: 
     return path
 
 
+def series_paths(session: Session, tenant_id: str, study_uid: str, series_uid: str) -> list[Path]:
+    """The files of a received series or of one of our result series of the tenant, or :class:`NotFound`."""
+    relative = session.scalars(select(Instance.path).where(
+        Instance.tenant_id == tenant_id, Instance.study_instance_uid == study_uid,
+        Instance.series_instance_uid == series_uid).order_by(Instance.id)).all()
+    relative = relative or session.scalars(select(Result.path).where(
+        Result.tenant_id == tenant_id, Result.study_instance_uid == study_uid,
+        Result.series_instance_uid == series_uid).order_by(Result.id)).all()
+    paths = [storage_root() / path for path in relative if (storage_root() / path).is_file()]
+    if not paths:
+        raise NotFound(f"series {series_uid} in study {study_uid} does not exist")
+    return paths
+
+
 def find_nodule(session: Session, tenant_id: str, study_uid: str, label: int,
                 series_uid: str | None = None) -> tuple[SeriesFinding, dict[str, Any]]:
     """The analysed series and stored nodule with this label (in ``series_uid`` when given), or NotFound."""

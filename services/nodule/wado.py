@@ -1,7 +1,8 @@
 """WADO-RS instance retrieval (DICOM PS3.18 10.4): content negotiation and the response body.
 
 An instance is answered as ``multipart/related; type="application/dicom"`` (one part), the
-default, or as a single ``application/dicom`` body when the client's Accept prefers it. The
+default, or as a single ``application/dicom`` body when the client's Accept prefers it; a series
+as ``multipart/related`` with one part per instance. The
 ``transfer-syntax`` parameter of a media range is honoured as far as this service can without
 transcoding: ``*`` or the stored instance's own transfer syntax is acceptable, any other one is
 not (406 when no acceptable range is left). Without the parameter the stored transfer syntax is
@@ -74,10 +75,12 @@ def stored_transfer_syntax(path: Path) -> str:
     return str(read_file_meta_info(path).TransferSyntaxUID)
 
 
-def multipart_body(content: bytes, transfer_syntax: str) -> tuple[bytes, str]:
-    """One instance as a ``multipart/related; type="application/dicom"`` body; (body, content type)."""
+def multipart_body(contents: list[tuple[bytes, str]]) -> tuple[bytes, str]:
+    """Instances (bytes, transfer syntax) as a ``multipart/related; type="application/dicom"`` body;
+    (body, content type)."""
     boundary = f"tessera-{uuid.uuid4().hex}"
-    head = (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={transfer_syntax}\r\n"
-            f"Content-Length: {len(content)}\r\n\r\n").encode()
-    body = head + content + f"\r\n--{boundary}--\r\n".encode()
+    parts = [(f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={syntax}\r\n"
+              f"Content-Length: {len(content)}\r\n\r\n").encode() + content + b"\r\n"
+             for content, syntax in contents]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f'{MULTIPART}; type="{DICOM}"; boundary={boundary}'

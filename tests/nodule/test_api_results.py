@@ -142,12 +142,33 @@ def test_result_objects_are_listed_and_retrievable_over_wado_rs(nodule_server: N
     assert ct.status_code == 404  # the right SOP UID under another series is not found
 
 
-def single_part(response: httpx.Response) -> bytes:
+def related_parts(response: httpx.Response) -> list[bytes]:
+    """The bodies of a multipart/related answer's parts."""
     boundary = response.headers["content-type"].split("boundary=")[1].strip('"')
     parts = [part for part in response.content.split(f"--{boundary}".encode()) if part.strip(b"-\r\n")]
-    assert len(parts) == 1
-    _head, _, body = parts[0].partition(b"\r\n\r\n")
-    return body.removesuffix(b"\r\n")
+    return [part.partition(b"\r\n\r\n")[2].removesuffix(b"\r\n") for part in parts]
+
+
+def single_part(response: httpx.Response) -> bytes:
+    [body] = related_parts(response)
+    return body
+
+
+def test_a_series_is_retrieved_one_part_per_instance(nodule_server: NoduleServer, analysed: dict[str, Any]) -> None:
+    current, key = analysed["current"], analysed["key"]
+    study = current.study_instance_uid
+    received = get(nodule_server, key, f"/dicomweb/studies/{study}/series/{current.series_instance_uid}")
+    assert received.status_code == 200
+    datasets = [pydicom.dcmread(io.BytesIO(part)) for part in related_parts(received)]
+    assert len(datasets) == 14 and {d.SeriesInstanceUID for d in datasets} == {current.series_instance_uid}
+    objects = get(nodule_server, key, f"/v1/studies/{study}/results").json()
+    seg = next(item for item in objects if item["kind"] == "seg")
+    made = get(nodule_server, key, f"/dicomweb/studies/{study}/series/{seg['series_instance_uid']}")
+    assert [pydicom.dcmread(io.BytesIO(part)).Modality for part in related_parts(made)] == ["SEG"]
+    assert get(nodule_server, key, f"/dicomweb/studies/{study}/series/{seg['series_instance_uid']}",
+               Accept="application/dicom").status_code == 406
+    assert get(nodule_server, analysed["other_key"],
+               f"/dicomweb/studies/{study}/series/{current.series_instance_uid}").status_code == 404
 
 
 def test_the_key_image_is_a_png_of_the_nodule(nodule_server: NoduleServer, analysed: dict[str, Any]) -> None:
