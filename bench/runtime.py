@@ -73,7 +73,7 @@ RUNTIME_BATCH, RUNTIME_QUEUE, WINDOW_MS = 64, 96, 2.0
 RUNTIME_QUEUE_DELAY_MS: float | None = None  # measured: with instant client retries it sheds too much
 RUNTIME_LATENCY_TARGET_MS = float(os.environ.get("TESSERA_BENCH_LATENCY_TARGET_MS", "50"))
 """Admission by measured capacity (``ModelSpec.latency_target_ms``); 0 turns it off (queue bound only)."""
-RUNTIME_HOLD_REFUSALS_S = float(os.environ.get("TESSERA_BENCH_HOLD_REFUSALS_S", "0.05"))
+RUNTIME_HOLD_REFUSALS_S = float(os.environ.get("TESSERA_BENCH_HOLD_REFUSALS_S", "0.2"))
 """How long the load-shedding gate holds a refusal (``SheddingGate(hold_s=...)``)."""
 
 
