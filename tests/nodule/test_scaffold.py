@@ -23,6 +23,10 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/studies"),
     Endpoint("GET", "/v1/studies/{study_instance_uid}"),
     Endpoint("POST", "/v1/studies/{study_instance_uid}/clinical", b"{}", JSON),
+    Endpoint("GET", "/v1/studies/{study_instance_uid}/results"),
+    Endpoint("GET", "/v1/studies/{study_instance_uid}/nodules/{label}/key-image.png"),
+    Endpoint("GET", "/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}"),
+    Endpoint("GET", "/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}"),
 ]
 
 
