@@ -15,6 +15,6 @@ VERTICAL = Vertical(
     listeners=(Listener("dicom", "dicom_io:serve", enabled=dicom_listener_enabled,
                         description="DICOM C-STORE SCP (CT Image Storage, C-ECHO)"),),
     commands={"train": "training:main", "simulate": "simulate:main"},
-    benchmarks=("nodule_eval",),
+    benchmarks=("nodule", "nodule_eval"),
 )
 """CT nodule detection with DICOM fusion (`/nodule`); its DICOM listener runs beside the API."""
