@@ -473,6 +473,28 @@ def series_timeline(database_url: str, series_uid: str, timeout_s: float) -> dic
     raise RuntimeError(f"series {series_uid} did not reach the PACS within {timeout_s:.0f} s")
 
 
+def sr_in_orthanc(database_url: str, series_uid: str, http_port: int) -> dict[str, Any]:
+    """The results made from ``series_uid`` by kind, and whether Orthanc holds its SR (REST lookup)."""
+    import httpx
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
+
+    from services.nodule.db import Result
+
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            results = session.scalars(select(Result).where(Result.source_series_instance_uid == series_uid)).all()
+            kinds = sorted(result.kind for result in results)
+            sr_uids = [result.sop_instance_uid for result in results if result.kind == "sr"]
+    finally:
+        engine.dispose()
+    found = [httpx.post(f"http://127.0.0.1:{http_port}/tools/lookup", content=uid, timeout=10.0).json()
+             for uid in sr_uids]
+    return {"results": kinds, "sr_in_orthanc": bool(sr_uids) and all(
+        any(match.get("Type") == "Instance" for match in matches) for matches in found)}
+
+
 def bench_end_to_end(plan: Plan, workdir: Path, tools: dict[str, str | None], models_dir: Path) -> dict[str, Any]:
     """Section 3: listener + worker with beat + Orthanc; a warm-up study, then the timed one."""
     import pydicom
@@ -480,7 +502,7 @@ def bench_end_to_end(plan: Plan, workdir: Path, tools: dict[str, str | None], mo
     assert tools["storescu"] and tools["orthanc"]
     warm_source = write_series(workdir / "e2e-warm", (16, 64, 64), seed=5)
     source = write_series(workdir / "e2e-source", plan.e2e_shape, seed=11)
-    with orthanc(tools["orthanc"], workdir / "e2e-orthanc", nodelay=False) as (pacs_port, _http):
+    with orthanc(tools["orthanc"], workdir / "e2e-orthanc", nodelay=False) as (pacs_port, http_port):
         extra = {"TESSERA_MODELS_DIR": str(models_dir), "TESSERA_NODULE_PACS_HOST": "127.0.0.1",
                  "TESSERA_NODULE_PACS_PORT": str(pacs_port), "TESSERA_NODULE_PACS_AE_TITLE": ORTHANC_AE,
                  "TESSERA_TASK_LEASE_S": "30"}
@@ -496,10 +518,13 @@ def bench_end_to_end(plan: Plan, workdir: Path, tools: dict[str, str | None], mo
                     uid = str(pydicom.dcmread(next(pushed.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
                     try:
                         timelines[label] = series_timeline(env["TESSERA_DATABASE_URL"], uid, 300)
+                        timelines[label].update(sr_in_orthanc(env["TESSERA_DATABASE_URL"], uid, http_port))
                     except RuntimeError as error:
                         log = (workdir / "worker.log").read_text(errors="replace")[-3000:]
                         raise RuntimeError(f"{error}\nworker log:\n{log}") from error
     timed = timelines["timed"]
+    if not timed["sr_in_orthanc"]:
+        raise RuntimeError(f"the send job succeeded but Orthanc holds no SR of the series: {timed}")
     print(f"  end to end {timed['last_instance_to_sr_stored_s']:.2f} s (quiet period {QUIET_PERIOD_S:.0f} s; "
           f"analysis {timed['analysis_s']:.2f} s, send {timed['send_s']:.2f} s)", flush=True)
     return {"shape_zyx": plan.e2e_shape, "quiet_period_s": QUIET_PERIOD_S, "timed": timed,
@@ -535,7 +560,8 @@ def print_tables(record: dict[str, Any]) -> None:
     if e2e:
         timed = e2e["timed"]
         shape = "x".join(map(str, reversed(e2e["shape_zyx"])))
-        print(f"\nEnd to end ({shape}, {timed['instances']:.0f} instances, worker with beat, Orthanc as the PACS)")
+        print(f"\nEnd to end ({shape}, {timed['instances']:.0f} instances, worker with beat, Orthanc as the PACS; "
+              f"results sent: {', '.join(timed['results'])}; SR found in Orthanc: {timed['sr_in_orthanc']})")
         print(f"last instance -> SR stored in Orthanc   {timed['last_instance_to_sr_stored_s']:6.2f} s")
         print(f"  of which quiet period (setting)       {e2e['quiet_period_s']:6.2f} s")
         print(f"  last instance -> analysis queued      {timed['last_instance_to_analysis_queued_s']:6.2f} s")
