@@ -20,9 +20,16 @@ from model_runtime.backends import (
 )
 from model_runtime.batcher import BatchOutputMismatch, BatchPolicy, DynamicBatcher
 from model_runtime.collate import Collated, collate, length_bucket, pad_stack, run_collated, split_outputs
-from model_runtime.device import Placement, inference_context, resolve_placement
+from model_runtime.device import Placement, inference_context, resolve_device, resolve_placement
 from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
+from model_runtime.sliding_window import (
+    ProgressCallback,
+    SlidingWindowConfig,
+    SlidingWindowInferer,
+    StudyInference,
+    run_patch_batch,
+)
 from model_runtime.streaming import (
     Session,
     SessionClosed,
@@ -49,13 +56,17 @@ __all__ = [
     "ModelSpec",
     "OnnxRuntimeBackend",
     "Placement",
+    "ProgressCallback",
     "RuntimeOverloaded",
     "RuntimeTimeout",
     "Session",
+    "SlidingWindowConfig",
+    "SlidingWindowInferer",
     "SessionClosed",
     "StreamAlreadyOpen",
     "StreamingModel",
     "StreamingSessions",
+    "StudyInference",
     "TorchBackend",
     "choose_cpu_backend",
     "collate",
@@ -66,7 +77,9 @@ __all__ = [
     "length_bucket",
     "load_manifest",
     "pad_stack",
+    "resolve_device",
     "resolve_placement",
+    "run_patch_batch",
     "run_collated",
     "save_artifact",
     "split_outputs",

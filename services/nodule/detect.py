@@ -1,7 +1,7 @@
 """Nodule detection of one assembled CT series, through the shared model runtime.
 
 :func:`detect_series` normalises the HU volume, runs the loaded nodule network over it with the
-runtime's :class:`~model_runtime.sliding_window.SlidingWindowInferer` (patches of every study in
+runtime's :class:`~model_runtime.SlidingWindowInferer` (patches of every study in
 flight share the model's batches; progress per patch) and turns the stitched probability map into
 :class:`~services.nodule.findings.SeriesFindings` with :func:`extract_nodules`.
 
@@ -42,8 +42,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from model_runtime.runtime import ModelRuntime, get_runtime
-from model_runtime.sliding_window import ProgressCallback, SlidingWindowInferer
+from model_runtime import ModelRuntime, ProgressCallback, SlidingWindowInferer, get_runtime
 from services.nodule.findings import DetectedNodule, SeriesFindings
 from services.nodule.model import (
     STUDENT_NAME,

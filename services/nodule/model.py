@@ -22,7 +22,7 @@ No resampling: the networks see native voxels; they are trained on the spacings 
 Serving goes through the shared runtime only: :func:`nodule_model_spec` builds the
 :class:`~model_runtime.ModelSpec` (loader from a sealed artifact, ``run_batch=run_patch_batch``,
 batches bounded by voxels, device and precision from settings), and
-:mod:`services.nodule.detect` feeds it patches through :class:`~model_runtime.sliding_window.SlidingWindowInferer`.
+:mod:`services.nodule.detect` feeds it patches through :class:`~model_runtime.SlidingWindowInferer`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_runtime.device import resolve_device
-from model_runtime.runtime import LoadContext, ModelSpec
-from model_runtime.sliding_window import SlidingWindowConfig, run_patch_batch
+from model_runtime import LoadContext, ModelSpec, SlidingWindowConfig, resolve_device, run_patch_batch
 
 HU_WINDOW = (-1024.0, 400.0)
 """HU range the networks see (clipped, then scaled to [0, 1]): air to dense soft tissue; bone saturates."""

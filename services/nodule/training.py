@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_runtime import resolve_device
 from model_runtime.artifacts import load_manifest, save_artifact
-from model_runtime.device import resolve_device
 from model_runtime.runtime import ModelRuntime
 from services.nodule.detect import extract_nodules, probability_map, solid_share
 from services.nodule.evaluation import (
