@@ -257,9 +257,6 @@ def serve(mode: str, port: int) -> None:
     import uvicorn
 
     torch.set_num_threads(1)
-    switch_s = os.environ.get("TESSERA_BENCH_SWITCH_INTERVAL_S")
-    if switch_s:
-        sys.setswitchinterval(float(switch_s))
     uvicorn.run(build_server(mode), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False, lifespan="on")
 
