@@ -94,12 +94,17 @@ class HotRouter:
         except Exception:
             logger.exception("unhandled error", extra={"path": scope["path"]})
             status, content, extra = 500, problem_json(scope, None), {}
-        media_type = "application/json" if status < 400 else PROBLEM_CONTENT_TYPE
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", media_type.encode()),
-                                (b"content-length", str(len(content)).encode()),
-                                *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())]})
-        await send({"type": "http.response.body", "body": content})
+        await send_answer(send, status, content, extra)
+
+
+async def send_answer(send: Send, status: int, content: bytes, headers: Mapping[str, str]) -> None:
+    """Send a whole JSON answer (problem+json from 400 on) with ``headers`` as plain ASGI."""
+    media_type = "application/json" if status < 400 else PROBLEM_CONTENT_TYPE
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", media_type.encode()),
+                            (b"content-length", str(len(content)).encode()),
+                            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": content})
 
 
 class ClientDisconnected(Exception):

@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.errors import PROBLEM_CONTENT_TYPE, EdgeMappedError, ProblemError, as_problem, failure_document
-from shared.hot_routes import route_path
+from shared.errors import EdgeMappedError, ProblemError, as_problem
+from shared.hot_routes import problem_json, route_path, send_answer
 
 Refusal = Callable[[], ProblemError | EdgeMappedError | None]
 """What a route's model would answer an item now: ``None`` to take it, else the error it would raise."""
@@ -58,15 +57,6 @@ class SheddingGate:
             if problem is not None:
                 if self.hold_s > 0:
                     await asyncio.sleep(self.hold_s)
-                await send_problem(scope, send, problem)
+                await send_answer(send, problem.status, problem_json(scope, problem), problem.headers)
                 return
         await self.app(scope, receive, send)
-
-
-async def send_problem(scope: Scope, send: Send, problem: ProblemError) -> None:
-    """Answer ``problem`` as problem+json with its headers (the request body is left unread)."""
-    content = orjson.dumps(failure_document(problem, scope["path"], scope.get("state", {}).get("request_id")))
-    headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(content)).encode()),
-               *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in problem.headers.items())]
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
