@@ -263,6 +263,28 @@ def detector_loop() -> asyncio.AbstractEventLoop:
         return _LOOP[1]
 
 
+def close_detector() -> None:
+    """Unload the detector from this process's runtime and stop its event loop (a worker shutting
+    down, or a test leaving the process as it found it); the next analysis starts both again."""
+    global _LOOP
+    with _LOOP_LOCK:
+        held, _LOOP = _LOOP, None
+    if held is None or held[0] != os.getpid() or held[1].is_closed():
+        return
+    loop = held[1]
+
+    async def unload() -> None:
+        from model_runtime import get_runtime
+        from services.nodule.model import STUDENT_NAME
+
+        runtime = get_runtime()
+        if STUDENT_NAME in runtime.loaded():
+            await runtime.unload(STUDENT_NAME)
+
+    asyncio.run_coroutine_threadsafe(unload(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+
+
 def _detector_module() -> Any:
     try:
         from services.nodule import detect  # type: ignore[attr-defined,unused-ignore]

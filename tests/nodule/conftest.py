@@ -107,3 +107,12 @@ def serve_nodule(stack: Stack) -> Iterator[NoduleServer]:
 def nodule_server(nodule_stack: Stack) -> Iterator[NoduleServer]:
     with serve_nodule(nodule_stack) as server:
         yield server
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _detector_closed_after_module() -> Iterator[None]:
+    """A module that ran an analysis in this process leaves no detector loaded in the shared runtime."""
+    yield
+    from services.nodule.analysis import close_detector
+
+    close_detector()
