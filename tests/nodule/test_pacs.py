@@ -101,7 +101,9 @@ def test_a_refused_association_is_retryable(orthanc: OrthancServer, results: lis
         pacs.send_results(results, destination(orthanc, ae_title="NOT_THE_PACS"))
     assert isinstance(raised.value, TransientJobError)
     sent = raised.value.report
-    assert "rejected" in sent.association_error and not sent.stored_uids
+    # Orthanc answers A-ASSOCIATE-RJ, but under load its socket may close before pynetdicom reads it
+    assert sent.association_error.startswith(("association rejected", "association aborted"))
+    assert not sent.stored_uids
     assert all(status.outcome is pacs.Outcome.RETRYABLE for status in sent.statuses)
 
 
