@@ -1,0 +1,154 @@
+"""Measurements of the customer-service speech pipeline: word error rate, real-time factor, and the
+cost of a VAD window batched across calls versus one call at a time.
+
+Speech for the measurements is simulated: espeak-ng sentences through a simulated telephone line
+(:mod:`services.customer_service.simulate`), so the figures describe synthetic speech, not real
+callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Histogram
+
+from model_runtime import ModelRuntime, StreamingSessions
+from services.customer_service.vad import WINDOW_SAMPLES, SileroVad, vad_model_name, vad_streaming_model
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words without punctuation (``"Don't!"`` -> ``["don't"]``)."""
+    return _WORD.findall(text.lower())
+
+
+def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
+    """Levenshtein distance between two word sequences (substitutions, insertions, deletions cost 1)."""
+    previous = list(range(len(hypothesis) + 1))
+    for row, ref_word in enumerate(reference, start=1):
+        current = [row]
+        for column, hyp_word in enumerate(hypothesis, start=1):
+            current.append(min(previous[column] + 1, current[column - 1] + 1,
+                               previous[column - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1]
+
+
+@dataclass(frozen=True)
+class WordErrors:
+    """Word errors summed over a set of utterances: WER = errors / reference words."""
+
+    errors: int
+    reference_words: int
+    utterances: int
+
+    @property
+    def wer(self) -> float:
+        """Word error rate (0 when there were no reference words)."""
+        return self.errors / self.reference_words if self.reference_words else 0.0
+
+
+def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> WordErrors:
+    """Corpus word error counts of aligned reference and hypothesis transcripts."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references for {len(hypotheses)} hypotheses")
+    errors = words = 0
+    for reference, hypothesis in zip(references, hypotheses, strict=True):
+        ref_words = normalize_words(reference)
+        errors += edit_distance(ref_words, normalize_words(hypothesis))
+        words += len(ref_words)
+    return WordErrors(errors, words, len(references))
+
+
+# --- VAD cost ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VadCost:
+    """Milliseconds of CPU-bound wall time per 32 ms VAD window."""
+
+    calls: int
+    windows_per_call: int
+    direct_one_by_one_ms: float
+    direct_batched_ms: float
+    runtime_sessions_ms: float
+    mean_batch_streams: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain numbers for a report."""
+        return {"calls": self.calls, "windows_per_call": self.windows_per_call,
+                "direct_one_by_one_ms_per_window": round(self.direct_one_by_one_ms, 4),
+                "direct_batched_ms_per_window": round(self.direct_batched_ms, 4),
+                "runtime_sessions_ms_per_window": round(self.runtime_sessions_ms, 4),
+                "runtime_mean_batch_streams": round(self.mean_batch_streams, 2)}
+
+
+def measure_vad_cost(calls: int = 8, windows_per_call: int = 100, sample_rate: int = 8000, *,
+                     seed: int = 0, run_inline: bool = False) -> VadCost:
+    """VAD cost per window: the ONNX model stepped one call at a time, all calls in one batch, and
+    through the runtime's streaming sessions with every call submitting its windows concurrently.
+
+    Noise-like windows stand in for audio (the model's cost does not depend on the content).
+    """
+    window = WINDOW_SAMPLES[sample_rate]
+    rng = np.random.default_rng(seed)
+    audio = (rng.standard_normal((windows_per_call, calls, window)) * 0.05).astype(np.float32)
+    model = SileroVad(sample_rate)
+    one_by_one = _timed_direct(model, audio, batched=False)
+    batched = _timed_direct(model, audio, batched=True)
+    runtime_ms, mean_batch = asyncio.run(_timed_sessions(audio, sample_rate, run_inline))
+    return VadCost(calls, windows_per_call, one_by_one, batched, runtime_ms, mean_batch)
+
+
+def _timed_direct(model: SileroVad, audio: np.ndarray, *, batched: bool) -> float:
+    steps, calls, _ = audio.shape
+    initial = model.initial_state()
+    width = calls if batched else 1
+    states = [{"state": np.repeat(initial["state"][:, None], width, axis=1),
+               "context": np.repeat(initial["context"][None], width, axis=0)}
+              for _ in range(1 if batched else calls)]
+    started = time.perf_counter()
+    for step in range(steps):
+        if batched:
+            _, states[0] = model.step(states[0], audio[step])
+        else:
+            for call in range(calls):
+                _, states[call] = model.step(states[call], audio[step, call:call + 1])
+    return 1000 * (time.perf_counter() - started) / (steps * calls)
+
+
+async def _timed_sessions(audio: np.ndarray, sample_rate: int, run_inline: bool) -> tuple[float, float]:
+    runtime = ModelRuntime()
+    sessions = StreamingSessions(runtime)
+    name = vad_model_name(sample_rate)
+    await sessions.load(vad_streaming_model(sample_rate, run_inline=run_inline))
+    steps, calls, _ = audio.shape
+    opened = [sessions.open_session(name, f"bench-{call}") for call in range(calls)]
+    histogram = sessions.metrics_for(name).batch_streams
+    batches_before, streams_before = _histogram(histogram, "_count"), _histogram(histogram, "_sum")
+    started = time.perf_counter()
+    for step in range(steps):
+        await asyncio.gather(*(session.step(audio[step, call]) for call, session in enumerate(opened)))
+    elapsed = time.perf_counter() - started
+    batches = _histogram(histogram, "_count") - batches_before
+    streams = _histogram(histogram, "_sum") - streams_before
+    await sessions.close()
+    await runtime.unload(name)
+    return 1000 * elapsed / (steps * calls), streams / batches if batches else 0.0
+
+
+def _histogram(histogram: Histogram, suffix: str) -> float:
+    """The ``_count`` or ``_sum`` of a labelled histogram child."""
+    return sum(sample.value for metric in histogram.collect() for sample in metric.samples
+               if sample.name.endswith(suffix))
+
+
+def median_ms(values: Sequence[float]) -> float:
+    """Median of a list of milliseconds (0 when empty)."""
+    return statistics.median(values) if values else 0.0
