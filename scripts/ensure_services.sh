@@ -30,6 +30,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0
   fi
 fi
 
+# Speech synthesis for the customer-service simulator and tests: espeak-ng. Installed only; the
+# tests that speak skip, saying why, when it is absent.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0}" != 1 ]; then
+  if ! command -v espeak-ng >/dev/null; then
+    echo "ensure_services: installing espeak-ng from Debian packages"
+    timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq espeak-ng >/dev/null
+  fi
+fi
+
 if ! listening 5432 && command -v pg_ctlcluster >/dev/null; then
   version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
   if [ -n "$version" ]; then
