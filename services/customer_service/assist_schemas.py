@@ -1,0 +1,116 @@
+"""Proposed public shapes of agent assist: knowledge articles, escalations, the supervisor's live
+calls, a suggested reply, a tenant's assist settings.
+
+They are what :mod:`services.customer_service.store` reads and writes; the API (``api.py``) may
+publish them as they are or fold them into :mod:`services.customer_service.schemas`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.customer_service.escalation import EscalationPolicy
+from services.customer_service.knowledge import RetrievalSettings
+
+ARTICLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_TAGS = 20
+TAG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9:_-]{0,39}$")
+
+
+class ArticleIn(BaseModel):
+    """A knowledge-base article as a client sends it (create or replace)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str | None = Field(default=None, pattern=ARTICLE_ID_PATTERN,
+                           description="the client's id (letters, digits, . _ -); generated on create when absent")
+    title: str = Field(min_length=1, max_length=300)
+    body: str = Field(min_length=1, max_length=20_000)
+    reply: str | None = Field(default=None, max_length=2_000,
+                              description="the reply to suggest; absent: the body's first sentences")
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS,
+                            description="lower-case labels; `apology`, `de-escalation`, `empathy` are boosted for "
+                                        "angry, frustrated or sad callers")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_lower_and_unique(cls, tags: list[str]) -> list[str]:
+        normalised = list(dict.fromkeys(tag.strip().lower() for tag in tags))
+        for tag in normalised:
+            if not TAG_PATTERN.match(tag):
+                raise ValueError(f"tag {tag!r}: 1-40 of a-z, 0-9, ':', '_', '-', starting with a letter or digit")
+        return normalised
+
+
+class ArticleOut(BaseModel):
+    """A stored article."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(validation_alias="article_id")
+    title: str
+    body: str
+    reply: str | None
+    tags: list[str]
+    version: int = Field(description="1 when created, +1 at each change")
+    created_at: datetime
+    updated_at: datetime
+
+
+class SuggestedReply(BaseModel):
+    """The knowledge base's answer to one utterance (absent when nothing scores the tenant's minimum)."""
+
+    article_id: str
+    title: str
+    reply: str
+    score: float = Field(description="BM25 score after the emotion boost")
+    boost: float = Field(default=1.0, description="the emotion boost applied (1: none)")
+
+
+class EscalationOut(BaseModel):
+    """A time the escalation policy fired on a call."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    rule: str = Field(description="emotion, keyword or negative_streak")
+    at_ms: int = Field(ge=0, description="from the start of the call")
+    utterance_seq: int | None = Field(default=None, description="the utterance that fired it")
+    evidence: dict[str, Any] = Field(description="what made it fire: the utterances and their anger or valence, "
+                                                 "or the keyword")
+    created_at: datetime
+
+
+class LiveCall(BaseModel):
+    """One live call on the supervisor's list."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    call_id: str
+    protocol: str
+    started_at: datetime
+    utterance_count: int
+    current_emotion: str | None = Field(description="of the customer's latest utterance")
+    sentiment_trend: float | None = Field(description="the customer's, in [-1, 1]")
+    escalation_count: int
+    last_escalation_at: datetime | None
+
+
+class AssistSettings(BaseModel):
+    """A tenant's agent-assist settings in force: the escalation policy and retrieval, defaults
+    overridden by what the tenant set."""
+
+    escalation: EscalationPolicy
+    retrieval: RetrievalSettings
+
+
+class AssistSettingsPatch(BaseModel):
+    """Overrides to store for a tenant: any fields of the policy and of retrieval (null: back to the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    escalation: dict[str, Any] | None = None
+    retrieval: dict[str, Any] | None = None
