@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from starlette.datastructures import Headers
 
 from services.customer_service.audio import mulaw_decode, mulaw_encode
 from services.customer_service.protocols.audiohook import (
@@ -38,6 +39,7 @@ from services.customer_service.protocols.base import (
     SignatureRejected,
     TenantRefused,
     UnexpectedMessage,
+    request_target,
 )
 from services.customer_service.protocols.http_signature import (
     SignedRequest,
@@ -75,6 +77,17 @@ def test_audiohook_documentation_example_verifies() -> None:
     identity = verify_upgrade(DOC_HEADERS, request_target=DOC_TARGET, client_secret_for=secrets, now=1641013205)
     assert identity.api_key == DOC_API_KEY and identity.organization_id == ORGANIZATION
     assert identity.signature is not None and identity.signature.keyid == DOC_API_KEY
+
+
+def test_starlette_headers_and_the_scope_request_target_work_as_they_are() -> None:
+    """What an endpoint has at hand: ``websocket.headers`` and the ASGI scope."""
+    scope = {"type": "websocket", "raw_path": DOC_TARGET.encode(), "query_string": b"",
+             "headers": [(name.encode(), value.encode()) for name, value in DOC_HEADERS.items()]}
+    identity = verify_upgrade(Headers(scope=scope), request_target=request_target(scope),
+                              client_secret_for=secrets, now=1641013205)
+    assert identity.signature is not None
+    repeated = Headers(raw=[(b"x-api-key", b"a"), (b"x-api-key", b" b ")])
+    assert SignedRequest(repeated, "/").header("x-api-key") == "a, b"
 
 
 def test_rfc_9421_hmac_test_vector_verifies() -> None:

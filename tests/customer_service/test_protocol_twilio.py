@@ -35,6 +35,7 @@ from services.customer_service.protocols.twilio import (
     is_valid_signature,
     mark_message,
     media_message,
+    signed_stream_url,
     stream_tenant,
     url_with_port,
     url_without_port,
@@ -148,6 +149,15 @@ def test_port_handling_of_websocket_urls() -> None:
     assert url_without_port("wss://[::1]:8443/x") == "wss://[::1]/x"
     signed_without_port = hmac_sha1_b64(TOKEN, URL)
     assert is_valid_signature(TOKEN, "wss://cs.example.com:8443/cs/v1/streams/twilio", signed_without_port)
+
+
+def test_signed_url_of_an_asgi_connection() -> None:
+    """The path and query as sent (a mount prefix included), under the public origin or the Host."""
+    scope = {"type": "websocket", "path": "/v1/streams/twilio", "raw_path": b"/cs/v1/streams/twilio",
+             "query_string": b"tenant=acme", "headers": [(b"host", b"cs.example.com")]}
+    assert signed_stream_url(scope) == URL + "?tenant=acme"
+    assert signed_stream_url(scope, "wss://public.example.com/") == (
+        "wss://public.example.com/cs/v1/streams/twilio?tenant=acme")
 
 
 def test_tenant_from_the_url_query() -> None:
@@ -382,3 +392,5 @@ def test_a_protocol_error_ends_the_call_with_its_reason() -> None:
     ended = stream.finish()
     assert len(ended) == 1 and isinstance(ended[0], CallEnded)
     assert (ended[0].reason, ended[0].detail) == ("protocol-error", "media.payload (chunk 1) is empty")
+    later = refused(stream, media(3, 2))
+    assert later.detail == "the stream has already failed: media.payload (chunk 1) is empty"

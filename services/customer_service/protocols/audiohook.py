@@ -251,9 +251,10 @@ class UpgradeIdentity:
 def verify_upgrade(headers: Mapping[str, str | list[str]], *, request_target: str,
                    client_secret_for: Callable[[str], bytes | None], require_signature: bool = True,
                    now: float | None = None) -> UpgradeIdentity:
-    """Check an AudioHook upgrade (module docstring): ``headers`` with lower-case names,
-    ``request_target`` the path and query as sent, ``client_secret_for(api_key)`` the decoded client
-    secret (``None`` for an unknown key). Raises :class:`~.base.SignatureRejected` saying why."""
+    """Check an AudioHook upgrade (module docstring): ``headers`` with lower-case names (Starlette's
+    ``websocket.headers`` as it is), ``request_target`` the path and query as sent
+    (:func:`~.base.request_target` of the ASGI scope), ``client_secret_for(api_key)`` the decoded
+    client secret (``None`` for an unknown key). Raises :class:`~.base.SignatureRejected` saying why."""
     request = SignedRequest(headers, request_target)
     api_key = request.header("x-api-key")
     if not api_key:

@@ -334,6 +334,14 @@ def validated(model: type[ModelT], data: Any, what: str) -> ModelT:
         raise MalformedMessage(f"{what}: {where + ': ' if where else ''}{first['msg']}") from None
 
 
+def request_target(scope: Mapping[str, Any]) -> str:
+    """The path and query of an ASGI connection exactly as the client sent them (``raw_path``, before
+    any decoding or mount prefix stripping), as signatures cover them."""
+    raw_path = scope.get("raw_path") or scope.get("path", "/").encode("utf-8")
+    query = scope.get("query_string", b"")
+    return raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+
+
 def text_frame(message: Frame, what: str) -> str:
     """``message`` as text; a binary frame where text is expected is :class:`UnsupportedFormat` (1003)."""
     if isinstance(message, bytes):

@@ -247,8 +247,8 @@ class VerifiedSignature:
 
 @dataclass(frozen=True, slots=True)
 class SignedRequest:
-    """What a signature can cover of an upgrade request: ``headers`` (lower-case names; a list joins
-    repeated headers) and the derived components' sources."""
+    """What a signature can cover of an upgrade request: ``headers`` (lower-case names; a list, or
+    Starlette's ``Headers``, joins repeated headers) and the derived components' sources."""
 
     headers: Mapping[str, str | list[str]]
     request_target: str
@@ -258,8 +258,9 @@ class SignedRequest:
 
     def header(self, name: str) -> str | None:
         """A header's canonical value, several sent joined by ``", "`` (``None`` when absent)."""
-        value = self.headers.get(name)
-        if value is None:
+        getlist = getattr(self.headers, "getlist", None)  # Starlette's Headers keep repeated headers apart
+        value = getlist(name) if getlist is not None else self.headers.get(name)
+        if not value:
             return None
         values = [value] if isinstance(value, str) else value
         return ", ".join(canonical_field(one) for one in values)

@@ -91,6 +91,7 @@ from services.customer_service.protocols.base import (
     UnsupportedFormat,
     WireMessage,
     json_object,
+    request_target,
     text_frame,
     validated,
 )
@@ -240,6 +241,16 @@ def is_valid_signature(auth_token: str, url: str, signature: str,
     return any(matches)
 
 
+def signed_stream_url(scope: Mapping[str, Any], public_base: str | None = None) -> str:
+    """The URL Twilio signed for this ASGI WebSocket connection: ``public_base`` (e.g.
+    ``wss://cs.example.com``, the public origin as written in the TwiML) or else ``wss://`` and the
+    ``Host`` header, followed by the path and query as sent (:func:`~.base.request_target`)."""
+    if public_base is None:
+        host = next((value.decode("latin-1") for name, value in scope.get("headers", ()) if name == b"host"), "")
+        public_base = f"wss://{host}"
+    return public_base.rstrip("/") + request_target(scope)
+
+
 def stream_tenant(url: str) -> str | None:
     """The tenant named in the stream URL's query (``?tenant=ID``), if any."""
     values = parse_qs(urlsplit(url).query).get(TENANT_PARAMETER)
@@ -307,6 +318,8 @@ class TwilioSession(StreamSession):
 
     def receive(self, message: str | bytes) -> StreamStep:
         """Handle one frame from Twilio (module docstring)."""
+        if self.failed is not None:
+            raise UnexpectedMessage(f"the stream has already failed: {self.failed.detail}")
         try:
             return self._receive(message)
         except ProtocolError as error:

@@ -86,6 +86,8 @@ class VonageSession(StreamSession):
 
     def receive(self, message: str | bytes) -> StreamStep:
         """Handle one frame from Vonage (module docstring)."""
+        if self.failed is not None:
+            raise UnexpectedMessage(f"the stream has already failed: {self.failed.detail}")
         try:
             if self.call is None:
                 return self._on_metadata(message)
