@@ -14,6 +14,13 @@ Kinds found and replaced by a tag (the values are never returned, logged or stor
 - ``ssn``: US social security numbers, ``###-##-####`` with a valid area/group/serial, or any 9
   digits near "social security"/"SSN".
 
+Speech is cut into utterances at pauses, so a number may be split between two: 6-12 digits near
+"card" (or "visa", "credit", ...) are redacted as ``card_number`` and 7 digits near "phone" (or
+"call me", "mobile", ...) as ``phone``, and a keyword anywhere in ``context`` counts for digits
+that open the utterance. The first half of a split card number is redacted only when a card
+keyword stands near it; a pipeline that must be sure holds an utterance ending in digits back
+until the next one arrives.
+
 Digits may be written ("4111 1111"), spoken as ASR writes them ("four one one one", "oh",
 "double five", "forty one eleven", "eight hundred") or mixed. A run of digits is the maximal
 sequence of such tokens separated only by spaces, ``-``, ``.``, ``/``, parentheses or the word
@@ -102,12 +109,19 @@ REPEATS = {"double": 2, "triple": 3}
 MULTIPLIERS = {"hundred": "00", "thousand": "000"}
 HOMOPHONES = {"for": "4", "to": "2", "too": "2", "won": "1", "ate": "8"}
 """ASR's spelling of a digit that is also a common word: a digit only between two digits."""
-SEPARATOR_WORDS = {"dash", "hyphen"}
+SEPARATOR_WORDS = {"dash", "hyphen", "uh", "um", "er", "erm", "ah", "hmm"}
+"""Words that may stand between two digits of one number (a spoken dash, a hesitation)."""
 PLUS_WORDS = {"plus"}
 
 CVV_CONTEXT = re.compile(r"\b(cvv2?|cvc2?|csc|c v [vc]|security (code|number)|verification (code|number)|"
                          r"card code|(three|3|four|4) digits? (code )?on the back)\b")
 SSN_CONTEXT = re.compile(r"\b(social security|social|ssn|s s n)\b")
+PHONE_CONTEXT = re.compile(r"\b(phone|cell|mobile|telephone|call me|reach me|call back|callback|text me)\b")
+CARD_CONTEXT = re.compile(r"\b(card|visa|master ?card|amex|american express|discover|credit|debit)\b")
+LOCAL_PHONE_DIGITS = 7
+CARD_FRAGMENT_DIGITS = range(6, 13)
+"""Digits near a card keyword that are part of a card number split by a pause (the utterance
+before or after holds the rest): redacted as ``card_number`` though no checksum can be run."""
 
 TOKEN = re.compile(r"[A-Za-z0-9']+|\+")
 SEPARATOR_GAP = re.compile(r"[ \t\-./()]{0,4}")
@@ -185,13 +199,13 @@ def redact(text: str, *, context: str = "") -> Redaction:
     """``text`` with every card number, CVV, phone number, email and SSN replaced by its tag.
 
     ``context`` is what was said just before (the previous utterance of the call, either speaker):
-    its last words count as keywords before ``text``, so "one two three" after "what is the
+    its keywords count for digits near the start of ``text``, so "one two three" after "what is the
     security code" is a CVV. It is never redacted or returned itself.
     """
     found: list[tuple[int, int, PiiKind]] = [(m.start(), m.end(), PiiKind.EMAIL) for m in _emails(text)]
     tokens = [_Token(m.group(), m.start(), m.end()) for m in TOKEN.finditer(text)]
     words = [token.lower for token in tokens]
-    context_words = [m.group().lower() for m in TOKEN.finditer(context)][-KEYWORD_WINDOW_BEFORE:]
+    context_words = [m.group().lower() for m in TOKEN.finditer(context)]
     for run in _digit_runs(text, tokens, found):
         found.extend(_classify_run(text, run, words, context_words))
     return _apply(text, found)
@@ -348,7 +362,12 @@ def _segment_kind(run: _Run, first: int, last: int, words: Sequence[str], contex
         return PiiKind.SSN
     if first == 0 and run.plus_start is not None and len(digits) in E164_DIGITS and digits[0] != "0":
         return PiiKind.PHONE
+    phone_context, card_context = PHONE_CONTEXT.search(near), CARD_CONTEXT.search(near)
+    if len(digits) in CARD_FRAGMENT_DIGITS and card_context and not phone_context:
+        return PiiKind.CARD_NUMBER
     if nanp_valid(digits) or (len(digits) == 11 and digits[0] == "1" and nanp_valid(digits[1:])):
+        return PiiKind.PHONE
+    if len(digits) == LOCAL_PHONE_DIGITS and digits[0] >= "2" and phone_context:
         return PiiKind.PHONE
     if len(digits) in CVV_DIGITS and CVV_CONTEXT.search(near):
         return PiiKind.CVV
@@ -370,7 +389,10 @@ def _written_ssn(run: _Run, first: int, last: int) -> bool:
 
 
 def _words_near(words: Sequence[str], context_words: Sequence[str], first: int, last: int) -> str:
-    before = [*context_words, *words[:first]][-KEYWORD_WINDOW_BEFORE:]
+    """The words around a segment where a keyword counts: the whole ``context`` too when the segment
+    opens the utterance (within the window)."""
+    before = [*context_words, *words[:first]] if first < KEYWORD_WINDOW_BEFORE else \
+        words[first - KEYWORD_WINDOW_BEFORE:first]
     after = list(words[last + 1:last + 1 + KEYWORD_WINDOW_AFTER])
     return " ".join([*before, "|", *after])
 

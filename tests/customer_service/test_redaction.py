@@ -4,6 +4,8 @@ kind and place, never the value."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from services.customer_service.redaction import (
@@ -194,3 +196,47 @@ def test_text_without_pii_comes_back_unchanged(text: str) -> None:
 def test_redacting_twice_changes_nothing_more() -> None:
     once = redact(f"my card is {spoken(VISA)} and my email is john at example dot com").text
     assert redact(once).text == once
+
+
+def test_a_card_number_split_by_a_pause_is_redacted_in_both_utterances() -> None:
+    first = f"my card number is {spoken(VISA[:8])}"
+    second = spoken(VISA[8:])
+    assert redact(first).text == "my card number is [CARD]"
+    assert redact(second, context=first).text == "[CARD]"
+    assert redact(second).text == second  # eight digits alone, with no card nearby, are no card
+
+
+def test_hesitations_and_spoken_dashes_do_not_break_a_number() -> None:
+    assert redact(f"{spoken(VISA[:4])} uh {spoken(VISA[4:12])} um {spoken(VISA[12:])}").text == "[CARD]"
+    assert redact("four one five dash five five five dash two six seven one").text == "[PHONE]"
+
+
+def test_seven_digit_local_numbers_need_a_phone_keyword() -> None:
+    assert redact("you can reach me at five five five two six seven one").text == "you can reach me at [PHONE]"
+    assert redact("my cell is 555-2671").text == "my cell is [PHONE]"
+    assert redact("my order is 555-2671").text == "my order is 555-2671"
+
+
+def test_a_card_fragment_next_to_a_phone_keyword_is_a_phone_number() -> None:
+    assert kinds("call me on my mobile it is four one five five five five two six seven one card") == [PiiKind.PHONE]
+    assert kinds("the card is four one five five five five two six seven one") == [PiiKind.CARD_NUMBER]
+
+
+def with_check_digit(payload: str) -> str:
+    """``payload`` completed by the digit that makes it Luhn-valid."""
+    return next(payload + d for d in "0123456789" if luhn_valid(payload + d))
+
+
+def test_many_random_numbers_redacted_exactly_when_luhn_valid() -> None:
+    rng = random.Random(18)
+    for _ in range(300):
+        length = rng.randint(13, 19)
+        valid = with_check_digit("".join(rng.choice("0123456789") for _ in range(length - 1)))
+        invalid = valid[:-1] + str((int(valid[-1]) + rng.randint(1, 9)) % 10)
+        groups = " ".join(valid[i:i + 4] for i in range(0, len(valid), 4))
+        for form in (valid, groups, spoken(valid)):
+            assert redact(f"number {form} ok").text == "number [CARD] ok", form
+        assert redact(f"number {invalid} ok").text == f"number {invalid} ok"
+        # spoken, an invalid number stays too, unless its start reads as a card and the rest as its CVV
+        card_then_cvv = any(len(invalid) - n >= 3 and luhn_valid(invalid[:n]) for n in (15, 16))
+        assert (PiiKind.CARD_NUMBER in redact(f"number {spoken(invalid)} ok").kinds) == card_then_cvv, invalid
