@@ -23,6 +23,7 @@ ten scores about 2, a term found in every article almost 0, and in a tenant's on
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import threading
@@ -30,6 +31,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +55,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_STEM = 3
 
 
+@lru_cache(maxsize=65_536)
 def stem(word: str) -> str:
     """A light suffix stripper: plurals, -ing, -ed, -ly, a final -e and a doubled final consonant, so
     refund/refunds/refunded/refunding, charge/charges/charged/charging, cancel/cancelled/canceling and
@@ -133,23 +136,49 @@ class _Document:
 
 @dataclass(slots=True)
 class _TenantIndex:
+    """One tenant's documents and postings (term -> {article id: term frequency})."""
+
     documents: dict[str, _Document] = field(default_factory=dict)
-    document_frequency: Counter[str] = field(default_factory=Counter)
+    postings: dict[str, dict[str, int]] = field(default_factory=dict)
     total_length: int = 0
 
     def add(self, document: _Document) -> None:
-        self.documents[document.article.article_id] = document
-        self.document_frequency.update(document.frequencies.keys())
+        article_id = document.article.article_id
+        self.documents[article_id] = document
+        for term, frequency in document.frequencies.items():
+            self.postings.setdefault(term, {})[article_id] = frequency
         self.total_length += document.length
 
     def discard(self, article_id: str) -> bool:
         document = self.documents.pop(article_id, None)
         if document is None:
             return False
-        self.document_frequency.subtract(document.frequencies.keys())
-        self.document_frequency += Counter()  # drop the terms no document holds any more
+        for term in document.frequencies:
+            posting = self.postings[term]
+            del posting[article_id]
+            if not posting:
+                del self.postings[term]
         self.total_length -= document.length
         return True
+
+    def scores(self, terms: Counter[str], settings: RetrievalSettings) -> dict[str, tuple[float, list[str]]]:
+        """BM25 score and matched terms of every document holding a query term."""
+        count = len(self.documents)
+        average_length = self.total_length / count if self.total_length else 1.0
+        k1, b = settings.k1, settings.b
+        scores: dict[str, tuple[float, list[str]]] = {}
+        for term, query_frequency in terms.items():
+            posting = self.postings.get(term)
+            if not posting:
+                continue
+            idf = math.log(1 + (count - len(posting) + 0.5) / (len(posting) + 0.5))
+            for article_id, frequency in posting.items():
+                norm = k1 * (1 - b + b * self.documents[article_id].length / average_length)
+                score, matched = scores.get(article_id, (0.0, []))
+                matched.append(term)
+                scores[article_id] = (score + query_frequency * idf * frequency * (k1 + 1) / (frequency + norm),
+                                      matched)
+        return scores
 
 
 class KnowledgeIndex:
@@ -204,11 +233,14 @@ class KnowledgeIndex:
         boosts = settings.emotion_boosts.get(emotion or "", {})
         with self._lock:
             tenant = self._tenants.get(tenant_id)
-            if tenant is None or not terms or not tenant.documents:
+            if tenant is None or not terms:
                 return []
-            scored = [self._score(tenant, document, terms, boosts, settings) for document in tenant.documents.values()]
-        ranked = sorted((s for s in scored if s.score > 0), key=lambda s: (-s.score, s.article_id))
-        return ranked[:limit]
+            scored = [(score * _boost(tenant.documents[article_id].article, boosts), article_id, matched,
+                       tenant.documents[article_id].article)
+                      for article_id, (score, matched) in tenant.scores(terms, settings).items() if score > 0]
+        best = heapq.nsmallest(limit, scored, key=lambda hit: (-hit[0], hit[1]))
+        return [Suggestion(article.article_id, article.title, reply_of(article, settings.max_reply_chars), score,
+                           _boost(article, boosts), tuple(sorted(matched))) for score, _, matched, article in best]
 
     def suggest(self, tenant_id: str, text: str, *, emotion: str | None = None,
                 settings: RetrievalSettings | None = None) -> Suggestion | None:
@@ -224,25 +256,10 @@ class KnowledgeIndex:
         frequencies.update(tokenize(article.body))
         return _Document(article, frequencies, sum(frequencies.values()))
 
-    @staticmethod
-    def _score(tenant: _TenantIndex, document: _Document, terms: Counter[str], boosts: Mapping[str, float],
-               settings: RetrievalSettings) -> Suggestion:
-        count = len(tenant.documents)
-        average_length = tenant.total_length / count if tenant.total_length else 1.0
-        norm = settings.k1 * (1 - settings.b + settings.b * document.length / average_length)
-        score, matched = 0.0, []
-        for term, query_frequency in terms.items():
-            frequency = document.frequencies.get(term, 0)
-            if not frequency:
-                continue
-            df = tenant.document_frequency[term]
-            idf = math.log(1 + (count - df + 0.5) / (df + 0.5))
-            score += query_frequency * idf * frequency * (settings.k1 + 1) / (frequency + norm)
-            matched.append(term)
-        boost = max((boosts.get(tag, 1.0) for tag in document.article.tags), default=1.0) if score > 0 else 1.0
-        article = document.article
-        return Suggestion(article.article_id, article.title, reply_of(article, settings.max_reply_chars),
-                          score * boost, boost, tuple(sorted(matched)))
+
+def _boost(article: Article, boosts: Mapping[str, float]) -> float:
+    """The largest boost of the article's tags (1.0: none)."""
+    return max((boosts.get(tag, 1.0) for tag in article.tags), default=1.0)
 
 
 def reply_of(article: Article, max_chars: int = 240) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import Counter
 
 import pytest
 
@@ -136,9 +135,9 @@ def test_incremental_updates_equal_a_fresh_build() -> None:
         assert index.search(TENANT, query) == fresh.search(TENANT, query), query
     assert index.suggest(TENANT, "reset password link") is None  # the old text is gone
     tenant = index._tenants[TENANT]
-    assert tenant.document_frequency == fresh._tenants[TENANT].document_frequency
+    assert tenant.postings == fresh._tenants[TENANT].postings
     assert tenant.total_length == sum(doc.length for doc in tenant.documents.values())
-    assert all(count > 0 for count in tenant.document_frequency.values())
+    assert all(tenant.postings.values())  # no term is left without a document
 
 
 def test_replace_tenant_loads_a_tenant_whole_and_checks_ownership() -> None:
@@ -180,7 +179,8 @@ def test_updates_and_searches_from_many_threads() -> None:
         thread.join()
     assert errors == []
     tenant = index._tenants[TENANT]
-    expected: Counter[str] = Counter()
-    for document in tenant.documents.values():
-        expected.update(document.frequencies.keys())
-    assert tenant.document_frequency == expected
+    expected: dict[str, dict[str, int]] = {}
+    for article_id, document in tenant.documents.items():
+        for term, frequency in document.frequencies.items():
+            expected.setdefault(term, {})[article_id] = frequency
+    assert tenant.postings == expected
