@@ -23,10 +23,12 @@ until the next one arrives.
 
 Digits may be written ("4111 1111"), spoken as ASR writes them ("four one one one", "oh",
 "double five", "forty one eleven", "eight hundred") or mixed. A run of digits is the maximal
-sequence of such tokens separated only by spaces, ``-``, ``.``, ``/``, parentheses or the word
-"dash"; homophones ("for", "to", "too") count as digits only between two digit tokens.
-Cards are searched first (the longest Luhn-valid stretch of whole tokens), then what remains of
-each run is checked whole as an SSN, phone number or CVV.
+sequence of such tokens separated only by spaces, ``-``, ``.``, ``/``, parentheses, the word
+"dash" or a hesitation ("uh"); homophones ("for", "to", "too") count as digits only between two
+digit tokens. Cards are searched first: the whole run, or in a longer run its first 16 or 15
+digits when 3-8 follow (card, then CVV or expiry); what remains of each run is then checked whole
+as an SSN, phone number, CVV or card fragment. A stretch inside a run is never tried otherwise:
+among the many windows of a long spoken number one in ten passes Luhn by chance.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class _DigitToken:
 
 @dataclass(slots=True)
 class _Run:
-    """A maximal sequence of digit tokens; ``plus`` when "+"/"plus" stands right before it."""
+    """A maximal sequence of digit tokens (see the module docstring)."""
 
     tokens: list[_DigitToken]
     plus_start: int | None
