@@ -81,7 +81,7 @@ class EscalationOut(BaseModel):
     utterance_seq: int | None = Field(default=None, description="the utterance that fired it")
     evidence: dict[str, Any] = Field(description="what made it fire: the utterances and their anger or valence, "
                                                  "or the keyword")
-    created_at: datetime
+    created_at: datetime | None = Field(default=None, description="when stored (absent on the live feed)")
 
 
 class LiveCall(BaseModel):
@@ -114,3 +114,34 @@ class AssistSettingsPatch(BaseModel):
 
     escalation: dict[str, Any] | None = None
     retrieval: dict[str, Any] | None = None
+
+
+class RedactionSpanOut(BaseModel):
+    """Where PII was redacted in a transcript: its kind and offsets, never its value."""
+
+    kind: str = Field(description="card_number, cvv, phone, email or ssn")
+    start: int = Field(ge=0, description="in the transcript as recognised (not sent)")
+    end: int = Field(ge=0)
+    redacted_start: int = Field(ge=0, description="where its tag stands in the redacted transcript")
+    redacted_end: int = Field(ge=0)
+
+
+class UtteranceAssist(BaseModel):
+    """One event of the agent-assist feed, per utterance: what was said (redacted), how it sounded,
+    where the speaker's sentiment is heading, what fired, and what the agent might reply."""
+
+    type: str = Field(default="utterance", description="the event type on the feed")
+    call_id: str
+    seq: int = Field(ge=0, description="the utterance's number in the call")
+    speaker: str = Field(description="customer or agent")
+    start_ms: int = Field(ge=0)
+    end_ms: int = Field(ge=0)
+    transcript: str | None = Field(default=None, description="PII redacted")
+    redactions: list[RedactionSpanOut] = Field(default_factory=list)
+    emotion: str | None = None
+    emotion_probabilities: dict[str, float] = Field(default_factory=dict)
+    valence: float | None = Field(default=None, description="expected valence of the emotion, in [-1, 1]")
+    sentiment_trend: float | None = Field(default=None, description="the speaker's EWMA of valence")
+    trend_direction: str | None = Field(default=None, description="improving, worsening or steady")
+    escalations: list[EscalationOut] = Field(default_factory=list, description="rules this utterance fired")
+    suggestion: SuggestedReply | None = None
