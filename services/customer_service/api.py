@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi import APIRouter, Depends, Request
 
 from services.customer_service.schemas import CallSummary, UtteranceAnalysis
+from services.customer_service.streams import streams
 from shared.app import create_service_app
 from shared.errors import NotBuilt, problem_responses
 from shared.security import Principal, require_scope
 from shared.uploads import multipart_upload_body
-from shared.websockets import AuthorizedWebSocket, authorized_websocket, close_code_for, close_quietly
 
 TRACKING_ISSUE = 18
 CsPrincipal = Annotated[Principal, Depends(require_scope("cs"))]
@@ -63,31 +63,6 @@ async def analyse_utterance(request: Request, principal: CsPrincipal) -> Utteran
 @router.get("/calls/{call_id}", summary="A call's summary")
 async def get_call(call_id: str, principal: CsPrincipal) -> CallSummary:
     """A call's emotion timeline, escalations and redacted transcript."""
-    raise NotBuilt(TRACKING_ISSUE)
-
-
-streams = APIRouter(prefix="/v1")
-
-
-@streams.websocket("/streams/twilio")
-async def twilio_media_stream(websocket: WebSocket) -> None:
-    """Twilio Media Streams: call audio in (module docstring: accepted, then closed as not built)."""
-    await websocket.accept()
-    not_built = NotBuilt(TRACKING_ISSUE)
-    await close_quietly(websocket, close_code_for(not_built), not_built.detail)
-
-
-@streams.websocket("/streams/audiohook")
-@authorized_websocket("cs")
-async def audiohook_stream(connection: AuthorizedWebSocket) -> None:
-    """Genesys AudioHook v2: call audio in, transcript events back."""
-    raise NotBuilt(TRACKING_ISSUE)
-
-
-@streams.websocket("/calls/{call_id}/events")
-@authorized_websocket("cs")
-async def call_assist_events(connection: AuthorizedWebSocket) -> None:
-    """The agent-assist feed of one call: transcript, emotion, escalations, suggested replies."""
     raise NotBuilt(TRACKING_ISSUE)
 
 
