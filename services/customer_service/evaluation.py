@@ -152,3 +152,127 @@ def _histogram(histogram: Histogram, suffix: str) -> float:
 def median_ms(values: Sequence[float]) -> float:
     """Median of a list of milliseconds (0 when empty)."""
     return statistics.median(values) if values else 0.0
+
+
+# --- ASR word error rate on simulated telephone speech ----------------------------------------------
+
+SIMULATED_KB_ARTICLES: tuple[str, ...] = (
+    "Refunds. A refund goes back to the card you paid with. Refunds appear in three to five working days. "
+    "If you were charged twice, we refund the duplicate charge at once.",
+    "Delivery. Standard delivery takes three to five days and express delivery takes one day. "
+    "You can change the delivery date or the delivery address in your account before the order ships.",
+    "Order status. To check the status of an order, give the agent your order number. "
+    "The tracking link is in your confirmation email.",
+    "Passwords. To reset your password, choose forgot password on the sign in page. "
+    "We send a reset link to the email address on your account.",
+    "Router troubleshooting. If your router keeps dropping the connection, restart the router and wait two "
+    "minutes. Check that the cables are plugged in and the lights are green. If the internet is still slow, "
+    "we can send an engineer.",
+    "Billing. Your bill shows the charges for this month and any late fee. "
+    "You can set up a payment plan if you cannot afford the full payment.",
+    "Warranty. Every phone, laptop and television is covered by a two year warranty. "
+    "A broken or faulty product is repaired or replaced free of charge.",
+    "Cancellation. You can cancel your account or your subscription at any time. "
+    "If you cancel within fourteen days you get a full refund.",
+    "Complaints. We are sorry when things go wrong. A supervisor or a manager can review your complaint, "
+    "and we may add a credit to your account.",
+    "Account changes. To update your billing address, your phone number or the name on the account, "
+    "we first confirm your identity with a security question.",
+    "Invoices. A copy of any invoice can be sent by email. Invoices are also in your account under billing.",
+    "Insurance. Pet insurance and phone insurance can be cancelled by phone. "
+    "After a bereavement we can transfer the account to another name.",
+)
+"""Knowledge-base articles written for the measurement (simulated, not a customer's)."""
+
+HELD_OUT_SENTENCES: tuple[str, ...] = (
+    "My internet has been really slow since yesterday morning.",
+    "I never received the confirmation email for my order.",
+    "Can you tell me why my bill is higher this month?",
+    "The engineer did not turn up at all today.",
+    "I want to return the headphones because they are faulty.",
+    "Please send the replacement to my work address instead.",
+    "How long will it take for the money to come back to my card?",
+    "I forgot the password for my account again.",
+    "The screen on my laptop is broken after one week.",
+    "Could you put a note on my account so I do not have to explain again?",
+    "I would like to speak to your supervisor about this complaint.",
+    "The delivery driver left the parcel at the wrong house.",
+    "Why was I charged a late fee when I paid on time?",
+    "Can I change my plan to a cheaper one?",
+    "The television keeps turning itself off every evening.",
+    "I need a copy of my last three invoices for my accountant.",
+)
+"""Customer-service sentences written for the measurement that are not in the domain text."""
+
+
+def domain_texts(seed: int = 7, fills: int = 3) -> list[str]:
+    """The domain language model's text: the simulated knowledge base and every call-script line
+    of :mod:`services.customer_service.simulate`, its slots filled ``fills`` times."""
+    from services.customer_service import simulate
+
+    rng = np.random.default_rng(seed)
+    templates = [*(line for lines in simulate.CUSTOMER_LINES.values() for line in lines),
+                 *simulate.NEUTRAL_CONTENT_LINES, *(line for lines in simulate.AGENT_LINES.values() for line in lines)]
+    scripts = [simulate.fill_slots(template, rng) for template in templates for _ in range(fills)]
+    return [*SIMULATED_KB_ARTICLES, *scripts]
+
+
+def in_script_sentences(count: int = 24, seed: int = 11) -> list[str]:
+    """Customer script lines with freshly filled slots (their templates are in the domain text)."""
+    from services.customer_service import simulate
+
+    rng = np.random.default_rng(seed)
+    templates = [*(line for lines in simulate.CUSTOMER_LINES.values() for line in lines),
+                 *simulate.NEUTRAL_CONTENT_LINES]
+    chosen = rng.choice(len(templates), size=min(count, len(templates)), replace=False)
+    return [simulate.fill_slots(templates[index], rng) for index in chosen]
+
+
+@dataclass(frozen=True)
+class AsrScore:
+    """WER and real-time factor of one recogniser on one sentence set."""
+
+    set_name: str
+    lm: str
+    errors: WordErrors
+    real_time_factor: float
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain numbers for a report."""
+        return {"set": self.set_name, "lm": self.lm, "sentences": self.errors.utterances,
+                "reference_words": self.errors.reference_words, "wer": round(self.errors.wer, 3),
+                "rtf": round(self.real_time_factor, 3)}
+
+
+def telephone_speech(text: str, voice_index: int) -> tuple[np.ndarray, list[str]]:
+    """``text`` spoken by espeak-ng (neutral prosody, a US or GB voice), through the simulated
+    telephone line (8 kHz μ-law round trip), and its reference words (numbers spelled out, which
+    is also what espeak-ng is given)."""
+    from services.customer_service import simulate
+    from services.customer_service.asr import sentence_words
+
+    words = [word for sentence in sentence_words(text) for word in sentence]
+    voice = simulate.VOICES[voice_index % 4]  # us_m3, us_f2, gb_m1, gb_f3
+    samples, rate = simulate.synthesize(" ".join(words), voice, simulate.EMOTION_PROSODY["neutral"])
+    return simulate.telephone_band(samples, rate), words
+
+
+def measure_asr(sets: dict[str, Sequence[str]] | None = None, *, generic_words: int = 5000) -> list[AsrScore]:
+    """WER and RTF of the generic and the domain language model on simulated telephone speech of
+    each sentence set (default: in-script and held-out)."""
+    from services.customer_service.asr import Recognizer, build_domain_lm
+
+    sets = sets or {"in_script": in_script_sentences(), "held_out": HELD_OUT_SENTENCES}
+    recognizers = {"generic": Recognizer(None), "domain": Recognizer(build_domain_lm(domain_texts(),
+                                                                                    generic_words=generic_words))}
+    scores = []
+    for set_name, sentences in sets.items():
+        audio = [telephone_speech(sentence, index) for index, sentence in enumerate(sentences)]
+        references = [" ".join(words) for _, words in audio]
+        for lm_name, recognizer in recognizers.items():
+            transcripts = [recognizer.transcribe(samples, 8000) for samples, _ in audio]
+            decode_s = sum(t.decode_s for t in transcripts)
+            audio_s = sum(t.audio_s for t in transcripts)
+            scores.append(AsrScore(set_name, lm_name, word_errors(references, [t.text for t in transcripts]),
+                                   decode_s / audio_s))
+    return scores

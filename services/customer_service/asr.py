@@ -1,0 +1,415 @@
+"""Offline speech-to-text of utterances: pocketsphinx (en-US acoustic model from its wheel) with a
+domain language model built from the knowledge base and call scripts.
+
+Decoding: telephone audio is upsampled 8 -> 16 kHz (the acoustic model's rate) and decoded in one
+forward lexicon-tree pass; the slow second passes (``fwdflat``, ``bestpath``) are off.
+
+The domain language model (:func:`build_domain_lm`) is an interpolated Witten-Bell trigram over
+the domain text, whose lowest order backs off to the generic en-US model's unigram distribution
+over a vocabulary of the domain's words plus the ``generic_words`` most frequent generic ones. In
+ARPA form each history's back-off weight is exactly ``T(h) / (c(h) + T(h))`` (distinct followers
+over count plus distinct followers), the Witten-Bell mass left to the lower order. The
+pronunciation dictionary is cmudict restricted to that vocabulary; a domain word cmudict does
+not know is left out of the model and listed in :attr:`DomainLm.unknown_words` (no
+grapheme-to-phoneme fallback yet).
+
+pocketsphinx decoders are not thread-safe, and ``process_raw`` holds the GIL while it decodes: a
+:class:`Recognizer` belongs to one thread, and served through the shared runtime
+(:func:`asr_model_spec`) the recognizers live in worker processes (:class:`RecognizerPool`), one
+decoder each, so decoding neither stalls the serving event loop nor races.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import re
+import tempfile
+import time
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from services.customer_service.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+
+if TYPE_CHECKING:
+    from model_runtime import LoadContext, ModelSpec
+
+DECODER_RATE = 16000
+SENTENCE_START, SENTENCE_END = "<s>", "</s>"
+_LOG10_FLOOR = -99.0
+_SENTENCES = re.compile(r"[.!?;:\n]+")
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
+
+
+def model_dir() -> Path:
+    """The en-US model shipped in the pocketsphinx wheel."""
+    import pocketsphinx
+
+    return Path(pocketsphinx.get_model_path("en-us"))
+
+
+# --- text normalisation ---------------------------------------------------------------------------
+
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+_SCALES = ((1_000_000_000, "billion"), (1_000_000, "million"), (1000, "thousand"), (100, "hundred"))
+
+
+def spell_number(number: int) -> list[str]:
+    """An integer as spoken words (US style, no "and"): 48213 -> forty eight thousand two hundred thirteen."""
+    if number < 0:
+        return ["minus", *spell_number(-number)]
+    if number < 20:
+        return [_ONES[number]]
+    if number < 100:
+        tens, ones = divmod(number, 10)
+        return [_TENS[tens]] + ([_ONES[ones]] if ones else [])
+    for scale, name in _SCALES:
+        if number >= scale:
+            high, rest = divmod(number, scale)
+            return [*spell_number(high), name] + (spell_number(rest) if rest else [])
+    raise AssertionError("unreachable")
+
+
+def sentence_words(text: str) -> list[list[str]]:
+    """Text as sentences of lower-case spoken words: numbers spelled out, punctuation dropped."""
+    sentences = []
+    for sentence in _SENTENCES.split(text.lower().replace("-", " ")):
+        words: list[str] = []
+        for token in _TOKEN.findall(sentence):
+            words.extend(spell_number(int(token)) if token.isdigit() and len(token) < 10 else [token])
+        if words:
+            sentences.append(words)
+    return sentences
+
+
+# --- pronunciations and the generic model ---------------------------------------------------------
+
+@functools.cache
+def cmudict() -> dict[str, tuple[str, ...]]:
+    """cmudict-en-us (from the wheel): word -> its pronunciations (phone strings)."""
+    pronunciations: dict[str, list[str]] = defaultdict(list)
+    with open(model_dir() / "cmudict-en-us.dict", encoding="utf-8") as lines:
+        for line in lines:
+            word, _, phones = line.strip().partition(" ")
+            if phones:
+                pronunciations[word.split("(", 1)[0]].append(phones.strip())
+    return {word: tuple(phones) for word, phones in pronunciations.items()}
+
+
+@functools.cache
+def generic_unigrams() -> dict[str, float]:
+    """log10 unigram probability in the generic en-US model of every cmudict word it knows."""
+    import pocketsphinx
+
+    config = pocketsphinx.Config(loglevel="FATAL")
+    logmath = pocketsphinx.LogMath()
+    generic = pocketsphinx.NGramModel(config, logmath, str(model_dir() / "en-us.lm.bin"))
+    unigrams = {}
+    for word in (*cmudict(), SENTENCE_END):
+        log10_p = logmath.log_to_log10(generic.prob([word]))
+        if log10_p > _LOG10_FLOOR:
+            unigrams[word] = log10_p
+    return unigrams
+
+
+# --- the domain language model --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DomainLm:
+    """An ARPA trigram and the dictionary of its vocabulary, built from domain text."""
+
+    arpa: str
+    dictionary: str
+    vocabulary: frozenset[str]
+    domain_words: frozenset[str]
+    unknown_words: tuple[str, ...]
+    sentences: int
+    ngram_counts: tuple[int, int, int]
+
+    def write(self, folder: Path) -> tuple[Path, Path]:
+        """Write ``domain.lm`` (ARPA) and ``domain.dict`` into ``folder``; return their paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        lm_path, dict_path = folder / "domain.lm", folder / "domain.dict"
+        lm_path.write_text(self.arpa, encoding="utf-8")
+        dict_path.write_text(self.dictionary, encoding="utf-8")
+        return lm_path, dict_path
+
+
+@dataclass
+class _Counts:
+    unigrams: Counter[str] = field(default_factory=Counter)
+    bigrams: Counter[tuple[str, str]] = field(default_factory=Counter)
+    trigrams: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+
+
+def build_domain_lm(texts: Iterable[str], *, generic_words: int = 2000) -> DomainLm:
+    """The domain trigram of ``texts`` (knowledge-base articles, call scripts), backed off to the
+    generic model's unigrams over the domain words plus the ``generic_words`` most frequent generic
+    words. Raises ``ValueError`` when the texts hold no word with a known pronunciation."""
+    pronunciations = cmudict()
+    sentences = [words for text in texts for words in sentence_words(text)]
+    domain_words = {word for words in sentences for word in words}
+    unknown = sorted(word for word in domain_words if word not in pronunciations)
+    known_domain = domain_words - set(unknown)
+    if not known_domain:
+        raise ValueError("the domain text holds no word with a known pronunciation")
+    generic = generic_unigrams()
+    frequent = sorted(generic, key=generic.__getitem__, reverse=True)[:generic_words]
+    vocabulary = (known_domain | set(frequent)) - {SENTENCE_END}
+    counts = _count(sentences, vocabulary)
+    arpa = _arpa(counts, _base_distribution(vocabulary, generic))
+    dictionary = "".join(f"{word if index == 0 else f'{word}({index + 1})'} {phones}\n"
+                         for word in sorted(vocabulary)
+                         for index, phones in enumerate(pronunciations[word]))
+    return DomainLm(arpa=arpa, dictionary=dictionary, vocabulary=frozenset(vocabulary),
+                    domain_words=frozenset(known_domain), unknown_words=tuple(unknown), sentences=len(sentences),
+                    ngram_counts=(len(vocabulary) + 2, len(counts.bigrams), len(counts.trigrams)))
+
+
+def _count(sentences: Sequence[Sequence[str]], vocabulary: set[str]) -> _Counts:
+    """n-gram counts; an n-gram holding a word out of the vocabulary is not counted."""
+    counts = _Counts()
+    for words in sentences:
+        tokens: list[str | None] = [SENTENCE_START, *(w if w in vocabulary else None for w in words), SENTENCE_END]
+        for index in range(1, len(tokens)):
+            word, previous = tokens[index], tokens[index - 1]
+            if word is None:
+                continue
+            counts.unigrams[word] += 1
+            if previous is None:
+                continue
+            counts.bigrams[(previous, word)] += 1
+            before = tokens[index - 2] if index >= 2 else None
+            if before is not None:
+                counts.trigrams[(before, previous, word)] += 1
+    return counts
+
+
+def _base_distribution(vocabulary: set[str], generic: dict[str, float]) -> dict[str, float]:
+    """The generic unigram distribution renormalised over the vocabulary (and ``</s>``); a domain
+    word the generic model lacks gets the least probability of the vocabulary's known words."""
+    known = [10 ** generic[w] for w in vocabulary if w in generic]
+    floor = min(known) if known else 1e-7
+    raw = {word: 10 ** generic[word] if word in generic else floor for word in vocabulary}
+    raw[SENTENCE_END] = 10 ** generic.get(SENTENCE_END, -1.5)
+    total = sum(raw.values())
+    return {word: p / total for word, p in raw.items()}
+
+
+def _witten_bell(counts: Counter[Any], key_of_history: Any) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Per history: total count c(h) and distinct followers T(h)."""
+    totals: dict[Any, int] = defaultdict(int)
+    types: dict[Any, int] = defaultdict(int)
+    for ngram, count in counts.items():
+        history = key_of_history(ngram)
+        totals[history] += count
+        types[history] += 1
+    return totals, types
+
+
+def _arpa(counts: _Counts, base: dict[str, float]) -> str:
+    """The interpolated Witten-Bell trigram as ARPA text."""
+    tokens = sum(counts.unigrams.values())
+    distinct = len(counts.unigrams)
+    p1 = {word: (counts.unigrams.get(word, 0) + distinct * p0) / (tokens + distinct) for word, p0 in base.items()}
+    bigram_totals, bigram_types = _witten_bell(counts.bigrams, lambda ngram: ngram[0])
+    p2 = {(u, w): (count + bigram_types[u] * p1[w]) / (bigram_totals[u] + bigram_types[u])
+          for (u, w), count in counts.bigrams.items()}
+    trigram_totals, trigram_types = _witten_bell(counts.trigrams, lambda ngram: ngram[:2])
+    p3 = {(u, v, w): (count + trigram_types[(u, v)] * p2[(v, w)]) / (trigram_totals[(u, v)] + trigram_types[(u, v)])
+          for (u, v, w), count in counts.trigrams.items()}
+
+    def backoff(totals: dict[Any, int], types: dict[Any, int], history: Any) -> str:
+        if history not in types:
+            return ""
+        return f"\t{math.log10(types[history] / (totals[history] + types[history])):.4f}"
+
+    lines = ["\\data\\", f"ngram 1={len(p1) + 1}", f"ngram 2={len(p2)}", f"ngram 3={len(p3)}", "", "\\1-grams:"]
+    lines.append(f"{_LOG10_FLOOR:.4f}\t{SENTENCE_START}{backoff(bigram_totals, bigram_types, SENTENCE_START)}")
+    lines += [f"{math.log10(p):.4f}\t{word}{backoff(bigram_totals, bigram_types, word)}"
+              for word, p in sorted(p1.items())]
+    lines += ["", "\\2-grams:"]
+    lines += [f"{math.log10(p):.4f}\t{u} {w}{backoff(trigram_totals, trigram_types, (u, w))}"
+              for (u, w), p in sorted(p2.items())]
+    lines += ["", "\\3-grams:"]
+    lines += [f"{math.log10(p):.4f}\t{u} {v} {w}" for (u, v, w), p in sorted(p3.items())]
+    lines += ["", "\\end\\", ""]
+    return "\n".join(lines)
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """Search settings: one forward tree pass (the second passes off), beams tuned for speed."""
+
+    beam: float = 1e-40
+    wbeam: float = 1e-24
+    pbeam: float = 1e-40
+    lw: float = 8.0
+    maxhmmpf: int = 10000
+    fwdflat: bool = False
+    bestpath: bool = False
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What was said (lower-case words), how long the audio was and how long decoding took."""
+
+    text: str
+    audio_s: float
+    decode_s: float
+
+    @property
+    def real_time_factor(self) -> float:
+        """Decoding time over audio time."""
+        return self.decode_s / self.audio_s if self.audio_s else 0.0
+
+
+class Recognizer:
+    """One pocketsphinx decoder with either the generic en-US model or a domain model; use it from
+    one thread only."""
+
+    def __init__(self, lm: DomainLm | None = None, settings: DecoderSettings | None = None) -> None:
+        import pocketsphinx
+
+        self.settings = settings or DecoderSettings()
+        self.lm = lm
+        models = model_dir()
+        with tempfile.TemporaryDirectory(prefix="tessera-asr-") as folder:
+            lm_path, dict_path = (lm.write(Path(folder)) if lm is not None
+                                  else (models / "en-us.lm.bin", models / "cmudict-en-us.dict"))
+            config = pocketsphinx.Config(hmm=str(models / "en-us"), lm=str(lm_path), dict=str(dict_path),
+                                         samprate=DECODER_RATE, loglevel="FATAL", **_as_config(self.settings))
+            self.decoder = pocketsphinx.Decoder(config)
+
+    def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int) -> Transcript:
+        """Decode one utterance (int16 at any supported rate; resampled to 16 kHz)."""
+        audio = resample(samples, sample_rate, DECODER_RATE) if sample_rate != DECODER_RATE else samples
+        started = time.perf_counter()
+        self.decoder.start_utt()
+        self.decoder.process_raw(np.ascontiguousarray(audio, dtype=np.int16).tobytes(), no_search=False,
+                                 full_utt=True)
+        self.decoder.end_utt()
+        hypothesis = self.decoder.hyp()
+        text = hypothesis.hypstr if hypothesis is not None else ""
+        return Transcript(text=text, audio_s=len(samples) / sample_rate, decode_s=time.perf_counter() - started)
+
+
+def _as_config(settings: DecoderSettings) -> dict[str, Any]:
+    return {"beam": settings.beam, "wbeam": settings.wbeam, "pbeam": settings.pbeam, "lw": settings.lw,
+            "maxhmmpf": settings.maxhmmpf, "fwdflat": settings.fwdflat, "bestpath": settings.bestpath}
+
+
+# --- decoding off the GIL ----------------------------------------------------------------------------
+
+_worker_recognizer: Recognizer | None = None
+
+
+def _start_worker(lm: DomainLm | None, settings: DecoderSettings | None) -> None:
+    global _worker_recognizer
+    _worker_recognizer = Recognizer(lm, settings)
+
+
+def _transcribe_in_worker(samples: npt.NDArray[np.int16], sample_rate: int) -> Transcript:
+    if _worker_recognizer is None:
+        raise RuntimeError("this worker process has no recognizer")
+    return _worker_recognizer.transcribe(samples, sample_rate)
+
+
+def _worker_ready(hold_s: float) -> int:
+    time.sleep(hold_s)  # holds this worker so the next submission starts another
+    return multiprocessing.current_process().pid or 0
+
+
+class RecognizerPool:
+    """Recognizers in ``processes`` worker processes (spawned), one decoder each.
+
+    pocketsphinx holds the GIL for the whole of ``process_raw`` (measured: a Python thread got ~1 %
+    of its speed while another thread decoded), so a decoder in a thread of the serving process
+    would stall its event loop for the length of every decode. In worker processes the loop keeps
+    running, and ``processes`` utterances decode at once on as many cores.
+    """
+
+    backend_name = "pocketsphinx-processes"
+
+    def __init__(self, lm: DomainLm | None = None, settings: DecoderSettings | None = None, *,
+                 processes: int = 1) -> None:
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        self.processes = processes
+        self._executor = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker, initargs=(lm, settings))
+        self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        pids = {future.result() for future in [self._executor.submit(_worker_ready, 0.2) for _ in range(processes)]}
+        self.worker_pids = sorted(pids)
+
+    def transcribe_many(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
+        """Decode utterances in the worker processes, in parallel; answers in order."""
+        futures = [self._executor.submit(_transcribe_in_worker, request.samples, request.sample_rate)
+                   for request in requests]
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._finalizer()
+
+
+# --- serving through the runtime ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AsrRequest:
+    """One utterance to transcribe: int16 samples and their rate."""
+
+    samples: npt.NDArray[np.int16]
+    sample_rate: int
+
+
+def check_request(request: Any) -> AsrRequest:
+    """Validate one runtime item (raises the runtime's ``BadInput``, a 422 at the edge)."""
+    from model_runtime import BadInput
+
+    if not isinstance(request, AsrRequest):
+        raise BadInput(f"expected an AsrRequest, got {type(request).__name__}")
+    if not MIN_SAMPLE_RATE <= request.sample_rate <= MAX_SAMPLE_RATE:
+        raise BadInput(f"sample rate {request.sample_rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+    if request.samples.ndim != 1 or request.samples.dtype != np.int16:
+        raise BadInput(f"expected mono int16 samples, got {request.samples.dtype} of shape {request.samples.shape}")
+    if not len(request.samples):
+        raise BadInput("the utterance has no samples")
+    return request
+
+
+def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: DecoderSettings | None = None,
+                   *, processes: int = 1, max_queue: int = 64, timeout_s: float | None = 30.0) -> ModelSpec:
+    """ASR as a model of the shared runtime: items are :class:`AsrRequest`, answers :class:`Transcript`.
+
+    The model object is a :class:`RecognizerPool`: the runtime's worker thread hands each batch
+    to ``processes`` decoder processes (one decoder each, so none is used by two threads) and waits
+    without holding the GIL. The search has no batch dimension; a batch of up to ``2 x processes``
+    utterances keeps every process busy.
+    """
+    from model_runtime import ModelSpec
+
+    def load(_: LoadContext) -> RecognizerPool:
+        return RecognizerPool(lm, settings, processes=processes)
+
+    def run_batch(pool: RecognizerPool, requests: list[AsrRequest]) -> list[Transcript]:
+        return pool.transcribe_many(requests)
+
+    warmup = AsrRequest(np.zeros(DECODER_RATE // 4, np.int16), DECODER_RATE)
+    return ModelSpec(name=name, version="pocketsphinx-5.1.1" + ("+domain" if lm is not None else ""),
+                     loader=load, run_batch=run_batch, prepare=check_request, prepare_in="loop",
+                     max_batch_size=2 * processes, max_queue=max_queue, timeout_s=timeout_s, uses_torch=False,
+                     warmup_items=[warmup])

@@ -1,0 +1,134 @@
+"""ASR: word error rate arithmetic, the domain language model (a normalised ARPA trigram), and
+pocketsphinx on espeak-ng telephone speech, directly and served by the runtime from worker
+processes (keywords checked, not exact text)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from model_runtime import BadInput, ModelRuntime
+from services.customer_service.asr import (
+    AsrRequest,
+    DomainLm,
+    Recognizer,
+    asr_model_spec,
+    build_domain_lm,
+    sentence_words,
+    spell_number,
+)
+from services.customer_service.evaluation import domain_texts, edit_distance, normalize_words, word_errors
+
+
+def test_edit_distance_and_word_error_rate() -> None:
+    assert edit_distance(["a", "b", "c"], ["a", "x", "c", "d"]) == 2
+    assert edit_distance([], ["a", "b"]) == 2
+    errors = word_errors(["Check my order, please!", "hello"], ["check order please", "hello there"])
+    assert (errors.errors, errors.reference_words, errors.utterances) == (2, 5, 2)
+    assert errors.wer == pytest.approx(0.4)
+    assert normalize_words("Don't STOP.") == ["don't", "stop"]
+    with pytest.raises(ValueError):
+        word_errors(["a"], [])
+
+
+def test_numbers_are_spelled_as_spoken() -> None:
+    assert spell_number(48213) == ["forty", "eight", "thousand", "two", "hundred", "thirteen"]
+    assert spell_number(1_000_015) == ["one", "million", "fifteen"]
+    assert sentence_words("I paid 120 dollars. Is it on-time?") == [
+        ["i", "paid", "one", "hundred", "twenty", "dollars"], ["is", "it", "on", "time"]]
+
+
+def _parse_arpa(arpa: str) -> dict[int, dict[tuple[str, ...], tuple[float, float]]]:
+    grams: dict[int, dict[tuple[str, ...], tuple[float, float]]] = defaultdict(dict)
+    order = 0
+    for line in arpa.splitlines():
+        if line.endswith("-grams:"):
+            order = int(line[1])
+        elif order and line and not line.startswith("\\"):
+            fields = line.split("\t")
+            grams[order][tuple(fields[1].split())] = (float(fields[0]), float(fields[2]) if len(fields) > 2 else 0.0)
+    return grams
+
+
+def _log10_p(grams: dict[int, dict[tuple[str, ...], tuple[float, float]]], ngram: tuple[str, ...]) -> float:
+    if ngram in grams[len(ngram)]:
+        return grams[len(ngram)][ngram][0]
+    history = ngram[:-1]
+    backoff = grams[len(history)].get(history, (0.0, 0.0))[1]
+    return backoff + _log10_p(grams, ngram[1:])
+
+
+@pytest.fixture(scope="module")
+def domain_lm() -> DomainLm:
+    return build_domain_lm(domain_texts(), generic_words=300)
+
+
+def test_domain_lm_is_a_normalised_trigram_over_its_vocabulary(domain_lm: DomainLm) -> None:
+    grams = _parse_arpa(domain_lm.arpa)
+    assert len(grams[1]) == domain_lm.ngram_counts[0] and len(grams[3]) == domain_lm.ngram_counts[2]
+    assert {"refund", "router", "warranty", "invoice"} <= domain_lm.domain_words
+    assert "tessera" in domain_lm.unknown_words  # not in cmudict: left out, and said so
+    words = [w for (w,) in grams[1] if w != "<s>"]
+    for history in [("<s>",), ("my",), ("check", "the"), ("the", "zebra")]:
+        total = sum(10 ** _log10_p(grams, (*history, word)) for word in words)
+        assert math.isclose(total, 1.0, rel_tol=1e-3), (history, total)
+    # the domain makes its phrases likelier than what the generic words alone would say
+    assert _log10_p(grams, ("my", "order")) > _log10_p(grams, ("my", "the"))
+    dictionary_words = {line.split()[0].split("(")[0] for line in domain_lm.dictionary.splitlines()}
+    assert dictionary_words == domain_lm.vocabulary
+
+
+def test_empty_domain_text_is_refused() -> None:
+    with pytest.raises(ValueError):
+        build_domain_lm(["!!! ???", "zzqx"])
+
+
+SENTENCE = "You said someone would call me back, and nobody did."
+KEYWORDS = {"call", "back", "nobody"}
+
+
+@pytest.fixture(scope="module")
+def telephone_sentence() -> np.ndarray:
+    simulate = pytest.importorskip("services.customer_service.simulate")
+    if simulate.espeak_path() is None:
+        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng): no speech to test with")
+    from services.customer_service.evaluation import telephone_speech
+
+    samples, _ = telephone_speech(SENTENCE, 0)
+    return samples
+
+
+def test_domain_lm_recognises_keywords_in_telephone_speech(domain_lm: DomainLm,
+                                                           telephone_sentence: np.ndarray) -> None:
+    transcript = Recognizer(domain_lm).transcribe(telephone_sentence, 8000)
+    assert set(transcript.text.split()) >= KEYWORDS, transcript.text
+    assert transcript.audio_s == pytest.approx(len(telephone_sentence) / 8000)
+    assert 0 < transcript.real_time_factor < 5
+
+
+def test_asr_served_from_a_worker_process_keeps_the_event_loop_free(domain_lm: DomainLm,
+                                                                     telephone_sentence: np.ndarray) -> None:
+    runtime = ModelRuntime()
+
+    async def scenario() -> tuple[str, float]:
+        await runtime.load(asr_model_spec("cs-asr-test", domain_lm, processes=1))
+        lags: list[float] = []
+        decoding = asyncio.ensure_future(runtime.predict("cs-asr-test", AsrRequest(telephone_sentence, 8000)))
+        while not decoding.done():
+            tick = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - tick - 0.005)
+        with pytest.raises(BadInput):
+            await runtime.predict("cs-asr-test", AsrRequest(np.zeros(10, np.float32), 8000))  # type: ignore[arg-type]
+        await runtime.unload("cs-asr-test")
+        return (await decoding).text, max(lags)
+
+    text, worst_lag = asyncio.run(scenario())
+    assert set(text.split()) >= KEYWORDS, text
+    # pocketsphinx holds the GIL while decoding: in-process it would stall the loop for the whole decode
+    assert worst_lag < 0.1
