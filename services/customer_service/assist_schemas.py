@@ -7,11 +7,13 @@ publish them as they are or fold them into :mod:`services.customer_service.schem
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from services.customer_service.escalation import EscalationPolicy
 from services.customer_service.knowledge import RetrievalSettings
@@ -145,3 +147,53 @@ class UtteranceAssist(BaseModel):
     trend_direction: str | None = Field(default=None, description="improving, worsening or steady")
     escalations: list[EscalationOut] = Field(default_factory=list, description="rules this utterance fired")
     suggestion: SuggestedReply | None = None
+
+
+class TwilioIntegrationIn(BaseModel):
+    """A tenant's Twilio account: its SID (``start.accountSid`` of a stream must be it) and the auth
+    token that signs its streams (``X-Twilio-Signature``)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$", description="AC followed by 32 hex digits")
+    auth_token: SecretStr = Field(min_length=16, max_length=128, description="the account's (or a secondary) "
+                                  "auth token; write-only")
+
+
+class AudioHookIntegrationIn(BaseModel):
+    """The client secret Genesys AudioHook signs its connections with (RFC 9421 hmac-sha256)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    client_secret: SecretStr = Field(min_length=4, max_length=256, description="base64, as the AudioHook "
+                                     "integration shows it; write-only")
+
+    @field_validator("client_secret")
+    @classmethod
+    def _base64(cls, secret: SecretStr) -> SecretStr:
+        try:
+            decoded = base64.b64decode(secret.get_secret_value(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("client_secret is not base64") from None
+        if len(decoded) < 16:
+            raise ValueError("client_secret decodes to fewer than 16 bytes")
+        return secret
+
+
+class IntegrationsIn(BaseModel):
+    """Stream credentials to store: each section sent replaces that integration's, ``null`` removes
+    it, a section left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    twilio: TwilioIntegrationIn | None = None
+    audiohook: AudioHookIntegrationIn | None = None
+
+
+class IntegrationsOut(BaseModel):
+    """Which stream credentials a tenant has set; secrets are never shown."""
+
+    twilio_account_sid: str | None = Field(default=None, description="the Twilio account (not a secret)")
+    twilio_auth_token_set: bool = False
+    audiohook_client_secret_set: bool = False
+    updated_at: datetime | None = None

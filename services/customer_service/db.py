@@ -15,6 +15,9 @@
 - :class:`Article`: the knowledge base suggested replies come from; a deletion keeps the row
   (``deleted_at``) so every replica's index can see it went.
 - :class:`TenantSettings`: a tenant's overrides of the escalation policy and of retrieval.
+- :class:`Integration`: a tenant's stream credentials: the Twilio account (SID and the auth token
+  that signs its streams) and the AudioHook client secret (base64, as Genesys shows it). Kept
+  retrievable, as the platform's webhook secrets are: checking a signature needs the secret itself.
 """
 
 from __future__ import annotations
@@ -157,4 +160,17 @@ class TenantSettings(Base):
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     escalation: Mapped[dict[str, Any]] = mapped_column(default=dict)
     retrieval: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Integration(Base):
+    """A tenant's stream credentials (each part absent until configured); the API shows which are set, never
+    the secrets."""
+
+    __tablename__ = "cs_integrations"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    twilio_account_sid: Mapped[str | None] = mapped_column(String(64), default=None)
+    twilio_auth_token: Mapped[str | None] = mapped_column(String(128), default=None)
+    audiohook_client_secret: Mapped[str | None] = mapped_column(String(256), default=None, doc="base64")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

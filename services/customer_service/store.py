@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,8 +20,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.customer_service.assist_schemas import ArticleIn, AssistSettings, AssistSettingsPatch
+from services.customer_service.assist_schemas import (
+    ArticleIn,
+    AssistSettings,
+    AssistSettingsPatch,
+    IntegrationsIn,
+    IntegrationsOut,
+)
 from services.customer_service.db import (
+    CALL_STATUSES,
     ENDED,
     LIVE,
     PARTIAL,
@@ -29,6 +37,7 @@ from services.customer_service.db import (
     Article,
     Call,
     Escalation,
+    Integration,
     Participant,
     TenantSettings,
     Utterance,
@@ -114,6 +123,29 @@ def list_live_calls(session: Session, tenant_id: str, *, limit: int = 500) -> li
     """The tenant's live calls, oldest first (the supervisor's list)."""
     return list(session.scalars(select(Call).where(Call.tenant_id == tenant_id, Call.status == LIVE)
                                 .order_by(Call.started_at, Call.id).limit(limit)))
+
+
+@dataclass(frozen=True, slots=True)
+class CallPosition:
+    """Where a page of calls (newest first) ended: the last call's start and row id."""
+
+    started_at: datetime
+    row_id: int
+
+
+def list_calls(session: Session, tenant_id: str, *, status: str | None = None, limit: int = 100,
+               after: CallPosition | None = None) -> list[Call]:
+    """The tenant's calls, newest first (by start, then row), those of ``status`` when given; the
+    page after ``after`` (keyset paging: calls started meanwhile never shift a page)."""
+    if status is not None and status not in CALL_STATUSES:
+        raise ValueError(f"unknown call status {status!r}; known: {', '.join(CALL_STATUSES)}")
+    query = select(Call).where(Call.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Call.status == status)
+    if after is not None:
+        query = query.where((Call.started_at < after.started_at)
+                            | ((Call.started_at == after.started_at) & (Call.id < after.row_id)))
+    return list(session.scalars(query.order_by(Call.started_at.desc(), Call.id.desc()).limit(limit)))
 
 
 def add_participant(session: Session, call: Call, *, role: str, track: str,
@@ -333,3 +365,52 @@ def set_assist_settings(session: Session, tenant_id: str, patch: AssistSettingsP
     session.add(row)
     session.flush()
     return assist_settings(session, tenant_id)
+
+
+# --- stream integrations -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class IntegrationCredentials:
+    """A tenant's stream credentials as stored (each None until configured; detached from the session,
+    so a caller may cache it)."""
+
+    twilio_account_sid: str | None
+    twilio_auth_token: str | None
+    audiohook_client_secret: str | None
+    """Base64, as the tenant configured it."""
+
+
+def integration_credentials(session: Session, tenant_id: str) -> IntegrationCredentials | None:
+    """The tenant's Twilio account and AudioHook client secret; None when it never configured any."""
+    row = session.get(Integration, tenant_id)
+    if row is None:
+        return None
+    return IntegrationCredentials(row.twilio_account_sid, row.twilio_auth_token, row.audiohook_client_secret)
+
+
+def integrations(session: Session, tenant_id: str) -> IntegrationsOut:
+    """Which of the tenant's stream credentials are set (the Twilio account SID, never a secret)."""
+    row = session.get(Integration, tenant_id)
+    if row is None:
+        return IntegrationsOut()
+    return IntegrationsOut(twilio_account_sid=row.twilio_account_sid,
+                           twilio_auth_token_set=row.twilio_auth_token is not None,
+                           audiohook_client_secret_set=row.audiohook_client_secret is not None,
+                           updated_at=row.updated_at)
+
+
+def set_integrations(session: Session, tenant_id: str, change: IntegrationsIn) -> IntegrationsOut:
+    """Store the sections ``change`` names: ``twilio`` (SID and token together) and ``audiohook``;
+    a section sent as null removes it, one left out stays as it is."""
+    row = session.get(Integration, tenant_id) or Integration(tenant_id=tenant_id)
+    if "twilio" in change.model_fields_set:
+        twilio = change.twilio
+        row.twilio_account_sid = twilio.account_sid if twilio else None
+        row.twilio_auth_token = twilio.auth_token.get_secret_value() if twilio else None
+    if "audiohook" in change.model_fields_set:
+        audiohook = change.audiohook
+        row.audiohook_client_secret = audiohook.client_secret.get_secret_value() if audiohook else None
+    row.updated_at = utcnow()
+    session.add(row)
+    session.flush()
+    return integrations(session, tenant_id)
