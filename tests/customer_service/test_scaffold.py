@@ -1,21 +1,71 @@
-"""The customer-service scaffold served by uvicorn: each endpoint issue 18 names is declared and
-keyed as the built one will be; HTTP routes answer 501 problem+json and WebSockets close with 1011
-naming the issue, until they are built; the OpenAPI lists the HTTP routes."""
+"""The customer-service app served by uvicorn: the HTTP endpoints of issue 18, now built, keep the
+contract the scaffold published (each needs an API key, 401 without, holding the ``cs`` scope, 403
+with another vertical's; each is in the OpenAPI with the key as its security; none answers 501);
+WebSockets not built yet close with 1011 naming the issue."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.scaffold import Endpoint, ScaffoldContract, ScaffoldServer, multipart_file
+from tests.conftest import Stack
+from tests.scaffold import (
+    Endpoint,
+    ScaffoldServer,
+    assert_problem,
+    documented_unbuilt_operations,
+    multipart_file,
+    serve_scaffold,
+)
 
 TRACKING_ISSUE = 18
 NOT_BUILT_CLOSE = (1011, f"not built yet: tracked in issue {TRACKING_ISSUE}")
 WAV_BODY, WAV_HEADERS = multipart_file(b"RIFF\x24\x00\x00\x00WAVEfmt ", "utterance.wav")
+JSON = {"Content-Type": "application/json"}
+ENDPOINTS = [
+    Endpoint("POST", "/v1/utterances", WAV_BODY, WAV_HEADERS),
+    Endpoint("GET", "/v1/calls"),
+    Endpoint("GET", "/v1/calls/{call_id}"),
+    Endpoint("GET", "/v1/calls/{call_id}/timeline.png"),
+    Endpoint("POST", "/v1/knowledge/articles", b"{}", JSON),
+    Endpoint("GET", "/v1/knowledge/articles"),
+    Endpoint("GET", "/v1/knowledge/articles/{article_id}"),
+    Endpoint("PUT", "/v1/knowledge/articles/{article_id}", b"{}", JSON),
+    Endpoint("DELETE", "/v1/knowledge/articles/{article_id}"),
+    Endpoint("GET", "/v1/settings"),
+    Endpoint("PATCH", "/v1/settings", b"{}", JSON),
+    Endpoint("GET", "/v1/integrations"),
+    Endpoint("PUT", "/v1/integrations", b"{}", JSON),
+]
+
+
+@pytest.fixture(scope="module")
+def server(sqlite_stack: Stack) -> Iterator[ScaffoldServer]:
+    with serve_scaffold("services.customer_service.api:app", sqlite_stack, "cs") as served:
+        yield served
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=str)
+def test_each_endpoint_needs_a_key_with_the_cs_scope(server: ScaffoldServer, endpoint: Endpoint) -> None:
+    assert_problem(server.call(endpoint, None), 401, endpoint.concrete_path)
+    assert_problem(server.call(endpoint, server.key_for("fraud")), 403, endpoint.concrete_path)
+
+
+def test_the_openapi_lists_every_endpoint_keyed_and_none_is_unbuilt(server: ScaffoldServer) -> None:
+    openapi = server.openapi()
+    assert documented_unbuilt_operations(openapi) == set()
+    for endpoint in ENDPOINTS:
+        operation = openapi["paths"][endpoint.path][endpoint.method.lower()]
+        assert operation["summary"] and operation["description"]
+        assert {"ApiKey": []} in operation["security"]
+    status = httpx.get(f"{server.base_url}/v1/status", timeout=10).json()
+    assert status == {"vertical": "cs", "state": "scaffold", "tracking_issue": TRACKING_ISSUE}
 
 
 def close_received(server: ScaffoldServer, path: str, key: str | None) -> tuple[int, str]:
@@ -41,20 +91,13 @@ def refused_status(server: ScaffoldServer, path: str, key: str | None) -> int:
     return response.status_code
 
 
-class TestCustomerServiceScaffold(ScaffoldContract):
-    app_path, scope, tracking_issue = "services.customer_service.api:app", "cs", TRACKING_ISSUE
-    endpoints = [
-        Endpoint("POST", "/v1/utterances", WAV_BODY, WAV_HEADERS),
-        Endpoint("GET", "/v1/calls/{call_id}"),
-    ]
+@pytest.mark.parametrize("path", ["/v1/streams/audiohook", "/v1/calls/CA123/events"])
+def test_each_keyed_websocket_needs_a_cs_key_then_closes_as_not_built(server: ScaffoldServer, path: str) -> None:
+    assert refused_status(server, path, None) == 401
+    assert refused_status(server, path, server.key_for("fraud")) == 403
+    assert close_received(server, path, server.key_for("cs")) == NOT_BUILT_CLOSE
 
-    @pytest.mark.parametrize("path", ["/v1/streams/audiohook", "/v1/calls/CA123/events"])
-    def test_each_keyed_websocket_needs_a_cs_key_then_closes_as_not_built(self, server: ScaffoldServer,
-                                                                          path: str) -> None:
-        assert refused_status(server, path, None) == 401
-        assert refused_status(server, path, server.key_for("fraud")) == 403
-        assert close_received(server, path, server.key_for("cs")) == NOT_BUILT_CLOSE
 
-    def test_the_twilio_stream_takes_no_key_and_closes_as_not_built(self, server: ScaffoldServer) -> None:
-        # Twilio cannot send an API key; issue 18 proves the tenant by X-Twilio-Signature instead.
-        assert close_received(server, "/v1/streams/twilio?tenant=bank-a", None) == NOT_BUILT_CLOSE
+def test_the_twilio_stream_takes_no_key_and_closes_as_not_built(server: ScaffoldServer) -> None:
+    # Twilio cannot send an API key; issue 18 proves the tenant by X-Twilio-Signature instead.
+    assert close_received(server, "/v1/streams/twilio?tenant=bank-a", None) == NOT_BUILT_CLOSE
