@@ -25,6 +25,8 @@ are figures on simulated speech.
   (4th-order Butterworth), G.711 μ-law (:mod:`services.customer_service.audio`).
 - **Frames** (:func:`iter_frames`): the call as 20 ms μ-law frames (160 bytes a track), as the
   stream protocols carry them, for tests and the benchmark.
+- **Files** (:func:`write_call`, :func:`read_call`, :func:`write_corpus`): raw μ-law per track, a
+  stereo PCM16 WAV to listen to, and the ground truth as JSON.
 
 Everything is a function of the seed: the same seed gives the same bytes (espeak-ng is
 deterministic). The command line (:func:`main`, ``tessera simulate cs``) derives each call's seed
@@ -646,6 +648,19 @@ def write_call(call: SimulatedCall, folder: Path) -> list[Path]:
     manifest = folder / f"{call.call_id}.json"
     manifest.write_text(json.dumps(call.manifest(), indent=1))
     return [*paths, wav, manifest]
+
+
+def read_call(manifest: Path) -> SimulatedCall:
+    """A call written by :func:`write_call`, from its ``<call_id>.json`` (the ``.ulaw`` tracks beside it)."""
+    try:
+        truth = json.loads(manifest.read_text())
+        tracks = {role: (manifest.parent / f"{truth['call_id']}.{role}.ulaw").read_bytes() for role in truth["tracks"]}
+        utterances = tuple(UtteranceTruth(**{**u, "prosody": Prosody(**u["prosody"])}) for u in truth["utterances"])
+        return SimulatedCall(call_id=truth["call_id"], seed=truth["seed"], scenario=truth["scenario"],
+                             voices=truth["voices"], tracks=tracks, utterances=utterances,
+                             noise_dbfs=truth["noise_dbfs"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest}: not a simulated call written by write_call ({error})") from error
 
 
 CORPUS_MANIFEST = "manifest.json"

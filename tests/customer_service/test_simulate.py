@@ -32,6 +32,7 @@ from services.customer_service.simulate import (
     iter_frames,
     main,
     plan_turns,
+    read_call,
     simulate_call,
     simulate_corpus,
     synthesize,
@@ -209,6 +210,10 @@ def test_command_line_writes_calls_and_a_corpus_with_ground_truth(tmp_path: Path
         assert (stereo.getnchannels(), stereo.getframerate()) == (2, 8000)
         assert stereo.getnframes() == len(Path(str(stem) + ".customer.ulaw").read_bytes())
     assert set(truth["voices"].values()) == {"us_m3", "us_f2"} and truth["scenario"] == "routine"
+    again = read_call(manifest_path)
+    assert again.manifest() == truth and again.tracks["customer"] == Path(str(stem) + ".customer.ulaw").read_bytes()
+    with pytest.raises(ValueError, match="not a simulated call"):
+        read_call(tmp_path / "calls" / "missing.json")
     assert "(simulated)" in capsys.readouterr().out
 
     assert main(["utterances", "--out", str(tmp_path / "corpus"), "--per-voice-emotion", "1",
