@@ -157,8 +157,8 @@ about = APIRouter(prefix="/v1", tags=["status"])
 
 @about.get("/status")
 async def status() -> dict[str, object]:
-    """What this vertical offers today."""
-    return {"vertical": "cs", "state": "scaffold", "tracking_issue": TRACKING_ISSUE}
+    """What this vertical offers today: built (issue 18)."""
+    return {"vertical": "cs", "state": "built", "tracking_issue": TRACKING_ISSUE}
 
 
 # --- knowledge base --------------------------------------------------------------------------------
@@ -183,7 +183,9 @@ def create_article(article: ArticleIn, request: Request, response: Response, pri
     row = store.create_article(session, principal.tenant_id, article)
     out = ArticleOut.model_validate(row)
     _committed_article_change(session, principal.tenant_id, kb)
-    response.headers["Location"] = str(request.url_for("get_article", article_id=out.id))
+    # From the request's own URL: behind the gateway (shared.app.PrefixDispatcher) url_for would drop "/cs"
+    response.headers["Location"] = str(request.url.replace(path=f"{request.url.path.rstrip('/')}/{out.id}",
+                                                           query=""))
     return out
 
 

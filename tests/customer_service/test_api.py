@@ -10,6 +10,7 @@ suggestions show the index following the API's changes."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import socket
@@ -27,11 +28,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 from services.customer_service import store
 from services.customer_service.escalation import EscalationEvent, Rule
 from services.customer_service.pipeline import EmotionReading, Transcription
+from shared.app import PrefixDispatcher
 from shared.db import session_factory
 from shared.errors import PROBLEM_CONTENT_TYPE
 from shared.security import create_api_key
@@ -373,14 +376,9 @@ class InProcessServer:
     tenant: Tenant
 
 
-@pytest.fixture
-def utterance_server(cs_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessServer]:
-    """The cs app under uvicorn in this process (its lifespan off), the analyzers replaced by a fake."""
-    from services.customer_service.api import app, utterance_analyzers
-
-    apply_stack_in_process(cs_stack, monkeypatch)
-    analyzers = FakeAnalyzers()
-    app.dependency_overrides[utterance_analyzers] = lambda: analyzers
+@contextlib.contextmanager
+def served_in_thread(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn in this process (its lifespan off) on a free loopback port; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -390,16 +388,46 @@ def utterance_server(cs_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterat
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.01)
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    tenant = CsServer(cs_stack, base_url).tenant()
     try:
-        yield InProcessServer(base_url, analyzers, tenant)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        tenant.client.close()
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture
+def utterance_server(cs_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessServer]:
+    """The cs app under uvicorn in this process, the analyzers replaced by a fake."""
+    from services.customer_service.api import app, utterance_analyzers
+
+    apply_stack_in_process(cs_stack, monkeypatch)
+    analyzers = FakeAnalyzers()
+    app.dependency_overrides[utterance_analyzers] = lambda: analyzers
+    try:
+        with served_in_thread(app) as base_url:
+            tenant = CsServer(cs_stack, base_url).tenant()
+            with tenant.client:
+                yield InProcessServer(base_url, analyzers, tenant)
+    finally:
         app.dependency_overrides.pop(utterance_analyzers, None)
+
+
+def test_behind_the_gateway_prefix_location_and_link_keep_it(cs_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.customer_service.api import app
+
+    apply_stack_in_process(cs_stack, monkeypatch)
+    with served_in_thread(PrefixDispatcher(FastAPI(), {"/cs": app})) as gateway:
+        tenant = CsServer(cs_stack, gateway + "/cs").tenant()
+        seed_call(cs_stack.database_url, tenant.id, "CA-1")
+        seed_call(cs_stack.database_url, tenant.id, "CA-2")
+        with tenant.client as client:
+            created = client.post("/v1/knowledge/articles", json=ARTICLE)
+            assert created.headers["location"] == f"{gateway}/cs/v1/knowledge/articles/refund-policy"
+            assert client.get(created.headers["location"]).status_code == 200
+            page = client.get("/v1/calls", params={"limit": 1})
+            assert page.links["next"]["url"].startswith(f"{gateway}/cs/v1/calls?")
+            assert [c["call_id"] for c in client.get(page.links["next"]["url"]).json()] == ["CA-1"]
 
 
 def wav_bytes(seconds: float = 1.0, rate: int = 8000) -> bytes:

@@ -65,7 +65,7 @@ def test_the_openapi_lists_every_endpoint_keyed_and_none_is_unbuilt(server: Scaf
         assert operation["summary"] and operation["description"]
         assert {"ApiKey": []} in operation["security"]
     status = httpx.get(f"{server.base_url}/v1/status", timeout=10).json()
-    assert status == {"vertical": "cs", "state": "scaffold", "tracking_issue": TRACKING_ISSUE}
+    assert status == {"vertical": "cs", "state": "built", "tracking_issue": TRACKING_ISSUE}
 
 
 def close_received(server: ScaffoldServer, path: str, key: str | None) -> tuple[int, str]:
