@@ -21,6 +21,7 @@ Every route needs an API key with the ``nodule`` scope and sees its tenant's stu
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -300,8 +301,11 @@ def get_key_image(study_instance_uid: str, label: int, principal: NodulePrincipa
                   ) -> Response:
     """The axial slice through the nodule in a lung window, its outline and size burned in (PNG)."""
     row, _nodule = results.find_nodule(session, principal.tenant_id, study_instance_uid, label, series)
-    paths = analysis.instance_paths(session, principal.tenant_id, row.series_instance_uid)
-    return Response(results.key_image(row, label, paths), media_type="image/png")
+    png = results.key_image(row, label, lambda: analysis.instance_paths(session, principal.tenant_id,
+                                                                        row.series_instance_uid))
+    return Response(png, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=60",
+                             "ETag": '"' + hashlib.sha256(png).hexdigest()[:32] + '"'})
 
 
 @router.post("/studies/{study_instance_uid}/clinical", summary="Clinical data of a study",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,10 @@ def _source_datasets(volume: SeriesVolume) -> list[Dataset]:
 def _store_results(session: Session, job_id: str, tenant_id: str, findings: SeriesFindings, volume: SeriesVolume,
                    risk: SeriesRisk) -> list[Result]:
     datasets = report.build_results(findings, volume, _source_datasets(volume), risk=report_risk(findings, risk))
-    paths = report.save_results(datasets, results_directory(tenant_id, findings.study_instance_uid,
-                                                            findings.series_instance_uid))
+    directory = results_directory(tenant_id, findings.study_instance_uid, findings.series_instance_uid)
+    paths = report.save_results(datasets, directory)
+    for nodule in findings.nodules:  # the JSON API's PNGs, made while the volume is at hand
+        key_image_path(directory, nodule.label).write_bytes(report.key_image_png(findings, volume, nodule))
     root = storage_root()
     uids = [str(dataset.SOPInstanceUID) for dataset in datasets]
     session.execute(delete(Result).where(Result.tenant_id == tenant_id, Result.sop_instance_uid.in_(uids)))
@@ -216,10 +218,19 @@ def stored_findings(row: SeriesFinding) -> SeriesFindings:
     return SeriesFindings(row.series_instance_uid, row.study_instance_uid, nodules, labels, row.model_version)
 
 
-def key_image(row: SeriesFinding, label: int, paths: Sequence[str]) -> bytes:
-    """PNG key image of one nodule: its series re-assembled from ``paths``, outline from the label volume."""
+def key_image_path(directory: Path, label: int) -> Path:
+    """Where the PNG key image of nodule ``label`` is kept among its series' results."""
+    return directory / f"key-image-{label}.png"
+
+
+def key_image(row: SeriesFinding, label: int, paths: Callable[[], Sequence[str]]) -> bytes:
+    """PNG key image of one nodule: the one made with the results, else (results of an earlier
+    version) its series re-assembled from ``paths()``, outline from the label volume."""
+    made = key_image_path(results_directory(row.tenant_id, row.study_instance_uid, row.series_instance_uid), label)
+    if made.is_file():
+        return made.read_bytes()
     findings = stored_findings(row)
-    volume = next((result for result in assemble_series(paths)
+    volume = next((result for result in assemble_series(paths())
                    if isinstance(result, SeriesVolume) and result.stack_label[:64] == row.stack_label
                    and result.shape == findings.labels.shape), None)
     if volume is None:

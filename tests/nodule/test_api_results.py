@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from services.nodule import analysis
+from services.nodule import analysis, results
 from services.nodule.findings import DetectedNodule, SeriesFindings
 from services.nodule.schemas import NoduleType
 from services.nodule.volume import SeriesVolume
@@ -78,9 +79,10 @@ def analysed(nodule_server: NoduleServer, tmp_path_factory: pytest.TempPathFacto
         tmp_path = tmp_path_factory.mktemp("results")
         analyse(prior, "20250601", (6.0, 6.0), tenant_id, tmp_path)
         analyse(current, "20260601", (9.0, 7.0), tenant_id, tmp_path)
+        storage = results.storage_root()
     finally:
         monkeypatch.undo()
-    return {"prior": prior, "current": current, "key": key, "other_key": other_key}
+    return {"prior": prior, "current": current, "key": key, "other_key": other_key, "storage": storage}
 
 
 def get(server: NoduleServer, key: str, path: str, **headers: str) -> httpx.Response:
@@ -177,6 +179,10 @@ def test_the_key_image_is_a_png_of_the_nodule(nodule_server: NoduleServer, analy
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(answer.content))
     assert image.mode == "RGB" and min(image.size) >= 32
+    assert answer.headers["etag"] and "max-age" in answer.headers["cache-control"]
+    made = [path for path in Path(analysed["storage"]).rglob("key-image-1.png")
+            if current.series_instance_uid in str(path)]
+    assert [path.read_bytes() for path in made] == [answer.content]  # made with the results, not re-assembled
     assert get(nodule_server, key, f"/v1/studies/{current.study_instance_uid}/nodules/7/key-image.png"
                ).status_code == 404
 
