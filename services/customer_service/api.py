@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from services.customer_service import store
+from services.customer_service.assist import assist_lifespan, assist_services, check_assist_ready, process_knowledge
 from services.customer_service.assist_schemas import (
     ARTICLE_ID_PATTERN,
     ArticleIn,
@@ -64,14 +65,14 @@ from services.customer_service.schemas import (
 from services.customer_service.streams import streams
 from services.customer_service.timeline import TimelineMark, TimelinePoint, render_timeline
 from shared.app import create_service_app
-from shared.db import SessionDep, session_scope
+from shared.db import SessionDep
 from shared.errors import (
     BadRequest,
-    NotReady,
     PayloadTooLarge,
     UnprocessableContent,
     problem_responses,
 )
+from shared.observability import Readiness
 from shared.security import Principal, require_scope
 from shared.uploads import (
     MAX_MULTIPART_OVERHEAD_BYTES,
@@ -107,43 +108,17 @@ class KnowledgeBase(Protocol):
         ...
 
 
-class _StandaloneKnowledge:
-    """This process's knowledge index while no ``AssistServices`` is exposed: synced the same way
-    (a whole load first, then the articles changed since the last sync)."""
-
-    def __init__(self) -> None:
-        self.knowledge = KnowledgeIndex()
-        self._synced: dict[str, datetime | None] = {}
-
-    async def sync_knowledge(self, tenant_id: str) -> None:
-        since = self._synced.get(tenant_id)
-
-        def sync() -> datetime | None:
-            with session_scope() as session:
-                return store.sync_index(session, self.knowledge, tenant_id, since)
-
-        self._synced[tenant_id] = await asyncio.to_thread(sync)
-
-
-_standalone_knowledge = _StandaloneKnowledge()
-
-
 def _knowledge_index() -> KnowledgeBase:
-    """The process's knowledge index and its sync, shared with the call pipelines.
-
-    LEAD: once ``assist.py`` exposes ``assist_services()``, return it here (it has ``.knowledge``
-    and ``sync_knowledge``) and delete :class:`_StandaloneKnowledge`, so the API's changes and the
-    live calls' suggestions use one index.
-    """
-    return _standalone_knowledge
+    """The process's knowledge index and its sync, shared with the call pipelines."""
+    return process_knowledge()
 
 
 def utterance_analyzers() -> UtteranceAnalyzers:
     """The process's speech-to-text and emotion models (a dependency: tests override it).
 
-    LEAD: return ``assist_services().analyzers`` once ``assist.py`` exposes it.
+    503 until the models are loaded.
     """
-    raise NotReady("the speech and emotion models are not loaded in this process")
+    return assist_services().analyzers
 
 
 Analyzers = Annotated[UtteranceAnalyzers, Depends(utterance_analyzers)]
@@ -518,5 +493,7 @@ def _emotion_fields(reading: EmotionReading) -> dict[str, Any]:
             "emotion_probabilities": {label: round(float(p), 4) for label, p in reading.probabilities.items()}}
 
 
-app = create_service_app("cs", title="Tessera — Emotion-aware customer service",
-                         routers=[about, knowledge, settings, calls, utterances, streams])
+readiness = Readiness()
+readiness.add("models", check_assist_ready)
+app = create_service_app("cs", title="Tessera — Emotion-aware customer service", lifespan=assist_lifespan,
+                         readiness=readiness, routers=[about, knowledge, settings, calls, utterances, streams])

@@ -1,8 +1,151 @@
-"""Agent assist: not built yet (issue 18).
+"""Agent assist in one API process: the models every live call uses, and what the calls share.
 
-Its responsibility: from each utterance's transcript and emotion, the events of the agent-assist
-feed: the transcript with PII redacted (card numbers by Luhn, CVV, phone numbers, emails, SSN), the
-emotion and a running sentiment trend, escalation when the configured policy fires (thresholds on
-consecutive utterances, keywords, a negative streak, with hysteresis), and a suggested reply
-retrieved from the knowledge base; and the supervisor's list of live calls.
+:func:`assist_lifespan` (the cs app's lifespan) loads, through the shared runtime:
+
+- ``cs-vad-8k`` / ``cs-vad-16k``: silero VAD as streaming models (:mod:`.vad`), one session per
+  call track, so 32 ms windows of concurrent calls share batches;
+- ``cs-asr``: pocketsphinx with the domain language model built from the shipped call scripts
+  (:mod:`.asr`); no tenant's data goes into it, since it serves every tenant;
+- ``cs-emotion``: the audio + text emotion model (:mod:`.model`), utterances of concurrent calls
+  batched together;
+
+and holds the per-process :class:`~.pipeline.AssistServices`: the runtime's streaming sessions,
+the knowledge index (each tenant's articles, synced from the database on use), and the event feed.
+Live calls left open by a process that died are closed as ``partial`` at start-up.
 """
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import numpy as np
+import numpy.typing as npt
+
+from model_runtime import ModelRuntime, StreamingSessions, get_runtime
+from services.customer_service import store
+from services.customer_service.asr import AsrRequest, Transcript, asr_model_spec, build_domain_lm
+from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
+from services.customer_service.vad import vad_streaming_model
+from shared.db import session_scope, utcnow
+from shared.errors import NotReady
+from shared.feeds import event_feed
+
+logger = logging.getLogger("tessera.cs.assist")
+
+ASR_MODEL = "cs-asr"
+EMOTION_MODEL = "cs-emotion"
+VAD_RATES = (8000, 16000)
+STALE_CALL_AFTER = timedelta(minutes=10)
+"""A live call whose stream has been silent this long at start-up belonged to a dead process."""
+
+_services: AssistServices | None = None
+_knowledge = TenantKnowledge()
+
+
+class RuntimeAnalyzers:
+    """The pipeline's two models, served by the shared runtime (batched across calls)."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+
+    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int) -> Transcription:
+        """Speech-to-text of one utterance through ``cs-asr``."""
+        transcript: Transcript = await self.runtime.predict(ASR_MODEL, AsrRequest(samples, sample_rate))
+        return Transcription(text=transcript.text)
+
+    async def emotion(self, samples: npt.NDArray[np.int16] | None, sample_rate: int,
+                      text: str | None) -> EmotionReading:
+        """Emotion of one utterance through ``cs-emotion`` (audio, text or both)."""
+        from services.customer_service.model import EmotionRequest
+
+        reading: EmotionReading = await self.runtime.predict(EMOTION_MODEL, EmotionRequest(samples, sample_rate, text))
+        return reading
+
+
+def process_knowledge() -> TenantKnowledge:
+    """The process's knowledge base, ready before the models are (the API edits it meanwhile)."""
+    return _knowledge
+
+
+def assist_services() -> AssistServices:
+    """The process's assist services; 503 (not ready) before the app has started them."""
+    if _services is None:
+        raise NotReady("the customer-service models are loading")
+    return _services
+
+
+async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
+    """Load the models and build the process's assist services (see the module docstring)."""
+    global _services
+    from services.customer_service.evaluation import domain_texts
+    from services.customer_service.model import emotion_model_spec
+
+    runtime = runtime or get_runtime()
+    sessions = StreamingSessions(runtime)
+    for rate in VAD_RATES:
+        await sessions.load(vad_streaming_model(rate))
+    domain_lm = await asyncio.to_thread(build_domain_lm, domain_texts())
+    await runtime.load(asr_model_spec(ASR_MODEL, domain_lm))
+    await runtime.load(emotion_model_spec(name=EMOTION_MODEL))
+    closed = await asyncio.to_thread(_close_abandoned_calls)
+    if closed:
+        logger.warning("closed %d live calls left open by a process that stopped (kept as partial)", closed)
+    _services = AssistServices(sessions=sessions, analyzers=RuntimeAnalyzers(runtime), knowledge_base=_knowledge,
+                               feed=event_feed())
+    return _services
+
+
+async def stop_assist() -> None:
+    """Close every session and unload the models."""
+    global _services
+    services, _services = _services, None
+    if services is None:
+        return
+    runtime = services.sessions.runtime
+    await services.sessions.close()
+    for name in (ASR_MODEL, EMOTION_MODEL):
+        with contextlib.suppress(Exception):
+            await runtime.unload(name)
+
+
+@contextlib.asynccontextmanager
+async def assist_lifespan(_app: object) -> AsyncIterator[None]:
+    """The cs app's lifespan: the models load in the background, so the app (and the gateway with
+    every vertical) answers at once; streams are refused with 1013 and ``/readyz`` says not ready
+    until they are loaded."""
+    loading = asyncio.create_task(_start_logged())
+    try:
+        yield
+    finally:
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        await stop_assist()
+
+
+async def _start_logged() -> None:
+    started = time.perf_counter()
+    try:
+        await start_assist()
+    except FileNotFoundError as missing:  # no artifact shipped or trained: say which, no traceback
+        logger.error("the customer-service models could not be loaded (%s); streams are refused", missing)
+        return
+    except Exception:
+        logger.exception("the customer-service models could not be loaded; streams are refused")
+        return
+    logger.info("customer-service models loaded in %.1f s", time.perf_counter() - started)
+
+
+def check_assist_ready() -> None:
+    """Readiness check: raises :class:`~shared.errors.NotReady` until the models are loaded."""
+    assist_services()
+
+
+def _close_abandoned_calls() -> int:
+    with session_scope() as session:
+        return store.abandon_stale_calls(session, idle_since=utcnow() - STALE_CALL_AFTER)

@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import numpy as np
@@ -122,28 +122,36 @@ class UtteranceAnalyzers(Protocol):
         ...
 
 
-@dataclass
-class AssistServices:
-    """What every call pipeline of a process shares: the runtime's VAD sessions, the models, the
-    knowledge index and the feed."""
+class TenantKnowledge:
+    """The process's knowledge index, each tenant's articles synced from the database on use (the
+    API of this process or another replica may have changed them)."""
 
-    sessions: StreamingSessions
-    analyzers: UtteranceAnalyzers
-    knowledge: KnowledgeIndex
-    feed: EventFeed
-    endpointing: EndpointConfig = field(default_factory=EndpointConfig)
-    knowledge_synced: dict[str, Any] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.knowledge = KnowledgeIndex()
+        self._synced: dict[str, datetime | None] = {}
 
     async def sync_knowledge(self, tenant_id: str) -> None:
-        """Bring the tenant's articles in the index up to date with the database (another replica
-        or an API call may have changed them)."""
-        since = self.knowledge_synced.get(tenant_id)
+        """Bring the tenant's articles in the index up to date: all of them the first time, then
+        those changed since the last sync."""
+        since = self._synced.get(tenant_id)
 
-        def sync() -> Any:
+        def sync() -> datetime | None:
             with session_scope() as session:
                 return store.sync_index(session, self.knowledge, tenant_id, since)
 
-        self.knowledge_synced[tenant_id] = await asyncio.to_thread(sync)
+        self._synced[tenant_id] = await asyncio.to_thread(sync)
+
+
+@dataclass
+class AssistServices:
+    """What every call pipeline of a process shares: the runtime's VAD sessions, the models, the
+    knowledge base and the feed."""
+
+    sessions: StreamingSessions
+    analyzers: UtteranceAnalyzers
+    knowledge_base: TenantKnowledge
+    feed: EventFeed
+    endpointing: EndpointConfig = field(default_factory=EndpointConfig)
 
 
 # --- the pipeline -------------------------------------------------------------------------------------
@@ -214,7 +222,7 @@ class CallPipeline:
             call.sessions.append(session)
             call.vads[track.track] = CallVad(session, track.sample_rate, self.services.endpointing)
         self.call = call
-        await self.services.sync_knowledge(tenant_id)
+        await self.services.knowledge_base.sync_knowledge(tenant_id)
         summary = {"type": "call.started", "call_id": started.call_id, "protocol": started.protocol,
                    "tracks": [track.track for track in started.tracks], "authenticated": started.authenticated,
                    "at": utcnow().isoformat()}
@@ -283,8 +291,8 @@ class CallPipeline:
             at_ms=timing["end_ms"]))
         suggestion = None
         if track == "customer" and redaction.text.strip():
-            suggestion = self.services.knowledge.suggest(call.tenant_id, redaction.text, emotion=fused.label,
-                                                         settings=call.retrieval)
+            index = self.services.knowledge_base.knowledge
+            suggestion = index.suggest(call.tenant_id, redaction.text, emotion=fused.label, settings=call.retrieval)
         await asyncio.to_thread(_store_utterance, call, track, timing, redaction, fused, assessment,
                                 None if suggestion is None else suggestion.article_id)
         await self._publish({"type": "emotion", **timing, **_emotion_fields(fused), "final": True,

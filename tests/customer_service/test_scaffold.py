@@ -1,7 +1,7 @@
 """The customer-service app served by uvicorn: the HTTP endpoints of issue 18, now built, keep the
 contract the scaffold published (each needs an API key, 401 without, holding the ``cs`` scope, 403
 with another vertical's; each is in the OpenAPI with the key as its security; none answers 501);
-WebSockets not built yet close with 1011 naming the issue."""
+keyed WebSockets refuse a handshake without a ``cs`` key as HTTP 401/403 problem+json."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from tests.scaffold import (
 )
 
 TRACKING_ISSUE = 18
-NOT_BUILT_CLOSE = (1011, f"not built yet: tracked in issue {TRACKING_ISSUE}")
 WAV_BODY, WAV_HEADERS = multipart_file(b"RIFF\x24\x00\x00\x00WAVEfmt ", "utterance.wav")
 JSON = {"Content-Type": "application/json"}
 ENDPOINTS = [
@@ -91,13 +90,12 @@ def refused_status(server: ScaffoldServer, path: str, key: str | None) -> int:
     return response.status_code
 
 
-@pytest.mark.parametrize("path", ["/v1/streams/audiohook", "/v1/calls/CA123/events"])
-def test_each_keyed_websocket_needs_a_cs_key_then_closes_as_not_built(server: ScaffoldServer, path: str) -> None:
+@pytest.mark.parametrize("path", ["/v1/streams/audiohook", "/v1/streams/vonage", "/v1/calls/CA123/events",
+                                  "/v1/supervisor/events"])
+def test_each_keyed_websocket_needs_a_cs_key(server: ScaffoldServer, path: str) -> None:
     assert refused_status(server, path, None) == 401
     assert refused_status(server, path, server.key_for("fraud")) == 403
-    assert close_received(server, path, server.key_for("cs")) == NOT_BUILT_CLOSE
 
 
-def test_the_twilio_stream_takes_no_key_and_closes_as_not_built(server: ScaffoldServer) -> None:
-    # Twilio cannot send an API key; issue 18 proves the tenant by X-Twilio-Signature instead.
-    assert close_received(server, "/v1/streams/twilio?tenant=bank-a", None) == NOT_BUILT_CLOSE
+def test_the_feed_of_an_unknown_call_is_refused_with_its_reason(server: ScaffoldServer) -> None:
+    assert close_received(server, "/v1/calls/CA123/events", server.key_for("cs")) == (1008, "no call 'CA123'")
