@@ -291,8 +291,8 @@ class CallPipeline:
             at_ms=timing["end_ms"]))
         suggestion = None
         if track == "customer" and redaction.text.strip():
-            index = self.services.knowledge_base.knowledge
-            suggestion = index.suggest(call.tenant_id, redaction.text, emotion=fused.label, settings=call.retrieval)
+            articles = self.services.knowledge_base.knowledge
+            suggestion = articles.suggest(call.tenant_id, redaction.text, emotion=fused.label, settings=call.retrieval)
         await asyncio.to_thread(_store_utterance, call, track, timing, redaction, fused, assessment,
                                 None if suggestion is None else suggestion.article_id)
         await self._publish({"type": "emotion", **timing, **_emotion_fields(fused), "final": True,
