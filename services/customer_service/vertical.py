@@ -2,4 +2,5 @@
 
 from shared.verticals import Vertical
 
-VERTICAL = Vertical(name="cs", title="Emotion-aware customer service")
+VERTICAL = Vertical(name="cs", title="Emotion-aware customer service",
+                    commands={"train": "training:main", "simulate": "simulate:main"})

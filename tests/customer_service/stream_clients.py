@@ -16,6 +16,8 @@
 frame when its time comes (real time), ``2.0`` twice as fast, ``None`` as fast as the socket takes.
 
 URLs are those of the cs app served alone (``/v1/...``); behind the gateway prefix them with ``/cs``.
+:func:`serve_customer_service` runs that app under uvicorn on loopback for a tenant whose stream
+credentials are set (:data:`TENANT`, :data:`AUTH_TOKEN`, :data:`CLIENT_SECRET`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -50,6 +55,12 @@ from services.customer_service.simulate import (
     SimulatedCall,
     iter_frames,
 )
+from shared.config import get_settings
+from shared.db import session_factory
+from shared.security import create_api_key
+from tests.conftest import Stack
+from tests.scaffold import migrate
+from tests.support import ManagedProcess, free_port, python_argv, wait_until
 
 TWILIO_PATH = "/v1/streams/twilio"
 AUDIOHOOK_PATH = "/v1/streams/audiohook"
@@ -157,6 +168,7 @@ class TwilioClient:
         self.chunks: dict[str, int] = {}
         self.connection: ClientConnection | None = None
         self.connected_at: float | None = None
+        self.media_started_at: float | None = None
         self.frames_sent = 0
 
     async def connect(self) -> TwilioClient:
@@ -213,8 +225,10 @@ class TwilioClient:
         await self.send_json(self.media_message(track, payload, timestamp_ms))
 
     async def send_frames(self, frames: Iterable[MediaFrame], pacing: float | None = None) -> None:
-        """Each frame as one ``media`` message per track, paced (see :class:`Pacer`)."""
+        """Each frame as one ``media`` message per track, paced (see :class:`Pacer`); the first
+        frame's send time is :attr:`media_started_at` (stream time 0 when frames start at 0)."""
         pacer = Pacer(pacing)
+        self.media_started_at = self.media_started_at or pacer.started
         for frame in frames:
             await pacer.wait(frame.timestamp_ms / 1000)
             for track in self.tracks:
@@ -324,6 +338,7 @@ class AudioHookClient:
         self.seq = 0
         self.serverseq = 0
         self.samples_sent = 0
+        self.media_started_at: float | None = None
         self.received: list[Received] = []
         self.media: dict[str, Any] | None = None
         self.connection: ClientConnection | None = None
@@ -439,9 +454,11 @@ class AudioHookClient:
         self.samples_sent += len(frame) // max(len(self.channels), 1)
 
     async def send_frames(self, frames: Iterable[MediaFrame], pacing: float | None = None) -> None:
-        """Each frame, its negotiated channels interleaved, paced (see :class:`Pacer`)."""
+        """Each frame, its negotiated channels interleaved, paced (see :class:`Pacer`); the first
+        frame's send time is :attr:`media_started_at`."""
         roles = [ROLE_OF_AUDIOHOOK_CHANNEL[channel] for channel in self.channels]
         pacer = Pacer(pacing)
+        self.media_started_at = self.media_started_at or pacer.started
         for frame in frames:
             await pacer.wait(frame.timestamp_ms / 1000)
             await self.send_audio(frame.interleaved(roles))
@@ -567,3 +584,137 @@ class AssistFeed:
         """Like :meth:`of_type`, with arrival times."""
         return [item for item in self.events
                 if item.data.get("type") == kind and all(item.data.get(k) == v for k, v in matching.items())]
+
+
+# --- the server the clients talk to --------------------------------------------------------------------
+
+CS_APP = "services.customer_service.api:app"
+TENANT = "acme-cs"
+TWILIO_ACCOUNT_SID = "AC" + "0" * 32
+AUTH_TOKEN = "twilio-auth-token-of-acme"
+CLIENT_SECRET = b"audiohook client secret of acme"
+
+
+@dataclass
+class CsServer:
+    """The cs app under uvicorn on loopback, its database and :data:`TENANT`'s API key."""
+
+    base_url: str
+    database_url: str
+    api_key: str
+    process: ManagedProcess
+
+    def ws(self, path: str) -> str:
+        """``path`` on this server as a ``ws://`` URL."""
+        return ws_url(self.base_url, path)
+
+    @property
+    def twilio_url(self) -> str:
+        """The Twilio stream URL naming :data:`TENANT`."""
+        return self.ws(f"{TWILIO_PATH}?tenant={TENANT}")
+
+    def call_record(self, call_id: str) -> dict[str, Any]:
+        """The call's ``status``, ``end_reason`` and transcript ``lines`` (speaker, text):
+        ``GET /v1/calls/{id}`` where it answers, else read from the database (``status`` ``None``:
+        no such call)."""
+        response = httpx.get(f"{self.base_url}/v1/calls/{call_id}", headers={"X-API-Key": self.api_key}, timeout=10)
+        if response.status_code == 200:
+            summary = response.json()
+            return {"status": summary["status"], "end_reason": summary["end_reason"],
+                    "lines": [(line["speaker"], line["text"] or "") for line in summary["transcript"]]}
+        if response.status_code not in (404, 501):
+            raise AssertionError(f"GET /v1/calls/{call_id}: {response.status_code} {response.text[:500]}")
+        from services.customer_service import store
+
+        with session_factory(self.database_url)() as session:
+            call = store.find_call(session, TENANT, call_id)
+            if call is None:
+                return {"status": None, "end_reason": None, "lines": []}
+            lines = [(row.speaker, row.transcript or "") for row in store.call_utterances(session, call)]
+            return {"status": call.status, "end_reason": call.end_reason, "lines": lines}
+
+
+def configure_tenant(env: dict[str, str], database_url: str) -> str:
+    """An API key of :data:`TENANT` (``cs`` scope) and its stream credentials (Twilio auth token,
+    AudioHook client secret). Keys are hashed with the server's secret key, so the settings are
+    read from ``env`` meanwhile."""
+    from services.customer_service import store
+    from services.customer_service.assist_schemas import IntegrationsIn
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        with session_factory(database_url)() as session:
+            key = create_api_key(session, tenant_id=TENANT, name="streams", scopes=["cs"])
+            store.set_integrations(session, TENANT, IntegrationsIn.model_validate({
+                "twilio": {"account_sid": TWILIO_ACCOUNT_SID, "auth_token": AUTH_TOKEN},
+                "audiohook": {"client_secret": base64.b64encode(CLIENT_SECRET).decode()}}))
+            session.commit()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
+    return key
+
+
+def emotion_models_env(workdir: Path) -> tuple[dict[str, str], str]:
+    """The environment that gives the server an emotion model, and where it came from: none needed
+    when a model is shipped (``<models_dir>/cs/emotion``), else an untrained one sealed under
+    ``workdir`` (its emotions mean nothing; streams, latency and the protocols work the same)."""
+    from model_runtime import save_artifact
+    from services.customer_service.model import (
+        ARTIFACT_NAME,
+        MODELS_SUBDIR,
+        EmotionModel,
+        default_emotion_dir,
+        save_emotion_model,
+    )
+
+    with contextlib.suppress(FileNotFoundError):
+        return {}, f"shipped ({default_emotion_dir()})"
+    directory = workdir / MODELS_SUBDIR / ARTIFACT_NAME / "untrained"
+    save_emotion_model(EmotionModel.create(), directory)
+    save_artifact(directory, name=ARTIFACT_NAME, version="untrained", framework="torch",
+                  model_card="Untrained: random weights, for tests and timing only.")
+    return {"TESSERA_MODELS_DIR": str(workdir)}, "untrained (no shipped model: its emotions mean nothing)"
+
+
+def wait_ready(base_url: str, process: ManagedProcess, timeout_s: float) -> None:
+    """Block until ``/readyz`` answers 200: the models load after uvicorn starts, and streams are
+    refused with 1013 until then."""
+
+    def ready() -> bool:
+        if process.process.poll() is not None:
+            raise AssertionError(f"{process.name} exited ({process.process.returncode}):\n{process.output[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200
+        return False
+
+    wait_until(ready, timeout_s, f"{base_url}/readyz (the cs models loading)\n{process.output[-3000:]}", 0.25)
+
+
+@contextlib.contextmanager
+def serve_customer_service(stack: Stack, *, environment: str = "production", app: str = CS_APP,
+                           env: dict[str, str] | None = None, startup_timeout_s: float = 180.0) -> Iterator[CsServer]:
+    """Migrate ``stack``, configure :data:`TENANT` and serve ``app`` under uvicorn on a free loopback
+    port (``environment`` ``production`` refuses unsigned streams) until the block ends."""
+    stack.extra_env.update({"TESSERA_ENVIRONMENT": environment, "TESSERA_SECRET_KEY": uuid.uuid4().hex,
+                            "TESSERA_LOG_LEVEL": "WARNING", **(env or {})})
+    migrate(stack.database_url)
+    api_key = configure_tenant(stack.env, stack.database_url)
+    port = free_port()
+    process = ManagedProcess(python_argv("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+                             stack.env, "cs-api")
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        process.wait_for_output(r"Uvicorn running on", timeout_s=startup_timeout_s)
+        wait_ready(base_url, process, startup_timeout_s)
+        yield CsServer(base_url, stack.database_url, api_key, process)
+    finally:
+        process.stop()
+        if "Traceback" in process.output:
+            print(f"--- cs server log with errors ---\n{process.output[-6000:]}")
