@@ -10,8 +10,9 @@ over a vocabulary of the domain's words plus the ``generic_words`` most frequent
 ARPA form each history's back-off weight is exactly ``T(h) / (c(h) + T(h))`` (distinct followers
 over count plus distinct followers), the Witten-Bell mass left to the lower order. The
 pronunciation dictionary is cmudict restricted to that vocabulary; a domain word cmudict does
-not know is left out of the model and listed in :attr:`DomainLm.unknown_words` (no
-grapheme-to-phoneme fallback yet).
+not know (a brand, a name) gets the pronunciation espeak-ng gives it (:func:`guess_pronunciation`:
+its US-English IPA mapped to cmudict's phones), listed in :attr:`DomainLm.guessed_words`; one
+still without a pronunciation is left out and listed in :attr:`DomainLm.unknown_words`.
 
 pocketsphinx decoders are not thread-safe, and ``process_raw`` holds the GIL while it decodes: a
 :class:`Recognizer` belongs to one thread, and served through the shared runtime
@@ -25,6 +26,8 @@ import functools
 import math
 import multiprocessing
 import re
+import shutil
+import subprocess
 import tempfile
 import time
 import weakref
@@ -133,6 +136,7 @@ class DomainLm:
     dictionary: str
     vocabulary: frozenset[str]
     domain_words: frozenset[str]
+    guessed_words: tuple[str, ...]
     unknown_words: tuple[str, ...]
     sentences: int
     ngram_counts: tuple[int, int, int]
@@ -153,14 +157,19 @@ class _Counts:
     trigrams: Counter[tuple[str, str, str]] = field(default_factory=Counter)
 
 
-def build_domain_lm(texts: Iterable[str], *, generic_words: int = 2000) -> DomainLm:
+def build_domain_lm(texts: Iterable[str], *, generic_words: int = 2000, guess_unknown: bool = True) -> DomainLm:
     """The domain trigram of ``texts`` (knowledge-base articles, call scripts), backed off to the
     generic model's unigrams over the domain words plus the ``generic_words`` most frequent generic
-    words. Raises ``ValueError`` when the texts hold no word with a known pronunciation."""
-    pronunciations = cmudict()
+    words; domain words cmudict lacks are pronounced by espeak-ng when ``guess_unknown`` and it is
+    installed. Raises ``ValueError`` when the texts hold no word with a pronunciation."""
+    pronunciations = dict(cmudict())
     sentences = [words for text in texts for words in sentence_words(text)]
     domain_words = {word for words in sentences for word in words}
-    unknown = sorted(word for word in domain_words if word not in pronunciations)
+    missing = sorted(word for word in domain_words if word not in pronunciations)
+    guessed = {word: phones for word in (missing if guess_unknown else [])
+               if (phones := guess_pronunciation(word)) is not None}
+    pronunciations.update({word: (phones,) for word, phones in guessed.items()})
+    unknown = [word for word in missing if word not in guessed]
     known_domain = domain_words - set(unknown)
     if not known_domain:
         raise ValueError("the domain text holds no word with a known pronunciation")
@@ -173,8 +182,51 @@ def build_domain_lm(texts: Iterable[str], *, generic_words: int = 2000) -> Domai
                          for word in sorted(vocabulary)
                          for index, phones in enumerate(pronunciations[word]))
     return DomainLm(arpa=arpa, dictionary=dictionary, vocabulary=frozenset(vocabulary),
-                    domain_words=frozenset(known_domain), unknown_words=tuple(unknown), sentences=len(sentences),
+                    domain_words=frozenset(known_domain), guessed_words=tuple(sorted(guessed)),
+                    unknown_words=tuple(unknown), sentences=len(sentences),
                     ngram_counts=(len(vocabulary) + 2, len(counts.bigrams), len(counts.trigrams)))
+
+
+# espeak-ng's US-English IPA to cmudict's phones; longest symbols first when matching
+_IPA_TO_CMU = {
+    "aɪə": "AY ER", "ɚɹ": "ER", "aʊ": "AW", "aɪ": "AY", "eɪ": "EY", "oʊ": "OW", "ɔɪ": "OY", "tʃ": "CH", "dʒ": "JH",
+    "ɑː": "AA", "ɔː": "AO", "iː": "IY", "uː": "UW", "ɜː": "ER", "oː": "AO", "ɪə": "IH R", "eə": "EH R",
+    "ʊə": "UH R", "ɑ": "AA", "ɒ": "AA", "a": "AA", "æ": "AE", "ʌ": "AH", "ə": "AH", "ɐ": "AH", "ɔ": "AO",
+    "ɛ": "EH", "e": "EH", "ɚ": "ER", "ɝ": "ER", "ɪ": "IH", "ᵻ": "IH", "i": "IY", "o": "OW", "ʊ": "UH",
+    "u": "UW", "b": "B", "d": "D", "ð": "DH", "f": "F", "ɡ": "G", "g": "G", "h": "HH", "k": "K", "x": "K",
+    "l": "L", "m": "M", "n": "N", "ŋ": "NG", "p": "P", "ɹ": "R", "r": "R", "s": "S", "ʃ": "SH", "t": "T",
+    "ɾ": "T", "ʔ": "T", "θ": "TH", "v": "V", "w": "W", "j": "Y", "z": "Z", "ʒ": "ZH",
+}
+_IPA_SYMBOLS = sorted(_IPA_TO_CMU, key=len, reverse=True)
+
+
+def ipa_to_cmu(ipa: str) -> str:
+    """espeak-ng IPA as cmudict phones (stress marks, lengths and unknown symbols dropped)."""
+    phones, position = [], 0
+    while position < len(ipa):
+        symbol = next((s for s in _IPA_SYMBOLS if ipa.startswith(s, position)), None)
+        if symbol is None:
+            position += 1
+            continue
+        phones.append(_IPA_TO_CMU[symbol])
+        position += len(symbol)
+    return " ".join(phones)
+
+
+@functools.cache
+def guess_pronunciation(word: str) -> str | None:
+    """cmudict phones for a word cmudict lacks, from espeak-ng's US-English IPA; ``None`` when
+    espeak-ng is not installed or says nothing usable."""
+    executable = shutil.which("espeak-ng")
+    if executable is None or not word.replace("'", "").isalnum():
+        return None
+    try:
+        done = subprocess.run([executable, "-q", "--ipa", "-v", "en-us", word], capture_output=True, timeout=10,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    phones = ipa_to_cmu(done.stdout.decode("utf-8", errors="replace").strip()) if done.returncode == 0 else ""
+    return phones or None
 
 
 def _count(sentences: Sequence[Sequence[str]], vocabulary: set[str]) -> _Counts:
