@@ -246,3 +246,14 @@ class PrefixDispatcher:
                 await child(scope, receive, send)
                 return
         await self.parent(scope, receive, send)
+
+
+def mounted_base_url(connection: HTTPConnection) -> str:
+    """The URL of the app that serves ``connection``, its mount prefix kept (no trailing slash).
+
+    Starlette's ``request.base_url`` is the outermost application's root: behind the gateway it
+    drops ``/nodule`` or ``/cs``, so links built on it (RetrieveURL, Location) would point outside
+    the vertical. ``root_path`` holds the prefixes of every mount on the way.
+    """
+    return str(connection.url.replace(path=connection.scope.get("root_path", ""), query=None,
+                                      fragment=None)).rstrip("/")

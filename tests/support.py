@@ -12,8 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, Literal
+
+import uvicorn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO_ROOT.parent / "shared"
@@ -117,3 +120,24 @@ class ManagedProcess:
 def python_argv(*args: str) -> list[str]:
     """argv running this interpreter."""
     return [sys.executable, *args]
+
+
+@contextlib.contextmanager
+def served_in_thread(app: Any, *, lifespan: Literal["on", "off"] = "off") -> Iterator[str]:
+    """``app`` under uvicorn in this process (its lifespan off unless asked) on a free loopback port;
+    yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

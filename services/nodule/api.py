@@ -58,7 +58,7 @@ from services.nodule.schemas import (
     UploadItem,
     UploadResult,
 )
-from shared.app import create_service_app
+from shared.app import create_service_app, mounted_base_url
 from shared.db import SessionDep
 from shared.errors import (
     BadRequest,
@@ -121,7 +121,7 @@ async def _stow(request: Request, tenant_id: str, study_uid: str | None) -> Resp
     paths = await _receive_parts(request)
     outcomes = await asyncio.to_thread(store_parts, paths, tenant_id=tenant_id, source="stow-rs",
                                        expected_study_uid=study_uid)
-    base_url = str(request.base_url).rstrip("/") + "/dicomweb"
+    base_url = mounted_base_url(request) + "/dicomweb"
     body = stow_response(outcomes, base_url, study_uid)
     return Response(orjson.dumps(body), status_code=stow_status_code(outcomes), media_type=DICOM_JSON)
 
@@ -288,7 +288,7 @@ def list_results(study_instance_uid: str, request: Request, principal: NodulePri
                  session: SessionDep) -> list[ResultObject]:
     """The SR, SEG and key images made for the study, each with its WADO-RS URL."""
     analysis.get_study(session, principal.tenant_id, study_instance_uid)
-    base_url = str(request.base_url).rstrip("/") + "/dicomweb"
+    base_url = mounted_base_url(request) + "/dicomweb"
     return [_result_object(row, base_url) for row in results.study_results(session, principal.tenant_id,
                                                                            study_instance_uid)]
 

@@ -10,12 +10,9 @@ suggestions show the index following the API's changes."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import socket
 import struct
-import threading
 import time
 import uuid
 import wave
@@ -27,7 +24,6 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
@@ -40,7 +36,7 @@ from shared.errors import PROBLEM_CONTENT_TYPE
 from shared.security import create_api_key
 from tests.conftest import Stack, apply_stack_in_process, sqlite_stack_at
 from tests.scaffold import migrate
-from tests.support import ManagedProcess, free_port, python_argv
+from tests.support import ManagedProcess, free_port, python_argv, served_in_thread
 
 TWILIO_SID = "AC" + "0123456789abcdef" * 2
 AUDIOHOOK_SECRET = "TXlTdXBlclNlY3JldEtleVRlbGxOby0xMjM0NTY3ODkwMTIzNDU2Nzg5MA=="
@@ -374,26 +370,6 @@ class InProcessServer:
     base_url: str
     analyzers: FakeAnalyzers
     tenant: Tenant
-
-
-@contextlib.contextmanager
-def served_in_thread(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn in this process (its lifespan off) on a free loopback port; yields its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture
