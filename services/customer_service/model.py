@@ -35,7 +35,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,10 @@ from torch import nn
 
 from services.customer_service.features import FEATURE_RATE, FeatureConfig, log_mel
 from services.customer_service.labels import EMOTIONS
+
+if TYPE_CHECKING:
+    from model_runtime import LoadContext, ModelSpec
+    from services.customer_service.pipeline import EmotionReading
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
@@ -538,15 +542,162 @@ def save_emotion_model(model: EmotionModel, directory: Path) -> list[Path]:
 def load_emotion_model(directory: Path, device: torch.device | str = "cpu") -> EmotionModel:
     """A model saved by :func:`save_emotion_model`, in eval mode on ``device``; the pretrained
     source directories its config names are not needed (their configs are in ``config.json``)."""
-    config_path = directory / CONFIG_FILE
-    try:
-        values = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelConfigError(f"{config_path}: cannot read the model config ({error})") from error
-    config = EmotionModelConfig.from_dict(values)
+    config = EmotionModelConfig.from_dict(_read_config(directory))
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
     net = EmotionNet(config)
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     net.to(device).eval()
     return EmotionModel(net, tokenizer, config)
+
+
+# --- serving through the shared runtime -----------------------------------------------------------
+
+MODELS_SUBDIR = "cs"
+ARTIFACT_NAME = "emotion"
+MAX_REQUEST_S = 30.0
+"""An utterance longer than this is refused (``BadInput``): no endpointed utterance is that long."""
+
+
+@dataclass(frozen=True)
+class EmotionRequest:
+    """One utterance for the ``cs-emotion`` model: audio, transcript, or both.
+
+    ``samples``: mono int16 PCM at ``sample_rate`` (8000-48000 Hz, resampled to 16 kHz here);
+    ``None`` or empty means no audio. ``text``: the transcript; ``None`` or blank means no text.
+    """
+
+    samples: npt.NDArray[np.int16] | None
+    sample_rate: int
+    text: str | None
+
+
+def default_emotion_dir() -> Path:
+    """The newest shipped emotion artifact, ``<models_dir>/cs/emotion/<version>``."""
+    from model_runtime.artifacts import list_versions
+    from shared.config import get_settings
+
+    root = get_settings().models_dir / MODELS_SUBDIR
+    versions = list_versions(root, ARTIFACT_NAME)
+    if not versions:
+        raise FileNotFoundError(f"no emotion model artifact under {root / ARTIFACT_NAME} (run `tessera train cs`)")
+    return root / ARTIFACT_NAME / versions[-1]
+
+
+class UtterancePreparer:
+    """Checks one :class:`EmotionRequest` and turns it into model inputs (in the runtime's prepare
+    pool); needs only the model's config and tokenizer, not its weights."""
+
+    def __init__(self, config: EmotionModelConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def __call__(self, request: Any) -> PreparedUtterance:
+        """The request's inputs; :class:`~model_runtime.BadInput` saying what is wrong otherwise."""
+        from model_runtime import BadInput
+
+        if not isinstance(request, EmotionRequest):
+            raise BadInput(f"expected an EmotionRequest, got {type(request).__name__}")
+        text = request.text
+        if text is not None and not isinstance(text, str):
+            raise BadInput(f"text must be a string or None, got {type(text).__name__}")
+        samples = self._waveform(request)
+        if samples is None and (text is None or not text.strip()):
+            raise BadInput("the utterance has neither audio nor text")
+        return prepare_utterance(samples, text, config=self.config, tokenizer=self.tokenizer)
+
+    @staticmethod
+    def _waveform(request: EmotionRequest) -> npt.NDArray[np.float32] | None:
+        from model_runtime import BadInput
+        from services.customer_service.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+
+        samples = request.samples
+        if samples is None:
+            return None
+        if not isinstance(samples, np.ndarray) or samples.dtype != np.int16 or samples.ndim != 1:
+            shape = getattr(samples, "shape", None)
+            raise BadInput(f"audio must be mono int16 samples (1-D), got {getattr(samples, 'dtype', type(samples))} "
+                           f"of shape {shape}")
+        if not samples.size:
+            return None
+        rate = request.sample_rate
+        integer = isinstance(rate, int | np.integer) and not isinstance(rate, bool)
+        if not integer or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise BadInput(f"sample rate {rate!r} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+        if samples.size > MAX_REQUEST_S * rate:
+            raise BadInput(f"the utterance is {samples.size / rate:.1f} s long; "
+                           f"at most {MAX_REQUEST_S:.0f} s is accepted")
+        return resample(samples.astype(np.float32) / 32768.0, int(rate), FEATURE_RATE)
+
+
+def readings(model: EmotionModel, items: Sequence[PreparedUtterance]) -> list[EmotionReading]:
+    """The model's answers for a batch of prepared utterances, as the call pipeline reads them."""
+    from services.customer_service.pipeline import EmotionReading
+
+    answers = []
+    for item, probabilities in zip(items, model.predict(items), strict=True):
+        modalities = tuple(name for name, present in (("audio", item.audio is not None),
+                                                      ("text", item.token_ids is not None)) if present)
+        label = max(probabilities, key=probabilities.__getitem__)
+        answers.append(EmotionReading(label=label, probabilities=probabilities, modalities=modalities))
+    return answers
+
+
+def emotion_model_spec(directory: Path | None = None, *, name: str = "cs-emotion", max_batch_size: int = 16,
+                       max_wait_ms: float = 5.0, model: EmotionModel | None = None, version: str = "",
+                       max_queue: int = 256, timeout_s: float | None = 30.0, device: str | None = None) -> ModelSpec:
+    """The emotion model as a model of the shared runtime: items are :class:`EmotionRequest`,
+    answers :class:`~services.customer_service.pipeline.EmotionReading`.
+
+    Parameters
+    ----------
+    directory : Path, optional
+        A saved model (:func:`save_emotion_model`, sealed as an artifact or a bare directory);
+        default the newest shipped one (:func:`default_emotion_dir`).
+    name : str
+        Runtime model name.
+    max_batch_size, max_wait_ms, max_queue, timeout_s
+        Batching policy: utterances of concurrent calls share a batch.
+    model : EmotionModel, optional
+        A model built in code (tests), served instead of a directory.
+    version : str
+        Version label; empty takes the artifact manifest's.
+    device : str, optional
+        Overrides ``settings.device``.
+
+    ``prepare`` (resampling, log-mel features, tokens) runs in the runtime's thread pool; a request
+    without audio and text, with audio that is not mono int16, at a rate outside 8-48 kHz, or
+    longer than :data:`MAX_REQUEST_S` fails alone with ``BadInput``.
+    """
+    from model_runtime import ModelSpec
+
+    if model is None:
+        directory = directory or default_emotion_dir()
+        config = EmotionModelConfig.from_dict(_read_config(directory))
+        preparer = UtterancePreparer(config, load_tokenizer(directory / TOKENIZER_DIR))
+    else:
+        preparer = UtterancePreparer(model.config, model.tokenizer)
+
+    def load(context: LoadContext) -> EmotionModel:
+        if model is not None:
+            return model
+        source = context.artifact_dir or directory
+        assert source is not None
+        return load_emotion_model(source, device=context.placement.device)
+
+    warmup = [EmotionRequest(np.zeros(8000, np.int16), 8000, "I need help with my bill."),
+              EmotionRequest(np.zeros(4000, np.int16), 8000, None),
+              EmotionRequest(None, 8000, "thank you")]
+    return ModelSpec(name=name, version=version or ("" if model is None else "in-code"), loader=load,
+                     run_batch=readings, prepare=preparer, prepare_in="thread",
+                     artifact_dir=directory if model is None else None, max_batch_size=max_batch_size,
+                     max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s, warmup_items=warmup,
+                     device=device)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / CONFIG_FILE
+    try:
+        return dict(json.loads(config_path.read_text()))
+    except (OSError, ValueError) as error:
+        raise ModelConfigError(f"{config_path}: cannot read the model config ({error})") from error
