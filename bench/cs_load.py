@@ -280,11 +280,14 @@ def _emotion_spec() -> Any:
 
 def direct_spec_runner(spec: Any) -> Callable[[Any], Any]:
     """One item at a time through a runtime :class:`~model_runtime.ModelSpec`, without the runtime:
-    its loader once, then ``prepare``, ``run_batch`` of one item and ``finalize``."""
+    its loader once (torch threads as the runtime sets them), then ``prepare``, ``run_batch`` of one
+    item and ``finalize``; the spec's warm-up items are run once first, as the runtime does."""
     import torch
 
     from model_runtime import LoadContext, load_manifest, resolve_placement
+    from model_runtime.device import configure_threads
 
+    configure_threads()
     manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
     placement = resolve_placement(spec.device, spec.precision)
     model = spec.loader(LoadContext(spec.artifact_dir, manifest, placement))
@@ -296,4 +299,6 @@ def direct_spec_runner(spec: Any) -> Callable[[Any], Any]:
         output = outputs[0] if isinstance(outputs, Sequence) else outputs
         return spec.finalize(output) if spec.finalize else output
 
+    for item in spec.warmup_items:
+        run(item)
     return run
