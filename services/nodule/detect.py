@@ -15,7 +15,9 @@ Post-processing (:func:`extract_nodules`), all in voxel space, then mapped to pa
   component's maximum probability (its mean is kept in the logs only);
 - a component whose long axis is under :data:`MIN_LONG_AXIS_MM` (3 mm, the smallest nodule
   Lung-RADS counts) is dropped;
-- centre: the centroid of the component's voxels, in LPS through ``SeriesVolume.voxel_to_lps``;
+- centre: the probability-weighted centroid of the component's voxels, in LPS through
+  ``SeriesVolume.voxel_to_lps`` (weighting keeps a nodule's centre on it when a faint tail along
+  an abutting vessel joins its component);
 - long / short axis: on the axial slice where the component is largest, the maximum Feret diameter
   and the caliper width perpendicular to it (90 directions, 2 degree steps), as Lung-RADS measures;
 - volume: voxel count x voxel volume; mean HU over the component;
@@ -238,6 +240,7 @@ class _Component:
     window: tuple[slice, slice, slice]
     mask: np.ndarray  # within window
     confidence: float
+    weights: np.ndarray  # probability of the mask's voxels, in np.argwhere(mask) order
 
 
 def extract_nodules(probability: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, float, float],
@@ -297,7 +300,8 @@ def _components(probability: np.ndarray, threshold: float) -> list[_Component]:
         if window is None:
             continue
         mask = labelled[window] == index
-        found.append(_Component(index, window, mask, float(peaks[index - 1])))  # type: ignore[arg-type]
+        found.append(_Component(index, window, mask, float(peaks[index - 1]),  # type: ignore[arg-type]
+                                probability[window][mask]))
     return found
 
 
@@ -309,7 +313,7 @@ def _measure(component: _Component, hu: np.ndarray, spacing_mm: tuple[float, flo
         return None
     values = hu[component.window][mask]
     offsets = np.array([window.start for window in component.window], dtype=float)
-    centre_voxel = np.argwhere(mask).mean(axis=0) + offsets
+    centre_voxel = np.average(np.argwhere(mask), axis=0, weights=component.weights) + offsets
     nodule_type, solid_mm = classify_attenuation(mask, hu[component.window], spacing_mm, settings)
     voxel_mm3 = float(np.prod(spacing_mm))
     lps = np.asarray(voxel_to_lps(centre_voxel), dtype=float)

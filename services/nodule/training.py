@@ -4,8 +4,12 @@
 
 1. simulates the training and validation studies (:mod:`services.nodule.simulate`; seeds from
    :func:`~services.nodule.evaluation.split_seeds`, disjoint from the evaluation split's);
-2. trains the **teacher** on patches sampled around nodules (``positive_fraction``) and anywhere in
-   the lungs, with Dice + binary cross-entropy against the drawn nodule labels;
+2. trains the **teacher** on patches sampled around nodules (``positive_fraction``), on hard
+   negatives (``hard_negative_fraction``: vessels, airway walls and the pleura, where an undertrained
+   detector puts its false positives and misses juxta-pleural nodules) and anywhere in the lungs,
+   with flips, row/column swaps, extra noise and contrast changes (:func:`augment`), with Dice +
+   binary cross-entropy against the drawn nodule labels; the training studies are simulated once
+   into a patch bank (``--cache-dir`` keeps it on disk for the next run, :func:`load_training_studies`);
 3. distils the **student** from the teacher's probabilities on the same kind of patches plus the
    labels: ``w * BCE(student, teacher) + (1 - w) * (Dice + BCE)(student, labels)``;
 4. runs both networks through the shared runtime and the real post-processing
@@ -30,13 +34,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from model_runtime import resolve_device
 from model_runtime.artifacts import load_manifest, save_artifact
@@ -85,6 +90,8 @@ CANDIDATE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 """Probability levels tried on the validation split for the candidate components."""
 SOLID_SHARE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 GROUND_GLASS_SHARE_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
+HARD_NEGATIVE_HU = -500.0
+"""Lung voxels denser than this that are no nodule (vessels, airway walls) are hard-negative patch centres."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +115,19 @@ class TrainingPlan:
     learning_rate : float
         AdamW peak learning rate (cosine decay to 5 % of it).
     positive_fraction : float
-        Share of patches centred (with jitter) on a nodule; the rest anywhere in the lungs.
+        Share of patches centred (with jitter) on a nodule.
+    hard_negative_fraction : float
+        Share of patches centred on a vessel, an airway wall or the pleura (what the detector
+        confuses with nodules); the rest anywhere in the lungs.
     distillation_weight : float
         Weight of the teacher's soft targets in the student's loss.
+    distillation_interval : int
+        The teacher labels every this many student batches (the others train on the labels alone):
+        on a CPU the teacher's forward pass costs several student steps.
     extra_noise_hu : float
-        Half the patches get extra white noise of up to this standard deviation (HU), so the networks
-        see noisier scans than the simulator's training range draws.
+        Half the patches get extra white noise of up to this standard deviation (HU) and a small
+        contrast / level change, so the networks see noisier scans than the simulator's training
+        range draws.
     roi_size : tuple of int
         Inference patch shipped with the models.
     seed : int
@@ -130,9 +144,11 @@ class TrainingPlan:
     teacher_seconds: float = 0.0
     student_seconds: float = 0.0
     learning_rate: float = 2e-3
-    positive_fraction: float = 0.6
+    positive_fraction: float = 0.5
+    hard_negative_fraction: float = 0.3
     distillation_weight: float = 0.5
-    extra_noise_hu: float = 20.0
+    distillation_interval: int = 1
+    extra_noise_hu: float = 35.0
     roi_size: tuple[int, int, int] = DEFAULT_ROI
     seed: int = 0
 
@@ -145,12 +161,17 @@ QUICK_PLAN = TrainingPlan(train_studies=2, validation_studies=2, study_shape=(16
 # -- data -----------------------------------------------------------------------------------------
 @dataclass
 class TrainingStudy:
-    """One simulated study ready for patch sampling (normalised image, labels, where lungs and nodules are)."""
+    """One simulated study ready for patch sampling (normalised image, labels, where lungs and nodules are).
+
+    ``hard_voxels`` are the places a detector confuses with nodules: vessels and airway walls inside
+    the lungs (dense voxels that are no nodule) and the pleura (the lungs' border).
+    """
 
     image: np.ndarray  # (z, y, x) float16 in [0, 1]
     labels: np.ndarray  # (z, y, x) bool
     nodule_centres: np.ndarray  # (n, 3) voxel indices
     lung_voxels: np.ndarray  # (m, 3) a sample of lung voxel indices
+    hard_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=int))  # (k, 3)
 
 
 def simulate_split(split: str, count: int, shape: tuple[int, int, int]) -> list[SimulatedStudy]:
@@ -165,27 +186,68 @@ def training_study(study: SimulatedStudy, rng: np.random.Generator, lung_samples
         lung = np.argwhere(np.ones(study.hu.shape, dtype=bool))
     chosen = lung[rng.integers(0, len(lung), min(lung_samples, len(lung)))]
     centres = np.array([n.center_voxel for n in study.nodules], dtype=int).reshape(-1, 3)
-    return TrainingStudy(normalise_hu(study.hu).astype(np.float16), study.labels > 0, centres, chosen)
+    return TrainingStudy(normalise_hu(study.hu).astype(np.float16), study.labels > 0, centres, chosen,
+                         _hard_voxels(study, rng, lung_samples))
+
+
+def _hard_voxels(study: SimulatedStudy, rng: np.random.Generator, samples: int) -> np.ndarray:
+    """A sample of dense non-nodule voxels in the lungs (vessels, airway walls) and of the pleura, half each."""
+    nodule_zone = ndimage.binary_dilation(study.labels > 0, iterations=3)
+    dense = np.argwhere(study.lung_mask & (study.hu > HARD_NEGATIVE_HU) & ~nodule_zone)
+    border = study.lung_mask & ~ndimage.binary_erosion(study.lung_mask, iterations=2)
+    pleura = np.argwhere(border & ~nodule_zone)
+    picked = [found[rng.integers(0, len(found), min(samples // 2, len(found)))] for found in (dense, pleura)
+              if len(found)]
+    return np.concatenate(picked) if picked else np.zeros((0, 3), dtype=int)
+
+
+def load_training_studies(split: str, count: int, shape: tuple[int, int, int], rng: np.random.Generator,
+                          cache_dir: Path | None = None) -> list[TrainingStudy]:
+    """The training studies of ``split`` as a patch bank, simulated once and cached in ``cache_dir`` if given.
+
+    The cache holds one ``.npz`` per study, named by split, seed and shape, so a later run (the
+    student's, a rebuild) skips the simulation; the patch sampling stays random per step.
+    """
+    studies = []
+    for seed in split_seeds(split, count):
+        path = cache_dir / f"{split}-{seed}-{'x'.join(map(str, shape))}.npz" if cache_dir else None
+        if path is not None and path.exists():
+            with np.load(path) as stored:
+                studies.append(TrainingStudy(**{name: stored[name] for name in stored.files}))
+            continue
+        study = training_study(simulate_study(replace(split_config(split, seed), shape=shape)), rng)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path.with_suffix(".tmp.npz"), **asdict(study))
+            path.with_suffix(".tmp.npz").replace(path)
+        studies.append(study)
+    return studies
+
+
+PatchKind = str
+"""``positive`` (around a nodule), ``hard`` (a vessel, airway wall or the pleura) or ``lung`` (anywhere)."""
 
 
 def sample_patch(study: TrainingStudy, rng: np.random.Generator, patch: tuple[int, int, int],
-                 positive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One ``(1, *patch)`` image and label patch: around a nodule (jittered) or anywhere in the lungs.
+                 positive: bool = False, kind: PatchKind | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One ``(1, *patch)`` image and label patch: around a nodule (jittered), at a hard place or anywhere in the lungs.
 
-    Volumes smaller than the patch are padded with air; the left-right axis is flipped half the time.
+    Volumes smaller than the patch are padded with air. ``kind`` overrides ``positive``; a study
+    without nodules (or hard voxels) gives a lung patch instead.
     """
+    kind = kind or ("positive" if positive else "lung")
     size = np.array(patch)
-    if positive and len(study.nodule_centres):
+    if kind == "positive" and len(study.nodule_centres):
         centre = study.nodule_centres[rng.integers(len(study.nodule_centres))]
         centre = centre + rng.integers(-(size // 4), size // 4 + 1)
+    elif kind == "hard" and len(study.hard_voxels):
+        centre = study.hard_voxels[rng.integers(len(study.hard_voxels))] + rng.integers(-(size // 8), size // 8 + 1)
     else:
         centre = study.lung_voxels[rng.integers(len(study.lung_voxels))]
     image, labels = _pad_to(study.image, size, 0.0), _pad_to(study.labels, size, False)
     start = np.clip(centre - size // 2, 0, np.array(image.shape) - size)
     window = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size, strict=True))
     x, y = image[window].astype(np.float32), labels[window].astype(np.float32)
-    if rng.random() < 0.5:
-        x, y = x[..., ::-1], y[..., ::-1]
     return np.ascontiguousarray(x)[None], np.ascontiguousarray(y)[None]
 
 
@@ -196,16 +258,34 @@ def _pad_to(array: np.ndarray, size: np.ndarray, value: Any) -> np.ndarray:
     return np.pad(array, [(0, int(m)) for m in missing], constant_values=value)
 
 
+def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+            extra_noise_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each axis half the time, swap rows and columns half the time (square patches only), and
+    on half the patches add white noise of up to ``extra_noise_hu`` and a small contrast and level change."""
+    flips = tuple(axis for axis in (1, 2, 3) if rng.random() < 0.5)
+    if flips:
+        image, labels = np.flip(image, flips), np.flip(labels, flips)
+    if image.shape[2] == image.shape[3] and rng.random() < 0.5:
+        image, labels = image.transpose(0, 1, 3, 2), labels.transpose(0, 1, 3, 2)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if extra_noise_hu > 0 and rng.random() < 0.5:
+        scale = HU_WINDOW[1] - HU_WINDOW[0]
+        image = image * rng.uniform(0.95, 1.05) + rng.uniform(-20, 20) / scale
+        image += rng.normal(0.0, rng.uniform(0, extra_noise_hu) / scale, image.shape).astype(np.float32)
+    return image, np.ascontiguousarray(labels)
+
+
 def sample_batch(studies: list[TrainingStudy], rng: np.random.Generator,
                  plan: TrainingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch ``(N, 1, *patch)`` of images and labels."""
-    pairs = [sample_patch(studies[rng.integers(len(studies))], rng, plan.patch_size,
-                          rng.random() < plan.positive_fraction) for _ in range(plan.batch_size)]
-    images = np.stack([p[0] for p in pairs])
-    for image in images:
-        if plan.extra_noise_hu > 0 and rng.random() < 0.5:
-            sd = rng.uniform(0, plan.extra_noise_hu) / (HU_WINDOW[1] - HU_WINDOW[0])
-            image += rng.normal(0.0, sd, image.shape).astype(np.float32)
+    """A training batch ``(N, 1, *patch)`` of augmented images and labels (:func:`augment`)."""
+    pairs = []
+    for _ in range(plan.batch_size):
+        draw = rng.random()
+        kind = ("positive" if draw < plan.positive_fraction
+                else "hard" if draw < plan.positive_fraction + plan.hard_negative_fraction else "lung")
+        image, labels = sample_patch(studies[rng.integers(len(studies))], rng, plan.patch_size, kind=kind)
+        pairs.append(augment(image, labels, rng, plan.extra_noise_hu))
+    images = np.stack([p[0] for p in pairs]).astype(np.float32)
     return torch.from_numpy(images), torch.from_numpy(np.stack([p[1] for p in pairs]))
 
 
@@ -293,7 +373,13 @@ def distil_student(teacher: NoduleNet, studies: list[TrainingStudy], plan: Train
     teacher.eval().to(device)
     net = NoduleNet(config).to(device)
 
+    batches = 0
+
     def loss_of(model: NoduleNet, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        nonlocal batches
+        batches += 1
+        if (batches - 1) % max(plan.distillation_interval, 1):
+            return segmentation_loss(model(images), labels)
         with torch.inference_mode():
             soft = torch.sigmoid(teacher(images))
         return distillation_loss(model(images), soft.clone(), labels, plan.distillation_weight)
@@ -477,8 +563,10 @@ Gaussian blending); post-processing in `services/nodule/detect.py`.
 ## Data
 {DATA_TEXT}
 Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels; validation: {plan.validation_studies}
-studies (other seeds). Patches {list(plan.patch_size)}, {int(plan.positive_fraction * 100)} % centred near a nodule,
-the rest anywhere in the lungs; left-right flips; extra white noise up to {plan.extra_noise_hu:g} HU on half of them.
+studies (other seeds). Patches {list(plan.patch_size)}, {round(plan.positive_fraction * 100)} % centred near a nodule,
+{round(plan.hard_negative_fraction * 100)} % on a vessel, airway wall or the pleura (hard negatives), the rest anywhere
+in the lungs; flips on every axis, row/column swaps; extra white noise up to {plan.extra_noise_hu:g} HU and
+a +-5 % contrast / +-20 HU level change on half of them.
 
 ## Training
 {stage.steps} steps of {plan.batch_size} patches in {stage.seconds:.0f} s on this machine's CPU
@@ -511,6 +599,9 @@ def _loss_text(role: str, plan: TrainingPlan) -> str:
     if role == "teacher":
         return "Loss: Dice + BCE against the drawn nodule labels."
     weight = plan.distillation_weight
+    if plan.distillation_interval > 1:
+        return (f"Loss: on every {plan.distillation_interval}th batch {weight} x BCE to the teacher probabilities + "
+                f"{1 - weight:g} x (Dice + BCE) to the labels; on the others Dice + BCE to the labels.")
     return f"Loss: {weight} x BCE to the teacher probabilities + {1 - weight:g} x (Dice + BCE) to the labels."
 
 
@@ -540,6 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "artifacts again on the validation split and reseal them")
     parser.add_argument("--distillation-weight", type=float, help="weight of the teacher's soft targets (0-1)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int, help="patches per step")
+    parser.add_argument("--distillation-interval", type=int, help="the teacher labels every Nth student batch")
+    parser.add_argument("--learning-rate", type=float, help="AdamW peak learning rate")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep the simulated training studies here (.npz per study) and reuse them")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: settings.device)")
     parser.add_argument("--force", action="store_true", help="replace existing artifacts of this version")
     return parser
@@ -550,7 +646,9 @@ def plan_from(args: argparse.Namespace) -> TrainingPlan:
     plan = QUICK_PLAN if args.quick else TrainingPlan()
     overrides = {field_name: getattr(args, field_name) for field_name in
                  ("train_studies", "validation_studies", "teacher_steps", "student_steps", "teacher_seconds",
-                  "student_seconds", "distillation_weight", "seed") if getattr(args, field_name) is not None}
+                  "student_seconds", "distillation_weight", "distillation_interval", "seed", "batch_size",
+                  "learning_rate")
+                 if getattr(args, field_name) is not None}
     return replace(plan, **overrides)
 
 
@@ -576,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             if (output / role / args.version / "manifest.json").exists():
                 print(recalibrate(output / role / args.version, validation, device, rebuild_command(argv)))
         return 0
-    studies = [training_study(s, rng) for s in simulate_split("train", plan.train_studies, plan.study_shape)]
+    studies = load_training_studies("train", plan.train_studies, plan.study_shape, rng, args.cache_dir)
     validation = simulate_split("validation", plan.validation_studies, plan.study_shape)
     logger.info("simulated %d + %d studies in %.0f s", len(studies), len(validation), time.perf_counter() - started)
     if args.teacher_from:

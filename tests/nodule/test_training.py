@@ -18,7 +18,9 @@ from services.nodule.simulate import SimulationConfig, simulate_study
 from services.nodule.training import (
     QUICK_PLAN,
     TrainingStudy,
+    augment,
     distillation_loss,
+    load_training_studies,
     main,
     sample_patch,
     segmentation_loss,
@@ -96,3 +98,28 @@ def test_losses_prefer_the_right_answer() -> None:
     good, bad = (target * 20 - 10), -(target * 20 - 10)
     assert segmentation_loss(good, target) < segmentation_loss(bad, target)
     assert distillation_loss(good, target, target, 0.5) < distillation_loss(bad, target, target, 0.5)
+
+
+def test_hard_patches_centre_on_hard_voxels_and_augment_keeps_image_and_labels_aligned() -> None:
+    labels = np.zeros((16, 64, 64), dtype=bool)
+    image = np.zeros((16, 64, 64), np.float16)
+    image[8, 10, 50] = 1.0  # the one hard voxel, far from the lung sample
+    study = TrainingStudy(image=image, labels=labels, nodule_centres=np.zeros((0, 3), int),
+                          lung_voxels=np.array([[8, 60, 2]]), hard_voxels=np.array([[8, 10, 50]]))
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        patch, _ = sample_patch(study, rng, (8, 32, 32), kind="hard")
+        assert patch.max() == 1.0
+    marked = np.zeros((1, 8, 32, 32), np.float32)
+    marked[0, 2, 5, 9] = 1.0
+    for _ in range(10):
+        augmented, target = augment(marked.copy(), marked.copy(), rng, extra_noise_hu=0.0)
+        assert augmented.shape == target.shape == marked.shape and np.array_equal(augmented, target)
+
+
+def test_patch_bank_is_cached_and_reloaded(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    first = load_training_studies("train", 1, (16, 64, 64), rng, tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    again = load_training_studies("train", 1, (16, 64, 64), rng, tmp_path)
+    assert np.array_equal(first[0].image, again[0].image) and np.array_equal(first[0].hard_voxels, again[0].hard_voxels)
