@@ -126,6 +126,10 @@ class ModelSpec:
     uses_torch : bool
         Run batches under ``torch.inference_mode`` (and autocast); ``False`` for models that never
         touch torch (ONNX Runtime, LightGBM), which then skip entering torch's modes every batch.
+    release : callable, optional
+        ``release(model)`` frees what the loaded model holds outside this process's memory (worker
+        processes, open files) once it stops serving: unloaded, replaced by a new version (after
+        the old one drained) or the runtime closed.
     """
 
     name: str
@@ -153,6 +157,7 @@ class ModelSpec:
     bucket: BucketOf | None = None
     prepare_in: PrepareIn = "auto"
     latency_target_ms: float | None = None
+    release: Callable[[Any], None] | None = None
 
     def prepare_where(self, measured_s: float | None = None) -> PrepareIn:
         """Where ``prepare`` runs: ``prepare_in``, with ``auto`` resolved from ``measured_s`` (the
@@ -277,6 +282,7 @@ class ModelRuntime:
             logger.info("model %s: now serving %s (was %s)", name, fresh.version, previous.version)
             if previous.batcher is not None:
                 await self._retire(previous.batcher, drain=True)
+            _release(previous)
         return fresh.describe()
 
     async def unload(self, name: str) -> None:
@@ -284,6 +290,8 @@ class ModelRuntime:
         loaded = self._models.pop(name, None)
         if loaded is not None and loaded.batcher is not None:
             await self._retire(loaded.batcher, drain=False)
+        if loaded is not None:
+            _release(loaded)
 
     def unload_sync(self, name: str) -> None:
         """Blocking :meth:`unload` for processes without an event loop (Celery workers)."""
@@ -291,6 +299,8 @@ class ModelRuntime:
             loaded = self._models.pop(name, None)
         if loaded is not None and loaded.batcher is not None:
             loaded.batcher.abandon()
+        if loaded is not None:
+            _release(loaded)
 
     def _build(self, spec: ModelSpec) -> _LoadedModel:
         if spec.prepare_where() == "process":
@@ -472,6 +482,7 @@ class ModelRuntime:
         for loaded in models.values():
             if loaded.batcher is not None:
                 await self._retire(loaded.batcher, drain=False)
+            _release(loaded)
         await asyncio.to_thread(self._prepare_pools.shutdown)
 
     def close_sync(self) -> None:
@@ -480,6 +491,7 @@ class ModelRuntime:
         for loaded in models.values():
             if loaded.batcher is not None:
                 loaded.batcher.abandon()
+            _release(loaded)
         self._prepare_pools.shutdown()
 
     @staticmethod
@@ -490,6 +502,16 @@ class ModelRuntime:
             await batcher.drain()
         else:
             await batcher.close()
+
+
+def _release(loaded: _LoadedModel) -> None:
+    """Run the spec's ``release`` on a model that stopped serving; a failure is logged, not raised."""
+    if loaded.spec.release is None:
+        return
+    try:
+        loaded.spec.release(loaded.model)
+    except Exception:
+        logger.exception("model %s %s: release failed", loaded.spec.name, loaded.version)
 
 
 def _resolve_version(spec: ModelSpec, manifest: ArtifactManifest | None) -> str:

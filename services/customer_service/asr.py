@@ -464,4 +464,4 @@ def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: D
     return ModelSpec(name=name, version="pocketsphinx-5.1.1" + ("+domain" if lm is not None else ""),
                      loader=load, run_batch=run_batch, prepare=check_request, prepare_in="loop",
                      max_batch_size=2 * processes, max_queue=max_queue, timeout_s=timeout_s, uses_torch=False,
-                     warmup_items=[warmup])
+                     warmup_items=[warmup], release=RecognizerPool.close)
