@@ -56,7 +56,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.cs_load import (  # noqa: E402
+from bench._cs_load import (  # noqa: E402
     CallRun,
     EventTiming,
     ProcessTree,
@@ -248,7 +248,7 @@ class BaselinePoint:
 
 def naive_baseline(calls: Sequence[SimulatedCall], plan: Plan, hangover_ms: float) -> list[BaselinePoint]:
     """Every streamed utterance of ``calls`` through the models in this process, one at a time."""
-    from bench.cs_load import direct_models
+    from bench._cs_load import direct_models
 
     transcribe, emotion = direct_models()
     points = []
@@ -323,7 +323,7 @@ class Record:
 
 def run(plan: Plan, mode: str, out: Path, cache: Path | None) -> Record:
     """The live levels, then the baseline; the record is written to ``out``."""
-    from bench.cs_load import serve_for_bench
+    from bench._cs_load import serve_for_bench
 
     record = Record(generated_at=datetime.now(UTC).isoformat(timespec="seconds"), mode=mode, simulated=True,
                     host={"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),

@@ -65,7 +65,7 @@ def test_largest_level_within_the_goal_stops_at_the_first_miss() -> None:
 
 
 def test_transcripts_are_joined_to_the_utterance_they_overlap_most() -> None:
-    from bench.cs_load import CallRun, EventTiming
+    from bench._cs_load import CallRun, EventTiming
     from bench.customer_service import matched_transcripts
     from services.customer_service.simulate import Prosody, SimulatedCall, UtteranceTruth
 
