@@ -3,4 +3,5 @@
 from shared.verticals import Vertical
 
 VERTICAL = Vertical(name="cs", title="Emotion-aware customer service",
-                    commands={"train": "training:main", "simulate": "simulate:main"})
+                    commands={"train": "training:main", "simulate": "simulate:main"},
+                    benchmarks=("customer_service",))
