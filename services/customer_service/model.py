@@ -26,6 +26,13 @@ runtime's prepare pool) and :func:`collate` (padding into an :class:`EmotionBatc
 saved as a directory (:func:`save_emotion_model`: ``config.json``, ``weights.pt``, ``tokenizer/``)
 that :func:`load_emotion_model` reads back without the pretrained source directories: their
 ``transformers`` configs are copied into ``config.json``.
+
+Serving (:func:`emotion_model_spec`): the model is a model of the shared runtime. Items are
+:class:`EmotionRequest` (int16 audio at 8-48 kHz and/or a transcript); ``prepare`` checks one
+request, resamples to 16 kHz and computes its features and tokens in the runtime's thread pool;
+``run_batch`` pads the utterances of concurrent calls into one batch and answers each with a
+:class:`~services.customer_service.pipeline.EmotionReading`. The shipped artifact lies under
+``<models_dir>/cs/emotion/<version>/`` (:func:`default_emotion_dir`; built by ``tessera train cs``).
 """
 
 from __future__ import annotations

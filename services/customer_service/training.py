@@ -117,11 +117,11 @@ class TrainPlan:
         return values
 
 
-QUICK_PLAN = TrainPlan(per_voice_emotion=2, use_real=False, sim_epochs=2, joint_epochs=0, batch_size=8,
+QUICK_PLAN = TrainPlan(per_voice_emotion=1, use_real=False, sim_epochs=2, joint_epochs=0, batch_size=8,
                        model=EmotionModelConfig(d_model=32, audio_layers=1, audio_heads=2, audio_ff=64,
                                                 conv_channels=32, text_layers=1, text_heads=2, text_ff=64,
                                                 fusion_heads=2))
-"""A toy run in seconds (tests): two clips per voice and emotion, no real data; it learns nothing useful."""
+"""A toy run in seconds (tests): one clip per voice and emotion, no real data; it learns nothing useful."""
 
 
 # --- examples and their features -----------------------------------------------------------------
