@@ -31,12 +31,13 @@ import subprocess
 import tempfile
 import time
 import weakref
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -313,6 +314,10 @@ class DecoderSettings:
     maxhmmpf: int = 10000
     fwdflat: bool = False
     bestpath: bool = False
+    dither: bool = True
+    """Half a bit of noise on the input: digital silence (a phone line's all-zero μ-law) would
+    otherwise drive the log energies and the running cepstral mean to -inf, which spoils every
+    later utterance of the decoder (seen: garbage words, then a crash)."""
 
 
 @dataclass(frozen=True)
@@ -361,64 +366,11 @@ class Recognizer:
 
 def _as_config(settings: DecoderSettings) -> dict[str, Any]:
     return {"beam": settings.beam, "wbeam": settings.wbeam, "pbeam": settings.pbeam, "lw": settings.lw,
-            "maxhmmpf": settings.maxhmmpf, "fwdflat": settings.fwdflat, "bestpath": settings.bestpath}
+            "maxhmmpf": settings.maxhmmpf, "fwdflat": settings.fwdflat, "bestpath": settings.bestpath,
+            "dither": settings.dither}
 
 
 # --- decoding off the GIL ----------------------------------------------------------------------------
-
-_worker_recognizer: Recognizer | None = None
-
-
-def _start_worker(lm: DomainLm | None, settings: DecoderSettings | None) -> None:
-    global _worker_recognizer
-    _worker_recognizer = Recognizer(lm, settings)
-
-
-def _transcribe_in_worker(samples: npt.NDArray[np.int16], sample_rate: int) -> Transcript:
-    if _worker_recognizer is None:
-        raise RuntimeError("this worker process has no recognizer")
-    return _worker_recognizer.transcribe(samples, sample_rate)
-
-
-def _worker_ready(hold_s: float) -> int:
-    time.sleep(hold_s)  # holds this worker so the next submission starts another
-    return multiprocessing.current_process().pid or 0
-
-
-class RecognizerPool:
-    """Recognizers in ``processes`` worker processes (spawned), one decoder each.
-
-    pocketsphinx holds the GIL for the whole of ``process_raw`` (measured: a Python thread got ~1 %
-    of its speed while another thread decoded), so a decoder in a thread of the serving process
-    would stall its event loop for the length of every decode. In worker processes the loop keeps
-    running, and ``processes`` utterances decode at once on as many cores.
-    """
-
-    backend_name = "pocketsphinx-processes"
-
-    def __init__(self, lm: DomainLm | None = None, settings: DecoderSettings | None = None, *,
-                 processes: int = 1) -> None:
-        if processes < 1:
-            raise ValueError("processes must be >= 1")
-        self.processes = processes
-        self._executor = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(lm, settings))
-        self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        pids = {future.result() for future in [self._executor.submit(_worker_ready, 0.2) for _ in range(processes)]}
-        self.worker_pids = sorted(pids)
-
-    def transcribe_many(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
-        """Decode utterances in the worker processes, in parallel; answers in order."""
-        futures = [self._executor.submit(_transcribe_in_worker, request.samples, request.sample_rate)
-                   for request in requests]
-        return [future.result() for future in futures]
-
-    def close(self) -> None:
-        """Stop the worker processes."""
-        self._finalizer()
-
-
-# --- serving through the runtime ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AsrRequest:
@@ -428,40 +380,292 @@ class AsrRequest:
     sample_rate: int
 
 
-def check_request(request: Any) -> AsrRequest:
+class StreamResampler:
+    """8 -> 16 kHz (any rate -> :data:`DECODER_RATE`) upsampling of audio that arrives in pieces:
+    the same polyphase filter as :func:`~.audio.resample`, with ``margin`` input samples of context
+    carried between pieces so piece boundaries leave no edge artefacts."""
+
+    def __init__(self, sample_rate: int, margin: int = 32) -> None:
+        self.sample_rate = sample_rate
+        self.margin = margin
+        self._ratio = DECODER_RATE / sample_rate
+        self._tail = np.zeros(0, np.int16)  # input kept for context: 2 x margin once warmed up
+        self._started = False
+
+    def push(self, samples: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
+        """Upsampled output for the input so far, less the last ``margin`` samples' worth (kept
+        until the following input is known)."""
+        if self.sample_rate == DECODER_RATE:
+            return samples
+        buffer = np.concatenate([self._tail, samples])
+        if len(buffer) <= 2 * self.margin:
+            self._tail = buffer
+            return np.zeros(0, np.int16)
+        first = self.margin if self._started else 0
+        output = self._emit(buffer, first, len(buffer) - self.margin)
+        self._tail, self._started = buffer[len(buffer) - 2 * self.margin:], True
+        return output
+
+    def flush(self) -> npt.NDArray[np.int16]:
+        """The rest of the output (the input has ended)."""
+        if self.sample_rate == DECODER_RATE or not len(self._tail):
+            return np.zeros(0, np.int16)
+        first = self.margin if self._started else 0
+        output = self._emit(self._tail, first, len(self._tail))
+        self._tail = np.zeros(0, np.int16)
+        return output
+
+    def _emit(self, buffer: npt.NDArray[np.int16], first: int, last: int) -> npt.NDArray[np.int16]:
+        upsampled = resample(buffer, self.sample_rate, DECODER_RATE)
+        return upsampled[round(first * self._ratio):round(last * self._ratio)]
+
+
+TELEPHONE_CMN_PRIOR = "53.27,27.10,-39.79,44.40,-24.39,-15.95,0.49,-36.04,-5.71,-10.75,-9.59,-1.89,-10.50"
+"""Initial cepstral mean of a live decoder: the mean over 40 lines of the domain text spoken by
+espeak-ng through the simulated telephone line (8 kHz μ-law, upsampled), as decoded whole. A live
+decode adapts its mean as it goes; from pocketsphinx's default prior the first seconds of an
+utterance were lost (garbage words)."""
+
+
+@dataclass(frozen=True)
+class AsrStep:
+    """One step of an utterance decoded while it is spoken (``key`` names the utterance):
+    ``begin``, ``feed`` (``samples`` at ``sample_rate``), ``end`` (answers its :class:`Transcript`)
+    or ``abort``. Steps of one key are applied in the order they are queued."""
+
+    key: str
+    kind: str
+    samples: npt.NDArray[np.int16] | None = None
+    sample_rate: int = 8000
+
+
+@dataclass
+class _OpenUtterance:
+    recognizer: Recognizer
+    resampler: StreamResampler
+    audio_samples: int = 0
+    decode_s: float = 0.0
+
+
+class _WorkerDecoders:
+    """The decoders of one worker process: one for whole utterances, and for utterances decoded
+    while spoken a free list plus those open. The two uses never share a decoder: after a whole
+    utterance (``full_utt``) a decoder crashed in its next live ``process_raw`` (pocketsphinx
+    5.1.1), and a live decoder keeps its running cepstral mean from one caller to the next."""
+
+    def __init__(self, lm: DomainLm | None, settings: DecoderSettings | None) -> None:
+        self.lm, self.settings = lm, settings
+        self.whole = Recognizer(lm, settings)
+        self.free: list[Recognizer] = [Recognizer(lm, settings)]
+        self.open: dict[str, _OpenUtterance] = {}
+
+    def take(self) -> Recognizer:
+        return self.free.pop() if self.free else Recognizer(self.lm, self.settings)
+
+    def step(self, step: AsrStep) -> Transcript | None:
+        if step.kind == "begin":
+            self.abort(step.key)
+            recognizer = self.take()
+            # Every utterance starts from the same prior: nothing of one caller (one tenant) carries
+            # over to the next through the decoder's running mean.
+            recognizer.decoder.set_cmn(TELEPHONE_CMN_PRIOR)
+            recognizer.decoder.start_utt()
+            self.open[step.key] = _OpenUtterance(recognizer, StreamResampler(step.sample_rate))
+            return None
+        utterance = self.open.get(step.key)
+        if utterance is None:
+            raise KeyError(f"no utterance {step.key!r} is being decoded (begin it first)")
+        if step.kind == "feed" and step.samples is not None:
+            self._decode(utterance, utterance.resampler.push(step.samples), full=False)
+            utterance.audio_samples += len(step.samples)
+            return None
+        if step.kind == "end":
+            del self.open[step.key]
+            self._decode(utterance, utterance.resampler.flush(), full=False)
+            started = time.perf_counter()
+            utterance.recognizer.decoder.end_utt()
+            hypothesis = utterance.recognizer.decoder.hyp()
+            utterance.decode_s += time.perf_counter() - started
+            self.free.append(utterance.recognizer)
+            return Transcript(text=hypothesis.hypstr if hypothesis is not None else "",
+                              audio_s=utterance.audio_samples / step.sample_rate, decode_s=utterance.decode_s)
+        if step.kind == "abort":
+            self.abort(step.key)
+            return None
+        raise ValueError(f"unknown ASR step {step.kind!r}")
+
+    def abort(self, key: str) -> None:
+        utterance = self.open.pop(key, None)
+        if utterance is not None:
+            utterance.recognizer.decoder.end_utt()
+            self.free.append(utterance.recognizer)
+
+    @staticmethod
+    def _decode(utterance: _OpenUtterance, audio: npt.NDArray[np.int16], *, full: bool) -> None:
+        if not len(audio):
+            return
+        started = time.perf_counter()
+        utterance.recognizer.decoder.process_raw(np.ascontiguousarray(audio, dtype=np.int16).tobytes(),
+                                                 no_search=False, full_utt=full)
+        utterance.decode_s += time.perf_counter() - started
+
+
+_worker_decoders: _WorkerDecoders | None = None
+
+
+def _start_worker(lm: DomainLm | None, settings: DecoderSettings | None) -> None:
+    global _worker_decoders
+    _worker_decoders = _WorkerDecoders(lm, settings)
+
+
+def _in_worker() -> _WorkerDecoders:
+    if _worker_decoders is None:
+        raise RuntimeError("this worker process has no decoders")
+    return _worker_decoders
+
+
+def _transcribe_in_worker(samples: npt.NDArray[np.int16], sample_rate: int) -> Transcript:
+    return _in_worker().whole.transcribe(samples, sample_rate)
+
+
+def _steps_in_worker(steps: list[AsrStep]) -> list[Transcript | None | BaseException]:
+    decoders = _in_worker()
+    answers: list[Transcript | None | BaseException] = []
+    for step in steps:
+        try:
+            answers.append(decoders.step(step))
+        except Exception as exc:  # this step fails alone; the utterances of the others go on
+            answers.append(exc)
+    return answers
+
+
+def _worker_pid() -> int:
+    return multiprocessing.current_process().pid or 0
+
+
+class RecognizerPool:
+    """Decoders in ``processes`` worker processes (spawned), each process with its own decoders.
+
+    pocketsphinx holds the GIL for the whole of ``process_raw`` (measured: a Python thread got ~1 %
+    of its speed while another thread decoded), so a decoder in a thread of the serving process
+    would stall its event loop for the length of every decode. In worker processes the loop keeps
+    running, and ``processes`` utterances decode at once on as many cores.
+
+    Whole utterances go to the processes in turn; the steps of an utterance decoded while it is
+    spoken (:class:`AsrStep`) all go to the process its key hashes to, which keeps its decoder.
+    """
+
+    backend_name = "pocketsphinx-processes"
+
+    def __init__(self, lm: DomainLm | None = None, settings: DecoderSettings | None = None, *,
+                 processes: int = 1) -> None:
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        context = multiprocessing.get_context("spawn")
+        self._executors = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
+                                               initargs=(lm, settings)) for _ in range(processes)]
+        self._finalizer = weakref.finalize(self, _shutdown, list(self._executors))
+        self.worker_pids = sorted(executor.submit(_worker_pid).result() for executor in self._executors)
+        self._turn = 0
+
+    @property
+    def processes(self) -> int:
+        """How many decoder processes there are."""
+        return len(self._executors)
+
+    def _executor_for(self, key: str) -> ProcessPoolExecutor:
+        return self._executors[zlib.crc32(key.encode()) % len(self._executors)]
+
+    def run(self, items: Sequence[AsrRequest | AsrStep]) -> list[Transcript | None | BaseException]:
+        """Decode whole utterances and apply streaming steps in the worker processes, in parallel
+        across processes and in order within one; answers in order (an exception for a step that
+        failed)."""
+        steps: dict[int, list[int]] = defaultdict(list)
+        futures: dict[int, Future[Any]] = {}
+        for index, item in enumerate(items):
+            if isinstance(item, AsrStep):
+                steps[id(self._executor_for(item.key))].append(index)
+            else:
+                executor = self._executors[self._turn % len(self._executors)]
+                self._turn += 1
+                futures[index] = executor.submit(_transcribe_in_worker, item.samples, item.sample_rate)
+        by_executor = {id(executor): executor for executor in self._executors}
+        batches = {executor_id: by_executor[executor_id].submit(_steps_in_worker,
+                                                                [cast(AsrStep, items[i]) for i in indices])
+                   for executor_id, indices in steps.items()}
+        answers: list[Transcript | None | BaseException] = [None] * len(items)
+        for index, future in futures.items():
+            answers[index] = future.result()
+        for executor_id, indices in steps.items():
+            for index, answer in zip(indices, batches[executor_id].result(), strict=True):
+                answers[index] = answer
+        return answers
+
+    def transcribe_many(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
+        """Decode whole utterances in the worker processes, in parallel; answers in order."""
+        return [cast(Transcript, answer) for answer in self.run(requests)]
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._finalizer()
+
+
+def _shutdown(executors: list[ProcessPoolExecutor]) -> None:
+    for executor in executors:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- serving through the runtime ------------------------------------------------------------------
+
+STEP_KINDS = ("begin", "feed", "end", "abort")
+
+
+def check_request(request: Any) -> AsrRequest | AsrStep:
     """Validate one runtime item (raises the runtime's ``BadInput``, a 422 at the edge)."""
     from model_runtime import BadInput
 
-    if not isinstance(request, AsrRequest):
-        raise BadInput(f"expected an AsrRequest, got {type(request).__name__}")
+    if isinstance(request, AsrStep):
+        if request.kind not in STEP_KINDS or not request.key:
+            raise BadInput(f"an ASR step is one of {', '.join(STEP_KINDS)} with a key, got {request.kind!r}")
+        if request.samples is None:
+            return request
+    elif not isinstance(request, AsrRequest):
+        raise BadInput(f"expected an AsrRequest or AsrStep, got {type(request).__name__}")
+    assert request.samples is not None
     if not MIN_SAMPLE_RATE <= request.sample_rate <= MAX_SAMPLE_RATE:
         raise BadInput(f"sample rate {request.sample_rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
     if request.samples.ndim != 1 or request.samples.dtype != np.int16:
         raise BadInput(f"expected mono int16 samples, got {request.samples.dtype} of shape {request.samples.shape}")
-    if not len(request.samples):
+    if isinstance(request, AsrRequest) and not len(request.samples):
         raise BadInput("the utterance has no samples")
     return request
 
 
-def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: DecoderSettings | None = None,
-                   *, processes: int = 1, max_queue: int = 64, timeout_s: float | None = 30.0) -> ModelSpec:
-    """ASR as a model of the shared runtime: items are :class:`AsrRequest`, answers :class:`Transcript`.
+def _raise_failed(answer: Any) -> Any:
+    """A step the worker could not apply fails alone (``finalize``: per item)."""
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
-    The model object is a :class:`RecognizerPool`: the runtime's worker thread hands each batch
-    to ``processes`` decoder processes (one decoder each, so none is used by two threads) and waits
-    without holding the GIL. The search has no batch dimension; a batch of up to ``2 x processes``
-    utterances keeps every process busy.
+
+def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: DecoderSettings | None = None,
+                   *, processes: int = 1, max_queue: int = 1024, timeout_s: float | None = 30.0) -> ModelSpec:
+    """ASR as a model of the shared runtime. Items: :class:`AsrRequest` (a whole utterance, answered
+    with its :class:`Transcript`) or :class:`AsrStep` (an utterance decoded while it is spoken:
+    ``begin`` / ``feed`` answer ``None``, ``end`` its :class:`Transcript`).
+
+    The model object is a :class:`RecognizerPool`: the runtime's worker thread hands each batch to
+    ``processes`` decoder processes and waits without holding the GIL. Steps change a decoder's
+    state, so a failed batch is not rerun item by item (``isolate_failures`` off); a step that
+    fails in its worker fails alone.
     """
     from model_runtime import ModelSpec
 
     def load(_: LoadContext) -> RecognizerPool:
         return RecognizerPool(lm, settings, processes=processes)
 
-    def run_batch(pool: RecognizerPool, requests: list[AsrRequest]) -> list[Transcript]:
-        return pool.transcribe_many(requests)
-
     warmup = AsrRequest(np.zeros(DECODER_RATE // 4, np.int16), DECODER_RATE)
     return ModelSpec(name=name, version="pocketsphinx-5.1.1" + ("+domain" if lm is not None else ""),
-                     loader=load, run_batch=run_batch, prepare=check_request, prepare_in="loop",
-                     max_batch_size=2 * processes, max_queue=max_queue, timeout_s=timeout_s, uses_torch=False,
-                     warmup_items=[warmup], release=RecognizerPool.close)
+                     loader=load, run_batch=RecognizerPool.run, prepare=check_request, prepare_in="loop",
+                     finalize=_raise_failed, isolate_failures=False, max_batch_size=64, max_queue=max_queue,
+                     timeout_s=timeout_s, uses_torch=False, warmup_items=[warmup], release=RecognizerPool.close)

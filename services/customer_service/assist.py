@@ -22,13 +22,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from model_runtime import ModelRuntime, StreamingSessions, get_runtime
 from services.customer_service import store
-from services.customer_service.asr import AsrRequest, Transcript, asr_model_spec, build_domain_lm
+from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
 from services.customer_service.vad import vad_streaming_model
 from shared.db import session_scope, utcnow
@@ -40,6 +41,8 @@ logger = logging.getLogger("tessera.cs.assist")
 ASR_MODEL = "cs-asr"
 EMOTION_MODEL = "cs-emotion"
 VAD_RATES = (8000, 16000)
+ASR_PROCESSES = 2
+"""Decoder processes: utterances of concurrent calls decode in parallel on as many cores."""
 STALE_CALL_AFTER = timedelta(minutes=10)
 """A live call whose stream has been silent this long at start-up belonged to a dead process."""
 
@@ -57,6 +60,10 @@ class RuntimeAnalyzers:
         """Speech-to-text of one utterance through ``cs-asr``."""
         transcript: Transcript = await self.runtime.predict(ASR_MODEL, AsrRequest(samples, sample_rate))
         return Transcription(text=transcript.text)
+
+    async def asr_step(self, step: AsrStep) -> Any:
+        """One step of an utterance decoded while it is spoken, through ``cs-asr``."""
+        return await self.runtime.predict(ASR_MODEL, step)
 
     async def emotion(self, samples: npt.NDArray[np.int16] | None, sample_rate: int,
                       text: str | None) -> EmotionReading:
@@ -90,13 +97,14 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     for rate in VAD_RATES:
         await sessions.load(vad_streaming_model(rate))
     domain_lm = await asyncio.to_thread(build_domain_lm, domain_texts())
-    await runtime.load(asr_model_spec(ASR_MODEL, domain_lm))
+    await runtime.load(asr_model_spec(ASR_MODEL, domain_lm, processes=ASR_PROCESSES))
     await runtime.load(emotion_model_spec(name=EMOTION_MODEL))
     closed = await asyncio.to_thread(_close_abandoned_calls)
     if closed:
         logger.warning("closed %d live calls left open by a process that stopped (kept as partial)", closed)
-    _services = AssistServices(sessions=sessions, analyzers=RuntimeAnalyzers(runtime), knowledge_base=_knowledge,
-                               feed=event_feed())
+    analyzers = RuntimeAnalyzers(runtime)
+    _services = AssistServices(sessions=sessions, analyzers=analyzers, knowledge_base=_knowledge, feed=event_feed(),
+                               asr_step=analyzers.asr_step)
     return _services
 
 

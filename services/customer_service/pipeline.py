@@ -18,8 +18,11 @@ What happens to a call
                      (``ended`` when the protocol said so, ``partial`` otherwise).
 
 One utterance's analysis
-    Speech-to-text and audio emotion run at the same time (both through the shared runtime, so
-    utterances of concurrent calls share batches). The audio-only ``emotion`` event goes out as
+    Speech-to-text runs while the caller speaks: from the VAD's confirmed start, the track's audio
+    goes to a decoder piece by piece (:class:`StreamedTranscripts`, ASR steps through the
+    runtime), so at the end-of-utterance decision only the last piece is left to decode; a failed
+    stream falls back to decoding the utterance whole. Audio emotion runs at the decision (through
+    the runtime, so utterances of concurrent calls share batches). The audio-only ``emotion`` event goes out as
     soon as it is known (``final: false``), the redacted ``transcript`` event when ASR is done; then
     the fused audio+text emotion (``final: true``) with the speaker's sentiment trend, any
     ``escalation`` the tenant's policy fires, and a ``suggestion`` from the tenant's knowledge base
@@ -37,6 +40,7 @@ the tenant is part of every topic, so a subscriber sees its own tenant's calls o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,6 +53,7 @@ import numpy.typing as npt
 
 from model_runtime import StreamingSessions
 from services.customer_service import store
+from services.customer_service.asr import AsrStep
 from services.customer_service.escalation import Assessment, EscalationPolicy, EscalationTracker
 from services.customer_service.escalation import Utterance as PolicyUtterance
 from services.customer_service.knowledge import KnowledgeIndex, RetrievalSettings
@@ -152,6 +157,84 @@ class AssistServices:
     knowledge_base: TenantKnowledge
     feed: EventFeed
     endpointing: EndpointConfig = field(default_factory=EndpointConfig)
+    asr_step: AsrStepper | None = None
+    """Decode utterances while they are spoken (steps through the runtime); without it each
+    utterance is transcribed whole once its end is decided."""
+
+
+# --- speech-to-text while the caller speaks --------------------------------------------------------------
+
+AsrStepper = Callable[[AsrStep], Awaitable[Any]]
+
+STREAM_FEED_SAMPLES = 1600
+"""Audio handed to the decoder in pieces of at least this many samples (200 ms at 8 kHz): fewer
+hand-offs, and the decoder still keeps up with the caller."""
+
+
+class StreamedTranscripts:
+    """One track's utterances decoded while they are spoken (a :class:`~.vad.SpeechObserver`).
+
+    Each confirmed utterance is begun in a decoder, fed as its audio comes, and ended when the VAD
+    decides its end, so at that moment only the last piece is left to decode. The steps of one
+    track go out strictly in order (each waits for the one before it). :meth:`take` hands the
+    pipeline the transcript of the oldest ended utterance.
+    """
+
+    def __init__(self, step: AsrStepper, key_prefix: str, sample_rate: int) -> None:
+        self._step = step
+        self._prefix = key_prefix
+        self._rate = sample_rate
+        self._count = 0
+        self._key: str | None = None
+        self._buffer: list[npt.NDArray[np.int16]] = []
+        self._buffered = 0
+        self._last: asyncio.Task[Any] | None = None
+        self._ended: list[asyncio.Task[Any]] = []
+
+    def speech_started(self, start_sample: int, samples: npt.NDArray[np.int16]) -> None:
+        """Begin decoding a new utterance with its audio so far."""
+        self._count += 1
+        self._key = f"{self._prefix}/{self._count}"
+        self._send(AsrStep(self._key, "begin", sample_rate=self._rate))
+        self.speech_continues(samples)
+
+    def speech_continues(self, samples: npt.NDArray[np.int16]) -> None:
+        """Feed the decoder once a piece of :data:`STREAM_FEED_SAMPLES` has gathered."""
+        if self._key is None:
+            return
+        self._buffer.append(samples)
+        self._buffered += len(samples)
+        if self._buffered >= STREAM_FEED_SAMPLES:
+            self._flush()
+
+    def speech_ended(self) -> None:
+        """Feed the rest and end the utterance; its transcript waits for :meth:`take`."""
+        if self._key is None:
+            return
+        self._flush()
+        self._ended.append(self._send(AsrStep(self._key, "end", sample_rate=self._rate)))
+        self._key = None
+
+    def take(self) -> asyncio.Task[Any] | None:
+        """The transcript task of the oldest ended utterance not taken yet (None: none was streamed)."""
+        return self._ended.pop(0) if self._ended else None
+
+    def _flush(self) -> None:
+        if self._key is None or not self._buffer:
+            return
+        piece = np.concatenate(self._buffer)
+        self._buffer, self._buffered = [], 0
+        self._send(AsrStep(self._key, "feed", piece, self._rate))
+
+    def _send(self, step: AsrStep) -> asyncio.Task[Any]:
+        self._last = asyncio.create_task(self._after(self._last, step))
+        return self._last
+
+    async def _after(self, previous: asyncio.Task[Any] | None, step: AsrStep) -> Any:
+        if previous is not None:
+            with contextlib.suppress(Exception):  # a failed step fails its utterance's end, below
+                await previous
+        return await self._step(step)
 
 
 # --- the pipeline -------------------------------------------------------------------------------------
@@ -165,6 +248,7 @@ class _Call:
     retrieval: RetrievalSettings
     tracker: EscalationTracker
     vads: dict[Track, CallVad] = field(default_factory=dict)
+    streamed: dict[Track, StreamedTranscripts] = field(default_factory=dict)
     sessions: list[Any] = field(default_factory=list)
     last_text: str = ""
     """The latest transcript, the context of the next redaction (an agent asks for the CVV, the
@@ -220,7 +304,11 @@ class CallPipeline:
             name = vad_model_name(track.sample_rate)
             session = self.services.sessions.open_session(name, f"{tenant_id}/{started.call_id}/{track.track}")
             call.sessions.append(session)
-            call.vads[track.track] = CallVad(session, track.sample_rate, self.services.endpointing)
+            observer = None
+            if self.services.asr_step is not None:
+                observer = call.streamed[track.track] = StreamedTranscripts(
+                    self.services.asr_step, f"{tenant_id}/{started.call_id}/{track.track}", track.sample_rate)
+            call.vads[track.track] = CallVad(session, track.sample_rate, self.services.endpointing, observer=observer)
         self.call = call
         await self.services.knowledge_base.sync_knowledge(tenant_id)
         summary = {"type": "call.started", "call_id": started.call_id, "protocol": started.protocol,
@@ -244,26 +332,39 @@ class CallPipeline:
         index, self._spoken = self._spoken, self._spoken + 1
         previous, finalised = self._finalised, asyncio.get_running_loop().create_future()
         self._finalised = finalised
-        task = asyncio.create_task(self._analyse_utterance(index, track, spoken, previous, finalised))
+        streamed = self.call.streamed.get(track) if self.call else None
+        transcribed = asyncio.create_task(self._transcript(spoken, streamed.take() if streamed else None))
+        task = asyncio.create_task(self._analyse_utterance(index, track, spoken, transcribed, previous, finalised))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def _transcript(self, spoken: SpokenUtterance, streamed: asyncio.Task[Any] | None) -> Transcription:
+        """The utterance's transcript: decoded while spoken when it was, else (or when that failed)
+        decoded whole now."""
+        if streamed is not None:
+            try:
+                return Transcription(text=(await streamed).text)
+            except Exception as exc:
+                logger.warning("call %s: streamed decoding failed (%r); decoding the utterance whole",
+                               self._call_id(), exc)
+        return await self.services.analyzers.transcribe(spoken.samples, spoken.sample_rate)
+
     async def _analyse_utterance(self, index: int, track: Track, spoken: SpokenUtterance,
-                                 previous: asyncio.Future[None] | None, finalised: asyncio.Future[None]) -> None:
+                                 transcribed: asyncio.Task[Transcription], previous: asyncio.Future[None] | None,
+                                 finalised: asyncio.Future[None]) -> None:
         try:
-            await self._run_analysis(index, track, spoken, previous)
+            await self._run_analysis(index, track, spoken, transcribed, previous)
         except Exception:
             logger.exception("call %s: utterance %d could not be analysed", self._call_id(), index)
         finally:
             finalised.set_result(None)
 
     async def _run_analysis(self, index: int, track: Track, spoken: SpokenUtterance,
-                            previous: asyncio.Future[None] | None) -> None:
+                            transcribed: asyncio.Task[Transcription], previous: asyncio.Future[None] | None) -> None:
         analyzers = self.services.analyzers
         timing = {"utterance": index, "speaker": track, "start_ms": round(spoken.start_s * 1000),
                   "end_ms": round(spoken.end_s * 1000), "hangover_ms": round(spoken.hangover_ms, 1)}
         heard = asyncio.create_task(analyzers.emotion(spoken.samples, spoken.sample_rate, None))
-        transcribed = asyncio.create_task(analyzers.transcribe(spoken.samples, spoken.sample_rate))
         audio_emotion = await heard
         await self._publish({"type": "emotion", **timing, **_emotion_fields(audio_emotion), "final": False,
                              "latency_ms": _since(spoken.decided_monotonic)})

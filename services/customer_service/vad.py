@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -340,15 +340,36 @@ class _AudioTail:
         self.first = sample
 
 
+class SpeechObserver(Protocol):
+    """Follows an utterance while it is spoken (a speech-to-text decoding as the audio comes)."""
+
+    def speech_started(self, start_sample: int, samples: npt.NDArray[np.int16]) -> None:
+        """Speech was confirmed: its audio so far, from ``start_sample`` (padded)."""
+        ...
+
+    def speech_continues(self, samples: npt.NDArray[np.int16]) -> None:
+        """More audio of the open utterance."""
+        ...
+
+    def speech_ended(self) -> None:
+        """The utterance's end was decided (all its audio was handed over)."""
+        ...
+
+
 class CallVad:
     """One call's VAD: audio frames of any length in, utterances out, through a runtime session.
 
     Frames are cut into 32 ms windows; each window is one step of the call's streaming session
     (shared batches across calls). Only the audio an open or possible utterance needs is kept.
+    An ``observer`` is handed each utterance's audio from its confirmed start, window by window,
+    so work on it can begin before its end is decided.
     """
 
-    def __init__(self, session: Session, sample_rate: int, config: EndpointConfig | None = None) -> None:
+    def __init__(self, session: Session, sample_rate: int, config: EndpointConfig | None = None, *,
+                 observer: SpeechObserver | None = None) -> None:
         self.session = session
+        self.observer = observer
+        self._observed_to: int | None = None
         self.endpointer = Endpointer(sample_rate, config)
         self.sample_rate = sample_rate
         self._window = WINDOW_SAMPLES[sample_rate]
@@ -373,7 +394,9 @@ class CallVad:
                 self.failed_windows += 1
                 logger.warning("call %s: VAD window failed (%s); taken as silence", self.session.stream_id, result)
                 result = 0.0
-            utterance = self._on_event(self.endpointer.update(result))
+            event = self.endpointer.update(result)
+            self._observe(event)
+            utterance = self._on_event(event)
             if utterance is not None:
                 utterances.append(utterance)
         self._trim()
@@ -381,7 +404,23 @@ class CallVad:
 
     def finish(self) -> Utterance | None:
         """The call ended: the open utterance, if any, cut at its last speech."""
-        return self._on_event(self.endpointer.finish())
+        event = self.endpointer.finish()
+        self._observe(event)
+        return self._on_event(event)
+
+    def _observe(self, event: VadEvent | None) -> None:
+        if self.observer is None:
+            return
+        position = self.endpointer.position
+        if isinstance(event, SpeechStart):
+            self.observer.speech_started(event.start_sample, self._audio.between(event.start_sample, position))
+            self._observed_to = position
+        elif self._observed_to is not None and position > self._observed_to:
+            self.observer.speech_continues(self._audio.between(self._observed_to, position))
+            self._observed_to = position
+        if isinstance(event, SpeechEnd) and self._observed_to is not None:
+            self.observer.speech_ended()
+            self._observed_to = None
 
     def _on_event(self, event: VadEvent | None) -> Utterance | None:
         if isinstance(event, SpeechStart):

@@ -16,14 +16,17 @@ import pytest
 from model_runtime import BadInput, ModelRuntime
 from services.customer_service.asr import (
     AsrRequest,
+    AsrStep,
     DomainLm,
     Recognizer,
+    StreamResampler,
     asr_model_spec,
     build_domain_lm,
     ipa_to_cmu,
     sentence_words,
     spell_number,
 )
+from services.customer_service.audio import resample
 from services.customer_service.evaluation import domain_texts, edit_distance, normalize_words, word_errors
 
 
@@ -144,3 +147,39 @@ def test_asr_served_from_a_worker_process_keeps_the_event_loop_free(domain_lm: D
     assert set(text.split()) >= KEYWORDS, text
     # pocketsphinx holds the GIL while decoding: in-process it would stall the loop for the whole decode
     assert worst_lag < 0.1
+
+
+def test_the_stream_resampler_equals_resampling_the_whole() -> None:
+    samples = (np.random.default_rng(3).standard_normal(8000) * 3000).astype(np.int16)
+    resampler = StreamResampler(8000)
+    pieces = [resampler.push(samples[start:start + 160]) for start in range(0, len(samples), 160)]
+    np.testing.assert_array_equal(np.concatenate([*pieces, resampler.flush()]), resample(samples, 8000, 16000))
+
+
+def test_an_utterance_decoded_while_spoken_leaves_little_to_do_at_its_end(domain_lm: DomainLm,
+                                                                          telephone_sentence: np.ndarray) -> None:
+    runtime = ModelRuntime()
+
+    async def scenario() -> tuple[list[str], float, str]:
+        await runtime.load(asr_model_spec("cs-asr-stream", domain_lm, processes=1))
+        texts = []
+        for n in range(2):  # each utterance starts from the same prior: the same words twice
+            key = f"CA1/customer/{n}"
+            await runtime.predict("cs-asr-stream", AsrStep(key, "begin"))
+            for start in range(0, len(telephone_sentence), 1600):
+                await runtime.predict("cs-asr-stream", AsrStep(key, "feed", telephone_sentence[start:start + 1600]))
+            started = time.perf_counter()
+            texts.append((await runtime.predict("cs-asr-stream", AsrStep(key, "end"))).text)
+            end_s = time.perf_counter() - started
+        with pytest.raises(KeyError):  # an end without its begin fails alone
+            await runtime.predict("cs-asr-stream", AsrStep("CA1/customer/never", "end"))
+        with pytest.raises(BadInput):
+            await runtime.predict("cs-asr-stream", AsrStep("CA1/customer/1", "rewind"))
+        whole = (await runtime.predict("cs-asr-stream", AsrRequest(telephone_sentence, 8000))).text
+        await runtime.unload("cs-asr-stream")
+        return texts, end_s, whole
+
+    texts, end_s, whole = asyncio.run(scenario())
+    assert texts[0] == texts[1] and len(set(texts[0].split()) & KEYWORDS) >= 2, texts
+    assert set(whole.split()) >= KEYWORDS, whole  # whole utterances still decode beside live ones
+    assert end_s < 2.0  # only the tail was left (a whole decode of this sentence takes about a second)
