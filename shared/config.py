@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     nodule_pacs_port: int = Field(default=104, ge=1, le=65535, description="the PACS's DICOM port")
     nodule_pacs_ae_title: str = Field(default="PACS", min_length=1, max_length=16, description="the PACS's "
                                       "(called) AE title; ours is `nodule_ae_title`")
+    cs_stream_models: bool = Field(default=True, description="load the speech and emotion models at start "
+                                   "(call streams and utterance analysis need them); false for a cs replica that "
+                                   "only serves the knowledge base, settings and call records")
     cs_public_stream_base: str | None = Field(default=None, description="the public origin call platforms "
                                               "connect to, as written in the TwiML (`wss://cs.example.com`); "
                                               "Twilio signs that URL. Default: `wss://` and the Host header")

@@ -45,8 +45,11 @@ from tests.support import port_open
 
 PG_ADMIN_URL = os.environ.get("TESSERA_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_TEST_URL = os.environ.get("TESSERA_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_TEST_DB = int(os.environ.get("TESSERA_TEST_REDIS_DB", "13"))
-"""The broker's Redis database; the fast state uses the one below it (two runs side by side need two)."""
+XDIST_WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+"""Which of ``pytest -n`` workers this process is (0 without xdist)."""
+REDIS_TEST_DB = int(os.environ.get("TESSERA_TEST_REDIS_DB", "13")) - 2 * XDIST_WORKER_INDEX
+"""The broker's Redis database; the fast state uses the one below it. Each xdist worker has its
+own pair (13/12, 11/10, ...): one worker's FLUSHDB or Celery worker must not touch another's."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class Stack:
             "TESSERA_TASK_LEASE_S": "4",
             "TESSERA_JOB_SWEEP_INTERVAL_S": "1",
             "TESSERA_MODEL_RELOAD_POLL_S": "1",
+            # servers of other verticals skip cs's speech models (decoder processes, ~10 s of CPU);
+            # the cs stream tests turn them on
+            "TESSERA_CS_STREAM_MODELS": "false",
             "PYTHONUNBUFFERED": "1",
         }
         if self.redis_url:

@@ -32,6 +32,7 @@ from services.customer_service import store
 from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
 from services.customer_service.vad import vad_streaming_model
+from shared.config import get_settings
 from shared.db import session_scope, utcnow
 from shared.errors import NotReady
 from shared.feeds import event_feed
@@ -82,6 +83,8 @@ def process_knowledge() -> TenantKnowledge:
 def assist_services() -> AssistServices:
     """The process's assist services; 503 (not ready) before the app has started them."""
     if _services is None:
+        if not get_settings().cs_stream_models:
+            raise NotReady("this process serves no call streams (TESSERA_CS_STREAM_MODELS=false)")
         raise NotReady("the customer-service models are loading")
     return _services
 
@@ -126,6 +129,10 @@ async def assist_lifespan(_app: object) -> AsyncIterator[None]:
     """The cs app's lifespan: the models load in the background, so the app (and the gateway with
     every vertical) answers at once; streams are refused with 1013 and ``/readyz`` says not ready
     until they are loaded."""
+    if not get_settings().cs_stream_models:
+        logger.info("customer-service models not loaded (TESSERA_CS_STREAM_MODELS=false): streams are refused")
+        yield
+        return
     loading = asyncio.create_task(_start_logged())
     try:
         yield
@@ -150,8 +157,10 @@ async def _start_logged() -> None:
 
 
 def check_assist_ready() -> None:
-    """Readiness check: raises :class:`~shared.errors.NotReady` until the models are loaded."""
-    assist_services()
+    """Readiness check: raises :class:`~shared.errors.NotReady` until the models are loaded (a
+    replica configured without them is ready without them)."""
+    if get_settings().cs_stream_models:
+        assist_services()
 
 
 def _close_abandoned_calls() -> int:

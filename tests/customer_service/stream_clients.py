@@ -703,7 +703,7 @@ def serve_customer_service(stack: Stack, *, environment: str = "production", app
     """Migrate ``stack``, configure :data:`TENANT` and serve ``app`` under uvicorn on a free loopback
     port (``environment`` ``production`` refuses unsigned streams) until the block ends."""
     stack.extra_env.update({"TESSERA_ENVIRONMENT": environment, "TESSERA_SECRET_KEY": uuid.uuid4().hex,
-                            "TESSERA_LOG_LEVEL": "WARNING", **(env or {})})
+                            "TESSERA_LOG_LEVEL": "WARNING", "TESSERA_CS_STREAM_MODELS": "true", **(env or {})})
     migrate(stack.database_url)
     api_key = configure_tenant(stack.env, stack.database_url)
     port = free_port()
