@@ -24,10 +24,10 @@ run: $(STAMP)  ## set up and run the whole suite on embedded defaults (SQLite, e
 services:  ## start PostgreSQL and Redis on loopback when installed but stopped
 	bash scripts/ensure_services.sh
 
-test: $(STAMP)  ## set up and run the whole test suite (SQLite and PostgreSQL + Redis variants)
+test: $(STAMP)  ## set up and run the whole test suite (SQLite and PostgreSQL + Redis variants) in two processes
 	bash scripts/ensure_services.sh || true
 	bash scripts/lint.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)  ## ruff + mypy, the same gate CI runs
 	bash scripts/lint.sh

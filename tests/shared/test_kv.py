@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.kv import RedisMultiplexer, ScriptPipeline
-from tests.conftest import Stack
+from tests.conftest import REDIS_TEST_DB, Stack
 from tests.support import free_port, wait_until_async
 
 ECHO_OR_FAIL = """
@@ -69,7 +69,7 @@ def test_nothing_to_send_sends_nothing(postgres_stack: Stack) -> None:
 
 def test_replies_reach_their_own_callers_and_the_database_is_selected(postgres_stack: Stack) -> None:
     assert postgres_stack.redis_url
-    url = postgres_stack.redis_url.rsplit("/", 1)[0] + "/13"
+    url = f"{postgres_stack.redis_url.rsplit('/', 1)[0]}/{REDIS_TEST_DB}"  # not the stack's own database
 
     async def scenario() -> list[object]:
         multiplexer = RedisMultiplexer(url)
@@ -87,7 +87,7 @@ def test_replies_reach_their_own_callers_and_the_database_is_selected(postgres_s
     replies = asyncio.run(scenario())
     assert replies[:50] == [sum(range(1, i + 1)) for i in range(1, 51)]  # each caller got its own reply
     assert replies[50:] == [b"\x00binary", None]
-    assert sync.get("tessera:test:mux") == b"\x00binary"  # written to database 13, as the URL says
+    assert sync.get("tessera:test:mux") == b"\x00binary"  # written to that database, as the URL says
     sync.delete("tessera:test:mux", "tessera:test:counter")
 
 
