@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.output}")
     if args.update_cards:
         for role in roles:
-            update_card(artifacts[role], role, results, " ".join(["tessera bench nodule_eval", *(argv or [])]))
+            given = sys.argv[1:] if argv is None else argv
+            update_card(artifacts[role], role, results, " ".join(["tessera bench nodule_eval", *given]))
     return 0
 
 
