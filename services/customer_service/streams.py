@@ -31,6 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import orjson
@@ -41,7 +42,7 @@ from services.customer_service import store
 from services.customer_service.assist import assist_services
 from services.customer_service.pipeline import CallPipeline, call_topic, live_topic
 from services.customer_service.protocols.audiohook import AudioHookSession, verify_upgrade
-from services.customer_service.protocols.base import ProtocolError, StreamSession, Track, request_target
+from services.customer_service.protocols.base import CallEnded, ProtocolError, StreamSession, Track, request_target
 from services.customer_service.protocols.twilio import TwilioCredentials, TwilioSession, signed_stream_url
 from services.customer_service.protocols.vonage import VonageSession
 from shared.config import get_settings
@@ -51,6 +52,7 @@ from shared.feeds import FeedLagged
 from shared.websockets import (
     MESSAGE_TOO_BIG,
     NORMAL_CLOSURE,
+    POLICY_VIOLATION,
     TRY_AGAIN_LATER,
     AuthorizedWebSocket,
     authorized_websocket,
@@ -140,9 +142,15 @@ async def run_stream(channel: StreamChannel, session: StreamSession) -> None:
         return
     pipeline = CallPipeline(services, send_transcript=send_transcript)
     client_code: int | None = None
+    idle_timeout_s = get_settings().cs_stream_idle_timeout_s
     try:
         while True:
-            step = session.receive(await channel.receive())
+            try:
+                message = await asyncio.wait_for(channel.receive(), idle_timeout_s)
+            except TimeoutError:
+                await _close_stalled(channel, session, pipeline, idle_timeout_s)
+                return
+            step = session.receive(message)
             for reply in step.replies:
                 await send(reply)
             for event in step.events:
@@ -162,6 +170,17 @@ async def run_stream(channel: StreamChannel, session: StreamSession) -> None:
         for event in session.finish(client_code):
             await pipeline.handle(event)
         await pipeline.close()
+
+
+async def _close_stalled(channel: StreamChannel, session: StreamSession, pipeline: CallPipeline,
+                         idle_timeout_s: float) -> None:
+    """A client that sent nothing for ``idle_timeout_s`` (no audio, no ping): the call is ended as
+    disconnected (kept as partial, with what was heard) and the socket closed with 1008."""
+    reason = f"nothing received for {idle_timeout_s:g} s"
+    logger.info("stream stalled: %s", reason)
+    for event in session.finish(None):
+        await pipeline.handle(replace(event, detail=reason) if isinstance(event, CallEnded) else event)
+    await channel.close(POLICY_VIOLATION, reason)
 
 
 # --- credentials ------------------------------------------------------------------------------------

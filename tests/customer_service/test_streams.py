@@ -43,6 +43,8 @@ from tests.customer_service.stream_clients import (
 )
 
 MIN_KEYWORD_RECALL = 0.15
+STALL_TIMEOUT_S = 4.0
+"""The server's idle timeout here: longer than any pause of the clients below, short to wait for."""
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed: no simulated calls "
@@ -55,7 +57,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CsServer]:
     emotion events, not which emotion)."""
     stack = sqlite_stack_at(tmp_path_factory.mktemp("cs-streams"))
     models_env, _ = emotion_models_env(tmp_path_factory.mktemp("cs-models"))
-    with serve_customer_service(stack, environment="production", env=models_env) as running:
+    env = {**models_env, "TESSERA_CS_STREAM_IDLE_TIMEOUT_S": str(STALL_TIMEOUT_S)}
+    with serve_customer_service(stack, environment="production", env=env) as running:
         yield running
 
 
@@ -182,6 +185,26 @@ def test_audiohook_call_gets_transcript_events_back(server: CsServer, calls: dic
 
 
 @needs_espeak
+def test_a_stalled_stream_is_closed_and_its_call_kept(server: CsServer, calls: dict[str, SimulatedCall]) -> None:
+    call_sid = "CA" + uuid.uuid4().hex
+
+    async def scenario() -> tuple[Closed, float]:
+        client = TwilioClient(server.twilio_url, call_sid=call_sid, tenant=TENANT, auth_token=AUTH_TOKEN)
+        async with client:
+            await client.send_connected()
+            await client.send_start()
+            await client.send_frames(list(call_frames(calls["twilio"], ["customer"]))[:50])  # 1 s, then nothing
+            stalled_at = time.monotonic()
+            closed = await client.server_close(STALL_TIMEOUT_S + 30)
+            return closed, time.monotonic() - stalled_at
+
+    closed, waited_s = asyncio.run(scenario())
+    assert closed.code == 1008 and "nothing received for 4 s" in (closed.reason or ""), closed
+    assert waited_s >= STALL_TIMEOUT_S - 0.5
+    record = server.call_record(call_sid)
+    assert record["status"] == "partial" and record["end_reason"] == "disconnected"
+
+
 def test_a_client_vanishing_mid_utterance_keeps_the_partial_call_and_spares_the_other(
         server: CsServer, calls: dict[str, SimulatedCall]) -> None:
     cut, whole = calls["cut"], calls["twilio"]
