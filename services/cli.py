@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
+import functools
 import json
 import os
 import shlex
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import get_settings
+from shared.processes import end_with_parent
 from shared.queue import QUEUES
 from shared.verticals import COMMANDS, Vertical, api_key_scopes, get_vertical, verticals
 
@@ -106,7 +107,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 """Each ends `tessera up` and, first, every process it started (SIGHUP: the terminal was closed)."""
-PR_SET_PDEATHSIG = 1
 
 
 class _StopRequest:
@@ -131,14 +131,7 @@ def _ended_with_parent(parent_pid: int) -> Callable[[], None] | None:
     dies (SIGKILL, a crash): no server outlives its supervisor. None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
-
-    def arrange() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arrange
+    return functools.partial(end_with_parent, parent_pid, signal.SIGTERM)
 
 
 def _say(message: str) -> None:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -43,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.customer_service.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+from shared.processes import end_with_parent
 
 if TYPE_CHECKING:
     from model_runtime import LoadContext, ModelSpec
@@ -513,8 +516,9 @@ class _WorkerDecoders:
 _worker_decoders: _WorkerDecoders | None = None
 
 
-def _start_worker(lm: DomainLm | None, settings: DecoderSettings | None) -> None:
+def _start_worker(lm: DomainLm | None, settings: DecoderSettings | None, parent_pid: int) -> None:
     global _worker_decoders
+    end_with_parent(parent_pid, signal.SIGKILL)  # a decoder never outlives the server that spawned it
     _worker_decoders = _WorkerDecoders(lm, settings)
 
 
@@ -563,7 +567,7 @@ class RecognizerPool:
             raise ValueError("processes must be >= 1")
         context = multiprocessing.get_context("spawn")
         self._executors = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
-                                               initargs=(lm, settings)) for _ in range(processes)]
+                                               initargs=(lm, settings, os.getpid())) for _ in range(processes)]
         self._finalizer = weakref.finalize(self, _shutdown, list(self._executors))
         self.worker_pids = sorted(executor.submit(_worker_pid).result() for executor in self._executors)
         self._turn = 0
