@@ -310,12 +310,15 @@ def _check_shapes(proto: Any) -> dict[str, list[int]]:
             for node in proto.graph.input if node.name not in initializers}
 
 
-def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: Placement | None = None) -> Any:
+def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: Placement | None = None,
+                 simplify: bool = True) -> Any:
     """An ONNX Runtime session of :func:`simplified_onnx` ``(model)``.
 
     ``threads``: intra-op threads (default ``settings.torch_threads``); one inter-op thread.
     ``placement``: a CUDA placement runs on ONNX Runtime's CUDA provider when this build has it
-    (:func:`~model_runtime.device.onnx_providers`), else on CPU.
+    (:func:`~model_runtime.device.onnx_providers`), else on CPU. ``simplify=False`` loads the graph
+    as it is: for a third party's shipped graph that onnxsim cannot process (silero-vad's STFT
+    branch fails its random-input check, after ~5 s).
     """
     import onnxruntime as ort
 
@@ -324,7 +327,8 @@ def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: 
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = onnx_providers(placement)
-    session = ort.InferenceSession(simplified_onnx(model), options, providers=providers)
+    graph = simplified_onnx(model) if simplify else (str(model) if isinstance(model, Path) else model)
+    session = ort.InferenceSession(graph, options, providers=providers)
     if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
         # ONNX Runtime falls back to CPU when the CUDA provider cannot load (CUDA/cuDNN libraries missing)
         logger.warning("ONNX Runtime could not start its CUDA provider; this graph runs on %s", session.get_providers())

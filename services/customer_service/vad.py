@@ -12,8 +12,9 @@ calls that have a window waiting, steps them together, and hands each call its o
 Because ``sr`` is one scalar per batch, each sample rate is its own streaming model
 (``cs-vad-8k`` for telephone audio, ``cs-vad-16k``).
 
-The platform's :class:`~model_runtime.OnnxRuntimeBackend` is not used: its load-time onnxsim
-pass fails on silero's STFT branch (reflect padding of its random probe input) and costs ~5 s.
+The session comes from the platform's :func:`~model_runtime.backends.onnx_session` without its
+load-time onnxsim pass (``simplify=False``), which fails on silero's STFT branch (reflect padding
+of its random probe input) and costs ~5 s.
 
 :class:`Endpointer` turns the per-window probabilities into speech-start and end-of-utterance
 decisions (silero's ``VADIterator`` rules plus a minimum speech length and a maximum utterance
@@ -37,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model_runtime import BadInput, LoadContext, ModelRuntimeError, Session, StreamingModel
+from model_runtime.backends import onnx_session
 
 logger = logging.getLogger("tessera.cs.vad")
 
@@ -70,15 +72,9 @@ class SileroVad:
     backend_name = "onnxruntime"
 
     def __init__(self, sample_rate: int, model_path: Path | None = None, *, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         if sample_rate not in WINDOW_SAMPLES:
             raise ValueError(f"silero-vad runs at 8000 or 16000 Hz, not {sample_rate}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path or silero_onnx_path()), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(model_path or silero_onnx_path(), threads=threads, simplify=False)
         self.sample_rate = sample_rate
         self.window = WINDOW_SAMPLES[sample_rate]
         self.context = CONTEXT_SAMPLES[sample_rate]
