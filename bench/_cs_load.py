@@ -255,8 +255,7 @@ def direct_models(sample_rate: int = 8000) -> tuple[Transcribe, Emotion]:
     """ASR and emotion as the server loads them, called in this process one item at a time: a
     pocketsphinx :class:`~services.customer_service.asr.Recognizer` with the same domain LM, and the
     emotion model's runtime spec run without the runtime (loader, prepare, ``run_batch`` of one)."""
-    from services.customer_service.asr import Recognizer, build_domain_lm
-    from services.customer_service.evaluation import domain_texts
+    from services.customer_service.asr import Recognizer, build_domain_lm, domain_texts
 
     recognizer = Recognizer(build_domain_lm(domain_texts()))
     run_emotion = direct_spec_runner(_emotion_spec())

@@ -304,6 +304,50 @@ def _arpa(counts: _Counts, base: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+# --- the shipped domain text -----------------------------------------------------------------------
+
+SIMULATED_KB_ARTICLES: tuple[str, ...] = (
+    "Refunds. A refund goes back to the card you paid with. Refunds appear in three to five working days. "
+    "If you were charged twice, we refund the duplicate charge at once.",
+    "Delivery. Standard delivery takes three to five days and express delivery takes one day. "
+    "You can change the delivery date or the delivery address in your account before the order ships.",
+    "Order status. To check the status of an order, give the agent your order number. "
+    "The tracking link is in your confirmation email.",
+    "Passwords. To reset your password, choose forgot password on the sign in page. "
+    "We send a reset link to the email address on your account.",
+    "Router troubleshooting. If your router keeps dropping the connection, restart the router and wait two "
+    "minutes. Check that the cables are plugged in and the lights are green. If the internet is still slow, "
+    "we can send an engineer.",
+    "Billing. Your bill shows the charges for this month and any late fee. "
+    "You can set up a payment plan if you cannot afford the full payment.",
+    "Warranty. Every phone, laptop and television is covered by a two year warranty. "
+    "A broken or faulty product is repaired or replaced free of charge.",
+    "Cancellation. You can cancel your account or your subscription at any time. "
+    "If you cancel within fourteen days you get a full refund.",
+    "Complaints. We are sorry when things go wrong. A supervisor or a manager can review your complaint, "
+    "and we may add a credit to your account.",
+    "Account changes. To update your billing address, your phone number or the name on the account, "
+    "we first confirm your identity with a security question.",
+    "Invoices. A copy of any invoice can be sent by email. Invoices are also in your account under billing.",
+    "Insurance. Pet insurance and phone insurance can be cancelled by phone. "
+    "After a bereavement we can transfer the account to another name.",
+)
+"""The knowledge base the shipped domain language model is built from (simulated, not a customer's:
+no tenant's data goes into a model every tenant shares); also the ASR evaluation's."""
+
+
+def domain_texts(seed: int = 7, fills: int = 3) -> list[str]:
+    """The shipped domain language model's text: the simulated knowledge base and every call-script line
+    of :mod:`services.customer_service.simulate`, its slots filled ``fills`` times."""
+    from services.customer_service import simulate
+
+    rng = np.random.default_rng(seed)
+    templates = [*(line for lines in simulate.CUSTOMER_LINES.values() for line in lines),
+                 *simulate.NEUTRAL_CONTENT_LINES, *(line for lines in simulate.AGENT_LINES.values() for line in lines)]
+    scripts = [simulate.fill_slots(template, rng) for template in templates for _ in range(fills)]
+    return [*SIMULATED_KB_ARTICLES, *scripts]
+
+
 # --- decoding ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -604,10 +648,6 @@ class RecognizerPool:
             for index, answer in zip(indices, batches[executor_id].result(), strict=True):
                 answers[index] = answer
         return answers
-
-    def transcribe_many(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
-        """Decode whole utterances in the worker processes, in parallel; answers in order."""
-        return [cast(Transcript, answer) for answer in self.run(requests)]
 
     def close(self) -> None:
         """Stop the worker processes."""

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from model_runtime import ModelRuntime, StreamingSessions, get_runtime
 from services.customer_service import store
-from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm
+from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm, domain_texts
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
 from services.customer_service.vad import vad_streaming_model
 from shared.config import get_settings
@@ -92,7 +92,6 @@ def assist_services() -> AssistServices:
 async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     """Load the models and build the process's assist services (see the module docstring)."""
     global _services
-    from services.customer_service.evaluation import domain_texts
     from services.customer_service.model import emotion_model_spec
 
     runtime = runtime or get_runtime()

@@ -19,6 +19,7 @@ import numpy as np
 from prometheus_client import Histogram
 
 from model_runtime import ModelRuntime, StreamingSessions
+from services.customer_service.asr import domain_texts
 from services.customer_service.vad import WINDOW_SAMPLES, SileroVad, vad_model_name, vad_streaming_model
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -156,34 +157,6 @@ def median_ms(values: Sequence[float]) -> float:
 
 # --- ASR word error rate on simulated telephone speech ----------------------------------------------
 
-SIMULATED_KB_ARTICLES: tuple[str, ...] = (
-    "Refunds. A refund goes back to the card you paid with. Refunds appear in three to five working days. "
-    "If you were charged twice, we refund the duplicate charge at once.",
-    "Delivery. Standard delivery takes three to five days and express delivery takes one day. "
-    "You can change the delivery date or the delivery address in your account before the order ships.",
-    "Order status. To check the status of an order, give the agent your order number. "
-    "The tracking link is in your confirmation email.",
-    "Passwords. To reset your password, choose forgot password on the sign in page. "
-    "We send a reset link to the email address on your account.",
-    "Router troubleshooting. If your router keeps dropping the connection, restart the router and wait two "
-    "minutes. Check that the cables are plugged in and the lights are green. If the internet is still slow, "
-    "we can send an engineer.",
-    "Billing. Your bill shows the charges for this month and any late fee. "
-    "You can set up a payment plan if you cannot afford the full payment.",
-    "Warranty. Every phone, laptop and television is covered by a two year warranty. "
-    "A broken or faulty product is repaired or replaced free of charge.",
-    "Cancellation. You can cancel your account or your subscription at any time. "
-    "If you cancel within fourteen days you get a full refund.",
-    "Complaints. We are sorry when things go wrong. A supervisor or a manager can review your complaint, "
-    "and we may add a credit to your account.",
-    "Account changes. To update your billing address, your phone number or the name on the account, "
-    "we first confirm your identity with a security question.",
-    "Invoices. A copy of any invoice can be sent by email. Invoices are also in your account under billing.",
-    "Insurance. Pet insurance and phone insurance can be cancelled by phone. "
-    "After a bereavement we can transfer the account to another name.",
-)
-"""Knowledge-base articles written for the measurement (simulated, not a customer's)."""
-
 HELD_OUT_SENTENCES: tuple[str, ...] = (
     "My internet has been really slow since yesterday morning.",
     "I never received the confirmation email for my order.",
@@ -203,18 +176,6 @@ HELD_OUT_SENTENCES: tuple[str, ...] = (
     "I need a copy of my last three invoices for my accountant.",
 )
 """Customer-service sentences written for the measurement that are not in the domain text."""
-
-
-def domain_texts(seed: int = 7, fills: int = 3) -> list[str]:
-    """The domain language model's text: the simulated knowledge base and every call-script line
-    of :mod:`services.customer_service.simulate`, its slots filled ``fills`` times."""
-    from services.customer_service import simulate
-
-    rng = np.random.default_rng(seed)
-    templates = [*(line for lines in simulate.CUSTOMER_LINES.values() for line in lines),
-                 *simulate.NEUTRAL_CONTENT_LINES, *(line for lines in simulate.AGENT_LINES.values() for line in lines)]
-    scripts = [simulate.fill_slots(template, rng) for template in templates for _ in range(fills)]
-    return [*SIMULATED_KB_ARTICLES, *scripts]
 
 
 def in_script_sentences(count: int = 24, seed: int = 11) -> list[str]:

@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import numpy as np
@@ -515,7 +515,3 @@ def _emotion_fields(reading: EmotionReading) -> Event:
 def _sentiment(assessment: Assessment) -> Event:
     return {"valence": round(assessment.valence, 3), "trend": round(assessment.trend, 3),
             "direction": assessment.direction.value}
-
-
-STALE_CALL_AFTER = timedelta(minutes=10)
-"""A live call with no stream activity for this long is taken as abandoned by the sweeper."""
