@@ -40,6 +40,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from services.customer_service import store
 from services.customer_service.assist import assist_services
+from services.customer_service.assist_schemas import LiveCall
 from services.customer_service.pipeline import CallPipeline, call_topic, live_topic
 from services.customer_service.protocols.audiohook import AudioHookSession, verify_upgrade
 from services.customer_service.protocols.base import CallEnded, ProtocolError, StreamSession, Track, request_target
@@ -365,7 +366,5 @@ def _call_status(tenant_id: str, call_id: str) -> str:
 
 def _live_calls(tenant_id: str) -> list[dict[str, Any]]:
     with session_scope() as session:
-        return [{"call_id": call.call_id, "protocol": call.protocol, "started_at": call.started_at.isoformat(),
-                 "utterance_count": call.utterance_count, "current_emotion": call.current_emotion,
-                 "sentiment_trend": call.sentiment_trend, "escalation_count": call.escalation_count}
+        return [LiveCall.model_validate(call).model_dump(mode="json")
                 for call in store.list_live_calls(session, tenant_id)]

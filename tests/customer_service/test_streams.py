@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import shutil
 import time
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import websockets
 
 from services.customer_service.knowledge import STOPWORDS
 from services.customer_service.labels import EMOTIONS
@@ -185,6 +187,30 @@ def test_audiohook_call_gets_transcript_events_back(server: CsServer, calls: dic
 
 
 @needs_espeak
+def test_the_supervisor_sees_live_calls_then_their_end(server: CsServer, calls: dict[str, SimulatedCall]) -> None:
+    call_sid = "CA" + uuid.uuid4().hex
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        client = TwilioClient(server.twilio_url, call_sid=call_sid, tenant=TENANT, auth_token=AUTH_TOKEN)
+        async with client:
+            await client.send_connected()
+            await client.send_start()
+            await client.send_frames(list(call_frames(calls["twilio"], ["customer"]))[:25])
+            async with websockets.connect(server.ws("/v1/supervisor/events"),
+                                          additional_headers={"X-API-Key": server.api_key}) as supervisor:
+                snapshot = json.loads(await asyncio.wait_for(supervisor.recv(), 30))
+                await client.send_stop()
+                events: list[dict[str, Any]] = []
+                while not events or events[-1].get("type") != "call.ended":
+                    events.append(json.loads(await asyncio.wait_for(supervisor.recv(), 60)))
+        return snapshot, events
+
+    snapshot, events = asyncio.run(scenario())
+    assert snapshot["type"] == "live.calls"
+    assert call_sid in [call["call_id"] for call in snapshot["calls"]]
+    assert events[-1]["call_id"] == call_sid
+
+
 def test_a_stalled_stream_is_closed_and_its_call_kept(server: CsServer, calls: dict[str, SimulatedCall]) -> None:
     call_sid = "CA" + uuid.uuid4().hex
 
