@@ -93,6 +93,17 @@ class Settings(BaseSettings):
     cs_public_stream_base: str | None = Field(default=None, description="the public origin call platforms "
                                               "connect to, as written in the TwiML (`wss://cs.example.com`); "
                                               "Twilio signs that URL. Default: `wss://` and the Host header")
+    iiot_storage_dir: Path | None = Field(default=None, description="where ingestion files are kept while "
+                                          "their job runs; `<data_dir>/iiot` if unset")
+    iiot_max_upload_bytes: int = Field(default=20 * 1024**3, gt=0, description="largest ingestion file "
+                                       "accepted (after gzip decompression, when gzipped)")
+    iiot_mqtt_url: str | None = Field(default=None, description="MQTT broker the readings subscriber reads "
+                                      "(`mqtt://host:1883`); unset: `tessera up` starts no subscriber")
+    iiot_mqtt_topic_prefix: str = Field(default="tessera/iiot", description="readings arrive on "
+                                        "`<prefix>/<tenant>/<plant>/<line>/<asset>`; the broker's ACLs "
+                                        "decide which gateway may publish under which tenant")
+    iiot_scoring_interval_s: float = Field(default=300.0, gt=0, description="beat scores every asset of "
+                                           "every tenant this often")
 
     @field_validator("nodule_allowed_calling_aets", mode="before")
     @classmethod
