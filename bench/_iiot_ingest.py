@@ -1,0 +1,117 @@
+"""The ways of writing a long-format readings CSV into ``iiot_readings`` that ``bench/iiot.py`` times.
+
+Each way runs in its own process (``bench/iiot.py point ingest ...``), so its peak RSS is its own,
+against a fresh copy of a seeded database, and reads the same file:
+
+- ``naive-orm``: ``csv.reader`` row by row, a mapped object per reading, ``session.add`` and a
+  commit every 1,000 rows (what a quick script does); sensor ids resolved from an in-memory dict.
+- ``to_sql``, ``to_sql-multi``: pandas ``read_csv`` in chunks, ids mapped, timestamps parsed, then
+  ``DataFrame.to_sql`` with ``method=None`` (executemany) or ``method="multi"`` (multi-row VALUES).
+- ``copy``: ``psql \\copy`` (PostgreSQL) / ``sqlite3 .import`` (SQLite) of the rows already
+  resolved to the table's layout: the write limit (no parsing, validation or id lookups in it).
+- ``tessera``: the project's ingestion path (H1's ingest job handler, in-process).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._iiot_data import Layout, count_readings, csv_rows, sensor_keys
+
+NAIVE_COMMIT_EVERY = 1_000
+TO_SQL_CHUNK_ROWS = 100_000
+MULTI_CHUNKSIZE = {"postgresql": 10_000, "sqlite": 5_000}  # bound parameters per statement: 4 a row
+
+
+def naive_orm(url: str, path: Path, rows: int, layout: Layout) -> int:
+    """Row-by-row ORM inserts of the first ``rows`` rows of ``path``, a commit per 1,000; returns rows."""
+    from datetime import datetime
+
+    from sqlalchemy.orm import Session, registry
+
+    from services.iiot.db import readings
+    from shared.db import make_engine
+
+    class NaiveReading:
+        """A reading as an ORM object (the readings table has no primary key: (sensor_pk, ts) stands in)."""
+
+        def __init__(self, **values: Any) -> None:
+            self.__dict__.update(values)
+
+    registry().map_imperatively(NaiveReading, readings, primary_key=[readings.c.sensor_pk, readings.c.ts])
+    keys = sensor_keys(layout)
+    engine = make_engine(url)
+    done = 0
+    try:
+        with Session(engine) as session:
+            for timestamp, asset, sensor, value, _unit in csv_rows(path):
+                if done >= rows:
+                    break
+                session.add(NaiveReading(sensor_pk=keys[(asset, sensor)],
+                                         ts=datetime.fromisoformat(timestamp), value=float(value), ingest_pk=1))
+                done += 1
+                if done % NAIVE_COMMIT_EVERY == 0:
+                    session.commit()
+            session.commit()
+    finally:
+        engine.dispose()
+    return done
+
+
+def pandas_to_sql(url: str, path: Path, rows: int, layout: Layout, multi: bool) -> int:
+    """pandas ``read_csv`` chunks → ``to_sql`` (executemany, or multi-row VALUES); returns rows."""
+    import pandas as pd
+
+    from shared.db import make_engine
+
+    keys = pd.Series({f"{asset}/{sensor}": pk for (asset, sensor), pk in sensor_keys(layout).items()})
+    engine = make_engine(url)
+    method = "multi" if multi else None
+    chunksize = MULTI_CHUNKSIZE[engine.dialect.name if engine.dialect.name == "sqlite" else "postgresql"] \
+        if multi else None
+    done = 0
+    try:
+        for chunk in pd.read_csv(path, chunksize=TO_SQL_CHUNK_ROWS, nrows=rows, dtype={"asset": str, "sensor": str}):
+            frame = pd.DataFrame({"sensor_pk": (chunk["asset"] + "/" + chunk["sensor"]).map(keys).astype("int64"),
+                                  "ts": pd.to_datetime(chunk["timestamp"], utc=True, format="ISO8601"),
+                                  "value": chunk["value"].astype("float64"), "ingest_pk": 1})
+            frame.to_sql("iiot_readings", engine, if_exists="append", index=False, method=method,
+                         chunksize=chunksize)
+            done += len(frame)
+    finally:
+        engine.dispose()
+    return done
+
+
+def copy_limit(url: str, resolved: Path) -> tuple[int, float]:
+    """``psql \\copy`` / ``sqlite3 .import`` of a resolved CSV; returns (rows now stored, seconds)."""
+    if url.startswith("sqlite"):
+        database = url.removeprefix("sqlite:///")
+        argv = ["sqlite3", database, ".mode csv", f".import {resolved} iiot_readings"]
+    else:
+        libpq = url.replace("postgresql+psycopg://", "postgresql://")
+        argv = ["psql", libpq, "-v", "ON_ERROR_STOP=1", "-c",
+                f"\\copy iiot_readings (sensor_pk, ts, value, ingest_pk) FROM '{resolved}' WITH (FORMAT csv)"]
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    return count_readings(url), seconds
+
+
+def tessera_missing() -> str | None:
+    """Why the project's ingestion path cannot be measured yet (None when it can)."""
+    try:
+        from services.iiot import ingest
+    except ImportError as error:
+        return f"services.iiot.ingest does not import: {error}"
+    if not hasattr(ingest, "ingest_file"):
+        return "H1's ingestion job (services.iiot.ingest) has not landed"
+    return None
+
+
+def tessera_ingest(url: str, path: Path) -> int:
+    """The project's ingestion path on ``path`` in this process; returns the rows it kept."""
+    raise NotImplementedError("wired when H1's ingest job lands")
