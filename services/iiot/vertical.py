@@ -2,4 +2,4 @@
 
 from shared.verticals import Vertical
 
-VERTICAL = Vertical(name="iiot", title="IIoT failure prediction")
+VERTICAL = Vertical(name="iiot", title="IIoT failure prediction", benchmarks=("iiot",))
