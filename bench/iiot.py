@@ -279,7 +279,7 @@ def bench(plan: Plan, sections: list[str], args: argparse.Namespace, workdir: Pa
     """Run the chosen sections; a section's failure is recorded, the others still run."""
     record: dict[str, Any] = {
         "benchmark": "iiot", "mode": "quick" if plan == QUICK else "full", "plan": asdict(plan),
-        "simulated": True, "started_at": datetime.now(UTC).isoformat(), "machine": {
+        "simulated": True, "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(), "machine": {
             "cpus": os.cpu_count(), "python": platform.python_version(), "note": SHARED_BOX,
             "load_avg_at_start": os.getloadavg(), "nice": os.nice(0)},
     }
