@@ -1,8 +1,353 @@
-"""Ingestion and validation of sensor readings: not built yet (issue 19).
+"""Ingestion of sensor readings: files as resumable jobs, gateway and MQTT batches, one validation path.
 
-Its responsibility: read CSV, Parquet or JSON Lines files of any size (long and wide formats),
-JSON batches and MQTT payloads through one validation path (schema, units and their conversion,
-ranges, timestamps and time zones, duplicates, out-of-order rows, gaps), quarantine bad rows with
-reasons, keep good rows with bulk writes (COPY on PostgreSQL, executemany on SQLite), and make
-re-ingesting the same file idempotent.
+- :func:`accept_readings`: a batch of long-format rows (``POST /iiot/v1/readings``, the MQTT
+  subscriber) validated and written in one transaction of its own; a batch re-sent with the same
+  content is recognised by its digest and answered with the first outcome, writing nothing.
+- :func:`quarantine_raw`: a payload that is not even rows (not JSON, not a list), kept with its reason.
+- :func:`run_file_ingest`: the body of the ``iiot.ingest_file`` job. The file is read in chunks
+  (:mod:`services.iiot.readers`); each chunk's readings, quarantined rows, sensor watermarks, the
+  ingestion's counters and its checkpoint (``Ingest.rows_done``) commit together. The checkpoint
+  moves by compare-and-set, so a worker killed mid-file resumes after the last committed chunk,
+  and two workers racing on one ingestion write each chunk once.
+
+Counts: ``rows_read`` are source rows (lines, Parquet rows, batch items); ``rows_kept`` and
+``rows_quarantined`` count readings, which for the wide layout are cells of a row.
 """
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import orjson
+import pandas as pd
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.iiot.db import Ingest, QuarantinedRow, Sensor
+from services.iiot.readers import FileRefused, FileShape, SourceChunk, file_shape, read_chunks
+from services.iiot.store import stored_lookup, write_quarantine, write_readings
+from services.iiot.validation import (
+    LONG_COLUMNS,
+    Checked,
+    Registry,
+    check_rows,
+    check_watermarks,
+    empty_quarantine,
+)
+from shared.config import get_settings
+from shared.db import after_commit, session_scope, utcnow
+from shared.jobs import Job, PublicJobError, report_progress
+
+logger = logging.getLogger("tessera.iiot.ingest")
+
+Source = Literal["api", "mqtt"]
+REGISTRY_TTL_S = 5.0
+"""A batch's registry is reused this long (reloaded at once when a batch names an unknown sensor)."""
+
+
+@dataclass
+class ReadingsOutcome:
+    """What became of a batch: readings kept, quarantined, and how many per reason."""
+
+    kept: int
+    quarantined: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    ingest_id: int | None = None
+    replayed: bool = False
+    """True when the same batch was accepted before: nothing was written this time."""
+
+
+@dataclass
+class ChunkOutcome:
+    """One chunk's effect, added to its ingestion's counters."""
+
+    kept: int = 0
+    quarantined: int = 0
+    gaps: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+# --- the one validation-and-write path ------------------------------------------------------------------
+
+def process_chunk(session: Session, *, tenant_id: str, source: str, ingest_pk: int, registry: Registry,
+                  chunk: SourceChunk) -> ChunkOutcome:
+    """Validate ``chunk`` and write its readings and quarantine in ``session`` (not committed).
+
+    Locks the sensors it writes (``FOR UPDATE`` on PostgreSQL; SQLite has one writer) before reading
+    their watermarks, so concurrent ingestions of one sensor keep its watermark consistent.
+    """
+    checked = check_rows(chunk.frame, registry)
+    watermarks, counts = lock_sensors(session, np.unique(checked.kept["sensor_pk"].to_numpy(np.int64)))
+    ordered = check_watermarks(checked.kept, watermarks, stored_lookup(session), registry)
+    written = ordered.kept.assign(ingest_pk=ingest_pk)
+    write_readings(session, written)
+    quarantined = _quarantine_rows(chunk, checked, ordered, registry)
+    write_quarantine(session, tenant_id, source, ingest_pk, quarantined)
+    _advance_sensors(session, ordered.watermarks, ordered.counts, watermarks, counts)
+    return ChunkOutcome(kept=len(written), quarantined=len(quarantined), gaps=ordered.gaps,
+                        reasons=Counter(quarantined["reason"].tolist()))
+
+
+def lock_sensors(session: Session, sensor_pks: Iterable[int]) -> tuple[dict[int, datetime | None], dict[int, int]]:
+    """Each sensor's watermark and reading count, the rows locked until the transaction ends."""
+    pks = [int(pk) for pk in sensor_pks]
+    if not pks:
+        return {}, {}
+    rows = session.execute(select(Sensor.id, Sensor.last_ts, Sensor.reading_count).where(Sensor.id.in_(pks))
+                           .order_by(Sensor.id).with_for_update()).all()
+    return {row[0]: row[1] for row in rows}, {row[0]: row[2] for row in rows}
+
+
+def _quarantine_rows(chunk: SourceChunk, checked: Checked, ordered: Checked, registry: Registry) -> pd.DataFrame:
+    """Every refused row of the chunk with its raw text, asset and sensor ids."""
+    late = ordered.quarantined
+    if not late.empty:
+        ids = _ids_by_pk(registry)
+        pks = ordered_pks(late, checked)
+        late = late.assign(asset_id=[ids.get(pk, (None, None))[0] for pk in pks],
+                           sensor_id=[ids.get(pk, (None, None))[1] for pk in pks])
+    parts = [frame for frame in (checked.quarantined, late) if not frame.empty]
+    validated = pd.concat(parts, ignore_index=True) if parts else empty_quarantine()
+    if not validated.empty:
+        validated = validated.assign(raw=chunk.raw_text(validated["row_number"].tolist()))
+    refused = chunk.refused.assign(asset_id=None, sensor_id=None)
+    parts = [frame for frame in (refused, validated) if not frame.empty]
+    return pd.concat(parts, ignore_index=True) if parts else empty_quarantine().assign(raw=None)
+
+
+def ordered_pks(late: pd.DataFrame, checked: Checked) -> list[int]:
+    """The sensor pk of each late row (row numbers repeat in the wide layout: first match is fine)."""
+    by_row = dict(zip(checked.kept["row_number"].tolist(), checked.kept["sensor_pk"].tolist(), strict=True))
+    return [int(by_row.get(number, -1)) for number in late["row_number"].tolist()]
+
+
+def _ids_by_pk(registry: Registry) -> dict[int, tuple[str, str]]:
+    pairs = [str(key).split("\x1f", 1) for key in registry.keys]
+    return {int(pk): (pair[0], pair[1]) for pk, pair in zip(registry.sensor_pk.tolist(), pairs, strict=True)}
+
+
+def _advance_sensors(session: Session, newest: dict[int, datetime], added: dict[int, int],
+                     old_marks: dict[int, datetime | None], old_counts: dict[int, int]) -> None:
+    """Move each written sensor's watermark and reading count (one executemany)."""
+    if not newest:
+        return
+    changes = [{"id": pk, "last_ts": _later(old_marks.get(pk), moment),
+                "reading_count": int(old_counts.get(pk) or 0) + added.get(pk, 0)} for pk, moment in newest.items()]
+    session.execute(update(Sensor), changes)
+
+
+def _later(old: datetime | None, new: datetime) -> datetime:
+    if old is None:
+        return new
+    return max(old if old.tzinfo else old.replace(tzinfo=UTC), new)
+
+
+# --- batches: gateways and MQTT ---------------------------------------------------------------------------
+
+_registry_cache: dict[tuple[str, str], tuple[float, Registry]] = {}
+
+
+def batch_registry(session: Session, tenant_id: str, *, fresh: bool = False) -> Registry:
+    """The tenant's registry, reused for :data:`REGISTRY_TTL_S` unless ``fresh``."""
+    key = (str(session.get_bind().engine.url), tenant_id)
+    cached = _registry_cache.get(key)
+    if not fresh and cached is not None and time.monotonic() - cached[0] < REGISTRY_TTL_S:
+        return cached[1]
+    registry = Registry.load(session, tenant_id)
+    _registry_cache[key] = (time.monotonic(), registry)
+    return registry
+
+
+def batch_frame(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
+    """A batch as a long-format frame (``row_number`` 1-based), and the items that are not rows."""
+    numbers, records, refused = [], [], []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            refused.append((number, "schema", "not a JSON object"))
+            continue
+        missing = [key for key in ("timestamp", "asset", "sensor", "value") if key not in row]
+        if missing:
+            refused.append((number, "schema", f"missing {', '.join(missing)}"))
+            continue
+        numbers.append(number)
+        records.append(row)
+    columns = {name: pd.Series([_as_sent(record.get(name)) for record in records], dtype=object)
+               for name in LONG_COLUMNS}
+    frame = pd.DataFrame({"row_number": np.asarray(numbers, dtype=np.int64), **columns})
+    frame["unit"] = frame["unit"].where(frame["unit"].notna(), "")
+    return frame, refused
+
+
+def _as_sent(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def batch_digest(rows: list[dict[str, Any]], source: str) -> str:
+    """sha256 of a batch's content (key order ignored): the same batch sent twice has one digest."""
+    body = orjson.dumps(rows, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY, default=str)
+    return hashlib.sha256(source.encode() + b"\n" + body).hexdigest()
+
+
+def accept_readings(tenant_id: str, rows: list[dict[str, Any]], *, source: Source,
+                    raw: list[str] | None = None) -> ReadingsOutcome:
+    """Validate and store a batch of long-format rows of ``tenant_id`` in a transaction of its own.
+
+    ``rows``: dicts with ``timestamp`` (ISO 8601 text or datetime; naive = the plant's zone),
+    ``asset``, ``sensor``, ``value`` and optionally ``unit``. ``raw``: each row's text as received
+    (kept with a quarantined row; its JSON otherwise). Idempotent by content.
+    """
+    digest = batch_digest(rows, source)
+    with session_scope() as session:
+        existing = session.scalar(select(Ingest).where(Ingest.tenant_id == tenant_id, Ingest.digest == digest))
+        if existing is not None:
+            return _replayed(session, existing)
+        ingest = Ingest(tenant_id=tenant_id, source=source, digest=digest, rows_read=len(rows),
+                        started_at=utcnow())
+        session.add(ingest)
+        try:
+            session.flush()
+        except IntegrityError:  # the same batch, committed concurrently
+            session.rollback()
+            existing = session.scalars(select(Ingest).where(Ingest.tenant_id == tenant_id,
+                                                            Ingest.digest == digest)).one()
+            return _replayed(session, existing)
+        outcome = _store_batch(session, tenant_id, source, ingest, rows, raw)
+        ingest.rows_kept, ingest.rows_quarantined, ingest.gaps = outcome.kept, outcome.quarantined, outcome.gaps
+        ingest.rows_done, ingest.finished_at = len(rows), utcnow()
+    return ReadingsOutcome(kept=outcome.kept, quarantined=outcome.quarantined, reasons=dict(outcome.reasons),
+                           ingest_id=ingest.id)
+
+
+def _store_batch(session: Session, tenant_id: str, source: str, ingest: Ingest, rows: list[dict[str, Any]],
+                 raw: list[str] | None) -> ChunkOutcome:
+    frame, refused = batch_frame(rows)
+    registry = batch_registry(session, tenant_id)
+    if not registry.knows_all(frame["asset"], frame["sensor"]):  # perhaps registered since it was cached
+        registry = batch_registry(session, tenant_id, fresh=True)
+    texts = raw if raw is not None and len(raw) == len(rows) else None
+
+    def raw_text(numbers: Iterable[int]) -> list[str]:
+        return [texts[int(number) - 1] if texts else orjson.dumps(rows[int(number) - 1], default=str).decode()
+                for number in numbers]
+
+    chunk = SourceChunk(frame=frame, refused=pd.DataFrame({
+        "row_number": pd.Series([item[0] for item in refused], dtype=np.int64),
+        "reason": [item[1] for item in refused], "detail": [item[2] for item in refused],
+        "raw": raw_text(item[0] for item in refused)}), rows_read=len(rows), end_position=len(rows), progress=1.0,
+        raw_text=raw_text)
+    return process_chunk(session, tenant_id=tenant_id, source=source, ingest_pk=ingest.id, registry=registry,
+                         chunk=chunk)
+
+
+def _replayed(session: Session, ingest: Ingest) -> ReadingsOutcome:
+    counted = session.execute(select(QuarantinedRow.reason, func.count()).where(
+        QuarantinedRow.tenant_id == ingest.tenant_id, QuarantinedRow.ingest_pk == ingest.id)
+        .group_by(QuarantinedRow.reason)).all()
+    reasons = {str(reason): int(count) for reason, count in counted}
+    return ReadingsOutcome(kept=ingest.rows_kept, quarantined=ingest.rows_quarantined, reasons=reasons,
+                           ingest_id=ingest.id, replayed=True)
+
+
+def quarantine_raw(tenant_id: str, source: str, reason: str, detail: str | None, raw: str | bytes | None) -> None:
+    """Keep a payload that is not even rows (``payload_not_json``, ``schema``, ...) with its reason."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    with session_scope() as session:
+        write_quarantine(session, tenant_id, source, None, pd.DataFrame({
+            "row_number": [None], "reason": [reason], "detail": [detail], "raw": [text],
+            "asset_id": [None], "sensor_id": [None]}))
+
+
+# --- files: the durable job ------------------------------------------------------------------------------
+
+class IngestRefused(PublicJobError):
+    """A file the job refuses as a whole (no usable header, a gzip bomb): its reason is public."""
+
+
+def storage_dir() -> Path:
+    """Where uploaded ingestion files wait for their job."""
+    settings = get_settings()
+    return settings.iiot_storage_dir or settings.data_dir / "iiot"
+
+
+def run_file_ingest(session: Session, job: Job) -> dict[str, Any]:
+    """Ingest the job's file chunk by chunk, resuming after the last committed chunk (module doc)."""
+    ingest = session.get(Ingest, int(job.payload["ingest_pk"]))
+    if ingest is None or ingest.tenant_id != job.tenant_id:
+        raise IngestRefused("the ingestion this job was for no longer exists")
+    if ingest.finished_at is not None:
+        return summary(ingest)
+    path = Path(job.payload["path"])
+    try:
+        shape = file_shape(path, ingest.filename)
+        if ingest.started_at is None:
+            ingest.started_at, ingest.file_format, ingest.layout = utcnow(), shape.format, shape.layout
+            session.commit()
+        _ingest_chunks(session, job, ingest, path, shape)
+    except FileRefused as exc:
+        session.rollback()
+        _close(session, ingest, path, error=str(exc))
+        session.commit()
+        raise IngestRefused(str(exc)) from None
+    _close(session, ingest, path, error=None)
+    return summary(ingest)
+
+
+def _ingest_chunks(session: Session, job: Job, ingest: Ingest, path: Path, shape: FileShape) -> None:
+    registry = Registry.load(session, ingest.tenant_id)
+    limit = get_settings().iiot_max_upload_bytes
+    for chunk in read_chunks(path, shape, skip=ingest.rows_done, max_decompressed_bytes=limit):
+        if not _commit_chunk(session, ingest, registry, chunk):
+            logger.warning("ingest %s: chunk ending at %s was committed by another worker; stopping",
+                           ingest.id, chunk.end_position)
+            return
+        report_progress(job.id, chunk.progress)
+
+
+def _commit_chunk(session: Session, ingest: Ingest, registry: Registry, chunk: SourceChunk) -> bool:
+    """Write one chunk and move the checkpoint past it, all in one transaction; False if another
+    worker had already moved it (nothing written then)."""
+    moved = cast(CursorResult[Any], session.execute(
+        update(Ingest).where(Ingest.id == ingest.id, Ingest.rows_done == ingest.rows_done)
+        .values(rows_done=chunk.end_position)))
+    if moved.rowcount != 1:
+        session.rollback()
+        return False
+    outcome = process_chunk(session, tenant_id=ingest.tenant_id, source="file", ingest_pk=ingest.id,
+                            registry=registry, chunk=chunk)
+    session.execute(update(Ingest).where(Ingest.id == ingest.id).values(
+        rows_read=Ingest.rows_read + chunk.rows_read, rows_kept=Ingest.rows_kept + outcome.kept,
+        rows_quarantined=Ingest.rows_quarantined + outcome.quarantined, gaps=Ingest.gaps + outcome.gaps))
+    session.commit()
+    session.refresh(ingest)
+    return True
+
+
+def _close(session: Session, ingest: Ingest, path: Path, *, error: str | None) -> None:
+    """Mark the ingestion finished; its file is deleted once that commits."""
+    ingest.finished_at, ingest.error = utcnow(), error
+    after_commit(session, lambda: path.unlink(missing_ok=True))
+
+
+def summary(ingest: Ingest) -> dict[str, Any]:
+    """The job result: the ingestion's counters."""
+    return {"ingest_id": ingest.id, "rows_read": ingest.rows_read, "rows_kept": ingest.rows_kept,
+            "rows_quarantined": ingest.rows_quarantined, "gaps": ingest.gaps, "error": ingest.error}
+
+
+def elapsed_s(ingest: Ingest, now: datetime | None = None) -> float | None:
+    """Seconds the ingestion has run (to its end when finished)."""
+    if ingest.started_at is None:
+        return None
+    end = ingest.finished_at or now or utcnow()
+    return max((end - ingest.started_at).total_seconds(), 1e-6)

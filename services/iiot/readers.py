@@ -1,0 +1,502 @@
+"""Streaming readers of reading files: CSV, JSON Lines and Parquet, long or wide, gzip accepted.
+
+A file is read in chunks of about :data:`CHUNK_ROWS` rows, so memory stays flat whatever its size.
+Each :class:`SourceChunk` carries its rows as a long-format frame (``row_number`` plus
+:data:`~services.iiot.validation.LONG_COLUMNS`, values as received) for validation, the rows the
+reader itself refused (``malformed_row``, ``line_too_long``, ``schema``) with their line number and
+raw text, and the checkpoint after it (``end_position``: lines, or Parquet rows, consumed), from
+which :func:`read_chunks` can resume (``skip``).
+
+- The format comes from content first (gzip and Parquet magic bytes, a leading ``{``) and the
+  file name second; everything else is CSV.
+- The layout from the header: ``sensor`` and ``value`` columns make it long (``timestamp, asset,
+  sensor, value[, unit]``; other columns are ignored); ``timestamp`` and ``asset`` with other
+  columns make it wide (every other column a sensor id, values in the sensor's unit).
+- Text files are split into lines by the reader, never more than :data:`MAX_LINE_BYTES` of one
+  line in memory: a longer line is skipped to its end and quarantined as ``line_too_long``. One
+  row per line: a quoted field spanning lines is refused as malformed.
+- gzip input is decompressed as it is read, at most :func:`decompression_limit` bytes (a ratio
+  cap and the upload size limit): past it the file is refused as a :class:`GzipBomb`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal, cast
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow.parquet as pq
+
+from services.iiot.validation import LONG_COLUMNS, wide_to_long
+
+CHUNK_ROWS = 200_000
+"""Source rows (lines) per chunk: one transaction each."""
+BLOCK_BYTES = 4 << 20
+"""Bytes read from the (decompressed) file at a time."""
+MAX_LINE_BYTES = 1 << 20
+"""A longer line is quarantined as ``line_too_long`` (a wide row of 1000 sensors is ~20 KB)."""
+MAX_GZIP_RATIO = 100
+"""Decompressed bytes allowed per compressed byte (CSV compresses 5-20x; a zero-filled bomb ~1000x)."""
+GZIP_RATIO_FLOOR = 256 << 20
+"""Below this many decompressed bytes the ratio is not checked (a small, very regular file is fine)."""
+RAW_PREVIEW_BYTES = 200
+"""What is kept of a line too long to store."""
+GZIP_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
+Format = Literal["csv", "jsonl", "parquet"]
+Layout = Literal["long", "wide"]
+REQUIRED_LONG = ("timestamp", "asset", "sensor", "value")
+
+
+class FileRefused(ValueError):
+    """A whole file that cannot be ingested, with a reason written for the tenant."""
+
+
+class GzipBomb(FileRefused):
+    """A gzip file that decompresses past its limit."""
+
+
+@dataclass(frozen=True)
+class FileShape:
+    """What a file is: its format, whether gzip-compressed, its layout and columns (as in the file)."""
+
+    format: Format
+    compressed: bool
+    layout: Layout
+    columns: tuple[str, ...]
+
+    @property
+    def sensor_columns(self) -> list[str]:
+        """The wide layout's sensor columns."""
+        return [column for column in self.columns if column.strip().lower() not in ("timestamp", "asset")]
+
+
+@dataclass
+class SourceChunk:
+    """One chunk of a file: rows to validate, rows the reader refused, and where it ends."""
+
+    frame: pd.DataFrame
+    """Long format: ``row_number`` plus LONG_COLUMNS (values as received)."""
+    refused: pd.DataFrame
+    """``row_number``, ``reason``, ``detail``, ``raw`` (reader-level refusals)."""
+    rows_read: int
+    """Source rows (non-empty lines after the header, Parquet rows) in this chunk."""
+    end_position: int
+    """Lines (Parquet rows) of the file consumed through this chunk: the checkpoint."""
+    progress: float
+    """Fraction of the file's bytes consumed (0..1)."""
+    raw_text: Callable[[Iterable[int]], list[str]] = field(repr=False, default=lambda rows: ["" for _ in rows])
+    """The raw text of rows by row number (for the quarantine)."""
+
+
+def refused_frame(rows: list[tuple[int, str, str, str]]) -> pd.DataFrame:
+    """Reader refusals as a frame (``row_number``, ``reason``, ``detail``, ``raw``)."""
+    return pd.DataFrame({"row_number": pd.Series([row[0] for row in rows], dtype=np.int64),
+                         "reason": pd.Series([row[1] for row in rows], dtype=object),
+                         "detail": pd.Series([row[2] for row in rows], dtype=object),
+                         "raw": pd.Series([row[3] for row in rows], dtype=object)})
+
+
+# --- shape: format, compression, layout ---------------------------------------------------------------
+
+def decompression_limit(compressed_bytes: int, max_bytes: int) -> int:
+    """The most bytes a gzip file of ``compressed_bytes`` may decompress to."""
+    return min(max_bytes, max(GZIP_RATIO_FLOOR, compressed_bytes * MAX_GZIP_RATIO))
+
+
+def sniff_head(head: bytes, filename: str | None = None) -> tuple[Format, bool, bytes]:
+    """(format, gzip-compressed, the first decompressed bytes) from a file's first bytes and its name."""
+    compressed = head.startswith(GZIP_MAGIC)
+    if compressed:
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head, 1 << 20)
+        except zlib.error as exc:
+            raise FileRefused(f"a gzip file that does not decompress: {exc}") from None
+    if head.startswith(PARQUET_MAGIC):
+        if compressed:
+            raise FileRefused("a gzip-compressed Parquet file: Parquet compresses its own columns; send it as is")
+        return "parquet", False, head
+    name = (filename or "").lower().removesuffix(".gz")
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if text.startswith(b"{") or name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl", compressed, head
+    return "csv", compressed, head
+
+
+def layout_of(columns: Iterable[str]) -> Layout:
+    """``long`` or ``wide`` from a header; :class:`FileRefused` (a ``schema`` problem) for neither."""
+    names = {column.strip().lower() for column in columns}
+    if "sensor" in names or "value" in names:
+        missing = [column for column in REQUIRED_LONG if column not in names]
+        if missing:
+            raise FileRefused(f"schema: the long format needs columns {', '.join(REQUIRED_LONG)}[, unit]; "
+                              f"missing {', '.join(missing)}")
+        return "long"
+    if {"timestamp", "asset"} <= names and len(names) > 2:
+        return "wide"
+    raise FileRefused("schema: expected the long format (timestamp, asset, sensor, value[, unit]) or the wide "
+                      "format (timestamp, asset and one column per sensor)")
+
+
+def first_line(text: bytes) -> bytes:
+    """The first non-empty line of ``text`` (without a byte-order mark), or what there is of it."""
+    for line in text.lstrip(b"\xef\xbb\xbf").split(b"\n"):
+        if line.strip():
+            return line.rstrip(b"\r")
+    return b""
+
+
+def header_columns(line: bytes, file_format: Format) -> tuple[str, ...]:
+    """The column names of a CSV header line or of a JSON Lines file's first object."""
+    try:
+        if file_format == "jsonl":
+            record = orjson.loads(line)
+            if not isinstance(record, dict):
+                raise FileRefused("schema: the first line of a JSON Lines file is not a JSON object")
+            return tuple(str(key) for key in record)
+        return tuple(next(csv.reader([line.decode("utf-8")]), []))
+    except (orjson.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise FileRefused(f"schema: unreadable first line: {exc}") from None
+
+
+def check_head(head: bytes, filename: str | None = None) -> None:
+    """Refuse a file by its first bytes (before the rest is received) when its header cannot be ours.
+
+    A head shorter than the first line (a huge first line) is left to the reader.
+    """
+    file_format, _compressed, text = sniff_head(head, filename)
+    if file_format == "parquet":
+        return
+    line = first_line(text)
+    if not line or (len(line) == len(text.rstrip()) and len(text) >= 64 << 10):
+        if not line:
+            raise FileRefused("schema: the file is empty")
+        return
+    layout_of(header_columns(line, file_format))
+
+
+def file_shape(path: Path, filename: str | None = None) -> FileShape:
+    """The shape of a stored file; :class:`FileRefused` when it has no usable header."""
+    with path.open("rb") as handle:
+        head = handle.read(64 << 10)
+    file_format, compressed, _ = sniff_head(head, filename)
+    if file_format == "parquet":
+        try:
+            columns = tuple(pq.ParquetFile(path).schema_arrow.names)
+        except Exception as exc:
+            raise FileRefused(f"an unreadable Parquet file: {type(exc).__name__}: {str(exc)[:200]}") from None
+        return FileShape("parquet", False, layout_of(columns), columns)
+    with _open_text(path, compressed, limit=None) as stream:
+        for lines in split_lines(stream):
+            for line in lines:
+                if isinstance(line, TooLong):
+                    raise FileRefused(f"schema: the first line is longer than {MAX_LINE_BYTES} bytes")
+                if line.strip():
+                    columns = header_columns(line.rstrip(b"\r").lstrip(b"\xef\xbb\xbf"), file_format)
+                    return FileShape(file_format, compressed, layout_of(columns), columns)
+    raise FileRefused("schema: the file is empty")
+
+
+# --- text streams: gzip with a limit, lines with a length cap -----------------------------------------
+
+class LimitedStream(io.RawIOBase):
+    """A binary stream that refuses (:class:`GzipBomb`) to yield more than ``limit`` bytes."""
+
+    def __init__(self, inner: IO[bytes], limit: int | None, position: Callable[[], int]) -> None:
+        self.inner, self.limit, self.total, self.position = inner, limit, 0, position
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.total += len(data)
+        if self.limit is not None and self.total > self.limit:
+            raise GzipBomb(f"the gzip file decompresses to more than {self.limit} bytes "
+                           f"(limit: {MAX_GZIP_RATIO}x its compressed size, at most the upload limit)")
+        return data
+
+
+class _OpenText:
+    def __init__(self, path: Path, compressed: bool, limit: int | None) -> None:
+        self.raw = path.open("rb")
+        if compressed:
+            inner: IO[bytes] = cast(IO[bytes], gzip.GzipFile(fileobj=self.raw, mode="rb"))
+        else:
+            inner = self.raw
+        self.stream = LimitedStream(inner, limit if compressed else None, self.raw.tell)
+
+    def __enter__(self) -> LimitedStream:
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+
+
+def _open_text(path: Path, compressed: bool, limit: int | None) -> _OpenText:
+    return _OpenText(path, compressed, limit)
+
+
+@dataclass
+class TooLong:
+    """A line longer than :data:`MAX_LINE_BYTES`: its first bytes and its length."""
+
+    preview: bytes
+    length: int
+
+
+def split_lines(stream: LimitedStream, max_line_bytes: int = MAX_LINE_BYTES,
+                block_bytes: int = BLOCK_BYTES) -> Iterator[list[bytes | TooLong]]:
+    """The stream's lines in batches (one per block read), ``\\n`` removed; an overlong line is a
+    :class:`TooLong`, skipped to its end without being held."""
+    carry, skipping = b"", None
+    while block := stream.read(block_bytes):
+        batch: list[bytes | TooLong] = []
+        if skipping is not None:
+            newline = block.find(b"\n")
+            if newline < 0:
+                skipping.length += len(block)
+                continue
+            skipping.length += newline
+            batch.append(skipping)
+            skipping, block = None, block[newline + 1:]
+        data = carry + block
+        last = data.rfind(b"\n")
+        if last < 0:
+            carry = data
+        else:
+            batch.extend(data[:last].split(b"\n"))
+            carry = data[last + 1:]
+        if len(carry) > max_line_bytes:
+            skipping, carry = TooLong(carry[:RAW_PREVIEW_BYTES], len(carry)), b""
+        if batch and max(len(line) for line in batch if isinstance(line, bytes)) > max_line_bytes:
+            batch = [TooLong(line[:RAW_PREVIEW_BYTES], len(line)) if isinstance(line, bytes)
+                     and len(line) > max_line_bytes else line for line in batch]
+        if batch:
+            yield batch
+    if skipping is not None:
+        yield [skipping]
+    elif carry:
+        yield [carry]
+
+
+def numbered_chunks(batches: Iterator[list[bytes | TooLong]], chunk_lines: int,
+                    first_number: int = 1) -> Iterator[tuple[int, list[bytes | TooLong]]]:
+    """Lines regrouped into chunks of ``chunk_lines``: (number of the chunk's first line, lines)."""
+    pending: list[bytes | TooLong] = []
+    number = first_number
+    for batch in batches:
+        pending.extend(batch)
+        while len(pending) >= chunk_lines:
+            yield number, pending[:chunk_lines]
+            number += chunk_lines
+            pending = pending[chunk_lines:]
+    if pending:
+        yield number, pending
+
+
+# --- chunks ---------------------------------------------------------------------------------------------
+
+def read_chunks(path: Path, shape: FileShape, *, skip: int = 0, chunk_rows: int = CHUNK_ROWS,
+                max_decompressed_bytes: int | None = None) -> Iterator[SourceChunk]:
+    """The chunks of the file at ``path`` after its first ``skip`` lines (Parquet: rows)."""
+    if shape.format == "parquet":
+        yield from _parquet_chunks(path, shape, skip, chunk_rows)
+        return
+    size = max(path.stat().st_size, 1)
+    limit = decompression_limit(size, max_decompressed_bytes or (1 << 62)) if shape.compressed else None
+    with _open_text(path, shape.compressed, limit) as stream:
+        parse = _parse_csv_lines if shape.format == "csv" else _parse_json_lines
+        header_seen = False
+        for first, lines in numbered_chunks(split_lines(stream), chunk_rows):
+            if not header_seen:  # the header is the first non-empty line
+                position = next((index for index, line in enumerate(lines)
+                                 if isinstance(line, TooLong) or line.strip()), len(lines))
+                header_seen = position < len(lines)
+                first, lines = first + position + 1, lines[position + 1:]
+            end = first + len(lines) - 1
+            if end <= skip:
+                continue
+            if first <= skip:
+                lines, first = lines[skip - first + 1:], skip + 1
+            yield parse(lines, first, shape, min(1.0, stream.position() / size))
+
+
+def _raw_of(lines: list[bytes | TooLong], first: int) -> Callable[[Iterable[int]], list[str]]:
+    def raw_text(row_numbers: Iterable[int]) -> list[str]:
+        texts = []
+        for number in row_numbers:
+            line = lines[int(number) - first]
+            data = line.preview if isinstance(line, TooLong) else line
+            texts.append(data.rstrip(b"\r").decode("utf-8", errors="replace"))
+        return texts
+    return raw_text
+
+
+Refusal = tuple[int, str, str, str]
+"""(line number, reason, detail, raw text)."""
+
+
+def _split_out(lines: list[bytes | TooLong], first: int) -> tuple[list[int], list[bytes], list[Refusal]]:
+    """(line numbers, lines) to parse, and the overlong ones refused; empty lines dropped."""
+    numbers, kept, refused = [], [], []
+    for offset, line in enumerate(lines):
+        if isinstance(line, TooLong):
+            refused.append((first + offset, "line_too_long", f"line of {line.length} bytes, more than "
+                            f"{MAX_LINE_BYTES}", line.preview.decode("utf-8", errors="replace")))
+        elif line.strip():
+            numbers.append(first + offset)
+            kept.append(line)
+    return numbers, kept, refused
+
+
+def _parse_csv_lines(lines: list[bytes | TooLong], first: int, shape: FileShape, progress: float) -> SourceChunk:
+    numbers, candidates, refused = _split_out(lines, first)
+    expected_commas = len(shape.columns) - 1
+    plain_numbers, plain_lines, quoted_rows = [], [], []
+    for number, line in zip(numbers, candidates, strict=True):
+        if b'"' in line:
+            parsed = _parse_quoted(line)
+            if parsed is None or len(parsed) != len(shape.columns):
+                refused.append((number, "malformed_row", f"expected {len(shape.columns)} fields",
+                                line.decode("utf-8", errors="replace")))
+            else:
+                quoted_rows.append([number, *parsed])
+        elif line.count(b",") != expected_commas:
+            refused.append((number, "malformed_row", f"expected {len(shape.columns)} fields, found "
+                            f"{line.count(b',') + 1}", line.decode("utf-8", errors="replace")))
+        else:
+            plain_numbers.append(number)
+            plain_lines.append(line)
+    plain_numbers, plain_lines = _drop_undecodable(plain_numbers, plain_lines, refused)
+    frame = _csv_frame(plain_numbers, plain_lines, quoted_rows, shape)
+    return SourceChunk(frame=_to_long(frame, shape), refused=refused_frame(refused), rows_read=len(numbers)
+                       + sum(1 for row in refused if row[1] == "line_too_long"), end_position=first + len(lines) - 1,
+                       progress=progress, raw_text=_raw_of(lines, first))
+
+
+def _parse_quoted(line: bytes) -> list[str] | None:
+    try:
+        return next(csv.reader([line.rstrip(b"\r").decode("utf-8")], strict=True), None)
+    except (csv.Error, UnicodeDecodeError):
+        return None
+
+
+def _drop_undecodable(numbers: list[int], lines: list[bytes],
+                      refused: list[tuple[int, str, str, str]]) -> tuple[list[int], list[bytes]]:
+    try:
+        b"\n".join(lines).decode("utf-8")
+        return numbers, lines
+    except UnicodeDecodeError:
+        good_numbers, good_lines = [], []
+        for number, line in zip(numbers, lines, strict=True):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                refused.append((number, "malformed_row", "not UTF-8 text", line.decode("utf-8", errors="replace")))
+                continue
+            good_numbers.append(number)
+            good_lines.append(line)
+        return good_numbers, good_lines
+
+
+def _csv_frame(numbers: list[int], lines: list[bytes], quoted: list[list[object]], shape: FileShape) -> pd.DataFrame:
+    """The parsed rows (columns as in the header, all text) with their ``row_number``."""
+    names = list(shape.columns)
+    if lines:
+        frame = pd.read_csv(io.BytesIO(b"\n".join(lines)), header=None, names=names, dtype=str, na_filter=False,
+                            engine="c", index_col=False)
+        frame.insert(0, "row_number", np.asarray(numbers, dtype=np.int64))
+    else:
+        frame = pd.DataFrame({"row_number": pd.Series([], dtype=np.int64),
+                              **{name: pd.Series([], dtype=str) for name in names}})
+    if quoted:
+        extra = pd.DataFrame(quoted, columns=["row_number", *names]).astype({name: str for name in names})
+        frame = pd.concat([frame, extra], ignore_index=True).sort_values("row_number", kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def _to_long(frame: pd.DataFrame, shape: FileShape) -> pd.DataFrame:
+    """A parsed frame (file's own column names) as the long format validation takes."""
+    renamed = frame.rename(columns={column: column.strip().lower() for column in shape.columns
+                                    if column.strip().lower() in LONG_COLUMNS})
+    if shape.layout == "wide":
+        return wide_to_long(renamed, shape.sensor_columns)
+    if "unit" not in renamed:
+        renamed["unit"] = ""
+    return renamed[["row_number", *LONG_COLUMNS]]
+
+
+def _parse_json_lines(lines: list[bytes | TooLong], first: int, shape: FileShape, progress: float) -> SourceChunk:
+    numbers, candidates, refused = _split_out(lines, first)
+    records, record_numbers = [], []
+    for number, line in zip(numbers, candidates, strict=True):
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            refused.append((number, "malformed_row", f"not JSON: {str(exc)[:120]}",
+                            line.decode("utf-8", errors="replace")))
+            continue
+        missing = _missing_keys(record, shape)
+        if missing:
+            refused.append((number, "schema" if isinstance(record, dict) else "malformed_row", missing,
+                            line.decode("utf-8", errors="replace")))
+            continue
+        records.append(record)
+        record_numbers.append(number)
+    frame = _json_frame(records, record_numbers, shape)
+    return SourceChunk(frame=frame, refused=refused_frame(refused),
+                       rows_read=len(numbers) + sum(1 for row in refused if row[1] == "line_too_long"),
+                       end_position=first + len(lines) - 1, progress=progress, raw_text=_raw_of(lines, first))
+
+
+def _missing_keys(record: object, shape: FileShape) -> str:
+    """Why a JSON line is not a row ('' when it is one)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    needed = REQUIRED_LONG if shape.layout == "long" else ("timestamp", "asset")
+    missing = [key for key in needed if key not in record]
+    return f"missing {', '.join(missing)}" if missing else ""
+
+
+def _json_frame(records: list[dict[str, object]], numbers: list[int], shape: FileShape) -> pd.DataFrame:
+    if shape.layout == "long":
+        columns = {name: [record.get(name) for record in records] for name in LONG_COLUMNS}
+        frame = pd.DataFrame({"row_number": np.asarray(numbers, dtype=np.int64),
+                              **{name: pd.Series(values, dtype=object) for name, values in columns.items()}})
+        frame["unit"] = frame["unit"].where(frame["unit"].notna(), "")
+        return frame
+    sensors = sorted({key for record in records for key in record} - {"timestamp", "asset"})
+    wide = pd.DataFrame({"row_number": np.asarray(numbers, dtype=np.int64),
+                         **{name: pd.Series([record.get(name) for record in records], dtype=object)
+                            for name in ("timestamp", "asset", *sensors)}})
+    return wide_to_long(wide, sensors)
+
+
+def _parquet_chunks(path: Path, shape: FileShape, skip: int, chunk_rows: int) -> Iterator[SourceChunk]:
+    parquet = pq.ParquetFile(path)
+    total = max(parquet.metadata.num_rows, 1)
+    position = 0
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
+        start, position = position, position + batch.num_rows
+        if position <= skip:
+            continue
+        frame = batch.to_pandas()
+        if start < skip:
+            frame, start = frame.iloc[skip - start:], skip
+        frame.insert(0, "row_number", np.arange(start + 1, start + 1 + len(frame), dtype=np.int64))
+        yield SourceChunk(frame=_to_long(frame.reset_index(drop=True), shape), refused=refused_frame([]),
+                          rows_read=len(frame), end_position=position, progress=position / total,
+                          raw_text=_parquet_raw(frame))
+
+
+def _parquet_raw(frame: pd.DataFrame) -> Callable[[Iterable[int]], list[str]]:
+    indexed = frame.set_index("row_number")
+
+    def raw_text(row_numbers: Iterable[int]) -> list[str]:
+        return [orjson.dumps(indexed.loc[int(number)].to_dict(), default=str).decode() for number in row_numbers]
+    return raw_text

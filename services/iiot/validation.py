@@ -1,0 +1,425 @@
+"""Validation of sensor readings against a tenant's registry, vectorised over a whole chunk.
+
+One path for every source (files, gateway batches, MQTT): a chunk arrives as a
+:class:`RawReadings` frame (long format, every column as received) and leaves as readings to keep
+(``sensor_pk``, ``ts`` in UTC, ``value`` in the sensor's canonical unit) plus quarantined rows, each
+with a stable reason code (:data:`REASONS`). No row is dropped silently: each source row is kept
+or quarantined exactly once.
+
+Two stages:
+
+- :func:`check_rows` needs only the registry: timestamps (ISO 8601 with an offset, or naive = the
+  plant's time zone; unparseable, ambiguous/non-existent local times and those more than
+  :data:`MAX_FUTURE` ahead are ``bad_timestamp``), unknown asset or sensor, units (unknown,
+  incompatible, converted otherwise), NaN/inf/text values, the sensor's expected range.
+- :func:`check_watermarks` needs each sensor's watermark (``Sensor.last_ts``): rows are sorted by
+  ``(sensor, ts)`` first, so a chunk need not be ordered. A reading at ``ts <= watermark`` is a
+  ``duplicate`` when the same ``(sensor, ts)`` is stored or earlier in the chunk, else
+  ``out_of_order``; a second reading at a ``ts`` already in the chunk is a ``duplicate``. Silences
+  longer than :data:`GAP_FACTOR` sampling intervals are counted as gaps (not quarantined).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.iiot.db import Asset, Line, Plant, Sensor
+from services.iiot.units import IncompatibleUnits, UnknownUnit, canonical_unit, converter
+
+REASONS = ("malformed_row", "bad_timestamp", "unknown_asset", "unknown_sensor", "unknown_unit",
+           "incompatible_unit", "not_a_number", "out_of_range", "duplicate", "out_of_order",
+           "line_too_long", "payload_not_json", "schema")
+"""Quarantine reason codes (``QuarantinedRow.reason``): stable strings clients may match on."""
+LONG_COLUMNS = ("timestamp", "asset", "sensor", "value", "unit")
+"""The columns of a :class:`RawReadings` frame besides ``row_number`` (``unit`` may be empty)."""
+GAP_FACTOR = 2.0
+"""A silence longer than this many sampling intervals is a gap (1x would count every late sample)."""
+MAX_FUTURE = timedelta(days=1)
+"""A reading further ahead of now than this is a bad timestamp: it would hold the watermark hostage."""
+TS_DTYPE = "datetime64[us, UTC]"
+_OFFSET_PATTERN = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+_KEY_SEPARATOR = "\x1f"
+
+KeptFrame: TypeAlias = pd.DataFrame
+"""Readings to store: ``sensor_pk`` (int64), ``ts`` (datetime64[us, UTC]), ``value`` (float64, canonical
+unit), ``row_number`` (int64)."""
+QuarantineFrame: TypeAlias = pd.DataFrame
+"""Refused rows: ``row_number`` (int64), ``reason``, ``detail``, ``asset_id``, ``sensor_id`` (str or None)."""
+StoredLookup = Callable[[pd.DataFrame], npt.NDArray[np.bool_]]
+"""Given rows (``sensor_pk``, ``ts``), whether each ``(sensor, ts)`` is already stored."""
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A tenant's sensors, indexed for vectorised lookups by ``asset`` + ``sensor`` id.
+
+    ``keys`` holds ``"<asset_id>\\x1f<sensor_id>"``; the arrays are aligned with it.
+    """
+
+    keys: pd.Index
+    sensor_pk: npt.NDArray[np.int64]
+    unit: npt.NDArray[np.object_]
+    min_value: npt.NDArray[np.float64]
+    max_value: npt.NDArray[np.float64]
+    interval_s: npt.NDArray[np.float64]
+    asset_ids: pd.Index
+    asset_timezone: npt.NDArray[np.object_]
+
+    @classmethod
+    def load(cls, session: Session, tenant_id: str) -> Registry:
+        """The registry of ``tenant_id`` as it is in ``session`` now."""
+        sensors = session.execute(
+            select(Asset.asset_id, Sensor.sensor_id, Sensor.id, Sensor.unit, Sensor.min_value, Sensor.max_value,
+                   Sensor.sampling_interval_s)
+            .join(Asset, Asset.id == Sensor.asset_pk).where(Sensor.tenant_id == tenant_id, Asset.tenant_id == tenant_id)
+        ).all()
+        assets = session.execute(
+            select(Asset.asset_id, Plant.timezone).join(Line, Line.id == Asset.line_pk)
+            .join(Plant, Plant.id == Line.plant_pk).where(Asset.tenant_id == tenant_id)
+        ).all()
+        return cls(
+            keys=pd.Index([f"{row[0]}{_KEY_SEPARATOR}{row[1]}" for row in sensors], dtype=object),
+            sensor_pk=np.array([row[2] for row in sensors], dtype=np.int64),
+            unit=np.array([canonical_or_same(row[3]) for row in sensors], dtype=object),
+            min_value=_floats([row[4] for row in sensors]),
+            max_value=_floats([row[5] for row in sensors]),
+            interval_s=_floats([row[6] for row in sensors]),
+            asset_ids=pd.Index([row[0] for row in assets], dtype=object),
+            asset_timezone=np.array([row[1] or "UTC" for row in assets], dtype=object),
+        )
+
+    def knows_all(self, assets: pd.Series, sensors: pd.Series) -> bool:
+        """Whether every (asset, sensor) pair is registered."""
+        if not len(assets):
+            return True
+        if not len(self.keys):
+            return False
+        keys = _as_text(assets) + _KEY_SEPARATOR + _as_text(sensors)
+        return bool((self.keys.get_indexer(keys) >= 0).all())
+
+    def interval_of(self, sensor_pks: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Each sensor's sampling interval in seconds (NaN when it has none)."""
+        order = np.argsort(self.sensor_pk)
+        found = order[np.searchsorted(self.sensor_pk, sensor_pks, sorter=order).clip(0, max(len(order) - 1, 0))]
+        return self.interval_s[found] if len(order) else np.full(len(sensor_pks), np.nan)
+
+
+def canonical_or_same(unit: str) -> str:
+    """A sensor's unit by its canonical name (as stored when the registry does not know it)."""
+    try:
+        return canonical_unit(unit)
+    except UnknownUnit:
+        return unit
+
+
+def _floats(values: list[float | None]) -> npt.NDArray[np.float64]:
+    return np.array([np.nan if value is None else value for value in values], dtype=np.float64)
+
+
+@dataclass
+class Checked:
+    """The outcome of a validation stage: rows kept and rows quarantined (disjoint)."""
+
+    kept: KeptFrame
+    quarantined: QuarantineFrame
+    gaps: int = 0
+    watermarks: dict[int, datetime] = field(default_factory=dict)
+    """The new watermark of each sensor with kept rows."""
+    counts: dict[int, int] = field(default_factory=dict)
+    """Kept readings per sensor."""
+
+
+def empty_quarantine() -> QuarantineFrame:
+    """A quarantine frame without rows."""
+    return pd.DataFrame({"row_number": pd.Series([], dtype=np.int64), "reason": pd.Series([], dtype=object),
+                         "detail": pd.Series([], dtype=object), "asset_id": pd.Series([], dtype=object),
+                         "sensor_id": pd.Series([], dtype=object)})
+
+
+class _Rejections:
+    """Collects quarantined rows of one frame; each row is refused for its first failure only."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.refused = np.zeros(len(frame), dtype=bool)
+        self.parts: list[pd.DataFrame] = []
+
+    def reject(self, mask: npt.NDArray[np.bool_], reason: str, detail: pd.Series | str) -> None:
+        """Quarantine the rows in ``mask`` not refused yet, with ``detail`` (per row or one text)."""
+        mask = mask & ~self.refused
+        if not mask.any():
+            return
+        self.refused |= mask
+        rows = self.frame.loc[mask]
+        details = detail.loc[mask] if isinstance(detail, pd.Series) else detail
+        self.parts.append(pd.DataFrame({
+            "row_number": rows["row_number"].to_numpy(np.int64), "reason": reason,
+            "detail": np.asarray(details, dtype=object) if isinstance(details, pd.Series) else details,
+            "asset_id": _text_or_none(rows["asset"]), "sensor_id": _text_or_none(rows["sensor"])}))
+
+    def quarantined(self) -> QuarantineFrame:
+        if not self.parts:
+            return empty_quarantine()
+        return pd.concat(self.parts, ignore_index=True)
+
+
+def _text_or_none(column: pd.Series) -> npt.NDArray[np.object_]:
+    return np.array([None if value is None or value != value else str(value)[:64] for value in column], dtype=object)
+
+
+def check_rows(frame: pd.DataFrame, registry: Registry, now: datetime | None = None) -> Checked:
+    """Validate a long-format chunk against ``registry`` (no database access; see the module doc).
+
+    ``frame``: ``row_number`` plus :data:`LONG_COLUMNS`, values as received (text, numbers,
+    datetimes). Returns kept rows (``sensor_pk``, ``ts``, ``value``, ``row_number``) in input order.
+    """
+    frame = frame.reset_index(drop=True)
+    rejections = _Rejections(frame)
+    sensor_index = _lookup_sensors(frame, registry, rejections)
+    ts = _parse_timestamps(frame, registry, rejections, now or datetime.now(UTC))
+    values = _parse_values(frame, rejections)
+    values = _convert_units(frame, values, registry, sensor_index, rejections)
+    _check_ranges(frame, values, registry, sensor_index, rejections)
+    keep = ~rejections.refused
+    kept = pd.DataFrame({"sensor_pk": registry.sensor_pk[sensor_index[keep]],
+                         "ts": ts[keep].reset_index(drop=True),
+                         "value": values[keep], "row_number": frame["row_number"].to_numpy(np.int64)[keep]})
+    return Checked(kept=kept, quarantined=rejections.quarantined())
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """A column as python strings ('' for missing)."""
+    return column.fillna("").astype(str)
+
+
+def _lookup_sensors(frame: pd.DataFrame, registry: Registry,
+                    rejections: _Rejections) -> npt.NDArray[np.int64]:
+    """Each row's position in ``registry`` (0 where unknown, those rows quarantined)."""
+    asset, sensor = _as_text(frame["asset"]), _as_text(frame["sensor"])
+    position = registry.keys.get_indexer(asset + _KEY_SEPARATOR + sensor) if len(registry.keys) else \
+        np.full(len(frame), -1)
+    unknown = position < 0
+    if unknown.any():
+        asset_known = registry.asset_ids.get_indexer(asset) >= 0 if len(registry.asset_ids) else \
+            np.zeros(len(frame), dtype=bool)
+        rejections.reject(unknown & ~asset_known, "unknown_asset", "asset '" + asset + "' is not in the registry")
+        rejections.reject(unknown & asset_known, "unknown_sensor",
+                          "sensor '" + sensor + "' is not on asset '" + asset + "'")
+    return np.asarray(np.where(unknown, 0, position), dtype=np.int64)
+
+
+def _parse_timestamps(frame: pd.DataFrame, registry: Registry, rejections: _Rejections, now: datetime) -> pd.Series:
+    """Timestamps in UTC (NaT where refused): offsets honoured, naive ones in the asset's plant zone."""
+    column = frame["timestamp"]
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        ts, naive = column.dt.tz_convert("UTC"), np.zeros(len(frame), dtype=bool)
+    elif pd.api.types.is_datetime64_dtype(column.dtype):
+        ts, naive = column.dt.tz_localize("UTC"), np.ones(len(frame), dtype=bool)
+    else:
+        text = _as_text(column).str.strip()
+        ts = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+        naive = ~text.str.contains(_OFFSET_PATTERN, regex=True).to_numpy(dtype=bool)
+        rejections.reject(ts.isna().to_numpy(), "bad_timestamp", "unparseable timestamp '" + text.str[:40] + "'")
+    ts = pd.Series(ts, index=frame.index).astype(TS_DTYPE)
+    ts = _localise_naive(ts, naive, frame, registry, rejections)
+    rejections.reject(ts.isna().to_numpy(), "bad_timestamp", "missing timestamp")
+    future = (ts > pd.Timestamp(now + MAX_FUTURE)).to_numpy(dtype=bool)
+    rejections.reject(future, "bad_timestamp", f"more than {MAX_FUTURE} ahead of the server's clock")
+    return ts
+
+
+def _localise_naive(ts: pd.Series, naive: npt.NDArray[np.bool_], frame: pd.DataFrame, registry: Registry,
+                    rejections: _Rejections) -> pd.Series:
+    """Naive timestamps (parsed as if UTC) re-read as wall time of their asset's plant time zone."""
+    if not naive.any() or not len(registry.asset_ids):
+        return ts
+    position = registry.asset_ids.get_indexer(_as_text(frame["asset"]))
+    zones = np.where(position >= 0, registry.asset_timezone[position.clip(0)], "UTC")
+    for zone in pd.unique(zones[naive]):
+        if zone == "UTC":
+            continue
+        rows = naive & (zones == zone)
+        wall = ts[rows].dt.tz_localize(None)
+        try:
+            local = wall.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC")
+        except Exception:  # an unknown zone name in the registry: refuse rather than guess
+            local = pd.Series(pd.NaT, index=wall.index, dtype=TS_DTYPE)
+        unresolved = rows.copy()
+        unresolved[rows] = local.isna().to_numpy() & wall.notna().to_numpy()
+        rejections.reject(unresolved, "bad_timestamp", f"local time ambiguous or non-existent in {zone}")
+        ts[rows] = local.astype(TS_DTYPE)
+    return ts
+
+
+def _parse_values(frame: pd.DataFrame, rejections: _Rejections) -> npt.NDArray[np.float64]:
+    """Values as float64; NaN, inf, text and missing values quarantined as ``not_a_number``."""
+    column = frame["value"]
+    if pd.api.types.is_bool_dtype(column.dtype):
+        numbers = np.full(len(frame), np.nan)
+    elif pd.api.types.is_numeric_dtype(column.dtype):
+        numbers = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    elif column.dtype == object:  # JSON values: a boolean is no number
+        booleans = np.fromiter((isinstance(value, bool) for value in column), dtype=bool, count=len(frame))
+        numbers = pd.to_numeric(column.where(~booleans, None), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan)
+    else:
+        numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(numbers)
+    if bad.any():
+        shown = column.astype(object).map(lambda value: repr(value)[:40])
+        rejections.reject(bad, "not_a_number", "value " + shown + " is not a finite number")
+    return numbers
+
+
+def _convert_units(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry: Registry,
+                   sensor_index: npt.NDArray[np.int64], rejections: _Rejections) -> npt.NDArray[np.float64]:
+    """Values in each sensor's canonical unit; unknown or incompatible units quarantined."""
+    units = _as_text(frame["unit"]).str.strip()
+    given = (units != "").to_numpy()
+    if not given.any():
+        return values
+    values = values.copy()
+    targets = registry.unit[sensor_index]
+    pairs = pd.DataFrame({"unit": units[given], "target": targets[given]}).drop_duplicates()
+    for unit, target in pairs.itertuples(index=False):
+        rows = given & (units == unit).to_numpy() & (targets == target)
+        try:
+            convert = converter(unit, target)
+        except UnknownUnit:
+            rejections.reject(rows, "unknown_unit", f"unknown unit '{unit[:32]}'")
+            continue
+        except IncompatibleUnits as exc:
+            rejections.reject(rows, "incompatible_unit", str(exc)[:200])
+            continue
+        values[rows] = convert(values[rows])
+    return values
+
+
+def _check_ranges(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry: Registry,
+                  sensor_index: npt.NDArray[np.int64], rejections: _Rejections) -> None:
+    """Values outside the sensor's expected range (in its canonical unit) quarantined."""
+    low, high = registry.min_value[sensor_index], registry.max_value[sensor_index]
+    with np.errstate(invalid="ignore"):
+        outside = (values < low) | (values > high)
+    if outside.any():
+        detail = pd.Series([f"{value:g} outside [{lo:g}, {hi:g}]" for value, lo, hi in
+                            zip(values, low, high, strict=True)] if outside.sum() < 10_000 else
+                           ["outside the sensor's expected range"] * len(values), index=frame.index)
+        rejections.reject(outside, "out_of_range", detail)
+
+
+def check_watermarks(kept: KeptFrame, watermarks: dict[int, datetime | None], stored: StoredLookup,
+                     registry: Registry) -> Checked:
+    """Refuse duplicates and out-of-order rows against each sensor's watermark; count gaps.
+
+    ``kept`` comes from :func:`check_rows`; ``watermarks`` maps sensor pk → its stored watermark;
+    ``stored`` answers whether a late ``(sensor, ts)`` is already stored. Returns the rows to write
+    sorted by ``(sensor_pk, ts)``, the refused ones, the gap count and the new watermarks.
+    """
+    rows = kept.sort_values(["sensor_pk", "ts", "row_number"], kind="stable").reset_index(drop=True)
+    pks = rows["sensor_pk"].to_numpy(np.int64)
+    micros = epoch_micros(rows["ts"])
+    marks = _watermark_micros(pks, watermarks)
+    late = micros <= marks
+    same_as_previous = np.zeros(len(rows), dtype=bool)
+    same_as_previous[1:] = (pks[1:] == pks[:-1]) & (micros[1:] == micros[:-1])
+    already_stored = np.zeros(len(rows), dtype=bool)
+    lookup = late & ~same_as_previous
+    if lookup.any():
+        already_stored[lookup] = stored(rows.loc[lookup, ["sensor_pk", "ts"]])
+    duplicate = same_as_previous | already_stored
+    refused = duplicate | late
+    quarantined = pd.DataFrame({
+        "row_number": rows["row_number"].to_numpy(np.int64)[refused],
+        "reason": np.where(duplicate[refused], "duplicate", "out_of_order").astype(object),
+        "detail": np.where(duplicate[refused], "this sensor already has a reading at this time",
+                           "older than the sensor's newest stored reading").astype(object),
+        "asset_id": None, "sensor_id": None})
+    written = rows.loc[~refused].reset_index(drop=True)
+    gaps = count_gaps(pks[~refused], micros[~refused], marks[~refused], registry)
+    return Checked(kept=written, quarantined=quarantined, gaps=gaps,
+                   watermarks=_newest_per_sensor(written), counts=_count_per_sensor(written))
+
+
+def epoch_micros(ts: pd.Series) -> npt.NDArray[np.int64]:
+    """UTC timestamps as integer microseconds since the epoch."""
+    return np.asarray(ts.astype(TS_DTYPE).array.asi8, dtype=np.int64)
+
+
+_NO_WATERMARK = np.iinfo(np.int64).min
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _watermark_micros(pks: npt.NDArray[np.int64], watermarks: dict[int, datetime | None]) -> npt.NDArray[np.int64]:
+    """Each row's sensor watermark in epoch microseconds (the int64 minimum where there is none)."""
+    unique, inverse = np.unique(pks, return_inverse=True)
+    per_sensor = np.array([_micros_of(watermarks.get(int(pk))) for pk in unique], dtype=np.int64)
+    return per_sensor[inverse] if len(unique) else np.zeros(0, dtype=np.int64)
+
+
+def _micros_of(moment: datetime | None) -> int:
+    if moment is None:
+        return int(_NO_WATERMARK)
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return (aware - _EPOCH) // timedelta(microseconds=1)
+
+
+def count_gaps(pks: npt.NDArray[np.int64], micros: npt.NDArray[np.int64], marks: npt.NDArray[np.int64],
+               registry: Registry) -> int:
+    """Silences longer than :data:`GAP_FACTOR` sampling intervals in readings sorted by (sensor, ts),
+    the first of each sensor measured from its watermark ``marks`` (none: no gap)."""
+    if not len(pks):
+        return 0
+    previous = np.empty(len(pks), dtype=np.int64)
+    previous[1:] = micros[:-1]
+    first = np.ones(len(pks), dtype=bool)
+    first[1:] = pks[1:] != pks[:-1]
+    previous[first] = marks[first]
+    known = previous != _NO_WATERMARK
+    silence_s = (micros - np.where(known, previous, micros)) / 1e6
+    limit = registry.interval_of(pks) * GAP_FACTOR
+    with np.errstate(invalid="ignore"):
+        return int(np.count_nonzero(known & (silence_s > limit)))
+
+
+def _newest_per_sensor(rows: KeptFrame) -> dict[int, datetime]:
+    if rows.empty:
+        return {}
+    newest = rows.groupby("sensor_pk")["ts"].max()
+    return {int(pk): ts.to_pydatetime() for pk, ts in newest.items()}
+
+
+def _count_per_sensor(rows: KeptFrame) -> dict[int, int]:
+    if rows.empty:
+        return {}
+    return {int(pk): int(count) for pk, count in rows["sensor_pk"].value_counts().items()}
+
+
+def wide_to_long(frame: pd.DataFrame, sensor_columns: list[str]) -> pd.DataFrame:
+    """A wide chunk (``row_number``, ``timestamp``, ``asset``, one column per sensor) as long rows.
+
+    Empty cells are no reading (not quarantined); values keep their type; units are canonical.
+    """
+    parts = []
+    for sensor in sensor_columns:
+        cells = frame[sensor]
+        present = cells.notna().to_numpy() & (cells.astype(object) != "").to_numpy()
+        if not present.any():
+            continue
+        parts.append(pd.DataFrame({"row_number": frame["row_number"].to_numpy()[present],
+                                   "timestamp": frame["timestamp"][present].reset_index(drop=True),
+                                   "asset": frame["asset"].to_numpy()[present], "sensor": sensor,
+                                   "value": cells.to_numpy()[present], "unit": ""}))
+    if not parts:
+        return pd.DataFrame({"row_number": pd.Series([], dtype=np.int64),
+                             **{column: pd.Series([], dtype=object) for column in LONG_COLUMNS}})
+    return pd.concat(parts, ignore_index=True)
