@@ -1,6 +1,601 @@
-"""Training the failure-risk model: not built yet (issue 19).
+"""Training the failure-risk model: ``tessera train iiot``.
 
-It will provide ``main(argv)`` for ``tessera train iiot``, declared in ``vertical.py`` once it
-exists (until then the CLI says the vertical offers no ``train``): on the fleet simulator, NASA
-C-MAPSS FD001 and AI4I 2020, beside a gradient-boosting baseline, with a model card.
+- Default (no ``--dataset``): the shipped models. The **cloud** and **edge** tiers of
+  :class:`~services.iiot.model.SensorWindowNet` are trained on windows of the **simulated fleet**
+  (:mod:`services.iiot.simulate` + :func:`services.iiot.features.training_windows`), split by asset
+  (train / validation / test assets, and a test fleet drawn with another seed), the epoch chosen on
+  validation assets, measured once on the test assets, and written to ``models/iiot/cloud/v1`` and
+  ``models/iiot/edge/v1`` as sealed artifacts with a model card.
+- ``--dataset cmapss``: NASA C-MAPSS FD001 RUL. Windows of :data:`~services.iiot.datasets.CMAPSS_WINDOW`
+  cycles, RUL capped at :data:`~services.iiot.datasets.RUL_CAP` cycles, training engines split 80/20
+  by engine into train / validation; each seed's epoch and the seeds kept in the ensemble are
+  chosen on validation RMSE; the official test set (last cycle of each test engine) is scored once.
+- ``--dataset ai4i``: AI4I 2020 machine failure. Inputs without the failure-mode flags (they leak the
+  label), a stratified 60/20/20 split, epoch, seeds and the decision threshold chosen on
+  validation, F1 / precision / recall / AUC on test.
+
+Every real-data run writes its figures to ``models/iiot/evaluation/<dataset>.json``; nothing is tuned on
+a test split.
 """
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from services.iiot import datasets
+from services.iiot.evaluation import best_f1_threshold, classification_scores, rul_scores
+from services.iiot.model import ONNX_FILE, SensorWindowConfig, SensorWindowNet, Tier, save_risk_model
+
+logger = logging.getLogger("tessera.iiot.training")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EVALUATION_DIR = REPO_ROOT / "models" / "iiot" / "evaluation"
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Optimisation settings of one training run."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    """Stop when validation has not improved for this many epochs."""
+    failure_weight: float = 1.0
+    rul_weight: float = 1.0
+    positive_weight: float = 1.0
+    """BCE weight of positive examples (rare failures)."""
+    seed: int = 0
+    threads: int = 1
+
+
+@dataclass
+class Arrays:
+    """Windows and targets: ``x`` (N, T, F), ``mask`` (N, T), ``failure`` (N,) 0/1 or None, ``rul`` (N,) or None."""
+
+    x: npt.NDArray[np.float32]
+    mask: npt.NDArray[np.float32]
+    failure: npt.NDArray[np.float32] | None = None
+    rul: npt.NDArray[np.float32] | None = None
+    """In the model's unit (hours or cycles), already capped at ``rul_scale``."""
+
+    def take(self, rows: npt.NDArray[np.int64]) -> Arrays:
+        """The subset of ``rows``."""
+        return Arrays(self.x[rows], self.mask[rows], None if self.failure is None else self.failure[rows],
+                      None if self.rul is None else self.rul[rows])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class FitResult:
+    """A trained network (the best validation epoch's weights) and how it got there."""
+
+    net: SensorWindowNet
+    best_epoch: int
+    validation_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def channel_statistics(arrays: Arrays) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Mean and standard deviation of each channel over the valid steps of ``arrays``."""
+    valid = arrays.mask.reshape(-1) > 0
+    values = arrays.x.reshape(-1, arrays.x.shape[-1])[valid].astype(np.float64)
+    return values.mean(axis=0), values.std(axis=0)
+
+
+@torch.inference_mode()
+def predict(net: SensorWindowNet, arrays: Arrays, batch_size: int = 1024) -> dict[str, npt.NDArray[np.float64]]:
+    """``p_failure`` and ``rul_hours`` of every window (eval mode)."""
+    net.eval()
+    parts: dict[str, list[npt.NDArray[np.float64]]] = {"p_failure": [], "rul_hours": []}
+    for start in range(0, len(arrays), batch_size):
+        out = net(torch.from_numpy(arrays.x[start:start + batch_size]),
+                  torch.from_numpy(arrays.mask[start:start + batch_size]))
+        for name in parts:
+            parts[name].append(out[name].double().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _loss(net: SensorWindowNet, batch: dict[str, torch.Tensor], settings: FitSettings) -> torch.Tensor:
+    encoded = net.encode(batch["x"], batch["mask"])
+    loss = torch.zeros(())
+    if "failure" in batch:
+        weight = torch.where(batch["failure"] > 0.5, settings.positive_weight, 1.0)
+        loss = loss + settings.failure_weight * F.binary_cross_entropy_with_logits(
+            encoded["failure_logit"], batch["failure"], weight=weight)
+    if "rul" in batch:
+        loss = loss + settings.rul_weight * F.mse_loss(encoded["rul_normalised"], batch["rul"] / net.config.rul_scale)
+    return loss
+
+
+def _tensors(arrays: Arrays) -> dict[str, torch.Tensor]:
+    tensors = {"x": torch.from_numpy(arrays.x), "mask": torch.from_numpy(arrays.mask)}
+    if arrays.failure is not None:
+        tensors["failure"] = torch.from_numpy(arrays.failure.astype(np.float32))
+    if arrays.rul is not None:
+        tensors["rul"] = torch.from_numpy(arrays.rul.astype(np.float32))
+    return tensors
+
+
+def fit(config: SensorWindowConfig, train: Arrays, validation: Arrays, settings: FitSettings,
+        validation_score: Callable[[SensorWindowNet, Arrays], float], *, normalise: bool = True,
+        ) -> FitResult:
+    """Train a new network; keep the epoch with the lowest ``validation_score`` (early stopping).
+
+    AdamW with a one-cycle learning-rate schedule; ``normalise`` sets the network's channel
+    statistics from ``train`` (off when the inputs are already standardised).
+    """
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    net = SensorWindowNet(config)
+    if normalise:
+        net.set_normalisation(*channel_statistics(train))
+    tensors = _tensors(train)
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.learning_rate,
+                                                   total_steps=settings.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed)
+    best = FitResult(copy.deepcopy(net), -1, math.inf)
+    started = time.perf_counter()
+    for epoch in range(settings.epochs):
+        net.train()
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        for start in range(0, len(train), settings.batch_size):
+            rows = order[start:start + settings.batch_size]
+            loss = _loss(net, {name: value[rows] for name, value in tensors.items()}, settings)
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(rows)
+        score = validation_score(net, validation)
+        best.history.append({"epoch": epoch, "train_loss": total / len(train), "validation": score})
+        logger.info("seed %d epoch %d: train loss %.4f, validation %.4f", settings.seed, epoch, total / len(train),
+                    score)
+        if score < best.validation_loss:
+            best.net, best.best_epoch, best.validation_loss = copy.deepcopy(net), epoch, score
+        elif epoch - best.best_epoch >= settings.patience:
+            break
+    best.net.eval()
+    best.seconds = time.perf_counter() - started
+    return best
+
+
+def rul_validation_rmse(net: SensorWindowNet, arrays: Arrays) -> float:
+    """Validation score of a RUL model: RMSE in its unit."""
+    assert arrays.rul is not None
+    return float(np.sqrt(np.mean((predict(net, arrays)["rul_hours"] - arrays.rul) ** 2)))
+
+
+def failure_validation_loss(net: SensorWindowNet, arrays: Arrays) -> float:
+    """Validation score of a failure classifier: 1 - average precision (threshold-free)."""
+    from sklearn.metrics import average_precision_score
+
+    assert arrays.failure is not None
+    return 1.0 - float(average_precision_score(arrays.failure, predict(net, arrays)["p_failure"]))
+
+
+def choose_ensemble(results: Sequence[FitResult], keep: int) -> list[FitResult]:
+    """The ``keep`` runs with the best validation score (validation only, never test)."""
+    return sorted(results, key=lambda result: result.validation_loss)[:keep]
+
+
+def ensemble_predict(nets: Sequence[SensorWindowNet], arrays: Arrays) -> dict[str, npt.NDArray[np.float64]]:
+    """Mean of the members' predictions."""
+    outputs = [predict(net, arrays) for net in nets]
+    return {name: np.mean([out[name] for out in outputs], axis=0) for name in outputs[0]}
+
+
+# --- C-MAPSS FD001 ----------------------------------------------------------------------------
+
+def split_units(units: npt.NDArray[np.int64], validation_share: float, seed: int,
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Distinct ``units`` split at random into train and validation units."""
+    distinct = np.unique(units)
+    shuffled = np.random.default_rng(seed).permutation(distinct)
+    count = max(1, round(len(distinct) * validation_share))
+    return np.sort(shuffled[count:]), np.sort(shuffled[:count])
+
+
+def cmapss_arrays(window_set: datasets.WindowSet) -> Arrays:
+    """C-MAPSS windows as training arrays: the RUL target, and ``failure`` = RUL within 30 cycles."""
+    return Arrays(window_set.x, window_set.mask, (window_set.rul <= 30).astype(np.float32),
+                  window_set.rul.astype(np.float32))
+
+
+def run_cmapss(*, tier: Tier = "cloud", seeds: int = 5, keep: int = 3, settings: FitSettings | None = None,
+               root: Path | None = None, unit_limit: int | None = None, sizes: dict[str, Any] | None = None,
+               ) -> dict[str, Any]:
+    """Train on train_FD001 (validation split by engine), score the official test set once.
+
+    ``sizes`` overrides the tier's network sizes (``d_model``, ``layers``...); ``unit_limit`` keeps
+    only training engines up to that number (smoke tests).
+    """
+    settings = settings or FitSettings(epochs=40, batch_size=256, learning_rate=2e-3, patience=10,
+                                       failure_weight=0.2)
+    data = datasets.load_cmapss(root)
+    train_frame = data.train if unit_limit is None else data.train[data.train["unit"] <= unit_limit]
+    train_units, val_units = split_units(train_frame["unit"].to_numpy(), 0.2, seed=0)
+    fit_frame = train_frame[train_frame["unit"].isin(train_units)]
+    scaler = datasets.SensorScaler.fit(fit_frame, datasets.CMAPSS_SENSORS)
+    train = cmapss_arrays(datasets.cmapss_windows(fit_frame, scaler, min_length=datasets.CMAPSS_WINDOW // 2))
+    validation = cmapss_arrays(datasets.cmapss_windows(train_frame[train_frame["unit"].isin(val_units)], scaler,
+                                                       min_length=datasets.CMAPSS_WINDOW))
+    test_set = datasets.cmapss_last_windows(data.test, scaler, data.test_rul)
+    config = SensorWindowConfig.for_tier(tier, datasets.CMAPSS_SENSORS, window=datasets.CMAPSS_WINDOW,
+                                         rul_scale=float(datasets.RUL_CAP), rul_unit="cycles", step_hours=1.0,
+                                         horizon_hours=30.0, **(sizes or {}))
+    runs = [fit(config, train, validation, _with_seed(settings, seed), rul_validation_rmse, normalise=False)
+            for seed in range(seeds)]
+    chosen = choose_ensemble(runs, keep)
+    test_arrays = Arrays(test_set.x, test_set.mask)
+    predicted = ensemble_predict([run.net for run in chosen], test_arrays)["rul_hours"]
+    single = predict(chosen[0].net, test_arrays)["rul_hours"]
+    return {
+        "dataset": "NASA C-MAPSS FD001", "protocol": _CMAPSS_PROTOCOL, "tier": tier,
+        "parameters": chosen[0].net.parameter_count(), "settings": asdict(settings),
+        "train_windows": len(train), "validation_windows": len(validation), "test_engines": len(test_set.rul),
+        "seeds": [{"seed": s, "best_epoch": r.best_epoch, "validation_rmse": r.validation_loss,
+                   "seconds": round(r.seconds, 1)} for s, r in enumerate(runs)],
+        "ensemble_seeds": [runs.index(r) for r in chosen],
+        "validation_rmse_ensemble": rul_validation_rmse_ensemble([r.net for r in chosen], validation),
+        "test": rul_scores(predicted, test_set.rul, cap=datasets.RUL_CAP),
+        "test_best_single_seed": rul_scores(single, test_set.rul, cap=datasets.RUL_CAP),
+    }
+
+
+_CMAPSS_PROTOCOL = (f"train_FD001 engines split 80/20 by engine (seed 0) into train/validation; 14 varying sensors "
+                    f"standardised per operating condition on the train engines; windows of "
+                    f"{datasets.CMAPSS_WINDOW} cycles; RUL target capped at {datasets.RUL_CAP} cycles; epochs and "
+                    f"ensemble members chosen on validation RMSE; official test set = last cycle of each of the 100 "
+                    f"test engines against RUL_FD001 (uncapped truth; capped-truth figures beside)")
+
+
+def rul_validation_rmse_ensemble(nets: Sequence[SensorWindowNet], arrays: Arrays) -> float:
+    """Validation RMSE of an ensemble's mean prediction."""
+    assert arrays.rul is not None
+    return float(np.sqrt(np.mean((ensemble_predict(nets, arrays)["rul_hours"] - arrays.rul) ** 2)))
+
+
+def _with_seed(settings: FitSettings, seed: int) -> FitSettings:
+    return FitSettings(**{**asdict(settings), "seed": seed})
+
+
+# --- AI4I 2020 --------------------------------------------------------------------------------
+
+def stratified_split(labels: npt.NDArray[np.int64], shares: tuple[float, float], seed: int,
+                     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Row indices split into train / validation / test, each class in the same proportions.
+
+    ``shares``: the validation and test shares (the rest trains).
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[npt.NDArray[np.int64]]] = [[], [], []]
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_val, n_test = round(len(rows) * shares[0]), round(len(rows) * shares[1])
+        parts[1].append(rows[:n_val])
+        parts[2].append(rows[n_val:n_val + n_test])
+        parts[0].append(rows[n_val + n_test:])
+    train, validation, test = (np.sort(np.concatenate(part)) for part in parts)
+    return train, validation, test
+
+
+def ai4i_arrays(data: datasets.Ai4iData, rows: npt.NDArray[np.int64]) -> Arrays:
+    """AI4I rows as one-step windows (T = 1, F = the input columns) with the failure label."""
+    x = data.x[rows][:, None, :]
+    return Arrays(x, np.ones(x.shape[:2], np.float32), data.y[rows].astype(np.float32), None)
+
+
+def run_ai4i(*, tier: Tier = "cloud", seeds: int = 5, keep: int = 3, settings: FitSettings | None = None,
+             root: Path | None = None, split_seed: int = 0, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stratified 60/20/20 split; epoch, ensemble members and threshold on validation; test scored once."""
+    settings = settings or FitSettings(epochs=60, batch_size=128, learning_rate=3e-3, patience=15,
+                                       positive_weight=3.0)
+    data = datasets.load_ai4i(root)
+    train_rows, val_rows, test_rows = stratified_split(data.y, (0.2, 0.2), split_seed)
+    train, validation, test = (ai4i_arrays(data, rows) for rows in (train_rows, val_rows, test_rows))
+    config = SensorWindowConfig.for_tier(tier, data.feature_names, window=1, rul_scale=1.0, rul_unit="none",
+                                         horizon_hours=0.0, **(sizes or {}))
+    runs = [fit(config, train, validation, _with_seed(settings, seed), failure_validation_loss)
+            for seed in range(seeds)]
+    chosen = choose_ensemble(runs, keep)
+    nets = [run.net for run in chosen]
+    assert test.failure is not None and validation.failure is not None
+    threshold = best_f1_threshold(validation.failure, ensemble_predict(nets, validation)["p_failure"])
+    return {
+        "dataset": "AI4I 2020", "protocol": _AI4I_PROTOCOL, "tier": tier, "inputs": list(data.feature_names),
+        "parameters": nets[0].parameter_count(), "settings": asdict(settings),
+        "rows": {"train": len(train), "validation": len(validation), "test": len(test)},
+        "seeds": [{"seed": s, "best_epoch": r.best_epoch, "validation_1_minus_ap": r.validation_loss,
+                   "seconds": round(r.seconds, 1)} for s, r in enumerate(runs)],
+        "ensemble_seeds": [runs.index(r) for r in chosen],
+        "validation": classification_scores(validation.failure, ensemble_predict(nets, validation)["p_failure"],
+                                            threshold),
+        "test": classification_scores(test.failure, ensemble_predict(nets, test)["p_failure"], threshold),
+    }
+
+
+_AI4I_PROTOCOL = ("inputs: Type (L/M/H as 0/1/2), the five process variables, power = torque x angular speed, "
+                  "process - air temperature, tool wear x torque; TWF/HDF/PWF/OSF/RNF and the ids dropped (the "
+                  "flags leak the label); stratified 60/20/20 split (seed 0); epochs, ensemble members (by "
+                  "validation average precision) and the decision threshold (best validation F1) chosen on "
+                  "validation; test scored once")
+
+
+# --- the simulated fleet: the shipped cloud and edge models -----------------------------------
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """Sizes of the simulated fleets: training (split by asset into train / validation) and test."""
+
+    assets: int = 40
+    days: float = 120.0
+    seed: int = 0
+    test_assets: int = 20
+    test_seed: int = 1000
+    """The test fleet is drawn with another seed: new assets, new failures, never seen in training."""
+    rul_cap_hours: float = 720.0
+
+
+def window_channel_names(count: int) -> tuple[str, ...]:
+    """Names of the ``count`` channels of :func:`services.iiot.features.window_tensor`'s windows."""
+    from services.iiot import features
+
+    named = getattr(features, "WINDOW_CHANNELS", None)
+    if named is not None and len(named) == count:
+        return tuple(named)
+    channels = tuple(getattr(features, "CHANNELS", ()))  # H4's module is landing meanwhile
+    if count == len(channels):
+        return channels
+    if count == 2 * len(channels):
+        return tuple(f"{c}_mean" for c in channels) + tuple(f"{c}_std" for c in channels)
+    return tuple(f"channel_{i}" for i in range(count))
+
+
+def fleet_arrays(assets: int, days: float, seed: int, rul_cap_hours: float,
+                 ) -> tuple[Arrays, npt.NDArray[Any]]:
+    """Training windows of a **simulated** fleet and the asset of each window."""
+    from services.iiot import features
+    from services.iiot.simulate import simulate_fleet
+
+    fleet = simulate_fleet(assets=assets, days=days, seed=seed)
+    x, mask, failing, rul, groups = features.training_windows(fleet, horizon_h=72)
+    rul_capped = np.minimum(np.nan_to_num(np.asarray(rul, np.float64), nan=rul_cap_hours, posinf=rul_cap_hours),
+                            rul_cap_hours)
+    arrays = Arrays(np.asarray(x, np.float32), np.asarray(mask, np.float32), np.asarray(failing, np.float32),
+                    rul_capped.astype(np.float32))
+    return arrays, np.asarray(groups)
+
+
+def fleet_scores(nets: Sequence[SensorWindowNet], arrays: Arrays, threshold: float) -> dict[str, float]:
+    """Failure-within-72 h classification scores and the RUL RMSE (hours, capped target) of ``arrays``."""
+    assert arrays.failure is not None and arrays.rul is not None
+    predicted = ensemble_predict(nets, arrays)
+    scores = classification_scores(arrays.failure, predicted["p_failure"], threshold)
+    scores["rul_rmse_hours"] = float(np.sqrt(np.mean((predicted["rul_hours"] - arrays.rul) ** 2)))
+    return scores
+
+
+def fleet_validation_loss(net: SensorWindowNet, arrays: Arrays) -> float:
+    """Validation score on the fleet: 1 - average precision of P(failure within 72 h), plus the RUL
+    RMSE as a share of the cap (both heads count)."""
+    assert arrays.rul is not None
+    rul_share = float(np.sqrt(np.mean((predict(net, arrays)["rul_hours"] - arrays.rul) ** 2))) / net.config.rul_scale
+    return failure_validation_loss(net, arrays) + rul_share
+
+
+def run_fleet(tier: Tier, plan: FleetPlan, settings: FitSettings, *, seeds: int = 1,
+              data: tuple[Arrays, Arrays, Arrays] | None = None) -> tuple[list[SensorWindowNet], dict[str, Any]]:
+    """Train ``tier`` on the simulated fleet; returns the ensemble (the chosen seeds) and its figures."""
+    train, validation, test = data or fleet_splits(plan)
+    window = train.x.shape[1]
+    config = SensorWindowConfig.for_tier(tier, window_channel_names(train.x.shape[2]), window=window,
+                                         rul_scale=plan.rul_cap_hours, rul_unit="hours", horizon_hours=72.0)
+    runs = [fit(config, train, validation, _with_seed(settings, seed), fleet_validation_loss)
+            for seed in range(seeds)]
+    chosen = choose_ensemble(runs, 1)  # one network ships per tier
+    nets = [run.net for run in chosen]
+    assert validation.failure is not None
+    threshold = best_f1_threshold(validation.failure, ensemble_predict(nets, validation)["p_failure"])
+    figures = {
+        "tier": tier, "parameters": nets[0].parameter_count(), "settings": asdict(settings), "plan": asdict(plan),
+        "windows": {"train": len(train), "validation": len(validation), "test": len(test)},
+        "seeds": [{"seed": s, "best_epoch": r.best_epoch, "validation_loss": r.validation_loss,
+                   "seconds": round(r.seconds, 1)} for s, r in enumerate(runs)],
+        "validation": fleet_scores(nets, validation, threshold), "test": fleet_scores(nets, test, threshold),
+    }
+    return nets, figures
+
+
+def fleet_splits(plan: FleetPlan) -> tuple[Arrays, Arrays, Arrays]:
+    """Train and validation windows (80/20 by asset) of the training fleet; test windows of the test fleet."""
+    arrays, groups = fleet_arrays(plan.assets, plan.days, plan.seed, plan.rul_cap_hours)
+    assets = np.unique(groups)
+    shuffled = np.random.default_rng(plan.seed).permutation(assets)
+    held = set(shuffled[:max(1, round(len(assets) * 0.2))].tolist())
+    in_validation = np.array([group in held for group in groups])
+    test, _ = fleet_arrays(plan.test_assets, plan.days, plan.test_seed, plan.rul_cap_hours)
+    return arrays.take(np.flatnonzero(~in_validation)), arrays.take(np.flatnonzero(in_validation)), test
+
+
+# --- artifacts and cards ----------------------------------------------------------------------
+
+FLEET_DATA = ("SIMULATED fleet only (services/iiot/simulate.py: several failure modes with degradation paths, "
+              "sensor noise and drift, maintenance resets, operating regimes); windows from "
+              "services/iiot/features.training_windows, label = failure within 72 h, RUL in hours capped at {cap:g} h. "
+              "Training fleet: {assets} assets x {days:g} days, seed {seed}, split 80/20 by asset into train / "
+              "validation; test: a second fleet of {test_assets} assets drawn with seed {test_seed}. No real plant "
+              "data: figures say how the model does on the simulator, not on a real machine.")
+
+
+def write_artifact(net: SensorWindowNet, directory: Path, *, figures: dict[str, Any], data: str,
+                   rebuild_command: str, version: str = "v1") -> Path:
+    """Save ``net`` with its ONNX graph into ``directory`` and seal it (manifest + card)."""
+    from model_runtime.artifacts import save_artifact
+
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} already holds an artifact; choose another --version")
+    save_risk_model(net, directory, onnx=True)
+    onnx_bytes = (directory / ONNX_FILE).stat().st_size
+    metrics = {f"test_{key}": value for key, value in figures["test"].items() if isinstance(value, float)}
+    metrics |= {"onnx_bytes": onnx_bytes, "parameters": net.parameter_count()}
+    save_artifact(directory, name=f"iiot-{net.config.tier}", version=version, framework="torch+onnx",
+                  metrics=metrics, data=data, rebuild_command=rebuild_command,
+                  model_card=model_card(net, figures, data, rebuild_command, onnx_bytes),
+                  extra={"figures": figures, "config": net.config.as_dict()})
+    return directory
+
+
+def _score_row(name: str, scores: dict[str, Any]) -> str:
+    return (f"| {name} | {scores['auc']:.3f} | {scores['average_precision']:.3f} | {scores['f1']:.3f} | "
+            f"{scores['precision']:.3f} | {scores['recall']:.3f} | {scores['rul_rmse_hours']:.0f} |")
+
+
+def model_card(net: SensorWindowNet, figures: dict[str, Any], data: str, rebuild_command: str,
+               onnx_bytes: int) -> str:
+    """The model card: what it is, the data (simulated, said plainly), figures as measured, how to rebuild."""
+    config = net.config
+    attention = "on" if config.channel_attention else "off"
+    lines = [
+        f"# IIoT failure risk, {config.tier} tier ({figures.get('version', 'v1')})", "",
+        f"SensorWindowNet: attention over a {config.window}-step window ({config.step_hours:g} h per step) of "
+        f"{len(config.channels)} channels ({', '.join(config.channels)}); {config.layers} transformer layer(s), "
+        f"d_model {config.d_model}, {config.heads} heads, channel attention {attention}; "
+        f"{net.parameter_count():,} parameters; ONNX graph {onnx_bytes / 1024:.0f} KiB.",
+        f"Outputs: P(failure within {config.horizon_hours:g} h) and RUL in {config.rul_unit} (capped at "
+        f"{config.rul_scale:g}); drivers from the attention weights (channels and time steps).", "",
+        "## Data", data, "",
+        "## Figures as measured (threshold chosen on validation assets)", "",
+        "| split | ROC AUC | avg precision | F1 | precision | recall | RUL RMSE (h) |", "|---|---|---|---|---|---|---|",
+        _score_row("validation assets", figures["validation"]), _score_row("test fleet (other seed)", figures["test"]),
+        "", f"Decision threshold: {figures['test']['threshold']:.3f}. Windows: {figures['windows']}.", "",
+    ]
+    lines += _real_data_section()
+    lines += ["## Rebuild", f"`{rebuild_command}`", ""]
+    return "\n".join(lines)
+
+
+def _real_data_section() -> list[str]:
+    """The real-data evaluations of the same architecture, when they were run (evaluation/*.json)."""
+    lines = ["## Same architecture on real public data (trained separately; see models/iiot/evaluation/)", ""]
+    found = False
+    for name in ("cmapss", "ai4i"):
+        path = EVALUATION_DIR / f"{name}.json"
+        if path.is_file():
+            found = True
+            result = json.loads(path.read_text())
+            lines += [f"- {result['dataset']}: test {json.dumps({k: round(v, 3) for k, v in result['test'].items()})}",
+                      f"  (protocol: {result['protocol']})"]
+    return [*lines, ""] if found else []
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """``tessera train iiot`` options."""
+    parser = argparse.ArgumentParser(prog="tessera train iiot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("fleet", "cmapss", "ai4i"), default="fleet",
+                        help="fleet (default): train and ship the cloud and edge models on the simulated fleet; "
+                             "cmapss / ai4i: train and evaluate on the real public data (nothing shipped)")
+    parser.add_argument("--tier", choices=("cloud", "edge", "both"), default="both",
+                        help="which tier(s) to train (real data: cloud unless edge is named)")
+    parser.add_argument("--seeds", type=int, default=None, help="training seeds (default: 3 real data, 1 fleet)")
+    parser.add_argument("--keep", type=int, default=3, help="real data: seeds kept in the ensemble (by validation)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--assets", type=int, default=FleetPlan.assets, help="simulated training fleet size")
+    parser.add_argument("--days", type=float, default=FleetPlan.days, help="simulated days per fleet")
+    parser.add_argument("--version", default="v1")
+    parser.add_argument("--output", type=Path, default=None, help="default <models_dir>/iiot")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry of ``tessera train iiot``: print the measured figures as JSON."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.dataset in ("cmapss", "ai4i"):
+        figures = _run_real(args)
+        EVALUATION_DIR.mkdir(parents=True, exist_ok=True)
+        (EVALUATION_DIR / f"{args.dataset}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    else:
+        figures = _run_fleet_tiers(args)
+    print(json.dumps(figures, indent=1))
+
+
+def _run_real(args: argparse.Namespace) -> dict[str, Any]:
+    tier: Tier = "edge" if args.tier == "edge" else "cloud"
+    seeds = args.seeds or 3
+    runner = run_cmapss if args.dataset == "cmapss" else run_ai4i
+    settings = REAL_SETTINGS[args.dataset]
+    settings = FitSettings(**{**asdict(settings), "threads": args.threads,
+                              **({"epochs": args.epochs} if args.epochs else {})})
+    figures = runner(tier=tier, seeds=seeds, keep=min(args.keep, seeds), settings=settings,
+                     sizes=REAL_SIZES[args.dataset])
+    figures["rebuild_command"] = _command(args)
+    return figures
+
+
+REAL_SETTINGS = {
+    "cmapss": FitSettings(epochs=30, batch_size=256, learning_rate=3e-3, patience=8, failure_weight=0.2),
+    "ai4i": FitSettings(epochs=60, batch_size=128, learning_rate=3e-3, patience=15, positive_weight=3.0),
+}
+REAL_SIZES: dict[str, dict[str, Any]] = {
+    "cmapss": {"d_model": 32, "heads": 2, "layers": 2, "d_ff": 64},
+    "ai4i": {"d_model": 32, "heads": 2, "layers": 1, "d_ff": 64},
+}
+"""Network sizes of the real-data runs (small: 14 and 9 channels, CPU time on a shared box)."""
+FLEET_SETTINGS = FitSettings(epochs=20, batch_size=128, learning_rate=2e-3, patience=6, positive_weight=3.0)
+
+
+def _run_fleet_tiers(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.config import get_settings
+
+    plan = FleetPlan(assets=args.assets, days=args.days)
+    data = fleet_splits(plan)
+    output = args.output or get_settings().models_dir / "iiot"
+    settings = FitSettings(**{**asdict(FLEET_SETTINGS), "threads": args.threads,
+                              **({"epochs": args.epochs} if args.epochs else {})})
+    tiers: list[Tier] = ["cloud", "edge"] if args.tier == "both" else [args.tier]
+    described = FLEET_DATA.format(cap=plan.rul_cap_hours, **asdict(plan))
+    report: dict[str, Any] = {}
+    for tier in tiers:
+        nets, figures = run_fleet(tier, plan, settings, seeds=args.seeds or 1, data=data)
+        figures["version"] = args.version
+        write_artifact(nets[0], output / tier / args.version, figures=figures, data=described,
+                       rebuild_command=_command(args, tier))
+        report[tier] = figures
+    return report
+
+
+def _command(args: argparse.Namespace, tier: str | None = None) -> str:
+    parts = ["tessera train iiot", f"--dataset {args.dataset}", f"--tier {tier or args.tier}"]
+    if args.seeds:
+        parts.append(f"--seeds {args.seeds}")
+    if args.epochs:
+        parts.append(f"--epochs {args.epochs}")
+    if args.dataset == "fleet":
+        parts += [f"--assets {args.assets}", f"--days {args.days:g}", f"--version {args.version}"]
+    return " ".join(parts)

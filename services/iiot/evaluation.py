@@ -1,0 +1,112 @@
+"""Scores of the failure-risk models and the gradient-boosting baseline they are compared with.
+
+- RUL: :func:`rmse` and the PHM08 challenge score (:func:`phm08_score`; late predictions cost more).
+- Failure classification: :func:`classification_scores` (F1, precision, recall at a threshold,
+  ROC AUC and average precision), the threshold from :func:`best_f1_threshold` on **validation**
+  predictions only.
+- The baseline: LightGBM on summary statistics of each window (:func:`window_statistics`: last,
+  mean, spread, min, max and least-squares slope of every channel over its valid steps), with early
+  stopping on the validation split (:func:`fit_gbm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.floating[Any]]
+GbmTask = Literal["regression", "binary"]
+
+
+def rmse(predicted: npt.ArrayLike, true: npt.ArrayLike) -> float:
+    """Root mean squared error."""
+    d = np.asarray(predicted, np.float64) - np.asarray(true, np.float64)
+    return float(np.sqrt(np.mean(d ** 2)))
+
+
+def phm08_score(predicted: npt.ArrayLike, true: npt.ArrayLike) -> float:
+    """PHM08 score: sum of exp(-d/13) - 1 for early (d < 0) and exp(d/10) - 1 for late, d = predicted - true."""
+    d = np.asarray(predicted, np.float64) - np.asarray(true, np.float64)
+    return float(np.sum(np.where(d < 0, np.exp(-d / 13.0) - 1.0, np.exp(d / 10.0) - 1.0)))
+
+
+def rul_scores(predicted: npt.ArrayLike, true: npt.ArrayLike, cap: float | None = None) -> dict[str, float]:
+    """RMSE and PHM08 score against ``true``, and against ``true`` capped at ``cap`` when given."""
+    scores = {"rmse": rmse(predicted, true), "phm08": phm08_score(predicted, true)}
+    if cap is not None:
+        capped = np.minimum(np.asarray(true, np.float64), cap)
+        scores |= {"rmse_capped_truth": rmse(predicted, capped), "phm08_capped_truth": phm08_score(predicted, capped)}
+    return scores
+
+
+def best_f1_threshold(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> float:
+    """The probability threshold with the highest F1 on (validation) ``labels``; midway between scores."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(np.asarray(labels), np.asarray(probabilities))
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def classification_scores(labels: npt.ArrayLike, probabilities: npt.ArrayLike, threshold: float,
+                          ) -> dict[str, float]:
+    """F1, precision and recall at ``threshold``, ROC AUC and average precision."""
+    from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probabilities, np.float64)
+    predicted = (p >= threshold).astype(int)
+    return {"f1": float(f1_score(y, predicted, zero_division=0)),
+            "precision": float(precision_score(y, predicted, zero_division=0)),
+            "recall": float(recall_score(y, predicted, zero_division=0)),
+            "auc": float(roc_auc_score(y, p)), "average_precision": float(average_precision_score(y, p)),
+            "threshold": float(threshold), "positives": int(y.sum()), "rows": int(y.size)}
+
+
+def window_statistics(x: FloatArray, mask: FloatArray) -> npt.NDArray[np.float32]:
+    """Per channel over the valid steps: last, mean, std, min, max, slope per step; ``(N, T, F)`` -> ``(N, 6F)``."""
+    valid = np.asarray(mask, np.float64)[..., None] > 0
+    values = np.asarray(x, np.float64)
+    count = np.maximum(valid.sum(axis=1), 1)
+    mean = np.where(valid, values, 0.0).sum(axis=1) / count
+    std = np.sqrt(np.where(valid, (values - mean[:, None]) ** 2, 0.0).sum(axis=1) / count)
+    low = np.where(valid, values, np.inf).min(axis=1)
+    high = np.where(valid, values, -np.inf).max(axis=1)
+    steps = np.arange(values.shape[1], dtype=np.float64)[None, :, None]
+    step_mean = np.where(valid, steps, 0.0).sum(axis=1) / count
+    centred = np.where(valid, steps - step_mean[:, None], 0.0)
+    slope = (centred * (values - mean[:, None])).sum(axis=1) / np.maximum((centred ** 2).sum(axis=1), 1e-9)
+    last = values[:, -1]  # windows are right-aligned: the last step is always a reading
+    stats = np.concatenate([last, mean, std, low, high, slope], axis=1)
+    return np.nan_to_num(stats, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+@dataclass
+class GbmModel:
+    """A fitted LightGBM booster and the task it was fitted for."""
+
+    booster: Any
+    task: GbmTask
+
+    def predict(self, features: FloatArray) -> npt.NDArray[np.float64]:
+        """Predicted RUL (regression) or probability (binary) per row."""
+        return np.asarray(self.booster.predict(features, num_iteration=self.booster.best_iteration))
+
+
+def fit_gbm(task: GbmTask, train_x: FloatArray, train_y: FloatArray, val_x: FloatArray, val_y: FloatArray, *,
+            seed: int = 0, rounds: int = 2000, threads: int = 2) -> GbmModel:
+    """LightGBM with early stopping on the validation split (never on test)."""
+    import lightgbm as lgb
+
+    params = {"objective": task, "learning_rate": 0.03, "num_leaves": 31, "min_data_in_leaf": 20,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
+              "seed": seed, "num_threads": threads, "verbose": -1,
+              "metric": "rmse" if task == "regression" else "average_precision"}
+    train = lgb.Dataset(train_x, label=train_y)
+    valid = lgb.Dataset(val_x, label=val_y, reference=train)
+    booster = lgb.train(params, train, num_boost_round=rounds, valid_sets=[valid],
+                        callbacks=[lgb.early_stopping(100, verbose=False)])
+    return GbmModel(booster, task)
