@@ -34,7 +34,8 @@ from sqlalchemy.orm import Session
 from model_runtime.runtime import ModelSpec
 from model_runtime.versions import LiveModels
 from services.iiot.alerts import apply_policy, load_settings
-from services.iiot.db import Asset, RiskScore, Sensor, readings
+from services.iiot.db import Asset, RiskScore, Sensor
+from services.iiot.store import read_readings
 from shared.jobs import PublicJobError
 
 logger = logging.getLogger("tessera.iiot.scoring")
@@ -43,6 +44,8 @@ IIOT_MODEL_NAME = "iiot"
 """The risk model family in the runtime and in the version registry."""
 WINDOW_HOURS = 48.0
 STEP_HOURS = 1.0
+INCLUSIVE = timedelta(microseconds=1)
+"""Added to a half-open read's end so the window's newest reading is in it."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def build_windows(session: Session, due: Sequence[DueAsset], builder: WindowBuil
     """Every due asset's window, from one read of the tenant's readings in the span they cover."""
     span = timedelta(hours=hours)
     frame = read_readings(session, [s.id for asset in due for s in asset.sensors],
-                          min(a.end for a in due) - span, max(a.end for a in due))
+                          min(a.end for a in due) - span, max(a.end for a in due) + INCLUSIVE)
     by_sensor = dict(tuple(frame.groupby("sensor_pk", sort=False))) if len(frame) else {}
     windows = []
     for asset in due:
@@ -165,15 +168,6 @@ def build_windows(session: Session, due: Sequence[DueAsset], builder: WindowBuil
         window, mask = builder(own, asset.sensors, asset.end)
         windows.append(AssetWindow(asset.asset_pk, asset.asset_id, asset.end, window, mask))
     return windows
-
-
-def read_readings(session: Session, sensor_pks: Sequence[int], start: datetime, end: datetime) -> pd.DataFrame:
-    """Readings of ``sensor_pks`` in ``[start, end]`` as ``DataFrame[sensor_pk, ts, value]`` (ts UTC)."""
-    rows = session.execute(select(readings.c.sensor_pk, readings.c.ts, readings.c.value).where(
-        readings.c.sensor_pk.in_(list(sensor_pks)), readings.c.ts >= start, readings.c.ts <= end)).all()
-    frame = pd.DataFrame(rows, columns=["sensor_pk", "ts", "value"])
-    frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
-    return frame
 
 
 def default_window_builder() -> WindowBuilder:
