@@ -43,6 +43,7 @@ def ingest_file_job(session: Session, job: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------- scoring, alerts, retraining (H5)
 
 SCORE_ALL_TASK = "iiot.score_all_tenants"
+SCORE_ALL_ENTRY = "iiot-score-all"
 
 reload_in_workers(IIOT_MODELS)  # a worker swaps in promoted versions when a task starts, not only at start-up
 
@@ -72,7 +73,12 @@ def score_all_tenants() -> int:
     return len(tenants)
 
 
-schedule_periodic("iiot-score-all", SCORE_ALL_TASK, every_s=get_settings().iiot_scoring_interval_s, queue=QUEUE)
+def schedule_scoring() -> None:
+    """Have beat run :func:`score_all_tenants` every ``TESSERA_IIOT_SCORING_INTERVAL_S`` on the ``iiot`` queue."""
+    schedule_periodic(SCORE_ALL_ENTRY, SCORE_ALL_TASK, every_s=get_settings().iiot_scoring_interval_s, queue=QUEUE)
+
+
+schedule_scoring()
 
 
 @job_task(name="iiot.retrain", queue=QUEUE)

@@ -171,3 +171,23 @@ def test_another_tenants_alerts_and_assets_are_not_found(tenant: str) -> None:
             maintenance.record_maintenance(session, intruder, "press-9",
                                            MaintenanceIn(kind="repair", occurred_at=START), by="x", notify_url=None)
         assert alerts.active_alert(session, tenant, asset_pk) is not None
+
+
+def test_beat_fans_out_one_scoring_job_per_tenant_and_slot(tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.iiot import tasks
+    from shared.queue import celery_app
+
+    tasks.schedule_scoring()  # done at import; a test switching stacks rebuilt the Celery config since
+    entry = celery_app.conf.beat_schedule[tasks.SCORE_ALL_ENTRY]
+    assert (entry["task"], entry["options"]["queue"]) == (tasks.SCORE_ALL_TASK, "iiot")
+    with session_scope() as session:
+        new_asset(session, tenant, "mixer-2")
+    monkeypatch.setattr(tasks.time, "time", lambda: 3_000_000.0)  # one slot of the scoring interval
+    sent: list[str] = []
+    monkeypatch.setattr("shared.jobs.enqueue", lambda _task, _queue, job_id, countdown=None: sent.append(job_id))
+    assert tasks.score_all_tenants() >= 1
+    tasks.score_all_tenants()  # beat sent the slot twice: still one job
+    with session_scope() as session:
+        keys = list(session.scalars(select(Job.idempotency_key).where(Job.tenant_id == tenant,
+                                                                      Job.task_name == "iiot.score_tenant")))
+    assert keys == [f"iiot-score:{tenant}:slot-{int(3_000_000 // 300)}"]
