@@ -16,7 +16,8 @@ A sensor's canonical unit cannot change once it has readings (they are stored in
 
 Writes go through :func:`upsert`, which takes flat lists of each level and writes them with one
 query per level to load what exists and one flush per level to insert what does not: the bulk
-``PUT /registry`` of a whole tree and a single ``PUT`` of one plant are the same code. Deleting a
+``PUT /registry`` of a whole :class:`RegistryDocument` (nested or flat) and a single ``PUT`` of
+one plant are the same code. Deleting a
 node deletes everything under it, the readings of its sensors included.
 """
 
@@ -154,47 +155,52 @@ class SensorPatch(_Strict):
     sampling_interval_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
-# --- the tree of the bulk upsert -----------------------------------------------------------------
+# --- the document of the bulk upsert ------------------------------------------------------------
 
-class SensorNode(SensorIn):
-    """A sensor in a registry tree."""
+class SensorEntry(SensorIn):
+    """A sensor in the flat form of a registry document: it names its asset."""
+
+    asset_id: RegistryId
 
 
 class AssetNode(_Strict):
-    """An asset in a registry tree, with its sensors."""
+    """An asset nested in a line of a registry document, with its sensors."""
 
     asset_id: RegistryId
     name: Name | None = None
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     details: dict[str, JsonValue] = Field(default_factory=dict, max_length=50)
-    sensors: list[SensorNode] = Field(default_factory=list, max_length=1000)
+    sensors: list[SensorIn] = Field(default_factory=list, max_length=1000)
 
 
 class LineNode(_Strict):
-    """A line in a registry tree, with its assets."""
+    """A line nested in a plant of a registry document, with its assets."""
 
     line_id: RegistryId
     name: Name | None = None
     assets: list[AssetNode] = Field(default_factory=list, max_length=20_000)
 
 
-class PlantNode(_Strict):
-    """A plant in a registry tree, with its lines."""
+class PlantNode(PlantIn):
+    """A plant of a registry document, with its lines nested (or none: they may come flat)."""
 
-    plant_id: RegistryId
-    name: Name | None = None
-    timezone: Timezone = "UTC"
     lines: list[LineNode] = Field(default_factory=list, max_length=5_000)
 
 
-class RegistryTree(_Strict):
-    """A tenant's registry (or part of it) as one document: plants → lines → assets → sensors.
+class RegistryDocument(_Strict):
+    """A tenant's registry (or part of it) as one document, nested, flat, or both.
 
-    ``PUT /registry`` creates what does not exist and replaces the fields of what does; nodes it
-    does not mention are left alone (it never deletes).
+    Nested: ``plants[].lines[].assets[].sensors[]``, each node under its parent. Flat (what
+    ``GET /registry`` answers, the simulator's ``registry_payload()`` and ``tessera edge
+    --registry`` read): ``plants``, ``lines`` (each with ``plant_id``), ``assets`` (``line_id``),
+    ``sensors`` (``asset_id``). ``PUT /registry`` creates what does not exist and replaces the
+    fields of what does; nodes it does not mention are left alone (it never deletes).
     """
 
-    plants: list[PlantNode] = Field(max_length=5_000)
+    plants: list[PlantNode] = Field(default_factory=list, max_length=5_000)
+    lines: list[LineIn] = Field(default_factory=list, max_length=50_000)
+    assets: list[AssetIn] = Field(default_factory=list, max_length=MAX_BATCH_NODES)
+    sensors: list[SensorEntry] = Field(default_factory=list, max_length=MAX_BATCH_NODES)
 
 
 REGISTRY_EXAMPLE: dict[str, Any] = {"plants": [{
@@ -205,6 +211,14 @@ REGISTRY_EXAMPLE: dict[str, Any] = {"plants": [{
                  "sampling_interval_s": 60},
                 {"sensor_id": "vibration", "unit": "mm/s", "min_value": 0, "max_value": 50,
                  "sampling_interval_s": 60}]}]}]}]}
+"""A registry document in the nested form."""
+REGISTRY_FLAT_EXAMPLE: dict[str, Any] = {
+    "plants": [{"plant_id": "plant-1", "name": "Leipzig", "timezone": "Europe/Berlin"}],
+    "lines": [{"line_id": "line-a", "plant_id": "plant-1", "name": "Bottling A"}],
+    "assets": [{"asset_id": "pump-7", "line_id": "line-a", "kind": "pump"}],
+    "sensors": [{"asset_id": "pump-7", "sensor_id": "bearing-temp", "unit": "degC", "min_value": -20,
+                 "max_value": 120, "sampling_interval_s": 60}]}
+"""The same registry in the flat form (what ``GET /registry`` answers)."""
 
 
 # --- what the API answers ------------------------------------------------------------------------
@@ -417,29 +431,24 @@ def _keyset(query: SelectT, key: Any, after: str | None, limit: int) -> SelectT:
     return query.order_by(key).limit(limit)
 
 
-def registry_tree(session: Session, tenant_id: str) -> RegistryTree:
-    """The tenant's whole registry as one document (what ``PUT /registry`` takes), ids in order."""
-    plants = session.scalars(select(Plant).where(Plant.tenant_id == tenant_id).order_by(Plant.plant_id)).all()
-    lines = session.scalars(select(Line).where(Line.tenant_id == tenant_id).order_by(Line.line_id)).all()
-    assets = session.scalars(select(Asset).where(Asset.tenant_id == tenant_id).order_by(Asset.asset_id)).all()
-    sensors = session.scalars(select(Sensor).where(Sensor.tenant_id == tenant_id).order_by(Sensor.sensor_id)).all()
-    sensor_nodes: dict[int, list[SensorNode]] = {}
-    for sensor in sensors:
-        sensor_nodes.setdefault(sensor.asset_pk, []).append(SensorNode.model_construct(
-            sensor_id=sensor.sensor_id, unit=sensor.unit, quantity=sensor.quantity, min_value=sensor.min_value,
-            max_value=sensor.max_value, sampling_interval_s=sensor.sampling_interval_s))
-    asset_nodes: dict[int, list[AssetNode]] = {}
-    for asset in assets:
-        asset_nodes.setdefault(asset.line_pk, []).append(AssetNode.model_construct(
-            asset_id=asset.asset_id, name=asset.name, kind=asset.kind, details=asset.details,
-            sensors=sensor_nodes.get(asset.id, [])))
-    line_nodes: dict[int, list[LineNode]] = {}
-    for line in lines:
-        line_nodes.setdefault(line.plant_pk, []).append(LineNode.model_construct(
-            line_id=line.line_id, name=line.name, assets=asset_nodes.get(line.id, [])))
-    return RegistryTree.model_construct(plants=[
-        PlantNode.model_construct(plant_id=plant.plant_id, name=plant.name, timezone=plant.timezone,
-                                  lines=line_nodes.get(plant.id, [])) for plant in plants])
+def registry_document(session: Session, tenant_id: str) -> RegistryDocument:
+    """The tenant's whole registry in the flat form of :class:`RegistryDocument`, ids in order."""
+    plants = session.scalars(select(Plant).where(Plant.tenant_id == tenant_id).order_by(Plant.plant_id))
+    lines = session.execute(_LINE_ROWS.where(Line.tenant_id == tenant_id).order_by(Line.line_id))
+    assets = session.execute(_ASSET_ROWS.where(Asset.tenant_id == tenant_id).order_by(Asset.asset_id))
+    sensors = session.execute(select(Sensor, Asset.asset_id).join(Asset, Asset.id == Sensor.asset_pk)
+                              .where(Sensor.tenant_id == tenant_id).order_by(Asset.asset_id, Sensor.sensor_id))
+    return RegistryDocument.model_construct(
+        plants=[PlantNode.model_construct(plant_id=plant.plant_id, name=plant.name, timezone=plant.timezone)
+                for plant in plants],
+        lines=[LineIn.model_construct(line_id=line.line_id, plant_id=plant_id, name=line.name)
+               for line, plant_id in lines],
+        assets=[AssetIn.model_construct(asset_id=asset.asset_id, line_id=line_id, name=asset.name, kind=asset.kind,
+                                        details=asset.details) for asset, line_id, _ in assets],
+        sensors=[SensorEntry.model_construct(
+            asset_id=asset_id, sensor_id=sensor.sensor_id, unit=sensor.unit, quantity=sensor.quantity,
+            min_value=sensor.min_value, max_value=sensor.max_value, sampling_interval_s=sensor.sampling_interval_s)
+            for sensor, asset_id in sensors])
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -469,28 +478,43 @@ class RegistryBatch:
         return len(self.plants) + len(self.lines) + len(self.assets) + len(self.sensors)
 
 
-def flatten_tree(tree: RegistryTree) -> RegistryBatch:
-    """The tree as a :class:`RegistryBatch`; 422 for an id given twice at a level (sensors: per asset)."""
+def flatten(document: RegistryDocument) -> RegistryBatch:
+    """The document as a :class:`RegistryBatch` (nested nodes first, then the flat lists); 422 for
+    an id given twice at a level (a sensor's: per asset)."""
     batch = RegistryBatch()
-    for p, plant in enumerate(tree.plants):
+    for p, plant in enumerate(document.plants):
         loc: list[str | int] = ["body", "plants", p]
-        _remember(batch, "plant", plant.plant_id, loc)
-        batch.plants.append(PlantIn.model_construct(plant_id=plant.plant_id, name=plant.name, timezone=plant.timezone))
-        for l_, line in enumerate(plant.lines):
-            line_loc = [*loc, "lines", l_]
-            _remember(batch, "line", line.line_id, line_loc)
-            batch.lines.append(LineIn.model_construct(line_id=line.line_id, plant_id=plant.plant_id, name=line.name))
-            for a, asset in enumerate(line.assets):
-                asset_loc = [*line_loc, "assets", a]
-                _remember(batch, "asset", asset.asset_id, asset_loc)
-                batch.assets.append(AssetIn.model_construct(asset_id=asset.asset_id, line_id=line.line_id,
-                                                            name=asset.name, kind=asset.kind, details=asset.details))
-                for s, sensor in enumerate(asset.sensors):
-                    _remember(batch, "sensor", f"{asset.asset_id}/{sensor.sensor_id}", [*asset_loc, "sensors", s])
-                    batch.sensors.append((asset.asset_id, sensor))
+        _add(batch, batch.plants, "plant", plant.plant_id, loc,
+             PlantIn.model_construct(plant_id=plant.plant_id, name=plant.name, timezone=plant.timezone))
+        for n, line in enumerate(plant.lines):
+            _add_nested_line(batch, plant.plant_id, line, [*loc, "lines", n])
+    for n, flat_line in enumerate(document.lines):
+        _add(batch, batch.lines, "line", flat_line.line_id, ["body", "lines", n], flat_line)
+    for n, flat_asset in enumerate(document.assets):
+        _add(batch, batch.assets, "asset", flat_asset.asset_id, ["body", "assets", n], flat_asset)
+    for n, entry in enumerate(document.sensors):
+        _add(batch, batch.sensors, "sensor", f"{entry.asset_id}/{entry.sensor_id}", ["body", "sensors", n],
+             (entry.asset_id, entry))
     if batch.size() > MAX_BATCH_NODES:
-        raise _unprocessable(["body", "plants"], f"{batch.size()} nodes in one request; at most {MAX_BATCH_NODES}")
+        raise _unprocessable(["body"], f"{batch.size()} nodes in one request; at most {MAX_BATCH_NODES}")
     return batch
+
+
+def _add_nested_line(batch: RegistryBatch, plant_id: str, line: LineNode, loc: list[str | int]) -> None:
+    _add(batch, batch.lines, "line", line.line_id, loc,
+         LineIn.model_construct(line_id=line.line_id, plant_id=plant_id, name=line.name))
+    for a, asset in enumerate(line.assets):
+        asset_loc = [*loc, "assets", a]
+        _add(batch, batch.assets, "asset", asset.asset_id, asset_loc, AssetIn.model_construct(
+            asset_id=asset.asset_id, line_id=line.line_id, name=asset.name, kind=asset.kind, details=asset.details))
+        for n, sensor in enumerate(asset.sensors):
+            _add(batch, batch.sensors, "sensor", f"{asset.asset_id}/{sensor.sensor_id}",
+                 [*asset_loc, "sensors", n], (asset.asset_id, sensor))
+
+
+def _add(batch: RegistryBatch, nodes: list[Any], level: str, node_id: str, loc: list[str | int], node: Any) -> None:
+    _remember(batch, level, node_id, loc)
+    nodes.append(node)
 
 
 def _remember(batch: RegistryBatch, level: str, node_id: str, loc: list[str | int]) -> None:

@@ -23,6 +23,7 @@ from services.iiot import registry
 from services.iiot.registry import (
     ID_PATTERN,
     REGISTRY_EXAMPLE,
+    REGISTRY_FLAT_EXAMPLE,
     AssetIn,
     AssetOut,
     AssetPatch,
@@ -33,7 +34,7 @@ from services.iiot.registry import (
     PlantOut,
     PlantPatch,
     RegistryBatch,
-    RegistryTree,
+    RegistryDocument,
     SensorIn,
     SensorOut,
     SensorPatch,
@@ -86,23 +87,27 @@ def _put(session: Session, tenant_id: str, batch: RegistryBatch, response: Respo
     response.status_code = 201 if created else 200
 
 
-# --- the whole tree ---------------------------------------------------------------------------------
+# --- the whole registry ---------------------------------------------------------------------------------
 
 @router.put("/registry", summary="Upsert a registry tree", response_model=UpsertResult, responses=WRITE)
-def put_registry(tree: Annotated[RegistryTree, Body(openapi_examples={"tree": {"value": REGISTRY_EXAMPLE}})],
+def put_registry(document: Annotated[RegistryDocument, Body(openapi_examples={
+                     "nested": {"value": REGISTRY_EXAMPLE}, "flat": {"value": REGISTRY_FLAT_EXAMPLE}})],
                  principal: IiotPrincipal, session: SessionDep) -> UpsertResult:
-    """Create or replace plants, lines, assets and sensors given as one tree, in one transaction:
+    """Create or replace plants, lines, assets and sensors given as one document (nested under
+    ``plants``, flat in ``plants``/``lines``/``assets``/``sensors``, or both) in one transaction:
     nodes that exist get the fields sent, new ones are created, nodes not mentioned stay (it never
-    deletes). Sending the same tree again changes nothing (all counted ``unchanged``)."""
-    result = registry.upsert(session, principal.tenant_id, registry.flatten_tree(tree))
+    deletes). Sending the same document again changes nothing (all counted ``unchanged``)."""
+    result = registry.upsert(session, principal.tenant_id, registry.flatten(document))
     session.commit()
     return result
 
 
-@router.get("/registry", summary="The registry tree", response_model=RegistryTree)
-def get_registry(principal: IiotPrincipal, session: SessionDep) -> RegistryTree:
-    """The tenant's whole registry as one tree (the document ``PUT /registry`` takes)."""
-    return registry.registry_tree(session, principal.tenant_id)
+@router.get("/registry", summary="The whole registry", response_model=RegistryDocument,
+            response_model_exclude_unset=True)
+def get_registry(principal: IiotPrincipal, session: SessionDep) -> RegistryDocument:
+    """The tenant's whole registry as one flat document (what ``PUT /registry`` takes back, and
+    ``tessera edge --registry`` reads)."""
+    return registry.registry_document(session, principal.tenant_id)
 
 
 # --- plants ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sqlalchemy import func, insert, select
 
 from services.iiot.db import Asset, Sensor, readings
 from services.iiot.registry import REGISTRY_EXAMPLE
+from services.iiot.simulate import simulate_fleet
 from shared.db import session_factory
 from shared.security import create_api_key
 from tests.conftest import Variant, variant_stack
@@ -155,7 +156,8 @@ def test_duplicates_are_409_and_other_tenants_ids_are_404(tenant: Tenant, other_
     problem(other.patch("/assets/pump-7", json={"name": "mine"}), 404)
     problem(other.delete("/plants/plant-1"), 404)
     problem(other.post("/assets/pump-7/sensors", json={"sensor_id": "x", "unit": "bar"}), 404)
-    assert other.get("/plants").json() == [] and other.get("/registry").json() == {"plants": []}
+    assert other.get("/plants").json() == []
+    assert other.get("/registry").json() == {"plants": [], "lines": [], "assets": [], "sensors": []}
     wall = problem(other.post("/lines", json={"line_id": "l9", "plant_id": "plant-1"}), 422)
     assert wall["errors"][0]["loc"] == ["body", "plant_id"] and "does not exist" in wall["detail"]
     build_pump(other)  # the same ids are the other tenant's own
@@ -288,9 +290,27 @@ def test_the_tree_upsert_is_one_idempotent_request(tenant: Tenant) -> None:
     changed = client.put("/registry", json=tree).json()
     assert changed["sensors"]["updated"] == 1 and changed["assets"]["created"] == 1
     stored = client.get("/registry").json()
-    assert sum(len(line["assets"]) for plant in stored["plants"] for line in plant["lines"]) == 202
+    assert len(stored["assets"]) == 202 and len(stored["sensors"]) == 1002
     assert client.get("/assets/asset-0000/sensors/s0").json()["max_value"] == 2000
     assert client.get("/assets/asset-new").json()["line_id"] == "line-1-1"
+
+
+def test_the_simulators_flat_payload_round_trips(tenant: Tenant) -> None:
+    payload = simulate_fleet(assets=6, days=0.25, seed=3).registry_payload()
+    first = tenant.client.put("/registry", json=payload)
+    assert first.status_code == 200, first.text
+    assert first.json()["sensors"]["created"] == len(payload["sensors"])
+    exported = tenant.client.get("/registry").json()
+    assert [sensor["sensor_id"] for sensor in exported["sensors"]] == \
+        [sensor["sensor_id"] for sensor in sorted(payload["sensors"], key=lambda s: (s["asset_id"], s["sensor_id"]))]
+    assert "lines" not in exported["plants"][0]
+    back = tenant.client.put("/registry", json=exported).json()  # what GET answers, PUT takes unchanged
+    assert all(level["created"] == level["updated"] == 0 for level in back.values()), back
+    mixed = {"plants": [{"plant_id": "extra", "lines": [{"line_id": "extra-line"}]}],
+             "assets": [{"asset_id": "late", "line_id": "extra-line"}],
+             "sensors": [{"asset_id": "late", "sensor_id": "amps", "unit": "mA"}]}
+    assert tenant.client.put("/registry", json=mixed).json()["sensors"]["created"] == 1
+    assert tenant.client.get("/assets/late/sensors/amps").json()["quantity"] == "current"
 
 
 def test_a_tree_naming_an_id_twice_is_a_422_at_the_second(tenant: Tenant) -> None:
@@ -299,6 +319,8 @@ def test_a_tree_naming_an_id_twice_is_a_422_at_the_second(tenant: Tenant) -> Non
     document = problem(tenant.client.put("/registry", json=tree), 422)
     assert document["errors"][0]["loc"] == ["body", "plants", 1, "lines", 0, "assets", 0]
     assert "appears twice (first at body.plants.0.lines.0.assets.0)" in document["detail"]
+    flat_twice = {"sensors": [{"asset_id": "a", "sensor_id": "s", "unit": "A"}] * 2}
+    assert problem(tenant.client.put("/registry", json=flat_twice), 422)["errors"][0]["loc"] == ["body", "sensors", 1]
     bad_unit = fleet_tree(assets=1, sensors_per_asset=1)
     bad_unit["plants"][0]["lines"][0]["assets"][0]["sensors"][0]["unit"] = "parsec"
     document = problem(tenant.client.put("/registry", json=bad_unit), 422)
