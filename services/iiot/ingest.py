@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.iiot.db import Ingest, QuarantinedRow, Sensor
-from services.iiot.readers import FileRefused, FileShape, SourceChunk, file_shape, read_chunks
+from services.iiot.readers import CHUNK_ROWS, FileRefused, FileShape, SourceChunk, file_shape, read_chunks
 from services.iiot.store import stored_lookup, write_quarantine, write_readings
 from services.iiot.validation import (
     LONG_COLUMNS,
@@ -51,7 +51,6 @@ from shared.jobs import Job, PublicJobError, report_progress
 
 logger = logging.getLogger("tessera.iiot.ingest")
 
-Source = Literal["api", "mqtt"]
 REGISTRY_TTL_S = 5.0
 """A batch's registry is reused this long (reloaded at once when a batch names an unknown sensor)."""
 
@@ -199,13 +198,13 @@ def batch_digest(rows: list[dict[str, Any]], source: str) -> str:
     return hashlib.sha256(source.encode() + b"\n" + body).hexdigest()
 
 
-def accept_readings(tenant_id: str, rows: list[dict[str, Any]], *, source: Source,
+def accept_readings(tenant_id: str, rows: list[dict[str, Any]], *, source: str,
                     raw: list[str] | None = None) -> ReadingsOutcome:
     """Validate and store a batch of long-format rows of ``tenant_id`` in a transaction of its own.
 
-    ``rows``: dicts with ``timestamp`` (ISO 8601 text or datetime; naive = the plant's zone),
-    ``asset``, ``sensor``, ``value`` and optionally ``unit``. ``raw``: each row's text as received
-    (kept with a quarantined row; its JSON otherwise). Idempotent by content.
+    ``source``: ``api`` or ``mqtt``. ``rows``: dicts with ``timestamp`` (ISO 8601 text or datetime;
+    naive = the plant's zone), ``asset``, ``sensor``, ``value`` and optionally ``unit``. ``raw``: each
+    row's text as received (kept with a quarantined row; its JSON otherwise). Idempotent by content.
     """
     digest = batch_digest(rows, source)
     with session_scope() as session:
@@ -306,7 +305,8 @@ def run_file_ingest(session: Session, job: Job) -> dict[str, Any]:
 def _ingest_chunks(session: Session, job: Job, ingest: Ingest, path: Path, shape: FileShape) -> None:
     registry = Registry.load(session, ingest.tenant_id)
     limit = get_settings().iiot_max_upload_bytes
-    for chunk in read_chunks(path, shape, skip=ingest.rows_done, max_decompressed_bytes=limit):
+    chunk_rows = int(job.payload.get("chunk_rows") or CHUNK_ROWS)  # smaller in tests of resumption
+    for chunk in read_chunks(path, shape, skip=ingest.rows_done, chunk_rows=chunk_rows, max_decompressed_bytes=limit):
         if not _commit_chunk(session, ingest, registry, chunk):
             logger.warning("ingest %s: chunk ending at %s was committed by another worker; stopping",
                            ingest.id, chunk.end_position)

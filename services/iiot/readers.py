@@ -311,7 +311,7 @@ def read_chunks(path: Path, shape: FileShape, *, skip: int = 0, chunk_rows: int 
     limit = decompression_limit(size, max_decompressed_bytes or (1 << 62)) if shape.compressed else None
     with _open_text(path, shape.compressed, limit) as stream:
         parse = _parse_csv_lines if shape.format == "csv" else _parse_json_lines
-        header_seen = False
+        header_seen = shape.format != "csv"  # JSON Lines has no header line: each object names its fields
         for first, lines in numbered_chunks(split_lines(stream), chunk_rows):
             if not header_seen:  # the header is the first non-empty line
                 position = next((index for index, line in enumerate(lines)

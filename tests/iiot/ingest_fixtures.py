@@ -24,12 +24,14 @@ class Fleet:
     sensor_pks: dict[tuple[str, str], int]
 
 
-def register_fleet(tenant_id: str | None = None, assets: int = 2, timezone: str = "Europe/Berlin") -> Fleet:
-    """Register a fresh tenant's plant (in ``timezone``), line, ``assets`` pumps and their sensors."""
+def register_fleet(tenant_id: str | None = None, assets: int = 2, timezone: str = "Europe/Berlin",
+                   database_url: str | None = None) -> Fleet:
+    """Register a fresh tenant's plant (in ``timezone``), line, ``assets`` pumps and their sensors
+    (in ``database_url``; the configured database by default)."""
     tenant_id = tenant_id or f"t-{uuid.uuid4().hex[:8]}"
     asset_ids = tuple(f"pump-{number}" for number in range(1, assets + 1))
     pks: dict[tuple[str, str], int] = {}
-    with session_scope() as session:
+    with session_scope(database_url) as session:
         plant = Plant(tenant_id=tenant_id, plant_id="plant-1", timezone=timezone)
         session.add(plant)
         session.flush()
