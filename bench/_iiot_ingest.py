@@ -115,3 +115,14 @@ def tessera_missing() -> str | None:
 def tessera_ingest(url: str, path: Path) -> int:
     """The project's ingestion path on ``path`` in this process; returns the rows it kept."""
     raise NotImplementedError("wired when H1's ingest job lands")
+
+
+def accept_readings_missing() -> str | None:
+    """Why H1's batch validation path (``ingest.accept_readings``) cannot be used yet (None when it can)."""
+    try:
+        from services.iiot import ingest
+    except ImportError as error:
+        return f"services.iiot.ingest does not import: {error}"
+    if not hasattr(ingest, "accept_readings"):
+        return "H1's validation path (services.iiot.ingest.accept_readings) has not landed"
+    return None

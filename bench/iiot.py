@@ -74,10 +74,15 @@ class Plan:
     to_sql_rows: int
     """rows the pandas to_sql ways insert (a sample)."""
     assets: int
+    mqtt_readings: int
+    """readings published per MQTT point."""
+    mqtt_timeout_s: float
 
 
-FULL = Plan(rows=10_000_000, small_rows=1_000_000, naive_rows=50_000, to_sql_rows=1_000_000, assets=200)
-QUICK = Plan(rows=40_000, small_rows=10_000, naive_rows=2_000, to_sql_rows=10_000, assets=20)
+FULL = Plan(rows=10_000_000, small_rows=1_000_000, naive_rows=50_000, to_sql_rows=1_000_000, assets=200,
+            mqtt_readings=100_000, mqtt_timeout_s=240.0)
+QUICK = Plan(rows=40_000, small_rows=10_000, naive_rows=2_000, to_sql_rows=10_000, assets=20, mqtt_readings=2_000,
+             mqtt_timeout_s=30.0)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -271,6 +276,80 @@ def fmt_ratio(value: float | None, pct: bool = False) -> str:
     return f"{100 * value:.0f} %" if pct else f"{value:.2f}"
 
 
+# -- 2. MQTT ----------------------------------------------------------------------------------------
+MQTT_WAYS = ("tessera", "raw")
+MQTT_BATCHES = (1, 50)
+"""Readings per message: one a message (a sensor publishing each value), 50 (a gateway's batch)."""
+
+
+def broker_listening(broker: str) -> bool:
+    """Whether something accepts TCP connections at ``mqtt://host:port``."""
+    import socket
+
+    host, port = broker.removeprefix("mqtt://").split(":")
+    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
+        return True
+    return False
+
+
+def bench_mqtt(plan: Plan, broker: str, pg_url: str, workdir: Path) -> dict[str, Any]:
+    """Section 2: readings/s through H6's subscriber and validation, beside a raw paho subscriber."""
+    from bench import _iiot_ingest
+    from bench._iiot_mqtt import run_mqtt_point
+
+    if not broker_listening(broker):
+        return not_measured(f"no MQTT broker at {broker}")
+    layout = Layout(assets=plan.assets)
+    record: dict[str, Any] = {"broker": broker, "database": "postgres", "qos": 1}
+    missing = _iiot_ingest.accept_readings_missing()
+    databases = BenchDatabases(workdir / "mqtt-db", pg_url, layout)
+    (workdir / "mqtt-db").mkdir(exist_ok=True)
+    try:
+        if missing is None:
+            databases.prepare(("postgres",))
+        for batch in MQTT_BATCHES:
+            for way in MQTT_WAYS:
+                label = f"{way}@{batch}"
+                if way == "tessera" and missing:
+                    record[label] = not_measured(missing)
+                    continue
+                url = databases.fresh("postgres") if way == "tessera" else None
+                env = {"TESSERA_DATABASE_URL": url, "TESSERA_LOG_LEVEL": "WARNING",
+                       "TESSERA_DATA_DIR": str(workdir / "mqtt-data")} if url else {}
+                try:
+                    record[label] = run_mqtt_point(way, broker, layout, plan.mqtt_readings, batch, env, workdir,
+                                                   timeout_s=plan.mqtt_timeout_s)
+                finally:
+                    if url:
+                        databases.discard(url)
+                point = record[label]
+                print(f"  mqtt {label:<11} {fmt(point.get('readings'))} readings  "
+                      f"{fmt(point.get('readings_per_s'))} readings/s", flush=True)
+    finally:
+        databases.close()
+    return record
+
+
+def print_mqtt(record: dict[str, Any]) -> None:
+    """Markdown table of section 2."""
+    print(f"\n### MQTT: readings/s through validation (QoS 1, Mosquitto on loopback, {record['database']})\n")
+    print("| subscriber | readings/message | readings | messages | readings/s | subscriber CPU s | note |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    names = {"tessera": "Tessera (H6 subscriber → validation → database)",
+             "raw": "raw paho + json.loads (ceiling: no validation, no database)"}
+    for batch in MQTT_BATCHES:
+        for way in MQTT_WAYS:
+            point = record.get(f"{way}@{batch}")
+            if point is None:
+                continue
+            if point.get("status"):
+                print(f"| {names[way]} | {batch} | — | — | — | — | {point['status']}: {point['why']} |")
+                continue
+            note = "timed out before every reading was counted" if point.get("timed_out") else ""
+            print(f"| {names[way]} | {batch} | {point['readings']:,} | {point['messages']:,} | "
+                  f"{fmt(point['readings_per_s'])} | {point['cpu_s']:.1f} | {note} |")
+
+
 # -- the run -----------------------------------------------------------------------------------------
 SECTIONS = ("ingest", "mqtt", "scoring", "alerts")
 
@@ -287,6 +366,8 @@ def bench(plan: Plan, sections: list[str], args: argparse.Namespace, workdir: Pa
         try:
             if section == "ingest":
                 record["ingest"] = bench_ingest(plan, tuple(args.backends.split(",")), args.pg_url, workdir)
+            elif section == "mqtt":
+                record["mqtt"] = bench_mqtt(plan, args.mqtt, args.pg_url, workdir)
             else:
                 record[section] = not_measured(f"the {section} section is not wired yet")
         except Exception as error:  # recorded, and the other sections still run
@@ -300,6 +381,8 @@ def print_tables(record: dict[str, Any]) -> None:
     print(f"\n## IIoT benchmark ({record['mode']}; {SHARED_BOX}; simulated data)")
     if "ingest" in record and "file" in record["ingest"]:
         print_ingest(record["ingest"])
+    if "mqtt" in record and "broker" in record["mqtt"]:
+        print_mqtt(record["mqtt"])
     for section in SECTIONS:
         if section in record and record[section].get("status"):
             print(f"\n### {section}: {record[section]['status']} ({record[section]['why']})")
@@ -310,21 +393,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     point = sub.add_parser("point", help="one measured way in this process (prints its JSON)")
-    point.add_argument("kind", choices=("ingest",))
-    point.add_argument("--way", required=True, choices=INGEST_WAYS)
-    point.add_argument("--url", required=True)
-    point.add_argument("--file", type=Path, required=True)
+    point.add_argument("kind", choices=("ingest", "mqtt"))
+    point.add_argument("--way", required=True, choices=(*INGEST_WAYS, *MQTT_WAYS))
     point.add_argument("--rows", type=int, required=True)
-    point.add_argument("--assets", type=int, required=True)
+    point.add_argument("--url", help="ingest: the database")
+    point.add_argument("--file", type=Path, help="ingest: the CSV")
+    point.add_argument("--assets", type=int, default=0, help="ingest: the fleet's assets")
+    point.add_argument("--broker", help="mqtt: the broker URL")
+    point.add_argument("--prefix", help="mqtt: the topic prefix")
+    point.add_argument("--timeout", type=float, default=300.0, help="mqtt: give up after this many seconds")
+    point.add_argument("--progress", type=Path, help="mqtt: where the subscriber writes its readings done")
     parser.add_argument("--quick", action="store_true", help="small sizes (~1 min; numbers mean little)")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--backends", default="postgres,sqlite")
     parser.add_argument("--rows", type=int, default=None, help="rows of the big file (overrides the plan)")
     parser.add_argument("--pg-url", default=DEFAULT_PG)
-    parser.add_argument("--mqtt", default="127.0.0.1:1883")
+    parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.command == "point" and args.kind == "mqtt":
+        from bench._iiot_mqtt import subscriber_point
+
+        print(json.dumps(subscriber_point(args.way, args.broker, args.prefix, args.rows, args.timeout,
+                                          args.progress)))
+        return 0
     if args.command == "point":
         print(json.dumps(ingest_point(args.way, args.url, args.file, args.rows, Layout(assets=args.assets))))
         return 0

@@ -1,0 +1,210 @@
+"""MQTT readings/s for ``bench/iiot.py`` (section 2): a paho publisher, Mosquitto, two subscribers.
+
+- ``tessera``: H6's :class:`services.iiot.mqtt_io.MqttSubscriber` (QoS 1, persistent session,
+  manual acks after each batch is committed) feeding H1's validation path into a fresh seeded
+  database; done when the subscriber has counted every published reading as kept or quarantined.
+- ``raw``: a plain paho subscriber at QoS 1 that only ``json.loads`` each payload and counts its
+  readings: the broker + client + JSON ceiling on this box (no validation, no database).
+
+The subscriber runs in its own process (``bench/iiot.py point mqtt``) so the publisher, in the
+parent, does not share its interpreter; it prints ``ready`` once subscribed, and its JSON (readings
+counted, seconds from the first message received to the last reading committed, CPU, peak RSS) at
+the end. Readings are simulated: every sensor of the bench fleet, one step after the other, per
+asset in messages of ``batch`` readings, assets interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from bench._iiot_data import SENSOR_KINDS, START, TENANT, Layout
+
+PUBLISH_INFLIGHT = 1000
+WINDOW_MESSAGES = 800
+"""Messages the publisher lets be ahead of the subscriber's progress: under the subscriber's receive
+maximum (1,000) plus Mosquitto's default per-client queue (1,000), beyond which the broker drops
+QoS 1 messages. A closed loop: readings/s is what the subscriber sustains, not what a flood loses."""
+RECEIVE_MAXIMUM = 1000
+
+
+def payloads(layout: Layout, readings: int, batch: int) -> Iterator[tuple[str, str, bytes]]:
+    """(asset_id, line_id, JSON payload) of ``readings`` readings in messages of ``batch``."""
+    kinds = len(SENSOR_KINDS)
+    per_asset = -(-readings // layout.assets)
+    messages_per_asset = -(-per_asset // batch)
+    sent = 0
+    for message in range(messages_per_asset):
+        for asset in range(layout.assets):
+            rows = []
+            for index in range(message * batch, min((message + 1) * batch, per_asset)):
+                if sent >= readings:
+                    break
+                kind = SENSOR_KINDS[index % kinds]
+                at = START + timedelta(seconds=(index // kinds) * layout.interval_s)
+                rows.append({"sensor": kind.sensor_id, "timestamp": at.isoformat().replace("+00:00", "Z"),
+                             "value": round(kind.level + kind.noise * ((index * 7919) % 13 - 6) / 6, 3),
+                             "unit": kind.unit})
+                sent += 1
+            if rows:
+                yield layout.asset_id(asset), f"L{asset % layout.lines + 1}", json.dumps({"readings": rows}).encode()
+
+
+def publish_all(host: str, port: int, prefix: str, layout: Layout, readings: int, batch: int,
+                progress: Path) -> dict[str, Any]:
+    """Publish the bench readings at QoS 1, at most :data:`WINDOW_MESSAGES` ahead of the subscriber's
+    progress (readings done, in ``progress``); returns messages and seconds."""
+    from services.iiot.mqtt_io import new_client, readings_topic
+
+    client = new_client(f"tessera-bench-pub-{uuid.uuid4().hex[:8]}")
+    client.max_inflight_messages_set(PUBLISH_INFLIGHT)
+    client.max_queued_messages_set(0)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        started = time.perf_counter()
+        infos: list[Any] = []
+        for asset, line, body in payloads(layout, readings, batch):
+            while len(infos) - _done(progress) // batch > WINDOW_MESSAGES:
+                time.sleep(0.001)
+            infos.append(client.publish(readings_topic(prefix, TENANT, "P1", line, asset), body, qos=1))
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+        return {"messages": len(infos), "publish_s": time.perf_counter() - started}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _done(progress: Path) -> int:
+    """The subscriber's readings done so far, as it last wrote them (0 before it has)."""
+    try:
+        return int(progress.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def subscriber_point(kind: str, broker: str, prefix: str, expected: int, timeout_s: float,
+                     progress: Path) -> dict[str, Any]:
+    """Run one subscriber until it has counted ``expected`` readings (``point mqtt``; see the module doc);
+    its progress (readings done) is written to ``progress`` for the publisher's window."""
+    watch = _raw_subscriber(broker, prefix) if kind == "raw" else _tessera_subscriber(broker, prefix)
+    print("ready", flush=True)
+    first: float | None = None
+    deadline = time.monotonic() + timeout_s
+    cpu_before = time.process_time()
+    written = -1
+    try:
+        while time.monotonic() < deadline and (done := watch.done()) < expected:
+            if first is None and watch.received():
+                first = time.perf_counter()
+            if done != written:
+                progress.write_text(str(done))
+                written = done
+            time.sleep(0.002)
+        last = time.perf_counter()
+        return {"readings": watch.done(), "expected": expected, "seconds": last - (first or last),
+                "cpu_s": time.process_time() - cpu_before, "peak_rss_mb": _peak_rss_mb(),
+                "timed_out": watch.done() < expected}
+    finally:
+        watch.stop()
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A running subscriber: messages received so far, readings done (counted / committed), stop."""
+
+    received: Callable[[], int]
+    done: Callable[[], int]
+    stop: Callable[[], None]
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _raw_subscriber(broker: str, prefix: str) -> Watch:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from services.iiot.mqtt_io import new_client, parse_broker_url
+
+    address = parse_broker_url(broker)
+    count, messages = [0], [0]
+    subscribed = threading.Event()
+    client = new_client(f"tessera-bench-raw-{uuid.uuid4().hex[:8]}")
+    client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/+/+/+/+", qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
+
+    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        messages[0] += 1
+        count[0] += len(json.loads(message.payload)["readings"])
+
+    client.on_message = on_message
+    properties = Properties(PacketTypes.CONNECT)
+    properties.ReceiveMaximum = RECEIVE_MAXIMUM  # as the Tessera subscriber's
+    client.connect(address.host, address.port, properties=properties)
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise RuntimeError("the raw subscriber did not subscribe")
+
+    def stop() -> None:
+        client.disconnect()
+        client.loop_stop()
+
+    return Watch(received=lambda: messages[0], done=lambda: count[0], stop=stop)
+
+
+def _tessera_subscriber(broker: str, prefix: str) -> Watch:
+    from services.iiot.mqtt_io import MqttSubscriber, SubscriberConfig
+
+    subscriber = MqttSubscriber(SubscriberConfig(url=broker, prefix=prefix,
+                                                 client_id=f"tessera-bench-{uuid.uuid4().hex[:8]}"))
+    subscriber.start()
+    if not subscriber.subscribed.wait(10):
+        raise RuntimeError("the Tessera subscriber did not subscribe")
+
+    return Watch(received=lambda: subscriber.stats.messages,
+                 done=lambda: subscriber.stats.kept + subscriber.stats.quarantined, stop=subscriber.stop)
+
+
+def run_mqtt_point(kind: str, broker: str, layout: Layout, readings: int, batch: int, env: dict[str, str],
+                   workdir: Path, timeout_s: float) -> dict[str, Any]:
+    """One subscriber way in a subprocess, the publisher here; the subscriber's figures plus the publisher's."""
+    prefix = f"tessera-bench/{uuid.uuid4().hex[:8]}"
+    progress = workdir / f"progress-{kind}-{batch}"
+    progress.write_text("0")
+    argv = [sys.executable, str(Path(__file__).resolve().parent / "iiot.py"), "point", "mqtt", "--way", kind,
+            "--broker", broker, "--prefix", prefix, "--rows", str(readings), "--timeout", str(timeout_s),
+            "--progress", str(progress)]
+    process = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            process.kill()
+            raise RuntimeError(f"the {kind} subscriber did not start: {process.communicate()[1][-1500:]}")
+        host, port = broker.removeprefix("mqtt://").split(":")
+        published = publish_all(host, int(port), prefix, layout, readings, batch, progress)
+        out, err = process.communicate(timeout=timeout_s + 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    if process.returncode != 0:
+        raise RuntimeError(f"the {kind} subscriber failed: {err[-1500:]}")
+    point: dict[str, Any] = {**json.loads(out.strip().splitlines()[-1]), **published, "batch": batch}
+    point["readings_per_s"] = point["readings"] / point["seconds"] if point["seconds"] > 0 else None
+    return point
