@@ -31,7 +31,7 @@ NOTIFY = "http://127.0.0.1:9/hooks"
 
 def new_asset(session: Session, tenant_id: str, asset_id: str = "pump-1") -> Sensor:
     """A plant, line, asset and one temperature sensor of ``tenant_id``; returns the sensor."""
-    plant = Plant(tenant_id=tenant_id, plant_id="plant-1")
+    plant = Plant(tenant_id=tenant_id, plant_id=f"plant-{asset_id}")
     session.add(plant)
     session.flush()
     line = Line(tenant_id=tenant_id, plant_pk=plant.id, line_id=f"line-{asset_id}")
