@@ -159,8 +159,8 @@ def aggregate_lines(scores: pd.DataFrame) -> pd.DataFrame:
     ``scores``: one row per asset (its current score) with columns ``line_id``, ``asset_id``,
     ``p_failure`` and optionally ``rul_hours``. Returns one row per line, indexed by ``line_id``:
     ``p_failure`` (the line risk), ``driver``, ``driver_contribution``, ``min_rul_hours``,
-    ``min_rul_asset`` (both missing, NaN, for a line without any RUL), ``assets`` (how many scored). Vectorised: the assets of each line become a
-    row of a padded matrix for :func:`combine`.
+    ``min_rul_asset`` (both missing, NaN, for a line without any RUL), ``assets`` (how many
+    scored). Vectorised: the assets of each line become a row of a padded matrix for :func:`combine`.
     """
     columns = ["p_failure", "driver", "driver_contribution", "min_rul_hours", "min_rul_asset", "assets"]
     if scores.empty:
