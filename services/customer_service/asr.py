@@ -22,6 +22,7 @@ decoder each, so decoding neither stalls the serving event loop nor races.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import multiprocessing
@@ -31,10 +32,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -336,16 +338,21 @@ SIMULATED_KB_ARTICLES: tuple[str, ...] = (
 no tenant's data goes into a model every tenant shares); also the ASR evaluation's."""
 
 
-def domain_texts(seed: int = 7, fills: int = 3) -> list[str]:
-    """The shipped domain language model's text: the simulated knowledge base and every call-script line
-    of :mod:`services.customer_service.simulate`, its slots filled ``fills`` times."""
+def script_texts(seed: int = 7, fills: int = 3) -> list[str]:
+    """Every call-script line of :mod:`services.customer_service.simulate`, its slots filled ``fills``
+    times: the shipped part of every domain language model (a tenant's adds its knowledge base)."""
     from services.customer_service import simulate
 
     rng = np.random.default_rng(seed)
     templates = [*(line for lines in simulate.CUSTOMER_LINES.values() for line in lines),
                  *simulate.NEUTRAL_CONTENT_LINES, *(line for lines in simulate.AGENT_LINES.values() for line in lines)]
-    scripts = [simulate.fill_slots(template, rng) for template in templates for _ in range(fills)]
-    return [*SIMULATED_KB_ARTICLES, *scripts]
+    return [simulate.fill_slots(template, rng) for template in templates for _ in range(fills)]
+
+
+def domain_texts(seed: int = 7, fills: int = 3) -> list[str]:
+    """The shipped domain language model's text: the simulated knowledge base and the call scripts
+    (:func:`script_texts`)."""
+    return [*SIMULATED_KB_ARTICLES, *script_texts(seed, fills)]
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -420,11 +427,35 @@ def _as_config(settings: DecoderSettings) -> dict[str, Any]:
 # --- decoding off the GIL ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class KeyedLm:
+    """A domain language model the decoder processes know by ``key``: one version of one tenant's
+    model (a new version has a new key). A :class:`RecognizerPool` ships it to a decoder process
+    the first time an utterance there needs it, not with every utterance."""
+
+    key: str
+    lm: DomainLm
+
+
+class LmNotHeld(LookupError):
+    """A decoder process was asked for a language model it does not hold (its pool ships it again
+    with the next utterance that needs it)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"the decoder process holds no language model {self.key!r}"
+
+
+@dataclass(frozen=True)
 class AsrRequest:
-    """One utterance to transcribe: int16 samples and their rate."""
+    """One utterance to transcribe: int16 samples and their rate, decoded with ``lm`` (None: the
+    model the pool was made with)."""
 
     samples: npt.NDArray[np.int16]
     sample_rate: int
+    lm: KeyedLm | None = None
 
 
 class StreamResampler:
@@ -484,40 +515,94 @@ class AsrStep:
     kind: str
     samples: npt.NDArray[np.int16] | None = None
     sample_rate: int = 8000
+    lm: KeyedLm | None = None
+    """``begin`` only: the language model to decode the utterance with (None: the pool's own)."""
+
+
+class _DecoderSet:
+    """The decoders of one language model in a worker process: one for whole utterances and a free
+    list for utterances decoded while spoken (made when first needed unless ``eager``)."""
+
+    def __init__(self, lm: DomainLm | None, settings: DecoderSettings | None, *, eager: bool = False) -> None:
+        self.lm, self.settings = lm, settings
+        self._whole = Recognizer(lm, settings) if eager else None
+        self.free: list[Recognizer] = [Recognizer(lm, settings)] if eager else []
+
+    @property
+    def whole(self) -> Recognizer:
+        """The decoder of whole utterances."""
+        if self._whole is None:
+            self._whole = Recognizer(self.lm, self.settings)
+        return self._whole
+
+    def take(self) -> Recognizer:
+        """A live decoder off the free list (a new one when none is free)."""
+        return self.free.pop() if self.free else Recognizer(self.lm, self.settings)
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """Language models a worker process drops, then installs, before it decodes what came with them."""
+
+    drop: tuple[str, ...] = ()
+    install: tuple[tuple[str, DomainLm], ...] = ()
 
 
 @dataclass
 class _OpenUtterance:
     recognizer: Recognizer
     resampler: StreamResampler
+    owner: _DecoderSet
     audio_samples: int = 0
     decode_s: float = 0.0
 
 
 class _WorkerDecoders:
-    """The decoders of one worker process: one for whole utterances, and for utterances decoded
-    while spoken a free list plus those open. The two uses never share a decoder: after a whole
+    """The decoders of one worker process, per language model (the pool's own, and each
+    :class:`KeyedLm` shipped here): one for whole utterances, and for utterances decoded while
+    spoken a free list plus those open. The two uses never share a decoder: after a whole
     utterance (``full_utt``) a decoder crashed in its next live ``process_raw`` (pocketsphinx
-    5.1.1), and a live decoder keeps its running cepstral mean from one caller to the next."""
+    5.1.1), and a live decoder keeps its running cepstral mean from one caller to the next.
+
+    Each language model has decoders of its own, not a named search in a shared decoder: a
+    decoder has one dictionary, and ``Decoder.add_word`` puts the word into the LM of every
+    n-gram search the decoder holds (measured with pocketsphinx 5.1.1: after adding tenant A's
+    word, tenant B's LM gave it log-probability -5.7), which would carry one tenant's words into
+    another's transcripts. A decoder costs about 7.5 MB and 22 ms to make.
+    """
 
     def __init__(self, lm: DomainLm | None, settings: DecoderSettings | None) -> None:
-        self.lm, self.settings = lm, settings
-        self.whole = Recognizer(lm, settings)
-        self.free: list[Recognizer] = [Recognizer(lm, settings)]
+        self.settings = settings
+        self.default = _DecoderSet(lm, settings, eager=True)
+        self.keyed: dict[str, _DecoderSet] = {}
         self.open: dict[str, _OpenUtterance] = {}
 
-    def take(self) -> Recognizer:
-        return self.free.pop() if self.free else Recognizer(self.lm, self.settings)
+    def receive(self, delivery: _Delivery) -> None:
+        """Drop and install language models as the pool says (it bounds how many are held)."""
+        for key in delivery.drop:
+            self.keyed.pop(key, None)  # open utterances keep their decoders until they end
+        for key, lm in delivery.install:
+            self.keyed[key] = _DecoderSet(lm, self.settings)
 
-    def step(self, step: AsrStep) -> Transcript | None:
+    def decoders(self, lm_key: str | None) -> _DecoderSet:
+        """The decoders of the language model ``lm_key`` (None: the pool's own)."""
+        if lm_key is None:
+            return self.default
+        decoders = self.keyed.get(lm_key)
+        if decoders is None:
+            raise LmNotHeld(lm_key)
+        return decoders
+
+    def step(self, step: AsrStep, lm_key: str | None = None) -> Transcript | None:
         if step.kind == "begin":
             self.abort(step.key)
-            recognizer = self.take()
+            owner = self.decoders(lm_key)
+            recognizer = owner.take()
             # Every utterance starts from the same prior: nothing of one caller (one tenant) carries
             # over to the next through the decoder's running mean.
             recognizer.decoder.set_cmn(TELEPHONE_CMN_PRIOR)
             recognizer.decoder.start_utt()
-            self.open[step.key] = _OpenUtterance(recognizer, StreamResampler(step.sample_rate))
+            self.open[step.key] = _OpenUtterance(recognizer, StreamResampler(step.sample_rate), owner)
             return None
         utterance = self.open.get(step.key)
         if utterance is None:
@@ -533,7 +618,7 @@ class _WorkerDecoders:
             utterance.recognizer.decoder.end_utt()
             hypothesis = utterance.recognizer.decoder.hyp()
             utterance.decode_s += time.perf_counter() - started
-            self.free.append(utterance.recognizer)
+            utterance.owner.free.append(utterance.recognizer)
             return Transcript(text=hypothesis.hypstr if hypothesis is not None else "",
                               audio_s=utterance.audio_samples / step.sample_rate, decode_s=utterance.decode_s)
         if step.kind == "abort":
@@ -545,7 +630,7 @@ class _WorkerDecoders:
         utterance = self.open.pop(key, None)
         if utterance is not None:
             utterance.recognizer.decoder.end_utt()
-            self.free.append(utterance.recognizer)
+            utterance.owner.free.append(utterance.recognizer)
 
     @staticmethod
     def _decode(utterance: _OpenUtterance, audio: npt.NDArray[np.int16], *, full: bool) -> None:
@@ -572,16 +657,21 @@ def _in_worker() -> _WorkerDecoders:
     return _worker_decoders
 
 
-def _transcribe_in_worker(samples: npt.NDArray[np.int16], sample_rate: int) -> Transcript:
-    return _in_worker().whole.transcribe(samples, sample_rate)
-
-
-def _steps_in_worker(steps: list[AsrStep]) -> list[Transcript | None | BaseException]:
+def _transcribe_in_worker(samples: npt.NDArray[np.int16], sample_rate: int, lm_key: str | None,
+                          delivery: _Delivery) -> Transcript:
     decoders = _in_worker()
+    decoders.receive(delivery)
+    return decoders.decoders(lm_key).whole.transcribe(samples, sample_rate)
+
+
+def _steps_in_worker(steps: list[AsrStep], lm_keys: list[str | None],
+                     delivery: _Delivery) -> list[Transcript | None | BaseException]:
+    decoders = _in_worker()
+    decoders.receive(delivery)
     answers: list[Transcript | None | BaseException] = []
-    for step in steps:
+    for step, lm_key in zip(steps, lm_keys, strict=True):
         try:
-            answers.append(decoders.step(step))
+            answers.append(decoders.step(step, lm_key))
         except Exception as exc:  # this step fails alone; the utterances of the others go on
             answers.append(exc)
     return answers
@@ -601,52 +691,104 @@ class RecognizerPool:
 
     Whole utterances go to the processes in turn; the steps of an utterance decoded while it is
     spoken (:class:`AsrStep`) all go to the process its key hashes to, which keeps its decoder.
+
+    An item may name a :class:`KeyedLm` (a tenant's model). The pool ships it with the first work
+    that needs it in a process, and keeps per process the keys it holds, least recently used
+    first: past ``max_lms`` the oldest is dropped there (with the same work), so a process holds at
+    most ``max_lms`` of them besides its own (more only while one batch needs more at once).
     """
 
     backend_name = "pocketsphinx-processes"
 
     def __init__(self, lm: DomainLm | None = None, settings: DecoderSettings | None = None, *,
-                 processes: int = 1) -> None:
-        if processes < 1:
-            raise ValueError("processes must be >= 1")
+                 processes: int = 1, max_lms: int = 8) -> None:
+        if processes < 1 or max_lms < 1:
+            raise ValueError("processes and max_lms must be >= 1")
         context = multiprocessing.get_context("spawn")
         self._executors = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
                                                initargs=(lm, settings, os.getpid())) for _ in range(processes)]
         self._finalizer = weakref.finalize(self, _shutdown, list(self._executors))
         self.worker_pids = sorted(executor.submit(_worker_pid).result() for executor in self._executors)
+        self.max_lms = max_lms
+        self._held: list[OrderedDict[str, None]] = [OrderedDict() for _ in self._executors]
+        self._lock = threading.Lock()
         self._turn = 0
+        self.shipped = 0
+        """How many times a language model was shipped to a process (once per version and process,
+        again only after it was dropped there)."""
 
     @property
     def processes(self) -> int:
         """How many decoder processes there are."""
         return len(self._executors)
 
-    def _executor_for(self, key: str) -> ProcessPoolExecutor:
-        return self._executors[zlib.crc32(key.encode()) % len(self._executors)]
+    def held(self, process: int) -> list[str]:
+        """The keys of the language models process number ``process`` holds, least recently used first."""
+        with self._lock:
+            return list(self._held[process])
+
+    def _slot_for(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % len(self._executors)
+
+    def _deliver(self, slot: int, lms: Sequence[KeyedLm | None]) -> _Delivery:
+        """What process ``slot`` must drop and install before work using ``lms``; notes it as held."""
+        held = self._held[slot]
+        used = {lm.key for lm in lms if lm is not None}
+        install: dict[str, DomainLm] = {}
+        for lm in lms:
+            if lm is None:
+                continue
+            if lm.key not in held:
+                install[lm.key] = lm.lm
+            held[lm.key] = None
+            held.move_to_end(lm.key)
+        drop = [key for key in held if key not in used][:max(0, len(held) - self.max_lms)]
+        for key in drop:
+            del held[key]
+        self.shipped += len(install)
+        return _Delivery(tuple(drop), tuple(install.items()))
+
+    def _forget(self, slot: int, answer: Any) -> None:
+        """A process that lost a language model gets it again with the next work that needs it."""
+        if isinstance(answer, LmNotHeld):
+            self._held[slot].pop(answer.key, None)
 
     def run(self, items: Sequence[AsrRequest | AsrStep]) -> list[Transcript | None | BaseException]:
         """Decode whole utterances and apply streaming steps in the worker processes, in parallel
-        across processes and in order within one; answers in order (an exception for a step that
+        across processes and in order within one; answers in order (an exception for an item that
         failed)."""
         steps: dict[int, list[int]] = defaultdict(list)
-        futures: dict[int, Future[Any]] = {}
-        for index, item in enumerate(items):
-            if isinstance(item, AsrStep):
-                steps[id(self._executor_for(item.key))].append(index)
-            else:
-                executor = self._executors[self._turn % len(self._executors)]
+        futures: dict[int, tuple[int, Future[Any]]] = {}
+        batches: dict[int, Future[Any]] = {}
+        with self._lock:  # the held-models bookkeeping follows the order work is queued in
+            for index, item in enumerate(items):
+                if isinstance(item, AsrStep):
+                    steps[self._slot_for(item.key)].append(index)
+                    continue
+                slot = self._turn % len(self._executors)
                 self._turn += 1
-                futures[index] = executor.submit(_transcribe_in_worker, item.samples, item.sample_rate)
-        by_executor = {id(executor): executor for executor in self._executors}
-        batches = {executor_id: by_executor[executor_id].submit(_steps_in_worker,
-                                                                [cast(AsrStep, items[i]) for i in indices])
-                   for executor_id, indices in steps.items()}
+                futures[index] = (slot, self._executors[slot].submit(
+                    _transcribe_in_worker, item.samples, item.sample_rate, item.lm.key if item.lm else None,
+                    self._deliver(slot, [item.lm])))
+            for slot, indices in steps.items():
+                batch = [cast(AsrStep, items[i]) for i in indices]
+                lms = [step.lm if step.kind == "begin" else None for step in batch]
+                batches[slot] = self._executors[slot].submit(
+                    _steps_in_worker, [dataclasses.replace(step, lm=None) for step in batch],
+                    [lm.key if lm is not None else None for lm in lms], self._deliver(slot, lms))
         answers: list[Transcript | None | BaseException] = [None] * len(items)
-        for index, future in futures.items():
-            answers[index] = future.result()
-        for executor_id, indices in steps.items():
-            for index, answer in zip(indices, batches[executor_id].result(), strict=True):
+        for index, (_, future) in futures.items():
+            try:
+                answers[index] = future.result()
+            except Exception as exc:  # this utterance fails alone
+                answers[index] = exc
+        for slot, indices in steps.items():
+            for index, answer in zip(indices, batches[slot].result(), strict=True):
                 answers[index] = answer
+        with self._lock:
+            for index, answer in enumerate(answers):
+                item = items[index]
+                self._forget(self._slot_for(item.key) if isinstance(item, AsrStep) else futures[index][0], answer)
         return answers
 
     def close(self) -> None:
@@ -671,11 +813,14 @@ def check_request(request: Any) -> AsrRequest | AsrStep:
     if isinstance(request, AsrStep):
         if request.kind not in STEP_KINDS or not request.key:
             raise BadInput(f"an ASR step is one of {', '.join(STEP_KINDS)} with a key, got {request.kind!r}")
-        if request.samples is None:
-            return request
     elif not isinstance(request, AsrRequest):
         raise BadInput(f"expected an AsrRequest or AsrStep, got {type(request).__name__}")
-    assert request.samples is not None
+    if request.lm is not None and not isinstance(request.lm, KeyedLm):
+        raise BadInput(f"an ASR item's language model is a KeyedLm, got {type(request.lm).__name__}")
+    if request.samples is None:
+        if isinstance(request, AsrRequest):
+            raise BadInput("the utterance has no samples")
+        return request
     if not MIN_SAMPLE_RATE <= request.sample_rate <= MAX_SAMPLE_RATE:
         raise BadInput(f"sample rate {request.sample_rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
     if request.samples.ndim != 1 or request.samples.dtype != np.int16:
@@ -693,10 +838,13 @@ def _raise_failed(answer: Any) -> Any:
 
 
 def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: DecoderSettings | None = None,
-                   *, processes: int = 1, max_queue: int = 1024, timeout_s: float | None = 30.0) -> ModelSpec:
+                   *, processes: int = 1, max_lms: int = 8, max_queue: int = 1024,
+                   timeout_s: float | None = 30.0) -> ModelSpec:
     """ASR as a model of the shared runtime. Items: :class:`AsrRequest` (a whole utterance, answered
     with its :class:`Transcript`) or :class:`AsrStep` (an utterance decoded while it is spoken:
-    ``begin`` / ``feed`` answer ``None``, ``end`` its :class:`Transcript`).
+    ``begin`` / ``feed`` answer ``None``, ``end`` its :class:`Transcript`). An item's
+    :class:`KeyedLm` (a tenant's model) replaces ``lm`` for that utterance; each decoder process
+    holds at most ``max_lms`` of them (:class:`RecognizerPool`).
 
     The model object is a :class:`RecognizerPool`: the runtime's worker thread hands each batch to
     ``processes`` decoder processes and waits without holding the GIL. Steps change a decoder's
@@ -706,7 +854,7 @@ def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: D
     from model_runtime import ModelSpec
 
     def load(_: LoadContext) -> RecognizerPool:
-        return RecognizerPool(lm, settings, processes=processes)
+        return RecognizerPool(lm, settings, processes=processes, max_lms=max_lms)
 
     warmup = AsrRequest(np.zeros(DECODER_RATE // 4, np.int16), DECODER_RATE)
     return ModelSpec(name=name, version="pocketsphinx-5.1.1" + ("+domain" if lm is not None else ""),

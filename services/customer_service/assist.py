@@ -5,7 +5,9 @@
 - ``cs-vad-8k`` / ``cs-vad-16k``: silero VAD as streaming models (:mod:`.vad`), one session per
   call track, so 32 ms windows of concurrent calls share batches;
 - ``cs-asr``: pocketsphinx with the domain language model built from the shipped call scripts
-  (:mod:`.asr`); no tenant's data goes into it, since it serves every tenant;
+  and simulated knowledge base (:mod:`.asr`), which no tenant's data goes into; a tenant with
+  articles gets its own model of the scripts and its articles, rebuilt when they change
+  (:mod:`.tenant_lm`), which its calls and uploads are decoded with;
 - ``cs-emotion``: the audio + text emotion model (:mod:`.model`), utterances of concurrent calls
   batched together;
 
@@ -31,6 +33,7 @@ from model_runtime import ModelRuntime, StreamingSessions, get_runtime
 from services.customer_service import store
 from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm, domain_texts
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
+from services.customer_service.tenant_lm import TenantLanguageModels
 from services.customer_service.vad import vad_streaming_model
 from shared.config import get_settings
 from shared.db import session_scope, utcnow
@@ -54,17 +57,23 @@ _knowledge = TenantKnowledge()
 class RuntimeAnalyzers:
     """The pipeline's two models, served by the shared runtime (batched across calls)."""
 
-    def __init__(self, runtime: ModelRuntime) -> None:
+    def __init__(self, runtime: ModelRuntime, language_models: TenantLanguageModels | None = None, *,
+                 model_name: str = ASR_MODEL) -> None:
         self.runtime = runtime
+        self.language_models = language_models
+        self.model_name = model_name
 
-    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int) -> Transcription:
-        """Speech-to-text of one utterance through ``cs-asr``."""
-        transcript: Transcript = await self.runtime.predict(ASR_MODEL, AsrRequest(samples, sample_rate))
+    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int,
+                         tenant_id: str | None = None) -> Transcription:
+        """Speech-to-text of one utterance through ``cs-asr``, with the tenant's language model
+        when it has one."""
+        lm = None if tenant_id is None or self.language_models is None else self.language_models.current(tenant_id)
+        transcript: Transcript = await self.runtime.predict(self.model_name, AsrRequest(samples, sample_rate, lm))
         return Transcription(text=transcript.text)
 
     async def asr_step(self, step: AsrStep) -> Any:
         """One step of an utterance decoded while it is spoken, through ``cs-asr``."""
-        return await self.runtime.predict(ASR_MODEL, step)
+        return await self.runtime.predict(self.model_name, step)
 
     async def emotion(self, samples: npt.NDArray[np.int16] | None, sample_rate: int,
                       text: str | None) -> EmotionReading:
@@ -104,9 +113,11 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     closed = await asyncio.to_thread(_close_abandoned_calls)
     if closed:
         logger.warning("closed %d live calls left open by a process that stopped (kept as partial)", closed)
-    analyzers = RuntimeAnalyzers(runtime)
+    language_models = TenantLanguageModels()
+    _knowledge.on_synced = language_models.knowledge_synced
+    analyzers = RuntimeAnalyzers(runtime, language_models)
     _services = AssistServices(sessions=sessions, analyzers=analyzers, knowledge_base=_knowledge, feed=event_feed(),
-                               asr_step=analyzers.asr_step)
+                               asr_step=analyzers.asr_step, language_model=language_models.current)
     return _services
 
 
@@ -117,6 +128,9 @@ async def stop_assist() -> None:
     if services is None:
         return
     runtime = services.sessions.runtime
+    _knowledge.on_synced = None
+    if isinstance(services.analyzers, RuntimeAnalyzers) and services.analyzers.language_models is not None:
+        await services.analyzers.language_models.close()
     await services.sessions.close()
     for name in (ASR_MODEL, EMOTION_MODEL):
         with contextlib.suppress(Exception):

@@ -225,6 +225,12 @@ class KnowledgeIndex:
             tenant = self._tenants.get(tenant_id)
             return 0 if tenant is None else len(tenant.documents)
 
+    def articles(self, tenant_id: str) -> list[Article]:
+        """The tenant's indexed articles, by id (what its domain language model is built from)."""
+        with self._lock:
+            tenant = self._tenants.get(tenant_id)
+            return [] if tenant is None else [tenant.documents[key].article for key in sorted(tenant.documents)]
+
     def search(self, tenant_id: str, text: str, *, emotion: str | None = None, limit: int = 5,
                settings: RetrievalSettings | None = None) -> list[Suggestion]:
         """The tenant's best-matching articles for ``text``, best first (score > 0; no minimum applied)."""

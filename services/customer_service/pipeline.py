@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,7 +54,7 @@ import numpy.typing as npt
 
 from model_runtime import StreamingSessions
 from services.customer_service import store
-from services.customer_service.asr import AsrStep
+from services.customer_service.asr import AsrStep, KeyedLm
 from services.customer_service.escalation import Assessment, EscalationPolicy, EscalationTracker
 from services.customer_service.escalation import Utterance as PolicyUtterance
 from services.customer_service.knowledge import KnowledgeIndex, RetrievalSettings
@@ -117,8 +118,10 @@ class EmotionReading:
 class UtteranceAnalyzers(Protocol):
     """The two models an utterance goes through (served by the shared runtime)."""
 
-    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int) -> Transcription:
-        """Speech-to-text of the utterance's audio."""
+    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int,
+                         tenant_id: str | None = None) -> Transcription:
+        """Speech-to-text of the utterance's audio (with the tenant's domain language model when
+        it has one)."""
         ...
 
     async def emotion(self, samples: npt.NDArray[np.int16] | None, sample_rate: int,
@@ -134,6 +137,8 @@ class TenantKnowledge:
     def __init__(self) -> None:
         self.knowledge = KnowledgeIndex()
         self._synced: dict[str, datetime | None] = {}
+        self.on_synced: Callable[[str, KnowledgeIndex], None] | None = None
+        """Called (in the event loop) after each sync of a tenant: its language model follows its articles."""
 
     async def sync_knowledge(self, tenant_id: str) -> None:
         """Bring the tenant's articles in the index up to date: all of them the first time, then
@@ -145,6 +150,8 @@ class TenantKnowledge:
                 return store.sync_index(session, self.knowledge, tenant_id, since)
 
         self._synced[tenant_id] = await asyncio.to_thread(sync)
+        if self.on_synced is not None:
+            self.on_synced(tenant_id, self.knowledge)
 
 
 @dataclass
@@ -160,6 +167,8 @@ class AssistServices:
     asr_step: AsrStepper | None = None
     """Decode utterances while they are spoken (steps through the runtime); without it each
     utterance is transcribed whole once its end is decided."""
+    language_model: Callable[[str], KeyedLm | None] | None = None
+    """The tenant's domain language model to decode its utterances with (None: the shipped one)."""
 
 
 # --- speech-to-text while the caller speaks --------------------------------------------------------------
@@ -180,8 +189,10 @@ class StreamedTranscripts:
     pipeline the transcript of the oldest ended utterance.
     """
 
-    def __init__(self, step: AsrStepper, key_prefix: str, sample_rate: int) -> None:
+    def __init__(self, step: AsrStepper, key_prefix: str, sample_rate: int,
+                 language_model: Callable[[], KeyedLm | None] | None = None) -> None:
         self._step = step
+        self._language_model = language_model
         self._prefix = key_prefix
         self._rate = sample_rate
         self._count = 0
@@ -195,7 +206,8 @@ class StreamedTranscripts:
         """Begin decoding a new utterance with its audio so far."""
         self._count += 1
         self._key = f"{self._prefix}/{self._count}"
-        self._send(AsrStep(self._key, "begin", sample_rate=self._rate))
+        lm = self._language_model() if self._language_model is not None else None  # the latest, per utterance
+        self._send(AsrStep(self._key, "begin", sample_rate=self._rate, lm=lm))
         self.speech_continues(samples)
 
     def speech_continues(self, samples: npt.NDArray[np.int16]) -> None:
@@ -287,6 +299,10 @@ class CallPipeline:
             await self._end(CallEnded("disconnected", "the stream closed without ending the call"))
         self._release_sessions()
 
+    def _tenant_lm(self, tenant_id: str) -> Callable[[], KeyedLm | None] | None:
+        lookup = self.services.language_model
+        return None if lookup is None else functools.partial(lookup, tenant_id)
+
     def _call_id(self) -> str:
         return self.call.call_id if self.call else "-"
 
@@ -307,7 +323,8 @@ class CallPipeline:
             observer = None
             if self.services.asr_step is not None:
                 observer = call.streamed[track.track] = StreamedTranscripts(
-                    self.services.asr_step, f"{tenant_id}/{started.call_id}/{track.track}", track.sample_rate)
+                    self.services.asr_step, f"{tenant_id}/{started.call_id}/{track.track}", track.sample_rate,
+                    language_model=self._tenant_lm(tenant_id))
             call.vads[track.track] = CallVad(session, track.sample_rate, self.services.endpointing, observer=observer)
         self.call = call
         await self.services.knowledge_base.sync_knowledge(tenant_id)
@@ -347,7 +364,8 @@ class CallPipeline:
             except Exception as exc:
                 logger.warning("call %s: streamed decoding failed (%r); decoding the utterance whole",
                                self._call_id(), exc)
-        return await self.services.analyzers.transcribe(spoken.samples, spoken.sample_rate)
+        tenant_id = self.call.tenant_id if self.call else None
+        return await self.services.analyzers.transcribe(spoken.samples, spoken.sample_rate, tenant_id)
 
     async def _analyse_utterance(self, index: int, track: Track, spoken: SpokenUtterance,
                                  transcribed: asyncio.Task[Transcription], previous: asyncio.Future[None] | None,
