@@ -171,7 +171,7 @@ def build_windows(session: Session, due: Sequence[DueAsset], builder: WindowBuil
 
 
 def default_window_builder() -> WindowBuilder:
-    from services.iiot.features import window_tensor  # type: ignore[attr-defined,unused-ignore]  # H4 lands it
+    from services.iiot.features import window_tensor
 
     def build(frame: pd.DataFrame, sensors: Sequence[Sensor], end: datetime) -> tuple[
             npt.NDArray[np.float32], npt.NDArray[np.float32]]:

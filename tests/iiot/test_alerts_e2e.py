@@ -1,0 +1,180 @@
+"""The alert lifecycle end to end: the IIoT app under a real uvicorn, a real Celery worker on the
+``iiot`` queue, readings stored, a scoring job through the shared runtime (a small risk model sealed
+here, served as the shipped cloud model), an alert opened, its signed webhook received by a local
+HTTP receiver and verified, acknowledged and resolved over the API, each transition notified once;
+tenant walls; settings validated.
+
+The receiver listens on 127.0.0.1, which the server and worker allow-list
+(``TESSERA_CALLBACK_ALLOWED_HOSTS``), as an operator would for an internal receiver.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import select
+
+from shared.db import session_scope
+from shared.jobs import SUCCEEDED, Job
+from shared.security import SIGNATURE_HEADER, Tenant, verify_signature
+from shared.webhooks import IDEMPOTENCY_HEADER
+from tests.conftest import Stack, apply_stack_in_process, sqlite_stack_at
+from tests.iiot.test_alerts_lifecycle import add_reading, new_asset
+from tests.nodule.conftest import new_key
+from tests.scaffold import migrate
+from tests.shared.test_webhooks import Receiver, serve
+from tests.support import ManagedProcess, free_port, python_argv, wait_until
+
+LOOPBACK_ALLOWED = {"TESSERA_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "TESSERA_LOG_LEVEL": "WARNING"}
+OPENS_ON_ANY_SCORE = {"open_threshold": 1e-9, "close_threshold": 0.0, "consecutive": 1, "critical_threshold": 1.0}
+"""Every score opens (and none closes) an alert: the untrained model's answer does not matter here."""
+
+
+def seal_small_model(models_dir: Path) -> None:
+    """A small untrained risk model on the window features, sealed as ``<models_dir>/iiot/cloud/v1``."""
+    from model_runtime.artifacts import save_artifact
+    from services.iiot.features import STEP_FEATURES
+    from services.iiot.model import SensorWindowConfig, SensorWindowNet, save_risk_model
+
+    directory = models_dir / "iiot" / "cloud" / "v1"
+    net = SensorWindowNet(SensorWindowConfig.for_tier("edge", STEP_FEATURES))
+    save_risk_model(net, directory, onnx=False)
+    save_artifact(directory, name="iiot", version="v1", framework="torch", data="untrained (tests)")
+
+
+@dataclass
+class IiotDeployment:
+    stack: Stack
+    base_url: str
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers={"X-API-Key": key}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IiotDeployment]:
+    """The IIoT app and an ``iiot`` worker on a fresh migrated SQLite stack with a sealed small model."""
+    root = tmp_path_factory.mktemp("iiot-alerts")
+    stack = sqlite_stack_at(root)
+    seal_small_model(root / "models")
+    stack.extra_env.update({**LOOPBACK_ALLOWED, "TESSERA_MODELS_DIR": str(root / "models")})
+    migrate(stack.database_url)
+    port = free_port()
+    server = ManagedProcess(python_argv("-m", "uvicorn", "services.iiot.api:app", "--host", "127.0.0.1",
+                                        "--port", str(port)), stack.env, "iiot-api")
+    worker = ManagedProcess(python_argv("-m", "celery", "-A", "shared.queue:celery_app", "worker", "-Q", "iiot",
+                                        "--concurrency", "1", "--without-gossip", "--without-mingle",
+                                        "--loglevel", "INFO", "--hostname", f"iiot-{uuid.uuid4().hex[:6]}@%h"),
+                            stack.env, "iiot-worker")
+    try:
+        server.wait_for_output(r"Uvicorn running on", timeout_s=120)
+        worker.wait_for_output(r"ready\.", timeout_s=120)
+        yield IiotDeployment(stack, f"http://127.0.0.1:{port}/v1")
+    finally:
+        for process in (server, worker):
+            process.stop()
+            if "Traceback" in process.output:
+                print(f"--- {process.name} log with errors ---\n{process.output[-6000:]}")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state, server = serve("127.0.0.1")
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture
+def here(deployment: IiotDeployment, monkeypatch: pytest.MonkeyPatch) -> IiotDeployment:
+    """This process pointed at the deployment's database (to store registry rows and readings)."""
+    apply_stack_in_process(deployment.stack, monkeypatch)
+    return deployment
+
+
+def events_received(receiver: Receiver, secret: str) -> list[dict[str, object]]:
+    """Every webhook body received, each signature verified with the tenant's secret."""
+    bodies = []
+    for request in receiver.on("/alerts"):
+        verify_signature(request.headers[SIGNATURE_HEADER], request.body, [secret], tolerance_s=300)
+        bodies.append({**orjson.loads(request.body), "idempotency_key": request.headers[IDEMPOTENCY_HEADER]})
+    return bodies
+
+
+def job_status(job_id: str) -> str:
+    with session_scope() as session:
+        return session.scalars(select(Job.status).where(Job.id == job_id)).one()
+
+
+def test_readings_to_alert_to_signed_webhooks_to_acknowledge_and_resolve(here: IiotDeployment,
+                                                                         receiver: Receiver) -> None:
+    tenant_id, key = new_key(here.stack.database_url, scopes=("iiot",))
+    intruder_tenant, intruder_key = new_key(here.stack.database_url, scopes=("iiot",))
+    with session_scope() as session:
+        sensor = new_asset(session, tenant_id, "pump-7")
+        for hour in range(48):
+            add_reading(session, sensor, hour, 60.0 + hour * 0.2)
+        secret = session.get(Tenant, tenant_id).webhook_secret  # type: ignore[union-attr]
+
+    with here.client(key) as client, here.client(intruder_key) as intruder:
+        settings = {"policy": OPENS_ON_ANY_SCORE, "notify_url": f"{receiver.url}/alerts"}
+        assert client.put("/settings", json=settings).status_code == 200
+        job_id = client.post("/scoring:run").json()["job_id"]
+        wait_until(lambda: job_status(job_id) == SUCCEEDED, 90, "the scoring job to succeed")
+
+        [alert] = client.get("/alerts", params={"state": "open"}).json()
+        assert (alert["asset_id"], alert["severity"], alert["resolved_by"]) == ("pump-7", "warning", None)
+        risk = client.get("/assets/pump-7/risk").json()
+        assert risk["model_version"] == "v1" and risk["tier"] == "cloud" and 0 < risk["p_failure"] < 1
+        assert risk["active_alert"]["id"] == alert["id"] and risk["drivers"]["channels"]
+
+        # tenant walls: the other tenant sees nothing and can change nothing
+        assert intruder.get("/alerts").json() == []
+        for response in (intruder.get(f"/alerts/{alert['id']}"), intruder.post(f"/alerts/{alert['id']}:resolve"),
+                         intruder.get("/assets/pump-7/risk"), intruder.get("/assets/pump-7/maintenance")):
+            assert response.status_code == 404, response.text
+        assert intruder_tenant != tenant_id
+
+        acknowledged = client.post(f"/alerts/{alert['id']}:acknowledge", json={"note": "crew sent"})
+        assert acknowledged.status_code == 200 and acknowledged.json()["state"] == "acknowledged"
+        assert acknowledged.json()["acknowledged_by"].startswith("test (")
+        assert client.post(f"/alerts/{alert['id']}:acknowledge").status_code == 409
+        resolved = client.post(f"/alerts/{alert['id']}:resolve")
+        assert resolved.status_code == 200 and resolved.json()["state"] == "resolved"
+        assert client.post(f"/alerts/{alert['id']}:resolve").status_code == 409
+
+        wait_until(lambda: len(receiver.on("/alerts")) >= 3, 60, "three alert webhooks")
+        events = events_received(receiver, secret)
+        # each transition once; deliveries are separate jobs, so their order is not guaranteed
+        by_event = {e["event"]: e for e in events}
+        assert len(events) == 3 and set(by_event) == {f"iiot.alert.{t}" for t in ("opened", "acknowledged", "resolved")}
+        for transition in ("opened", "acknowledged", "resolved"):
+            event = by_event[f"iiot.alert.{transition}"]
+            assert event["idempotency_key"] == f"{tenant_id}:alert:{alert['id']}:{transition}"
+            assert event["transition"] == transition and event["alert"]["id"] == alert["id"]  # type: ignore[index]
+        assert by_event["iiot.alert.resolved"]["alert"]["state"] == "resolved"  # type: ignore[index]
+
+        again = client.post("/scoring:run").json()["job_id"]  # no new reading: nothing scored, nothing opened
+        wait_until(lambda: job_status(again) == SUCCEEDED, 60, "the second scoring job")
+        assert client.get("/alerts", params={"state": "active"}).json() == []
+        assert len(receiver.on("/alerts")) == 3
+
+
+def test_settings_are_validated_strictly_and_urls_vetted(here: IiotDeployment) -> None:
+    _tenant, key = new_key(here.stack.database_url, scopes=("iiot",))
+    with here.client(key) as client:
+        assert client.get("/settings").json()["policy"]["consecutive"] == 2  # defaults
+        for bad in ({"policy": {"open_threshold": "0.5"}}, {"policy": {"open_threshold": 0.2, "close_threshold": 0.4}},
+                    {"policy": {"consecutive": 0}}, {"notify_url": "ftp://example.com/x"}, {"surprise": True}):
+            assert client.put("/settings", json=bad).status_code == 422, bad
+        refused = client.put("/settings", json={"notify_url": "http://10.1.2.3/hooks"})
+        assert refused.status_code == 422 and refused.json()["reason"] == "private"
+        assert client.get("/alerts/999999").status_code == 404
+        assert client.post("/alerts/999999:acknowledge").status_code == 404
+        failure = {"kind": "failure", "occurred_at": "2026-03-01T00:00:00Z"}
+        assert client.post("/assets/nope/maintenance", json=failure).status_code == 404
