@@ -1,11 +1,11 @@
 """Readings files and databases for ``bench/iiot.py`` (simulated data: the numbers are throughput only).
 
-- :func:`write_long_csv`: a long-format CSV (``timestamp, asset, sensor, value, unit``) of a
-  synthetic fleet, streamed in chunks of time steps (never the whole file in memory). H4's
-  ``services.iiot.simulate.write_readings`` is meant to replace it once it lands; until then this
-  generator lets the ingestion ways be timed (every way reads the same file).
-- :func:`write_resolved_csv`: the same rows as the readings table stores them
-  (``sensor_pk, ts, value, ingest_pk``), for ``psql \\copy`` / ``sqlite3 .import`` (the write limit).
+- :func:`make_files`: a long-format CSV (``timestamp, asset, sensor, value, unit``) of a **simulated**
+  fleet written by H4's streaming :func:`services.iiot.simulate.write_readings` (never the whole
+  file in memory), its first rows as a smaller file, the same rows resolved to the readings table's
+  layout (``sensor_pk, ts, value, ingest_pk``, for ``psql \\copy`` / ``sqlite3 .import``, the write
+  limit), the fleet's registry and its sensor keys. Kept in the work directory and reused by a
+  later run asking for the same sizes.
 - :class:`BenchDatabases`: a migrated template database with the fleet's registry (PostgreSQL:
   ``CREATE DATABASE ... TEMPLATE``; SQLite: a file copied), a fresh copy per measured point, all
   dropped at the end.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -22,82 +23,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 TENANT = "bench-iiot"
 DB_PREFIX = "tessera_bench_iiot"
 START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class SensorKind:
-    """One sensor of every synthetic asset: its quantity, canonical unit, typical level and range."""
-
-    sensor_id: str
-    quantity: str
-    unit: str
-    level: float
-    noise: float
-    low: float
-    high: float
-
-
-SENSOR_KINDS = (
-    SensorKind("temp1", "temperature", "degC", 65.0, 2.0, -40.0, 200.0),
-    SensorKind("vib1", "vibration", "mm/s", 3.0, 0.5, 0.0, 50.0),
-    SensorKind("pres1", "pressure", "bar", 6.0, 0.3, 0.0, 25.0),
-    SensorKind("curr1", "current", "A", 40.0, 3.0, 0.0, 200.0),
-    SensorKind("speed1", "speed", "rpm", 1480.0, 10.0, 0.0, 4000.0),
-)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A synthetic fleet: ``assets`` x :data:`SENSOR_KINDS`, one reading a sensor every ``interval_s``."""
-
-    assets: int = 200
-    interval_s: int = 60
-    lines: int = 10
-
-    @property
-    def sensors(self) -> int:
-        return self.assets * len(SENSOR_KINDS)
-
-    def asset_id(self, index: int) -> str:
-        return f"A{index:05d}"
-
-
-def write_long_csv(path: Path, rows: int, layout: Layout, seed: int = 7, chunk_steps: int = 1000) -> int:
-    """Write ``rows`` long-format rows (time-ordered, every sensor each step) to ``path``; returns rows."""
-    rng = np.random.default_rng(seed)
-    kinds = len(SENSOR_KINDS)
-    assets = np.repeat([layout.asset_id(i) for i in range(layout.assets)], kinds)
-    sensors = np.tile([k.sensor_id for k in SENSOR_KINDS], layout.assets)
-    units = np.tile([k.unit for k in SENSOR_KINDS], layout.assets)
-    level = np.tile([k.level for k in SENSOR_KINDS], layout.assets)
-    noise = np.tile([k.noise for k in SENSOR_KINDS], layout.assets)
-    written, step = 0, 0
-    with path.open("w", newline="") as sink:
-        sink.write("timestamp,asset,sensor,value,unit\n")
-        while written < rows:
-            steps = min(chunk_steps, -(-(rows - written) // layout.sensors))
-            times = pd.date_range(START + timedelta(seconds=step * layout.interval_s), periods=steps,
-                                  freq=f"{layout.interval_s}s").strftime("%Y-%m-%dT%H:%M:%SZ")
-            values = level[None, :] + noise[None, :] * rng.standard_normal((steps, layout.sensors))
-            frame = pd.DataFrame({"timestamp": np.repeat(np.asarray(times), layout.sensors),
-                                  "asset": np.tile(assets, steps), "sensor": np.tile(sensors, steps),
-                                  "value": values.ravel(), "unit": np.tile(units, steps)})
-            frame = frame.iloc[: rows - written]
-            frame.to_csv(sink, header=False, index=False, float_format="%.3f")
-            written += len(frame)
-            step += steps
-    return written
 
 
 def head_csv(source: Path, target: Path, rows: int) -> int:
@@ -113,24 +48,16 @@ def head_csv(source: Path, target: Path, rows: int) -> int:
     return copied
 
 
-def sensor_keys(layout: Layout) -> dict[tuple[str, str], int]:
-    """(asset_id, sensor_id) → the ``iiot_sensors.id`` :meth:`BenchDatabases.seed` gives it."""
-    keys: dict[tuple[str, str], int] = {}
-    for index in range(layout.assets):
-        for offset, kind in enumerate(SENSOR_KINDS):
-            keys[(layout.asset_id(index), kind.sensor_id)] = index * len(SENSOR_KINDS) + offset + 1
-    return keys
-
-
-def write_resolved_csv(source: Path, target: Path, layout: Layout, ingest_pk: int = 1,
+def write_resolved_csv(source: Path, target: Path, keys: dict[str, int], ingest_pk: int = 1,
                        chunk_rows: int = 1_000_000) -> int:
-    """``source``'s rows as the readings table stores them (``sensor_pk,ts,value,ingest_pk``), header-less."""
-    keys = pd.Series(sensor_keys(layout))
-    keys.index = keys.index.map(lambda pair: f"{pair[0]}/{pair[1]}")
+    """``source``'s rows as the readings table stores them (``sensor_pk,ts,value,ingest_pk``), header-less.
+
+    ``keys``: ``"asset/sensor"`` → the sensor's primary key (:func:`sensor_keys`)."""
+    lookup = pd.Series(keys)
     written = 0
     with target.open("w") as sink:
         for chunk in pd.read_csv(source, chunksize=chunk_rows, dtype={"asset": str, "sensor": str}):
-            pks = (chunk["asset"] + "/" + chunk["sensor"]).map(keys).astype("int64")
+            pks = (chunk["asset"] + "/" + chunk["sensor"]).map(lookup).astype("int64")
             out = pd.DataFrame({"sensor_pk": pks, "ts": chunk["timestamp"], "value": chunk["value"],
                                 "ingest_pk": ingest_pk})
             out.to_csv(sink, header=False, index=False)
@@ -149,7 +76,8 @@ class BenchDatabases:
 
     workdir: Path
     pg_url: str
-    layout: Layout
+    registry: dict[str, list[dict[str, Any]]]
+    """The fleet's registry as :meth:`services.iiot.simulate.FleetRegistry.payload` gives it."""
     _copies: list[str] = field(default_factory=list)
     _serial: int = 0
 
@@ -211,35 +139,41 @@ class BenchDatabases:
                "TESSERA_LOG_LEVEL": "WARNING"}
         subprocess.run([sys.executable, "-m", "services.cli", "db", "upgrade"], cwd=REPO, env=env, check=True,
                        capture_output=True)
-        seed_registry(url, self.layout)
+        seed_registry(url, self.registry)
 
 
-def seed_registry(url: str, layout: Layout) -> None:
-    """The fleet's plant, lines, assets and sensors (ids as :func:`sensor_keys`) for :data:`TENANT`."""
+def sensor_keys(registry: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """``"asset/sensor"`` → the ``iiot_sensors.id`` :func:`seed_registry` gives it (registry order from 1)."""
+    return {f"{sensor['asset_id']}/{sensor['sensor_id']}": pk for pk, sensor in enumerate(registry["sensors"], 1)}
+
+
+def seed_registry(url: str, registry: dict[str, list[dict[str, Any]]]) -> None:
+    """The fleet's plants, lines, assets and sensors (ids in registry order from 1) for :data:`TENANT`."""
     from sqlalchemy import insert
 
     from services.iiot.db import Asset, Line, Plant, Sensor
     from shared.db import make_engine
 
-    engine = make_engine(url)
+    plant_pk = {p["plant_id"]: pk for pk, p in enumerate(registry["plants"], 1)}
+    line_pk = {line["line_id"]: pk for pk, line in enumerate(registry["lines"], 1)}
+    asset_pk = {a["asset_id"]: pk for pk, a in enumerate(registry["assets"], 1)}
     now = datetime.now(UTC)
+    common = {"tenant_id": TENANT, "created_at": now}
+    engine = make_engine(url)
     try:
         with engine.begin() as connection:
-            connection.execute(insert(Plant), [{"id": 1, "tenant_id": TENANT, "plant_id": "P1", "name": "bench plant",
-                                                "timezone": "UTC", "created_at": now}])
-            connection.execute(insert(Line), [{"id": i + 1, "tenant_id": TENANT, "plant_pk": 1, "line_id": f"L{i + 1}",
-                                               "created_at": now} for i in range(layout.lines)])
-            connection.execute(insert(Asset), [{"id": i + 1, "tenant_id": TENANT, "line_pk": i % layout.lines + 1,
-                                                "asset_id": layout.asset_id(i), "kind": "pump", "details": {},
-                                                "created_at": now} for i in range(layout.assets)])
-            keys = sensor_keys(layout)
-            kinds = {kind.sensor_id: kind for kind in SENSOR_KINDS}
+            connection.execute(insert(Plant), [{**common, "id": plant_pk[p["plant_id"]], **p}
+                                               for p in registry["plants"]])
+            connection.execute(insert(Line), [
+                {**common, "id": line_pk[x["line_id"]], "plant_pk": plant_pk[x["plant_id"]], "line_id": x["line_id"],
+                 "name": x["name"]} for x in registry["lines"]])
+            connection.execute(insert(Asset), [
+                {**common, "id": asset_pk[a["asset_id"]], "line_pk": line_pk[a["line_id"]], "asset_id": a["asset_id"],
+                 "kind": a["kind"], "name": a["name"], "details": {}} for a in registry["assets"]])
             connection.execute(insert(Sensor), [
-                {"id": pk, "tenant_id": TENANT, "asset_pk": int(asset[1:]) + 1, "sensor_id": sensor,
-                 "quantity": kinds[sensor].quantity, "unit": kinds[sensor].unit, "min_value": kinds[sensor].low,
-                 "max_value": kinds[sensor].high, "sampling_interval_s": float(layout.interval_s),
-                 "reading_count": 0, "created_at": now}
-                for (asset, sensor), pk in keys.items()])
+                {**common, "id": pk, "asset_pk": asset_pk[s["asset_id"]], "reading_count": 0,
+                 **{key: value for key, value in s.items() if key != "asset_id"}}
+                for pk, s in enumerate(registry["sensors"], 1)])
         if not url.startswith("sqlite"):
             with engine.begin() as connection:
                 for table in ("iiot_plants", "iiot_lines", "iiot_assets", "iiot_sensors"):
@@ -247,6 +181,51 @@ def seed_registry(url: str, layout: Layout) -> None:
                         f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
     finally:
         engine.dispose()
+
+
+@dataclass(frozen=True)
+class BenchFiles:
+    """The files one run ingests (see :func:`make_files`)."""
+
+    big: Path
+    small: Path
+    resolved: Path
+    rows: int
+    small_rows: int
+    registry: dict[str, list[dict[str, Any]]]
+    manifest: dict[str, Any]
+
+    @property
+    def keys_path(self) -> Path:
+        return self.big.parent / "keys.json"
+
+
+def make_files(directory: Path, rows: int, small_rows: int, assets: int, seed: int) -> BenchFiles:
+    """Write (or reuse, when ``directory`` holds them for the same sizes) the run's files."""
+    from services.iiot.simulate import write_readings
+
+    directory.mkdir(parents=True, exist_ok=True)
+    big, small, resolved = directory / "readings.csv", directory / "readings_small.csv", directory / "resolved.csv"
+    manifest_path, wanted = directory / "manifest.json", {"rows": rows, "small_rows": small_rows, "assets": assets,
+                                                         "seed": seed}
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("wanted") == wanted:
+        manifest = json.loads(manifest_path.read_text())
+        registry = json.loads((directory / "registry.json").read_text())
+        return BenchFiles(big, small, resolved, rows, small_rows, registry, {**manifest, "reused": True})
+    started = time.perf_counter()
+    written = write_readings(big, "csv", rows, assets=assets, seed=seed)
+    seconds = time.perf_counter() - started
+    registry = written.registry.payload()
+    (directory / "registry.json").write_text(json.dumps(registry))
+    keys = sensor_keys(registry)
+    (directory / "keys.json").write_text(json.dumps(keys))
+    head_csv(big, small, small_rows)
+    write_resolved_csv(big, resolved, keys)
+    manifest = {"wanted": wanted, "generator": "services.iiot.simulate.write_readings (simulated fleet)",
+                "rows": written.rows, "bytes": big.stat().st_size, "simulated_days": written.days,
+                "assets": assets, "sensors": len(registry["sensors"]), "seconds_to_write": seconds}
+    manifest_path.write_text(json.dumps(manifest))
+    return BenchFiles(big, small, resolved, rows, small_rows, registry, {**manifest, "reused": False})
 
 
 def count_readings(url: str) -> int:

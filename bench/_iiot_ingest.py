@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._iiot_data import Layout, count_readings, csv_rows, sensor_keys
+from bench._iiot_data import TENANT, count_readings, csv_rows
 
 NAIVE_COMMIT_EVERY = 1_000
 TO_SQL_CHUNK_ROWS = 100_000
 MULTI_CHUNKSIZE = {"postgresql": 10_000, "sqlite": 5_000}  # bound parameters per statement: 4 a row
 
 
-def naive_orm(url: str, path: Path, rows: int, layout: Layout) -> int:
+def naive_orm(url: str, path: Path, rows: int, keys: dict[str, int]) -> int:
     """Row-by-row ORM inserts of the first ``rows`` rows of ``path``, a commit per 1,000; returns rows."""
     from datetime import datetime
 
@@ -42,7 +42,6 @@ def naive_orm(url: str, path: Path, rows: int, layout: Layout) -> int:
             self.__dict__.update(values)
 
     registry().map_imperatively(NaiveReading, readings, primary_key=[readings.c.sensor_pk, readings.c.ts])
-    keys = sensor_keys(layout)
     engine = make_engine(url)
     done = 0
     try:
@@ -50,7 +49,7 @@ def naive_orm(url: str, path: Path, rows: int, layout: Layout) -> int:
             for timestamp, asset, sensor, value, _unit in csv_rows(path):
                 if done >= rows:
                     break
-                session.add(NaiveReading(sensor_pk=keys[(asset, sensor)],
+                session.add(NaiveReading(sensor_pk=keys[f"{asset}/{sensor}"],
                                          ts=datetime.fromisoformat(timestamp), value=float(value), ingest_pk=1))
                 done += 1
                 if done % NAIVE_COMMIT_EVERY == 0:
@@ -61,13 +60,13 @@ def naive_orm(url: str, path: Path, rows: int, layout: Layout) -> int:
     return done
 
 
-def pandas_to_sql(url: str, path: Path, rows: int, layout: Layout, multi: bool) -> int:
+def pandas_to_sql(url: str, path: Path, rows: int, keys: dict[str, int], multi: bool) -> int:
     """pandas ``read_csv`` chunks → ``to_sql`` (executemany, or multi-row VALUES); returns rows."""
     import pandas as pd
 
     from shared.db import make_engine
 
-    keys = pd.Series({f"{asset}/{sensor}": pk for (asset, sensor), pk in sensor_keys(layout).items()})
+    lookup = pd.Series(keys)
     engine = make_engine(url)
     method = "multi" if multi else None
     chunksize = MULTI_CHUNKSIZE[engine.dialect.name if engine.dialect.name == "sqlite" else "postgresql"] \
@@ -75,7 +74,7 @@ def pandas_to_sql(url: str, path: Path, rows: int, layout: Layout, multi: bool) 
     done = 0
     try:
         for chunk in pd.read_csv(path, chunksize=TO_SQL_CHUNK_ROWS, nrows=rows, dtype={"asset": str, "sensor": str}):
-            frame = pd.DataFrame({"sensor_pk": (chunk["asset"] + "/" + chunk["sensor"]).map(keys).astype("int64"),
+            frame = pd.DataFrame({"sensor_pk": (chunk["asset"] + "/" + chunk["sensor"]).map(lookup).astype("int64"),
                                   "ts": pd.to_datetime(chunk["timestamp"], utc=True, format="ISO8601"),
                                   "value": chunk["value"].astype("float64"), "ingest_pk": 1})
             frame.to_sql("iiot_readings", engine, if_exists="append", index=False, method=method,
@@ -107,14 +106,45 @@ def tessera_missing() -> str | None:
         from services.iiot import ingest
     except ImportError as error:
         return f"services.iiot.ingest does not import: {error}"
-    if not hasattr(ingest, "ingest_file"):
-        return "H1's ingestion job (services.iiot.ingest) has not landed"
+    if not hasattr(ingest, "run_file_ingest"):
+        return "H1's ingestion job (services.iiot.ingest.run_file_ingest) has not landed"
     return None
 
 
-def tessera_ingest(url: str, path: Path) -> int:
-    """The project's ingestion path on ``path`` in this process; returns the rows it kept."""
-    raise NotImplementedError("wired when H1's ingest job lands")
+def tessera_ingest(path: Path) -> dict[str, Any]:
+    """The ``iiot.ingest_file`` job's handler on ``path``, in this process, as a worker runs it.
+
+    The database is the configured one (``TESSERA_DATABASE_URL``, set by the caller). The
+    ingestion and its job rows are made as ``POST /ingest`` makes them (the upload itself, its
+    streaming to disk and sha256, is not timed); the file is hard-linked, as the job deletes its
+    file when done. Returns the job's summary (rows read, kept, quarantined, gaps).
+    """
+    import os
+    import uuid
+
+    from services.iiot.db import Ingest
+    from services.iiot.ingest import run_file_ingest
+    from shared.db import session_scope, utcnow
+    from shared.jobs import RUNNING, Job
+
+    linked = path.with_name(f"upload-{uuid.uuid4().hex}{path.suffix}")
+    os.link(path, linked)
+    digest = uuid.uuid4().hex + uuid.uuid4().hex
+    with session_scope() as session:
+        ingest = Ingest(tenant_id=TENANT, source="file", digest=digest, filename=path.name,
+                        size_bytes=path.stat().st_size)
+        session.add(ingest)
+        session.flush()
+        job = Job(idempotency_key=f"iiot-ingest:{TENANT}:{digest}", task_name="iiot.ingest_file", queue="iiot",
+                  tenant_id=TENANT, payload={"ingest_pk": ingest.id, "path": str(linked)}, status=RUNNING,
+                  attempts=1, lease_until=utcnow())
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    with session_scope() as session:
+        stored = session.get(Job, job_id)
+        assert stored is not None
+        return run_file_ingest(session, stored)
 
 
 def accept_readings_missing() -> str | None:

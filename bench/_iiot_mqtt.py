@@ -9,8 +9,7 @@
 The subscriber runs in its own process (``bench/iiot.py point mqtt``) so the publisher, in the
 parent, does not share its interpreter; it prints ``ready`` once subscribed, and its JSON (readings
 counted, seconds from the first message received to the last reading committed, CPU, peak RSS) at
-the end. Readings are simulated: every sensor of the bench fleet, one step after the other, per
-asset in messages of ``batch`` readings, assets interleaved.
+the end. Readings are simulated (:func:`payloads`) for the sensors of the bench's simulated fleet.
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench._iiot_data import SENSOR_KINDS, START, TENANT, Layout
+from bench._iiot_data import START, TENANT
+
+Registry = dict[str, list[dict[str, Any]]]
 
 PUBLISH_INFLIGHT = 1000
 WINDOW_MESSAGES = 800
@@ -38,29 +39,38 @@ QoS 1 messages. A closed loop: readings/s is what the subscriber sustains, not w
 RECEIVE_MAXIMUM = 1000
 
 
-def payloads(layout: Layout, readings: int, batch: int) -> Iterator[tuple[str, str, bytes]]:
-    """(asset_id, line_id, JSON payload) of ``readings`` readings in messages of ``batch``."""
-    kinds = len(SENSOR_KINDS)
-    per_asset = -(-readings // layout.assets)
-    messages_per_asset = -(-per_asset // batch)
+def payloads(registry: Registry, readings: int, batch: int) -> Iterator[tuple[str, str, str, bytes]]:
+    """(plant_id, line_id, asset_id, JSON payload) of ``readings`` readings in messages of ``batch``.
+
+    Per asset, its sensors one minute step after the other (values inside their expected range),
+    in messages of ``batch`` readings; assets interleaved message by message.
+    """
+    plant_of = {line["line_id"]: line["plant_id"] for line in registry["lines"]}
+    assets = registry["assets"]
+    sensors = {asset["asset_id"]: [s for s in registry["sensors"] if s["asset_id"] == asset["asset_id"]]
+               for asset in assets}
+    per_asset = -(-readings // len(assets))
     sent = 0
-    for message in range(messages_per_asset):
-        for asset in range(layout.assets):
+    for message in range(-(-per_asset // batch)):
+        for asset in assets:
+            own = sensors[asset["asset_id"]]
             rows = []
             for index in range(message * batch, min((message + 1) * batch, per_asset)):
                 if sent >= readings:
                     break
-                kind = SENSOR_KINDS[index % kinds]
-                at = START + timedelta(seconds=(index // kinds) * layout.interval_s)
-                rows.append({"sensor": kind.sensor_id, "timestamp": at.isoformat().replace("+00:00", "Z"),
-                             "value": round(kind.level + kind.noise * ((index * 7919) % 13 - 6) / 6, 3),
-                             "unit": kind.unit})
+                sensor = own[index % len(own)]
+                at = START + timedelta(minutes=index // len(own))
+                span = sensor["max_value"] - sensor["min_value"]
+                rows.append({"sensor": sensor["sensor_id"], "timestamp": at.isoformat().replace("+00:00", "Z"),
+                             "value": round(sensor["min_value"] + span * (0.4 + 0.01 * (index % 7)), 3),
+                             "unit": sensor["unit"]})
                 sent += 1
             if rows:
-                yield layout.asset_id(asset), f"L{asset % layout.lines + 1}", json.dumps({"readings": rows}).encode()
+                yield (plant_of[asset["line_id"]], asset["line_id"], asset["asset_id"],
+                       json.dumps({"readings": rows}).encode())
 
 
-def publish_all(host: str, port: int, prefix: str, layout: Layout, readings: int, batch: int,
+def publish_all(host: str, port: int, prefix: str, registry: Registry, readings: int, batch: int,
                 progress: Path) -> dict[str, Any]:
     """Publish the bench readings at QoS 1, at most :data:`WINDOW_MESSAGES` ahead of the subscriber's
     progress (readings done, in ``progress``); returns messages and seconds."""
@@ -74,10 +84,10 @@ def publish_all(host: str, port: int, prefix: str, layout: Layout, readings: int
     try:
         started = time.perf_counter()
         infos: list[Any] = []
-        for asset, line, body in payloads(layout, readings, batch):
+        for plant, line, asset, body in payloads(registry, readings, batch):
             while len(infos) - _done(progress) // batch > WINDOW_MESSAGES:
                 time.sleep(0.001)
-            infos.append(client.publish(readings_topic(prefix, TENANT, "P1", line, asset), body, qos=1))
+            infos.append(client.publish(readings_topic(prefix, TENANT, plant, line, asset), body, qos=1))
         for info in infos:
             info.wait_for_publish(timeout=60)
         return {"messages": len(infos), "publish_s": time.perf_counter() - started}
@@ -181,7 +191,7 @@ def _tessera_subscriber(broker: str, prefix: str) -> Watch:
                  done=lambda: subscriber.stats.kept + subscriber.stats.quarantined, stop=subscriber.stop)
 
 
-def run_mqtt_point(kind: str, broker: str, layout: Layout, readings: int, batch: int, env: dict[str, str],
+def run_mqtt_point(kind: str, broker: str, registry: Registry, readings: int, batch: int, env: dict[str, str],
                    workdir: Path, timeout_s: float) -> dict[str, Any]:
     """One subscriber way in a subprocess, the publisher here; the subscriber's figures plus the publisher's."""
     prefix = f"tessera-bench/{uuid.uuid4().hex[:8]}"
@@ -198,7 +208,7 @@ def run_mqtt_point(kind: str, broker: str, layout: Layout, readings: int, batch:
             process.kill()
             raise RuntimeError(f"the {kind} subscriber did not start: {process.communicate()[1][-1500:]}")
         host, port = broker.removeprefix("mqtt://").split(":")
-        published = publish_all(host, int(port), prefix, layout, readings, batch, progress)
+        published = publish_all(host, int(port), prefix, registry, readings, batch, progress)
         out, err = process.communicate(timeout=timeout_s + 30)
     finally:
         if process.poll() is None:

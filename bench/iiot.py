@@ -52,12 +52,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._iiot_data import BenchDatabases, Layout, head_csv, write_long_csv, write_resolved_csv  # noqa: E402
+from bench._iiot_data import BenchDatabases, BenchFiles, make_files  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "iiot.json"
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 NOT_MEASURED = "not yet measured"
 SHARED_BOX = "2 CPU cores shared with other work (other sessions building and testing at the same time)"
+FILE_SEED = 11
+"""The simulated fleet of the ingestion file (the alert section's held-out fleet uses another seed)."""
 GOAL_PG_ROWS_PER_S, GOAL_COPY_SHARE, GOAL_NAIVE_FACTOR = 200_000, 0.70, 20.0
 
 
@@ -114,31 +116,38 @@ def not_measured(why: str) -> dict[str, Any]:
 INGEST_WAYS = ("tessera", "copy", "to_sql", "to_sql-multi", "naive-orm")
 
 
-def ingest_point(way: str, url: str, path: Path, rows: int, layout: Layout) -> dict[str, Any]:
+def ingest_point(way: str, url: str, path: Path, rows: int, keys_path: Path) -> dict[str, Any]:
     """One ingestion way in this process (``point ingest``): rows written, seconds, CPU, peak RSS."""
     from bench import _iiot_ingest as ways
 
-    handlers: dict[str, Callable[[], int]] = {
-        "naive-orm": lambda: ways.naive_orm(url, path, rows, layout),
-        "to_sql": lambda: ways.pandas_to_sql(url, path, rows, layout, multi=False),
-        "to_sql-multi": lambda: ways.pandas_to_sql(url, path, rows, layout, multi=True),
-        "tessera": lambda: ways.tessera_ingest(url, path),
+    keys: dict[str, int] = json.loads(keys_path.read_text())
+    handlers: dict[str, Callable[[], int | dict[str, Any]]] = {
+        "naive-orm": lambda: ways.naive_orm(url, path, rows, keys),
+        "to_sql": lambda: ways.pandas_to_sql(url, path, rows, keys, multi=False),
+        "to_sql-multi": lambda: ways.pandas_to_sql(url, path, rows, keys, multi=True),
+        "tessera": lambda: ways.tessera_ingest(path),
     }
     cpu_before, started = cpu_s(), time.perf_counter()
     done = handlers[way]()
     seconds = time.perf_counter() - started
-    return {"rows": done, "seconds": seconds, "cpu_s": cpu_s() - cpu_before, "peak_rss_mb": peak_rss_mb()}
+    point = {"seconds": seconds, "cpu_s": cpu_s() - cpu_before, "peak_rss_mb": peak_rss_mb()}
+    if isinstance(done, dict):
+        return {**point, "rows": done["rows_read"], "rows_kept": done["rows_kept"],
+                "rows_quarantined": done["rows_quarantined"], "gaps": done["gaps"], "error": done["error"]}
+    return {**point, "rows": done}
 
 
-def run_ingest_point(way: str, url: str, path: Path, rows: int, layout: Layout) -> dict[str, Any]:
+def run_ingest_point(way: str, url: str, path: Path, rows: int, files: BenchFiles, workdir: Path) -> dict[str, Any]:
     """:func:`ingest_point` in a subprocess (its own peak RSS); the rows stored counted afterwards."""
     from bench._iiot_data import count_readings
 
     argv = [sys.executable, str(Path(__file__).resolve()), "point", "ingest", "--way", way, "--url", url,
-            "--file", str(path), "--rows", str(rows), "--assets", str(layout.assets)]
-    completed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+            "--file", str(path), "--rows", str(rows), "--keys", str(files.keys_path)]
+    env = {**os.environ, "TESSERA_DATABASE_URL": url, "TESSERA_DATA_DIR": str(workdir / "data"),
+           "TESSERA_LOG_LEVEL": "WARNING"}
+    completed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
-        return {"status": "failed", "why": completed.stderr.strip().splitlines()[-1:] or ["?"],
+        return {"status": "failed", "why": (completed.stderr.strip().splitlines() or ["?"])[-1],
                 "stderr_tail": completed.stderr[-2000:]}
     point: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
     point["rows_stored"] = count_readings(url)
@@ -147,42 +156,33 @@ def run_ingest_point(way: str, url: str, path: Path, rows: int, layout: Layout) 
 
 
 def bench_ingest(plan: Plan, backends: tuple[str, ...], pg_url: str, workdir: Path) -> dict[str, Any]:
-    """Section 1: every way on every backend; the files made once and shared."""
-    layout = Layout(assets=plan.assets)
-    files = workdir / "files"
-    files.mkdir(parents=True, exist_ok=True)
-    big, small, resolved = files / "readings.csv", files / "readings_small.csv", files / "readings_resolved.csv"
-    started = time.perf_counter()
-    rows = write_long_csv(big, plan.rows, layout)
-    record: dict[str, Any] = {
-        "file": {"rows": rows, "bytes": big.stat().st_size, "generator": "bench/_iiot_data.write_long_csv",
-                 "seconds_to_write": time.perf_counter() - started, "assets": layout.assets,
-                 "sensors": layout.sensors, "interval_s": layout.interval_s},
-        "small_file_rows": head_csv(big, small, plan.small_rows),
-    }
-    write_resolved_csv(big, resolved, layout)
-    print(f"ingest: {rows:,} rows, {big.stat().st_size / 1e6:,.0f} MB CSV ({layout.sensors} sensors) "
-          f"written in {record['file']['seconds_to_write']:.0f} s", flush=True)
-    databases = BenchDatabases(workdir / "db", pg_url, layout)
+    """Section 1: every way on every backend; the files made once (or reused from ``workdir``) and shared."""
+    files = make_files(workdir / "files", plan.rows, plan.small_rows, plan.assets, FILE_SEED)
+    record: dict[str, Any] = {"file": files.manifest, "small_file_rows": files.small_rows}
+    print(f"ingest: {files.rows:,} rows, {files.manifest['bytes'] / 1e6:,.0f} MB CSV "
+          f"({files.manifest['sensors']} sensors, {files.manifest['simulated_days']:.0f} simulated days) "
+          f"{'reused' if files.manifest['reused'] else 'written'} "
+          f"({files.manifest['seconds_to_write']:.0f} s to write)", flush=True)
+    databases = BenchDatabases(workdir / "db", pg_url, files.registry)
     (workdir / "db").mkdir(exist_ok=True)
     try:
         databases.prepare(backends)
         for backend in backends:
-            record[backend] = ingest_backend(backend, plan, databases, big, small, resolved, layout)
+            record[backend] = ingest_backend(backend, plan, databases, files, workdir)
     finally:
         databases.close()
     return record
 
 
-def ingest_backend(backend: str, plan: Plan, databases: BenchDatabases, big: Path, small: Path, resolved: Path,
-                   layout: Layout) -> dict[str, Any]:
+def ingest_backend(backend: str, plan: Plan, databases: BenchDatabases, files: BenchFiles,
+                   workdir: Path) -> dict[str, Any]:
     """Every way on one backend, each into a fresh copy of the seeded database."""
     from bench import _iiot_ingest as ways
 
     results: dict[str, Any] = {}
-    points = [("tessera", big, plan.rows), ("tessera@small", small, plan.small_rows), ("copy", resolved, plan.rows),
-              ("to_sql", big, plan.to_sql_rows), ("to_sql-multi", big, plan.to_sql_rows),
-              ("naive-orm", big, plan.naive_rows)]
+    points = [("tessera", files.big, plan.rows), ("tessera@small", files.small, plan.small_rows),
+              ("copy", files.resolved, plan.rows), ("to_sql", files.big, plan.to_sql_rows),
+              ("to_sql-multi", files.big, plan.to_sql_rows), ("naive-orm", files.big, plan.naive_rows)]
     for label, path, rows in points:
         way = label.split("@")[0]
         if way == "tessera" and (why := ways.tessera_missing()):
@@ -196,7 +196,7 @@ def ingest_backend(backend: str, plan: Plan, databases: BenchDatabases, big: Pat
                                   "rows_per_s": stored / seconds, "tool": "sqlite3 .import" if backend == "sqlite"
                                   else "psql \\copy"}
             else:
-                results[label] = run_ingest_point(way, url, path, rows, layout)
+                results[label] = run_ingest_point(way, url, path, rows, files, workdir)
             results[label]["sample"] = rows < plan.rows and label != "tessera@small"
         finally:
             databases.discard(url)
@@ -243,7 +243,7 @@ def print_ingest(record: dict[str, Any]) -> None:
     """Markdown table of section 1."""
     file_ = record["file"]
     print(f"\n### Ingestion: long-format CSV, {file_['rows']:,} rows ({file_['bytes'] / 1e6:,.0f} MB, "
-          f"{file_['sensors']:,} sensors), into iiot_readings\n")
+          f"{file_['sensors']:,} sensors of {file_['assets']} simulated assets), into iiot_readings\n")
     print("| database | way | rows | rows/s | peak RSS (MB) | note |")
     print("|---|---|---:|---:|---:|---|")
     for backend in ("postgres", "sqlite"):
@@ -257,6 +257,8 @@ def print_ingest(record: dict[str, Any]) -> None:
                 print(f"| {backend} | {name} | — | — | — | {point['status']}: {point['why']} |")
                 continue
             note = "sample; rows/s extrapolates" if point.get("sample") else ""
+            if point.get("rows_quarantined"):
+                note += f" {point['rows_quarantined']:,} quarantined"
             if point.get("rows_stored") is not None and point["rows_stored"] != point["rows"]:
                 note += f" stored {point['rows_stored']:,}"
             print(f"| {backend} | {name} | {point['rows']:,} | {fmt(point['rows_per_s'])} | "
@@ -299,10 +301,13 @@ def bench_mqtt(plan: Plan, broker: str, pg_url: str, workdir: Path) -> dict[str,
 
     if not broker_listening(broker):
         return not_measured(f"no MQTT broker at {broker}")
-    layout = Layout(assets=plan.assets)
+    from services.iiot.simulate import write_readings
+
+    registry = write_readings(workdir / "mqtt-registry.csv", "csv", 1000, assets=plan.assets,
+                              seed=FILE_SEED).registry.payload()
     record: dict[str, Any] = {"broker": broker, "database": "postgres", "qos": 1}
     missing = _iiot_ingest.accept_readings_missing()
-    databases = BenchDatabases(workdir / "mqtt-db", pg_url, layout)
+    databases = BenchDatabases(workdir / "mqtt-db", pg_url, registry)
     (workdir / "mqtt-db").mkdir(exist_ok=True)
     try:
         if missing is None:
@@ -317,7 +322,7 @@ def bench_mqtt(plan: Plan, broker: str, pg_url: str, workdir: Path) -> dict[str,
                 env = {"TESSERA_DATABASE_URL": url, "TESSERA_LOG_LEVEL": "WARNING",
                        "TESSERA_DATA_DIR": str(workdir / "mqtt-data")} if url else {}
                 try:
-                    record[label] = run_mqtt_point(way, broker, layout, plan.mqtt_readings, batch, env, workdir,
+                    record[label] = run_mqtt_point(way, broker, registry, plan.mqtt_readings, batch, env, workdir,
                                                    timeout_s=plan.mqtt_timeout_s)
                 finally:
                     if url:
@@ -398,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     point.add_argument("--rows", type=int, required=True)
     point.add_argument("--url", help="ingest: the database")
     point.add_argument("--file", type=Path, help="ingest: the CSV")
-    point.add_argument("--assets", type=int, default=0, help="ingest: the fleet's assets")
+    point.add_argument("--keys", type=Path, help="ingest: the sensor keys (JSON)")
     point.add_argument("--broker", help="mqtt: the broker URL")
     point.add_argument("--prefix", help="mqtt: the topic prefix")
     point.add_argument("--timeout", type=float, default=300.0, help="mqtt: give up after this many seconds")
@@ -419,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.progress)))
         return 0
     if args.command == "point":
-        print(json.dumps(ingest_point(args.way, args.url, args.file, args.rows, Layout(assets=args.assets))))
+        print(json.dumps(ingest_point(args.way, args.url, args.file, args.rows, args.keys)))
         return 0
     plan = QUICK if args.quick else FULL
     if args.rows:
