@@ -164,6 +164,24 @@ def test_readings_to_alert_to_signed_webhooks_to_acknowledge_and_resolve(here: I
         assert client.get("/alerts", params={"state": "active"}).json() == []
         assert len(receiver.on("/alerts")) == 3
 
+        # a new reading scores again and opens a new alert; a failure record resolves it and is a label
+        with session_scope() as session:
+            add_reading(session, session.merge(sensor), 48, 75.0)
+        reopened = client.post("/scoring:run").json()["job_id"]
+        wait_until(lambda: job_status(reopened) == SUCCEEDED, 60, "the third scoring job")
+        [second] = client.get("/alerts", params={"state": "active", "asset": "pump-7"}).json()
+        assert second["id"] != alert["id"]
+        record = client.post("/assets/pump-7/maintenance", json={
+            "kind": "failure", "occurred_at": "2026-03-03T01:00:00Z", "failure_mode": "bearing"})
+        assert record.status_code == 201 and record.json()["resolved_alert_id"] == second["id"]
+        closed = client.get(f"/alerts/{second['id']}").json()
+        note = f"resolved by maintenance record {record.json()['id']} (failure)"
+        assert (closed["state"], closed["note"]) == ("resolved", note)
+        assert [r["kind"] for r in client.get("/assets/pump-7/maintenance").json()] == ["failure"]
+        wait_until(lambda: len(receiver.on("/alerts")) >= 5, 60, "the second alert's webhooks")
+        assert sorted(e["event"] for e in events_received(receiver, secret)[3:]) == [  # type: ignore[type-var]
+            "iiot.alert.opened", "iiot.alert.resolved"]
+
 
 def test_settings_are_validated_strictly_and_urls_vetted(here: IiotDeployment) -> None:
     _tenant, key = new_key(here.stack.database_url, scopes=("iiot",))
@@ -178,3 +196,8 @@ def test_settings_are_validated_strictly_and_urls_vetted(here: IiotDeployment) -
         assert client.post("/alerts/999999:acknowledge").status_code == 404
         failure = {"kind": "failure", "occurred_at": "2026-03-01T00:00:00Z"}
         assert client.post("/assets/nope/maintenance", json=failure).status_code == 404
+        retrain = client.post("/models/retrain", json={})
+        assert retrain.status_code == 422 and retrain.json()["have"] == {"training_failures": 0, "holdout_failures": 0}
+        assert client.post("/models/retrain", json={"epochs": "5"}).status_code == 422
+        listed = client.get("/models").json()
+        assert [(m["version"], m["status"], m["default"]) for m in listed] == [("v1", "live", True)]
