@@ -357,7 +357,8 @@ def _seconds(text: str) -> float:
 
 COMMAND_HELP = {"train": "train a model", "simulate": "simulate data",
                 "restore-state": "rebuild Redis fast state from the database",
-                "recorder": "drain write-behind streams into the database (own process)"}
+                "recorder": "drain write-behind streams into the database (own process)",
+                "edge": "run an edge gateway (local MQTT in, on-device scores upstream)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

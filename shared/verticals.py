@@ -28,7 +28,7 @@ from shared.config import get_settings
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 DECLARATION_MODULE = "vertical"
 PLATFORM_SCOPES = ("admin",)
-COMMANDS = ("train", "simulate", "restore-state", "recorder")
+COMMANDS = ("train", "simulate", "restore-state", "recorder", "edge")
 """CLI verbs a vertical may implement: ``tessera <verb> <vertical> [args...]`` calls ``main(argv)``."""
 
 
