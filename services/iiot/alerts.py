@@ -248,9 +248,10 @@ def active_key(asset_pk: int, kind: str = FAILURE_RISK) -> str:
     return f"{asset_pk}:{kind}"
 
 
-def alert_out(session: Session, alert: Alert) -> AlertOut:
-    """The alert's public form (its asset's own id instead of the surrogate key)."""
-    asset_id = session.scalar(select(Asset.asset_id).where(Asset.id == alert.asset_pk))
+def alert_out(session: Session, alert: Alert, asset_id: str | None = None) -> AlertOut:
+    """The alert's public form (its asset's own id instead of the surrogate key; read unless given)."""
+    if asset_id is None:
+        asset_id = session.scalar(select(Asset.asset_id).where(Asset.id == alert.asset_pk))
     return AlertOut.model_validate({**{c: getattr(alert, c) for c in AlertOut.model_fields if c != "asset_id"},
                                     "asset_id": asset_id})
 

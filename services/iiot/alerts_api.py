@@ -85,16 +85,18 @@ def list_alerts(request: Request, response: Response, principal: IiotPrincipal, 
 
     A full page carries an RFC 8288 ``Link`` header to the next one (keyset paging by id).
     """
-    query = select(Alert).where(Alert.tenant_id == principal.tenant_id)
+    query = select(Alert, Asset.asset_id).join(Asset, Asset.id == Alert.asset_pk).where(
+        Alert.tenant_id == principal.tenant_id)
     if state == "active":
         query = query.where(Alert.state.in_((OPEN, ACKNOWLEDGED)))
     elif state is not None:
         query = query.where(Alert.state == state)
     if asset is not None:
-        query = query.join(Asset, Asset.id == Alert.asset_pk).where(Asset.asset_id == asset)
+        query = query.where(Asset.asset_id == asset)
     if cursor is not None:
         query = query.where(Alert.id < cursor)
-    page = [alerts.alert_out(session, row) for row in session.scalars(query.order_by(Alert.id.desc()).limit(limit))]
+    rows = session.execute(query.order_by(Alert.id.desc()).limit(limit)).all()
+    page = [alerts.alert_out(session, alert, asset_id) for alert, asset_id in rows]
     if len(page) == limit:
         response.headers["Link"] = f'<{request.url.include_query_params(cursor=page[-1].id)}>; rel="next"'
     return page

@@ -25,7 +25,7 @@ from shared.jobs import SUCCEEDED, Job
 from shared.security import SIGNATURE_HEADER, Tenant, verify_signature
 from shared.webhooks import IDEMPOTENCY_HEADER
 from tests.conftest import Stack, apply_stack_in_process, sqlite_stack_at
-from tests.iiot.test_alerts_lifecycle import add_reading, new_asset
+from tests.iiot.test_alerts_lifecycle import START, add_reading, new_asset
 from tests.nodule.conftest import new_key
 from tests.scaffold import migrate
 from tests.shared.test_webhooks import Receiver, serve
@@ -201,3 +201,27 @@ def test_settings_are_validated_strictly_and_urls_vetted(here: IiotDeployment) -
         assert client.post("/models/retrain", json={"epochs": "5"}).status_code == 422
         listed = client.get("/models").json()
         assert [(m["version"], m["status"], m["default"]) for m in listed] == [("v1", "live", True)]
+
+
+def test_alerts_are_listed_newest_first_a_page_at_a_time(here: IiotDeployment) -> None:
+    from services.iiot.alerts import ScorePoint, open_alert, resolve
+
+    tenant_id, key = new_key(here.stack.database_url, scopes=("iiot",))
+    with session_scope() as session:
+        opened = []
+        for name in ("m-1", "m-2", "m-3"):
+            alert = open_alert(session, tenant_id, new_asset(session, tenant_id, name).asset_pk,
+                               ScorePoint(START, 0.7), "warning")
+            assert alert is not None
+            opened.append(alert.id)
+        resolve(session, tenant_id, opened[0], by="test", note=None, notify_url=None)
+    with here.client(key) as client:
+        first = client.get("/alerts", params={"limit": 2})
+        assert [a["id"] for a in first.json()] == [opened[2], opened[1]]
+        next_url = first.links["next"]["url"]
+        rest = client.get(next_url)
+        assert [a["id"] for a in rest.json()] == [opened[0]] and "next" not in rest.links
+        assert [a["asset_id"] for a in client.get("/alerts", params={"state": "active"}).json()] == ["m-3", "m-2"]
+        assert [a["id"] for a in client.get("/alerts", params={"state": "resolved", "asset": "m-1"}).json()] == [
+            opened[0]]
+        assert client.get("/alerts", params={"state": "closed"}).status_code == 422
