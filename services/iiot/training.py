@@ -14,8 +14,8 @@
   label), a stratified 60/20/20 split, epoch, seeds and the decision threshold chosen on
   validation, F1 / precision / recall / AUC on test.
 
-Every real-data run writes its figures to ``models/iiot/evaluation/<dataset>.json``; nothing is tuned on
-a test split.
+Every real-data run writes its figures to ``<output>/evaluation/<dataset>.json`` (default
+``models/iiot/evaluation``); nothing is tuned on a test split.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 from services.iiot import datasets
 from services.iiot.evaluation import best_f1_threshold, classification_scores, rul_scores
-from services.iiot.model import ONNX_FILE, SensorWindowConfig, SensorWindowNet, Tier, save_risk_model
+from services.iiot.model import MODELS_SUBDIR, ONNX_FILE, SensorWindowConfig, SensorWindowNet, Tier, save_risk_model
+from shared.config import get_settings
 
 logger = logging.getLogger("tessera.iiot.training")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EVALUATION_DIR = REPO_ROOT / "models" / "iiot" / "evaluation"
+EVALUATION_SUBDIR = "evaluation"
 
 
 @dataclass(frozen=True)
@@ -225,11 +225,12 @@ def cmapss_arrays(window_set: datasets.WindowSet) -> Arrays:
 
 def run_cmapss(*, tier: Tier = "cloud", seeds: int = 5, keep: int = 3, settings: FitSettings | None = None,
                root: Path | None = None, unit_limit: int | None = None, sizes: dict[str, Any] | None = None,
-               ) -> dict[str, Any]:
+               with_cycle: bool = True) -> dict[str, Any]:
     """Train on train_FD001 (validation split by engine), score the official test set once.
 
     ``sizes`` overrides the tier's network sizes (``d_model``, ``layers``...); ``unit_limit`` keeps
-    only training engines up to that number (smoke tests).
+    only training engines up to that number (smoke tests). ``with_cycle`` adds the engine's age
+    (its cycle count, known at prediction time) as a channel beside the 14 sensors.
     """
     settings = settings or FitSettings(epochs=40, batch_size=256, learning_rate=2e-3, patience=10,
                                        failure_weight=0.2)
@@ -237,12 +238,13 @@ def run_cmapss(*, tier: Tier = "cloud", seeds: int = 5, keep: int = 3, settings:
     train_frame = data.train if unit_limit is None else data.train[data.train["unit"] <= unit_limit]
     train_units, val_units = split_units(train_frame["unit"].to_numpy(), 0.2, seed=0)
     fit_frame = train_frame[train_frame["unit"].isin(train_units)]
-    scaler = datasets.SensorScaler.fit(fit_frame, datasets.CMAPSS_SENSORS)
+    channels = (*datasets.CMAPSS_SENSORS, "cycle") if with_cycle else datasets.CMAPSS_SENSORS
+    scaler = datasets.SensorScaler.fit(fit_frame, channels)
     train = cmapss_arrays(datasets.cmapss_windows(fit_frame, scaler, min_length=datasets.CMAPSS_WINDOW // 2))
     validation = cmapss_arrays(datasets.cmapss_windows(train_frame[train_frame["unit"].isin(val_units)], scaler,
                                                        min_length=datasets.CMAPSS_WINDOW))
     test_set = datasets.cmapss_last_windows(data.test, scaler, data.test_rul)
-    config = SensorWindowConfig.for_tier(tier, datasets.CMAPSS_SENSORS, window=datasets.CMAPSS_WINDOW,
+    config = SensorWindowConfig.for_tier(tier, channels, window=datasets.CMAPSS_WINDOW,
                                          rul_scale=float(datasets.RUL_CAP), rul_unit="cycles", step_hours=1.0,
                                          horizon_hours=30.0, **(sizes or {}))
     runs = [fit(config, train, validation, _with_seed(settings, seed), rul_validation_rmse, normalise=False)
@@ -264,8 +266,9 @@ def run_cmapss(*, tier: Tier = "cloud", seeds: int = 5, keep: int = 3, settings:
     }
 
 
-_CMAPSS_PROTOCOL = (f"train_FD001 engines split 80/20 by engine (seed 0) into train/validation; 14 varying sensors "
-                    f"standardised per operating condition on the train engines; windows of "
+_CMAPSS_PROTOCOL = (f"train_FD001 engines split 80/20 by engine (seed 0) into train/validation; 14 varying "
+                    f"sensors (+ the engine's cycle count) standardised per operating condition on the train "
+                    f"engines; windows of "
                     f"{datasets.CMAPSS_WINDOW} cycles; RUL target capped at {datasets.RUL_CAP} cycles; epochs and "
                     f"ensemble members chosen on validation RMSE; official test set = last cycle of each of the 100 "
                     f"test engines against RUL_FD001 (uncapped truth; capped-truth figures beside)")
@@ -450,8 +453,9 @@ FLEET_DATA = ("SIMULATED fleet only (services/iiot/simulate.py: several failure 
 
 
 def write_artifact(net: SensorWindowNet, directory: Path, *, figures: dict[str, Any], data: str,
-                   rebuild_command: str, version: str = "v1") -> Path:
-    """Save ``net`` with its ONNX graph into ``directory`` and seal it (manifest + card)."""
+                   rebuild_command: str, version: str = "v1", evaluations: Path | None = None) -> Path:
+    """Save ``net`` with its ONNX graph into ``directory`` and seal it (manifest + card); the card
+    quotes the real-data evaluations found in ``evaluations`` (``<dataset>.json``)."""
     from model_runtime.artifacts import save_artifact
 
     if directory.exists() and any(directory.iterdir()):
@@ -462,7 +466,7 @@ def write_artifact(net: SensorWindowNet, directory: Path, *, figures: dict[str, 
     metrics |= {"onnx_bytes": onnx_bytes, "parameters": net.parameter_count()}
     save_artifact(directory, name=f"iiot-{net.config.tier}", version=version, framework="torch+onnx",
                   metrics=metrics, data=data, rebuild_command=rebuild_command,
-                  model_card=model_card(net, figures, data, rebuild_command, onnx_bytes),
+                  model_card=model_card(net, figures, data, rebuild_command, onnx_bytes, evaluations),
                   extra={"figures": figures, "config": net.config.as_dict()})
     return directory
 
@@ -473,7 +477,7 @@ def _score_row(name: str, scores: dict[str, Any]) -> str:
 
 
 def model_card(net: SensorWindowNet, figures: dict[str, Any], data: str, rebuild_command: str,
-               onnx_bytes: int) -> str:
+               onnx_bytes: int, evaluations: Path | None = None) -> str:
     """The model card: what it is, the data (simulated, said plainly), figures as measured, how to rebuild."""
     config = net.config
     attention = "on" if config.channel_attention else "off"
@@ -491,17 +495,17 @@ def model_card(net: SensorWindowNet, figures: dict[str, Any], data: str, rebuild
         _score_row("validation assets", figures["validation"]), _score_row("test fleet (other seed)", figures["test"]),
         "", f"Decision threshold: {figures['test']['threshold']:.3f}. Windows: {figures['windows']}.", "",
     ]
-    lines += _real_data_section()
+    lines += _real_data_section(evaluations) if evaluations is not None else []
     lines += ["## Rebuild", f"`{rebuild_command}`", ""]
     return "\n".join(lines)
 
 
-def _real_data_section() -> list[str]:
-    """The real-data evaluations of the same architecture, when they were run (evaluation/*.json)."""
+def _real_data_section(evaluations: Path) -> list[str]:
+    """The real-data evaluations of the same architecture, when they were run (``<dataset>.json``)."""
     lines = ["## Same architecture on real public data (trained separately; see models/iiot/evaluation/)", ""]
     found = False
     for name in ("cmapss", "ai4i"):
-        path = EVALUATION_DIR / f"{name}.json"
+        path = evaluations / f"{name}.json"
         if path.is_file():
             found = True
             result = json.loads(path.read_text())
@@ -536,12 +540,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    output = args.output or get_settings().models_dir / MODELS_SUBDIR
     if args.dataset in ("cmapss", "ai4i"):
         figures = _run_real(args)
-        EVALUATION_DIR.mkdir(parents=True, exist_ok=True)
-        (EVALUATION_DIR / f"{args.dataset}.json").write_text(json.dumps(figures, indent=1) + "\n")
+        (output / EVALUATION_SUBDIR).mkdir(parents=True, exist_ok=True)
+        (output / EVALUATION_SUBDIR / f"{args.dataset}.json").write_text(json.dumps(figures, indent=1) + "\n")
     else:
-        figures = _run_fleet_tiers(args)
+        figures = _run_fleet_tiers(args, output)
     print(json.dumps(figures, indent=1))
 
 
@@ -570,12 +575,9 @@ REAL_SIZES: dict[str, dict[str, Any]] = {
 FLEET_SETTINGS = FitSettings(epochs=20, batch_size=128, learning_rate=2e-3, patience=6, positive_weight=3.0)
 
 
-def _run_fleet_tiers(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.config import get_settings
-
+def _run_fleet_tiers(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     plan = FleetPlan(assets=args.assets, days=args.days)
     data = fleet_splits(plan)
-    output = args.output or get_settings().models_dir / "iiot"
     settings = FitSettings(**{**asdict(FLEET_SETTINGS), "threads": args.threads,
                               **({"epochs": args.epochs} if args.epochs else {})})
     tiers: list[Tier] = ["cloud", "edge"] if args.tier == "both" else [args.tier]
@@ -585,7 +587,7 @@ def _run_fleet_tiers(args: argparse.Namespace) -> dict[str, Any]:
         nets, figures = run_fleet(tier, plan, settings, seeds=args.seeds or 1, data=data)
         figures["version"] = args.version
         write_artifact(nets[0], output / tier / args.version, figures=figures, data=described,
-                       rebuild_command=_command(args, tier))
+                       rebuild_command=_command(args, tier), evaluations=output / EVALUATION_SUBDIR)
         report[tier] = figures
     return report
 

@@ -1,0 +1,70 @@
+"""The real public data sets beside the repo (``../shared/datasets``): C-MAPSS FD001 and AI4I 2020 read
+as documented, the official C-MAPSS test set is the last cycle of each test engine, RUL is capped,
+and the AI4I inputs never include the failure-mode flags. Skipped, saying so, when the data are absent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from services.iiot import datasets
+
+ROOT = datasets.datasets_dir()
+
+
+def require(folder: str) -> None:
+    if not (ROOT / folder).is_dir():
+        pytest.skip(f"the shared data set is absent: {ROOT / folder} (see ../shared/datasets/{folder}/README.md)")
+
+
+def test_cmapss_fd001_reads_as_documented() -> None:
+    require(datasets.CMAPSS_FOLDER)
+    data = datasets.load_cmapss()
+    assert data.train.shape == (20631, 26) and data.test.shape == (13096, 26)
+    assert data.train["unit"].nunique() == 100 and data.test["unit"].nunique() == 100
+    assert data.test_rul.shape == (100,) and (data.test_rul.min(), data.test_rul.max()) == (7, 145)
+    rul = datasets.cmapss_rul(data.train)
+    assert rul.max() == datasets.RUL_CAP and rul.min() == 0
+
+
+def test_cmapss_windows_end_at_every_cycle_and_the_test_set_at_the_last() -> None:
+    require(datasets.CMAPSS_FOLDER)
+    data = datasets.load_cmapss()
+    train = data.train[data.train["unit"] <= 3]
+    scaler = datasets.SensorScaler.fit(train, datasets.CMAPSS_SENSORS)
+    windows = datasets.cmapss_windows(train, scaler)
+    assert windows.x.shape == (len(train), datasets.CMAPSS_WINDOW, len(datasets.CMAPSS_SENSORS))
+    first = windows.units == 1
+    assert windows.mask[first][0].sum() == 1 and windows.mask[first][-1].sum() == datasets.CMAPSS_WINDOW
+    assert windows.rul[first][-1] == 0 and windows.rul[first][0] == datasets.RUL_CAP
+    test = datasets.cmapss_last_windows(data.test, scaler, data.test_rul)
+    assert test.x.shape[0] == 100 and (test.mask.sum(axis=1) == datasets.CMAPSS_WINDOW).all()
+    last_of_unit_1 = data.test[data.test["unit"] == 1].iloc[-1]
+    expected = scaler.transform(last_of_unit_1.to_frame().T)[0]
+    np.testing.assert_allclose(test.x[0, -1], expected, rtol=1e-5)
+    assert test.rul[0] == data.test_rul[0]
+
+
+def test_sensor_scaler_standardises_per_operating_condition() -> None:
+    frame = pd.DataFrame({"setting1": [0.0] * 4 + [10.0] * 4, "setting2": 0.0, "setting3": 100.0,
+                          "s2": [1.0, 2.0, 3.0, 4.0, 101.0, 102.0, 103.0, 104.0]})
+    scaled = datasets.SensorScaler.fit(frame, ("s2",)).transform(frame)
+    np.testing.assert_allclose(scaled[:4, 0], scaled[4:, 0], atol=1e-6)
+
+
+def test_ai4i_inputs_leave_out_the_failure_mode_flags_and_ids() -> None:
+    require(datasets.AI4I_FOLDER)
+    data = datasets.load_ai4i()
+    assert data.x.shape == (10000, len(datasets.AI4I_FEATURES)) and int(data.y.sum()) == 339
+    raw = pd.read_csv(ROOT / datasets.AI4I_FOLDER / datasets.AI4I_FILE, encoding="utf-8-sig")
+    for flag in datasets.AI4I_LEAKING_COLUMNS:  # no input column equals a mode flag
+        assert not any(np.array_equal(data.x[:, j], raw[flag].to_numpy(np.float32)) for j in range(data.x.shape[1]))
+    row = raw.iloc[0]
+    power = row["Torque [Nm]"] * row["Rotational speed [rpm]"] * 2 * np.pi / 60
+    assert data.x[0, datasets.AI4I_FEATURES.index("power_w")] == pytest.approx(power, rel=1e-5)
+
+
+def test_a_missing_file_is_named() -> None:
+    with pytest.raises(datasets.DatasetError, match="train_FD009.txt is missing"):
+        datasets.load_cmapss(subset="FD009")
