@@ -30,9 +30,10 @@ class Publisher:
 
     @classmethod
     @contextlib.contextmanager
-    def connected(cls) -> Iterator[Publisher]:
+    def connected(cls, port: int = 1883) -> Iterator[Publisher]:
+        """A publisher connected to the loopback broker on ``port``."""
         client = new_client(f"tessera-test-pub-{uuid.uuid4().hex[:12]}")
-        client.connect("127.0.0.1", 1883)
+        client.connect("127.0.0.1", port)
         client.loop_start()
         try:
             yield cls(client)
