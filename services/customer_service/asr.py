@@ -14,6 +14,11 @@ not know (a brand, a name) gets the pronunciation espeak-ng gives it (:func:`gue
 its US-English IPA mapped to cmudict's phones), listed in :attr:`DomainLm.guessed_words`; one
 still without a pronunciation is left out and listed in :attr:`DomainLm.unknown_words`.
 
+A tenant's calls are decoded with a model of the call scripts and its own knowledge base
+(:mod:`.tenant_lm`): an :class:`AsrRequest` or a ``begin`` :class:`AsrStep` may carry a
+:class:`KeyedLm`, which the :class:`RecognizerPool` ships to a decoder process once per version
+and which gets decoders of its own there (a bounded number of models held per process).
+
 pocketsphinx decoders are not thread-safe, and ``process_raw`` holds the GIL while it decodes: a
 :class:`Recognizer` belongs to one thread, and served through the shared runtime
 (:func:`asr_model_spec`) the recognizers live in worker processes (:class:`RecognizerPool`), one

@@ -21,7 +21,9 @@ One utterance's analysis
     Speech-to-text runs while the caller speaks: from the VAD's confirmed start, the track's audio
     goes to a decoder piece by piece (:class:`StreamedTranscripts`, ASR steps through the
     runtime), so at the end-of-utterance decision only the last piece is left to decode; a failed
-    stream falls back to decoding the utterance whole. Audio emotion runs at the decision (through
+    stream falls back to decoding the utterance whole. Each utterance is decoded with the tenant's
+    domain language model as it is when the utterance begins (:mod:`.tenant_lm`; the shipped one
+    until the tenant has one). Audio emotion runs at the decision (through
     the runtime, so utterances of concurrent calls share batches). The audio-only ``emotion`` event goes out as
     soon as it is known (``final: false``), the redacted ``transcript`` event when ASR is done; then
     the fused audio+text emotion (``final: true``) with the speaker's sentiment trend, any

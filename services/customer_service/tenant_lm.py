@@ -158,3 +158,127 @@ class TenantLanguageModels:
         logger.info("tenant %s: domain language model %s built (%d words)", tenant_id, model.key,
                     len(model.lm.vocabulary))
 
+
+
+# --- measurement: word error rate with a tenant's model ----------------------------------------------
+
+SIMULATED_HELP_CENTRE: tuple[tuple[str, str], ...] = (
+    ("Refunds", "A refund goes back to the card or account you paid with. Once we process a refund, most "
+     "banks show the money within three to five working days. If you were charged twice for one order, we "
+     "refund the second charge the same day. A refund for a returned product starts when the warehouse "
+     "receives it."),
+    ("Delivery", "Standard delivery takes three to five working days and express delivery arrives the next "
+     "day. The courier sends a text message with a delivery window. You can change the delivery address or "
+     "the delivery day from your account until the order is dispatched. If a parcel is marked as delivered "
+     "but you cannot find it, check your safe place and your neighbours, then call us and we open a claim "
+     "with the courier."),
+    ("Order status", "Every order has an order number in the confirmation email we send when you place it. "
+     "If the confirmation email does not arrive, check the spam folder, or ask us to send it again. The "
+     "tracking link shows where the parcel is."),
+    ("Signing in and passwords", "If you cannot sign in, choose forgot password on the sign in page and we "
+     "email a reset link. The link works for one hour. After five failed attempts the account is locked for "
+     "fifteen minutes for your security."),
+    ("Broadband and router problems", "If the internet connection is slow or keeps dropping, restart the "
+     "router, wait two minutes and check that every light is green. A cable gives a better speed test than "
+     "wireless. Speeds can be lower in the evening. If the problem continues for more than a day, we run a "
+     "line test and, when needed, book an engineer. The engineer visit is free when the fault is on our "
+     "network, and if an engineer misses an appointment we add compensation to your account."),
+    ("Your bill", "Your bill lists the monthly price of your plan, any extra charges and any discount. A "
+     "bill goes up when an introductory discount ends, when you use more than your allowance, or when a late "
+     "payment fee is added. A late payment fee applies when a payment arrives after the due date; if your "
+     "payment was made before the due date, we remove the fee. You can move to a different plan at any "
+     "time, and the new price starts on your next bill."),
+    ("Warranty and repairs", "Every phone, laptop, tablet, television and pair of headphones has a two year "
+     "warranty. A faulty product is repaired, replaced or refunded free of charge. Accidental damage, such "
+     "as a cracked screen after a drop, is covered by product insurance, not by the warranty. If a product "
+     "keeps switching off or restarting, update its software first, then book a repair."),
+    ("Returns and replacements", "You can return a product within thirty days for any reason. We email a "
+     "free returns label. A replacement is sent to the delivery address on the order, or to another "
+     "address if you tell us before it is dispatched."),
+    ("Cancelling", "You can cancel a subscription or close your account at any time. If you cancel within "
+     "fourteen days of joining you get a full refund. After that, any early cancellation charge is shown "
+     "before you confirm."),
+    ("Complaints", "We are sorry when something goes wrong. If you are not happy with the answer, ask for a "
+     "supervisor or a manager, who reviews the complaint and replies within five working days. Every call is "
+     "recorded in the history of your account, so you do not need to repeat the details. We may add a "
+     "credit to your account."),
+    ("Changing your details", "To change your billing address, your phone number or the name on the "
+     "account, we first confirm your identity with a security question or a one time code."),
+    ("Invoices", "Every invoice from the last two years is in your account under billing, and you can "
+     "download it as a document. We can also email copies of older invoices or a receipt."),
+    ("Insurance", "Phone insurance and pet insurance can be cancelled by phone. After a bereavement we can "
+     "transfer the account to another name or close it, and we waive any cancellation charge."),
+)
+"""A SIMULATED help centre (written for the measurement, no tenant's text): the shipped knowledge
+base's twelve topics at the length of a real help article. Its author had read the held-out
+sentences of :mod:`.evaluation`; :func:`measure_tenant_asr` reports its overlap with them."""
+
+
+def simulated_articles(tenant_id: str, pages: Sequence[tuple[str, str]]) -> list[Article]:
+    """``(title, body)`` pages as a tenant's articles."""
+    return [Article(tenant_id, f"page-{number}", title, body) for number, (title, body) in enumerate(pages)]
+
+
+def shipped_kb_pages() -> list[tuple[str, str]]:
+    """The shipped simulated knowledge base (:data:`~.asr.SIMULATED_KB_ARTICLES`) as ``(title, body)``."""
+    from services.customer_service.asr import SIMULATED_KB_ARTICLES
+
+    return [(text.split(". ", 1)[0], text.split(". ", 1)[1]) for text in SIMULATED_KB_ARTICLES]
+
+
+def ngram_overlap(texts: Sequence[str], sentences: Sequence[str], order: int) -> float:
+    """The share of the ``order``-grams of ``sentences`` found in ``texts`` (a leak check)."""
+    from services.customer_service.asr import sentence_words
+
+    def grams(source: Sequence[str]) -> set[tuple[str, ...]]:
+        return {tuple(words[i:i + order]) for text in source for words in sentence_words(text)
+                for i in range(len(words) - order + 1)}
+
+    wanted = grams(sentences)
+    return len(wanted & grams(texts)) / len(wanted) if wanted else 0.0
+
+
+def measure_tenant_asr(*, generic_words: int = 2000) -> dict[str, object]:
+    """WER and real-time factor on simulated telephone speech (in-script and held-out sentences of
+    :mod:`.evaluation`) of: the generic model; the shipped domain model; a tenant's model built from
+    the shipped knowledge base posted as its articles; one from :data:`SIMULATED_HELP_CENTRE`; and
+    one from an unrelated knowledge base (so: the scripts alone). Nothing is tuned here: every
+    domain model decodes with :class:`~.asr.DecoderSettings`' defaults."""
+    from services.customer_service.asr import DecoderSettings, Recognizer, build_domain_lm, domain_texts
+    from services.customer_service.evaluation import (
+        HELD_OUT_SENTENCES,
+        AsrScore,
+        in_script_sentences,
+        telephone_speech,
+        word_errors,
+    )
+
+    unrelated = [("Garden furniture", "Garden chairs and tables are delivered in five days. A broken chair is "
+                  "replaced free of charge.")]
+    tenant_pages = {"tenant_shipped_kb": shipped_kb_pages(), "tenant_help_centre": list(SIMULATED_HELP_CENTRE),
+                    "tenant_unrelated_kb": unrelated}
+    recognizers = {"generic": Recognizer(None, DecoderSettings(lw=6.5)),
+                   "shipped_domain": Recognizer(build_domain_lm(domain_texts(), generic_words=generic_words))}
+    for name, pages in tenant_pages.items():
+        recognizers[name] = Recognizer(build_tenant_lm(name, simulated_articles(name, pages)).lm)
+    sets = {"in_script": in_script_sentences(), "held_out": list(HELD_OUT_SENTENCES)}
+    scores = []
+    for set_name, sentences in sets.items():
+        audio = [telephone_speech(sentence, index) for index, sentence in enumerate(sentences)]
+        references = [" ".join(words) for _, words in audio]
+        for lm_name, recognizer in recognizers.items():
+            transcripts = [recognizer.transcribe(samples, 8000) for samples, _ in audio]
+            real_time = sum(t.decode_s for t in transcripts) / sum(t.audio_s for t in transcripts)
+            scores.append(AsrScore(set_name, lm_name, word_errors(references, [t.text for t in transcripts]),
+                                   real_time).as_dict())
+    help_centre = [text for page in SIMULATED_HELP_CENTRE for text in page]
+    overlap = {f"{name}_{order}gram": round(ngram_overlap(texts, HELD_OUT_SENTENCES, order), 3)
+               for name, texts in (("shipped_text", domain_texts()), ("help_centre", help_centre))
+               for order in (2, 3)}
+    return {"scores": scores, "held_out_overlap": overlap}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(measure_tenant_asr(), indent=1))
