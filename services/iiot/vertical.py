@@ -10,6 +10,6 @@ def mqtt_listener_enabled() -> bool:
 
 
 VERTICAL = Vertical(name="iiot", title="IIoT failure prediction", benchmarks=("iiot",),
-                    commands={"simulate": "simulate:main", "edge": "edge:main"},
+                    commands={"simulate": "simulate:main", "edge": "edge:main", "train": "training:main"},
                     listeners=(Listener("mqtt", "mqtt_io:serve", enabled=mqtt_listener_enabled,
                                         description="MQTT subscriber: readings and edge risk"),))
