@@ -155,17 +155,19 @@ def _assets_due(session: Session, tenant_id: str, summary: ScoringSummary) -> li
 
 def build_windows(session: Session, due: Sequence[DueAsset], builder: WindowBuilder,
                   hours: float) -> list[AssetWindow]:
-    """Every due asset's window, from one read of the tenant's readings in the span they cover."""
+    """Every due window (an asset may have several ends), from one read of the span they cover."""
     span = timedelta(hours=hours)
-    frame = read_readings(session, [s.id for asset in due for s in asset.sensors],
+    frame = read_readings(session, sorted({s.id for asset in due for s in asset.sensors}),
                           min(a.end for a in due) - span, max(a.end for a in due) + INCLUSIVE)
-    by_sensor = dict(tuple(frame.groupby("sensor_pk", sort=False))) if len(frame) else {}
+    history: dict[int, pd.DataFrame] = {}
     windows = []
     for asset in due:
-        parts = [by_sensor[s.id] for s in asset.sensors if s.id in by_sensor]
-        own = pd.concat(parts) if parts else frame.iloc[0:0]
-        own = own[(own.ts > asset.end - span) & (own.ts <= asset.end)]
-        window, mask = builder(own, asset.sensors, asset.end)
+        if asset.asset_pk not in history:  # the asset's readings in time order, sliced per window below
+            own = frame[frame.sensor_pk.isin([s.id for s in asset.sensors])]
+            history[asset.asset_pk] = own.sort_values("ts", kind="stable").reset_index(drop=True)
+        own = history[asset.asset_pk]
+        first, last = own.ts.searchsorted([pd.Timestamp(asset.end - span), pd.Timestamp(asset.end)], side="right")
+        window, mask = builder(own.iloc[first:last], asset.sensors, asset.end)
         windows.append(AssetWindow(asset.asset_pk, asset.asset_id, asset.end, window, mask))
     return windows
 
