@@ -191,3 +191,28 @@ def test_beat_fans_out_one_scoring_job_per_tenant_and_slot(tenant: str, monkeypa
         keys = list(session.scalars(select(Job.idempotency_key).where(Job.tenant_id == tenant,
                                                                       Job.task_name == "iiot.score_tenant")))
     assert keys == [f"iiot-score:{tenant}:slot-{int(3_000_000 // 300)}"]
+
+
+def test_two_scorers_racing_open_one_alert(tenant: str) -> None:
+    """Both insert at once: the unique index makes one insert win and the other do nothing (no error)."""
+    import threading
+
+    with session_scope() as session:
+        asset_pk = new_asset(session, tenant, "racer").asset_pk
+    barrier = threading.Barrier(2)
+    outcomes: list[bool] = []
+
+    def open_once() -> None:
+        with session_scope() as session:
+            barrier.wait(timeout=10)
+            outcomes.append(alerts.open_alert(session, tenant, asset_pk, ScorePoint(START, 0.9), "critical")
+                            is not None)
+
+    threads = [threading.Thread(target=open_once) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == [False, True]
+    with session_scope() as session:
+        assert len(list(session.scalars(select(Alert).where(Alert.asset_pk == asset_pk)))) == 1
