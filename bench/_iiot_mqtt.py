@@ -33,10 +33,9 @@ Registry = dict[str, list[dict[str, Any]]]
 
 PUBLISH_INFLIGHT = 1000
 WINDOW_MESSAGES = 800
-"""Messages the publisher lets be ahead of the subscriber's progress: under the subscriber's receive
-maximum (1,000) plus Mosquitto's default per-client queue (1,000), beyond which the broker drops
-QoS 1 messages. A closed loop: readings/s is what the subscriber sustains, not what a flood loses."""
-RECEIVE_MAXIMUM = 1000
+"""Messages the publisher lets be ahead of the subscriber's progress (under Mosquitto's default
+per-client queue of 1,000, beyond which it drops QoS 1 messages for a slow subscriber). A closed
+loop: readings/s is what the subscriber sustains, not what a flood loses."""
 
 
 def payloads(registry: Registry, readings: int, batch: int) -> Iterator[tuple[str, str, str, bytes]]:
@@ -150,7 +149,7 @@ def _raw_subscriber(broker: str, prefix: str) -> Watch:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from services.iiot.mqtt_io import new_client, parse_broker_url
+    from services.iiot.mqtt_io import SubscriberConfig, new_client, parse_broker_url
 
     address = parse_broker_url(broker)
     count, messages = [0], [0]
@@ -165,7 +164,7 @@ def _raw_subscriber(broker: str, prefix: str) -> Watch:
 
     client.on_message = on_message
     properties = Properties(PacketTypes.CONNECT)
-    properties.ReceiveMaximum = RECEIVE_MAXIMUM  # as the Tessera subscriber's
+    properties.ReceiveMaximum = SubscriberConfig(url=broker, prefix=prefix).receive_maximum  # as Tessera's
     client.connect(address.host, address.port, properties=properties)
     client.loop_start()
     if not subscribed.wait(10):

@@ -54,16 +54,19 @@ def risk_spec(tier: str, name: str, max_batch_size: int, threads: int | None = N
             f"shipped {artifact.relative_to(artifact.parents[2])}")
 
 
-def _predictor(runtime: Any, name: str, one_at_a_time: bool) -> Any:
+def _predictor(runtime: Any, name: str, one_at_a_time: bool, spent: list[float]) -> Any:
+    """A :class:`services.iiot.scoring.Predictor` over ``runtime``'s model ``name``; adds its seconds to ``spent``."""
     from services.iiot.model import RiskRequest
     from services.iiot.scoring import Prediction
 
     def predict(_tenant: str, windows: Sequence[Any]) -> tuple[list[Any], str]:
+        started = time.perf_counter()
         requests = [RiskRequest(w.window, w.mask) for w in windows]
         if one_at_a_time:
             answers = [runtime.predict_many_sync(name, [r], return_exceptions=True)[0] for r in requests]
         else:
             answers = runtime.predict_many_sync(name, requests, return_exceptions=True)
+        spent.append(time.perf_counter() - started)
         return [a if isinstance(a, Exception) else
                 Prediction(a.p_failure, a.rul_hours, {"channels": [list(c) for c in a.drivers.channels]})
                 for a in answers], runtime.version(name)
@@ -91,17 +94,24 @@ def scoring_point(url: str, readings_file: Path, repeats: int) -> dict[str, Any]
     record["model"] = source
     engine = make_engine(url)
     try:
-        for label, name, one in (("batched", "bench-cloud", False), ("naive", "bench-cloud-naive", True)):
-            runs = []
-            for _ in range(repeats):
+        ways = (("batched", "bench-cloud", False), ("naive", "bench-cloud-naive", True))
+        runs: dict[str, list[tuple[float, int, int, float]]] = {label: [] for label, _, _ in ways}
+        for repeat in range(repeats + 1):  # the first round warms both up and is not counted
+            for label, name, one in ways if repeat % 2 else ways[::-1]:
+                spent: list[float] = []
                 with Session(engine) as session:
                     begun = time.perf_counter()
-                    summary = score_tenant(session, TENANT, predictor=_predictor(runtime, name, one))
-                    runs.append((time.perf_counter() - begun, summary.scored, summary.failed))
+                    summary = score_tenant(session, TENANT, predictor=_predictor(runtime, name, one, spent))
+                    if repeat:
+                        runs[label].append((time.perf_counter() - begun, summary.scored, summary.failed, sum(spent)))
                     session.rollback()
-            seconds = float(np.median([r[0] for r in runs]))
-            record[label] = {"assets_scored": runs[-1][1], "failed": runs[-1][2], "seconds": seconds,
-                             "assets_per_s": runs[-1][1] / seconds if seconds else None, "runs": len(runs)}
+        for label, _, _ in ways:
+            seconds = float(np.median([r[0] for r in runs[label]]))
+            model_s = float(np.median([r[3] for r in runs[label]]))
+            scored = runs[label][-1][1]
+            record[label] = {"assets_scored": scored, "failed": runs[label][-1][2], "seconds": seconds,
+                             "assets_per_s": scored / seconds if seconds else None, "runs": len(runs[label]),
+                             "model_s": model_s, "model_windows_per_s": scored / model_s if model_s else None}
     finally:
         runtime.close_sync()
         engine.dispose()

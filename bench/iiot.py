@@ -89,9 +89,9 @@ class Plan:
 
 
 FULL = Plan(rows=10_000_000, small_rows=1_000_000, naive_rows=50_000, to_sql_rows=1_000_000, assets=200,
-            mqtt_readings=100_000, mqtt_timeout_s=240.0, scoring_assets=200, scoring_days=3.0, scoring_repeats=3,
+            mqtt_readings=100_000, mqtt_timeout_s=240.0, scoring_assets=100, scoring_days=3.0, scoring_repeats=2,
             edge_windows=5_000, alert_assets=30, alert_days=120.0, alert_stride_h=1.0)
-QUICK = Plan(rows=40_000, small_rows=10_000, naive_rows=2_000, to_sql_rows=10_000, assets=20, mqtt_readings=2_000,
+QUICK = Plan(rows=20_000, small_rows=5_000, naive_rows=1_000, to_sql_rows=5_000, assets=20, mqtt_readings=2_000,
              mqtt_timeout_s=30.0, scoring_assets=10, scoring_days=2.5, scoring_repeats=1, edge_windows=200,
              alert_assets=4, alert_days=20.0, alert_stride_h=6.0)
 
@@ -415,7 +415,8 @@ def print_scoring(record: dict[str, Any]) -> None:
             point = cloud[label]
             print(f"| cloud ({cloud['model']}) | {name} | {point['assets_scored']} assets | {point['seconds']:.2f} | "
                   f"{fmt(point['assets_per_s'])} assets/s | read + windows + model + RiskScore + policy, "
-                  f"PostgreSQL; median of {point['runs']} |")
+                  f"PostgreSQL; median of {point['runs']}; the model alone: {fmt(point['model_windows_per_s'])} "
+                  "windows/s |")
     for label, name in (("onnx_batch1", "ONNX Runtime, 1 thread, batch 1"),
                         ("onnx_batch64", "ONNX Runtime, 1 thread, batch 64"),
                         ("torch_eager_batch1", "naive: eager torch, 1 thread, batch 1")):
