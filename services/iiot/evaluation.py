@@ -4,9 +4,9 @@
 - Failure classification: :func:`classification_scores` (F1, precision, recall at a threshold,
   ROC AUC and average precision), the threshold from :func:`best_f1_threshold` on **validation**
   predictions only.
-- The baseline: LightGBM on summary statistics of each window (:func:`window_statistics`: last,
-  mean, spread, min, max and least-squares slope of every channel over its valid steps), with early
-  stopping on the validation split (:func:`fit_gbm`).
+- The baseline: LightGBM (:func:`fit_gbm`, early stopping on the validation split) on the window
+  statistics, trends and spectral energies of :func:`services.iiot.features.batch_window_features`,
+  or on the tabular inputs where there is no window (AI4I).
 """
 
 from __future__ import annotations
@@ -64,24 +64,6 @@ def classification_scores(labels: npt.ArrayLike, probabilities: npt.ArrayLike, t
             "recall": float(recall_score(y, predicted, zero_division=0)),
             "auc": float(roc_auc_score(y, p)), "average_precision": float(average_precision_score(y, p)),
             "threshold": float(threshold), "positives": int(y.sum()), "rows": int(y.size)}
-
-
-def window_statistics(x: FloatArray, mask: FloatArray) -> npt.NDArray[np.float32]:
-    """Per channel over the valid steps: last, mean, std, min, max, slope per step; ``(N, T, F)`` -> ``(N, 6F)``."""
-    valid = np.asarray(mask, np.float64)[..., None] > 0
-    values = np.asarray(x, np.float64)
-    count = np.maximum(valid.sum(axis=1), 1)
-    mean = np.where(valid, values, 0.0).sum(axis=1) / count
-    std = np.sqrt(np.where(valid, (values - mean[:, None]) ** 2, 0.0).sum(axis=1) / count)
-    low = np.where(valid, values, np.inf).min(axis=1)
-    high = np.where(valid, values, -np.inf).max(axis=1)
-    steps = np.arange(values.shape[1], dtype=np.float64)[None, :, None]
-    step_mean = np.where(valid, steps, 0.0).sum(axis=1) / count
-    centred = np.where(valid, steps - step_mean[:, None], 0.0)
-    slope = (centred * (values - mean[:, None])).sum(axis=1) / np.maximum((centred ** 2).sum(axis=1), 1e-9)
-    last = values[:, -1]  # windows are right-aligned: the last step is always a reading
-    stats = np.concatenate([last, mean, std, low, high, slope], axis=1)
-    return np.nan_to_num(stats, posinf=0.0, neginf=0.0).astype(np.float32)
 
 
 @dataclass

@@ -52,7 +52,7 @@ NORMALISATION_FILE = "normalisation.json"
 ONNX_FILE = "model.onnx"
 MODELS_SUBDIR = "iiot"
 TIERS: dict[str, dict[str, Any]] = {
-    "cloud": {"d_model": 64, "heads": 4, "layers": 2, "d_ff": 128},
+    "cloud": {"d_model": 48, "heads": 2, "layers": 2, "d_ff": 96},
     "edge": {"d_model": 24, "heads": 2, "layers": 1, "d_ff": 48},
 }
 """Sizes of the two shipped tiers (the rest of :class:`SensorWindowConfig` comes from the data)."""

@@ -41,7 +41,9 @@ def test_fit_learns_and_keeps_the_best_validation_epoch() -> None:
 
 
 def test_fleet_model_is_sealed_with_its_card_and_served(tmp_path: Path) -> None:
-    data = (synthetic(300, 0), synthetic(80, 1), synthetic(80, 2))
+    channels = len(training.STEP_FEATURES)
+    data = training.Splits(synthetic(300, 0, channels=channels), synthetic(80, 1, channels=channels),
+                           synthetic(80, 2, channels=channels), training.STEP_FEATURES)
     nets, figures = training.run_fleet("edge", FleetPlan(assets=4, days=10), QUICK, data=data)
     directory = training.write_artifact(nets[0], tmp_path / "edge" / "v1", figures=figures,
                                         data=training.FLEET_DATA.format(cap=720, **vars(FleetPlan())),
@@ -53,7 +55,7 @@ def test_fleet_model_is_sealed_with_its_card_and_served(tmp_path: Path) -> None:
     runtime = ModelRuntime()
     runtime.load_sync(risk_model_spec(directory, name="iiot-trained"))
     try:
-        answers = runtime.predict_many_sync("iiot-trained", [RiskRequest(x) for x in data[2].x[:5]])
+        answers = runtime.predict_many_sync("iiot-trained", [RiskRequest(x) for x in data.test.x[:5]])
     finally:
         runtime.close_sync()
     assert all(isinstance(answer, RiskResult) and 0 <= answer.p_failure <= 1 for answer in answers)
@@ -66,7 +68,8 @@ def require(folder: str) -> None:
 
 def test_cmapss_protocol_scores_the_official_test_set_once() -> None:
     require(datasets.CMAPSS_FOLDER)
-    figures = training.run_cmapss(seeds=2, keep=1, settings=QUICK, unit_limit=8, sizes=TINY)
+    figures = training.run_cmapss(seeds=2, keep=1, settings=QUICK, sizes=TINY,
+                                  data=training.cmapss_splits(unit_limit=8))
     assert figures["test_engines"] == 100 and set(figures["test"]) >= {"rmse", "phm08", "rmse_capped_truth"}
     assert len(figures["ensemble_seeds"]) == 1 and "capped at 125" in figures["protocol"]
     chosen = figures["ensemble_seeds"][0]
