@@ -60,6 +60,8 @@ from services.iiot.mqtt_io import (
 logger = logging.getLogger("tessera.iiot.edge")
 
 EDGE_MODEL_NAME = "iiot-edge"
+UPSTREAM_QUEUE = 100_000
+"""Risk messages the gateway holds while upstream is unreachable (about 30 MB); newer ones are dropped, said so."""
 
 
 # --- the gateway's registry --------------------------------------------------------------------------
@@ -295,6 +297,7 @@ class EdgeGateway:
         self._local.on_connect = self._on_local_connect
         self._local.on_message = self._on_local_message
         self._upstream = new_client(f"{config.gateway_id}-upstream")
+        self._upstream.max_queued_messages_set(UPSTREAM_QUEUE)
         self._upstream.on_connect = _log_connection("upstream")
 
     def start(self) -> None:
@@ -346,9 +349,9 @@ class EdgeGateway:
         published = sum(self._publish(asset, end, result)
                         for asset, end, result in zip(due, ends, results, strict=True))
         self.published += published
-        logger.info("edge: published the risk of %d assets (%.1f ms for %d windows; %d readings received, dropped %s)",
-                    published, (time.perf_counter() - started) * 1000, len(windows), self.received,
-                    dict(self.windows.dropped) or "none")
+        logger.info("edge: published the risk of %d assets, windows up to %s (%.1f ms for %d windows; %d readings "
+                    "received, dropped %s)", published, max(ends).isoformat(), (time.perf_counter() - started) * 1000,
+                    len(windows), self.received, dict(self.windows.dropped) or "none")
         return published
 
     def _publish(self, asset_id: str, end: datetime, result: Any) -> bool:
@@ -359,8 +362,12 @@ class EdgeGateway:
                    "time_steps": [list(pair) for pair in result.drivers.time_steps]}
         message = RiskMessage(asset_id, float(result.p_failure), max(float(result.rul_hours), 0.0), end,
                               self.scorer.version, drivers=drivers)
-        self._upstream.publish(risk_topic(self.config.upstream_prefix, self.config.tenant_id, asset_id),
-                               message.to_payload(), qos=1)
+        info = self._upstream.publish(risk_topic(self.config.upstream_prefix, self.config.tenant_id, asset_id),
+                                      message.to_payload(), qos=1)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            logger.warning("edge: upstream unreachable and %d risk messages waiting: %s's score of %s dropped",
+                           UPSTREAM_QUEUE, asset_id, end.isoformat())
+            return False
         return True
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from services.iiot.mqtt_io import new_client
+from services.iiot.mqtt_io import new_client, parse_broker_url, start_client, stop_client
 from tests.conftest import require_listening
 
 BROKER_URL = "mqtt://127.0.0.1:1883"
@@ -62,13 +62,12 @@ class Collector:
 
     @classmethod
     @contextlib.contextmanager
-    def on(cls, topic_filter: str) -> Iterator[Collector]:
+    def on(cls, topic_filter: str, url: str = BROKER_URL, *, persistent: bool = False) -> Iterator[Collector]:
+        """Subscribed on the broker at ``url`` (``persistent``: its session outlives a broker restart)."""
         collector = cls(topic_filter)
-        collector.client.connect("127.0.0.1", 1883)
-        collector.client.loop_start()
+        start_client(collector.client, parse_broker_url(url), persistent=persistent)
         try:
             assert collector.subscribed.wait(10), "the collector did not subscribe"
             yield collector
         finally:
-            collector.client.disconnect()
-            collector.client.loop_stop()
+            stop_client(collector.client)

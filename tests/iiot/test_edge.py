@@ -1,12 +1,14 @@
-"""``tessera edge iiot`` as a real process: readings published on its local broker (a Mosquitto of
-this test, restarted mid-test) are scored on the device with a tiny edge ONNX model exported here
-through the model code, and risk is published on the upstream broker (the shared loopback
-Mosquitto), where a test client receives it.
+"""``tessera edge iiot`` as a real process: readings published on its local broker are scored on the
+device with a tiny edge ONNX model exported here through the model code, and risk is published on
+the upstream broker, where a test client receives it. Both brokers are Mosquittos of this test
+(not the shared one), so each can be restarted mid-test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -22,7 +24,7 @@ from services.iiot.edge import GatewayRegistry, RollingWindows
 from services.iiot.features import STEP_FEATURES
 from services.iiot.model import SensorWindowConfig, SensorWindowNet, save_risk_model
 from services.iiot.mqtt_io import readings_topic
-from tests.iiot.mqtt_support import BROKER_URL, Collector, Publisher, require_broker
+from tests.iiot.mqtt_support import Collector, Publisher
 from tests.support import ManagedProcess, free_port, port_open, python_argv, wait_until
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -64,10 +66,12 @@ def edge_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class LocalBroker:
     """A Mosquitto of this test on a free loopback port, which the test can restart."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
         self.port = free_port()
+        directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        persistence = f"persistence true\npersistence_location {directory}/\n" if persistent else "persistence false\n"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,16 +89,30 @@ class LocalBroker:
             self.process.wait(timeout=10)
 
 
-@pytest.fixture
-def local_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+@contextlib.contextmanager
+def running_broker(directory: Path, *, persistent: bool = False) -> Iterator[LocalBroker]:
     if shutil.which("mosquitto") is None:
-        pytest.skip("the mosquitto binary is not installed (the gateway's local broker)")
-    broker = LocalBroker(tmp_path)
+        pytest.skip("the mosquitto binary is not installed (the gateway's brokers)")
+    broker = LocalBroker(directory, persistent=persistent)
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def local_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """The gateway's local broker (forgets its sessions when restarted, as a small device's might)."""
+    with running_broker(tmp_path / "local") as broker:
+        yield broker
+
+
+@pytest.fixture
+def upstream_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """The upstream broker, persistent: the cloud side's session survives its restart."""
+    with running_broker(tmp_path / "upstream", persistent=True) as broker:
+        yield broker
 
 
 def test_rolling_windows_convert_units_trim_to_the_span_and_count_what_they_drop() -> None:
@@ -114,17 +132,16 @@ def test_rolling_windows_convert_units_trim_to_the_span_and_count_what_they_drop
     assert dict(windows.dropped) == {"unknown_sensor": 1, "bad_timestamp": 1, "not_a_number": 1, "unknown_unit": 1}
 
 
-def test_the_edge_process_scores_local_readings_on_the_device_and_publishes_risk_upstream(
-        edge_model: Path, local_broker: LocalBroker, tmp_path: Path) -> None:
-    require_broker()
+def test_the_edge_process_scores_local_readings_on_the_device_and_publishes_risk_upstream_across_restarts(
+        edge_model: Path, local_broker: LocalBroker, upstream_broker: LocalBroker, tmp_path: Path) -> None:
     prefix = f"tessera-test/{uuid.uuid4().hex[:12]}"
     registry = tmp_path / "registry.json"
     registry.write_text(json.dumps(REGISTRY))
     argv = python_argv("-m", "services.cli", "edge", "iiot", "--local-mqtt", local_broker.url,
-                       "--upstream-mqtt", BROKER_URL, "--tenant", "t1", "--registry", str(registry),
+                       "--upstream-mqtt", upstream_broker.url, "--tenant", "t1", "--registry", str(registry),
                        "--model-dir", str(edge_model), "--every-s", "0.3", "--local-prefix", f"{prefix}/local",
                        "--upstream-prefix", f"{prefix}/up", "--client-id", f"edge-{uuid.uuid4().hex[:8]}")
-    with Collector.on(f"{prefix}/up/t1/risk/+") as upstream:
+    with Collector.on(f"{prefix}/up/t1/risk/+", upstream_broker.url, persistent=True) as upstream:
         edge = ManagedProcess(argv, {"TESSERA_LOG_LEVEL": "INFO", "TESSERA_LOG_JSON": "false"}, "edge gateway")
         try:
             edge.wait_for_output(r"connected to the local broker", timeout_s=60)
@@ -146,6 +163,14 @@ def test_the_edge_process_scores_local_readings_on_the_device_and_publishes_risk
                 local.publish(readings_topic(f"{prefix}/local", "t1", "p1", "l1", "a1"),
                               json.dumps(hour_of_readings(48, fahrenheit=True)))
                 wait_until(lambda: 48 in _window_ends(upstream, "a1"), 30, "risk of a1 at hour 48 after the restart")
+
+                upstream_broker.stop()  # risk scored meanwhile waits in the gateway's client
+                local.publish(readings_topic(f"{prefix}/local", "t1", "p1", "l1", "a1"),
+                              json.dumps(hour_of_readings(49)))
+                hour_49 = (START + timedelta(hours=49)).isoformat()
+                edge.wait_for_output(f"published the risk of 1 assets, windows up to {re.escape(hour_49)}", 30)
+                upstream_broker.start()
+                wait_until(lambda: 49 in _window_ends(upstream, "a1"), 30, "risk of hour 49 once upstream is back")
         finally:
             assert edge.stop() == 0, edge.output[-3000:]
     assert "a2" not in {topic.rsplit("/", 1)[1] for topic, _ in upstream.messages}  # no readings, no score
