@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -196,11 +197,15 @@ class Refusal:
 
 @dataclass(frozen=True)
 class DecodedReadings:
-    """The readings of one payload, each with its raw JSON text, and those refused outright."""
+    """The readings of one payload, and those refused outright."""
 
     rows: list[dict[str, Any]]
-    raw: list[str]
     refused: list[Refusal]
+
+
+def row_text(entry: Any) -> str:
+    """One reading as JSON text for the quarantine (truncated); made only for refused readings."""
+    return orjson.dumps(entry, default=str).decode()[:RAW_CHARS]
 
 
 def raw_text(payload: bytes) -> str:
@@ -212,8 +217,8 @@ def _json_payload(payload: bytes) -> Any:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadRefused("line_too_long", f"payload of {len(payload)} bytes (at most {MAX_PAYLOAD_BYTES})")
     try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return orjson.loads(payload)
+    except ValueError as exc:  # orjson.JSONDecodeError, invalid UTF-8 included
         raise PayloadRefused("payload_not_json", f"not JSON: {exc}") from None
 
 
@@ -235,17 +240,16 @@ def decode_readings(payload: bytes, asset_id: str) -> DecodedReadings:
     else:
         raise PayloadRefused("payload_not_json", "JSON but not readings: expected a reading "
                              '{"sensor", "timestamp", "value"}, a list of them or {"readings": [...]}')
-    decoded = DecodedReadings([], [], [])
+    decoded = DecodedReadings([], [])
     for entry in entries:
-        text = json.dumps(entry, default=str)[:RAW_CHARS]
         if not isinstance(entry, dict):
-            decoded.refused.append(Refusal("malformed_row", "a reading must be a JSON object", text))
+            decoded.refused.append(Refusal("malformed_row", "a reading must be a JSON object", row_text(entry)))
         elif "asset" in entry and str(entry["asset"]) != asset_id:
             decoded.refused.append(Refusal("malformed_row", f"the reading names asset {entry['asset']!r} but was "
-                                           f"published on asset {asset_id!r}'s topic", text))
+                                           f"published on asset {asset_id!r}'s topic", row_text(entry)))
         else:
-            decoded.rows.append({**entry, "asset": asset_id})
-            decoded.raw.append(text)
+            entry["asset"] = asset_id
+            decoded.rows.append(entry)
     return decoded
 
 
@@ -357,7 +361,7 @@ def store_edge_risks(tenant_id: str, messages: list[RiskMessage]) -> list[RiskMe
     with session_scope() as session:
         wanted = {message.asset_id for message in messages}
         asset_pks = dict(session.execute(select(Asset.asset_id, Asset.id).where(
-            Asset.tenant_id == tenant_id, Asset.asset_id.in_(wanted))).tuples().all())
+            Asset.tenant_id == tenant_id, Asset.asset_id.in_(wanted))).all())
         session.add_all([RiskScore(tenant_id=tenant_id, asset_pk=asset_pks[message.asset_id],
                                    window_end=message.window_end, p_failure=message.p_failure,
                                    rul_hours=message.rul_hours, tier="edge", model_version=message.model_version,
@@ -395,7 +399,7 @@ def read_asset_locations(tenant_id: str, asset_ids: set[str]) -> dict[str, tuple
         rows = session.execute(
             select(Asset.asset_id, Plant.plant_id, Line.line_id)
             .join(Line, Line.id == Asset.line_pk).join(Plant, Plant.id == Line.plant_pk)
-            .where(Asset.tenant_id == tenant_id, Asset.asset_id.in_(asset_ids))).tuples().all()
+            .where(Asset.tenant_id == tenant_id, Asset.asset_id.in_(asset_ids))).all()
     return {asset: (plant, line) for asset, plant, line in rows}
 
 
@@ -661,19 +665,18 @@ class MqttSubscriber:
 
     def _commit_readings(self, tenant_id: str, works: list[_ReadingsWork]) -> None:
         rows: list[dict[str, Any]] = []
-        raw: list[str] = []
         for work, refusals in self._placed(tenant_id, works):
             if refusals:
                 for refusal in refusals:
                     self._quarantine(tenant_id, refusal)
                 continue
             rows.extend(work.decoded.rows)
-            raw.extend(work.decoded.raw)
             for refusal in work.decoded.refused:
                 self._quarantine(tenant_id, refusal)
         self.stats.readings += len(rows)
         if rows:
-            outcome = self.sink.accept_readings(tenant_id, rows, source=SOURCE, raw=raw)
+            # raw=None: validation writes a quarantined reading's JSON itself, only for those it refuses
+            outcome = self.sink.accept_readings(tenant_id, rows, source=SOURCE)
             self.stats.kept += int(outcome.kept)
             self.stats.quarantined += int(outcome.quarantined)
 
@@ -690,7 +693,7 @@ class MqttSubscriber:
             detail = (f"asset {topic.asset_id!r} is on plant {where[0]!r} line {where[1]!r}, not on the "
                       f"topic's plant {topic.plant_id!r} line {topic.line_id!r}")
             yield work, [Refusal("unknown_asset", detail, text)
-                         for text in [*work.decoded.raw, *(refusal.raw for refusal in work.decoded.refused)]]
+                         for text in [*map(row_text, work.decoded.rows), *(r.raw for r in work.decoded.refused)]]
 
     def _commit_risks(self, tenant_id: str, works: list[_RiskWork]) -> None:
         unknown = {message.asset_id for message in store_edge_risks(tenant_id, [work.message for work in works])}

@@ -62,13 +62,13 @@ def quarantine_reasons(tenant_id: str) -> dict[str, int]:
     with session_scope() as session:
         return dict(session.execute(select(QuarantinedRow.reason, func.count()).where(
             QuarantinedRow.tenant_id == tenant_id, QuarantinedRow.source == "mqtt")
-            .group_by(QuarantinedRow.reason)).tuples().all())
+            .group_by(QuarantinedRow.reason)).all())
 
 
 def edge_scores(tenant_id: str) -> list[tuple[float, str]]:
     with session_scope() as session:
         return list(session.execute(select(RiskScore.p_failure, RiskScore.tier)
-                                    .where(RiskScore.tenant_id == tenant_id)).tuples().all())
+                                    .where(RiskScore.tenant_id == tenant_id)).all())
 
 
 def reading(sensor: str, minute: int, value: float, **extra: object) -> dict[str, object]:
