@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import CursorResult
@@ -271,32 +271,52 @@ def active_alert(session: Session, tenant_id: str, asset_pk: int, kind: str = FA
                           .execution_options(populate_existing=True))
 
 
-def recent_scores(session: Session, tenant_id: str, asset_pk: int, policy: AlertPolicy,
-                  kind: str = FAILURE_RISK) -> list[ScorePoint]:
-    """The asset's newest cloud scores the policy judges (oldest first), none scored before its last resolution."""
-    last_resolved = session.scalar(select(Alert.resolved_at).where(
-        Alert.tenant_id == tenant_id, Alert.asset_pk == asset_pk, Alert.kind == kind, Alert.resolved_at.is_not(None))
-        .order_by(Alert.resolved_at.desc()).limit(1))
-    query = select(RiskScore.window_end, RiskScore.p_failure, RiskScore.rul_hours).where(
-        RiskScore.tenant_id == tenant_id, RiskScore.asset_pk == asset_pk, RiskScore.tier == "cloud")
-    if last_resolved is not None:
-        query = query.where(RiskScore.scored_at > last_resolved)
-    rows = session.execute(query.order_by(RiskScore.window_end.desc(), RiskScore.id.desc())
-                           .limit(policy.consecutive)).all()
-    return [ScorePoint(row.window_end, row.p_failure, row.rul_hours) for row in reversed(rows)]
+@dataclass
+class AssetAlertState:
+    """What the policy judges for one asset: its newest scores (oldest first) and its active alert."""
+
+    recent: list[ScorePoint]
+    active: Alert | None
 
 
-def apply_policy(session: Session, tenant_id: str, asset_pk: int, policy: AlertPolicy,
-                 notify_url: str | None) -> list[Transition]:
+def alert_states(session: Session, tenant_id: str, asset_pks: Sequence[int], policy: AlertPolicy,
+                 kind: str = FAILURE_RISK) -> dict[int, AssetAlertState]:
+    """Each asset's newest ``policy.consecutive`` cloud scores scored after its last resolution, and its
+    active alert: three queries for any number of assets (a scoring run judges a whole tenant)."""
+    pks = list(asset_pks)
+    last_resolved = dict(session.execute(
+        select(Alert.asset_pk, func.max(Alert.resolved_at)).where(
+            Alert.tenant_id == tenant_id, Alert.asset_pk.in_(pks), Alert.kind == kind,
+            Alert.resolved_at.is_not(None)).group_by(Alert.asset_pk)).all())
+    rank = func.row_number().over(partition_by=RiskScore.asset_pk,
+                                  order_by=(RiskScore.window_end.desc(), RiskScore.id.desc())).label("rank")
+    ranked = select(RiskScore.asset_pk, RiskScore.window_end, RiskScore.p_failure, RiskScore.rul_hours,
+                    RiskScore.scored_at, rank).where(
+        RiskScore.tenant_id == tenant_id, RiskScore.asset_pk.in_(pks), RiskScore.tier == "cloud").subquery()
+    states = {pk: AssetAlertState([], None) for pk in pks}
+    for row in session.execute(select(ranked).where(ranked.c.rank <= policy.consecutive)
+                               .order_by(ranked.c.asset_pk, ranked.c.rank.desc())):
+        resolved_at = last_resolved.get(row.asset_pk)
+        if resolved_at is None or row.scored_at > resolved_at:  # a resolution starts a fresh run
+            states[row.asset_pk].recent.append(ScorePoint(row.window_end, row.p_failure, row.rul_hours))
+    for alert in session.scalars(select(Alert).where(Alert.tenant_id == tenant_id,
+                                                     Alert.active_key.in_([active_key(pk, kind) for pk in pks]))
+                                 .execution_options(populate_existing=True)):
+        states[alert.asset_pk].active = alert
+    return states
+
+
+def apply_policy(session: Session, tenant_id: str, asset_pk: int, policy: AlertPolicy, notify_url: str | None,
+                 state: AssetAlertState | None = None) -> list[Transition]:
     """Judge the asset's newest scores and make the transitions they call for (one asset, one kind).
 
-    The active alert's last and peak P(failure) and RUL follow the newest score. Returns the
-    transitions made (each notified once).
+    ``state``: from :func:`alert_states` (read here when not given). The active alert's last and
+    peak P(failure) and RUL follow the newest score. Returns the transitions made (each notified once).
     """
-    recent = recent_scores(session, tenant_id, asset_pk, policy)
+    state = state or alert_states(session, tenant_id, [asset_pk], policy)[asset_pk]
+    recent, alert = state.recent, state.active
     if not recent:
         return []
-    alert = active_alert(session, tenant_id, asset_pk)
     newest = recent[-1]
     decision = policy.decide(recent, alert.severity if alert else None)
     if alert is None:
@@ -307,7 +327,8 @@ def apply_policy(session: Session, tenant_id: str, asset_pk: int, policy: AlertP
             return []
         notify(session, opened, "opened", notify_url)
         return ["opened"]
-    _follow_score(session, alert, newest)
+    alert.last_p, alert.rul_hours = newest.p_failure, newest.rul_hours
+    alert.peak_p = max(alert.peak_p, newest.p_failure)
     if decision == "close":
         closed = resolve(session, tenant_id, alert.id, by=POLICY_ACTOR,
                          note=f"risk below {policy.close_threshold} on {policy.consecutive} scores in a row",
@@ -331,12 +352,6 @@ def open_alert(session: Session, tenant_id: str, asset_pk: int, score: ScorePoin
         index_elements=["tenant_id", "active_key"]).returning(Alert.id)
     inserted = session.scalar(statement)
     return None if inserted is None else session.get(Alert, inserted)
-
-
-def _follow_score(session: Session, alert: Alert, score: ScorePoint) -> None:
-    session.execute(update(Alert).where(Alert.id == alert.id, Alert.active_key.is_not(None)).values(
-        last_p=score.p_failure, peak_p=max(alert.peak_p, score.p_failure), rul_hours=score.rul_hours))
-    session.refresh(alert)
 
 
 def _escalate(session: Session, alert: Alert) -> bool:

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from model_runtime.runtime import ModelSpec
 from model_runtime.versions import LiveModels
-from services.iiot.alerts import apply_policy, load_settings
+from services.iiot.alerts import alert_states, apply_policy, load_settings
 from services.iiot.db import Asset, RiskScore, Sensor
 from services.iiot.store import read_readings
 from shared.jobs import PublicJobError
@@ -111,9 +111,10 @@ def score_tenant(session: Session, tenant_id: str, *, predictor: Predictor | Non
     due = _assets_due(session, tenant_id, summary)
     if not due:
         return summary
-    windows = build_windows(session, due, window_builder or default_window_builder(), hours)
+    windows = build_windows(session, due, window_builder, hours)
     predictions, summary.model_version = (predictor or runtime_predictor)(tenant_id, windows)
     settings = load_settings(session, tenant_id)
+    scored = []
     for window, prediction in zip(windows, predictions, strict=True):
         if isinstance(prediction, Exception):
             summary.failed += 1
@@ -123,9 +124,13 @@ def score_tenant(session: Session, tenant_id: str, *, predictor: Predictor | Non
         session.add(RiskScore(tenant_id=tenant_id, asset_pk=window.asset_pk, window_end=window.end,
                               p_failure=prediction.p_failure, rul_hours=prediction.rul_hours, tier="cloud",
                               model_version=summary.model_version, drivers=prediction.drivers))
-        session.flush()
-        summary.scored += 1
-        for transition in apply_policy(session, tenant_id, window.asset_pk, settings.policy, settings.notify_url):
+        scored.append(window.asset_pk)
+    session.flush()
+    summary.scored = len(scored)
+    states = alert_states(session, tenant_id, scored, settings.policy)
+    for asset_pk in scored:
+        for transition in apply_policy(session, tenant_id, asset_pk, settings.policy, settings.notify_url,
+                                       states[asset_pk]):
             summary.transitions[transition] = summary.transitions.get(transition, 0) + 1
     return summary
 
@@ -153,26 +158,54 @@ def _assets_due(session: Session, tenant_id: str, summary: ScoringSummary) -> li
     return due
 
 
-def build_windows(session: Session, due: Sequence[DueAsset], builder: WindowBuilder,
+def build_windows(session: Session, due: Sequence[DueAsset], builder: WindowBuilder | None,
                   hours: float) -> list[AssetWindow]:
-    """Every due window (an asset may have several ends), from one read of the span they cover."""
+    """Every due window (an asset may have several ends), from one read of the span they cover.
+
+    ``builder`` None: :func:`services.iiot.features.batch_window_tensors`, one vectorised call for
+    the windows that end at the same time (assets fed on one clock: often all of them).
+    """
     span = timedelta(hours=hours)
     frame = read_readings(session, sorted({s.id for asset in due for s in asset.sensors}),
                           min(a.end for a in due) - span, max(a.end for a in due) + INCLUSIVE)
-    history: dict[int, pd.DataFrame] = {}
+    if builder is None:
+        return _batched_windows(frame, due, hours)
+    asset_of_sensor = {s.id: asset.asset_pk for asset in due for s in asset.sensors}
+    history = {asset_pk: rows.sort_values("ts", kind="stable").reset_index(drop=True)  # sliced per window below
+               for asset_pk, rows in frame.groupby(frame.sensor_pk.map(asset_of_sensor), sort=False)}
+    empty = frame.iloc[0:0]
     windows = []
     for asset in due:
-        if asset.asset_pk not in history:  # the asset's readings in time order, sliced per window below
-            own = frame[frame.sensor_pk.isin([s.id for s in asset.sensors])]
-            history[asset.asset_pk] = own.sort_values("ts", kind="stable").reset_index(drop=True)
-        own = history[asset.asset_pk]
+        own = history.get(asset.asset_pk, empty)
         first, last = own.ts.searchsorted([pd.Timestamp(asset.end - span), pd.Timestamp(asset.end)], side="right")
         window, mask = builder(own.iloc[first:last], asset.sensors, asset.end)
         windows.append(AssetWindow(asset.asset_pk, asset.asset_id, asset.end, window, mask))
     return windows
 
 
+def _batched_windows(frame: pd.DataFrame, due: Sequence[DueAsset], hours: float) -> list[AssetWindow]:
+    """:func:`build_windows` through the feature code's batch form, grouped by window end."""
+    from services.iiot.features import STEP_FEATURES, batch_window_tensors, sensor_scales
+
+    steps = int(round(hours / STEP_HOURS))
+    by_end: dict[datetime, list[int]] = {}
+    for index, asset in enumerate(due):
+        by_end.setdefault(asset.end, []).append(index)
+    windows: list[AssetWindow | None] = [None] * len(due)
+    for end, indices in by_end.items():
+        scales = sensor_scales([s for i in indices for s in due[i].sensors], key="id", owner="asset_pk")
+        owners, x, mask = batch_window_tensors(frame, scales, end, hours, STEP_HOURS)
+        row_of = {owner: row for row, owner in enumerate(owners)}
+        for i in indices:
+            row = row_of.get(due[i].asset_pk)  # None: no sensor of a quantity the model reads
+            window = x[row] if row is not None else np.zeros((steps, len(STEP_FEATURES)), np.float32)
+            window_mask = mask[row] if row is not None else np.zeros(steps, np.float32)
+            windows[i] = AssetWindow(due[i].asset_pk, due[i].asset_id, end, window, window_mask)
+    return [w for w in windows if w is not None]
+
+
 def default_window_builder() -> WindowBuilder:
+    """One asset's window by :func:`services.iiot.features.window_tensor` (retraining's windows)."""
     from services.iiot.features import window_tensor
 
     def build(frame: pd.DataFrame, sensors: Sequence[Sensor], end: datetime) -> tuple[
