@@ -9,7 +9,7 @@ def mqtt_listener_enabled() -> bool:
     return bool(get_settings().iiot_mqtt_url)
 
 
-VERTICAL = Vertical(name="iiot", title="IIoT failure prediction", benchmarks=("iiot",),
+VERTICAL = Vertical(name="iiot", title="IIoT failure prediction", benchmarks=("iiot", "iiot_eval"),
                     commands={"simulate": "simulate:main", "edge": "edge:main", "train": "training:main"},
                     listeners=(Listener("mqtt", "mqtt_io:serve", enabled=mqtt_listener_enabled,
                                         description="MQTT subscriber: readings and edge risk"),))
