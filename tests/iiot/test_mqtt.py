@@ -198,3 +198,13 @@ def test_a_batch_that_could_not_be_committed_is_not_acknowledged_and_is_delivere
         wait_until(lambda: len(sink.rows) == 2, 10, "the uncommitted readings delivered again")
     finally:
         subscriber.stop()
+
+
+def test_tessera_up_starts_the_subscriber_only_when_an_mqtt_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.cli import listener_commands
+    from shared.config import get_settings
+
+    assert "iiot:mqtt" not in dict(listener_commands())
+    monkeypatch.setenv("TESSERA_IIOT_MQTT_URL", BROKER_URL)
+    get_settings.cache_clear()
+    assert dict(listener_commands())["iiot:mqtt"][-3:] == ["listen", "iiot", "mqtt"]
