@@ -16,27 +16,30 @@ Counts: ``rows_read`` are source rows (lines, Parquet rows, batch items); ``rows
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import orjson
 import pandas as pd
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.iiot.db import Ingest, QuarantinedRow, Sensor
 from services.iiot.readers import CHUNK_ROWS, FileRefused, FileShape, SourceChunk, file_shape, read_chunks
-from services.iiot.store import stored_lookup, write_quarantine, write_readings
+from services.iiot.store import dialect_of, stored_lookup, write_quarantine, write_readings
 from services.iiot.validation import (
     LONG_COLUMNS,
     Checked,
@@ -51,6 +54,9 @@ from shared.jobs import Job, PublicJobError, report_progress
 
 logger = logging.getLogger("tessera.iiot.ingest")
 
+T = TypeVar("T")
+PROGRESS_EVERY_S = 1.0
+"""Progress (the job's heartbeat) is recorded after a chunk at most this often (leases last longer)."""
 REGISTRY_TTL_S = 5.0
 """A batch's registry is reused this long (reloaded at once when a batch names an unknown sensor)."""
 
@@ -80,13 +86,14 @@ class ChunkOutcome:
 # --- the one validation-and-write path ------------------------------------------------------------------
 
 def process_chunk(session: Session, *, tenant_id: str, source: str, ingest_pk: int, registry: Registry,
-                  chunk: SourceChunk) -> ChunkOutcome:
+                  chunk: SourceChunk, checked: Checked | None = None) -> ChunkOutcome:
     """Validate ``chunk`` and write its readings and quarantine in ``session`` (not committed).
 
+    ``checked``: :func:`check_rows` of the chunk when already done (by the prefetching thread).
     Locks the sensors it writes (``FOR UPDATE`` on PostgreSQL; SQLite has one writer) before reading
     their watermarks, so concurrent ingestions of one sensor keep its watermark consistent.
     """
-    checked = check_rows(chunk.frame, registry)
+    checked = checked if checked is not None else check_rows(chunk.frame, registry)
     watermarks, counts = lock_sensors(session, np.unique(checked.kept["sensor_pk"].to_numpy(np.int64)))
     ordered = check_watermarks(checked.kept, watermarks, stored_lookup(session), registry)
     written = ordered.kept.assign(ingest_pk=ingest_pk)
@@ -143,7 +150,18 @@ def _advance_sensors(session: Session, newest: dict[int, datetime], added: dict[
         return
     changes = [{"id": pk, "last_ts": _later(old_marks.get(pk), moment),
                 "reading_count": int(old_counts.get(pk) or 0) + added.get(pk, 0)} for pk, moment in newest.items()]
-    session.execute(update(Sensor), changes)
+    if dialect_of(session) == "postgresql":  # one statement, not one per sensor
+        session.execute(_UPDATE_SENSORS_PG, {"ids": [change["id"] for change in changes],
+                                             "stamps": [change["last_ts"] for change in changes],
+                                             "counts": [change["reading_count"] for change in changes]})
+    else:
+        session.execute(update(Sensor), changes)
+
+
+_UPDATE_SENSORS_PG = text(
+    "UPDATE iiot_sensors AS sensor SET last_ts = moved.last_ts, reading_count = moved.reading_count "
+    "FROM unnest(CAST(:ids AS integer[]), CAST(:stamps AS timestamptz[]), CAST(:counts AS bigint[])) "
+    "AS moved(id, last_ts, reading_count) WHERE sensor.id = moved.id")
 
 
 def _later(old: datetime | None, new: datetime) -> datetime:
@@ -306,17 +324,76 @@ def _ingest_chunks(session: Session, job: Job, ingest: Ingest, path: Path, shape
     registry = Registry.load(session, ingest.tenant_id)
     limit = get_settings().iiot_max_upload_bytes
     chunk_rows = int(job.payload.get("chunk_rows") or CHUNK_ROWS)  # smaller in tests of resumption
-    for chunk in read_chunks(path, shape, skip=ingest.rows_done, chunk_rows=chunk_rows, max_decompressed_bytes=limit):
-        if not _commit_chunk(session, ingest, registry, chunk):
-            logger.warning("ingest %s: chunk ending at %s was committed by another worker; stopping",
-                           ingest.id, chunk.end_position)
-            return
-        report_progress(job.id, chunk.progress)
+    chunks = read_chunks(path, shape, skip=ingest.rows_done, chunk_rows=chunk_rows, max_decompressed_bytes=limit)
+    with prefetched((chunk, check_rows(chunk.frame, registry)) for chunk in chunks) as checked_chunks:
+        reported = time.monotonic()
+        for chunk, checked in checked_chunks:
+            if not _commit_chunk(session, ingest, registry, chunk, checked):
+                logger.warning("ingest %s: chunk ending at %s was committed by another worker; stopping",
+                               ingest.id, chunk.end_position)
+                return
+            if time.monotonic() - reported >= PROGRESS_EVERY_S:
+                report_progress(job.id, chunk.progress)  # also the job's heartbeat: it renews the lease
+                reported = time.monotonic()
 
 
-def _commit_chunk(session: Session, ingest: Ingest, registry: Registry, chunk: SourceChunk) -> bool:
+@contextlib.contextmanager
+def prefetched(items: Iterator[T]) -> Iterator[Iterator[T]]:
+    """``items`` produced one ahead by a thread: the next chunk is read and validated while this one is
+    written (the database's work and ours overlap; numpy, pandas and the driver release the GIL).
+    Memory: one chunk more. An exception of the producer is raised here, in order."""
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not _put(handoff, ("item", item), stop):
+                    return
+            _put(handoff, ("end", None), stop)
+        except BaseException as exc:  # handed to the consumer, raised there
+            _put(handoff, ("error", exc), stop)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # the file it reads
+
+    def consume() -> Iterator[T]:
+        while True:
+            kind, value = handoff.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    producer = threading.Thread(target=produce, name="iiot-ingest-prefetch", daemon=True)
+    producer.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        producer.join(timeout=30)
+
+
+def _put(handoff: queue.Queue[tuple[str, Any]], entry: tuple[str, Any], stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            handoff.put(entry, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _commit_chunk(session: Session, ingest: Ingest, registry: Registry, chunk: SourceChunk,
+                  checked: Checked) -> bool:
     """Write one chunk and move the checkpoint past it, all in one transaction; False if another
     worker had already moved it (nothing written then)."""
+    if dialect_of(session) == "postgresql":
+        # The checkpoint commits with the rows: a commit lost to a crash is redone from the one
+        # before, so this transaction need not wait for its WAL flush.
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     moved = cast(CursorResult[Any], session.execute(
         update(Ingest).where(Ingest.id == ingest.id, Ingest.rows_done == ingest.rows_done)
         .values(rows_done=chunk.end_position)))
@@ -324,7 +401,7 @@ def _commit_chunk(session: Session, ingest: Ingest, registry: Registry, chunk: S
         session.rollback()
         return False
     outcome = process_chunk(session, tenant_id=ingest.tenant_id, source="file", ingest_pk=ingest.id,
-                            registry=registry, chunk=chunk)
+                            registry=registry, chunk=chunk, checked=checked)
     session.execute(update(Ingest).where(Ingest.id == ingest.id).values(
         rows_read=Ingest.rows_read + chunk.rows_read, rows_kept=Ingest.rows_kept + outcome.kept,
         rows_quarantined=Ingest.rows_quarantined + outcome.quarantined, gaps=Ingest.gaps + outcome.gaps))

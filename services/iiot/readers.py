@@ -21,6 +21,7 @@ which :func:`read_chunks` can resume (``skip``).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import io
@@ -31,13 +32,14 @@ from pathlib import Path
 from typing import IO, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 import pandas as pd
 import pyarrow.parquet as pq
 
 from services.iiot.validation import LONG_COLUMNS, wide_to_long
 
-CHUNK_ROWS = 200_000
+CHUNK_ROWS = 100_000
 """Source rows (lines) per chunk: one transaction each."""
 BLOCK_BYTES = 4 << 20
 """Bytes read from the (decompressed) file at a time."""
@@ -194,13 +196,13 @@ def file_shape(path: Path, filename: str | None = None) -> FileShape:
             raise FileRefused(f"an unreadable Parquet file: {type(exc).__name__}: {str(exc)[:200]}") from None
         return FileShape("parquet", False, layout_of(columns), columns)
     with _open_text(path, compressed, limit=None) as stream:
-        for lines in split_lines(stream):
-            for line in lines:
-                if isinstance(line, TooLong):
-                    raise FileRefused(f"schema: the first line is longer than {MAX_LINE_BYTES} bytes")
-                if line.strip():
-                    columns = header_columns(line.rstrip(b"\r").lstrip(b"\xef\xbb\xbf"), file_format)
-                    return FileShape(file_format, compressed, layout_of(columns), columns)
+        for piece in text_pieces(stream):
+            if isinstance(piece, TooLong):
+                raise FileRefused(f"schema: the first line is longer than {MAX_LINE_BYTES} bytes")
+            line = first_line(piece)
+            if line:
+                columns = header_columns(line, file_format)
+                return FileShape(file_format, compressed, layout_of(columns), columns)
     raise FileRefused("schema: the file is empty")
 
 
@@ -249,54 +251,131 @@ class TooLong:
     length: int
 
 
-def split_lines(stream: LimitedStream, max_line_bytes: int = MAX_LINE_BYTES,
-                block_bytes: int = BLOCK_BYTES) -> Iterator[list[bytes | TooLong]]:
-    """The stream's lines in batches (one per block read), ``\\n`` removed; an overlong line is a
+Piece = bytes | TooLong
+"""Complete lines, each ending in ``\\n``, or one overlong line."""
+
+
+def text_pieces(stream: LimitedStream, max_line_bytes: int = MAX_LINE_BYTES,
+                block_bytes: int = BLOCK_BYTES) -> Iterator[Piece]:
+    """The stream as pieces of whole lines (the last line given its ``\\n``); an overlong line is a
     :class:`TooLong`, skipped to its end without being held."""
     carry, skipping = b"", None
     while block := stream.read(block_bytes):
-        batch: list[bytes | TooLong] = []
         if skipping is not None:
             newline = block.find(b"\n")
             if newline < 0:
                 skipping.length += len(block)
                 continue
             skipping.length += newline
-            batch.append(skipping)
+            yield skipping
             skipping, block = None, block[newline + 1:]
         data = carry + block
         last = data.rfind(b"\n")
-        if last < 0:
-            carry = data
-        else:
-            batch.extend(data[:last].split(b"\n"))
-            carry = data[last + 1:]
+        if last >= 0:
+            yield from _split_overlong(data[:last + 1], max_line_bytes)
+            data = data[last + 1:]
+        carry = data
         if len(carry) > max_line_bytes:
             skipping, carry = TooLong(carry[:RAW_PREVIEW_BYTES], len(carry)), b""
-        if batch and max(len(line) for line in batch if isinstance(line, bytes)) > max_line_bytes:
-            batch = [TooLong(line[:RAW_PREVIEW_BYTES], len(line)) if isinstance(line, bytes)
-                     and len(line) > max_line_bytes else line for line in batch]
-        if batch:
-            yield batch
     if skipping is not None:
-        yield [skipping]
+        yield skipping
     elif carry:
-        yield [carry]
+        yield carry + b"\n"
 
 
-def numbered_chunks(batches: Iterator[list[bytes | TooLong]], chunk_lines: int,
-                    first_number: int = 1) -> Iterator[tuple[int, list[bytes | TooLong]]]:
-    """Lines regrouped into chunks of ``chunk_lines``: (number of the chunk's first line, lines)."""
-    pending: list[bytes | TooLong] = []
-    number = first_number
-    for batch in batches:
-        pending.extend(batch)
-        while len(pending) >= chunk_lines:
-            yield number, pending[:chunk_lines]
-            number += chunk_lines
-            pending = pending[chunk_lines:]
+def _line_bounds(piece: bytes) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Start offset and end offset (its ``\\n``) of each line of a piece."""
+    ends = np.flatnonzero(np.frombuffer(piece, dtype=np.uint8) == 10)
+    starts = np.empty_like(ends)
+    starts[:1] = 0
+    starts[1:] = ends[:-1] + 1
+    return starts, ends
+
+
+def _split_overlong(body: bytes, max_line_bytes: int) -> Iterator[Piece]:
+    if len(body) <= max_line_bytes + 1:
+        yield body
+        return
+    starts, ends = _line_bounds(body)
+    overlong = np.flatnonzero(ends - starts > max_line_bytes)
+    position = 0
+    for index in overlong.tolist():
+        if starts[index] > position:
+            yield body[position:starts[index]]
+        yield TooLong(body[starts[index]:starts[index] + RAW_PREVIEW_BYTES], int(ends[index] - starts[index]))
+        position = int(ends[index]) + 1
+    if position < len(body):
+        yield body[position:]
+
+
+def _cut_after_lines(piece: bytes, lines: int) -> int:
+    """The offset just past the ``lines``-th line of ``piece``."""
+    return int(np.flatnonzero(np.frombuffer(piece, dtype=np.uint8) == 10)[lines - 1]) + 1
+
+
+def line_chunks(pieces: Iterator[Piece], chunk_lines: int, first_number: int = 1) -> Iterator[tuple[int, list[Piece]]]:
+    """Pieces regrouped into chunks of ``chunk_lines`` lines: (number of the chunk's first line, pieces)."""
+    pending: list[Piece] = []
+    count, number = 0, first_number
+    for piece in pieces:
+        if isinstance(piece, TooLong):
+            pending.append(piece)
+            count += 1
+        else:
+            lines = piece.count(b"\n")
+            while count + lines >= chunk_lines:
+                cut = _cut_after_lines(piece, chunk_lines - count)
+                pending.append(piece[:cut])
+                yield number, pending
+                piece, lines = piece[cut:], lines - (chunk_lines - count)
+                pending, count, number = [], 0, number + chunk_lines
+            if lines:
+                pending.append(piece)
+                count += lines
+        if count >= chunk_lines:
+            yield number, pending
+            pending, count, number = [], 0, number + chunk_lines
     if pending:
         yield number, pending
+
+
+def drop_lines(pieces: list[Piece], lines: int) -> list[Piece]:
+    """``pieces`` without their first ``lines`` lines."""
+    kept: list[Piece] = []
+    for piece in pieces:
+        size = 1 if isinstance(piece, TooLong) else piece.count(b"\n")
+        if lines >= size:
+            lines -= size
+            continue
+        if lines and isinstance(piece, bytes):
+            piece = piece[_cut_after_lines(piece, lines):]
+        lines = 0
+        kept.append(piece)
+    return kept
+
+
+def _leading_blank_lines(pieces: list[Piece]) -> int | None:
+    """How many blank lines come before the first non-blank one (None: all are blank)."""
+    blank = 0
+    for piece in pieces:
+        if isinstance(piece, TooLong):
+            return blank
+        for line in piece.split(b"\n")[:-1]:
+            if line.strip():
+                return blank
+            blank += 1
+    return None
+
+
+def lines_of(pieces: list[Piece]) -> list[bytes | TooLong]:
+    """The pieces as a list of lines (``\\n`` removed)."""
+    lines: list[bytes | TooLong] = []
+    for piece in pieces:
+        if isinstance(piece, TooLong):
+            lines.append(piece)
+        else:
+            lines.extend(piece.split(b"\n")[:-1])
+    return lines
 
 
 # --- chunks ---------------------------------------------------------------------------------------------
@@ -310,20 +389,23 @@ def read_chunks(path: Path, shape: FileShape, *, skip: int = 0, chunk_rows: int 
     size = max(path.stat().st_size, 1)
     limit = decompression_limit(size, max_decompressed_bytes or (1 << 62)) if shape.compressed else None
     with _open_text(path, shape.compressed, limit) as stream:
-        parse = _parse_csv_lines if shape.format == "csv" else _parse_json_lines
         header_seen = shape.format != "csv"  # JSON Lines has no header line: each object names its fields
-        for first, lines in numbered_chunks(split_lines(stream), chunk_rows):
-            if not header_seen:  # the header is the first non-empty line
-                position = next((index for index, line in enumerate(lines)
-                                 if isinstance(line, TooLong) or line.strip()), len(lines))
-                header_seen = position < len(lines)
-                first, lines = first + position + 1, lines[position + 1:]
-            end = first + len(lines) - 1
-            if end <= skip:
-                continue
+        for first, pieces in line_chunks(text_pieces(stream), chunk_rows):
+            if not header_seen:  # the header is the first non-blank line
+                blank = _leading_blank_lines(pieces)
+                header_seen = blank is not None
+                dropped = blank + 1 if blank is not None else sum(
+                    1 if isinstance(piece, TooLong) else piece.count(b"\n") for piece in pieces)
+                pieces, first = drop_lines(pieces, dropped), first + dropped
             if first <= skip:
-                lines, first = lines[skip - first + 1:], skip + 1
-            yield parse(lines, first, shape, min(1.0, stream.position() / size))
+                pieces, first = drop_lines(pieces, skip - first + 1), skip + 1
+            if not pieces:
+                continue
+            progress = min(1.0, stream.position() / size)
+            if shape.format == "csv":
+                yield _parse_csv_pieces(pieces, first, shape, progress)
+            else:
+                yield _parse_json_lines(lines_of(pieces), first, shape, progress)
 
 
 def _raw_of(lines: list[bytes | TooLong], first: int) -> Callable[[Iterable[int]], list[str]]:
@@ -346,78 +428,145 @@ def _split_out(lines: list[bytes | TooLong], first: int) -> tuple[list[int], lis
     numbers, kept, refused = [], [], []
     for offset, line in enumerate(lines):
         if isinstance(line, TooLong):
-            refused.append((first + offset, "line_too_long", f"line of {line.length} bytes, more than "
-                            f"{MAX_LINE_BYTES}", line.preview.decode("utf-8", errors="replace")))
+            refused.append(_too_long(first + offset, line))
         elif line.strip():
             numbers.append(first + offset)
             kept.append(line)
     return numbers, kept, refused
 
 
-def _parse_csv_lines(lines: list[bytes | TooLong], first: int, shape: FileShape, progress: float) -> SourceChunk:
-    numbers, candidates, refused = _split_out(lines, first)
-    expected_commas = len(shape.columns) - 1
-    plain_numbers, plain_lines, quoted_rows = [], [], []
-    for number, line in zip(numbers, candidates, strict=True):
-        if b'"' in line:
-            parsed = _parse_quoted(line)
-            if parsed is None or len(parsed) != len(shape.columns):
-                refused.append((number, "malformed_row", f"expected {len(shape.columns)} fields",
-                                line.decode("utf-8", errors="replace")))
-            else:
-                quoted_rows.append([number, *parsed])
-        elif line.count(b",") != expected_commas:
-            refused.append((number, "malformed_row", f"expected {len(shape.columns)} fields, found "
-                            f"{line.count(b',') + 1}", line.decode("utf-8", errors="replace")))
-        else:
-            plain_numbers.append(number)
-            plain_lines.append(line)
-    plain_numbers, plain_lines = _drop_undecodable(plain_numbers, plain_lines, refused)
-    frame = _csv_frame(plain_numbers, plain_lines, quoted_rows, shape)
-    return SourceChunk(frame=_to_long(frame, shape), refused=refused_frame(refused), rows_read=len(numbers)
-                       + sum(1 for row in refused if row[1] == "line_too_long"), end_position=first + len(lines) - 1,
-                       progress=progress, raw_text=_raw_of(lines, first))
+def _too_long(number: int, line: TooLong) -> Refusal:
+    return (number, "line_too_long", f"line of {line.length} bytes, more than {MAX_LINE_BYTES}",
+            line.preview.decode("utf-8", errors="replace"))
 
 
-def _parse_quoted(line: bytes) -> list[str] | None:
+@dataclass
+class _ParsedPiece:
+    """One piece of a CSV chunk: its rows, its refusals, and how to find a line's raw text."""
+
+    frame: pd.DataFrame
+    refused: list[Refusal]
+    rows: int
+    first: int
+    piece: bytes = b""
+    starts: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ends: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def raw(self, number: int) -> str:
+        index = number - self.first
+        if not self.piece:
+            return self.refused[0][3] if self.refused else ""
+        return self.piece[self.starts[index]:self.ends[index]].rstrip(b"\r").decode("utf-8", errors="replace")
+
+
+def _parse_csv_pieces(pieces: list[Piece], first: int, shape: FileShape, progress: float) -> SourceChunk:
+    parsed, number = [], first
+    for piece in pieces:
+        if isinstance(piece, TooLong):
+            parsed.append(_ParsedPiece(_empty_csv_frame(shape), [_too_long(number, piece)], 1, number))
+            number += 1
+            continue
+        parsed.append(_parse_csv_piece(piece, number, shape))
+        number += len(parsed[-1].ends)
+    frames = [part.frame for part in parsed if not part.frame.empty]
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else
+                                                                           _empty_csv_frame(shape))
+    firsts = [part.first for part in parsed]
+
+    def raw_text(row_numbers: Iterable[int]) -> list[str]:
+        return [parsed[bisect.bisect_right(firsts, int(row)) - 1].raw(int(row)) for row in row_numbers]
+
+    return SourceChunk(frame=_to_long(frame, shape), refused=refused_frame([row for part in parsed
+                                                                            for row in part.refused]),
+                       rows_read=sum(part.rows for part in parsed), end_position=number - 1, progress=progress,
+                       raw_text=raw_text)
+
+
+def _parse_csv_piece(piece: bytes, first: int, shape: FileShape) -> _ParsedPiece:
+    """Rows of one piece: fields counted per line with numpy, the clean lines parsed by pandas' C reader."""
+    data = np.frombuffer(piece, dtype=np.uint8)
+    starts, ends = _line_bounds(piece)
+    lengths = ends - starts
+    blank = (lengths == 0) | ((lengths == 1) & (data[starts.clip(max=len(data) - 1)] == 13))
+    commas = np.cumsum(data == 44, dtype=np.int32)[ends]
+    commas[1:] -= commas[:-1].copy()
+    good = ~blank & (commas == len(shape.columns) - 1)
+    slow = np.zeros(len(ends), dtype=bool)
+    if b'"' in piece:
+        slow[np.unique(np.searchsorted(ends, np.flatnonzero(data == 34)))] = True
     try:
-        return next(csv.reader([line.rstrip(b"\r").decode("utf-8")], strict=True), None)
-    except (csv.Error, UnicodeDecodeError):
-        return None
-
-
-def _drop_undecodable(numbers: list[int], lines: list[bytes],
-                      refused: list[tuple[int, str, str, str]]) -> tuple[list[int], list[bytes]]:
-    try:
-        b"\n".join(lines).decode("utf-8")
-        return numbers, lines
+        piece.decode("utf-8")
     except UnicodeDecodeError:
-        good_numbers, good_lines = [], []
-        for number, line in zip(numbers, lines, strict=True):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                refused.append((number, "malformed_row", "not UTF-8 text", line.decode("utf-8", errors="replace")))
-                continue
-            good_numbers.append(number)
-            good_lines.append(line)
-        return good_numbers, good_lines
+        slow |= ~blank
+    slow &= ~blank
+    good &= ~slow
+    refused: list[Refusal] = []
+    extra_rows: list[list[object]] = []
+    for index in np.flatnonzero(~good & ~blank & ~slow).tolist():
+        refused.append((first + index, "malformed_row", f"expected {len(shape.columns)} fields, found "
+                        f"{int(commas[index]) + 1}", _line(piece, starts, ends, index)))
+    for index in np.flatnonzero(slow).tolist():
+        fields, why = _parse_one_line(piece[starts[index]:ends[index]], len(shape.columns))
+        if fields is None:
+            refused.append((first + index, "malformed_row", why, _line(piece, starts, ends, index)))
+        else:
+            extra_rows.append([first + index, *fields])
+    frame = _csv_frame(_clean_bytes(piece, starts, ends, good), first + np.flatnonzero(good), extra_rows, shape)
+    return _ParsedPiece(frame, refused, int((~blank).sum()), first, piece, starts, ends)
 
 
-def _csv_frame(numbers: list[int], lines: list[bytes], quoted: list[list[object]], shape: FileShape) -> pd.DataFrame:
-    """The parsed rows (columns as in the header, all text) with their ``row_number``."""
+def _line(piece: bytes, starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64], index: int) -> str:
+    return piece[starts[index]:ends[index]].rstrip(b"\r").decode("utf-8", errors="replace")
+
+
+def _parse_one_line(line: bytes, columns: int) -> tuple[list[str] | None, str]:
+    """A line that has quotes or is not plain UTF-8, parsed alone: (fields, '') or (None, why)."""
+    try:
+        text = line.rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    try:
+        fields = next(csv.reader([text], strict=True), [])
+    except csv.Error as exc:
+        return None, f"unreadable CSV: {exc}"
+    if len(fields) != columns:
+        return None, f"expected {columns} fields, found {len(fields)}"
+    return fields, ""
+
+
+def _clean_bytes(piece: bytes, starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64],
+                 good: npt.NDArray[np.bool_]) -> bytes:
+    """The good lines of ``piece`` joined (the piece itself when all are good)."""
+    if good.all():
+        return piece
+    edges = np.diff(np.concatenate(([0], good.astype(np.int8), [0])))
+    run_starts, run_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    return b"".join(piece[starts[begin]:ends[end] + 1] for begin, end in zip(run_starts.tolist(), run_ends.tolist(),
+                                                                             strict=True))
+
+
+def _empty_csv_frame(shape: FileShape) -> pd.DataFrame:
+    return pd.DataFrame({"row_number": pd.Series([], dtype=np.int64),
+                         **{name: pd.Series([], dtype=object) for name in shape.columns}})
+
+
+def _csv_frame(clean: bytes, numbers: npt.NDArray[np.int64], extra_rows: list[list[object]],
+               shape: FileShape) -> pd.DataFrame:
+    """The parsed rows with their ``row_number``: text columns as text, numbers parsed by the C reader
+    (a column with text in it stays text; validation refuses those values)."""
     names = list(shape.columns)
-    if lines:
-        frame = pd.read_csv(io.BytesIO(b"\n".join(lines)), header=None, names=names, dtype=str, na_filter=False,
-                            engine="c", index_col=False)
-        frame.insert(0, "row_number", np.asarray(numbers, dtype=np.int64))
+    text_columns = {name: str for name in names if name.strip().lower() in ("timestamp", "asset", "sensor", "unit")}
+    if len(numbers):
+        frame = pd.read_csv(io.BytesIO(clean), header=None, names=names, dtype=text_columns, engine="c",
+                            index_col=False, keep_default_na=False, na_values=[""], skip_blank_lines=False)
+        frame.insert(0, "row_number", numbers.astype(np.int64))
     else:
-        frame = pd.DataFrame({"row_number": pd.Series([], dtype=np.int64),
-                              **{name: pd.Series([], dtype=str) for name in names}})
-    if quoted:
-        extra = pd.DataFrame(quoted, columns=["row_number", *names]).astype({name: str for name in names})
-        frame = pd.concat([frame, extra], ignore_index=True).sort_values("row_number", kind="stable")
-    return frame.reset_index(drop=True)
+        frame = _empty_csv_frame(shape)
+    if extra_rows:
+        extra = pd.DataFrame(extra_rows, columns=["row_number", *names])
+        frame = pd.concat([frame.astype({name: object for name in names}), extra], ignore_index=True)
+        frame = frame.sort_values("row_number", kind="stable").reset_index(drop=True)
+    return frame
 
 
 def _to_long(frame: pd.DataFrame, shape: FileShape) -> pd.DataFrame:

@@ -81,19 +81,20 @@ def encode_binary_copy(frame: pd.DataFrame) -> bytes:
 
 
 def encode_text_copy(frame: pd.DataFrame) -> bytes:
-    """Rows in PostgreSQL's text COPY format (tab-separated, ISO timestamps with +00)."""
-    stamps = np.datetime_as_string(_naive_micros(frame["ts"]), unit="us")
-    columns = [frame["sensor_pk"].to_numpy(np.int64).astype(str), np.char.add(stamps, "+00"),
-               np.char.mod("%r", frame["value"].to_numpy(np.float64)),
-               frame["ingest_pk"].to_numpy(np.int64).astype(str)]
-    lines = columns[0]
-    for column in columns[1:]:
-        lines = np.char.add(np.char.add(lines, "\t"), column)
-    return ("\n".join(lines.tolist()) + "\n").encode()
+    """Rows in PostgreSQL's text COPY format (tab-separated, ``YYYY-MM-DD HH:MM:SS.ffffff+00``)."""
+    stamps = timestamp_texts(frame["ts"], suffix="+00")
+    rows = zip(frame["sensor_pk"].to_numpy(np.int64).tolist(), stamps, frame["value"].to_numpy(np.float64).tolist(),
+               frame["ingest_pk"].to_numpy(np.int64).tolist(), strict=True)
+    return "".join([f"{pk}\t{ts}\t{value!r}\t{ingest}\n" for pk, ts, value, ingest in rows]).encode()
 
 
-def _naive_micros(ts: pd.Series) -> npt.NDArray[np.datetime64]:
-    return epoch_micros(ts).view("datetime64[us]")
+def timestamp_texts(ts: pd.Series, suffix: str = "") -> list[str]:
+    """UTC timestamps as ``YYYY-MM-DD HH:MM:SS.ffffff`` + ``suffix``, each distinct time formatted once
+    (numpy's formatting costs ~3 us a value; a chunk repeats each time once per sensor)."""
+    codes, distinct = pd.factorize(epoch_micros(ts))
+    texts = np.datetime_as_string(np.asarray(distinct, dtype=np.int64).view("datetime64[us]"), unit="us")
+    formatted = np.array([text.replace("T", " ") + suffix for text in texts.tolist()], dtype=object)
+    return list(formatted[codes].tolist())
 
 
 def _copy_postgres(session: Session, frame: pd.DataFrame) -> None:
@@ -114,9 +115,8 @@ def _copy_postgres(session: Session, frame: pd.DataFrame) -> None:
 
 
 def _executemany_sqlite(session: Session, frame: pd.DataFrame) -> None:
-    stamps = np.char.replace(np.datetime_as_string(_naive_micros(frame["ts"]), unit="us"), "T", " ")
-    rows = list(zip(frame["sensor_pk"].to_numpy(np.int64).tolist(), stamps.tolist(),
-               frame["value"].to_numpy(np.float64).tolist(), frame["ingest_pk"].to_numpy(np.int64).tolist(),
+    rows = list(zip(frame["sensor_pk"].to_numpy(np.int64).tolist(), timestamp_texts(frame["ts"]),
+                    frame["value"].to_numpy(np.float64).tolist(), frame["ingest_pk"].to_numpy(np.int64).tolist(),
                     strict=True))
     cursor = session.connection().connection.cursor()
     try:

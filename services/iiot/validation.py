@@ -21,9 +21,10 @@ Two stages:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import TypeAlias
 
 import numpy as np
@@ -97,6 +98,17 @@ class Registry:
             asset_timezone=np.array([row[1] or "UTC" for row in assets], dtype=object),
         )
 
+    @cached_property
+    def position_of(self) -> dict[tuple[str, str], int]:
+        """(asset id, sensor id) → position in the arrays."""
+        return {tuple(str(key).split(_KEY_SEPARATOR, 1)): index  # type: ignore[misc]
+                for index, key in enumerate(self.keys)}
+
+    @cached_property
+    def zone_of(self) -> dict[str, str]:
+        """asset id → its plant's time zone."""
+        return {str(asset): str(zone) for asset, zone in zip(self.asset_ids, self.asset_timezone, strict=True)}
+
     def knows_all(self, assets: pd.Series, sensors: pd.Series) -> bool:
         """Whether every (asset, sensor) pair is registered."""
         if not len(assets):
@@ -145,6 +157,10 @@ def empty_quarantine() -> QuarantineFrame:
                          "sensor_id": pd.Series([], dtype=object)})
 
 
+Detail = str | Callable[[pd.DataFrame], Iterable[str]]
+"""A quarantine detail: one text for every row, or a function of the refused rows."""
+
+
 class _Rejections:
     """Collects quarantined rows of one frame; each row is refused for its first failure only."""
 
@@ -153,17 +169,17 @@ class _Rejections:
         self.refused = np.zeros(len(frame), dtype=bool)
         self.parts: list[pd.DataFrame] = []
 
-    def reject(self, mask: npt.NDArray[np.bool_], reason: str, detail: pd.Series | str) -> None:
-        """Quarantine the rows in ``mask`` not refused yet, with ``detail`` (per row or one text)."""
+    def reject(self, mask: npt.NDArray[np.bool_], reason: str, detail: Detail) -> None:
+        """Quarantine the rows in ``mask`` not refused yet, with ``detail``: one text, or a function
+        of those rows (as a frame with their ``value``/``ts`` positions) giving one text per row."""
         mask = mask & ~self.refused
         if not mask.any():
             return
         self.refused |= mask
         rows = self.frame.loc[mask]
-        details = detail.loc[mask] if isinstance(detail, pd.Series) else detail
+        details = detail if isinstance(detail, str) else np.asarray(list(detail(rows)), dtype=object)
         self.parts.append(pd.DataFrame({
-            "row_number": rows["row_number"].to_numpy(np.int64), "reason": reason,
-            "detail": np.asarray(details, dtype=object) if isinstance(details, pd.Series) else details,
+            "row_number": rows["row_number"].to_numpy(np.int64), "reason": reason, "detail": details,
             "asset_id": _text_or_none(rows["asset"]), "sensor_id": _text_or_none(rows["sensor"])}))
 
     def quarantined(self) -> QuarantineFrame:
@@ -184,8 +200,8 @@ def check_rows(frame: pd.DataFrame, registry: Registry, now: datetime | None = N
     """
     frame = frame.reset_index(drop=True)
     rejections = _Rejections(frame)
-    sensor_index = _lookup_sensors(frame, registry, rejections)
-    ts = _parse_timestamps(frame, registry, rejections, now or datetime.now(UTC))
+    sensor_index, zones = _lookup_sensors(frame, registry, rejections)
+    ts = _parse_timestamps(frame, zones, rejections, now or datetime.now(UTC))
     values = _parse_values(frame, rejections)
     values = _convert_units(frame, values, registry, sensor_index, rejections)
     _check_ranges(frame, values, registry, sensor_index, rejections)
@@ -201,23 +217,40 @@ def _as_text(column: pd.Series) -> pd.Series:
     return column.fillna("").astype(str)
 
 
+def _codes(column: pd.Series) -> tuple[npt.NDArray[np.int64], list[str]]:
+    """Each row's code (0: missing) and the distinct texts (code - 1 indexes them)."""
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    return np.asarray(codes, dtype=np.int64) + 1, [str(value) for value in uniques]
+
+
 def _lookup_sensors(frame: pd.DataFrame, registry: Registry,
-                    rejections: _Rejections) -> npt.NDArray[np.int64]:
-    """Each row's position in ``registry`` (0 where unknown, those rows quarantined)."""
-    asset, sensor = _as_text(frame["asset"]), _as_text(frame["sensor"])
-    position = registry.keys.get_indexer(asset + _KEY_SEPARATOR + sensor) if len(registry.keys) else \
-        np.full(len(frame), -1)
+                    rejections: _Rejections) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.object_]]:
+    """Each row's position in ``registry`` (0 where unknown, those rows quarantined) and its plant's zone.
+
+    Distinct (asset, sensor) pairs are looked up once each: a chunk names few of them.
+    """
+    asset_codes, assets = _codes(frame["asset"])
+    sensor_codes, sensors = _codes(frame["sensor"])
+    pair_codes = asset_codes * (len(sensors) + 1) + sensor_codes
+    inverse, pairs = pd.factorize(pair_codes)
+    by_key, zone_of = registry.position_of, registry.zone_of
+    names = [(assets[code // (len(sensors) + 1) - 1] if code // (len(sensors) + 1) else "",
+              sensors[code % (len(sensors) + 1) - 1] if code % (len(sensors) + 1) else "") for code in pairs.tolist()]
+    position = np.array([by_key.get(name, -1) for name in names], dtype=np.int64)[inverse]
+    asset_known = np.array([name[0] in zone_of for name in names], dtype=bool)[inverse]
+    zones = np.array([zone_of.get(name[0], "UTC") for name in names], dtype=object)[inverse]
     unknown = position < 0
     if unknown.any():
-        asset_known = registry.asset_ids.get_indexer(asset) >= 0 if len(registry.asset_ids) else \
-            np.zeros(len(frame), dtype=bool)
-        rejections.reject(unknown & ~asset_known, "unknown_asset", "asset '" + asset + "' is not in the registry")
+        rejections.reject(unknown & ~asset_known, "unknown_asset",
+                          lambda rows: [f"asset '{asset}' is not in the registry" for asset in rows["asset"]])
         rejections.reject(unknown & asset_known, "unknown_sensor",
-                          "sensor '" + sensor + "' is not on asset '" + asset + "'")
-    return np.asarray(np.where(unknown, 0, position), dtype=np.int64)
+                          lambda rows: [f"sensor '{sensor}' is not on asset '{asset}'"
+                                        for asset, sensor in zip(rows["asset"], rows["sensor"], strict=True)])
+    return np.where(unknown, 0, position), zones
 
 
-def _parse_timestamps(frame: pd.DataFrame, registry: Registry, rejections: _Rejections, now: datetime) -> pd.Series:
+def _parse_timestamps(frame: pd.DataFrame, zones: npt.NDArray[np.object_], rejections: _Rejections,
+                      now: datetime) -> pd.Series:
     """Timestamps in UTC (NaT where refused): offsets honoured, naive ones in the asset's plant zone."""
     column = frame["timestamp"]
     if isinstance(column.dtype, pd.DatetimeTZDtype):
@@ -225,25 +258,41 @@ def _parse_timestamps(frame: pd.DataFrame, registry: Registry, rejections: _Reje
     elif pd.api.types.is_datetime64_dtype(column.dtype):
         ts, naive = column.dt.tz_localize("UTC"), np.ones(len(frame), dtype=bool)
     else:
-        text = _as_text(column).str.strip()
-        ts = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-        naive = ~text.str.contains(_OFFSET_PATTERN, regex=True).to_numpy(dtype=bool)
-        rejections.reject(ts.isna().to_numpy(), "bad_timestamp", "unparseable timestamp '" + text.str[:40] + "'")
+        ts, naive = _parse_iso(column, zones)
+        rejections.reject(ts.isna().to_numpy(), "bad_timestamp",
+                          lambda rows: [f"unparseable timestamp {str(text)[:40]!r}" for text in rows["timestamp"]])
     ts = pd.Series(ts, index=frame.index).astype(TS_DTYPE)
-    ts = _localise_naive(ts, naive, frame, registry, rejections)
+    ts = _localise_naive(ts, naive, zones, rejections)
     rejections.reject(ts.isna().to_numpy(), "bad_timestamp", "missing timestamp")
     future = (ts > pd.Timestamp(now + MAX_FUTURE)).to_numpy(dtype=bool)
     rejections.reject(future, "bad_timestamp", f"more than {MAX_FUTURE} ahead of the server's clock")
     return ts
 
 
-def _localise_naive(ts: pd.Series, naive: npt.NDArray[np.bool_], frame: pd.DataFrame, registry: Registry,
+def _parse_iso(column: pd.Series, zones: npt.NDArray[np.object_]) -> tuple[pd.Series, npt.NDArray[np.bool_]]:
+    """ISO 8601 text as UTC (naive ones as if UTC), and which were naive (only asked where the plant's
+    zone is not UTC: there naive and UTC are the same)."""
+    if column.dtype == object:
+        column = column.map(lambda value: value.isoformat() if isinstance(value, datetime) else value)
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)  # a chunk repeats each time once per sensor
+    texts = pd.Series(uniques, dtype=object).map(lambda value: value.strip() if isinstance(value, str) else value)
+    parsed = pd.to_datetime(texts, format="ISO8601", utc=True, errors="coerce", cache=False).astype(TS_DTYPE)
+    # code -1 (a missing value) takes the NaT appended last
+    parsed_codes = np.append(parsed.dt.tz_convert(None).to_numpy(), np.datetime64("NaT"))
+    ts = pd.Series(pd.DatetimeIndex(parsed_codes[codes]).tz_localize("UTC"), index=column.index)
+    naive = np.zeros(len(column), dtype=bool)
+    local = zones != "UTC"
+    if local.any():
+        text = _as_text(column[local]).str.strip()
+        naive[local] = ~text.str.contains(_OFFSET_PATTERN, regex=True).to_numpy(dtype=bool)
+    return ts, naive
+
+
+def _localise_naive(ts: pd.Series, naive: npt.NDArray[np.bool_], zones: npt.NDArray[np.object_],
                     rejections: _Rejections) -> pd.Series:
     """Naive timestamps (parsed as if UTC) re-read as wall time of their asset's plant time zone."""
-    if not naive.any() or not len(registry.asset_ids):
+    if not naive.any():
         return ts
-    position = registry.asset_ids.get_indexer(_as_text(frame["asset"]))
-    zones = np.where(position >= 0, registry.asset_timezone[position.clip(0)], "UTC")
     for zone in pd.unique(zones[naive]):
         if zone == "UTC":
             continue
@@ -275,32 +324,40 @@ def _parse_values(frame: pd.DataFrame, rejections: _Rejections) -> npt.NDArray[n
         numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(numbers)
     if bad.any():
-        shown = column.astype(object).map(lambda value: repr(value)[:40])
-        rejections.reject(bad, "not_a_number", "value " + shown + " is not a finite number")
+        rejections.reject(bad, "not_a_number", lambda rows: [f"value {_shown(value)} is not a finite number"
+                                                             for value in rows["value"]])
     return numbers
+
+
+def _shown(value: object) -> str:
+    if value is None or value is pd.NA:
+        return "missing"
+    return repr(value)[:40] if isinstance(value, str) else str(value)[:40]
 
 
 def _convert_units(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry: Registry,
                    sensor_index: npt.NDArray[np.int64], rejections: _Rejections) -> npt.NDArray[np.float64]:
     """Values in each sensor's canonical unit; unknown or incompatible units quarantined."""
-    units = _as_text(frame["unit"]).str.strip()
-    given = (units != "").to_numpy()
-    if not given.any():
+    unit_codes, units = _codes(frame["unit"])
+    if not any(unit.strip() for unit in units):
         return values
     values = values.copy()
     targets = registry.unit[sensor_index]
-    pairs = pd.DataFrame({"unit": units[given], "target": targets[given]}).drop_duplicates()
-    for unit, target in pairs.itertuples(index=False):
-        rows = given & (units == unit).to_numpy() & (targets == target)
-        try:
-            convert = converter(unit, target)
-        except UnknownUnit:
-            rejections.reject(rows, "unknown_unit", f"unknown unit '{unit[:32]}'")
+    for code, unit in enumerate(units, start=1):
+        if not unit.strip():
             continue
-        except IncompatibleUnits as exc:
-            rejections.reject(rows, "incompatible_unit", str(exc)[:200])
-            continue
-        values[rows] = convert(values[rows])
+        given = unit_codes == code
+        for target in pd.unique(targets[given]):
+            rows = given & (targets == target)
+            try:
+                convert = converter(unit.strip(), str(target))
+            except UnknownUnit:
+                rejections.reject(rows, "unknown_unit", f"unknown unit {unit.strip()[:32]!r}")
+                continue
+            except IncompatibleUnits as exc:
+                rejections.reject(rows, "incompatible_unit", str(exc)[:200])
+                continue
+            values[rows] = convert(values[rows])
     return values
 
 
@@ -311,10 +368,8 @@ def _check_ranges(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry
     with np.errstate(invalid="ignore"):
         outside = (values < low) | (values > high)
     if outside.any():
-        detail = pd.Series([f"{value:g} outside [{lo:g}, {hi:g}]" for value, lo, hi in
-                            zip(values, low, high, strict=True)] if outside.sum() < 10_000 else
-                           ["outside the sensor's expected range"] * len(values), index=frame.index)
-        rejections.reject(outside, "out_of_range", detail)
+        rejections.reject(outside, "out_of_range", lambda rows: [
+            f"{values[index]:g} outside [{low[index]:g}, {high[index]:g}]" for index in rows.index])
 
 
 def check_watermarks(kept: KeptFrame, watermarks: dict[int, datetime | None], stored: StoredLookup,
@@ -325,29 +380,48 @@ def check_watermarks(kept: KeptFrame, watermarks: dict[int, datetime | None], st
     ``stored`` answers whether a late ``(sensor, ts)`` is already stored. Returns the rows to write
     sorted by ``(sensor_pk, ts)``, the refused ones, the gap count and the new watermarks.
     """
-    rows = kept.sort_values(["sensor_pk", "ts", "row_number"], kind="stable").reset_index(drop=True)
-    pks = rows["sensor_pk"].to_numpy(np.int64)
-    micros = epoch_micros(rows["ts"])
+    order = np.lexsort((kept["row_number"].to_numpy(np.int64), epoch_micros(kept["ts"]),
+                        kept["sensor_pk"].to_numpy(np.int64)))
+    pks, micros = kept["sensor_pk"].to_numpy(np.int64)[order], epoch_micros(kept["ts"])[order]
+    numbers, values = kept["row_number"].to_numpy(np.int64)[order], kept["value"].to_numpy(np.float64)[order]
     marks = _watermark_micros(pks, watermarks)
     late = micros <= marks
-    same_as_previous = np.zeros(len(rows), dtype=bool)
+    same_as_previous = np.zeros(len(pks), dtype=bool)
     same_as_previous[1:] = (pks[1:] == pks[:-1]) & (micros[1:] == micros[:-1])
-    already_stored = np.zeros(len(rows), dtype=bool)
+    already_stored = np.zeros(len(pks), dtype=bool)
     lookup = late & ~same_as_previous
     if lookup.any():
-        already_stored[lookup] = stored(rows.loc[lookup, ["sensor_pk", "ts"]])
+        already_stored[lookup] = stored(pd.DataFrame({"sensor_pk": pks[lookup], "ts": micros_to_ts(micros[lookup])}))
     duplicate = same_as_previous | already_stored
     refused = duplicate | late
     quarantined = pd.DataFrame({
-        "row_number": rows["row_number"].to_numpy(np.int64)[refused],
+        "row_number": numbers[refused],
         "reason": np.where(duplicate[refused], "duplicate", "out_of_order").astype(object),
         "detail": np.where(duplicate[refused], "this sensor already has a reading at this time",
                            "older than the sensor's newest stored reading").astype(object),
         "asset_id": None, "sensor_id": None})
-    written = rows.loc[~refused].reset_index(drop=True)
-    gaps = count_gaps(pks[~refused], micros[~refused], marks[~refused], registry)
-    return Checked(kept=written, quarantined=quarantined, gaps=gaps,
-                   watermarks=_newest_per_sensor(written), counts=_count_per_sensor(written))
+    keep = ~refused
+    written = pd.DataFrame({"sensor_pk": pks[keep], "ts": micros_to_ts(micros[keep]), "value": values[keep],
+                            "row_number": numbers[keep]})
+    newest, counts = _per_sensor(pks[keep], micros[keep])
+    gaps = count_gaps(pks[keep], micros[keep], marks[keep], registry)
+    return Checked(kept=written, quarantined=quarantined, gaps=gaps, watermarks=newest, counts=counts)
+
+
+def micros_to_ts(micros: npt.NDArray[np.int64]) -> pd.Series:
+    """Epoch microseconds as a UTC timestamp series."""
+    return pd.Series(np.asarray(micros, dtype=np.int64).view("datetime64[us]")).dt.tz_localize("UTC")
+
+
+def _per_sensor(pks: npt.NDArray[np.int64],
+                micros: npt.NDArray[np.int64]) -> tuple[dict[int, datetime], dict[int, int]]:
+    """Newest time and count of readings per sensor, of readings sorted by (sensor, time)."""
+    if not len(pks):
+        return {}, {}
+    last = np.flatnonzero(np.append(pks[1:] != pks[:-1], True))
+    sizes = np.diff(np.append(-1, last))
+    newest = {int(pks[index]): _EPOCH + timedelta(microseconds=int(micros[index])) for index in last.tolist()}
+    return newest, {int(pks[index]): int(size) for index, size in zip(last.tolist(), sizes.tolist(), strict=True)}
 
 
 def epoch_micros(ts: pd.Series) -> npt.NDArray[np.int64]:
@@ -389,19 +463,6 @@ def count_gaps(pks: npt.NDArray[np.int64], micros: npt.NDArray[np.int64], marks:
     limit = registry.interval_of(pks) * GAP_FACTOR
     with np.errstate(invalid="ignore"):
         return int(np.count_nonzero(known & (silence_s > limit)))
-
-
-def _newest_per_sensor(rows: KeptFrame) -> dict[int, datetime]:
-    if rows.empty:
-        return {}
-    newest = rows.groupby("sensor_pk")["ts"].max()
-    return {int(pk): ts.to_pydatetime() for pk, ts in newest.items()}
-
-
-def _count_per_sensor(rows: KeptFrame) -> dict[int, int]:
-    if rows.empty:
-        return {}
-    return {int(pk): int(count) for pk, count in rows["sensor_pk"].value_counts().items()}
 
 
 def wide_to_long(frame: pd.DataFrame, sensor_columns: list[str]) -> pd.DataFrame:
