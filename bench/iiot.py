@@ -24,6 +24,7 @@ Usage::
     nice -n 5 python bench/iiot.py              # full (~15 min on 2 shared cores; also: tessera bench iiot)
     python bench/iiot.py --quick                # small sizes (~1 min; what tests/bench runs)
     python bench/iiot.py --sections ingest --backends postgres --rows 2000000
+    python bench/iiot.py --sections scoring,alerts --update   # rerun sections into the existing record
 
 PostgreSQL from ``--pg-url`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432``); MQTT from
 ``--mqtt`` (default 127.0.0.1:1883). Note: this box has 2 cores shared with other work; every
@@ -88,8 +89,8 @@ class Plan:
     alert_stride_h: float
 
 
-FULL = Plan(rows=10_000_000, small_rows=1_000_000, naive_rows=50_000, to_sql_rows=1_000_000, assets=200,
-            mqtt_readings=100_000, mqtt_timeout_s=240.0, scoring_assets=100, scoring_days=3.0, scoring_repeats=2,
+FULL = Plan(rows=10_000_000, small_rows=1_000_000, naive_rows=50_000, to_sql_rows=500_000, assets=200,
+            mqtt_readings=50_000, mqtt_timeout_s=240.0, scoring_assets=100, scoring_days=3.0, scoring_repeats=2,
             edge_windows=5_000, alert_assets=30, alert_days=120.0, alert_stride_h=1.0)
 QUICK = Plan(rows=20_000, small_rows=5_000, naive_rows=1_000, to_sql_rows=5_000, assets=20, mqtt_readings=2_000,
              mqtt_timeout_s=30.0, scoring_assets=10, scoring_days=2.5, scoring_repeats=1, edge_windows=200,
@@ -154,6 +155,7 @@ def run_ingest_point(way: str, url: str, path: Path, rows: int, files: BenchFile
             "--file", str(path), "--rows", str(rows), "--keys", str(files.keys_path)]
     env = {**os.environ, "TESSERA_DATABASE_URL": url, "TESSERA_DATA_DIR": str(workdir / "data"),
            "TESSERA_LOG_LEVEL": "WARNING"}
+    load_before = os.getloadavg()[0]
     completed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
         return {"status": "failed", "why": (completed.stderr.strip().splitlines() or ["?"])[-1],
@@ -161,6 +163,7 @@ def run_ingest_point(way: str, url: str, path: Path, rows: int, files: BenchFile
     point: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
     point["rows_stored"] = count_readings(url)
     point["rows_per_s"] = point["rows"] / point["seconds"] if point["seconds"] > 0 else None
+    point["load_avg_1m"] = [load_before, os.getloadavg()[0]]  # before, after: the box is shared
     return point
 
 
@@ -521,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the sections run in an existing --out record (the others keep theirs)")
     args = parser.parse_args(argv)
     if args.command == "point" and args.kind == "scoring":
         from bench._iiot_scoring import scoring_point
@@ -546,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         record = bench(plan, [s.strip() for s in args.sections.split(",") if s.strip()], args, workdir)
     record["wall_s"] = time.monotonic() - started
+    if args.update and args.out.exists():  # rerun sections replace theirs; the rest stays from its run
+        earlier = json.loads(args.out.read_text())
+        ran = [s for s in SECTIONS if s in record]
+        record = {**earlier, **{s: {**record[s], "rerun_at": record["started_at"]} for s in ran},
+                  "reruns": [*earlier.get("reruns", []), {"sections": ran, "at": record["started_at"],
+                                                          "machine": record["machine"]}]}
     print_tables(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
