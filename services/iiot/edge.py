@@ -392,12 +392,19 @@ def run_gateway(config: EdgeConfig, stop: threading.Event) -> None:
         gateway.stop()
 
 
+def _topic_level(text: str) -> str:
+    """An id that is one MQTT topic level (no ``/``, ``+``, ``#``)."""
+    if not text or any(character in text for character in "/+#"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be one topic level: non-empty, without / + #")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``tessera edge iiot``."""
     parser = argparse.ArgumentParser(prog="tessera edge iiot", description=__doc__.splitlines()[0])
     parser.add_argument("--local-mqtt", required=True, help="the gateway's local broker (mqtt://host:1883)")
     parser.add_argument("--upstream-mqtt", required=True, help="the broker risk is published to")
-    parser.add_argument("--tenant", required=True)
+    parser.add_argument("--tenant", required=True, type=_topic_level, help="the tenant of the gateway's assets")
     parser.add_argument("--registry", type=Path, required=True,
                         help="JSON of the gateway's plants, lines, assets and sensors (a registry upsert document)")
     parser.add_argument("--model-dir", type=Path, help="an edge model artifact (default: the newest shipped one)")
