@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from shared.security import SIGNATURE_HEADER, Tenant, verify_signature
 from shared.webhooks import IDEMPOTENCY_HEADER
 from tests.conftest import Stack, apply_stack_in_process, sqlite_stack_at
 from tests.iiot.test_alerts_lifecycle import START, add_reading, new_asset
+from tests.iiot.test_retraining import FAILURES, answer_one_probability, store_history
 from tests.nodule.conftest import new_key
 from tests.scaffold import migrate
 from tests.shared.test_webhooks import Receiver, serve
@@ -37,13 +39,15 @@ OPENS_ON_ANY_SCORE = {"open_threshold": 1e-9, "close_threshold": 0.0, "consecuti
 
 
 def seal_small_model(models_dir: Path) -> None:
-    """A small untrained risk model on the window features, sealed as ``<models_dir>/iiot/cloud/v1``."""
+    """A small untrained risk model on the window features, sealed as ``<models_dir>/iiot/cloud/v1``; it
+    answers one P(failure) for every window (so a retrained candidate has something to beat)."""
     from model_runtime.artifacts import save_artifact
     from services.iiot.features import STEP_FEATURES
     from services.iiot.model import SensorWindowConfig, SensorWindowNet, save_risk_model
 
     directory = models_dir / "iiot" / "cloud" / "v1"
     net = SensorWindowNet(SensorWindowConfig.for_tier("edge", STEP_FEATURES))
+    answer_one_probability(net)
     save_risk_model(net, directory, onnx=False)
     save_artifact(directory, name="iiot", version="v1", framework="torch", data="untrained (tests)")
 
@@ -225,3 +229,38 @@ def test_alerts_are_listed_newest_first_a_page_at_a_time(here: IiotDeployment) -
         assert [a["id"] for a in client.get("/alerts", params={"state": "resolved", "asset": "m-1"}).json()] == [
             opened[0]]
         assert client.get("/alerts", params={"state": "closed"}).status_code == 422
+
+
+@pytest.mark.slow  # trains a small model in the worker (~10-20 s of CPU)
+def test_failure_records_retrain_a_model_that_scores_its_tenant_alone(here: IiotDeployment) -> None:
+    """Failures recorded over the API label the stored readings; the retrain job in the worker trains,
+    judges and promotes a version for this tenant; its scores use it, a bystander's keep the default."""
+    tenant_id, key = new_key(here.stack.database_url, scopes=("iiot",))
+    bystander_id, bystander_key = new_key(here.stack.database_url, scopes=("iiot",))
+    store_history(tenant_id, record_failures=False)
+    with session_scope() as session:
+        add_reading(session, new_asset(session, bystander_id, "pump-z"), 0)
+    with here.client(key) as client, here.client(bystander_key) as bystander:
+        for name, failures in FAILURES.items():
+            for hour in failures:
+                occurred = (START + timedelta(hours=hour)).isoformat()
+                response = client.post(f"/assets/pump-{name}/maintenance",
+                                       json={"kind": "failure", "occurred_at": occurred, "failure_mode": "seal"})
+                assert response.status_code == 201, response.text
+        job_id = client.post("/models/retrain", json={"holdout_days": 7, "stride_hours": 6.0, "epochs": 8}).json()[
+            "job_id"]
+        wait_until(lambda: job_status(job_id) in (SUCCEEDED, "failed"), 300, "the retrain job")
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.status == SUCCEEDED, job.error if job else None
+            result = job.result or {}
+        assert result["promoted"] is True and result["live_version"] == "v1", result
+        listed = [(m["version"], m["status"], m["default"]) for m in client.get("/models").json()]
+        assert listed == [(result["version"], "live", False), ("v1", "standby", True)]
+        assert [(m["version"], m["status"]) for m in bystander.get("/models").json()] == [("v1", "live")]
+
+        for who in (client, bystander):
+            scored = who.post("/scoring:run").json()["job_id"]
+            wait_until(lambda: job_status(scored) == SUCCEEDED, 90, "a scoring job")  # noqa: B023
+        assert client.get("/assets/pump-a/risk").json()["model_version"] == result["version"]
+        assert bystander.get("/assets/pump-z/risk").json()["model_version"] == "v1"

@@ -41,10 +41,17 @@ def seal_untrained_model(models_dir: Path) -> None:
 
     directory = models_dir / "iiot" / "cloud" / "v1"
     net = SensorWindowNet(SensorWindowConfig.for_tier("edge", CHANNELS, window=12))
-    with torch.no_grad():  # one P(failure) for every window: its held-out AP is the base rate
-        net.failure_head[-1].weight.zero_()
+    answer_one_probability(net)
     save_risk_model(net, directory, onnx=False)
     save_artifact(directory, name="iiot", version="v1", framework="torch", data="constant P(failure) (tests)")
+
+
+def answer_one_probability(net: torch.nn.Module) -> None:
+    """Zero the failure head's last weights: one P(failure) for every window (held-out AP = the base rate)."""
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name.startswith("failure_head.") and name.endswith(".weight") and parameter.shape[0] == 1:
+                parameter.zero_()
 
 
 def rising_builder(frame: pd.DataFrame, sensors: Sequence[Sensor], end: datetime) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +64,9 @@ def rising_builder(frame: pd.DataFrame, sensors: Sequence[Sensor], end: datetime
     return window, mask
 
 
-def store_history(tenant_id: str) -> None:
-    """Two assets, 40 days of an hourly reading that climbs over the 72 h before each failure."""
+def store_history(tenant_id: str, record_failures: bool = True) -> None:
+    """Two assets, 40 days of an hourly reading that climbs over the 72 h before each failure
+    (:data:`FAILURES`, recorded as maintenance unless ``record_failures`` is False)."""
     rng = np.random.default_rng(0)
     with session_scope() as session:
         for name, failures in FAILURES.items():
@@ -70,7 +78,7 @@ def store_history(tenant_id: str) -> None:
                 rows.append({"sensor_pk": sensor.id, "ts": START + timedelta(hours=hour), "value": value})
             session.execute(insert(readings), rows)
             sensor.last_ts = START + timedelta(hours=HOURS - 1)
-            for failure in failures:
+            for failure in failures if record_failures else ():
                 session.add(MaintenanceRecord(tenant_id=tenant_id, asset_pk=sensor.asset_pk, kind="failure",
                                               occurred_at=START + timedelta(hours=failure), failure_mode="bearing"))
 
