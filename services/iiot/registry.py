@@ -30,7 +30,7 @@ from typing import Annotated, Any, Self, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
-from sqlalchemy import ColumnElement, Select, delete, exists, select
+from sqlalchemy import ColumnElement, Select, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -543,60 +543,112 @@ def upsert(session: Session, tenant_id: str, batch: RegistryBatch) -> UpsertResu
 
 def _upsert(session: Session, tenant_id: str, batch: RegistryBatch) -> UpsertResult:
     result = UpsertResult()
-    plants = _stored(session, Plant, Plant.plant_id, tenant_id,
-                     {p.plant_id for p in batch.plants} | {line.plant_id for line in batch.lines})
-    for plant in batch.plants:
-        _put(session, plants, plant.plant_id, Plant, result.plants, tenant_id=tenant_id, plant_id=plant.plant_id,
-             name=plant.name, timezone=plant.timezone)
-    session.flush()
-    lines = _stored(session, Line, Line.line_id, tenant_id,
-                    {line.line_id for line in batch.lines} | {a.line_id for a in batch.assets})
-    for line in batch.lines:
-        parent = _parent(plants, line.plant_id, "plant", _loc(batch, "line", line.line_id, "plant_id"))
-        _put(session, lines, line.line_id, Line, result.lines, tenant_id=tenant_id, line_id=line.line_id,
-             plant_pk=parent.id, name=line.name)
-    session.flush()
-    assets = _stored(session, Asset, Asset.asset_id, tenant_id,
-                     {a.asset_id for a in batch.assets} | {asset_id for asset_id, _ in batch.sensors})
-    for asset in batch.assets:
-        line_row = _parent(lines, asset.line_id, "line", _loc(batch, "asset", asset.asset_id, "line_id"))
-        _put(session, assets, asset.asset_id, Asset, result.assets, tenant_id=tenant_id, asset_id=asset.asset_id,
-             line_pk=line_row.id, name=asset.name, kind=asset.kind, details=dict(asset.details))
-    session.flush()
-    _put_sensors(session, tenant_id, batch, assets, result.sensors)
-    session.flush()
+    plants = _write_level(session, _PLANTS, _stored(session, _PLANTS, tenant_id, Plant.plant_id, {
+        p.plant_id for p in batch.plants} | {line.plant_id for line in batch.lines}), [
+        (p.plant_id, {"tenant_id": tenant_id, "plant_id": p.plant_id, "name": p.name, "timezone": p.timezone})
+        for p in batch.plants], result.plants)
+    lines = _write_level(session, _LINES, _stored(session, _LINES, tenant_id, Line.line_id, {
+        line.line_id for line in batch.lines} | {a.line_id for a in batch.assets}), [
+        (line.line_id, {"tenant_id": tenant_id, "line_id": line.line_id, "name": line.name, "plant_pk": _parent(
+            plants, line.plant_id, "plant", _loc(batch, "line", line.line_id, "plant_id"))}) for line in batch.lines],
+        result.lines)
+    assets = _write_level(session, _ASSETS, _stored(session, _ASSETS, tenant_id, Asset.asset_id, {
+        a.asset_id for a in batch.assets} | {asset_id for asset_id, _ in batch.sensors}), [
+        (a.asset_id, {"tenant_id": tenant_id, "asset_id": a.asset_id, "name": a.name, "kind": a.kind,
+                      "details": dict(a.details), "line_pk": _parent(
+                          lines, a.line_id, "line", _loc(batch, "asset", a.asset_id, "line_id"))})
+        for a in batch.assets], result.assets)
+    sensors = _stored_sensors(session, set(assets.values()))
+    nodes = []
+    for asset_id, sensor in batch.sensors:
+        asset_pk = _parent(assets, asset_id, "asset", batch.locs.get(("sensor", f"{asset_id}/{sensor.sensor_id}"),
+                                                                     ["body", "asset_id"]))
+        key = f"{asset_pk}/{sensor.sensor_id}"
+        if key in sensors:
+            _refuse_unit_change(session, sensors[key][1], sensor.unit, asset_id)
+        nodes.append((key, {"tenant_id": tenant_id, "asset_pk": asset_pk, "sensor_id": sensor.sensor_id,
+                            "unit": sensor.unit, "quantity": sensor.quantity, "min_value": sensor.min_value,
+                            "max_value": sensor.max_value, "sampling_interval_s": sensor.sampling_interval_s}))
+    _write_level(session, _SENSORS, {key: (pk, row._mapping) for key, (pk, row) in sensors.items()}, nodes,
+                 result.sensors)
     return result
 
 
-def _stored(session: Session, model: Any, key: Any, tenant_id: str, ids: set[str]) -> dict[str, Any]:
-    """The tenant's stored rows of ``model`` whose ``key`` is in ``ids``, by that id."""
-    rows: dict[str, Any] = {}
+@dataclass(frozen=True)
+class _Level:
+    """How one level's rows are keyed: ``keys`` joined by ``/`` make the node id of a row."""
+
+    model: Any
+    keys: tuple[Any, ...]
+    fields: tuple[Any, ...]
+    """The columns an upsert writes (compared to tell an update from no change)."""
+
+
+_PLANTS = _Level(Plant, (Plant.plant_id,), (Plant.name, Plant.timezone))
+_LINES = _Level(Line, (Line.line_id,), (Line.name, Line.plant_pk))
+_ASSETS = _Level(Asset, (Asset.asset_id,), (Asset.name, Asset.kind, Asset.details, Asset.line_pk))
+_SENSORS = _Level(Sensor, (Sensor.asset_pk, Sensor.sensor_id), (
+    Sensor.unit, Sensor.quantity, Sensor.min_value, Sensor.max_value, Sensor.sampling_interval_s))
+
+
+def _stored(session: Session, level: _Level, tenant_id: str, key: Any, ids: set[str]) -> dict[str, tuple[int, Any]]:
+    """The tenant's stored rows of ``level`` whose ``key`` is in ``ids``: id → (pk, row of its fields)."""
+    rows: dict[str, tuple[int, Any]] = {}
+    model = level.model
     for chunk in _chunks(sorted(ids)):
-        for row in session.scalars(select(model).where(model.tenant_id == tenant_id, key.in_(chunk))):
-            rows[getattr(row, key.key)] = row
+        query = select(model.id, *level.keys, *level.fields).where(model.tenant_id == tenant_id, key.in_(chunk))
+        for row in session.execute(query):
+            rows[row[1]] = (row[0], row._mapping)
     return rows
 
 
-def _parent(rows: dict[str, Any], parent_id: str, level: str, loc: list[str | int]) -> Any:
-    parent = rows.get(parent_id)
-    if parent is None:
+def _stored_sensors(session: Session, asset_pks: set[int]) -> dict[str, tuple[int, Any]]:
+    """The stored sensors of these assets: ``<asset_pk>/<sensor_id>`` → (pk, row with the unit check's columns)."""
+    rows: dict[str, tuple[int, Any]] = {}
+    for chunk in _chunks(sorted(asset_pks)):
+        query = select(Sensor.id, Sensor.asset_pk, Sensor.sensor_id, *_SENSORS.fields, Sensor.last_ts,
+                       Sensor.reading_count).where(Sensor.asset_pk.in_(chunk))
+        for row in session.execute(query):
+            rows[f"{row.asset_pk}/{row.sensor_id}"] = (row.id, row)
+    return rows
+
+
+def _parent(pks: dict[str, int], parent_id: str, level: str, loc: list[str | int]) -> int:
+    pk = pks.get(parent_id)
+    if pk is None:
         raise _unprocessable(loc, f"{level} '{parent_id}' does not exist for this tenant", "unknown_" + level)
-    return parent
+    return pk
 
 
-def _put(session: Session, rows: dict[str, Any], node_id: str, model: Any, counts: LevelCounts,
-         **values: Any) -> Any:
-    """Insert ``model(**values)`` or set ``values`` on the stored row; counts which it was."""
-    row = rows.get(node_id)
-    if row is None:
-        row = rows[node_id] = model(**values)
-        session.add(row)
-        counts.created += 1
-    elif _assign(row, values):
-        counts.updated += 1
-    else:
-        counts.unchanged += 1
-    return row
+def _pks(stored: dict[str, tuple[int, Any]]) -> dict[str, int]:
+    return {node_id: pk for node_id, (pk, _) in stored.items()}
+
+
+def _write_level(session: Session, level: _Level, stored: dict[str, tuple[int, Any]],
+                 nodes: list[tuple[str, dict[str, Any]]], counts: LevelCounts) -> dict[str, int]:
+    """Insert the nodes not ``stored``, update those whose fields differ (both in bulk: one
+    multi-row statement per chunk, not one per row); counts each. Returns every id → pk, stored
+    ones included (children resolve their parents with it)."""
+    pks = _pks(stored)
+    names = [column.key for column in level.fields]
+    new: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []
+    for node_id, values in nodes:
+        held = stored.get(node_id)
+        if held is None:
+            new.append(values)
+        elif any(held[1][name] != values[name] for name in names):
+            changed.append({"id": held[0], **{name: values[name] for name in names}})
+    returning = insert(level.model).returning(level.model.id, *level.keys, sort_by_parameter_order=True)
+    for chunk in _chunks(new):
+        for row in session.execute(returning, list(chunk)):
+            pks["/".join(str(part) for part in row[1:])] = row[0]
+    for chunk in _chunks(changed):
+        session.execute(update(level.model), list(chunk))
+    counts.created += len(new)
+    counts.updated += len(changed)
+    counts.unchanged += len(nodes) - len(new) - len(changed)
+    return pks
 
 
 def _assign(row: Any, values: dict[str, Any]) -> bool:
@@ -609,27 +661,9 @@ def _assign(row: Any, values: dict[str, Any]) -> bool:
     return changed
 
 
-def _put_sensors(session: Session, tenant_id: str, batch: RegistryBatch, assets: dict[str, Asset],
-                 counts: LevelCounts) -> None:
-    stored: dict[str, Any] = {}
-    asset_pks = sorted({asset.id for asset in assets.values()})
-    for chunk in _chunks(asset_pks):
-        for row in session.scalars(select(Sensor).where(Sensor.asset_pk.in_(chunk))):
-            stored[f"{row.asset_pk}/{row.sensor_id}"] = row
-    for asset_id, sensor in batch.sensors:
-        loc = _loc(batch, "sensor", f"{asset_id}/{sensor.sensor_id}", "unit")
-        asset = _parent(assets, asset_id, "asset", loc[:-1])
-        key = f"{asset.id}/{sensor.sensor_id}"
-        if key in stored:
-            _refuse_unit_change(session, stored[key], sensor.unit, asset_id)
-        _put(session, stored, key, Sensor, counts, tenant_id=tenant_id,
-             asset_pk=asset.id, sensor_id=sensor.sensor_id, unit=sensor.unit, quantity=sensor.quantity,
-             min_value=sensor.min_value, max_value=sensor.max_value,
-             sampling_interval_s=sensor.sampling_interval_s)
-
-
-def _refuse_unit_change(session: Session, sensor: Sensor, unit: str, asset_id: str) -> None:
-    """409 when ``unit`` would replace the canonical unit of a sensor that has readings."""
+def _refuse_unit_change(session: Session, sensor: Any, unit: str, asset_id: str) -> None:
+    """409 when ``unit`` would replace the canonical unit of a sensor that has readings (``sensor``:
+    a :class:`Sensor` or a row of its ``id``, ``sensor_id``, ``unit``, ``last_ts``, ``reading_count``)."""
     if unit == sensor.unit:
         return
     has_readings = sensor.last_ts is not None or sensor.reading_count > 0 or bool(session.scalar(
@@ -688,8 +722,8 @@ def patch_line(session: Session, tenant_id: str, line_id: str, patch: LinePatch)
     changes = patch.model_dump(exclude_unset=True)
     if "plant_id" in changes:
         plant_id = _required(changes.pop("plant_id"), "plant_id")
-        changes["plant_pk"] = _parent(_stored(session, Plant, Plant.plant_id, tenant_id, {plant_id}), plant_id,
-                                      "plant", ["body", "plant_id"]).id
+        changes["plant_pk"] = _parent(_pks(_stored(session, _PLANTS, tenant_id, Plant.plant_id, {plant_id})),
+                                      plant_id, "plant", ["body", "plant_id"])
     _assign(line, changes)
     session.flush()
     return _line_out(line, plant_id)
@@ -701,8 +735,8 @@ def patch_asset(session: Session, tenant_id: str, asset_id: str, patch: AssetPat
     changes = patch.model_dump(exclude_unset=True)
     if "line_id" in changes:
         line_id = _required(changes.pop("line_id"), "line_id")
-        changes["line_pk"] = _parent(_stored(session, Line, Line.line_id, tenant_id, {line_id}), line_id,
-                                     "line", ["body", "line_id"]).id
+        changes["line_pk"] = _parent(_pks(_stored(session, _LINES, tenant_id, Line.line_id, {line_id})),
+                                     line_id, "line", ["body", "line_id"])
     if "details" in changes:
         changes["details"] = changes["details"] or {}
     _assign(asset, changes)
