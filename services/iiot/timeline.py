@@ -245,7 +245,9 @@ def _time_axis(draw: ImageDraw.ImageDraw, frame: _Frame, zone: str) -> None:
     step = next((s for s in TICK_STEPS if span / s <= 8), TICK_STEPS[-1])
     tz = ZoneInfo(zone)
     start = pd.Timestamp(frame.start_ns, tz="UTC").tz_convert(tz)
-    first = start.floor("D") if step >= timedelta(days=1) else start.floor(f"{int(step.total_seconds() // 3600)}h")
+    unit = "D" if step >= timedelta(days=1) else f"{int(step.total_seconds() // 3600)}h"
+    # a wall-clock hour that happens twice (DST ends) or never (DST starts) floors to its first instant
+    first = start.floor(unit, ambiguous=True, nonexistent="shift_forward")
     fmt = "%m-%d" if step >= timedelta(days=1) else "%m-%d %H:%M"
     tick = first
     while _ns(tick) <= frame.end_ns:

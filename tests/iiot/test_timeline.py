@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 from PIL import Image
 from sqlalchemy import select
@@ -28,6 +29,8 @@ from services.iiot.timeline import (
     PALETTE,
     STRIP_TOP,
     TIER_COLOURS,
+    AssetHistory,
+    render_asset_timeline,
 )
 from shared.db import session_factory, utcnow
 from tests.conftest import Variant
@@ -170,3 +173,13 @@ def test_bad_ranges_are_422_and_other_tenants_ids_404(line_a: Tenant, outsider: 
     problem(line_a.client.get("/lines/line-a/risk", params={"stale_after_h": 0}), 422)
     for path in ("/assets/pump-1/risk.png", "/lines/line-a/risk.png", "/lines/line-a/risk", "/assets/nope/risk.png"):
         problem(outsider.client.get(path, params=RANGE if path.endswith(".png") else None), 404)
+
+
+@pytest.mark.parametrize("start", [datetime(2026, 10, 25, 0, 30, tzinfo=UTC), datetime(2026, 3, 29, 0, 30, tzinfo=UTC)])
+@pytest.mark.parametrize("hours", [5, 72])
+def test_time_axes_across_daylight_saving_changes(start: datetime, hours: int) -> None:
+    scores = pd.DataFrame({"window_end": pd.to_datetime([start], utc=True), "p_failure": [0.5], "rul_hours": [10.0],
+                           "tier": ["cloud"]})
+    history = AssetHistory("pump-1", "line-a", "Europe/Berlin", scores)
+    image = Image.open(io.BytesIO(render_asset_timeline(history, start, start + timedelta(hours=hours), title="t")))
+    assert image.size == (1000, 460)
