@@ -724,12 +724,10 @@ def subscriber_from_settings() -> MqttSubscriber:
     return MqttSubscriber(SubscriberConfig(url=settings.iiot_mqtt_url, prefix=settings.iiot_mqtt_topic_prefix))
 
 
-def serve(stop: threading.Event, *, started: Callable[[MqttSubscriber], None] | None = None) -> None:
+def serve(stop: threading.Event) -> None:
     """The ``mqtt`` listener (``tessera listen iiot mqtt``): subscribe until ``stop`` is set."""
     subscriber = subscriber_from_settings()
     subscriber.start()
-    if started is not None:
-        started(subscriber)
     try:
         stop.wait()
     finally:
