@@ -89,7 +89,7 @@ def _put(session: Session, tenant_id: str, batch: RegistryBatch, response: Respo
 
 # --- the whole registry ---------------------------------------------------------------------------------
 
-@router.put("/registry", summary="Upsert a registry tree", response_model=UpsertResult, responses=WRITE)
+@router.put("/registry", summary="Upsert a registry document", response_model=UpsertResult, responses=WRITE)
 def put_registry(document: Annotated[RegistryDocument, Body(openapi_examples={
                      "nested": {"value": REGISTRY_EXAMPLE}, "flat": {"value": REGISTRY_FLAT_EXAMPLE}})],
                  principal: IiotPrincipal, session: SessionDep) -> UpsertResult:
