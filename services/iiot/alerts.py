@@ -367,7 +367,7 @@ def acknowledge(session: Session, tenant_id: str, alert_id: int, *, by: str, not
     alert = get_alert(session, tenant_id, alert_id)
     values: dict[str, Any] = {"state": ACKNOWLEDGED, "acknowledged_at": utcnow(), "acknowledged_by": by[:100]}
     if note is not None:
-        values["note"] = note[:1000]
+        values["note"] = _noted(alert, note)
     if not _transition(session, alert, Alert.state == OPEN, values):
         raise InvalidTransition(f"alert {alert_id} is {alert.state}: only an open alert can be acknowledged",
                                 state=alert.state)
@@ -381,7 +381,7 @@ def resolve(session: Session, tenant_id: str, alert_id: int, *, by: str, note: s
     alert = get_alert(session, tenant_id, alert_id)
     values: dict[str, Any] = {"state": RESOLVED, "active_key": None, "resolved_at": utcnow(), "resolved_by": by[:100]}
     if note is not None:
-        values["note"] = note[:1000]
+        values["note"] = _noted(alert, note)
     if not _transition(session, alert, Alert.active_key.is_not(None), values):
         return None
     notify(session, alert, "resolved", notify_url)
@@ -395,6 +395,11 @@ def resolve_or_conflict(session: Session, tenant_id: str, alert_id: int, *, by: 
     if alert is None:
         raise InvalidTransition(f"alert {alert_id} is resolved already", state=RESOLVED)
     return alert
+
+
+def _noted(alert: Alert, note: str) -> str:
+    """The alert's note with ``note`` added (an acknowledgement's note survives the resolution's)."""
+    return (f"{alert.note}; {note}" if alert.note else note)[-1000:]
 
 
 def _transition(session: Session, alert: Alert, precondition: ColumnElement[bool], values: dict[str, Any]) -> bool:

@@ -30,7 +30,7 @@ from tests.iiot.test_alerts_lifecycle import START, add_reading, new_asset
 from tests.iiot.test_retraining import FAILURES, answer_one_probability, store_history
 from tests.nodule.conftest import new_key
 from tests.scaffold import migrate
-from tests.shared.test_webhooks import Receiver, serve
+from tests.shared.test_webhooks import Receiver, receiver  # noqa: F401 - the receiver fixture, reused
 from tests.support import ManagedProcess, free_port, python_argv, wait_until
 
 LOOPBACK_ALLOWED = {"TESSERA_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "TESSERA_LOG_LEVEL": "WARNING"}
@@ -88,23 +88,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IiotDeploym
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state, server = serve("127.0.0.1")
-    yield state
-    server.shutdown()
-
-
-@pytest.fixture
 def here(deployment: IiotDeployment, monkeypatch: pytest.MonkeyPatch) -> IiotDeployment:
     """This process pointed at the deployment's database (to store registry rows and readings)."""
     apply_stack_in_process(deployment.stack, monkeypatch)
     return deployment
 
 
-def events_received(receiver: Receiver, secret: str) -> list[dict[str, object]]:
+def events_received(webhooks: Receiver, secret: str) -> list[dict[str, object]]:
     """Every webhook body received, each signature verified with the tenant's secret."""
     bodies = []
-    for request in receiver.on("/alerts"):
+    for request in webhooks.on("/alerts"):
         verify_signature(request.headers[SIGNATURE_HEADER], request.body, [secret], tolerance_s=300)
         bodies.append({**orjson.loads(request.body), "idempotency_key": request.headers[IDEMPOTENCY_HEADER]})
     return bodies
@@ -116,7 +109,7 @@ def job_status(job_id: str) -> str:
 
 
 def test_readings_to_alert_to_signed_webhooks_to_acknowledge_and_resolve(here: IiotDeployment,
-                                                                         receiver: Receiver) -> None:
+                                                                         receiver: Receiver) -> None:  # noqa: F811
     tenant_id, key = new_key(here.stack.database_url, scopes=("iiot",))
     intruder_tenant, intruder_key = new_key(here.stack.database_url, scopes=("iiot",))
     with session_scope() as session:

@@ -127,7 +127,9 @@ def test_an_asset_has_one_active_alert_and_transitions_happen_once(tenant: str) 
                                                                                         "on it")
         with pytest.raises(Conflict):
             alerts.acknowledge(session, tenant, first.id, by="planner", note=None, notify_url=NOTIFY)
-        alerts.resolve_or_conflict(session, tenant, first.id, by="planner", note=None, notify_url=NOTIFY)
+        resolved = alerts.resolve_or_conflict(session, tenant, first.id, by="planner", note="fixed",
+                                              notify_url=NOTIFY)
+        assert (resolved.state, resolved.resolved_by, resolved.note) == ("resolved", "planner", "on it; fixed")
         with pytest.raises(Conflict):
             alerts.resolve_or_conflict(session, tenant, first.id, by="planner", note=None, notify_url=NOTIFY)
         assert alerts.resolve(session, tenant, first.id, by="policy", note=None, notify_url=NOTIFY) is None
