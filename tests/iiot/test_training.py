@@ -59,6 +59,12 @@ def test_fleet_model_is_sealed_with_its_card_and_served(tmp_path: Path) -> None:
     finally:
         runtime.close_sync()
     assert all(isinstance(answer, RiskResult) and 0 <= answer.p_failure <= 1 for answer in answers)
+    evaluations = tmp_path / "evaluation"
+    evaluations.mkdir()
+    (evaluations / "ai4i.json").write_text(json.dumps({"dataset": "AI4I 2020", "protocol": "stratified",
+                                                        "test": {"f1": 0.5}}))
+    training.render_card(directory, evaluations)  # the card is outside the digests: still verifies
+    assert "AI4I 2020: test" in (directory / MODEL_CARD_NAME).read_text() and load_manifest(directory)
 
 
 def require(folder: str) -> None:
