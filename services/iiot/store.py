@@ -7,8 +7,9 @@ transaction, so a chunk's readings commit with its quarantine, watermarks and ch
 chunk is written sorted by ``(sensor_pk, ts)``: a sensor's rows then sit in few pages, which is
 what the BRIN index on PostgreSQL relies on.
 
-``COPY_FORMAT`` chooses binary or text on PostgreSQL; both are kept because the benchmark measures
-them (binary was faster here: see the module's numbers in the issue report / README).
+``COPY_FORMAT`` chooses binary or text on PostgreSQL. Binary is the default: measured on 1 M rows
+through the whole ingestion job (2 shared cores, load ~12), binary took 7.4-9.9 s wall and 1.7 s of
+client CPU, text 8.0-17.3 s and 2.3-2.5 s (the server parses no text either).
 """
 
 from __future__ import annotations
