@@ -599,7 +599,7 @@ def _run_real(args: argparse.Namespace) -> dict[str, Any]:
                               **({"epochs": args.epochs} if args.epochs else {})})
     figures = runner(tier=tier, seeds=seeds, keep=min(args.keep, seeds), settings=settings,
                      sizes=REAL_SIZES[args.dataset])
-    figures["rebuild_command"] = _command(args)
+    figures["rebuild_command"] = _command(args, tier)
     return figures
 
 
