@@ -25,6 +25,7 @@ from services.customer_service.asr import (
     AsrStep,
     DomainLm,
     KeyedLm,
+    LmNotHeld,
     RecognizerPool,
     Transcript,
     asr_model_spec,
@@ -180,6 +181,11 @@ def test_decoder_processes_get_each_version_once_and_hold_a_bounded_number(
         streamed = [decode_streamed(pool, f"CA-{n}/customer/1", s, a) for n, s in enumerate(spoken)]
         assert heard(streamed), streamed
         assert pool.shipped == 3 and pool.held(0) == [a.key]  # back once, then held
+        pool._held[0][b.key] = None  # the pool believes the process holds b, which it dropped
+        (lost,) = pool.run([AsrRequest(spoken[0], 8000, b)])
+        assert isinstance(lost, LmNotHeld) and b.key not in pool.held(0)  # that utterance fails alone...
+        assert not heard([cast(Transcript, answer).text for answer in pool.run([AsrRequest(spoken[0], 8000, b)])])
+        assert pool.shipped == 4  # ...and the next one ships it again
     finally:
         pool.close()
 
