@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,9 +27,15 @@ from shared.jobs import submit_job
 from shared.security import ApiKey, Principal, require_scope
 
 IiotPrincipal = Annotated[Principal, Depends(require_scope("iiot"))]
+JSON_BODY = problem_responses(400, 422, notes={400: "The body is not JSON."})
 NOT_FOUND = problem_responses(404, notes={404: "No such alert or asset for this tenant."})
 CONFLICT = problem_responses(409, notes={409: "The alert is not in a state this transition starts from."})
 NOT_ENOUGH_LABELS = "Also too few failure records to train and judge a candidate (the problem's needed and have)."
+MAX_ID = 2**31 - 1
+"""Row ids are 32-bit integers: a larger one is refused (422) rather than sent to the database."""
+AlertId = Annotated[int, Path(ge=1, le=MAX_ID, description="the alert's id")]
+Cursor = Annotated[int | None, Query(ge=1, le=MAX_ID, description=(
+    "where the previous page ended: take it from that page's `Link: <…>; rel=\"next\"` header"))]
 AlertStateFilter = Literal["open", "acknowledged", "resolved", "active"]
 
 router = APIRouter(prefix="/v1", responses=problem_responses(401, 403))
@@ -78,9 +84,7 @@ def list_alerts(request: Request, response: Response, principal: IiotPrincipal, 
                 state: AlertStateFilter | None = None,
                 asset: Annotated[str | None, Query(max_length=64, description="an asset's id")] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                cursor: Annotated[int | None, Query(ge=1, description=(
-                    "where the previous page ended: take it from that page's `Link: <…>; rel=\"next\"` header"))]
-                = None) -> list[AlertOut]:
+                cursor: Cursor = None) -> list[AlertOut]:
     """The tenant's alerts, newest first, a page at a time (``state=active``: open or acknowledged).
 
     A full page carries an RFC 8288 ``Link`` header to the next one (keyset paging by id).
@@ -102,15 +106,15 @@ def list_alerts(request: Request, response: Response, principal: IiotPrincipal, 
     return page
 
 
-@router.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut, responses=NOT_FOUND)
-def get_alert(alert_id: int, principal: IiotPrincipal, session: SessionDep) -> AlertOut:
+@router.get("/alerts/{alert_id:int}", tags=["alerts"], response_model=AlertOut, responses=NOT_FOUND)
+def get_alert(alert_id: AlertId, principal: IiotPrincipal, session: SessionDep) -> AlertOut:
     """One of the tenant's alerts."""
     return alerts.alert_out(session, alerts.get_alert(session, principal.tenant_id, alert_id))
 
 
 @router.post("/alerts/{alert_id}:acknowledge", tags=["alerts"], response_model=AlertOut,
-             responses={**NOT_FOUND, **CONFLICT})
-def acknowledge_alert(alert_id: int, principal: IiotPrincipal, session: SessionDep,
+             responses={**JSON_BODY, **NOT_FOUND, **CONFLICT})
+def acknowledge_alert(alert_id: AlertId, principal: IiotPrincipal, session: SessionDep,
                       action: AlertAction | None = None) -> AlertOut:
     """Acknowledge an open alert (recorded with the key's name); notifies ``acknowledged`` once."""
     note = action.note if action else None
@@ -121,8 +125,8 @@ def acknowledge_alert(alert_id: int, principal: IiotPrincipal, session: SessionD
 
 
 @router.post("/alerts/{alert_id}:resolve", tags=["alerts"], response_model=AlertOut,
-             responses={**NOT_FOUND, **CONFLICT})
-def resolve_alert(alert_id: int, principal: IiotPrincipal, session: SessionDep,
+             responses={**JSON_BODY, **NOT_FOUND, **CONFLICT})
+def resolve_alert(alert_id: AlertId, principal: IiotPrincipal, session: SessionDep,
                   action: AlertAction | None = None) -> AlertOut:
     """Resolve an open or acknowledged alert (recorded with the key's name); notifies ``resolved`` once."""
     note = action.note if action else None
@@ -138,7 +142,8 @@ def get_alert_settings(principal: IiotPrincipal, session: SessionDep) -> AlertSe
     return alerts.load_settings(session, principal.tenant_id)
 
 
-@router.put("/settings", tags=["alerts"], response_model=AlertSettings, responses=problem_responses(422, notes={
+@router.put("/settings", tags=["alerts"], response_model=AlertSettings, responses=problem_responses(400, 422, notes={
+    400: "The body is not JSON.",
     422: "Also thresholds out of order (close above open, critical below open), or a notify_url refused (the "
          "problem's reason: a loopback, link-local or private address unless allow-listed, not https in "
          "production, unresolvable)."}))
@@ -150,7 +155,7 @@ def put_alert_settings(new: AlertSettings, principal: IiotPrincipal, session: Se
 
 
 @router.post("/assets/{asset_id}/maintenance", tags=["maintenance"], status_code=201,
-             response_model=MaintenanceOut, responses=NOT_FOUND)
+             response_model=MaintenanceOut, responses={**JSON_BODY, **NOT_FOUND})
 def post_maintenance(asset_id: str, record: MaintenanceIn, principal: IiotPrincipal,
                      session: SessionDep) -> MaintenanceOut:
     """Record work on an asset; a failure or repair resolves its active alert. Failures are retraining labels."""
@@ -165,7 +170,7 @@ def post_maintenance(asset_id: str, record: MaintenanceIn, principal: IiotPrinci
             responses=NOT_FOUND)
 def get_maintenance(asset_id: str, request: Request, response: Response, principal: IiotPrincipal,
                     session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                    cursor: Annotated[int | None, Query(ge=1)] = None) -> list[MaintenanceOut]:
+                    cursor: Cursor = None) -> list[MaintenanceOut]:
     """The asset's maintenance records, newest first (keyset paging as for alerts)."""
     page = maintenance.list_maintenance(session, principal.tenant_id, asset_id, limit=limit, before_id=cursor)
     if len(page) == limit:
@@ -210,7 +215,7 @@ def list_models(principal: IiotPrincipal, session: SessionDep) -> list[dict[str,
 
 
 @router.post("/models/retrain", tags=["models"], status_code=202, response_model=JobAccepted,
-             responses=problem_responses(422, notes={422: NOT_ENOUGH_LABELS}))
+             responses=problem_responses(400, 422, notes={400: "The body is not JSON.", 422: NOT_ENOUGH_LABELS}))
 def post_retrain(request: retraining.RetrainIn, principal: IiotPrincipal, session: SessionDep) -> JobAccepted:
     """Train a candidate on this tenant's stored readings and failure records, judge it against the model
     scoring this tenant now on the tenant's later held-out period, and promote it for this tenant alone
