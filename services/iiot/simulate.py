@@ -25,7 +25,8 @@ interval of 1, 2, 5 or 10 minutes. What drives the readings:
   cutting short any degradation in progress (the ``preventive`` event then names the mode it cut);
   a failure stops the asset until its repair (6-48 h later). Each maintenance cycle gets its own
   baseline (new parts: vibration x0.85-1.15, temperature +-1.5 degC) and recalibrates the sensors.
-- **Sensor effects**: Gaussian noise, slow drift (a daily random walk, reset by maintenance),
+- **Sensor effects**: Gaussian noise, slow drift (a daily random walk of the temperature offset or
+  the other sensors' gain, reset by maintenance),
   rare current spikes even when healthy, dropouts (per-sensor gaps of minutes to hours and
   whole-asset gateway outages; no rows are written in a gap).
 
@@ -221,7 +222,7 @@ class _AssetPlan:
     nominal: dict[str, float]                    # v0, p0, i0, s0, ambient offset
     phases_s: FloatArray                         # per sensor: first sample's offset
     gaps: list[FloatArray]                       # per sensor: (n, 2) merged gap intervals
-    drift_daily: FloatArray                      # (n_sensors, days+2) additive drift in the sensor's unit
+    drift_daily: FloatArray                      # (n_sensors, days+2): degC offset, or relative gain error
     episode_onsets: FloatArray = field(init=False)
     episode_table: FloatArray = field(init=False)  # (n, 4): stop_s, duration_s, strength, mode index
 
@@ -274,7 +275,7 @@ def _line_load(line_index: int, schedule: str, hours: int, start: pd.Timestamp, 
     levels = rng.choice([0.55, 0.8, 1.0], size=len(durations), p=[0.3, 0.45, 0.25])
     load = np.repeat(levels, durations)[:hours].astype(np.float64)
     clock = start + pd.to_timedelta(np.arange(hours), unit="h")
-    hour, weekday = np.asarray(clock.hour), np.asarray(clock.weekday)
+    hour, weekday = np.asarray(clock.hour), np.asarray(clock.day_of_week)
     night = (hour >= 22) | (hour < 6)
     if schedule == "two_shift":
         load = np.where(night, np.minimum(load, 0.5), load)
@@ -282,6 +283,12 @@ def _line_load(line_index: int, schedule: str, hours: int, start: pd.Timestamp, 
         load = np.where(night, np.minimum(load, 0.55), load)
         load = np.where(weekday >= 5, 0.0, load)
     return load * rng.normal(1.0, 0.03, size=hours)
+
+
+def _minute(seconds: float) -> float:
+    """Event times fall on whole minutes, the latent grid's resolution, so a reading is either
+    before or after an event, never in a minute that straddles it."""
+    return float(round(seconds / _GRID_S) * _GRID_S)
 
 
 def _draw_events(plan_rng: np.random.Generator, asset: AssetSpec, config: FleetConfig,
@@ -292,28 +299,28 @@ def _draw_events(plan_rng: np.random.Generator, asset: AssetSpec, config: FleetC
     downtimes: list[tuple[float, float]] = []
     resets: list[float] = []
     now = 0.0
-    next_pm = plan_rng.uniform(0.1, 1.0) * pm_every
+    next_pm = _minute(plan_rng.uniform(0.1, 1.0) * pm_every)
     while now < horizon_s:
-        onset = now + 12 * _HOUR_S + plan_rng.exponential(config.mean_healthy_days * _DAY_S)
-        duration = float(np.clip(plan_rng.lognormal(math.log(10.0), 0.45), 3.0, 28.0)) * _DAY_S
+        onset = _minute(now + 12 * _HOUR_S + plan_rng.exponential(config.mean_healthy_days * _DAY_S))
+        duration = _minute(float(np.clip(plan_rng.lognormal(math.log(10.0), 0.45), 3.0, 28.0)) * _DAY_S)
         mode = str(plan_rng.choice(KIND_MODES[asset.kind]))
         strength = plan_rng.uniform(0.7, 1.3)
         if next_pm < onset + duration:
             if next_pm > onset:
                 episodes.append(_Episode(onset, next_pm, duration, mode, strength, failed=False))
-            stop = next_pm + plan_rng.uniform(2.0, 6.0) * _HOUR_S
+            stop = _minute(next_pm + plan_rng.uniform(2.0, 6.0) * _HOUR_S)
             downtimes.append((next_pm, stop))
             resets.append(next_pm)
             now = stop
-            next_pm += pm_every * plan_rng.uniform(0.9, 1.1)
+            next_pm = _minute(next_pm + pm_every * plan_rng.uniform(0.9, 1.1))
         else:
             failure = onset + duration
             episodes.append(_Episode(onset, failure, duration, mode, strength, failed=True))
-            repaired = failure + plan_rng.uniform(6.0, 48.0) * _HOUR_S
+            repaired = _minute(failure + plan_rng.uniform(6.0, 48.0) * _HOUR_S)
             downtimes.append((failure, repaired))
             resets.append(failure)
             now = repaired
-            next_pm = now + pm_every * plan_rng.uniform(0.9, 1.1)
+            next_pm = _minute(now + pm_every * plan_rng.uniform(0.9, 1.1))
     return episodes, downtimes, resets
 
 
@@ -369,13 +376,13 @@ def _sensor_gaps(rng: np.random.Generator, n_sensors: int, config: FleetConfig, 
     return gaps
 
 
-def _sensor_drift(rng: np.random.Generator, sensors: tuple[SensorSpec, ...], nominal: dict[str, float],
-                  resets_s: FloatArray, days: int) -> FloatArray:
-    """Daily random-walk drift per sensor (0.5 % of its typical value per sqrt(day)), reset by maintenance."""
-    typical = {"temperature": 40.0, "vibration": nominal["v0"], "pressure": nominal["p0"], "current": nominal["i0"],
-               "speed": nominal["s0"]}
+def _sensor_drift(rng: np.random.Generator, sensors: tuple[SensorSpec, ...], resets_s: FloatArray,
+                  days: int) -> FloatArray:
+    """Daily random-walk drift per sensor, reset by maintenance (recalibration): an offset of 0.15 degC
+    per sqrt(day) for temperatures, a gain error of 0.4 % per sqrt(day) for the others (so a stopped
+    machine still reads ~0)."""
     steps = rng.normal(0.0, 1.0, size=(len(sensors), days + 2))
-    steps *= np.array([0.005 * typical[s.quantity] for s in sensors])[:, None]
+    steps *= np.array([0.15 if s.quantity == "temperature" else 0.004 for s in sensors])[:, None]
     walk = np.cumsum(steps, axis=1)
     reset_days = np.unique(np.ceil(resets_s / _DAY_S).astype(np.int64))
     cycle = np.searchsorted(reset_days, np.arange(days + 2), side="right")
@@ -409,17 +416,17 @@ def _asset_plan(index: int, asset: AssetSpec, sensors: tuple[SensorSpec, ...], l
         load_h=load, thermal_h=thermal, nominal=nominal,
         phases_s=_phases(rng, sensors, config.uniform_interval),
         gaps=_sensor_gaps(rng, len(sensors), config, horizon_s),
-        drift_daily=_sensor_drift(rng, sensors, nominal, resets, days),
+        drift_daily=_sensor_drift(rng, sensors, resets, days),
     )
 
 
 # ---------------------------------------------------------------------------------------------- signals
 
 _SHAPES: dict[str, Callable[[FloatArray], FloatArray]] = {
-    "bearing_wear": lambda u: np.expm1(3.0 * u) / math.expm1(3.0),   # roughly exponential
-    "overheating": lambda u: u ** 1.5,
+    "bearing_wear": lambda u: np.expm1(2.0 * u) / math.expm1(2.0),   # roughly exponential
+    "overheating": lambda u: u ** 1.2,
     "seal_leak": lambda u: u,
-    "electrical": lambda u: u ** 1.5,
+    "electrical": lambda u: u ** 1.2,
 }
 
 
@@ -465,7 +472,7 @@ def _severities(plan: _AssetPlan, times: FloatArray) -> dict[str, FloatArray]:
 
 
 def _ambient(plan: _AssetPlan, times: FloatArray, start: pd.Timestamp) -> FloatArray:
-    day_of_year = start.dayofyear + times / _DAY_S
+    day_of_year = start.day_of_year + times / _DAY_S
     hour_of_day = (start.hour + times / _HOUR_S) % 24.0
     return (18.0 + plan.nominal["ambient"] + 6.0 * np.sin(2 * np.pi * (day_of_year - 110.0) / 365.0)
             + 3.0 * np.sin(2 * np.pi * (hour_of_day - 9.0) / 24.0))
@@ -473,7 +480,7 @@ def _ambient(plan: _AssetPlan, times: FloatArray, start: pd.Timestamp) -> FloatA
 
 def _block_latent(plan: _AssetPlan, t0: float, t1: float, start: pd.Timestamp) -> _Latent:
     first = int(t0 // _GRID_S)
-    minutes = (np.arange(first, int(math.ceil(t1 / _GRID_S)) + 1, dtype=np.float64) + 0.5) * _GRID_S
+    minutes = np.arange(first, int(math.ceil(t1 / _GRID_S)) + 1, dtype=np.float64) * _GRID_S
     hours = minutes / _HOUR_S
     hour_grid = np.arange(len(plan.load_h), dtype=np.float64)
     load = np.interp(hours, hour_grid, plan.load_h)
@@ -502,24 +509,26 @@ def _sensor_values(plan: _AssetPlan, latent: _Latent, k: int, times: FloatArray,
         role = _TEMPERATURE_ROLES[sensor.sensor_id]
         heat = sum(role[mode] * sev[mode] for mode in FAILURE_MODES)
         value = (latent.ambient[at] + role["rise"] * latent.thermal[at] + latent.cycle_temperature[at]
-                 + heat * (0.4 + 0.6 * on) + 0.35 * noise)
+                 + heat * (0.4 + 0.6 * on) + (0.35 + 3.0 * sev["overheating"]) * noise)
     elif sensor.quantity == "vibration":
         wear = 1.0 + 3.0 * sev["bearing_wear"] + 0.3 * sev["seal_leak"] + 0.2 * sev["electrical"]
         level = n["v0"] * latent.cycle_vibration[at] * (0.35 + 0.65 * load) * wear
-        value = on * level * (1.0 + 0.08 * (1.0 + 2.0 * sev["bearing_wear"]) * noise) + 0.05 + 0.01 * np.abs(noise)
+        value = on * level * (1.0 + 0.08 * (1.0 + 6.0 * sev["bearing_wear"]) * noise) + 0.05 + 0.01 * np.abs(noise)
     elif sensor.quantity == "pressure":
-        level = n["p0"] * (0.3 + 0.7 * load) * (1.0 - 0.4 * sev["seal_leak"])
-        value = on * level * (1.0 + 0.02 * (1.0 + 1.5 * sev["seal_leak"]) * noise) + 0.05 * (1.0 + noise) ** 2
+        level = n["p0"] * (0.3 + 0.7 * load) * (1.0 - 0.45 * sev["seal_leak"])
+        value = on * level * (1.0 + 0.02 * (1.0 + 8.0 * sev["seal_leak"]) * noise) + 0.05 * (1.0 + noise) ** 2
     elif sensor.quantity == "current":
         effort = 1.0 + 0.06 * sev["seal_leak"] + 0.05 * sev["overheating"]
-        spiking = rng.random(len(times)) < on * (0.002 + 0.08 * sev["electrical"])
+        spiking = rng.random(len(times)) < on * (0.002 + 0.1 * sev["electrical"])
         spikes = np.where(spiking, rng.uniform(0.2, 0.8, len(times)), 0.0)
         level = n["i0"] * (0.3 + 0.7 * load) * effort * (1.0 + spikes)
-        value = on * level * (1.0 + 0.025 * (1.0 + 5.0 * sev["electrical"]) * noise) + 0.3 + 0.05 * np.abs(noise)
+        value = on * level * (1.0 + 0.025 * (1.0 + 6.0 * sev["electrical"]) * noise) + 0.3 + 0.05 * np.abs(noise)
     else:
         level = n["s0"] * (0.6 + 0.4 * load)
         value = on * level * (1.0 + 0.003 * (1.0 + 3.0 * sev["electrical"]) * noise) + 0.5 * np.abs(noise)
-    return value + latent.drift[k, at]
+    if sensor.quantity == "temperature":
+        return value + latent.drift[k, at]
+    return value * (1.0 + latent.drift[k, at])
 
 
 def _sample_times(phase_s: float, interval_s: float, t0: float, t1: float) -> FloatArray:
@@ -648,6 +657,14 @@ def simulate_fleet(assets: int = 20, days: float = 30.0, seed: int = 0, *, start
     readings = _long_frame(model, [model.block(a, b) for a, b in pairs], [a for a, _ in pairs])
     return SimulatedFleet(model.registry, readings, model.events_frame(), model.start,
                           model.start + pd.Timedelta(seconds=model.horizon_s), seed)
+
+
+def fleet_events(assets: int = 20, days: float = 30.0, seed: int = 0, *, start: str = DEFAULT_START,
+                 mean_healthy_days: float = 40.0, preventive_interval_days: float = 90.0) -> pd.DataFrame:
+    """The events :func:`simulate_fleet` with the same arguments has, without generating readings (fast)."""
+    return _FleetModel(FleetConfig(assets=assets, days=days, seed=seed, start=start,
+                                   mean_healthy_days=mean_healthy_days,
+                                   preventive_interval_days=preventive_interval_days)).events_frame()
 
 
 def _long_frame(model: _FleetModel, blocks: list[_Block], asset_indices: list[int]) -> pd.DataFrame:
