@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from services.iiot import simulate
 from services.iiot.simulate import (
     EXPECTED_RANGES,
     FAILURE_MODES,
@@ -206,7 +207,8 @@ def _peak_bytes(path: Path, rows: int) -> int:
         tracemalloc.stop()
 
 
-def test_write_readings_memory_is_flat_in_file_size(tmp_path: Path) -> None:
+def test_write_readings_memory_is_flat_in_file_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulate, "BLOCK_DAYS", 2)        # both files span many chunks
     small = _peak_bytes(tmp_path / "small.parquet", 40_000)
     large = _peak_bytes(tmp_path / "large.parquet", 400_000)       # 10x the rows
     assert large < 2 * small
