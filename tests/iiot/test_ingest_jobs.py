@@ -61,10 +61,12 @@ def ingest_stack(request: pytest.FixtureRequest, stack_variant: Variant) -> Iter
     stack = variant_stack(request, stack_variant)
     with serve_scaffold("services.iiot.api:app", stack, f"iiot-{stack.name}") as server:
         worker = start_worker(stack, f"iiot-{uuid.uuid4().hex[:6]}")
+        chosen = IngestStack(stack, server, worker)
         try:
-            yield IngestStack(stack, server, worker)
+            yield chosen
         finally:
-            worker.stop()
+            chosen.worker.stop()
+            print(f"--- worker log ---\n{chosen.worker.output[-8000:]}")  # shown when a test failed
         assert "Traceback" not in server.process.output, server.process.output[-6000:]
 
 
