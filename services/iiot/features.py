@@ -116,9 +116,11 @@ def _times_ns(column: pd.Series) -> IntArray:
 def _sensor_codes(readings: pd.DataFrame, column: str, keys: list[Hashable]) -> IntArray:
     """Each reading's index in ``keys`` (-1 when its sensor has no scale)."""
     values = readings[column]
-    codes = pd.Categorical(values.astype(object) if isinstance(values.dtype, pd.CategoricalDtype) else values,
-                           categories=keys).codes
-    return np.asarray(codes, dtype=np.int64)
+    if isinstance(values.dtype, pd.CategoricalDtype):    # look up each category once, not each row
+        per_category = pd.Index(keys, tupleize_cols=False).get_indexer(values.cat.categories)
+        codes = values.cat.codes.to_numpy()
+        return np.where(codes >= 0, per_category[codes], -1).astype(np.int64)
+    return np.asarray(pd.Index(keys, tupleize_cols=False).get_indexer(values.to_numpy()), dtype=np.int64)
 
 
 def _step_grid(sensor_code: IntArray, step: IntArray, values: FloatArray, scales: list[SensorScale],
@@ -170,7 +172,7 @@ def fill_missing(x: FloatArray) -> FloatArray:
     return np.nan_to_num(filled, nan=0.0)
 
 
-def _scales_from(sensors: Mapping[Hashable, SensorScale] | Iterable[Any], sensor_column: str
+def _scales_from(sensors: Mapping[Any, SensorScale] | Iterable[Any], sensor_column: str
                  ) -> dict[Hashable, SensorScale]:
     if isinstance(sensors, Mapping) and all(isinstance(v, SensorScale) for v in sensors.values()):
         return dict(sensors)
@@ -178,9 +180,9 @@ def _scales_from(sensors: Mapping[Hashable, SensorScale] | Iterable[Any], sensor
     return sensor_scales(sensors, key=key, owner=None)
 
 
-def batch_window_tensors(readings: pd.DataFrame, scales: Mapping[Hashable, SensorScale],
+def batch_window_tensors(readings: pd.DataFrame, scales: Mapping[Any, SensorScale],
                          end: datetime | pd.Timestamp | str, hours: float = 48.0, step_h: float = 1.0
-                         ) -> tuple[list[Hashable], Float32Array, Float32Array]:
+                         ) -> tuple[list[Any], Float32Array, Float32Array]:
     """Windows ending at ``end`` for every owner (asset) at once: ``(owners, x[N, T, F], mask[N, T])``.
 
     ``scales`` (see :func:`sensor_scales`) key the readings' sensor column and name each sensor's
@@ -204,7 +206,7 @@ def batch_window_tensors(readings: pd.DataFrame, scales: Mapping[Hashable, Senso
     return owners, fill_missing(grid).astype(np.float32), present.astype(np.float32)
 
 
-def window_tensor(readings: pd.DataFrame, sensors: Mapping[Hashable, SensorScale] | Iterable[Any],
+def window_tensor(readings: pd.DataFrame, sensors: Mapping[Any, SensorScale] | Iterable[Any],
                   end: datetime | pd.Timestamp | str, hours: float = 48.0, step_h: float = 1.0
                   ) -> tuple[Float32Array, Float32Array]:
     """One asset's window ending at ``end``: ``(x float32[T, F], mask float32[T])`` (module doc).
