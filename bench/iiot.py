@@ -112,6 +112,13 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _commit() -> str | None:
+    """The repository's HEAD commit (the code measured; other work may be uncommitted beside it)."""
+    completed = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                               check=False)
+    return completed.stdout.strip() or None
+
+
 def fmt(value: float | None, digits: int = 0) -> str:
     """A number with thousands separators, or "—"."""
     return "—" if value is None else f"{value:,.{digits}f}"
@@ -465,7 +472,8 @@ def bench(plan: Plan, sections: list[str], args: argparse.Namespace, workdir: Pa
     """Run the chosen sections; a section's failure is recorded, the others still run."""
     record: dict[str, Any] = {
         "benchmark": "iiot", "mode": "quick" if plan == QUICK else "full", "plan": asdict(plan),
-        "simulated": True, "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(), "machine": {
+        "simulated": True, "pid": os.getpid(), "commit": _commit(), "started_at": datetime.now(UTC).isoformat(),
+        "machine": {
             "cpus": os.cpu_count(), "python": platform.python_version(), "note": SHARED_BOX,
             "load_avg_at_start": os.getloadavg(), "nice": os.nice(0)},
     }
