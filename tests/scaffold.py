@@ -1,11 +1,6 @@
-"""Support for the tests of a scaffolded vertical: its app served by a real uvicorn on loopback, and
-the checks that each declared-but-unbuilt endpoint keeps the contract of a built one (401 without a
-key, 403 with another vertical's, then ``501`` problem+json naming its tracking issue) and is
-listed in the OpenAPI.
-
-A vertical's test module subclasses :class:`ScaffoldContract`, naming its app, scope, issue and
-endpoints; when the vertical is built, its own tests replace the subclass.
-"""
+"""Support for the tests of a vertical's HTTP app alone: served by a real uvicorn on loopback with keys
+for every scope (:func:`serve_scaffold`), problem checks, and the check that no operation is still
+documented as not built (``501``)."""
 
 from __future__ import annotations
 
@@ -14,15 +9,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
-import pytest
 from alembic import command
 from alembic.config import Config
 
 from shared.db import session_factory
-from shared.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from shared.errors import PROBLEM_CONTENT_TYPE
 from shared.security import create_api_key
 from tests.conftest import Stack
 from tests.support import REPO_ROOT, ManagedProcess, free_port, python_argv
@@ -118,29 +112,10 @@ def assert_problem(response: httpx.Response, status: int, path: str) -> dict[str
     return problem
 
 
-def assert_not_built(response: httpx.Response, path: str, tracking_issue: int) -> None:
-    """``response`` is the platform's 501 for an unbuilt endpoint, naming ``tracking_issue``."""
-    problem = assert_problem(response, 501, path)
-    assert problem["type"] == PROBLEM_TYPE_BASE + "not-built"
-    assert problem["tracking_issue"] == tracking_issue
-    assert f"issue {tracking_issue}" in problem["detail"]
-    assert problem["request_id"] == response.headers["x-request-id"]
 
 
-def assert_keyed_and_not_built(server: ScaffoldServer, endpoint: Endpoint, scope: str, tracking_issue: int) -> None:
-    """Without a key 401, with another vertical's key 403, with the vertical's scope 501."""
-    path = endpoint.concrete_path
-    assert_problem(server.call(endpoint, None), 401, path)
-    other_scope = "fraud" if scope != "fraud" else "cs"
-    assert_problem(server.call(endpoint, server.key_for(other_scope)), 403, path)
-    assert_not_built(server.call(endpoint, server.key_for(scope)), path, tracking_issue)
 
 
-def assert_scaffold_status(server: ScaffoldServer, vertical: str, tracking_issue: int) -> None:
-    """``/v1/status`` answers anyone that the vertical is a scaffold, and which issue builds it."""
-    response = httpx.get(f"{server.base_url}/v1/status", timeout=10)
-    assert response.status_code == 200
-    assert response.json() == {"vertical": vertical, "state": "scaffold", "tracking_issue": tracking_issue}
 
 
 def documented_unbuilt_operations(openapi: dict[str, Any]) -> set[str]:
@@ -148,42 +123,3 @@ def documented_unbuilt_operations(openapi: dict[str, Any]) -> set[str]:
     return {f"{method.upper()} {path}" for path, operations in openapi["paths"].items()
             for method, operation in operations.items() if "501" in operation.get("responses", {})}
 
-
-def assert_documented(openapi: dict[str, Any], endpoints: list[Endpoint]) -> None:
-    """The OpenAPI lists exactly ``endpoints`` as not built, each with a summary, its 501 and the API key."""
-    assert documented_unbuilt_operations(openapi) == {str(endpoint) for endpoint in endpoints}
-    for endpoint in endpoints:
-        operation = openapi["paths"][endpoint.path][endpoint.method.lower()]
-        assert operation["summary"] and operation["description"]
-        assert operation["responses"]["501"]["content"][PROBLEM_CONTENT_TYPE]["schema"]["$ref"].endswith("/Problem")
-        assert {"ApiKey": []} in operation["security"]
-
-
-class ScaffoldContract:
-    """Tests every scaffolded vertical runs (one server per class): subclass it as ``Test<Vertical>Scaffold``
-    with the class attributes below set."""
-
-    app_path: ClassVar[str]
-    """The app as uvicorn names it: ``services.nodule.api:app``."""
-    scope: ClassVar[str]
-    tracking_issue: ClassVar[int]
-    endpoints: ClassVar[list[Endpoint]]
-    """Every HTTP endpoint the issue names, as declared."""
-
-    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        if "endpoint" in metafunc.fixturenames:
-            metafunc.parametrize("endpoint", self.endpoints, ids=str)
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def server(cls, sqlite_stack: Stack) -> Iterator[ScaffoldServer]:
-        with serve_scaffold(cls.app_path, sqlite_stack, cls.scope) as server:
-            yield server
-
-    def test_each_endpoint_needs_a_key_with_the_scope_then_answers_not_built(self, server: ScaffoldServer,
-                                                                             endpoint: Endpoint) -> None:
-        assert_keyed_and_not_built(server, endpoint, self.scope, self.tracking_issue)
-
-    def test_the_openapi_lists_every_endpoint_and_status_says_scaffold(self, server: ScaffoldServer) -> None:
-        assert_documented(server.openapi(), self.endpoints)
-        assert_scaffold_status(server, self.scope, self.tracking_issue)

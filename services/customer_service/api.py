@@ -465,14 +465,14 @@ async def analyse_utterance(request: Request, principal: CsPrincipal, session: S
     audio = await asyncio.to_thread(_decoded, data, content_type)
     tenant_id = principal.tenant_id
     text = sent_transcript
+    await kb.sync_knowledge(tenant_id)  # also brings the tenant's language model up to date
     if text is None:
-        text = (await analyzers.transcribe(audio.samples, audio.sample_rate)).text.strip() or None
+        text = (await analyzers.transcribe(audio.samples, audio.sample_rate, tenant_id)).text.strip() or None
     reading = await analyzers.emotion(audio.samples, audio.sample_rate, text)
     settings = await asyncio.to_thread(store.assist_settings, session, tenant_id)
     redaction = redact(text) if text else None
     suggestion = None
     if redaction is not None:
-        await kb.sync_knowledge(tenant_id)
         suggestion = kb.knowledge.suggest(tenant_id, redaction.text, emotion=reading.label,
                                           settings=settings.retrieval)
     return UtteranceAnalysis(

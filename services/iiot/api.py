@@ -18,8 +18,8 @@ about = APIRouter(prefix="/v1", tags=["status"])
 
 @about.get("/status")
 async def status() -> dict[str, object]:
-    """What this vertical offers."""
-    return {"vertical": "iiot", "state": "scaffold", "tracking_issue": 19}
+    """What this vertical offers: built (issue 19)."""
+    return {"vertical": "iiot", "state": "built", "tracking_issue": 19}
 
 
 app = create_service_app("iiot", title="Tessera — IIoT failure prediction",

@@ -352,7 +352,8 @@ class FakeAnalyzers:
         self.transcript = transcript
         self.transcribed = 0
 
-    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int) -> Transcription:
+    async def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int,
+                         tenant_id: str | None = None) -> Transcription:
         self.transcribed += 1
         return Transcription(self.transcript)
 

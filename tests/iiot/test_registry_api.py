@@ -23,7 +23,7 @@ from services.iiot.simulate import simulate_fleet
 from shared.db import session_factory
 from shared.security import create_api_key
 from tests.conftest import Variant, variant_stack
-from tests.scaffold import ScaffoldServer, assert_problem, serve_scaffold
+from tests.scaffold import ScaffoldServer, assert_problem, documented_unbuilt_operations, serve_scaffold
 
 
 @contextlib.contextmanager
@@ -72,6 +72,12 @@ def tenant(iiot_server: ScaffoldServer) -> Iterator[Tenant]:
 def other_tenant(iiot_server: ScaffoldServer) -> Iterator[Tenant]:
     with new_tenant(iiot_server) as chosen:
         yield chosen
+
+
+def test_the_vertical_says_built_and_documents_no_endpoint_as_not_built(iiot_server: ScaffoldServer) -> None:
+    status = httpx.get(f"{iiot_server.base_url}/v1/status", timeout=10).json()
+    assert status == {"vertical": "iiot", "state": "built", "tracking_issue": 19}
+    assert documented_unbuilt_operations(iiot_server.openapi()) == set()
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
