@@ -14,12 +14,14 @@ interval of 1, 2, 5 or 10 minutes. What drives the readings:
   Load shifts every baseline: speed, current, pressure and vibration follow it, temperature
   follows it with a thermal lag (first-order, ~2 h) on top of a daily and seasonal ambient.
 - **Failure modes** (:data:`FAILURE_MODES`), each with a degradation path from a random onset to
-  the failure, lasting ``3``-``28`` days (log-normal, median 10 days), so most failures are
-  visible well over 72 h ahead and a few are not:
+  the failure, lasting ``3``-``28`` days (log-normal, median 11 days), so most failures are
+  visible well over 72 h ahead and a few are not (short paths, or a line stopped for the weekend):
   ``bearing_wear`` vibration rises roughly exponentially (and gets noisier), bearing temperature
-  creeps up; ``overheating`` (cooling fault) temperature drifts up (severity ~u^1.5);
-  ``seal_leak`` pressure decays linearly and current rises as the machine works harder;
+  creeps up; ``overheating`` (cooling fault) temperature drifts up (severity ~u^1.1) and hunts;
+  ``seal_leak`` pressure decays linearly, fluctuates, and current rises as the machine works harder;
   ``electrical`` current gets noisy with growing spikes, winding temperature rises.
+  Besides the level, each fault makes its signal noisier within the hour, a signature that does
+  not depend on the load or the asset's own baseline.
   Each episode has its own strength (x0.7-1.3).
 - **Maintenance**: preventive maintenance every ~90 days (a few hours stopped) restores health,
   cutting short any degradation in progress (the ``preventive`` event then names the mode it cut);
@@ -302,7 +304,7 @@ def _draw_events(plan_rng: np.random.Generator, asset: AssetSpec, config: FleetC
     next_pm = _minute(plan_rng.uniform(0.1, 1.0) * pm_every)
     while now < horizon_s:
         onset = _minute(now + 12 * _HOUR_S + plan_rng.exponential(config.mean_healthy_days * _DAY_S))
-        duration = _minute(float(np.clip(plan_rng.lognormal(math.log(10.0), 0.45), 3.0, 28.0)) * _DAY_S)
+        duration = _minute(float(np.clip(plan_rng.lognormal(math.log(11.0), 0.42), 3.0, 28.0)) * _DAY_S)
         mode = str(plan_rng.choice(KIND_MODES[asset.kind]))
         strength = plan_rng.uniform(0.7, 1.3)
         if next_pm < onset + duration:
@@ -424,9 +426,9 @@ def _asset_plan(index: int, asset: AssetSpec, sensors: tuple[SensorSpec, ...], l
 
 _SHAPES: dict[str, Callable[[FloatArray], FloatArray]] = {
     "bearing_wear": lambda u: np.expm1(2.0 * u) / math.expm1(2.0),   # roughly exponential
-    "overheating": lambda u: u ** 1.2,
+    "overheating": lambda u: u ** 1.1,
     "seal_leak": lambda u: u,
-    "electrical": lambda u: u ** 1.2,
+    "electrical": lambda u: u,
 }
 
 
@@ -606,6 +608,8 @@ class _FleetModel:
         onset = frame.pop("onset_s").astype(float)
         frame["onset"] = self.start + pd.to_timedelta(onset, unit="s")
         frame["failure_mode"] = frame["failure_mode"].astype(object).where(frame["failure_mode"].notna(), None)
+        for column in ("time", "onset"):          # nanoseconds, like the readings' timestamps
+            frame[column] = frame[column].astype("datetime64[ns, UTC]")
         return frame.sort_values(["time", "asset"], kind="stable").reset_index(drop=True)
 
 
