@@ -793,12 +793,27 @@ def _write_chunks(path: Path, fmt: FileFormat, chunks: Iterator[pd.DataFrame]) -
             if writer is not None:
                 writer.close()
         return rows
+    if fmt == "csv":
+        return _write_csv(path, chunks)
     with path.open("w", encoding="utf-8", newline="") as handle:
         for frame in chunks:
-            if fmt == "csv":
-                frame.to_csv(handle, header=rows == 0, index=False, lineterminator="\n")
-            else:
-                handle.write(frame.to_json(orient="records", lines=True))   # ends with a newline
+            handle.write(frame.to_json(orient="records", lines=True))   # ends with a newline
+            rows += len(frame)
+    return rows
+
+
+def _write_csv(path: Path, chunks: Iterator[pd.DataFrame]) -> int:
+    """Plain CSV through Arrow's writer (several times pandas' speed): unquoted, NaN as an empty cell."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+    rows = 0
+    with path.open("wb") as handle:
+        for frame in chunks:
+            if rows == 0:
+                handle.write((",".join(frame.columns) + "\n").encode())
+            pa_csv.write_csv(pa.Table.from_pandas(frame, preserve_index=False), handle, write_options=options)
             rows += len(frame)
     return rows
 
