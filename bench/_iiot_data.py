@@ -93,7 +93,9 @@ class BenchDatabases:
             self._copies.append(self.template_name)
             self._migrate_and_seed(f"{self.pg_url}/{self.template_name}")
         if "sqlite" in backends:
-            self._migrate_and_seed(f"sqlite:///{self.workdir / 'template.db'}")
+            template = f"sqlite:///{self.workdir / 'template.db'}"
+            self.discard(template)  # one left in a reused work directory by an earlier run
+            self._migrate_and_seed(template)
 
     def fresh(self, backend: str) -> str:
         """A SQLAlchemy URL to a new copy of ``backend``'s template (empty readings, seeded registry)."""
