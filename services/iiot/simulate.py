@@ -544,7 +544,7 @@ class _Block:
     """Readings of one asset over one block: seconds from the start, sensor index, value."""
 
     times_s: FloatArray
-    sensor_index: IntArray
+    sensor_index: npt.NDArray[np.int8]     # index into the asset's sensors (a byte per reading)
     values: FloatArray
 
 
@@ -562,7 +562,7 @@ def _asset_block(plan: _AssetPlan, asset_index: int, block: int, config: FleetCo
         low, high = EXPECTED_RANGES[sensor.quantity]
         digits = 1 if sensor.quantity == "speed" else 3
         parts_t.append(times[keep])
-        parts_s.append(np.full(int(keep.sum()), k, dtype=np.int64))
+        parts_s.append(np.full(int(keep.sum()), k, dtype=np.int8))
         parts_v.append(np.round(np.clip(values[keep], low, high), digits).astype(np.float64))
     times_all = np.concatenate(parts_t)
     order = np.argsort(times_all, kind="stable")
