@@ -4,8 +4,10 @@
   :class:`~services.iiot.model.SensorWindowNet` are trained on windows of the **simulated fleet**
   (:mod:`services.iiot.simulate` + :func:`services.iiot.features.training_windows`), split by asset
   (train / validation / test assets, and a test fleet drawn with another seed), the epoch chosen on
-  validation assets, measured once on the test assets, and written to ``models/iiot/cloud/v1`` and
-  ``models/iiot/edge/v1`` as sealed artifacts with a model card.
+  validation assets, measured once on the test assets; the alert policy chosen on a third fleet
+  (:func:`fleet_alerts`: hourly scores replayed through :func:`services.iiot.alerts.replay`) and
+  measured on the test fleet; written to ``models/iiot/<tier>/<version>`` as sealed artifacts with
+  a model card and the policy in the manifest's ``alert_policy``.
 - ``--dataset cmapss``: NASA C-MAPSS FD001 RUL. Windows of :data:`~services.iiot.datasets.CMAPSS_WINDOW`
   cycles, RUL capped at :data:`~services.iiot.datasets.RUL_CAP` cycles, training engines split 80/20
   by engine into train / validation; each seed's epoch and the seeds kept in the ensemble are
@@ -385,11 +387,14 @@ class FleetPlan:
     """Sizes of the simulated fleets: training (split by asset into train / validation) and test."""
 
     assets: int = 30
-    days: float = 90.0
+    days: float = 120.0
     seed: int = 0
     test_assets: int = 12
     test_seed: int = 1000
     """The test fleet is drawn with another seed: new assets, new failures, never seen in training."""
+    policy_assets: int = 20
+    policy_seed: int = 2000
+    """The alert policy's validation fleet: a third seed, so the test fleet never chooses anything."""
     rul_cap_hours: float = RUL_CAP_H
 
 
@@ -445,6 +450,7 @@ def run_fleet(tier: Tier, plan: FleetPlan, settings: FitSettings, *, seeds: int 
         "seeds": [{"seed": s, "best_epoch": r.best_epoch, "validation_loss": r.validation_loss,
                    "seconds": round(r.seconds, 1)} for s, r in enumerate(runs)],
         "validation": fleet_scores(nets, validation, threshold), "test": fleet_scores(nets, test, threshold),
+        "alerts": fleet_alerts(nets, plan),
     }
     return nets, figures
 
@@ -459,6 +465,115 @@ def fleet_splits(plan: FleetPlan) -> Splits:
     test, _ = fleet_arrays(plan.test_assets, plan.days, plan.test_seed, plan.rul_cap_hours)
     return Splits(arrays.take(np.flatnonzero(~in_validation)), arrays.take(np.flatnonzero(in_validation)), test,
                   STEP_FEATURES)
+
+
+# --- the alert policy of a shipped model: chosen on a validation fleet, measured on the test fleet ---
+
+POLICY_OPEN = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+POLICY_CONSECUTIVE = (1, 2, 3, 4, 6)
+POLICY_RUL_OPEN_H: tuple[float | None, ...] = (None, 96.0, 120.0, 144.0, 168.0)
+POLICY_FALSE_ALERT_LIMIT = 0.5
+"""Most false alerts per asset-month a validation policy may make (half the issue's limit of 1: margin
+for a new fleet)."""
+
+
+@dataclass(frozen=True)
+class HourlyFleet:
+    """A **simulated** fleet scored every hour: per asset the score points (none while it is down,
+    between a failure and its repair), its failures after the first full window, and its resets."""
+
+    points: dict[str, list[Any]]
+    failures: dict[str, list[Any]]
+    resets: dict[str, list[Any]]
+    observed_days: float
+
+
+def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed: int) -> HourlyFleet:
+    """Simulate a fleet, score every full 48 h window ending on the hour, group the scores per asset
+    (the same rules as ``bench/iiot.py``'s alert section)."""
+    import pandas as pd
+
+    from services.iiot.alerts import ScorePoint
+    from services.iiot.features import fleet_windows
+    from services.iiot.simulate import simulate_fleet
+
+    fleet = simulate_fleet(assets=assets, days=days, seed=seed)
+    windows = fleet_windows(fleet, window_h=48.0, stride_h=1.0, step_h=1.0)
+    predicted = ensemble_predict(nets, Arrays(windows.x, windows.mask))
+    ends = pd.to_datetime(windows.ends, utc=True).to_pydatetime()
+    first_end = min(ends)
+    points, failures, resets = {}, {}, {}
+    for asset in sorted(set(windows.assets)):
+        own = fleet.events[fleet.events["asset"] == asset]
+        times = {kind: sorted(pd.to_datetime(own.loc[own["kind"] == kind, "time"], utc=True).dt.to_pydatetime())
+                 for kind in ("failure", "repair", "preventive")}
+        failed = [f for f in times["failure"] if f >= first_end]
+        down = [(f, next((r for r in times["repair"] if r >= f), fleet.end.to_pydatetime()))
+                for f in times["failure"]]
+        rows = np.flatnonzero(windows.assets == asset)
+        points[str(asset)] = [ScorePoint(ends[i], float(predicted["p_failure"][i]), float(predicted["rul_hours"][i]))
+                              for i in rows if not any(start <= ends[i] < stop for start, stop in down)]
+        failures[str(asset)] = failed
+        resets[str(asset)] = sorted(times["repair"] + times["preventive"])
+    observed_days = (fleet.end - fleet.start).total_seconds() / 86400 - 2.0
+    return HourlyFleet(points, failures, resets, observed_days)
+
+
+def alert_figures(scored: HourlyFleet, policy: Any) -> dict[str, Any]:
+    """Lead time and false alerts of ``policy`` replayed over ``scored`` (``bench/_iiot_alerts.py``'s rules)."""
+    from services.iiot.alerts import replay
+
+    rules = _bench_alert_rules()
+    histories = {asset: rules.AssetHistory([e.at for e in replay(points, policy, resets=scored.resets[asset])
+                                      if e.transition == "opened"], scored.failures[asset])
+                 for asset, points in scored.points.items()}
+    return dict(rules.summarise(histories, scored.observed_days))
+
+
+def _bench_alert_rules() -> Any:
+    """``bench/_iiot_alerts.py`` (the benchmark's lead-time rules, one definition for both), loaded by
+    path: ``bench`` is a folder of scripts, not an installed package."""
+    import importlib.util
+    import sys
+
+    name = "bench._iiot_alerts"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "bench"
+                                                      / "_iiot_alerts.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def policy_candidates() -> list[Any]:
+    """The alert policies tried on the validation fleet (close at 60 % of open: hysteresis)."""
+    from services.iiot.alerts import AlertPolicy
+
+    return [AlertPolicy(open_threshold=p, close_threshold=round(0.6 * p, 3), consecutive=n,
+                        critical_threshold=max(0.8, p), rul_open_hours=rul)
+            for p in POLICY_OPEN for n in POLICY_CONSECUTIVE for rul in POLICY_RUL_OPEN_H]
+
+
+def choose_alert_policy(validation: HourlyFleet) -> tuple[Any, dict[str, Any]]:
+    """The policy alerting the most validation failures >= 72 h ahead with at most
+    :data:`POLICY_FALSE_ALERT_LIMIT` false alerts per asset-month (ties: fewer false alerts)."""
+    tried = [(policy, alert_figures(validation, policy)) for policy in policy_candidates()]
+    allowed = [t for t in tried if t[1]["false_alerts_per_asset_month"] <= POLICY_FALSE_ALERT_LIMIT] or tried
+    return max(allowed, key=lambda t: (t[1]["share_alerted_at_least_goal"] or 0.0,
+                                       -t[1]["false_alerts_per_asset_month"], t[1]["median_lead_h"] or 0.0))
+
+
+def fleet_alerts(nets: Sequence[SensorWindowNet], plan: FleetPlan) -> dict[str, Any]:
+    """Choose the alert policy on the validation fleet (``plan.policy_seed``), measure it once on the
+    test fleet (``plan.test_seed``); both scored hourly."""
+    validation = hourly_fleet(nets, plan.policy_assets, plan.days, plan.policy_seed)
+    policy, chosen = choose_alert_policy(validation)
+    test = alert_figures(hourly_fleet(nets, plan.test_assets, plan.days, plan.test_seed), policy)
+    return {"policy": policy.model_dump(), "validation": chosen, "test": test,
+            "rule": f"most validation failures alerted >= 72 h ahead with <= {POLICY_FALSE_ALERT_LIMIT} false "
+                    f"alerts per asset-month, over {len(policy_candidates())} policies"}
 
 
 # --- artifacts and cards ----------------------------------------------------------------------
@@ -486,7 +601,8 @@ def write_artifact(net: SensorWindowNet, directory: Path, *, figures: dict[str, 
     save_artifact(directory, name=f"iiot-{net.config.tier}", version=version, framework="torch+onnx",
                   metrics=metrics, data=data, rebuild_command=rebuild_command,
                   model_card=model_card(net, figures, data, rebuild_command, onnx_bytes, evaluations),
-                  extra={"figures": figures, "config": net.config.as_dict()})
+                  extra={"figures": figures, "config": net.config.as_dict(),
+                         **({"alert_policy": figures["alerts"]["policy"]} if "alerts" in figures else {})})
     return directory
 
 
@@ -527,9 +643,37 @@ def model_card(net: SensorWindowNet, figures: dict[str, Any], data: str, rebuild
         _score_row("validation assets", figures["validation"]), _score_row("test fleet (other seed)", figures["test"]),
         "", f"Decision threshold: {figures['test']['threshold']:.3f}. Windows: {figures['windows']}.", "",
     ]
+    lines += _alert_section(figures["alerts"]) if "alerts" in figures else []
     lines += _real_data_section(evaluations) if evaluations is not None else []
     lines += ["## Rebuild", f"`{rebuild_command}`", ""]
     return "\n".join(lines)
+
+
+def _alert_row(name: str, figures: dict[str, Any]) -> str:
+    share, median = figures["share_alerted_at_least_goal"] or 0.0, figures["median_lead_h"] or 0.0
+    return (f"| {name} | {figures['assets']} x {figures['observed_days']:g} d | {figures['failures']} | "
+            f"{figures['alerted_at_least_goal']} ({100 * share:.0f} %) | {median:.0f} | "
+            f"{figures['false_alerts']} | {figures['false_alerts_per_asset_month']:.2f} |")
+
+
+def _alert_section(alerts: dict[str, Any]) -> list[str]:
+    """The alert policy shipped with the model (manifest extra ``alert_policy``) and its lead times."""
+    policy = alerts["policy"]
+    rul = policy.get("rul_open_hours")
+    return [
+        "## Alerts (hourly scores replayed through services.iiot.alerts.replay)", "",
+        f"Policy: open when P(failure within 72 h) >= {policy['open_threshold']:g}"
+        + (f" or RUL <= {rul:g} h" if rul is not None else "")
+        + f" on {policy['consecutive']} hourly score(s) in a row; close below {policy['close_threshold']:g}; "
+        f"critical from {policy['critical_threshold']:g}. Chosen on the validation fleet ({alerts['rule']}); "
+        "the test fleet measured once with it. Lead time, missed failures (0 h) and false alerts as in "
+        "`bench/iiot.py`'s alert section.", "",
+        "| fleet (simulated) | assets x days | failures | alerted >= 72 h ahead | median lead (h) | false alerts | "
+        "false alerts per asset-month |", "|---|---|---|---|---|---|---|",
+        _alert_row("validation (policy chosen here)", alerts["validation"]),
+        _alert_row("test (other seed)", alerts["test"]),
+        "",
+    ]
 
 
 def _real_data_section(evaluations: Path) -> list[str]:
@@ -614,7 +758,7 @@ REAL_SIZES: dict[str, dict[str, Any]] = {
     "ai4i": {"d_model": 32, "heads": 2, "layers": 1, "d_ff": 64},
 }
 """Network sizes of the real-data runs (small: 14 and 9 channels, CPU time on a shared box)."""
-FLEET_SETTINGS = FitSettings(epochs=12, batch_size=128, learning_rate=2e-3, patience=4, positive_weight=3.0)
+FLEET_SETTINGS = FitSettings(epochs=8, batch_size=128, learning_rate=2e-3, patience=3, positive_weight=1.0)
 
 
 def _run_fleet_tiers(args: argparse.Namespace, output: Path) -> dict[str, Any]:

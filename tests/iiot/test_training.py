@@ -42,9 +42,12 @@ def test_fit_learns_and_keeps_the_best_validation_epoch() -> None:
 
 def test_fleet_model_is_sealed_with_its_card_and_served(tmp_path: Path) -> None:
     channels = len(training.STEP_FEATURES)
-    data = training.Splits(synthetic(300, 0, channels=channels), synthetic(80, 1, channels=channels),
-                           synthetic(80, 2, channels=channels), training.STEP_FEATURES)
-    nets, figures = training.run_fleet("edge", FleetPlan(assets=4, days=10), QUICK, data=data)
+    train, validation, test = (synthetic(count, seed, window=48, channels=channels)
+                               for seed, count in enumerate((300, 80, 80)))
+    data = training.Splits(train, validation, test, training.STEP_FEATURES)
+    plan = FleetPlan(assets=4, days=10, test_assets=2, policy_assets=2)
+    nets, figures = training.run_fleet("edge", plan, QUICK, data=data)
+    assert figures["alerts"]["policy"]["open_threshold"] in training.POLICY_OPEN
     directory = training.write_artifact(nets[0], tmp_path / "edge" / "v1", figures=figures,
                                         data=training.FLEET_DATA.format(cap=720, **vars(FleetPlan())),
                                         rebuild_command="tessera train iiot --tier edge")
@@ -52,6 +55,7 @@ def test_fleet_model_is_sealed_with_its_card_and_served(tmp_path: Path) -> None:
     assert manifest.metrics["onnx_bytes"] == (directory / ONNX_FILE).stat().st_size < 1_000_000
     card = (directory / MODEL_CARD_NAME).read_text()
     assert "SIMULATED" in card and "tessera train iiot --tier edge" in card and "test fleet" in card
+    assert manifest.extra["alert_policy"] == figures["alerts"]["policy"] and "## Alerts" in card
     runtime = ModelRuntime()
     runtime.load_sync(risk_model_spec(directory, name="iiot-trained"))
     try:
