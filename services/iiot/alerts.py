@@ -65,11 +65,13 @@ class AlertPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    open_threshold: StrictFloat = Field(default=0.5, gt=0, le=1,
+    # defaults: the shipped cloud model's policy (models/iiot/cloud/v2 manifest extra alert_policy), chosen
+    # on a validation fleet of hourly scores; at another scoring interval `consecutive` spans other time
+    open_threshold: StrictFloat = Field(default=0.1, gt=0, le=1,
                                         description="a score is high at or above this P(failure within 72 h)")
-    close_threshold: StrictFloat = Field(default=0.3, ge=0, le=1,
+    close_threshold: StrictFloat = Field(default=0.06, ge=0, le=1,
                                          description="a score is low below this; at most open_threshold")
-    consecutive: StrictInt = Field(default=2, ge=1, le=100,
+    consecutive: StrictInt = Field(default=6, ge=1, le=100,
                                    description="high scores in a row that open an alert, low ones that close it")
     critical_threshold: StrictFloat = Field(default=0.8, gt=0, le=1,
                                             description="an alert is critical from this P(failure); at least "

@@ -38,13 +38,13 @@ def test_hysteresis_scores_between_the_thresholds_keep_the_alert_open() -> None:
 
 
 def test_a_resolved_alert_needs_a_fresh_run_to_open_again() -> None:
-    policy = AlertPolicy(consecutive=2)
+    policy = AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2)
     points = series(0.9, 0.9, 0.1, 0.1, 0.9, 0.9)
     assert transitions(points, policy) == [(1, "opened", CRITICAL), (3, "resolved", CRITICAL), (5, "opened", CRITICAL)]
 
 
 def test_escalation_to_critical_happens_once() -> None:
-    policy = AlertPolicy(open_threshold=0.5, critical_threshold=0.8, consecutive=2)
+    policy = AlertPolicy(open_threshold=0.5, close_threshold=0.3, critical_threshold=0.8, consecutive=2)
     points = series(0.6, 0.6, 0.85, 0.6, 0.95, 0.1, 0.1)
     assert transitions(points, policy) == [(1, "opened", WARNING), (2, "escalated", CRITICAL),
                                            (6, "resolved", CRITICAL)]
@@ -52,8 +52,9 @@ def test_escalation_to_critical_happens_once() -> None:
 
 def test_a_short_remaining_life_opens_and_keeps_an_alert_when_asked_to() -> None:
     points = series(0.1, 0.1, 0.1, 0.1, rul=[200.0, 50.0, 40.0, 300.0])
-    assert transitions(points, AlertPolicy(consecutive=2)) == []
-    with_rul = AlertPolicy(consecutive=2, rul_open_hours=72.0, rul_critical_hours=45.0)
+    assert transitions(points, AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2)) == []
+    with_rul = AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2, rul_open_hours=72.0,
+                           rul_critical_hours=45.0)
     assert transitions(points, with_rul) == [(2, "opened", CRITICAL)]
 
 
