@@ -173,6 +173,22 @@ def recorded_versions(session: Session, model: str, tenant_id: str = SHARED) -> 
                                 .order_by(ModelVersion.created_at.desc())))
 
 
+def tenant_model_listing(session: Session, model: str, tenant_id: str,
+                         shipped_dir: Path | None) -> list[dict[str, Any]]:
+    """What a tenant's ``GET /models`` lists: its own versions of ``model``, newest first, then the
+    shipped default from ``shipped_dir`` (live unless one of the tenant's own is)."""
+    own = recorded_versions(session, model, tenant_id)
+    listed: list[dict[str, Any]] = [
+        {"version": m.version, "status": m.status, "default": False, "metrics": m.metrics,
+         "created_at": m.created_at, "promoted_at": m.promoted_at} for m in own]
+    if shipped_dir is not None:
+        card = load_manifest(shipped_dir, verify=False)
+        has_own_live = any(m.status == LIVE for m in own)
+        listed.append({"version": card.version, "status": "standby" if has_own_live else LIVE, "default": True,
+                       "metrics": card.metrics, "created_at": card.created_at, "promoted_at": None})
+    return listed
+
+
 @dataclass(frozen=True)
 class LiveVersion:
     """A tenant's live version as a process serves it (read from the registry, tied to no session)."""

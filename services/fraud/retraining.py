@@ -39,8 +39,8 @@ import pandas as pd
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
-from model_runtime.artifacts import load_manifest, save_artifact
-from model_runtime.versions import CANDIDATE, REJECTED, live_version, promote, record_version, recorded_versions
+from model_runtime.artifacts import save_artifact
+from model_runtime.versions import CANDIDATE, REJECTED, live_version, promote, record_version, tenant_model_listing
 from services.fraud.db import Transaction
 from services.fraud.features import FEATURE_NAMES, SECONDS_PER_DAY
 from services.fraud.schemas import EARLIEST_TIMESTAMP, MAX_FUTURE_SKEW
@@ -284,14 +284,4 @@ def _record(session: Session, tenant_id: str, version: str, directory: Path, can
 
 def model_versions(session: Session, tenant_id: str) -> list[dict[str, Any]]:
     """The tenant's own versions, newest first, then the shared default (live unless one of them is)."""
-    own = recorded_versions(session, FRAUD_MODEL_NAME, tenant_id)
-    listed: list[dict[str, Any]] = [
-        {"version": m.version, "status": m.status, "default": False, "metrics": m.metrics,
-         "created_at": m.created_at, "promoted_at": m.promoted_at} for m in own]
-    shipped = default_artifact_dir()
-    if shipped is not None:
-        card = load_manifest(shipped, verify=False)
-        has_own_live = any(m.status == "live" for m in own)
-        listed.append({"version": card.version, "status": "standby" if has_own_live else "live", "default": True,
-                       "metrics": card.metrics, "created_at": card.created_at, "promoted_at": None})
-    return listed
+    return tenant_model_listing(session, FRAUD_MODEL_NAME, tenant_id, default_artifact_dir())

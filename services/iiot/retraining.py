@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model_runtime.artifacts import load_manifest, save_artifact
-from model_runtime.versions import CANDIDATE, REJECTED, promote, record_version, recorded_versions
+from model_runtime.artifacts import save_artifact
+from model_runtime.versions import CANDIDATE, REJECTED, promote, record_version, tenant_model_listing
 from services.iiot.db import Asset, MaintenanceRecord, Sensor
 from services.iiot.maintenance import failure_times
 from services.iiot.scoring import (
@@ -265,14 +265,4 @@ def _metrics(p: npt.NDArray[np.float64], y: npt.NDArray[np.float32]) -> dict[str
 
 def model_versions(session: Session, tenant_id: str) -> list[dict[str, Any]]:
     """The tenant's own versions, newest first, then the shipped cloud model (live unless one of them is)."""
-    own = recorded_versions(session, IIOT_MODEL_NAME, tenant_id)
-    listed: list[dict[str, Any]] = [
-        {"version": m.version, "status": m.status, "default": False, "metrics": m.metrics,
-         "created_at": m.created_at, "promoted_at": m.promoted_at} for m in own]
-    shipped = shipped_cloud_model()
-    if shipped is not None:
-        card = load_manifest(shipped, verify=False)
-        has_own_live = any(m.status == "live" for m in own)
-        listed.append({"version": card.version, "status": "standby" if has_own_live else "live", "default": True,
-                       "metrics": card.metrics, "created_at": card.created_at, "promoted_at": None})
-    return listed
+    return tenant_model_listing(session, IIOT_MODEL_NAME, tenant_id, shipped_cloud_model())
