@@ -17,7 +17,7 @@ stands in, and the record says so: its timing is the model's, its answers mean n
 Section 4 (:func:`alert_point`): a held-out simulated fleet (a seed no training run used) scored
 hourly by the shipped cloud model, each asset's scores replayed through H5's
 :func:`services.iiot.alerts.replay` with the default :class:`AlertPolicy` and maintenance resets,
-then :func:`bench._iiot_alerts.summarise`. Scores while an asset is down (failure to repair)
+then :func:`services.iiot.lead_time.summarise`. Scores while an asset is down (failure to repair)
 are left out (it is known to have failed), and failures before the first full window are not counted.
 """
 
@@ -177,10 +177,10 @@ def alert_point(assets: int, days: float, stride_h: float) -> dict[str, Any]:
     """Section 4 on a held-out simulated fleet (see the module doc); needs the shipped cloud model."""
     import pandas as pd
 
-    from bench._iiot_alerts import AssetHistory, summarise
     from model_runtime import ModelRuntime
     from services.iiot.alerts import AlertPolicy, ScorePoint, replay
     from services.iiot.features import fleet_windows
+    from services.iiot.lead_time import AssetHistory, summarise
     from services.iiot.model import RiskRequest
     from services.iiot.simulate import simulate_fleet
 

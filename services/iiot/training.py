@@ -38,7 +38,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from services.iiot import datasets
+from services.iiot import datasets, lead_time
 from services.iiot.evaluation import best_f1_threshold, classification_scores, rul_scores
 from services.iiot.features import RUL_CAP_H, STEP_FEATURES
 from services.iiot.model import (
@@ -520,31 +520,14 @@ def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed
 
 
 def alert_figures(scored: HourlyFleet, policy: Any) -> dict[str, Any]:
-    """Lead time and false alerts of ``policy`` replayed over ``scored`` (``bench/_iiot_alerts.py``'s rules)."""
+    """Lead time and false alerts of ``policy`` replayed over ``scored`` (:mod:`services.iiot.lead_time`'s rules)."""
     from services.iiot.alerts import replay
 
-    rules = _bench_alert_rules()
-    histories = {asset: rules.AssetHistory([e.at for e in replay(points, policy, resets=scored.resets[asset])
-                                      if e.transition == "opened"], scored.failures[asset])
+    histories = {asset: lead_time.AssetHistory([e.at for e in replay(points, policy, resets=scored.resets[asset])
+                                                if e.transition == "opened"], scored.failures[asset])
                  for asset, points in scored.points.items()}
-    return dict(rules.summarise(histories, scored.observed_days))
+    return dict(lead_time.summarise(histories, scored.observed_days))
 
-
-def _bench_alert_rules() -> Any:
-    """``bench/_iiot_alerts.py`` (the benchmark's lead-time rules, one definition for both), loaded by
-    path: ``bench`` is a folder of scripts, not an installed package."""
-    import importlib.util
-    import sys
-
-    name = "bench._iiot_alerts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "bench"
-                                                      / "_iiot_alerts.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def policy_candidates() -> list[Any]:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bench._iiot_alerts import AssetHistory, lead_times, summarise
+from services.iiot.lead_time import AssetHistory, lead_times, summarise
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

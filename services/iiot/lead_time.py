@@ -1,4 +1,5 @@
-"""Alert lead time and false alerts from replayed alert openings (``bench/iiot.py``, section 4).
+"""Alert lead time and false alerts from replayed alert openings: one set of rules for choosing the
+alert policy at training (:mod:`services.iiot.training`) and for the benchmark (``bench/iiot.py``).
 
 Pure bookkeeping over one held-out **simulated** fleet, given per asset the times its alerts
 opened (from :func:`services.iiot.alerts.replay`) and its failure times (the simulator's truth):
