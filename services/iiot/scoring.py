@@ -44,6 +44,10 @@ IIOT_MODEL_NAME = "iiot"
 """The risk model family in the runtime and in the version registry."""
 WINDOW_HOURS = 48.0
 STEP_HOURS = 1.0
+SCORE_EVERY = timedelta(hours=STEP_HOURS)
+"""An asset is scored again once its readings reach one window step past its last score: the alert
+policy counts consecutive *hourly* scores (its thresholds were chosen on hourly scores), however
+often beat runs (``TESSERA_IIOT_SCORING_INTERVAL_S`` only sets how soon new readings are seen)."""
 INCLUSIVE = timedelta(microseconds=1)
 """Added to a half-open read's end so the window's newest reading is in it."""
 
@@ -136,7 +140,8 @@ def score_tenant(session: Session, tenant_id: str, *, predictor: Predictor | Non
 
 
 def _assets_due(session: Session, tenant_id: str, summary: ScoringSummary) -> list[DueAsset]:
-    """The tenant's assets whose newest reading is newer than their newest cloud score."""
+    """The tenant's assets whose newest reading is at least :data:`SCORE_EVERY` newer than their
+    newest cloud score (or that were never scored)."""
     last_scored = dict(session.execute(
         select(RiskScore.asset_pk, func.max(RiskScore.window_end))
         .where(RiskScore.tenant_id == tenant_id, RiskScore.tier == "cloud").group_by(RiskScore.asset_pk)).all())
@@ -151,7 +156,7 @@ def _assets_due(session: Session, tenant_id: str, summary: ScoringSummary) -> li
         ends = [s.last_ts for s in sensors if s.last_ts is not None]
         if not ends:
             summary.without_readings += 1
-        elif asset_pk in last_scored and last_scored[asset_pk] >= max(ends):
+        elif asset_pk in last_scored and max(ends) < last_scored[asset_pk] + SCORE_EVERY:
             summary.unchanged += 1
         else:
             due.append(DueAsset(asset_pk, asset_id, max(ends), tuple(sensors)))

@@ -113,6 +113,23 @@ def test_scores_open_escalate_and_resolve_an_alert_with_hysteresis(tenant: str) 
         assert webhook_keys(session, tenant) == [prefix + t for t in ("escalated", "opened", "resolved")]
 
 
+def test_an_asset_is_scored_once_per_hour_of_readings_however_often_beat_runs(tenant: str) -> None:
+    model = FakeModel()
+    with session_scope() as session:
+        sensor = new_asset(session, tenant)
+        add_reading(session, sensor, 0)
+        assert score_with(session, tenant, model, 0.1)["scored"] == 1
+        for minutes in (10, 50):  # readings within the hour: the policy counts hourly scores
+            at = START + timedelta(minutes=minutes)
+            session.execute(insert(readings).values(sensor_pk=sensor.id, ts=at, value=50.0))
+            sensor.last_ts = at
+            session.flush()
+            summary = score_tenant(session, tenant, predictor=model, window_builder=fake_builder)
+            assert (summary.scored, summary.unchanged) == (0, 1)
+        add_reading(session, sensor, 1)
+        assert score_with(session, tenant, model, 0.1)["scored"] == 1
+
+
 def test_an_asset_has_one_active_alert_and_transitions_happen_once(tenant: str) -> None:
     with session_scope() as session:
         asset_pk = new_asset(session, tenant).asset_pk
