@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     iiot_mqtt_topic_prefix: str = Field(default="tessera/iiot", description="readings arrive on "
                                         "`<prefix>/<tenant>/<plant>/<line>/<asset>`; the broker's ACLs "
                                         "decide which gateway may publish under which tenant")
+    iiot_mqtt_client_id: str | None = Field(default=None, max_length=128, description="the subscriber's MQTT "
+                                            "client id (its persistent session); unset: derived from the prefix. "
+                                            "Give each replica its own")
+    iiot_mqtt_share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$", description="replicas that "
+                                              "set the same group split the messages (MQTT 5 shared subscription "
+                                              "`$share/<group>/…`); unset: one subscriber takes every message")
     iiot_scoring_interval_s: float = Field(default=300.0, gt=0, description="beat scores every asset of "
                                            "every tenant this often")
 

@@ -158,9 +158,11 @@ def risk_topic(prefix: str, tenant_id: str, asset_id: str) -> str:
     return f"{prefix}/{tenant_id}/{RISK_LEVEL}/{asset_id}"
 
 
-def subscriptions(prefix: str) -> list[str]:
-    """The subscriber's topic filters: readings of every asset and edge risk of every asset."""
-    return [f"{prefix}/+/+/+/+", f"{prefix}/+/{RISK_LEVEL}/+"]
+def subscriptions(prefix: str, share_group: str | None = None) -> list[str]:
+    """The subscriber's topic filters: readings of every asset and edge risk of every asset; as MQTT 5
+    shared subscriptions (``$share/<group>/…``) when replicas split the messages between them."""
+    filters = [f"{prefix}/+/+/+/+", f"{prefix}/+/{RISK_LEVEL}/+"]
+    return [f"$share/{share_group}/{topic}" for topic in filters] if share_group else filters
 
 
 def parse_topic(prefix: str, topic: str) -> ReadingsTopic | RiskTopic | None:
@@ -423,6 +425,7 @@ class SubscriberConfig:
     url: str
     prefix: str
     client_id: str = ""
+    share_group: str | None = None
     flush_interval_s: float = 0.2
     max_batch_readings: int = 5000
     max_batch_messages: int = 2000
@@ -541,7 +544,7 @@ class MqttSubscriber:
                 # unacknowledged messages of the previous connection are delivered again on this one
                 self._pending = [delivery for delivery in self._pending if delivery.generation == self._generation]
                 self._pending_readings = sum(delivery.readings for delivery in self._pending)
-        client.subscribe([(topic, 1) for topic in subscriptions(self.config.prefix)])
+        client.subscribe([(topic, 1) for topic in subscriptions(self.config.prefix, self.config.share_group)])
         logger.info("mqtt: connected as %s (session %s)", self.config.effective_client_id,
                     "resumed" if flags.session_present else "new")
 
@@ -550,7 +553,7 @@ class MqttSubscriber:
         if any(code.is_failure for code in reason_codes):
             logger.error("mqtt: the broker refused a subscription: %s", reason_codes)
             return
-        logger.info("mqtt: subscribed to %s", " and ".join(subscriptions(self.config.prefix)))
+        logger.info("mqtt: subscribed to %s", " and ".join(subscriptions(self.config.prefix, self.config.share_group)))
         self.subscribed.set()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: mqtt.DisconnectFlags,
@@ -721,7 +724,9 @@ def subscriber_from_settings() -> MqttSubscriber:
     settings = get_settings()
     if not settings.iiot_mqtt_url:
         raise RuntimeError("TESSERA_IIOT_MQTT_URL is not set: there is no broker to subscribe to")
-    return MqttSubscriber(SubscriberConfig(url=settings.iiot_mqtt_url, prefix=settings.iiot_mqtt_topic_prefix))
+    return MqttSubscriber(SubscriberConfig(url=settings.iiot_mqtt_url, prefix=settings.iiot_mqtt_topic_prefix,
+                                           client_id=settings.iiot_mqtt_client_id or "",
+                                           share_group=settings.iiot_mqtt_share_group))
 
 
 def serve(stop: threading.Event) -> None:

@@ -30,6 +30,7 @@ from services.iiot.mqtt_io import (
     parse_broker_url,
     parse_topic,
     readings_topic,
+    subscriptions,
 )
 from tests.iiot.mqtt_support import BROKER_URL, Publisher, require_broker
 from tests.support import wait_until
@@ -109,6 +110,11 @@ def test_topics_address_readings_of_an_asset_or_its_edge_risk() -> None:
     assert parse_broker_url("mqtts://broker").port == 8883
     with pytest.raises(ValueError):
         parse_broker_url("http://broker")
+
+
+def test_replicas_in_a_share_group_subscribe_to_shared_filters() -> None:
+    assert subscriptions("p/x") == ["p/x/+/+/+/+", "p/x/+/risk/+"]
+    assert subscriptions("p/x", "ingest") == ["$share/ingest/p/x/+/+/+/+", "$share/ingest/p/x/+/risk/+"]
 
 
 @pytest.mark.parametrize("payload", [
