@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import uvicorn
+
+from shared.processes import end_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO_ROOT.parent / "shared"
@@ -64,9 +67,12 @@ class ManagedProcess:
     def __init__(self, argv: list[str], env: Mapping[str, str], name: str) -> None:
         self.name = name
         self.lines: list[str] = []
+        # Dies with the test process however it ends (a killed pytest left Celery workers behind that
+        # went on consuming the next run's queues).
         self.process = subprocess.Popen(
             argv, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            preexec_fn=functools.partial(end_with_parent, os.getpid()),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
