@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make PostgreSQL and Redis available on loopback for the PostgreSQL + Redis test variants.
+# Make PostgreSQL, Redis and Mosquitto available on loopback for the tests that need them.
 # Already running: nothing to do. Installed but stopped: start them. Absent: install them from
 # Debian's packages when running as root with apt (set TESSERA_NO_APT=1 to skip); otherwise the
 # tests skip those variants and say why.
@@ -36,6 +36,20 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0
   if ! command -v espeak-ng >/dev/null; then
     echo "ensure_services: installing espeak-ng from Debian packages"
     timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq espeak-ng >/dev/null
+  fi
+fi
+
+# MQTT broker for the IIoT tests: Mosquitto on loopback 1883 (installed and started when absent;
+# the tests that need it skip, saying why, otherwise).
+if ! listening 1883; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0}" != 1 ] \
+      && ! command -v mosquitto >/dev/null; then
+    echo "ensure_services: installing mosquitto from Debian packages"
+    timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq mosquitto >/dev/null
+  fi
+  if command -v mosquitto >/dev/null; then
+    echo "ensure_services: starting mosquitto on 127.0.0.1:1883"
+    mosquitto -d -p 1883 || true
   fi
 fi
 
