@@ -760,7 +760,8 @@ def _run_fleet_tiers(args: argparse.Namespace, output: Path) -> dict[str, Any]:
         nets, figures = run_fleet(tier, plan, settings, seeds=args.seeds or 1, data=data)
         figures["version"] = args.version
         write_artifact(nets[0], output / tier / args.version, figures=figures, data=described,
-                       rebuild_command=_command(args, tier), evaluations=output / EVALUATION_SUBDIR)
+                       rebuild_command=_command(args, tier), version=args.version,
+                       evaluations=output / EVALUATION_SUBDIR)
         report[tier] = figures
     return report
 
