@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._iiot_data import START, TENANT
+from bench._measure import peak_rss_mb
 
 Registry = dict[str, list[dict[str, Any]]]
 
@@ -123,7 +124,7 @@ def subscriber_point(kind: str, broker: str, prefix: str, expected: int, timeout
             time.sleep(0.002)
         last = time.perf_counter()
         return {"readings": watch.done(), "expected": expected, "seconds": last - (first or last),
-                "cpu_s": time.process_time() - cpu_before, "peak_rss_mb": _peak_rss_mb(),
+                "cpu_s": time.process_time() - cpu_before, "peak_rss_mb": peak_rss_mb(),
                 "timed_out": watch.done() < expected}
     finally:
         watch.stop()
@@ -137,12 +138,6 @@ class Watch:
     done: Callable[[], int]
     stop: Callable[[], None]
 
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _raw_subscriber(broker: str, prefix: str) -> Watch:

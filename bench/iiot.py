@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench._iiot_data import BenchDatabases, BenchFiles, make_files  # noqa: E402
+from bench._measure import peak_rss_mb  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "iiot.json"
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -98,13 +99,6 @@ QUICK = Plan(rows=20_000, small_rows=5_000, naive_rows=1_000, to_sql_rows=5_000,
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    """This process's peak resident set (MB), from ``/proc/self/status`` (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def cpu_s() -> float:
     """User + system CPU seconds of this process so far."""

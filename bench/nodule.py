@@ -57,6 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._measure import peak_rss_mb  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "nodule.json"
 QUIET_PERIOD_S = 1.0
 SCU_AE, OUR_AE, ORTHANC_AE, STORESCP_AE = "BENCH-SCU", "TESSERA", "ORTHANC", "STORESCP"
@@ -87,13 +89,6 @@ SMOKE = Plan(volume_shape=(16, 64, 64), repeats=1, reference_repeats=1, concurre
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    """This process's peak resident set (MB), from ``/proc/self/status`` (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def free_port() -> int:
     """A TCP port free on loopback now."""
