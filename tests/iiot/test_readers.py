@@ -126,3 +126,72 @@ def test_a_gzipped_parquet_file_is_refused(tmp_path: Path) -> None:
         buffer)
     with pytest.raises(FileRefused, match="gzip-compressed Parquet"):
         check_head(gzip.compress(buffer.getvalue()))
+
+
+_PLAIN_ROWS = [
+    b"2025-03-01T08:00:00Z,p1,temp,1.5,",
+    b"2025-03-01T08:00:01.250Z,p1,temp,1e2,degC",
+    b"2025-03-01T10:00:02+02:00,p1,temp,-3,degF",           # an offset, a unit converted
+    b"2025-03-01T08:00:03+0000,p2,temp,-0.0,",
+    b"2025-03-01T08:00:04Z,p2,temp,7,degC",
+    b"2025-03-01T08:00:05Z,p2,temp,,degC",                   # an empty value: not a number
+    b"2025-03-01T08:00:06Z,p9,temp,1,",                      # unknown asset, unknown sensor
+    b"2025-03-01T08:00:07Z,p1,pressure,1,",
+    b"2025-03-01T08:00:08Z,p1,temp,999,",                    # out of range
+    b"2025-03-01T08:00:09Z,p1,temp,2,furlongs",              # unknown unit, incompatible unit
+    b"2025-03-01T08:00:10Z,p1,temp,2,bar",
+    b"2099-03-01T08:00:11Z,p1,temp,2,",                      # far in the future
+]
+
+
+def outcome(path: Path, registry: object) -> tuple[list[object], list[object]]:
+    """Kept and quarantined rows of every chunk of ``path`` after :func:`check_rows`."""
+    from services.iiot.validation import check_rows
+
+    kept, quarantined = [], []
+    for chunk in read_chunks(path, file_shape(path), chunk_rows=5):
+        checked = check_rows(chunk.frame, registry)  # type: ignore[arg-type]
+        kept += checked.kept.assign(ts=checked.kept["ts"].astype(str)).values.tolist()
+        quarantined += checked.quarantined.values.tolist()
+        quarantined += chunk.refused.values.tolist()
+    return kept, quarantined
+
+
+@pytest.mark.parametrize("extra", [
+    b"",                                                     # plain: the fast way takes every chunk
+    b"2025-03-01T09:00:00,p1,temp,1,\n",                     # a naive time (the plant's zone decides)
+    b"2025-03-01T09:00:00Z,p1,temp,one,\n",                  # text in a value
+    b"2025-03-01T09:00:00Z,p1,temp,nan,\n",                  # NaN, inf, NA written out
+    b"2025-03-01T09:00:00Z,p1,temp,-inf,\n",
+    b"2025-03-01T09:00:00Z,p1,temp,NA,\n",
+    b"\n",                                                   # a blank line
+    b'2025-03-01T09:00:00Z,"p1",temp,1,\n',                  # quotes
+    b"2025-03-01T09:00:00Z,p1,temp\n",                       # too few fields
+    b"2025-03-01T09:00:00Z,,temp,1,\n",                      # no asset
+    b"2025-03-01T09:00:00Z,p-\xff,temp,1,\n",                # not UTF-8
+    b"2025-03-01 09:00:00.1234567Z,p1,temp,1,\n",            # more digits than microseconds
+])
+def test_the_fast_way_gives_every_row_the_outcome_the_general_way_gives(tmp_path: Path, extra: bytes,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain chunks are read by Arrow (no Python object per row), the rest by the general way; a row's
+    outcome (kept with its time and value, or quarantined with its reason and detail) is the same."""
+    from services.iiot import readers
+    from tests.iiot.test_validation import REGISTRY
+
+    path = write(tmp_path, "a.csv", HEADER + b"\n".join(_PLAIN_ROWS[:6]) + b"\n" + extra
+                 + b"\n".join(_PLAIN_ROWS[6:]) + b"\n")
+    taken: list[bool] = []
+    fast = readers._parse_plain_chunk
+
+    def spy(*args: object) -> object:
+        result = fast(*args)  # type: ignore[arg-type]
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(readers, "_parse_plain_chunk", spy)
+    either = outcome(path, REGISTRY)
+    assert taken == ([True] * 3 if not extra else [True, False, True])
+    monkeypatch.setattr(readers, "_parse_plain_chunk", lambda *args: None)
+    general = outcome(path, REGISTRY)
+    assert either == general
+    assert len(either[0]) + len(either[1]) == len(_PLAIN_ROWS) + (1 if extra.strip() else 0)
