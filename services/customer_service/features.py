@@ -3,10 +3,17 @@
 Input is mono audio at :data:`FEATURE_RATE` (16 kHz; telephone audio is upsampled 8 -> 16 kHz
 first, as the speech-to-text path does). The mel filters span 50-4000 Hz by default: call audio
 has nothing above 3.4-4 kHz, so a model trained on full-band studio speech (the real acted set)
-and served on telephone audio sees the same bands in both. No per-utterance normalisation: the
-level of the voice is an emotion cue (anger is loud), so the features keep it; the model learns
-its own input scaling. The STFT is vectorised numpy (frames as a strided view, one ``rfft``); the
-filter bank is ``transformers.audio_utils.mel_filter_bank`` (HTK mel scale, as torchaudio).
+and served on telephone audio sees the same bands in both.
+
+Level (``FeatureConfig.level``): ``"keep"`` (the default, and model v1's) leaves the absolute level
+in the features: the level of the voice is an emotion cue (anger is loud), but so is the gain of
+the line, which a caller's phone and network set. ``"utterance"`` subtracts each utterance's own
+speech level (the log of a high percentile of its frames' mel energy) from every value: a uniform
+gain then changes nothing (down to the codec's quantisation and the noise floor), and only the
+level *within* the utterance (stress, pauses, the spectrum's shape) is left to the model.
+
+The STFT is vectorised numpy (frames as a strided view, one ``rfft``); the filter bank is
+``transformers.audio_utils.mel_filter_bank`` (HTK mel scale, as torchaudio).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy.typing as npt
 
 FEATURE_RATE = 16000
 """Sample rate the features are defined at."""
+LEVEL_MODES = ("keep", "utterance")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,14 @@ class FeatureConfig:
     f_max: float = 4000.0
     log_floor: float = 1e-10
     """Mel power below this is clipped before the log (digital silence)."""
+    level: str = "keep"
+    """``keep``: absolute level; ``utterance``: relative to the utterance's speech level (see the module)."""
+    level_percentile: float = 90.0
+    """With ``level="utterance"``: the percentile of frame energies taken as the speech level."""
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVEL_MODES:
+            raise ValueError(f"feature level {self.level!r} is not one of {', '.join(LEVEL_MODES)}")
 
     def as_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON values."""
@@ -67,7 +83,8 @@ def frame_count(num_samples: int, config: FeatureConfig = DEFAULT_FEATURES) -> i
 
 def log_mel(samples: npt.ArrayLike, config: FeatureConfig = DEFAULT_FEATURES) -> npt.NDArray[np.float32]:
     """Natural-log mel power of mono audio at ``config.sample_rate``: shape ``(frames, n_mels)``,
-    ``frames = 1 + len(samples) // hop_length`` (centred frames, reflect padding).
+    ``frames = 1 + len(samples) // hop_length`` (centred frames, reflect padding); with
+    ``config.level == "utterance"`` minus the utterance's level (:func:`utterance_level`).
 
     ``int16`` input is scaled to [-1, 1); floats are taken as already in [-1, 1]. An empty or
     non-1-D input is a ``ValueError``.
@@ -84,4 +101,16 @@ def log_mel(samples: npt.ArrayLike, config: FeatureConfig = DEFAULT_FEATURES) ->
     spectrum = np.fft.rfft(frames * _window(config.n_fft), axis=1)
     power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
     mel = power @ _filters(config)
-    return np.log(np.maximum(mel, config.log_floor)).astype(np.float32)
+    features = np.log(np.maximum(mel, config.log_floor))
+    if config.level == "utterance":
+        features -= utterance_level(mel, config)
+    return features.astype(np.float32)
+
+
+def utterance_level(mel: npt.NDArray[np.float32], config: FeatureConfig = DEFAULT_FEATURES) -> float:
+    """Natural log of the speech level of mel power frames ``(frames, n_mels)``: the
+    ``config.level_percentile``-th percentile of the frames' summed mel power (loud frames, not
+    pauses), floored at the digital-silence floor."""
+    energy = mel.sum(axis=1, dtype=np.float64)
+    return float(np.log(max(float(np.percentile(energy, config.level_percentile)),
+                            config.log_floor * config.n_mels)))

@@ -23,6 +23,10 @@ are figures on simulated speech.
 - **Telephone line** (:func:`telephone_channel`): resampled to 8 kHz, optional white line noise
   (fixed level in dBFS, so quiet voices get a worse SNR), band-limited to 300-3400 Hz
   (4th-order Butterworth), G.711 μ-law (:mod:`services.customer_service.audio`).
+- **Line conditions** (:class:`LineCondition`, :func:`degrade_line`): a received line worse than
+  the simulator's: gain (quiet lines), white, pink or babble noise (other simulated speakers) at an
+  SNR, fixed-level line noise, another band, a second μ-law pass; for training augmentation and
+  robustness measurements.
 - **Frames** (:func:`iter_frames`): the call as 20 ms μ-law frames (160 bytes a track), as the
   stream protocols carry them, for tests and the benchmark.
 - **Files** (:func:`write_call`, :func:`read_call`, :func:`write_corpus`): raw μ-law per track, a
@@ -46,6 +50,7 @@ import wave
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -382,6 +387,119 @@ def telephone_band(samples: npt.NDArray[Any], sample_rate: int, *, rng: np.rando
                    noise_dbfs: float | None = None) -> npt.NDArray[np.int16]:
     """:func:`telephone_channel` decoded again: the int16 8 kHz samples a listener on the line hears."""
     return mulaw_decode(telephone_channel(samples, sample_rate, rng=rng, noise_dbfs=noise_dbfs))
+
+
+# --- line conditions (augmentation and robustness tests) -----------------------------------------
+
+NOISE_KINDS = ("white", "pink", "babble")
+"""Additive noise :func:`degrade_line` makes: white, pink (-3 dB an octave) and babble (several
+other talkers summed)."""
+
+
+@dataclass(frozen=True)
+class LineCondition:
+    """How a received telephone signal differs from the clean line: a gain on the speech, additive
+    noise at an SNR, fixed-level white line noise, the line's band and its μ-law coding.
+
+    Applied by :func:`degrade_line` in that order to 8 kHz speech already on the line (a second
+    μ-law pass is a tandem codec, as on calls bridged through two networks)."""
+
+    gain_db: float = 0.0
+    """Gain on the speech (negative: a quiet line or a distant talker)."""
+    noise: str | None = None
+    """One of :data:`NOISE_KINDS`, or ``None`` for no additive noise."""
+    snr_db: float = 20.0
+    """Speech (active level of the gained speech) to ``noise`` ratio."""
+    line_noise_dbfs: float | None = None
+    """White line noise at this RMS re full scale, whatever the speech level (as the simulator's line)."""
+    band_hz: tuple[float, float] = BAND_HZ
+    mulaw: bool = True
+
+    def describe(self) -> str:
+        """A short human-readable name (``gain -20 dB, babble 10 dB SNR``)."""
+        parts = [f"gain {self.gain_db:+.0f} dB"] if self.gain_db else []
+        if self.noise:
+            parts.append(f"{self.noise} {self.snr_db:.0f} dB SNR")
+        if self.line_noise_dbfs is not None:
+            parts.append(f"line noise {self.line_noise_dbfs:.0f} dBFS")
+        if tuple(self.band_hz) != BAND_HZ:
+            parts.append(f"band {self.band_hz[0]:.0f}-{self.band_hz[1]:.0f} Hz")
+        return ", ".join(parts) or "as received"
+
+
+def active_level_dbfs(samples: npt.ArrayLike, sample_rate: int = TELEPHONE_RATE, *, frame_ms: float = 20.0,
+                      range_db: float = 35.0) -> float:
+    """Active speech level in dBFS (int16 scale): the mean power of the 20 ms frames within
+    ``range_db`` of the loudest one, so pauses do not lower it (a simple stand-in for ITU-T P.56).
+    ``-inf`` for digital silence."""
+    signal = np.asarray(samples, dtype=np.float64)
+    size = max(1, int(sample_rate * frame_ms / 1000))
+    if signal.size < size:
+        signal = np.pad(signal, (0, size - signal.size))
+    power = np.mean(signal[: signal.size // size * size].reshape(-1, size) ** 2, axis=1)
+    if not np.any(power > 0):
+        return float("-inf")
+    active = power[power >= power.max() * 10 ** (-range_db / 10)]
+    return float(10 * np.log10(active.mean() / 32768.0 ** 2))
+
+
+def pink_noise(size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """Pink noise (power falling 3 dB an octave) of unit RMS, shaped from white noise in the
+    frequency domain."""
+    spectrum = np.fft.rfft(rng.normal(size=max(size, 2)))
+    spectrum[1:] /= np.sqrt(np.arange(1, spectrum.size))
+    spectrum[0] = 0.0
+    noise = np.fft.irfft(spectrum, n=max(size, 2))[:size]
+    return (noise / (np.sqrt(np.mean(noise ** 2)) or 1.0)).astype(np.float32)
+
+
+def babble_noise(size: int, talkers: Sequence[npt.NDArray[Any]], rng: np.random.Generator,
+                 count: tuple[int, int] = (3, 6)) -> npt.NDArray[np.float32]:
+    """Babble of unit RMS: ``count`` (drawn, inclusive) of ``talkers`` (8 kHz speech of other
+    speakers), each looped to ``size`` from a random start and brought to the same active level,
+    summed."""
+    if not talkers:
+        raise ValueError("babble needs other talkers' speech")
+    mix = np.zeros(size, dtype=np.float64)
+    chosen = rng.choice(len(talkers), size=min(len(talkers), int(rng.integers(count[0], count[1] + 1))),
+                        replace=False)
+    for index in chosen:
+        talker = np.asarray(talkers[int(index)], dtype=np.float64)
+        looped = np.resize(np.roll(talker, -int(rng.integers(0, talker.size))), size)
+        level = active_level_dbfs(looped)
+        if np.isfinite(level):
+            mix += looped / (32768.0 * 10 ** (level / 20))
+    return (mix / (np.sqrt(np.mean(mix ** 2)) or 1.0)).astype(np.float32)
+
+
+@lru_cache(maxsize=64)
+def _band_filter(low: float, high: float) -> npt.NDArray[np.float64]:
+    return np.asarray(butter(4, (low, high), btype="bandpass", fs=TELEPHONE_RATE, output="sos"))
+
+
+def degrade_line(samples: npt.ArrayLike, condition: LineCondition, rng: np.random.Generator, *,
+                 talkers: Sequence[npt.NDArray[Any]] = ()) -> npt.NDArray[np.int16]:
+    """8 kHz speech (int16 scale) as received over a line in ``condition``: gained, additive noise
+    at ``snr_db`` below the gained speech's active level (``talkers``: other speakers' 8 kHz speech
+    for babble), white line noise, band-limited (4th-order Butterworth) and μ-law coded."""
+    signal = np.asarray(samples, dtype=np.float64) * 10 ** (condition.gain_db / 20)
+    if condition.noise is not None:
+        if condition.noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {condition.noise!r}; known: {', '.join(NOISE_KINDS)}")
+        level = active_level_dbfs(signal)
+        if np.isfinite(level):
+            unit = (rng.normal(size=signal.size) if condition.noise == "white" else
+                    pink_noise(signal.size, rng) if condition.noise == "pink" else
+                    babble_noise(signal.size, talkers, rng))
+            signal = signal + unit * 32768.0 * 10 ** ((level - condition.snr_db) / 20)
+    if condition.line_noise_dbfs is not None:
+        signal = signal + rng.normal(0.0, 32768.0 * 10 ** (condition.line_noise_dbfs / 20), size=signal.size)
+    low, high = condition.band_hz
+    if (low, high) != BAND_HZ or condition.noise is not None or condition.line_noise_dbfs is not None:
+        signal = sosfilt(_band_filter(float(low), float(high)), signal)
+    if condition.mulaw:
+        return mulaw_decode(mulaw_encode(signal))
+    return np.clip(np.rint(signal), -32768, 32767).astype(np.int16)
 
 
 # --- single utterances (the training corpus) ------------------------------------------------------

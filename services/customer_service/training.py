@@ -17,8 +17,14 @@ Recipe (:func:`train`):
    on the mean of the simulated validation voices' fused UA and the real validation actors' audio
    UA (4 classes, ``frustrated`` folded into ``angry``).
 
-Augmentation is on log-mel features: random crop, level change (+-6 dB: the model keeps level as
-a cue, so it must not hinge on one recording's gain), one frequency and one time mask.
+Augmentation: a share (``line_augment``) of the training examples is heard over a randomly drawn
+telephone line each time it is drawn (:func:`draw_line_condition`, applied to the clip's 8 kHz
+samples by :func:`~services.customer_service.simulate.degrade_line`): a gain (quiet and loud lines),
+white, pink or babble noise (other training speakers) at an SNR, fixed-level line noise, another
+band, a second μ-law pass; its features are computed again. Then, on the log-mel features of every
+example: random crop, a small level change, one frequency and one time mask. With line
+augmentation the epoch is also picked on a degraded copy of the simulated validation voices (line
+conditions drawn once, from a fixed seed), so robustness counts in the choice.
 
 Validation picks the epoch; the test splits are scored once, at the end (:func:`evaluate`):
 weighted accuracy (WA, share of clips right), unweighted accuracy (UA, mean per-class recall) and
@@ -50,6 +56,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from services.customer_service.audio import resample
 from services.customer_service.datasets import (
     ACTED_SPEECH_LICENCE,
     EmotionClip,
@@ -70,6 +77,7 @@ from services.customer_service.model import (
     PreparedUtterance,
     save_emotion_model,
 )
+from services.customer_service.simulate import NOISE_KINDS, TELEPHONE_RATE, LineCondition, degrade_line
 
 logger = logging.getLogger("tessera.cs.training")
 
@@ -106,6 +114,15 @@ class TrainPlan:
     gain_db: float = 2.0
     crop_min: float = 0.6
     """Random crops keep at least this share of an utterance (and at least one second)."""
+    line_augment: float = 0.6
+    """Share of training draws heard over a random line condition (:func:`draw_line_condition`); 0: none."""
+    line_gain_db: tuple[float, float] = (-20.0, 8.0)
+    """Gain on the speech, drawn uniformly (the simulated voices' active level is about -30..-18 dBFS,
+    the real clips' -50..-18 dBFS, so lines come out between about -70 and -10 dBFS)."""
+    line_snr_db: tuple[float, float] = (0.0, 30.0)
+    """SNR of the additive noise (white, pink or babble; none in one draw of five)."""
+    line_noise_dbfs: tuple[float, float] = (-65.0, -35.0)
+    """Level of the fixed white line noise (added in half the draws)."""
     model: EmotionModelConfig = field(default_factory=lambda: EmotionModelConfig(
         d_model=96, audio_layers=2, audio_heads=4, audio_ff=192, conv_channels=96, text_layers=1,
         text_heads=4, text_ff=192, fusion_heads=4, dropout=0.15, modality_dropout=0.4))
@@ -136,6 +153,8 @@ class Example:
     label: str
     speaker: str
     source: str
+    line: npt.NDArray[np.int16] | None = field(default=None, repr=False)
+    """The clip as 8 kHz int16 line samples (what line augmentation degrades); ``None``: not augmented."""
 
 
 def feature_key(config: EmotionModelConfig) -> str:
@@ -172,8 +191,15 @@ def examples_of(clips: Sequence[EmotionClip], config: EmotionModelConfig, cache:
 
     suffix = "" if speed == 1.0 else f"-speed{speed:g}"
     features = cached_features(clips, cache, f"{name}-{feature_key(config)}{suffix}", compute)
-    return [Example(clip.clip_id + suffix, array, clip.text, clip.emotion, clip.speaker, clip.source)
+    return [Example(clip.clip_id + suffix, array, clip.text, clip.emotion, clip.speaker, clip.source,
+                    line_samples(clip.samples[: int(config.max_audio_s * FEATURE_RATE * speed)], speed))
             for clip, array in zip(clips, features, strict=True)]
+
+
+def line_samples(samples: npt.NDArray[np.float32], speed: float = 1.0) -> npt.NDArray[np.int16]:
+    """16 kHz float samples (played ``speed`` times as fast) as 8 kHz int16 line samples."""
+    line = resample(np.asarray(samples, dtype=np.float32), int(round(FEATURE_RATE * speed)), TELEPHONE_RATE)
+    return np.clip(np.rint(line * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def simulated_clips(seed: int, per_voice_emotion: int, cache: Path | None, workers: int = 2) -> list[EmotionClip]:
@@ -189,6 +215,83 @@ def simulated_clips(seed: int, per_voice_emotion: int, cache: Path | None, worke
         write_corpus(simulate_corpus(seed, per_voice_emotion, workers=workers), folder, seed=seed)
         logger.info("simulated %s in %.0f s", folder, time.perf_counter() - started)
     return load_simulated_dir(folder)
+
+
+# --- line conditions -------------------------------------------------------------------------------
+
+def draw_line_condition(plan: TrainPlan, rng: np.random.Generator) -> LineCondition:
+    """A random received line: gain in ``plan.line_gain_db``; white, pink or babble noise (or, one
+    time in five, none) at an SNR in ``plan.line_snr_db``; fixed white line noise in
+    ``plan.line_noise_dbfs`` half the time; band edges 200-400 Hz and 3000-3600 Hz; μ-law."""
+    gain = float(rng.uniform(*plan.line_gain_db))
+    noise = None if rng.random() < 0.2 else NOISE_KINDS[int(rng.integers(len(NOISE_KINDS)))]
+    snr = float(rng.uniform(*plan.line_snr_db))
+    line_noise = float(rng.uniform(*plan.line_noise_dbfs)) if rng.random() < 0.5 else None
+    band = (float(rng.uniform(200.0, 400.0)), float(rng.uniform(3000.0, 3600.0)))
+    return LineCondition(gain_db=gain, noise=noise, snr_db=snr, line_noise_dbfs=line_noise, band_hz=band)
+
+
+TEST_LINES: Mapping[str, LineCondition] = {
+    "line noise -40 dBFS": LineCondition(line_noise_dbfs=-40.0),
+    "quiet line -20 dB": LineCondition(gain_db=-20.0),
+    "white 10 dB SNR": LineCondition(noise="white", snr_db=10.0),
+    "pink 10 dB SNR": LineCondition(noise="pink", snr_db=10.0),
+    "babble 10 dB SNR": LineCondition(noise="babble", snr_db=10.0),
+}
+"""Fixed line conditions the test speakers are also scored under (babble: validation speakers)."""
+
+
+class LineHearing:
+    """Examples heard over a line condition: the clip's line samples degraded
+    (:func:`~services.customer_service.simulate.degrade_line`, babble from ``talkers`` of other
+    speakers), back up to 16 kHz and their features computed again."""
+
+    def __init__(self, config: EmotionModelConfig, talkers: Sequence[Example], *, per_speaker: int = 12) -> None:
+        self.config = config
+        self.talkers: dict[str, list[npt.NDArray[np.int16]]] = {}
+        for example in talkers:
+            kept = self.talkers.setdefault(example.speaker, [])
+            if example.line is not None and len(kept) < per_speaker:
+                kept.append(example.line)
+
+    def others(self, speaker: str) -> list[npt.NDArray[np.int16]]:
+        """Line samples of every talker but ``speaker``."""
+        return [line for name, lines in self.talkers.items() if name != speaker for line in lines]
+
+    def features(self, example: Example, condition: LineCondition, rng: np.random.Generator,
+                 ) -> npt.NDArray[np.float32]:
+        """Log-mel features of ``example`` heard over ``condition`` (its own features when it has no line)."""
+        if example.line is None:
+            return example.features
+        heard = degrade_line(example.line, condition, rng, talkers=self.others(example.speaker))
+        samples = resample(heard.astype(np.float32) / np.float32(32768.0), TELEPHONE_RATE, FEATURE_RATE)
+        return log_mel(samples, self.config.features)
+
+    def heard(self, examples: Sequence[Example], condition: LineCondition | None, seed: int,
+              plan: TrainPlan | None = None) -> list[Example]:
+        """Copies of ``examples`` heard over ``condition`` (or, for ``None``, a condition drawn per
+        example from ``plan``), reproducibly from ``seed``."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for example in examples:
+            drawn = condition if condition is not None else draw_line_condition(plan or TrainPlan(), rng)
+            out.append(replace(example, features=self.features(example, drawn, rng)))
+        return out
+
+
+class LineAugmenter:
+    """Training-time line augmentation: each draw of an example is heard over a new random line
+    condition with probability ``plan.line_augment``."""
+
+    def __init__(self, plan: TrainPlan, hearing: LineHearing) -> None:
+        self.plan = plan
+        self.hearing = hearing
+
+    def __call__(self, example: Example, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+        """The features this draw of ``example`` trains on."""
+        if example.line is None or rng.random() >= self.plan.line_augment:
+            return example.features
+        return self.hearing.features(example, draw_line_condition(self.plan, rng), rng)
 
 
 # --- batches ----------------------------------------------------------------------------------------
@@ -223,15 +326,17 @@ def prepared(model: EmotionModel, example: Example, mode: str = "fused",
 
 def train_epoch(model: EmotionModel, examples: Sequence[Example], optimiser: torch.optim.Optimizer,
                 plan: TrainPlan, rng: np.random.Generator,
-                schedule: torch.optim.lr_scheduler.OneCycleLR | None = None) -> float:
-    """One pass over ``examples`` in random order (``schedule`` stepped after each batch); returns
-    the mean loss."""
+                schedule: torch.optim.lr_scheduler.OneCycleLR | None = None,
+                line: LineAugmenter | None = None) -> float:
+    """One pass over ``examples`` in random order (``schedule`` stepped after each batch; ``line``
+    hears a share of them over random lines); returns the mean loss."""
     model.net.train()
     order = rng.permutation(len(examples))
     losses = []
     for first in range(0, len(order), plan.batch_size):
         chosen = [examples[i] for i in order[first:first + plan.batch_size]]
-        items = [prepared(model, example, features=augment(example.features, plan, rng)) for example in chosen]
+        items = [prepared(model, example, features=augment(line(example, rng) if line else example.features,
+                                                           plan, rng)) for example in chosen]
         targets = torch.tensor([label_index(example.label) for example in chosen])
         logits = model.net(model.batch(items))
         loss = F.cross_entropy(logits, targets, label_smoothing=plan.label_smoothing)
@@ -301,12 +406,15 @@ def evaluate(model: EmotionModel, parts: Mapping[str, Sequence[Example]]) -> dic
 
 
 def selection_score(model: EmotionModel, sim_validation: Sequence[Example], real_validation: Sequence[Example],
-                    ) -> float:
+                    degraded_validation: Sequence[Example] = ()) -> float:
     """What picks the epoch: the mean of the fused and the audio-only UA on the simulated validation
-    voices and, when there are any, the audio UA on the real validation actors (the live pipeline
-    sends an audio-only reading first, so the audio branch must be good on its own)."""
+    voices, the audio UA on their degraded copy (line augmentation only) and, when there are any,
+    the audio UA on the real validation actors (the live pipeline sends an audio-only reading
+    first, so the audio branch must be good on its own)."""
     parts = [score_set(model, sim_validation, mode, real=False)["ua"] for mode in ("fused", "audio")
              if sim_validation]
+    if degraded_validation:
+        parts.append(score_set(model, degraded_validation, "audio", real=False)["ua"])
     if real_validation:
         parts.append(score_set(model, real_validation, "audio", real=True)["ua"])
     return float(np.mean(parts))
@@ -326,7 +434,8 @@ class StageLog:
 
 
 def run_stage(model: EmotionModel, train_set: Sequence[Example], *, epochs: int, minutes: float,
-              plan: TrainPlan, rng: np.random.Generator, validate: Callable[[], float], label: str) -> StageLog:
+              plan: TrainPlan, rng: np.random.Generator, validate: Callable[[], float], label: str,
+              line: LineAugmenter | None = None) -> StageLog:
     """Train for up to ``epochs`` epochs or ``minutes``, keeping the weights of the best validated epoch."""
     log = StageLog()
     if epochs <= 0 or not train_set:
@@ -338,7 +447,7 @@ def run_stage(model: EmotionModel, train_set: Sequence[Example], *, epochs: int,
     best_state = copy.deepcopy(model.net.state_dict())
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        loss = train_epoch(model, train_set, optimiser, plan, rng, schedule)
+        loss = train_epoch(model, train_set, optimiser, plan, rng, schedule, line)
         score = validate()
         log.epochs, log.seconds = epoch, time.perf_counter() - started
         log.history.append({"epoch": epoch, "loss": round(loss, 4), "validation": round(score, 4)})
@@ -417,6 +526,8 @@ class TrainResult:
     folds: dict[str, Any] | None
     corpus: Corpus
     seconds: float
+    test_lines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Test speakers under :data:`TEST_LINES`: set -> condition -> mode -> scores."""
 
 
 def train(plan: TrainPlan, cache: Path | None = None, real_root: Path | None = None) -> TrainResult:
@@ -431,24 +542,48 @@ def train(plan: TrainPlan, cache: Path | None = None, real_root: Path | None = N
     model = EmotionModel.create(plan.model)
     set_feature_statistics(model, corpus.simulated["train"] + corpus.real.get("train", []))
     sim_val, real_val = corpus.simulated["validation"], corpus.real.get("validation", [])
+    line, degraded_val = None, []
+    if plan.line_augment > 0:
+        line = LineAugmenter(plan, LineHearing(plan.model, corpus.simulated["train"]))
+        degraded_val = LineHearing(plan.model, sim_val).heard(sim_val, None, plan.seed + 17, plan)
     stages = {"simulated": run_stage(model, corpus.simulated["train"], epochs=plan.sim_epochs,
                                      minutes=plan.sim_minutes, plan=plan, rng=rng, label="stage 1 (simulated)",
-                                     validate=lambda: selection_score(model, sim_val, []))}
+                                     validate=lambda: selection_score(model, sim_val, [], degraded_val), line=line)}
     after_stage_one = copy.deepcopy(model.net.state_dict())
     if corpus.real_split is not None and plan.joint_epochs > 0:
         train_set = joint_training_set(corpus, corpus.real_split.train, corpus.real["train"],
                                        repeats=plan.real_repeats)
         stages["joint"] = run_stage(model, train_set, epochs=plan.joint_epochs, minutes=plan.joint_minutes,
                                     plan=plan, rng=rng, label="stage 2 (simulated + real)",
-                                    validate=lambda: selection_score(model, sim_val, real_val))
+                                    validate=lambda: selection_score(model, sim_val, real_val, degraded_val),
+                                    line=line)
     model.net.eval()
     named = {"simulated": corpus.simulated, "real": corpus.real}
     test = evaluate(model, {name: parts["test"] for name, parts in named.items() if parts})
     validation = evaluate(model, {name: parts["validation"] for name, parts in named.items() if parts})
+    test_lines = evaluate_lines(model, plan, {name: parts["test"] for name, parts in named.items() if parts},
+                                babble_from=sim_val)
     folds = None
     if plan.folds and corpus.real_split is not None:
-        folds = real_folds(corpus, plan, after_stage_one, rng)
-    return TrainResult(model, stages, test, validation, folds, corpus, time.perf_counter() - started)
+        folds = real_folds(corpus, plan, after_stage_one, rng, line)
+    return TrainResult(model, stages, test, validation, folds, corpus, time.perf_counter() - started, test_lines)
+
+
+def evaluate_lines(model: EmotionModel, plan: TrainPlan, parts: Mapping[str, Sequence[Example]],
+                   babble_from: Sequence[Example]) -> dict[str, dict[str, Any]]:
+    """Audio-only and fused scores of each named test set heard over each of :data:`TEST_LINES`
+    (noise from fixed seeds; babble from the ``babble_from`` speakers, none of them a test speaker)."""
+    hearing = LineHearing(plan.model, babble_from)
+    results: dict[str, dict[str, Any]] = {}
+    for name, examples in parts.items():
+        if not examples:
+            continue
+        results[name] = {}
+        for index, (condition_name, condition) in enumerate(TEST_LINES.items()):
+            heard = hearing.heard(examples, condition, seed=plan.seed + 1000 + index)
+            results[name][condition_name] = {mode: score_set(model, heard, mode, real=name.startswith("real"))
+                                             for mode in ("audio", "fused")}
+    return results
 
 
 def set_feature_statistics(model: EmotionModel, examples: Sequence[Example]) -> None:
@@ -463,7 +598,7 @@ def set_feature_statistics(model: EmotionModel, examples: Sequence[Example]) -> 
 
 
 def real_folds(corpus: Corpus, plan: TrainPlan, stage_one: Mapping[str, torch.Tensor],
-               rng: np.random.Generator) -> dict[str, Any]:
+               rng: np.random.Generator, line: LineAugmenter | None = None) -> dict[str, Any]:
     """Speaker K-fold on the real set: stage 2 from the stage-1 weights per fold, the test actors'
     predictions pooled over folds (every actor tested once) and scored per mode."""
     genders = {clip.speaker: clip.gender or "" for clip in corpus.real_clips}
@@ -481,7 +616,7 @@ def real_folds(corpus: Corpus, plan: TrainPlan, stage_one: Mapping[str, torch.Te
         log = run_stage(model, train_set, epochs=plan.fold_epochs, minutes=plan.fold_minutes, plan=plan, rng=rng,
                         label=f"fold {index + 1}/{plan.folds}",
                         validate=lambda m=model, v=in_split["validation"]: selection_score(  # type: ignore[misc]
-                            m, corpus.simulated["validation"], v))
+                            m, corpus.simulated["validation"], v), line=line)
         model.net.eval()
         pooled["test"] += in_split["test"]
         for mode in MODES:
@@ -517,7 +652,7 @@ def write_artifact(result: TrainResult, plan: TrainPlan, output: Path, version: 
             + (f"; real acted speech: {ACTED_SPEECH_LICENCE}" if plan.use_real else ""))
     extra = {"plan": plan.as_dict(), "parameters": counts, "stages": {k: asdict(v) for k, v in result.stages.items()},
              "data": result.corpus.summary, "test": result.test, "validation": result.validation,
-             "real_folds": result.folds, "seconds": round(result.seconds, 1)}
+             "real_folds": result.folds, "test_lines": result.test_lines, "seconds": round(result.seconds, 1)}
     save_artifact(directory, name="cs-emotion", version=version, framework="torch", metrics=metrics, data=data,
                   rebuild_command=rebuild, extra=_json_ready(extra))
     rewrite_card(directory)
@@ -532,7 +667,14 @@ def flat_metrics(result: TrainResult) -> dict[str, float]:
     if result.folds:
         metrics |= {f"kfold_real_{mode}_{metric}": round(float(result.folds[mode][metric]), 4)
                     for mode in MODES for metric in ("wa", "ua", "macro_f1")}
+    metrics |= {f"test_line_{name}_{_slug(condition)}_{mode}_ua": round(float(values["ua"]), 4)
+                for name, conditions in result.test_lines.items() for condition, modes in conditions.items()
+                for mode, values in modes.items()}
     return metrics
+
+
+def _slug(text: str) -> str:
+    return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 def _json_ready(values: Any) -> Any:
@@ -568,6 +710,25 @@ def metrics_table(test: Mapping[str, Any], folds: Mapping[str, Any] | None) -> s
                         f"{values['wa']:.3f} | {values['ua']:.3f} | {values['macro_f1']:.3f} | {values['clips']} | "
                         f"{actors} |")
     return "\n".join(rows)
+
+
+def lines_section(test_lines: Mapping[str, Any]) -> str:
+    """The test speakers' UA over the fixed degraded lines, as a Markdown section (empty without)."""
+    if not test_lines:
+        return ""
+    rows = ["| data set (split) | line | audio UA | fused UA | clips |", "|---|---|---|---|---|"]
+    order = list(TEST_LINES)
+    for name in sorted(test_lines, key=lambda name: name != "simulated"):
+        conditions = sorted(test_lines[name], key=lambda c: order.index(c) if c in order else len(order))
+        for condition in conditions:
+            modes = test_lines[name][condition]
+            rows.append(f"| {SET_NAMES.get(name, name)} | {condition} | {modes['audio']['ua']:.3f} | "
+                        f"{modes['fused']['ua']:.3f} | {modes['audio']['clips']} |")
+    return ("\n\n### Degraded lines\nThe same test clips heard over fixed line conditions (on top of the simulated "
+            "line: gain, then additive noise at an SNR re the speech's active level, then band and a second "
+            "mu-law pass; noise from fixed seeds; babble is 3-6 talkers of the simulated validation voices, none "
+            "a test speaker). `bench/cs_emotion_eval.py` measures the same through the serving path.\n\n"
+            + "\n".join(rows))
 
 
 def fold_note(plan: TrainPlan) -> str:
@@ -624,6 +785,18 @@ def model_card(facts: Mapping[str, Any], plan: TrainPlan, version: str, rebuild:
                "of it: research and evaluation only, not for a commercial product. For commercial use retrain "
                "with `--no-real` (simulated data only) or on data you hold rights to.**"
                if real else "Trained on simulated data only; no third-party data licence applies.")
+    line_text = (f"{plan.line_augment:.0%} of the training draws heard over a random telephone line (gain "
+                 f"{plan.line_gain_db[0]:+g}..{plan.line_gain_db[1]:+g} dB; white, pink or babble noise of other "
+                 f"training voices at {plan.line_snr_db[0]:g}-{plan.line_snr_db[1]:g} dB SNR, none in one of five; "
+                 f"white line noise at {plan.line_noise_dbfs[0]:g}..{plan.line_noise_dbfs[1]:g} dBFS half the time; "
+                 "band edges 200-400 / 3000-3600 Hz; a second mu-law pass), features computed again; then "
+                 if plan.line_augment > 0 else "")
+    degraded_text = (", and the audio-only UA on a copy of them heard over randomly drawn lines"
+                     if plan.line_augment > 0 else "")
+    mean_of = "the mean of those"
+    crop_text = f"random crop (>= {plan.crop_min:.0%}), level +-{plan.gain_db:g} dB"
+    level_text = ("level relative to the utterance's speech level" if plan.model.features.level == "utterance"
+                  else "level kept")
     real_clips = real["test"]["clips"] if real else 0
     real_note = (f"The real test split has only {real_clips} clips of {real['test']['speakers']} actors: one clip "
                  f"moves its WA by about {100 / max(real_clips, 1):.0f} points. {fold_note(plan)}" if real else "")
@@ -646,7 +819,7 @@ Labels: {", ".join(EMOTIONS)} (probabilities over all five). On the real set, wh
 ## Architecture
 {counts["total"] / 1e6:.2f} M parameters (audio {counts["audio"]:,}, text {counts["text"]:,}, fusion \
 {counts["fusion"]:,}); {size_bytes / 1e6:.1f} MB on disk.
-- Audio: 64-band log-mel (50-4000 Hz, 25/10 ms, level kept), two stride-2 convolutions
+- Audio: 64-band log-mel (50-4000 Hz, 25/10 ms, {level_text}), two stride-2 convolutions
   ({plan.model.conv_channels} channels), {plan.model.audio_layers}-layer pre-norm transformer, d={plan.model.d_model}.
 - Text: RoBERTa ({plan.model.text_layers} layer, d={plan.model.d_model}, from scratch) with its own byte-level
   BPE tokenizer trained on the simulator's scripts.
@@ -655,9 +828,9 @@ Labels: {", ".join(EMOTIONS)} (probabilities over all five). On the real set, wh
 
 ## Training
 AdamW (lr {plan.learning_rate}, weight decay {plan.weight_decay}, one-cycle), batch {plan.batch_size}, label
-smoothing {plan.label_smoothing}; augmentation: random crop (>= {plan.crop_min:.0%}), level +-{plan.gain_db:g} dB,
+smoothing {plan.label_smoothing}; augmentation: {line_text}{crop_text},
 one frequency and one time mask. Stage 1 on simulated data only (epoch picked on the mean of the simulated
-validation voices' fused and audio-only UA); stage 2 on simulated + real (epoch picked on the mean of those
+validation voices' fused and audio-only UA{degraded_text}); stage 2 on simulated + real (epoch picked on {mean_of}
 and the real validation actors' audio-only UA). Test splits were scored once, after training; nothing was
 tuned on them.
 {stage_lines}
@@ -670,7 +843,7 @@ no voice / actor is in two of train, validation and test.
 
 {metrics_table(test, folds)}
 
-{real_note}
+{real_note}{lines_section(facts.get("test_lines") or {})}
 
 ## How these numbers compare
 {fusion_note(test, folds)}
@@ -694,6 +867,7 @@ def rewrite_card(directory: Path) -> Path:
     manifest = load_manifest(directory)
     facts = manifest.extra
     values = dict(facts["plan"])
+    values.setdefault("line_augment", 0.0)  # artifacts from before line augmentation (v1)
     values["model"] = EmotionModelConfig.from_dict(values["model"])
     plan = TrainPlan(**values)
     card = model_card(facts, plan, manifest.version, manifest.rebuild_command, _size(directory))
@@ -729,6 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, help="speaker K-fold figures on the real set (0: none)")
     parser.add_argument("--fold-epochs", type=int)
     parser.add_argument("--fold-minutes", type=float)
+    parser.add_argument("--line-augment", type=float,
+                        help="share of training draws heard over a random telephone line (0: none; default 0.6)")
+    parser.add_argument("--level", choices=("keep", "utterance"),
+                        help="feature level: absolute (keep, the default) or relative to the utterance")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--card-only", action="store_true",
                         help="only render the model card of <output>/emotion/<version> again from its manifest")
@@ -740,9 +918,11 @@ def plan_from(args: argparse.Namespace) -> TrainPlan:
     plan = QUICK_PLAN if args.quick else TrainPlan()
     overrides = {name: getattr(args, name) for name in (
         "seed", "per_voice_emotion", "sim_epochs", "joint_epochs", "sim_minutes", "joint_minutes", "folds",
-        "fold_epochs", "fold_minutes") if getattr(args, name) is not None}
+        "fold_epochs", "fold_minutes", "line_augment") if getattr(args, name) is not None}
     if args.no_real:
         overrides["use_real"] = False
+    if args.level is not None:
+        overrides["model"] = replace(plan.model, features=replace(plan.model.features, level=args.level))
     return replace(plan, **overrides)
 
 
