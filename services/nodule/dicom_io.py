@@ -30,7 +30,6 @@ import uuid
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -53,7 +52,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
-from sqlalchemy import select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
@@ -279,10 +277,14 @@ def instance_relative_path(tenant_id: str, instance: ParsedInstance) -> str:
                      f"{instance.sop_instance_uid}.dcm"))
 
 
-def store_bytes(data: bytes, *, tenant_id: str, source: Source,
-                expected_study_uid: str | None = None) -> StoredInstance:
-    """Check and store one Part 10 instance held in memory (a C-STORE dataset with its meta)."""
-    parsed = parse_instance(data, expected_study_uid=expected_study_uid)
+def store_bytes(data: bytes, *, tenant_id: str, source: Source, expected_study_uid: str | None = None,
+                parsed: ParsedInstance | None = None) -> StoredInstance:
+    """Check and store one Part 10 instance held in memory (a C-STORE dataset with its meta).
+
+    ``parsed`` is the caller's own :func:`parse_instance` of ``data`` (the SCP has already parsed it
+    to compare it with the C-STORE request): it is not parsed (and its pixels decoded) again.
+    """
+    parsed = parsed or parse_instance(data, expected_study_uid=expected_study_uid)
     partial = new_incoming_path()
     try:
         with partial.open("xb") as handle:
@@ -302,14 +304,18 @@ def store_file(path: Path, *, tenant_id: str, source: Source, expected_study_uid
 
 
 def _keep(partial: Path, parsed: ParsedInstance, *, tenant_id: str, source: Source, size: int) -> StoredInstance:
-    """Move ``partial`` into place and index it, unless the tenant already holds the SOP instance."""
+    """Index ``partial`` and move it into place, unless the tenant already holds the SOP instance.
+
+    The row is inserted first (``ON CONFLICT DO NOTHING`` tells a duplicate in the same round trip),
+    the file is moved before the commit: a failed move rolls the row back, and a crash between the
+    move and the commit leaves only a file that the next copy of the instance replaces.
+    """
+    relative = instance_relative_path(tenant_id, parsed)
     with session_scope() as session:
-        if _already_stored(session, tenant_id, parsed.sop_instance_uid):
+        if not index_instance(session, tenant_id, parsed, relative, size, source):
             return StoredInstance(parsed, duplicate=True)
-        relative = instance_relative_path(tenant_id, parsed)
         _move_into_place(partial, storage_root() / relative, parsed)
-        inserted = index_instance(session, tenant_id, parsed, relative, size, source)
-    return StoredInstance(parsed, duplicate=not inserted)
+    return StoredInstance(parsed, duplicate=False)
 
 
 def _move_into_place(partial: Path, final: Path, parsed: ParsedInstance) -> None:
@@ -322,58 +328,65 @@ def _move_into_place(partial: Path, final: Path, parsed: ParsedInstance) -> None
                               sop_class_uid=parsed.sop_class_uid, sop_instance_uid=parsed.sop_instance_uid) from None
 
 
-def _already_stored(session: Session, tenant_id: str, sop_instance_uid: str) -> bool:
-    return session.scalar(select(Instance.id).where(Instance.tenant_id == tenant_id,
-                                                    Instance.sop_instance_uid == sop_instance_uid)) is not None
-
-
 def index_instance(session: Session, tenant_id: str, parsed: ParsedInstance, relative_path: str, size: int,
                    source: Source) -> bool:
     """Index a stored file: its instance row, its series (one more instance, receiving again) and study.
 
-    Returns False when a concurrent copy of the same SOP instance was indexed first (nothing changes).
+    Returns False when the tenant already holds the SOP instance (nothing changes). Three statements,
+    each compiled once per dialect (:func:`_index_statements`): this runs once per C-STORE.
     """
     now = utcnow()
-    insert = _insert(session, Instance).values(
-        tenant_id=tenant_id, patient_id=parsed.patient_id, study_instance_uid=parsed.study_instance_uid,
-        series_instance_uid=parsed.series_instance_uid, sop_instance_uid=parsed.sop_instance_uid,
-        sop_class_uid=parsed.sop_class_uid, transfer_syntax_uid=parsed.transfer_syntax_uid, path=relative_path,
-        size_bytes=size, source=source, received_at=now,
-    ).on_conflict_do_nothing(index_elements=["tenant_id", "sop_instance_uid"]).returning(Instance.id)
-    if session.scalar(insert) is None:
+    statements = _index_statements(session.get_bind().dialect.name)
+    instance_id = session.execute(statements.instance, {
+        "tenant_id": tenant_id, "patient_id": parsed.patient_id, "study_instance_uid": parsed.study_instance_uid,
+        "series_instance_uid": parsed.series_instance_uid, "sop_instance_uid": parsed.sop_instance_uid,
+        "sop_class_uid": parsed.sop_class_uid, "transfer_syntax_uid": parsed.transfer_syntax_uid,
+        "path": relative_path, "size_bytes": size, "source": source, "received_at": now}).scalar()
+    if instance_id is None:
         return False
-    _count_in_series(session, tenant_id, parsed, now)
-    _touch_study(session, tenant_id, parsed, now)
+    session.execute(statements.series, {
+        "tenant_id": tenant_id, "series_instance_uid": parsed.series_instance_uid,
+        "study_instance_uid": parsed.study_instance_uid, "modality": parsed.modality, "state": RECEIVING,
+        "instance_count": 1, "last_instance_at": now, "created_at": now, "updated_at": now})
+    session.execute(statements.study, {
+        "tenant_id": tenant_id, "study_instance_uid": parsed.study_instance_uid, "patient_id": parsed.patient_id,
+        "patient_age_years": parsed.patient_age_years, "patient_sex": parsed.patient_sex, "state": RECEIVED,
+        "created_at": now, "updated_at": now})
     return True
 
 
-def _count_in_series(session: Session, tenant_id: str, parsed: ParsedInstance, now: datetime) -> None:
-    insert = _insert(session, Series).values(
-        tenant_id=tenant_id, series_instance_uid=parsed.series_instance_uid,
-        study_instance_uid=parsed.study_instance_uid, modality=parsed.modality, state=RECEIVING,
-        instance_count=1, last_instance_at=now, created_at=now, updated_at=now)
-    session.execute(insert.on_conflict_do_update(
+@dataclass(frozen=True)
+class _IndexStatements:
+    instance: Any
+    series: Any
+    study: Any
+
+
+@functools.cache
+def _index_statements(dialect_name: str) -> _IndexStatements:
+    """The indexing upserts for PostgreSQL or SQLite, as Core statements with bound parameters.
+
+    - instance: insert, nothing on a duplicate SOP instance UID, the new row's id returned;
+    - series: created receiving, or one more instance (receiving again);
+    - study: created received, or a finished one (done/failed) brought back to received.
+    """
+    # Any: the two dialects' Insert classes share the ON CONFLICT API but no type declares it.
+    insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite_dialect.insert}[dialect_name]
+    instances, series, studies = (Instance.__table__, Series.__table__, Study.__table__)
+    instance = insert(instances).on_conflict_do_nothing(
+        index_elements=["tenant_id", "sop_instance_uid"]).returning(instances.c.id)
+    series_insert = insert(series)
+    series_upsert = series_insert.on_conflict_do_update(
         index_elements=["tenant_id", "series_instance_uid"],
-        set_={"instance_count": Series.instance_count + 1, "last_instance_at": now, "state": RECEIVING,
-              "updated_at": now}))
-
-
-def _touch_study(session: Session, tenant_id: str, parsed: ParsedInstance, now: datetime) -> None:
-    """Create the study, or bring a finished one back to ``received`` (it has a new instance)."""
-    insert = _insert(session, Study).values(
-        tenant_id=tenant_id, study_instance_uid=parsed.study_instance_uid, patient_id=parsed.patient_id,
-        patient_age_years=parsed.patient_age_years, patient_sex=parsed.patient_sex, state=RECEIVED,
-        created_at=now, updated_at=now)
-    session.execute(insert.on_conflict_do_update(
+        set_={"instance_count": series.c.instance_count + 1, "state": RECEIVING,
+              "last_instance_at": series_insert.excluded.last_instance_at,
+              "updated_at": series_insert.excluded.updated_at})
+    study_insert = insert(studies)
+    study_upsert = study_insert.on_conflict_do_update(
         index_elements=["tenant_id", "study_instance_uid"],
-        set_={"state": RECEIVED, "failure_reason": None, "updated_at": now},
-        where=Study.state.in_((DONE, FAILED))))
-
-
-def _insert(session: Session, table: type[Any]) -> Any:
-    """``INSERT`` with ``ON CONFLICT`` for the session's dialect (PostgreSQL or SQLite)."""
-    dialect = {"postgresql": postgresql, "sqlite": sqlite_dialect}[session.get_bind().dialect.name]
-    return dialect.insert(table)
+        set_={"state": RECEIVED, "failure_reason": None, "updated_at": study_insert.excluded.updated_at},
+        where=studies.c.state.in_((DONE, FAILED)))
+    return _IndexStatements(instance=instance, series=series_upsert, study=study_upsert)
 
 
 # --- the C-STORE SCP --------------------------------------------------------------------------------
@@ -417,7 +430,7 @@ def handle_store(event: Event) -> int:
         if parsed.sop_class_uid != affected_class or parsed.sop_instance_uid != affected_instance:
             raise InstanceRefused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                   "the dataset's SOP class or instance differs from the C-STORE request")
-        stored = store_bytes(data, tenant_id=tenant_id, source="c-store")
+        stored = store_bytes(data, tenant_id=tenant_id, source="c-store", parsed=parsed)
     except InstanceRefused as refused:
         logger.warning("C-STORE refused", extra={"calling_aet": calling_aet, "status": f"0x{refused.status:04X}",
                                                  "reason": refused.reason, "sop_instance_uid": affected_instance})
