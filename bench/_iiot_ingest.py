@@ -117,7 +117,8 @@ def tessera_ingest(path: Path) -> dict[str, Any]:
     The database is the configured one (``TESSERA_DATABASE_URL``, set by the caller). The
     ingestion and its job rows are made as ``POST /ingest`` makes them (the upload itself, its
     streaming to disk and sha256, is not timed); the file is hard-linked, as the job deletes its
-    file when done. Returns the job's summary (rows read, kept, quarantined, gaps).
+    file when done. Returns the job's summary (rows read, kept, quarantined, gaps) and, on PostgreSQL,
+    ``server_cpu_s``: the CPU its server backend used (``/proc``; the server runs on this box).
     """
     import os
     import uuid
@@ -144,7 +145,35 @@ def tessera_ingest(path: Path) -> dict[str, Any]:
     with session_scope() as session:
         stored = session.get(Job, job_id)
         assert stored is not None
-        return run_file_ingest(session, stored)
+        backend = _backend_pid(session)
+        server_before = _process_cpu_s(backend)
+        summary = run_file_ingest(session, stored)
+        server_after = _process_cpu_s(backend)
+        if server_before is not None and server_after is not None:
+            summary["server_cpu_s"] = server_after - server_before
+        return summary
+
+
+def _backend_pid(session: Any) -> int | None:
+    """The PostgreSQL backend process serving ``session`` (None on SQLite)."""
+    from sqlalchemy import text
+
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    return int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (None when it cannot be read)."""
+    import os
+
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def accept_readings_missing() -> str | None:

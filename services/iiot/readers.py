@@ -298,7 +298,7 @@ def _line_bounds(piece: bytes) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.in
 
 
 def _split_overlong(body: bytes, max_line_bytes: int) -> Iterator[Piece]:
-    if len(body) <= max_line_bytes + 1:
+    if len(body) <= max_line_bytes + 1 or _no_overlong_line(body, max_line_bytes):
         yield body
         return
     starts, ends = _line_bounds(body)
@@ -311,6 +311,15 @@ def _split_overlong(body: bytes, max_line_bytes: int) -> Iterator[Piece]:
         position = int(ends[index]) + 1
     if position < len(body):
         yield body[position:]
+
+
+def _no_overlong_line(body: bytes, max_line_bytes: int) -> bool:
+    """True when no line of ``body`` is longer than ``max_line_bytes`` (False: perhaps one is).
+
+    Such a line would hold a whole aligned window of half that length without a newline, so a few
+    ``find`` calls that each stop at the window's first newline settle it for a usual body."""
+    window = max(max_line_bytes // 2, 1)
+    return all(body.find(b"\n", start, start + window) >= 0 for start in range(0, len(body) - window, window))
 
 
 def _cut_after_lines(piece: bytes, lines: int) -> int:
