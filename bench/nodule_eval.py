@@ -38,7 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_runtime.runtime import ModelRuntime  # noqa: E402
-from services.nodule.detect import DetectionRefused, detect_series, load_detector, probability_map  # noqa: E402
+from services.nodule.candidates import scan_candidates  # noqa: E402
+from services.nodule.classifier import TwoStageSettings, is_two_stage, load_crop_net  # noqa: E402
+from services.nodule.detect import (  # noqa: E402
+    DetectionRefused,
+    detect_series,
+    load_detector,
+    probability_map,
+    two_stage_settings_for,
+)
 from services.nodule.evaluation import (  # noqa: E402
     EVALUATION_CONFIG,
     ScanRecord,
@@ -53,6 +61,7 @@ from services.nodule.evaluation import (  # noqa: E402
 )
 from services.nodule.model import DetectorSettings, default_artifact_dir  # noqa: E402
 from services.nodule.simulate import simulate_study  # noqa: E402
+from services.nodule.two_stage import classify_candidates  # noqa: E402
 from services.nodule.volume import SeriesError, assemble_series  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,22 +71,31 @@ NOT_DICOM = (".md", ".txt", ".json", ".license")
 GOALS = {"sensitivity": 0.963, "specificity": 0.912, "cpm": 0.90, "speedup": 5.0, "student_seconds": 2.0}
 
 
-async def network_seconds(runtime: ModelRuntime, model_name: str, hu: np.ndarray, repeats: int = 3) -> float:
-    """Median seconds of the network pass alone (normalisation + sliding window, no post-processing)."""
+async def network_seconds(runtime: ModelRuntime, model_name: str, hu: np.ndarray,
+                          spacing_mm: tuple[float, float, float], repeats: int = 3) -> float:
+    """Median seconds of the network pass alone: the sliding window of a dense network (normalisation
+    included, no post-processing), or a two-stage classifier over one scan's candidate crops (crop
+    cutting included, candidates found beforehand and not timed)."""
+    two_stage = two_stage_settings_for(runtime, model_name)
+    scan = scan_candidates(hu, spacing_mm, max_candidates=two_stage.max_candidates) if two_stage else None
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
-        await probability_map(hu, runtime=runtime, model_name=model_name)
+        if scan is not None:
+            await classify_candidates(scan, runtime=runtime, model_name=model_name)
+        else:
+            await probability_map(hu, runtime=runtime, model_name=model_name)
         timings.append(time.perf_counter() - started)
     return float(np.median(timings))
 
 
 async def evaluate_models(roles: list[str], artifacts: dict[str, Path], studies: int, device: str | None,
                           network: dict[str, float]
-                          ) -> tuple[dict[str, list[ScanRecord]], dict[str, DetectorSettings], dict[str, str]]:
+                          ) -> tuple[dict[str, list[ScanRecord]], dict[str, DetectorSettings | TwoStageSettings],
+                                     dict[str, str]]:
     """Run every role's detector over the evaluation studies (simulated one at a time, shared by the roles)."""
     runtime = ModelRuntime()
-    settings: dict[str, DetectorSettings] = {}
+    settings: dict[str, DetectorSettings | TwoStageSettings] = {}
     versions: dict[str, str] = {}
     records: dict[str, list[ScanRecord]] = {role: [] for role in roles}
     try:
@@ -97,7 +115,7 @@ async def evaluate_models(roles: list[str], artifacts: dict[str, Path], studies:
                   + ", ".join(f"{role} {records[role][-1].seconds:.2f} s" for role in roles), flush=True)
             if index == 0:
                 for role in roles:
-                    network[role] = await network_seconds(runtime, f"nodule-{role}", study.hu)
+                    network[role] = await network_seconds(runtime, f"nodule-{role}", study.hu, study.spacing_mm)
     finally:
         await runtime.close()
     return records, settings, versions
@@ -117,7 +135,8 @@ def hit_errors(records: list[ScanRecord], threshold: float) -> dict[str, float]:
             "median_long_axis_error_mm": float(np.median(axis)) if axis else math.nan}
 
 
-def model_result(records: list[ScanRecord], settings: DetectorSettings, version: str, resamples: int) -> dict[str, Any]:
+def model_result(records: list[ScanRecord], settings: DetectorSettings | TwoStageSettings, version: str,
+                 resamples: int) -> dict[str, Any]:
     """Every figure of one model on the evaluation studies, JSON-ready."""
     summary: Summary = summarise(records, settings.report_threshold, resamples=resamples)
     accuracy, typed = type_accuracy(records, settings.report_threshold)
@@ -284,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", type=Path, help="student artifact (default: newest shipped)")
     parser.add_argument("--teacher", type=Path, help="teacher artifact (default: newest shipped)")
     parser.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
+    parser.add_argument("--baseline", type=Path,
+                        help="another artifact (e.g. the v2 student) evaluated on the same studies, side by side")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--ct-samples", type=Path, default=CT_SAMPLES)
     parser.add_argument("--device", default=None, help="override settings.device (cpu, cuda)")
@@ -296,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     artifacts: dict[str, Path] = {"student": args.student or default_artifact_dir("student")}
     if not args.no_teacher:
         artifacts["teacher"] = args.teacher or default_artifact_dir("teacher")
+    if args.baseline:
+        roles.append("baseline")
+        artifacts["baseline"] = args.baseline
     print(f"evaluating {', '.join(roles)} on {args.studies} held-out simulated studies", flush=True)
     network: dict[str, float] = {}
     records, settings, versions = asyncio.run(evaluate_models(roles, artifacts, args.studies, args.device, network))
@@ -304,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for role in roles:
         models[role] = model_result(records[role], settings[role], versions[role], args.resamples)
-        models[role]["parameters"] = parameter_count(load_net(artifacts[role])[0])
+        net = load_crop_net(artifacts[role])[0] if is_two_stage(artifacts[role]) else load_net(artifacts[role])[0]
+        models[role]["parameters"] = parameter_count(net)
         models[role]["artifact"] = str(artifacts[role])
         models[role]["network_seconds_per_volume"] = network.get(role, math.nan)
     first = records[roles[0]]
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"device {args.device or 'settings'}",
     }
     if "teacher" in models:
-        timing = {role: models[role]["seconds_per_volume"]["median"] for role in roles}
+        timing = {role: models[role]["seconds_per_volume"]["median"] for role in ("teacher", "student")}
         results["speedup"] = timing["teacher"] / timing["student"]
         results["network_speedup"] = network["teacher"] / network["student"]
     results["ct_samples"] = asyncio.run(run_ct_samples(args.ct_samples, artifacts["student"], args.device))
@@ -326,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(f"\nwrote {args.output}")
     if args.update_cards:
-        for role in roles:
+        for role in (r for r in roles if r != "baseline"):
             given = sys.argv[1:] if argv is None else argv
             update_card(artifacts[role], role, results, " ".join(["tessera bench nodule_eval", *given]))
     return 0

@@ -45,6 +45,7 @@ import torch
 from scipy import ndimage
 
 from model_runtime import ModelRuntime, ProgressCallback, SlidingWindowInferer, get_runtime
+from services.nodule.classifier import TwoStageArtifactConfig, TwoStageSettings, classifier_model_spec, is_two_stage
 from services.nodule.findings import DetectedNodule, SeriesFindings
 from services.nodule.model import (
     STUDENT_NAME,
@@ -55,6 +56,7 @@ from services.nodule.model import (
     normalise_hu,
 )
 from services.nodule.schemas import NoduleType
+from services.nodule.two_stage import detect_two_stage
 from services.nodule.volume import SeriesVolume
 
 logger = logging.getLogger("tessera.nodule.detect")
@@ -83,6 +85,8 @@ class DetectionRefused(ValueError):
 
 # -- registering the detector with a runtime --------------------------------------------------------
 _SETTINGS: dict[tuple[int, str, str], DetectorSettings] = {}
+_TWO_STAGE: dict[tuple[int, str, str], TwoStageSettings] = {}
+"""Models served as v3 two-stage detectors (a crop classifier), with their settings."""
 _INFERERS: dict[tuple[int, str, DetectorSettings], SlidingWindowInferer] = {}
 
 
@@ -91,14 +95,30 @@ def register_settings(runtime: ModelRuntime, model_name: str, settings: Detector
     _SETTINGS[(id(runtime), model_name, runtime.version(model_name))] = settings
 
 
+def register_two_stage(runtime: ModelRuntime, model_name: str, settings: TwoStageSettings) -> None:
+    """Remember that the served version of ``model_name`` is a v3 two-stage detector with these settings."""
+    _TWO_STAGE[(id(runtime), model_name, runtime.version(model_name))] = settings
+
+
+def two_stage_settings_for(runtime: ModelRuntime, model_name: str) -> TwoStageSettings | None:
+    """The two-stage settings of the served version of ``model_name``; ``None`` for a dense network."""
+    return _TWO_STAGE.get((id(runtime), model_name, runtime.version(model_name)))
+
+
 def settings_for(runtime: ModelRuntime, model_name: str) -> DetectorSettings:
     """The settings registered for the served version of ``model_name`` (defaults when none were)."""
     return _SETTINGS.get((id(runtime), model_name, runtime.version(model_name)), DetectorSettings())
 
 
 async def load_detector(runtime: ModelRuntime | None = None, *, role: str = "student", model_name: str | None = None,
-                        artifact_dir: str | None = None, device: str | None = None) -> DetectorSettings:
+                        artifact_dir: str | None = None, device: str | None = None
+                        ) -> DetectorSettings | TwoStageSettings:
     """Load a shipped nodule network into the runtime and register its post-processing settings.
+
+    A v3 artifact (``"kind": "two_stage"`` in its ``config.json``) is a crop classifier: it is
+    served with :func:`~services.nodule.classifier.classifier_model_spec` and
+    :func:`detect_series` then runs the two-stage detector (:mod:`services.nodule.two_stage`);
+    v1/v2 artifacts are dense networks run through the sliding window.
 
     Parameters
     ----------
@@ -115,15 +135,20 @@ async def load_detector(runtime: ModelRuntime | None = None, *, role: str = "stu
 
     Returns
     -------
-    DetectorSettings
+    DetectorSettings or TwoStageSettings
         The thresholds shipped with the artifact.
     """
     from pathlib import Path
 
     runtime = runtime or get_runtime()
     directory = Path(artifact_dir) if artifact_dir else default_artifact_dir(role)
-    config = NoduleArtifactConfig.read(directory)
     name = model_name or f"nodule-{role}"
+    if is_two_stage(directory):
+        two_stage = TwoStageArtifactConfig.read(directory)
+        await runtime.load(classifier_model_spec(name, artifact_dir=directory, device=device))
+        register_two_stage(runtime, name, two_stage.detector)
+        return two_stage.detector
+    config = NoduleArtifactConfig.read(directory)
     await runtime.load(nodule_model_spec(name, artifact_dir=directory, roi_size=config.detector.roi_size,
                                          device=device))
     register_settings(runtime, name, config.detector)
@@ -154,7 +179,9 @@ async def detect_series(volume: SeriesVolume, *, runtime: ModelRuntime | None = 
     model_name : str
         The loaded nodule network (``nodule-student`` by default).
     settings : DetectorSettings, optional
-        Thresholds; default: those registered with the served version (:func:`load_detector`).
+        Thresholds of a dense network; default: those registered with the served version
+        (:func:`load_detector`). A model registered as a v3 two-stage detector runs
+        :func:`~services.nodule.two_stage.detect_two_stage` with its own settings.
     min_confidence : float, optional
         Report candidates from this confidence; default ``settings.report_threshold`` (0 gives
         every candidate, as the FROC evaluation needs).
@@ -175,8 +202,17 @@ async def detect_series(volume: SeriesVolume, *, runtime: ModelRuntime | None = 
     """
     runtime = runtime or get_runtime()
     check_volume(volume)
-    settings = settings or settings_for(runtime, model_name)
     version = runtime.version(model_name)
+    two_stage = two_stage_settings_for(runtime, model_name)
+    if two_stage is not None and settings is None:
+        threshold = two_stage.report_threshold if min_confidence is None else min_confidence
+        found, labels = await detect_two_stage(volume.hu, volume.spacing_mm, volume.voxel_to_lps, runtime=runtime,
+                                               model_name=model_name, settings=two_stage, min_confidence=threshold,
+                                               on_progress=on_progress, timeout_s=timeout_s)
+        return SeriesFindings(series_instance_uid=volume.series_instance_uid,
+                              study_instance_uid=volume.study_instance_uid, nodules=tuple(found), labels=labels,
+                              model_version=f"{model_name} {version}", notes=spacing_notes(volume))
+    settings = settings or settings_for(runtime, model_name)
     probability = await probability_map(volume.hu, runtime=runtime, model_name=model_name, settings=settings,
                                         on_progress=on_progress, timeout_s=timeout_s)
     threshold = settings.report_threshold if min_confidence is None else min_confidence

@@ -22,6 +22,9 @@
 **All training data is simulated.** Validation figures in the cards are on the split the thresholds
 were chosen on; ``tessera bench nodule_eval`` measures held-out studies drawn with other settings.
 ``--quick`` trains a toy pair in seconds (tests); its artifacts detect nothing useful.
+
+``tessera train nodule --two-stage`` trains the v3 detector instead (blob candidates and crop
+classifiers, :mod:`services.nodule.training_fp`).
 """
 
 from __future__ import annotations
@@ -660,6 +663,10 @@ def rebuild_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``tessera train nodule``: simulate, train the teacher, distil the student, calibrate, write artifacts."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--two-stage" in argv:  # the v3 detector: blob candidates + crop classifiers (services.nodule.training_fp)
+        from services.nodule import training_fp
+
+        return training_fp.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = plan_from(args)

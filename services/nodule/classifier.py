@@ -1,0 +1,242 @@
+"""Stage 2 of the v3 nodule detector: false-positive reduction by a small 3D CNN on candidate crops.
+
+Each candidate of :mod:`services.nodule.candidates` is seen as a ``32^3`` crop of the volume
+resampled to 1 mm isotropic (the candidate stage's own grid: cropping costs a slice), HU clipped to
+``[-1000, 200]`` and scaled to ``[0, 1]``. :class:`CropNet` maps a crop to one logit (nodule or not):
+
+- the **teacher**: 16-32-64-128 channels, two 3x3x3 convolutions per level after the stem, strided
+  convolutions down to 4^3, global average and max pooling, a two-layer head (~0.9 M parameters);
+- the **student**, distilled from the teacher's soft labels: 8-16-32-32 channels, one convolution per
+  level (~46 k parameters: 95 % fewer).
+
+Serving goes through the shared runtime like every other model: :func:`classifier_model_spec`
+builds the :class:`~model_runtime.ModelSpec` whose ``run_batch`` stacks the crops of every
+candidate of every study in flight into one batch (bounded by ``max_batch_size``); the detector
+(:mod:`services.nodule.two_stage`) submits one crop per candidate with ``runtime.predict`` and
+gets back that candidate's probability.
+
+The artifact (``config.json`` with ``"kind": "two_stage"``, ``weights.pt``) lives under
+``models/nodule/<role>/<version>/`` like the dense v1/v2 networks; :func:`load_detector
+<services.nodule.detect.load_detector>` tells them apart by ``kind``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_runtime import LoadContext, ModelSpec, resolve_device, run_patch_batch
+from services.nodule.candidates import HU_CLIP
+
+KIND = "two_stage"
+CROP_SIZE = 32
+"""Crop side (grid voxels of :data:`~services.nodule.candidates.GRID_MM`): 32 mm of context."""
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass(frozen=True)
+class CropNetConfig:
+    """Architecture of one :class:`CropNet`.
+
+    ``channels``: the stem's and each of the three strided levels' channels; ``convs_per_level``:
+    3x3x3 convolutions per level (the first of a level strides, except the stem's).
+    """
+
+    channels: tuple[int, int, int, int] = (8, 16, 32, 32)
+    convs_per_level: int = 1
+    hidden: int = 32
+    stem_stride: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> CropNetConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls(channels=tuple(int(c) for c in raw["channels"]),  # type: ignore[arg-type]
+                   convs_per_level=int(raw["convs_per_level"]), hidden=int(raw.get("hidden", 32)),
+                   stem_stride=int(raw.get("stem_stride", 1)))
+
+
+TEACHER_CROP_CONFIG = CropNetConfig(channels=(16, 32, 64, 128), convs_per_level=2, hidden=64)
+STUDENT_CROP_CONFIG = CropNetConfig(channels=(16, 24, 32, 48), convs_per_level=1, hidden=32, stem_stride=2)
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm3d(out_channels), nn.LeakyReLU(0.01, inplace=True))
+
+
+class CropNet(nn.Module):
+    """``(N, 1, 32, 32, 32)`` normalised crops to ``(N, 1)`` nodule logits."""
+
+    def __init__(self, config: CropNetConfig = STUDENT_CROP_CONFIG) -> None:
+        super().__init__()
+        self.config = config
+        c0, c1, c2, c3 = config.channels
+        convs = config.convs_per_level
+        layers: list[nn.Module] = [_conv(1, c0, stride=config.stem_stride)]
+        previous = c0
+        for width in (c1, c2, c3):
+            layers.append(_conv(previous, width, stride=2))
+            layers += [_conv(width, width) for _ in range(convs - 1)]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(2 * c3, config.hidden), nn.LeakyReLU(0.01, inplace=True),
+                                  nn.Linear(config.hidden, 1))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 1)``."""
+        x = self.features(crops)
+        pooled = torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1)
+        return self.head(pooled)  # type: ignore[no-any-return]
+
+
+class CropProbability(nn.Module):
+    """What the runtime serves: a :class:`CropNet` followed by a sigmoid, ``(N, 1)`` probabilities."""
+
+    def __init__(self, net: CropNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(N, 1)`` nodule probabilities."""
+        return torch.sigmoid(self.net(crops))
+
+
+def normalise_crop_hu(hu: np.ndarray) -> np.ndarray:
+    """HU to the classifier's input: clip to :data:`~services.nodule.candidates.HU_CLIP`, scale to [0, 1]."""
+    low, high = HU_CLIP
+    return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def extract_crops(iso: np.ndarray, centres: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """``(n, size, size, size)`` crops of the isotropic volume centred on ``(n, 3)`` grid indices (air-padded)."""
+    half = size // 2
+    padded = np.pad(iso, half + 1, mode="constant", constant_values=HU_CLIP[0])
+    out = np.empty((len(centres), size, size, size), dtype=iso.dtype)
+    for row, centre in enumerate(np.rint(np.asarray(centres)).astype(int)):
+        start = centre + 1  # the pad's offset (half + 1) minus half
+        out[row] = padded[start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size]
+    return out
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TwoStageSettings:
+    """The v3 detector's settings (chosen on the validation split, shipped in ``config.json``).
+
+    Parameters
+    ----------
+    max_candidates : int
+        Candidates per scan from stage 1.
+    report_threshold : float
+        Classifier probability from which a candidate is reported as a nodule.
+    solid_share_min, ground_glass_share_max : float
+        Attenuation shares for the type (as in :class:`~services.nodule.model.DetectorSettings`).
+    """
+
+    max_candidates: int = 64
+    report_threshold: float = 0.5
+    solid_share_min: float = 0.6
+    ground_glass_share_max: float = 0.08
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TwoStageSettings:
+        """From the ``detector`` entry of ``config.json`` (missing keys take defaults)."""
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__ if key in raw})
+
+
+@dataclass(frozen=True)
+class TwoStageArtifactConfig:
+    """``config.json`` of a v3 (two-stage) artifact."""
+
+    net: CropNetConfig
+    detector: TwoStageSettings = field(default_factory=TwoStageSettings)
+    role: str = "student"
+
+    def write(self, directory: Path) -> None:
+        """Write ``config.json`` into ``directory``."""
+        raw = {"kind": KIND, "net": self.net.to_json(), "detector": asdict(self.detector), "role": self.role,
+               "crop_size": CROP_SIZE, "hu_clip": list(HU_CLIP),
+               "data": "simulated chest CT (services.nodule.simulate)"}
+        (directory / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> TwoStageArtifactConfig:
+        """Read ``config.json`` from ``directory``."""
+        raw = json.loads((directory / CONFIG_FILE).read_text())
+        return cls(net=CropNetConfig.from_json(raw["net"]),
+                   detector=TwoStageSettings.from_json(raw.get("detector", {})), role=str(raw.get("role", "student")))
+
+
+def is_two_stage(directory: Path) -> bool:
+    """Whether the artifact in ``directory`` is a v3 two-stage detector (else a dense network)."""
+    try:
+        return bool(json.loads((directory / CONFIG_FILE).read_text()).get("kind") == KIND)
+    except (OSError, ValueError):
+        return False
+
+
+def write_crop_weights(net: CropNet, directory: Path) -> None:
+    """Save ``net``'s state dict (CPU tensors)."""
+    torch.save({key: value.detach().cpu() for key, value in net.state_dict().items()}, directory / WEIGHTS_FILE)
+
+
+def load_crop_net(directory: Path, device: torch.device | str = "cpu") -> tuple[CropNet, TwoStageArtifactConfig]:
+    """Build the classifier of an artifact directory and load its weights (eval mode)."""
+    config = TwoStageArtifactConfig.read(directory)
+    net = CropNet(config.net)
+    net.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return net.eval().to(device), config
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# -- the runtime adapter --------------------------------------------------------------------------
+def _load_for_runtime(context: LoadContext, net: CropNet | None) -> CropProbability:
+    if net is None:
+        if context.artifact_dir is None:
+            raise ValueError("a crop classifier needs an artifact directory or a network built in code")
+        net, _ = load_crop_net(context.artifact_dir)
+    return CropProbability(net.eval()).to(context.placement.device)
+
+
+def classifier_model_spec(name: str, *, artifact_dir: Path | None = None, net: CropNet | None = None,
+                          version: str = "", max_batch_size: int = 64, device: str | None = None,
+                          precision: str | None = None, warm_up: bool = True) -> ModelSpec:
+    """The :class:`~model_runtime.ModelSpec` that serves a crop classifier.
+
+    Items are ``(1, 32, 32, 32)`` float tensors (one candidate's normalised crop); each answer is
+    a ``(1,)`` tensor holding that candidate's probability. Crops of every study in flight share
+    batches of up to ``max_batch_size``.
+    """
+    if artifact_dir is None and net is None:
+        raise ValueError("classifier_model_spec needs artifact_dir or net")
+    on_cuda = resolve_device(device).type == "cuda"
+    warmup = [torch.zeros((1, CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=torch.float32)] if warm_up else []
+    return ModelSpec(
+        name=name, version=version or ("" if artifact_dir is not None else "in-code"),
+        loader=lambda context: _load_for_runtime(context, net), run_batch=run_patch_batch,
+        artifact_dir=artifact_dir, max_batch_size=max_batch_size, max_wait_ms=2.0, max_queue=4096,
+        warmup_items=warmup, device=device, precision=precision or ("fp16" if on_cuda else None),
+    )
+
+
+def crop_tensors(crops: np.ndarray) -> Sequence[torch.Tensor]:
+    """Normalised ``(1, 32, 32, 32)`` tensors of HU crops, ready for ``runtime.predict``."""
+    normalised = torch.from_numpy(normalise_crop_hu(crops))
+    return [crop[None] for crop in normalised]
+

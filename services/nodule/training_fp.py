@@ -1,0 +1,554 @@
+"""Training the v3 (two-stage) nodule detector: ``tessera train nodule --two-stage``.
+
+1. **Crop bank** (:func:`build_crop_bank`): training studies are simulated
+   (:mod:`services.nodule.simulate`, the training split's seeds), stage 1
+   (:func:`~services.nodule.candidates.scan_candidates`) runs on each, and a ``36^3`` crop of the
+   1 mm grid is kept around every candidate and every true nodule's centre. Labels follow the
+   LUNA16 hit rule: a candidate within a counted nodule's radius is positive; one farther than
+   the radius + :data:`AMBIGUOUS_MARGIN_MM` from every nodule is negative; the ones in between,
+   and hits on nodules under 3 mm, are left out. ``--cache-dir`` keeps the bank on disk.
+2. **Teacher** (:class:`~services.nodule.classifier.CropNet`, teacher config): binary cross-entropy,
+   batches with ``positive_fraction`` positives, random ``32^3`` windows of the ``36^3`` crops
+   (+-2 mm shifts), flips on every axis, row/column swaps, extra noise and small contrast changes.
+3. **Student**, distilled: the teacher's probabilities on every crop of the bank (computed once, on
+   the centred crop) are soft targets:
+   ``w * BCE(student, teacher) + (1 - w) * BCE(student, label)``.
+4. **Calibration** on the validation split (other seeds): the whole detector runs through a
+   private runtime (:func:`~services.nodule.two_stage.detect_two_stage`); the reported-confidence
+   threshold maximises per-scan sensitivity + specificity and the attenuation shares the type
+   accuracy, as for the dense models.
+5. Sealed artifacts ``<output>/{teacher,student}/<version>/`` (``config.json`` with
+   ``"kind": "two_stage"``, ``weights.pt``, manifest, model card).
+
+**All training data is simulated.**
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model_runtime import resolve_device
+from model_runtime.artifacts import save_artifact
+from model_runtime.runtime import ModelRuntime
+from services.nodule.candidates import scan_candidates
+from services.nodule.classifier import (
+    CROP_SIZE,
+    STUDENT_CROP_CONFIG,
+    TEACHER_CROP_CONFIG,
+    CropNet,
+    CropNetConfig,
+    TwoStageArtifactConfig,
+    TwoStageSettings,
+    classifier_model_spec,
+    extract_crops,
+    normalise_crop_hu,
+    parameter_count,
+    write_crop_weights,
+)
+from services.nodule.evaluation import (
+    MIN_COUNTED_MM,
+    Interval,
+    ScanRecord,
+    Summary,
+    candidates_of_nodules,
+    choose_threshold,
+    match,
+    split_config,
+    split_seeds,
+    summarise,
+    truths_of,
+    type_accuracy,
+)
+from services.nodule.simulate import SimulatedStudy, simulate_study
+
+logger = logging.getLogger("tessera.nodule.training_fp")
+
+BANK_CROP = CROP_SIZE + 4
+"""Crops are kept 4 voxels larger than the network's input, for random +-2 voxel shifts."""
+AMBIGUOUS_MARGIN_MM = 3.0
+DATA_TEXT = ("SIMULATED chest CT only (services.nodule.simulate: geometric body, lungs, vessel and airway trees, "
+             "solid / part-solid / ground-glass nodules of 3-30 mm incl. juxta-pleural and juxta-vascular, "
+             "soft and sharp kernels, noise 10-40 HU, slices 1-2.5 mm, pixels 0.6-0.9 mm). No patient data.")
+SOLID_SHARE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+GROUND_GLASS_SHARE_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
+
+
+@dataclass(frozen=True)
+class FpPlan:
+    """How much to simulate and train for the two-stage detector (see the module docstring)."""
+
+    train_studies: int = 120
+    validation_studies: int = 24
+    study_shape: tuple[int, int, int] = (64, 256, 256)
+    max_candidates: int = 64
+    batch_size: int = 32
+    teacher_steps: int = 2000
+    student_steps: int = 2000
+    teacher_seconds: float = 0.0
+    student_seconds: float = 0.0
+    learning_rate: float = 2e-3
+    positive_fraction: float = 0.3
+    distillation_weight: float = 0.5
+    extra_noise_hu: float = 35.0
+    seed: int = 0
+
+
+QUICK_FP_PLAN = FpPlan(train_studies=2, validation_studies=2, study_shape=(24, 96, 96), max_candidates=16,
+                       batch_size=4, teacher_steps=2, student_steps=2)
+
+
+# -- the crop bank --------------------------------------------------------------------------------
+@dataclass
+class CropBank:
+    """Normalised ``(n, 36, 36, 36)`` float16 crops, their labels (0/1) and whether each is a stage-1 candidate."""
+
+    crops: np.ndarray
+    labels: np.ndarray
+    from_candidate: np.ndarray
+
+    @classmethod
+    def concatenate(cls, banks: list[CropBank]) -> CropBank:
+        """One bank of several."""
+        if not banks:
+            return cls(np.zeros((0, BANK_CROP, BANK_CROP, BANK_CROP), np.float16), np.zeros(0, np.float32),
+                       np.zeros(0, bool))
+        return cls(np.concatenate([b.crops for b in banks]), np.concatenate([b.labels for b in banks]),
+                   np.concatenate([b.from_candidate for b in banks]))
+
+
+def study_crops(study: SimulatedStudy, max_candidates: int) -> CropBank:
+    """The labelled crops of one simulated study (candidates and true nodule centres)."""
+    scan = scan_candidates(study.hu, study.spacing_mm, max_candidates=max_candidates)
+    spacing = np.asarray(study.spacing_mm, dtype=float)
+    ratio = (np.asarray(study.hu.shape) - 1) / np.maximum(np.asarray(scan.iso.shape) - 1, 1)
+    truths = [(np.asarray(n.center_voxel, float) * spacing, n.long_axis_mm / 2, n.long_axis_mm >= MIN_COUNTED_MM)
+              for n in study.nodules]
+    centres, labels, from_candidate = [], [], []
+    for candidate in scan.candidates:
+        position = np.asarray(candidate.centre_voxel) * spacing
+        label: float | None = 0.0
+        for centre, radius, counted in truths:
+            distance = float(np.linalg.norm(position - centre))
+            if distance <= radius:
+                label = 1.0 if counted else None
+                break
+            if distance <= radius + AMBIGUOUS_MARGIN_MM:
+                label = None
+        if label is None:
+            continue
+        centres.append(candidate.grid_index)
+        labels.append(label)
+        from_candidate.append(True)
+    for nodule, (_, _, counted) in zip(study.nodules, truths, strict=True):
+        if counted:
+            centres.append(tuple(np.rint(np.asarray(nodule.center_voxel) / ratio).astype(int)))
+            labels.append(1.0)
+            from_candidate.append(False)
+    crops = extract_crops(scan.iso, np.array(centres, dtype=int).reshape(-1, 3), size=BANK_CROP)
+    return CropBank(normalise_crop_hu(crops).astype(np.float16), np.asarray(labels, np.float32),
+                    np.asarray(from_candidate, bool))
+
+
+def build_crop_bank(split: str, count: int, plan: FpPlan, cache_dir: Path | None = None) -> CropBank:
+    """The crops of ``count`` simulated studies of ``split``, cached per study in ``cache_dir`` if given."""
+    banks = []
+    started = time.perf_counter()
+    for index, seed in enumerate(split_seeds(split, count)):
+        name = f"crops-{split}-{seed}-{'x'.join(map(str, plan.study_shape))}-{plan.max_candidates}.npz"
+        path = cache_dir / name if cache_dir else None
+        if path is not None and path.exists():
+            with np.load(path) as stored:
+                banks.append(CropBank(stored["crops"], stored["labels"], stored["from_candidate"]))
+            continue
+        study = simulate_study(replace(split_config(split, seed), shape=plan.study_shape))
+        bank = study_crops(study, plan.max_candidates)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path.with_suffix(".tmp.npz"), **asdict(bank))
+            path.with_suffix(".tmp.npz").replace(path)
+        banks.append(bank)
+        if (index + 1) % 10 == 0:
+            logger.info("crop bank: %d/%d studies (%.0f s)", index + 1, count, time.perf_counter() - started)
+    return CropBank.concatenate(banks)
+
+
+def augment_crops(crops: np.ndarray, rng: np.random.Generator, extra_noise_hu: float) -> np.ndarray:
+    """Random ``32^3`` windows of ``(n, 36, 36, 36)`` crops, flips, row/column swaps, noise and contrast."""
+    out = np.empty((len(crops), CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+    margin = BANK_CROP - CROP_SIZE
+    for row, crop in enumerate(crops):
+        z, y, x = (int(v) for v in rng.integers(0, margin + 1, 3))
+        window = crop[z:z + CROP_SIZE, y:y + CROP_SIZE, x:x + CROP_SIZE].astype(np.float32)
+        flips = tuple(axis for axis in range(3) if rng.random() < 0.5)
+        if flips:
+            window = np.flip(window, flips)
+        if rng.random() < 0.5:
+            window = window.transpose(0, 2, 1)
+        out[row] = window
+    if extra_noise_hu > 0:
+        noisy = rng.random(len(out)) < 0.5
+        scale = 1200.0  # HU per unit of the normalised input
+        for row in np.nonzero(noisy)[0].tolist():
+            out[row] = out[row] * rng.uniform(0.95, 1.05) + rng.uniform(-20, 20) / scale
+            out[row] += rng.normal(0.0, rng.uniform(0, extra_noise_hu) / scale, out[row].shape).astype(np.float32)
+    return out
+
+
+def centred(crops: np.ndarray) -> np.ndarray:
+    """The centred ``32^3`` windows of ``(n, 36, 36, 36)`` crops, float32."""
+    margin = (BANK_CROP - CROP_SIZE) // 2
+    return crops[:, margin:margin + CROP_SIZE, margin:margin + CROP_SIZE, margin:margin + CROP_SIZE].astype(np.float32)
+
+
+# -- training -------------------------------------------------------------------------------------
+@dataclass
+class StageLog:
+    """What one training stage did."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    final_loss: float = float("nan")
+
+
+def _batch_indices(labels: np.ndarray, rng: np.random.Generator, size: int, positive_fraction: float) -> np.ndarray:
+    positives, negatives = np.nonzero(labels > 0.5)[0], np.nonzero(labels <= 0.5)[0]
+    wanted = int(round(size * positive_fraction)) if len(positives) else 0
+    chosen = [rng.choice(positives, wanted)] if wanted else []
+    pool = negatives if len(negatives) else positives
+    chosen.append(rng.choice(pool, size - wanted))
+    return np.concatenate(chosen)
+
+
+def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps: int, max_seconds: float,
+                     rng: np.random.Generator, label: str, device: str = "cpu",
+                     soft_targets: np.ndarray | None = None) -> tuple[CropNet, StageLog]:
+    """Train a :class:`CropNet` on the bank: BCE to the labels, or distillation when ``soft_targets`` are given."""
+    net = CropNet(config).to(device)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=plan.learning_rate, weight_decay=1e-4)
+    started, recent = time.perf_counter(), list[float]()
+    log = StageLog()
+    net.train()
+    for step in range(steps):
+        elapsed = time.perf_counter() - started
+        progress = max(step / steps, elapsed / max_seconds if max_seconds else 0.0)
+        for group in optimiser.param_groups:
+            group["lr"] = _learning_rate(plan.learning_rate, step, progress)
+        chosen = _batch_indices(bank.labels, rng, plan.batch_size, plan.positive_fraction)
+        images = torch.from_numpy(augment_crops(bank.crops[chosen], rng, plan.extra_noise_hu))[:, None].to(device)
+        target = torch.from_numpy(bank.labels[chosen]).to(device)
+        logits = net(images)[:, 0]
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        if soft_targets is not None:
+            soft = torch.from_numpy(soft_targets[chosen].astype(np.float32)).to(device)
+            loss = plan.distillation_weight * F.binary_cross_entropy_with_logits(logits, soft) + \
+                (1 - plan.distillation_weight) * loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        recent = (recent + [loss.item()])[-50:]
+        log.steps, log.seconds = step + 1, time.perf_counter() - started
+        if (step + 1) % 100 == 0:
+            logger.info("%s step %d/%d loss %.4f (%.0f s)", label, step + 1, steps, np.mean(recent), log.seconds)
+        if max_seconds and log.seconds >= max_seconds:
+            logger.info("%s stopped at step %d: %.0f s budget spent", label, step + 1, max_seconds)
+            break
+    final = round(float(np.mean(recent)), 4) if recent else math.nan
+    return net.eval(), StageLog(log.steps, round(log.seconds, 1), final)
+
+
+def _learning_rate(peak: float, step: int, progress: float, warmup: int = 30) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def teacher_probabilities(teacher: CropNet, bank: CropBank, device: str = "cpu", batch: int = 128) -> np.ndarray:
+    """The teacher's probability on every (centred) crop of the bank: the student's soft targets."""
+    out = []
+    teacher.eval()
+    with torch.inference_mode():
+        for start in range(0, len(bank.crops), batch):
+            images = torch.from_numpy(centred(bank.crops[start:start + batch]))[:, None].to(device)
+            out.append(torch.sigmoid(teacher(images))[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+# -- calibration ----------------------------------------------------------------------------------
+@dataclass
+class FpCalibration:
+    """Settings chosen on the validation split and the figures there."""
+
+    settings: TwoStageSettings
+    summary: Summary
+    type_accuracy: float
+    typed_nodules: int
+    seconds_per_volume: float
+    candidate_recall: float
+
+
+def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
+                        device: str = "cpu") -> FpCalibration:
+    """Run the whole v3 detector with ``net`` on ``studies`` through a private runtime; choose its settings."""
+    return asyncio.run(_calibrate(net, studies, max_candidates, name, device))
+
+
+async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
+                     device: str) -> FpCalibration:
+    from services.nodule.detect import solid_share
+    from services.nodule.evaluation import volume_from_simulated
+    from services.nodule.two_stage import detect_two_stage
+
+    runtime = ModelRuntime()
+    base = TwoStageSettings(max_candidates=max_candidates)
+    records: list[ScanRecord] = []
+    shares: list[list[tuple[float, str, float] | None]] = []
+    seconds = []
+    try:
+        await runtime.load(classifier_model_spec(name, net=net, device=device))
+        for index, study in enumerate(studies):
+            volume = volume_from_simulated(study, uid=f"validation-{index}")
+            started = time.perf_counter()
+            nodules, labels = await detect_two_stage(volume.hu, volume.spacing_mm, volume.voxel_to_lps,
+                                                     runtime=runtime, model_name=name, settings=base,
+                                                     min_confidence=0.0)
+            seconds.append(time.perf_counter() - started)
+            record = ScanRecord(f"validation-{index}", truths_of(study), candidates_of_nodules(nodules))
+            records.append(record)
+            found: list[tuple[float, str, float] | None] = []
+            for position, (candidate, hit) in enumerate(zip(record.candidates, match(record), strict=True)):
+                found.append(None if hit is None else (solid_share(labels == position + 1, study.hu),
+                                                       record.truths[hit].nodule_type, candidate.confidence))
+            shares.append(found)
+    finally:
+        await runtime.close()
+    threshold = choose_threshold(records)
+    solid_min, ground_glass_max = _choose_type_shares(shares, threshold)
+    settings = replace(base, report_threshold=threshold, solid_share_min=solid_min,
+                       ground_glass_share_max=ground_glass_max)
+    retyped = [replace(record, candidates=tuple(
+        replace(c, nodule_type=_type_of(s[0], solid_min, ground_glass_max)) if s is not None else c
+        for c, s in zip(record.candidates, share, strict=True))) for record, share in zip(records, shares, strict=True)]
+    accuracy, typed = type_accuracy(retyped, threshold)
+    counted = [t for r in records for t in r.truths if t.counted]
+    hit_any = sum(len({h for h in match(r) if h is not None and r.truths[h].counted}) for r in records)
+    return FpCalibration(settings, summarise(records, threshold, resamples=200), accuracy, typed,
+                         float(np.median(seconds)) if seconds else math.nan,
+                         hit_any / len(counted) if counted else math.nan)
+
+
+def _type_of(share: float, solid_min: float, ground_glass_max: float) -> str:
+    if share >= solid_min:
+        return "solid"
+    return "ground_glass" if share < ground_glass_max else "part_solid"
+
+
+def _choose_type_shares(shares: list[list[tuple[float, str, float] | None]], threshold: float) -> tuple[float, float]:
+    hits = [entry for scan in shares for entry in scan if entry is not None and entry[2] >= threshold]
+    default = TwoStageSettings()
+    best, best_right = (default.solid_share_min, default.ground_glass_share_max), -1
+    for solid_min in SOLID_SHARE_GRID:
+        for ground_glass_max in GROUND_GLASS_SHARE_GRID:
+            if ground_glass_max >= solid_min:
+                continue
+            right = sum(_type_of(share, solid_min, ground_glass_max) == truth for share, truth, _ in hits)
+            if right > best_right:
+                best, best_right = (solid_min, ground_glass_max), right
+    return best
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+def write_two_stage(net: CropNet, role: str, version: str, output: Path, calibration: FpCalibration, log: StageLog,
+                    plan: FpPlan, rebuild: str, bank: CropBank, *, force: bool = False, extra: str = "") -> Path:
+    """Seal one classifier as ``<output>/<role>/<version>/`` with config, weights, manifest and card."""
+    directory = output / role / version
+    if directory.exists():
+        if not force:
+            raise FileExistsError(f"{directory} exists (pass --force to replace it)")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    TwoStageArtifactConfig(net.config, calibration.settings, role).write(directory)
+    write_crop_weights(net, directory)
+    summary = calibration.summary
+    metrics = {
+        "parameters": parameter_count(net), "training_steps": log.steps, "training_seconds": log.seconds,
+        "validation_scans": summary.counts.scans, "validation_sensitivity": _round(summary.sensitivity.value),
+        "validation_specificity": _round(summary.specificity.value), "validation_cpm": _round(summary.cpm.value),
+        "validation_type_accuracy": _round(calibration.type_accuracy),
+        "validation_candidate_recall": _round(calibration.candidate_recall),
+        "validation_seconds_per_volume": _round(calibration.seconds_per_volume),
+        "report_threshold": calibration.settings.report_threshold,
+    }
+    card = model_card(role, version, net, calibration, log, plan, rebuild, bank, extra)
+    save_artifact(directory, name=f"nodule-{role}", version=version, framework="torch", metrics=metrics,
+                  data=DATA_TEXT, rebuild_command=rebuild, model_card=card,
+                  extra={"kind": "two_stage", "plan": _jsonable(asdict(plan)),
+                         "detector": asdict(calibration.settings), "net": net.config.to_json()})
+    return directory
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _cells(interval: Interval) -> str:
+    return f"{interval.value:.3f} | {interval.low:.3f}-{interval.high:.3f}"
+
+
+def model_card(role: str, version: str, net: CropNet, calibration: FpCalibration, log: StageLog, plan: FpPlan,
+               rebuild: str, bank: CropBank, extra: str = "") -> str:
+    """Markdown model card of a v3 (two-stage) detector."""
+    summary, settings, config = calibration.summary, calibration.settings, net.config
+    at = ", ".join(f"{rate:g}: {value:.3f}" for rate, value in summary.sensitivity_at.items())
+    positives = int((bank.labels > 0.5).sum())
+    loss = ("binary cross-entropy to the labels" if role == "teacher" else
+            f"{plan.distillation_weight} x BCE to the teacher's probabilities (soft labels, computed once per "
+            f"crop) + {1 - plan.distillation_weight:g} x BCE to the labels")
+    return f"""# nodule-{role} {version} (two-stage detector)
+
+**Trained and validated on SIMULATED chest CT only** (`services.nodule.simulate`). No patient data was
+used; every figure below is measured on simulated studies and says nothing yet about real scans.
+
+## What it is
+A two-stage detector, as LUNA16 CAD systems are built:
+1. candidates (no network, `services/nodule/candidates.py`): multi-scale difference-of-Gaussians blob
+   maxima on a 1 mm isotropic grid in the lung region, ranked by capped response x Hessian blobness,
+   up to {settings.max_candidates} per scan;
+2. this network ({'teacher' if role == 'teacher' else 'student distilled from the teacher'}): a 3D CNN on a
+   32^3 crop (1 mm, HU clipped to [-1000, 200]) around each candidate, giving its nodule probability;
+   channels {list(config.channels)}, {config.convs_per_level} convolution(s) per level, stem stride
+   {config.stem_stride}. **{parameter_count(net):,} parameters.** Served through the shared runtime (crops of
+   every candidate and study batched together; `services/nodule/classifier.py`);
+3. each accepted candidate is segmented by a region grow in HU (half-way between lung and the nodule's
+   peak) inside a ball around it and measured (`services/nodule/two_stage.py`).
+
+## Data
+{DATA_TEXT}
+Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels ({len(bank.labels):,} crops,
+{positives:,} positive: candidates within a nodule's radius and the true centres); validation:
+{plan.validation_studies} studies (other seeds). Batches of {plan.batch_size} with
+{round(plan.positive_fraction * 100)} % positives; random +-2 mm shifts, flips, row/column swaps, extra noise
+up to {plan.extra_noise_hu:g} HU.
+
+## Training
+{log.steps} steps in {log.seconds:.0f} s on this machine's shared CPU (final loss {log.final_loss:.4f});
+AdamW, peak learning rate {plan.learning_rate}, cosine decay. Loss: {loss}.
+
+## Settings chosen on the validation split
+Reported confidence >= {settings.report_threshold:.3f} (maximises per-scan sensitivity + specificity);
+solid if the interior's share >= -300 HU is >= {settings.solid_share_min}, ground glass if
+< {settings.ground_glass_share_max}, else part-solid.
+
+## Validation figures (simulated; the split the threshold was chosen on, so optimistic)
+| metric | value | 95 % CI |
+|---|---|---|
+| per-scan sensitivity | {_cells(summary.sensitivity)} |
+| per-scan specificity | {_cells(summary.specificity)} |
+| CPM | {_cells(summary.cpm)} |
+| nodules reached by any reported candidate (stage 1 + segmentation) | {calibration.candidate_recall:.3f} | |
+| type accuracy (hit nodules) | {calibration.type_accuracy:.3f} ({calibration.typed_nodules} nodules) | |
+| median s per volume (calibration runtime) | {calibration.seconds_per_volume:.2f} | |
+
+Sensitivity by FP/scan: {at}. Held-out figures: `tessera bench nodule_eval`.
+{extra}
+## Rebuild
+`{rebuild}`
+"""
+
+
+# -- the command ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``tessera train nodule --two-stage``."""
+    parser = argparse.ArgumentParser(prog="tessera train nodule --two-stage",
+                                     description="Train the v3 two-stage nodule detector on simulated CT.")
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--version", default="v3")
+    parser.add_argument("--quick", action="store_true")
+    for name in ("train-studies", "validation-studies", "teacher-steps", "student-steps", "batch-size",
+                 "max-candidates", "seed"):
+        parser.add_argument(f"--{name}", type=int)
+    for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight"):
+        parser.add_argument(f"--{name}", type=float)
+    parser.add_argument("--teacher-from", type=Path, help="reuse this v3 teacher artifact instead of training one")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--force", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tessera train nodule --two-stage``: crop bank, teacher, distilled student, calibration, artifacts."""
+    from services.nodule.classifier import load_crop_net
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args([a for a in argv if a != "--two-stage"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    plan = QUICK_FP_PLAN if args.quick else FpPlan()
+    overrides = {key: getattr(args, key) for key in ("train_studies", "validation_studies", "teacher_steps",
+                                                      "student_steps", "batch_size", "max_candidates", "seed",
+                                                      "teacher_seconds", "student_seconds", "learning_rate",
+                                                      "distillation_weight") if getattr(args, key) is not None}
+    plan = replace(plan, **overrides)
+    if args.output is None:
+        from shared.config import get_settings
+
+        args.output = get_settings().models_dir / "nodule"
+    device = str(resolve_device(args.device))
+    torch.manual_seed(plan.seed)
+    rng = np.random.default_rng(plan.seed)
+    started = time.perf_counter()
+    bank = build_crop_bank("train", plan.train_studies, plan, args.cache_dir)
+    logger.info("crop bank: %d crops (%d positive) in %.0f s", len(bank.labels), int(bank.labels.sum()),
+                time.perf_counter() - started)
+    trained: list[tuple[str, CropNet, StageLog]] = []
+    if args.teacher_from:
+        teacher, _ = load_crop_net(args.teacher_from, device)
+    else:
+        teacher, teacher_log = train_classifier(TEACHER_CROP_CONFIG, bank, plan, plan.teacher_steps,
+                                                plan.teacher_seconds, rng, "teacher", device)
+        trained.append(("teacher", teacher, teacher_log))
+    soft = teacher_probabilities(teacher, bank, device)
+    student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, plan.student_steps, plan.student_seconds,
+                                            rng, "student", device, soft_targets=soft)
+    trained.append(("student", student, student_log))
+    validation = [simulate_study(replace(split_config("validation", seed), shape=plan.study_shape))
+                  for seed in split_seeds("validation", plan.validation_studies)]
+    rebuild = " ".join(["tessera train nodule", *[a for a in argv if a != "--force"]])
+    for role, net, log in trained:
+        calibration = calibrate_two_stage(net, validation, plan.max_candidates, f"nodule-{role}-v3-calibration",
+                                          device)
+        teacher_dir = args.teacher_from or args.output / "teacher" / args.version
+        extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" else ""
+        directory = write_two_stage(net, role, args.version, args.output, calibration, log, plan, rebuild, bank,
+                                    force=args.force, extra=extra)
+        summary = calibration.summary
+        print(f"{directory}: {parameter_count(net):,} params, validation sensitivity {summary.sensitivity.value:.3f} "
+              f"specificity {summary.specificity.value:.3f} CPM {summary.cpm.value:.3f} "
+              f"threshold {calibration.settings.report_threshold:.3f} reach {calibration.candidate_recall:.3f}",
+              flush=True)
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The v3 two-stage nodule detector: blob candidates on a simulated volume, the crop classifier through the
+runtime, distillation, region-grow measurements, and a --quick artifact served by detect_series."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_runtime.runtime import ModelRuntime
+from services.nodule.candidates import generate_candidates, scan_candidates
+from services.nodule.classifier import (
+    CROP_SIZE,
+    STUDENT_CROP_CONFIG,
+    TEACHER_CROP_CONFIG,
+    CropNet,
+    classifier_model_spec,
+    crop_tensors,
+    extract_crops,
+    is_two_stage,
+    parameter_count,
+)
+from services.nodule.detect import detect_series, load_detector, two_stage_settings_for
+from services.nodule.evaluation import volume_from_simulated
+from services.nodule.simulate import SimulationConfig, simulate_study
+from services.nodule.training_fp import (
+    BANK_CROP,
+    QUICK_FP_PLAN,
+    CropBank,
+    augment_crops,
+    main,
+    teacher_probabilities,
+    train_classifier,
+)
+from services.nodule.two_stage import segment_candidate
+
+ONE_SOLID = SimulationConfig(seed=11, shape=(48, 192, 192), nodule_count=(1, 1), no_nodule_probability=0.0,
+                             nodule_diameter_mm=(10.0, 12.0), type_weights=(1.0, 0.0, 0.0),
+                             juxta_pleural_fraction=0.0, juxta_vascular_fraction=0.0, noise_sd_hu=(15.0, 15.0))
+
+
+def test_candidates_find_a_simulated_solid_nodule_among_the_first_few() -> None:
+    study = simulate_study(ONE_SOLID)
+    assert len(study.nodules) == 1
+    truth = study.nodules[0]
+    candidates = generate_candidates(study.hu, study.spacing_mm, max_candidates=48)
+    assert 0 < len(candidates) <= 48
+    spacing = np.asarray(study.spacing_mm)
+    distances = [float(np.linalg.norm((np.asarray(c.centre_voxel) - truth.center_voxel) * spacing)) for c in candidates]
+    hits = [rank for rank, distance in enumerate(distances) if distance <= truth.long_axis_mm / 2]
+    assert hits and hits[0] < 5, (hits, distances[:5])
+    assert 3.0 <= candidates[hits[0]].radius_mm <= 12.0
+
+
+def test_candidates_of_an_empty_volume_are_none() -> None:
+    hu = np.full((24, 64, 64), 40.0, dtype=np.float32)  # soft tissue only: no lungs
+    scan = scan_candidates(hu, (2.0, 0.8, 0.8))
+    assert scan.candidates == [] and scan.iso.ndim == 3
+
+
+def test_crops_are_centred_and_air_padded() -> None:
+    iso = np.full((40, 40, 40), -900.0, dtype=np.float32)
+    iso[20, 20, 20] = 100.0
+    crops = extract_crops(iso, np.array([[20, 20, 20], [0, 0, 0]]))
+    assert crops.shape == (2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
+    assert crops[0][CROP_SIZE // 2, CROP_SIZE // 2, CROP_SIZE // 2] == 100.0
+    assert crops[1][0, 0, 0] == -1000.0  # outside the volume
+
+
+def test_student_has_at_least_80_percent_fewer_parameters() -> None:
+    teacher, student = parameter_count(CropNet(TEACHER_CROP_CONFIG)), parameter_count(CropNet(STUDENT_CROP_CONFIG))
+    assert student <= 0.2 * teacher
+
+
+def test_classifier_spec_batches_crops_through_the_runtime() -> None:
+    torch.manual_seed(0)
+    net = CropNet(STUDENT_CROP_CONFIG).eval()
+    crops = np.random.default_rng(0).uniform(-1000, 200, (12, CROP_SIZE, CROP_SIZE, CROP_SIZE)).astype(np.float32)
+    tensors = crop_tensors(crops)
+
+    async def run() -> tuple[list[float], dict[str, object]]:
+        runtime = ModelRuntime()
+        try:
+            await runtime.load(classifier_model_spec("crop-test", net=net, max_batch_size=8))
+            answers = await asyncio.gather(*(runtime.predict("crop-test", crop) for crop in tensors))
+            return [float(a.reshape(-1)[0]) for a in answers], runtime.stats()["crop-test"]
+        finally:
+            await runtime.close()
+
+    probabilities, _ = asyncio.run(run())
+    with torch.inference_mode():
+        direct = torch.sigmoid(net(torch.stack(list(tensors))))[:, 0].tolist()
+    assert np.allclose(probabilities, direct, atol=1e-5)
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+
+
+def _bank(rng: np.random.Generator, count: int = 16) -> CropBank:
+    crops = rng.uniform(0, 0.2, (count, BANK_CROP, BANK_CROP, BANK_CROP)).astype(np.float16)
+    labels = (np.arange(count) % 2).astype(np.float32)
+    crops[labels > 0, 14:22, 14:22, 14:22] = 0.85  # a bright blob in the positives
+    return CropBank(crops, labels, np.ones(count, bool))
+
+
+def test_distillation_step_uses_the_teacher_soft_labels() -> None:
+    rng = np.random.default_rng(0)
+    bank = _bank(rng)
+    plan = replace(QUICK_FP_PLAN, batch_size=8, learning_rate=5e-3)
+    teacher, log = train_classifier(TEACHER_CROP_CONFIG, bank, plan, 3, 0.0, rng, "teacher")
+    assert log.steps == 3 and np.isfinite(log.final_loss)
+    soft = teacher_probabilities(teacher, bank)
+    assert soft.shape == (len(bank.labels),) and ((soft >= 0) & (soft <= 1)).all()
+    student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, 3, 0.0, rng, "student", soft_targets=soft)
+    assert student_log.steps == 3 and np.isfinite(student_log.final_loss)
+    assert augment_crops(bank.crops[:2], rng, 30.0).shape == (2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
+
+
+def test_segmentation_measures_a_ball() -> None:
+    spacing = (1.5, 0.7, 0.7)
+    shape = (32, 80, 80)
+    grids = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, (16, 40, 40), spacing, strict=True)],
+                        indexing="ij")
+    hu = np.full(shape, -850.0, dtype=np.float32)
+    hu[sum(g ** 2 for g in grids) <= 5.0 ** 2] = 30.0
+    window, mask, centre = segment_candidate(hu, spacing, (16.0, 41.0, 39.0), 4.0)
+    assert np.allclose(centre, (16, 40, 40), atol=0.6)
+    volume = mask.sum() * np.prod(spacing)
+    assert abs(volume - 4 / 3 * np.pi * 125) / (4 / 3 * np.pi * 125) < 0.2
+
+
+def test_quick_two_stage_artifacts_are_served_by_detect_series(tmp_path: Path) -> None:
+    assert main(["--two-stage", "--quick", "--output", str(tmp_path)]) == 0
+    student = tmp_path / "student" / "v3"
+    assert is_two_stage(student) and (student / "MODEL_CARD.md").exists()
+    assert "SIMULATED" in (student / "MODEL_CARD.md").read_text()
+    study = simulate_study(ONE_SOLID)
+    volume = volume_from_simulated(study)
+
+    async def run() -> object:
+        runtime = ModelRuntime()
+        try:
+            await load_detector(runtime, role="student", artifact_dir=str(student))
+            assert two_stage_settings_for(runtime, "nodule-student") is not None
+            return await detect_series(volume, runtime=runtime, min_confidence=0.0)
+        finally:
+            await runtime.close()
+
+    findings = asyncio.run(run())
+    assert findings.labels.shape == study.hu.shape  # type: ignore[attr-defined]
+    assert len(findings.nodules) >= 1  # type: ignore[attr-defined]
+    assert all(n.long_axis_mm > 0 and n.volume_mm3 > 0 for n in findings.nodules)  # type: ignore[attr-defined]
