@@ -299,6 +299,8 @@ class EdgeGateway:
         self._upstream = new_client(f"{config.gateway_id}-upstream")
         self._upstream.max_queued_messages_set(UPSTREAM_QUEUE)
         self._upstream.on_connect = _log_connection("upstream")
+        self._local.on_disconnect = _log_disconnection("local")
+        self._upstream.on_disconnect = _log_disconnection("upstream")
 
     def start(self) -> None:
         """Connect to both brokers (in the background; both retry until they answer)."""
@@ -379,6 +381,13 @@ def _log_connection(which: str) -> Any:
         else:
             logger.info("edge: connected to the %s broker", which)
     return on_connect
+
+
+def _log_disconnection(which: str) -> Any:
+    def on_disconnect(_client: mqtt.Client, _userdata: Any, _flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
+                      _properties: Properties | None) -> None:
+        logger.warning("edge: lost the %s broker (%s); reconnecting in the background", which, reason_code)
+    return on_disconnect
 
 
 def run_gateway(config: EdgeConfig, stop: threading.Event) -> None:
