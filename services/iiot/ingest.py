@@ -39,14 +39,16 @@ from sqlalchemy.orm import Session
 
 from services.iiot.db import Ingest, QuarantinedRow, Sensor
 from services.iiot.readers import CHUNK_ROWS, FileRefused, FileShape, SourceChunk, file_shape, read_chunks
-from services.iiot.store import dialect_of, stored_lookup, write_quarantine, write_readings
+from services.iiot.store import BinaryRows, binary_rows, dialect_of, stored_lookup, write_quarantine, write_readings
 from services.iiot.validation import (
     LONG_COLUMNS,
     Checked,
+    Ordered,
     Registry,
     check_rows,
     check_watermarks,
     empty_quarantine,
+    order_rows,
 )
 from shared.config import get_settings
 from shared.db import after_commit, session_scope, utcnow
@@ -85,24 +87,61 @@ class ChunkOutcome:
 
 # --- the one validation-and-write path ------------------------------------------------------------------
 
+@dataclass
+class PreparedChunk:
+    """What a chunk needs before the database is asked anything: :func:`check_rows`, the kept rows in
+    storage order and, for PostgreSQL, encoded for binary COPY (made in the read-ahead thread)."""
+
+    checked: Checked
+    ordered: Ordered
+    binary: BinaryRows | None = None
+
+
+def prepare_chunk(chunk: SourceChunk, registry: Registry, ingest_pk: int | None = None) -> PreparedChunk:
+    """Validate ``chunk`` against ``registry`` and order its kept rows; with ``ingest_pk``, encode them too."""
+    checked = check_rows(chunk.frame, registry)
+    ordered = order_rows(checked.kept)
+    binary = None if ingest_pk is None else binary_rows(ordered.pks, ordered.micros, ordered.values, ingest_pk)
+    return PreparedChunk(checked, ordered, binary)
+
+
 def process_chunk(session: Session, *, tenant_id: str, source: str, ingest_pk: int, registry: Registry,
-                  chunk: SourceChunk, checked: Checked | None = None) -> ChunkOutcome:
+                  chunk: SourceChunk, prepared: PreparedChunk | None = None) -> ChunkOutcome:
     """Validate ``chunk`` and write its readings and quarantine in ``session`` (not committed).
 
-    ``checked``: :func:`check_rows` of the chunk when already done (by the prefetching thread).
+    ``prepared``: :func:`prepare_chunk` of it when already done (by the read-ahead thread).
     Locks the sensors it writes (``FOR UPDATE`` on PostgreSQL; SQLite has one writer) before reading
     their watermarks, so concurrent ingestions of one sensor keep its watermark consistent.
     """
-    checked = checked if checked is not None else check_rows(chunk.frame, registry)
-    watermarks, counts = lock_sensors(session, np.unique(checked.kept["sensor_pk"].to_numpy(np.int64)))
-    ordered = check_watermarks(checked.kept, watermarks, stored_lookup(session), registry)
+    prepared = prepared if prepared is not None else prepare_chunk(chunk, registry)
+    locked = lock_sensors(session, prepared.ordered.sensors)
+    outcome, moves = write_chunk(session, tenant_id=tenant_id, source=source, ingest_pk=ingest_pk,
+                                 registry=registry, chunk=chunk, prepared=prepared, locked=locked)
+    _advance_sensors(session, *moves)
+    return outcome
+
+
+SensorMoves = tuple[dict[int, datetime], dict[int, int], dict[int, datetime | None], dict[int, int]]
+"""New watermarks and added counts per sensor, beside their locked values (:func:`_advance_sensors`)."""
+
+
+def write_chunk(session: Session, *, tenant_id: str, source: str, ingest_pk: int, registry: Registry,
+                chunk: SourceChunk, prepared: PreparedChunk,
+                locked: tuple[dict[int, datetime | None], dict[int, int]]) -> tuple[ChunkOutcome, SensorMoves]:
+    """:func:`process_chunk` once its sensors are locked (``locked``: their watermarks and counts),
+    short of moving the sensors (returned for the caller to write)."""
+    watermarks, counts = locked
+    ordered = check_watermarks(prepared.ordered, watermarks, stored_lookup(session), registry)
     written = ordered.kept.assign(ingest_pk=ingest_pk)
-    write_readings(session, written)
-    quarantined = _quarantine_rows(chunk, checked, ordered, registry)
+    binary = prepared.binary
+    if binary is not None and ordered.keep is not None and not ordered.keep.all():
+        binary = binary[ordered.keep]
+    write_readings(session, written, binary)
+    quarantined = _quarantine_rows(chunk, prepared.checked, ordered, registry)
     write_quarantine(session, tenant_id, source, ingest_pk, quarantined)
-    _advance_sensors(session, ordered.watermarks, ordered.counts, watermarks, counts)
-    return ChunkOutcome(kept=len(written), quarantined=len(quarantined), gaps=ordered.gaps,
-                        reasons=Counter(quarantined["reason"].tolist()))
+    outcome = ChunkOutcome(kept=len(written), quarantined=len(quarantined), gaps=ordered.gaps,
+                           reasons=Counter(quarantined["reason"].tolist()))
+    return outcome, (ordered.watermarks, ordered.counts, watermarks, counts)
 
 
 def lock_sensors(session: Session, sensor_pks: Iterable[int]) -> tuple[dict[int, datetime | None], dict[int, int]]:
@@ -146,10 +185,9 @@ def _ids_by_pk(registry: Registry) -> dict[int, tuple[str, str]]:
 def _advance_sensors(session: Session, newest: dict[int, datetime], added: dict[int, int],
                      old_marks: dict[int, datetime | None], old_counts: dict[int, int]) -> None:
     """Move each written sensor's watermark and reading count (one executemany)."""
-    if not newest:
+    changes = _sensor_changes(newest, added, old_marks, old_counts)
+    if not changes:
         return
-    changes = [{"id": pk, "last_ts": _later(old_marks.get(pk), moment),
-                "reading_count": int(old_counts.get(pk) or 0) + added.get(pk, 0)} for pk, moment in newest.items()]
     if dialect_of(session) == "postgresql":  # one statement, not one per sensor
         session.execute(_UPDATE_SENSORS_PG, {"ids": [change["id"] for change in changes],
                                              "stamps": [change["last_ts"] for change in changes],
@@ -158,6 +196,16 @@ def _advance_sensors(session: Session, newest: dict[int, datetime], added: dict[
         session.execute(update(Sensor), changes)
 
 
+def _sensor_changes(newest: dict[int, datetime], added: dict[int, int], old_marks: dict[int, datetime | None],
+                    old_counts: dict[int, int]) -> list[dict[str, Any]]:
+    return [{"id": pk, "last_ts": _later(old_marks.get(pk), moment),
+             "reading_count": int(old_counts.get(pk) or 0) + added.get(pk, 0)} for pk, moment in newest.items()]
+
+
+_UPDATE_SENSORS_SQL = (
+    "UPDATE iiot_sensors AS sensor SET last_ts = moved.last_ts, reading_count = moved.reading_count "
+    "FROM unnest(%s::integer[], %s::timestamptz[], %s::bigint[]) AS moved(id, last_ts, reading_count) "
+    "WHERE sensor.id = moved.id")
 _UPDATE_SENSORS_PG = text(
     "UPDATE iiot_sensors AS sensor SET last_ts = moved.last_ts, reading_count = moved.reading_count "
     "FROM unnest(CAST(:ids AS integer[]), CAST(:stamps AS timestamptz[]), CAST(:counts AS bigint[])) "
@@ -320,21 +368,34 @@ def run_file_ingest(session: Session, job: Job) -> dict[str, Any]:
     return summary(ingest)
 
 
+@dataclass
+class _Checkpoint:
+    """The ingestion as the chunk loop knows it (the ORM object expires at each commit; reading it
+    again would cost two round trips a chunk)."""
+
+    ingest_pk: int
+    tenant_id: str
+    rows_done: int
+
+
 def _ingest_chunks(session: Session, job: Job, ingest: Ingest, path: Path, shape: FileShape) -> None:
     registry = Registry.load(session, ingest.tenant_id)
     limit = get_settings().iiot_max_upload_bytes
     chunk_rows = int(job.payload.get("chunk_rows") or CHUNK_ROWS)  # smaller in tests of resumption
-    chunks = read_chunks(path, shape, skip=ingest.rows_done, chunk_rows=chunk_rows, max_decompressed_bytes=limit)
-    with prefetched((chunk, check_rows(chunk.frame, registry)) for chunk in chunks) as checked_chunks:
+    job_id, state = job.id, _Checkpoint(ingest.id, ingest.tenant_id, ingest.rows_done)
+    encode_for = state.ingest_pk if dialect_of(session) == "postgresql" else None
+    chunks = read_chunks(path, shape, skip=state.rows_done, chunk_rows=chunk_rows, max_decompressed_bytes=limit)
+    with prefetched((chunk, prepare_chunk(chunk, registry, encode_for)) for chunk in chunks) as prepared_chunks:
         reported = time.monotonic()
-        for chunk, checked in checked_chunks:
-            if not _commit_chunk(session, ingest, registry, chunk, checked):
+        for chunk, prepared in prepared_chunks:
+            if not _commit_chunk(session, state, registry, chunk, prepared):
                 logger.warning("ingest %s: chunk ending at %s was committed by another worker; stopping",
-                               ingest.id, chunk.end_position)
-                return
+                               state.ingest_pk, chunk.end_position)
+                break
             if time.monotonic() - reported >= PROGRESS_EVERY_S:
-                report_progress(job.id, chunk.progress)  # also the job's heartbeat: it renews the lease
+                report_progress(job_id, chunk.progress)  # also the job's heartbeat: it renews the lease
                 reported = time.monotonic()
+    session.refresh(ingest)
 
 
 @contextlib.contextmanager
@@ -386,28 +447,75 @@ def _put(handoff: queue.Queue[tuple[str, Any]], entry: tuple[str, Any], stop: th
     return False
 
 
-def _commit_chunk(session: Session, ingest: Ingest, registry: Registry, chunk: SourceChunk,
-                  checked: Checked) -> bool:
+def _commit_chunk(session: Session, state: _Checkpoint, registry: Registry, chunk: SourceChunk,
+                  prepared: PreparedChunk) -> bool:
     """Write one chunk and move the checkpoint past it, all in one transaction; False if another
-    worker had already moved it (nothing written then)."""
-    if dialect_of(session) == "postgresql":
-        # The checkpoint commits with the rows: a commit lost to a crash is redone from the one
-        # before, so this transaction need not wait for its WAL flush.
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-    moved = cast(CursorResult[Any], session.execute(
-        update(Ingest).where(Ingest.id == ingest.id, Ingest.rows_done == ingest.rows_done)
-        .values(rows_done=chunk.end_position)))
-    if moved.rowcount != 1:
-        session.rollback()
-        return False
-    outcome = process_chunk(session, tenant_id=ingest.tenant_id, source="file", ingest_pk=ingest.id,
-                            registry=registry, chunk=chunk, checked=checked)
-    session.execute(update(Ingest).where(Ingest.id == ingest.id).values(
-        rows_read=Ingest.rows_read + chunk.rows_read, rows_kept=Ingest.rows_kept + outcome.kept,
-        rows_quarantined=Ingest.rows_quarantined + outcome.quarantined, gaps=Ingest.gaps + outcome.gaps))
+    worker had already moved it (nothing written then).
+
+    On PostgreSQL the statements around the COPY go in two pipelines (psycopg's pipeline mode: one
+    round trip each): the checkpoint's compare-and-set with the sensors' locks, then the sensors'
+    watermarks with the ingestion's counters; then the commit. Four round trips a chunk with the
+    COPY, eleven before: with the box's cores shared, each one waits for the server to be scheduled.
+    """
+    if dialect_of(session) != "postgresql":
+        moved = cast(CursorResult[Any], session.execute(
+            update(Ingest).where(Ingest.id == state.ingest_pk, Ingest.rows_done == state.rows_done)
+            .values(rows_done=chunk.end_position)))
+        if moved.rowcount != 1:
+            session.rollback()
+            return False
+        outcome = process_chunk(session, tenant_id=state.tenant_id, source="file", ingest_pk=state.ingest_pk,
+                                registry=registry, chunk=chunk, prepared=prepared)
+        session.execute(update(Ingest).where(Ingest.id == state.ingest_pk).values(
+            rows_read=Ingest.rows_read + chunk.rows_read, rows_kept=Ingest.rows_kept + outcome.kept,
+            rows_quarantined=Ingest.rows_quarantined + outcome.quarantined, gaps=Ingest.gaps + outcome.gaps))
+    else:
+        locked = _claim_chunk_pg(session, state, chunk, prepared.ordered.sensors)
+        if locked is None:
+            session.rollback()
+            return False
+        outcome, moves = write_chunk(session, tenant_id=state.tenant_id, source="file", ingest_pk=state.ingest_pk,
+                                     registry=registry, chunk=chunk, prepared=prepared, locked=locked)
+        _finish_chunk_pg(session, state, chunk, outcome, moves)
     session.commit()
-    session.refresh(ingest)
+    state.rows_done = chunk.end_position
     return True
+
+
+def _claim_chunk_pg(session: Session, state: _Checkpoint, chunk: SourceChunk, sensor_pks: Any,
+                    ) -> tuple[dict[int, datetime | None], dict[int, int]] | None:
+    """One round trip: this transaction skips the WAL flush wait (the checkpoint commits with the rows:
+    a commit lost to a crash is redone from the one before), moves the checkpoint by compare-and-set
+    and locks the chunk's sensors. None when another worker moved the checkpoint first."""
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    with connection.cursor() as settings, connection.cursor() as claim, connection.cursor() as lock:
+        with connection.pipeline():
+            settings.execute("SET LOCAL synchronous_commit TO OFF")
+            claim.execute("UPDATE iiot_ingests SET rows_done = %s WHERE id = %s AND rows_done = %s",
+                          (chunk.end_position, state.ingest_pk, state.rows_done))
+            lock.execute("SELECT id, last_ts, reading_count FROM iiot_sensors WHERE id = ANY(%s) ORDER BY id "
+                         "FOR UPDATE", ([int(pk) for pk in sensor_pks],))
+        if claim.rowcount != 1:
+            return None
+        rows = lock.fetchall()
+    return {int(row[0]): row[1] for row in rows}, {int(row[0]): int(row[2] or 0) for row in rows}
+
+
+def _finish_chunk_pg(session: Session, state: _Checkpoint, chunk: SourceChunk, outcome: ChunkOutcome,
+                     moves: SensorMoves) -> None:
+    """One round trip: the sensors' new watermarks and counts, and the ingestion's counters."""
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    changes = _sensor_changes(*moves)
+    with connection.cursor() as sensors, connection.cursor() as counters, connection.pipeline():
+        if changes:
+            sensors.execute(_UPDATE_SENSORS_SQL, ([change["id"] for change in changes],
+                                                  [change["last_ts"] for change in changes],
+                                                  [change["reading_count"] for change in changes]))
+        counters.execute("UPDATE iiot_ingests SET rows_read = rows_read + %s, rows_kept = rows_kept + %s, "
+                         "rows_quarantined = rows_quarantined + %s, gaps = gaps + %s WHERE id = %s",
+                         (chunk.rows_read, outcome.kept, outcome.quarantined, outcome.gaps, state.ingest_pk))
 
 
 def _close(session: Session, ingest: Ingest, path: Path, *, error: str | None) -> None:

@@ -55,29 +55,49 @@ def sorted_for_storage(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[np.lexsort((micros, pks))]
 
 
-def write_readings(session: Session, frame: pd.DataFrame) -> int:
+def write_readings(session: Session, frame: pd.DataFrame, binary: BinaryRows | None = None) -> int:
     """Append readings (``sensor_pk``, ``ts`` UTC, ``value``, ``ingest_pk``) in ``session``'s transaction.
 
-    Sorted by ``(sensor_pk, ts)`` first. Returns the number of rows written.
+    Sorted by ``(sensor_pk, ts)`` first. ``binary``: the same rows already encoded by
+    :func:`binary_rows` (the ingestion job encodes in its read-ahead thread), used on PostgreSQL.
+    Returns the number of rows written.
     """
     if frame.empty:
         return 0
-    frame = sorted_for_storage(frame)
     if dialect_of(session) == "postgresql":
-        _copy_postgres(session, frame)
+        if binary is None or len(binary) != len(frame):
+            frame = sorted_for_storage(frame)
+            binary = binary_rows(frame["sensor_pk"].to_numpy(np.int64), epoch_micros(frame["ts"]),
+                                 frame["value"].to_numpy(np.float64), frame["ingest_pk"].to_numpy(np.int64))
+        _copy_postgres(session, binary if COPY_FORMAT == "binary" else sorted_for_storage(frame))
     else:
-        _executemany_sqlite(session, frame)
+        _executemany_sqlite(session, sorted_for_storage(frame))
     return len(frame)
+
+
+BinaryRows = npt.NDArray[np.void]
+"""Rows in PostgreSQL's binary COPY layout (:data:`_BINARY_ROW`), 42 bytes each."""
+_BINARY_TEMPLATE = np.zeros(1, dtype=_BINARY_ROW)
+_BINARY_TEMPLATE["fields"], _BINARY_TEMPLATE["pk_len"], _BINARY_TEMPLATE["ts_len"] = 4, 4, 8
+_BINARY_TEMPLATE["value_len"], _BINARY_TEMPLATE["ingest_len"] = 8, 4
+
+
+def binary_rows(sensor_pks: npt.NDArray[np.int64], micros: npt.NDArray[np.int64], values: npt.NDArray[np.float64],
+                ingest_pks: npt.NDArray[np.int64] | int) -> BinaryRows:
+    """Readings (``ts`` as epoch microseconds) in PostgreSQL's binary COPY row layout, built by numpy
+    alone: a template row repeated, then the four values written in (big-endian) place."""
+    rows = np.repeat(_BINARY_TEMPLATE, len(sensor_pks))
+    rows["pk"] = sensor_pks
+    rows["ts"] = micros - _PG_EPOCH_MICROS
+    rows["value"] = values
+    rows["ingest"] = ingest_pks
+    return rows
 
 
 def encode_binary_copy(frame: pd.DataFrame) -> bytes:
     """Rows in PostgreSQL's binary COPY format (header, rows, trailer), built with numpy alone."""
-    rows = np.empty(len(frame), dtype=_BINARY_ROW)
-    rows["fields"], rows["pk_len"], rows["ts_len"], rows["value_len"], rows["ingest_len"] = 4, 4, 8, 8, 4
-    rows["pk"] = frame["sensor_pk"].to_numpy(np.int64)
-    rows["ts"] = epoch_micros(frame["ts"]) - _PG_EPOCH_MICROS
-    rows["value"] = frame["value"].to_numpy(np.float64)
-    rows["ingest"] = frame["ingest_pk"].to_numpy(np.int64)
+    rows = binary_rows(frame["sensor_pk"].to_numpy(np.int64), epoch_micros(frame["ts"]),
+                       frame["value"].to_numpy(np.float64), frame["ingest_pk"].to_numpy(np.int64))
     return _BINARY_HEADER + rows.tobytes() + _BINARY_TRAILER
 
 
@@ -98,21 +118,21 @@ def timestamp_texts(ts: pd.Series, suffix: str = "") -> list[str]:
     return list(formatted[codes].tolist())
 
 
-def _copy_postgres(session: Session, frame: pd.DataFrame) -> None:
+def _copy_postgres(session: Session, rows: BinaryRows | pd.DataFrame) -> None:
+    """COPY ``rows`` (binary rows, or a frame in the text format) in the session's transaction."""
     connection = session.connection().connection.driver_connection
     assert connection is not None
     columns = "sensor_pk, ts, value, ingest_pk"
     options = "(FORMAT binary)" if COPY_FORMAT == "binary" else "(FORMAT text)"
     with connection.cursor() as cursor, cursor.copy(f"COPY iiot_readings ({columns}) FROM STDIN {options}") as copy:
-        if COPY_FORMAT == "binary":
-            copy.write(_BINARY_HEADER)
-            for start in range(0, len(frame), COPY_BUFFER_ROWS):
-                copy.write(encode_binary_copy(frame.iloc[start:start + COPY_BUFFER_ROWS])
-                           [len(_BINARY_HEADER):-len(_BINARY_TRAILER)])
-            copy.write(_BINARY_TRAILER)
-        else:
-            for start in range(0, len(frame), COPY_BUFFER_ROWS):
-                copy.write(encode_text_copy(frame.iloc[start:start + COPY_BUFFER_ROWS]))
+        if isinstance(rows, pd.DataFrame):
+            for start in range(0, len(rows), COPY_BUFFER_ROWS):
+                copy.write(encode_text_copy(rows.iloc[start:start + COPY_BUFFER_ROWS]))
+            return
+        copy.write(_BINARY_HEADER)
+        for start in range(0, len(rows), COPY_BUFFER_ROWS):
+            copy.write(rows[start:start + COPY_BUFFER_ROWS].view(np.uint8).data)  # no copy
+        copy.write(_BINARY_TRAILER)
 
 
 def _executemany_sqlite(session: Session, frame: pd.DataFrame) -> None:

@@ -148,6 +148,8 @@ class Checked:
     """The new watermark of each sensor with kept rows."""
     counts: dict[int, int] = field(default_factory=dict)
     """Kept readings per sensor."""
+    keep: npt.NDArray[np.bool_] | None = None
+    """:func:`check_watermarks`: which rows of its :class:`Ordered` input are kept."""
 
 
 def empty_quarantine() -> QuarantineFrame:
@@ -372,22 +374,52 @@ def _check_ranges(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry
             f"{values[index]:g} outside [{low[index]:g}, {high[index]:g}]" for index in rows.index])
 
 
-def check_watermarks(kept: KeptFrame, watermarks: dict[int, datetime | None], stored: StoredLookup,
+@dataclass
+class Ordered:
+    """Kept rows sorted by ``(sensor_pk, ts, row_number)`` as arrays: what :func:`check_watermarks`
+    takes. Needs no database, so the ingestion job makes it in its read-ahead thread."""
+
+    pks: npt.NDArray[np.int64]
+    micros: npt.NDArray[np.int64]
+    numbers: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    same_as_previous: npt.NDArray[np.bool_]
+    """The row repeats the previous one's ``(sensor, ts)``: a duplicate within the batch."""
+
+    @cached_property
+    def sensors(self) -> npt.NDArray[np.int64]:
+        """The distinct sensor pks, ascending."""
+        if not len(self.pks):
+            return np.zeros(0, dtype=np.int64)
+        return self.pks[np.flatnonzero(np.append(True, self.pks[1:] != self.pks[:-1]))]
+
+
+def order_rows(kept: KeptFrame) -> Ordered:
+    """:func:`check_rows`' kept rows sorted by ``(sensor_pk, ts, row_number)``."""
+    pks, micros = kept["sensor_pk"].to_numpy(np.int64), epoch_micros(kept["ts"])
+    numbers = kept["row_number"].to_numpy(np.int64)
+    order = np.lexsort((numbers, micros, pks))
+    pks, micros, numbers = pks[order], micros[order], numbers[order]
+    same_as_previous = np.zeros(len(pks), dtype=bool)
+    same_as_previous[1:] = (pks[1:] == pks[:-1]) & (micros[1:] == micros[:-1])
+    return Ordered(pks=pks, micros=micros, numbers=numbers, values=kept["value"].to_numpy(np.float64)[order],
+                   same_as_previous=same_as_previous)
+
+
+def check_watermarks(kept: KeptFrame | Ordered, watermarks: dict[int, datetime | None], stored: StoredLookup,
                      registry: Registry) -> Checked:
     """Refuse duplicates and out-of-order rows against each sensor's watermark; count gaps.
 
-    ``kept`` comes from :func:`check_rows`; ``watermarks`` maps sensor pk → its stored watermark;
-    ``stored`` answers whether a late ``(sensor, ts)`` is already stored. Returns the rows to write
-    sorted by ``(sensor_pk, ts)``, the refused ones, the gap count and the new watermarks.
+    ``kept`` comes from :func:`check_rows` (or :func:`order_rows` of it); ``watermarks`` maps sensor
+    pk → its stored watermark; ``stored`` answers whether a late ``(sensor, ts)`` is already stored.
+    Returns the rows to write sorted by ``(sensor_pk, ts)`` (``keep``: which of the ordered rows they
+    are), the refused ones, the gap count and the new watermarks.
     """
-    order = np.lexsort((kept["row_number"].to_numpy(np.int64), epoch_micros(kept["ts"]),
-                        kept["sensor_pk"].to_numpy(np.int64)))
-    pks, micros = kept["sensor_pk"].to_numpy(np.int64)[order], epoch_micros(kept["ts"])[order]
-    numbers, values = kept["row_number"].to_numpy(np.int64)[order], kept["value"].to_numpy(np.float64)[order]
+    ordered = kept if isinstance(kept, Ordered) else order_rows(kept)
+    pks, micros, numbers, values = ordered.pks, ordered.micros, ordered.numbers, ordered.values
     marks = _watermark_micros(pks, watermarks)
     late = micros <= marks
-    same_as_previous = np.zeros(len(pks), dtype=bool)
-    same_as_previous[1:] = (pks[1:] == pks[:-1]) & (micros[1:] == micros[:-1])
+    same_as_previous = ordered.same_as_previous
     already_stored = np.zeros(len(pks), dtype=bool)
     lookup = late & ~same_as_previous
     if lookup.any():
@@ -401,11 +433,16 @@ def check_watermarks(kept: KeptFrame, watermarks: dict[int, datetime | None], st
                            "older than the sensor's newest stored reading").astype(object),
         "asset_id": None, "sensor_id": None})
     keep = ~refused
-    written = pd.DataFrame({"sensor_pk": pks[keep], "ts": micros_to_ts(micros[keep]), "value": values[keep],
-                            "row_number": numbers[keep]})
-    newest, counts = _per_sensor(pks[keep], micros[keep])
-    gaps = count_gaps(pks[keep], micros[keep], marks[keep], registry)
-    return Checked(kept=written, quarantined=quarantined, gaps=gaps, watermarks=newest, counts=counts)
+    if keep.all():
+        kept_pks, kept_micros, kept_numbers, kept_values, kept_marks = pks, micros, numbers, values, marks
+    else:
+        kept_pks, kept_micros, kept_numbers = pks[keep], micros[keep], numbers[keep]
+        kept_values, kept_marks = values[keep], marks[keep]
+    written = pd.DataFrame({"sensor_pk": kept_pks, "ts": micros_to_ts(kept_micros), "value": kept_values,
+                            "row_number": kept_numbers})
+    newest, counts = _per_sensor(kept_pks, kept_micros)
+    gaps = count_gaps(kept_pks, kept_micros, kept_marks, registry)
+    return Checked(kept=written, quarantined=quarantined, gaps=gaps, watermarks=newest, counts=counts, keep=keep)
 
 
 def micros_to_ts(micros: npt.NDArray[np.int64]) -> pd.Series:
@@ -434,10 +471,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _watermark_micros(pks: npt.NDArray[np.int64], watermarks: dict[int, datetime | None]) -> npt.NDArray[np.int64]:
-    """Each row's sensor watermark in epoch microseconds (the int64 minimum where there is none)."""
-    unique, inverse = np.unique(pks, return_inverse=True)
-    per_sensor = np.array([_micros_of(watermarks.get(int(pk))) for pk in unique], dtype=np.int64)
-    return per_sensor[inverse] if len(unique) else np.zeros(0, dtype=np.int64)
+    """Each row's sensor watermark in epoch microseconds (the int64 minimum where there is none);
+    ``pks`` sorted."""
+    if not len(pks):
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.append(True, pks[1:] != pks[:-1]))
+    per_sensor = np.array([_micros_of(watermarks.get(int(pk))) for pk in pks[starts].tolist()], dtype=np.int64)
+    return np.repeat(per_sensor, np.diff(np.append(starts, len(pks))))
 
 
 def _micros_of(moment: datetime | None) -> int:
