@@ -9,8 +9,8 @@
 - **AI4I 2020** (:func:`load_ai4i`): 10,000 synthetic milling processes, ``Machine failure`` as the
   label (3.39 %). CC BY 4.0, S. Matzka (AI4I 2020). The five failure-mode flags (TWF, HDF, PWF,
   OSF, RNF) nearly define the label and the ids say nothing, so neither is ever an input:
-  :func:`ai4i_features` builds the inputs from ``Type`` and the five process variables, plus the
-  standard physical combinations (power, temperature difference, strain).
+  :func:`ai4i_features` builds the inputs from ``Type`` (categorical, one-hot) and the five process
+  variables, plus the standard physical combinations (power, temperature difference, overstrain).
 
 Where the data sets are: ``datasets_dir`` from the settings when the platform has that setting,
 else ``<repo>/../shared/datasets``. A missing file raises :class:`DatasetError` naming it.
@@ -43,10 +43,12 @@ AI4I_LABEL = "Machine failure"
 AI4I_RAW_INPUTS = ("Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]",
                    "Tool wear [min]")
 AI4I_TYPES = ("L", "M", "H")
-AI4I_FEATURES = ("type_quality", "air_temperature_k", "process_temperature_k", "speed_rpm", "torque_nm",
-                 "tool_wear_min", "power_w", "temperature_difference_k", "strain_min_nm")
-"""Input columns of :func:`ai4i_features`: type as 0/1/2 (L/M/H), the five process variables, then
-power = torque x angular speed, process - air temperature, and tool wear x torque."""
+AI4I_FEATURES = ("type_l", "type_m", "type_h", "air_temperature_k", "process_temperature_k", "speed_rpm",
+                 "torque_nm", "tool_wear_min", "power_w", "temperature_difference_k", "strain_min_nm")
+"""Input columns of :func:`ai4i_features`: the product quality type as a categorical (one 0/1 column
+per L/M/H), the five process variables, then the physical combinations computed from them: mechanical
+power = torque x angular speed (W), process - air temperature (K), and tool wear x torque (the
+"overstrain", min Nm)."""
 
 
 class DatasetError(ValueError):
@@ -211,7 +213,7 @@ def _concatenate(parts: list[WindowSet]) -> WindowSet:
 
 @dataclass(frozen=True)
 class Ai4iData:
-    """AI4I 2020 inputs (:data:`AI4I_FEATURES`, float32 (N, 9)) and the machine-failure label (N,)."""
+    """AI4I 2020 inputs (:data:`AI4I_FEATURES`, float32 (N, 11)) and the machine-failure label (N,)."""
 
     x: npt.NDArray[np.float32]
     y: npt.NDArray[np.int64]
@@ -231,10 +233,11 @@ def load_ai4i(root: Path | None = None) -> Ai4iData:
 
 def ai4i_features(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
     """The :data:`AI4I_FEATURES` columns of raw AI4I rows (the mode flags are never read)."""
-    quality = frame["Type"].map({kind: float(i) for i, kind in enumerate(AI4I_TYPES)})
+    quality = frame["Type"].map({kind: i for i, kind in enumerate(AI4I_TYPES)})
     if quality.isna().any():
         raise DatasetError(f"unknown Type value(s): {sorted(set(frame['Type'][quality.isna()]))}")
+    one_hot = np.eye(len(AI4I_TYPES))[quality.to_numpy(np.int64)]
     air, process, speed, torque, wear = (frame[name].to_numpy(np.float64) for name in AI4I_RAW_INPUTS)
     power = torque * speed * 2.0 * np.pi / 60.0
-    columns = [quality.to_numpy(np.float64), air, process, speed, torque, wear, power, process - air, wear * torque]
+    columns = [*one_hot.T, air, process, speed, torque, wear, power, process - air, wear * torque]
     return np.column_stack(columns).astype(np.float32)

@@ -16,6 +16,12 @@ Architecture (:class:`SensorWindowNet`, sizes from :class:`SensorWindowConfig`):
   ``rul_hours`` (remaining useful life; a normalised regression times ``rul_scale``; for C-MAPSS
   the unit is cycles, see ``rul_unit``).
 
+- **Tabular rows** (``feature_tokens``, window 1: AI4I 2020): one token per input channel
+  (:class:`NumericTokens`, periodic embeddings) and a summary token; the attention runs over the
+  inputs and the pooling weights over them are the channel drivers.
+- **Convolutional front** (``conv_layers`` > 0; C-MAPSS): causal 1-D convolutions over time between
+  the step embedding and the attention.
+
 Inputs are named ``window`` ``(B, T, F)`` float32 and ``mask`` ``(B, T)`` float32 (1 = a reading);
 outputs ``p_failure`` ``(B,)``, ``rul_hours`` ``(B,)``, ``time_weights`` ``(B, T)`` and
 ``channel_weights`` ``(B, F)``. Two sizes (:data:`TIERS`): ``cloud`` and a tiny ``edge`` whose ONNX
@@ -90,6 +96,21 @@ class SensorWindowConfig:
     rul_unit: str = "hours"
     horizon_hours: float = 72.0
     """``p_failure`` is P(failure within this horizon)."""
+    feature_tokens: bool = False
+    """Tabular rows (``window`` 1, e.g. AI4I 2020): each channel is a token of its own and the
+    attention runs over the channels (FT-Transformer style) instead of over time steps; the
+    pooling weights over the channel tokens are the channel drivers."""
+    numeric_frequencies: int = 0
+    """Feature tokens: periodic embedding of each scalar (sin/cos of this many learned frequencies,
+    then a linear map and ReLU; Gorishniy et al. 2022, "On embeddings for numerical features"); 0: a
+    linear embedding (value x w + b)."""
+    frequency_sigma: float = 1.0
+    """Initial spread of the periodic embedding's frequencies (inputs are standardised)."""
+    conv_layers: int = 0
+    """Windows: causal 1-D convolutions over time (kernel ``conv_kernel``, residual, GELU) between the
+    step embedding and the attention, the convolutional front of the C-MAPSS literature (Li et al.
+    2018); 0: none (the shipped fleet models)."""
+    conv_kernel: int = 5
 
     def __post_init__(self) -> None:
         if not self.channels or len(set(self.channels)) != len(self.channels):
@@ -98,6 +119,8 @@ class SensorWindowConfig:
             raise ModelConfigError(f"d_model {self.d_model} must divide by heads {self.heads}")
         if self.window < 1 or self.rul_scale <= 0:
             raise ModelConfigError(f"window ({self.window}) must be >= 1 and rul_scale ({self.rul_scale}) > 0")
+        if self.feature_tokens and self.window != 1:
+            raise ModelConfigError(f"feature_tokens is for tabular rows (window 1), got window {self.window}")
 
     @classmethod
     def for_tier(cls, tier: Tier, channels: Sequence[str], **facts: Any) -> SensorWindowConfig:
@@ -138,6 +161,34 @@ class ChannelAttention(nn.Module):
         return F.softmax(self.score(summary).squeeze(-1) + self.channel_bias, dim=-1)
 
 
+class NumericTokens(nn.Module):
+    """One ``d``-wide token per scalar input: ``(B, F)`` -> ``(B, F, d)``.
+
+    Periodic (``frequencies`` > 0): ``ReLU(W_f [sin(2 pi c_f x), cos(2 pi c_f x)] + b_f)`` with learned
+    frequencies ``c_f`` per feature, which lets attention layers draw sharp thresholds on a scalar;
+    else linear: ``x w_f + b_f``.
+    """
+
+    def __init__(self, features: int, d: int, frequencies: int = 0, sigma: float = 1.0) -> None:
+        super().__init__()
+        self.frequencies = frequencies
+        if frequencies:
+            self.frequency = nn.Parameter(torch.randn(features, frequencies) * sigma)
+            self.weight = nn.Parameter(torch.randn(features, 2 * frequencies, d) / (2 * frequencies) ** 0.5)
+        else:
+            self.weight = nn.Parameter(torch.randn(features, d) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(features, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens of standardised scalars ``x`` (B, F)."""
+        if not self.frequencies:
+            return x[..., None] * self.weight + self.bias
+        angle = 2.0 * torch.pi * x[..., None] * self.frequency  # (B, F, k)
+        periodic = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)  # (B, F, 2k)
+        projected = torch.matmul(periodic.transpose(0, 1), self.weight).transpose(0, 1)  # (B, F, d)
+        return F.relu(projected + self.bias)
+
+
 class SensorWindowNet(nn.Module):
     """Attention over a sensor window: ``(window (B, T, F), mask (B, T))`` -> named outputs (see module doc)."""
 
@@ -150,9 +201,16 @@ class SensorWindowNet(nn.Module):
         channels, d = len(config.channels), config.d_model
         self.register_buffer("channel_mean", torch.zeros(channels))
         self.register_buffer("channel_std", torch.ones(channels))
-        self.channel_attention = ChannelAttention(channels) if config.channel_attention else None
-        self.embed = nn.Linear(channels + 1, d)  # + the step's validity flag
-        self.position = nn.Parameter(torch.randn(1, config.window, d) * 0.02)
+        self.channel_attention = (ChannelAttention(channels) if config.channel_attention and not config.feature_tokens
+                                  else None)
+        if config.feature_tokens:
+            self.tokens = NumericTokens(channels, d, config.numeric_frequencies, config.frequency_sigma)
+            self.summary_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        else:
+            self.embed = nn.Linear(channels + 1, d)  # + the step's validity flag
+            self.position = nn.Parameter(torch.randn(1, config.window, d) * 0.02)
+        self.convs = nn.ModuleList(nn.Conv1d(d, d, config.conv_kernel, padding=config.conv_kernel - 1)
+                                   for _ in range(config.conv_layers))
         layer = nn.TransformerEncoderLayer(d, config.heads, config.d_ff, config.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
@@ -170,6 +228,8 @@ class SensorWindowNet(nn.Module):
     def encode(self, window: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training outputs: ``failure_logit`` (B,), ``rul_normalised`` (B,) and both attention weights."""
         x = (window - self.channel_mean) / self.channel_std * mask[..., None]
+        if self.config.feature_tokens:
+            return self._encode_features(x[:, -1], mask)
         if self.channel_attention is not None:
             channel_weights = self.channel_attention(x, mask)
             x = x * (channel_weights * x.shape[-1])[:, None, :]
@@ -177,6 +237,10 @@ class SensorWindowNet(nn.Module):
             channel_weights = torch.full_like(x[:, 0], 1.0 / x.shape[-1])
         steps = x.shape[1]
         hidden = self.embed(torch.cat([x, mask[..., None]], dim=-1)) + self.position[:, -steps:]
+        if self.convs:  # causal: step t sees steps <= t; padded steps held at zero
+            hidden = hidden * mask[..., None]
+            for conv in self.convs:
+                hidden = hidden + F.gelu(conv(hidden.transpose(1, 2))[..., :steps].transpose(1, 2)) * mask[..., None]
         padding = (1.0 - mask) * MASKED  # (B, T): additive key mask, exports cleanly to ONNX
         bias = padding[:, None, :].repeat_interleave(self.config.heads, dim=0).expand(-1, steps, -1)
         hidden = self.norm(self.encoder(hidden, mask=bias))
@@ -186,6 +250,19 @@ class SensorWindowNet(nn.Module):
         return {"failure_logit": self.failure_head(joined).squeeze(-1),
                 "rul_normalised": self.rul_head(joined).squeeze(-1),
                 "time_weights": time_weights, "channel_weights": channel_weights}
+
+    def _encode_features(self, row: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature-token mode: a summary token and one token per channel of the (only) step ``row`` (B, F)."""
+        tokens = self.tokens(row)
+        hidden = torch.cat([self.summary_token.expand(row.shape[0], -1, -1), tokens], dim=1)
+        hidden = self.norm(self.encoder(hidden))
+        channel_weights = F.softmax(self.pool_score(hidden[:, 1:]).squeeze(-1), dim=-1)
+        pooled = (channel_weights[..., None] * hidden[:, 1:]).sum(dim=1)
+        joined = self.joined_norm(torch.cat([pooled, hidden[:, 0]], dim=-1))
+        return {"failure_logit": self.failure_head(joined).squeeze(-1),
+                "rul_normalised": self.rul_head(joined).squeeze(-1),
+                "time_weights": mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0),
+                "channel_weights": channel_weights}
 
     def forward(self, window: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """``p_failure`` (B,), ``rul_hours`` (B,; ``rul_unit``), ``time_weights`` (B, T), ``channel_weights`` (B, F)."""

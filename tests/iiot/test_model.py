@@ -49,9 +49,9 @@ def test_outputs_are_named_and_shaped_per_window() -> None:
         out["channel_weights"].sum(1), torch.ones(3))
 
 
-@pytest.mark.parametrize("channel_attention", [True, False])
-def test_padded_steps_change_nothing_and_get_no_attention(channel_attention: bool) -> None:
-    net = network(channel_attention=channel_attention)
+@pytest.mark.parametrize(("channel_attention", "conv_layers"), [(True, 0), (False, 0), (True, 2)])
+def test_padded_steps_change_nothing_and_get_no_attention(channel_attention: bool, conv_layers: int) -> None:
+    net = network(channel_attention=channel_attention, conv_layers=conv_layers)
     inputs = example_inputs(net.config, batch=2)
     mask = inputs["mask"]
     assert (mask[1] == 0).any()
@@ -82,6 +82,27 @@ def test_edge_onnx_graph_is_under_one_megabyte_and_equals_torch(tmp_path: Path) 
     reloaded = load_artifact(tmp_path)
     with torch.inference_mode():
         assert torch.allclose(reloaded(**inputs)["p_failure"], expected["p_failure"].detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("frequencies", [0, 4])
+def test_feature_tokens_attend_over_the_inputs_of_a_tabular_row_and_export(tmp_path: Path, frequencies: int,
+                                                                             ) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    config = SensorWindowConfig.for_tier("edge", CHANNELS, window=1, feature_tokens=True,
+                                         numeric_frequencies=frequencies)
+    net = SensorWindowNet(config).eval()
+    inputs = example_inputs(config, batch=3)
+    out = net(**inputs)
+    assert out["p_failure"].shape == (3,) and out["channel_weights"].shape == (3, len(CHANNELS))
+    assert torch.allclose(out["channel_weights"].sum(dim=1), torch.ones(3)) and out["time_weights"].shape == (3, 1)
+    save_risk_model(net, tmp_path)
+    session = ort.InferenceSession(str(tmp_path / ONNX_FILE))
+    answer = session.run(["p_failure"], {name: value.numpy() for name, value in inputs.items()})[0]
+    np.testing.assert_allclose(answer, out["p_failure"].detach().numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="tabular rows"):
+        SensorWindowConfig.for_tier("edge", CHANNELS, window=WINDOW, feature_tokens=True)
 
 
 def sealed(net: SensorWindowNet, directory: Path) -> Path:

@@ -79,8 +79,9 @@ def require(folder: str) -> None:
 def test_cmapss_protocol_scores_the_official_test_set_once() -> None:
     require(datasets.CMAPSS_FOLDER)
     figures = training.run_cmapss(seeds=2, keep=1, settings=QUICK, sizes=TINY,
-                                  data=training.cmapss_splits(unit_limit=8))
+                                  data=training.cmapss_splits(unit_limit=8), baseline=True)
     assert figures["test_engines"] == 100 and set(figures["test"]) >= {"rmse", "phm08", "rmse_capped_truth"}
+    assert set(figures["baseline"]["test"]) == set(figures["test"])  # LightGBM, same windows, same run
     assert len(figures["ensemble_seeds"]) == 1 and "capped at 125" in figures["protocol"]
     chosen = figures["ensemble_seeds"][0]
     assert figures["seeds"][chosen]["validation_rmse"] == min(s["validation_rmse"] for s in figures["seeds"])
@@ -88,9 +89,20 @@ def test_cmapss_protocol_scores_the_official_test_set_once() -> None:
 
 def test_ai4i_cli_writes_its_evaluation_with_a_validation_threshold(tmp_path: Path) -> None:
     require(datasets.AI4I_FOLDER)
-    training.main(["--dataset", "ai4i", "--seeds", "1", "--epochs", "1", "--output", str(tmp_path)])
+    training.main(["--dataset", "ai4i", "--seeds", "1", "--epochs", "1", "--folds", "2", "--output", str(tmp_path)])
     figures = json.loads((tmp_path / "evaluation" / "ai4i.json").read_text())
-    assert figures["rows"] == {"train": 6000, "validation": 2000, "test": 2000}
-    assert figures["test"]["threshold"] == figures["validation"]["threshold"]
+    assert figures["rows"] == {"development": 8000, "test": 2000, "folds": 2} and len(figures["runs"]) == 2
+    assert figures["test"]["threshold"] == figures["validation"]["threshold"]  # chosen out of fold, not on test
+    assert figures["validation"]["rows"] == 8000 and figures["test"]["rows"] == 2000
     assert not set(figures["inputs"]) & {"TWF", "HDF", "PWF", "OSF", "RNF"}
+    assert figures["baseline"]["test"]["threshold"] == figures["baseline"]["validation"]["threshold"]
     assert figures["rebuild_command"].startswith("tessera train iiot --dataset ai4i")
+
+
+def test_ai4i_folds_keep_the_test_rows_apart_and_stratify() -> None:
+    labels = np.array([0] * 90 + [1] * 10)
+    folds = training.stratified_folds(labels, 5, seed=1)
+    validated = np.sort(np.concatenate([val for _, val in folds]))
+    assert (validated == np.arange(100)).all()
+    for train_rows, val_rows in folds:
+        assert not set(train_rows) & set(val_rows) and labels[val_rows].sum() == 2
