@@ -344,22 +344,28 @@ def _convert_units(frame: pd.DataFrame, values: npt.NDArray[np.float64], registr
     if not any(unit.strip() for unit in units):
         return values
     values = values.copy()
-    targets = registry.unit[sensor_index]
-    for code, unit in enumerate(units, start=1):
-        if not unit.strip():
+    # Each distinct (given unit, sensor's unit) pair once, as integer codes (no per-row object compare),
+    # by unit and then by first appearance of the sensor's unit among its rows.
+    target_codes, targets = pd.factorize(pd.Series(registry.unit, dtype=object))
+    width = len(targets) + 1
+    sensor_targets = np.asarray(target_codes, dtype=np.int64) + 1  # 0: no sensor at all (all rows refused)
+    pairs = unit_codes * width + (sensor_targets[sensor_index] if len(sensor_targets) else 0)
+    distinct, first, inverse = np.unique(pairs, return_index=True, return_inverse=True)
+    for index in np.lexsort((first, distinct // width)).tolist():
+        code, target_code = divmod(int(distinct[index]), width)
+        unit = units[code - 1].strip() if code else ""
+        if not unit or not target_code:
             continue
-        given = unit_codes == code
-        for target in pd.unique(targets[given]):
-            rows = given & (targets == target)
-            try:
-                convert = converter(unit.strip(), str(target))
-            except UnknownUnit:
-                rejections.reject(rows, "unknown_unit", f"unknown unit {unit.strip()[:32]!r}")
-                continue
-            except IncompatibleUnits as exc:
-                rejections.reject(rows, "incompatible_unit", str(exc)[:200])
-                continue
-            values[rows] = convert(values[rows])
+        rows = inverse == index
+        try:
+            convert = converter(unit, str(targets[target_code - 1]))
+        except UnknownUnit:
+            rejections.reject(rows, "unknown_unit", f"unknown unit {unit[:32]!r}")
+            continue
+        except IncompatibleUnits as exc:
+            rejections.reject(rows, "incompatible_unit", str(exc)[:200])
+            continue
+        values[rows] = convert(values[rows])
     return values
 
 
