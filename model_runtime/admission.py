@@ -9,6 +9,17 @@ left of the batch running, then the queued work (and the item) cut into full bat
 priced by the fit. Past saturation the queue then holds about what the model clears within the
 target: batches stay full (throughput stays at its peak) and admitted latency stays bounded; the
 rest is refused at once, with a Retry-After of the expected excess.
+
+When two full batches take longer than the target (a slow host, a big batch), an item's answer
+time depends on the batch it joins, which admission itself decides; pricing that batch full and
+refusing by the running batch's phase then refused the callers that return just as a batch starts
+and let the model run out of work. Instead admission bounds the work waiting behind the running
+batch to a *waiting limit* derived from the fit: the largest batch that, run twice (the one
+running, then its own), ends within the target — but never below the smallest batch whose
+throughput is within ``efficiency`` of a full batch's (for a model with a small fixed cost per
+batch, smaller batches lose little throughput and cut latency; below that the model would run
+under capacity). Past saturation the model then runs batches of that limit back to back:
+throughput at its peak and admitted latency about two such batches, whatever the running batch's phase.
 """
 
 from __future__ import annotations
@@ -23,45 +34,57 @@ from dataclasses import dataclass
 class BatchTimeModel:
     """Online least squares of batch seconds against batch cost, forgetting old batches.
 
+    A batch slower than ``outlier_ratio`` times the fit's prediction (a preempted thread, a GC
+    pause, a paused VM) counts as that bound, not as measured: one stall would otherwise move the
+    fit for the next ~20 batches and refuse work the model could take. A lasting slowdown still
+    gets through, by up to ``outlier_ratio`` a batch (a 2x slower model is learnt in a dozen batches).
+
     Attributes
     ----------
     forget : float
         Weight kept by the past at each new batch (0.95: about the last 20 batches count).
+    outlier_ratio : float
+        Most a batch may count, relative to the prediction, once ``trusted_after`` batches were seen.
+    trusted_after : float
+        Weight of batches after which the fit bounds new ones.
     """
 
     forget: float = 0.95
-    _w: float = 0.0
-    _x: float = 0.0
-    _y: float = 0.0
-    _xx: float = 0.0
-    _xy: float = 0.0
+    outlier_ratio: float = 2.0
+    trusted_after: float = 5.0
+    _sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
+    """Weighted sums (weight, cost, seconds, cost², cost x seconds), replaced whole: the worker thread
+    records batches while the event loop reads the fit, and a reader sees one batch's state or the next."""
 
     def observe(self, cost: float, seconds: float) -> None:
-        """Record one batch: its total cost and its run time (s)."""
+        """Record one batch: its total cost and its run time (s), bounded by ``outlier_ratio`` x the prediction."""
+        w, x, y, xx, xy = self._sums
+        if w >= self.trusted_after:
+            predicted = self.seconds(cost)
+            if predicted > 0:
+                seconds = min(seconds, self.outlier_ratio * predicted)
         keep = self.forget
-        self._w = keep * self._w + 1.0
-        self._x = keep * self._x + cost
-        self._y = keep * self._y + seconds
-        self._xx = keep * self._xx + cost * cost
-        self._xy = keep * self._xy + cost * seconds
+        self._sums = (keep * w + 1.0, keep * x + cost, keep * y + seconds, keep * xx + cost * cost,
+                      keep * xy + cost * seconds)
 
     @property
     def samples(self) -> float:
         """Weight of the batches seen (0 before the first)."""
-        return self._w
+        return self._sums[0]
 
     def coefficients(self) -> tuple[float, float]:
         """``(fixed seconds per batch, seconds per unit of cost)``, both >= 0.
 
         With too little spread in batch cost to separate the two, all time is per cost.
         """
-        if self._w == 0:
+        w, x, y, xx, xy = self._sums
+        if w == 0:
             return 0.0, 0.0
-        mean_x, mean_y = self._x / self._w, self._y / self._w
-        variance = self._xx / self._w - mean_x * mean_x
+        mean_x, mean_y = x / w, y / w
+        variance = xx / w - mean_x * mean_x
         if variance <= 1e-9 * max(1.0, mean_x * mean_x):
             return 0.0, (mean_y / mean_x if mean_x > 0 else 0.0)
-        slope = (self._xy / self._w - mean_x * mean_y) / variance
+        slope = (xy / w - mean_x * mean_y) / variance
         if slope < 0:  # noise: time does not fall with more work
             return mean_y, 0.0
         fixed = mean_y - slope * mean_x
@@ -116,28 +139,31 @@ class CapacityAdmission:
         Most cost in one batch (``max_batch_cost``, or ``max_batch_size`` when items cost 1).
     clock : callable
         Monotonic seconds (a fake one in tests).
+    efficiency : float
+        Least share of a full batch's throughput the waiting limit keeps (module docstring).
     """
 
     def __init__(self, target_s: float, batch_capacity: float, *,
-                 clock: Callable[[], float] = time.monotonic, model: BatchTimeModel | None = None) -> None:
-        if target_s <= 0 or batch_capacity <= 0:
-            raise ValueError("target_s and batch_capacity must be > 0")
+                 clock: Callable[[], float] = time.monotonic, model: BatchTimeModel | None = None,
+                 efficiency: float = 0.95) -> None:
+        if target_s <= 0 or batch_capacity <= 0 or not 0 < efficiency <= 1:
+            raise ValueError("target_s and batch_capacity must be > 0, efficiency in (0, 1]")
         self.target_s = target_s
         self.batch_capacity = batch_capacity
+        self.efficiency = efficiency
         self.clock = clock
         self.model = model or BatchTimeModel()
-        self._running_since: float | None = None
-        self._running_cost = 0.0
+        self._running: tuple[float, float] | None = None  # (started at, cost) of the batch running
         self._arrivals = DecayingRate(clock)
 
     def batch_started(self, cost: float) -> None:
         """The worker started a batch of total ``cost``."""
-        self._running_since, self._running_cost = self.clock(), cost
+        self._running = (self.clock(), cost)
 
     def batch_finished(self, cost: float, seconds: float) -> None:
         """The worker finished a batch of total ``cost`` in ``seconds`` of run time."""
         self.model.observe(cost, seconds)
-        self._running_since = None
+        self._running = None
 
     def expected_answer_s(self, queued_cost: float, item_cost: float) -> float:
         """Seconds from now until an item of ``item_cost``, queued behind ``queued_cost``, is answered.
@@ -152,24 +178,59 @@ class CapacityAdmission:
         last_batch = min(self.batch_capacity, ahead - (full_batches - 1) * self.batch_capacity + joined)
         return starts_in + self.model.seconds(last_batch)
 
+    def waiting_limit(self) -> float | None:
+        """Most cost that may wait behind the running batch, when two full batches exceed the target.
+
+        ``None`` when they fit in it (then items are admitted by their predicted answer time, which
+        may span several batches). Otherwise the largest cost ``w`` with ``2 x seconds(w) <= target``,
+        raised to the smallest batch whose throughput is ``efficiency`` x a full batch's, at most
+        ``batch_capacity``.
+        """
+        capacity = self.batch_capacity
+        if 2 * self.model.seconds(capacity) <= self.target_s:
+            return None
+        fixed, per_cost = self.coefficients()
+        if per_cost <= 0:  # all time is fixed per batch: only full batches keep the throughput
+            return capacity
+        within_target = (self.target_s / 2 - fixed) / per_cost
+        full_rate = capacity / (fixed + per_cost * capacity)  # cost per second in full batches
+        spare = 1 - self.efficiency * full_rate * per_cost  # > 0 unless efficiency is 1 and nothing is fixed
+        efficient = self.efficiency * full_rate * fixed / spare if spare > 0 else capacity
+        return min(capacity, max(within_target, efficient, 1e-9))
+
+    def coefficients(self) -> tuple[float, float]:
+        """The fit's ``(fixed seconds per batch, seconds per unit of cost)``."""
+        return self.model.coefficients()
+
     def decide(self, queued_cost: float, item_cost: float = 1.0, *, record: bool = True) -> Decision:
         """Admit or refuse one item (``record=False``: only ask, the admitted rate is left as it is).
 
         Before any batch was measured everything is admitted, and so is an item that finds the model
         idle (nothing queued or running): refusing it would help no one, and a fit made stale by
         one slow batch would otherwise refuse everything for ever, since only admitted work refits it.
+        When two full batches exceed the target, an item is admitted while the work waiting, with
+        it, stays within :meth:`waiting_limit`; otherwise by its predicted answer time.
         """
-        if self.model.samples == 0 or (queued_cost <= 0 and self._running_since is None):
-            expected = 0.0
+        if self.model.samples == 0 or (queued_cost <= 0 and self._running is None):
+            admitted, expected, retry_after_s = True, 0.0, 0.0
         else:
             expected = self.expected_answer_s(queued_cost, item_cost)
-        if expected <= self.target_s:
+            limit = self.waiting_limit()
+            if limit is None:
+                admitted, retry_after_s = expected <= self.target_s, expected - self.target_s
+            else:
+                excess = queued_cost + item_cost - limit
+                admitted = excess <= 1e-9 or queued_cost <= 0  # an item alone behind the running batch: always
+                retry_after_s = self._running_left_s() + self.model.seconds(max(excess, 0.0))
+        if admitted:
             if record:
                 self._arrivals.add(item_cost)
             return Decision(True, expected)
-        return Decision(False, expected, retry_after_s=expected - self.target_s)
+        return Decision(False, expected, retry_after_s=max(retry_after_s, 1e-3))
 
     def _running_left_s(self) -> float:
-        if self._running_since is None:
+        running = self._running  # read once: the worker thread replaces it
+        if running is None:
             return 0.0
-        return max(0.0, self.model.seconds(self._running_cost) - (self.clock() - self._running_since))
+        started, cost = running
+        return max(0.0, self.model.seconds(cost) - (self.clock() - started))

@@ -111,7 +111,9 @@ class ModelSpec:
         Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
     latency_target_ms
         Admission by measured capacity (:mod:`model_runtime.admission`): past saturation, refuse
-        at once what would be answered later than this, instead of queueing it.
+        at once what would be answered later than this, instead of queueing it (when two full
+        batches take longer than this, what may wait is the batch that, run twice, fits in it, but
+        never a batch too small to keep the model's throughput).
     cost, max_batch_cost, bucket
         Cost-aware batching: ``cost(prepared) -> float`` per item (tokens, samples, voxels), the
         batch budget, and an optional shape bucket per item (see :mod:`model_runtime.collate`).

@@ -149,8 +149,9 @@ def test_the_batcher_refuses_what_it_cannot_answer_within_the_target(runtime: Mo
 def test_an_idle_model_admits_even_when_one_slow_batch_poisoned_the_fit() -> None:
     clock = FakeClock()
     admission = fitted(clock)
-    admission.batch_started(CAPACITY)
-    admission.batch_finished(CAPACITY, 30.0)  # one batch stalled (a paused VM): the fit now says seconds
+    for _ in range(60):  # the model stalled for a while (a paused VM): the fit now says seconds a batch
+        admission.batch_started(CAPACITY)
+        admission.batch_finished(CAPACITY, 30.0)
     assert not admission.decide(queued_cost=CAPACITY).admitted  # with work queued, the fit is believed
     assert admission.decide(queued_cost=0).admitted  # idle: only admitted work can correct the fit
 
