@@ -1,15 +1,21 @@
-"""Dynamic batching for one model: a bounded queue drained by one asyncio task into one worker thread.
+"""Dynamic batching for one model: a bounded queue drained into one worker thread.
 
-Each caller's item carries its own future. The drain task takes what is waiting (up to
-``max_batch_size``), runs it in the model's dedicated thread (torch releases the GIL, so the event
-loop keeps serving) or, with ``run_inline``, on the loop itself (items that arrive in one loop turn
-still share a batch), and sets each future. Policies:
+Each caller's item carries its own future. When the model is idle, the drain task (on the event
+loop) takes what is waiting (up to ``max_batch_size``) and hands it to the model's dedicated thread
+(torch releases the GIL, so the event loop keeps serving); when that batch ends, the worker thread
+takes the next batch from the queue itself and goes on, posting each batch's answers to the loop.
+The model therefore never waits for the loop between batches: a loop busy with other work
+(thousands of refusals a second past saturation, or a box whose other processes take its CPU)
+answers late, but does not idle the model. With ``run_inline`` batches run on the loop itself
+(items that arrive in one loop turn still share a batch). Policies:
 
 - ``greedy`` (default): never wait for a batch to fill. At concurrency 1 an item runs at once, so
   latency equals the unbatched call; under load, items pile up while the worker is busy and the
   next batch takes them all, so batch size follows load by itself.
 - ``window``: Ray Serve / LitServe habit: wait up to ``max_wait_ms`` from the first item's
   arrival (monotonic clock) for a full batch. Kept for comparison; ``bench/runtime.py`` measures both.
+  The worker thread goes on by itself only with a full batch waiting; otherwise the drain task
+  waits for the window, as for the first batch.
 
 Cost: a batch is bounded by ``max_batch_size`` items and, when the policy sets ``max_batch_cost``,
 by the sum of its items' ``cost`` (tokens, audio samples, voxels...); an item whose cost alone
@@ -30,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -89,7 +96,9 @@ class BatchPolicy:
         a batch holds items of one bucket only.
     latency_target_ms : float or None
         Admission by measured capacity (:mod:`model_runtime.admission`): refuse (503) an item whose
-        predicted answer time, from the fitted batch time and the work ahead of it, exceeds this.
+        predicted answer time, from the fitted batch time and the work ahead of it, exceeds this;
+        when two full batches take longer than this, bound the work waiting behind the running batch
+        to the waiting limit derived from the fit instead.
     """
 
     max_batch_size: int = 32
@@ -282,19 +291,19 @@ class DynamicBatcher:
         self._finalize = finalize
         self._queue: deque[_Pending] = deque()
         self._queued_cost = 0.0
+        self._lock = threading.Lock()  # the queue, its cost and the running batch: the loop and the worker share them
         self._preparing = 0  # admitted by check_capacity, not yet submitted (in a prepare pool)
         self._mean_cost = 1.0
         self._admission = (None if policy.latency_target_ms is None
                            else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity))
-        self._inflight: list[list[_Pending]] = []  # the batch running first, then one handed over behind it
-        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._running: list[_Pending] | None = None  # the batch the model is running (set when it is taken)
+        self._worker: asyncio.Future[None] | None = None  # the worker thread's job: batches until the queue is empty
         self._recent = _Recent(per_item_s=per_item_s or 0.001, batch_s=per_item_s or 0.001,
                                samples=1 if per_item_s else 0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}",
                                             initializer=thread_initializer)
         self.loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._batch_full = asyncio.Event()
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
 
@@ -304,12 +313,11 @@ class DynamicBatcher:
 
     @property
     def depth(self) -> int:
-        """Items waiting (not counting the batch being run; counting one handed to the worker behind it)."""
-        return len(self._queue) + sum(len(batch) for batch in self._inflight[1:])
+        """Items waiting (not counting the batch being run)."""
+        return len(self._queue)
 
     def _waiting_cost(self) -> float:
-        handed_over = sum(pending.cost for batch in self._inflight[1:] for pending in batch)
-        return self._queued_cost + handed_over + self._preparing * self._mean_cost
+        return self._queued_cost + self._preparing * self._mean_cost
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
@@ -335,7 +343,7 @@ class DynamicBatcher:
         """
         by_cost = math.ceil(self._waiting_cost() / self.policy.max_batch_cost) if self.policy.max_batch_cost else 0
         queued_batches = max(-(-self.depth // self.policy.max_batch_size), by_cost)
-        running = 1 if self._inflight else 0
+        running = 1 if self._running else 0
         return (running + queued_batches) * self._recent.batch_s
 
     def check_capacity(self) -> None:
@@ -399,11 +407,10 @@ class DynamicBatcher:
         now = time.monotonic()
         pending = _Pending(prepared, self.loop.create_future(), now,
                            None if timeout_s is None else now + timeout_s, cost, self.policy.bucket_of(prepared))
-        self._queue.append(pending)
-        self._queued_cost += cost
+        with self._lock:
+            self._queue.append(pending)
+            self._queued_cost += cost
         self._mean_cost += 0.05 * (cost - self._mean_cost)
-        if self._batch_tasks and self._full_batch_waiting():
-            self._batch_full.set()
         self.metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
         timer = None if timeout_s is None else self.loop.call_later(timeout_s, self._expire, pending)
@@ -421,50 +428,35 @@ class DynamicBatcher:
         pending.future.set_exception(RuntimeTimeout(f"model {self.name}: no answer within {waited:.3f} s"))
 
     async def _drain_forever(self) -> None:
-        """Form batches and run them; in the worker thread, a full batch is handed over behind the running one.
+        """Start the worker thread on a batch whenever the model is idle and work waits.
 
-        A loop busy with other work (thousands of refusals a second past saturation) answers the
-        worker's "done" late; with the next batch already waiting in the worker's queue, the
-        model does not idle meanwhile. Only a full batch is handed over early: one that could
-        still grow waits, as before, for the running batch to end.
+        The worker goes on by itself while there is work (:meth:`_work`), so this task only wakes
+        up when the model fell idle: a loop busy with other work does not delay the next batch.
         """
         while True:
-            if self._batch_tasks and (len(self._batch_tasks) > 1 or not self._full_batch_waiting()):
-                await self._until_changed()
+            if self._worker is not None:
+                try:
+                    await self._worker
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # _work catches per batch; this is a bug, and the loop must survive it
+                    logger.exception("batcher %s: worker failed", self.name)
+                self._worker = None
                 continue
             batch = await self._next_batch()
             if batch is None:
-                if self._batch_tasks:
-                    await asyncio.wait(set(self._batch_tasks))
                 return
             if self.policy.run_inline:
-                await self._run_safely(batch)
+                self._settle(*self._run_guarded(batch))
                 continue
-            task = self.loop.create_task(self._run_safely(batch))
-            self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
+            # handed over in a list the worker empties: neither this frame nor the executor's work item
+            # holds the first batch (and, through its futures, its answers) while the worker goes on
+            self._worker = self.loop.run_in_executor(self._executor, self._work, [batch])
+            del batch
 
     def _full_batch_waiting(self) -> bool:
         return (len(self._queue) >= self.policy.max_batch_size
                 or (self.policy.max_batch_cost is not None and self._queued_cost >= self.policy.max_batch_cost))
-
-    async def _until_changed(self) -> None:
-        """Wait until a batch ends or a full one is waiting (not woken by every arrival)."""
-        self._batch_full.clear()
-        full = self.loop.create_task(self._batch_full.wait())
-        try:
-            await asyncio.wait({full, *self._batch_tasks}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            full.cancel()
-
-    async def _run_safely(self, batch: list[_Pending]) -> None:
-        try:
-            await self._run(batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the loop must survive anything a batch does
-            logger.exception("batcher %s: unexpected failure", self.name)
-            self._deliver(batch, [Outcome(False, error=exc) for _ in batch])
 
     async def _next_batch(self) -> list[_Pending] | None:
         while True:
@@ -476,7 +468,7 @@ class DynamicBatcher:
                 continue
             if self.policy.fill == "window":
                 await self._wait_for_fill()
-            batch = self._take_live()
+            batch = self._take_live(on_loop=True)
             if batch:
                 return batch
 
@@ -493,44 +485,86 @@ class DynamicBatcher:
             except TimeoutError:
                 return
 
-    def _take_live(self) -> list[_Pending]:
-        """Take the next batch (:func:`split_batch`), dropping cancelled and expired items."""
+    def _take_live(self, *, on_loop: bool) -> list[_Pending]:
+        """Take the next batch (:func:`split_batch`) as the running one, dropping cancelled and expired items.
+
+        On the loop an expired item fails at once; in the worker thread it is only dropped (its
+        deadline timer, on the loop, fails it).
+        """
         now = time.monotonic()
-        batch, self._queue = split_batch(self._live(now), self.policy, _cost_of_pending, _bucket_of_pending)
-        self._queued_cost = sum(pending.cost for pending in self._queue)
+        with self._lock:
+            live = [pending for pending in self._queue if not pending.future.done()
+                    and (pending.deadline is None or now < pending.deadline)]
+            expired = ([pending for pending in self._queue if not pending.future.done()
+                        and pending.deadline is not None and now >= pending.deadline] if on_loop else [])
+            batch, self._queue = split_batch(live, self.policy, _cost_of_pending, _bucket_of_pending)
+            self._queued_cost = sum(pending.cost for pending in self._queue)
+            if batch:
+                self._running = batch
+        for pending in expired:
+            self._expire(pending)
         for pending in batch:
             self.metrics.queue_wait.observe(now - pending.enqueued_at)
         self.metrics.queue_depth.set(len(self._queue))
         return batch
 
-    def _live(self, now: float) -> Iterable[_Pending]:
-        for pending in self._queue:
-            if pending.future.done():  # cancelled by its caller, or already expired
-                continue
-            if pending.deadline is not None and now >= pending.deadline:
-                self._expire(pending)
-                continue
-            yield pending
+    def _work(self, handed: list[list[_Pending]]) -> None:
+        """The worker thread's job: run the batch in ``handed``, then each next batch it takes itself, until none waits.
 
-    async def _run(self, batch: list[_Pending]) -> None:
-        self._inflight.append(batch)
+        When a batch ends, what waited while it ran is taken as the next batch *before* its answers
+        are posted to the loop: items sent in reaction to those answers join a later batch, as they
+        would if the loop formed it (callers that send one item after another, such as the
+        sliding-window lanes, keep the batches they had). With the ``window`` policy only a full
+        batch is taken here (a smaller one waits, on the loop, for its window).
+        """
+        current: list[_Pending] | None = handed.pop()
+        while current:
+            settled = self._run_guarded(current)
+            current = self._take_next_in_worker()
+            self._post(self._settle, *settled)
+            del settled
+
+    def _take_next_in_worker(self) -> list[_Pending] | None:
+        """The next batch for the worker to run at once, or ``None`` (then the model is idle)."""
+        while True:
+            with self._lock:
+                waiting = bool(self._queue) if self.policy.fill == "greedy" else self._full_batch_waiting()
+                if not waiting:
+                    self._running = None
+                    return None
+            batch = self._take_live(on_loop=False)
+            if batch:
+                return batch
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop (from the worker thread); dropped once the loop is closed."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
+
+    def _run_guarded(self, batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending], list[Outcome]]:
+        """Run one batch in this thread and record it: ``(batch, items run, their outcomes)``; never raises."""
         try:
-            if self.policy.run_inline:
-                ran, outcomes, elapsed = self._execute(batch)
-            else:
-                ran, outcomes, elapsed = await self.loop.run_in_executor(self._executor, self._execute, batch)
+            ran, outcomes, elapsed = self._execute(batch)
+            if ran:
+                cost = sum(pending.cost for pending in ran)
+                self._recent.update(elapsed, len(ran))
+                if self._admission is not None:
+                    self._admission.batch_finished(cost, elapsed)
+                self.metrics.inference.observe(elapsed)
+                self.metrics.batch_size.observe(len(ran))
+        except Exception as exc:  # the worker (and the loop, inline) must survive anything a batch does
+            logger.exception("batcher %s: unexpected failure", self.name)
+            ran, outcomes = batch, [Outcome(False, error=exc) for _ in batch]
         finally:
-            self._inflight.remove(batch)
-        if ran:
-            cost = sum(pending.cost for pending in ran)
-            self._recent.update(elapsed, len(ran))
-            if self._admission is not None:
-                self._admission.batch_finished(cost, elapsed)
-            self.metrics.inference.observe(elapsed)
-            self.metrics.batch_size.observe(len(ran))
+            if self.policy.run_inline:
+                self._running = None
+        return batch, ran, outcomes
+
+    def _settle(self, batch: list[_Pending], ran: list[_Pending], outcomes: list[Outcome]) -> None:
+        """On the loop: answer the items run, and fail those skipped because their deadline passed."""
         self._deliver(ran, outcomes)
         now = time.monotonic()
-        for pending in batch:  # skipped in the worker: expired while handed over (cancelled ones are done)
+        for pending in batch:  # skipped in the worker: expired while waiting (cancelled ones are done)
             if not pending.future.done() and pending.deadline is not None and now >= pending.deadline:
                 self._expire(pending)
 
@@ -576,25 +610,28 @@ class DynamicBatcher:
         """Stop now: queued and running items fail with :class:`ModelNotReady`; the thread is joined."""
         self._accepting = False
         self._fail_all(ModelNotReady(f"model {self.name} was unloaded"))
-        for task in [self._task, *self._batch_tasks]:
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         await asyncio.to_thread(self._executor.shutdown, True)
 
     def abandon(self) -> None:
         """Release the thread of a batcher whose event loop is gone (no awaiting possible)."""
         self._accepting = False
-        self._queue.clear()
+        with self._lock:
+            self._queue.clear()
+            self._queued_cost = 0.0
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _fail_all(self, error: Exception) -> None:
-        for pending in [*(pending for batch in self._inflight for pending in batch), *self._queue]:
+        with self._lock:
+            waiting = [*(self._running or ()), *self._queue]
+            self._queue.clear()
+            self._queued_cost = 0.0
+        for pending in waiting:
             if not pending.future.done():
                 pending.future.set_exception(error)
-        self._queue.clear()
-        self._queued_cost = 0.0
         self.metrics.queue_depth.set(0)
 
 
