@@ -8,6 +8,12 @@ cheap question first — would the model refuse an item now? — and answers 503
 ``Retry-After`` as plain ASGI, before the body is read; everything else goes to the app unchanged,
 and the app's own check still decides for the requests that pass (the gate only answers early).
 
+A refusal can be held before it is answered (``hold_s``), so that a client retrying at once sends
+one try per hold. With ``max_refusals_per_s`` the hold grows with the number of refusals being
+held, so that refusals are answered at about that rate however many clients retry (256 or 512
+connections cost the same CPU in refusals), up to ``max_hold_s`` (at most the ``Retry-After`` the
+answer states, 1 s or more, so a client that honours it waits no longer than it was told).
+
 ::
 
     app = SheddingGate(app, {("POST", "/v1/score"): lambda: runtime.refusal("scorer")})
@@ -42,12 +48,30 @@ class SheddingGate:
         How long a refused request waits for its answer (0: at once). Clients that retry at once
         (a closed loop) then send one try per ``hold_s`` instead of as fast as refusals come back,
         which would take the CPU the admitted requests need (client and server share it on one box).
+    max_refusals_per_s : float, optional
+        Hold each refusal at least ``held / max_refusals_per_s`` seconds (``held``: refusals held now,
+        this one included), so that retrying clients get about this many refusals a second in all.
+    max_hold_s : float
+        Longest hold (s).
     """
 
-    def __init__(self, app: ASGIApp, refusals: Mapping[tuple[str, str], Refusal], *, hold_s: float = 0.0) -> None:
+    def __init__(self, app: ASGIApp, refusals: Mapping[tuple[str, str], Refusal], *, hold_s: float = 0.0,
+                 max_refusals_per_s: float | None = None, max_hold_s: float = 1.0) -> None:
+        if max_refusals_per_s is not None and max_refusals_per_s <= 0:
+            raise ValueError("max_refusals_per_s must be > 0")
         self.app = app
         self.refusals = dict(refusals)
         self.hold_s = hold_s
+        self.max_refusals_per_s = max_refusals_per_s
+        self.max_hold_s = max_hold_s
+        self.held = 0
+        """Refusals being held now."""
+
+    def hold_for(self) -> float:
+        """Seconds the next refusal is held: ``hold_s``, longer when many are held (``max_refusals_per_s``)."""
+        if self.max_refusals_per_s is None:
+            return self.hold_s
+        return min(self.max_hold_s, max(self.hold_s, (self.held + 1) / self.max_refusals_per_s))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -55,8 +79,13 @@ class SheddingGate:
             refusal = check() if check is not None else None
             problem = as_problem(refusal) if refusal is not None else None
             if problem is not None:
-                if self.hold_s > 0:
-                    await asyncio.sleep(self.hold_s)
+                hold_s = self.hold_for()
+                if hold_s > 0:
+                    self.held += 1
+                    try:
+                        await asyncio.sleep(hold_s)
+                    finally:
+                        self.held -= 1
                 await send_answer(send, problem.status, problem_json(scope, problem), problem.headers)
                 return
         await self.app(scope, receive, send)
