@@ -69,12 +69,16 @@ PEER_MODES = {"litserve-b64": "b64-10ms", "litserve-b16": "b16-2ms"}
 """LitServe 0.2.19 serving the same model (``bench/families/litserve_peer.py``), as performance.md measured it."""
 CONCURRENCY = (1, 32, 128)
 OVERLOAD_CONCURRENCY = 256
+OVERLOAD_LEVELS: tuple[int, ...] = (OVERLOAD_CONCURRENCY,)
+"""Concurrency levels past saturation measured this run (``--overload``)."""
 RUNTIME_BATCH, RUNTIME_QUEUE, WINDOW_MS = 64, 96, 2.0
 RUNTIME_QUEUE_DELAY_MS: float | None = None  # measured: with instant client retries it sheds too much
 RUNTIME_LATENCY_TARGET_MS = float(os.environ.get("TESSERA_BENCH_LATENCY_TARGET_MS", "50"))
 """Admission by measured capacity (``ModelSpec.latency_target_ms``); 0 turns it off (queue bound only)."""
 RUNTIME_HOLD_REFUSALS_S = float(os.environ.get("TESSERA_BENCH_HOLD_REFUSALS_S", "0.2"))
-"""How long the load-shedding gate holds a refusal (``SheddingGate(hold_s=...)``)."""
+"""How long the load-shedding gate holds a refusal at least (``SheddingGate(hold_s=...)``)."""
+RUNTIME_MAX_REFUSALS_PER_S = float(os.environ.get("TESSERA_BENCH_MAX_REFUSALS_PER_S", "500"))
+"""The gate holds refusals longer when many are held, answering about this many a second (0: fixed hold)."""
 
 
 class ReferenceClassifier(torch.nn.Module):
@@ -217,8 +221,9 @@ def build_server(mode: str) -> StatusLatency:
     # The runtime modes put the platform's load-shedding gate in front: a request the model would
     # refuse is answered 503 before FastAPI (admitted requests take the same FastAPI path as the others).
     refusals = {("POST", "/predict"): lambda: runtime.refusal(MODEL_NAME)}
-    timing = StatusLatency(SheddingGate(app, refusals, hold_s=RUNTIME_HOLD_REFUSALS_S)
-                           if mode.startswith("runtime") else app)
+    gate = SheddingGate(app, refusals, hold_s=RUNTIME_HOLD_REFUSALS_S,
+                        max_refusals_per_s=RUNTIME_MAX_REFUSALS_PER_S or None)
+    timing = StatusLatency(gate if mode.startswith("runtime") else app)
 
     def json_response(result: dict[str, Any]) -> Response:
         return Response(orjson.dumps(result), media_type="application/json")
@@ -301,7 +306,7 @@ def get_json(url: str) -> Any:
 
 @contextlib.contextmanager
 def server_process(mode: str) -> Any:
-    """Start one server subprocess and yield its base URL once it answers /healthz."""
+    """Start one server subprocess and yield ``(base URL, pid)`` once it answers /healthz."""
     port = free_port()
     process = subprocess.Popen([sys.executable, __file__, "serve", "--mode", mode, "--port", str(port)],
                                env={**os.environ, "TESSERA_LOG_JSON": "false", "TESSERA_ACCESS_LOG": "false"})
@@ -315,7 +320,7 @@ def server_process(mode: str) -> Any:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server {mode} did not start")
             time.sleep(0.1)
-        yield base
+        yield base, process.pid
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -331,10 +336,53 @@ def run_wrk(base: str, script: Path, connections: int, seconds: float) -> dict[s
     return json.loads(line.removeprefix("WRKJSON "))
 
 
-def measure_peer_point(base: str, script: Path, connections: int, seconds: float, warmup_s: float) -> dict[str, Any]:
+class BoxMeter:
+    """What the shared box did during one measured point: load average, and CPU cores used by the
+    server (its process tree), by wrk, and by everything else on the machine (other helpers' work).
+
+    Use ``with BoxMeter(pid) as box: ...``, then ``box.record``.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.record: dict[str, float] = {}
+
+    def __enter__(self) -> BoxMeter:
+        from bench.families.litserve_peer import machine_busy_seconds, tree_cpu_seconds
+
+        self._load = os.getloadavg()[0]
+        self._wall = time.monotonic()
+        self._machine = machine_busy_seconds()
+        self._server = tree_cpu_seconds(self.server_pid)
+        self._children = _children_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from bench.families.litserve_peer import machine_busy_seconds, tree_cpu_seconds
+
+        wall = max(1e-9, time.monotonic() - self._wall)
+        machine = (machine_busy_seconds() - self._machine) / wall
+        server = (tree_cpu_seconds(self.server_pid) - self._server) / wall
+        wrk = (_children_cpu_seconds() - self._children) / wall
+        self.record = {"load1_before": self._load, "load1_after": os.getloadavg()[0],
+                       "machine_cores": machine, "server_cores": server, "wrk_cores": wrk,
+                       "other_cores": max(0.0, machine - server - wrk)}
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (the wrk runs)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_peer_point(base: str, pid: int, script: Path, connections: int, seconds: float,
+                       warmup_s: float) -> dict[str, Any]:
     """One point of a peer server (no ``/bench/stats``): wrk's figures only."""
     run_wrk(base, script, connections, warmup_s)
-    wrk = run_wrk(base, script, connections, seconds)
+    with BoxMeter(pid) as box:
+        wrk = run_wrk(base, script, connections, seconds)
     total = max(1, wrk["requests"])
     statuses = {int(k): v for k, v in wrk["statuses"].items()}
     ok = statuses.get(200, 0)
@@ -344,30 +392,31 @@ def measure_peer_point(base: str, script: Path, connections: int, seconds: float
             "rate_503": statuses.get(503, 0) / total,
             "error_rate": (total - ok - statuses.get(503, 0) + wrk["socket_errors"]) / total,
             "server_p50_ms_200": None, "server_p99_ms_200": None, "server_p99_ms_503": None,
-            "statuses": statuses, "runtime": None, "mean_batch": None}
+            "statuses": statuses, "runtime": None, "mean_batch": None, "box": box.record}
 
 
 @contextlib.contextmanager
 def any_server(mode: str) -> Any:
-    """Our server for ``mode``, or the LitServe peer; yields its base URL."""
+    """Our server for ``mode``, or the LitServe peer; yields ``(base URL, pid)``."""
     if mode in PEER_MODES:
         from bench.families.litserve_peer import REFERENCE_API, REFERENCE_CONFIGS, litserve_server
 
         config = REFERENCE_CONFIGS[PEER_MODES[mode]]
         with litserve_server(REFERENCE_API, max_batch_size=config["max_batch_size"],
                              batch_timeout=config["batch_timeout"]) as handle:
-            yield handle.url
+            yield handle.url, handle.pid
     else:
-        with server_process(mode) as base:
-            yield base
+        with server_process(mode) as server:
+            yield server
 
 
-def measure_point(base: str, script: Path, connections: int, seconds: float,
+def measure_point(base: str, pid: int, script: Path, connections: int, seconds: float,
                   warmup_s: float) -> dict[str, Any]:
     """Warm up, then measure one (server, concurrency) point; adds server-side per-status latency."""
     run_wrk(base, script, connections, warmup_s)
     before = get_json(base + "/bench/stats")  # also resets the server-side latency window
-    wrk = run_wrk(base, script, connections, seconds)
+    with BoxMeter(pid) as box:
+        wrk = run_wrk(base, script, connections, seconds)
     server = get_json(base + "/bench/stats")
     batches, items = (after - earlier for after, earlier in zip(server["batches"], before["batches"],
                                                                  strict=True))
@@ -385,7 +434,7 @@ def measure_point(base: str, script: Path, connections: int, seconds: float,
         "server_p50_ms_200": admitted.get("p50_ms"), "server_p99_ms_200": admitted.get("p99_ms"),
         "server_p99_ms_503": server["latency"].get("503", {}).get("p99_ms"),
         "statuses": statuses, "runtime": server["runtime"].get(MODEL_NAME),
-        "mean_batch": items / batches if batches else None,
+        "mean_batch": items / batches if batches else None, "box": box.record,
     }
 
 
@@ -417,12 +466,17 @@ def print_backends(record: dict[str, Any]) -> None:
 
 
 def print_table(points: list[dict[str, Any]]) -> None:
-    print(f"\n{'server':<15} {'c':>4} {'req/s':>8} {'200/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503 %':>6} "
-          f"{'err %':>6} {'200 p99 srv':>11} {'mean batch':>10}")
+    print(f"\n{'server':<15} {'c':>5} {'req/s':>8} {'200/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503 %':>6} "
+          f"{'err %':>6} {'200 p99 srv':>11} {'mean batch':>10} {'load1':>6} {'others':>6}")
     for p in points:
-        print(f"{p['server']:<15} {p['concurrency']:>4} {p['req_per_s']:>8.0f} {p['ok_per_s']:>8.0f} "
+        box = p.get("box") or {}
+        label = f"{p['concurrency']}{'r' if p.get('recheck') else ''}"
+        print(f"{p['server']:<15} {label:>5} {p['req_per_s']:>8.0f} {p['ok_per_s']:>8.0f} "
               f"{p['p50_ms']:>8.2f} {p['p99_ms']:>8.1f} {100 * p['rate_503']:>6.1f} {100 * p['error_rate']:>6.1f} "
-              f"{fmt(p['server_p99_ms_200']):>11} {fmt(p['mean_batch']):>10}")
+              f"{fmt(p['server_p99_ms_200']):>11} {fmt(p['mean_batch']):>10} {fmt(box.get('load1_before'), '.2f'):>6} "
+              f"{fmt(box.get('other_cores'), '.2f'):>6}")
+    print("(c=...r: the c=128 point measured again after the overload points; load1: load average before the "
+          "point; others: CPU cores used by other processes on the box during it)")
 
 
 def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
@@ -430,7 +484,7 @@ def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
     by = {(p["server"], p["concurrency"]): p["ok_per_s"] for p in points}
     table: dict[str, dict[int, float]] = {}
     for baseline in ("def", "async", *PEER_MODES):
-        row = {c: by[("runtime", c)] / by[(baseline, c)] for c in (*CONCURRENCY, OVERLOAD_CONCURRENCY)
+        row = {c: by[("runtime", c)] / by[(baseline, c)] for c in (*CONCURRENCY, *OVERLOAD_LEVELS)
                if by.get((baseline, c)) and ("runtime", c) in by}
         if row:
             table[f"runtime/{baseline}"] = row
@@ -438,30 +492,42 @@ def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
 
 
 def goodput(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Past saturation, per server: answered/s at c=256 against its best below, and the admitted p99.
+    """Past saturation, per server and overload level: answered/s against its best below, and the admitted p99.
 
-    The admitted p99 is the server-side p99 of 200s where the server reports it (ours), else wrk's
-    p99 over every request (a peer that refuses nothing).
+    Keyed ``"<server> c=<level>"``. The peak is the best answered/s of every point below the overload
+    levels, the c=128 re-check after them included (the stricter comparison); the admitted p99 is
+    compared with the peak point's. The admitted p99 is the server-side p99 of 200s where the
+    server reports it (ours), else wrk's p99 over every request (a peer that refuses nothing).
     """
     summary: dict[str, dict[str, float]] = {}
     for server in {p["server"] for p in points}:
-        mine = {p["concurrency"]: p for p in points if p["server"] == server}
-        if OVERLOAD_CONCURRENCY not in mine:
+        mine = [p for p in points if p["server"] == server]
+        below = [p for p in mine if p["concurrency"] in CONCURRENCY]
+        if not below:
             continue
-        below = [mine[c] for c in CONCURRENCY if c in mine]
         peak = max(below, key=lambda p: p["ok_per_s"])
-        over = mine[OVERLOAD_CONCURRENCY]
         admitted_p99 = lambda p: p["server_p99_ms_200"] if p["server_p99_ms_200"] is not None else p["p99_ms"]  # noqa: E731
-        summary[server] = {"peak_ok_per_s": peak["ok_per_s"], "peak_concurrency": peak["concurrency"],
-                           "overload_ok_per_s": over["ok_per_s"],
-                           "share_of_peak": over["ok_per_s"] / peak["ok_per_s"],
-                           "admitted_p99_ms_at_peak": admitted_p99(peak),
-                           "admitted_p99_ms_overload": admitted_p99(over)}
+        for over in (p for p in mine if p["concurrency"] not in CONCURRENCY):
+            summary[f"{server} c={over['concurrency']}"] = {
+                "server": server, "concurrency": over["concurrency"],
+                "peak_ok_per_s": peak["ok_per_s"], "peak_concurrency": peak["concurrency"],
+                "peak_is_recheck": bool(peak.get("recheck")),
+                "overload_ok_per_s": over["ok_per_s"], "share_of_peak": over["ok_per_s"] / peak["ok_per_s"],
+                "admitted_p99_ms_at_peak": admitted_p99(peak), "admitted_p99_ms_overload": admitted_p99(over),
+                "rate_503": over["rate_503"]}
     return summary
 
 
-def bench(quick: bool, seconds: float | None, modes: list[str]) -> dict[str, Any]:
-    """Run every point, print the tables, return the JSON record."""
+def bench(quick: bool, seconds: float | None, modes: list[str],
+          overload: tuple[int, ...] = (OVERLOAD_CONCURRENCY,)) -> dict[str, Any]:
+    """Run every point, print the tables, return the JSON record.
+
+    Servers measured past saturation (ours greedy, the LitServe peers) run c=1, 32, 128, then each
+    ``overload`` level, then c=128 again: the box is shared, and the re-check shows whether the
+    peak moved while the overload points ran.
+    """
+    global OVERLOAD_LEVELS
+    OVERLOAD_LEVELS = tuple(overload)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
     seconds = seconds or (3.0 if quick else 10.0)
@@ -473,30 +539,36 @@ def bench(quick: bool, seconds: float | None, modes: list[str]) -> dict[str, Any
         script = Path(scratch) / "post.lua"
         script.write_text(WRK_SCRIPT.replace("BODY", example_body()))
         for mode in modes:
-            with any_server(mode) as base:
+            with any_server(mode) as (base, pid):
                 past_saturation = mode == "runtime" or mode in PEER_MODES
-                levels = [*CONCURRENCY, OVERLOAD_CONCURRENCY] if past_saturation else CONCURRENCY
-                for connections in levels:
+                levels = [*CONCURRENCY, *overload, CONCURRENCY[-1]] if past_saturation else list(CONCURRENCY)
+                for index, connections in enumerate(levels):
                     measure = measure_peer_point if mode in PEER_MODES else measure_point
-                    point = measure(base, script, connections, seconds, warmup_s)
+                    point = measure(base, pid, script, connections, seconds, warmup_s)
                     point["server"] = mode
+                    point["recheck"] = index >= len(CONCURRENCY) + len(overload)
                     points.append(point)
                     print(f"  {mode:<15} c={connections:<4} {point['req_per_s']:7.0f} req/s "
-                          f"p99 {point['p99_ms']:7.1f} ms", flush=True)
+                          f"p99 {point['p99_ms']:7.1f} ms  load {point['box']['load1_before']:.2f}, "
+                          f"others {point['box']['other_cores']:.2f} cores", flush=True)
     print_table(points)
     ratio_table = ratios(points)
-    overload = goodput(points)
-    print(f"\npast saturation (c={OVERLOAD_CONCURRENCY}): answered/s against the server's best below it")
-    for server, row in sorted(overload.items()):
-        print(f"  {server:<15} {row['overload_ok_per_s']:7.0f}/s = {100 * row['share_of_peak']:5.1f} % of "
-              f"{row['peak_ok_per_s']:.0f}/s (c={row['peak_concurrency']}); admitted p99 "
+    past = goodput(points)
+    print("\npast saturation: answered/s against the server's best below it (c=1/32/128 and the c=128 re-check)")
+    for key, row in sorted(past.items()):
+        recheck = " re-check" if row["peak_is_recheck"] else ""
+        print(f"  {key:<20} {row['overload_ok_per_s']:7.0f}/s = {100 * row['share_of_peak']:5.1f} % of "
+              f"{row['peak_ok_per_s']:.0f}/s (c={row['peak_concurrency']}{recheck}); admitted p99 "
               f"{row['admitted_p99_ms_overload']:.1f} ms against {row['admitted_p99_ms_at_peak']:.1f} ms there")
-    record: dict[str, Any] = {"points": points, "backends": backends, "ratios": ratio_table, "goodput": overload,
+    record: dict[str, Any] = {"points": points, "backends": backends, "ratios": ratio_table, "goodput": past,
               "config": {"seconds": seconds, "quick": quick, "load": "wrk (closed loop, Lua POST body)",
                          "runtime_batch": RUNTIME_BATCH, "runtime_queue": RUNTIME_QUEUE,
                          "runtime_queue_delay_ms": RUNTIME_QUEUE_DELAY_MS,
                          "runtime_latency_target_ms": RUNTIME_LATENCY_TARGET_MS,
-                         "window_ms": WINDOW_MS, "cpus": os.cpu_count(), "python": platform.python_version(),
+                         "window_ms": WINDOW_MS, "overload": list(overload),
+                         "hold_refusals_s": RUNTIME_HOLD_REFUSALS_S,
+                         "max_refusals_per_s": RUNTIME_MAX_REFUSALS_PER_S, "cpus": os.cpu_count(),
+                         "python": platform.python_version(),
                          "torch": torch.__version__}}
     print("\nbatched/unbatched throughput (200s per second):")
     for name, ratio_row in ratio_table.items():
@@ -513,6 +585,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s a point (about a minute in all)")
     parser.add_argument("--seconds", type=float, help="measured seconds per point")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of servers")
+    parser.add_argument("--overload", default=str(OVERLOAD_CONCURRENCY),
+                        help="reference family: comma-separated concurrency levels past saturation (e.g. 256,512)")
     parser.add_argument("--families", default=",".join(FAMILIES),
                         help=f"comma-separated subset of {', '.join(FAMILIES)}")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime.json")
@@ -526,7 +600,8 @@ def main() -> None:
         parser.error(f"unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     record: dict[str, Any] = {}
     if "reference" in families:
-        record = bench(args.quick, args.seconds, args.modes.split(","))
+        record = bench(args.quick, args.seconds, args.modes.split(","),
+                       tuple(int(level) for level in args.overload.split(",")))
     for family in families:
         if family != "reference":
             print(f"\n== {family} ==", flush=True)
