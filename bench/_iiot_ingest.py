@@ -85,19 +85,73 @@ def pandas_to_sql(url: str, path: Path, rows: int, keys: dict[str, int], multi: 
     return done
 
 
-def copy_limit(url: str, resolved: Path) -> tuple[int, float]:
-    """``psql \\copy`` / ``sqlite3 .import`` of a resolved CSV; returns (rows now stored, seconds)."""
+def copy_limit(url: str, resolved: Path) -> tuple[int, float, dict[str, float | None]]:
+    """``psql \\copy`` / ``sqlite3 .import`` of a resolved CSV; returns (rows now stored, seconds, CPU).
+
+    CPU: ``client_cpu_s`` of the tool (its rusage) and, on PostgreSQL, ``server_cpu_s`` of its server
+    backend, sampled from ``/proc`` every 20 ms while it runs (the last 20 ms may be missed)."""
+    import resource
+    import threading
+    import uuid
+
+    sampler: _BackendSampler | None = None
     if url.startswith("sqlite"):
         database = url.removeprefix("sqlite:///")
         argv = ["sqlite3", database, ".mode csv", f".import {resolved} iiot_readings"]
     else:
-        libpq = url.replace("postgresql+psycopg://", "postgresql://")
+        name = f"bench-copy-{uuid.uuid4().hex[:12]}"
+        libpq = url.replace("postgresql+psycopg://", "postgresql://") + f"?application_name={name}"
         argv = ["psql", libpq, "-v", "ON_ERROR_STOP=1", "-c",
                 f"\\copy iiot_readings (sensor_pk, ts, value, ingest_pk) FROM '{resolved}' WITH (FORMAT csv)"]
+        sampler = _BackendSampler(url, name)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    seconds = time.perf_counter() - started
-    return count_readings(url), seconds
+    watcher = threading.Thread(target=sampler.run, daemon=True) if sampler else None
+    if watcher:
+        watcher.start()
+    try:
+        subprocess.run(argv, check=True, capture_output=True)
+    finally:
+        seconds = time.perf_counter() - started
+        if sampler and watcher:
+            sampler.done.set()
+            watcher.join(timeout=5)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"client_cpu_s": after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime,
+           "server_cpu_s": sampler.cpu_s if sampler else None}
+    return count_readings(url), seconds, cpu
+
+
+class _BackendSampler:
+    """The CPU used by the server backend of the session named ``application_name``, sampled."""
+
+    def __init__(self, url: str, application_name: str) -> None:
+        import threading
+
+        self.url, self.name, self.done = url, application_name, threading.Event()
+        self.pid: int | None = None
+        self.cpu_s: float | None = None
+        """The backend's CPU at the last sample (a backend starts at 0: what the session used)."""
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+            while self.pid is None and not self.done.is_set():
+                row = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                   (self.name,)).fetchone()
+                if row is None:
+                    time.sleep(0.005)
+                    continue
+                self.pid = int(row[0])
+        while self.pid is not None:
+            used = _process_cpu_s(self.pid)
+            if used is None:
+                break
+            self.cpu_s = used
+            if self.done.is_set():
+                break
+            time.sleep(0.02)
 
 
 def tessera_missing() -> str | None:

@@ -223,10 +223,13 @@ def ingest_backend(backend: str, plan: Plan, databases: BenchDatabases, files: B
         url = databases.fresh(backend)
         try:
             if way == "copy":
-                stored, seconds = ways.copy_limit(url, path)
+                load_before = os.getloadavg()[0]
+                stored, seconds, cpu = ways.copy_limit(url, path)
                 results[label] = {"rows": stored, "rows_stored": stored, "seconds": seconds,
                                   "rows_per_s": stored / seconds, "tool": "sqlite3 .import" if backend == "sqlite"
-                                  else "psql \\copy"}
+                                  else "psql \\copy", "cpu_s": cpu["client_cpu_s"],
+                                  "server_cpu_s": cpu["server_cpu_s"],
+                                  "load_avg_1m": [load_before, os.getloadavg()[0]]}
             else:
                 results[label] = run_ingest_point(way, url, path, rows, files, workdir)
             results[label]["sample"] = rows < plan.rows and label != "tessera@small"
