@@ -67,7 +67,7 @@ class CropNetConfig:
                    stem_stride=int(raw.get("stem_stride", 1)))
 
 
-TEACHER_CROP_CONFIG = CropNetConfig(channels=(16, 32, 64, 128), convs_per_level=2, hidden=64)
+TEACHER_CROP_CONFIG = CropNetConfig(channels=(24, 48, 64, 96), convs_per_level=2, hidden=64, stem_stride=2)
 STUDENT_CROP_CONFIG = CropNetConfig(channels=(16, 24, 32, 48), convs_per_level=1, hidden=32, stem_stride=2)
 
 

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     trained.append(("student", student, student_log))
     validation = [simulate_study(replace(split_config("validation", seed), shape=plan.study_shape))
                   for seed in split_seeds("validation", plan.validation_studies)]
-    rebuild = " ".join(["tessera train nodule", *[a for a in argv if a != "--force"]])
+    rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:
         calibration = calibrate_two_stage(net, validation, plan.max_candidates, f"nodule-{role}-v3-calibration",
                                           device)
