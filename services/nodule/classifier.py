@@ -9,8 +9,8 @@ resampled to 1 mm isotropic (the candidate stage's own grid: cropping costs a sl
 - the **student**, distilled from the teacher's soft labels: 16-24-32-48 channels, one convolution per
   level (76,385 parameters: 89 % fewer).
 
-(A full-resolution teacher stem was tried first: at ~2.5 s per step of 32 crops on the shared CPU it
-would not have trained in the time there was.)
+(A full-resolution teacher stem was tried first: it did not reach 100 steps of 32 crops in 6 minutes
+on the shared CPU, so it would not have trained in the time there was.)
 
 Serving goes through the shared runtime like every other model: :func:`classifier_model_spec`
 builds the :class:`~model_runtime.ModelSpec` whose ``run_batch`` stacks the crops of every
