@@ -2,25 +2,31 @@
 
 :func:`generate_candidates` finds nodule-like blobs in a CT volume (HU) without any network, as the
 candidate stage of LUNA16-style CAD systems does; stage 2 (:mod:`services.nodule.classifier`)
-rejects the false positives. All of it is vectorised with :mod:`scipy.ndimage`:
+rejects the false positives. Filtering is :mod:`scipy.ndimage`; the resampling is torch's trilinear
+interpolation (a tensor operation on the CPU, no model):
 
 1. **Lung region** (:func:`lung_region`), on a grid of about 2 mm: air (< -400 HU) not connected to
    the volume's in-plane border (outside the body), holes filled slice by slice (vessels, nodules)
-   and a closing plus a dilation of :data:`LUNG_MARGIN_MM` so juxta-pleural nodules, whose centre
-   lies in the concavity they dig into the air, stay inside.
+   and a closing plus a dilation of :data:`LUNG_MARGIN_MM`; a peak is kept when it lies within
+   that margin plus 0.8 x its radius of the region, so the centre of a large juxta-pleural nodule,
+   in the notch it digs into the air, stays in.
 2. **Scale space**: the volume (HU clipped to ``[-1000, 200]``, so bone does not dominate) is
-   resampled to :data:`GRID_MM` isotropic and smoothed with Gaussians of :data:`SIGMAS_MM`; the
-   scale-normalised difference of Gaussians ``(G(s_k) - G(s_k+1)) * s_k / (s_k+1 - s_k)``
-   approximates ``-s^2 LoG`` (bright blobs positive), whose response peaks at ``s = r / sqrt(3)``
-   for a ball of radius ``r``.
-3. **Maxima**: voxels that are the maximum of their 3x3x3 neighbourhood over space *and* scale
-   (a maximum filter over the stacked responses), inside the lung region, above
-   :data:`MIN_RESPONSE_HU`.
+   resampled to :data:`GRID_MM` isotropic and smoothed with Gaussians of :data:`SIGMAS_MM`, those
+   from :data:`COARSE_FROM_MM` up on a grid twice as coarse (a pyramid); the scale-normalised
+   difference of Gaussians ``(G(s_k) - G(s_k+1)) * s_k / (s_k+1 - s_k)`` approximates ``-s^2 LoG``
+   (bright blobs positive), whose response peaks at ``s = r / sqrt(3)`` for a ball of radius ``r``.
+3. **Maxima**, per pyramid level: voxels whose strongest response over the level's scales is the
+   maximum of their 3x3x3 neighbourhood and above :data:`MIN_RESPONSE_HU`; the scale is the one
+   that gave it (small blobs beside large structures survive on the fine level).
 4. **Blobness**: at each maximum, the Hessian of the smoothed volume at its scale (finite
    differences) gives eigenvalues ``l1 <= l2 <= l3``; a ball has three similar negative ones, a
-   vessel one near zero. Candidates are ranked by ``response * (0.25 + blobness)`` with
-   ``blobness = clip(-l3 / |l1|, 0, 1)``; nearby candidates (closer than the smaller one's radius or :data:`MERGE_MM`)
-   are merged into the stronger, and the top ``max_candidates`` are kept.
+   vessel one near zero. Candidates are ranked by ``min(response, SCORE_CAP_HU) * (0.1 + blobness)``
+   with ``blobness = clip(-l3 / |l1|, 0, 1)`` (the cap lets faint ground glass compete with dense
+   vessels on shape); candidates closer than the smaller one's radius or :data:`MERGE_MM` are
+   merged into the better one, and the top ``max_candidates`` are kept.
+
+On the validation split (24 simulated studies, 48 nodules >= 3 mm), 64 candidates per scan put one
+within the radius of 38 nodules (79 %); about 0.8 s per 64 x 256 x 256 volume on an idle core pair.
 
 Each :class:`BlobCandidate` carries its centre (voxel indices of the original volume), the radius
 its scale implies, the response and the blobness; the classifier sees a crop around the centre.
