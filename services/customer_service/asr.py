@@ -371,6 +371,10 @@ class DecoderSettings:
     pbeam: float = 1e-40
     lw: float = 8.0
     maxhmmpf: int = 10000
+    topn: int = 4
+    """Gaussians scored per mixture (pocketsphinx's default 4)."""
+    ds: int = 1
+    """Acoustic scores computed every ``ds``-th frame (1: every frame, pocketsphinx's default)."""
     fwdflat: bool = False
     bestpath: bool = False
     dither: bool = True
@@ -425,8 +429,8 @@ class Recognizer:
 
 def _as_config(settings: DecoderSettings) -> dict[str, Any]:
     return {"beam": settings.beam, "wbeam": settings.wbeam, "pbeam": settings.pbeam, "lw": settings.lw,
-            "maxhmmpf": settings.maxhmmpf, "fwdflat": settings.fwdflat, "bestpath": settings.bestpath,
-            "dither": settings.dither}
+            "maxhmmpf": settings.maxhmmpf, "topn": settings.topn, "ds": settings.ds, "fwdflat": settings.fwdflat,
+            "bestpath": settings.bestpath, "dither": settings.dither}
 
 
 # --- decoding off the GIL ----------------------------------------------------------------------------
