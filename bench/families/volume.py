@@ -13,13 +13,16 @@ Ways, each in its own subprocess (so its peak RSS is its own), ``K`` studies in 
 - ``monai sw=B``: the same with the best ``sw_batch_size`` for this box, measured first on one
   study over 1, 2, 4, 8;
 - ``runtime``: :class:`model_runtime.sliding_window.SlidingWindowInferer` over a runtime model whose
-  backend ``choose_cpu_backend`` picks by measurement (eager / ONNX Runtime / int8), patches of
-  every study in flight sharing batches;
+  backend ``choose_cpu_backend`` picks by measurement (eager / ONNX Runtime / int8, and OpenVINO in
+  f32 when the ``openvino`` extra is installed; ``torch.compile`` is not a candidate here), with
+  the patch batch the chosen backend runs fastest per patch (of 1 / 4 / 8, measured in the same
+  warm-up), patches of every study in flight sharing batches;
 - ``runtime bf16``: the eager model with ``precision="bf16"`` (CPU autocast), when this CPU has
   AVX512-BF16 (reported with its largest difference from fp32).
 
-Every way runs with the same torch/ONNX Runtime thread count (all cores). The stitched output of
-the runtime (eager backend) is checked against ``sliding_window_inference`` on the same weights.
+Every way runs with the same torch/ONNX Runtime/OpenVINO thread count (all cores). The stitched
+output of the runtime, through the backend it serves, is checked against
+``sliding_window_inference`` (eager fp32) on the same weights.
 
 Usage::
 
@@ -57,6 +60,11 @@ FULL_SHAPE = (256, 256, 64)
 QUICK_SHAPE = (128, 128, 64)
 SW_BATCH_CANDIDATES = (1, 2, 4, 8)
 RUNTIME_MAX_BATCH = 4
+"""Patch batch of the bf16 way (eager under autocast); the fp32 way takes its measured best."""
+RUNTIME_BATCH_CANDIDATES = (1, 4, 8)
+BACKEND_OPTIONS = {"onnx": {"spinning": False}, "onnx-int8": {"spinning": False}}
+"""ONNX Runtime's idle threads sleep: measured on this box (load ~9, K=4, 4 studies, alternated),
+0.156 -> 0.173 and 0.168 volumes/s with spinning off, the stitching thread getting the cores back."""
 MODEL_NAME = "bench-unet3d"
 
 
@@ -94,7 +102,7 @@ def summarise(latencies_s: list[float], wall_s: float) -> dict[str, Any]:
     pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
     return {"volumes": len(ordered), "wall_s": wall_s, "volumes_per_s": len(ordered) / wall_s,
             "p50_s": pick(0.5), "p99_s": pick(0.99), "mean_s": statistics.fmean(ordered),
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "load_average_1min": os.getloadavg()[0]}
 
 
 # -- MONAI, per study ------------------------------------------------------------------------------
@@ -148,38 +156,46 @@ def best_sw_batch_size(shape: tuple[int, int, int]) -> dict[str, Any]:
 
 # -- the runtime -----------------------------------------------------------------------------------
 def served_patch_model(precision: str, workdir: Path) -> tuple[Any, dict[str, Any]]:
-    """The U-Net as the runtime serves it, and how: ``(model, {"backend", "precision", ...})``.
+    """The U-Net as the runtime serves it, and how: ``(model, {"backend", "precision", "batch", ...})``.
 
-    fp32 takes the backend ``choose_cpu_backend`` measures fastest (eager / ONNX Runtime / int8);
-    bf16 serves the eager module under CPU autocast (ONNX Runtime runs a graph in its own precision).
+    fp32 takes the backend ``choose_cpu_backend`` measures fastest (eager / ONNX Runtime / int8 /
+    OpenVINO f32 where installed) and that backend's fastest patch batch per patch; bf16 serves the
+    eager module under CPU autocast at :data:`RUNTIME_MAX_BATCH` (ONNX Runtime runs a graph in its
+    own precision).
     """
     from model_runtime import choose_cpu_backend
+    from model_runtime.backends import CPU_CANDIDATES, openvino_available
 
     module = unet()
     if precision != "fp32":
-        return module, {"precision": precision, "backend": "eager"}
-    example = torch.randn(RUNTIME_MAX_BATCH, 1, *ROI, generator=torch.Generator().manual_seed(3))
+        return module, {"precision": precision, "backend": "eager", "batch": RUNTIME_MAX_BATCH}
+    example = torch.randn(max(RUNTIME_BATCH_CANDIDATES), 1, *ROI, generator=torch.Generator().manual_seed(3))
+    candidates = CPU_CANDIDATES + (("openvino",) if openvino_available() else ())
     # Timed at batch 1 and full batches. Timed at full batches only, eager wins the micro-benchmark
     # (23 against 28 ms a patch) but served 10 % fewer volumes/s than ONNX Runtime (measured 2026-12-01).
-    choice = choose_cpu_backend(module, example, max_abs_error=1e-3, batch_sizes=(1, RUNTIME_MAX_BATCH),
-                                repeats=3, workdir=workdir)
-    return choice.backend, {"precision": precision, "backend": choice.name,
+    choice = choose_cpu_backend(module, example, candidates=candidates, max_abs_error=1e-3,
+                                batch_sizes=RUNTIME_BATCH_CANDIDATES, repeats=3, workdir=workdir,
+                                backend_options=BACKEND_OPTIONS)
+    chosen = next(m for m in choice.measurements if m.name == choice.name)
+    batch = min(chosen.per_item_ms, key=chosen.per_item_ms.__getitem__) if chosen.per_item_ms else RUNTIME_MAX_BATCH
+    return choice.backend, {"precision": precision, "backend": choice.name, "batch": batch,
                             "backend_ms_per_patch": {m.name: m.per_item_ms for m in choice.measurements}}
 
 
-async def infer_studies(model: Any, precision: str, volumes: list[torch.Tensor], concurrency: int) -> dict[str, Any]:
+async def infer_studies(model: Any, precision: str, volumes: list[torch.Tensor], concurrency: int,
+                        batch: int = RUNTIME_MAX_BATCH) -> dict[str, Any]:
     """Load ``model`` as a patch model, warm up, then ``concurrency`` callers infer ``volumes`` between them."""
     from model_runtime import ModelRuntime, ModelSpec
     from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch
 
     runtime = ModelRuntime()
     await runtime.load(ModelSpec(name=MODEL_NAME, version="bench", loader=lambda _ctx: model,
-                                 run_batch=run_patch_batch, max_batch_size=RUNTIME_MAX_BATCH, max_wait_ms=1.0,
+                                 run_batch=run_patch_batch, max_batch_size=batch, max_wait_ms=1.0,
                                  max_queue=512, precision=precision,
                                  uses_torch=isinstance(model, torch.nn.Module)))  # backends place themselves
     try:
         config = SlidingWindowConfig(roi_size=ROI, overlap=OVERLAP, mode=BLEND)
-        inferer = SlidingWindowInferer(runtime, MODEL_NAME, config, patches_per_study=2 * RUNTIME_MAX_BATCH)
+        inferer = SlidingWindowInferer(runtime, MODEL_NAME, config, patches_per_study=2 * batch)
         await inferer.infer(volumes[0])  # warm-up
         latencies: list[float] = []
 
@@ -203,26 +219,29 @@ def run_runtime(precision: str, concurrency: int, per_caller: int, shape: tuple[
     volumes = study_volumes(concurrency * per_caller, shape)
     with tempfile.TemporaryDirectory(prefix="tessera-bench-unet-") as workdir:
         model, served = served_patch_model(precision, Path(workdir))
-        result = asyncio.run(infer_studies(model, precision, volumes, concurrency))
+        result = asyncio.run(infer_studies(model, precision, volumes, concurrency, served["batch"]))
     result.update(served)
     return result
 
 
-def check_equal_to_monai(shape: tuple[int, int, int], precision: str = "fp32") -> dict[str, float]:
-    """The runtime's stitched output (eager) against MONAI's fp32 one on the same weights and volume:
-    the largest absolute difference and the share of voxels whose argmax class agrees."""
+def check_equal_to_monai(shape: tuple[int, int, int], precision: str = "fp32") -> dict[str, Any]:
+    """The runtime's stitched output, through the backend it serves (chosen as the timed point chooses
+    it), against MONAI's eager fp32 one on the same weights and volume: the largest absolute
+    difference and the share of voxels whose argmax class agrees."""
     from model_runtime import ModelRuntime, ModelSpec
     from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch
 
     module = unet()
     volume = study_volumes(1, shape, seed=11)[0]
     expected = monai_infer(module, volume, RUNTIME_MAX_BATCH)
+    workdir = tempfile.TemporaryDirectory(prefix="tessera-bench-unet-")
+    served_model, served = served_patch_model(precision, Path(workdir.name))
 
     async def ours() -> torch.Tensor:
         runtime = ModelRuntime()
-        await runtime.load(ModelSpec(name=MODEL_NAME, version="check", loader=lambda _ctx: module,
-                                     run_batch=run_patch_batch, max_batch_size=RUNTIME_MAX_BATCH, max_queue=512,
-                                     precision=precision))
+        await runtime.load(ModelSpec(name=MODEL_NAME, version="check", loader=lambda _ctx: served_model,
+                                     run_batch=run_patch_batch, max_batch_size=served["batch"], max_queue=512,
+                                     precision=precision, uses_torch=isinstance(served_model, torch.nn.Module)))
         try:
             inferer = SlidingWindowInferer(runtime, MODEL_NAME, SlidingWindowConfig(roi_size=ROI, overlap=OVERLAP,
                                                                                     mode=BLEND))
@@ -232,9 +251,11 @@ def check_equal_to_monai(shape: tuple[int, int, int], precision: str = "fp32") -
         finally:
             await runtime.close()
 
-    output = asyncio.run(ours())
+    with workdir:
+        output = asyncio.run(ours())
     agree = (output.argmax(0) == expected.argmax(0)).float().mean()
-    return {"max_abs_difference": float((output - expected).abs().max()), "argmax_agreement": float(agree)}
+    return {"max_abs_difference": float((output - expected).abs().max()), "argmax_agreement": float(agree),
+            "backend": served["backend"]}
 
 
 def bf16_supported() -> bool:
@@ -283,18 +304,21 @@ def bench_volume(quick: bool) -> dict[str, Any]:
     if bf16_supported():
         ways.append("runtime-bf16")
     points = []
-    for way in ways:
-        for level in levels:
+    for level in levels:  # the ways side by side at each K, so a shared box's load drifts less between them
+        for way in ways:
             per_caller = 1 if (way == "monai-sw1" or quick) else 2
             record = point(way, level, per_caller, shape)
             points.append(record)
             print(f"  {way:<14} K={level} {record['volumes_per_s']:.3f} vol/s p50 {record['p50_s']:.2f} s "
-                  f"p99 {record['p99_s']:.2f} s rss {record['peak_rss_mb']:.0f} MB", flush=True)
+                  f"p99 {record['p99_s']:.2f} s rss {record['peak_rss_mb']:.0f} MB "
+                  f"{record.get('backend', '')} {record.get('batch', '')} load {record['load_average_1min']:.1f}",
+                  flush=True)
     check = point("check", 1, 1, shape)
     check_bf16 = point("check-bf16", 1, 1, shape) if "runtime-bf16" in ways else None
     return {"shape": shape, "roi": ROI, "overlap": OVERLAP, "blend": BLEND, "best_sw_batch_size": best,
             "sw_batch_search": search["seconds_per_study"], "points": points,
-            "max_abs_difference_vs_monai": check["max_abs_difference"], "bf16_vs_monai_fp32": check_bf16,
+            "max_abs_difference_vs_monai": check["max_abs_difference"], "checked_backend": check["backend"],
+            "bf16_vs_monai_fp32": check_bf16, "load_average": os.getloadavg(),
             "threads": os.cpu_count(),
             "parameters": sum(p.numel() for p in unet().parameters())}
 
@@ -304,15 +328,17 @@ def print_volume(record: dict[str, Any]) -> None:
     shape = "x".join(map(str, record["shape"]))
     print(f"\n3D U-Net ({record['parameters'] / 1e6:.1f} M parameters), {shape} volumes, "
           f"{'x'.join(map(str, record['roi']))} patches, overlap {record['overlap']}, {record['blend']} blending, "
-          f"{record['threads']} threads; runtime vs MONAI max |diff| {record['max_abs_difference_vs_monai']:.1e}")
+          f"{record['threads']} threads; runtime ({record.get('checked_backend', 'eager')}) vs MONAI max |diff| "
+          f"{record['max_abs_difference_vs_monai']:.1e}; load average at the end {record.get('load_average')}")
     if record.get("bf16_vs_monai_fp32"):
         bf16 = record["bf16_vs_monai_fp32"]
         print(f"runtime bf16 vs MONAI fp32: max |diff| {bf16['max_abs_difference']:.2e}, "
               f"argmax class agrees on {100 * bf16['argmax_agreement']:.2f} % of voxels")
     print(f"{'way':<16} {'K':>2} {'vol/s':>7} {'p50 s':>7} {'p99 s':>7} {'RSS MB':>7}  backend")
-    for p in record["points"]:
+    for p in sorted(record["points"], key=lambda p: (p["way"], p["concurrency"])):
         print(f"{p['way']:<16} {p['concurrency']:>2} {p['volumes_per_s']:>7.3f} {p['p50_s']:>7.2f} "
-              f"{p['p99_s']:>7.2f} {p['peak_rss_mb']:>7.0f}  {p.get('backend', 'eager')}")
+              f"{p['p99_s']:>7.2f} {p['peak_rss_mb']:>7.0f}  {p.get('backend', 'eager')}"
+              + (f" batch {p['batch']}" if "batch" in p else ""))
     by = {(p["way"], p["concurrency"]): p["volumes_per_s"] for p in record["points"]}
     best = f"monai-sw{record['best_sw_batch_size']}"
     for level in sorted({p["concurrency"] for p in record["points"]}):
