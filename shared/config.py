@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     cs_stream_models: bool = Field(default=True, description="load the speech and emotion models at start "
                                    "(call streams and utterance analysis need them); false for a cs replica that "
                                    "only serves the knowledge base, settings and call records")
+    cs_asr_processes: int = Field(default=2, ge=1, le=32, description="speech-to-text decoder processes per "
+                                  "cs API process: utterances of concurrent calls decode in parallel on as many "
+                                  "cores")
     cs_stream_idle_timeout_s: float = Field(default=30.0, gt=0, description="a call stream that sends nothing "
                                             "for this long (no audio, no ping) is closed (1008) and its call "
                                             "kept as partial")

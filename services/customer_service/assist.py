@@ -45,8 +45,6 @@ logger = logging.getLogger("tessera.cs.assist")
 ASR_MODEL = "cs-asr"
 EMOTION_MODEL = "cs-emotion"
 VAD_RATES = (8000, 16000)
-ASR_PROCESSES = 2
-"""Decoder processes: utterances of concurrent calls decode in parallel on as many cores."""
 STALE_CALL_AFTER = timedelta(minutes=10)
 """A live call whose stream has been silent this long at start-up belonged to a dead process."""
 
@@ -108,7 +106,7 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     for rate in VAD_RATES:
         await sessions.load(vad_streaming_model(rate))
     domain_lm = await asyncio.to_thread(build_domain_lm, domain_texts())
-    await runtime.load(asr_model_spec(ASR_MODEL, domain_lm, processes=ASR_PROCESSES))
+    await runtime.load(asr_model_spec(ASR_MODEL, domain_lm, processes=get_settings().cs_asr_processes))
     await runtime.load(emotion_model_spec(name=EMOTION_MODEL))
     closed = await asyncio.to_thread(_close_abandoned_calls)
     if closed:
