@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -49,13 +50,13 @@ def test_concurrent_refusals_are_held_longer_as_more_are_held(monkeypatch: pytes
 
     monkeypatch.setattr(shedding.asyncio, "sleep", fake_sleep)
     bounded = gate(hold_s=0.001, max_refusals_per_s=100)
-    sent: list[list[dict[str, Any]]] = [[] for _ in range(5)]
+    sent: list[list[MutableMapping[str, Any]]] = [[] for _ in range(5)]
 
-    async def one(messages: list[dict[str, Any]]) -> None:
+    async def one(messages: list[MutableMapping[str, Any]]) -> None:
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             messages.append(message)
 
         await bounded({"type": "http", "method": "POST", "path": "/predict", "root_path": "", "headers": []},
