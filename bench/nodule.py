@@ -236,11 +236,14 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
     assert len(shape) == 3
     concurrency = tuple(int(v) for v in args.concurrency.split(",")) if args.concurrency else ()
     if args.way == "reference":
-        from services.nodule.model import NoduleArtifactConfig, default_artifact_dir
+        from services.nodule.classifier import is_two_stage
+        from services.nodule.model import DetectorSettings, NoduleArtifactConfig, default_artifact_dir
 
-        config = NoduleArtifactConfig.read(default_artifact_dir("student"))
-        roi = tuple(config.detector.roi_size)
-        overlap = config.detector.overlap
+        student = default_artifact_dir("student")
+        # A two-stage (v3) student has no sliding window: the reference keeps the dense detector's.
+        settings = DetectorSettings() if is_two_stage(student) else NoduleArtifactConfig.read(student).detector
+        roi = tuple(settings.roi_size)
+        overlap = settings.overlap
         record = _reference_point((roi[0], roi[1], roi[2]), overlap, (shape[0], shape[1], shape[2]), args.repeats)
         return {**record, "roi": roi, "overlap": overlap}
     return asyncio.run(_detector_point(args.way, Path(args.models_dir), (shape[0], shape[1], shape[2]),
