@@ -494,6 +494,11 @@ class _PinnedVersion:
             raise _ModelSwapped(f"{self.version} -> {served}")
 
 
+def _stitch_handed(stitcher: Stitcher, index: int, handed: list[Any]) -> None:
+    """Stitch the one output in ``handed``, taking it out of the list (see ``SlidingWindowInferer._lane``)."""
+    stitcher.add(index, handed.pop())
+
+
 class SlidingWindowInferer:
     """Sliding-window inference of whole volumes through one runtime model whose items are patches.
 
@@ -623,10 +628,12 @@ class SlidingWindowInferer:
         slots = self._slots_for_loop()
         for index in pending:
             async with slots:
-                patch_output = await self._predict_patch(plan.patch(index), pinned, progress)
+                handed = [await self._predict_patch(plan.patch(index), pinned, progress)]
             async with stitching:
-                await asyncio.to_thread(stitcher.add, index, patch_output)
-            del patch_output  # not held while the next patch waits: a study holds at most one output per lane
+                # Handed over in a list the thread empties: the executor's work item, which a busy
+                # thread may keep a moment after the answer, does not hold the output, so a study
+                # holds at most one output per lane.
+                await asyncio.to_thread(_stitch_handed, stitcher, index, handed)
             progress.advance()
 
     async def _predict_patch(self, patch: torch.Tensor, pinned: _PinnedVersion, progress: StudyProgress) -> Any:
