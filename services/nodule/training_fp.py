@@ -34,7 +34,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +59,6 @@ from services.nodule.classifier import (
 )
 from services.nodule.evaluation import (
     MIN_COUNTED_MM,
-    Interval,
     ScanRecord,
     Summary,
     candidates_of_nodules,
@@ -73,6 +71,7 @@ from services.nodule.evaluation import (
     type_accuracy,
 )
 from services.nodule.simulate import SimulatedStudy, simulate_study
+from services.nodule.training import StageLog, _cells, _jsonable, _learning_rate, _round, _type_of
 
 logger = logging.getLogger("tessera.nodule.training_fp")
 
@@ -214,15 +213,6 @@ def centred(crops: np.ndarray) -> np.ndarray:
 
 
 # -- training -------------------------------------------------------------------------------------
-@dataclass
-class StageLog:
-    """What one training stage did."""
-
-    steps: int = 0
-    seconds: float = 0.0
-    final_loss: float = float("nan")
-
-
 def _batch_indices(labels: np.ndarray, rng: np.random.Generator, size: int, positive_fraction: float) -> np.ndarray:
     positives, negatives = np.nonzero(labels > 0.5)[0], np.nonzero(labels <= 0.5)[0]
     wanted = int(round(size * positive_fraction)) if len(positives) else 0
@@ -267,12 +257,6 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
             break
     final = round(float(np.mean(recent)), 4) if recent else math.nan
     return net.eval(), StageLog(log.steps, round(log.seconds, 1), final)
-
-
-def _learning_rate(peak: float, step: int, progress: float, warmup: int = 30) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def teacher_probabilities(teacher: CropNet, bank: CropBank, device: str = "cpu", batch: int = 128) -> np.ndarray:
@@ -349,12 +333,6 @@ async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates
                          hit_any / len(counted) if counted else math.nan)
 
 
-def _type_of(share: float, solid_min: float, ground_glass_max: float) -> str:
-    if share >= solid_min:
-        return "solid"
-    return "ground_glass" if share < ground_glass_max else "part_solid"
-
-
 def _choose_type_shares(shares: list[list[tuple[float, str, float] | None]], threshold: float) -> tuple[float, float]:
     hits = [entry for scan in shares for entry in scan if entry is not None and entry[2] >= threshold]
     default = TwoStageSettings()
@@ -397,22 +375,6 @@ def write_two_stage(net: CropNet, role: str, version: str, output: Path, calibra
                   extra={"kind": "two_stage", "plan": _jsonable(asdict(plan)),
                          "detector": asdict(calibration.settings), "net": net.config.to_json()})
     return directory
-
-
-def _round(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 4)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, tuple | list):
-        return [_jsonable(item) for item in value]
-    return value
-
-
-def _cells(interval: Interval) -> str:
-    return f"{interval.value:.3f} | {interval.low:.3f}-{interval.high:.3f}"
 
 
 def model_card(role: str, version: str, net: CropNet, calibration: FpCalibration, log: StageLog, plan: FpPlan,
