@@ -127,7 +127,7 @@ def test_engines_freed_by_the_garbage_collector_never_deadlock_the_checkpointer_
 
     def churn() -> None:
         for _ in range(40):
-            engine = make_engine(f"sqlite:///{tmp_path / 'g.db'}")
+            engine = make_engine(f"sqlite:///{tmp_path / 'gc-churn.db'}")
             with engine.connect() as connection:
                 connection.exec_driver_sql("SELECT 1")
             del engine
@@ -140,7 +140,9 @@ def test_engines_freed_by_the_garbage_collector_never_deadlock_the_checkpointer_
     finally:
         gc.set_threshold(*threshold)
     gc.collect()
-    wait_until(lambda: not any(t.name == "sqlite-checkpoint:g.db" for t in threading.enumerate()), 30,
+    # A file name no other test uses: another test's engine on a "g.db", left in a cycle when an
+    # in-process app's start-up ran gc.freeze(), is never collected and keeps its own thread.
+    wait_until(lambda: not any(t.name == "sqlite-checkpoint:gc-churn.db" for t in threading.enumerate()), 30,
                "the checkpointer to retire at its next tick once its engines are gone")
 
 
