@@ -79,6 +79,10 @@ RUNTIME_HOLD_REFUSALS_S = float(os.environ.get("TESSERA_BENCH_HOLD_REFUSALS_S", 
 """How long the load-shedding gate holds a refusal at least (``SheddingGate(hold_s=...)``)."""
 RUNTIME_MAX_REFUSALS_PER_S = float(os.environ.get("TESSERA_BENCH_MAX_REFUSALS_PER_S", "500"))
 """The gate holds refusals longer when many are held, answering about this many a second (0: fixed hold)."""
+RUNTIME_REFUSAL_SHARE = float(os.environ.get("TESSERA_BENCH_REFUSAL_SHARE", "0.05"))
+"""...and at most this share of the requests it answers a second (0: no share bound)."""
+RUNTIME_MAX_HOLD_S = float(os.environ.get("TESSERA_BENCH_MAX_HOLD_S", "3.0"))
+"""Longest hold of a refusal (s)."""
 
 
 class ReferenceClassifier(torch.nn.Module):
@@ -220,9 +224,12 @@ def build_server(mode: str) -> StatusLatency:
     install_problem_handlers(app)
     # The runtime modes put the platform's load-shedding gate in front: a request the model would
     # refuse is answered 503 before FastAPI (admitted requests take the same FastAPI path as the others).
-    refusals = {("POST", "/predict"): lambda: runtime.refusal(MODEL_NAME)}
+    # The gate's admission is the request's: predict uses it instead of asking again, and the
+    # requests between the gate and the queue count as admitted work.
+    refusals = {("POST", "/predict"): lambda: runtime.admit_request(MODEL_NAME)}
     gate = SheddingGate(app, refusals, hold_s=RUNTIME_HOLD_REFUSALS_S,
-                        max_refusals_per_s=RUNTIME_MAX_REFUSALS_PER_S or None)
+                        max_refusals_per_s=RUNTIME_MAX_REFUSALS_PER_S or None,
+                        max_refusal_share=RUNTIME_REFUSAL_SHARE or None, max_hold_s=RUNTIME_MAX_HOLD_S)
     timing = StatusLatency(gate if mode.startswith("runtime") else app)
 
     def json_response(result: dict[str, Any]) -> Response:
@@ -567,7 +574,9 @@ def bench(quick: bool, seconds: float | None, modes: list[str],
                          "runtime_latency_target_ms": RUNTIME_LATENCY_TARGET_MS,
                          "window_ms": WINDOW_MS, "overload": list(overload),
                          "hold_refusals_s": RUNTIME_HOLD_REFUSALS_S,
-                         "max_refusals_per_s": RUNTIME_MAX_REFUSALS_PER_S, "cpus": os.cpu_count(),
+                         "max_refusals_per_s": RUNTIME_MAX_REFUSALS_PER_S,
+                         "refusal_share": RUNTIME_REFUSAL_SHARE, "max_hold_s": RUNTIME_MAX_HOLD_S,
+                         "cpus": os.cpu_count(),
                          "python": platform.python_version(),
                          "torch": torch.__version__}}
     print("\nbatched/unbatched throughput (200s per second):")

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -55,6 +55,31 @@ RunBatch = Callable[[list[Any]], Sequence[Any]]
 Finalize = Callable[[Any], Any]
 CostOf = Callable[[Any], float]
 BucketOf = Callable[[Any], Hashable]
+
+
+class AdmissionTicket:
+    """An item a batcher admitted that is not queued yet (an HTTP layer, a prepare pool): until
+    :meth:`release`, admission counts it as waiting work, so what is between the admission check
+    and the queue is not admitted twice over. Release is idempotent; :meth:`DynamicBatcher.submit` with
+    the ticket releases it as the item is queued."""
+
+    __slots__ = ("batcher", "admitted_at", "_held")
+
+    def __init__(self, batcher: DynamicBatcher, admitted_at: float) -> None:
+        self.batcher = batcher
+        self.admitted_at = admitted_at
+        self._held = True
+
+    @property
+    def held(self) -> bool:
+        """True until released (queued, or given up)."""
+        return self._held
+
+    def release(self) -> None:
+        """Stop counting the item as admitted work (its request ended, or it was queued)."""
+        if self._held:
+            self._held = False
+            self.batcher._in_transit -= 1
 
 
 class BatchOutputMismatch(RuntimeError):
@@ -292,7 +317,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._queued_cost = 0.0
         self._lock = threading.Lock()  # the queue, its cost and the running batch: the loop and the worker share them
-        self._preparing = 0  # admitted by check_capacity, not yet submitted (in a prepare pool)
+        self._in_transit = 0  # admitted (AdmissionTicket held), not yet queued
         self._mean_cost = 1.0
         self._admission = (None if policy.latency_target_ms is None
                            else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity))
@@ -317,17 +342,20 @@ class DynamicBatcher:
         return len(self._queue)
 
     def _waiting_cost(self) -> float:
-        return self._queued_cost + self._preparing * self._mean_cost
+        return self._queued_cost + self._in_transit * self._mean_cost
 
-    @contextlib.contextmanager
-    def preparing(self) -> Iterator[None]:
-        """Count an admitted item as waiting while it is prepared off the loop, until it is submitted
-        or fails: admission then sees the work it has already let in, not only the queue."""
-        self._preparing += 1
-        try:
-            yield
-        finally:
-            self._preparing -= 1
+    def admit(self, *, record: bool = True) -> AdmissionTicket:
+        """Admit one item now, or raise what :meth:`refusal` says.
+
+        The ticket counts the item as waiting work until it is queued (``submit(..., ticket=)``)
+        or released, so work admitted and still on its way (an HTTP stack, a prepare pool) is seen
+        by every later admission decision, and is not checked again when it is queued.
+        """
+        refusal = self.refusal(record=record)
+        if refusal is not None:
+            raise refusal
+        self._in_transit += 1
+        return AdmissionTicket(self, time.monotonic())
 
     @property
     def per_item_seconds(self) -> float:
@@ -382,7 +410,8 @@ class DynamicBatcher:
                                          retry_after_s=decision.retry_after_s)
         return None
 
-    async def submit(self, prepared: Any, timeout_s: float | None = None) -> Any:
+    async def submit(self, prepared: Any, timeout_s: float | None = None, *,
+                     ticket: AdmissionTicket | None = None) -> Any:
         """Queue one prepared item and wait for its output.
 
         Parameters
@@ -391,6 +420,9 @@ class DynamicBatcher:
             One item already validated/decoded by the model's ``prepare``.
         timeout_s : float, optional
             Deadline from now (s); defaults to the policy's ``timeout_s``.
+        ticket : AdmissionTicket, optional
+            This batcher's admission of the item (:meth:`admit`): capacity is not checked again,
+            and the ticket is released as the item is queued. Without one, capacity is checked now.
 
         Raises
         ------
@@ -401,7 +433,9 @@ class DynamicBatcher:
         RuntimeTimeout
             The item was not answered within its deadline.
         """
-        self.check_capacity()
+        admitted = ticket is not None and ticket.held and ticket.batcher is self
+        if not admitted:
+            self.check_capacity()
         cost = self.policy.cost_of(prepared)
         timeout_s = self.policy.timeout_s if timeout_s is None else timeout_s
         now = time.monotonic()
@@ -410,6 +444,8 @@ class DynamicBatcher:
         with self._lock:
             self._queue.append(pending)
             self._queued_cost += cost
+        if admitted and ticket is not None:
+            ticket.release()  # counted in the queue from now on
         self._mean_cost += 0.05 * (cost - self._mean_cost)
         self.metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()

@@ -28,6 +28,7 @@ Errors are the runtime's own (:mod:`model_runtime.errors`); the HTTP edge maps t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import statistics
 import threading
@@ -42,6 +43,7 @@ import torch
 from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manifest
 from model_runtime.backends import OnnxRuntimeBackend, TorchBackend
 from model_runtime.batcher import (
+    AdmissionTicket,
     BatchPolicy,
     BucketOf,
     CostOf,
@@ -60,6 +62,19 @@ from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, c
 from shared.errors import ProblemError
 
 logger = logging.getLogger("tessera.model_runtime")
+
+_request_ticket: contextvars.ContextVar[AdmissionTicket | None] = contextvars.ContextVar(
+    "tessera_request_admission", default=None)
+"""The admission the HTTP edge took for the request being served (:meth:`ModelRuntime.admit_request`)."""
+
+
+def _claim_request_ticket(batcher: DynamicBatcher) -> AdmissionTicket | None:
+    """The request's edge admission for ``batcher``, taken (a second predict in the request asks anew)."""
+    ticket = _request_ticket.get()
+    if ticket is None or ticket.batcher is not batcher or not ticket.held:
+        return None
+    _request_ticket.set(None)
+    return ticket
 
 
 @dataclass(frozen=True)
@@ -350,18 +365,42 @@ class ModelRuntime:
         arrived = time.monotonic()
         loaded = self._serving(name)
         batcher = self._batcher_for(loaded)
-        batcher.check_capacity()  # before any work, so a refusal costs almost nothing
-        spec = loaded.spec
-        where = loaded.prepare_where
-        if where == "loop":
-            return await batcher.submit(_prepare(spec, item), timeout_s)
-        with batcher.preparing():
+        ticket = _claim_request_ticket(batcher)  # admitted at the HTTP edge (admit_request), or now:
+        if ticket is None:
+            ticket = batcher.admit()  # before any work, so a refusal costs almost nothing
+        try:
+            spec = loaded.spec
+            where = loaded.prepare_where
+            if where == "loop":
+                return await batcher.submit(_prepare(spec, item), timeout_s, ticket=ticket)
             prepared = await self._prepare_pools.run(where, spec.name, spec.prepare, item)
-        timeout_s = spec.timeout_s if timeout_s is None else timeout_s
-        remaining_s = None if timeout_s is None else timeout_s - (time.monotonic() - arrived)
-        if remaining_s is not None and remaining_s <= 0:
-            raise RuntimeTimeout(f"model {name}: prepare took the whole {timeout_s:.3f} s deadline")
-        return await self._batcher_for(self._serving(name)).submit(prepared, remaining_s)  # swapped meanwhile?
+            timeout_s = spec.timeout_s if timeout_s is None else timeout_s
+            remaining_s = None if timeout_s is None else timeout_s - (time.monotonic() - arrived)
+            if remaining_s is not None and remaining_s <= 0:
+                raise RuntimeTimeout(f"model {name}: prepare took the whole {timeout_s:.3f} s deadline")
+            serving = self._batcher_for(self._serving(name))  # swapped meanwhile: admitted there anew
+            return await serving.submit(prepared, remaining_s, ticket=ticket)
+        finally:
+            ticket.release()  # queued (released then), or failed before it
+
+    def admit_request(self, name: str) -> AdmissionTicket | RuntimeOverloaded | ModelNotReady:
+        """Admit one item of ``name`` for the request being served, before its body is read.
+
+        For a gate in front of the HTTP stack (:class:`shared.shedding.SheddingGate`): the answer is
+        the error :meth:`predict` would raise (refused requests skip the framework's cost), or a
+        ticket that the same request's :meth:`predict` then uses instead of asking again, so the
+        requests between the gate and the queue count as admitted work. The gate releases the
+        ticket when the request ends, whether or not it reached :meth:`predict`.
+        """
+        loaded = self._models.get(name)
+        if loaded is None:
+            return ModelNotReady(f"model {name} is not loaded")
+        try:
+            ticket = self._batcher_for(loaded).admit()
+        except (RuntimeOverloaded, ModelNotReady) as refused:
+            return refused
+        _request_ticket.set(ticket)
+        return ticket
 
     def refusal(self, name: str) -> RuntimeOverloaded | ModelNotReady | None:
         """What :meth:`predict` would refuse an item of ``name`` with now (``None``: it would be taken).

@@ -30,6 +30,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0
   fi
 fi
 
+# The HTTP load generator of the benchmarks (bench/runtime.py, bench/fraud_sqlite_wrk.py): wrk.
+# Installed only; no test needs it.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0}" != 1 ]; then
+  if ! command -v wrk >/dev/null; then
+    echo "ensure_services: installing wrk from Debian packages"
+    timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq wrk >/dev/null
+  fi
+fi
+
 # Speech synthesis for the customer-service simulator and tests: espeak-ng. Installed only; the
 # tests that speak skip, saying why, when it is absent.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0}" != 1 ]; then

@@ -8,29 +8,70 @@ cheap question first — would the model refuse an item now? — and answers 503
 ``Retry-After`` as plain ASGI, before the body is read; everything else goes to the app unchanged,
 and the app's own check still decides for the requests that pass (the gate only answers early).
 
+A check may also *admit*: it returns a ticket (anything with ``release()``, e.g. the model
+runtime's :meth:`~model_runtime.runtime.ModelRuntime.admit_request`) that the request's handler
+then uses instead of asking again, so the requests between the gate and the model's queue count
+as admitted work; the gate releases it when the request ends, whether or not the handler used it.
+
 A refusal can be held before it is answered (``hold_s``), so that a client retrying at once sends
 one try per hold. With ``max_refusals_per_s`` the hold grows with the number of refusals being
 held, so that refusals are answered at about that rate however many clients retry (256 or 512
 connections cost the same CPU in refusals), up to ``max_hold_s`` (at most the ``Retry-After`` the
-answer states, 1 s or more, so a client that honours it waits no longer than it was told).
+answer states, 1 s or more, so a client that honours it waits no longer than it was told). With
+``max_refusal_share`` that rate is also bounded by a share of the requests the gate let through
+and saw answered (a second each, moving), so refusals cost a bounded share of what the server
+spends on its answers, whatever its speed.
 
 ::
 
-    app = SheddingGate(app, {("POST", "/v1/score"): lambda: runtime.refusal("scorer")})
+    app = SheddingGate(app, {("POST", "/v1/score"): lambda: runtime.admit_request("scorer")})
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.errors import EdgeMappedError, ProblemError, as_problem
+from shared.errors import EdgeMappedError, ProblemError, ServiceOverloaded, as_problem
 from shared.hot_routes import problem_json, route_path, send_answer
 
-Refusal = Callable[[], ProblemError | EdgeMappedError | None]
-"""What a route's model would answer an item now: ``None`` to take it, else the error it would raise."""
+
+class Admitted(Protocol):
+    """An admission a gate check took for the request; released when the request ends."""
+
+    def release(self) -> None:
+        """Give the admission back (idempotent)."""
+
+
+Refusal = Callable[[], ProblemError | EdgeMappedError | Admitted | None]
+"""What a route's model answers an item now: ``None`` or an :class:`Admitted` ticket to take it,
+else the error it would raise."""
+
+ANSWERED_TAU_S = 1.0
+"""Time constant (s) of the gate's moving rate of answered requests."""
+
+
+class _MovingRate:
+    """Events per second, exponentially forgetting with time constant ``tau_s``."""
+
+    def __init__(self, tau_s: float) -> None:
+        self.tau_s = tau_s
+        self._value = 0.0
+        self._at = time.monotonic()
+
+    def add(self) -> None:
+        self._value = self.per_second() + 1.0 / self.tau_s
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        self._value *= math.exp(-(now - self._at) / self.tau_s)
+        self._at = now
+        return self._value
 
 
 class SheddingGate:
@@ -51,41 +92,74 @@ class SheddingGate:
     max_refusals_per_s : float, optional
         Hold each refusal at least ``held / max_refusals_per_s`` seconds (``held``: refusals held now,
         this one included), so that retrying clients get about this many refusals a second in all.
+    max_refusal_share : float, optional
+        Also hold so that refusals are answered at no more than this share of the guarded requests
+        answered a second (moving over ~1 s), but at least ``min_refusals_per_s``.
+    min_refusals_per_s : float
+        Floor of the share's bound (a server answering little still refuses this fast).
     max_hold_s : float
         Longest hold (s).
     """
 
     def __init__(self, app: ASGIApp, refusals: Mapping[tuple[str, str], Refusal], *, hold_s: float = 0.0,
-                 max_refusals_per_s: float | None = None, max_hold_s: float = 1.0) -> None:
+                 max_refusals_per_s: float | None = None, max_refusal_share: float | None = None,
+                 min_refusals_per_s: float = 20.0, max_hold_s: float = 1.0) -> None:
         if max_refusals_per_s is not None and max_refusals_per_s <= 0:
             raise ValueError("max_refusals_per_s must be > 0")
+        if max_refusal_share is not None and (max_refusal_share <= 0 or min_refusals_per_s <= 0):
+            raise ValueError("max_refusal_share and min_refusals_per_s must be > 0")
         self.app = app
         self.refusals = dict(refusals)
         self.hold_s = hold_s
         self.max_refusals_per_s = max_refusals_per_s
+        self.max_refusal_share = max_refusal_share
+        self.min_refusals_per_s = min_refusals_per_s
         self.max_hold_s = max_hold_s
         self.held = 0
         """Refusals being held now."""
+        self._answered = _MovingRate(ANSWERED_TAU_S)
+
+    def refusal_rate(self) -> float | None:
+        """Refusals a second the hold aims at (``None``: no bound, a fixed ``hold_s``)."""
+        bounds = [] if self.max_refusals_per_s is None else [self.max_refusals_per_s]
+        if self.max_refusal_share is not None:
+            bounds.append(max(self.min_refusals_per_s, self.max_refusal_share * self._answered.per_second()))
+        return min(bounds) if bounds else None
 
     def hold_for(self) -> float:
-        """Seconds the next refusal is held: ``hold_s``, longer when many are held (``max_refusals_per_s``)."""
-        if self.max_refusals_per_s is None:
+        """Seconds the next refusal is held: ``hold_s``, longer when many are held (:meth:`refusal_rate`)."""
+        rate = self.refusal_rate()
+        if rate is None:
             return self.hold_s
-        return min(self.max_hold_s, max(self.hold_s, (self.held + 1) / self.max_refusals_per_s))
+        return min(self.max_hold_s, max(self.hold_s, (self.held + 1) / rate))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             check = self.refusals.get((scope["method"], route_path(scope)))
-            refusal = check() if check is not None else None
-            problem = as_problem(refusal) if refusal is not None else None
-            if problem is not None:
-                hold_s = self.hold_for()
-                if hold_s > 0:
-                    self.held += 1
-                    try:
-                        await asyncio.sleep(hold_s)
-                    finally:
-                        self.held -= 1
-                await send_answer(send, problem.status, problem_json(scope, problem), problem.headers)
+            if check is not None:
+                answer = check()
+                if isinstance(answer, BaseException):
+                    await self._refuse(scope, send, answer)
+                    return
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    if answer is not None:
+                        answer.release()
+                    self._answered.add()
                 return
         await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, send: Send, refusal: ProblemError | EdgeMappedError) -> None:
+        """Answer a refused request with its problem, after the hold."""
+        problem = as_problem(refusal)
+        if problem is None:  # not an error the edge maps: refuse as unavailable, never a 500 here
+            problem = ServiceOverloaded(str(refusal) or None)
+        hold_s = self.hold_for()
+        if hold_s > 0:
+            self.held += 1
+            try:
+                await asyncio.sleep(hold_s)
+            finally:
+                self.held -= 1
+        await send_answer(send, problem.status, problem_json(scope, problem), problem.headers)

@@ -172,8 +172,10 @@ def test_items_still_being_prepared_count_as_admitted_work(runtime: ModelRuntime
         try:
             running = asyncio.create_task(runtime.predict("preparing", 0))
             await wait_entered(model)
-            with batcher.preparing(), batcher.preparing():  # two admitted items in a prepare pool: 40 ms
-                while_preparing = runtime.refusal("preparing")  # a third batch: 60 ms, past the target
+            tickets = [batcher.admit(), batcher.admit()]  # two admitted items on their way (a prepare pool): 40 ms
+            while_preparing = runtime.refusal("preparing")  # a third batch: 60 ms, past the target
+            for ticket in tickets:
+                ticket.release()
             after = runtime.refusal("preparing")
         finally:
             model.release()
@@ -182,3 +184,46 @@ def test_items_still_being_prepared_count_as_admitted_work(runtime: ModelRuntime
 
     while_preparing, after = asyncio.run(scenario())
     assert isinstance(while_preparing, RuntimeOverloaded) and after is None
+
+
+def test_an_admission_ticket_counts_until_queued_and_is_not_checked_again(runtime: ModelRuntime) -> None:
+    """The gate's admission is the item's admission: it counts as waiting work while the request is
+    on its way, and the handler's predict neither asks again nor counts a second arrival."""
+    model = GatedModel()
+
+    async def scenario() -> tuple[float, float, float, object, float]:
+        await runtime.load(make_spec(model, name="ticketed", max_batch_size=2, max_queue=100,
+                                     latency_target_ms=50, warmup_items=[1, 2]))
+        batcher = runtime._models["ticketed"].batcher
+        assert batcher is not None
+        before = batcher._waiting_cost()
+        ticket = runtime.admit_request("ticketed")
+        assert not isinstance(ticket, BaseException)
+        on_its_way = batcher._waiting_cost()
+        refusals: list[object] = []
+        batcher.check_capacity = lambda: refusals.append("asked again")  # type: ignore[method-assign]
+        answer = await runtime.predict("ticketed", 3)  # same task: the request's ticket is used
+        ticket.release()  # the gate's release at the request's end: already released when queued
+        return before, on_its_way, batcher._waiting_cost(), refusals, answer
+
+    before, on_its_way, after, refusals, answer = asyncio.run(scenario())
+    assert on_its_way == before + 1 and after == before and refusals == [] and answer is not None
+
+
+def test_a_ticket_whose_request_never_reached_the_model_is_given_back(runtime: ModelRuntime) -> None:
+    model = GatedModel()
+
+    async def scenario() -> tuple[float, float]:
+        await runtime.load(make_spec(model, name="abandoned", max_batch_size=2, max_queue=100,
+                                     latency_target_ms=50, warmup_items=[1, 2]))
+        batcher = runtime._models["abandoned"].batcher
+        assert batcher is not None
+        ticket = runtime.admit_request("abandoned")
+        assert not isinstance(ticket, BaseException)
+        held = batcher._waiting_cost()
+        ticket.release()
+        ticket.release()  # idempotent
+        return held, batcher._waiting_cost()
+
+    held, released = asyncio.run(scenario())
+    assert held == 1 and released == 0

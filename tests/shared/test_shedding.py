@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from model_runtime.errors import RuntimeOverloaded
 from shared.errors import ProblemError
 from shared.shedding import SheddingGate
@@ -79,3 +81,44 @@ def test_a_held_refusal_is_answered_after_the_hold() -> None:
     started = time.perf_counter()
     answer = asyncio.run(call(gate, "POST", "/predict"))
     assert answer[0]["status"] == 503 and time.perf_counter() - started >= 0.05
+
+
+def test_an_admitting_check_hands_its_ticket_to_the_request_and_gets_it_back_at_its_end() -> None:
+    released: list[str] = []
+    seen_in_app: list[bool] = []
+
+    class Ticket:
+        def release(self) -> None:
+            released.append("released")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen_in_app.append(released == [])  # still held while the app serves the request
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gate = SheddingGate(app, {("POST", "/predict"): Ticket})
+    answer = asyncio.run(call(gate, "POST", "/predict"))
+    assert answer[0]["status"] == 200 and seen_in_app == [True] and released == ["released"]
+
+
+def test_refusals_are_held_to_a_share_of_the_answered_rate() -> None:
+    """Before, the bound was absolute (~500 refusals a second): on a server answering 3,000 a second
+    that took a tenth of its CPU in refusals and their clients' retries."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gate = SheddingGate(app, {("POST", "/predict"): lambda: None}, hold_s=0.01, max_refusals_per_s=500,
+                        max_refusal_share=0.05, min_refusals_per_s=5, max_hold_s=5.0)
+    assert gate.refusal_rate() == 5  # nothing answered yet: the floor
+
+    async def answer_many() -> None:
+        for _ in range(400):
+            await call(gate, "POST", "/predict")
+
+    asyncio.run(answer_many())  # ~400 answered within well under a second: ~400 a second and rising
+    rate = gate.refusal_rate()
+    assert rate is not None and 0.05 * 300 < rate <= 0.05 * 400
+    gate.held = 49
+    assert gate.hold_for() == pytest.approx(50 / rate, rel=0.01)  # 50 refusals held share the rate
