@@ -364,12 +364,17 @@ def domain_texts(seed: int = 7, fills: int = 3) -> list[str]:
 
 @dataclass(frozen=True)
 class DecoderSettings:
-    """Search settings: one forward tree pass (the second passes off), beams tuned for speed."""
+    """Search settings: one forward tree pass (the second passes off), beams tuned for speed.
+
+    Language weight and insertion penalty were checked on the development sentences
+    (``bench/cs_asr_settings.py --sets development --grid lw=... wip=...``): these are the best there."""
 
     beam: float = 1e-40
     wbeam: float = 1e-24
     pbeam: float = 1e-40
     lw: float = 8.0
+    wip: float = 0.65
+    """Word insertion penalty (pocketsphinx's default 0.65)."""
     maxhmmpf: int = 10000
     topn: int = 4
     """Gaussians scored per mixture (pocketsphinx's default 4)."""
@@ -429,6 +434,7 @@ class Recognizer:
 
 def _as_config(settings: DecoderSettings) -> dict[str, Any]:
     return {"beam": settings.beam, "wbeam": settings.wbeam, "pbeam": settings.pbeam, "lw": settings.lw,
+            "wip": settings.wip,
             "maxhmmpf": settings.maxhmmpf, "topn": settings.topn, "ds": settings.ds, "fwdflat": settings.fwdflat,
             "bestpath": settings.bestpath, "dither": settings.dither}
 

@@ -177,6 +177,44 @@ HELD_OUT_SENTENCES: tuple[str, ...] = (
 )
 """Customer-service sentences written for the measurement that are not in the domain text."""
 
+DEV_HELD_OUT_SENTENCES: tuple[str, ...] = (
+    "My phone keeps dropping calls when I am at home.",
+    "I was told someone would ring me back but nobody did.",
+    "The parcel tracking page has not changed for five days.",
+    "Can you explain what this extra charge on my statement is for?",
+    "I moved house last month and my post is still going to the old address.",
+    "The router lights are flashing orange and nothing works.",
+    "I would like to cancel the insurance I added by mistake.",
+    "Why does it say my payment failed when the money has gone?",
+    "I need to update the phone number on my account.",
+    "The washing machine you delivered is making a loud noise.",
+    "Is there a discount if I pay for the whole year?",
+    "I have been waiting on hold for forty minutes.",
+    "Please close my account and send me the final bill.",
+    "The app will not let me log in after the update.",
+    "Can someone come out and fix the connection this week?",
+    "I was charged twice for the same order yesterday.",
+)
+"""Sentences for choosing decoder settings (a development set): not in the domain text, nor in
+:data:`HELD_OUT_SENTENCES`, which stay for the measurement."""
+
+DEV_IN_SCRIPT_SEED = 29
+"""Seed of the development set's in-script sentences (the measurement's is 11)."""
+
+
+def development_sets() -> dict[str, list[str]]:
+    """The sentence sets decoder settings are chosen on: other script fills (a line the measurement
+    also has is left out) and other held-out sentences than the measurement's
+    (:func:`in_script_sentences` with seed 11, :data:`HELD_OUT_SENTENCES`)."""
+    measured = set(in_script_sentences())
+    return {"in_script": [line for line in in_script_sentences(seed=DEV_IN_SCRIPT_SEED) if line not in measured],
+            "held_out": list(DEV_HELD_OUT_SENTENCES)}
+
+
+def measurement_sets() -> dict[str, list[str]]:
+    """The sentence sets WER is reported on."""
+    return {"in_script": in_script_sentences(), "held_out": list(HELD_OUT_SENTENCES)}
+
 
 def in_script_sentences(count: int = 24, seed: int = 11) -> list[str]:
     """Customer script lines with freshly filled slots (their templates are in the domain text)."""
