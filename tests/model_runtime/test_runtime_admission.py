@@ -8,7 +8,7 @@ import time
 import pytest
 from runtime_fakes import GatedModel, make_spec, wait_entered, wait_until
 
-from model_runtime import ModelRuntime
+from model_runtime import DynamicBatcher, ModelRuntime
 from model_runtime.admission import BatchTimeModel, CapacityAdmission
 from model_runtime.errors import RuntimeOverloaded
 
@@ -156,14 +156,21 @@ def test_an_idle_model_admits_even_when_one_slow_batch_poisoned_the_fit() -> Non
     assert admission.decide(queued_cost=0).admitted  # idle: only admitted work can correct the fit
 
 
+async def load_small_batches(runtime: ModelRuntime, model: GatedModel, name: str) -> DynamicBatcher:
+    """``model`` loaded as ``name`` (batches of 2, a 50 ms target); its batcher."""
+    await runtime.load(make_spec(model, name=name, max_batch_size=2, max_queue=100, latency_target_ms=50,
+                                 warmup_items=[1, 2]))
+    batcher = runtime._models[name].batcher
+    assert batcher is not None
+    return batcher
+
+
 def test_items_still_being_prepared_count_as_admitted_work(runtime: ModelRuntime) -> None:
     model = GatedModel()
 
     async def scenario() -> tuple[object, object]:
-        await runtime.load(make_spec(model, name="preparing", max_batch_size=2, max_queue=100,
-                                     latency_target_ms=50, warmup_items=[1, 2]))
-        batcher = runtime._models["preparing"].batcher
-        assert batcher is not None and batcher._admission is not None
+        batcher = await load_small_batches(runtime, model, "preparing")
+        assert batcher._admission is not None
         for size in (1, 2) * 10:  # 20 ms a batch
             batcher._admission.batch_finished(size, 0.020)
         started = time.monotonic()
@@ -192,16 +199,13 @@ def test_an_admission_ticket_counts_until_queued_and_is_not_checked_again(runtim
     model = GatedModel()
 
     async def scenario() -> tuple[float, float, float, object, float]:
-        await runtime.load(make_spec(model, name="ticketed", max_batch_size=2, max_queue=100,
-                                     latency_target_ms=50, warmup_items=[1, 2]))
-        batcher = runtime._models["ticketed"].batcher
-        assert batcher is not None
+        batcher = await load_small_batches(runtime, model, "ticketed")
         before = batcher._waiting_cost()
         ticket = runtime.admit_request("ticketed")
         assert not isinstance(ticket, BaseException)
         on_its_way = batcher._waiting_cost()
         refusals: list[object] = []
-        batcher.check_capacity = lambda: refusals.append("asked again")  # type: ignore[method-assign]
+        batcher.refusal = lambda **_: refusals.append("asked again")  # type: ignore[method-assign,assignment,func-returns-value]
         answer = await runtime.predict("ticketed", 3)  # same task: the request's ticket is used
         ticket.release()  # the gate's release at the request's end: already released when queued
         return before, on_its_way, batcher._waiting_cost(), refusals, answer
@@ -214,10 +218,7 @@ def test_a_ticket_whose_request_never_reached_the_model_is_given_back(runtime: M
     model = GatedModel()
 
     async def scenario() -> tuple[float, float]:
-        await runtime.load(make_spec(model, name="abandoned", max_batch_size=2, max_queue=100,
-                                     latency_target_ms=50, warmup_items=[1, 2]))
-        batcher = runtime._models["abandoned"].batcher
-        assert batcher is not None
+        batcher = await load_small_batches(runtime, model, "abandoned")
         ticket = runtime.admit_request("abandoned")
         assert not isinstance(ticket, BaseException)
         held = batcher._waiting_cost()
