@@ -44,11 +44,22 @@ AI4I_RAW_INPUTS = ("Air temperature [K]", "Process temperature [K]", "Rotational
                    "Tool wear [min]")
 AI4I_TYPES = ("L", "M", "H")
 AI4I_FEATURES = ("type_l", "type_m", "type_h", "air_temperature_k", "process_temperature_k", "speed_rpm",
-                 "torque_nm", "tool_wear_min", "power_w", "temperature_difference_k", "strain_min_nm")
+                 "torque_nm", "tool_wear_min", "power_w", "temperature_difference_k", "strain_min_nm",
+                 "strain_ratio", "heat_ratio", "power_ratio")
 """Input columns of :func:`ai4i_features`: the product quality type as a categorical (one 0/1 column
 per L/M/H), the five process variables, then the physical combinations computed from them: mechanical
 power = torque x angular speed (W), process - air temperature (K), and tool wear x torque (the
-"overstrain", min Nm)."""
+"overstrain", min Nm); then the same physics against the limits the data set's documentation states
+(:data:`AI4I_STRAIN_LIMITS`, :data:`AI4I_HEAT_LIMITS`, :data:`AI4I_POWER_BAND`), each 1.0 at its
+limit: overstrain / the type's limit (> 1 over it), max(temperature difference / 8.6 K, speed /
+1380 rpm) (< 1 when both are under their heat-dissipation limits) and min(power / 3500 W, 9000 W /
+power) (< 1 outside the power band). Domain knowledge of the inputs only: no failure-mode flag is read."""
+AI4I_STRAIN_LIMITS = {"L": 11000.0, "M": 12000.0, "H": 13000.0}
+AI4I_HEAT_LIMITS = (8.6, 1380.0)
+AI4I_POWER_BAND = (3500.0, 9000.0)
+"""Failure physics as documented with the data set (Matzka 2020; UCI): the overstrain limit per product
+type (min Nm), heat dissipation (temperature difference K and speed rpm, failing when both are under)
+and the power band (W, failing outside)."""
 
 
 class DatasetError(ValueError):
@@ -239,5 +250,10 @@ def ai4i_features(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
     one_hot = np.eye(len(AI4I_TYPES))[quality.to_numpy(np.int64)]
     air, process, speed, torque, wear = (frame[name].to_numpy(np.float64) for name in AI4I_RAW_INPUTS)
     power = torque * speed * 2.0 * np.pi / 60.0
-    columns = [*one_hot.T, air, process, speed, torque, wear, power, process - air, wear * torque]
+    strain, difference = wear * torque, process - air
+    strain_limit = frame["Type"].map(AI4I_STRAIN_LIMITS).to_numpy(np.float64)
+    (heat_difference, heat_speed), (low, high) = AI4I_HEAT_LIMITS, AI4I_POWER_BAND
+    ratios = [strain / strain_limit, np.maximum(difference / heat_difference, speed / heat_speed),
+              np.minimum(power / low, high / np.maximum(power, 1e-9))]
+    columns = [*one_hot.T, air, process, speed, torque, wear, power, difference, strain, *ratios]
     return np.column_stack(columns).astype(np.float32)

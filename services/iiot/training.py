@@ -16,8 +16,9 @@
   label): Type as a categorical, the process variables and the physical combinations computed from
   them; the network attends over one token per input. 20 % stratified test rows set aside, the rest
   in 5 stratified folds: epochs chosen per fold on its validation fold, the decision threshold on the
-  out-of-fold predictions, F1 / precision / recall / AUC on test once; the LightGBM baseline on the
-  same inputs and folds in the same run.
+  out-of-fold predictions, F1 / precision / recall / AUC on test once (the mean of the fold models,
+  flagging the share of rows the threshold flags out of fold); the LightGBM baseline on the same
+  inputs and folds in the same run.
 
 Every real-data run writes its figures to ``<output>/evaluation/<dataset>.json`` (default
 ``models/iiot/evaluation``); nothing is tuned on a test split.
@@ -406,10 +407,41 @@ def ai4i_folds(root: Path | None = None, folds: int = 5, split_seed: int = 0) ->
                  ai4i_arrays(data, test_rows), data.feature_names)
 
 
+def rate_matched_threshold(scores: npt.NDArray[np.float64], out_of_fold: npt.NDArray[np.float64],
+                           threshold: float) -> float:
+    """The threshold on ``scores`` (the test rows' mean of the fold models) that flags the same share of
+    rows as ``threshold`` flags among the ``out_of_fold`` predictions (rank calibration; the scores only,
+    never a label): the mean of the fold models is smoother than each of them, so the out-of-fold
+    threshold applied to it flags fewer rows than out of fold (:data:`AI4I_DECISION`)."""
+    share = float(np.mean(out_of_fold >= threshold))
+    count = min(len(scores), max(1, round(share * len(scores))))
+    return float(np.sort(scores)[-count])
+
+
+def ai4i_test_scores(labels: npt.NDArray[np.float32], scores: npt.NDArray[np.float64],
+                     out_of_fold: npt.NDArray[np.float64], threshold: float) -> dict[str, float]:
+    """Test figures of the fold models' mean ``scores``, decided as :data:`AI4I_DECISION` says; the
+    out-of-fold threshold and the share of rows it flags beside them."""
+    decided = rate_matched_threshold(scores, out_of_fold, threshold) if AI4I_DECISION == "rate" else threshold
+    return {**classification_scores(labels, scores, decided), "out_of_fold_threshold": float(threshold),
+            "out_of_fold_flagged_share": float(np.mean(out_of_fold >= threshold))}
+
+
+AI4I_DECISION = "rate"
+"""How the test rows are decided from the fold models' mean score: ``"rate"``, flag the same share of rows
+as the out-of-fold threshold flags out of fold (:func:`rate_matched_threshold`), or ``"mean"``, that threshold
+on the mean as is (the run of 2026-12-02 06:25: test P 0.980 / R 0.706 against 0.884 / 0.786 out of fold).
+Chosen on development rows only (2026-12-02, nested folds: each of the 5 folds in turn a pseudo-test, the
+threshold from 4 inner folds of the other rows, F1 pooled over the 8,000 rows; attention model / LightGBM):
+mean 0.853 (P 0.954 / R 0.771) / 0.875, majority vote of the fold models each at the threshold 0.855 /
+0.866, mean of logits 0.858 / 0.878, rate 0.870 (P 0.936 / R 0.812) / 0.876."""
+
+
 def ai4i_gbm(data: Folds, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     """The LightGBM baseline on the same inputs and folds as :func:`run_ai4i`: one booster per fold
     (early stopping on its validation fold), the threshold the best F1 of the out-of-fold
-    predictions, the test rows scored once by the mean of the fold boosters."""
+    predictions, the test rows scored once by the mean of the fold boosters, decided as for the
+    attention model (:func:`ai4i_test_scores`)."""
     from services.iiot.evaluation import fit_gbm
 
     development, test = data.development, data.test
@@ -426,7 +458,7 @@ def ai4i_gbm(data: Folds, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     threshold = best_f1_threshold(development.failure, out_of_fold)
     return {"model": "LightGBM (services.iiot.evaluation.fit_gbm)", "iterations": iterations,
             "validation": classification_scores(development.failure, out_of_fold, threshold),
-            "test": classification_scores(test.failure, np.mean(test_parts, axis=0), threshold)}
+            "test": ai4i_test_scores(test.failure, np.mean(test_parts, axis=0), out_of_fold, threshold)}
 
 
 def run_ai4i(*, tier: Tier = "cloud", seeds: int = 1, settings: FitSettings | None = None,
@@ -438,7 +470,8 @@ def run_ai4i(*, tier: Tier = "cloud", seeds: int = 1, settings: FitSettings | No
     Per fold, ``seeds`` networks are trained on the other folds, each keeping its best epoch by
     validation average precision on its own fold; the fold's out-of-fold prediction is the mean of
     its networks'. The decision threshold is the best F1 of the out-of-fold predictions of the whole
-    development set (never the test rows); the test rows are scored once, by the mean of every network.
+    development set (never the test rows); the test rows are scored once, by the mean of every network,
+    and decided as :data:`AI4I_DECISION` says (:func:`ai4i_test_scores`).
     """
     settings = settings or REAL_SETTINGS["ai4i"]
     data = data or ai4i_folds()
@@ -467,7 +500,7 @@ def run_ai4i(*, tier: Tier = "cloud", seeds: int = 1, settings: FitSettings | No
         "rows": {"development": len(development), "test": len(test), "folds": len(data.folds)},
         "runs": runs,
         "validation": classification_scores(development.failure, out_of_fold, threshold),
-        "test": classification_scores(test.failure, ensemble_predict(nets, test)["p_failure"], threshold),
+        "test": ai4i_test_scores(test.failure, ensemble_predict(nets, test)["p_failure"], out_of_fold, threshold),
     }
     if baseline:
         started = time.perf_counter()
@@ -478,12 +511,17 @@ def run_ai4i(*, tier: Tier = "cloud", seeds: int = 1, settings: FitSettings | No
 
 _AI4I_PROTOCOL = ("inputs: Type as a categorical (one-hot L/M/H), the five process variables, and computed from "
                   "them: power = torque x angular speed, process - air temperature, tool wear x torque "
-                  "(overstrain); TWF/HDF/PWF/OSF/RNF and the ids dropped (the flags leak the label); test = 20 % of "
-                  "the rows (stratified, seed 0), never seen before the final score; the other 80 % cut into "
-                  "{folds} stratified folds (seed 1): per fold the epoch chosen by validation average precision on "
-                  "that fold; decision threshold = best F1 of the out-of-fold predictions (validation only); test "
-                  "scored once by the mean of the fold models; the LightGBM baseline on the same inputs and folds in "
-                  "the same run")
+                  "(overstrain), and the same physics against the limits documented with the data set (domain "
+                  "knowledge of the inputs, no label or flag read): overstrain / the type's limit (11,000 / 12,000 / "
+                  "13,000 min Nm for L / M / H), max(temperature difference / 8.6 K, speed / 1380 rpm), min(power / "
+                  "3500 W, 9000 W / power); TWF/HDF/PWF/OSF/RNF and the ids dropped (the flags leak the label); "
+                  "test = 20 % of the rows (stratified, seed 0), never seen before the final score; the other 80 % "
+                  "cut into {folds} stratified folds (seed 1): per fold the epoch chosen by validation average "
+                  "precision on that fold; decision threshold = best F1 of the out-of-fold predictions (validation "
+                  "only); test scored once by the mean of the fold models, flagging the same share of rows as that "
+                  "threshold flags out of fold (rank calibration on the test scores, never their labels; chosen "
+                  "over the threshold as is in a nested study on the development rows); the LightGBM baseline on "
+                  "the same inputs and folds, decided the same way, in the same run")
 
 
 # --- the simulated fleet: the shipped cloud and edge models -----------------------------------
@@ -842,7 +880,8 @@ def _run_real(args: argparse.Namespace) -> dict[str, Any]:
     settings = FitSettings(**{**asdict(settings), "threads": args.threads,
                               **({"epochs": args.epochs} if args.epochs else {})})
     if args.dataset == "ai4i":
-        figures = run_ai4i(tier=tier, seeds=args.seeds or 1, settings=settings, data=ai4i_folds(folds=args.folds))
+        figures = run_ai4i(tier=tier, seeds=args.seeds or AI4I_SEEDS, settings=settings,
+                           data=ai4i_folds(folds=args.folds))
     else:
         seeds = args.seeds or 3
         figures = run_cmapss(tier=tier, seeds=seeds, keep=min(args.keep, seeds), settings=settings,
@@ -853,7 +892,7 @@ def _run_real(args: argparse.Namespace) -> dict[str, Any]:
 
 REAL_SETTINGS = {
     "cmapss": FitSettings(epochs=6, batch_size=256, learning_rate=3e-3, patience=6, failure_weight=0.2),
-    "ai4i": FitSettings(epochs=80, batch_size=128, learning_rate=3e-3, patience=25, positive_weight=1.0),
+    "ai4i": FitSettings(epochs=40, batch_size=128, learning_rate=3e-3, patience=12, positive_weight=1.0),
 }
 REAL_SIZES: dict[str, dict[str, Any]] = {
     "cmapss": {"d_model": 32, "heads": 2, "layers": 1, "d_ff": 64, "conv_layers": 2, "conv_kernel": 5},
@@ -867,6 +906,12 @@ run, overfitting after it), so 6 epochs. AI4I: one
 token per input with periodic embeddings (attention over the inputs; a single-step window gave the
 time attention nothing to attend to: validation F1 0.77 in v2's run)."""
 AI4I_FOLDS = 5
+AI4I_SEEDS = 5
+"""AI4I networks per fold (their mean is the fold's prediction). AI4I settings chosen on out-of-fold F1 / AP
+only (2026-12-02, one network per fold unless said): 40 epochs (patience 12) 0.864 / 0.891 against 20
+epochs 0.862 / 0.884 and 80 epochs (patience 25) 0.854 / 0.873; positive weight 1 against 3 (0.850 /
+0.861) and 10 (0.866 / 0.848); networks per fold 1 / 2 / 3 / 4 / 5: F1 0.864 / 0.880 / 0.893 / 0.897 /
+0.896, AP 0.891 / 0.903 / 0.909 / 0.909 / 0.910."""
 FLEET_SETTINGS = FitSettings(epochs=16, batch_size=128, learning_rate=2e-3, patience=3, positive_weight=1.0)
 """The shipped v2 recipe: positive weight 1 (p_failure stays a probability; v1's weight 3 inflated it), 60
 assets x 120 days, up to 16 epochs with early stopping; it beat 30 assets x 8 epochs (1 and 3 seeds) and

@@ -65,6 +65,19 @@ def test_ai4i_inputs_leave_out_the_failure_mode_flags_and_ids() -> None:
     assert data.x[0, datasets.AI4I_FEATURES.index("power_w")] == pytest.approx(power, rel=1e-5)
 
 
+def test_ai4i_limit_ratios_cross_one_where_the_documented_physics_fails() -> None:
+    frame = pd.DataFrame({"Type": ["L", "H", "M", "M"], "Air temperature [K]": [300.0, 300.0, 300.0, 300.0],
+                          "Process temperature [K]": [310.0, 310.0, 308.0, 310.0],
+                          "Rotational speed [rpm]": [1500.0, 1500.0, 1300.0, 1500.0],
+                          "Torque [Nm]": [50.0, 50.0, 40.0, 20.0], "Tool wear [min]": [230.0, 230.0, 0.0, 0.0]})
+    x = datasets.ai4i_features(frame)
+    strain, heat, power = (x[:, datasets.AI4I_FEATURES.index(name)] for name in
+                           ("strain_ratio", "heat_ratio", "power_ratio"))
+    assert strain[0] > 1 > strain[1]  # 11,500 min Nm: over L's 11,000 limit, under H's 13,000
+    assert heat[2] < 1 < heat[0]  # 8 K and 1300 rpm: both under the heat-dissipation limits
+    assert power[3] < 1 < power[0]  # 20 Nm x 1500 rpm = 3,142 W, under the 3,500 W band
+
+
 def test_a_missing_file_is_named() -> None:
     with pytest.raises(datasets.DatasetError, match="train_FD009.txt is missing"):
         datasets.load_cmapss(subset="FD009")

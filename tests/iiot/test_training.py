@@ -92,11 +92,19 @@ def test_ai4i_cli_writes_its_evaluation_with_a_validation_threshold(tmp_path: Pa
     training.main(["--dataset", "ai4i", "--seeds", "1", "--epochs", "1", "--folds", "2", "--output", str(tmp_path)])
     figures = json.loads((tmp_path / "evaluation" / "ai4i.json").read_text())
     assert figures["rows"] == {"development": 8000, "test": 2000, "folds": 2} and len(figures["runs"]) == 2
-    assert figures["test"]["threshold"] == figures["validation"]["threshold"]  # chosen out of fold, not on test
+    # the threshold is chosen out of fold, never on test; the test rows flag the share it flags out of fold
+    assert figures["test"]["out_of_fold_threshold"] == figures["validation"]["threshold"]
     assert figures["validation"]["rows"] == 8000 and figures["test"]["rows"] == 2000
     assert not set(figures["inputs"]) & {"TWF", "HDF", "PWF", "OSF", "RNF"}
-    assert figures["baseline"]["test"]["threshold"] == figures["baseline"]["validation"]["threshold"]
+    assert figures["baseline"]["test"]["out_of_fold_threshold"] == figures["baseline"]["validation"]["threshold"]
     assert figures["rebuild_command"].startswith("tessera train iiot --dataset ai4i")
+
+
+def test_the_rate_matched_threshold_flags_the_out_of_fold_share_of_rows() -> None:
+    out_of_fold = np.linspace(0.0, 1.0, 100)  # a threshold of 0.9 flags 10 % of these rows
+    smoother = np.linspace(0.2, 0.6, 50)  # a mean of models: no row reaches 0.9
+    threshold = training.rate_matched_threshold(smoother, out_of_fold, 0.9)
+    assert int((smoother >= threshold).sum()) == 5 and int((smoother >= 0.9).sum()) == 0
 
 
 def test_ai4i_folds_keep_the_test_rows_apart_and_stratify() -> None:
