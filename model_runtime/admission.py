@@ -20,6 +20,13 @@ throughput is within ``efficiency`` of a full batch's (for a model with a small 
 batch, smaller batches lose little throughput and cut latency; below that the model would run
 under capacity). Past saturation the model then runs batches of that limit back to back:
 throughput at its peak and admitted latency about two such batches, whatever the running batch's phase.
+
+When two full batches fit in the target, admission by predicted answer time lets the queue grow
+until the target is met: below saturation that absorbs bursts, but past it (the admitted arrival
+rate at ``saturation`` x the full-batch throughput or more) each queued batch beyond the next one
+adds a batch time to every answer and no throughput — the model already runs full batches back to
+back. Saturated, the work waiting behind the running batch is therefore bounded to one full batch:
+past saturation the model holds what it held at the highest load it could take, with its latency.
 """
 
 from __future__ import annotations
@@ -141,16 +148,20 @@ class CapacityAdmission:
         Monotonic seconds (a fake one in tests).
     efficiency : float
         Least share of a full batch's throughput the waiting limit keeps (module docstring).
+    saturation : float
+        Admitted arrivals, as a share of the full-batch throughput, from which the model counts as
+        saturated and the work waiting is bounded to one full batch (module docstring).
     """
 
     def __init__(self, target_s: float, batch_capacity: float, *,
                  clock: Callable[[], float] = time.monotonic, model: BatchTimeModel | None = None,
-                 efficiency: float = 0.95) -> None:
-        if target_s <= 0 or batch_capacity <= 0 or not 0 < efficiency <= 1:
-            raise ValueError("target_s and batch_capacity must be > 0, efficiency in (0, 1]")
+                 efficiency: float = 0.95, saturation: float = 0.9) -> None:
+        if target_s <= 0 or batch_capacity <= 0 or not 0 < efficiency <= 1 or saturation <= 0:
+            raise ValueError("target_s and batch_capacity must be > 0, efficiency in (0, 1], saturation > 0")
         self.target_s = target_s
         self.batch_capacity = batch_capacity
         self.efficiency = efficiency
+        self.saturation = saturation
         self.clock = clock
         self.model = model or BatchTimeModel()
         self._running: tuple[float, float] | None = None  # (started at, cost) of the batch running
@@ -198,6 +209,13 @@ class CapacityAdmission:
         efficient = self.efficiency * full_rate * fixed / spare if spare > 0 else capacity
         return min(capacity, max(within_target, efficient, 1e-9))
 
+    def saturated(self) -> bool:
+        """Whether admitted work arrives at ``saturation`` x the full-batch throughput or faster."""
+        full_batch_s = self.model.seconds(self.batch_capacity)
+        if full_batch_s <= 0:
+            return False
+        return self._arrivals.per_second() >= self.saturation * self.batch_capacity / full_batch_s
+
     def coefficients(self) -> tuple[float, float]:
         """The fit's ``(fixed seconds per batch, seconds per unit of cost)``."""
         return self.model.coefficients()
@@ -209,13 +227,16 @@ class CapacityAdmission:
         idle (nothing queued or running): refusing it would help no one, and a fit made stale by
         one slow batch would otherwise refuse everything for ever, since only admitted work refits it.
         When two full batches exceed the target, an item is admitted while the work waiting, with
-        it, stays within :meth:`waiting_limit`; otherwise by its predicted answer time.
+        it, stays within :meth:`waiting_limit`; otherwise by its predicted answer time, and while
+        :meth:`saturated`, also only while the work waiting stays within one full batch.
         """
         if self.model.samples == 0 or (queued_cost <= 0 and self._running is None):
             admitted, expected, retry_after_s = True, 0.0, 0.0
         else:
             expected = self.expected_answer_s(queued_cost, item_cost)
             limit = self.waiting_limit()
+            if limit is None and self.saturated():
+                limit = self.batch_capacity
             if limit is None:
                 admitted, retry_after_s = expected <= self.target_s, expected - self.target_s
             else:

@@ -228,3 +228,20 @@ def test_a_ticket_whose_request_never_reached_the_model_is_given_back(runtime: M
 
     held, released = asyncio.run(scenario())
     assert held == 1 and released == 0
+
+
+def test_saturated_the_work_waiting_is_one_full_batch_however_generous_the_target() -> None:
+    """Before, past saturation the queue grew until the target was met: each batch queued beyond the
+    next added a batch time to every answer (admitted p99 above the peak load's) and no throughput."""
+    clock = FakeClock()
+    admission = fitted(clock)  # a full batch: 0.034 s; two fit in the 0.1 s target
+    admission.batch_started(CAPACITY)
+    clock.now = 0.030  # the running batch ends in 4 ms: a second full batch would still answer in time
+    assert not admission.saturated()
+    assert admission.decide(queued_cost=CAPACITY, record=False).admitted  # below saturation: by the target
+    for _ in range(4000):  # 2,000 admitted a second for 2 s: past the ~1,880 of full batches
+        clock.now += 0.0005
+        admission.decide(queued_cost=0)
+    assert admission.saturated()
+    assert admission.decide(queued_cost=CAPACITY - 1, record=False).admitted  # the next batch fills
+    assert not admission.decide(queued_cost=CAPACITY, record=False).admitted  # a batch more only waits
