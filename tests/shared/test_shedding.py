@@ -117,8 +117,8 @@ def test_refusals_are_held_to_a_share_of_the_answered_rate() -> None:
         for _ in range(400):
             await call(gate, "POST", "/predict")
 
-    asyncio.run(answer_many())  # ~400 answered within well under a second: ~400 a second and rising
+    asyncio.run(answer_many())  # 400 answered within well under a second: a moving rate of 200-400 a second
     rate = gate.refusal_rate()
-    assert rate is not None and 0.05 * 300 < rate <= 0.05 * 400
+    assert rate is not None and 0.05 * 200 < rate <= 0.05 * 400
     gate.held = 49
     assert gate.hold_for() == pytest.approx(50 / rate, rel=0.01)  # 50 refusals held share the rate
