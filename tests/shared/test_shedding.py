@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from fastapi import Request
 
 from model_runtime.errors import RuntimeOverloaded
 from shared.errors import ProblemError
@@ -122,3 +123,47 @@ def test_refusals_are_held_to_a_share_of_the_answered_rate() -> None:
     assert rate is not None and 0.05 * 200 < rate <= 0.05 * 400
     gate.held = 49
     assert gate.hold_for() == pytest.approx(50 / rate, rel=0.01)  # 50 refusals held share the rate
+
+
+def test_through_fastapi_the_gates_admission_is_the_one_predict_uses() -> None:
+    """The ticket reaches the route's ``predict`` through FastAPI's routing (the request's context):
+    the model is asked once per request, and nothing stays counted after the answers."""
+    import httpx
+    import torch
+    from fastapi import FastAPI
+
+    from model_runtime import ModelRuntime, ModelSpec
+
+    runtime = ModelRuntime()
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, float]:
+        await request.body()
+        return {"y": float(await runtime.predict("tiny", torch.ones(2)))}
+
+    gate = SheddingGate(app, {("POST", "/predict"): lambda: runtime.admit_request("tiny")})
+
+    async def scenario() -> tuple[list[int], int, float]:
+        await runtime.load(ModelSpec(name="tiny", version="v1", loader=lambda _ctx: torch.nn.Identity(),
+                                     run_batch=lambda model, items: [float(x.sum()) for x in items],
+                                     latency_target_ms=50))
+        batcher = runtime._models["tiny"].batcher
+        assert batcher is not None
+        asked: list[int] = []
+        original = batcher.refusal
+
+        def counting(**kwargs: bool) -> object:
+            asked.append(1)
+            return original(**kwargs)
+
+        batcher.refusal = counting  # type: ignore[method-assign,assignment]
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            answers = await asyncio.gather(*(client.post("/predict", content=b"{}") for _ in range(5)))
+        waiting = batcher._waiting_cost()
+        await runtime.close()
+        return [answer.status_code for answer in answers], len(asked), waiting
+
+    statuses, asked, waiting = asyncio.run(scenario())
+    assert statuses == [200] * 5 and asked == 5 and waiting == 0
