@@ -5,7 +5,8 @@
   last cycle (``RUL_FD001.txt``). One operating condition, one fault mode. NASA public data; cite
   Saxena et al., PHM08. The official test set is the **last cycle of each test engine**
   (:func:`cmapss_last_windows`); training windows end at every cycle of a training engine
-  (:func:`cmapss_windows`), with RUL capped at :data:`RUL_CAP` cycles as is standard.
+  (:func:`cmapss_windows`), with RUL capped at :data:`RUL_CAP` cycles as is standard; a test-like
+  validation cuts held-out training engines off at random cycles (:func:`cmapss_cut_windows`).
 - **AI4I 2020** (:func:`load_ai4i`): 10,000 synthetic milling processes, ``Machine failure`` as the
   label (3.39 %). CC BY 4.0, S. Matzka (AI4I 2020). The five failure-mode flags (TWF, HDF, PWF,
   OSF, RNF) nearly define the label and the ids say nothing, so neither is ever an input:
@@ -212,6 +213,22 @@ def cmapss_last_windows(frame: pd.DataFrame, scaler: SensorScaler, truth: npt.ND
     for position, (unit, rows) in enumerate(sorted(frame.groupby("unit").indices.items())):
         x, mask = _unit_windows(values[rows], np.array([len(rows) - 1]), window)
         parts.append(WindowSet(x, mask, truth[position:position + 1], np.array([unit], np.int64)))
+    return _concatenate(parts)
+
+
+def cmapss_cut_windows(frame: pd.DataFrame, scaler: SensorScaler, *, cuts: int = 10, seed: int = 0,
+                       window: int = CMAPSS_WINDOW, min_length: int = CMAPSS_WINDOW + 1) -> WindowSet:
+    """Validation built as the official test set is: each run-to-failure engine of ``frame`` cut off at
+    ``cuts`` random cycles (seeded, uniform over the cycles with at least ``min_length`` cycles seen and
+    at least one left) and one window ending at each cut, with the true **uncapped** RUL at it."""
+    parts = []
+    values = scaler.transform(frame)
+    rng = np.random.default_rng(seed)
+    for unit, rows in sorted(frame.groupby("unit").indices.items()):
+        first = min(min_length, len(rows) - 1) - 1
+        ends = np.sort(rng.integers(first, len(rows) - 1, size=cuts)).astype(np.int64)
+        x, mask = _unit_windows(values[rows], ends, window)
+        parts.append(WindowSet(x, mask, (len(rows) - 1 - ends).astype(np.float64), np.full(cuts, unit, np.int64)))
     return _concatenate(parts)
 
 

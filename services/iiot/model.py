@@ -111,6 +111,10 @@ class SensorWindowConfig:
     step embedding and the attention, the convolutional front of the C-MAPSS literature (Li et al.
     2018); 0: none (the shipped fleet models)."""
     conv_kernel: int = 5
+    conv_dropout: float = 0.0
+    """Dropout on each convolution's output before it joins the residual (training only; 0: none)."""
+    head_dropout: float = 0.0
+    """Dropout on the joined features before the two heads (training only; 0: none)."""
 
     def __post_init__(self) -> None:
         if not self.channels or len(set(self.channels)) != len(self.channels):
@@ -240,13 +244,15 @@ class SensorWindowNet(nn.Module):
         if self.convs:  # causal: step t sees steps <= t; padded steps held at zero
             hidden = hidden * mask[..., None]
             for conv in self.convs:
-                hidden = hidden + F.gelu(conv(hidden.transpose(1, 2))[..., :steps].transpose(1, 2)) * mask[..., None]
+                step = F.gelu(conv(hidden.transpose(1, 2))[..., :steps].transpose(1, 2))
+                hidden = hidden + F.dropout(step, self.config.conv_dropout, self.training) * mask[..., None]
         padding = (1.0 - mask) * MASKED  # (B, T): additive key mask, exports cleanly to ONNX
         bias = padding[:, None, :].repeat_interleave(self.config.heads, dim=0).expand(-1, steps, -1)
         hidden = self.norm(self.encoder(hidden, mask=bias))
         time_weights = F.softmax(self.pool_score(hidden).squeeze(-1) + padding, dim=-1)
         pooled = (time_weights[..., None] * hidden).sum(dim=1)
         joined = self.joined_norm(torch.cat([pooled, hidden[:, -1]], dim=-1))
+        joined = F.dropout(joined, self.config.head_dropout, self.training)
         return {"failure_logit": self.failure_head(joined).squeeze(-1),
                 "rul_normalised": self.rul_head(joined).squeeze(-1),
                 "time_weights": time_weights, "channel_weights": channel_weights}

@@ -46,6 +46,22 @@ def test_cmapss_windows_end_at_every_cycle_and_the_test_set_at_the_last() -> Non
     assert test.rul[0] == data.test_rul[0]
 
 
+
+def test_cmapss_cut_windows_end_before_failure_with_the_uncapped_truth() -> None:
+    require(datasets.CMAPSS_FOLDER)
+    train = datasets.load_cmapss().train
+    train = train[train["unit"] <= 4]
+    scaler = datasets.SensorScaler.fit(train, datasets.CMAPSS_SENSORS)
+    cut = datasets.cmapss_cut_windows(train, scaler, cuts=6, seed=3)
+    assert cut.x.shape == (24, datasets.CMAPSS_WINDOW, len(datasets.CMAPSS_SENSORS)) and (cut.rul >= 1).all()
+    assert cut.rul.max() > datasets.RUL_CAP  # the truth at a cut is not capped, as RUL_FD001's is not
+    assert (cut.mask.sum(axis=1) == datasets.CMAPSS_WINDOW).all()  # at least a window of history
+    every = datasets.cmapss_windows(train, scaler, cap=None)
+    row = int(np.flatnonzero((every.units == cut.units[0]) & (every.rul == cut.rul[0]))[0])
+    np.testing.assert_array_equal(cut.x[0], every.x[row])
+    again = datasets.cmapss_cut_windows(train, scaler, cuts=6, seed=3)
+    np.testing.assert_array_equal(again.rul, cut.rul)
+
 def test_sensor_scaler_standardises_per_operating_condition() -> None:
     frame = pd.DataFrame({"setting1": [0.0] * 4 + [10.0] * 4, "setting2": 0.0, "setting3": 100.0,
                           "s2": [1.0, 2.0, 3.0, 4.0, 101.0, 102.0, 103.0, 104.0]})

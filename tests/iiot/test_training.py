@@ -78,13 +78,18 @@ def require(folder: str) -> None:
 
 def test_cmapss_protocol_scores_the_official_test_set_once() -> None:
     require(datasets.CMAPSS_FOLDER)
-    figures = training.run_cmapss(seeds=2, keep=1, settings=QUICK, sizes=TINY,
-                                  data=training.cmapss_splits(unit_limit=8), baseline=True)
+    folds = training.cmapss_folds(folds=2, cuts=3, unit_limit=8)
+    truth = folds[0].validation_truth
+    assert truth is not None and folds[0].validation.rul is not None
+    np.testing.assert_array_equal(folds[0].validation.rul, np.minimum(truth, datasets.RUL_CAP))
+    figures = training.run_cmapss(seeds=2, keep=1, settings=QUICK, sizes=TINY, data=folds, baseline=True)
     assert figures["test_engines"] == 100 and set(figures["test"]) >= {"rmse", "phm08", "rmse_capped_truth"}
     assert set(figures["baseline"]["test"]) == set(figures["test"])  # LightGBM, same windows, same run
-    assert len(figures["ensemble_seeds"]) == 1 and "capped at 125" in figures["protocol"]
-    chosen = figures["ensemble_seeds"][0]
-    assert figures["seeds"][chosen]["validation_rmse"] == min(s["validation_rmse"] for s in figures["seeds"])
+    assert figures["validation"]["windows"] == figures["baseline"]["validation"]["windows"] == 8 * 3
+    assert [len(kept) for kept in figures["ensemble_seeds"]] == [1, 1] and "capped at 125" in figures["protocol"]
+    for fold, kept in enumerate(figures["ensemble_seeds"]):  # chosen on the fold's validation, never on test
+        scores = [run["validation_rmse"] for run in figures["runs"] if run["fold"] == fold]
+        assert scores[kept[0]] == min(scores)
 
 
 def test_ai4i_cli_writes_its_evaluation_with_a_validation_threshold(tmp_path: Path) -> None:
