@@ -410,12 +410,6 @@ def cmapss_protocol(folds: Sequence[Splits]) -> str:
             f"beside); LightGBM baseline on the same windows and folds in the same run")
 
 
-def rul_validation_rmse_ensemble(nets: Sequence[SensorWindowNet], arrays: Arrays) -> float:
-    """Validation RMSE of an ensemble's mean prediction."""
-    assert arrays.rul is not None
-    return float(np.sqrt(np.mean((ensemble_predict(nets, arrays)["rul_hours"] - arrays.rul) ** 2)))
-
-
 def _with_seed(settings: FitSettings, seed: int) -> FitSettings:
     return FitSettings(**{**asdict(settings), "seed": seed})
 
