@@ -10,9 +10,14 @@
 2. **Teacher** (:class:`~services.nodule.classifier.CropNet`, teacher config): binary cross-entropy,
    batches with ``positive_fraction`` positives, random ``32^3`` windows of the ``36^3`` crops
    (+-2 mm shifts), flips on every axis, row/column swaps, extra noise and small contrast changes.
+   With ``hard_negative_fraction`` > 0 (v4), that share of a batch's negatives is drawn in proportion
+   to how nodule-like the classifier last found each negative (online hard-negative mining: the
+   vessel crossings and pleural bumps that set the reporting threshold are seen more often).
 3. **Student**, distilled: the teacher's probabilities on every crop of the bank (computed once, on
    the centred crop) are soft targets:
-   ``w * BCE(student, teacher) + (1 - w) * BCE(student, label)``.
+   ``w * BCE(student, teacher) + (1 - w) * BCE(student, label)``; its hard negatives are the
+   teacher's own false positives on the training studies (negatives drawn in proportion to the
+   teacher's probability).
 4. **Calibration** on the validation split (other seeds): the whole detector runs through a
    private runtime (:func:`~services.nodule.two_stage.detect_two_stage`); the reported-confidence
    threshold maximises per-scan sensitivity + specificity and the attenuation shares the type
@@ -102,6 +107,7 @@ class FpPlan:
     positive_fraction: float = 0.3
     distillation_weight: float = 0.5
     extra_noise_hu: float = 35.0
+    hard_negative_fraction: float = 0.0
     seed: int = 0
 
 
@@ -213,20 +219,56 @@ def centred(crops: np.ndarray) -> np.ndarray:
 
 
 # -- training -------------------------------------------------------------------------------------
-def _batch_indices(labels: np.ndarray, rng: np.random.Generator, size: int, positive_fraction: float) -> np.ndarray:
+HARD_NEGATIVE_FLOOR = 0.02
+"""Every negative keeps at least this hardness, so easy ones are still drawn now and then."""
+
+
+def _batch_indices(labels: np.ndarray, rng: np.random.Generator, size: int, positive_fraction: float,
+                   hardness: np.ndarray | None = None, hard_fraction: float = 0.0) -> np.ndarray:
+    """Bank rows of one batch: ``positive_fraction`` positives, the rest negatives, of which
+    ``hard_fraction`` are drawn in proportion to ``hardness`` (a nodule probability per row)."""
     positives, negatives = np.nonzero(labels > 0.5)[0], np.nonzero(labels <= 0.5)[0]
     wanted = int(round(size * positive_fraction)) if len(positives) else 0
     chosen = [rng.choice(positives, wanted)] if wanted else []
     pool = negatives if len(negatives) else positives
-    chosen.append(rng.choice(pool, size - wanted))
+    hard = int(round((size - wanted) * hard_fraction)) if len(negatives) else 0
+    if hard and hardness is not None:
+        weights = np.maximum(hardness[negatives], HARD_NEGATIVE_FLOOR).astype(np.float64)
+        chosen.append(rng.choice(negatives, hard, p=weights / weights.sum()))
+    else:
+        hard = 0
+    chosen.append(rng.choice(pool, size - wanted - hard))
     return np.concatenate(chosen)
 
 
 def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps: int, max_seconds: float,
                      rng: np.random.Generator, label: str, device: str = "cpu",
-                     soft_targets: np.ndarray | None = None) -> tuple[CropNet, StageLog]:
-    """Train a :class:`CropNet` on the bank: BCE to the labels, or distillation when ``soft_targets`` are given."""
+                     soft_targets: np.ndarray | None = None,
+                     init_from: Path | None = None) -> tuple[CropNet, StageLog]:
+    """Train a :class:`CropNet` on the bank: BCE to the labels, or distillation when ``soft_targets`` are given.
+
+    With ``plan.hard_negative_fraction`` > 0, negatives are mined by hardness: the teacher's probabilities
+    (``soft_targets``) for a student, else the network's own last probability on each crop (at the start:
+    the ``init_from`` network's probabilities, or 1 for a new network).
+    ``init_from``: an artifact of the same architecture whose weights training continues from.
+    """
     net = CropNet(config).to(device)
+    if init_from is not None:
+        from services.nodule.classifier import load_crop_net
+
+        previous, _ = load_crop_net(init_from, device)
+        if previous.config != config:
+            raise ValueError(f"{init_from} is a {previous.config}, not a {config}")
+        net.load_state_dict(previous.state_dict())
+    hardness = None
+    if plan.hard_negative_fraction > 0:
+        if soft_targets is not None:
+            hardness = soft_targets.astype(np.float32)
+        elif init_from is not None:
+            hardness = teacher_probabilities(net, bank, device).astype(np.float32)
+            net.train()
+        else:
+            hardness = np.ones(len(bank.labels), np.float32)
     optimiser = torch.optim.AdamW(net.parameters(), lr=plan.learning_rate, weight_decay=1e-4)
     started, recent = time.perf_counter(), list[float]()
     log = StageLog()
@@ -236,7 +278,8 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
         progress = max(step / steps, elapsed / max_seconds if max_seconds else 0.0)
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(plan.learning_rate, step, progress)
-        chosen = _batch_indices(bank.labels, rng, plan.batch_size, plan.positive_fraction)
+        chosen = _batch_indices(bank.labels, rng, plan.batch_size, plan.positive_fraction, hardness,
+                                plan.hard_negative_fraction)
         images = torch.from_numpy(augment_crops(bank.crops[chosen], rng, plan.extra_noise_hu))[:, None].to(device)
         target = torch.from_numpy(bank.labels[chosen]).to(device)
         logits = net(images)[:, 0]
@@ -248,6 +291,8 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if hardness is not None and soft_targets is None:
+            hardness[chosen] = torch.sigmoid(logits.detach()).cpu().numpy()
         recent = (recent + [loss.item()])[-50:]
         log.steps, log.seconds = step + 1, time.perf_counter() - started
         if (step + 1) % 100 == 0:
@@ -386,6 +431,11 @@ def model_card(role: str, version: str, net: CropNet, calibration: FpCalibration
     loss = ("binary cross-entropy to the labels" if role == "teacher" else
             f"{plan.distillation_weight} x BCE to the teacher's probabilities (soft labels, computed once per "
             f"crop) + {1 - plan.distillation_weight:g} x BCE to the labels")
+    if plan.hard_negative_fraction > 0:
+        source = ("its own last probability on each crop" if role == "teacher" else
+                  "the teacher's probability on each crop (the teacher's false positives)")
+        loss += (f"; {round(plan.hard_negative_fraction * 100)} % of each batch's negatives drawn in proportion to "
+                 f"{source}, at least {HARD_NEGATIVE_FLOOR}")
     return f"""# nodule-{role} {version} (two-stage detector)
 
 **Trained and validated on SIMULATED chest CT only** (`services.nodule.simulate`). No patient data was
@@ -449,9 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("train-studies", "validation-studies", "teacher-steps", "student-steps", "batch-size",
                  "max-candidates", "seed"):
         parser.add_argument(f"--{name}", type=int)
-    for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight"):
+    for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
+                 "hard-negative-fraction"):
         parser.add_argument(f"--{name}", type=float)
     parser.add_argument("--teacher-from", type=Path, help="reuse this v3 teacher artifact instead of training one")
+    parser.add_argument("--teacher-init", type=Path, help="continue training from this teacher artifact's weights")
+    parser.add_argument("--student-init", type=Path, help="continue training from this student artifact's weights")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--force", action="store_true")
@@ -469,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: getattr(args, key) for key in ("train_studies", "validation_studies", "teacher_steps",
                                                       "student_steps", "batch_size", "max_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
-                                                      "distillation_weight") if getattr(args, key) is not None}
+                                                      "distillation_weight", "hard_negative_fraction")
+                 if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
     if args.output is None:
         from shared.config import get_settings
@@ -487,20 +541,24 @@ def main(argv: list[str] | None = None) -> int:
         teacher, _ = load_crop_net(args.teacher_from, device)
     else:
         teacher, teacher_log = train_classifier(TEACHER_CROP_CONFIG, bank, plan, plan.teacher_steps,
-                                                plan.teacher_seconds, rng, "teacher", device)
+                                                plan.teacher_seconds, rng, "teacher", device,
+                                                init_from=args.teacher_init)
         trained.append(("teacher", teacher, teacher_log))
     soft = teacher_probabilities(teacher, bank, device)
     student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, plan.student_steps, plan.student_seconds,
-                                            rng, "student", device, soft_targets=soft)
+                                            rng, "student", device, soft_targets=soft, init_from=args.student_init)
     trained.append(("student", student, student_log))
     validation = [simulate_study(replace(split_config("validation", seed), shape=plan.study_shape))
                   for seed in split_seeds("validation", plan.validation_studies)]
     rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:
-        calibration = calibrate_two_stage(net, validation, plan.max_candidates, f"nodule-{role}-v3-calibration",
-                                          device)
+        calibration = calibrate_two_stage(net, validation, plan.max_candidates,
+                                          f"nodule-{role}-{args.version}-calibration", device)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
         extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" else ""
+        init = args.teacher_init if role == "teacher" else args.student_init
+        if init is not None:
+            extra += f"\nTraining continued from the weights of `{init}` (the steps above are this run's only).\n"
         directory = write_two_stage(net, role, args.version, args.output, calibration, log, plan, rebuild, bank,
                                     force=args.force, extra=extra)
         summary = calibration.summary

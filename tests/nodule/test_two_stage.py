@@ -30,6 +30,7 @@ from services.nodule.training_fp import (
     BANK_CROP,
     QUICK_FP_PLAN,
     CropBank,
+    _batch_indices,
     augment_crops,
     main,
     teacher_probabilities,
@@ -116,6 +117,15 @@ def test_distillation_step_uses_the_teacher_soft_labels() -> None:
     assert student_log.steps == 3 and np.isfinite(student_log.final_loss)
     assert augment_crops(bank.crops[:2], rng, 30.0).shape == (2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
 
+
+def test_hard_negatives_are_drawn_by_hardness() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([1.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+    hardness = np.array([0.9, 0.99, 0.0, 0.0, 0.0], np.float32)
+    rows = _batch_indices(labels, rng, 10, 0.2, hardness, 1.0)
+    assert len(rows) == 10 and (rows[:2] == 0).all()
+    assert (rows[2:] == 1).mean() > 0.8  # the one hard negative dominates (the others keep the floor)
+    assert len(_batch_indices(labels, rng, 10, 0.2)) == 10
 
 def test_segmentation_measures_a_ball() -> None:
     spacing = (1.5, 0.7, 0.7)
