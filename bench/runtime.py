@@ -83,6 +83,8 @@ RUNTIME_REFUSAL_SHARE = float(os.environ.get("TESSERA_BENCH_REFUSAL_SHARE", "0.0
 """...and at most this share of the requests it answers a second (0: no share bound)."""
 RUNTIME_MAX_HOLD_S = float(os.environ.get("TESSERA_BENCH_MAX_HOLD_S", "3.0"))
 """Longest hold of a refusal (s)."""
+RUNTIME_GATE_IN_FLIGHT = os.environ.get("TESSERA_BENCH_GATE_IN_FLIGHT", "1") == "1"
+"""The gate also bounds requests in flight by the answered rate x the latency target (Little's law)."""
 
 
 class ReferenceClassifier(torch.nn.Module):
@@ -229,7 +231,9 @@ def build_server(mode: str) -> StatusLatency:
     refusals = {("POST", "/predict"): lambda: runtime.admit_request(MODEL_NAME)}
     gate = SheddingGate(app, refusals, hold_s=RUNTIME_HOLD_REFUSALS_S,
                         max_refusals_per_s=RUNTIME_MAX_REFUSALS_PER_S or None,
-                        max_refusal_share=RUNTIME_REFUSAL_SHARE or None, max_hold_s=RUNTIME_MAX_HOLD_S)
+                        max_refusal_share=RUNTIME_REFUSAL_SHARE or None, max_hold_s=RUNTIME_MAX_HOLD_S,
+                        latency_target_s=(RUNTIME_LATENCY_TARGET_MS / 1000
+                                          if RUNTIME_GATE_IN_FLIGHT and RUNTIME_LATENCY_TARGET_MS else None))
     timing = StatusLatency(gate if mode.startswith("runtime") else app)
 
     def json_response(result: dict[str, Any]) -> Response:
@@ -576,6 +580,7 @@ def bench(quick: bool, seconds: float | None, modes: list[str],
                          "hold_refusals_s": RUNTIME_HOLD_REFUSALS_S,
                          "max_refusals_per_s": RUNTIME_MAX_REFUSALS_PER_S,
                          "refusal_share": RUNTIME_REFUSAL_SHARE, "max_hold_s": RUNTIME_MAX_HOLD_S,
+                         "gate_in_flight_bound": RUNTIME_GATE_IN_FLIGHT,
                          "cpus": os.cpu_count(),
                          "python": platform.python_version(),
                          "torch": torch.__version__}}

@@ -25,8 +25,9 @@ When two full batches fit in the target, admission by predicted answer time lets
 until the target is met: below saturation that absorbs bursts, but past it (the admitted arrival
 rate at ``saturation`` x the full-batch throughput or more) each queued batch beyond the next one
 adds a batch time to every answer and no throughput — the model already runs full batches back to
-back. Saturated, the work waiting behind the running batch is therefore bounded to one full batch:
-past saturation the model holds what it held at the highest load it could take, with its latency.
+back. Saturated, the work waiting behind the running batch is therefore bounded to one full batch
+(and a quarter, :data:`SATURATED_WAITING_BATCHES`): past saturation the model holds what it held at
+the highest load it could take, with its latency.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+SATURATED_WAITING_BATCHES = 1.25
+"""Saturated, the work waiting behind the running batch: one full batch, and a quarter more for the
+callers that arrive while it forms (a closed loop's answered callers come back in a burst)."""
 
 
 @dataclass
@@ -209,12 +214,19 @@ class CapacityAdmission:
         efficient = self.efficiency * full_rate * fixed / spare if spare > 0 else capacity
         return min(capacity, max(within_target, efficient, 1e-9))
 
+    def full_batch_rate(self) -> float:
+        """Cost a second the model clears in full batches back to back, by the fit (0 before any batch)."""
+        full_batch_s = self.model.seconds(self.batch_capacity)
+        return self.batch_capacity / full_batch_s if full_batch_s > 0 else 0.0
+
+    def admitted_rate(self) -> float:
+        """Cost a second admitted lately (moving, ~0.5 s)."""
+        return self._arrivals.per_second()
+
     def saturated(self) -> bool:
         """Whether admitted work arrives at ``saturation`` x the full-batch throughput or faster."""
-        full_batch_s = self.model.seconds(self.batch_capacity)
-        if full_batch_s <= 0:
-            return False
-        return self._arrivals.per_second() >= self.saturation * self.batch_capacity / full_batch_s
+        full_rate = self.full_batch_rate()
+        return full_rate > 0 and self.admitted_rate() >= self.saturation * full_rate
 
     def coefficients(self) -> tuple[float, float]:
         """The fit's ``(fixed seconds per batch, seconds per unit of cost)``."""
@@ -228,17 +240,18 @@ class CapacityAdmission:
         one slow batch would otherwise refuse everything for ever, since only admitted work refits it.
         When two full batches exceed the target, an item is admitted while the work waiting, with
         it, stays within :meth:`waiting_limit`; otherwise by its predicted answer time, and while
-        :meth:`saturated`, also only while the work waiting stays within one full batch.
+        :meth:`saturated`, also only while the work waiting stays within :data:`SATURATED_WAITING_BATCHES`.
         """
         if self.model.samples == 0 or (queued_cost <= 0 and self._running is None):
             admitted, expected, retry_after_s = True, 0.0, 0.0
         else:
             expected = self.expected_answer_s(queued_cost, item_cost)
             limit = self.waiting_limit()
-            if limit is None and self.saturated():
-                limit = self.batch_capacity
             if limit is None:
                 admitted, retry_after_s = expected <= self.target_s, expected - self.target_s
+                if admitted and self.saturated():
+                    excess = queued_cost + item_cost - SATURATED_WAITING_BATCHES * self.batch_capacity
+                    admitted, retry_after_s = excess <= 1e-9, self.model.seconds(max(excess, 0.0))
             else:
                 excess = queued_cost + item_cost - limit
                 admitted = excess <= 1e-9 or queued_cost <= 0  # an item alone behind the running batch: always

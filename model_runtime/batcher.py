@@ -357,6 +357,15 @@ class DynamicBatcher:
         self._in_transit += 1
         return AdmissionTicket(self, time.monotonic())
 
+    def admission_state(self) -> dict[str, float | bool] | None:
+        """Admission by measured capacity, as it stands (``None`` without a latency target): the admitted
+        and the full-batch rates (cost a second), whether it counts as saturated, the cost waiting."""
+        if self._admission is None:
+            return None
+        return {"admitted_per_s": self._admission.admitted_rate(),
+                "full_batch_per_s": self._admission.full_batch_rate(),
+                "saturated": self._admission.saturated(), "waiting_cost": self._waiting_cost()}
+
     @property
     def per_item_seconds(self) -> float:
         """Recent run time per item (s), a moving average over batches."""

@@ -513,6 +513,7 @@ class ModelRuntime:
                 "version": loaded.version, "p50_ms": p50, "p99_ms": p99, "samples": len(metrics.latency),
                 "queue_depth": batcher.depth if batcher else 0,
                 "per_item_ms": (batcher.per_item_seconds if batcher else loaded.per_item_s or 0.0) * 1000,
+                "admission": batcher.admission_state() if batcher else None,
             }
         return report
 

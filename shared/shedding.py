@@ -99,11 +99,20 @@ class SheddingGate:
         Floor of the share's bound (a server answering little still refuses this fast).
     max_hold_s : float
         Longest hold (s).
+    latency_target_s : float, optional
+        Also refuse while the guarded requests in flight (let through, not yet answered) reach the
+        answered rate x this target (Little's law: the most that can be in flight if each is answered
+        within the target on average), but never fewer than ``min_in_flight``. This bounds what is
+        in flight by the server's measured end-to-end capacity (event loop, framework, model), where
+        the model's own admission sees only the model.
+    min_in_flight : int
+        Floor of the in-flight bound (a server that has answered little yet still takes this many).
     """
 
     def __init__(self, app: ASGIApp, refusals: Mapping[tuple[str, str], Refusal], *, hold_s: float = 0.0,
                  max_refusals_per_s: float | None = None, max_refusal_share: float | None = None,
-                 min_refusals_per_s: float = 20.0, max_hold_s: float = 1.0) -> None:
+                 min_refusals_per_s: float = 20.0, max_hold_s: float = 1.0,
+                 latency_target_s: float | None = None, min_in_flight: int = 8) -> None:
         if max_refusals_per_s is not None and max_refusals_per_s <= 0:
             raise ValueError("max_refusals_per_s must be > 0")
         if max_refusal_share is not None and (max_refusal_share <= 0 or min_refusals_per_s <= 0):
@@ -117,7 +126,17 @@ class SheddingGate:
         self.max_hold_s = max_hold_s
         self.held = 0
         """Refusals being held now."""
+        self.latency_target_s = latency_target_s
+        self.min_in_flight = min_in_flight
+        self.in_flight = 0
+        """Guarded requests let through and not yet answered."""
         self._answered = _MovingRate(ANSWERED_TAU_S)
+
+    def in_flight_limit(self) -> float | None:
+        """Most guarded requests in flight (``None``: no bound): answered a second x the latency target."""
+        if self.latency_target_s is None:
+            return None
+        return max(float(self.min_in_flight), self._answered.per_second() * self.latency_target_s)
 
     def refusal_rate(self) -> float | None:
         """Refusals a second the hold aims at (``None``: no bound, a fixed ``hold_s``)."""
@@ -137,13 +156,20 @@ class SheddingGate:
         if scope["type"] == "http":
             check = self.refusals.get((scope["method"], route_path(scope)))
             if check is not None:
+                limit = self.in_flight_limit()
+                if limit is not None and self.in_flight >= limit:
+                    await self._refuse(scope, send, ServiceOverloaded(
+                        f"{self.in_flight} requests in flight, the most answered within the latency target"))
+                    return
                 answer = check()
                 if isinstance(answer, BaseException):
                     await self._refuse(scope, send, answer)
                     return
+                self.in_flight += 1
                 try:
                     await self.app(scope, receive, send)
                 finally:
+                    self.in_flight -= 1
                     if answer is not None:
                         answer.release()
                     self._answered.add()

@@ -9,7 +9,7 @@ import pytest
 from runtime_fakes import GatedModel, make_spec, wait_entered, wait_until
 
 from model_runtime import DynamicBatcher, ModelRuntime
-from model_runtime.admission import BatchTimeModel, CapacityAdmission
+from model_runtime.admission import SATURATED_WAITING_BATCHES, BatchTimeModel, CapacityAdmission
 from model_runtime.errors import RuntimeOverloaded
 
 FIXED_S, PER_ITEM_S, CAPACITY, TARGET_S = 0.002, 0.0005, 64, 0.1
@@ -243,5 +243,6 @@ def test_saturated_the_work_waiting_is_one_full_batch_however_generous_the_targe
         clock.now += 0.0005
         admission.decide(queued_cost=0)
     assert admission.saturated()
-    assert admission.decide(queued_cost=CAPACITY - 1, record=False).admitted  # the next batch fills
-    assert not admission.decide(queued_cost=CAPACITY, record=False).admitted  # a batch more only waits
+    waiting = int(SATURATED_WAITING_BATCHES * CAPACITY)  # the next batch, and a quarter for its stragglers
+    assert admission.decide(queued_cost=waiting - 1, record=False).admitted
+    assert not admission.decide(queued_cost=waiting, record=False).admitted  # more only waits longer

@@ -167,3 +167,33 @@ def test_through_fastapi_the_gates_admission_is_the_one_predict_uses() -> None:
 
     statuses, asked, waiting = asyncio.run(scenario())
     assert statuses == [200] * 5 and asked == 5 and waiting == 0
+
+
+def test_requests_in_flight_are_bounded_by_the_answered_rate_times_the_latency_target() -> None:
+    """Little's law at the edge: past the answered rate x the target in flight, a request waits
+    longer than the target on average, wherever it waits (event loop, framework or model)."""
+    release = asyncio.Event()
+    statuses: list[int] = []
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gate = SheddingGate(slow_app, {("POST", "/predict"): lambda: None}, latency_target_s=0.05, min_in_flight=3)
+    assert gate.in_flight_limit() == 3  # nothing answered yet: the floor
+
+    async def scenario() -> None:
+        waiting = [asyncio.create_task(call(gate, "POST", "/predict")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert gate.in_flight == 3
+        refused = await call(gate, "POST", "/predict")  # a fourth: over the bound, refused at once
+        statuses.append(refused[0]["status"])
+        release.set()
+        for task in waiting:
+            statuses.append((await task)[0]["status"])
+
+    asyncio.run(scenario())
+    assert statuses == [503, 200, 200, 200] and gate.in_flight == 0
+    limit = gate.in_flight_limit()
+    assert limit is not None and limit == 3  # 3 answered in ~10 ms: a moving rate of ~3 a second, x 0.05 s
