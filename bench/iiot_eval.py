@@ -2,9 +2,11 @@
 
 Data sets (protocols as in :mod:`services.iiot.training`; nothing is tuned on a test split):
 
-- ``cmapss``: NASA C-MAPSS FD001 RUL. Windows of 30 cycles, RUL capped at 125 cycles; training
-  engines split 80/20 by engine; scored on the official test set (last cycle of each of the 100
-  test engines, uncapped truth): RMSE and the PHM08 score.
+- ``cmapss``: NASA C-MAPSS FD001 RUL, as ``tessera train iiot --dataset cmapss`` runs it
+  (:func:`services.iiot.training.cmapss_folds`: 5 engine-level folds, each validated on its engines cut
+  off as the official test set is; RUL capped at 125 cycles); scored on the official test set (last
+  cycle of each of the 100 test engines, uncapped truth) by the mean of the fold models: RMSE and the
+  PHM08 score. The baseline is :func:`services.iiot.training.cmapss_gbm` on the same folds.
 - ``ai4i``: AI4I 2020 machine failure without the failure-mode flags (they leak the label); 20 % test
   (stratified), the rest in 5 stratified folds; the threshold is the best out-of-fold F1; F1 /
   precision / recall / AUC on test.
@@ -66,6 +68,8 @@ class Plan:
     fleet: FleetPlan
     folds: int = training.AI4I_FOLDS
     """AI4I: stratified folds of the development rows (one network and one booster per fold)."""
+    cmapss_folds: int = training.CMAPSS_FOLDS
+    """C-MAPSS: engine-level folds (one network per seed and one booster per fold)."""
 
 
 PLANS = {
@@ -78,7 +82,7 @@ PLANS = {
         "cmapss": replace(training.REAL_SETTINGS["cmapss"], epochs=1),
         "ai4i": replace(training.REAL_SETTINGS["ai4i"], epochs=1),
         "fleet": replace(training.FLEET_SETTINGS, epochs=1)},
-        fleet=FleetPlan(assets=4, days=20.0, test_assets=2), folds=2),
+        fleet=FleetPlan(assets=4, days=20.0, test_assets=2), folds=2, cmapss_folds=2),
     "full": Plan(seeds=3, keep=3, settings={**training.REAL_SETTINGS, "fleet": training.FLEET_SETTINGS},
                  fleet=FleetPlan()),
 }
@@ -126,10 +130,10 @@ def run_set(name: str, plan: Plan) -> dict[str, Any]:
     ours: Callable[[], dict[str, Any]]
     baseline: Callable[[], dict[str, Any]]
     if name == "cmapss":
-        data = training.cmapss_splits()
+        engine_folds = training.cmapss_folds(folds=plan.cmapss_folds)
         ours = partial(training.run_cmapss, seeds=plan.seeds, keep=plan.keep, settings=settings,
-                       sizes=training.REAL_SIZES["cmapss"], data=data)
-        baseline = partial(gbm_rul, data, float(datasets.RUL_CAP))
+                       sizes=training.REAL_SIZES["cmapss"], data=engine_folds)
+        baseline = partial(training.cmapss_gbm, engine_folds)
     elif name == "ai4i":
         folds = training.ai4i_folds(folds=plan.folds)
         ours = partial(training.run_ai4i, seeds=1, settings=settings, data=folds, baseline=False)

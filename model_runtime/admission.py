@@ -22,12 +22,13 @@ under capacity). Past saturation the model then runs batches of that limit back 
 throughput at its peak and admitted latency about two such batches, whatever the running batch's phase.
 
 When two full batches fit in the target, admission by predicted answer time lets the queue grow
-until the target is met: below saturation that absorbs bursts, but past it (the admitted arrival
-rate at ``saturation`` x the full-batch throughput or more) each queued batch beyond the next one
-adds a batch time to every answer and no throughput — the model already runs full batches back to
-back. Saturated, the work waiting behind the running batch is therefore bounded to one full batch
-(and a quarter, :data:`SATURATED_WAITING_BATCHES`): past saturation the model holds what it held at
-the highest load it could take, with its latency.
+until the target is met: below saturation that absorbs bursts, but past it each queued batch beyond
+the next one adds a batch time to every answer and no throughput — the model already runs full
+batches back to back. Once admission has refused anything within the last
+:data:`SATURATED_FOR_S` (the model is saturated), the work in flight — the batch running and the
+work waiting — is therefore also bounded to two full batches (:data:`SATURATED_IN_FLIGHT_BATCHES`):
+past saturation the model holds what a closed loop of two batches' callers holds at the peak, with
+its latency, and the rest is refused at once.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SATURATED_WAITING_BATCHES = 1.25
-"""Saturated, the work waiting behind the running batch: one full batch, and a quarter more for the
-callers that arrive while it forms (a closed loop's answered callers come back in a burst)."""
+SATURATED_IN_FLIGHT_BATCHES = 2.0
+"""Saturated, the most work in flight: the batch running and the next one, full."""
+SATURATED_FOR_S = 1.0
+"""How long after a refusal the model counts as saturated."""
 
 
 @dataclass
@@ -153,20 +155,17 @@ class CapacityAdmission:
         Monotonic seconds (a fake one in tests).
     efficiency : float
         Least share of a full batch's throughput the waiting limit keeps (module docstring).
-    saturation : float
-        Admitted arrivals, as a share of the full-batch throughput, from which the model counts as
-        saturated and the work waiting is bounded to one full batch (module docstring).
     """
 
     def __init__(self, target_s: float, batch_capacity: float, *,
                  clock: Callable[[], float] = time.monotonic, model: BatchTimeModel | None = None,
-                 efficiency: float = 0.95, saturation: float = 0.9) -> None:
-        if target_s <= 0 or batch_capacity <= 0 or not 0 < efficiency <= 1 or saturation <= 0:
-            raise ValueError("target_s and batch_capacity must be > 0, efficiency in (0, 1], saturation > 0")
+                 efficiency: float = 0.95) -> None:
+        if target_s <= 0 or batch_capacity <= 0 or not 0 < efficiency <= 1:
+            raise ValueError("target_s and batch_capacity must be > 0, efficiency in (0, 1]")
         self.target_s = target_s
         self.batch_capacity = batch_capacity
         self.efficiency = efficiency
-        self.saturation = saturation
+        self._refused_at = -math.inf  # when admission last refused an item
         self.clock = clock
         self.model = model or BatchTimeModel()
         self._running: tuple[float, float] | None = None  # (started at, cost) of the batch running
@@ -224,9 +223,8 @@ class CapacityAdmission:
         return self._arrivals.per_second()
 
     def saturated(self) -> bool:
-        """Whether admitted work arrives at ``saturation`` x the full-batch throughput or faster."""
-        full_rate = self.full_batch_rate()
-        return full_rate > 0 and self.admitted_rate() >= self.saturation * full_rate
+        """Whether admission refused an item within the last :data:`SATURATED_FOR_S`."""
+        return self.clock() - self._refused_at < SATURATED_FOR_S
 
     def coefficients(self) -> tuple[float, float]:
         """The fit's ``(fixed seconds per batch, seconds per unit of cost)``."""
@@ -240,7 +238,7 @@ class CapacityAdmission:
         one slow batch would otherwise refuse everything for ever, since only admitted work refits it.
         When two full batches exceed the target, an item is admitted while the work waiting, with
         it, stays within :meth:`waiting_limit`; otherwise by its predicted answer time, and while
-        :meth:`saturated`, also only while the work waiting stays within :data:`SATURATED_WAITING_BATCHES`.
+        :meth:`saturated`, also only while the work in flight stays within :data:`SATURATED_IN_FLIGHT_BATCHES`.
         """
         if self.model.samples == 0 or (queued_cost <= 0 and self._running is None):
             admitted, expected, retry_after_s = True, 0.0, 0.0
@@ -250,8 +248,10 @@ class CapacityAdmission:
             if limit is None:
                 admitted, retry_after_s = expected <= self.target_s, expected - self.target_s
                 if admitted and self.saturated():
-                    excess = queued_cost + item_cost - SATURATED_WAITING_BATCHES * self.batch_capacity
-                    admitted, retry_after_s = excess <= 1e-9, self.model.seconds(max(excess, 0.0))
+                    running = self._running  # read once: the worker thread replaces it
+                    in_flight = queued_cost + item_cost + (running[1] if running is not None else 0.0)
+                    excess = in_flight - SATURATED_IN_FLIGHT_BATCHES * self.batch_capacity
+                    admitted, retry_after_s = excess <= 1e-9, self._running_left_s()
             else:
                 excess = queued_cost + item_cost - limit
                 admitted = excess <= 1e-9 or queued_cost <= 0  # an item alone behind the running batch: always
@@ -260,6 +260,8 @@ class CapacityAdmission:
             if record:
                 self._arrivals.add(item_cost)
             return Decision(True, expected)
+        if record:
+            self._refused_at = self.clock()
         return Decision(False, expected, retry_after_s=max(retry_after_s, 1e-3))
 
     def _running_left_s(self) -> float:

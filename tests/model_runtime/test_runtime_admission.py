@@ -9,7 +9,12 @@ import pytest
 from runtime_fakes import GatedModel, make_spec, wait_entered, wait_until
 
 from model_runtime import DynamicBatcher, ModelRuntime
-from model_runtime.admission import SATURATED_WAITING_BATCHES, BatchTimeModel, CapacityAdmission
+from model_runtime.admission import (
+    SATURATED_FOR_S,
+    SATURATED_IN_FLIGHT_BATCHES,
+    BatchTimeModel,
+    CapacityAdmission,
+)
 from model_runtime.errors import RuntimeOverloaded
 
 FIXED_S, PER_ITEM_S, CAPACITY, TARGET_S = 0.002, 0.0005, 64, 0.1
@@ -51,11 +56,12 @@ def test_the_batch_time_fit_separates_fixed_and_per_item_time() -> None:
 def test_admission_counts_the_running_batch_and_full_batches_ahead() -> None:
     clock = FakeClock()
     admission = fitted(clock)
-    assert admission.decide(queued_cost=500).admitted is False  # nothing runs, yet 7 full batches are ahead
+    # record=False: only asking, so no refusal makes the model count as saturated (tested below)
+    assert admission.decide(queued_cost=500, record=False).admitted is False  # 7 full batches ahead
     admission.batch_started(CAPACITY)  # 0.034 s of work, started at t=0
     clock.now = 0.010
     assert admission.decide(queued_cost=0).expected_s == pytest.approx(0.024 + batch_seconds(1), abs=1e-4)
-    refused = admission.decide(queued_cost=150)  # the running batch, two full ones, then 23 items with it
+    refused = admission.decide(queued_cost=150, record=False)  # the running batch, two full ones, then 23
     assert not refused.admitted
     expected = 0.024 + 2 * batch_seconds(CAPACITY) + batch_seconds(23)
     assert refused.expected_s == pytest.approx(expected, abs=1e-3)
@@ -230,7 +236,7 @@ def test_a_ticket_whose_request_never_reached_the_model_is_given_back(runtime: M
     assert held == 1 and released == 0
 
 
-def test_saturated_the_work_waiting_is_one_full_batch_however_generous_the_target() -> None:
+def test_saturated_the_work_in_flight_is_two_full_batches_however_generous_the_target() -> None:
     """Before, past saturation the queue grew until the target was met: each batch queued beyond the
     next added a batch time to every answer (admitted p99 above the peak load's) and no throughput."""
     clock = FakeClock()
@@ -238,11 +244,11 @@ def test_saturated_the_work_waiting_is_one_full_batch_however_generous_the_targe
     admission.batch_started(CAPACITY)
     clock.now = 0.030  # the running batch ends in 4 ms: a second full batch would still answer in time
     assert not admission.saturated()
-    assert admission.decide(queued_cost=CAPACITY, record=False).admitted  # below saturation: by the target
-    for _ in range(4000):  # 2,000 admitted a second for 2 s: past the ~1,880 of full batches
-        clock.now += 0.0005
-        admission.decide(queued_cost=0)
+    assert admission.decide(queued_cost=CAPACITY, record=False).admitted  # not saturated: by the target
+    assert not admission.decide(queued_cost=3 * CAPACITY).admitted  # past the target: refused, and now
     assert admission.saturated()
-    waiting = int(SATURATED_WAITING_BATCHES * CAPACITY)  # the next batch, and a quarter for its stragglers
-    assert admission.decide(queued_cost=waiting - 1, record=False).admitted
-    assert not admission.decide(queued_cost=waiting, record=False).admitted  # more only waits longer
+    in_flight = int(SATURATED_IN_FLIGHT_BATCHES * CAPACITY)  # the batch running and the next one
+    assert admission.decide(queued_cost=in_flight - CAPACITY - 1, record=False).admitted
+    assert not admission.decide(queued_cost=in_flight - CAPACITY, record=False).admitted  # more only waits
+    clock.now += SATURATED_FOR_S  # a second without a refusal: by the target again
+    assert not admission.saturated() and admission.decide(queued_cost=CAPACITY, record=False).admitted
