@@ -207,7 +207,11 @@ def test_the_supervisor_sees_live_calls_then_their_end(server: CsServer, calls: 
 
     snapshot, events = asyncio.run(scenario())
     assert snapshot["type"] == "live.calls"
-    assert call_sid in [call["call_id"] for call in snapshot["calls"]]
+    # Live in the snapshot, or (its start still being stored when the snapshot was read: seen on a
+    # loaded CI box) announced by call.started on the feed, which is subscribed before the snapshot.
+    in_snapshot = call_sid in [call["call_id"] for call in snapshot["calls"]]
+    started = [event for event in events if event.get("type") == "call.started" and event["call_id"] == call_sid]
+    assert in_snapshot or started, (snapshot, events)
     assert events[-1]["call_id"] == call_sid
 
 
