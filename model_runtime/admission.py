@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shared.rates import DecayingRate
+
 SATURATED_IN_FLIGHT_BATCHES = 2.0
 """Saturated, the most work in flight: the batch running and the next one, full."""
 SATURATED_FOR_S = 1.0
@@ -110,27 +112,6 @@ class BatchTimeModel:
         """Predicted run time (s) of a batch of total ``cost``."""
         fixed, per_cost = self.coefficients()
         return fixed + per_cost * cost
-
-
-class DecayingRate:
-    """A rate (per second) of recent events, each weighted by its amount, forgetting with time constant ``tau_s``."""
-
-    def __init__(self, clock: Callable[[], float], tau_s: float = 0.5) -> None:
-        self.clock = clock
-        self.tau_s = tau_s
-        self._value = 0.0
-        self._at = clock()
-
-    def add(self, amount: float) -> None:
-        """Count one event of ``amount`` now."""
-        self._value = self.per_second() + amount / self.tau_s
-
-    def per_second(self) -> float:
-        """The rate now (amount per second)."""
-        now = self.clock()
-        self._value *= math.exp(-(now - self._at) / self.tau_s)
-        self._at = now
-        return self._value
 
 
 @dataclass(frozen=True)
@@ -212,11 +193,6 @@ class CapacityAdmission:
         spare = 1 - self.efficiency * full_rate * per_cost  # > 0 unless efficiency is 1 and nothing is fixed
         efficient = self.efficiency * full_rate * fixed / spare if spare > 0 else capacity
         return min(capacity, max(within_target, efficient, 1e-9))
-
-    def full_batch_rate(self) -> float:
-        """Cost a second the model clears in full batches back to back, by the fit (0 before any batch)."""
-        full_batch_s = self.model.seconds(self.batch_capacity)
-        return self.batch_capacity / full_batch_s if full_batch_s > 0 else 0.0
 
     def admitted_rate(self) -> float:
         """Cost a second admitted lately (moving, ~0.5 s)."""

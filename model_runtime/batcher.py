@@ -63,11 +63,10 @@ class AdmissionTicket:
     and the queue is not admitted twice over. Release is idempotent; :meth:`DynamicBatcher.submit` with
     the ticket releases it as the item is queued."""
 
-    __slots__ = ("batcher", "admitted_at", "_held")
+    __slots__ = ("batcher", "_held")
 
-    def __init__(self, batcher: DynamicBatcher, admitted_at: float) -> None:
+    def __init__(self, batcher: DynamicBatcher) -> None:
         self.batcher = batcher
-        self.admitted_at = admitted_at
         self._held = True
 
     @property
@@ -355,15 +354,14 @@ class DynamicBatcher:
         if refusal is not None:
             raise refusal
         self._in_transit += 1
-        return AdmissionTicket(self, time.monotonic())
+        return AdmissionTicket(self)
 
     def admission_state(self) -> dict[str, float | bool] | None:
         """Admission by measured capacity, as it stands (``None`` without a latency target): the admitted
-        and the full-batch rates (cost a second), whether it counts as saturated, the cost waiting."""
+        rate (cost a second), whether it counts as saturated, the cost waiting."""
         if self._admission is None:
             return None
         return {"admitted_per_s": self._admission.admitted_rate(),
-                "full_batch_per_s": self._admission.full_batch_rate(),
                 "saturated": self._admission.saturated(), "waiting_cost": self._waiting_cost()}
 
     @property

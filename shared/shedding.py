@@ -30,7 +30,6 @@ spends on its answers, whatever its speed.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -39,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.errors import EdgeMappedError, ProblemError, ServiceOverloaded, as_problem
 from shared.hot_routes import problem_json, route_path, send_answer
+from shared.rates import DecayingRate
 
 
 class Admitted(Protocol):
@@ -54,24 +54,6 @@ else the error it would raise."""
 
 ANSWERED_TAU_S = 1.0
 """Time constant (s) of the gate's moving rate of answered requests."""
-
-
-class _MovingRate:
-    """Events per second, exponentially forgetting with time constant ``tau_s``."""
-
-    def __init__(self, tau_s: float) -> None:
-        self.tau_s = tau_s
-        self._value = 0.0
-        self._at = time.monotonic()
-
-    def add(self) -> None:
-        self._value = self.per_second() + 1.0 / self.tau_s
-
-    def per_second(self) -> float:
-        now = time.monotonic()
-        self._value *= math.exp(-(now - self._at) / self.tau_s)
-        self._at = now
-        return self._value
 
 
 class SheddingGate:
@@ -130,7 +112,7 @@ class SheddingGate:
         self.min_in_flight = min_in_flight
         self.in_flight = 0
         """Guarded requests let through and not yet answered."""
-        self._answered = _MovingRate(ANSWERED_TAU_S)
+        self._answered = DecayingRate(time.monotonic, ANSWERED_TAU_S)
 
     def in_flight_limit(self) -> float | None:
         """Most guarded requests in flight (``None``: no bound): answered a second x the latency target."""
