@@ -122,7 +122,8 @@ def subscriber_point(kind: str, broker: str, prefix: str, expected: int, timeout
             if done != written:
                 progress.write_text(str(done))
                 written = done
-            polled_at = time.perf_counter() if first is None else polled_at
+            if first is None:
+                polled_at = time.perf_counter()
             time.sleep(0.002)
         last = time.perf_counter()
         if first is None:  # every reading arrived between two polls (a small run on a busy box)

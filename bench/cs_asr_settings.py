@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", nargs="*", default=[], help="axes name=v1,v2 (lw, wip, beam, ...) over base")
     args = parser.parse_args(argv)
     try:
-        VARIANTS.update(grid_variants(args.grid) if args.grid else {})
+        grid = grid_variants(args.grid) if args.grid else {}
     except ValueError as exc:
         parser.error(str(exc))
+    VARIANTS.update(grid)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    names += [name for name in grid_variants(args.grid) if name not in names] if args.grid else []
+    names += [name for name in grid if name not in names]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}")

@@ -202,7 +202,7 @@ DEV_IN_SCRIPT_SEED = 29
 """Seed of the development set's in-script sentences (the measurement's is 11)."""
 
 
-def development_sets() -> dict[str, list[str]]:
+def development_sets() -> dict[str, Sequence[str]]:
     """The sentence sets decoder settings are chosen on: other script fills (a line the measurement
     also has is left out) and other held-out sentences than the measurement's
     (:func:`in_script_sentences` with seed 11, :data:`HELD_OUT_SENTENCES`)."""
@@ -211,7 +211,7 @@ def development_sets() -> dict[str, list[str]]:
             "held_out": list(DEV_HELD_OUT_SENTENCES)}
 
 
-def measurement_sets() -> dict[str, list[str]]:
+def measurement_sets() -> dict[str, Sequence[str]]:
     """The sentence sets WER is reported on."""
     return {"in_script": in_script_sentences(), "held_out": list(HELD_OUT_SENTENCES)}
 
@@ -261,7 +261,7 @@ def measure_asr(sets: dict[str, Sequence[str]] | None = None, *, generic_words: 
     each sentence set (default: in-script and held-out)."""
     from services.customer_service.asr import DecoderSettings, Recognizer, build_domain_lm
 
-    sets = sets or {"in_script": in_script_sentences(), "held_out": HELD_OUT_SENTENCES}
+    sets = sets or measurement_sets()
     # each at its better language weight: pocketsphinx's 6.5 for the generic model (8 made it worse)
     recognizers = {"generic": Recognizer(None, DecoderSettings(lw=6.5)),
                    "domain": Recognizer(build_domain_lm(domain_texts(), generic_words=generic_words))}

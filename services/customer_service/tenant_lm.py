@@ -251,7 +251,7 @@ def measure_tenant_asr(*, generic_words: int = 2000, repeats: int = 3) -> dict[s
     from services.customer_service.asr import DecoderSettings, Recognizer, build_domain_lm, domain_texts
     from services.customer_service.evaluation import (
         HELD_OUT_SENTENCES,
-        in_script_sentences,
+        measurement_sets,
         telephone_speech,
         word_errors,
     )
@@ -264,7 +264,7 @@ def measure_tenant_asr(*, generic_words: int = 2000, repeats: int = 3) -> dict[s
                    "shipped_domain": Recognizer(build_domain_lm(domain_texts(), generic_words=generic_words))}
     for name, pages in tenant_pages.items():
         recognizers[name] = Recognizer(build_tenant_lm(name, simulated_articles(name, pages)).lm)
-    sets = {"in_script": in_script_sentences(), "held_out": list(HELD_OUT_SENTENCES)}
+    sets = measurement_sets()
     scores = []
     for set_name, sentences in sets.items():
         audio = [telephone_speech(sentence, index) for index, sentence in enumerate(sentences)]
