@@ -264,9 +264,23 @@ def build_server(mode: str) -> StatusLatency:
         labels = {"model": MODEL_NAME}
         batches = [REGISTRY.get_sample_value(f"tessera_model_batch_size_{kind}", labels) or 0.0
                    for kind in ("count", "sum")]
-        return {"latency": timing.report(), "runtime": runtime.stats(), "batches": batches}
+        return {"latency": timing.report(), "runtime": runtime.stats(), "batches": batches, "gc": gc_pauses()}
 
     return timing
+
+
+def gc_pauses() -> dict[str, dict[str, float]]:
+    """Per generation: collections, their total and the ones over 5 ms (``tessera_gc_pause_seconds``), so far."""
+    from prometheus_client import REGISTRY
+
+    totals = {}
+    for generation in ("0", "1", "2"):
+        labels = {"generation": generation}
+        count = REGISTRY.get_sample_value("tessera_gc_pause_seconds_count", labels) or 0.0
+        under_5ms = REGISTRY.get_sample_value("tessera_gc_pause_seconds_bucket", {**labels, "le": "0.005"}) or 0.0
+        totals[generation] = {"count": count, "total_ms": 1000 * (REGISTRY.get_sample_value(
+            "tessera_gc_pause_seconds_sum", labels) or 0.0), "over_5ms": count - under_5ms}
+    return totals
 
 
 def serve(mode: str, port: int) -> None:
@@ -447,6 +461,9 @@ def measure_point(base: str, pid: int, script: Path, connections: int, seconds: 
         "server_p99_ms_503": server["latency"].get("503", {}).get("p99_ms"),
         "statuses": statuses, "runtime": server["runtime"].get(MODEL_NAME),
         "mean_batch": items / batches if batches else None, "box": box.record,
+        "gc": {generation: {key: value - before.get("gc", {}).get(generation, {}).get(key, 0.0)
+                            for key, value in totals.items()}
+               for generation, totals in server.get("gc", {}).items()},
     }
 
 
@@ -479,16 +496,26 @@ def print_backends(record: dict[str, Any]) -> None:
 
 def print_table(points: list[dict[str, Any]]) -> None:
     print(f"\n{'server':<15} {'c':>5} {'req/s':>8} {'200/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503 %':>6} "
-          f"{'err %':>6} {'200 p99 srv':>11} {'mean batch':>10} {'load1':>6} {'others':>6}")
+          f"{'err %':>6} {'200 p99 srv':>11} {'mean batch':>10} {'load1':>6} {'others':>6} {'GC ms >5ms':>11}")
     for p in points:
         box = p.get("box") or {}
         label = f"{p['concurrency']}{'r' if p.get('recheck') else ''}"
         print(f"{p['server']:<15} {label:>5} {p['req_per_s']:>8.0f} {p['ok_per_s']:>8.0f} "
               f"{p['p50_ms']:>8.2f} {p['p99_ms']:>8.1f} {100 * p['rate_503']:>6.1f} {100 * p['error_rate']:>6.1f} "
               f"{fmt(p['server_p99_ms_200']):>11} {fmt(p['mean_batch']):>10} {fmt(box.get('load1_before'), '.2f'):>6} "
-              f"{fmt(box.get('other_cores'), '.2f'):>6}")
+              f"{fmt(box.get('other_cores'), '.2f'):>6} {gc_summary(p.get('gc')):>11}")
     print("(c=...r: the c=128 point measured again after the overload points; load1: load average before the "
-          "point; others: CPU cores used by other processes on the box during it)")
+          "point; others: CPU cores used by other processes on the box during it; GC: milliseconds the server's "
+          "garbage collections took during the point, and how many took over 5 ms)")
+
+
+def gc_summary(gc_delta: dict[str, dict[str, float]] | None) -> str:
+    """``total ms / collections over 5 ms`` of a point's garbage collections (``-`` for peers)."""
+    if not gc_delta:
+        return "-"
+    total = sum(totals["total_ms"] for totals in gc_delta.values())
+    long_ones = sum(totals["over_5ms"] for totals in gc_delta.values())
+    return f"{total:.0f} / {long_ones:.0f}"
 
 
 def ratios(points: list[dict[str, Any]]) -> dict[str, dict[int, float]]:

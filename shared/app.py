@@ -25,7 +25,7 @@ from shared.config import get_settings
 from shared.db import check_database
 from shared.errors import Problem, install_problem_handlers, is_json_media_type, problem_responses, require_json_body
 from shared.hot_routes import HotRoute, HotRouter
-from shared.observability import Readiness, RequestContextMiddleware, health_router
+from shared.observability import Readiness, RequestContextMiddleware, health_router, observe_gc_pauses
 from shared.security import SIGNATURE_HEADER
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -175,6 +175,7 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    observe_gc_pauses()
 
 
 def _with_gc_tuning(lifespan: Lifespan | None) -> Lifespan:

@@ -8,6 +8,7 @@ each app fills in; ``/readyz`` answers 503 problem+json naming what is not ready
 from __future__ import annotations
 
 import contextvars
+import gc
 import json
 import logging
 import os
@@ -34,7 +35,35 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+GC_PAUSE = Histogram(
+    "tessera_gc_pause_seconds", "Time one garbage collection held the interpreter", ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
 ReadinessCheck = Callable[[], Awaitable[None] | None]
+
+
+class _GcPauseTimer:
+    """A ``gc.callbacks`` entry that times each collection into :data:`GC_PAUSE`."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - self.started)
+
+
+def observe_gc_pauses() -> None:
+    """Time every garbage collection of this process into ``tessera_gc_pause_seconds`` (once per process).
+
+    A collection stops every thread that holds the interpreter: a pause of tens of milliseconds
+    lands whole on the latency of each request in flight, so it belongs beside the request latency.
+    """
+    if not any(isinstance(callback, _GcPauseTimer) for callback in gc.callbacks):
+        gc.callbacks.append(_GcPauseTimer())
 
 
 class JsonLogFormatter(logging.Formatter):
