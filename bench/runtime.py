@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -264,7 +265,8 @@ def build_server(mode: str) -> StatusLatency:
         labels = {"model": MODEL_NAME}
         batches = [REGISTRY.get_sample_value(f"tessera_model_batch_size_{kind}", labels) or 0.0
                    for kind in ("count", "sum")]
-        return {"latency": timing.report(), "runtime": runtime.stats(), "batches": batches, "gc": gc_pauses()}
+        return {"latency": timing.report(), "runtime": runtime.stats(), "batches": batches, "gc": gc_pauses(),
+                "gc_young_objects": gc.get_count()[0]}
 
     return timing
 
@@ -354,10 +356,22 @@ def server_process(mode: str) -> Any:
 
 def run_wrk(base: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
     """One closed-loop wrk run; returns its JSON summary."""
+    return finish_wrk(start_wrk(base, script, connections, seconds))
+
+
+def start_wrk(base: str, script: Path, connections: int, seconds: float) -> subprocess.Popen[str]:
+    """Start one closed-loop wrk run in the background (:func:`finish_wrk` waits for its summary)."""
     threads = 1 if connections == 1 else 2
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "15s",
                "-s", str(script), base + "/predict"]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def finish_wrk(run: subprocess.Popen[str]) -> dict[str, Any]:
+    """Wait for a wrk run; its JSON summary."""
+    output, _ = run.communicate()
+    if run.returncode != 0:
+        raise subprocess.CalledProcessError(run.returncode, run.args, output)
     line = next(line for line in output.splitlines() if line.startswith("WRKJSON "))
     return json.loads(line.removeprefix("WRKJSON "))
 
@@ -436,34 +450,52 @@ def any_server(mode: str) -> Any:
             yield server
 
 
+SETTLE_S = 2.0
+"""Seconds each measured wrk run of our servers runs before the server-side window opens."""
+
+
 def measure_point(base: str, pid: int, script: Path, connections: int, seconds: float,
                   warmup_s: float) -> dict[str, Any]:
-    """Warm up, then measure one (server, concurrency) point; adds server-side per-status latency."""
+    """Warm up, then measure one (server, concurrency) point; adds server-side per-status figures.
+
+    The measured wrk run keeps its connections through :data:`SETTLE_S` before the server's window
+    (answered and refused counts, admitted latency) opens: opening ``connections`` connections at
+    once is a start-up transient (at c=512 it allocates enough at once for a 40-60 ms garbage
+    collection), not the steady state a point stands for. wrk's own figures (p50, p99, errors)
+    cover its whole run, the settling included.
+    """
     run_wrk(base, script, connections, warmup_s)
+    measured = start_wrk(base, script, connections, SETTLE_S + seconds)
+    time.sleep(SETTLE_S)
     before = get_json(base + "/bench/stats")  # also resets the server-side latency window
     with BoxMeter(pid) as box:
-        wrk = run_wrk(base, script, connections, seconds)
-    server = get_json(base + "/bench/stats")
+        opened = time.monotonic()
+        wrk = finish_wrk(measured)
+        server = get_json(base + "/bench/stats")
+        window_s = time.monotonic() - opened
     batches, items = (after - earlier for after, earlier in zip(server["batches"], before["batches"],
                                                                  strict=True))
-    total = max(1, wrk["requests"])
+    counts = {int(status): figures["count"] for status, figures in server["latency"].items()}
+    total = max(1, sum(counts.values()))
     statuses = {int(k): v for k, v in wrk["statuses"].items()}
-    ok = statuses.get(200, 0)
     admitted = server["latency"].get("200", {})
     return {
         "concurrency": connections,
-        "req_per_s": wrk["requests"] / (wrk["duration_us"] / 1e6),
-        "ok_per_s": ok / (wrk["duration_us"] / 1e6),
+        "req_per_s": sum(counts.values()) / window_s,
+        "ok_per_s": counts.get(200, 0) / window_s,
         "p50_ms": wrk["p50_us"] / 1000, "p99_ms": wrk["p99_us"] / 1000, "max_ms": wrk["max_us"] / 1000,
-        "rate_503": statuses.get(503, 0) / total,
-        "error_rate": (total - ok - statuses.get(503, 0) + wrk["socket_errors"]) / total,
+        "rate_503": counts.get(503, 0) / total,
+        "error_rate": (sum(statuses.values()) - statuses.get(200, 0) - statuses.get(503, 0) + wrk["socket_errors"])
+        / max(1, wrk["requests"]),
         "server_p50_ms_200": admitted.get("p50_ms"), "server_p99_ms_200": admitted.get("p99_ms"),
         "server_p99_ms_503": server["latency"].get("503", {}).get("p99_ms"),
-        "statuses": statuses, "runtime": server["runtime"].get(MODEL_NAME),
+        "statuses": statuses, "server_statuses": counts, "window_s": window_s,
+        "runtime": server["runtime"].get(MODEL_NAME),
         "mean_batch": items / batches if batches else None, "box": box.record,
         "gc": {generation: {key: value - before.get("gc", {}).get(generation, {}).get(key, 0.0)
                             for key, value in totals.items()}
                for generation, totals in server.get("gc", {}).items()},
+        "gc_young_objects": server.get("gc_young_objects"),
     }
 
 
