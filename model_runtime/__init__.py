@@ -7,7 +7,14 @@ Typical use from a vertical::
     runtime = get_runtime()
     await runtime.load(ModelSpec(name="fraud", version="v3", loader=..., run_batch=..., prepare=...))
     answer = await runtime.predict("fraud", item)
+
+Importing the package does not import torch: the sliding-window names (:mod:`model_runtime.sliding_window`,
+torch throughout) are imported on first use, and the rest imports torch only where a torch model
+needs it, so a process serving only ONNX Runtime models (``tessera edge``) never loads it.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manifest, save_artifact
 from model_runtime.backends import (
@@ -23,13 +30,6 @@ from model_runtime.collate import Collated, collate, length_bucket, pad_stack, r
 from model_runtime.device import Placement, inference_context, resolve_device, resolve_placement
 from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
-from model_runtime.sliding_window import (
-    ProgressCallback,
-    SlidingWindowConfig,
-    SlidingWindowInferer,
-    StudyInference,
-    run_patch_batch,
-)
 from model_runtime.streaming import (
     Session,
     SessionClosed,
@@ -38,6 +38,27 @@ from model_runtime.streaming import (
     StreamingSessions,
     get_streaming_sessions,
 )
+
+if TYPE_CHECKING:
+    from model_runtime.sliding_window import (
+        ProgressCallback,
+        SlidingWindowConfig,
+        SlidingWindowInferer,
+        StudyInference,
+        run_patch_batch,
+    )
+
+_IMPORTED_ON_USE = {name: "model_runtime.sliding_window" for name in
+                    ("ProgressCallback", "SlidingWindowConfig", "SlidingWindowInferer", "StudyInference",
+                     "run_patch_batch")}
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :data:`_IMPORTED_ON_USE`, imported (with torch) the first time it is asked for."""
+    module = _IMPORTED_ON_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "ArtifactError",

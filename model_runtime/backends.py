@@ -27,11 +27,15 @@ records the choice in its artifact (:func:`record_backend_choice`: manifest ``ex
 card), and its loader serves :func:`recorded_backend`.
 Every ONNX Runtime session is made by :func:`onnx_session`, which first folds the export's shape
 plumbing away (:func:`simplified_onnx`).
+
+torch is imported only by what needs it (the torch backends, export, measurement): a process that
+serves ONNX Runtime graphs with NumPy arrays (:class:`OnnxRuntimeBackend`) never imports it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import importlib.util
 import inspect
 import io
@@ -42,6 +46,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -49,23 +54,26 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
-import torch
 
 from model_runtime.artifacts import MANIFEST_NAME, MODEL_CARD_NAME, ArtifactManifest
 from model_runtime.device import Placement, inference_context, onnx_providers
+from model_runtime.lazy_torch import is_tensor, torch_loaded
 from shared.config import get_settings
+
+if TYPE_CHECKING:
+    import torch
 
 CPU_CANDIDATES: tuple[str, ...] = ("eager", "onnx", "onnx-int8")
 """The default candidates (always buildable)."""
 OPTIONAL_CPU_CANDIDATES: tuple[str, ...] = ("torch-compile", "openvino")
 """Candidates measured only where this machine can build them (see :func:`available_cpu_candidates`)."""
 DEFAULT_COMPILE_TIMEOUT_S = 300.0
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+Inputs: TypeAlias = "torch.Tensor | Mapping[str, torch.Tensor]"
 """One batch: a tensor, or named tensors (all with the batch on axis 0)."""
-Outputs = torch.Tensor | Mapping[str, torch.Tensor]
+Outputs: TypeAlias = "torch.Tensor | Mapping[str, torch.Tensor]"
 SERVING_BACKEND_KEY = "serving_backend"
 """Manifest ``extra`` key of the measured choices: ``{component: BackendChoice.as_dict()}``."""
 logger = logging.getLogger("tessera.model_runtime.backends")
@@ -81,7 +89,7 @@ class Backend(Protocol):
 
 def _to_host(output: Any) -> Any:
     """Outputs on CPU with floating tensors as float32, keeping their structure (tensor, tuple, mapping)."""
-    if isinstance(output, torch.Tensor):
+    if is_tensor(output):
         return (output.float() if output.is_floating_point() else output).cpu()
     if isinstance(output, Mapping):
         return {name: _to_host(value) for name, value in output.items()}
@@ -103,9 +111,9 @@ class TorchBackend:
     """
 
     def __init__(self, module: torch.nn.Module, placement: Placement | None = None) -> None:
-        self.placement = placement or Placement(torch.device("cpu"))
+        self.placement = placement or Placement("cpu")
         self.module = module.eval().to(self.placement.device)
-        self.name = "eager" if self.placement.device.type == "cpu" else f"eager/{self.placement.describe()}"
+        self.name = "eager" if self.placement.device_type == "cpu" else f"eager/{self.placement.describe()}"
 
     def __call__(self, batch: Inputs) -> Any:
         device = self.placement.device
@@ -142,10 +150,12 @@ class CompiledTorchBackend(TorchBackend):
 
     def __init__(self, module: torch.nn.Module, example_batch: Inputs, placement: Placement | None = None, *,
                  compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S) -> None:
+        import torch
+
         super().__init__(module, placement)
         eager = self.module
         self.module = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
-        on_cpu = self.placement.device.type == "cpu"
+        on_cpu = self.placement.device_type == "cpu"
         self.name = "torch-compile" if on_cpu else f"torch-compile/{self.placement.describe()}"
         started = time.perf_counter()
         _within(compile_timeout_s, lambda: [self(_tile(example_batch, size)) for size in (1, 2)],
@@ -179,25 +189,39 @@ _ORT_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "
                     "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
-def _named_arrays(batch: Inputs, input_types: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The batch as contiguous numpy arrays of the graph's input types, by input name."""
-    if isinstance(batch, torch.Tensor):
+def _host_array(value: Any, dtype: Any) -> np.ndarray:
+    """A tensor or array as a contiguous numpy array of ``dtype``."""
+    return np.ascontiguousarray(value.detach().cpu().numpy() if is_tensor(value) else value, dtype=dtype)
+
+
+def _named_arrays(batch: Any, input_types: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The batch (tensors or numpy arrays) as contiguous numpy arrays of the graph's input types, by input name."""
+    if not isinstance(batch, Mapping):
         if len(input_types) != 1:
             raise ValueError(f"the graph takes {len(input_types)} named inputs {sorted(input_types)}; got one tensor")
         batch = {next(iter(input_types)): batch}
     missing = set(input_types) - set(batch)
     if missing:
         raise ValueError(f"missing inputs {sorted(missing)} (the graph takes {sorted(input_types)})")
-    return {name: np.ascontiguousarray(batch[name].detach().cpu().numpy(), dtype=input_types[name])
-            for name in input_types}
+    return {name: _host_array(batch[name], input_types[name]) for name in input_types}
 
 
-def _named_outputs(batch: Inputs, names: Sequence[str], arrays: Sequence[Any]) -> Outputs:
-    """One tensor for a one-output graph fed one tensor; otherwise ``{output name: tensor}``."""
-    tensors = [torch.from_numpy(np.asarray(array)) for array in arrays]
-    if isinstance(batch, torch.Tensor) and len(tensors) == 1:
-        return tensors[0]
-    return dict(zip(names, tensors, strict=True))
+def _fed_tensors(batch: Any) -> bool:
+    """Whether a batch holds torch tensors (answered in tensors) rather than numpy arrays (answered in arrays)."""
+    return is_tensor(batch) or (isinstance(batch, Mapping) and any(is_tensor(value) for value in batch.values()))
+
+
+def _named_outputs(batch: Any, names: Sequence[str], arrays: Sequence[Any]) -> Any:
+    """One output for a one-output graph fed one tensor (or array); otherwise ``{output name: output}``;
+    tensors when ``batch`` held tensors, else numpy arrays (torch not imported)."""
+    outputs: list[Any] = [np.asarray(array) for array in arrays]
+    if _fed_tensors(batch):
+        import torch
+
+        outputs = [torch.from_numpy(array) for array in outputs]
+    if not isinstance(batch, Mapping) and len(outputs) == 1:
+        return outputs[0]
+    return dict(zip(names, outputs, strict=True))
 
 
 class OnnxRuntimeBackend:
@@ -205,7 +229,8 @@ class OnnxRuntimeBackend:
 
     Called with one tensor (a one-input graph) or named tensors; answers one tensor when a
     one-output graph was fed one tensor, else ``{output name: tensor}``. Inputs are converted to
-    the graph's input types (float32, int64 token ids, bool masks...).
+    the graph's input types (float32, int64 token ids, bool masks...). Fed numpy arrays instead of
+    tensors, it answers numpy arrays, and never imports torch.
 
     Parameters
     ----------
@@ -230,9 +255,11 @@ class OnnxRuntimeBackend:
         self.output_names = [node.name for node in self.session.get_outputs()]
         self.name = name
 
-    def __call__(self, batch: Inputs) -> Any:
-        if isinstance(batch, torch.Tensor) and len(self.input_types) == 1 and len(self.output_names) == 1:
+    def __call__(self, batch: Inputs | np.ndarray | Mapping[str, np.ndarray]) -> Any:
+        if is_tensor(batch) and len(self.input_types) == 1 and len(self.output_names) == 1:
             # the one-tensor model on the hot path (fraud's sequence model): no dict building
+            import torch
+
             name, dtype = next(iter(self.input_types.items()))
             array: np.ndarray = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=dtype)
             return torch.from_numpy(self.session.run(None, {name: array})[0])
@@ -320,8 +347,7 @@ def simplified_onnx(model: Path | bytes) -> bytes:
 
     proto = onnx.load(str(model)) if isinstance(model, Path) else onnx.load_from_string(model)
     try:
-        import onnxsim
-
+        onnxsim = _import_onnxsim()
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints progress
             warnings.simplefilter("ignore")
             simplified, checked = onnxsim.simplify(proto, check_n=3, test_input_shapes=_check_shapes(proto))
@@ -332,6 +358,40 @@ def simplified_onnx(model: Path | bytes) -> bytes:
         logger.warning("simplified ONNX graph failed its output check; serving it as exported")
         return scalar_prelu_as_leaky_relu(proto).SerializeToString()
     return scalar_prelu_as_leaky_relu(simplified).SerializeToString()
+
+
+class _RefuseTorch(importlib.abc.MetaPathFinder):
+    """A finder that makes ``import torch`` fail in the thread that made it, as if torch were not installed."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname == "torch" and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError("torch is not imported for onnxsim", name="torch")
+        return None
+
+
+def _import_onnxsim() -> Any:
+    """``onnxsim``, imported without torch in a process that has not imported torch.
+
+    onnxsim (0.8) tries ``import torch`` as it is imported, for an optional quantizer (PPQ, not
+    installed: it never loads here). That import alone costs seconds and hundreds of MB, which a
+    process serving only ONNX Runtime graphs (``tessera edge``) must not pay. The import is refused
+    in this thread only, while onnxsim is imported (it then takes its own "no torch" path); other
+    threads import torch as usual.
+    """
+    if "onnxsim" in sys.modules or torch_loaded():
+        import onnxsim
+
+        return onnxsim
+    refuse = _RefuseTorch()
+    sys.meta_path.insert(0, refuse)
+    try:
+        import onnxsim
+    finally:
+        sys.meta_path.remove(refuse)
+    return onnxsim
 
 
 def scalar_prelu_as_leaky_relu(proto: Any) -> Any:
@@ -418,7 +478,7 @@ def onnx_session(model: Path | bytes, *, threads: int | None = None, placement: 
 
 def _ordered_inputs(module: torch.nn.Module, example_batch: Inputs) -> tuple[list[str], tuple[torch.Tensor, ...]]:
     """Input names and positional example tensors: ``input`` for one tensor, else the forward's order."""
-    if isinstance(example_batch, torch.Tensor):
+    if is_tensor(example_batch):
         return ["input"], (example_batch.cpu(),)
     parameters = list(inspect.signature(module.forward).parameters)
     unknown = set(example_batch) - set(parameters)
@@ -432,6 +492,8 @@ def _ordered_inputs(module: torch.nn.Module, example_batch: Inputs) -> tuple[lis
 
 def _output_names(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> list[str]:
     """``output`` for one tensor, the keys of a mapping, ``output_<i>`` for a tuple."""
+    import torch
+
     with torch.inference_mode():
         sample = module(*args)
     if isinstance(sample, torch.Tensor):
@@ -448,6 +510,8 @@ class OnnxExportError(ValueError):
 def _grown(input_names: Sequence[str], args: tuple[torch.Tensor, ...],
            axes: Mapping[str, Mapping[int, str]]) -> tuple[torch.Tensor, ...]:
     """One row of the example with every dynamic non-batch axis doubled (values cycled, ids stay valid)."""
+    import torch
+
     grown = []
     for name, tensor in zip(input_names, args, strict=True):
         row = tensor[:1]
@@ -461,6 +525,7 @@ def _check_dynamic_axes(module: torch.nn.Module, path: Path, input_names: Sequen
                         args: tuple[torch.Tensor, ...], axes: Mapping[str, Mapping[int, str]]) -> None:
     """Run the graph at doubled sizes along its dynamic non-batch axes; raise if it fails or disagrees."""
     import onnxruntime as ort
+    import torch
 
     grown = _grown(input_names, args, axes)
     with torch.inference_mode():
@@ -508,6 +573,8 @@ def export_onnx(module: torch.nn.Module, example_batch: Inputs, path: Path, *, o
     OnnxExportError
         The graph fails, or differs from torch, at other sizes of ``dynamic_axes``.
     """
+    import torch
+
     module = module.eval().cpu()
     input_names, args = _ordered_inputs(module, example_batch)
     names_out = list(output_names) if output_names is not None else _output_names(module, args)
@@ -648,6 +715,8 @@ class BackendChoice:
 def time_call(call: Callable[[Any], Any], batch: Inputs, *, repeats: int = 30,
               warmup: int = 3) -> float:
     """Median wall time of ``call(batch)`` in milliseconds."""
+    import torch
+
     with torch.inference_mode():
         for _ in range(warmup):
             call(batch)
@@ -661,11 +730,13 @@ def time_call(call: Callable[[Any], Any], batch: Inputs, *, repeats: int = 30,
 
 def _rows(batch: Inputs) -> int:
     """The batch size (axis 0) of a tensor or of named tensors."""
-    return int(batch.shape[0] if isinstance(batch, torch.Tensor) else next(iter(batch.values())).shape[0])
+    return int(batch.shape[0] if is_tensor(batch) else next(iter(batch.values())).shape[0])
 
 
 def _tile(example_batch: Inputs, size: int) -> Inputs:
     """``size`` rows cycled from the example (every named tensor takes the same rows)."""
+    import torch
+
     rows = torch.arange(size) % _rows(example_batch)
     if isinstance(example_batch, torch.Tensor):
         return example_batch[rows].contiguous()
@@ -673,7 +744,7 @@ def _tile(example_batch: Inputs, size: int) -> Inputs:
 
 
 def _flat_tensors(outputs: Any) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
+    if is_tensor(outputs):
         return [outputs]
     values = outputs.values() if isinstance(outputs, Mapping) else outputs
     return [tensor for value in values for tensor in _flat_tensors(value)]
@@ -690,6 +761,8 @@ def max_abs_difference(outputs: Any, reference: Any) -> float:
 
 def _measure(name: str, backend: Backend, example_batch: Inputs, reference: Any,
              batch_sizes: Sequence[int], max_abs_error: float, repeats: int) -> BackendMeasurement:
+    import torch
+
     with torch.inference_mode():
         error = max_abs_difference(backend(example_batch), reference)
     measurement = BackendMeasurement(name, max_abs_error=error, accurate=error <= max_abs_error)
@@ -703,6 +776,8 @@ def _measure(name: str, backend: Backend, example_batch: Inputs, reference: Any,
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with torch's intra-op thread count set to ``threads`` (unchanged when None)."""
+    import torch
+
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -738,6 +813,8 @@ def compare_backends(reference: Backend, candidates: Mapping[str, Backend], exam
     failed : sequence of BackendMeasurement
         Candidates that could not be built, recorded as they are.
     """
+    import torch
+
     with torch_threads(threads), torch.inference_mode():
         reference_output = reference(example_batch)
         measurements = list(failed)

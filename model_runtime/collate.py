@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
+
+from model_runtime.lazy_torch import is_tensor, is_torch_module
 
 Array = Any  # torch.Tensor or numpy.ndarray
 Sizes = tuple[int, ...]
@@ -75,12 +76,17 @@ def pad_stack(arrays: Sequence[Array], axes: Sequence[int] = (0,), pad_value: fl
         if array.ndim != rank or fixed != [size for axis, size in enumerate(first.shape) if axis not in axes]:
             raise ValueError(f"shapes {tuple(first.shape)} and {tuple(array.shape)} differ outside axes {axes}")
     largest = tuple(max(int(array.shape[axis]) for array in arrays) for axis in range(rank))
-    is_torch = isinstance(first, torch.Tensor)
-    batch: Array = (torch.full((len(arrays), *largest), pad_value, dtype=first.dtype, device=first.device)
-                    if is_torch else np.full((len(arrays), *largest), pad_value, dtype=first.dtype))
     mask_shape = (len(arrays), *(largest[axis] for axis in axes))
-    mask: Array = (torch.zeros(mask_shape, dtype=torch.bool, device=first.device) if is_torch
-                   else np.zeros(mask_shape, dtype=bool))
+    batch: Array
+    mask: Array
+    if is_tensor(first):
+        import torch
+
+        batch = torch.full((len(arrays), *largest), pad_value, dtype=first.dtype, device=first.device)
+        mask = torch.zeros(mask_shape, dtype=torch.bool, device=first.device)
+    else:
+        batch = np.full((len(arrays), *largest), pad_value, dtype=first.dtype)
+        mask = np.zeros(mask_shape, dtype=bool)
     for row, array in enumerate(arrays):
         batch[(row, *(slice(0, size) for size in array.shape))] = array
         mask[(row, *(slice(0, int(array.shape[axis])) for axis in axes))] = True
@@ -182,7 +188,7 @@ def run_collated(pad_axes: Mapping[str, Sequence[int]], *, trim: Mapping[str, st
     def run_batch(model: Any, items: list[Any]) -> list[Any]:
         batch = collate(items, pad_axes, pad_values)
         named = {**batch.inputs, **{name + mask_suffix: mask for name, mask in batch.masks.items()}}
-        outputs = model(**named) if isinstance(model, torch.nn.Module) else model(named)
+        outputs = model(**named) if is_torch_module(model) else model(named)
         cuts = {output: (tuple(pad_axes[source]), batch.sizes[source]) for output, source in trim.items()}
         return split_outputs(outputs, len(items), trim=cuts)
 

@@ -17,9 +17,14 @@ Validation (:func:`resolve_placement`):
 - ``cuda`` or ``cuda:<n>`` with no such device visible is refused.
 
 The runtime calls :func:`configure_threads` in each model worker thread because OpenMP thread counts
-are per thread. :func:`onnx_providers` gives ONNX Runtime's execution providers for a placement:
-CUDA first when the placement is on a GPU and this onnxruntime build has the CUDA provider, CPU
-always last (ONNX Runtime falls back to it for operators CUDA lacks).
+are per thread (of a model that uses torch, or once torch is imported). :func:`onnx_providers` gives
+ONNX Runtime's execution providers for a placement: CUDA first when the placement is on a GPU and
+this onnxruntime build has the CUDA provider, CPU always last (ONNX Runtime falls back to it for
+operators CUDA lacks).
+
+torch is imported only when a question needs it: a CPU placement in fp32 (``resolve_placement("cpu")``)
+and the ONNX Runtime providers of a CPU placement never import it, so a process serving only ONNX
+Runtime models on CPU (``tessera edge``) runs without torch.
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from shared.config import get_settings
 
+if TYPE_CHECKING:
+    import torch
+
 Precision = Literal["fp32", "fp16", "bf16"]
-PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "bf16")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 logger = logging.getLogger("tessera.model_runtime.device")
 
@@ -45,32 +51,65 @@ class PlacementError(ValueError):
     """A device or precision a model spec asks for is malformed or cannot be had on this machine."""
 
 
-@dataclass(frozen=True)
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name (``None`` for ``fp32``: no autocast, torch not imported)."""
+    if precision == "fp32":
+        return None
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@dataclass(frozen=True, init=False)
 class Placement:
     """Where and in which precision a model runs.
 
     Parameters
     ----------
-    device : torch.device
-        ``cpu`` or ``cuda[:n]``.
+    device : torch.device or str
+        ``cpu`` or ``cuda[:n]`` (a name such as ``"cpu"`` builds a placement without importing torch).
     autocast_dtype : torch.dtype or None
         Mixed-precision dtype under autocast (``torch.bfloat16``/``torch.float16``); ``None``
         runs in the model's own dtype (float32).
     """
 
-    device: torch.device
-    autocast_dtype: torch.dtype | None = None
+    device_type: str
+    """``cpu`` or ``cuda`` (what ``device.type`` says, without importing torch)."""
+    device_index: int | None
+    autocast_dtype: torch.dtype | None
+
+    def __init__(self, device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> None:
+        if isinstance(device, str):
+            kind, _, index = device.strip().lower().partition(":")
+            device_type, device_index = kind, int(index) if index else None
+        else:
+            device_type, device_index = device.type, device.index
+        object.__setattr__(self, "device_type", device_type)
+        object.__setattr__(self, "device_index", device_index)
+        object.__setattr__(self, "autocast_dtype", autocast_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """The ``torch.device`` (imports torch)."""
+        import torch
+
+        if self.device_index is None:
+            return torch.device(self.device_type)
+        return torch.device(self.device_type, self.device_index)
 
     @property
     def precision(self) -> str:
         """``fp32``, ``fp16`` or ``bf16``."""
-        return next(name for name, dtype in PRECISION_DTYPES.items() if dtype == self.autocast_dtype)
+        if self.autocast_dtype is None:
+            return "fp32"
+        return next(name for name in PRECISIONS if precision_dtype(name) == self.autocast_dtype)
 
     def describe(self) -> str:
         """Short label such as ``cpu`` or ``cuda:0/bf16``."""
+        where = self.device_type if self.device_index is None else f"{self.device_type}:{self.device_index}"
         if self.autocast_dtype is None:
-            return str(self.device)
-        return f"{self.device}/{self.precision}"
+            return where
+        return f"{where}/{self.precision}"
 
 
 def _parse_device(choice: str) -> tuple[str, int | None]:
@@ -96,6 +135,8 @@ def resolve_device(preference: str | None = None) -> torch.device:
     PlacementError
         Malformed, or CUDA (or CUDA device ``n``) asked for but not visible.
     """
+    import torch
+
     kind, index = _parse_device(preference or get_settings().device)
     if kind == "cpu":
         return torch.device("cpu")
@@ -116,6 +157,8 @@ def _native_bf16(device: torch.device) -> bool:
     Not ``torch.cuda.is_bf16_supported()``: it asks about the *current* device, and by default
     answers yes where bf16 is only emulated (slowly) on older GPUs.
     """
+    import torch
+
     return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -133,12 +176,18 @@ def resolve_placement(preference: str | None = None, precision: str | None = Non
     ------
     PlacementError
         An unknown precision, or one the chosen device cannot run.
+
+    ``cpu`` in fp32 is answered without importing torch.
     """
     wanted = (precision or "fp32").lower()
-    if wanted not in PRECISION_DTYPES:
-        raise PlacementError(f"precision {precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
+    if wanted not in PRECISIONS:
+        raise PlacementError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if wanted == "fp32" and _parse_device(preference or get_settings().device)[0] == "cpu":
+        return Placement("cpu")
+    import torch
+
     device = resolve_device(preference)
-    dtype = PRECISION_DTYPES[wanted]
+    dtype = precision_dtype(wanted)
     if device.type == "cpu" and dtype == torch.float16:
         if _parse_device(preference or get_settings().device)[0] == "cpu":
             raise PlacementError("precision fp16 is not served on CPU (few, slow kernels): use bf16 or fp32")
@@ -151,6 +200,8 @@ def resolve_placement(preference: str | None = None, precision: str | None = Non
 
 def configure_threads(threads: int | None = None) -> None:
     """Set torch's intra-op thread count for the calling thread (default ``settings.torch_threads``)."""
+    import torch
+
     wanted = threads or get_settings().torch_threads
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
@@ -159,7 +210,9 @@ def configure_threads(threads: int | None = None) -> None:
 @contextmanager
 def inference_context(placement: Placement) -> Iterator[None]:
     """``torch.inference_mode`` plus autocast when the placement asks for mixed precision."""
-    autocast = (torch.autocast(placement.device.type, dtype=placement.autocast_dtype)
+    import torch
+
+    autocast = (torch.autocast(placement.device_type, dtype=placement.autocast_dtype)
                 if placement.autocast_dtype is not None else nullcontext())
     with torch.inference_mode(), autocast:
         yield
@@ -178,7 +231,7 @@ def onnx_providers(placement: Placement | None = None,
     available : list of str, optional
         ``onnxruntime.get_available_providers()`` by default.
     """
-    if placement is None or placement.device.type != "cuda":
+    if placement is None or placement.device_type != "cuda":
         return ["CPUExecutionProvider"]
     if available is None:
         import onnxruntime as ort
@@ -186,7 +239,7 @@ def onnx_providers(placement: Placement | None = None,
         available = list(ort.get_available_providers())
     if "CUDAExecutionProvider" not in available:
         logger.warning("model placed on %s but onnxruntime has no CUDA provider: ONNX graphs run on CPU",
-                       placement.device)
+                       placement.describe())
         return ["CPUExecutionProvider"]
-    device_id = placement.device.index if placement.device.index is not None else 0
+    device_id = placement.device_index if placement.device_index is not None else 0
     return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]

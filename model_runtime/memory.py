@@ -19,13 +19,15 @@ Outputs come back in item order, as one list.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from model_runtime.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 Item = TypeVar("Item")
 Output = TypeVar("Output")
@@ -80,13 +82,16 @@ def device_memory_budget(device: torch.device, fraction: float = 0.8) -> int | N
     """``fraction`` of the CUDA device's free memory now, in bytes; ``None`` on CPU (no budget)."""
     if device.type != "cuda":
         return None
+    import torch
+
     free, _total = torch.cuda.mem_get_info(device)
     return int(free * fraction)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says the device ran out of memory (torch's OOM, or ONNX Runtime's allocator)."""
-    if isinstance(error, torch.OutOfMemoryError):
+    torch_module = sys.modules.get("torch")  # a process that never imported torch has no torch OOM
+    if torch_module is not None and isinstance(error, torch_module.OutOfMemoryError):
         return True
     # ONNX Runtime raises its own RuntimeException / Fail types with the CUDA allocator's message
     name = type(error).__name__
@@ -104,8 +109,9 @@ def halve(items: list[Item]) -> tuple[list[Item], list[Item]]:
 
 def release_cached_memory() -> None:
     """Return the CUDA caching allocator's unused blocks, so the halves start from what is really free."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    torch_module = sys.modules.get("torch")  # without torch there is no CUDA caching allocator
+    if torch_module is not None and torch_module.cuda.is_available() and torch_module.cuda.is_initialized():
+        torch_module.cuda.empty_cache()
 
 
 def run_with_oom_split(run: Callable[[list[Item]], Sequence[Output]], batch: list[Item],

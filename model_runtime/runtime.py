@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manifest
 from model_runtime.backends import OnnxRuntimeBackend, TorchBackend
 from model_runtime.batcher import (
@@ -56,6 +54,7 @@ from model_runtime.batcher import (
 from model_runtime.collate import split_outputs
 from model_runtime.device import Placement, configure_threads, inference_context, resolve_placement
 from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
+from model_runtime.lazy_torch import is_torch_module, torch_loaded
 from model_runtime.memory import MemoryBudget, run_with_oom_split
 from model_runtime.metrics import OOM_SPLITS, ModelMetrics
 from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, checked_prepare, resolve_prepare_in
@@ -142,7 +141,8 @@ class ModelSpec:
         Batches over it, or that run out of device memory, run in halves (:mod:`model_runtime.memory`).
     uses_torch : bool
         Run batches under ``torch.inference_mode`` (and autocast); ``False`` for models that never
-        touch torch (ONNX Runtime, LightGBM), which then skip entering torch's modes every batch.
+        touch torch (ONNX Runtime, LightGBM), which then skip entering torch's modes every batch;
+        with ``device="cpu"`` such a model loads and serves without importing torch.
     release : callable, optional
         ``release(model)`` frees what the loaded model holds outside this process's memory (worker
         processes, open files) once it stops serving: unloaded, replaced by a new version (after
@@ -235,7 +235,7 @@ def describe_backend(model: Any) -> str:
         return explicit
     if isinstance(model, TorchBackend | OnnxRuntimeBackend):
         return model.name
-    if isinstance(model, torch.nn.Module):
+    if is_torch_module(model):
         return "eager"
     return type(model).__name__
 
@@ -322,7 +322,8 @@ class ModelRuntime:
     def _build(self, spec: ModelSpec) -> _LoadedModel:
         if spec.prepare_where() == "process":
             check_process_safe(spec.name, spec.prepare)
-        configure_threads()
+        if _sets_torch_threads(spec):
+            configure_threads()
         manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
         version = _resolve_version(spec, manifest)
         placement = resolve_placement(spec.device, spec.precision)
@@ -478,7 +479,8 @@ class ModelRuntime:
             current.abandon()
         batcher = DynamicBatcher(loaded.spec.name, loaded.run, loaded.spec.policy,
                                  self._metrics_for(loaded.spec.name), finalize=loaded.spec.finalize,
-                                 thread_initializer=configure_threads, per_item_s=loaded.per_item_s)
+                                 thread_initializer=configure_threads if _sets_torch_threads(loaded.spec) else None,
+                                 per_item_s=loaded.per_item_s)
         batcher.start()
         loaded.batcher = batcher
         return batcher
@@ -556,6 +558,12 @@ def _release(loaded: _LoadedModel) -> None:
         logger.exception("model %s %s: release failed", loaded.spec.name, loaded.version)
 
 
+def _sets_torch_threads(spec: ModelSpec) -> bool:
+    """Whether loading or serving ``spec`` sets torch's thread count: a model that uses torch, or any
+    model once torch is imported (a non-torch model in a process without torch leaves it unimported)."""
+    return spec.uses_torch or torch_loaded()
+
+
 def _resolve_version(spec: ModelSpec, manifest: ArtifactManifest | None) -> str:
     if manifest is None or manifest.version == "local":
         return spec.version or (manifest.version if manifest else "unversioned")
@@ -579,7 +587,7 @@ def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[li
             outputs = spec.run_batch(model, items)
         return split_outputs(outputs, len(items)) if isinstance(outputs, Mapping) else outputs
 
-    if spec.memory_budget is None and placement.device.type != "cuda":
+    if spec.memory_budget is None and placement.device_type != "cuda":
         return run  # CPU without a budget: nothing to split (fraud's hot path unchanged)
     budget, on_split = spec.memory_budget, OOM_SPLITS.labels(spec.name).inc
     return lambda items: run_with_oom_split(run, items, budget=budget, on_split=on_split)

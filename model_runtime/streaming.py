@@ -37,10 +37,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import numpy as np
-import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from model_runtime.batcher import FillPolicy
@@ -48,9 +47,12 @@ from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeOverlo
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
 from shared.errors import Conflict, ProblemError, register_problem_mapping
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger("tessera.model_runtime.streaming")
 
-Array: TypeAlias = torch.Tensor | np.ndarray
+Array: TypeAlias = "torch.Tensor | np.ndarray"
 """One tensor of a state or chunk: torch (any device) or NumPy (ONNX Runtime models)."""
 StreamState: TypeAlias = Mapping[str, Array]
 """One stream's state: named tensors without the batch axis."""
@@ -264,6 +266,8 @@ def _split_states(new_states: Mapping[str, Array], axes: Mapping[str, int], coun
 def _stack(rows: list[Array], axis: int) -> Array:
     if isinstance(rows[0], np.ndarray):
         return np.stack(rows, axis=axis)
+    import torch  # rows are tensors: torch is already imported
+
     return torch.stack(cast(list[torch.Tensor], rows), dim=axis)
 
 
