@@ -32,10 +32,16 @@ Serving (:func:`risk_model_spec`): items are :class:`RiskRequest` (a window and 
 share a batch; answers are :class:`RiskResult` with the attention drivers. The artifact directory
 holds ``config.json``, ``weights.pt``, ``normalisation.json`` and ``model.onnx``, sealed with a
 manifest the runtime verifies (:mod:`model_runtime.artifacts`).
+
+This module imports no torch: the network and what saves, exports or loads it
+(:data:`TORCH_NAMES`, in :mod:`services.iiot.network`) are imported from here on first use. Served
+from ONNX Runtime (``backend="onnx"``), the model is fed NumPy arrays on CPU and the process never
+loads torch (``tessera edge`` on a small gateway).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,13 +50,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 if TYPE_CHECKING:
     from model_runtime import LoadContext, ModelSpec
     from model_runtime.device import Placement
+    from services.iiot.network import (  # noqa: F401 (served by __getattr__)
+        ChannelAttention,
+        NumericTokens,
+        SensorWindowNet,
+        example_inputs,
+        export_risk_onnx,
+        load_artifact,
+        save_risk_model,
+    )
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
@@ -66,6 +78,16 @@ Tier = Literal["cloud", "edge"]
 MASKED = -1e4
 """Additive attention bias of a padded step (finite, so a window of padding gives no NaN)."""
 TOP_DRIVERS = 3
+TORCH_NAMES = ("ChannelAttention", "NumericTokens", "SensorWindowNet", "example_inputs", "export_risk_onnx",
+               "load_artifact", "save_risk_model")
+"""Names of :mod:`services.iiot.network` served by this module (imported, with torch, on first use)."""
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :data:`TORCH_NAMES`, from :mod:`services.iiot.network` (imports torch the first time)."""
+    if name not in TORCH_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module("services.iiot.network"), name)
 
 
 class ModelConfigError(ValueError):
@@ -148,175 +170,24 @@ class SensorWindowConfig:
         return cls(**{**values, "channels": tuple(values["channels"])})
 
 
-class ChannelAttention(nn.Module):
-    """Softmax weights over channels from each channel's window summary; ``(B, T, F)`` -> ``(B, F)``."""
-
-    def __init__(self, channels: int, hidden: int = 16) -> None:
-        super().__init__()
-        self.score = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        self.channel_bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Channel weights (summing to 1 per row) of normalised, zero-padded ``x`` with validity ``mask``."""
-        count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)[..., None]  # (B, 1, 1)
-        mean = x.sum(dim=1, keepdim=True) / count
-        spread = torch.sqrt((((x - mean) * mask[..., None]) ** 2).sum(dim=1, keepdim=True) / count + 1e-6)
-        summary = torch.stack([mean[:, 0], spread[:, 0], x[:, -1]], dim=-1)  # (B, F, 3); step -1 is "now"
-        return F.softmax(self.score(summary).squeeze(-1) + self.channel_bias, dim=-1)
-
-
-class NumericTokens(nn.Module):
-    """One ``d``-wide token per scalar input: ``(B, F)`` -> ``(B, F, d)``.
-
-    Periodic (``frequencies`` > 0): ``ReLU(W_f [sin(2 pi c_f x), cos(2 pi c_f x)] + b_f)`` with learned
-    frequencies ``c_f`` per feature, which lets attention layers draw sharp thresholds on a scalar;
-    else linear: ``x w_f + b_f``.
-    """
-
-    def __init__(self, features: int, d: int, frequencies: int = 0, sigma: float = 1.0) -> None:
-        super().__init__()
-        self.frequencies = frequencies
-        if frequencies:
-            self.frequency = nn.Parameter(torch.randn(features, frequencies) * sigma)
-            self.weight = nn.Parameter(torch.randn(features, 2 * frequencies, d) / (2 * frequencies) ** 0.5)
-        else:
-            self.weight = nn.Parameter(torch.randn(features, d) * 0.5)
-        self.bias = nn.Parameter(torch.zeros(features, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens of standardised scalars ``x`` (B, F)."""
-        if not self.frequencies:
-            return x[..., None] * self.weight + self.bias
-        angle = 2.0 * torch.pi * x[..., None] * self.frequency  # (B, F, k)
-        periodic = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)  # (B, F, 2k)
-        projected = torch.matmul(periodic.transpose(0, 1), self.weight).transpose(0, 1)  # (B, F, d)
-        return F.relu(projected + self.bias)
-
-
-class SensorWindowNet(nn.Module):
-    """Attention over a sensor window: ``(window (B, T, F), mask (B, T))`` -> named outputs (see module doc)."""
-
-    channel_mean: torch.Tensor
-    channel_std: torch.Tensor
-
-    def __init__(self, config: SensorWindowConfig) -> None:
-        super().__init__()
-        self.config = config
-        channels, d = len(config.channels), config.d_model
-        self.register_buffer("channel_mean", torch.zeros(channels))
-        self.register_buffer("channel_std", torch.ones(channels))
-        self.channel_attention = (ChannelAttention(channels) if config.channel_attention and not config.feature_tokens
-                                  else None)
-        if config.feature_tokens:
-            self.tokens = NumericTokens(channels, d, config.numeric_frequencies, config.frequency_sigma)
-            self.summary_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        else:
-            self.embed = nn.Linear(channels + 1, d)  # + the step's validity flag
-            self.position = nn.Parameter(torch.randn(1, config.window, d) * 0.02)
-        self.convs = nn.ModuleList(nn.Conv1d(d, d, config.conv_kernel, padding=config.conv_kernel - 1)
-                                   for _ in range(config.conv_layers))
-        layer = nn.TransformerEncoderLayer(d, config.heads, config.d_ff, config.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.pool_score = nn.Linear(d, 1)
-        self.joined_norm = nn.LayerNorm(2 * d)
-        self.failure_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
-        self.rul_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
-
-    def set_normalisation(self, mean: npt.ArrayLike, std: npt.ArrayLike) -> None:
-        """Per-channel mean and standard deviation of the training windows' valid steps."""
-        self.channel_mean.copy_(torch.as_tensor(np.asarray(mean), dtype=torch.float32))
-        self.channel_std.copy_(torch.as_tensor(np.maximum(np.asarray(std), 1e-6), dtype=torch.float32))
-
-    def encode(self, window: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training outputs: ``failure_logit`` (B,), ``rul_normalised`` (B,) and both attention weights."""
-        x = (window - self.channel_mean) / self.channel_std * mask[..., None]
-        if self.config.feature_tokens:
-            return self._encode_features(x[:, -1], mask)
-        if self.channel_attention is not None:
-            channel_weights = self.channel_attention(x, mask)
-            x = x * (channel_weights * x.shape[-1])[:, None, :]
-        else:
-            channel_weights = torch.full_like(x[:, 0], 1.0 / x.shape[-1])
-        steps = x.shape[1]
-        hidden = self.embed(torch.cat([x, mask[..., None]], dim=-1)) + self.position[:, -steps:]
-        if self.convs:  # causal: step t sees steps <= t; padded steps held at zero
-            hidden = hidden * mask[..., None]
-            for conv in self.convs:
-                step = F.gelu(conv(hidden.transpose(1, 2))[..., :steps].transpose(1, 2))
-                hidden = hidden + F.dropout(step, self.config.conv_dropout, self.training) * mask[..., None]
-        padding = (1.0 - mask) * MASKED  # (B, T): additive key mask, exports cleanly to ONNX
-        bias = padding[:, None, :].repeat_interleave(self.config.heads, dim=0).expand(-1, steps, -1)
-        hidden = self.norm(self.encoder(hidden, mask=bias))
-        time_weights = F.softmax(self.pool_score(hidden).squeeze(-1) + padding, dim=-1)
-        pooled = (time_weights[..., None] * hidden).sum(dim=1)
-        joined = self.joined_norm(torch.cat([pooled, hidden[:, -1]], dim=-1))
-        joined = F.dropout(joined, self.config.head_dropout, self.training)
-        return {"failure_logit": self.failure_head(joined).squeeze(-1),
-                "rul_normalised": self.rul_head(joined).squeeze(-1),
-                "time_weights": time_weights, "channel_weights": channel_weights}
-
-    def _encode_features(self, row: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Feature-token mode: a summary token and one token per channel of the (only) step ``row`` (B, F)."""
-        tokens = self.tokens(row)
-        hidden = torch.cat([self.summary_token.expand(row.shape[0], -1, -1), tokens], dim=1)
-        hidden = self.norm(self.encoder(hidden))
-        channel_weights = F.softmax(self.pool_score(hidden[:, 1:]).squeeze(-1), dim=-1)
-        pooled = (channel_weights[..., None] * hidden[:, 1:]).sum(dim=1)
-        joined = self.joined_norm(torch.cat([pooled, hidden[:, 0]], dim=-1))
-        return {"failure_logit": self.failure_head(joined).squeeze(-1),
-                "rul_normalised": self.rul_head(joined).squeeze(-1),
-                "time_weights": mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0),
-                "channel_weights": channel_weights}
-
-    def forward(self, window: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``p_failure`` (B,), ``rul_hours`` (B,; ``rul_unit``), ``time_weights`` (B, T), ``channel_weights`` (B, F)."""
-        encoded = self.encode(window, mask)
-        return {"p_failure": torch.sigmoid(encoded["failure_logit"]),
-                "rul_hours": encoded["rul_normalised"].clamp(min=0.0) * self.config.rul_scale,
-                "time_weights": encoded["time_weights"], "channel_weights": encoded["channel_weights"]}
-
-    def parameter_count(self) -> int:
-        """Trainable parameters."""
-        return sum(p.numel() for p in self.parameters())
-
 
 # --- saving and loading ---------------------------------------------------------------------------
 
-def save_risk_model(net: SensorWindowNet, directory: Path, *, onnx: bool = True) -> list[Path]:
-    """Write ``config.json``, ``weights.pt``, ``normalisation.json`` and (by default) ``model.onnx``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / CONFIG_FILE, directory / WEIGHTS_FILE, directory / NORMALISATION_FILE]
-    written[0].write_text(json.dumps(net.config.as_dict(), indent=1) + "\n")
-    torch.save(net.state_dict(), written[1])
-    stats = {"channels": list(net.config.channels), "mean": net.channel_mean.tolist(), "std": net.channel_std.tolist()}
-    written[2].write_text(json.dumps(stats, indent=1) + "\n")
-    if onnx:
-        written.append(export_risk_onnx(net, directory / ONNX_FILE))
-    return written
 
 
-def export_risk_onnx(net: SensorWindowNet, path: Path) -> Path:
-    """The network as ONNX (inputs ``window``, ``mask``; a dynamic batch axis), checked against torch."""
-    from model_runtime.backends import export_onnx
-
-    example = example_inputs(net.config, batch=2)
-    was_training = net.training
-    try:
-        return export_onnx(net, example, path)
-    finally:
-        net.train(was_training)
-
-
-def example_inputs(config: SensorWindowConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ``window``/``mask`` tensors of ``config``'s shape; later rows have padded front steps."""
-    generator = torch.Generator().manual_seed(seed)
-    window = torch.randn(batch, config.window, len(config.channels), generator=generator)
-    mask = torch.ones(batch, config.window)
+def example_mask(config: SensorWindowConfig, batch: int = 2) -> npt.NDArray[np.float32]:
+    """``(batch, window)`` validity of example windows: row 0 full, later rows with padded front steps."""
+    mask = np.ones((batch, config.window), np.float32)
     for row in range(1, batch):
         mask[row, : min(row * max(config.window // 4, 1), config.window - 1)] = 0.0
-    return {"window": window * mask[..., None], "mask": mask}
+    return mask
+
+
+def warmup_requests(config: SensorWindowConfig, count: int = 2, seed: int = 0) -> list[RiskRequest]:
+    """Random requests of ``config``'s shape (the :func:`example_mask` gaps) for the runtime's warm-up."""
+    masks = example_mask(config, count)
+    windows = np.random.default_rng(seed).standard_normal((count, config.window, len(config.channels)))
+    return [RiskRequest((windows[row] * masks[row, :, None]).astype(np.float32), masks[row]) for row in range(count)]
 
 
 def read_config(directory: Path) -> SensorWindowConfig:
@@ -327,12 +198,6 @@ def read_config(directory: Path) -> SensorWindowConfig:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelConfigError(f"{path}: cannot read the model config ({error})") from error
 
-
-def load_artifact(directory: Path, device: torch.device | str = "cpu") -> SensorWindowNet:
-    """The network saved by :func:`save_risk_model` in ``directory``, in eval mode on ``device``."""
-    net = SensorWindowNet(read_config(directory))
-    net.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    return net.to(device).eval()
 
 
 def default_risk_dir(tier: Tier = "cloud") -> Path:
@@ -437,10 +302,12 @@ def risk_results(outputs: Mapping[str, Any], config: SensorWindowConfig, top: in
 
 @dataclass
 class ServedRiskModel:
-    """What the runtime holds: a backend over named tensors and the config it answers for."""
+    """What the runtime holds: a backend over named tensors (or arrays) and the config it answers for."""
 
     backend: Any
     config: SensorWindowConfig
+    tensors: bool = True
+    """Feed the backend torch tensors; ``False``: NumPy arrays (ONNX Runtime, without torch)."""
 
     @property
     def backend_name(self) -> str:
@@ -449,7 +316,11 @@ class ServedRiskModel:
 
     def __call__(self, items: Sequence[Mapping[str, npt.NDArray[np.float32]]]) -> list[RiskResult]:
         """Answers for a batch of prepared windows."""
-        batch = {name: torch.from_numpy(np.stack([item[name] for item in items])) for name in ("window", "mask")}
+        batch: dict[str, Any] = {name: np.stack([item[name] for item in items]) for name in ("window", "mask")}
+        if self.tensors:
+            import torch
+
+            batch = {name: torch.from_numpy(array) for name, array in batch.items()}
         return risk_results(self.backend(batch), self.config)
 
 
@@ -458,13 +329,16 @@ Backend = Literal["auto", "eager", "onnx"]
 
 def build_served_model(directory: Path, backend: Backend = "auto", threads: int | None = None,
                        placement: Placement | None = None) -> ServedRiskModel:
-    """The artifact in ``directory`` behind ONNX Runtime (``auto`` when it has ``model.onnx``) or eager torch."""
+    """The artifact in ``directory`` behind ONNX Runtime (``auto`` when it has ``model.onnx``; fed NumPy
+    arrays, on CPU) or eager torch."""
     from model_runtime.backends import OnnxRuntimeBackend, TorchBackend
 
     config = read_config(directory)
     use_onnx = backend == "onnx" or (backend == "auto" and (directory / ONNX_FILE).is_file())
     if use_onnx:
-        return ServedRiskModel(OnnxRuntimeBackend(directory / ONNX_FILE, threads=threads), config)
+        return ServedRiskModel(OnnxRuntimeBackend(directory / ONNX_FILE, threads=threads), config, tensors=False)
+    from services.iiot.network import load_artifact  # imports torch (this module's own names skip __getattr__)
+
     return ServedRiskModel(TorchBackend(load_artifact(directory), placement), config)
 
 
@@ -481,7 +355,8 @@ def risk_model_spec(artifact_dir: Path | None = None, *, name: str = "iiot", tie
     name : str
         Runtime model name.
     backend : {"auto", "eager", "onnx"}
-        ``auto``: ONNX Runtime when the artifact has ``model.onnx``, else eager torch.
+        ``auto``: ONNX Runtime when the artifact has ``model.onnx``, else eager torch. ``onnx``: the
+        model is served on CPU without torch (the process does not import it: ``tessera edge``).
     net : SensorWindowNet, optional
         A network built in code (tests), served eagerly instead of an artifact.
     max_batch_size, max_wait_ms, max_queue, timeout_s
@@ -508,12 +383,13 @@ def risk_model_spec(artifact_dir: Path | None = None, *, name: str = "iiot", tie
     def run_batch(model: ServedRiskModel, items: list[Any]) -> list[RiskResult]:
         return model(items)
 
-    examples = example_inputs(config, batch=2)
-    warmup = [RiskRequest(examples["window"][row].numpy(), examples["mask"][row].numpy()) for row in range(2)]
+    onnx_only = backend == "onnx" and net is None  # ONNX Runtime on CPU: no torch mode, no torch placement
     return ModelSpec(name=name, version=version or ("" if net is None else "in-code"), loader=load,
                      run_batch=run_batch, prepare=WindowPreparer(config), prepare_in="auto",
                      artifact_dir=artifact_dir if net is None else None, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s, warmup_items=warmup)
+                     max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
+                     warmup_items=warmup_requests(config), uses_torch=not onnx_only,
+                     device="cpu" if onnx_only else None)
 
 
 def with_tier(config: SensorWindowConfig, tier: Tier) -> SensorWindowConfig:
