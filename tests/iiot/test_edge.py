@@ -26,7 +26,7 @@ from services.iiot.features import STEP_FEATURES
 from services.iiot.model import SensorWindowConfig, SensorWindowNet, save_risk_model
 from services.iiot.mqtt_io import readings_topic
 from tests.iiot.mqtt_support import Collector, Publisher
-from tests.support import ManagedProcess, free_port, port_open, python_argv, wait_until
+from tests.support import REPO_ROOT, ManagedProcess, free_port, port_open, python_argv, wait_until
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 QUANTITIES = {"temp": ("temperature", "degC", -20.0, 150.0), "vib": ("vibration", "mm/s", 0.0, 25.0),
@@ -136,6 +136,37 @@ def test_rolling_windows_convert_units_trim_to_the_span_and_count_what_they_drop
     assert dict(windows.dropped) == {"unknown_sensor": 1, "bad_timestamp": 1, "not_a_number": 1, "unknown_unit": 1}
 
 
+GATEWAY_SCORING = """
+import json, sys
+from pathlib import Path
+
+from services.iiot.edge import EdgeScorer, GatewayRegistry, RollingWindows, build_window
+
+payload = json.loads(sys.argv[1])
+registry = GatewayRegistry.from_payload(payload["registry"])
+scorer = EdgeScorer(Path(sys.argv[2]))
+windows = RollingWindows(registry, scorer.window_hours)
+for readings in payload["readings"]:
+    windows.add("a1", readings)
+frame, end = windows.frame("a1")
+[result] = scorer.score([build_window(frame, registry.sensors_of("a1"), end, scorer.window_hours,
+                                      scorer.config.step_hours)])
+scorer.close()
+print(json.dumps({"p_failure": result.p_failure, "torch": sorted(name for name in sys.modules
+                                                                 if name.split(".")[0] == "torch")}))
+"""
+
+
+def test_the_gateway_loads_and_scores_its_onnx_model_without_importing_torch(edge_model: Path) -> None:
+    """A gateway on a small device must not need torch (its import alone: seconds and hundreds of MB)."""
+    payload = {"registry": REGISTRY, "readings": [hour_of_readings(hour) for hour in range(6)]}
+    done = subprocess.run(python_argv("-c", GATEWAY_SCORING, json.dumps(payload), str(edge_model)), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["torch"] == [] and 0.0 <= answer["p_failure"] <= 1.0
+
+
 def test_the_edge_process_scores_local_readings_on_the_device_and_publishes_risk_upstream_across_restarts(
         edge_model: Path, local_broker: LocalBroker, upstream_broker: LocalBroker, tmp_path: Path) -> None:
     prefix = f"tessera-test/{uuid.uuid4().hex[:12]}"
@@ -159,6 +190,7 @@ def test_the_edge_process_scores_local_readings_on_the_device_and_publishes_risk
             assert topic == f"{prefix}/up/t1/risk/a1"
             assert 0.0 <= risk["p_failure"] <= 1.0 and risk["rul_hours"] >= 0.0
             assert (risk["tier"], risk["model_version"]) == ("edge", "test-edge")
+            assert "libtorch" not in Path(f"/proc/{edge.process.pid}/maps").read_text()  # scored without torch
 
             local_broker.stop()  # the local broker restarts (and, without persistence, forgets the session)
             local_broker.start()
