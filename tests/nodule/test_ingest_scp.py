@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -206,3 +207,45 @@ def test_no_patient_name_or_id_in_any_log_line(scp: int, caplog: pytest.LogCaptu
     for record in caplog.records:
         text = record.getMessage() + " " + " ".join(str(value) for value in record.__dict__.values())
         assert PATIENT_ID not in text and "Doe" not in text
+
+
+def test_stored_files_are_the_part10_file_pynetdicom_would_write(scp: int) -> None:
+    from pydicom import dcmread
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    for sop_instance in ("1.2.3.4", "1.2.3.45"):  # an odd and an even length (padded)
+        expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+            sop_class_uid=UID(CTImageStorage), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(EXPLICIT)))
+        assert dicom_io.part10_header(CTImageStorage, sop_instance, EXPLICIT) == expected
+    datasets = small_series(slices=2)
+    assert push(scp, datasets) == [0x0000] * 2
+    with session_scope() as session:
+        rows = session.scalars(select(Instance).where(
+            Instance.series_instance_uid == str(datasets[0].SeriesInstanceUID))).all()
+    sent = {str(dataset.SOPInstanceUID): dataset for dataset in datasets}
+    for row in rows:
+        stored = dcmread(dicom_io.storage_root() / row.path)
+        assert stored.file_meta.MediaStorageSOPInstanceUID == row.sop_instance_uid
+        assert stored.file_meta.TransferSyntaxUID == EXPLICIT
+        assert stored.PixelData == sent[row.sop_instance_uid].PixelData
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, ImplicitVRLittleEndian], ids=str)
+def test_a_received_dataset_is_checked_up_to_its_pixel_data_and_by_its_length(syntax: str) -> None:
+    from pynetdicom.dsutils import encode
+
+    dataset = small_series(slices=1)[0]
+    encoded = encode(dataset, syntax == ImplicitVRLittleEndian, True)
+    assert encoded is not None
+    meta = dicom_io.part10_header(CTImageStorage, str(dataset.SOPInstanceUID), syntax)
+    parsed = dicom_io.parse_received(encoded, syntax, CTImageStorage, meta)
+    assert parsed.sop_instance_uid == str(dataset.SOPInstanceUID) and parsed.transfer_syntax_uid == syntax
+    with pytest.raises(dicom_io.InstanceRefused) as cut:  # the stream ends inside the pixel data
+        dicom_io.parse_received(encoded[:-100], syntax, CTImageStorage, meta)
+    assert cut.value.status == dicom_io.CANNOT_UNDERSTAND
+    del dataset.PixelData
+    without_pixels = encode(dataset, syntax == ImplicitVRLittleEndian, True)
+    assert without_pixels is not None
+    with pytest.raises(dicom_io.InstanceRefused) as none:
+        dicom_io.parse_received(without_pixels, syntax, CTImageStorage, meta)
+    assert none.value.status == dicom_io.DATASET_DOES_NOT_MATCH_SOP_CLASS
