@@ -49,6 +49,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -594,8 +595,15 @@ def start_scp(settings: Settings | None = None, *, host: str | None = None,
 
 
 def _quiet_pynetdicom() -> None:
-    """pynetdicom's INFO/DEBUG lines can dump dataset summaries: keep them out of our logs."""
+    """pynetdicom's INFO/DEBUG lines can dump dataset summaries: keep them out of our logs.
+
+    Its standard event handlers, which write those lines, are not bound either
+    (``_config.LOG_HANDLER_LEVEL = "none"``; warnings and errors are still logged): they ran on
+    every PDU and DIMSE message and formatted lines the WARNING level then dropped (~7 % of the
+    reader thread's CPU in the ingest bench).
+    """
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
 
 
 def serve(stop: threading.Event) -> None:
