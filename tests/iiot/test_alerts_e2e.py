@@ -183,7 +183,7 @@ def test_readings_to_alert_to_signed_webhooks_to_acknowledge_and_resolve(here: I
 def test_settings_are_validated_strictly_and_urls_vetted(here: IiotDeployment) -> None:
     _tenant, key = new_key(here.stack.database_url, scopes=("iiot",))
     with here.client(key) as client:
-        assert client.get("/settings").json()["policy"]["consecutive"] == 6  # defaults
+        assert client.get("/settings").json()["policy"]["consecutive"] == 4  # defaults
         for bad in ({"policy": {"open_threshold": "0.5"}}, {"policy": {"open_threshold": 0.2, "close_threshold": 0.4}},
                     {"policy": {"consecutive": 0}}, {"notify_url": "ftp://example.com/x"}, {"surprise": True}):
             assert client.put("/settings", json=bad).status_code == 422, bad

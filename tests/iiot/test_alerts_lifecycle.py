@@ -73,7 +73,7 @@ def tenant(migrated_stack: Stack) -> str:
     tenant_id = f"plant-{uuid.uuid4().hex[:8]}"
     with session_scope() as session:
         settings = AlertSettings(policy=AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2,
-                                                    critical_threshold=0.8))
+                                                    critical_threshold=0.8, rul_open_hours=None))
         session.add(TenantSettings(tenant_id=tenant_id, policy=settings.policy.model_dump(), notify_url=NOTIFY))
     return tenant_id
 

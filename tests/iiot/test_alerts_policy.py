@@ -52,10 +52,25 @@ def test_escalation_to_critical_happens_once() -> None:
 
 def test_a_short_remaining_life_opens_and_keeps_an_alert_when_asked_to() -> None:
     points = series(0.1, 0.1, 0.1, 0.1, rul=[200.0, 50.0, 40.0, 300.0])
-    assert transitions(points, AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2)) == []
+    assert transitions(points, AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2,
+                                           rul_open_hours=None)) == []
     with_rul = AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2, rul_open_hours=72.0,
                            rul_critical_hours=45.0)
     assert transitions(points, with_rul) == [(2, "opened", CRITICAL)]
+
+
+def test_the_default_policy_opens_on_a_short_remaining_life_or_a_high_risk() -> None:
+    """The shipped default (chosen on validation fleets, see AlertPolicy): P >= 0.2 or RUL <= 216 h on 4
+    hourly scores in a row opens; P < 0.12 with RUL above 216 h on 4 in a row closes."""
+    policy = AlertPolicy()
+    assert (policy.open_threshold, policy.close_threshold, policy.consecutive, policy.rul_open_hours) == (
+        0.2, 0.12, 4, 216.0)
+    by_rul = series(0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01,
+                    rul=[300.0, 210.0, 200.0, 190.0, 180.0, 300.0, 300.0, 300.0])
+    assert transitions(by_rul, policy) == [(4, "opened", WARNING)]
+    by_rul_closes = series(*[0.01] * 9, rul=[210.0, 210.0, 210.0, 210.0, 300.0, 300.0, 300.0, 300.0, 300.0])
+    assert transitions(by_rul_closes, policy) == [(3, "opened", WARNING), (7, "resolved", WARNING)]
+    assert transitions(series(0.1, 0.19, 0.15, 0.19, 0.3, 0.25, 0.2, 0.2), policy) == [(7, "opened", WARNING)]
 
 
 def test_maintenance_resets_resolve_the_active_alert() -> None:
