@@ -303,11 +303,13 @@ class LeafIndexer:
         rows = np.ascontiguousarray(inputs, dtype=np.float64)
         out = np.empty(rows.shape[0] * self.n_trees, dtype=np.float64)
         written = ctypes.c_int64(0)
+        # c_void_p of the raw addresses, not ndarray.ctypes.data_as: that pointer keeps its array in a
+        # reference cycle (two objects of cyclic garbage a call, left to the garbage collector)
         self._safe_call(self._predict(
-            self.booster._handle, rows.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(self._DTYPE_FLOAT64),
+            self.booster._handle, ctypes.c_void_p(rows.ctypes.data), ctypes.c_int(self._DTYPE_FLOAT64),
             ctypes.c_int32(rows.shape[0]), ctypes.c_int32(rows.shape[1]), ctypes.c_int(1),  # row-major
             ctypes.c_int(self._PREDICT_LEAF_INDEX), ctypes.c_int(0), ctypes.c_int(self.num_iteration),
-            self._parameters, ctypes.byref(written), out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))))
+            self._parameters, ctypes.byref(written), ctypes.c_void_p(out.ctypes.data)))
         return out[:written.value].reshape(rows.shape[0], -1)
 
 
