@@ -4,7 +4,7 @@ The policy (:class:`AlertPolicy`) judges the newest scores of one asset:
 
 - a score is *high* when ``p_failure >= open_threshold`` (or, when ``rul_open_hours`` is set, its
   remaining useful life is at most that); *low* when ``p_failure < close_threshold`` and its RUL
-  is not in that range;
+  is above ``rul_close_hours`` (at least ``rul_open_hours``: hysteresis on RUL as on P);
 - an alert opens after ``consecutive`` high scores in a row and closes after ``consecutive`` low
   ones; scores in between keep the current state (hysteresis: one noisy score neither opens nor
   closes an alert);
@@ -67,7 +67,8 @@ class AlertPolicy(BaseModel):
 
     # defaults: chosen for the shipped cloud model (models/iiot/cloud/v2) by replaying its hourly scores
     # over four validation fleets (simulated, seeds 2000-2003, 157 failures): most failures alerted >= 72 h
-    # ahead with <= 0.5 false alerts per asset-month. RUL <= 216 h opens most alerts early enough; the
+    # ahead with <= 0.5 false alerts per asset-month. RUL <= 216 h opens most alerts early enough; closing
+    # only above 288 h keeps an asset whose RUL hovers near 216 h from opening an alert every shift. The
     # v2 manifest's alert_policy (seed 2000 only: open 0.1 / close 0.06 / 6) is what training chose.
     # At another scoring interval `consecutive` spans other time.
     open_threshold: StrictFloat = Field(default=0.2, gt=0, le=1,
@@ -82,6 +83,11 @@ class AlertPolicy(BaseModel):
     rul_open_hours: StrictFloat | None = Field(default=216.0, ge=0,
                                                description="a score is also high when its remaining useful life "
                                                            "is at most this many hours (null: RUL opens nothing)")
+    rul_close_hours: StrictFloat | None = Field(default=288.0, ge=0,
+                                                description="with rul_open_hours set, a score is low only when its "
+                                                            "remaining useful life is above this many hours; at "
+                                                            "least rul_open_hours (null: rul_open_hours; ignored "
+                                                            "when rul_open_hours is null)")
     rul_critical_hours: StrictFloat | None = Field(default=None, ge=0,
                                                    description="an alert is also critical from this RUL down")
 
@@ -91,6 +97,9 @@ class AlertPolicy(BaseModel):
             raise ValueError("close_threshold must not exceed open_threshold (hysteresis)")
         if self.critical_threshold < self.open_threshold:
             raise ValueError("critical_threshold must be at least open_threshold")
+        if None not in (self.rul_open_hours, self.rul_close_hours) and \
+                cast(float, self.rul_close_hours) < cast(float, self.rul_open_hours):
+            raise ValueError("rul_close_hours must be at least rul_open_hours (hysteresis)")
         return self
 
     def is_high(self, point: ScorePoint) -> bool:
@@ -99,7 +108,14 @@ class AlertPolicy(BaseModel):
 
     def is_low(self, point: ScorePoint) -> bool:
         """The score counts towards closing an alert."""
-        return point.p_failure < self.close_threshold and not self._rul_at_most(point, self.rul_open_hours)
+        return point.p_failure < self.close_threshold and not self._rul_at_most(point, self.rul_close_limit)
+
+    @property
+    def rul_close_limit(self) -> float | None:
+        """The RUL a score must exceed to count towards closing (None: RUL plays no part)."""
+        if self.rul_open_hours is None:
+            return None
+        return self.rul_open_hours if self.rul_close_hours is None else self.rul_close_hours
 
     def severity_of(self, point: ScorePoint) -> str:
         """``critical`` or ``warning`` for a score that opens or keeps an alert."""
@@ -193,7 +209,10 @@ def load_settings(session: Session, tenant_id: str) -> AlertSettings:
     row = session.get(TenantSettings, tenant_id)
     if row is None:
         return AlertSettings()
-    return AlertSettings(policy=AlertPolicy.model_validate(row.policy or {}), notify_url=row.notify_url)
+    stored = dict(row.policy or {})
+    if stored:  # saved before rul_close_hours existed: RUL closed at rul_open_hours, as it still does for it
+        stored.setdefault("rul_close_hours", None)
+    return AlertSettings(policy=AlertPolicy.model_validate(stored), notify_url=row.notify_url)
 
 
 def save_settings(session: Session, tenant_id: str, new: AlertSettings) -> AlertSettings:
@@ -336,13 +355,19 @@ def apply_policy(session: Session, tenant_id: str, asset_pk: int, policy: AlertP
     alert.peak_p = max(alert.peak_p, newest.p_failure)
     if decision == "close":
         closed = resolve(session, tenant_id, alert.id, by=POLICY_ACTOR,
-                         note=f"risk below {policy.close_threshold} on {policy.consecutive} scores in a row",
+                         note=_close_note(policy),
                          notify_url=notify_url)
         return ["resolved"] if closed else []
     if decision == "escalate" and _escalate(session, alert):
         notify(session, alert, "escalated", notify_url)
         return ["escalated"]
     return []
+
+
+def _close_note(policy: AlertPolicy) -> str:
+    rul = policy.rul_close_limit
+    above = "" if rul is None else f" with RUL above {rul:g} h"
+    return f"risk below {policy.close_threshold}{above} on {policy.consecutive} scores in a row"
 
 
 def open_alert(session: Session, tenant_id: str, asset_pk: int, score: ScorePoint, severity: str,

@@ -144,7 +144,8 @@ def get_alert_settings(principal: IiotPrincipal, session: SessionDep) -> AlertSe
 
 @router.put("/settings", tags=["alerts"], response_model=AlertSettings, responses=problem_responses(400, 422, notes={
     400: "The body is not JSON.",
-    422: "Also thresholds out of order (close above open, critical below open), or a notify_url refused (the "
+    422: "Also thresholds out of order (close above open, critical below open, rul_close_hours below "
+         "rul_open_hours), or a notify_url refused (the "
          "problem's reason: a loopback, link-local or private address unless allow-listed, not https in "
          "production, unresolvable)."}))
 def put_alert_settings(new: AlertSettings, principal: IiotPrincipal, session: SessionDep) -> AlertSettings:

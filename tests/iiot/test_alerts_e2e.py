@@ -185,7 +185,8 @@ def test_settings_are_validated_strictly_and_urls_vetted(here: IiotDeployment) -
     with here.client(key) as client:
         assert client.get("/settings").json()["policy"]["consecutive"] == 4  # defaults
         for bad in ({"policy": {"open_threshold": "0.5"}}, {"policy": {"open_threshold": 0.2, "close_threshold": 0.4}},
-                    {"policy": {"consecutive": 0}}, {"notify_url": "ftp://example.com/x"}, {"surprise": True}):
+                    {"policy": {"consecutive": 0}}, {"policy": {"rul_close_hours": 100.0}},
+                    {"notify_url": "ftp://example.com/x"}, {"surprise": True}):
             assert client.put("/settings", json=bad).status_code == 422, bad
         refused = client.put("/settings", json={"notify_url": "http://10.1.2.3/hooks"})
         assert refused.status_code == 422 and refused.json()["reason"] == "private"

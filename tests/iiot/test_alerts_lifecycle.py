@@ -212,6 +212,20 @@ def test_beat_fans_out_one_scoring_job_per_tenant_and_slot(tenant: str, monkeypa
     assert keys == [f"iiot-score:{tenant}:slot-{int(3_000_000 // 300)}"]
 
 
+def test_a_policy_saved_before_rul_close_hours_keeps_closing_at_rul_open_hours(migrated_stack: Stack) -> None:
+    tenant_id = f"plant-{uuid.uuid4().hex[:8]}"
+    saved = AlertPolicy(rul_close_hours=None).model_dump()
+    del saved["rul_close_hours"]  # a full dump from before the field existed
+    with session_scope() as session:
+        session.add(TenantSettings(tenant_id=tenant_id, policy=saved, notify_url=None))
+    with session_scope() as session:
+        policy = alerts.load_settings(session, tenant_id).policy
+        assert (policy.rul_open_hours, policy.rul_close_hours, policy.rul_close_limit) == (216.0, None, 216.0)
+        session.add(TenantSettings(tenant_id=f"{tenant_id}-x", policy={}, notify_url=None))
+    with session_scope() as session:
+        assert alerts.load_settings(session, f"{tenant_id}-x").policy == AlertPolicy()
+
+
 def test_two_scorers_racing_open_one_alert(tenant: str) -> None:
     """Both insert at once: the unique index makes one insert win and the other do nothing (no error)."""
     import threading

@@ -61,16 +61,31 @@ def test_a_short_remaining_life_opens_and_keeps_an_alert_when_asked_to() -> None
 
 def test_the_default_policy_opens_on_a_short_remaining_life_or_a_high_risk() -> None:
     """The shipped default (chosen on validation fleets, see AlertPolicy): P >= 0.2 or RUL <= 216 h on 4
-    hourly scores in a row opens; P < 0.12 with RUL above 216 h on 4 in a row closes."""
+    hourly scores in a row opens; P < 0.12 with RUL above 288 h on 4 in a row closes."""
     policy = AlertPolicy()
-    assert (policy.open_threshold, policy.close_threshold, policy.consecutive, policy.rul_open_hours) == (
-        0.2, 0.12, 4, 216.0)
+    assert (policy.open_threshold, policy.close_threshold, policy.consecutive, policy.rul_open_hours,
+            policy.rul_close_hours) == (0.2, 0.12, 4, 216.0, 288.0)
     by_rul = series(0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01,
                     rul=[300.0, 210.0, 200.0, 190.0, 180.0, 300.0, 300.0, 300.0])
     assert transitions(by_rul, policy) == [(4, "opened", WARNING)]
     by_rul_closes = series(*[0.01] * 9, rul=[210.0, 210.0, 210.0, 210.0, 300.0, 300.0, 300.0, 300.0, 300.0])
     assert transitions(by_rul_closes, policy) == [(3, "opened", WARNING), (7, "resolved", WARNING)]
     assert transitions(series(0.1, 0.19, 0.15, 0.19, 0.3, 0.25, 0.2, 0.2), policy) == [(7, "opened", WARNING)]
+
+
+def test_a_rul_margin_keeps_an_alert_open_through_daily_dips() -> None:
+    """RUL dipping around the open limit every shift: without a margin the alert opens and closes with each
+    dip; closing only above rul_close_hours opens it once and closes it once RUL is clearly back up."""
+    dips: list[float | None] = [*[210.0, 210.0, 250.0, 250.0] * 3, 300.0, 300.0]
+    points = series(*[0.01] * len(dips), rul=dips)
+    flapping = AlertPolicy(open_threshold=0.5, close_threshold=0.3, consecutive=2, rul_open_hours=216.0,
+                           rul_close_hours=None)
+    assert transitions(points, flapping) == [(1, "opened", WARNING), (3, "resolved", WARNING),
+                                             (5, "opened", WARNING), (7, "resolved", WARNING),
+                                             (9, "opened", WARNING), (11, "resolved", WARNING)]
+    with_margin = flapping.model_copy(update={"rul_close_hours": 288.0})
+    assert transitions(points, with_margin) == [(1, "opened", WARNING), (13, "resolved", WARNING)]
+    assert AlertPolicy(rul_open_hours=None).rul_close_limit is None  # no RUL opening: no RUL closing either
 
 
 def test_maintenance_resets_resolve_the_active_alert() -> None:
@@ -88,6 +103,9 @@ def test_maintenance_resets_resolve_the_active_alert() -> None:
     {"open_threshold": "0.5"},
     {"open_threshold": 1.5},
     {"surprise": 1},
+    {"rul_close_hours": 200.0},
+    {"rul_open_hours": 100.0, "rul_close_hours": 99.0},
+    {"rul_close_hours": "300"},
 ])
 def test_policies_are_validated_strictly(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
