@@ -756,7 +756,7 @@ def policy_candidates() -> list[Any]:
     from services.iiot.alerts import AlertPolicy
 
     return [AlertPolicy(open_threshold=p, close_threshold=round(0.6 * p, 3), consecutive=n,
-                        critical_threshold=max(0.8, p), rul_open_hours=rul)
+                        critical_threshold=max(0.8, p), rul_open_hours=rul, rul_close_hours=None)
             for p in POLICY_OPEN for n in POLICY_CONSECUTIVE for rul in POLICY_RUL_OPEN_H]
 
 
