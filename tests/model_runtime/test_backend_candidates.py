@@ -157,8 +157,10 @@ def test_torch_compile_is_a_candidate_whose_compile_time_is_not_measured(monkeyp
                                 batch_sizes=(1, 8), repeats=5)
     measured = {m.name: m for m in choice.measurements}["torch-compile"]
     assert measured.error is None and measured.accurate and measured.build_ms is not None
-    # the latency of a call, not of a compile (which takes seconds; recorded apart as build_ms)
-    assert max(measured.latency_ms.values()) < min(measured.build_ms, 1000 * compiled.compile_s)
+    # the latency of a call, not of a compile (recorded apart as build_ms). Compared with the cold compile
+    # above (seconds): the choice's own compile of the same graph reuses this process's compiled code
+    # and can take a few milliseconds, less than one call on a busy box.
+    assert max(measured.latency_ms.values()) < 1000 * compiled.compile_s
 
 
 def test_a_compile_over_its_cap_is_recorded_not_fatal() -> None:
