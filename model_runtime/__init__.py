@@ -13,8 +13,7 @@ torch throughout) are imported on first use, and the rest imports torch only whe
 needs it, so a process serving only ONNX Runtime models (``tessera edge``) never loads it.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from model_runtime.artifacts import ArtifactError, ArtifactManifest, load_manifest, save_artifact
 from model_runtime.backends import (
@@ -29,6 +28,7 @@ from model_runtime.batcher import BatchOutputMismatch, BatchPolicy, DynamicBatch
 from model_runtime.collate import Collated, collate, length_bucket, pad_stack, run_collated, split_outputs
 from model_runtime.device import Placement, inference_context, resolve_device, resolve_placement
 from model_runtime.errors import BadInput, ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
+from model_runtime.lazy_torch import imported_on_use
 from model_runtime.runtime import LoadContext, ModelRuntime, ModelSpec, get_runtime
 from model_runtime.streaming import (
     Session,
@@ -48,17 +48,9 @@ if TYPE_CHECKING:
         run_patch_batch,
     )
 
-_IMPORTED_ON_USE = {name: "model_runtime.sliding_window" for name in
-                    ("ProgressCallback", "SlidingWindowConfig", "SlidingWindowInferer", "StudyInference",
-                     "run_patch_batch")}
-
-
-def __getattr__(name: str) -> Any:
-    """A name of :data:`_IMPORTED_ON_USE`, imported (with torch) the first time it is asked for."""
-    module = _IMPORTED_ON_USE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = imported_on_use(__name__, {name: "model_runtime.sliding_window" for name in (
+    "ProgressCallback", "SlidingWindowConfig", "SlidingWindowInferer", "StudyInference", "run_patch_batch")})
+"""The sliding-window names, imported (with torch) the first time one is asked for."""
 
 __all__ = [
     "ArtifactError",

@@ -19,12 +19,12 @@ Outputs come back in item order, as one list.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from model_runtime.errors import BadInput
+from model_runtime.lazy_torch import loaded_torch
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ def device_memory_budget(device: torch.device, fraction: float = 0.8) -> int | N
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says the device ran out of memory (torch's OOM, or ONNX Runtime's allocator)."""
-    torch_module = sys.modules.get("torch")  # a process that never imported torch has no torch OOM
+    torch_module = loaded_torch()  # a process that never imported torch has no torch OOM
     if torch_module is not None and isinstance(error, torch_module.OutOfMemoryError):
         return True
     # ONNX Runtime raises its own RuntimeException / Fail types with the CUDA allocator's message
@@ -109,7 +109,7 @@ def halve(items: list[Item]) -> tuple[list[Item], list[Item]]:
 
 def release_cached_memory() -> None:
     """Return the CUDA caching allocator's unused blocks, so the halves start from what is really free."""
-    torch_module = sys.modules.get("torch")  # without torch there is no CUDA caching allocator
+    torch_module = loaded_torch()  # without torch there is no CUDA caching allocator
     if torch_module is not None and torch_module.cuda.is_available() and torch_module.cuda.is_initialized():
         torch_module.cuda.empty_cache()
 

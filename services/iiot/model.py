@@ -41,7 +41,6 @@ loads torch (``tessera edge`` on a small gateway).
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from model_runtime.lazy_torch import imported_on_use
 
 if TYPE_CHECKING:
     from model_runtime import LoadContext, ModelSpec
@@ -83,11 +84,7 @@ TORCH_NAMES = ("ChannelAttention", "NumericTokens", "SensorWindowNet", "example_
 """Names of :mod:`services.iiot.network` served by this module (imported, with torch, on first use)."""
 
 
-def __getattr__(name: str) -> Any:
-    """A name of :data:`TORCH_NAMES`, from :mod:`services.iiot.network` (imports torch the first time)."""
-    if name not in TORCH_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("services.iiot.network"), name)
+__getattr__ = imported_on_use(__name__, dict.fromkeys(TORCH_NAMES, "services.iiot.network"))
 
 
 class ModelConfigError(ValueError):
@@ -173,8 +170,6 @@ class SensorWindowConfig:
 
 # --- saving and loading ---------------------------------------------------------------------------
 
-
-
 def example_mask(config: SensorWindowConfig, batch: int = 2) -> npt.NDArray[np.float32]:
     """``(batch, window)`` validity of example windows: row 0 full, later rows with padded front steps."""
     mask = np.ones((batch, config.window), np.float32)
@@ -197,7 +192,6 @@ def read_config(directory: Path) -> SensorWindowConfig:
         return SensorWindowConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelConfigError(f"{path}: cannot read the model config ({error})") from error
-
 
 
 def default_risk_dir(tier: Tier = "cloud") -> Path:
