@@ -125,7 +125,10 @@ def test_either_modality_may_be_missing(quick: tuple[Path, Path]) -> None:
 
 
 def test_concurrent_utterances_share_a_batch_through_the_runtime(quick: tuple[Path, Path]) -> None:
-    spec = emotion_model_spec(quick[0], name="cs-emotion-test", max_wait_ms=200.0)
+    # A 200 ms window from the first item: the default greedy fill never waits, so on a loaded box the
+    # utterances, prepared one by one in the thread pool, can each reach an idle model alone.
+    spec = dataclasses.replace(emotion_model_spec(quick[0], name="cs-emotion-test", max_wait_ms=200.0),
+                               fill="window")
     sizes: list[int] = []
 
     def recording(model: Any, items: list[Any]) -> Any:
