@@ -118,10 +118,11 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """Child processes of every thread of ``pid`` (a model's child process is started from a worker thread)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
     return found + [grandchild for child in found for grandchild in _children(child)]
 
 

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -52,6 +52,7 @@ logger = logging.getLogger("tessera.model_runtime.batcher")
 
 FillPolicy = Literal["greedy", "window"]
 RunBatch = Callable[[list[Any]], Sequence[Any]]
+RunBatchAsync = Callable[[list[Any]], Awaitable[list["Outcome"]]]
 Finalize = Callable[[Any], Any]
 CostOf = Callable[[Any], float]
 BucketOf = Callable[[Any], Hashable]
@@ -299,6 +300,10 @@ class DynamicBatcher:
         Run once in the worker thread (e.g. ``torch.set_num_threads``).
     per_item_s : float, optional
         Initial per-item time estimate (s), e.g. measured at warm-up.
+    run_async : callable, optional
+        ``(items) -> awaitable of outcomes``: batches are awaited on the loop instead of run in the
+        worker thread (a model in a child process, :mod:`model_runtime.process_model`, which
+        isolates failures and finalizes outputs itself).
 
     Notes
     -----
@@ -307,8 +312,9 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run_batch: RunBatch, policy: BatchPolicy, metrics: ModelMetrics, *,
                  finalize: Finalize | None = None, thread_initializer: Callable[[], None] | None = None,
-                 per_item_s: float | None = None) -> None:
+                 per_item_s: float | None = None, run_async: RunBatchAsync | None = None) -> None:
         self.name = name
+        self._run_async = run_async
         self.policy = policy
         self.metrics = metrics
         self._run_batch = run_batch
@@ -489,6 +495,9 @@ class DynamicBatcher:
             batch = await self._next_batch()
             if batch is None:
                 return
+            if self._run_async is not None:
+                self._settle(*await self._run_awaited(batch))
+                continue
             if self.policy.run_inline:
                 self._settle(*self._run_guarded(batch))
                 continue
@@ -588,13 +597,7 @@ class DynamicBatcher:
         """Run one batch in this thread and record it: ``(batch, items run, their outcomes)``; never raises."""
         try:
             ran, outcomes, elapsed = self._execute(batch)
-            if ran:
-                cost = sum(pending.cost for pending in ran)
-                self._recent.update(elapsed, len(ran))
-                if self._admission is not None:
-                    self._admission.batch_finished(cost, elapsed)
-                self.metrics.inference.observe(elapsed)
-                self.metrics.batch_size.observe(len(ran))
+            self._record(ran, elapsed)
         except Exception as exc:  # the worker (and the loop, inline) must survive anything a batch does
             logger.exception("batcher %s: unexpected failure", self.name)
             ran, outcomes = batch, [Outcome(False, error=exc) for _ in batch]
@@ -602,6 +605,32 @@ class DynamicBatcher:
             if self.policy.run_inline:
                 self._running = None
         return batch, ran, outcomes
+
+    async def _run_awaited(self, batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending], list[Outcome]]:
+        """:meth:`_run_guarded` for ``run_async``: the batch awaited on the loop; never raises but when cancelled."""
+        assert self._run_async is not None
+        ran = self._live(batch)
+        outcomes: list[Outcome] = []
+        try:
+            if ran:
+                started = self._started(ran)
+                try:
+                    outcomes = await self._run_async([pending.prepared for pending in ran])
+                except Exception as exc:  # the child process died: every item of its batch fails
+                    outcomes = [Outcome(False, error=exc) for _ in ran]
+                self._record(ran, time.monotonic() - started)
+        finally:
+            self._running = None
+        return batch, ran, outcomes
+
+    def _record(self, ran: list[_Pending], elapsed: float) -> None:
+        if not ran:
+            return
+        self._recent.update(elapsed, len(ran))
+        if self._admission is not None:
+            self._admission.batch_finished(sum(pending.cost for pending in ran), elapsed)
+        self.metrics.inference.observe(elapsed)
+        self.metrics.batch_size.observe(len(ran))
 
     def _settle(self, batch: list[_Pending], ran: list[_Pending], outcomes: list[Outcome]) -> None:
         """On the loop: answer the items run, and fail those skipped because their deadline passed."""
@@ -617,17 +646,26 @@ class DynamicBatcher:
         Items whose caller went away or whose deadline passed while the batch waited are skipped
         (reading ``done()`` from this thread is a plain state check).
         """
-        now = time.monotonic()
-        ran = [pending for pending in batch if not pending.future.done()
-               and (pending.deadline is None or now < pending.deadline)]
+        ran = self._live(batch)
         if not ran:
             return ran, [], 0.0
-        if self._admission is not None:
-            self._admission.batch_started(sum(pending.cost for pending in ran))
-        started = time.monotonic()
+        started = self._started(ran)
         outcomes = execute_batch(self._run_batch, [pending.prepared for pending in ran], finalize=self._finalize,
                                  isolate_failures=self.policy.isolate_failures)
         return ran, outcomes, time.monotonic() - started
+
+    @staticmethod
+    def _live(batch: list[_Pending]) -> list[_Pending]:
+        """The items of ``batch`` still worth running: caller waiting, deadline not passed."""
+        now = time.monotonic()
+        return [pending for pending in batch if not pending.future.done()
+                and (pending.deadline is None or now < pending.deadline)]
+
+    def _started(self, ran: list[_Pending]) -> float:
+        """Tell admission a batch of ``ran`` started; its start time."""
+        if self._admission is not None:
+            self._admission.batch_started(sum(pending.cost for pending in ran))
+        return time.monotonic()
 
     def _deliver(self, batch: list[_Pending], outcomes: list[Outcome]) -> None:
         now = time.monotonic()

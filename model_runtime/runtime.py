@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import statistics
 import threading
@@ -58,6 +59,7 @@ from model_runtime.lazy_torch import is_torch_module, torch_loaded
 from model_runtime.memory import MemoryBudget, run_with_oom_split
 from model_runtime.metrics import OOM_SPLITS, ModelMetrics
 from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, checked_prepare, resolve_prepare_in
+from model_runtime.process_model import ModelProcess
 from shared.errors import ProblemError
 
 logger = logging.getLogger("tessera.model_runtime")
@@ -143,6 +145,13 @@ class ModelSpec:
         Run batches under ``torch.inference_mode`` (and autocast); ``False`` for models that never
         touch torch (ONNX Runtime, LightGBM), which then skip entering torch's modes every batch;
         with ``device="cpu"`` such a model loads and serves without importing torch.
+    run_in_process : bool
+        Serve the model from a child process of its own (:mod:`model_runtime.process_model`):
+        batches go to it over a pipe from the event loop, which keeps serving meanwhile, and the
+        model's CPU lands on another core. Applies to models loaded with :meth:`ModelRuntime.load`
+        (a server's loop); :meth:`ModelRuntime.load_sync` (workers, scripts) serves in-process.
+        ``loader``, ``run_batch`` and ``finalize`` must be module-level functions, items and
+        outputs picklable.
     release : callable, optional
         ``release(model)`` frees what the loaded model holds outside this process's memory (worker
         processes, open files) once it stops serving: unloaded, replaced by a new version (after
@@ -174,6 +183,7 @@ class ModelSpec:
     bucket: BucketOf | None = None
     prepare_in: PrepareIn = "auto"
     latency_target_ms: float | None = None
+    run_in_process: bool = False
     release: Callable[[Any], None] | None = None
 
     def prepare_where(self, measured_s: float | None = None) -> PrepareIn:
@@ -220,6 +230,8 @@ class _LoadedModel:
     run: Callable[[list[Any]], Sequence[Any]]
     per_item_s: float | None
     prepare_where: PrepareIn = "thread"
+    process: ModelProcess | None = None
+    """The child process serving the model (``run_in_process``), else None."""
     loaded_at: float = field(default_factory=time.time)
     batcher: DynamicBatcher | None = None
 
@@ -267,7 +279,7 @@ class ModelRuntime:
         """
         if spec.name in self._models:
             return await self.swap(spec.name, spec)
-        return await self._install(await asyncio.to_thread(self._build, spec))
+        return await self._install(await asyncio.to_thread(self._build, spec, from_loop=True))
 
     def load_sync(self, spec: ModelSpec) -> dict[str, Any]:
         """Blocking :meth:`load` for processes without an event loop (Celery workers, batch jobs)."""
@@ -287,7 +299,7 @@ class ModelRuntime:
         """
         if new_spec.name != name:
             raise ValueError(f"swap({name!r}) was given a spec named {new_spec.name!r}")
-        return await self._install(await asyncio.to_thread(self._build, new_spec))
+        return await self._install(await asyncio.to_thread(self._build, new_spec, from_loop=True))
 
     async def _install(self, fresh: _LoadedModel) -> dict[str, Any]:
         """Route new requests to ``fresh``, then let whatever it replaces drain."""
@@ -319,16 +331,22 @@ class ModelRuntime:
         if loaded is not None:
             _release(loaded)
 
-    def _build(self, spec: ModelSpec) -> _LoadedModel:
+    def _build(self, spec: ModelSpec, *, from_loop: bool = False) -> _LoadedModel:
         if spec.prepare_where() == "process":
             check_process_safe(spec.name, spec.prepare)
-        if _sets_torch_threads(spec):
-            configure_threads()
         manifest = load_manifest(spec.artifact_dir) if spec.artifact_dir is not None else None
         version = _resolve_version(spec, manifest)
         placement = resolve_placement(spec.device, spec.precision)
-        model = spec.loader(LoadContext(spec.artifact_dir, manifest, placement))
-        run = _bind_run(spec, model, placement)
+        context = LoadContext(spec.artifact_dir, manifest, placement)
+        process: ModelProcess | None = None
+        if spec.run_in_process and from_loop:
+            model = process = ModelProcess(dataclasses.replace(spec, version=version), context)
+            run: Callable[[list[Any]], Sequence[Any]] = process.run_batch
+        else:
+            if _sets_torch_threads(spec):
+                configure_threads()
+            model = spec.loader(context)
+            run = _bind_run(spec, model, placement)
         started = time.perf_counter()
         per_item_s, prepare_s = _warm_up(spec, run)
         prepare_where = spec.prepare_where(prepare_s)
@@ -337,7 +355,7 @@ class ModelRuntime:
         return _LoadedModel(spec=spec, model=model, version=version,
                             digest=manifest.digest if manifest else None, placement=placement,
                             backend=describe_backend(model), run=run, per_item_s=per_item_s,
-                            prepare_where=prepare_where)
+                            prepare_where=prepare_where, process=process)
 
     # -- serving ---------------------------------------------------------------------------------
     async def predict(self, name: str, item: Any, *, timeout_s: float | None = None) -> Any:
@@ -483,7 +501,8 @@ class ModelRuntime:
         batcher = DynamicBatcher(loaded.spec.name, loaded.run, loaded.spec.policy,
                                  self._metrics_for(loaded.spec.name), finalize=loaded.spec.finalize,
                                  thread_initializer=configure_threads if _sets_torch_threads(loaded.spec) else None,
-                                 per_item_s=loaded.per_item_s)
+                                 per_item_s=loaded.per_item_s,
+                                 run_async=loaded.process.run_async if loaded.process is not None else None)
         batcher.start()
         loaded.batcher = batcher
         return batcher
@@ -552,7 +571,10 @@ class ModelRuntime:
 
 
 def _release(loaded: _LoadedModel) -> None:
-    """Run the spec's ``release`` on a model that stopped serving; a failure is logged, not raised."""
+    """Stop a model's child process, or run its spec's ``release``; a failure is logged, not raised."""
+    if loaded.process is not None:
+        loaded.process.close()
+        return
     if loaded.spec.release is None:
         return
     try:

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_reload_poll_s: float = Field(default=15.0, gt=0, description="how often a promoted model is looked for")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads per model worker thread")
+    fraud_model_process: bool = Field(default=True, description="each API process serves the fraud model from a "
+                                      "child process of its own (its CPU off the serving loop's core)")
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -263,6 +263,11 @@ def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     # `tessera up` in a test starts the DICOM listener too: on an ephemeral port, so two test runs (or a
     # developer's `make run`) never fight over 11112; tests that talk DICOM choose their own port
     monkeypatch.setenv("TESSERA_NODULE_DICOM_PORT", "0")
+    # The fraud model in a child process of each API process (the product's default) costs each app and
+    # server start a second interpreter (~3-5 s of CPU): the suite runs it in-process, the same scoring
+    # code; tests/fraud/test_model_process.py, tests/model_runtime/test_process_model.py and the
+    # `tessera up` signal tests run the child process itself.
+    monkeypatch.setenv("TESSERA_FRAUD_MODEL_PROCESS", "false")
     for name in ("TESSERA_DATABASE_URL", "TESSERA_BROKER_URL", "TESSERA_RESULT_BACKEND", "TESSERA_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)  # a variant without Redis must not inherit the developer's
     get_settings.cache_clear()

@@ -100,11 +100,13 @@ def fraud_model_spec(artifact_dir: Path) -> ModelSpec:
     warmup = ScoringItem(amount=1.0, tx_datetime=datetime(2024, 1, 1), tx_time_s=1_704_067_200.0,
                          terminal_id="warmup", aggregates=first_card_use, explain_from=0.0)
     # A batch costs ~0.5 ms of CPU at one row (bench/fraud.py): handing it to a worker thread and
-    # back (thread wake-ups, GIL switches) cost more than it overlapped, so it runs on the loop.
+    # back (thread wake-ups, GIL switches) cost more than it overlapped. So it runs in a child
+    # process (fraud_model_process; the loop only pickles the batch and reads the answer), or, when
+    # that is off and in workers, on the loop itself.
     return ModelSpec(name=FRAUD_MODEL_NAME, version="", loader=_load, run_batch=score_batch,
                      prepare=_prepare, artifact_dir=artifact_dir, max_batch_size=64, max_wait_ms=1.0,
                      max_queue=512, timeout_s=2.0, run_inline=True, uses_torch=False,
-                     warmup_items=[warmup])
+                     run_in_process=get_settings().fraud_model_process, warmup_items=[warmup])
 
 
 def default_artifact_dir() -> Path | None:

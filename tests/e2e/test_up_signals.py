@@ -54,6 +54,14 @@ def port_free(port: int) -> bool:
     return True
 
 
+def model_child(pid: int) -> bool:
+    """Whether ``pid`` is a model's child process (multiprocessing's spawn entry point)."""
+    try:
+        return b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def serving(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
@@ -67,14 +75,16 @@ def serving(port: int) -> bool:
 def test_every_signal_that_ends_tessera_up_ends_its_children(tmp_path: Path, ending: signal.Signals) -> None:
     port = free_port()
     env = {"TESSERA_DATA_DIR": str(tmp_path / "data"), "TESSERA_PORT": str(port), "TESSERA_LOG_JSON": "false",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "TESSERA_FRAUD_MODEL_PROCESS": "true"}  # the gateway's model child too
     up = ManagedProcess(python_argv("-m", "services.cli", "up"), env, "tessera-up")
     children: set[int] = set()
     try:
         up.wait_for_output(r"ready\.", timeout_s=120)  # the Celery worker
         wait_until(lambda: serving(port), 90, "the gateway to serve")
+        wait_until(lambda: any(model_child(pid) for pid in descendants(up.process.pid)), 90,
+                   "the gateway's fraud model child process to start")
         children = descendants(up.process.pid)
-        assert len(children) >= 3, children  # uvicorn, the worker and its pool / beat
+        assert len(children) >= 4, children  # uvicorn and its model child, the worker and its pool / beat
         os.killpg(up.process.pid, ending)  # a closed terminal signals its foreground process group
         up.process.wait(timeout=60)
         wait_until(lambda: port_free(port) and not any(alive(pid) for pid in children), 15,

@@ -65,6 +65,8 @@ class FraudServer:
     stack: Stack
     base_url: str
     engine: Engine
+    pid: int = 0
+    """The server process (0 when not known)."""
 
     def wait_recorded(self, tenant_id: str, transaction_ids: list[str], timeout_s: float = 30.0) -> None:
         """Wait until the rows exist: with Redis state, decisions are written behind the answer."""
@@ -112,7 +114,7 @@ def serve_fraud(stack: Stack, env: dict[str, str] | None = None, name: str = "fr
     engine = create_engine(stack.database_url)
     try:
         server.wait_for_output(r"Uvicorn running on", timeout_s=120)
-        yield FraudServer(stack, f"http://127.0.0.1:{port}/v1", engine)
+        yield FraudServer(stack, f"http://127.0.0.1:{port}/v1", engine, server.process.pid)
     finally:
         engine.dispose()
         server.stop()

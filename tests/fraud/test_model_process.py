@@ -1,0 +1,85 @@
+"""The fraud model served from a child process of the API process (``TESSERA_FRAUD_MODEL_PROCESS``, on by
+default): a real uvicorn server on the embedded default scores through it, a killed child costs the
+requests it held a 503 (the sender retries; the same id then scores exactly once) and is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.fraud.conftest import FraudServer, FraudTenant, run_cli, serve_fraud, transaction
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Child processes of every thread of ``pid`` (the model's child is started from a loader thread)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _model_child(server_pid: int) -> int:
+    """The pid of the API process's child whose command line is multiprocessing's spawn entry point."""
+    for pid in _child_pids(server_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.spawn" in command and b"resource_tracker" not in command:
+            return pid
+    raise AssertionError(f"no model child process under {server_pid}: {_child_pids(server_pid)}")
+
+
+@pytest.fixture(scope="module")
+def fraud_api(sqlite_stack: Stack) -> Iterator[FraudServer]:
+    run_cli(sqlite_stack, "db", "upgrade")
+    with serve_fraud(sqlite_stack, {"TESSERA_FRAUD_MODEL_PROCESS": "true"}, name="fraud-model-process") as server:
+        yield server
+
+
+def _post(client: httpx.Client, tenant: FraudTenant, payload: dict[str, object]) -> httpx.Response:
+    body, headers = tenant.signed(payload)
+    return client.post("/transactions", content=body, headers=headers)
+
+
+def test_the_webhook_scores_through_the_model_child_and_survives_its_death(fraud_api: FraudServer) -> None:
+    tenant = fraud_api.new_tenant()
+    server_pid = fraud_api.pid
+    with tenant.client() as client:
+        first = _post(client, tenant, transaction(amount=42.5))
+        assert first.status_code == 200, first.text
+        child = _model_child(server_pid)
+        assert child != server_pid
+
+        os.kill(child, signal.SIGKILL)
+        resent = transaction(amount=77.0)
+        statuses = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # as a bank's sender does: resend the same id until it is answered
+            response = _post(client, tenant, resent)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"].startswith("application/problem+json")
+            time.sleep(0.2)
+        assert statuses[-1] == 200, statuses
+        replacement = _model_child(server_pid)
+        assert replacement != child
+
+        stored = client.get(f"/transactions/{resent['id']}")
+        assert stored.status_code == 200 and stored.json()["score"] == response.json()["score"]
+        replay = _post(client, tenant, resent).json()  # scored once: a further resend replays the decision
+        assert replay.pop("replayed") is True
+        assert replay == {key: value for key, value in response.json().items() if key != "replayed"}
