@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from model_runtime.artifacts import ArtifactManifest, load_manifest
 from model_runtime.backends import (
@@ -31,7 +29,7 @@ from model_runtime.backends import (
     onnx_session,
     recorded_backend,
 )
-from services.fraud.features import FEATURE_NAMES, SEQUENCE_CHANNELS, SEQUENCE_STEPS, sequence_tensor
+from services.fraud.features import FEATURE_NAMES, sequence_tensor
 
 SEQUENCE_FEATURE = "CARD_SEQUENCE_LOGIT"
 """Name of the stacked sequence-model input (and of its contribution in ``reasons``)."""
@@ -65,48 +63,6 @@ class SequenceConfig:
     n_layers: int = 2
     d_ff: int = 64
     dropout: float = 0.1
-
-
-class CardSequenceEncoder(nn.Module):
-    """Tiny transformer encoder over a card's last transactions; scores the last one.
-
-    Input ``(B, K, S)`` float32 from ``features.sequence_matrix`` (K = 17 steps, the current
-    transaction last; S = 7 channels, channel 0 = valid flag). Output ``(B,)`` fraud logits.
-    Padded steps are masked out of attention; the current step is always valid.
-    """
-
-    def __init__(self, config: SequenceConfig = SequenceConfig()) -> None:
-        super().__init__()
-        self.config = config
-        self.embed = nn.Linear(len(SEQUENCE_CHANNELS), config.d_model)
-        self.position = nn.Parameter(torch.zeros(1, SEQUENCE_STEPS, config.d_model))
-        layer = nn.TransformerEncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, 1)
-
-    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
-        """(B, K, S) float32 -> (B,) logits."""
-        padding = sequences[..., 0] < 0.5
-        hidden = self.embed(sequences) + self.position
-        # Additive float mask rather than a bool key-padding mask: exports cleanly to ONNX.
-        bias = padding.to(hidden.dtype)[:, None, :] * -1e4
-        bias = bias.repeat_interleave(self.config.n_heads, dim=0).expand(-1, SEQUENCE_STEPS, -1)
-        hidden = self.encoder(hidden, mask=bias)
-        return self.head(self.norm(hidden[:, -1])).squeeze(-1)
-
-
-class SequenceEnsemble(nn.Module):
-    """Mean logit of several :class:`CardSequenceEncoder` (the stacking fold models)."""
-
-    def __init__(self, models: list[CardSequenceEncoder]) -> None:
-        super().__init__()
-        self.models = nn.ModuleList(models)
-
-    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
-        """(B, K, S) float32 -> (B,) mean logits."""
-        return torch.stack([model(sequences) for model in self.models]).mean(0)
 
 
 def platt_probability(margin: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -469,15 +425,6 @@ def served_sequence_backend(manifest: ArtifactManifest) -> str:
     return chosen if chosen in SEQUENCE_BACKENDS else FALLBACK_SEQUENCE_BACKEND
 
 
-def load_sequence_ensemble(directory: Path) -> SequenceEnsemble:
-    """The card-sequence transformer from its state file, in eval mode (eager torch)."""
-    state = torch.load(directory / SEQUENCE_STATE_FILE, map_location="cpu", weights_only=True)
-    config = SequenceConfig(**state["config"])
-    model = SequenceEnsemble([CardSequenceEncoder(config) for _ in range(state["n_models"])])
-    model.load_state_dict(state["weights"])
-    return model.eval()
-
-
 def measure_sequence_backends(directory: Path, example_sequences: np.ndarray, *,
                               repeats: int = 30) -> BackendChoice:
     """Time eager torch, the artifact's ONNX graph and its int8 graph as served; choose one.
@@ -486,6 +433,10 @@ def measure_sequence_backends(directory: Path, example_sequences: np.ndarray, *,
     sizes 1, 8 and 64, accuracy as the largest logit difference from eager on ``example_sequences``
     ((N, K, S) float32 from ``features.sequence_matrix``), at most :data:`SEQUENCE_MAX_ABS_ERROR`.
     """
+    import torch
+
+    from services.fraud.sequence_net import load_sequence_ensemble
+
     eager = TorchBackend(load_sequence_ensemble(directory))
     candidates: dict[str, Backend] = {
         "eager": eager,
@@ -506,6 +457,10 @@ def _load_sequence_backend(directory: Path, backend: str) -> SequenceRunner:
     if backend not in SEQUENCE_BACKENDS:
         raise ValueError(f"unknown sequence backend {backend!r}; expected one of {', '.join(SEQUENCE_BACKENDS)}")
     if backend == "eager":
+        import torch
+
+        from services.fraud.sequence_net import load_sequence_ensemble
+
         model = load_sequence_ensemble(directory)
 
         def run_torch(batch: np.ndarray) -> np.ndarray:

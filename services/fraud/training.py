@@ -55,13 +55,12 @@ from services.fraud.model import (
     SEQUENCE_ONNX_FILE,
     SEQUENCE_STATE_FILE,
     TREES_FILE,
-    CardSequenceEncoder,
     CompactTrees,
     SequenceConfig,
-    SequenceEnsemble,
     measure_sequence_backends,
     platt_probability,
 )
+from services.fraud.sequence_net import CardSequenceEncoder, SequenceEnsemble
 from shared.config import get_settings
 
 MODEL_NAME = "fraud"

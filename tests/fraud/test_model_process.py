@@ -83,3 +83,31 @@ def test_the_webhook_scores_through_the_model_child_and_survives_its_death(fraud
         replay = _post(client, tenant, resent).json()  # scored once: a further resend replays the decision
         assert replay.pop("replayed") is True
         assert replay == {key: value for key, value in response.json().items() if key != "replayed"}
+
+
+SCORE_WITHOUT_TORCH = """
+import sys
+from datetime import datetime
+from model_runtime.device import resolve_placement
+from model_runtime.runtime import LoadContext
+from services.fraud.features import WindowAggregates
+from services.fraud.serving import ScoringItem, _load, default_artifact_dir, score_batch
+scorer = _load(LoadContext(default_artifact_dir(), None, resolve_placement("cpu", None)))
+first_use = WindowAggregates(1, 1, 1, 1, 1, 1, 1, 1, 1, None, 0, 0, 0, 0, 0, 0, 0, 0, None)
+[scored] = score_batch(scorer, [ScoringItem(12.5, datetime(2026, 1, 1), 1.767e9, "t-1", first_use, 0.0)])
+print(round(scored.score, 6), "torch" in sys.modules)
+"""
+
+
+def test_the_shipped_model_scores_without_importing_torch() -> None:
+    """What the model child imports: the ONNX sequence graph and the booster, no torch (~180 MB less a child)."""
+    import subprocess
+
+    from tests.support import REPO_ROOT, python_argv
+
+    done = subprocess.run(python_argv("-c", SCORE_WITHOUT_TORCH), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    score, torch_loaded = done.stdout.split()
+    assert 0.0 <= float(score) <= 1.0
+    assert torch_loaded == "False"
