@@ -9,36 +9,20 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import Stack
+from tests.e2e.test_up_signals import descendants, model_child
 from tests.fraud.conftest import FraudServer, FraudTenant, run_cli, serve_fraud, transaction
 
 
-def _child_pids(pid: int) -> list[int]:
-    """Child processes of every thread of ``pid`` (the model's child is started from a loader thread)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
 def _model_child(server_pid: int) -> int:
-    """The pid of the API process's child whose command line is multiprocessing's spawn entry point."""
-    for pid in _child_pids(server_pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"multiprocessing.spawn" in command and b"resource_tracker" not in command:
-            return pid
-    raise AssertionError(f"no model child process under {server_pid}: {_child_pids(server_pid)}")
+    """The pid of the API process's model child (multiprocessing's spawn entry point)."""
+    children = [pid for pid in descendants(server_pid) if model_child(pid)]
+    assert children, f"no model child process under {server_pid}"
+    return children[0]
 
 
 @pytest.fixture(scope="module")
