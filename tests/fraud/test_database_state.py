@@ -64,3 +64,25 @@ def test_the_fast_paths_store_and_replay_what_the_orm_did(migrated_sqlite: Path)
     changed = tx.model_copy(update={"amount": tx.amount + 1})
     with pytest.raises(TransactionIdReused):
         store.read("bank", changed, scoring.request_digest(changed))
+
+
+def test_window_reads_never_visit_the_table(migrated_sqlite: Path) -> None:
+    """Each window read is answered from one index (SQLite's "COVERING INDEX"): a read visiting the
+    table's wide rows for every transaction in a 30-day window grew with the database (issue 14)."""
+    from services.fraud import state
+    from shared.db import get_engine
+
+    engine = get_engine()
+    params = {"tenant_id": "t", "transaction_id": "x", "customer_id": "c", "terminal_id": "T", "t": 1.0e9}
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        for name in ("STORED_SQL", "CUSTOMER_WINDOWS_SQL", "TERMINAL_WINDOWS_SQL", "CARD_HISTORY_SQL"):
+            compiled = getattr(state, name).statement.compile(dialect=engine.dialect)
+            values = compiled.construct_params(params)
+            plan = cursor.execute(f"EXPLAIN QUERY PLAN {compiled.string}",
+                                  [values[key] for key in compiled.positiontup or ()]).fetchall()
+            details = " | ".join(str(step[-1]) for step in plan)
+            assert "USING COVERING INDEX" in details, f"{name}: {details}"
+    finally:
+        connection.close()
