@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "max-candidates", "seed"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
-                 "hard-negative-fraction"):
+                 "hard-negative-fraction", "extra-noise-hu"):
         parser.add_argument(f"--{name}", type=float)
     parser.add_argument("--teacher-from", type=Path, help="reuse this v3 teacher artifact instead of training one")
     parser.add_argument("--teacher-init", type=Path, help="continue training from this teacher artifact's weights")
@@ -522,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: getattr(args, key) for key in ("train_studies", "validation_studies", "teacher_steps",
                                                       "student_steps", "batch_size", "max_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
-                                                      "distillation_weight", "hard_negative_fraction")
+                                                      "distillation_weight", "hard_negative_fraction",
+                                                      "extra_noise_hu")
                  if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
     if args.output is None:
