@@ -16,6 +16,9 @@ is assembled (``services.nodule.volume``) and run, or refused with the reason (n
 there: this checks the pipeline, not accuracy).
 
 Run:  .venv/bin/python bench/nodule_eval.py [--studies 60]   (``tessera bench nodule_eval``)
+``--split development`` runs the same on the development set instead (evaluation settings, validation-split
+seeds, :func:`services.nodule.evaluation.development_seeds`): where model choices are made, so that the
+held-out studies are scored once per shipped model.
 Writes bench/results/nodule_eval.json and prints a markdown table.
 """
 
@@ -52,6 +55,7 @@ from services.nodule.evaluation import (  # noqa: E402
     ScanRecord,
     Summary,
     candidates_of,
+    development_seeds,
     match,
     split_seeds,
     summarise,
@@ -68,6 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "nodule_eval.json"
 CT_SAMPLES = ROOT.parent / "shared" / "datasets" / "ct_samples"
 NOT_DICOM = (".md", ".txt", ".json", ".license")
+SPLIT_LABELS = {"evaluation": "simulated held-out studies",
+                "development": "simulated development studies (evaluation settings, validation seeds)"}
 GOALS = {"sensitivity": 0.963, "specificity": 0.912, "cpm": 0.90, "speedup": 5.0, "student_seconds": 2.0}
 
 
@@ -89,11 +95,12 @@ async def network_seconds(runtime: ModelRuntime, model_name: str, hu: np.ndarray
     return float(np.median(timings))
 
 
-async def evaluate_models(roles: list[str], artifacts: dict[str, Path], studies: int, device: str | None,
-                          network: dict[str, float]
+async def evaluate_models(roles: list[str], artifacts: dict[str, Path], seeds: list[int], split: str,
+                          device: str | None, network: dict[str, float]
                           ) -> tuple[dict[str, list[ScanRecord]], dict[str, DetectorSettings | TwoStageSettings],
                                      dict[str, str]]:
-    """Run every role's detector over the evaluation studies (simulated one at a time, shared by the roles)."""
+    """Run every role's detector over ``seeds``' studies, drawn with the evaluation settings (simulated
+    one at a time, shared by the roles); ``split`` names them in the records."""
     runtime = ModelRuntime()
     settings: dict[str, DetectorSettings | TwoStageSettings] = {}
     versions: dict[str, str] = {}
@@ -102,16 +109,16 @@ async def evaluate_models(roles: list[str], artifacts: dict[str, Path], studies:
         for role in roles:
             settings[role] = await load_detector(runtime, role=role, artifact_dir=str(artifacts[role]), device=device)
             versions[role] = runtime.version(f"nodule-{role}")
-        for index, seed in enumerate(split_seeds("evaluation", studies)):
+        for index, seed in enumerate(seeds):
             study = simulate_study(replace(EVALUATION_CONFIG, seed=seed))
-            volume = volume_from_simulated(study, uid=f"evaluation-{index}")
+            volume = volume_from_simulated(study, uid=f"{split}-{index}")
             for role in roles:
                 started = time.perf_counter()
                 findings = await detect_series(volume, runtime=runtime, model_name=f"nodule-{role}", min_confidence=0.0)
                 seconds = time.perf_counter() - started
-                record = ScanRecord(f"evaluation-{index}", truths_of(study), candidates_of(findings), seconds)
+                record = ScanRecord(f"{split}-{index}", truths_of(study), candidates_of(findings), seconds)
                 records[role].append(record)
-            print(f"  study {index + 1}/{studies}: {len(study.nodules)} nodule(s), "
+            print(f"  study {index + 1}/{len(seeds)}: {len(study.nodules)} nodule(s), "
                   + ", ".join(f"{role} {records[role][-1].seconds:.2f} s" for role in roles), flush=True)
             if index == 0:
                 for role in roles:
@@ -231,7 +238,8 @@ def table(results: dict[str, Any]) -> str:
     """The markdown table of the run."""
     models = results["models"]
     roles = list(models)
-    lines = ["| simulated held-out studies | " + " | ".join(f"{r} ({models[r]['parameters']:,} params)" for r in roles)
+    heading = SPLIT_LABELS[results.get("split", "evaluation")]
+    lines = [f"| {heading} | " + " | ".join(f"{r} ({models[r]['parameters']:,} params)" for r in roles)
              + " | goal |", "|---|" + "---|" * len(roles) + "---|"]
 
     def row(label: str, cells: list[str], goal: str = "") -> None:
@@ -300,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate teacher and student, run the real samples, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=60, help="held-out simulated studies")
+    parser.add_argument("--split", choices=tuple(SPLIT_LABELS), default="evaluation",
+                        help="evaluation (held out; the README's figures) or development (evaluation settings, "
+                             "validation seeds: where choices are made)")
     parser.add_argument("--student", type=Path, help="student artifact (default: newest shipped)")
     parser.add_argument("--teacher", type=Path, help="teacher artifact (default: newest shipped)")
     parser.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
@@ -312,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-cards", action="store_true",
                         help="write the held-out figures into each artifact's MODEL_CARD.md (not hashed)")
     args = parser.parse_args(argv)
+    if args.split == "development":
+        if args.update_cards:
+            parser.error("--update-cards writes held-out figures: not with --split development")
+        if args.output == RESULTS:
+            args.output = RESULTS.with_name("nodule_eval_development.json")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     roles = ["student"] if args.no_teacher else ["teacher", "student"]
     artifacts: dict[str, Path] = {"student": args.student or default_artifact_dir("student")}
@@ -320,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         roles.append("baseline")
         artifacts["baseline"] = args.baseline
-    print(f"evaluating {', '.join(roles)} on {args.studies} held-out simulated studies", flush=True)
+    print(f"evaluating {', '.join(roles)} on {args.studies} {SPLIT_LABELS[args.split]}", flush=True)
+    seeds = development_seeds(args.studies) if args.split == "development" else split_seeds("evaluation", args.studies)
     network: dict[str, float] = {}
-    records, settings, versions = asyncio.run(evaluate_models(roles, artifacts, args.studies, args.device, network))
+    records, settings, versions = asyncio.run(evaluate_models(roles, artifacts, seeds, args.split, args.device,
+                                                                  network))
     from services.nodule.model import load_net, parameter_count
 
     models = {}
@@ -334,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         models[role]["network_seconds_per_volume"] = network.get(role, math.nan)
     first = records[roles[0]]
     results: dict[str, Any] = {
-        "data": "SIMULATED held-out chest CT (services.nodule.simulate, evaluation seeds and settings)",
+        "data": f"SIMULATED chest CT (services.nodule.simulate): {SPLIT_LABELS[args.split]}",
         "evaluation_config": {k: v for k, v in EVALUATION_CONFIG.__dict__.items() if k != "seed"},
-        "studies": len(first), "positive_scans": sum(r.positive for r in first),
+        "split": args.split, "studies": len(first), "positive_scans": sum(r.positive for r in first),
         "nodules": sum(len(r.truths) for r in first), "models": models, "goals": GOALS,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"device {args.device or 'settings'}",

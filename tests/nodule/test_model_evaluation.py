@@ -102,3 +102,15 @@ def test_nodules_under_3_mm_count_neither_way() -> None:
 def test_splits_share_no_seed() -> None:
     train, validation, evaluation = (set(split_seeds(split, 200)) for split in ("train", "validation", "evaluation"))
     assert len(train) == 200 and not train & validation and not train & evaluation and not validation & evaluation
+
+
+def test_the_development_set_shares_no_seed_with_calibration_or_evaluation() -> None:
+    """Choices made on the development set never see a held-out study nor the studies training calibrates on."""
+    from services.nodule.evaluation import DEVELOPMENT_OFFSET, development_seeds
+
+    development = development_seeds(48)
+    calibration = set(split_seeds("validation", DEVELOPMENT_OFFSET))
+    assert len(set(development)) == 48
+    assert not set(development) & calibration
+    assert not set(development) & set(split_seeds("evaluation", 200))
+    assert development[:24] == split_seeds("validation", 48)[24:]  # the README's 2026-12-03 development figures
