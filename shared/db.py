@@ -101,16 +101,20 @@ class DriverStatement:
         self.columns = tuple(str(column.key) for column in statement.selected_columns)
         self._compiled: dict[tuple[str, str, str], SQLCompiler] = {}
 
-    def execute(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> Any:
-        """Execute on ``cursor`` (of a connection of ``dialect``); returns the cursor."""
+    def bind(self, dialect: Dialect, params: dict[str, Any]) -> tuple[str, Any]:
+        """The SQL text for ``dialect`` and its driver parameters (a list or a dict, as its paramstyle wants)."""
         key = (dialect.name, dialect.driver, dialect.paramstyle)
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = cast(SQLCompiler, self.statement.compile(dialect=dialect))
         values = compiled.construct_params(params)
         if compiled.positiontup is not None:
-            return cursor.execute(compiled.string, [values[name] for name in compiled.positiontup])
-        return cursor.execute(compiled.string, values)
+            return compiled.string, [values[name] for name in compiled.positiontup]
+        return compiled.string, values
+
+    def execute(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> Any:
+        """Execute on ``cursor`` (of a connection of ``dialect``); returns the cursor."""
+        return cursor.execute(*self.bind(dialect, params))
 
     def one(self, cursor: Any, dialect: Dialect, params: dict[str, Any]) -> dict[str, Any] | None:
         """The first row by column name (None when there is none)."""

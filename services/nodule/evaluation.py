@@ -59,18 +59,19 @@ def split_seeds(split: str, count: int) -> list[int]:
     return [int(np.random.SeedSequence([root, index]).generate_state(1, np.uint32)[0]) for index in range(count)]
 
 
-DEVELOPMENT_OFFSET = 24
-"""The development set skips the validation split's first seeds: training calibrates on them (24 by default)."""
+CALIBRATION_STUDIES = 24
+"""Validation studies the two-stage detector's training calibrates on: the validation split's first seeds
+(``tessera train nodule --two-stage``'s default ``--validation-studies``). The development set starts after them."""
 
 
 def development_seeds(count: int) -> list[int]:
-    """Seeds of the development set: the validation split's seeds from :data:`DEVELOPMENT_OFFSET` on.
+    """Seeds of the development set: the validation split's seeds past the first :data:`CALIBRATION_STUDIES`.
 
     Its studies are drawn with :data:`EVALUATION_CONFIG`'s settings, so choices that must hold on
     held-out-like scans are made there and never on the evaluation seeds. A training run calibrated
-    on more than :data:`DEVELOPMENT_OFFSET` validation studies overlaps it.
+    on more than :data:`CALIBRATION_STUDIES` validation studies overlaps it.
     """
-    return split_seeds("validation", DEVELOPMENT_OFFSET + count)[DEVELOPMENT_OFFSET:]
+    return split_seeds("validation", CALIBRATION_STUDIES + count)[CALIBRATION_STUDIES:]
 
 
 def split_config(split: str, seed: int, base: SimulationConfig | None = None) -> SimulationConfig:

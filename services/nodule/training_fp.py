@@ -63,6 +63,7 @@ from services.nodule.classifier import (
     write_crop_weights,
 )
 from services.nodule.evaluation import (
+    CALIBRATION_STUDIES,
     MIN_COUNTED_MM,
     ScanRecord,
     Summary,
@@ -95,7 +96,7 @@ class FpPlan:
     """How much to simulate and train for the two-stage detector (see the module docstring)."""
 
     train_studies: int = 120
-    validation_studies: int = 24
+    validation_studies: int = CALIBRATION_STUDIES
     study_shape: tuple[int, int, int] = (64, 256, 256)
     max_candidates: int = 64
     batch_size: int = 32

@@ -78,10 +78,8 @@ def test_window_reads_never_visit_the_table(migrated_sqlite: Path) -> None:
     try:
         cursor = connection.cursor()
         for name in ("STORED_SQL", "CUSTOMER_WINDOWS_SQL", "TERMINAL_WINDOWS_SQL", "CARD_HISTORY_SQL"):
-            compiled = getattr(state, name).statement.compile(dialect=engine.dialect)
-            values = compiled.construct_params(params)
-            plan = cursor.execute(f"EXPLAIN QUERY PLAN {compiled.string}",
-                                  [values[key] for key in compiled.positiontup or ()]).fetchall()
+            sql, values = getattr(state, name).bind(engine.dialect, params)
+            plan = cursor.execute(f"EXPLAIN QUERY PLAN {sql}", values).fetchall()
             details = " | ".join(str(step[-1]) for step in plan)
             assert "USING COVERING INDEX" in details, f"{name}: {details}"
     finally:

@@ -106,10 +106,10 @@ def test_splits_share_no_seed() -> None:
 
 def test_the_development_set_shares_no_seed_with_calibration_or_evaluation() -> None:
     """Choices made on the development set never see a held-out study nor the studies training calibrates on."""
-    from services.nodule.evaluation import DEVELOPMENT_OFFSET, development_seeds
+    from services.nodule.evaluation import CALIBRATION_STUDIES, development_seeds
 
     development = development_seeds(48)
-    calibration = set(split_seeds("validation", DEVELOPMENT_OFFSET))
+    calibration = set(split_seeds("validation", CALIBRATION_STUDIES))
     assert len(set(development)) == 48
     assert not set(development) & calibration
     assert not set(development) & set(split_seeds("evaluation", 200))
