@@ -50,6 +50,7 @@ from services.iiot.features import RUL_CAP_H, STEP_FEATURES
 from services.iiot.model import (
     MODELS_SUBDIR,
     ONNX_FILE,
+    TIERS,
     SensorWindowConfig,
     SensorWindowNet,
     Tier,
@@ -813,14 +814,32 @@ def write_artifact(net: SensorWindowNet, directory: Path, *, figures: dict[str, 
 def render_card(directory: Path, evaluations: Path) -> Path:
     """Write a sealed artifact's card again from its manifest (the card is outside the digests), quoting
     the real-data evaluations now in ``evaluations``; returns the card's path."""
-    from model_runtime.artifacts import MODEL_CARD_NAME, load_manifest
+    from model_runtime.artifacts import MODEL_CARD_NAME
+
+    (directory / MODEL_CARD_NAME).write_text(card_text(directory, evaluations))
+    return directory / MODEL_CARD_NAME
+
+
+def card_text(directory: Path, evaluations: Path) -> str:
+    """The card a sealed artifact's manifest and the real-data evaluations in ``evaluations`` give."""
+    from model_runtime.artifacts import load_manifest
 
     manifest = load_manifest(directory)
-    net = load_artifact(directory)
-    card = model_card(net, manifest.extra["figures"], manifest.data, manifest.rebuild_command,
+    return model_card(load_artifact(directory), manifest.extra["figures"], manifest.data, manifest.rebuild_command,
                       (directory / ONNX_FILE).stat().st_size, evaluations)
-    (directory / MODEL_CARD_NAME).write_text(card)
-    return directory / MODEL_CARD_NAME
+
+
+def artifact_versions(output: Path) -> list[Path]:
+    """Every sealed risk-model version under ``output`` (``<tier>/<version>`` folders with a manifest)."""
+    from model_runtime.artifacts import MANIFEST_NAME
+
+    return sorted(path.parent for path in output.glob(f"*/*/{MANIFEST_NAME}") if path.parent.parent.name in TIERS)
+
+
+def refresh_cards(output: Path) -> list[Path]:
+    """Render every version's card under ``output`` again, so that each quotes the real-data evaluations
+    as they now stand (a real-data run rewrites ``output/evaluation``); returns the cards written."""
+    return [render_card(directory, output / EVALUATION_SUBDIR) for directory in artifact_versions(output)]
 
 
 def _score_row(name: str, scores: dict[str, Any]) -> str:
@@ -947,6 +966,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = _run_real(args)
         (output / EVALUATION_SUBDIR).mkdir(parents=True, exist_ok=True)
         (output / EVALUATION_SUBDIR / f"{args.dataset}.json").write_text(json.dumps(figures, indent=1) + "\n")
+        for card in refresh_cards(output):
+            logger.info("card rendered again with the new evaluation: %s", card)
     else:
         figures = _run_fleet_tiers(args, output)
     print(json.dumps(figures, indent=1))

@@ -119,3 +119,18 @@ def test_ai4i_folds_keep_the_test_rows_apart_and_stratify() -> None:
     assert (validated == np.arange(100)).all()
     for train_rows, val_rows in folds:
         assert not set(train_rows) & set(val_rows) and labels[val_rows].sum() == 2
+
+
+def test_shipped_cards_quote_the_real_data_evaluations_as_they_stand() -> None:
+    """A real-data run rewrites models/iiot/evaluation and renders every card again; a card that quotes
+    older figures (as v2's did after the 2026-12-02 runs) fails here."""
+    from shared.config import get_settings
+
+    output = get_settings().models_dir / training.MODELS_SUBDIR
+    versions = training.artifact_versions(output)
+    assert versions, f"no shipped risk model under {output}"
+    for directory in versions:
+        current = training.card_text(directory, output / training.EVALUATION_SUBDIR)
+        stale = (directory / MODEL_CARD_NAME).read_text() != current
+        command = f"tessera train iiot --card-only --tier {directory.parent.name} --version {directory.name}"
+        assert not stale, f"{directory}: the card quotes older figures; run `{command}`"
