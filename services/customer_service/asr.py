@@ -812,8 +812,11 @@ class RecognizerPool:
 
 
 def _shutdown(executors: list[ProcessPoolExecutor]) -> None:
+    # Waiting lets each executor drop its queues here and now, so their semaphores are unlinked: uvicorn
+    # ends on SIGTERM by raising the signal again once the app has shut down, and that skips atexit
+    # (the resource tracker then reported 10 leaked semaphores).
     for executor in executors:
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 # --- serving through the runtime ------------------------------------------------------------------

@@ -120,16 +120,16 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
 
 
 async def stop_assist() -> None:
-    """Close every session and unload the models."""
+    """Close every session and unload the models, also those a start cut short had loaded (a gateway
+    stopped while the models were still loading: its decoder processes must not outlive it)."""
     global _services
     services, _services = _services, None
-    if services is None:
-        return
-    runtime = services.sessions.runtime
-    _knowledge.on_synced = None
-    if isinstance(services.analyzers, RuntimeAnalyzers) and services.analyzers.language_models is not None:
-        await services.analyzers.language_models.close()
-    await services.sessions.close()
+    runtime = get_runtime() if services is None else services.sessions.runtime
+    if services is not None:
+        _knowledge.on_synced = None
+        if isinstance(services.analyzers, RuntimeAnalyzers) and services.analyzers.language_models is not None:
+            await services.analyzers.language_models.close()
+        await services.sessions.close()
     for name in (ASR_MODEL, EMOTION_MODEL):
         with contextlib.suppress(Exception):
             await runtime.unload(name)
