@@ -6,24 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from pathlib import Path
 
 from model_runtime import get_runtime
 from services.customer_service import assist
+from tests.support import alive, descendants, model_child
 
 
 def child_pids() -> set[int]:
-    """Live (not zombie) worker processes this process spawned (multiprocessing's spawn entry point;
-    not its resource tracker, which lives as long as the process), from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                spawned = b"multiprocessing.spawn" in (entry / "cmdline").read_bytes()
-                if int(fields[1]) == os.getpid() and fields[0] != "Z" and spawned:
-                    found.add(int(entry.name))
-    return found
+    """Live worker processes this process spawned (not its resource tracker, which lives as long as it)."""
+    return {pid for pid in descendants(os.getpid()) if model_child(pid) and alive(pid)}
 
 
 async def start_then_stop_while_loading() -> tuple[set[int], set[int]]:

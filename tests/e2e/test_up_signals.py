@@ -13,34 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ManagedProcess, free_port, python_argv, wait_until
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            if child not in found:
-                found.add(child)
-                pending.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (dead, merely not yet reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from tests.support import ManagedProcess, alive, descendants, free_port, model_child, python_argv, wait_until
 
 
 def port_free(port: int) -> bool:
@@ -52,14 +25,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def model_child(pid: int) -> bool:
-    """Whether ``pid`` is a model's child process (multiprocessing's spawn entry point)."""
-    try:
-        return b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def serving(port: int) -> bool:

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.e2e.test_up_signals import descendants, model_child
 from tests.fraud.conftest import FraudServer, FraudTenant, run_cli, serve_fraud, transaction
+from tests.support import descendants, model_child
 
 
 def _model_child(server_pid: int) -> int:

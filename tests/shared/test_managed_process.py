@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.support import REPO_ROOT, wait_until
+from tests.support import REPO_ROOT, alive, wait_until
 
 SPAWN_AND_DIE = """
 import os
@@ -16,14 +16,6 @@ child = ManagedProcess(["sleep", "60"], {}, "sleeper")
 print(child.process.pid, flush=True)
 os._exit(0)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_managed_process_dies_when_the_test_process_is_gone() -> None:
