@@ -7,7 +7,8 @@ Splits, by seed (:func:`split_seeds`): training, validation and evaluation seeds
 different roots, so no study is shared. The evaluation split is also drawn with other settings than
 training and validation (:data:`EVALUATION_CONFIG`: more noise, more sharp kernels, slice spacings
 not used in training, in-plane rotation, more juxta-pleural nodules). Thresholds (the reported
-confidence, the attenuation shares) are chosen on the validation split only.
+confidence, the attenuation shares) are chosen on the validation split only. Training may instead use
+the wider domain of :data:`WIDE_TRAINING_CONFIG` (``TRAINING_SETTINGS["wide"]``), still its own seeds.
 
 Scoring, as LUNA16 does it:
 
@@ -51,6 +52,16 @@ EVALUATION_CONFIG = SimulationConfig(
     juxta_vascular_fraction=0.25, type_weights=(0.5, 0.25, 0.25), no_nodule_probability=0.35,
 )
 """Held-out studies: other seeds and other settings than :data:`TRAINING_CONFIG`."""
+WIDE_TRAINING_CONFIG = SimulationConfig(
+    noise_sd_hu=(5.0, 75.0), sharp_kernel_probability=0.6, slice_spacing_choices_mm=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0),
+    pixel_spacing_mm=(0.55, 0.95), max_rotation_deg=12.0, juxta_pleural_fraction=0.3,
+    juxta_vascular_fraction=0.25, type_weights=(0.5, 0.25, 0.25), no_nodule_probability=0.25,
+)
+"""Training and validation over a wider domain (v6): noise from low-dose to very quiet scans (5-75 HU),
+more sharp kernels, slices 1-3 mm, in-plane rotation up to 12 degrees. It spans the evaluation's ranges
+without being its settings: :data:`EVALUATION_CONFIG`'s slice spacings and its mix stay its own."""
+TRAINING_SETTINGS = {"default": TRAINING_CONFIG, "wide": WIDE_TRAINING_CONFIG}
+"""Named training/validation domains (``tessera train nodule --two-stage --training-settings``)."""
 
 
 def split_seeds(split: str, count: int) -> list[int]:
@@ -75,9 +86,12 @@ def development_seeds(count: int) -> list[int]:
 
 
 def split_config(split: str, seed: int, base: SimulationConfig | None = None) -> SimulationConfig:
-    """The simulation config of one study of a split."""
-    if base is None:
-        base = EVALUATION_CONFIG if split == "evaluation" else TRAINING_CONFIG
+    """The simulation config of one study of a split (``base``: the training domain of the train and
+    validation splits, :data:`TRAINING_CONFIG` by default; the evaluation split always has its own)."""
+    if split == "evaluation":
+        base = EVALUATION_CONFIG
+    elif base is None:
+        base = TRAINING_CONFIG
     return replace(base, seed=seed)
 
 

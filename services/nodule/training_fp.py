@@ -6,7 +6,10 @@
    1 mm grid is kept around every candidate and every true nodule's centre. Labels follow the
    LUNA16 hit rule: a candidate within a counted nodule's radius is positive; one farther than
    the radius + :data:`AMBIGUOUS_MARGIN_MM` from every nodule is negative; the ones in between,
-   and hits on nodules under 3 mm, are left out. ``--cache-dir`` keeps the bank on disk.
+   and hits on nodules under 3 mm, are left out. ``--cache-dir`` keeps the bank on disk; ``--jobs``
+   builds it in several processes. ``--training-settings wide`` (v6) draws the training and
+   validation studies from :data:`~services.nodule.evaluation.WIDE_TRAINING_CONFIG` instead of the
+   simulator's defaults.
 2. **Teacher** (:class:`~services.nodule.classifier.CropNet`, teacher config): binary cross-entropy,
    batches with ``positive_fraction`` positives, random ``32^3`` windows of the ``36^3`` crops
    (+-2 mm shifts), flips on every axis, row/column swaps, extra noise and small contrast changes.
@@ -34,6 +37,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -65,6 +69,7 @@ from services.nodule.classifier import (
 from services.nodule.evaluation import (
     CALIBRATION_STUDIES,
     MIN_COUNTED_MM,
+    TRAINING_SETTINGS,
     ScanRecord,
     Summary,
     candidates_of_nodules,
@@ -76,7 +81,7 @@ from services.nodule.evaluation import (
     truths_of,
     type_accuracy,
 )
-from services.nodule.simulate import SimulatedStudy, simulate_study
+from services.nodule.simulate import SimulatedStudy, SimulationConfig, simulate_study
 from services.nodule.training import StageLog, _cells, _jsonable, _learning_rate, _round, _type_of
 
 logger = logging.getLogger("tessera.nodule.training_fp")
@@ -84,9 +89,17 @@ logger = logging.getLogger("tessera.nodule.training_fp")
 BANK_CROP = CROP_SIZE + 4
 """Crops are kept 4 voxels larger than the network's input, for random +-2 voxel shifts."""
 AMBIGUOUS_MARGIN_MM = 3.0
-DATA_TEXT = ("SIMULATED chest CT only (services.nodule.simulate: geometric body, lungs, vessel and airway trees, "
-             "solid / part-solid / ground-glass nodules of 3-30 mm incl. juxta-pleural and juxta-vascular, "
-             "soft and sharp kernels, noise 10-40 HU, slices 1-2.5 mm, pixels 0.6-0.9 mm). No patient data.")
+DOMAIN_TEXT = {"default": "noise 10-40 HU, slices 1-2.5 mm, pixels 0.6-0.9 mm",
+               "wide": "noise 5-75 HU, 60 % sharp kernels, slices 1-3 mm, pixels 0.55-0.95 mm, rotation to 12 degrees"}
+
+
+def data_text(training_settings: str = "default") -> str:
+    """What the training data of a run with ``training_settings`` is, for manifests and model cards."""
+    return ("SIMULATED chest CT only (services.nodule.simulate: geometric body, lungs, vessel and airway trees, "
+            "solid / part-solid / ground-glass nodules of 3-30 mm incl. juxta-pleural and juxta-vascular, "
+            f"soft and sharp kernels, {DOMAIN_TEXT[training_settings]}). No patient data.")
+
+
 SOLID_SHARE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 GROUND_GLASS_SHARE_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
 
@@ -109,7 +122,12 @@ class FpPlan:
     distillation_weight: float = 0.5
     extra_noise_hu: float = 35.0
     hard_negative_fraction: float = 0.0
+    training_settings: str = "default"
     seed: int = 0
+
+    def study_config(self, split: str, seed: int) -> SimulationConfig:
+        """The simulation config of one ``train`` or ``validation`` study of this plan."""
+        return replace(split_config(split, seed, TRAINING_SETTINGS[self.training_settings]), shape=self.study_shape)
 
 
 QUICK_FP_PLAN = FpPlan(train_studies=2, validation_studies=2, study_shape=(24, 96, 96), max_candidates=16,
@@ -168,27 +186,43 @@ def study_crops(study: SimulatedStudy, max_candidates: int) -> CropBank:
                     np.asarray(from_candidate, bool))
 
 
-def build_crop_bank(split: str, count: int, plan: FpPlan, cache_dir: Path | None = None) -> CropBank:
-    """The crops of ``count`` simulated studies of ``split``, cached per study in ``cache_dir`` if given."""
-    banks = []
+def build_crop_bank(split: str, count: int, plan: FpPlan, cache_dir: Path | None = None, jobs: int = 1) -> CropBank:
+    """The crops of ``count`` simulated studies of ``split``, cached per study in ``cache_dir`` if given,
+    built by ``jobs`` processes (the bank is the same whatever ``jobs``: every study has its own seed)."""
     started = time.perf_counter()
-    for index, seed in enumerate(split_seeds(split, count)):
-        name = f"crops-{split}-{seed}-{'x'.join(map(str, plan.study_shape))}-{plan.max_candidates}.npz"
-        path = cache_dir / name if cache_dir else None
-        if path is not None and path.exists():
-            with np.load(path) as stored:
-                banks.append(CropBank(stored["crops"], stored["labels"], stored["from_candidate"]))
-            continue
-        study = simulate_study(replace(split_config(split, seed), shape=plan.study_shape))
-        bank = study_crops(study, plan.max_candidates)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path.with_suffix(".tmp.npz"), **asdict(bank))
-            path.with_suffix(".tmp.npz").replace(path)
-        banks.append(bank)
-        if (index + 1) % 10 == 0:
-            logger.info("crop bank: %d/%d studies (%.0f s)", index + 1, count, time.perf_counter() - started)
+    work = [(plan.study_config(split, seed), plan.max_candidates, _bank_path(cache_dir, split, seed, plan))
+            for seed in split_seeds(split, count)]
+    if jobs <= 1:
+        banks = [_cached_study_crops(*item) for item in work]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawned, not forked: a fork of a process whose torch/OpenMP threads are running can deadlock
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            banks = list(pool.map(_cached_study_crops, *zip(*work, strict=True), chunksize=4))
+    logger.info("crop bank: %d studies in %.0f s", count, time.perf_counter() - started)
     return CropBank.concatenate(banks)
+
+
+def _bank_path(cache_dir: Path | None, split: str, seed: int, plan: FpPlan) -> Path | None:
+    if cache_dir is None:
+        return None
+    domain = "" if plan.training_settings == "default" else f"{plan.training_settings}-"
+    return cache_dir / f"crops-{domain}{split}-{seed}-{'x'.join(map(str, plan.study_shape))}-{plan.max_candidates}.npz"
+
+
+def _cached_study_crops(config: SimulationConfig, max_candidates: int, path: Path | None) -> CropBank:
+    if path is not None and path.exists():
+        with np.load(path) as stored:
+            return CropBank(stored["crops"], stored["labels"], stored["from_candidate"])
+    bank = study_crops(simulate_study(config), max_candidates)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(temporary, **asdict(bank))
+        temporary.replace(path)
+    return bank
 
 
 def augment_crops(crops: np.ndarray, rng: np.random.Generator, extra_noise_hu: float) -> np.ndarray:
@@ -417,7 +451,7 @@ def write_two_stage(net: CropNet, role: str, version: str, output: Path, calibra
     }
     card = model_card(role, version, net, calibration, log, plan, rebuild, bank, extra)
     save_artifact(directory, name=f"nodule-{role}", version=version, framework="torch", metrics=metrics,
-                  data=DATA_TEXT, rebuild_command=rebuild, model_card=card,
+                  data=data_text(plan.training_settings), rebuild_command=rebuild, model_card=card,
                   extra={"kind": "two_stage", "plan": _jsonable(asdict(plan)),
                          "detector": asdict(calibration.settings), "net": net.config.to_json()})
     return directory
@@ -456,7 +490,7 @@ A two-stage detector, as LUNA16 CAD systems are built:
    peak) inside a ball around it and measured (`services/nodule/two_stage.py`).
 
 ## Data
-{DATA_TEXT}
+{data_text(plan.training_settings)}
 Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels ({len(bank.labels):,} crops,
 {positives:,} positive: candidates within a nodule's radius and the true centres); validation:
 {plan.validation_studies} studies (other seeds). Batches of {plan.batch_size} with
@@ -503,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
                  "hard-negative-fraction", "extra-noise-hu"):
         parser.add_argument(f"--{name}", type=float)
+    parser.add_argument("--training-settings", choices=sorted(TRAINING_SETTINGS),
+                        help="the simulated domain of the training and validation studies (default: default)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes building the crop bank")
     parser.add_argument("--teacher-from", type=Path, help="reuse this v3 teacher artifact instead of training one")
     parser.add_argument("--teacher-init", type=Path, help="continue training from this teacher artifact's weights")
     parser.add_argument("--student-init", type=Path, help="continue training from this student artifact's weights")
@@ -524,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "student_steps", "batch_size", "max_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
-                                                      "extra_noise_hu")
+                                                      "extra_noise_hu", "training_settings")
                  if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
     if args.output is None:
@@ -535,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(plan.seed)
     rng = np.random.default_rng(plan.seed)
     started = time.perf_counter()
-    bank = build_crop_bank("train", plan.train_studies, plan, args.cache_dir)
+    bank = build_crop_bank("train", plan.train_studies, plan, args.cache_dir, args.jobs)
     logger.info("crop bank: %d crops (%d positive) in %.0f s", len(bank.labels), int(bank.labels.sum()),
                 time.perf_counter() - started)
     trained: list[tuple[str, CropNet, StageLog]] = []
@@ -550,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, plan.student_steps, plan.student_seconds,
                                             rng, "student", device, soft_targets=soft, init_from=args.student_init)
     trained.append(("student", student, student_log))
-    validation = [simulate_study(replace(split_config("validation", seed), shape=plan.study_shape))
+    validation = [simulate_study(plan.study_config("validation", seed))
                   for seed in split_seeds("validation", plan.validation_studies)]
     rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -114,3 +116,13 @@ def test_the_development_set_shares_no_seed_with_calibration_or_evaluation() -> 
     assert not set(development) & calibration
     assert not set(development) & set(split_seeds("evaluation", 200))
     assert development[:24] == split_seeds("validation", 48)[24:]  # the README's 2026-12-03 development figures
+
+
+def test_a_training_domain_never_changes_the_held_out_studies() -> None:
+    """``--training-settings wide`` widens training and validation; the evaluation split keeps its own settings."""
+    from services.nodule.evaluation import EVALUATION_CONFIG, TRAINING_CONFIG, WIDE_TRAINING_CONFIG, split_config
+
+    assert split_config("evaluation", 5, WIDE_TRAINING_CONFIG) == replace(EVALUATION_CONFIG, seed=5)
+    assert split_config("train", 5, WIDE_TRAINING_CONFIG) == replace(WIDE_TRAINING_CONFIG, seed=5)
+    assert split_config("validation", 5) == replace(TRAINING_CONFIG, seed=5)
+    assert WIDE_TRAINING_CONFIG.slice_spacing_choices_mm != EVALUATION_CONFIG.slice_spacing_choices_mm

@@ -32,6 +32,7 @@ from services.nodule.training_fp import (
     CropBank,
     _batch_indices,
     augment_crops,
+    build_crop_bank,
     main,
     teacher_probabilities,
     train_classifier,
@@ -161,3 +162,14 @@ def test_quick_two_stage_artifacts_are_served_by_detect_series(tmp_path: Path) -
     assert findings.labels.shape == study.hu.shape  # type: ignore[attr-defined]
     assert len(findings.nodules) >= 1  # type: ignore[attr-defined]
     assert all(n.long_axis_mm > 0 and n.volume_mm3 > 0 for n in findings.nodules)  # type: ignore[attr-defined]
+
+
+def test_the_crop_bank_is_the_same_built_by_two_processes_and_is_cached_per_domain(tmp_path: Path) -> None:
+    plan = replace(QUICK_FP_PLAN, training_settings="wide")
+    serial = build_crop_bank("train", 2, plan)
+    parallel = build_crop_bank("train", 2, plan, tmp_path, jobs=2)
+    assert np.array_equal(serial.crops, parallel.crops) and np.array_equal(serial.labels, parallel.labels)
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("*.npz")) == ["wide", "wide"]
+    default = build_crop_bank("train", 2, QUICK_FP_PLAN, tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 4  # the default domain's studies are cached beside, not reused
+    assert default.crops.shape != serial.crops.shape or not np.array_equal(default.crops, serial.crops)
