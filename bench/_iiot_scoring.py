@@ -17,8 +17,9 @@ stands in, and the record says so: its timing is the model's, its answers mean n
 Section 4 (:func:`alert_point`): a held-out simulated fleet (a seed no training run used) scored
 hourly by the shipped cloud model, each asset's scores replayed through H5's
 :func:`services.iiot.alerts.replay` with the default :class:`AlertPolicy` and maintenance resets,
-then :func:`services.iiot.lead_time.summarise`. Scores while an asset is down (failure to repair)
-are left out (it is known to have failed), and failures before the first full window are not counted.
+then :func:`services.iiot.lead_time.summarise` (the onset rule, the window rule beside it). Scores
+while an asset is down (failure to repair) are left out (it is known to have failed), and failures
+before the first full window are not counted.
 """
 
 from __future__ import annotations
@@ -208,9 +209,12 @@ def alert_point(assets: int, days: float, stride_h: float) -> dict[str, Any]:
     early = 0
     for asset in sorted(set(windows.assets)):
         own = events[events["asset"] == asset]
-        failures = sorted(pd.to_datetime(own.loc[own["kind"] == "failure", "time"], utc=True).dt.to_pydatetime())
+        failed = own[own["kind"] == "failure"].sort_values("time")
+        failures = list(pd.to_datetime(failed["time"], utc=True).dt.to_pydatetime())
+        onsets = list(pd.to_datetime(failed["onset"], utc=True).dt.to_pydatetime())
         early += sum(f < first_end for f in failures)  # no window ends before them: not counted
-        failures = [f for f in failures if f >= first_end]
+        counted = [i for i, f in enumerate(failures) if f >= first_end]
+        failures, onsets = [failures[i] for i in counted], [onsets[i] for i in counted]
         repairs = sorted(pd.to_datetime(own.loc[own["kind"] == "repair", "time"], utc=True).dt.to_pydatetime())
         resets = sorted(pd.to_datetime(own.loc[own["kind"] != "failure", "time"], utc=True).dt.to_pydatetime())
         down = [(f, next((r for r in repairs if r >= f), fleet.end.to_pydatetime())) for f in failures]
@@ -218,7 +222,7 @@ def alert_point(assets: int, days: float, stride_h: float) -> dict[str, Any]:
                   for end, answer, owner in zip(ends.to_pydatetime(), answers, windows.assets, strict=True)
                   if owner == asset and not any(start <= end < stop for start, stop in down)]
         openings = [event.at for event in replay(points, policy, resets=resets) if event.transition == "opened"]
-        histories[str(asset)] = AssetHistory(openings, failures)
+        histories[str(asset)] = AssetHistory(openings, failures, onsets)
     observed_days = (fleet.end - fleet.start).total_seconds() / 86400 - 48.0 / 24
     summary = summarise(histories, observed_days)
     summary["failures_before_the_first_window"] = early

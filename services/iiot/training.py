@@ -708,6 +708,7 @@ class HourlyFleet:
     failures: dict[str, list[Any]]
     resets: dict[str, list[Any]]
     observed_days: float
+    onsets: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed: int) -> HourlyFleet:
@@ -724,11 +725,14 @@ def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed
     predicted = ensemble_predict(nets, Arrays(windows.x, windows.mask))
     ends = pd.to_datetime(windows.ends, utc=True).to_pydatetime()
     first_end = min(ends)
-    points, failures, resets = {}, {}, {}
+    points, failures, resets, onsets = {}, {}, {}, {}
     for asset in sorted(set(windows.assets)):
         own = fleet.events[fleet.events["asset"] == asset]
         times = {kind: sorted(pd.to_datetime(own.loc[own["kind"] == kind, "time"], utc=True).dt.to_pydatetime())
                  for kind in ("failure", "repair", "preventive")}
+        failed_rows = own[own["kind"] == "failure"].sort_values("time")
+        failure_onsets = dict(zip(pd.to_datetime(failed_rows["time"], utc=True).dt.to_pydatetime(),
+                                  pd.to_datetime(failed_rows["onset"], utc=True).dt.to_pydatetime(), strict=True))
         failed = [f for f in times["failure"] if f >= first_end]
         down = [(f, next((r for r in times["repair"] if r >= f), fleet.end.to_pydatetime()))
                 for f in times["failure"]]
@@ -736,9 +740,10 @@ def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed
         points[str(asset)] = [ScorePoint(ends[i], float(predicted["p_failure"][i]), float(predicted["rul_hours"][i]))
                               for i in rows if not any(start <= ends[i] < stop for start, stop in down)]
         failures[str(asset)] = failed
+        onsets[str(asset)] = [failure_onsets[f] for f in failed]
         resets[str(asset)] = sorted(times["repair"] + times["preventive"])
     observed_days = (fleet.end - fleet.start).total_seconds() / 86400 - 2.0
-    return HourlyFleet(points, failures, resets, observed_days)
+    return HourlyFleet(points, failures, resets, observed_days, onsets)
 
 
 def alert_figures(scored: HourlyFleet, policy: Any) -> dict[str, Any]:
@@ -746,7 +751,8 @@ def alert_figures(scored: HourlyFleet, policy: Any) -> dict[str, Any]:
     from services.iiot.alerts import replay
 
     histories = {asset: lead_time.AssetHistory([e.at for e in replay(points, policy, resets=scored.resets[asset])
-                                                if e.transition == "opened"], scored.failures[asset])
+                                                if e.transition == "opened"], scored.failures[asset],
+                                               scored.onsets.get(asset, []))
                  for asset, points in scored.points.items()}
     return dict(lead_time.summarise(histories, scored.observed_days))
 
