@@ -209,12 +209,10 @@ def alert_point(assets: int, days: float, stride_h: float) -> dict[str, Any]:
     early = 0
     for asset in sorted(set(windows.assets)):
         own = events[events["asset"] == asset]
-        failed = own[own["kind"] == "failure"].sort_values("time")
-        failures = list(pd.to_datetime(failed["time"], utc=True).dt.to_pydatetime())
-        onsets = list(pd.to_datetime(failed["onset"], utc=True).dt.to_pydatetime())
-        early += sum(f < first_end for f in failures)  # no window ends before them: not counted
-        counted = [i for i, f in enumerate(failures) if f >= first_end]
-        failures, onsets = [failures[i] for i in counted], [onsets[i] for i in counted]
+        failed = fleet.failures_with_onsets(asset)
+        early += sum(f < first_end for f, _ in failed)  # no window ends before them: not counted
+        failures = [f for f, _ in failed if f >= first_end]
+        onsets = [onset for f, onset in failed if f >= first_end]
         repairs = sorted(pd.to_datetime(own.loc[own["kind"] == "repair", "time"], utc=True).dt.to_pydatetime())
         resets = sorted(pd.to_datetime(own.loc[own["kind"] != "failure", "time"], utc=True).dt.to_pydatetime())
         down = [(f, next((r for r in repairs if r >= f), fleet.end.to_pydatetime())) for f in failures]

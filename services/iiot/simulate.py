@@ -45,6 +45,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -633,6 +634,11 @@ class SimulatedFleet:
     start: pd.Timestamp
     end: pd.Timestamp
     seed: int
+
+    def failures_with_onsets(self, asset: str) -> list[tuple[datetime, datetime]]:
+        """``(failure time, degradation onset)`` of each failure of ``asset``, by time (ground truth)."""
+        own = self.events[(self.events["asset"] == asset) & (self.events["kind"] == "failure")].sort_values("time")
+        return list(zip(own["time"].dt.to_pydatetime(), own["onset"].dt.to_pydatetime(), strict=True))
 
     def registry_payload(self) -> dict[str, list[dict[str, Any]]]:
         """The registry as one JSON document for a bulk upsert.

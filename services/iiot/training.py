@@ -702,13 +702,14 @@ for a new fleet)."""
 @dataclass(frozen=True)
 class HourlyFleet:
     """A **simulated** fleet scored every hour: per asset the score points (none while it is down,
-    between a failure and its repair), its failures after the first full window, and its resets."""
+    between a failure and its repair), its failures after the first full window with their degradation
+    onsets, and its resets."""
 
     points: dict[str, list[Any]]
     failures: dict[str, list[Any]]
     resets: dict[str, list[Any]]
     observed_days: float
-    onsets: dict[str, list[Any]] = field(default_factory=dict)
+    onsets: dict[str, list[Any]]
 
 
 def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed: int) -> HourlyFleet:
@@ -730,17 +731,14 @@ def hourly_fleet(nets: Sequence[SensorWindowNet], assets: int, days: float, seed
         own = fleet.events[fleet.events["asset"] == asset]
         times = {kind: sorted(pd.to_datetime(own.loc[own["kind"] == kind, "time"], utc=True).dt.to_pydatetime())
                  for kind in ("failure", "repair", "preventive")}
-        failed_rows = own[own["kind"] == "failure"].sort_values("time")
-        failure_onsets = dict(zip(pd.to_datetime(failed_rows["time"], utc=True).dt.to_pydatetime(),
-                                  pd.to_datetime(failed_rows["onset"], utc=True).dt.to_pydatetime(), strict=True))
-        failed = [f for f in times["failure"] if f >= first_end]
+        counted = [(f, onset) for f, onset in fleet.failures_with_onsets(asset) if f >= first_end]
         down = [(f, next((r for r in times["repair"] if r >= f), fleet.end.to_pydatetime()))
                 for f in times["failure"]]
         rows = np.flatnonzero(windows.assets == asset)
         points[str(asset)] = [ScorePoint(ends[i], float(predicted["p_failure"][i]), float(predicted["rul_hours"][i]))
                               for i in rows if not any(start <= ends[i] < stop for start, stop in down)]
-        failures[str(asset)] = failed
-        onsets[str(asset)] = [failure_onsets[f] for f in failed]
+        failures[str(asset)] = [f for f, _ in counted]
+        onsets[str(asset)] = [onset for _, onset in counted]
         resets[str(asset)] = sorted(times["repair"] + times["preventive"])
     observed_days = (fleet.end - fleet.start).total_seconds() / 86400 - 2.0
     return HourlyFleet(points, failures, resets, observed_days, onsets)
@@ -752,7 +750,7 @@ def alert_figures(scored: HourlyFleet, policy: Any) -> dict[str, Any]:
 
     histories = {asset: lead_time.AssetHistory([e.at for e in replay(points, policy, resets=scored.resets[asset])
                                                 if e.transition == "opened"], scored.failures[asset],
-                                               scored.onsets.get(asset, []))
+                                               scored.onsets[asset])
                  for asset, points in scored.points.items()}
     return dict(lead_time.summarise(histories, scored.observed_days))
 

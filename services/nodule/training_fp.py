@@ -89,15 +89,25 @@ logger = logging.getLogger("tessera.nodule.training_fp")
 BANK_CROP = CROP_SIZE + 4
 """Crops are kept 4 voxels larger than the network's input, for random +-2 voxel shifts."""
 AMBIGUOUS_MARGIN_MM = 3.0
-DOMAIN_TEXT = {"default": "noise 10-40 HU, slices 1-2.5 mm, pixels 0.6-0.9 mm",
-               "wide": "noise 5-75 HU, 60 % sharp kernels, slices 1-3 mm, pixels 0.55-0.95 mm, rotation to 12 degrees"}
 
 
 def data_text(training_settings: str = "default") -> str:
     """What the training data of a run with ``training_settings`` is, for manifests and model cards."""
     return ("SIMULATED chest CT only (services.nodule.simulate: geometric body, lungs, vessel and airway trees, "
             "solid / part-solid / ground-glass nodules of 3-30 mm incl. juxta-pleural and juxta-vascular, "
-            f"soft and sharp kernels, {DOMAIN_TEXT[training_settings]}). No patient data.")
+            f"soft and sharp kernels, {_domain_text(TRAINING_SETTINGS[training_settings])}). No patient data.")
+
+
+def _domain_text(config: SimulationConfig) -> str:
+    slices = config.slice_spacing_choices_mm
+    parts = [f"noise {config.noise_sd_hu[0]:g}-{config.noise_sd_hu[1]:g} HU"]
+    if config.sharp_kernel_probability != 0.5:
+        parts.append(f"{round(config.sharp_kernel_probability * 100)} % sharp kernels")
+    parts += [f"slices {min(slices):g}-{max(slices):g} mm",
+              f"pixels {config.pixel_spacing_mm[0]:g}-{config.pixel_spacing_mm[1]:g} mm"]
+    if config.max_rotation_deg:
+        parts.append(f"rotation to {config.max_rotation_deg:g} degrees")
+    return ", ".join(parts)
 
 
 SOLID_SHARE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
