@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     cs_asr_processes: int = Field(default=2, ge=1, le=32, description="speech-to-text decoder processes per "
                                   "cs API process: utterances of concurrent calls decode in parallel on as many "
                                   "cores")
+    cs_acoustic_model: str = Field(default="v1", pattern=r"^[A-Za-z0-9._-]+$",
+                                   description="speech-to-text acoustic model: a version under "
+                                   "`<models_dir>/cs/asr` (pocketsphinx's en-US adapted to the telephone line) "
+                                   "or `stock` for pocketsphinx's own")
     cs_stream_idle_timeout_s: float = Field(default=30.0, gt=0, description="a call stream that sends nothing "
                                             "for this long (no audio, no ping) is closed (1008) and its call "
                                             "kept as partial")

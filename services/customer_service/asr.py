@@ -1,5 +1,6 @@
-"""Offline speech-to-text of utterances: pocketsphinx (en-US acoustic model from its wheel) with a
-domain language model built from the knowledge base and call scripts.
+"""Offline speech-to-text of utterances: pocketsphinx (the wheel's en-US acoustic model, by default
+adapted to the telephone line: :mod:`.acoustic_model`) with a domain language model built from the
+knowledge base and call scripts.
 
 Decoding: telephone audio is upsampled 8 -> 16 kHz (the acoustic model's rate) and decoded in one
 forward lexicon-tree pass; the slow second passes (``fwdflat``, ``bestpath``) are off.
@@ -382,6 +383,9 @@ class DecoderSettings:
     """Acoustic scores computed every ``ds``-th frame (1: every frame, pocketsphinx's default)."""
     fwdflat: bool = False
     bestpath: bool = False
+    acoustic_model: str | None = None
+    """The acoustic model's folder; None: the configured one (``TESSERA_CS_ACOUSTIC_MODEL``,
+    :func:`~.acoustic_model.acoustic_model_dir`)."""
     dither: bool = True
     """Half a bit of noise on the input: digital silence (a phone line's all-zero μ-law) would
     otherwise drive the log energies and the running cepstral mean to -inf, which spoils every
@@ -415,8 +419,9 @@ class Recognizer:
         with tempfile.TemporaryDirectory(prefix="tessera-asr-") as folder:
             lm_path, dict_path = (lm.write(Path(folder)) if lm is not None
                                   else (models / "en-us.lm.bin", models / "cmudict-en-us.dict"))
-            config = pocketsphinx.Config(hmm=str(models / "en-us"), lm=str(lm_path), dict=str(dict_path),
-                                         samprate=DECODER_RATE, loglevel="FATAL", **_as_config(self.settings))
+            config = pocketsphinx.Config(hmm=str(acoustic_model_of(self.settings)), lm=str(lm_path),
+                                         dict=str(dict_path), samprate=DECODER_RATE, loglevel="FATAL",
+                                         **_as_config(self.settings))
             self.decoder = pocketsphinx.Decoder(config)
 
     def transcribe(self, samples: npt.NDArray[np.int16], sample_rate: int) -> Transcript:
@@ -430,6 +435,15 @@ class Recognizer:
         hypothesis = self.decoder.hyp()
         text = hypothesis.hypstr if hypothesis is not None else ""
         return Transcript(text=text, audio_s=len(samples) / sample_rate, decode_s=time.perf_counter() - started)
+
+
+def acoustic_model_of(settings: DecoderSettings) -> Path:
+    """The acoustic model folder ``settings`` names, or the configured one."""
+    if settings.acoustic_model is not None:
+        return Path(settings.acoustic_model)
+    from services.customer_service.acoustic_model import acoustic_model_dir
+
+    return acoustic_model_dir()
 
 
 def _as_config(settings: DecoderSettings) -> dict[str, Any]:
@@ -871,11 +885,16 @@ def asr_model_spec(name: str = "cs-asr", lm: DomainLm | None = None, settings: D
     """
     from model_runtime import ModelSpec
 
+    # resolved here, once: a missing or mismatched acoustic model fails the start, not each decoder
+    acoustic = acoustic_model_of(settings or DecoderSettings())
+    settings = dataclasses.replace(settings or DecoderSettings(), acoustic_model=str(acoustic))
+
     def load(_: LoadContext) -> RecognizerPool:
         return RecognizerPool(lm, settings, processes=processes, max_lms=max_lms)
 
     warmup = AsrRequest(np.zeros(DECODER_RATE // 4, np.int16), DECODER_RATE)
-    return ModelSpec(name=name, version="pocketsphinx-5.1.1" + ("+domain" if lm is not None else ""),
+    version = f"pocketsphinx-5.1.1+{acoustic.name}" + ("+domain" if lm is not None else "")
+    return ModelSpec(name=name, version=version,
                      loader=load, run_batch=RecognizerPool.run, prepare=check_request, prepare_in="loop",
                      finalize=_raise_failed, isolate_failures=False, max_batch_size=64, max_queue=max_queue,
                      timeout_s=timeout_s, uses_torch=False, warmup_items=[warmup], release=RecognizerPool.close)

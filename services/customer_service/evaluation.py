@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import Histogram
@@ -256,15 +257,19 @@ def telephone_speech(text: str, voice_index: int) -> tuple[np.ndarray, list[str]
     return simulate.telephone_band(samples, rate), words
 
 
-def measure_asr(sets: dict[str, Sequence[str]] | None = None, *, generic_words: int = 2000) -> list[AsrScore]:
+def measure_asr(sets: dict[str, Sequence[str]] | None = None, *, generic_words: int = 2000,
+                acoustic_model: Path | None = None) -> list[AsrScore]:
     """WER and RTF of the generic and the domain language model on simulated telephone speech of
-    each sentence set (default: in-script and held-out)."""
+    each sentence set (default: in-script and held-out), with the configured acoustic model or the
+    one in ``acoustic_model``."""
     from services.customer_service.asr import DecoderSettings, Recognizer, build_domain_lm
 
     sets = sets or measurement_sets()
+    folder = str(acoustic_model) if acoustic_model is not None else None
     # each at its better language weight: pocketsphinx's 6.5 for the generic model (8 made it worse)
-    recognizers = {"generic": Recognizer(None, DecoderSettings(lw=6.5)),
-                   "domain": Recognizer(build_domain_lm(domain_texts(), generic_words=generic_words))}
+    recognizers = {"generic": Recognizer(None, DecoderSettings(lw=6.5, acoustic_model=folder)),
+                   "domain": Recognizer(build_domain_lm(domain_texts(), generic_words=generic_words),
+                                        DecoderSettings(acoustic_model=folder))}
     scores = []
     for set_name, sentences in sets.items():
         audio = [telephone_speech(sentence, index) for index, sentence in enumerate(sentences)]

@@ -935,8 +935,14 @@ def rebuild_command(argv: Sequence[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``tessera train cs``: train the emotion model on simulated and real acted speech, measure it on
-    the speaker-independent test splits and write the sealed artifact with its model card."""
+    the speaker-independent test splits and write the sealed artifact with its model card.
+    ``tessera train cs acoustic ...``: the speech-to-text acoustic adaptation
+    (:mod:`.acoustic_model`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["acoustic"]:
+        from services.customer_service.acoustic_model import main as adapt_acoustic_model
+
+        return adapt_acoustic_model(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, args.threads))
