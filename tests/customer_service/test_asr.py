@@ -89,6 +89,23 @@ def test_domain_lm_is_a_normalised_trigram_over_its_vocabulary(domain_lm: Domain
     assert dictionary_words == domain_lm.vocabulary
 
 
+def test_the_generic_context_adds_generic_bigrams_and_keeps_the_domain_phrases(domain_lm: DomainLm) -> None:
+    alone = build_domain_lm(domain_texts(), generic_words=300, generic_weight=0.0)
+    mixed, domain_only = _parse_arpa(domain_lm.arpa), _parse_arpa(alone.arpa)
+    assert domain_lm.vocabulary == alone.vocabulary
+    assert len(mixed[2]) > 10 * len(domain_only[2])
+    assert set(domain_only[2]) <= set(mixed[2]) and set(domain_only[3]) == set(mixed[3])
+    # the pairs the generic model finds likeliest, which the domain text never says, gain its context ...
+    generic_only = sorted((pair for pair in mixed[2] if pair not in domain_only[2] and pair[0] != "<s>"),
+                          key=lambda pair: mixed[2][pair][0], reverse=True)[:1000]
+    gains = sorted(_log10_p(mixed, pair) - _log10_p(domain_only, pair) for pair in generic_only)
+    assert gains[len(gains) // 2] > 0.3, gains[::100]
+    # ... and a domain phrase stays much likelier than a generic non-phrase
+    assert _log10_p(mixed, ("my", "order")) > _log10_p(mixed, ("my", "the")) + 0.5
+    with pytest.raises(ValueError, match="generic_weight"):
+        build_domain_lm(domain_texts(), generic_weight=1.0)
+
+
 def test_ipa_maps_to_cmudict_phones() -> None:
     assert ipa_to_cmu("tˈɛsɚɹə") == "T EH S ER AH"
     assert ipa_to_cmu("ɹˈaʊɾɚ") == "R AW T ER"
