@@ -33,7 +33,7 @@ from model_runtime import ModelRuntime, StreamingSessions, get_runtime
 from services.customer_service import store
 from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm, domain_texts
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
-from services.customer_service.tenant_lm import TenantLanguageModels
+from services.customer_service.tenant_lm import LanguageModelBuilder, TenantLanguageModels
 from services.customer_service.vad import vad_streaming_model
 from shared.config import get_settings
 from shared.db import session_scope, utcnow
@@ -49,6 +49,8 @@ STALE_CALL_AFTER = timedelta(minutes=10)
 """A live call whose stream has been silent this long at start-up belonged to a dead process."""
 
 _services: AssistServices | None = None
+_builder: LanguageModelBuilder | None = None
+"""Where the process builds its language models (the shipped one at start, then tenants')."""
 _knowledge = TenantKnowledge()
 
 
@@ -105,13 +107,15 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     sessions = StreamingSessions(runtime)
     for rate in VAD_RATES:
         await sessions.load(vad_streaming_model(rate))
-    domain_lm = await asyncio.to_thread(build_domain_lm, domain_texts())
+    global _builder
+    _builder = _builder or LanguageModelBuilder()
+    domain_lm = await _builder.run(build_domain_lm, domain_texts())
     await runtime.load(asr_model_spec(ASR_MODEL, domain_lm, processes=get_settings().cs_asr_processes))
     await runtime.load(emotion_model_spec(name=EMOTION_MODEL))
     closed = await asyncio.to_thread(_close_abandoned_calls)
     if closed:
         logger.warning("closed %d live calls left open by a process that stopped (kept as partial)", closed)
-    language_models = TenantLanguageModels()
+    language_models = TenantLanguageModels(builder=_builder)
     _knowledge.on_synced = language_models.knowledge_synced
     analyzers = RuntimeAnalyzers(runtime, language_models)
     _services = AssistServices(sessions=sessions, analyzers=analyzers, knowledge_base=_knowledge, feed=event_feed(),
@@ -133,6 +137,10 @@ async def stop_assist() -> None:
     for name in (ASR_MODEL, EMOTION_MODEL):
         with contextlib.suppress(Exception):
             await runtime.unload(name)
+    global _builder
+    if _builder is not None:
+        await _builder.close()
+        _builder = None
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,8 @@ espeak-ng through the simulated telephone line; transcripts are checked for the 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -267,3 +269,26 @@ def test_a_tenants_calls_are_decoded_with_its_own_model_and_no_one_elses(
     heard_by = asyncio.run(scenario())
     assert heard(heard_by[TENANT_A]), heard_by
     assert not heard(heard_by[TENANT_B]) and not heard(heard_by["cs-lm-none"]), heard_by
+
+
+def test_the_builder_process_builds_off_this_process_and_closes_at_once() -> None:
+    from concurrent.futures import CancelledError
+    from concurrent.futures.process import BrokenProcessPool
+
+    from services.customer_service.tenant_lm import LanguageModelBuilder
+    from tests.support import alive
+
+    async def scenario() -> None:
+        builder = LanguageModelBuilder()
+        pid = await builder.run(os.getpid)
+        assert pid != os.getpid()
+        busy = asyncio.ensure_future(builder.run(time.sleep, 60))
+        await asyncio.sleep(0.3)
+        started = time.perf_counter()
+        await builder.close()  # a build under way is abandoned, not waited for
+        assert time.perf_counter() - started < 10
+        assert not alive(pid)
+        with pytest.raises((BrokenProcessPool, CancelledError)):
+            await busy
+
+    asyncio.run(scenario())
