@@ -8,11 +8,15 @@ once the process that owns it is gone. Elsewhere it does nothing.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
 
 PR_SET_PDEATHSIG = 1
 # Looked up once at import, before any fork: a child between fork and exec must not load libraries.
@@ -27,3 +31,28 @@ def end_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
     _PRCTL(PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signum)
+
+
+Result = TypeVar("Result")
+
+
+class DedicatedProcess:
+    """One spawned worker process for long, GIL-holding calls made from an event loop (seconds of
+    pure-Python work that would starve the loop in a thread). It ends with its parent and, on
+    :meth:`close`, at once, even in the middle of a call."""
+
+    def __init__(self) -> None:
+        self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=end_with_parent, initargs=(os.getpid(), signal.SIGKILL))
+
+    async def run(self, function: Callable[..., Result], *args: Any) -> Result:
+        """``function(*args)`` in the process (``function`` and its arguments must pickle)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def close(self) -> None:
+        """End the process now: a call under way is abandoned, not waited for."""
+        # the executor has no public way to stop a worker that is busy; its process map is the only handle
+        processes: dict[int, Any] = getattr(self._executor, "_processes", None) or {}
+        for process in list(processes.values()):
+            process.terminate()
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from model_runtime.artifacts import sha256_file
 from services.customer_service import simulate
 from services.customer_service.asr import DECODER_RATE, SIMULATED_KB_ARTICLES, cmudict, model_dir, sentence_words
 from services.customer_service.audio import resample
@@ -344,7 +345,7 @@ def acoustic_model_dir(version: str | None = None, *, models_dir: Path | None = 
                                  "with pocketsphinx's own)") from error
     base_digests: dict[str, str] = manifest.extra["base_files"]
     for name, digest in base_digests.items():
-        if _sha256(stock / name) != digest:
+        if sha256_file(stock / name) != digest:
             raise AcousticModelError(f"acoustic model {version!r} was adapted from another pocketsphinx model "
                                      f"({name} differs from {stock / name}); rebuild it with `tessera train cs "
                                      "acoustic` or set TESSERA_CS_ACOUSTIC_MODEL=stock")
@@ -368,12 +369,6 @@ def _assemble(target: Path, stock: Path, source: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         if not target.is_dir():
             raise
-
-
-def _sha256(path: Path) -> str:
-    from model_runtime.artifacts import sha256_file
-
-    return sha256_file(path)
 
 
 # --- measurement and the artifact -------------------------------------------------------------------
@@ -432,7 +427,7 @@ def write_artifact(result: AdaptationResult, plan: AdaptationPlan, directory: Pa
         shutil.copyfile(result.folder / name, directory / name)
     stock = model_dir() / "en-us"
     metrics = {f"wer_{row['set']}_{row['lm']}_{row['acoustic_model']}": row["wer"] for row in measured}
-    extra = {"base_files": {name: _sha256(stock / name) for name in BASE_FILES},
+    extra = {"base_files": {name: sha256_file(stock / name) for name in BASE_FILES},
              "pocketsphinx": importlib.metadata.version("pocketsphinx"), "plan": asdict(plan),
              "corpus": {"utterances": result.utterances, "aligned": result.aligned,
                         "audio_s": round(result.audio_s, 1)},
@@ -530,9 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def rewrite_card(directory: Path) -> int:
     """Write the model card again from the sealed manifest (after a change to the card's text)."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    (directory / "MODEL_CARD.md").write_text(model_card(manifest["version"], manifest["extra"],
-                                                         manifest["rebuild_command"]))
+    from model_runtime.artifacts import MODEL_CARD_NAME, load_manifest
+
+    manifest = load_manifest(directory, verify=False)
+    (directory / MODEL_CARD_NAME).write_text(model_card(manifest.version, manifest.extra, manifest.rebuild_command))
     print(directory / "MODEL_CARD.md")
     return 0
 

@@ -33,12 +33,13 @@ from model_runtime import ModelRuntime, StreamingSessions, get_runtime
 from services.customer_service import store
 from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm, domain_texts
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
-from services.customer_service.tenant_lm import LanguageModelBuilder, TenantLanguageModels
+from services.customer_service.tenant_lm import TenantLanguageModels
 from services.customer_service.vad import vad_streaming_model
 from shared.config import get_settings
 from shared.db import session_scope, utcnow
 from shared.errors import NotReady
 from shared.feeds import event_feed
+from shared.processes import DedicatedProcess
 
 logger = logging.getLogger("tessera.cs.assist")
 
@@ -49,7 +50,7 @@ STALE_CALL_AFTER = timedelta(minutes=10)
 """A live call whose stream has been silent this long at start-up belonged to a dead process."""
 
 _services: AssistServices | None = None
-_builder: LanguageModelBuilder | None = None
+_builder: DedicatedProcess | None = None
 """Where the process builds its language models (the shipped one at start, then tenants')."""
 _knowledge = TenantKnowledge()
 
@@ -108,7 +109,7 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     for rate in VAD_RATES:
         await sessions.load(vad_streaming_model(rate))
     global _builder
-    _builder = _builder or LanguageModelBuilder()
+    _builder = _builder or DedicatedProcess()
     domain_lm = await _builder.run(build_domain_lm, domain_texts())
     await runtime.load(asr_model_spec(ASR_MODEL, domain_lm, processes=get_settings().cs_asr_processes))
     await runtime.load(emotion_model_spec(name=EMOTION_MODEL))

@@ -5,7 +5,8 @@ The knowledge base reaches a process's index one way (:class:`~.pipeline.TenantK
 API's own change, else the sync at a call's start or an upload catches up with other replicas);
 after each sync :meth:`TenantLanguageModels.knowledge_synced` compares the tenant's articles with
 those its model was built from, and when they differ builds the model again, in the process's
-language-model builder (:class:`LanguageModelBuilder`; a thread when none is given). A burst of
+language-model builder (a :class:`~shared.processes.DedicatedProcess`: a build holds the GIL for
+seconds; a thread when none is given). A burst of
 edits makes one build: the first model of a tenant is built at once, later ones ``debounce_s``
 after the change that asked for them (edits meanwhile are in it), and a change during a build
 starts another after it.
@@ -24,17 +25,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import multiprocessing
-import os
-import signal
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any, TypeVar
 
 from services.customer_service.asr import KeyedLm, build_domain_lm, script_texts
 from services.customer_service.knowledge import Article, KnowledgeIndex
-from shared.processes import end_with_parent
+from shared.processes import DedicatedProcess
 
 logger = logging.getLogger("tessera.cs.tenant_lm")
 
@@ -42,31 +38,6 @@ DEBOUNCE_S = 2.0
 """Quiet time after a knowledge-base change before the tenant's model is rebuilt."""
 MAX_TENANTS = 64
 """Tenants whose built models a process keeps (an ARPA text and a dictionary: ~10 MB each)."""
-
-Built = TypeVar("Built")
-
-
-class LanguageModelBuilder:
-    """Language models built in one spawned process of their own: a build queries the generic model
-    millions of times with the GIL held (~4.5 s, :func:`~.asr.build_domain_lm`), which in a thread
-    would stall the serving event loop. The process ends with its parent."""
-
-    def __init__(self) -> None:
-        self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=end_with_parent, initargs=(os.getpid(), signal.SIGKILL))
-
-    async def run(self, build: Callable[..., Built], *args: Any) -> Built:
-        """``build(*args)`` in the builder process (``build`` and its arguments must pickle)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, build, *args)
-
-    async def close(self) -> None:
-        """End the process now: a build under way is abandoned, not waited for."""
-        # the executor has no public way to stop a worker that is busy; its process map is the only handle
-        processes: dict[int, Any] = getattr(self._executor, "_processes", None) or {}
-        for process in list(processes.values()):
-            process.terminate()
-        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
-
 
 def article_texts(articles: Sequence[Article]) -> list[str]:
     """What a tenant's model learns from its articles: each title, body and reply."""
@@ -99,7 +70,7 @@ class TenantLanguageModels:
 
     def __init__(self, *, debounce_s: float = DEBOUNCE_S, max_tenants: int = MAX_TENANTS,
                  build: Callable[[str, Sequence[Article]], KeyedLm] = build_tenant_lm,
-                 builder: LanguageModelBuilder | None = None) -> None:
+                 builder: DedicatedProcess | None = None) -> None:
         if max_tenants < 1:
             raise ValueError("max_tenants must be >= 1")
         self.debounce_s = debounce_s

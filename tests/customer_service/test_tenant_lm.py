@@ -275,11 +275,11 @@ def test_the_builder_process_builds_off_this_process_and_closes_at_once() -> Non
     from concurrent.futures import CancelledError
     from concurrent.futures.process import BrokenProcessPool
 
-    from services.customer_service.tenant_lm import LanguageModelBuilder
+    from shared.processes import DedicatedProcess
     from tests.support import alive
 
     async def scenario() -> None:
-        builder = LanguageModelBuilder()
+        builder = DedicatedProcess()
         pid = await builder.run(os.getpid)
         assert pid != os.getpid()
         busy = asyncio.ensure_future(builder.run(time.sleep, 60))
