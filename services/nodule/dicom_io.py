@@ -60,6 +60,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from services.nodule.db import DONE, FAILED, RECEIVED, RECEIVING, Instance, Series, Study
+from services.nodule.dicom_reactor import make_event_driven_server
 from services.nodule.volume import age_in_years
 from shared.config import Settings, get_settings
 from shared.db import get_engine, utcnow
@@ -587,8 +588,7 @@ def start_scp(settings: Settings | None = None, *, host: str | None = None,
     ae = build_ae(settings)
     address = (host or settings.nodule_dicom_host, settings.nodule_dicom_port if port is None else port)
     handlers: list[Any] = [(evt.EVT_C_STORE, handle_store), (evt.EVT_C_ECHO, handle_echo)]
-    server = ae.start_server(address, block=False, evt_handlers=handlers)
-    assert server is not None  # block=False returns the running server
+    server = make_event_driven_server(ae, address, handlers)
     logger.info("DICOM listener up", extra={"ae_title": settings.nodule_ae_title, "host": address[0],
                                             "port": server.server_address[1]})
     return server
