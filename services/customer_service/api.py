@@ -73,6 +73,7 @@ from shared.errors import (
     problem_responses,
 )
 from shared.observability import Readiness
+from shared.paging import Offset
 from shared.security import Principal, require_scope
 from shared.uploads import (
     MAX_MULTIPART_OVERHEAD_BYTES,
@@ -168,7 +169,7 @@ def create_article(article: ArticleIn, request: Request, response: Response, pri
 def list_articles(principal: CsPrincipal, session: SessionDep,
                   tag: Annotated[str | None, Query(max_length=40, description="only articles with this tag")] = None,
                   limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> list[ArticleOut]:
+                  offset: Offset = 0) -> list[ArticleOut]:
     """The tenant's articles by id, a page at a time."""
     rows = store.list_articles(session, principal.tenant_id, tag=tag, limit=limit, offset=offset)
     return [ArticleOut.model_validate(row) for row in rows]

@@ -372,6 +372,8 @@ def _convert_units(frame: pd.DataFrame, values: npt.NDArray[np.float64], registr
 def _check_ranges(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry: Registry,
                   sensor_index: npt.NDArray[np.int64], rejections: _Rejections) -> None:
     """Values outside the sensor's expected range (in its canonical unit) quarantined."""
+    if not len(registry.min_value):  # an empty registry: every row was already refused as unknown
+        return
     low, high = registry.min_value[sensor_index], registry.max_value[sensor_index]
     with np.errstate(invalid="ignore"):
         outside = (values < low) | (values > high)

@@ -69,6 +69,7 @@ from shared.errors import (
     problem_responses,
 )
 from shared.jobs import get_job
+from shared.paging import Offset
 from shared.security import Principal, require_scope
 from shared.uploads import binary_schema, multipart_upload_body, receive_multipart_upload, refuse_declared_size
 
@@ -253,7 +254,7 @@ def get_analysis_job(job_id: str, principal: NodulePrincipal, session: SessionDe
 @router.get("/studies", summary="List studies")
 def list_studies(principal: NodulePrincipal, session: SessionDep,
                  limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                 offset: Annotated[int, Query(ge=0)] = 0) -> list[StudySummary]:
+                 offset: Offset = 0) -> list[StudySummary]:
     """The tenant's studies (newest first) with their analysis status and Lung-RADS category (as analysed)."""
     studies = analysis.list_studies(session, principal.tenant_id, limit=limit, offset=offset)
     categories = analysis.stored_lung_rads(session, principal.tenant_id, [s.study_instance_uid for s in studies])

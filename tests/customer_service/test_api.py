@@ -138,6 +138,7 @@ def test_an_article_is_created_read_listed_replaced_and_deleted(tenant_a: Tenant
     assert sorted(everything) == everything and len(everything) == 2
     assert [a["id"] for a in client.get("/v1/knowledge/articles", params={"limit": 1, "offset": 1}).json()] == \
         everything[1:]
+    problem(client.get("/v1/knowledge/articles", params={"offset": 2**63}), 422)  # was a 500 (SQLite overflow)
 
     replaced = client.put("/v1/knowledge/articles/refund-policy", json={**ARTICLE, "title": "Refunds"})
     assert replaced.status_code == 200 and replaced.json()["version"] == 2 and replaced.json()["title"] == "Refunds"

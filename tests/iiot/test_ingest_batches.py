@@ -88,3 +88,11 @@ def test_a_payload_that_is_not_rows_is_kept_with_its_reason(fleet: Fleet) -> Non
     with session_scope() as session:
         row = session.scalars(select(QuarantinedRow).where(QuarantinedRow.tenant_id == fleet.tenant_id)).one()
     assert (row.reason, row.source, row.ingest_pk, row.raw) == ("payload_not_json", "mqtt", None, "\ufffd{not json")
+
+
+def test_a_tenant_with_no_registry_gets_every_row_quarantined_as_unknown(migrated_stack: Stack) -> None:
+    """Found by schemathesis: an empty registry made the range check index an empty array (a 500)."""
+    outcome = accept_readings("tenant-without-assets", [reading("2025-03-01T08:00:00Z", 1.0),
+                                                        reading("2025-03-01T08:00:01Z", 2.0, unit="degF")], source="api")
+    assert (outcome.kept, outcome.quarantined) == (0, 2)
+    assert outcome.reasons == {"unknown_asset": 2}

@@ -210,3 +210,15 @@ def test_clinical_data_is_stored_for_a_study(nodule_server: NoduleServer, tenant
         assert client.post(f"/v1/studies/{study}/clinical", json={"pack_years": -1}).status_code == 422
         assert client.post(f"/v1/studies/{study}/clinical", json={"smoker": True}).status_code == 422
         assert client.post("/v1/studies/1.2.3/clinical", json=clinical).status_code == 404
+
+
+def test_a_list_offset_past_the_documented_bound_is_a_422_not_a_database_overflow(
+        nodule_server: NoduleServer, nodule_env: Stack) -> None:
+    """Found by schemathesis: an offset past SQLite's integers was a 500."""
+    from shared.paging import MAX_OFFSET
+
+    _, key = new_key(nodule_env.database_url)
+    with nodule_server.client(key) as client:
+        assert client.get("/v1/studies", params={"offset": MAX_OFFSET}).json() == []
+        refused = client.get("/v1/studies", params={"offset": 2**63})
+        assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
