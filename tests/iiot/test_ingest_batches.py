@@ -92,7 +92,7 @@ def test_a_payload_that_is_not_rows_is_kept_with_its_reason(fleet: Fleet) -> Non
 
 def test_a_tenant_with_no_registry_gets_every_row_quarantined_as_unknown(migrated_stack: Stack) -> None:
     """Found by schemathesis: an empty registry made the range check index an empty array (a 500)."""
-    outcome = accept_readings("tenant-without-assets", [reading("2025-03-01T08:00:00Z", 1.0),
-                                                        reading("2025-03-01T08:00:01Z", 2.0, unit="degF")], source="api")
+    rows = [reading("2025-03-01T08:00:00Z", 1.0), reading("2025-03-01T08:00:01Z", 2.0, unit="degF")]
+    outcome = accept_readings("tenant-without-assets", rows, source="api")
     assert (outcome.kept, outcome.quarantined) == (0, 2)
     assert outcome.reasons == {"unknown_asset": 2}
