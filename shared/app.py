@@ -115,8 +115,17 @@ def raw_json_body(model: type[BaseModel], example: dict[str, Any], *, signed: bo
     return extra
 
 
+UNDECODABLE_JSON_BODY = problem_responses(400, notes={400: "The body is not JSON (or not UTF-8 text)."})[400]
+
+
+def _takes_json(operation: dict[str, Any]) -> bool:
+    content = operation.get("requestBody", {}).get("content", {})
+    return any(is_json_media_type(media_type) for media_type in content)
+
+
 def finish_openapi(schema: dict[str, Any], documented_models: Sequence[type[BaseModel]]) -> None:
-    """Publish the ``Problem`` schema and ``documented_models``; every 422 is a problem, as served.
+    """Publish the ``Problem`` schema and ``documented_models``; every 422 is a problem, as served, and
+    every operation with a JSON body documents the 400 its undecodable bodies get.
 
     FastAPI documents its own validation-error body for a route that lists no 422; Tessera answers
     those with a problem document (:mod:`shared.errors`).
@@ -129,6 +138,8 @@ def finish_openapi(schema: dict[str, Any], documented_models: Sequence[type[Base
     for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
         if "HTTPValidationError" in str(operation.get("responses", {}).get("422", "")):
             operation["responses"]["422"] = problem_responses(422)[422]
+        if _takes_json(operation):  # FastAPI answers a body it cannot decode with 400
+            operation.setdefault("responses", {}).setdefault("400", UNDECODABLE_JSON_BODY)
     if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)

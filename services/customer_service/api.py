@@ -73,7 +73,7 @@ from shared.errors import (
     problem_responses,
 )
 from shared.observability import Readiness
-from shared.paging import Offset
+from shared.paging import Offset, row_id_in_range
 from shared.security import Principal, require_scope
 from shared.uploads import (
     MAX_MULTIPART_OVERHEAD_BYTES,
@@ -258,7 +258,7 @@ def _decode_cursor(cursor: str) -> store.CallPosition:
     """The position a cursor names; one this API did not issue is a 422."""
     try:
         started_at, row_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if type(row_id) is not int or not isinstance(started_at, str):
+        if type(row_id) is not int or not row_id_in_range(row_id) or not isinstance(started_at, str):
             raise ValueError
         return store.CallPosition(datetime.fromisoformat(started_at), row_id)
     except (ValueError, TypeError, orjson.JSONDecodeError):

@@ -24,6 +24,7 @@ from services.iiot.tasks import retrain_job, submit_scoring
 from shared.db import SessionDep
 from shared.errors import NotFound, problem_responses
 from shared.jobs import submit_job
+from shared.paging import MAX_ROW_ID
 from shared.security import ApiKey, Principal, require_scope
 
 IiotPrincipal = Annotated[Principal, Depends(require_scope("iiot"))]
@@ -31,10 +32,8 @@ JSON_BODY = problem_responses(400, 422, notes={400: "The body is not JSON."})
 NOT_FOUND = problem_responses(404, notes={404: "No such alert or asset for this tenant."})
 CONFLICT = problem_responses(409, notes={409: "The alert is not in a state this transition starts from."})
 NOT_ENOUGH_LABELS = "Also too few failure records to train and judge a candidate (the problem's needed and have)."
-MAX_ID = 2**31 - 1
-"""Row ids are 32-bit integers: a larger one is refused (422) rather than sent to the database."""
-AlertId = Annotated[int, Path(ge=1, le=MAX_ID, description="the alert's id")]
-Cursor = Annotated[int | None, Query(ge=1, le=MAX_ID, description=(
+AlertId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="the alert's id")]
+Cursor = Annotated[int | None, Query(ge=1, le=MAX_ROW_ID, description=(
     "where the previous page ended: take it from that page's `Link: <…>; rel=\"next\"` header"))]
 AlertStateFilter = Literal["open", "acknowledged", "resolved", "active"]
 

@@ -13,7 +13,7 @@ import io
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -39,6 +39,7 @@ from shared.config import get_settings
 from shared.db import SessionDep, session_scope
 from shared.errors import NotFound, PayloadTooLarge, UnprocessableContent, parse_json, problem_responses
 from shared.jobs import FAILED, SUCCEEDED, Job, submit_job
+from shared.paging import MAX_ROW_ID, row_id_in_range
 from shared.security import Principal, require_scope
 from shared.uploads import (
     HeadCheck,
@@ -166,7 +167,8 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
 
 @router.get("/quarantine", summary="Quarantined rows", responses=problem_responses(404, 422))
 async def list_quarantine(principal: IiotPrincipal, session: SessionDep,
-                          ingest: Annotated[int | None, Query(description="only this ingestion's rows")] = None,
+                          ingest: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID,
+                                                             description="only this ingestion's rows")] = None,
                           reason: Annotated[str | None, Query(description="only this reason code")] = None,
                           limit: Annotated[int, Query(ge=1, le=QUARANTINE_PAGE_MAX)] = 100,
                           cursor: Annotated[str | None, Query(max_length=20, pattern=r"^\d+$",
@@ -177,7 +179,10 @@ async def list_quarantine(principal: IiotPrincipal, session: SessionDep,
         raise UnprocessableContent(f"reason: one of {', '.join(REASONS)}")
     if ingest is not None:
         _owned_ingest(session, principal.tenant_id, ingest)
-    rows = _quarantine_page(session, principal.tenant_id, ingest, reason, int(cursor or 0), limit + 1)
+    after = int(cursor or 0)
+    if after and not row_id_in_range(after):
+        raise UnprocessableContent("cursor: not a cursor this API issued (take it from next_cursor)")
+    rows = _quarantine_page(session, principal.tenant_id, ingest, reason, after, limit + 1)
     items = [quarantined_view(row) for row in rows[:limit]]
     return QuarantinePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
@@ -206,9 +211,12 @@ def quarantined_view(row: QuarantinedRow) -> QuarantinedRowOut:
                              sensor_id=row.sensor_id, received_at=row.received_at)
 
 
+IngestId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="the ingestion's id")]
+
+
 @router.get("/ingests/{ingest_id}/quarantine.csv", summary="Download an ingestion's quarantined rows",
             response_class=StreamingResponse, responses={200: {"content": {"text/csv": {}}}, **problem_responses(404)})
-async def download_quarantine(ingest_id: int, principal: IiotPrincipal, session: SessionDep) -> StreamingResponse:
+async def download_quarantine(ingest_id: IngestId, principal: IiotPrincipal, session: SessionDep) -> StreamingResponse:
     """Every quarantined row of one of the tenant's ingestions as CSV, streamed page by page."""
     _owned_ingest(session, principal.tenant_id, ingest_id)
     return StreamingResponse(_quarantine_csv(principal.tenant_id, ingest_id), media_type="text/csv",
