@@ -11,7 +11,7 @@ import base64
 import binascii
 import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -21,6 +21,8 @@ from services.customer_service.knowledge import RetrievalSettings
 ARTICLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_TAGS = 20
 TAG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9:_-]{0,39}$")
+TAG_INPUT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9:_-]{0,39}$"
+"""A tag as sent (stripped; any case: stored lower-case), stated in the schema as the API enforces it."""
 
 
 class ArticleIn(BaseModel):
@@ -34,7 +36,7 @@ class ArticleIn(BaseModel):
     body: str = Field(min_length=1, max_length=20_000)
     reply: str | None = Field(default=None, max_length=2_000,
                               description="the reply to suggest; absent: the body's first sentences")
-    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS,
+    tags: list[Annotated[str, Field(pattern=TAG_INPUT_PATTERN)]] = Field(default_factory=list, max_length=MAX_TAGS,
                             description="lower-case labels; `apology`, `de-escalation`, `empathy` are boosted for "
                                         "angry, frustrated or sad callers")
 

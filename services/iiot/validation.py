@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import TypeAlias
+from typing import Literal, TypeAlias, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -36,10 +36,11 @@ from sqlalchemy.orm import Session
 from services.iiot.db import Asset, Line, Plant, Sensor
 from services.iiot.units import IncompatibleUnits, UnknownUnit, canonical_unit, converter
 
-REASONS = ("malformed_row", "bad_timestamp", "unknown_asset", "unknown_sensor", "unknown_unit",
-           "incompatible_unit", "not_a_number", "out_of_range", "duplicate", "out_of_order",
-           "line_too_long", "payload_not_json", "schema")
+Reason = Literal["malformed_row", "bad_timestamp", "unknown_asset", "unknown_sensor", "unknown_unit",
+                 "incompatible_unit", "not_a_number", "out_of_range", "duplicate", "out_of_order",
+                 "line_too_long", "payload_not_json", "schema"]
 """Quarantine reason codes (``QuarantinedRow.reason``): stable strings clients may match on."""
+REASONS: tuple[Reason, ...] = get_args(Reason)
 LONG_COLUMNS = ("timestamp", "asset", "sensor", "value", "unit")
 """The columns of a :class:`RawReadings` frame besides ``row_number`` (``unit`` may be empty)."""
 GAP_FACTOR = 2.0
