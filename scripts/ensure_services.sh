@@ -47,10 +47,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${TESSERA_NO_APT:-0
     timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq espeak-ng >/dev/null
   fi
   # The acoustic adaptation (`tessera train cs acoustic`) and its test: sphinxtrain's bw and
-  # map_adapt, sphinxbase's sphinx_fe. Serving needs neither (the adapted model ships).
+  # map_adapt, sphinxbase's sphinx_fe, pocketsphinx's pocketsphinx_mdef_convert. Serving needs
+  # none of them (the adapted model ships).
   asr_need=()
   [ -x /usr/lib/sphinxtrain/bw ] || asr_need+=(sphinxtrain)
   command -v sphinx_fe >/dev/null || asr_need+=(sphinxbase-utils)
+  command -v pocketsphinx_mdef_convert >/dev/null || asr_need+=(pocketsphinx)
   if [ ${#asr_need[@]} -gt 0 ]; then
     echo "ensure_services: installing ${asr_need[*]} from Debian packages"
     timeout 600 apt-get update -qq && timeout 900 apt-get install -y -qq "${asr_need[@]}" >/dev/null

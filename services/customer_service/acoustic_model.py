@@ -21,8 +21,9 @@ The speech is SIMULATED, so the adaptation is to espeak-ng through the simulated
 the WER measurement on simulated calls gains from, and the model card says so. A check on real
 speech (RAVDESS actors through the same line, none used here) shows whether real callers lose.
 
-sphinxtrain and sphinx_fe (Debian ``sphinxtrain``, ``sphinxbase-utils``) are needed only to
-rebuild the artifact (``tessera train cs acoustic``); serving needs pocketsphinx alone.
+sphinxtrain, sphinx_fe and pocketsphinx_mdef_convert (Debian ``sphinxtrain``, ``sphinxbase-utils``,
+``pocketsphinx``) are needed only to rebuild the artifact (``tessera train cs acoustic``); serving
+needs the pocketsphinx wheel alone.
 """
 
 from __future__ import annotations
@@ -226,8 +227,8 @@ def _write_wav(path: Path, samples: npt.NDArray[np.int16]) -> None:
 def _tool(name: str) -> str:
     path = shutil.which(name) or (str(SPHINXTRAIN_DIR / name) if (SPHINXTRAIN_DIR / name).exists() else None)
     if path is None:
-        raise AcousticModelError(f"{name} is not installed (Debian packages sphinxtrain and sphinxbase-utils; "
-                                 "scripts/ensure_services.sh installs them)")
+        raise AcousticModelError(f"{name} is not installed (Debian packages sphinxtrain, sphinxbase-utils and "
+                                 "pocketsphinx; scripts/ensure_services.sh installs them)")
     return path
 
 
@@ -475,7 +476,7 @@ about real callers, whose speech the `ravdess_real` row samples narrowly (two se
 it badly with either model). Differences of about 2 points are within the decoder's dither.
 
 ## Rebuild
-`{rebuild}` (needs Debian's `sphinxtrain` and `sphinxbase-utils`; the adaptation takes about
+`{rebuild}` (needs Debian's `sphinxtrain`, `sphinxbase-utils` and `pocketsphinx`; the adaptation takes about
 {max(1, round(extra['seconds'] / 60))} min, the WER measurement after it about 5 min)
 """
 
