@@ -30,6 +30,7 @@ from typing import Annotated, Any, Self, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import ColumnElement, Select, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -132,14 +133,14 @@ class PlantPatch(_Strict):
 class LinePatch(_Strict):
     """Fields of a line to change; absent ones stay."""
 
-    plant_id: RegistryId | None = None
+    plant_id: RegistryId | SkipJsonSchema[None] = None  # null refused (a line has a plant); absent: stays
     name: Name | None = None
 
 
 class AssetPatch(_Strict):
     """Fields of an asset to change; absent ones stay (``details`` is replaced as a whole)."""
 
-    line_id: RegistryId | None = None
+    line_id: RegistryId | SkipJsonSchema[None] = None  # null refused (an asset has a line); absent: stays
     name: Name | None = None
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     details: dict[str, JsonValue] | None = Field(default=None, max_length=50)
@@ -148,7 +149,7 @@ class AssetPatch(_Strict):
 class SensorPatch(_Strict):
     """Fields of a sensor to change; absent ones stay, ``null`` clears an optional one."""
 
-    unit: UnitName | None = None
+    unit: UnitName | SkipJsonSchema[None] = None  # null refused (a sensor has a unit); absent: stays
     quantity: Quantity | None = None
     min_value: Finite | None = None
     max_value: Finite | None = None
