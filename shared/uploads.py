@@ -53,6 +53,16 @@ WRITE_BATCH_BYTES = 1 << 20
 """Received bytes are written (and hashed) in batches of this size, off the event loop."""
 MAX_MULTIPART_OVERHEAD_BYTES = 64 << 10
 """Room for boundaries, part headers and small form fields besides the file."""
+MAX_DECOMPRESSION_RATIO = 100
+"""Decompressed bytes allowed per compressed byte of an upload (CSV compresses 5-20x, CT slices 2-5x;
+a zero-filled bomb ~1000x)."""
+DECOMPRESSION_RATIO_FLOOR = 256 << 20
+"""Below this many decompressed bytes the ratio is not checked (a small, very regular file is fine)."""
+
+
+def decompression_limit(compressed_bytes: int, max_bytes: int) -> int:
+    """The most bytes an upload of ``compressed_bytes`` (gzip, zip) may decompress to, at most ``max_bytes``."""
+    return min(max_bytes, max(DECOMPRESSION_RATIO_FLOOR, compressed_bytes * MAX_DECOMPRESSION_RATIO))
 DEFAULT_HEAD_BYTES = 64 << 10
 PARTIAL_SUFFIX = ".part"
 MAX_FILENAME_CHARS = 255

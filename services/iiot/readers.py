@@ -41,6 +41,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from services.iiot.validation import LONG_COLUMNS, wide_to_long
+from shared.uploads import MAX_DECOMPRESSION_RATIO, decompression_limit
 
 CHUNK_ROWS = 100_000
 """Source rows (lines) per chunk: one transaction each. Measured on a 1 M-row CSV: the ingestion adds
@@ -50,10 +51,6 @@ BLOCK_BYTES = 4 << 20
 """Bytes read from the (decompressed) file at a time."""
 MAX_LINE_BYTES = 1 << 20
 """A longer line is quarantined as ``line_too_long`` (a wide row of 1000 sensors is ~20 KB)."""
-MAX_GZIP_RATIO = 100
-"""Decompressed bytes allowed per compressed byte (CSV compresses 5-20x; a zero-filled bomb ~1000x)."""
-GZIP_RATIO_FLOOR = 256 << 20
-"""Below this many decompressed bytes the ratio is not checked (a small, very regular file is fine)."""
 RAW_PREVIEW_BYTES = 200
 """What is kept of a line too long to store."""
 GZIP_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
@@ -112,11 +109,6 @@ def refused_frame(rows: list[tuple[int, str, str, str]]) -> pd.DataFrame:
 
 
 # --- shape: format, compression, layout ---------------------------------------------------------------
-
-def decompression_limit(compressed_bytes: int, max_bytes: int) -> int:
-    """The most bytes a gzip file of ``compressed_bytes`` may decompress to."""
-    return min(max_bytes, max(GZIP_RATIO_FLOOR, compressed_bytes * MAX_GZIP_RATIO))
-
 
 def sniff_head(head: bytes, filename: str | None = None) -> tuple[Format, bool, bytes]:
     """(format, gzip-compressed, the first decompressed bytes) from a file's first bytes and its name."""
@@ -224,7 +216,7 @@ class LimitedStream(io.RawIOBase):
         self.total += len(data)
         if self.limit is not None and self.total > self.limit:
             raise GzipBomb(f"the gzip file decompresses to more than {self.limit} bytes "
-                           f"(limit: {MAX_GZIP_RATIO}x its compressed size, at most the upload limit)")
+                           f"(limit: {MAX_DECOMPRESSION_RATIO}x its compressed size, at most the upload limit)")
         return data
 
 

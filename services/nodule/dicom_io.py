@@ -65,7 +65,7 @@ from services.nodule.volume import age_in_years
 from shared.config import Settings, get_settings
 from shared.db import get_engine, utcnow
 from shared.errors import BadRequest, UnprocessableContent, UnsupportedMediaType
-from shared.uploads import MultipartFileReader
+from shared.uploads import MAX_DECOMPRESSION_RATIO, MultipartFileReader, decompression_limit
 
 logger = logging.getLogger("tessera.nodule.dicom")
 
@@ -625,6 +625,9 @@ def extract_zip_members(path: Path) -> Iterator[tuple[str, Path | InstanceRefuse
     Yields (member name, incoming path) or (member name, the refusal of a member too large to be
     an instance). The caller stores or deletes each path before asking for the next.
     """
+    # zipfile inflates a member no further than its declared size (a lie is a BadZipFile), so the
+    # declared sizes bound the work: per member, and for the archive by its compression ratio.
+    budget = decompression_limit(path.stat().st_size, 1 << 62)
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if info.is_dir() or info.filename.startswith("__MACOSX/"):
@@ -632,6 +635,11 @@ def extract_zip_members(path: Path) -> Iterator[tuple[str, Path | InstanceRefuse
             if info.file_size > MAX_ZIP_MEMBER_BYTES:
                 yield info.filename, InstanceRefused(OUT_OF_RESOURCES, "the member is too large for one instance")
                 continue
+            if info.file_size > budget:
+                yield info.filename, InstanceRefused(OUT_OF_RESOURCES, (
+                    f"the archive inflates to more than {MAX_DECOMPRESSION_RATIO}x its size"))
+                continue
+            budget -= info.file_size
             target = new_incoming_path()
             with archive.open(info) as member, target.open("xb") as handle:
                 shutil.copyfileobj(member, handle, 1 << 20)

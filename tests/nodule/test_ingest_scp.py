@@ -249,3 +249,30 @@ def test_a_received_dataset_is_checked_up_to_its_pixel_data_and_by_its_length(sy
     with pytest.raises(dicom_io.InstanceRefused) as none:
         dicom_io.parse_received(without_pixels, syntax, CTImageStorage, meta)
     assert none.value.status == dicom_io.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+
+def test_an_archive_that_inflates_past_its_ratio_has_the_rest_refused(
+        nodule_env: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zip bomb of many small, very compressible members: the archive's inflated bytes are bounded
+    (shared.uploads.decompression_limit), each member past the budget refused, nothing extracted for it."""
+    import zipfile
+
+    import shared.uploads
+
+    monkeypatch.setattr(shared.uploads, "DECOMPRESSION_RATIO_FLOOR", 1 << 20)  # a budget of 1 MiB for this zip
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for index in range(3):
+            bomb.writestr(f"{index}.dcm", b"\0" * (600 << 10))
+    outcomes = []
+    for name, outcome in dicom_io.extract_zip_members(archive):
+        outcomes.append((name, outcome if isinstance(outcome, dicom_io.InstanceRefused) else None))
+        if isinstance(outcome, Path):
+            outcome.unlink()
+    assert [name for name, _ in outcomes] == ["0.dcm", "1.dcm", "2.dcm"]
+    assert outcomes[0][1] is None
+    for _, refused in outcomes[1:]:
+        assert refused is not None and refused.status == dicom_io.OUT_OF_RESOURCES
+        assert "inflates to more than" in refused.reason
+    assert not list(dicom_io.incoming_dir().iterdir())
