@@ -60,9 +60,10 @@ DECOMPRESSION_RATIO_FLOOR = 256 << 20
 """Below this many decompressed bytes the ratio is not checked (a small, very regular file is fine)."""
 
 
-def decompression_limit(compressed_bytes: int, max_bytes: int) -> int:
+def decompression_limit(compressed_bytes: int, max_bytes: int | None = None) -> int:
     """The most bytes an upload of ``compressed_bytes`` (gzip, zip) may decompress to, at most ``max_bytes``."""
-    return min(max_bytes, max(DECOMPRESSION_RATIO_FLOOR, compressed_bytes * MAX_DECOMPRESSION_RATIO))
+    limit = max(DECOMPRESSION_RATIO_FLOOR, compressed_bytes * MAX_DECOMPRESSION_RATIO)
+    return limit if max_bytes is None else min(max_bytes, limit)
 DEFAULT_HEAD_BYTES = 64 << 10
 PARTIAL_SUFFIX = ".part"
 MAX_FILENAME_CHARS = 255

@@ -29,10 +29,9 @@ from schemathesis import BaseSchema, Case
 
 from tests.conftest import Stack, sqlite_stack_at
 from tests.fraud.conftest import exported_values, run_cli
-from tests.fraud.test_openapi_fuzz import (  # the fraud contract test's helpers, shared
-    MAX_EXAMPLES,
-    SEED,
-    _node_id_for_schemathesis,  # noqa: F401  (an autouse fixture, active here once imported)
+from tests.schema_fuzzing import (
+    fuzz_config,
+    node_id_for_schemathesis,  # noqa: F401  (an autouse fixture, active here once imported)
     start_uvicorn,
     without_transport_headers,
 )
@@ -89,14 +88,8 @@ def wait_until_ready(url: str, timeout_s: float = 180.0) -> None:
 
 
 def server_side_config(api_key: str) -> schemathesis.Config:
-    """Every phase that runs under pytest, the server-side checks only, a fixed seed and budget."""
-    return schemathesis.Config.from_dict({
-        "seed": SEED,
-        "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "database": "none", "deterministic": True},
-        "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
-        "checks": {"enabled": False, **{check: {"enabled": True} for check in SERVER_SIDE_CHECKS}},
-        "auth": {"openapi": {"ApiKey": {"api_key": api_key}}},
-    })
+    """The server-side checks only."""
+    return fuzz_config(api_key, checks={"enabled": False, **{check: {"enabled": True} for check in SERVER_SIDE_CHECKS}})
 
 
 def vertical_schema(target: VerticalsTarget, vertical: str) -> BaseSchema:

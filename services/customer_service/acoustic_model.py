@@ -530,7 +530,7 @@ def rewrite_card(directory: Path) -> int:
 
     manifest = load_manifest(directory, verify=False)
     (directory / MODEL_CARD_NAME).write_text(model_card(manifest.version, manifest.extra, manifest.rebuild_command))
-    print(directory / "MODEL_CARD.md")
+    print(directory / MODEL_CARD_NAME)
     return 0
 
 

@@ -39,6 +39,7 @@ DEBOUNCE_S = 2.0
 MAX_TENANTS = 64
 """Tenants whose built models a process keeps (an ARPA text and a dictionary: ~10 MB each)."""
 
+
 def article_texts(articles: Sequence[Article]) -> list[str]:
     """What a tenant's model learns from its articles: each title, body and reply."""
     return [text for article in articles for text in (article.title, article.body, article.reply or "")

@@ -393,7 +393,7 @@ def read_chunks(path: Path, shape: FileShape, *, skip: int = 0, chunk_rows: int 
         yield from _parquet_chunks(path, shape, skip, chunk_rows)
         return
     size = max(path.stat().st_size, 1)
-    limit = decompression_limit(size, max_decompressed_bytes or (1 << 62)) if shape.compressed else None
+    limit = decompression_limit(size, max_decompressed_bytes) if shape.compressed else None
     with _open_text(path, shape.compressed, limit) as stream:
         header_seen = shape.format != "csv"  # JSON Lines has no header line: each object names its fields
         for first, pieces in line_chunks(text_pieces(stream), chunk_rows):

@@ -3,7 +3,7 @@
 One path for every source (files, gateway batches, MQTT): a chunk arrives as a
 :class:`RawReadings` frame (long format, every column as received) and leaves as readings to keep
 (``sensor_pk``, ``ts`` in UTC, ``value`` in the sensor's canonical unit) plus quarantined rows, each
-with a stable reason code (:data:`REASONS`). No row is dropped silently: each source row is kept
+with a stable reason code (:data:`Reason`). No row is dropped silently: each source row is kept
 or quarantined exactly once.
 
 Two stages:
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Literal, TypeAlias, get_args
+from typing import Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +40,6 @@ Reason = Literal["malformed_row", "bad_timestamp", "unknown_asset", "unknown_sen
                  "incompatible_unit", "not_a_number", "out_of_range", "duplicate", "out_of_order",
                  "line_too_long", "payload_not_json", "schema"]
 """Quarantine reason codes (``QuarantinedRow.reason``): stable strings clients may match on."""
-REASONS: tuple[Reason, ...] = get_args(Reason)
 LONG_COLUMNS = ("timestamp", "asset", "sensor", "value", "unit")
 """The columns of a :class:`RawReadings` frame besides ``row_number`` (``unit`` may be empty)."""
 GAP_FACTOR = 2.0

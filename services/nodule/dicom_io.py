@@ -627,7 +627,7 @@ def extract_zip_members(path: Path) -> Iterator[tuple[str, Path | InstanceRefuse
     """
     # zipfile inflates a member no further than its declared size (a lie is a BadZipFile), so the
     # declared sizes bound the work: per member, and for the archive by its compression ratio.
-    budget = decompression_limit(path.stat().st_size, 1 << 62)
+    budget = decompression_limit(path.stat().st_size)
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if info.is_dir() or info.filename.startswith("__MACOSX/"):

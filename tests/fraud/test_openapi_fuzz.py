@@ -9,18 +9,16 @@ invalid data refused, authentication enforced. The webhooks are fuzzed again thr
 routes (``TESSERA_HOT_ROUTES=false``; the gateway serves them as hot routes) and unsigned (401s).
 
 Bounded and deterministic: a fixed seed and a fixed number of examples per operation (both can be
-raised from the environment for a deeper run, see ``MAX_EXAMPLES``).
+raised from the environment for a deeper run, see ``tests.schema_fuzzing.MAX_EXAMPLES``).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 import requests
@@ -31,11 +29,13 @@ from services.fraud.schemas import EARLIEST_TIMESTAMP, EXAMPLE_RULE, RULE_FIELDS
 from shared.security import SIGNATURE_HEADER, sign_payload
 from tests.conftest import Stack, sqlite_stack_at
 from tests.fraud.conftest import FraudServer, FraudTenant, run_cli
-from tests.support import ManagedProcess, free_port, python_argv
+from tests.schema_fuzzing import (
+    fuzz_config,
+    node_id_for_schemathesis,  # noqa: F401  (an autouse fixture, active here once imported)
+    start_uvicorn,
+    without_transport_headers,
+)
 
-SEED = int(os.environ.get("TESSERA_FUZZ_SEED", "14"))
-MAX_EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "20"))
-"""Per operation and phase; a deeper run: ``TESSERA_FUZZ_EXAMPLES=500 TESSERA_FUZZ_SEED=7 pytest <this file>``."""
 SIGNED_ROUTES = r"/v1/transactions(:batch)?$"
 VALID_YET_REFUSED = {
     ("GET", "/v1/cases"): "a cursor this API did not issue",
@@ -83,26 +83,12 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
                 print(f"--- {process.name} log with errors ---\n{process.output[-8000:]}")
 
 
-def start_uvicorn(app: str, env: dict[str, str], name: str) -> tuple[ManagedProcess, str]:
-    """``app`` starting under uvicorn on a free loopback port (not yet waited for)."""
-    port = free_port()
-    argv = python_argv("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
-                       "--http", "httptools")
-    return ManagedProcess(argv, env, name), f"http://127.0.0.1:{port}"
-
-
-def fuzz_config(api_key: str) -> schemathesis.Config:
-    """Every phase that runs under pytest, every check, a fixed seed and budget, the key as declared."""
-    return schemathesis.Config.from_dict({
-        "seed": SEED,
-        "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "database": "none", "deterministic": True},
-        "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
-        "checks": {"enabled": True},
-        "auth": {"openapi": {"ApiKey": {"api_key": api_key}}},
-        "operations": [{"include-method": method, "include-path": path, "checks": {
+def every_check_config(api_key: str) -> schemathesis.Config:
+    """Every check, valid-yet-refused operations allowed their 422."""
+    return fuzz_config(api_key, checks={"enabled": True}, operations=[
+        {"include-method": method, "include-path": path, "checks": {
             "positive_data_acceptance": {"expected-statuses": VALID_DATA_STATUSES + ["422"]}}}
-            for method, path in VALID_YET_REFUSED],
-    })
+        for method, path in VALID_YET_REFUSED])
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +99,10 @@ def served_schema(fuzz_target: FuzzTarget) -> BaseSchema:
 
 def load_schema(url: str, api_key: str) -> BaseSchema:
     """A served schema with this module's configuration and case hooks."""
-    schema = schemathesis.openapi.from_url(url, config=fuzz_config(api_key))
+    schema = schemathesis.openapi.from_url(url, config=every_check_config(api_key))
     schema.hook("map_case")(keep_event_time_in_window)
     schema.hook("map_headers")(without_transport_headers)
     return schema
-
-
-TRANSPORT_HEADERS = frozenset({"connection", "content-length", "host", "te", "trailer", "transfer-encoding", "upgrade"})
-
-
-def without_transport_headers(_context: schemathesis.HookContext, headers: dict[str, Any]) -> dict[str, Any]:
-    """``map_headers``: no generated HTTP framing header (``Transfer-Encoding: 8Gl@Uid*`` makes the
-    HTTP server, not the app, answer 400 text/plain "Invalid HTTP request received.")."""
-    return {name: value for name, value in (headers or {}).items() if name.lower() not in TRANSPORT_HEADERS}
 
 
 def keep_event_time_in_window(_context: schemathesis.HookContext, case: Case) -> Case:
@@ -179,13 +156,6 @@ twin_api = schemathesis.pytest.from_fixture("twin_schema")
 def twin_schema(fuzz_target: FuzzTarget) -> BaseSchema:
     """The same schema as served by the fraud app whose webhook is its FastAPI route."""
     return load_schema(f"{fuzz_target.twin_url}/openapi.json", fuzz_target.tenant.api_key)
-
-
-@pytest.fixture(autouse=True)
-def _node_id_for_schemathesis(request: pytest.FixtureRequest) -> None:
-    # schemathesis 4.32's lazy schemas read ``Node._nodeid``, which pytest 9.2 replaced by ``_id``.
-    if not hasattr(request.node, "_nodeid"):
-        request.node._nodeid = request.node.nodeid
 
 
 @fraud_api.parametrize()
