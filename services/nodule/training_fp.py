@@ -133,7 +133,13 @@ class FpPlan:
     extra_noise_hu: float = 35.0
     hard_negative_fraction: float = 0.0
     training_settings: str = "default"
+    teacher_stem_stride: int = TEACHER_CROP_CONFIG.stem_stride
+    """1 keeps the teacher's first level at the crop's 1 mm (v7): ~10x the compute of stride 2, finer detail."""
     seed: int = 0
+
+    def teacher_config(self) -> CropNetConfig:
+        """The teacher's network configuration under this plan."""
+        return replace(TEACHER_CROP_CONFIG, stem_stride=self.teacher_stem_stride)
 
     def study_config(self, split: str, seed: int) -> SimulationConfig:
         """The simulation config of one ``train`` or ``validation`` study of this plan."""
@@ -302,7 +308,8 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
         from services.nodule.classifier import load_crop_net
 
         previous, _ = load_crop_net(init_from, device)
-        if previous.config != config:
+        # the stem's stride changes no weight's shape, so a stride-2 network can seed a stride-1 one
+        if replace(previous.config, stem_stride=config.stem_stride) != config:
             raise ValueError(f"{init_from} is a {previous.config}, not a {config}")
         net.load_state_dict(previous.state_dict())
     hardness = None
@@ -542,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="v3")
     parser.add_argument("--quick", action="store_true")
     for name in ("train-studies", "validation-studies", "teacher-steps", "student-steps", "batch-size",
-                 "max-candidates", "seed"):
+                 "max-candidates", "seed", "teacher-stem-stride"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
                  "hard-negative-fraction", "extra-noise-hu"):
@@ -571,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "student_steps", "batch_size", "max_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
-                                                      "extra_noise_hu", "training_settings")
+                                                      "extra_noise_hu", "training_settings", "teacher_stem_stride")
                  if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
     if args.output is None:
@@ -589,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_from:
         teacher, _ = load_crop_net(args.teacher_from, device)
     else:
-        teacher, teacher_log = train_classifier(TEACHER_CROP_CONFIG, bank, plan, plan.teacher_steps,
+        teacher, teacher_log = train_classifier(plan.teacher_config(), bank, plan, plan.teacher_steps,
                                                 plan.teacher_seconds, rng, "teacher", device,
                                                 init_from=args.teacher_init)
         trained.append(("teacher", teacher, teacher_log))

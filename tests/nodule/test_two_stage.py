@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from model_runtime.runtime import ModelRuntime
@@ -17,11 +18,14 @@ from services.nodule.classifier import (
     STUDENT_CROP_CONFIG,
     TEACHER_CROP_CONFIG,
     CropNet,
+    TwoStageArtifactConfig,
+    TwoStageSettings,
     classifier_model_spec,
     crop_tensors,
     extract_crops,
     is_two_stage,
     parameter_count,
+    write_crop_weights,
 )
 from services.nodule.detect import detect_series, load_detector, two_stage_settings_for
 from services.nodule.evaluation import volume_from_simulated
@@ -117,6 +121,20 @@ def test_distillation_step_uses_the_teacher_soft_labels() -> None:
     student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, 3, 0.0, rng, "student", soft_targets=soft)
     assert student_log.steps == 3 and np.isfinite(student_log.final_loss)
     assert augment_crops(bank.crops[:2], rng, 30.0).shape == (2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
+
+
+def test_a_stride_1_teacher_continues_from_a_stride_2_artifact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    bank = _bank(rng)
+    plan = replace(QUICK_FP_PLAN, batch_size=4, teacher_stem_stride=1)
+    stride_2, _ = train_classifier(TEACHER_CROP_CONFIG, bank, plan, 1, 0.0, rng, "teacher")
+    write_crop_weights(stride_2, tmp_path)
+    TwoStageArtifactConfig(stride_2.config, TwoStageSettings(), "teacher").write(tmp_path)
+    stride_1, log = train_classifier(plan.teacher_config(), bank, plan, 1, 0.0, rng, "teacher", init_from=tmp_path)
+    assert stride_1.config.stem_stride == 1 and log.steps == 1
+    assert stride_1(torch.zeros(1, 1, CROP_SIZE, CROP_SIZE, CROP_SIZE)).shape == (1, 1)
+    with pytest.raises(ValueError, match="not a"):
+        train_classifier(STUDENT_CROP_CONFIG, bank, plan, 1, 0.0, rng, "student", init_from=tmp_path)
 
 
 def test_hard_negatives_are_drawn_by_hardness() -> None:
