@@ -4,6 +4,8 @@
 - Failure classification: :func:`classification_scores` (F1, precision, recall at a threshold,
   ROC AUC and average precision), the threshold from :func:`best_f1_threshold` on **validation**
   predictions only.
+- Blends: :func:`choose_blend_weight` picks the share of two models' predictions on **validation**
+  predictions only (the attention model and the LightGBM baseline of the same run).
 - The baseline: LightGBM (:func:`fit_gbm`, early stopping on the validation split) on the window
   statistics, trends and spectral energies of :func:`services.iiot.features.batch_window_features`,
   or on the tabular inputs where there is no window (AI4I).
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +67,27 @@ def classification_scores(labels: npt.ArrayLike, probabilities: npt.ArrayLike, t
             "recall": float(recall_score(y, predicted, zero_division=0)),
             "auc": float(roc_auc_score(y, p)), "average_precision": float(average_precision_score(y, p)),
             "threshold": float(threshold), "positives": int(y.sum()), "rows": int(y.size)}
+
+
+BLEND_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))
+"""The shares of the first model tried by :func:`choose_blend_weight` (0, 0.05, ..., 1)."""
+
+
+def choose_blend_weight(first: FloatArray, second: FloatArray, loss: Callable[[FloatArray], float],
+                        weights: tuple[float, ...] = BLEND_WEIGHTS) -> tuple[float, dict[float, float]]:
+    """The share ``w`` of ``first`` in ``w * first + (1 - w) * second`` with the lowest ``loss`` of the blend,
+    and the loss of every share tried. Ties go to the share nearest an even blend (0.5). Call it on validation
+    predictions only: the chosen share is then applied once to the test predictions."""
+    losses = {w: float(loss(w * np.asarray(first, np.float64) + (1.0 - w) * np.asarray(second, np.float64)))
+              for w in weights}
+    best = min(losses.values())
+    chosen = min((w for w, value in losses.items() if value <= best + 1e-12), key=lambda w: abs(w - 0.5))
+    return chosen, losses
+
+
+def best_f1(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> float:
+    """The F1 at :func:`best_f1_threshold` (a validation figure: the threshold is fitted to these labels)."""
+    return classification_scores(labels, probabilities, best_f1_threshold(labels, probabilities))["f1"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 
 from model_runtime import ModelRuntime, load_manifest
 from model_runtime.artifacts import MODEL_CARD_NAME
-from services.iiot import datasets, training
+from services.iiot import datasets, evaluation, training
 from services.iiot.model import ONNX_FILE, RiskRequest, RiskResult, risk_model_spec
 from services.iiot.training import Arrays, FitSettings, FleetPlan
 
@@ -87,9 +87,33 @@ def test_cmapss_protocol_scores_the_official_test_set_once() -> None:
     assert set(figures["baseline"]["test"]) == set(figures["test"])  # LightGBM, same windows, same run
     assert figures["validation"]["windows"] == figures["baseline"]["validation"]["windows"] == 8 * 3
     assert [len(kept) for kept in figures["ensemble_seeds"]] == [1, 1] and "capped at 125" in figures["protocol"]
+    blend = figures["blend"]  # the share is the best on validation; the test is scored with it once
+    best = min(blend["validation_rmse_capped_by_share"].values())
+    assert blend["validation"]["rmse_capped_truth"] == pytest.approx(best, abs=1e-4)
+    assert set(blend["test"]) == set(figures["test"])
     for fold, kept in enumerate(figures["ensemble_seeds"]):  # chosen on the fold's validation, never on test
         scores = [run["validation_rmse"] for run in figures["runs"] if run["fold"] == fold]
         assert scores[kept[0]] == min(scores)
+
+
+def test_the_cmapss_baseline_may_use_its_own_window_on_the_same_cuts() -> None:
+    require(datasets.CMAPSS_FOLDER)
+    folds = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=50)
+    longer = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=60)
+    figures = training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=longer)
+    assert figures["baseline"]["window"] == 60 and figures["blend"]["attention_share"] in evaluation.BLEND_WEIGHTS
+    other_cuts = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, seed=5)
+    with pytest.raises(ValueError, match="same engines and cuts"):
+        training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=other_cuts)
+
+
+def test_the_blend_share_is_the_best_on_validation_and_ties_go_to_an_even_blend() -> None:
+    truth = np.array([1.0, 2.0, 3.0, 4.0])
+    good, bad = truth + 0.1, truth + 3.0
+    share, losses = evaluation.choose_blend_weight(good, bad, lambda blend: evaluation.rmse(blend, truth))
+    assert share == 1.0 and losses[1.0] == min(losses.values())
+    share, _ = evaluation.choose_blend_weight(truth, truth, lambda blend: evaluation.rmse(blend, truth))
+    assert share == 0.5
 
 
 def test_ai4i_cli_writes_its_evaluation_with_a_validation_threshold(tmp_path: Path) -> None:
@@ -103,6 +127,9 @@ def test_ai4i_cli_writes_its_evaluation_with_a_validation_threshold(tmp_path: Pa
     assert not set(figures["inputs"]) & {"TWF", "HDF", "PWF", "OSF", "RNF"}
     assert figures["baseline"]["test"]["out_of_fold_threshold"] == figures["baseline"]["validation"]["threshold"]
     assert figures["rebuild_command"].startswith("tessera train iiot --dataset ai4i")
+    blend = figures["blend"]  # the share chosen out of fold, its threshold too; the test rows decided as above
+    assert blend["validation"]["f1"] == pytest.approx(max(blend["validation_f1_by_share"].values()), abs=1e-4)
+    assert blend["test"]["out_of_fold_threshold"] == blend["validation"]["threshold"]
 
 
 def test_the_rate_matched_threshold_flags_the_out_of_fold_share_of_rows() -> None:
