@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from sqlalchemy import update
 
 from services.fraud.db import Transaction
-from services.fraud.evaluation import assess
 from services.fraud.schemas import TransactionIn
 from services.fraud.scoring import load_tenant_policy, score_transaction_sync
 from services.fraud.serving import default_artifact_dir, serve_tenant_model_sync
@@ -122,6 +121,8 @@ def _feed_due_labels(namespace: str, pending: list[tuple[float, str]], now: floa
 
 
 def _metrics(frame: pd.DataFrame, scores: dict[int, float]) -> dict[str, float] | None:
+    from services.fraud.evaluation import assess  # scikit-learn: loaded by the job, not by the API importing this
+
     positions = np.fromiter(scores, dtype=int)
     scored = frame.iloc[positions]
     labels = scored["is_fraud"].astype(str).str.strip().isin(["1", "true", "True"]).astype(int)

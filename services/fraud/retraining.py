@@ -43,16 +43,10 @@ from model_runtime.artifacts import save_artifact
 from model_runtime.versions import CANDIDATE, REJECTED, live_version, promote, record_version, tenant_model_listing
 from services.fraud.db import Transaction
 from services.fraud.features import FEATURE_NAMES, SECONDS_PER_DAY
+from services.fraud.periods import CandidatePeriods
 from services.fraud.schemas import EARLIEST_TIMESTAMP, MAX_FUTURE_SKEW
 from services.fraud.serving import BACKTEST_NAMESPACE_MARK, FRAUD_MODEL_NAME, default_artifact_dir
 from services.fraud.state import LABEL_DELAY_S
-from services.fraud.training import (
-    MODEL_NAME,
-    CandidatePeriods,
-    holdout_metrics,
-    train_candidate,
-    write_payload,
-)
 from shared.config import get_settings
 from shared.errors import UnprocessableContent
 from shared.jobs import PublicJobError
@@ -249,6 +243,9 @@ def retrain(session: Session, tenant_id: str, *, holdout_days: int = 7, min_impr
 
 def _retrain(session: Session, tenant_id: str, holdout_days: int, min_improvement: float,
              output_root: Path | None) -> RetrainOutcome:
+    # imported here: training pulls torch and LightGBM, which the API importing this module never needs
+    from services.fraud.training import MODEL_NAME, holdout_metrics, train_candidate, write_payload
+
     frame = labelled_frame(session, tenant_id)
     check_enough_labels(frame_label_counts(frame, holdout_days), holdout_days)
     model, candidate_metrics = train_candidate(frame, None, holdout_days=holdout_days)

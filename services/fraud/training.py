@@ -60,6 +60,7 @@ from services.fraud.model import (
     measure_sequence_backends,
     platt_probability,
 )
+from services.fraud.periods import CandidatePeriods
 from services.fraud.sequence_net import CardSequenceEncoder, SequenceEnsemble
 from shared.config import get_settings
 
@@ -260,32 +261,6 @@ def holdout_metrics(scores: np.ndarray, frame: pd.DataFrame, top_k: int = 100) -
 
     return assess(scores, frame, top_k=top_k) | {
         "brier": float(np.mean((scores - frame.TX_FRAUD.to_numpy()) ** 2))}
-
-
-@dataclass(frozen=True)
-class CandidatePeriods:
-    """How a labelled history is split for a candidate (days since the epoch, inclusive bounds).
-
-    Training days, then ``delay_days`` left out (their labels were not known yet when the
-    held-out days were scored), then the latest ``holdout_days``: the first half of those fits the
-    Platt calibration, all of them measure the candidate.
-    """
-
-    last_day: int
-    holdout_days: int = 7
-    delay_days: int = 7
-
-    @property
-    def last_training_day(self) -> int:
-        return self.last_day - self.holdout_days - self.delay_days
-
-    @property
-    def first_holdout_day(self) -> int:
-        return self.last_day - self.holdout_days + 1
-
-    @property
-    def last_calibration_day(self) -> int:
-        return self.last_day - self.holdout_days // 2
 
 
 def train_candidate(labelled: pd.DataFrame, sequences: np.ndarray | None = None, *,

@@ -95,3 +95,18 @@ def test_the_shipped_model_scores_without_importing_torch() -> None:
     score, torch_loaded = done.stdout.split()
     assert 0.0 <= float(score) <= 1.0
     assert torch_loaded == "False"
+
+
+def test_the_api_modules_import_without_the_training_libraries() -> None:
+    """Each server and test stack start imports the fraud API: training's torch, LightGBM and scikit-learn
+    (~4 s of a start on this box) load in the jobs that train and back-test, not there."""
+    import subprocess
+
+    from tests.support import REPO_ROOT, python_argv
+
+    check = ("import sys, services.fraud.api, services.gateway; "
+             "print(' '.join(m for m in ('torch', 'lightgbm', 'sklearn') if m in sys.modules))")
+    done = subprocess.run(python_argv("-c", check), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "", done.stdout

@@ -17,7 +17,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from model_runtime.versions import ModelVersion
-from services.fraud import retraining
+from services.fraud import training
 from services.fraud.db import Transaction
 from services.fraud.features import compute_offline_features
 from services.fraud.retraining import labelled_frame, retrain
@@ -147,7 +147,7 @@ def test_a_failed_retrain_tells_no_customer_data(migrated_stack: Stack, monkeypa
     def quoting_failure(frame: pd.DataFrame, *args: object, **kwargs: object) -> None:
         raise ValueError(f"cannot use card {frame.CUSTOMER_ID.iloc[0]} with amount {leaked_amount}")
 
-    monkeypatch.setattr(retraining, "train_candidate", quoting_failure)
+    monkeypatch.setattr(training, "train_candidate", quoting_failure)
     monkeypatch.setattr(jobs, "enqueue", lambda *args, **kwargs: None)  # run here, not in a worker
     with session_scope() as session:
         job_id = submit_job(session, retrain_model, key=f"retrain-{tenant_id}", tenant_id=tenant_id,
