@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from model_runtime import ModelRuntime, StreamingSessions, get_runtime
+from model_runtime import ModelRuntime, ModelSpec, StreamingSessions, get_runtime
 from services.customer_service import store
 from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm, domain_texts
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
@@ -102,8 +102,6 @@ def assist_services() -> AssistServices:
 async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     """Load the models and build the process's assist services (see the module docstring)."""
     global _services
-    from services.customer_service.model import emotion_model_spec
-
     runtime = runtime or get_runtime()
     sessions = StreamingSessions(runtime)
     for rate in VAD_RATES:
@@ -111,8 +109,11 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     global _builder
     _builder = _builder or DedicatedProcess()
     domain_lm = await _builder.run(build_domain_lm, domain_texts())
-    await runtime.load(asr_model_spec(ASR_MODEL, domain_lm, processes=get_settings().cs_asr_processes))
-    await runtime.load(emotion_model_spec(name=EMOTION_MODEL))
+    # the specs import torch and transformers and read the tokenizer: in a thread, so that the gateway's
+    # loop keeps answering while the models load
+    await runtime.load(await asyncio.to_thread(asr_model_spec, ASR_MODEL, domain_lm,
+                                               processes=get_settings().cs_asr_processes))
+    await runtime.load(await asyncio.to_thread(_emotion_spec))
     closed = await asyncio.to_thread(_close_abandoned_calls)
     if closed:
         logger.warning("closed %d live calls left open by a process that stopped (kept as partial)", closed)
@@ -122,6 +123,12 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     _services = AssistServices(sessions=sessions, analyzers=analyzers, knowledge_base=_knowledge, feed=event_feed(),
                                asr_step=analyzers.asr_step, language_model=language_models.current)
     return _services
+
+
+def _emotion_spec() -> ModelSpec:
+    from services.customer_service.model import emotion_model_spec
+
+    return emotion_model_spec(name=EMOTION_MODEL)
 
 
 async def stop_assist() -> None:
