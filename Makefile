@@ -32,7 +32,14 @@ test: $(STAMP)  ## set up and run the whole test suite (SQLite and PostgreSQL + 
 lint: $(STAMP)  ## ruff + mypy, the same gate CI runs
 	bash scripts/lint.sh
 
-bench: $(STAMP)  ## run every benchmark (prints tables, writes bench/results/*.json)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	@echo "tessera: installing the benchmarks' extras (XGBoost, py-spy, OpenVINO)"
+	set -o pipefail; $(BIN)/pip install --progress-bar off -e '.[test,bench]' | grep --line-buffered -E '^(Collecting|Successfully installed)'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## install the benchmarks' extras, then run the runtime benchmark (prints tables, writes bench/results/*.json)
 	$(BIN)/tessera bench runtime
 
 clean:

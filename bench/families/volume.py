@@ -171,6 +171,9 @@ def served_patch_model(precision: str, workdir: Path) -> tuple[Any, dict[str, An
         return module, {"precision": precision, "backend": "eager", "batch": RUNTIME_MAX_BATCH}
     example = torch.randn(max(RUNTIME_BATCH_CANDIDATES), 1, *ROI, generator=torch.Generator().manual_seed(3))
     candidates = CPU_CANDIDATES + (("openvino",) if openvino_available() else ())
+    if "openvino" not in candidates:
+        print("  openvino is not installed (make bench, or pip install -e '.[bench]'): fp32 is chosen among "
+              f"{', '.join(candidates)} only", flush=True)
     # Timed at batch 1 and full batches. Timed at full batches only, eager wins the micro-benchmark
     # (23 against 28 ms a patch) but served 10 % fewer volumes/s than ONNX Runtime (measured 2026-12-01).
     choice = choose_cpu_backend(module, example, candidates=candidates, max_abs_error=1e-3,
