@@ -33,6 +33,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import json
+import logging
 import math
 import multiprocessing
 import os
@@ -56,7 +58,10 @@ import numpy as np
 import numpy.typing as npt
 
 from services.customer_service.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+from shared.derived_cache import DerivedFileCache, digest_of, file_fingerprint
 from shared.processes import end_with_parent
+
+logger = logging.getLogger("tessera.cs.asr")
 
 if TYPE_CHECKING:
     from model_runtime import LoadContext, ModelSpec
@@ -168,6 +173,26 @@ class DomainLm:
     sentences: int
     ngram_counts: tuple[int, int, int]
 
+    def to_json(self) -> bytes:
+        """The model as JSON (:meth:`from_json` reads it back)."""
+        return json.dumps({"arpa": self.arpa, "dictionary": self.dictionary, "vocabulary": sorted(self.vocabulary),
+                           "domain_words": sorted(self.domain_words), "guessed_words": list(self.guessed_words),
+                           "unknown_words": list(self.unknown_words), "sentences": self.sentences,
+                           "ngram_counts": list(self.ngram_counts)}).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DomainLm:
+        """A model written by :meth:`to_json` (``ValueError`` when ``data`` is not one)."""
+        try:
+            fields = json.loads(data)
+            first, second, third = (int(count) for count in fields["ngram_counts"])
+            return cls(arpa=str(fields["arpa"]), dictionary=str(fields["dictionary"]),
+                       vocabulary=frozenset(fields["vocabulary"]), domain_words=frozenset(fields["domain_words"]),
+                       guessed_words=tuple(fields["guessed_words"]), unknown_words=tuple(fields["unknown_words"]),
+                       sentences=int(fields["sentences"]), ngram_counts=(first, second, third))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a domain language model: {exc}") from exc
+
     def write(self, folder: Path) -> tuple[Path, Path]:
         """Write ``domain.lm`` (ARPA) and ``domain.dict`` into ``folder``; return their paths."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -220,6 +245,41 @@ def build_domain_lm(texts: Iterable[str], *, generic_words: int = 2000, guess_un
                     domain_words=frozenset(known_domain), guessed_words=tuple(sorted(guessed)),
                     unknown_words=tuple(unknown), sentences=len(sentences),
                     ngram_counts=(len(vocabulary) + 2, len(estimates.bigrams), len(estimates.trigrams)))
+
+
+DOMAIN_LM_CACHE_KEPT = 8
+"""Domain language models kept on disk by :func:`cached_domain_lm` (about 11 MB each)."""
+
+
+def cached_domain_lm(texts: Sequence[str], cache_dir: Path | None) -> DomainLm:
+    """:func:`build_domain_lm` of ``texts`` (default settings), kept in ``cache_dir`` (``None``: always built).
+
+    Building takes ~4 s of CPU and is a pure function of the texts, this module's code, the wheel's
+    generic model and cmudict, and espeak-ng: the file is named by a digest of all of them
+    (:mod:`shared.derived_cache`), so a restart reads the model back in ~0.1 s and any change to an
+    input builds it anew.
+    """
+    if cache_dir is None:
+        return build_domain_lm(texts)
+    cache = DerivedFileCache(cache_dir, prefix="domain-lm", suffix=".json", keep=DOMAIN_LM_CACHE_KEPT)
+    key = digest_of(_domain_lm_inputs(texts))
+    kept = cache.read(key)
+    if kept is not None:
+        try:
+            return DomainLm.from_json(kept)
+        except ValueError:
+            logger.warning("domain language model cache %s: unreadable entry, building anew", cache_dir)
+    model = build_domain_lm(texts)
+    cache.write(key, model.to_json())
+    return model
+
+
+def _domain_lm_inputs(texts: Sequence[str]) -> list[bytes | str]:
+    """Everything :func:`build_domain_lm` (default settings) depends on, for the cache key."""
+    espeak = shutil.which("espeak-ng")
+    return ["domain-lm/1", Path(__file__).read_bytes(), file_fingerprint(model_dir() / "en-us.lm.bin"),
+            file_fingerprint(model_dir() / "cmudict-en-us.dict"),
+            file_fingerprint(Path(espeak)) if espeak else "no espeak-ng", str(len(texts)), *texts]
 
 
 # espeak-ng's US-English IPA to cmudict's phones; longest symbols first when matching

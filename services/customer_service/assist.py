@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +33,16 @@ import numpy.typing as npt
 
 from model_runtime import ModelRuntime, ModelSpec, StreamingSessions, get_runtime
 from services.customer_service import store
-from services.customer_service.asr import AsrRequest, AsrStep, Transcript, asr_model_spec, build_domain_lm, domain_texts
+from services.customer_service.asr import (
+    AsrRequest,
+    AsrStep,
+    Transcript,
+    asr_model_spec,
+    cached_domain_lm,
+    domain_texts,
+)
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
-from services.customer_service.tenant_lm import TenantLanguageModels
+from services.customer_service.tenant_lm import TenantLanguageModels, build_tenant_lm
 from services.customer_service.vad import vad_streaming_model
 from shared.config import get_settings
 from shared.db import session_scope, utcnow
@@ -99,6 +108,12 @@ def assist_services() -> AssistServices:
     return _services
 
 
+def language_model_cache_dir() -> Path:
+    """Where the process keeps the domain language models it built (``<data_dir>/cache/cs-language-models``),
+    so that a restart reads them back instead of building them again."""
+    return get_settings().data_dir / "cache" / "cs-language-models"
+
+
 async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     """Load the models and build the process's assist services (see the module docstring)."""
     global _services
@@ -108,7 +123,8 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
         await sessions.load(vad_streaming_model(rate))
     global _builder
     _builder = _builder or DedicatedProcess()
-    domain_lm = await _builder.run(build_domain_lm, domain_texts())
+    cache_dir = language_model_cache_dir()
+    domain_lm = await _builder.run(cached_domain_lm, domain_texts(), cache_dir)
     # the specs import torch and transformers and read the tokenizer: in a thread, so that the gateway's
     # loop keeps answering while the models load
     await runtime.load(await asyncio.to_thread(asr_model_spec, ASR_MODEL, domain_lm,
@@ -117,7 +133,8 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
     closed = await asyncio.to_thread(_close_abandoned_calls)
     if closed:
         logger.warning("closed %d live calls left open by a process that stopped (kept as partial)", closed)
-    language_models = TenantLanguageModels(builder=_builder)
+    language_models = TenantLanguageModels(builder=_builder,
+                                           build=functools.partial(build_tenant_lm, cache_dir=cache_dir))
     _knowledge.on_synced = language_models.knowledge_synced
     analyzers = RuntimeAnalyzers(runtime, language_models)
     _services = AssistServices(sessions=sessions, analyzers=analyzers, knowledge_base=_knowledge, feed=event_feed(),

@@ -27,8 +27,9 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from services.customer_service.asr import KeyedLm, build_domain_lm, script_texts
+from services.customer_service.asr import KeyedLm, cached_domain_lm, script_texts
 from services.customer_service.knowledge import Article, KnowledgeIndex
 from shared.processes import DedicatedProcess
 
@@ -56,14 +57,14 @@ def knowledge_version(articles: Sequence[Article]) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_tenant_lm(tenant_id: str, articles: Sequence[Article]) -> KeyedLm:
+def build_tenant_lm(tenant_id: str, articles: Sequence[Article], cache_dir: Path | None = None) -> KeyedLm:
     """The tenant's model: the shipped call scripts and its articles (raises ``ValueError`` when
-    there is nothing to build from)."""
+    there is nothing to build from); kept in ``cache_dir`` when given (:func:`cached_domain_lm`)."""
     foreign = {article.tenant_id for article in articles} - {tenant_id}
     if foreign:
         raise ValueError(f"articles of another tenant given for tenant {tenant_id!r}")
     return KeyedLm(f"{tenant_id}@{knowledge_version(articles)}",
-                   build_domain_lm([*script_texts(), *article_texts(articles)]))
+                   cached_domain_lm([*script_texts(), *article_texts(articles)], cache_dir))
 
 
 class TenantLanguageModels:

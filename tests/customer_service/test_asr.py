@@ -9,6 +9,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from services.customer_service.asr import (
     StreamResampler,
     asr_model_spec,
     build_domain_lm,
+    cached_domain_lm,
     ipa_to_cmu,
     sentence_words,
     spell_number,
@@ -111,6 +113,36 @@ def test_ipa_maps_to_cmudict_phones() -> None:
     assert ipa_to_cmu("ɹˈaʊɾɚ") == "R AW T ER"
     assert ipa_to_cmu("tʃˈɛn") == "CH EH N"
     assert ipa_to_cmu("ˈ?!") == ""
+
+
+def test_a_domain_lm_survives_its_json_form(domain_lm: DomainLm) -> None:
+    assert DomainLm.from_json(domain_lm.to_json()) == domain_lm
+    with pytest.raises(ValueError):
+        DomainLm.from_json(b'{"arpa": "x"}')
+
+
+def test_a_kept_domain_lm_is_read_back_and_any_change_of_text_builds_anew(
+        domain_lm: DomainLm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.customer_service import asr
+
+    built: list[list[str]] = []
+
+    def build(texts: list[str]) -> DomainLm:
+        built.append(list(texts))
+        return domain_lm
+
+    monkeypatch.setattr(asr, "build_domain_lm", build)
+    texts = ["Where is my refund?", "Your order ships today."]
+    assert cached_domain_lm(texts, tmp_path) == domain_lm
+    assert cached_domain_lm(texts, tmp_path) == domain_lm  # read back, not built
+    assert len(built) == 1
+    cached_domain_lm([*texts, "A new article."], tmp_path)
+    assert len(built) == 2
+    for kept in tmp_path.glob("domain-lm-*.json"):
+        kept.write_bytes(b"not json")  # a damaged entry is built again, never an error
+    assert cached_domain_lm(texts, tmp_path) == domain_lm
+    assert len(built) == 3
+    assert cached_domain_lm(texts, None) == domain_lm and len(built) == 4  # no cache: always built
 
 
 def test_empty_domain_text_is_refused() -> None:
