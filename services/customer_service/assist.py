@@ -40,6 +40,7 @@ from services.customer_service.asr import (
     asr_model_spec,
     cached_domain_lm,
     domain_texts,
+    kept_domain_lm,
 )
 from services.customer_service.pipeline import AssistServices, EmotionReading, TenantKnowledge, Transcription
 from services.customer_service.tenant_lm import TenantLanguageModels, build_tenant_lm
@@ -123,8 +124,10 @@ async def start_assist(runtime: ModelRuntime | None = None) -> AssistServices:
         await sessions.load(vad_streaming_model(rate))
     global _builder
     _builder = _builder or DedicatedProcess()
-    cache_dir = language_model_cache_dir()
-    domain_lm = await _builder.run(cached_domain_lm, domain_texts(), cache_dir)
+    cache_dir, texts = language_model_cache_dir(), domain_texts()
+    domain_lm = await asyncio.to_thread(kept_domain_lm, texts, cache_dir)  # a restart: read back, no process
+    if domain_lm is None:
+        domain_lm = await _builder.run(cached_domain_lm, texts, cache_dir)
     # the specs import torch and transformers and read the tokenizer: in a thread, so that the gateway's
     # loop keeps answering while the models load
     await runtime.load(await asyncio.to_thread(asr_model_spec, ASR_MODEL, domain_lm,

@@ -25,6 +25,7 @@ from services.customer_service.asr import (
     build_domain_lm,
     cached_domain_lm,
     ipa_to_cmu,
+    kept_domain_lm,
     sentence_words,
     spell_number,
 )
@@ -136,6 +137,7 @@ def test_a_kept_domain_lm_is_read_back_and_any_change_of_text_builds_anew(
     assert cached_domain_lm(texts, tmp_path) == domain_lm
     assert cached_domain_lm(texts, tmp_path) == domain_lm  # read back, not built
     assert len(built) == 1
+    assert kept_domain_lm(texts, tmp_path) == domain_lm and kept_domain_lm(["Other text."], tmp_path) is None
     cached_domain_lm([*texts, "A new article."], tmp_path)
     assert len(built) == 2
     for kept in tmp_path.glob("domain-lm-*.json"):
