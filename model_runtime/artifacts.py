@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from shared.derived_cache import write_atomically
 
 MANIFEST_NAME = "manifest.json"
 MODEL_CARD_NAME = "MODEL_CARD.md"
@@ -103,12 +104,7 @@ class DigestCache:
     def _write(self, entries: dict[str, dict[str, Any]]) -> None:
         live = {key: entry for key, entry in entries.items() if os.path.exists(key)}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".digests-", suffix=".json")
-            os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide it from a worker running as another user
-            with os.fdopen(handle, "w") as out:
-                json.dump(live, out, sort_keys=True)
-            os.replace(temporary, self.path)
+            write_atomically(self.path, json.dumps(live, sort_keys=True).encode())  # 0644: other users read it
         except OSError as exc:
             logger.warning("artifact digest cache %s not written (%r); files will be hashed again", self.path, exc)
 

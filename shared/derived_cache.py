@@ -41,6 +41,22 @@ def file_fingerprint(path: Path) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder and a rename, so that a reader sees
+    the old file or the whole new one, never part of it (``mode``: mkstemp's 0600 would hide the file from a
+    process running as another user). Raises ``OSError``, the temporary file removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
 class DerivedFileCache:
     """Files under ``directory`` named ``<prefix>-<key><suffix>``, at most ``keep`` of them.
 
@@ -79,15 +95,7 @@ class DerivedFileCache:
     def write(self, key: str, data: bytes) -> None:
         """Keep ``data`` as the artifact of ``key`` (atomically), then evict beyond ``keep``; a failure is logged."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(dir=self.directory, prefix=f".{self.prefix}-", suffix=".partial")
-            try:
-                with os.fdopen(handle, "wb") as file:
-                    file.write(data)
-                os.replace(partial, self.path_for(key))
-            except BaseException:
-                Path(partial).unlink(missing_ok=True)
-                raise
+            write_atomically(self.path_for(key), data)
             self._evict()
         except OSError as exc:
             logger.warning("derived cache %s: could not keep %s (%s); it will be derived again next time",
