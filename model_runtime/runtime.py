@@ -348,7 +348,8 @@ class ModelRuntime:
             model = spec.loader(context)
             run = _bind_run(spec, model, placement)
         started = time.perf_counter()
-        per_item_s, prepare_s = _warm_up(spec, run)
+        # A child process finalizes its outputs itself: the parent must not finalize them again.
+        per_item_s, prepare_s = _warm_up(spec, run, finalize=None if process is not None else spec.finalize)
         prepare_where = spec.prepare_where(prepare_s)
         logger.info("model %s %s loaded on %s (warm-up %.1f ms; prepare on the %s)", spec.name, version,
                     placement.describe(), (time.perf_counter() - started) * 1000, prepare_where)
@@ -635,8 +636,9 @@ def _timed_prepare(spec: ModelSpec, item: Any, repeat_below_s: float = 1e-3) -> 
     return prepared, seconds
 
 
-def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> tuple[float | None, float | None]:
-    """Run the warm-up items (batch 1, then all).
+def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]], *,
+             finalize: Callable[[Any], Any] | None) -> tuple[float | None, float | None]:
+    """Run the warm-up items (batch 1, then all), ``finalize`` applied to each output.
 
     Returns seconds per item of the larger batch, and the median seconds ``prepare`` took per item
     (see :func:`_timed_prepare`; ``None`` without warm-up items, or without ``prepare``).
@@ -652,7 +654,7 @@ def _warm_up(spec: ModelSpec, run: Callable[[list[Any]], Sequence[Any]]) -> tupl
     per_item_s = None
     for batch in ([prepared[0]], prepared) if len(prepared) > 1 else ([prepared[0]],):
         started = time.perf_counter()
-        outcomes = execute_batch(run, batch, finalize=spec.finalize, isolate_failures=False)
+        outcomes = execute_batch(run, batch, finalize=finalize, isolate_failures=False)
         per_item_s = (time.perf_counter() - started) / len(batch)
         failed = next((outcome.error for outcome in outcomes if not outcome.ok), None)
         if failed is not None:

@@ -38,3 +38,11 @@ def run_pid_echo(model: dict[str, int], items: list[Any]) -> list[tuple[int, Any
 def load_failing(_context: LoadContext) -> None:
     """A loader whose weights are missing."""
     raise FileNotFoundError("no weights here")
+
+
+def tag_answer(output: tuple[int, Any]) -> dict[str, Any]:
+    """A ``finalize`` that changes the output's shape, so finalizing twice would fail."""
+    if not isinstance(output, tuple):
+        raise TypeError(f"finalize got {type(output).__name__}, not a model output: finalized twice?")
+    pid, item = output
+    return {"pid": pid, "item": item}

@@ -17,7 +17,7 @@ import pytest
 from model_runtime import ModelRuntime, ModelSpec
 from model_runtime.errors import ModelNotReady
 from model_runtime.process_model import PROCESS_RESTARTS, ModelProcessExited
-from tests.model_runtime.process_models import load_failing, load_pid_echo, run_pid_echo
+from tests.model_runtime.process_models import load_failing, load_pid_echo, run_pid_echo, tag_answer
 
 ECHO = ModelSpec(name="echo", version="v1", loader=load_pid_echo, run_batch=run_pid_echo, uses_torch=False,
                  run_in_process=True, max_batch_size=8)
@@ -62,6 +62,17 @@ def test_the_loop_keeps_serving_while_the_child_runs_a_batch(runtime: ModelRunti
     ticks, (_pid, item) = asyncio.run(scenario())
     assert item == 0.5
     assert ticks >= 20  # a loop blocked by the batch would have ticked about once
+
+
+def test_outputs_are_finalized_once_in_the_child_warm_up_included(runtime: ModelRuntime) -> None:
+    finalized = dataclasses.replace(ECHO, finalize=tag_answer, warmup_items=[1, 2, 3])
+
+    async def scenario() -> Any:
+        await runtime.load(finalized)  # warm-up runs through the child: finalizing again would fail the load
+        return await runtime.predict("echo", 7)
+
+    answer = asyncio.run(scenario())
+    assert answer["item"] == 7 and answer["pid"] != os.getpid()
 
 
 def test_a_bad_item_fails_alone_and_errors_cross_the_pipe(runtime: ModelRuntime) -> None:
