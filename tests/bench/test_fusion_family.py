@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.families.fusion import (
+from bench.families.fusion_model import (
     EMOTIONS,
     ONNX_DYNAMIC_AXES,
     FusionClassifier,
