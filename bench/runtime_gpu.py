@@ -436,6 +436,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime_gpu.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the memory calls need an index
     torch.backends.cudnn.benchmark = False  # MONAI's default; shapes vary between ways
     record: dict[str, Any] = {"machine": machine(device)}
     print(json.dumps(record["machine"]), flush=True)
