@@ -11,7 +11,7 @@ CUDA device, torch eager under the runtime's placement (``ModelSpec.device="cuda
   batches), at 1 / 2 / 4 concurrent studies; each precision's output against MONAI fp32;
 - **fusion**: the audio + text model of :mod:`bench.families.fusion_model`, 1-6 s utterances from
   K closed-loop callers, one by one (each caller's thread runs the model per utterance) against the
-  runtime (padded batches bounded by audio samples, length buckets);
+  runtime (padded batches bounded by audio samples, with and without length buckets);
 - **sensor**: the sensor-window attention model of :mod:`bench.families.sensor`, windows/s
   unbatched against batched;
 - **out of memory**: the U-Net's batches under a per-process memory cap (``torch.cuda.
@@ -53,7 +53,7 @@ from bench.families import sensor, volume  # noqa: E402
 from model_runtime import ModelRuntime, ModelSpec, TorchBackend  # noqa: E402
 from model_runtime.memory import MemoryBudget  # noqa: E402
 from model_runtime.metrics import OOM_SPLITS  # noqa: E402
-from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch  # noqa: E402
+from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch_on_device  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 LEVELS = (1, 2, 4)
@@ -143,7 +143,7 @@ def unet_spec(name: str, precision: str, device: torch.device, batch: int,
               memory_budget: MemoryBudget | None = None) -> ModelSpec:
     """The U-Net as a runtime patch model on ``device`` in ``precision``."""
     return ModelSpec(name=name, version="gpu-bench", loader=lambda context: volume.unet().to(context.placement.device),
-                     run_batch=run_patch_batch, max_batch_size=batch, max_wait_ms=1.0, max_queue=1024,
+                     run_batch=run_patch_batch_on_device, max_batch_size=batch, max_wait_ms=1.0, max_queue=1024,
                      device=str(device), precision=precision, memory_budget=memory_budget)
 
 
@@ -276,10 +276,12 @@ def bench_fusion(device: torch.device, quick: bool) -> dict[str, Any]:
         print_point(points[-1])
 
     async def runtime_ways() -> None:
-        for precision in precisions_on(device):
+        # Length buckets (the CPU table's best) and one padded batch of any lengths (padding is cheap on a GPU).
+        ways = [("fp32", True), *((precision, False) for precision in precisions_on(device))]
+        for precision, buckets in ways:
             runtime = ModelRuntime()
-            name = f"fusion-{precision}"
-            spec = fusion.fusion_spec(fusion.fusion_model(), name=name, buckets=True, warmup=requests[:4])
+            name = f"fusion-{precision}{'-buckets' if buckets else ''}"
+            spec = fusion.fusion_spec(fusion.fusion_model(), name=name, buckets=buckets, warmup=requests[:4])
             await runtime.load(dataclasses.replace(
                 spec, loader=lambda context: TorchBackend(fusion.fusion_model(), context.placement),
                 device=str(device), precision=precision, max_batch_size=FUSION_BATCH,
@@ -288,8 +290,8 @@ def bench_fusion(device: torch.device, quick: bool) -> dict[str, Any]:
                 for callers in CALLERS:
                     before = batch_totals(name)
                     run = await closed_loop(runtime, name, requests, callers, seconds)
-                    points.append({"way": "runtime", "precision": precision, "callers": callers,
-                                   **summarise(run["latencies"], run["wall_s"], "utt_per_s"),
+                    points.append({"way": "runtime+buckets" if buckets else "runtime", "precision": precision,
+                                   "callers": callers, **summarise(run["latencies"], run["wall_s"], "utt_per_s"),
                                    "mean_batch": mean_batch(name, before)})
                     print_point(points[-1])
             finally:

@@ -46,10 +46,12 @@ if TYPE_CHECKING:
         SlidingWindowInferer,
         StudyInference,
         run_patch_batch,
+        run_patch_batch_on_device,
     )
 
 __getattr__ = imported_on_use(__name__, {name: "model_runtime.sliding_window" for name in (
-    "ProgressCallback", "SlidingWindowConfig", "SlidingWindowInferer", "StudyInference", "run_patch_batch")})
+    "ProgressCallback", "SlidingWindowConfig", "SlidingWindowInferer", "StudyInference", "run_patch_batch",
+    "run_patch_batch_on_device")})
 """The sliding-window names, imported (with torch) the first time one is asked for."""
 
 __all__ = [
@@ -93,6 +95,7 @@ __all__ = [
     "resolve_device",
     "resolve_placement",
     "run_patch_batch",
+    "run_patch_batch_on_device",
     "run_collated",
     "save_artifact",
     "split_outputs",

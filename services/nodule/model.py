@@ -21,7 +21,7 @@ No resampling: the networks see native voxels; they are trained on the spacings 
 **simulated** chest CT only (:mod:`services.nodule.simulate`).
 
 Serving goes through the shared runtime only: :func:`nodule_model_spec` builds the
-:class:`~model_runtime.ModelSpec` (loader from a sealed artifact, ``run_batch=run_patch_batch``,
+:class:`~model_runtime.ModelSpec` (loader from a sealed artifact, ``run_batch=run_patch_batch_on_device``,
 batches bounded by voxels, device and precision from settings), and
 :mod:`services.nodule.detect` feeds it patches through :class:`~model_runtime.SlidingWindowInferer`.
 """
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_runtime import LoadContext, ModelSpec, SlidingWindowConfig, resolve_device, run_patch_batch
+from model_runtime import LoadContext, ModelSpec, SlidingWindowConfig, resolve_device, run_patch_batch_on_device
 
 HU_WINDOW = (-1024.0, 400.0)
 """HU range the networks see (clipped, then scaled to [0, 1]): air to dense soft tissue; bone saturates."""
@@ -318,7 +318,7 @@ def nodule_model_spec(name: str = STUDENT_NAME, *, artifact_dir: Path | None = N
     return ModelSpec(
         name=name, version=version or ("" if artifact_dir is not None else "in-code"),
         loader=lambda context: _load_for_runtime(context, net),
-        run_batch=run_patch_batch, artifact_dir=artifact_dir,
+        run_batch=run_patch_batch_on_device, artifact_dir=artifact_dir,
         max_batch_size=max_batch_size, max_wait_ms=5.0, max_queue=512,
         cost=patch_voxels, max_batch_cost=float(max(budget, patch_size)),
         warmup_items=warmup, device=device, precision=precision or ("fp16" if on_cuda else None),

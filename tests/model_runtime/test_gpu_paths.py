@@ -70,3 +70,47 @@ def test_gpu_memory_is_in_the_metrics_once_cuda_is_used() -> None:
     exposition = generate_latest(REGISTRY).decode()
     assert "tessera_gpu_memory_allocated_bytes{device=" in exposition
     assert "tessera_gpu_memory_total_bytes{device=" in exposition
+
+
+def test_a_study_on_the_gpu_is_blended_there_and_equals_monai() -> None:
+    import asyncio
+    import copy
+
+    from monai.inferers import sliding_window_inference
+
+    from model_runtime import ModelRuntime, ModelSpec
+    from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch_on_device
+
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(4, 2, 3, padding=1)).eval()
+    volume = torch.randn(1, 40, 36, 20)
+    config = SlidingWindowConfig(roi_size=(16, 16, 16), overlap=0.5, mode="gaussian")
+    with torch.inference_mode():
+        expected = sliding_window_inference(volume[None], config.roi_size, 4, net, overlap=0.5, mode="gaussian")
+    assert isinstance(expected, torch.Tensor)
+    devices: list[str] = []
+
+    def run(model: torch.nn.Module, patches: list[torch.Tensor]) -> list[object]:
+        outputs = run_patch_batch_on_device(model, patches)
+        devices.extend(output.device.type for output in outputs)  # type: ignore[union-attr]
+        return outputs  # type: ignore[return-value]
+
+    async def infer() -> object:
+        runtime = ModelRuntime()
+        await runtime.load(ModelSpec(name="gpu-net", version="t", run_batch=run, device="cuda", max_batch_size=8,
+                                     loader=lambda context: copy.deepcopy(net).to(context.placement.device)))
+        try:
+            return await SlidingWindowInferer(runtime, "gpu-net", config).infer(volume)
+        finally:
+            await runtime.close()
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # exact fp32 convolutions, to compare with the CPU's
+    try:
+        output = asyncio.run(infer())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert devices and set(devices) == {"cuda"}  # the patches stayed on the GPU to be blended
+    assert isinstance(output, torch.Tensor) and output.device.type == "cpu" and output.dtype == torch.float32
+    torch.testing.assert_close(output, expected[0], atol=1e-4, rtol=1e-4)

@@ -25,6 +25,7 @@ from model_runtime.sliding_window import (
     importance_map,
     patch_grid,
     run_patch_batch,
+    run_patch_batch_on_device,
 )
 
 ROI = (16, 16, 16)
@@ -437,3 +438,11 @@ def test_padding_of_a_volume_smaller_than_the_patch_is_monais(runtime: ModelRunt
         return await SlidingWindowInferer(runtime, "seg", config).infer(volume)
 
     assert_matches(asyncio.run(scenario()), monai_reference(net, volume, config))
+
+
+def test_patch_outputs_of_a_model_on_the_cpu_are_on_the_host_either_way() -> None:
+    patches = [torch.randn(1, *ROI) for _ in range(3)]
+    on_host, kept = run_patch_batch(tiny_net(), patches), run_patch_batch_on_device(tiny_net(), patches)
+    for host, other in zip(on_host, kept, strict=True):
+        assert isinstance(other, torch.Tensor) and other.device.type == "cpu" and other.dtype == torch.float32
+        torch.testing.assert_close(other, host)
