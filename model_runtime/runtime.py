@@ -523,6 +523,10 @@ class ModelRuntime:
         """The served version of model ``name`` (KeyError when not loaded); cheap enough per request."""
         return self._models[name].version
 
+    def placement(self, name: str) -> Placement:
+        """Where the served version of model ``name`` runs: device and precision (KeyError when not loaded)."""
+        return self._models[name].placement
+
     def is_ready(self, names: Iterable[str]) -> bool:
         """True when every model in ``names`` is loaded (for ``/readyz``)."""
         return all(name in self._models for name in names)

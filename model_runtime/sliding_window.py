@@ -38,6 +38,7 @@ under a study makes it start over on the new version rather than blend the two.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -627,7 +628,7 @@ class SlidingWindowInferer:
                          timeout_s: float | None) -> PatchOutput:
         try:
             async with asyncio.timeout(timeout_s):
-                plan = await asyncio.to_thread(plan_study, volume, self.config)
+                plan = await asyncio.to_thread(self._plan_on_model_device, volume)
                 for _attempt in range(MAX_VERSION_RESTARTS + 1):
                     try:
                         return await self._infer_on_one_version(plan, progress)
@@ -640,6 +641,19 @@ class SlidingWindowInferer:
             if isinstance(exc, RuntimeTimeout):  # a patch's own deadline
                 raise
             raise RuntimeTimeout(f"model {self.model}: study not inferred within {timeout_s} s") from exc
+
+    def _plan_on_model_device(self, volume: torch.Tensor | np.ndarray) -> StudyPlan:
+        """:func:`plan_study`, the volume copied once to the GPU the model is served on (as MONAI's
+        inferer cuts patches where the volume lies): its patches are then views there, and a batch is
+        stacked on the device instead of copied from the host patch by patch."""
+        plan = plan_study(volume, self.config)
+        try:
+            placement = self.runtime.placement(self.model)
+        except KeyError:  # not loaded: predict answers that, patch by patch
+            return plan
+        if placement.device_type != "cuda":
+            return plan
+        return dataclasses.replace(plan, volume=plan.volume.to(placement.device))
 
     async def _infer_on_one_version(self, plan: StudyPlan, progress: StudyProgress) -> PatchOutput:
         """One pass over every patch of the study, all on the version its first patch goes to."""

@@ -72,7 +72,7 @@ def test_gpu_memory_is_in_the_metrics_once_cuda_is_used() -> None:
     assert "tessera_gpu_memory_total_bytes{device=" in exposition
 
 
-def test_a_study_on_the_gpu_is_blended_there_and_equals_monai() -> None:
+def test_a_study_on_the_gpu_is_cut_and_blended_there_and_equals_monai() -> None:
     import asyncio
     import copy
 
@@ -93,6 +93,7 @@ def test_a_study_on_the_gpu_is_blended_there_and_equals_monai() -> None:
 
     def run(model: torch.nn.Module, patches: list[torch.Tensor]) -> list[object]:
         outputs = run_patch_batch_on_device(model, patches)
+        devices.extend(patch.device.type for patch in patches)
         devices.extend(output.device.type for output in outputs)  # type: ignore[union-attr]
         return outputs  # type: ignore[return-value]
 
@@ -111,6 +112,6 @@ def test_a_study_on_the_gpu_is_blended_there_and_equals_monai() -> None:
         output = asyncio.run(infer())
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    assert devices and set(devices) == {"cuda"}  # the patches stayed on the GPU to be blended
+    assert devices and set(devices) == {"cuda"}  # patches cut on the GPU, their outputs blended there
     assert isinstance(output, torch.Tensor) and output.device.type == "cpu" and output.dtype == torch.float32
     torch.testing.assert_close(output, expected[0], atol=1e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ from monai.inferers.utils import _get_scan_interval
 from runtime_fakes import wait_until
 
 from model_runtime import ModelRuntime, ModelSpec
+from model_runtime.device import Placement
 from model_runtime.errors import BadInput, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.sliding_window import (
     PatchOutput,
@@ -276,6 +277,9 @@ class RefusingRuntime:
 
     def version(self, name: str) -> str:
         return "v1"
+
+    def placement(self, name: str) -> Placement:
+        return Placement("cpu")
 
     async def predict(self, name: str, patch: torch.Tensor) -> PatchOutput:
         self.calls += 1
