@@ -30,6 +30,7 @@ Usage::
     python bench/nodule.py --quick    # ~2 min (128 x 128 x 32 volumes, 256 x 256 series, 1 run each)
     python bench/nodule.py --quick --sections ingest    # a subset: detector, ingest, e2e
     python bench/nodule.py --smoke --sections ingest    # toy sizes, for the test (~20 s)
+    python bench/nodule.py --sections detector --device cuda    # the detector table on a GPU
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def detector_volumes(count: int, shape: tuple[int, int, int]) -> list[Any]:
 
 
 async def _detector_point(role: str, models_dir: Path, shape: tuple[int, int, int], repeats: int,
-                          concurrency: tuple[int, ...]) -> dict[str, Any]:
+                          concurrency: tuple[int, ...], device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from model_runtime.runtime import ModelRuntime
@@ -175,7 +176,7 @@ async def _detector_point(role: str, models_dir: Path, shape: tuple[int, int, in
     artifact = default_artifact_dir(role)  # under TESSERA_MODELS_DIR, set by point()
     runtime = ModelRuntime()
     name = f"nodule-{role}"
-    await load_detector(runtime, role=role, model_name=name, artifact_dir=str(artifact), device="cpu")
+    await load_detector(runtime, role=role, model_name=name, artifact_dir=str(artifact), device=device)
     try:
         volumes = detector_volumes(max(2, max(concurrency, default=1)), shape)
         await detect_series(volumes[0], runtime=runtime, model_name=name)  # warm-up
@@ -203,7 +204,7 @@ async def _detector_point(role: str, models_dir: Path, shape: tuple[int, int, in
 
 
 def _reference_point(roi: tuple[int, int, int], overlap: float, shape: tuple[int, int, int],
-                     repeats: int) -> dict[str, Any]:
+                     repeats: int, device: str = "cpu") -> dict[str, Any]:
     """A plain MONAI BasicUNet (default features) through ``sliding_window_inference``, per volume."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -212,16 +213,16 @@ def _reference_point(roi: tuple[int, int, int], overlap: float, shape: tuple[int
     from services.nodule.model import normalise_hu
 
     torch.manual_seed(0)
-    network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1).eval()
+    network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1).eval().to(device)
     volume = detector_volumes(1, shape)[0]
     seconds = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
         with torch.inference_mode():
-            inputs = torch.from_numpy(normalise_hu(volume.hu))[None, None]
+            inputs = torch.from_numpy(normalise_hu(volume.hu))[None, None].to(device)
             logits = sliding_window_inference(inputs, roi, 1, network, overlap=overlap, mode="gaussian")
             assert isinstance(logits, torch.Tensor)
-            torch.sigmoid(logits)
+            torch.sigmoid(logits).cpu()
         seconds.append(time.perf_counter() - started)
     return {"seconds": seconds[1:], "p50_s": statistics.median(seconds[1:]), "peak_rss_mb": peak_rss_mb(),
             "parameters": sum(p.numel() for p in network.parameters())}
@@ -244,20 +245,21 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
         settings = DetectorSettings() if is_two_stage(student) else NoduleArtifactConfig.read(student).detector
         roi = tuple(settings.roi_size)
         overlap = settings.overlap
-        record = _reference_point((roi[0], roi[1], roi[2]), overlap, (shape[0], shape[1], shape[2]), args.repeats)
+        record = _reference_point((roi[0], roi[1], roi[2]), overlap, (shape[0], shape[1], shape[2]), args.repeats,
+                                  args.device)
         return {**record, "roi": roi, "overlap": overlap}
     return asyncio.run(_detector_point(args.way, Path(args.models_dir), (shape[0], shape[1], shape[2]),
-                                       args.repeats, concurrency))
+                                       args.repeats, concurrency, args.device))
 
 
 def point(way: str, models_dir: Path, shape: tuple[int, int, int], repeats: int,
-          concurrency: tuple[int, ...] = ()) -> dict[str, Any]:
-    """One detector way in a fresh subprocess; its JSON record."""
+          concurrency: tuple[int, ...] = (), device: str = "cpu") -> dict[str, Any]:
+    """One detector way in a fresh subprocess on ``device``; its JSON record."""
     command = [sys.executable, __file__, "point", "--way", way, "--models-dir", str(models_dir),
                "--shape", ",".join(map(str, shape)), "--repeats", str(repeats),
-               "--concurrency", ",".join(map(str, concurrency))]
+               "--concurrency", ",".join(map(str, concurrency)), "--device", device]
     env = {**os.environ, "TESSERA_LOG_JSON": "false", "TESSERA_LOG_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore",
-           "TESSERA_DEVICE": "cpu", "TESSERA_TORCH_THREADS": str(os.cpu_count() or 1),
+           "TESSERA_DEVICE": device, "TESSERA_TORCH_THREADS": str(os.cpu_count() or 1),
            "TESSERA_MODELS_DIR": str(models_dir)}
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=REPO)
     if completed.returncode != 0:
@@ -266,17 +268,17 @@ def point(way: str, models_dir: Path, shape: tuple[int, int, int], repeats: int,
     return {**record, "way": way}
 
 
-def bench_detector(plan: Plan, models_dir: Path) -> dict[str, Any]:
+def bench_detector(plan: Plan, models_dir: Path, device: str = "cpu") -> dict[str, Any]:
     """Section 1: student, teacher and the MONAI reference per volume; the student's volumes/s at K."""
     shape = plan.volume_shape
     ways = {}
     for way, repeats in (("student", plan.repeats), ("teacher", plan.repeats), ("reference", plan.reference_repeats)):
-        ways[way] = point(way, models_dir, shape, repeats)
+        ways[way] = point(way, models_dir, shape, repeats, device=device)
         print(f"  {way:<10} p50 {ways[way]['p50_s']:.2f} s  rss {ways[way]['peak_rss_mb']:.0f} MB", flush=True)
-    concurrent = point("student", models_dir, shape, max(1, plan.repeats // 2), plan.concurrency)
+    concurrent = point("student", models_dir, shape, max(1, plan.repeats // 2), plan.concurrency, device)
     print("  student concurrent: " + ", ".join(f"K={k} {concurrent[f'volumes_per_s_k{k}']:.3f} vol/s"
                                                  for k in plan.concurrency), flush=True)
-    return {"shape_zyx": shape, "threads": os.cpu_count(), "ways": ways,
+    return {"shape_zyx": shape, "threads": os.cpu_count(), "device": device, "ways": ways,
             "teacher_over_student": ways["teacher"]["p50_s"] / ways["student"]["p50_s"],
             "reference_over_student": ways["reference"]["p50_s"] / ways["student"]["p50_s"],
             "student_volumes_per_s": {str(k): concurrent[f"volumes_per_s_k{k}"] for k in plan.concurrency},
@@ -535,7 +537,8 @@ def print_tables(record: dict[str, Any]) -> None:
     detector = record.get("detector")
     if detector:
         shape = "x".join(map(str, reversed(detector["shape_zyx"])))
-        print(f"\nDetector per {shape} volume, CPU ({detector['threads']} threads), models: {record['models']}")
+        where = str(detector.get("device", "cpu")).upper()
+        print(f"\nDetector per {shape} volume, {where} ({detector['threads']} CPU threads), models: {record['models']}")
         print(f"{'way':<44} {'p50 s':>7} {'RSS MB':>7} {'params':>9}")
         labels = {"student": "student (detect_series, runtime)", "teacher": "teacher (detect_series, runtime)",
                   "reference": "MONAI BasicUNet + sliding_window_inference"}
@@ -569,7 +572,7 @@ def print_tables(record: dict[str, Any]) -> None:
               f"{timed['last_instance_to_sr_stored_s'] - e2e['quiet_period_s']:6.2f} s")
 
 
-def bench(plan: Plan, sections: list[str]) -> dict[str, Any]:
+def bench(plan: Plan, sections: list[str], device: str = "cpu") -> dict[str, Any]:
     """Every requested section; the JSON record."""
     tools = dcmtk_tools()
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
@@ -582,7 +585,7 @@ def bench(plan: Plan, sections: list[str]) -> dict[str, Any]:
             models_dir, record["models"] = student_artifacts(workdir)
         if "detector" in sections:
             print("detector per volume", flush=True)
-            record["detector"] = bench_detector(plan, models_dir)
+            record["detector"] = bench_detector(plan, models_dir, device)
         missing = [name for name, path in tools.items() if path is None]
         if missing and ({"ingest", "e2e"} & set(sections)):
             print(f"skipping ingest and end to end: {', '.join(missing)} not installed "
@@ -608,9 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--shape", required=True)
     one.add_argument("--repeats", type=int, default=3)
     one.add_argument("--concurrency", default="")
+    one.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="small volumes, one run each (~3 min)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes for the test (numbers mean nothing)")
     parser.add_argument("--sections", default="detector,ingest,e2e")
+    parser.add_argument("--device", default="cpu", help="the detector section's device (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.command == "point":
@@ -618,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     plan = SMOKE if args.smoke else QUICK if args.quick else FULL
-    record = bench(plan, [s.strip() for s in args.sections.split(",") if s.strip()])
+    record = bench(plan, [s.strip() for s in args.sections.split(",") if s.strip()], args.device)
     record["wall_s"] = time.monotonic() - started
     print_tables(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)
