@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._measure import threaded_callers  # noqa: E402
 from bench.families import fusion_model as fusion  # noqa: E402
 from bench.families import sensor, volume  # noqa: E402
 from model_runtime import ModelRuntime, ModelSpec, TorchBackend  # noqa: E402
@@ -119,23 +120,8 @@ def monai_point(model: torch.nn.Module, volumes: list[torch.Tensor], concurrency
 
     infer(volumes[0])
     reset_peak(device)
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def caller(mine: list[torch.Tensor]) -> None:
-        for study in mine:
-            started = time.perf_counter()
-            infer(study)
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=caller, args=(volumes[i::concurrency],)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    result = summarise(latencies, time.perf_counter() - started, "volumes_per_s")
+    latencies, wall_s = threaded_callers(infer, volumes, concurrency)
+    result = summarise(latencies, wall_s, "volumes_per_s")
     return {**result, "peak_gpu_mb": peak_memory_mb(device)}
 
 

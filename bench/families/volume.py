@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +51,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench._measure import peak_rss_mb, threaded_callers  # noqa: E402
 
 ROI = (64, 64, 64)
 OVERLAP = 0.25
@@ -88,14 +89,6 @@ def study_volumes(count: int, shape: tuple[int, int, int], seed: int = 7) -> lis
     return volumes
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (MB), from ``/proc/self/status`` (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def summarise(latencies_s: list[float], wall_s: float) -> dict[str, Any]:
     """Volumes/s and per-volume p50/p99 (s); with few volumes p99 is close to the maximum."""
     ordered = sorted(latencies_s)
@@ -122,23 +115,9 @@ def run_monai(sw_batch_size: int, concurrency: int, per_caller: int, shape: tupl
     model = unet()
     volumes = study_volumes(concurrency * per_caller, shape)
     monai_infer(model, volumes[0], sw_batch_size)  # warm-up: allocator, oneDNN kernels
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def caller(mine: list[torch.Tensor]) -> None:
-        for volume in mine:
-            started = time.perf_counter()
-            monai_infer(model, volume, sw_batch_size)
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=caller, args=(volumes[i::concurrency],)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return summarise(latencies, time.perf_counter() - started)
+    latencies, wall_s = threaded_callers(lambda volume: monai_infer(model, volume, sw_batch_size), volumes,
+                                         concurrency)
+    return summarise(latencies, wall_s)
 
 
 def best_sw_batch_size(shape: tuple[int, int, int]) -> dict[str, Any]:
