@@ -52,6 +52,7 @@ from bench._measure import threaded_callers  # noqa: E402
 from bench.families import fusion_model as fusion  # noqa: E402
 from bench.families import sensor, volume  # noqa: E402
 from model_runtime import ModelRuntime, ModelSpec, TorchBackend  # noqa: E402
+from model_runtime.batcher import FillPolicy  # noqa: E402
 from model_runtime.memory import MemoryBudget  # noqa: E402
 from model_runtime.metrics import OOM_SPLITS  # noqa: E402
 from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch_on_device  # noqa: E402
@@ -61,6 +62,11 @@ LEVELS = (1, 2, 4)
 CALLERS = (1, 4, 16)
 PATCH_BATCH = 16
 FUSION_BATCH, FUSION_BATCH_COST = 32, 64 * fusion.SAMPLE_RATE
+WINDOW_MS = {"fusion": 5.0, "sensor": 2.0}
+"""The ``window`` fill's wait for a batch: about a third of a batch's time on the GPU (~17 ms for an utterance,
+launch-bound; ~3 ms for sensor windows), so callers answered by one batch can join the next."""
+POINT_SECONDS = {"fusion": 4.0, "sensor": 3.0}
+"""Closed-loop seconds a point (``--seconds`` overrides both; ``--quick``: 1 s)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -249,7 +255,7 @@ def bench_fusion(device: torch.device, quick: bool) -> dict[str, Any]:
     """Utterances one by one (fp32, eager on the device) vs the runtime in each precision."""
     from model_runtime.device import Placement
 
-    seconds = 1.0 if quick else 4.0
+    seconds = 1.0 if quick else POINT_SECONDS["fusion"]
     pool = fusion.utterance_pool()
     requests = [(pcm, text) for pcm, text, _ in pool]
     naive = TorchBackend(fusion.fusion_model(), Placement(device))
@@ -262,22 +268,27 @@ def bench_fusion(device: torch.device, quick: bool) -> dict[str, Any]:
         print_point(points[-1])
 
     async def runtime_ways() -> None:
-        # Length buckets (the CPU table's best) and one padded batch of any lengths (padding is cheap on a GPU).
-        ways = [("fp32", True), *((precision, False) for precision in precisions_on(device))]
-        for precision, buckets in ways:
+        # Length buckets (the CPU table's best), one padded batch of any lengths (padding is cheap on a GPU),
+        # the same waiting a few ms for a fuller batch (the window fill), then the mixed precisions.
+        mixed = [precision for precision in precisions_on(device) if precision != "fp32"]
+        ways: list[tuple[str, str, bool, FillPolicy]] = [
+            ("runtime+buckets", "fp32", True, "greedy"), ("runtime", "fp32", False, "greedy"),
+            ("runtime+window", "fp32", False, "window"),
+            *(("runtime", precision, False, "greedy") for precision in mixed)]
+        for way, precision, buckets, fill in ways:
             runtime = ModelRuntime()
-            name = f"fusion-{precision}{'-buckets' if buckets else ''}"
+            name = f"fusion-{way}-{precision}"
             spec = fusion.fusion_spec(fusion.fusion_model(), name=name, buckets=buckets, warmup=requests[:4])
             await runtime.load(dataclasses.replace(
                 spec, loader=lambda context: TorchBackend(fusion.fusion_model(), context.placement),
                 device=str(device), precision=precision, max_batch_size=FUSION_BATCH,
-                max_batch_cost=FUSION_BATCH_COST))
+                max_batch_cost=FUSION_BATCH_COST, fill=fill, max_wait_ms=WINDOW_MS["fusion"]))
             try:
                 for callers in CALLERS:
                     before = batch_totals(name)
                     run = await closed_loop(runtime, name, requests, callers, seconds)
-                    points.append({"way": "runtime+buckets" if buckets else "runtime", "precision": precision,
-                                   "callers": callers, **summarise(run["latencies"], run["wall_s"], "utt_per_s"),
+                    points.append({"way": way, "precision": precision, "callers": callers,
+                                   **summarise(run["latencies"], run["wall_s"], "utt_per_s"),
                                    "mean_batch": mean_batch(name, before)})
                     print_point(points[-1])
             finally:
@@ -292,7 +303,7 @@ def bench_sensor(device: torch.device, quick: bool) -> dict[str, Any]:
     """Windows one at a time (K threads) vs the runtime's batches, fp32."""
     from model_runtime.device import Placement
 
-    seconds = 1.0 if quick else 3.0
+    seconds = 1.0 if quick else POINT_SECONDS["sensor"]
     windows = sensor.make_windows(512)
     naive = TorchBackend(sensor.build_model(), Placement(device))
     points: list[dict[str, Any]] = []
@@ -303,24 +314,25 @@ def bench_sensor(device: torch.device, quick: bool) -> dict[str, Any]:
                        **summarise(run["latencies"], run["wall_s"], "windows_per_s")})
         print_point(points[-1])
 
-    async def batched() -> None:
+    async def batched(way: str, fill: FillPolicy) -> None:
         runtime = ModelRuntime()
-        counter = sensor.BatchCounter()
-        spec = sensor.sensor_spec("sensor-gpu", lambda context: TorchBackend(sensor.build_model(), context.placement),
-                                  counter)
-        await runtime.load(dataclasses.replace(spec, device=str(device)))
+        name = f"sensor-gpu-{fill}"
+        spec = sensor.sensor_spec(name, lambda context: TorchBackend(sensor.build_model(), context.placement),
+                                  sensor.BatchCounter())
+        await runtime.load(dataclasses.replace(spec, device=str(device), fill=fill, max_wait_ms=WINDOW_MS["sensor"]))
         try:
             for callers in CALLERS:
-                before = batch_totals("sensor-gpu")
-                run = await closed_loop(runtime, "sensor-gpu", windows, callers, seconds)
-                points.append({"way": "runtime", "callers": callers,
+                before = batch_totals(name)
+                run = await closed_loop(runtime, name, windows, callers, seconds)
+                points.append({"way": way, "callers": callers,
                                **summarise(run["latencies"], run["wall_s"], "windows_per_s"),
-                               "mean_batch": mean_batch("sensor-gpu", before)})
+                               "mean_batch": mean_batch(name, before)})
                 print_point(points[-1])
         finally:
             await runtime.close()
 
-    asyncio.run(batched())
+    asyncio.run(batched("runtime", "greedy"))
+    asyncio.run(batched("runtime+window", "window"))
     return {"points": points}
 
 
@@ -421,9 +433,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 s points")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sections", default="volume,fusion,sensor,oom")
+    parser.add_argument("--seconds", type=float, help="closed-loop seconds a fusion / sensor point")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime_gpu.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.seconds:
+        POINT_SECONDS.update(fusion=args.seconds, sensor=args.seconds)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the memory calls need an index
     torch.backends.cudnn.benchmark = False  # MONAI's default; shapes vary between ways
