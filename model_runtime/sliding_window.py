@@ -314,10 +314,9 @@ class Stitcher:
     Not thread-safe: one :meth:`add` at a time per study (the inferer serialises them). On the
     host the sums are NumPy float32 arrays, added into in place through one scratch buffer per
     output (no allocation per patch, no torch intra-op threads). When the first patch output lies
-    on a GPU (a model served there, :func:`run_patch_batch` leaving its outputs on the device), the
-    sums stay on that device as torch tensors and only the blended volume is copied to the host,
-    once, in :meth:`finish`: moving every patch out and blending on the CPU made the CPU, not the
-    GPU, bound a study's time (measured on an H200: 20 volumes/s at most).
+    on a GPU (a model served there through :func:`run_patch_batch_on_device`), the sums stay on that
+    device as torch tensors and only the blended volume is copied to the host, once, in
+    :meth:`finish`, instead of every patch output.
     """
 
     def __init__(self, plan: StudyPlan) -> None:
@@ -339,7 +338,6 @@ class Stitcher:
             self._on_device.add(self.plan.windows[index], parts)
             return
         if self.outputs is None:
-            self.named = isinstance(patch_output, Mapping)
             self.outputs = {name: np.zeros((part.shape[0], *self.plan.weight_sum.shape), dtype=np.float32)
                             for name, part in parts.items()}
             self._scratch = {name: np.empty((part.shape[0], *self.plan.patch_size), dtype=np.float32)
@@ -746,9 +744,8 @@ def run_patch_batch_on_device(model: Callable[[torch.Tensor], Any], patches: lis
     """:func:`run_patch_batch` whose outputs stay on the GPU the model ran on (on the host otherwise).
 
     For a :class:`SlidingWindowInferer`'s model served on a GPU: its :class:`Stitcher` blends the
-    patches there and moves only the finished volume to the host (per-patch copies and CPU
-    blending made the CPU bound a study's time). Callers that read outputs themselves want
-    :func:`run_patch_batch`.
+    patches there and moves only the finished volume to the host. Callers that read outputs
+    themselves want :func:`run_patch_batch`.
     """
     return _run_patches(model, patches, keep_on_gpu=True)
 
