@@ -6,9 +6,11 @@ CUDA device, torch eager under the runtime's placement (``ModelSpec.device="cuda
 
 - **volume**: the 3D U-Net of :mod:`bench.families.volume` on 256x256x64 volumes, 64^3 patches,
   overlap 0.25, Gaussian blending; MONAI's ``sliding_window_inference`` per study on the GPU (its
-  default ``sw_batch_size=1`` and the best of a search) against the runtime's
+  default ``sw_batch_size=1`` and the best of a search; the best also with its output copied back
+  through pinned memory, as the runtime does) against the runtime's
   :class:`~model_runtime.sliding_window.SlidingWindowInferer` (patches of concurrent studies share
-  batches), at 1 / 2 / 4 concurrent studies; each precision's output against MONAI fp32;
+  batches; its patch batch the best of a search at 4 studies), at 1 / 2 / 4 concurrent studies; each
+  precision's output against MONAI fp32;
 - **fusion**: the audio + text model of :mod:`bench.families.fusion_model`, 1-6 s utterances from
   K closed-loop callers, one by one (each caller's thread runs the model per utterance) against the
   runtime (padded batches bounded by audio samples, with and without length buckets);
@@ -54,13 +56,21 @@ from bench.families import sensor, volume  # noqa: E402
 from model_runtime import ModelRuntime, ModelSpec, TorchBackend  # noqa: E402
 from model_runtime.batcher import FillPolicy  # noqa: E402
 from model_runtime.memory import MemoryBudget  # noqa: E402
-from model_runtime.metrics import OOM_SPLITS  # noqa: E402
-from model_runtime.sliding_window import SlidingWindowConfig, SlidingWindowInferer, run_patch_batch_on_device  # noqa: E402
+from model_runtime.metrics import OOM_SPLITS, OUT_OF_MEMORY  # noqa: E402
+from model_runtime.sliding_window import (  # noqa: E402
+    SlidingWindowConfig,
+    SlidingWindowInferer,
+    run_patch_batch_on_device,
+    to_host_via_pinned,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 LEVELS = (1, 2, 4)
 CALLERS = (1, 4, 16)
-PATCH_BATCH = 16
+SW_BATCH_CANDIDATES = (1, 4, 8, 16, 32, 64)
+"""MONAI's ``sw_batch_size`` search, on one study (its best p50)."""
+PATCH_BATCH_CANDIDATES = (16, 32, 64)
+"""The runtime's patch batch search, fp32 at 4 studies (its best volumes/s): each way gets its best batch."""
 FUSION_BATCH, FUSION_BATCH_COST = 32, 64 * fusion.SAMPLE_RATE
 WINDOW_MS = {"fusion": 5.0, "sensor": 2.0}
 """The ``window`` fill's wait for a batch: about a third of a batch's time on the GPU (~17 ms for an utterance,
@@ -111,18 +121,28 @@ def oom_splits(name: str) -> float:
     return float(OOM_SPLITS.labels(name)._value.get())
 
 
+def out_of_memory_count(name: str) -> float:
+    """Batches of model ``name`` that really ran out of device memory (splits also count budget cuts)."""
+    return float(OUT_OF_MEMORY.labels(name)._value.get())
+
+
 # -------------------------------------------------------------------------------------------- volume
 def monai_point(model: torch.nn.Module, volumes: list[torch.Tensor], concurrency: int, sw_batch_size: int,
-                device: torch.device) -> dict[str, Any]:
-    """Studies through MONAI's ``sliding_window_inference`` on the device, one thread per caller."""
+                device: torch.device, pinned_output: bool = False) -> dict[str, Any]:
+    """Studies through MONAI's ``sliding_window_inference`` on the device, one thread per caller.
+
+    The output comes back to the host by ``.cpu()`` (what a service calling MONAI per study does),
+    or with ``pinned_output`` through a page-locked staging buffer, as the runtime's inferer copies it.
+    """
     from monai.inferers import sliding_window_inference
 
     def infer(study: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             output = sliding_window_inference(study[None].to(device), volume.ROI, sw_batch_size, model,
                                               overlap=volume.OVERLAP, mode=volume.BLEND)
-        assert isinstance(output, torch.Tensor)
-        return output[0].float().cpu()
+            assert isinstance(output, torch.Tensor)
+            blended = output[0].float()
+            return to_host_via_pinned(blended) if pinned_output and blended.is_cuda else blended.cpu()
 
     infer(volumes[0])
     reset_peak(device)
@@ -169,9 +189,12 @@ def bench_volume(device: torch.device, quick: bool) -> dict[str, Any]:
     model = volume.unet().to(device)
     check = volume.study_volumes(1, shape, seed=11)[0]
     search = {}
-    for size in ((1, 4) if quick else (1, 4, 8, 16, 32)):
+    for size in ((1, 4) if quick else SW_BATCH_CANDIDATES):
         search[size] = monai_point(model, [check, check], 1, size, device)["p50_ms"]
     best = min(search, key=search.__getitem__)
+    batch_search = asyncio.run(search_patch_batch(device, (4,) if quick else PATCH_BATCH_CANDIDATES,
+                                                  volume.study_volumes(2 * max(levels), shape), max(levels)))
+    patch_batch = max(batch_search, key=batch_search.__getitem__)
     points: list[dict[str, Any]] = []
     for level in levels:
         studies = volume.study_volumes(level * per_caller, shape)
@@ -179,22 +202,26 @@ def bench_volume(device: torch.device, quick: bool) -> dict[str, Any]:
             points.append({"way": f"monai sw={size}", "precision": "fp32", "studies": level,
                            **monai_point(model, studies, level, size, device)})
             print_point(points[-1])
+        if device.type == "cuda":
+            points.append({"way": f"monai sw={best}, pinned output", "precision": "fp32", "studies": level,
+                           **monai_point(model, studies, level, best, device, pinned_output=True)})
+            print_point(points[-1])
     reference = volume.monai_infer(lambda batch: model(batch.to(device)).float().cpu(), check, best)
 
     async def runtime_ways() -> None:
         for precision in precisions_on(device):
             runtime = ModelRuntime()
             name = f"unet-{precision}"
-            await runtime.load(unet_spec(name, precision, device, PATCH_BATCH))
+            await runtime.load(unet_spec(name, precision, device, patch_batch))
             try:
                 for level in levels:
                     studies = volume.study_volumes(level * per_caller, shape)
                     reset_peak(device)
-                    timing, _ = await runtime_studies(runtime, name, studies, level, PATCH_BATCH)
+                    timing, _ = await runtime_studies(runtime, name, studies, level, patch_batch)
                     points.append({"way": "runtime", "precision": precision, "studies": level, **timing,
-                                   "peak_gpu_mb": peak_memory_mb(device), "batch": PATCH_BATCH})
+                                   "peak_gpu_mb": peak_memory_mb(device), "batch": patch_batch})
                     print_point(points[-1])
-                _, (output,) = await runtime_studies(runtime, name, [check], 1, PATCH_BATCH)
+                _, (output,) = await runtime_studies(runtime, name, [check], 1, patch_batch)
                 fidelity[precision] = {"max_abs_difference": float((output - reference).abs().max()),
                                        "argmax_agreement": float((output.argmax(0) == reference.argmax(0))
                                                                  .float().mean())}
@@ -204,7 +231,25 @@ def bench_volume(device: torch.device, quick: bool) -> dict[str, Any]:
     fidelity: dict[str, dict[str, float]] = {}
     asyncio.run(runtime_ways())
     return {"shape": shape, "roi": volume.ROI, "sw_batch_search_p50_ms": search, "best_sw_batch_size": best,
+            "patch_batch_search_volumes_per_s": batch_search, "patch_batch": patch_batch,
             "points": points, "fidelity_vs_monai_fp32": fidelity}
+
+
+async def search_patch_batch(device: torch.device, candidates: Sequence[int], studies: list[torch.Tensor],
+                             concurrency: int) -> dict[int, float]:
+    """The runtime's volumes/s (fp32) with each patch batch, ``concurrency`` studies in flight."""
+    rates = {}
+    for batch in candidates:
+        runtime = ModelRuntime()
+        await runtime.load(unet_spec("unet-search", "fp32", device, batch))
+        try:
+            await runtime_studies(runtime, "unet-search", studies[:1], 1, batch)  # warm-up
+            timing, _ = await runtime_studies(runtime, "unet-search", studies, concurrency, batch)
+            rates[batch] = timing["volumes_per_s"]
+        finally:
+            await runtime.close()
+        print(f"  runtime patch batch {batch}: {rates[batch]:.2f} volumes/s at {concurrency} studies", flush=True)
+    return rates
 
 
 # -------------------------------------------------------------------------------------------- fusion
@@ -356,9 +401,10 @@ def bench_out_of_memory(device: torch.device, quick: bool) -> dict[str, Any]:
         runtime = ModelRuntime()
         await runtime.load(unet_spec(name, "fp32", device, batch, budget))
         try:
-            before = oom_splits(name)
+            splits_before, oom_before = oom_splits(name), out_of_memory_count(name)
             timing, outputs = await runtime_studies(runtime, name, studies, len(studies), batch)
-            return {**timing, "oom_splits": oom_splits(name) - before}, outputs
+            return {**timing, "oom_splits": oom_splits(name) - splits_before,
+                    "out_of_memory": out_of_memory_count(name) - oom_before}, outputs
         finally:
             await runtime.close()
 
@@ -366,7 +412,7 @@ def bench_out_of_memory(device: torch.device, quick: bool) -> dict[str, Any]:
     record["uncapped"] = uncapped
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    cap_bytes = torch.cuda.memory_allocated(device) + 12 * per_patch + 256 * 2**20
+    cap_bytes = torch.cuda.memory_allocated(device) + 12 * per_patch + study_state_bytes(shape, len(studies), batch)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
     try:
         for name, budget in (("unet-capped", None),
@@ -376,12 +422,22 @@ def bench_out_of_memory(device: torch.device, quick: bool) -> dict[str, Any]:
             timing["max_abs_difference_vs_uncapped"] = max(float((a - b).abs().max())
                                                            for a, b in zip(outputs, expected, strict=True))
             record[name.removeprefix("unet-")] = timing
-            print(f"  {name:<14} {timing['volumes_per_s']:.2f} vol/s, OOM splits {timing['oom_splits']:.0f}, "
+            print(f"  {name:<14} {timing['volumes_per_s']:.2f} vol/s, splits {timing['oom_splits']:.0f} "
+                  f"(out of memory {timing['out_of_memory']:.0f}), "
                   f"max |diff| {timing['max_abs_difference_vs_uncapped']:.2e}", flush=True)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     record["cap_mb"] = cap_bytes / 2**20
     return record
+
+
+def study_state_bytes(shape: tuple[int, int, int], studies: int, batch: int) -> int:
+    """GPU memory outside the batches' own: each study's volume and weighted sums, two batches of patch
+    outputs waiting to be stitched, the grid's weight sum, and 256 MB of allocator slack (fp32)."""
+    voxels = shape[0] * shape[1] * shape[2]
+    per_study = voxels * 4 * (1 + 2)  # input volume (1 channel) + sums (2 channels)
+    waiting_outputs = 2 * batch * 2 * volume.ROI[0] * volume.ROI[1] * volume.ROI[2] * 4
+    return studies * per_study + waiting_outputs + voxels * 4 + 256 * 2**20
 
 
 def measure_bytes_per_patch(device: torch.device) -> int:

@@ -117,7 +117,8 @@ def release_cached_memory() -> None:
 def run_with_oom_split(run: Callable[[list[Item]], Sequence[Output]], batch: list[Item],
                        split: Callable[[list[Item]], tuple[list[Item], list[Item]]] = halve, *,
                        budget: MemoryBudget | None = None,
-                       on_split: Callable[[], None] | None = None) -> list[Output]:
+                       on_split: Callable[[], None] | None = None,
+                       on_out_of_memory: Callable[[], None] | None = None) -> list[Output]:
     """Run ``batch``, splitting it until every part fits (see the module docstring).
 
     Parameters
@@ -131,7 +132,10 @@ def run_with_oom_split(run: Callable[[list[Item]], Sequence[Output]], batch: lis
     budget : MemoryBudget, optional
         Split before running while the estimate exceeds it.
     on_split : callable, optional
-        Called once per split (e.g. a Prometheus counter's ``inc``).
+        Called once per split, for the budget or after running out of memory (e.g. a Prometheus
+        counter's ``inc``).
+    on_out_of_memory : callable, optional
+        Called once per batch that really ran out of device memory (before it is split).
 
     Raises
     ------
@@ -144,7 +148,7 @@ def run_with_oom_split(run: Callable[[list[Item]], Sequence[Output]], batch: lis
             raise ItemTooLargeForMemory(
                 f"item needs about {estimate} bytes, over the model's memory budget of {budget.budget_bytes}",
                 estimated_bytes=estimate, budget_bytes=budget.budget_bytes)
-        return _run_halves(run, batch, split, budget, on_split)
+        return _run_halves(run, batch, split, budget, on_split, on_out_of_memory)
     try:
         return list(run(batch))
     except Exception as exc:
@@ -153,19 +157,23 @@ def run_with_oom_split(run: Callable[[list[Item]], Sequence[Output]], batch: lis
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     # outside the except block: the exception's traceback (and the failed batch's tensors) is gone
     release_cached_memory()
+    if on_out_of_memory is not None:
+        on_out_of_memory()
     if len(batch) == 1:
         raise ItemTooLargeForMemory(f"item ran out of device memory on its own: {message}")
     logger.warning("batch of %d ran out of memory (%s); running it in halves", len(batch), message)
-    return _run_halves(run, batch, split, budget, on_split)
+    return _run_halves(run, batch, split, budget, on_split, on_out_of_memory)
 
 
 def _run_halves(run: Callable[[list[Item]], Sequence[Output]], batch: list[Item],
                 split: Callable[[list[Item]], tuple[list[Item], list[Item]]],
-                budget: MemoryBudget | None, on_split: Callable[[], None] | None) -> list[Output]:
+                budget: MemoryBudget | None, on_split: Callable[[], None] | None,
+                on_out_of_memory: Callable[[], None] | None) -> list[Output]:
     first, second = split(batch)
     if not first or not second or len(first) + len(second) != len(batch):
         raise ValueError(f"split of {len(batch)} items gave parts of {len(first)} and {len(second)}")
     if on_split is not None:
         on_split()
-    return (run_with_oom_split(run, first, split, budget=budget, on_split=on_split)
-            + run_with_oom_split(run, second, split, budget=budget, on_split=on_split))
+    return (run_with_oom_split(run, first, split, budget=budget, on_split=on_split, on_out_of_memory=on_out_of_memory)
+            + run_with_oom_split(run, second, split, budget=budget, on_split=on_split,
+                                 on_out_of_memory=on_out_of_memory))

@@ -46,6 +46,8 @@ ERRORS = Counter("tessera_model_errors_total", "Items whose inference raised", [
 OOM_SPLITS = Counter("tessera_model_oom_splits_total",
                      "Batches split in two because they ran out of memory or exceeded the memory budget",
                      ["model"])
+OUT_OF_MEMORY = Counter("tessera_model_out_of_memory_total",
+                        "Batches that ran out of device memory (then split and retried)", ["model"])
 
 
 class LatencyWindow:

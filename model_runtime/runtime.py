@@ -57,7 +57,7 @@ from model_runtime.device import Placement, configure_threads, inference_context
 from model_runtime.errors import ModelNotReady, ModelRuntimeError, RuntimeOverloaded, RuntimeTimeout
 from model_runtime.lazy_torch import is_torch_module, torch_loaded
 from model_runtime.memory import MemoryBudget, run_with_oom_split
-from model_runtime.metrics import OOM_SPLITS, ModelMetrics
+from model_runtime.metrics import OOM_SPLITS, OUT_OF_MEMORY, ModelMetrics
 from model_runtime.prepare import PrepareIn, PreparePools, check_process_safe, checked_prepare, resolve_prepare_in
 from model_runtime.process_model import ModelProcess
 from shared.errors import ProblemError
@@ -619,8 +619,8 @@ def _bind_run(spec: ModelSpec, model: Any, placement: Placement) -> Callable[[li
 
     if spec.memory_budget is None and placement.device_type != "cuda":
         return run  # CPU without a budget: nothing to split (fraud's hot path unchanged)
-    budget, on_split = spec.memory_budget, OOM_SPLITS.labels(spec.name).inc
-    return lambda items: run_with_oom_split(run, items, budget=budget, on_split=on_split)
+    budget, on_split, on_oom = spec.memory_budget, OOM_SPLITS.labels(spec.name).inc, OUT_OF_MEMORY.labels(spec.name).inc
+    return lambda items: run_with_oom_split(run, items, budget=budget, on_split=on_split, on_out_of_memory=on_oom)
 
 
 def _timed_prepare(spec: ModelSpec, item: Any, repeat_below_s: float = 1e-3) -> tuple[Any, float]:

@@ -110,8 +110,11 @@ def test_a_study_on_the_gpu_is_cut_and_blended_there_and_equals_monai() -> None:
     torch.backends.cudnn.allow_tf32 = False  # exact fp32 convolutions, to compare with the CPU's
     try:
         output = asyncio.run(infer())
+        again = asyncio.run(infer())  # the grid's weights come from the per-device cache the second time
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert devices and set(devices) == {"cuda"}  # patches cut on the GPU, their outputs blended there
     assert isinstance(output, torch.Tensor) and output.device.type == "cpu" and output.dtype == torch.float32
+    assert not output.is_pinned()  # staged through page-locked memory, handed over in ordinary memory
     torch.testing.assert_close(output, expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, expected[0], atol=1e-4, rtol=1e-4)

@@ -49,10 +49,13 @@ def test_cuda_oom_is_constructible_here_and_recognised() -> None:
 def test_an_oom_batch_is_halved_until_it_fits_and_answers_in_order() -> None:
     run = RunsOutAbove(limit=3)
     splits: list[None] = []
-    outputs = run_with_oom_split(run, list(range(10)), on_split=lambda: splits.append(None))
+    out_of_memory: list[None] = []
+    outputs = run_with_oom_split(run, list(range(10)), on_split=lambda: splits.append(None),
+                                 on_out_of_memory=lambda: out_of_memory.append(None))
     assert outputs == [i * 10 for i in range(10)]
     assert run.sizes == [10, 5, 2, 3, 5, 2, 3]  # 10 -> 5 + 5, each 5 -> 2 + 3
     assert len(splits) == 3
+    assert len(out_of_memory) == 3  # each split here followed a real out-of-memory
 
 
 def test_a_single_item_out_of_memory_is_the_runtimes_own_error() -> None:
@@ -94,8 +97,10 @@ def test_a_budget_splits_a_real_model_before_running_with_the_same_outputs() -> 
 
     bytes_per_row = (16 + 64 + 4) * 4
     budget = MemoryBudget(budget_bytes=4 * bytes_per_row, bytes_per_item=bytes_per_row)
-    outputs = run_with_oom_split(run, rows, budget=budget)
+    out_of_memory: list[None] = []
+    outputs = run_with_oom_split(run, rows, budget=budget, on_out_of_memory=lambda: out_of_memory.append(None))
     assert max(ran) <= 4 and sum(ran) == 13
+    assert not out_of_memory  # cut by the budget before running: splits, but no out-of-memory
     with torch.inference_mode():
         expected = model(torch.stack(rows))
     torch.testing.assert_close(torch.stack(outputs), expected, atol=1e-6, rtol=1e-5)
