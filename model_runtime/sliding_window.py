@@ -421,9 +421,14 @@ def to_host_via_pinned(tensor: torch.Tensor) -> torch.Tensor:
     2x256x256x64 float32 output took 26.7 ms that way, holding the device's default stream (so it
     bounded every study in flight), against 0.6 ms into pinned memory and ~5 ms more for the host
     copy out of it (which runs without the GIL). The staging block comes from torch's caching host
-    allocator and goes back to it at once, so callers never hold page-locked memory.
+    allocator and goes back to it at once, so callers never hold page-locked memory. Where page-locked
+    memory is refused, the copy falls back to ``.cpu()``.
     """
-    staging = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    try:
+        staging = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    except RuntimeError as refused:  # page-locked memory can be capped (ulimit -l, containers): slower, not broken
+        logger.warning("pinned staging buffer refused (%s); copying to the host the pageable way", refused)
+        return tensor.cpu()
     staging.copy_(tensor, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record(torch.cuda.current_stream(tensor.device))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data.utils import compute_importance_map
 
-from model_runtime.sliding_window import SlidingWindowConfig, Stitcher, plan_study
+from model_runtime.sliding_window import SlidingWindowConfig, Stitcher, plan_study, to_host_via_pinned
 
 CONFIG = SlidingWindowConfig(roi_size=(8, 8, 8), overlap=0.5, mode="gaussian")
 
@@ -45,3 +45,14 @@ def test_a_patch_output_whose_channels_change_is_refused() -> None:
     stitcher.add(0, torch.randn(2, 8, 8, 8))
     with pytest.raises(ValueError, match="channels"):
         stitcher.add(1, torch.randn(3, 8, 8, 8))
+
+
+def test_the_copy_to_the_host_falls_back_to_pageable_memory_where_pinned_memory_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("cudaHostAlloc failed: out of memory")
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    values = torch.arange(6.0).reshape(2, 3)
+    copied = to_host_via_pinned(values)
+    assert copied.device.type == "cpu" and torch.equal(copied, values)
