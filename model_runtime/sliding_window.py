@@ -755,7 +755,8 @@ class SlidingWindowInferer:
                 if stitcher.blends_on_device and _on_gpu(handed[0]):
                     # only kernel launches (tens of µs) once the sums are allocated: cheaper than a
                     # thread hop per patch, and no stitching thread competes with the model's worker
-                    # for the GIL
+                    # for the GIL. A launch waits only when the device's launch queue is full (the
+                    # worker ahead by more than ~2 batches), for as long as the GPU takes to free a slot
                     _stitch_handed(stitcher, index, handed)
                 else:
                     # Handed over in a list the thread empties: the executor's work item, which a busy
