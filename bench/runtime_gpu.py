@@ -20,6 +20,8 @@ CUDA device, torch eager under the runtime's placement (``ModelSpec.device="cuda
   set_per_process_memory_fraction``) that a full batch exceeds: with no budget each batch runs out of
   memory and is split in halves and retried (real CUDA OOMs), with a :class:`~model_runtime.memory.
   MemoryBudget` batches are cut to fit beforehand; the outputs are checked against an uncapped run;
+- **costs**: the U-Net's forward per batch size (total and launch time) and a study's copies to and
+  from the device (pageable and through pinned memory), measured apart;
 - ``/metrics``: the ``tessera_gpu_*`` series after the run.
 
 Usage::
@@ -250,6 +252,73 @@ async def search_patch_batch(device: torch.device, candidates: Sequence[int], st
             await runtime.close()
         print(f"  runtime patch batch {batch}: {rates[batch]:.2f} volumes/s at {concurrency} studies", flush=True)
     return rates
+
+
+# --------------------------------------------------------------------------------------------- costs
+COST_BATCHES = (1, 4, 16, 32, 64, 128)
+
+
+def bench_costs(device: torch.device, quick: bool) -> dict[str, Any]:
+    """What a study's parts cost on this device, measured apart (the decomposition behind the volume table).
+
+    The U-Net's forward per batch size, fp32 and bf16: total time (synchronised) and the CPU time the
+    call takes to return (launching its kernels); and a study's copies: the volume to the device, its
+    output back by a pageable ``.cpu()`` and through a pinned staging buffer (``to_host_via_pinned``).
+    """
+    model = volume.unet().to(device)
+    on_gpu = device.type == "cuda" and not quick  # on a CPU (a check of this script) two small batches
+    forward = []
+    for precision in precisions_on(device):
+        for batch in (COST_BATCHES if on_gpu else (1, 2)):
+            patches = torch.randn(batch, 1, *volume.ROI, device=device)
+            total_ms, launch_ms = _forward_ms(model, patches, precision, repeats=8 if on_gpu else 2)
+            forward.append({"precision": precision, "batch": batch, "ms": total_ms, "ms_per_patch": total_ms / batch,
+                            "launch_ms": launch_ms})
+            print(f"  forward {precision} batch {batch:>3}: {total_ms:7.2f} ms ({total_ms / batch:.3f} a patch), "
+                  f"launch {launch_ms:.2f} ms", flush=True)
+    record: dict[str, Any] = {"forward": forward}
+    if device.type == "cuda":
+        shape = volume.QUICK_SHAPE if quick else volume.FULL_SHAPE
+        study = torch.randn(1, *shape)
+        output = torch.randn(2, *shape, device=device)
+        record["copies_ms"] = {"volume_to_device": _synchronised_ms(lambda: study.to(device)),
+                               "output_cpu": _synchronised_ms(output.cpu),
+                               "output_via_pinned": _synchronised_ms(lambda: to_host_via_pinned(output))}
+        print("  copies (ms): " + ", ".join(f"{name} {ms:.2f}" for name, ms in record["copies_ms"].items()),
+              flush=True)
+    return record
+
+
+def _forward_ms(model: torch.nn.Module, patches: torch.Tensor, precision: str, repeats: int) -> tuple[float, float]:
+    """Mean ms of one forward (synchronised) and of the call alone (until it returns)."""
+    autocast = torch.autocast(patches.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
+        model(patches)
+        _synchronise(patches.device)
+        launch = 0.0
+        started = time.perf_counter()
+        for _ in range(repeats):
+            called = time.perf_counter()
+            model(patches)
+            launch += time.perf_counter() - called
+        _synchronise(patches.device)
+        total = time.perf_counter() - started
+    return total / repeats * 1000, launch / repeats * 1000
+
+
+def _synchronised_ms(work: Callable[[], object], repeats: int = 10) -> float:
+    work()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats * 1000
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -------------------------------------------------------------------------------------------- fusion
@@ -488,7 +557,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 s points")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="volume,fusion,sensor,oom")
+    parser.add_argument("--sections", default="costs,volume,fusion,sensor,oom")
     parser.add_argument("--seconds", type=float, help="closed-loop seconds a fusion / sensor point")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime_gpu.json")
     args = parser.parse_args()
@@ -500,7 +569,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = False  # MONAI's default; shapes vary between ways
     record: dict[str, Any] = {"machine": machine(device)}
     print(json.dumps(record["machine"]), flush=True)
-    sections = {"volume": bench_volume, "fusion": bench_fusion, "sensor": bench_sensor, "oom": bench_out_of_memory}
+    sections = {"costs": bench_costs, "volume": bench_volume, "fusion": bench_fusion, "sensor": bench_sensor,
+                "oom": bench_out_of_memory}
     for section in args.sections.split(","):
         print(f"== {section}", flush=True)
         started = time.perf_counter()
