@@ -56,3 +56,20 @@ def test_the_copy_to_the_host_falls_back_to_pageable_memory_where_pinned_memory_
     values = torch.arange(6.0).reshape(2, 3)
     copied = to_host_via_pinned(values)
     assert copied.device.type == "cpu" and torch.equal(copied, values)
+
+
+def test_a_grids_weights_are_copied_to_a_device_once_and_the_least_recently_used_dropped() -> None:
+    from model_runtime.sliding_window import _DeviceWeightCache
+
+    cache = _DeviceWeightCache(size=2)
+    grids = [(np.full((2, 2), float(i), dtype=np.float32), np.full((4, 4), float(i), dtype=np.float32))
+             for i in range(3)]
+    device = torch.device("cpu")
+    first = cache.get(*grids[0], device)
+    assert cache.get(*grids[0], device)[0] is first[0]  # the same tensors: no second copy
+    torch.testing.assert_close(first[1], torch.from_numpy(grids[0][1]))
+    cache.get(*grids[1], device)
+    cache.get(*grids[0], device)  # grid 0 used again: grid 1 is now the least recently used
+    cache.get(*grids[2], device)
+    assert cache.get(*grids[0], device)[0] is first[0]
+    assert len(cache._entries) == 2 and (id(grids[1][0]), id(grids[1][1]), device) not in cache._entries
