@@ -598,12 +598,6 @@ class _PinnedVersion:
             raise _ModelSwapped(f"{self.version} -> {served}")
 
 
-def _on_gpu(patch_output: Any) -> bool:
-    """Whether a patch output lies on a GPU (its stitch is then queued there, not computed here)."""
-    parts = patch_output.values() if isinstance(patch_output, Mapping) else (patch_output,)
-    return all(isinstance(part, torch.Tensor) and part.is_cuda for part in parts)
-
-
 def _stitch_handed(stitcher: Stitcher, index: int, handed: list[Any]) -> None:
     """Stitch the one output in ``handed``, taking it out of the list (see ``SlidingWindowInferer._lane``)."""
     stitcher.add(index, handed.pop())
@@ -753,7 +747,7 @@ class SlidingWindowInferer:
             async with slots:
                 handed = [await self._predict_patch(plan.patch(index), pinned, progress)]
             async with stitching:
-                if stitcher.blends_on_device and _on_gpu(handed[0]):
+                if stitcher.blends_on_device:
                     # only kernel launches (tens of µs) once the sums are allocated: cheaper than a
                     # thread hop per patch, and no stitching thread competes with the model's worker
                     # for the GIL. A launch waits only when the device's launch queue is full (the
