@@ -88,8 +88,7 @@ async def network_seconds(runtime: ModelRuntime, model_name: str, hu: np.ndarray
     for _ in range(repeats):
         started = time.perf_counter()
         if scan is not None:
-            await classify_candidates(scan, runtime=runtime, model_name=model_name,
-                                      context=bool(two_stage and two_stage.context_crops))
+            await classify_candidates(scan, runtime=runtime, model_name=model_name)
         else:
             await probability_map(hu, runtime=runtime, model_name=model_name)
         timings.append(time.perf_counter() - started)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,6 @@ class CropNetConfig:
     convs_per_level: int = 1
     hidden: int = 32
     stem_stride: int = 1
-    context: bool = False
-    """A second input channel: the 64 mm around the candidate at 2 mm (:func:`extract_context_crops`)."""
-
-    @property
-    def in_channels(self) -> int:
-        """Input channels: the 32 mm crop, and the context when the network takes it."""
-        return 2 if self.context else 1
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -74,7 +67,7 @@ class CropNetConfig:
         """Inverse of :meth:`to_json`."""
         return cls(channels=tuple(int(c) for c in raw["channels"]),  # type: ignore[arg-type]
                    convs_per_level=int(raw["convs_per_level"]), hidden=int(raw.get("hidden", 32)),
-                   stem_stride=int(raw.get("stem_stride", 1)), context=bool(raw.get("context", False)))
+                   stem_stride=int(raw.get("stem_stride", 1)))
 
 
 TEACHER_CROP_CONFIG = CropNetConfig(channels=(24, 48, 64, 96), convs_per_level=2, hidden=64, stem_stride=2)
@@ -87,14 +80,14 @@ def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential
 
 
 class CropNet(nn.Module):
-    """``(N, C, 32, 32, 32)`` normalised crops to ``(N, 1)`` nodule logits (``C``: ``config.in_channels``)."""
+    """``(N, 1, 32, 32, 32)`` normalised crops to ``(N, 1)`` nodule logits."""
 
     def __init__(self, config: CropNetConfig = STUDENT_CROP_CONFIG) -> None:
         super().__init__()
         self.config = config
         c0, c1, c2, c3 = config.channels
         convs = config.convs_per_level
-        layers: list[nn.Module] = [_conv(config.in_channels, c0, stride=config.stem_stride)]
+        layers: list[nn.Module] = [_conv(1, c0, stride=config.stem_stride)]
         previous = c0
         for width in (c1, c2, c3):
             layers.append(_conv(previous, width, stride=2))
@@ -140,21 +133,6 @@ def extract_crops(iso: np.ndarray, centres: np.ndarray, size: int = CROP_SIZE) -
     return out
 
 
-CONTEXT_POOL = 2
-"""The context channel's voxels are the mean of ``2^3`` grid voxels: twice the crop's reach at 2 mm."""
-
-
-def extract_context_crops(iso: np.ndarray, centres: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """``(n, size, size, size)`` float32 crops of ``2 * size`` grid voxels, each averaged over ``2^3`` voxels.
-
-    The classifier's context channel: where the ``32^3`` crop sees 32 mm at 1 mm, this sees 64 mm at
-    2 mm around the same centre (the vessel or airway a candidate sits on, the pleura behind it).
-    """
-    wide = extract_crops(iso, centres, size * CONTEXT_POOL).astype(np.float32)
-    pooled = wide.reshape(len(wide), size, CONTEXT_POOL, size, CONTEXT_POOL, size, CONTEXT_POOL)
-    return pooled.mean(axis=(2, 4, 6))  # type: ignore[no-any-return]
-
-
 # -- artifacts ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TwoStageSettings:
@@ -168,16 +146,12 @@ class TwoStageSettings:
         Classifier probability from which a candidate is reported as a nodule.
     solid_share_min, ground_glass_share_max : float
         Attenuation shares for the type (as in :class:`~services.nodule.model.DetectorSettings`).
-    context_crops : bool
-        Whether the classifier takes the context channel (its network's ``config.context``; set from
-        the network when an artifact is read).
     """
 
     max_candidates: int = 64
     report_threshold: float = 0.5
     solid_share_min: float = 0.6
     ground_glass_share_max: float = 0.08
-    context_crops: bool = False
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> TwoStageSettings:
@@ -204,9 +178,8 @@ class TwoStageArtifactConfig:
     def read(cls, directory: Path) -> TwoStageArtifactConfig:
         """Read ``config.json`` from ``directory``."""
         raw = json.loads((directory / CONFIG_FILE).read_text())
-        net = CropNetConfig.from_json(raw["net"])
-        detector = replace(TwoStageSettings.from_json(raw.get("detector", {})), context_crops=net.context)
-        return cls(net=net, detector=detector, role=str(raw.get("role", "student")))
+        return cls(net=CropNetConfig.from_json(raw["net"]),
+                   detector=TwoStageSettings.from_json(raw.get("detector", {})), role=str(raw.get("role", "student")))
 
 
 def is_two_stage(directory: Path) -> bool:
@@ -249,17 +222,14 @@ def classifier_model_spec(name: str, *, artifact_dir: Path | None = None, net: C
                           precision: str | None = None, warm_up: bool = True) -> ModelSpec:
     """The :class:`~model_runtime.ModelSpec` that serves a crop classifier.
 
-    Items are ``(C, 32, 32, 32)`` float tensors (one candidate's normalised crop, with its context
-    channel when the network takes one: :func:`crop_tensors`); each answer is
+    Items are ``(1, 32, 32, 32)`` float tensors (one candidate's normalised crop); each answer is
     a ``(1,)`` tensor holding that candidate's probability. Crops of every study in flight share
     batches of up to ``max_batch_size``.
     """
     if artifact_dir is None and net is None:
         raise ValueError("classifier_model_spec needs artifact_dir or net")
     on_cuda = resolve_device(device).type == "cuda"
-    config = net.config if net is not None else TwoStageArtifactConfig.read(artifact_dir).net  # type: ignore[arg-type]
-    warmup = [torch.zeros((config.in_channels, CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=torch.float32)] \
-        if warm_up else []
+    warmup = [torch.zeros((1, CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=torch.float32)] if warm_up else []
     return ModelSpec(
         name=name, version=version or ("" if artifact_dir is not None else "in-code"),
         loader=lambda context: _load_for_runtime(context, net), run_batch=run_patch_batch,
@@ -268,10 +238,8 @@ def classifier_model_spec(name: str, *, artifact_dir: Path | None = None, net: C
     )
 
 
-def crop_tensors(crops: np.ndarray, context: np.ndarray | None = None) -> Sequence[torch.Tensor]:
-    """Normalised ``(C, 32, 32, 32)`` tensors of HU crops (and their context crops: ``C`` = 2), ready for
-    ``runtime.predict``."""
-    channels = [crops] if context is None else [crops, context]
-    normalised = torch.from_numpy(np.stack([normalise_crop_hu(c) for c in channels], axis=1))
-    return list(normalised)
+def crop_tensors(crops: np.ndarray) -> Sequence[torch.Tensor]:
+    """Normalised ``(1, 32, 32, 32)`` tensors of HU crops, ready for ``runtime.predict``."""
+    normalised = torch.from_numpy(normalise_crop_hu(crops))
+    return [crop[None] for crop in normalised]
 

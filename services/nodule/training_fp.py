@@ -43,7 +43,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +61,6 @@ from services.nodule.classifier import (
     TwoStageArtifactConfig,
     TwoStageSettings,
     classifier_model_spec,
-    extract_context_crops,
     extract_crops,
     normalise_crop_hu,
     parameter_count,
@@ -90,8 +88,6 @@ logger = logging.getLogger("tessera.nodule.training_fp")
 
 BANK_CROP = CROP_SIZE + 4
 """Crops are kept 4 voxels larger than the network's input, for random +-2 voxel shifts."""
-BANK_CONTEXT = CROP_SIZE + 2
-"""Context crops (2 mm voxels) are kept 2 voxels larger: the same +-2 mm shifts, rounded to their grid."""
 AMBIGUOUS_MARGIN_MM = 3.0
 
 
@@ -140,18 +136,11 @@ class FpPlan:
     teacher_stem_stride: int = TEACHER_CROP_CONFIG.stem_stride
     """1 keeps the teacher's first level at the crop's 1 mm: ~10x the compute of stride 2 (probed 2026-12-03 as
     v7: no validation gain over v4, not shipped)."""
-    context: bool = False
-    """Both networks take the context channel: 64 mm at 2 mm
-    (:func:`~services.nodule.classifier.extract_context_crops`)."""
     seed: int = 0
 
     def teacher_config(self) -> CropNetConfig:
         """The teacher's network configuration under this plan."""
-        return replace(TEACHER_CROP_CONFIG, stem_stride=self.teacher_stem_stride, context=self.context)
-
-    def student_config(self) -> CropNetConfig:
-        """The student's network configuration under this plan."""
-        return replace(STUDENT_CROP_CONFIG, context=self.context)
+        return replace(TEACHER_CROP_CONFIG, stem_stride=self.teacher_stem_stride)
 
     def study_config(self, split: str, seed: int) -> SimulationConfig:
         """The simulation config of one ``train`` or ``validation`` study of this plan."""
@@ -165,13 +154,11 @@ QUICK_FP_PLAN = FpPlan(train_studies=2, validation_studies=2, study_shape=(24, 9
 # -- the crop bank --------------------------------------------------------------------------------
 @dataclass
 class CropBank:
-    """Normalised ``(n, 36, 36, 36)`` float16 crops, their labels (0/1), whether each is a stage-1 candidate
-    and, for a context plan, their normalised ``(n, 34, 34, 34)`` context crops."""
+    """Normalised ``(n, 36, 36, 36)`` float16 crops, their labels (0/1) and whether each is a stage-1 candidate."""
 
     crops: np.ndarray
     labels: np.ndarray
     from_candidate: np.ndarray
-    context: np.ndarray | None = None
 
     @classmethod
     def concatenate(cls, banks: list[CropBank]) -> CropBank:
@@ -179,19 +166,12 @@ class CropBank:
         if not banks:
             return cls(np.zeros((0, BANK_CROP, BANK_CROP, BANK_CROP), np.float16), np.zeros(0, np.float32),
                        np.zeros(0, bool))
-        context = None if any(b.context is None for b in banks) else np.concatenate([b.context for b in banks])
         return cls(np.concatenate([b.crops for b in banks]), np.concatenate([b.labels for b in banks]),
-                   np.concatenate([b.from_candidate for b in banks]), context)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The bank's arrays by name (what a cache file holds)."""
-        named = {"crops": self.crops, "labels": self.labels, "from_candidate": self.from_candidate}
-        return named if self.context is None else {**named, "context": self.context}
+                   np.concatenate([b.from_candidate for b in banks]))
 
 
-def study_crops(study: SimulatedStudy, max_candidates: int, context: bool = False) -> CropBank:
-    """The labelled crops of one simulated study (candidates and true nodule centres), with their context
-    crops when ``context``."""
+def study_crops(study: SimulatedStudy, max_candidates: int) -> CropBank:
+    """The labelled crops of one simulated study (candidates and true nodule centres)."""
     scan = scan_candidates(study.hu, study.spacing_mm, max_candidates=max_candidates)
     spacing = np.asarray(study.spacing_mm, dtype=float)
     ratio = (np.asarray(study.hu.shape) - 1) / np.maximum(np.asarray(scan.iso.shape) - 1, 1)
@@ -218,20 +198,17 @@ def study_crops(study: SimulatedStudy, max_candidates: int, context: bool = Fals
             centres.append(tuple(np.rint(np.asarray(nodule.center_voxel) / ratio).astype(int)))
             labels.append(1.0)
             from_candidate.append(False)
-    grid = np.array(centres, dtype=int).reshape(-1, 3)
-    crops = extract_crops(scan.iso, grid, size=BANK_CROP)
-    wide = normalise_crop_hu(extract_context_crops(scan.iso, grid, size=BANK_CONTEXT)).astype(np.float16) \
-        if context else None
+    crops = extract_crops(scan.iso, np.array(centres, dtype=int).reshape(-1, 3), size=BANK_CROP)
     return CropBank(normalise_crop_hu(crops).astype(np.float16), np.asarray(labels, np.float32),
-                    np.asarray(from_candidate, bool), wide)
+                    np.asarray(from_candidate, bool))
 
 
 def build_crop_bank(split: str, count: int, plan: FpPlan, cache_dir: Path | None = None, jobs: int = 1) -> CropBank:
     """The crops of ``count`` simulated studies of ``split``, cached per study in ``cache_dir`` if given,
     built by ``jobs`` processes (the bank is the same whatever ``jobs``: every study has its own seed)."""
     started = time.perf_counter()
-    work = [(plan.study_config(split, seed), plan.max_candidates, _bank_path(cache_dir, split, seed, plan),
-             plan.context) for seed in split_seeds(split, count)]
+    work = [(plan.study_config(split, seed), plan.max_candidates, _bank_path(cache_dir, split, seed, plan))
+            for seed in split_seeds(split, count)]
     if jobs <= 1:
         banks = [_cached_study_crops(*item) for item in work]
     else:
@@ -249,72 +226,48 @@ def _bank_path(cache_dir: Path | None, split: str, seed: int, plan: FpPlan) -> P
     if cache_dir is None:
         return None
     domain = "" if plan.training_settings == "default" else f"{plan.training_settings}-"
-    context = "-context" if plan.context else ""
-    return cache_dir / (f"crops-{domain}{split}-{seed}-{'x'.join(map(str, plan.study_shape))}-{plan.max_candidates}"
-                        f"{context}.npz")
+    return cache_dir / f"crops-{domain}{split}-{seed}-{'x'.join(map(str, plan.study_shape))}-{plan.max_candidates}.npz"
 
 
-def _cached_study_crops(config: SimulationConfig, max_candidates: int, path: Path | None,
-                        context: bool = False) -> CropBank:
+def _cached_study_crops(config: SimulationConfig, max_candidates: int, path: Path | None) -> CropBank:
     if path is not None and path.exists():
         with np.load(path) as stored:
-            return CropBank(stored["crops"], stored["labels"], stored["from_candidate"],
-                            stored.get("context"))
-    bank = study_crops(simulate_study(config), max_candidates, context)
+            return CropBank(stored["crops"], stored["labels"], stored["from_candidate"])
+    bank = study_crops(simulate_study(config), max_candidates)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        arrays: dict[str, Any] = bank.arrays()
-        np.savez(temporary, **arrays)
+        np.savez(temporary, **asdict(bank))
         temporary.replace(path)
     return bank
 
 
-def augment_crops(crops: np.ndarray, rng: np.random.Generator, extra_noise_hu: float,
-                  context: np.ndarray | None = None) -> np.ndarray:
-    """``(n, C, 32, 32, 32)``: random ``32^3`` windows of ``(n, 36, 36, 36)`` crops (and of their
-    ``(n, 34, 34, 34)`` context crops, shifted by the same millimetres: ``C`` = 2), flips, row/column
-    swaps, noise and contrast, the same for both channels of a row."""
-    channels = 1 if context is None else 2
-    out = np.empty((len(crops), channels, CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+def augment_crops(crops: np.ndarray, rng: np.random.Generator, extra_noise_hu: float) -> np.ndarray:
+    """Random ``32^3`` windows of ``(n, 36, 36, 36)`` crops, flips, row/column swaps, noise and contrast."""
+    out = np.empty((len(crops), CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=np.float32)
     margin = BANK_CROP - CROP_SIZE
     for row, crop in enumerate(crops):
-        shift = rng.integers(0, margin + 1, 3)
-        windows = [_window(crop, shift)]
-        if context is not None:
-            windows.append(_window(context[row], shift // 2))  # 2 mm voxels: 0-4 mm -> 0-2 voxels
-        flips = tuple(axis for axis in range(1, 4) if rng.random() < 0.5)
-        stacked = np.stack(windows)
+        z, y, x = (int(v) for v in rng.integers(0, margin + 1, 3))
+        window = crop[z:z + CROP_SIZE, y:y + CROP_SIZE, x:x + CROP_SIZE].astype(np.float32)
+        flips = tuple(axis for axis in range(3) if rng.random() < 0.5)
         if flips:
-            stacked = np.flip(stacked, flips)
+            window = np.flip(window, flips)
         if rng.random() < 0.5:
-            stacked = stacked.transpose(0, 1, 3, 2)
-        out[row] = stacked
+            window = window.transpose(0, 2, 1)
+        out[row] = window
     if extra_noise_hu > 0:
         noisy = rng.random(len(out)) < 0.5
         scale = 1200.0  # HU per unit of the normalised input
-        pooled_noise = np.sqrt(8.0)  # a context voxel averages 2^3 voxels' noise
         for row in np.nonzero(noisy)[0].tolist():
             out[row] = out[row] * rng.uniform(0.95, 1.05) + rng.uniform(-20, 20) / scale
-            sd = rng.uniform(0, extra_noise_hu) / scale
-            out[row, 0] += rng.normal(0.0, sd, out[row, 0].shape).astype(np.float32)
-            if channels == 2:
-                out[row, 1] += rng.normal(0.0, sd / pooled_noise, out[row, 1].shape).astype(np.float32)
+            out[row] += rng.normal(0.0, rng.uniform(0, extra_noise_hu) / scale, out[row].shape).astype(np.float32)
     return out
 
 
-def _window(crop: np.ndarray, start: np.ndarray) -> np.ndarray:
-    z, y, x = (int(v) for v in start)
-    return crop[z:z + CROP_SIZE, y:y + CROP_SIZE, x:x + CROP_SIZE].astype(np.float32)
-
-
-def centred(crops: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
-    """``(n, C, 32, 32, 32)`` float32: the centred ``32^3`` windows of ``(n, 36, 36, 36)`` crops (and of
-    their ``(n, 34, 34, 34)`` context crops: ``C`` = 2)."""
-    windows = [crops[:, 2:2 + CROP_SIZE, 2:2 + CROP_SIZE, 2:2 + CROP_SIZE]]
-    if context is not None:
-        windows.append(context[:, 1:1 + CROP_SIZE, 1:1 + CROP_SIZE, 1:1 + CROP_SIZE])
-    return np.stack(windows, axis=1).astype(np.float32)
+def centred(crops: np.ndarray) -> np.ndarray:
+    """The centred ``32^3`` windows of ``(n, 36, 36, 36)`` crops, float32."""
+    margin = (BANK_CROP - CROP_SIZE) // 2
+    return crops[:, margin:margin + CROP_SIZE, margin:margin + CROP_SIZE, margin:margin + CROP_SIZE].astype(np.float32)
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -352,10 +305,14 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
     ``init_from``: an artifact of the same architecture whose weights training continues from.
     """
     net = CropNet(config).to(device)
-    if config.context and bank.context is None:
-        raise ValueError("a network with the context channel needs a crop bank built with context crops")
     if init_from is not None:
-        _continue_from(net, init_from, device)
+        from services.nodule.classifier import load_crop_net
+
+        previous, _ = load_crop_net(init_from, device)
+        # the stem's stride changes no weight's shape, so a stride-2 network can seed a stride-1 one
+        if replace(previous.config, stem_stride=config.stem_stride) != config:
+            raise ValueError(f"{init_from} is a {previous.config}, not a {config}")
+        net.load_state_dict(previous.state_dict())
     hardness = None
     if plan.hard_negative_fraction > 0:
         if soft_targets is not None:
@@ -376,8 +333,7 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
             group["lr"] = _learning_rate(plan.learning_rate, step, progress)
         chosen = _batch_indices(bank.labels, rng, plan.batch_size, plan.positive_fraction, hardness,
                                 plan.hard_negative_fraction)
-        context = bank.context[chosen] if config.context and bank.context is not None else None
-        images = torch.from_numpy(augment_crops(bank.crops[chosen], rng, plan.extra_noise_hu, context)).to(device)
+        images = torch.from_numpy(augment_crops(bank.crops[chosen], rng, plan.extra_noise_hu))[:, None].to(device)
         target = torch.from_numpy(bank.labels[chosen]).to(device)
         logits = net(images)[:, 0]
         loss = F.binary_cross_entropy_with_logits(logits, target)
@@ -401,34 +357,13 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
     return net.eval(), StageLog(log.steps, round(log.seconds, 1), final)
 
 
-def _continue_from(net: CropNet, init_from: Path, device: str) -> None:
-    """Load an artifact's weights into ``net``: the same architecture, up to the stem's stride and the context
-    channel (a network without it seeds one with it: the context's stem weights start at zero, so training
-    starts from the seed's own outputs)."""
-    from services.nodule.classifier import load_crop_net
-
-    previous, _ = load_crop_net(init_from, device)
-    config = net.config
-    # the stem's stride changes no weight's shape, so a stride-2 network can seed a stride-1 one
-    if replace(previous.config, stem_stride=config.stem_stride, context=config.context) != config or \
-            (previous.config.context and not config.context):
-        raise ValueError(f"{init_from} is a {previous.config}, not a {config}")
-    state = previous.state_dict()
-    stem = "features.0.0.weight"
-    if config.context and not previous.config.context:
-        state[stem] = torch.cat([state[stem], torch.zeros_like(state[stem])], dim=1)
-    net.load_state_dict(state)
-
-
 def teacher_probabilities(teacher: CropNet, bank: CropBank, device: str = "cpu", batch: int = 128) -> np.ndarray:
     """The teacher's probability on every (centred) crop of the bank: the student's soft targets."""
     out = []
     teacher.eval()
-    context = bank.context if teacher.config.context else None
     with torch.inference_mode():
         for start in range(0, len(bank.crops), batch):
-            rows = slice(start, start + batch)
-            images = torch.from_numpy(centred(bank.crops[rows], None if context is None else context[rows])).to(device)
+            images = torch.from_numpy(centred(bank.crops[start:start + batch]))[:, None].to(device)
             out.append(torch.sigmoid(teacher(images))[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -459,7 +394,7 @@ async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates
     from services.nodule.two_stage import detect_two_stage
 
     runtime = ModelRuntime()
-    base = TwoStageSettings(max_candidates=max_candidates, context_crops=net.config.context)
+    base = TwoStageSettings(max_candidates=max_candidates)
     records: list[ScanRecord] = []
     shares: list[list[tuple[float, str, float] | None]] = []
     seconds = []
@@ -623,8 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--training-settings", choices=sorted(TRAINING_SETTINGS),
                         help="the simulated domain of the training and validation studies (default: default)")
     parser.add_argument("--jobs", type=int, default=1, help="processes building the crop bank")
-    parser.add_argument("--context-crops", action="store_true", default=None,
-                        help="both networks also see 64 mm around each candidate at 2 mm (a second channel)")
     parser.add_argument("--teacher-from", type=Path, help="reuse this v3 teacher artifact instead of training one")
     parser.add_argument("--teacher-init", type=Path, help="continue training from this teacher artifact's weights")
     parser.add_argument("--student-init", type=Path, help="continue training from this student artifact's weights")
@@ -646,10 +579,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "student_steps", "batch_size", "max_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
-                                                      "extra_noise_hu", "training_settings", "teacher_stem_stride",
-                                                      "context_crops")
+                                                      "extra_noise_hu", "training_settings", "teacher_stem_stride")
                  if getattr(args, key) is not None}
-    plan = replace(plan, **{"context" if key == "context_crops" else key: value for key, value in overrides.items()})
+    plan = replace(plan, **overrides)
     if args.output is None:
         from shared.config import get_settings
 
@@ -670,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 init_from=args.teacher_init)
         trained.append(("teacher", teacher, teacher_log))
     soft = teacher_probabilities(teacher, bank, device)
-    student, student_log = train_classifier(plan.student_config(), bank, plan, plan.student_steps, plan.student_seconds,
+    student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, plan.student_steps, plan.student_seconds,
                                             rng, "student", device, soft_targets=soft, init_from=args.student_init)
     trained.append(("student", student, student_log))
     validation = [simulate_study(plan.study_config("validation", seed))

@@ -22,7 +22,6 @@ from services.nodule.classifier import (
     TwoStageSettings,
     classifier_model_spec,
     crop_tensors,
-    extract_context_crops,
     extract_crops,
     is_two_stage,
     parameter_count,
@@ -32,14 +31,12 @@ from services.nodule.detect import detect_series, load_detector, two_stage_setti
 from services.nodule.evaluation import volume_from_simulated
 from services.nodule.simulate import SimulationConfig, simulate_study
 from services.nodule.training_fp import (
-    BANK_CONTEXT,
     BANK_CROP,
     QUICK_FP_PLAN,
     CropBank,
     _batch_indices,
     augment_crops,
     build_crop_bank,
-    centred,
     main,
     teacher_probabilities,
     train_classifier,
@@ -123,7 +120,7 @@ def test_distillation_step_uses_the_teacher_soft_labels() -> None:
     assert soft.shape == (len(bank.labels),) and ((soft >= 0) & (soft <= 1)).all()
     student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, 3, 0.0, rng, "student", soft_targets=soft)
     assert student_log.steps == 3 and np.isfinite(student_log.final_loss)
-    assert augment_crops(bank.crops[:2], rng, 30.0).shape == (2, 1, CROP_SIZE, CROP_SIZE, CROP_SIZE)
+    assert augment_crops(bank.crops[:2], rng, 30.0).shape == (2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
 
 
 def test_a_stride_1_teacher_continues_from_a_stride_2_artifact(tmp_path: Path) -> None:
@@ -194,57 +191,3 @@ def test_the_crop_bank_is_the_same_built_by_two_processes_and_is_cached_per_doma
     default = build_crop_bank("train", 2, QUICK_FP_PLAN, tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == 4  # the default domain's studies are cached beside, not reused
     assert default.crops.shape != serial.crops.shape or not np.array_equal(default.crops, serial.crops)
-
-
-def test_context_crops_see_twice_the_reach_at_half_the_resolution() -> None:
-    iso = np.full((80, 80, 80), -900.0, dtype=np.float32)
-    iso[40:42, 40:42, 40:42] = 100.0  # one 2 mm context voxel's worth, at the crop's centre
-    iso[40, 40, 10] = 8100.0  # 30 mm from the centre: outside the 32 mm crop, inside the 64 mm context
-    context = extract_context_crops(iso, np.array([[40, 40, 40]]))
-    assert context.shape == (1, CROP_SIZE, CROP_SIZE, CROP_SIZE)
-    assert context[0, 16, 16, 16] == 100.0
-    assert context[0, 16, 16, 1] == pytest.approx((8100.0 + 7 * -900.0) / 8)
-    assert extract_crops(iso, np.array([[40, 40, 40]])).max() == 100.0
-
-
-def test_a_context_network_starts_from_a_plain_artifacts_outputs(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    bank = _bank(rng)
-    bank.context = rng.uniform(0, 1, (len(bank.labels), BANK_CONTEXT, BANK_CONTEXT, BANK_CONTEXT)).astype(np.float16)
-    plan = replace(QUICK_FP_PLAN, batch_size=4, context=True)
-    plain, _ = train_classifier(STUDENT_CROP_CONFIG, bank, plan, 1, 0.0, rng, "student")
-    write_crop_weights(plain, tmp_path)
-    TwoStageArtifactConfig(plain.config, TwoStageSettings(), "student").write(tmp_path)
-    with_context, log = train_classifier(plan.student_config(), bank, plan, 0, 0.0, rng, "student", init_from=tmp_path)
-    images = torch.from_numpy(centred(bank.crops[:4], bank.context[:4]))
-    assert images.shape == (4, 2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
-    with torch.inference_mode():
-        assert torch.allclose(with_context(images), plain(images[:, :1]), atol=1e-6)  # context weights start at 0
-    augmented = augment_crops(bank.crops[:3], rng, 30.0, bank.context[:3])
-    assert augmented.shape == (3, 2, CROP_SIZE, CROP_SIZE, CROP_SIZE)
-    trained, log = train_classifier(plan.student_config(), bank, plan, 2, 0.0, rng, "student", init_from=tmp_path)
-    assert trained.config.context and log.steps == 2
-    bank.context = None
-    with pytest.raises(ValueError, match="context crops"):
-        train_classifier(plan.student_config(), bank, plan, 1, 0.0, rng, "student")
-
-
-def test_quick_context_artifacts_take_the_context_channel_when_served(tmp_path: Path) -> None:
-    assert main(["--two-stage", "--quick", "--context-crops", "--output", str(tmp_path)]) == 0
-    student = tmp_path / "student" / "v3"
-    config = TwoStageArtifactConfig.read(student)
-    assert config.net.context and config.detector.context_crops
-    study = simulate_study(ONE_SOLID)
-
-    async def run() -> object:
-        runtime = ModelRuntime()
-        try:
-            await load_detector(runtime, role="student", artifact_dir=str(student))
-            return await detect_series(volume_from_simulated(study), runtime=runtime, min_confidence=0.0)
-        finally:
-            await runtime.close()
-
-    findings = asyncio.run(run())
-    assert len(findings.nodules) >= 1  # type: ignore[attr-defined]
-    crops = np.full((2, CROP_SIZE, CROP_SIZE, CROP_SIZE), -900.0, np.float32)
-    assert [tuple(t.shape) for t in crop_tensors(crops, crops)] == [(2, CROP_SIZE, CROP_SIZE, CROP_SIZE)] * 2
