@@ -88,7 +88,8 @@ async def network_seconds(runtime: ModelRuntime, model_name: str, hu: np.ndarray
     for _ in range(repeats):
         started = time.perf_counter()
         if scan is not None:
-            await classify_candidates(scan, runtime=runtime, model_name=model_name)
+            await classify_candidates(scan, runtime=runtime, model_name=model_name,
+                                      blended=bool(two_stage and two_stage.blended))
         else:
             await probability_map(hu, runtime=runtime, model_name=model_name)
         timings.append(time.perf_counter() - started)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_runtime import LoadContext, ModelSpec, resolve_device, run_patch_batch
+from model_runtime import LoadContext, ModelSpec, resolve_device, run_collated, run_patch_batch
+from services.nodule.candidate_features import FEATURE_NAMES, FeatureModel, candidate_features
 from services.nodule.candidates import HU_CLIP
 
 KIND = "two_stage"
@@ -116,6 +117,33 @@ class CropProbability(nn.Module):
         return torch.sigmoid(self.net(crops))
 
 
+class BlendedCropProbability(nn.Module):
+    """What the runtime serves for a v10 artifact: the sigmoid of ``cnn_weight`` x the CNN's logit +
+    (1 - ``cnn_weight``) x the :class:`~services.nodule.candidate_features.FeatureModel`'s logit.
+
+    ``forward(crops, features)`` takes the named batch of :func:`classifier_model_spec`'s items
+    (``crops`` ``(N, 1, 32, 32, 32)``, ``features`` ``(N, F)``) and returns ``(N, 1)`` probabilities on the CPU.
+    """
+
+    def __init__(self, net: CropNet, feature_model: FeatureModel, cnn_weight: float) -> None:
+        super().__init__()
+        self.net, self.feature_model, self.cnn_weight = net, feature_model, cnn_weight
+
+    def forward(self, crops: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``(N, 1)`` nodule probabilities."""
+        device = next(self.net.parameters()).device
+        cnn = self.net(crops.to(device))[:, 0].float().cpu().double()
+        boosted = torch.from_numpy(self.feature_model.logits(features.cpu().numpy()))
+        blended = self.cnn_weight * cnn + (1.0 - self.cnn_weight) * boosted
+        return torch.sigmoid(blended).float()[:, None]
+
+
+def crop_hu(normalised: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`normalise_crop_hu` (clipped HU, float32)."""
+    low, high = HU_CLIP
+    return (np.asarray(normalised, dtype=np.float32) * (high - low) + low).astype(np.float32)
+
+
 def normalise_crop_hu(hu: np.ndarray) -> np.ndarray:
     """HU to the classifier's input: clip to :data:`~services.nodule.candidates.HU_CLIP`, scale to [0, 1]."""
     low, high = HU_CLIP
@@ -146,12 +174,16 @@ class TwoStageSettings:
         Classifier probability from which a candidate is reported as a nodule.
     solid_share_min, ground_glass_share_max : float
         Attenuation shares for the type (as in :class:`~services.nodule.model.DetectorSettings`).
+    blended : bool
+        Whether the classifier also takes each candidate's hand-crafted features (a v10 artifact with a
+        feature model; set from the artifact when it is read).
     """
 
     max_candidates: int = 64
     report_threshold: float = 0.5
     solid_share_min: float = 0.6
     ground_glass_share_max: float = 0.08
+    blended: bool = False
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> TwoStageSettings:
@@ -166,20 +198,29 @@ class TwoStageArtifactConfig:
     net: CropNetConfig
     detector: TwoStageSettings = field(default_factory=TwoStageSettings)
     role: str = "student"
+    cnn_weight: float | None = None
+    """The CNN logit's share in the blend with the feature model (``None``: no feature model, the CNN alone)."""
 
     def write(self, directory: Path) -> None:
         """Write ``config.json`` into ``directory``."""
-        raw = {"kind": KIND, "net": self.net.to_json(), "detector": asdict(self.detector), "role": self.role,
-               "crop_size": CROP_SIZE, "hu_clip": list(HU_CLIP),
-               "data": "simulated chest CT (services.nodule.simulate)"}
+        raw: dict[str, Any] = {"kind": KIND, "net": self.net.to_json(), "detector": asdict(self.detector),
+                               "role": self.role, "crop_size": CROP_SIZE, "hu_clip": list(HU_CLIP),
+                               "data": "simulated chest CT (services.nodule.simulate)"}
+        if self.cnn_weight is not None:
+            raw["feature_model"] = {"file": FeatureModel.FILE, "cnn_weight": self.cnn_weight,
+                                    "features": list(FEATURE_NAMES)}
         (directory / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
 
     @classmethod
     def read(cls, directory: Path) -> TwoStageArtifactConfig:
         """Read ``config.json`` from ``directory``."""
         raw = json.loads((directory / CONFIG_FILE).read_text())
-        return cls(net=CropNetConfig.from_json(raw["net"]),
-                   detector=TwoStageSettings.from_json(raw.get("detector", {})), role=str(raw.get("role", "student")))
+        blend = raw.get("feature_model")
+        if blend is not None and list(blend["features"]) != list(FEATURE_NAMES):
+            raise ValueError(f"{directory}: its feature model was trained on other features than this code computes")
+        detector = replace(TwoStageSettings.from_json(raw.get("detector", {})), blended=blend is not None)
+        return cls(net=CropNetConfig.from_json(raw["net"]), detector=detector, role=str(raw.get("role", "student")),
+                   cnn_weight=None if blend is None else float(blend["cnn_weight"]))
 
 
 def is_two_stage(directory: Path) -> bool:
@@ -209,30 +250,41 @@ def parameter_count(module: nn.Module) -> int:
 
 
 # -- the runtime adapter --------------------------------------------------------------------------
-def _load_for_runtime(context: LoadContext, net: CropNet | None) -> CropProbability:
+def _load_for_runtime(context: LoadContext, net: CropNet | None, feature_model: FeatureModel | None,
+                      cnn_weight: float | None) -> nn.Module:
     if net is None:
         if context.artifact_dir is None:
             raise ValueError("a crop classifier needs an artifact directory or a network built in code")
-        net, _ = load_crop_net(context.artifact_dir)
+        net, config = load_crop_net(context.artifact_dir)
+        if config.cnn_weight is not None:
+            feature_model, cnn_weight = FeatureModel.load(context.artifact_dir), config.cnn_weight
+    if feature_model is not None and cnn_weight is not None:
+        return BlendedCropProbability(net.eval().to(context.placement.device), feature_model, cnn_weight)
     return CropProbability(net.eval()).to(context.placement.device)
 
 
 def classifier_model_spec(name: str, *, artifact_dir: Path | None = None, net: CropNet | None = None,
+                          feature_model: FeatureModel | None = None, cnn_weight: float = 0.5,
                           version: str = "", max_batch_size: int = 64, device: str | None = None,
                           precision: str | None = None, warm_up: bool = True) -> ModelSpec:
     """The :class:`~model_runtime.ModelSpec` that serves a crop classifier.
 
-    Items are ``(1, 32, 32, 32)`` float tensors (one candidate's normalised crop); each answer is
-    a ``(1,)`` tensor holding that candidate's probability. Crops of every study in flight share
-    batches of up to ``max_batch_size``.
+    Items are :func:`crop_items`: ``(1, 32, 32, 32)`` float tensors (one candidate's normalised crop) or,
+    for a classifier blended with a feature model (a v10 artifact, or ``net`` with ``feature_model``),
+    ``{"crops": (1, 32, 32, 32), "features": (F,)}``; each answer is a ``(1,)`` tensor holding that
+    candidate's probability. Crops of every study in flight share batches of up to ``max_batch_size``.
     """
     if artifact_dir is None and net is None:
         raise ValueError("classifier_model_spec needs artifact_dir or net")
+    blended = feature_model is not None if net is not None else TwoStageArtifactConfig.read(
+        artifact_dir).cnn_weight is not None  # type: ignore[arg-type]
     on_cuda = resolve_device(device).type == "cuda"
-    warmup = [torch.zeros((1, CROP_SIZE, CROP_SIZE, CROP_SIZE), dtype=torch.float32)] if warm_up else []
+    empty = np.full((1, CROP_SIZE, CROP_SIZE, CROP_SIZE), HU_CLIP[0], dtype=np.float32)
+    warmup = list(crop_items(empty, blended)) if warm_up else []
     return ModelSpec(
         name=name, version=version or ("" if artifact_dir is not None else "in-code"),
-        loader=lambda context: _load_for_runtime(context, net), run_batch=run_patch_batch,
+        loader=lambda context: _load_for_runtime(context, net, feature_model, cnn_weight),
+        run_batch=run_collated({}) if blended else run_patch_batch,
         artifact_dir=artifact_dir, max_batch_size=max_batch_size, max_wait_ms=2.0, max_queue=4096,
         warmup_items=warmup, device=device, precision=precision or ("fp16" if on_cuda else None),
     )
@@ -242,4 +294,15 @@ def crop_tensors(crops: np.ndarray) -> Sequence[torch.Tensor]:
     """Normalised ``(1, 32, 32, 32)`` tensors of HU crops, ready for ``runtime.predict``."""
     normalised = torch.from_numpy(normalise_crop_hu(crops))
     return [crop[None] for crop in normalised]
+
+
+def crop_items(crops: np.ndarray, blended: bool) -> Sequence[torch.Tensor | dict[str, torch.Tensor]]:
+    """The classifier's items for ``(n, 32, 32, 32)`` HU crops: :func:`crop_tensors`, or, for a blended
+    classifier, each crop with its :func:`~services.nodule.candidate_features.candidate_features`."""
+    tensors = crop_tensors(crops)
+    if not blended:
+        return tensors
+    low, high = HU_CLIP
+    features = torch.from_numpy(candidate_features(np.clip(crops, low, high)))
+    return [{"crops": crop, "features": row} for crop, row in zip(tensors, features, strict=True)]
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from model_runtime import resolve_device
 from model_runtime.artifacts import save_artifact
 from model_runtime.runtime import ModelRuntime
+from services.nodule.candidate_features import FEATURE_NAMES, FeatureModel, candidate_features, train_feature_model
 from services.nodule.candidates import scan_candidates
 from services.nodule.classifier import (
     CROP_SIZE,
@@ -61,6 +62,7 @@ from services.nodule.classifier import (
     TwoStageArtifactConfig,
     TwoStageSettings,
     classifier_model_spec,
+    crop_hu,
     extract_crops,
     normalise_crop_hu,
     parameter_count,
@@ -89,6 +91,8 @@ logger = logging.getLogger("tessera.nodule.training_fp")
 BANK_CROP = CROP_SIZE + 4
 """Crops are kept 4 voxels larger than the network's input, for random +-2 voxel shifts."""
 AMBIGUOUS_MARGIN_MM = 3.0
+CNN_WEIGHT = 0.5
+"""The CNN logit's share in a v10 blend: fixed beforehand (an even average), not tuned on any evaluation set."""
 
 
 def data_text(training_settings: str = "default") -> str:
@@ -136,6 +140,9 @@ class FpPlan:
     teacher_stem_stride: int = TEACHER_CROP_CONFIG.stem_stride
     """1 keeps the teacher's first level at the crop's 1 mm: ~10x the compute of stride 2 (probed 2026-12-03 as
     v7: no validation gain over v4, not shipped)."""
+    feature_model: bool = False
+    """Blend each network with a LightGBM over hand-crafted candidate features (v10,
+    :mod:`services.nodule.candidate_features`), the two logits weighted by :data:`CNN_WEIGHT`."""
     seed: int = 0
 
     def teacher_config(self) -> CropNetConfig:
@@ -382,24 +389,32 @@ class FpCalibration:
 
 
 def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
-                        device: str = "cpu") -> FpCalibration:
-    """Run the whole v3 detector with ``net`` on ``studies`` through a private runtime; choose its settings."""
-    return asyncio.run(_calibrate(net, studies, max_candidates, name, device))
+                        device: str = "cpu", feature_model: FeatureModel | None = None) -> FpCalibration:
+    """Run the whole v3 detector with ``net`` (blended with ``feature_model`` if given) on ``studies`` through a
+    private runtime; choose its settings."""
+    return asyncio.run(_calibrate(net, studies, max_candidates, name, device, feature_model))
+
+
+def bank_features(bank: CropBank) -> np.ndarray:
+    """:func:`~services.nodule.candidate_features.candidate_features` of every (centred) crop of the bank."""
+    return np.concatenate([candidate_features(crop_hu(centred(bank.crops[start:start + 512])))
+                           for start in range(0, len(bank.crops), 512)] or [np.zeros((0, 0), np.float32)])
 
 
 async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
-                     device: str) -> FpCalibration:
+                     device: str, feature_model: FeatureModel | None = None) -> FpCalibration:
     from services.nodule.detect import solid_share
     from services.nodule.evaluation import volume_from_simulated
     from services.nodule.two_stage import detect_two_stage
 
     runtime = ModelRuntime()
-    base = TwoStageSettings(max_candidates=max_candidates)
+    base = TwoStageSettings(max_candidates=max_candidates, blended=feature_model is not None)
     records: list[ScanRecord] = []
     shares: list[list[tuple[float, str, float] | None]] = []
     seconds = []
     try:
-        await runtime.load(classifier_model_spec(name, net=net, device=device))
+        await runtime.load(classifier_model_spec(name, net=net, feature_model=feature_model, cnn_weight=CNN_WEIGHT,
+                                                 device=device))
         for index, study in enumerate(studies):
             volume = volume_from_simulated(study, uid=f"validation-{index}")
             started = time.perf_counter()
@@ -447,16 +462,21 @@ def _choose_type_shares(shares: list[list[tuple[float, str, float] | None]], thr
 
 # -- artifacts ------------------------------------------------------------------------------------
 def write_two_stage(net: CropNet, role: str, version: str, output: Path, calibration: FpCalibration, log: StageLog,
-                    plan: FpPlan, rebuild: str, bank: CropBank, *, force: bool = False, extra: str = "") -> Path:
-    """Seal one classifier as ``<output>/<role>/<version>/`` with config, weights, manifest and card."""
+                    plan: FpPlan, rebuild: str, bank: CropBank, *, force: bool = False, extra: str = "",
+                    feature_model: FeatureModel | None = None) -> Path:
+    """Seal one classifier (and its feature model, if blended) as ``<output>/<role>/<version>/`` with config,
+    weights, manifest and card."""
     directory = output / role / version
     if directory.exists():
         if not force:
             raise FileExistsError(f"{directory} exists (pass --force to replace it)")
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    TwoStageArtifactConfig(net.config, calibration.settings, role).write(directory)
+    TwoStageArtifactConfig(net.config, calibration.settings, role,
+                           cnn_weight=None if feature_model is None else CNN_WEIGHT).write(directory)
     write_crop_weights(net, directory)
+    if feature_model is not None:
+        feature_model.save(directory)
     summary = calibration.summary
     metrics = {
         "parameters": parameter_count(net), "training_steps": log.steps, "training_seconds": log.seconds,
@@ -506,7 +526,7 @@ A two-stage detector, as LUNA16 CAD systems are built:
    every candidate and study batched together; `services/nodule/classifier.py`);
 3. each accepted candidate is segmented by a region grow in HU (half-way between lung and the nodule's
    peak) inside a ball around it and measured (`services/nodule/two_stage.py`).
-
+{_blend_text() if plan.feature_model else ""}
 ## Data
 {data_text(plan.training_settings)}
 Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels ({len(bank.labels):,} crops,
@@ -541,6 +561,14 @@ Sensitivity by FP/scan: {at}. Held-out figures: `tessera bench nodule_eval`.
 """
 
 
+def _blend_text() -> str:
+    return (f"\n**Blended (v10):** the reported probability is the sigmoid of {CNN_WEIGHT:g} x this network's logit + "
+            f"{1 - CNN_WEIGHT:g} x the logit of a LightGBM over {len(FEATURE_NAMES)} hand-crafted features of the same "
+            "crop (ball and shell HU statistics, Hessian eigenvalues at 1-3 mm, the dense component's size and shape, "
+            "the lung's noise; `services/nodule/candidate_features.py`, `feature_model.txt`), trained on the same "
+            "crop bank; the weight was fixed beforehand, not tuned.\n")
+
+
 # -- the command ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``tessera train nodule --two-stage``."""
@@ -558,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--training-settings", choices=sorted(TRAINING_SETTINGS),
                         help="the simulated domain of the training and validation studies (default: default)")
     parser.add_argument("--jobs", type=int, default=1, help="processes building the crop bank")
+    parser.add_argument("--feature-model", action="store_true", default=None,
+                        help="blend each network with a LightGBM over hand-crafted candidate features (v10)")
     parser.add_argument("--teacher-from", type=Path, help="reuse this v3 teacher artifact instead of training one")
     parser.add_argument("--teacher-init", type=Path, help="continue training from this teacher artifact's weights")
     parser.add_argument("--student-init", type=Path, help="continue training from this student artifact's weights")
@@ -579,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "student_steps", "batch_size", "max_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
-                                                      "extra_noise_hu", "training_settings", "teacher_stem_stride")
+                                                      "extra_noise_hu", "training_settings", "teacher_stem_stride",
+                                                      "feature_model")
                  if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
     if args.output is None:
@@ -593,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     bank = build_crop_bank("train", plan.train_studies, plan, args.cache_dir, args.jobs)
     logger.info("crop bank: %d crops (%d positive) in %.0f s", len(bank.labels), int(bank.labels.sum()),
                 time.perf_counter() - started)
+    feature_model = None
+    if plan.feature_model:
+        started_features = time.perf_counter()
+        feature_model = train_feature_model(bank_features(bank), bank.labels, plan.seed)
+        logger.info("feature model trained in %.0f s", time.perf_counter() - started_features)
     trained: list[tuple[str, CropNet, StageLog]] = []
     if args.teacher_from:
         teacher, _ = load_crop_net(args.teacher_from, device)
@@ -610,14 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:
         calibration = calibrate_two_stage(net, validation, plan.max_candidates,
-                                          f"nodule-{role}-{args.version}-calibration", device)
+                                          f"nodule-{role}-{args.version}-calibration", device, feature_model)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
         extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" else ""
         init = args.teacher_init if role == "teacher" else args.student_init
         if init is not None:
             extra += f"\nTraining continued from the weights of `{init}` (the steps above are this run's only).\n"
         directory = write_two_stage(net, role, args.version, args.output, calibration, log, plan, rebuild, bank,
-                                    force=args.force, extra=extra)
+                                    force=args.force, extra=extra, feature_model=feature_model)
         summary = calibration.summary
         print(f"{directory}: {parameter_count(net):,} params, validation sensitivity {summary.sensitivity.value:.3f} "
               f"specificity {summary.specificity.value:.3f} CPM {summary.cpm.value:.3f} "

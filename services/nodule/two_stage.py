@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from model_runtime import ModelRuntime, ProgressCallback
 from services.nodule.candidates import BlobCandidate, CandidateScan, scan_candidates
-from services.nodule.classifier import TwoStageSettings, crop_tensors, extract_crops
+from services.nodule.classifier import TwoStageSettings, crop_items, extract_crops
 from services.nodule.findings import DetectedNodule
 from services.nodule.model import DetectorSettings
 
@@ -44,14 +44,15 @@ THRESHOLD_RANGE_HU = (-720.0, -350.0)
 
 async def classify_candidates(scan: CandidateScan, *, runtime: ModelRuntime, model_name: str,
                               on_progress: ProgressCallback | None = None,
-                              timeout_s: float | None = None) -> list[float]:
-    """The classifier's probability for every candidate of ``scan`` (through ``runtime``, batched)."""
+                              timeout_s: float | None = None, blended: bool = False) -> list[float]:
+    """The classifier's probability for every candidate of ``scan`` (through ``runtime``, batched);
+    ``blended``: the classifier also takes each candidate's hand-crafted features (computed here, in a thread)."""
     if not scan.candidates:
         if on_progress is not None:
             on_progress(1, 1)
         return []
     centres = np.array([c.grid_index for c in scan.candidates])
-    crops = await asyncio.to_thread(lambda: crop_tensors(extract_crops(scan.iso, centres)))
+    crops = await asyncio.to_thread(lambda: crop_items(extract_crops(scan.iso, centres), blended))
     answers = await asyncio.gather(*(runtime.predict(model_name, crop, timeout_s=timeout_s) for crop in crops))
     if on_progress is not None:
         on_progress(len(crops), len(crops))
@@ -149,6 +150,6 @@ async def detect_two_stage(hu: np.ndarray, spacing_mm: tuple[float, float, float
     """Candidates, classification through ``runtime``, segmentation and measurements of one volume."""
     scan = await asyncio.to_thread(scan_candidates, hu, spacing_mm, max_candidates=settings.max_candidates)
     confidences = await classify_candidates(scan, runtime=runtime, model_name=model_name, on_progress=on_progress,
-                                            timeout_s=timeout_s)
+                                            timeout_s=timeout_s, blended=settings.blended)
     return await asyncio.to_thread(measure_candidates, scan.candidates, confidences, hu, spacing_mm, voxel_to_lps,
                                    settings, min_confidence=min_confidence)
