@@ -536,8 +536,7 @@ Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels ({len(
 up to {plan.extra_noise_hu:g} HU.
 
 ## Training
-{log.steps} steps in {log.seconds:.0f} s on this machine's shared CPU (final loss {log.final_loss:.4f});
-AdamW, peak learning rate {plan.learning_rate}, cosine decay. Loss: {loss}.
+{_training_text(log, plan, loss)}
 
 ## Settings chosen on the validation split
 Reported confidence >= {settings.report_threshold:.3f} (maximises per-scan sensitivity + specificity);
@@ -559,6 +558,15 @@ Sensitivity by FP/scan: {at}. Held-out figures: `tessera bench nodule_eval`.
 ## Rebuild
 `{rebuild}`
 """
+
+
+def _training_text(log: StageLog, plan: FpPlan, loss: str) -> str:
+    if log.steps == 0:
+        return ("No network training in this run: the weights are those of the artifact it continued from (below), "
+                "unchanged; what this run made is the feature model and the settings.")
+    return (f"{log.steps} steps in {log.seconds:.0f} s on this machine's shared CPU "
+            f"(final loss {log.final_loss:.4f});\nAdamW, peak learning rate {plan.learning_rate}, cosine decay. "
+            f"Loss: {loss}.")
 
 
 def _blend_text() -> str:
@@ -648,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = calibrate_two_stage(net, validation, plan.max_candidates,
                                           f"nodule-{role}-{args.version}-calibration", device, feature_model)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
-        extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" else ""
+        extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" and log.steps else ""
         init = args.teacher_init if role == "teacher" else args.student_init
         if init is not None:
             extra += f"\nTraining continued from the weights of `{init}` (the steps above are this run's only).\n"
