@@ -9,6 +9,9 @@ resampled to 1 mm isotropic (the candidate stage's own grid: cropping costs a sl
 - the **student**, distilled from the teacher's soft labels: 16-24-32-48 channels, one convolution per
   level (76,385 parameters: 89 % fewer).
 
+A v10 artifact also holds a :class:`~services.nodule.candidate_features.FeatureModel`; it is served as
+:class:`BlendedCropProbability` (the two logits averaged), its items carrying each crop's features.
+
 (A full-resolution teacher stem was tried first: it did not reach 100 steps of 32 crops in 6 minutes
 on the shared CPU, so it would not have trained in the time there was.)
 
@@ -141,7 +144,7 @@ class BlendedCropProbability(nn.Module):
 def crop_hu(normalised: np.ndarray) -> np.ndarray:
     """The inverse of :func:`normalise_crop_hu` (clipped HU, float32)."""
     low, high = HU_CLIP
-    return (np.asarray(normalised, dtype=np.float32) * (high - low) + low).astype(np.float32)
+    return np.asarray(normalised, dtype=np.float32) * np.float32(high - low) + np.float32(low)
 
 
 def normalise_crop_hu(hu: np.ndarray) -> np.ndarray:

@@ -397,8 +397,9 @@ def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], max_candida
 
 def bank_features(bank: CropBank) -> np.ndarray:
     """:func:`~services.nodule.candidate_features.candidate_features` of every (centred) crop of the bank."""
-    return np.concatenate([candidate_features(crop_hu(centred(bank.crops[start:start + 512])))
-                           for start in range(0, len(bank.crops), 512)] or [np.zeros((0, 0), np.float32)])
+    parts = [candidate_features(crop_hu(centred(bank.crops[start:start + 512])))
+             for start in range(0, len(bank.crops), 512)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
 
 
 async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,

@@ -6,9 +6,10 @@ artifact says ``"kind": "two_stage"``:
 
 1. :func:`~services.nodule.candidates.scan_candidates` (in a thread): up to ``max_candidates`` blob
    candidates on a 1 mm isotropic grid, no network;
-2. one ``32^3`` crop per candidate (:func:`~services.nodule.classifier.extract_crops`), each sent
-   with ``runtime.predict`` to the classifier, whose batcher stacks the crops of every candidate
-   of every study in flight into shared batches; its answer is the candidate's confidence;
+2. one ``32^3`` crop per candidate (:func:`~services.nodule.classifier.extract_crops`; with its
+   hand-crafted features when the artifact blends them), each sent with ``runtime.predict`` to the
+   classifier, whose batcher stacks the crops of every candidate of every study in flight into shared
+   batches; its answer is the candidate's confidence;
 3. (in a thread) candidates from ``min_confidence`` up are segmented and measured, best first, a
    candidate whose centre falls in an already segmented nodule being the same nodule.
 
