@@ -83,7 +83,8 @@ async def network_seconds(runtime: ModelRuntime, model_name: str, hu: np.ndarray
     included, no post-processing), or a two-stage classifier over one scan's candidate crops (crop
     cutting included, candidates found beforehand and not timed)."""
     two_stage = two_stage_settings_for(runtime, model_name)
-    scan = scan_candidates(hu, spacing_mm, max_candidates=two_stage.max_candidates) if two_stage else None
+    scan = scan_candidates(hu, spacing_mm, max_candidates=two_stage.max_candidates,
+                           faint_candidates=two_stage.faint_candidates) if two_stage else None
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()

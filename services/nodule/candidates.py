@@ -57,6 +57,9 @@ COARSE_FROM_MM = 2.7
 """Scales from this one run on a grid twice as coarse (a scale pyramid: 1/8 of the voxels)."""
 SCORE_CAP_HU = 200.0
 """Responses are capped here in the ranking score, so faint ground glass competes with dense vessels on shape."""
+FAINT_SCORE_CAP_HU = 60.0
+"""The cap of the second ranking that fills a scan's faint-candidate slots (``faint_candidates``): at 60 HU a
+ground-glass blob (a few hundred HU above the lung) ranks on its shape alone against vessels and noise."""
 MERGE_MM = 2.5
 """Two candidates closer than this, or than the smaller one's radius, are one (the stronger is kept)."""
 
@@ -128,15 +131,16 @@ def _ellipsoid(radius: np.ndarray) -> np.ndarray:
 
 
 def generate_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
-                        max_candidates: int = DEFAULT_MAX_CANDIDATES, lung: np.ndarray | None = None,
-                        grid_mm: float = GRID_MM) -> list[BlobCandidate]:
+                        max_candidates: int = DEFAULT_MAX_CANDIDATES, faint_candidates: int = 0,
+                        lung: np.ndarray | None = None, grid_mm: float = GRID_MM) -> list[BlobCandidate]:
     """The candidates of :func:`scan_candidates` alone."""
-    return scan_candidates(hu, spacing_mm, max_candidates=max_candidates, lung=lung, grid_mm=grid_mm).candidates
+    return scan_candidates(hu, spacing_mm, max_candidates=max_candidates, faint_candidates=faint_candidates,
+                           lung=lung, grid_mm=grid_mm).candidates
 
 
 def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
-                    max_candidates: int = DEFAULT_MAX_CANDIDATES, lung: np.ndarray | None = None,
-                    grid_mm: float = GRID_MM) -> CandidateScan:
+                    max_candidates: int = DEFAULT_MAX_CANDIDATES, faint_candidates: int = 0,
+                    lung: np.ndarray | None = None, grid_mm: float = GRID_MM) -> CandidateScan:
     """Blob candidates of a ``(slice, row, column)`` HU volume, best first (see the module docstring).
 
     Parameters
@@ -147,6 +151,11 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         ``(slice, row, column)`` spacing.
     max_candidates : int
         How many to keep at most.
+    faint_candidates : int
+        How many of those slots are filled last, by a second ranking whose response cap is
+        :data:`FAINT_SCORE_CAP_HU` instead of :data:`SCORE_CAP_HU` (the first
+        ``max_candidates - faint_candidates`` come from the usual ranking): room for faint ground-glass
+        blobs that dense vessels and noise outrank. 0 keeps one ranking.
     lung : numpy.ndarray, optional
         A lung region of the volume's shape (default :func:`lung_region`).
     grid_mm : float
@@ -194,14 +203,10 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     centres_voxel = np.stack([zs, ys, xs], axis=1) * ratio
     centres_mm = centres_voxel * spacing
     kept: list[int] = []
-    for index in np.argsort(-score):
-        if kept:
-            distance = np.linalg.norm(centres_mm[kept] - centres_mm[index], axis=1)
-            if (distance < np.maximum(np.minimum(radius[kept], radius[index]), MERGE_MM)).any():
-                continue
-        kept.append(int(index))
-        if len(kept) >= max_candidates:
-            break
+    _keep_best(np.argsort(-score), centres_mm, radius, kept, max_candidates - max(faint_candidates, 0))
+    if faint_candidates > 0:
+        faint_score = np.minimum(strength, FAINT_SCORE_CAP_HU) * (0.1 + blob)
+        _keep_best(np.argsort(-faint_score), centres_mm, radius, kept, max_candidates)
     found = []
     for index in kept:
         voxel = centres_voxel[index]
@@ -210,6 +215,21 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
                                    round(float(blob[index]), 3), round(float(score[index]), 2),
                                    (int(zs[index]), int(ys[index]), int(xs[index]))))
     return CandidateScan(found, iso, grid_mm)
+
+
+def _keep_best(order: np.ndarray, centres_mm: np.ndarray, radius: np.ndarray, kept: list[int], limit: int) -> None:
+    """Append to ``kept`` the peaks of ``order`` (best first) that no kept peak merges, until it holds ``limit``.
+
+    A peak merges into a kept one closer than the smaller one's radius or :data:`MERGE_MM`.
+    """
+    for index in order:
+        if len(kept) >= limit:
+            return
+        if kept:
+            distance = np.linalg.norm(centres_mm[kept] - centres_mm[index], axis=1)
+            if (distance < np.maximum(np.minimum(radius[kept], radius[index]), MERGE_MM)).any():
+                continue
+        kept.append(int(index))
 
 
 def _scale_peaks(volume: np.ndarray, start_sigma: float | None, sigmas: list[float]

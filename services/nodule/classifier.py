@@ -173,6 +173,9 @@ class TwoStageSettings:
     ----------
     max_candidates : int
         Candidates per scan from stage 1.
+    faint_candidates : int
+        How many of them stage 1 fills by its faint (ground-glass) ranking
+        (:func:`~services.nodule.candidates.scan_candidates`); 0 in artifacts before v11.
     report_threshold : float
         Classifier probability from which a candidate is reported as a nodule.
     solid_share_min, ground_glass_share_max : float
@@ -183,6 +186,7 @@ class TwoStageSettings:
     """
 
     max_candidates: int = 64
+    faint_candidates: int = 0
     report_threshold: float = 0.5
     solid_share_min: float = 0.6
     ground_glass_share_max: float = 0.08

@@ -126,6 +126,8 @@ class FpPlan:
     validation_studies: int = CALIBRATION_STUDIES
     study_shape: tuple[int, int, int] = (64, 256, 256)
     max_candidates: int = 64
+    faint_candidates: int = 0
+    """Of ``max_candidates``, how many stage 1 fills by its faint (ground-glass) ranking (v11: 16)."""
     batch_size: int = 32
     teacher_steps: int = 2000
     student_steps: int = 2000
@@ -177,9 +179,9 @@ class CropBank:
                    np.concatenate([b.from_candidate for b in banks]))
 
 
-def study_crops(study: SimulatedStudy, max_candidates: int) -> CropBank:
+def study_crops(study: SimulatedStudy, max_candidates: int, faint_candidates: int = 0) -> CropBank:
     """The labelled crops of one simulated study (candidates and true nodule centres)."""
-    scan = scan_candidates(study.hu, study.spacing_mm, max_candidates=max_candidates)
+    scan = scan_candidates(study.hu, study.spacing_mm, max_candidates=max_candidates, faint_candidates=faint_candidates)
     spacing = np.asarray(study.spacing_mm, dtype=float)
     ratio = (np.asarray(study.hu.shape) - 1) / np.maximum(np.asarray(scan.iso.shape) - 1, 1)
     truths = [(np.asarray(n.center_voxel, float) * spacing, n.long_axis_mm / 2, n.long_axis_mm >= MIN_COUNTED_MM)
@@ -214,7 +216,8 @@ def build_crop_bank(split: str, count: int, plan: FpPlan, cache_dir: Path | None
     """The crops of ``count`` simulated studies of ``split``, cached per study in ``cache_dir`` if given,
     built by ``jobs`` processes (the bank is the same whatever ``jobs``: every study has its own seed)."""
     started = time.perf_counter()
-    work = [(plan.study_config(split, seed), plan.max_candidates, _bank_path(cache_dir, split, seed, plan))
+    work = [(plan.study_config(split, seed), plan.max_candidates, plan.faint_candidates,
+             _bank_path(cache_dir, split, seed, plan))
             for seed in split_seeds(split, count)]
     if jobs <= 1:
         banks = [_cached_study_crops(*item) for item in work]
@@ -233,14 +236,17 @@ def _bank_path(cache_dir: Path | None, split: str, seed: int, plan: FpPlan) -> P
     if cache_dir is None:
         return None
     domain = "" if plan.training_settings == "default" else f"{plan.training_settings}-"
-    return cache_dir / f"crops-{domain}{split}-{seed}-{'x'.join(map(str, plan.study_shape))}-{plan.max_candidates}.npz"
+    faint = f"-faint{plan.faint_candidates}" if plan.faint_candidates else ""
+    shape = "x".join(map(str, plan.study_shape))
+    return cache_dir / f"crops-{domain}{split}-{seed}-{shape}-{plan.max_candidates}{faint}.npz"
 
 
-def _cached_study_crops(config: SimulationConfig, max_candidates: int, path: Path | None) -> CropBank:
+def _cached_study_crops(config: SimulationConfig, max_candidates: int, faint_candidates: int,
+                        path: Path | None) -> CropBank:
     if path is not None and path.exists():
         with np.load(path) as stored:
             return CropBank(stored["crops"], stored["labels"], stored["from_candidate"])
-    bank = study_crops(simulate_study(config), max_candidates)
+    bank = study_crops(simulate_study(config), max_candidates, faint_candidates)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -389,10 +395,11 @@ class FpCalibration:
 
 
 def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
-                        device: str = "cpu", feature_model: FeatureModel | None = None) -> FpCalibration:
+                        device: str = "cpu", feature_model: FeatureModel | None = None,
+                        faint_candidates: int = 0) -> FpCalibration:
     """Run the whole v3 detector with ``net`` (blended with ``feature_model`` if given) on ``studies`` through a
     private runtime; choose its settings."""
-    return asyncio.run(_calibrate(net, studies, max_candidates, name, device, feature_model))
+    return asyncio.run(_calibrate(net, studies, max_candidates, name, device, feature_model, faint_candidates))
 
 
 def bank_features(bank: CropBank) -> np.ndarray:
@@ -403,13 +410,15 @@ def bank_features(bank: CropBank) -> np.ndarray:
 
 
 async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
-                     device: str, feature_model: FeatureModel | None = None) -> FpCalibration:
+                     device: str, feature_model: FeatureModel | None = None,
+                     faint_candidates: int = 0) -> FpCalibration:
     from services.nodule.detect import solid_share
     from services.nodule.evaluation import volume_from_simulated
     from services.nodule.two_stage import detect_two_stage
 
     runtime = ModelRuntime()
-    base = TwoStageSettings(max_candidates=max_candidates, blended=feature_model is not None)
+    base = TwoStageSettings(max_candidates=max_candidates, faint_candidates=faint_candidates,
+                            blended=feature_model is not None)
     records: list[ScanRecord] = []
     shares: list[list[tuple[float, str, float] | None]] = []
     seconds = []
@@ -519,7 +528,7 @@ used; every figure below is measured on simulated studies and says nothing yet a
 A two-stage detector, as LUNA16 CAD systems are built:
 1. candidates (no network, `services/nodule/candidates.py`): multi-scale difference-of-Gaussians blob
    maxima on a 1 mm isotropic grid in the lung region, ranked by capped response x Hessian blobness,
-   up to {settings.max_candidates} per scan;
+   up to {settings.max_candidates} per scan{_faint_text(settings.faint_candidates)};
 2. this network ({'teacher' if role == 'teacher' else 'student distilled from the teacher'}): a 3D CNN on a
    32^3 crop (1 mm, HU clipped to [-1000, 200]) around each candidate, giving its nodule probability;
    channels {list(config.channels)}, {config.convs_per_level} convolution(s) per level, stem stride
@@ -578,6 +587,13 @@ def _blend_text() -> str:
             "crop bank; the weight was fixed beforehand, not tuned.\n")
 
 
+def _faint_text(faint_candidates: int) -> str:
+    if not faint_candidates:
+        return ""
+    return (f" (the last {faint_candidates} of them by a second ranking whose response cap is 60 HU, room for "
+            "faint ground-glass blobs that dense vessels and noise outrank)")
+
+
 # -- the command ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``tessera train nodule --two-stage``."""
@@ -587,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="v3")
     parser.add_argument("--quick", action="store_true")
     for name in ("train-studies", "validation-studies", "teacher-steps", "student-steps", "batch-size",
-                 "max-candidates", "seed", "teacher-stem-stride"):
+                 "max-candidates", "faint-candidates", "seed", "teacher-stem-stride"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
                  "hard-negative-fraction", "extra-noise-hu"):
@@ -615,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = QUICK_FP_PLAN if args.quick else FpPlan()
     overrides = {key: getattr(args, key) for key in ("train_studies", "validation_studies", "teacher_steps",
-                                                      "student_steps", "batch_size", "max_candidates", "seed",
+                                                      "student_steps", "batch_size", "max_candidates",
+                                                      "faint_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
                                                       "extra_noise_hu", "training_settings", "teacher_stem_stride",
@@ -655,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:
         calibration = calibrate_two_stage(net, validation, plan.max_candidates,
-                                          f"nodule-{role}-{args.version}-calibration", device, feature_model)
+                                          f"nodule-{role}-{args.version}-calibration", device, feature_model,
+                                          plan.faint_candidates)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
         extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" and log.steps else ""
         init = args.teacher_init if role == "teacher" else args.student_init

@@ -149,7 +149,8 @@ async def detect_two_stage(hu: np.ndarray, spacing_mm: tuple[float, float, float
                            on_progress: ProgressCallback | None = None,
                            timeout_s: float | None = None) -> tuple[list[DetectedNodule], np.ndarray]:
     """Candidates, classification through ``runtime``, segmentation and measurements of one volume."""
-    scan = await asyncio.to_thread(scan_candidates, hu, spacing_mm, max_candidates=settings.max_candidates)
+    scan = await asyncio.to_thread(scan_candidates, hu, spacing_mm, max_candidates=settings.max_candidates,
+                                   faint_candidates=settings.faint_candidates)
     confidences = await classify_candidates(scan, runtime=runtime, model_name=model_name, on_progress=on_progress,
                                             timeout_s=timeout_s, blended=settings.blended)
     return await asyncio.to_thread(measure_candidates, scan.candidates, confidences, hu, spacing_mm, voxel_to_lps,

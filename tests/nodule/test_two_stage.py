@@ -67,6 +67,33 @@ def test_candidates_of_an_empty_volume_are_none() -> None:
     assert scan.candidates == [] and scan.iso.ndim == 3
 
 
+def _faint_ball_among_dense_segments() -> np.ndarray:
+    """Lung with ten dense, elongated segments (vessels: strong response, poor blobness) and one faint round
+    blob of 80 HU above the lung at (30, 70, 70) (ground glass: weak response, a ball's blobness)."""
+    hu = np.full((48, 96, 96), 40.0, dtype=np.float32)
+    hu[4:44, 8:88, 8:88] = -850.0
+    z, y, x = np.ogrid[:48, :96, :96]
+    for k in range(10):
+        cz, cy, cx = 12 + 8 * (k % 4), 20 + 24 * (k // 4), 20 + 6 * k
+        hu[((z - cz) / 1.8) ** 2 + ((y - cy) / 1.8) ** 2 + ((x - cx) / 6.0) ** 2 <= 1] = 40.0
+    hu[(z - 30) ** 2 + (y - 70) ** 2 + (x - 70) ** 2 <= 25] = -770.0
+    return hu + np.random.default_rng(0).normal(0, 5, hu.shape).astype(np.float32)
+
+
+def test_faint_slots_let_a_ground_glass_blob_in_that_dense_structures_outrank() -> None:
+    hu = _faint_ball_among_dense_segments()
+
+    def reaches_the_blob(candidates: list) -> bool:  # type: ignore[type-arg]
+        return any(np.linalg.norm(np.asarray(c.centre_voxel) - (30, 70, 70)) <= 5 for c in candidates)
+
+    usual = scan_candidates(hu, (1.0, 1.0, 1.0), max_candidates=8).candidates
+    with_faint = scan_candidates(hu, (1.0, 1.0, 1.0), max_candidates=8, faint_candidates=2).candidates
+    assert len(usual) == len(with_faint) == 8
+    assert not reaches_the_blob(usual)
+    assert reaches_the_blob(with_faint)
+    assert [c.centre_voxel for c in with_faint[:6]] == [c.centre_voxel for c in usual[:6]]  # the usual ranking first
+
+
 def test_crops_are_centred_and_air_padded() -> None:
     iso = np.full((40, 40, 40), -900.0, dtype=np.float32)
     iso[20, 20, 20] = 100.0
