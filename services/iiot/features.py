@@ -19,6 +19,11 @@ slope (per step), recent-vs-earlier delta (mean of the last quarter minus the me
 and spectral energy in three bands of the rFFT (low / mid / high thirds of the non-zero
 frequencies), vectorised over ``N`` windows.
 
+**History features** (:func:`history_features`): what a window alone cannot see, from a unit's whole
+history up to the window's end (C-MAPSS engines are observed from their first cycle, test engines
+too): per channel, the drift of the window's mean from the unit's early (healthy) level and the
+least-squares slope over every cycle so far. Causal: only cycles up to each window's end are read.
+
 **Training windows** (:func:`training_windows`) over a simulated fleet: see its docstring for the
 labels (failure within the horizon, capped remaining useful life) and what is excluded.
 """
@@ -51,6 +56,10 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {"temperature": (-20.0, 150.0),
 """A channel's range when a sensor has no expected range (canonical units: degC, mm/s, bar, A, rpm)."""
 WINDOW_STATISTICS = ("mean", "std", "min", "max", "last", "slope", "delta", "band_low", "band_mid", "band_high")
 """What :func:`batch_window_features` computes for each step feature."""
+HISTORY_STATISTICS = ("drift", "history_slope")
+"""What :func:`history_features` computes for each channel (all drifts, then all slopes)."""
+HISTORY_BASELINE_CYCLES = 20
+"""The first cycles of a unit's life whose mean stands for its healthy level in :func:`history_features`."""
 RUL_CAP_H = 336.0
 """Remaining useful life labels are capped at 14 days (as C-MAPSS RUL is capped): beyond it, 'healthy'."""
 _HOUR_NS = 3_600_000_000_000
@@ -288,6 +297,47 @@ def window_features(x: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> Floa
     """:func:`batch_window_features` of one window ``x[T, F]`` → ``float32[F * 10]``."""
     window = np.asarray(x)[None]
     return batch_window_features(window, None if mask is None else np.asarray(mask)[None])[0]
+
+
+def history_feature_names(channels: Iterable[str]) -> list[str]:
+    """Names of :func:`history_features`' columns: ``<channel>.<statistic>``, all drifts then all slopes."""
+    names = list(channels)
+    return [f"{channel}.{stat}" for stat in HISTORY_STATISTICS for channel in names]
+
+
+def history_features(values: npt.ArrayLike, ends: npt.ArrayLike, window: int,
+                     baseline_cycles: int = HISTORY_BASELINE_CYCLES) -> Float32Array:
+    """Whole-history features of one unit's series ``values[cycles, F]`` at each window end → ``float32[N, 2F]``.
+
+    ``ends[N]``: the 0-based index of each window's last cycle. Per channel (columns as
+    :func:`history_feature_names`): the **drift**, the mean of the window (its last ``window`` cycles
+    up to the end) minus the mean of the unit's first ``baseline_cycles`` cycles (fewer when the end
+    comes sooner), and the **history slope**, the least-squares slope per cycle over cycles 0..end (0 for
+    a single cycle). Only cycles up to each end are read, so a window's features never see its future.
+    """
+    series = np.asarray(values, dtype=np.float64)
+    seen = np.asarray(ends, dtype=np.int64) + 1
+    sums = _prefix_sums(series)
+    timed_sums = _prefix_sums(series * np.arange(len(series), dtype=np.float64)[:, None])
+    start = np.maximum(seen - window, 0)
+    window_mean = (sums[seen] - sums[start]) / (seen - start)[:, None]
+    early = np.minimum(seen, baseline_cycles)
+    drift = window_mean - sums[early] / early[:, None]
+    slope = _least_squares_slope(sums[seen], timed_sums[seen], seen)
+    return np.concatenate([drift, slope], axis=1).astype(np.float32)
+
+
+def _prefix_sums(series: FloatArray) -> FloatArray:
+    """``[cycles + 1, F]``: row ``k`` holds the sum of the first ``k`` rows of ``series``."""
+    return np.concatenate([np.zeros((1, series.shape[1])), np.cumsum(series, axis=0)])
+
+
+def _least_squares_slope(total: FloatArray, timed_total: FloatArray, count: IntArray) -> FloatArray:
+    """Slope of ``y`` on ``t = 0..count-1`` from the sums of ``y`` and ``t * y`` over those ``count`` points."""
+    n = count.astype(np.float64)[:, None]
+    sum_t = n * (n - 1) / 2
+    spread = n * n * (n * n - 1) / 12  # n * sum(t^2) - sum(t)^2 for t = 0..n-1
+    return (n * timed_total - sum_t * total) / np.maximum(spread, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -11,6 +11,7 @@ import pytest
 
 from services.iiot.features import (
     CHANNELS,
+    HISTORY_BASELINE_CYCLES,
     RUL_CAP_H,
     STEP_FEATURES,
     SensorScale,
@@ -19,6 +20,8 @@ from services.iiot.features import (
     feature_names,
     fill_missing,
     fleet_windows,
+    history_feature_names,
+    history_features,
     label_windows,
     sensor_scales,
     training_windows,
@@ -222,3 +225,32 @@ def test_sensor_scales_skip_unknown_quantities_and_default_ranges() -> None:
     assert set(scales) == {"t1", "t2", "v", "c"}
     assert (scales["c"].low, scales["c"].high) == (0.0, 200.0)
     assert scales["t2"].channel == CHANNELS.index("temperature")
+
+
+def _engine(cycles: int = 40) -> np.ndarray:
+    """One hand-made engine: channel 0 rises 0.5 a cycle from 3, channel 1 stays at 7."""
+    t = np.arange(cycles, dtype=np.float64)
+    return np.column_stack([3.0 + 0.5 * t, np.full(cycles, 7.0)])
+
+
+def test_history_slope_of_a_linear_sensor_is_its_rate_and_a_constant_one_has_no_drift() -> None:
+    ends = np.array([1, 5, 19, 39])
+    features = history_features(_engine(), ends, window=10)
+    assert features.shape == (4, 4) and features.dtype == np.float32
+    assert history_feature_names(["rising", "flat"]) == ["rising.drift", "flat.drift", "rising.history_slope",
+                                                         "flat.history_slope"]
+    np.testing.assert_allclose(features[:, 2], 0.5, rtol=1e-6)  # the rising sensor's slope: its rate
+    np.testing.assert_allclose(features[:, [1, 3]], 0.0, atol=1e-6)  # the flat sensor: no drift, no slope
+    # drift at cycle 39: the mean of cycles 30..39 minus the mean of the first 20 cycles, 0.5 * (34.5 - 9.5)
+    assert features[3, 0] == pytest.approx(0.5 * (34.5 - 9.5))
+    assert features[0, 0] == pytest.approx(0.0)  # two cycles seen: the window is the early level itself
+    assert history_features(_engine(), np.array([0]), window=10)[0, 2] == 0.0  # one cycle: no slope
+
+
+def test_history_features_read_only_the_cycles_up_to_each_end() -> None:
+    engine = _engine()
+    noise = np.random.default_rng(0).normal(size=engine.shape) * 100.0
+    for end in (4, HISTORY_BASELINE_CYCLES - 3, 25):  # before the early level's 20 cycles are seen, and after
+        later_changed = np.where(np.arange(len(engine))[:, None] > end, noise, engine)
+        np.testing.assert_array_equal(history_features(engine, np.array([end]), window=8),
+                                      history_features(later_changed, np.array([end]), window=8))
