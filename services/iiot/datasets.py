@@ -7,6 +7,9 @@
   (:func:`cmapss_last_windows`); training windows end at every cycle of a training engine
   (:func:`cmapss_windows`), with RUL capped at :data:`RUL_CAP` cycles as is standard; a test-like
   validation cuts held-out training engines off at random cycles (:func:`cmapss_cut_windows`).
+  Every window set also carries each window's history features (drift from the engine's early level
+  and slope over its whole history up to the window's end: :func:`~services.iiot.features.history_features`),
+  built the same way for training, cut-off and test windows.
 - **AI4I 2020** (:func:`load_ai4i`): 10,000 synthetic milling processes, ``Machine failure`` as the
   label (3.39 %). CC BY 4.0, S. Matzka (AI4I 2020). The five failure-mode flags (TWF, HDF, PWF,
   OSF, RNF) nearly define the label and the ids say nothing, so neither is ever an input:
@@ -25,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+
+from services.iiot.features import history_features
 
 CMAPSS_FOLDER = "cmapss"
 AI4I_FOLDER = "ai4i2020"
@@ -184,12 +189,22 @@ def _unit_windows(values: npt.NDArray[np.float32], ends: npt.NDArray[np.int64], 
 
 @dataclass(frozen=True)
 class WindowSet:
-    """Model inputs and targets: ``x`` (N, T, F) float32, ``mask`` (N, T), ``rul`` (N,), ``units`` (N,)."""
+    """Model inputs and targets: ``x`` (N, T, F) float32, ``mask`` (N, T), ``rul`` (N,), ``units`` (N,), and
+    ``history`` (N, 2F) float32: each window's :func:`~services.iiot.features.history_features` (the engine's
+    cycles up to the window's end; the drift over the window's own length)."""
 
     x: npt.NDArray[np.float32]
     mask: npt.NDArray[np.float32]
     rul: npt.NDArray[np.float64]
     units: npt.NDArray[np.int64]
+    history: npt.NDArray[np.float32]
+
+
+def _unit_window_set(values: npt.NDArray[np.float32], ends: npt.NDArray[np.int64], window: int,
+                     rul: npt.NDArray[np.float64], unit: int) -> WindowSet:
+    """One engine's windows ending at ``ends``, with their history features, targets and unit."""
+    x, mask = _unit_windows(values, ends, window)
+    return WindowSet(x, mask, rul, np.full(len(ends), unit, np.int64), history_features(values, ends, window))
 
 
 def cmapss_windows(frame: pd.DataFrame, scaler: SensorScaler, *, window: int = CMAPSS_WINDOW,
@@ -200,8 +215,7 @@ def cmapss_windows(frame: pd.DataFrame, scaler: SensorScaler, *, window: int = C
     rul = cmapss_rul(frame, cap)
     for unit, rows in frame.groupby("unit").indices.items():
         ends = np.arange(min_length - 1, len(rows), dtype=np.int64)
-        x, mask = _unit_windows(values[rows], ends, window)
-        parts.append(WindowSet(x, mask, rul[rows][ends], np.full(len(ends), unit, np.int64)))
+        parts.append(_unit_window_set(values[rows], ends, window, rul[rows][ends], unit))
     return _concatenate(parts)
 
 
@@ -211,8 +225,8 @@ def cmapss_last_windows(frame: pd.DataFrame, scaler: SensorScaler, truth: npt.ND
     parts = []
     values = scaler.transform(frame)
     for position, (unit, rows) in enumerate(sorted(frame.groupby("unit").indices.items())):
-        x, mask = _unit_windows(values[rows], np.array([len(rows) - 1]), window)
-        parts.append(WindowSet(x, mask, truth[position:position + 1], np.array([unit], np.int64)))
+        ends = np.array([len(rows) - 1], np.int64)
+        parts.append(_unit_window_set(values[rows], ends, window, truth[position:position + 1], unit))
     return _concatenate(parts)
 
 
@@ -227,14 +241,14 @@ def cmapss_cut_windows(frame: pd.DataFrame, scaler: SensorScaler, *, cuts: int =
     for unit, rows in sorted(frame.groupby("unit").indices.items()):
         first = min(min_length, len(rows) - 1) - 1
         ends = np.sort(rng.integers(first, len(rows) - 1, size=cuts)).astype(np.int64)
-        x, mask = _unit_windows(values[rows], ends, window)
-        parts.append(WindowSet(x, mask, (len(rows) - 1 - ends).astype(np.float64), np.full(cuts, unit, np.int64)))
+        parts.append(_unit_window_set(values[rows], ends, window, (len(rows) - 1 - ends).astype(np.float64), unit))
     return _concatenate(parts)
 
 
 def _concatenate(parts: list[WindowSet]) -> WindowSet:
     return WindowSet(np.concatenate([p.x for p in parts]), np.concatenate([p.mask for p in parts]),
-                     np.concatenate([p.rul for p in parts]), np.concatenate([p.units for p in parts]))
+                     np.concatenate([p.rul for p in parts]), np.concatenate([p.units for p in parts]),
+                     np.concatenate([p.history for p in parts]))
 
 
 # --- AI4I 2020 --------------------------------------------------------------------------------

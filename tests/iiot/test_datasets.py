@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from services.iiot import datasets
+from services.iiot.features import history_features
 
 ROOT = datasets.datasets_dir()
 
@@ -61,6 +62,37 @@ def test_cmapss_cut_windows_end_before_failure_with_the_uncapped_truth() -> None
     np.testing.assert_array_equal(cut.x[0], every.x[row])
     again = datasets.cmapss_cut_windows(train, scaler, cuts=6, seed=3)
     np.testing.assert_array_equal(again.rul, cut.rul)
+
+def _hand_made_engines(cycles: tuple[int, ...] = (50, 70)) -> pd.DataFrame:
+    """Engines in C-MAPSS columns: s2 rises 0.5 a unit cycle (plus the engine's number), s3 is noise."""
+    rng = np.random.default_rng(1)
+    rows = [{"unit": unit, "cycle": cycle, "setting1": 0.0, "setting2": 0.0, "setting3": 100.0,
+             "s2": 0.5 * cycle + unit, "s3": rng.normal()}
+            for unit, count in enumerate(cycles, start=1) for cycle in range(1, count + 1)]
+    return pd.DataFrame(rows)
+
+
+def test_every_window_set_carries_the_history_up_to_its_window_end() -> None:
+    frame = _hand_made_engines()
+    scaler = datasets.SensorScaler.fit(frame, ("s2", "s3"))
+    scaled = {unit: scaler.transform(frame[frame["unit"] == unit]) for unit in (1, 2)}
+    every = datasets.cmapss_windows(frame, scaler, window=12, cap=None)
+    cut = datasets.cmapss_cut_windows(frame, scaler, cuts=4, seed=0, window=12)
+    last = datasets.cmapss_last_windows(frame, scaler, np.array([5.0, 9.0]), window=12)
+    for windows, ends in ((every, [np.arange(50), np.arange(70)]), (last, [[49], [69]]),
+                          (cut, [49 - cut.rul[:4], 69 - cut.rul[4:]])):
+        assert windows.history.shape == (len(windows.rul), 4)
+        for unit, unit_ends in zip((1, 2), ends, strict=True):
+            expected = history_features(scaled[unit], np.asarray(unit_ends, np.int64), window=12)
+            np.testing.assert_array_equal(windows.history[windows.units == unit], expected)
+    slope = last.history[:, 2] * scaler.conditions[(0.0, 0.0, 100.0)][1][0]  # back in s2's unit
+    np.testing.assert_allclose(slope, 0.5, rtol=1e-4)
+    later_changed = frame.assign(s3=np.where(frame["cycle"] > 30, 50.0, frame["s3"]))
+    changed = datasets.cmapss_windows(later_changed, scaler, window=12, cap=None)
+    early = (every.units == 1) & (np.arange(len(every.rul)) < 30)  # windows ending at engine 1's cycles 1-30
+    np.testing.assert_array_equal(changed.history[early], every.history[early])
+    assert not np.array_equal(changed.history[~early], every.history[~early])
+
 
 def test_sensor_scaler_standardises_per_operating_condition() -> None:
     frame = pd.DataFrame({"setting1": [0.0] * 4 + [10.0] * 4, "setting2": 0.0, "setting3": 100.0,
