@@ -7,13 +7,14 @@
 - Blends: :func:`choose_blend_weight` picks the share of two models' predictions on **validation**
   predictions only (the attention model and the LightGBM baseline of the same run).
 - The baseline: LightGBM (:func:`fit_gbm`, early stopping on the validation split) on the window
-  statistics, trends and spectral energies of :func:`services.iiot.features.batch_window_features`,
+  statistics, trends and spectral energies of :func:`services.iiot.features.batch_window_features`
+  (C-MAPSS: with each engine's history features beside them, :func:`services.iiot.features.history_features`),
   or on the tabular inputs where there is no window (AI4I).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,15 +103,20 @@ class GbmModel:
         return np.asarray(self.booster.predict(features, num_iteration=self.booster.best_iteration))
 
 
+GBM_PARAMS: dict[str, Any] = {"learning_rate": 0.03, "num_leaves": 31, "min_data_in_leaf": 20,
+                              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0}
+"""LightGBM settings of :func:`fit_gbm` unless its ``params`` override them."""
+
+
 def fit_gbm(task: GbmTask, train_x: FloatArray, train_y: FloatArray, val_x: FloatArray, val_y: FloatArray, *,
-            seed: int = 0, rounds: int = 2000, threads: int = 2) -> GbmModel:
-    """LightGBM with early stopping on the validation split (never on test)."""
+            seed: int = 0, rounds: int = 2000, threads: int = 2, params: Mapping[str, Any] | None = None,
+            ) -> GbmModel:
+    """LightGBM with early stopping on the validation split (never on test); ``params`` override
+    :data:`GBM_PARAMS`."""
     import lightgbm as lgb
 
-    params = {"objective": task, "learning_rate": 0.03, "num_leaves": 31, "min_data_in_leaf": 20,
-              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
-              "seed": seed, "num_threads": threads, "verbose": -1,
-              "metric": "rmse" if task == "regression" else "average_precision"}
+    params = {"objective": task, **GBM_PARAMS, **(params or {}), "seed": seed, "num_threads": threads,
+              "verbose": -1, "metric": "rmse" if task == "regression" else "average_precision"}
     train = lgb.Dataset(train_x, label=train_y)
     valid = lgb.Dataset(val_x, label=val_y, reference=train)
     booster = lgb.train(params, train, num_boost_round=rounds, valid_sets=[valid],
