@@ -15,7 +15,8 @@ Data sets (protocols as in :mod:`services.iiot.training`; nothing is tuned on a 
 
 Models: our attention model (:class:`~services.iiot.model.SensorWindowNet`; epochs and ensemble
 members chosen on validation) and LightGBM (early stopping on validation) on the window statistics,
-trends and spectral energies of :func:`services.iiot.features.batch_window_features` (AI4I: the same
+trends and spectral energies of :func:`services.iiot.features.batch_window_features` (C-MAPSS: with each
+engine's history features beside them, :func:`services.iiot.training.cmapss_gbm_inputs`; AI4I: the same
 tabular inputs the model gets).
 
 Plans: ``--plan quick`` (default: one seed, few epochs, a small fleet: about ten minutes on a busy

@@ -101,7 +101,11 @@ def test_the_cmapss_baseline_may_use_its_own_window_on_the_same_cuts() -> None:
     folds = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=50)
     longer = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=60)
     figures = training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=longer)
-    assert figures["baseline"]["window"] == 60 and figures["blend"]["attention_share"] in evaluation.BLEND_WEIGHTS
+    baseline, blend = figures["baseline"], figures["blend"]
+    assert baseline["window"] == 60 and blend["attention_share"] in evaluation.BLEND_WEIGHTS
+    assert len(baseline["features"]) == 14 * 10 + 2 * 14 and baseline["features"][-1] == "s21.history_slope"
+    assert baseline["seeds"] == list(training.CMAPSS_GBM_SEEDS) and baseline["params"]["num_leaves"] == 15
+    assert np.shape(baseline["iterations"]) == (2, len(training.CMAPSS_GBM_SEEDS))
     other_cuts = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, seed=5)
     with pytest.raises(ValueError, match="same engines and cuts"):
         training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=other_cuts)
