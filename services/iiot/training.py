@@ -15,7 +15,8 @@
   settings are chosen on it; the official test set (last cycle of each test engine) is scored once
   with the mean of the fold models. The LightGBM baseline (its own window, :data:`CMAPSS_BASELINE_WINDOW`,
   and each engine's history up to the window's end as features, :func:`cmapss_gbm_inputs`) and the blend
-  of the two (the share chosen on the same validation) in the same run.
+  of the two (the share chosen on the same validation) in the same run; every model's out-of-fold and
+  test predictions saved beside the figures (:data:`CMAPSS_PREDICTIONS_FILE`).
 - ``--dataset ai4i``: AI4I 2020 machine failure. Inputs without the failure-mode flags (they leak the
   label): Type as a categorical, the process variables and the physical combinations computed from
   them; the network attends over one token per input. 20 % stratified test rows set aside, the rest
@@ -460,7 +461,7 @@ def cmapss_config(tier: Tier, fold: Splits, sizes: dict[str, Any] | None = None)
 def run_cmapss(*, tier: Tier = "cloud", seeds: int = 1, keep: int = 1, settings: FitSettings | None = None,
                sizes: dict[str, Any] | None = None, data: Splits | Sequence[Splits] | None = None,
                baseline: bool = False, baseline_data: Sequence[Splits] | None = None,
-               folds: int = CMAPSS_FOLDS) -> dict[str, Any]:
+               folds: int = CMAPSS_FOLDS, predictions_file: Path | None = None) -> dict[str, Any]:
     """Train on train_FD001 (:func:`cmapss_folds` unless ``data`` is given: folds, or one :class:`Splits`),
     choose on the test-like validation only, then score the official test set once.
 
@@ -468,7 +469,9 @@ def run_cmapss(*, tier: Tier = "cloud", seeds: int = 1, keep: int = 1, settings:
     mean over every kept network of every fold. ``sizes`` overrides the tier's network sizes;
     ``baseline`` adds the LightGBM baseline (:func:`cmapss_gbm`) on ``baseline_data``'s windows (the same
     folds and cuts, its own window length; default ``data``'s) and the blend of the two
-    (:func:`cmapss_blend`, its share chosen on validation).
+    (:func:`cmapss_blend`, its share chosen on validation). ``predictions_file``: where to save every
+    model's out-of-fold and test predictions (:func:`save_cmapss_predictions`), so that a blend can be
+    recomputed without training again.
     """
     settings = settings or REAL_SETTINGS["cmapss"]
     parts = [data] if isinstance(data, Splits) else list(data or cmapss_folds(folds=folds))
@@ -497,7 +500,30 @@ def run_cmapss(*, tier: Tier = "cloud", seeds: int = 1, keep: int = 1, settings:
         gbm = cmapss_gbm_predictions(gbm_parts, threads=settings.threads)
         figures["baseline"] = cmapss_gbm(gbm_parts, predictions=gbm)
         figures["blend"] = cmapss_blend(parts, (np.concatenate(validation), predicted), gbm)
+    if predictions_file is not None:
+        save_cmapss_predictions(predictions_file, parts, (np.concatenate(validation), predicted),
+                                gbm if baseline else None)
+        figures["predictions_file"] = predictions_file.name
     return figures
+
+
+def save_cmapss_predictions(path: Path, folds: Sequence[Splits],
+                            network: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+                            gbm: GbmPredictions | None) -> None:
+    """Save a C-MAPSS run's predictions as ``.npz``: the out-of-fold validation windows' uncapped truth and
+    fold (fold order), the official test engines' truth, the RUL cap, and each model's predictions of both
+    (``network_validation`` / ``network_test``; ``gbm_*`` when LightGBM ran)."""
+    test_truth = folds[0].test.rul
+    assert test_truth is not None
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "validation_truth": np.concatenate([_validation_truth(fold) for fold in folds]),
+        "validation_fold": np.concatenate([np.full(len(fold.validation), index) for index, fold in enumerate(folds)]),
+        "test_truth": test_truth.astype(np.float64), "rul_cap": np.array(folds[0].rul_cap),
+        "network_validation": network[0], "network_test": network[1]}
+    if gbm is not None:
+        arrays |= {"gbm_validation": gbm.validation, "gbm_test": gbm.test}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, allow_pickle=False, **arrays)
 
 
 def _check_same_cuts(folds: Sequence[Splits], others: Sequence[Splits]) -> None:
@@ -1118,7 +1144,7 @@ def main(argv: list[str] | None = None) -> None:
             print(render_card(output / tier / args.version, output / EVALUATION_SUBDIR))
         return
     if args.dataset in ("cmapss", "ai4i"):
-        figures = _run_real(args)
+        figures = _run_real(args, output / EVALUATION_SUBDIR)
         (output / EVALUATION_SUBDIR).mkdir(parents=True, exist_ok=True)
         (output / EVALUATION_SUBDIR / f"{args.dataset}.json").write_text(json.dumps(figures, indent=1) + "\n")
         for card in refresh_cards(output):
@@ -1128,7 +1154,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(figures, indent=1))
 
 
-def _run_real(args: argparse.Namespace) -> dict[str, Any]:
+def _run_real(args: argparse.Namespace, evaluations: Path) -> dict[str, Any]:
     tier: Tier = "edge" if args.tier == "edge" else "cloud"
     settings = REAL_SETTINGS[args.dataset]
     settings = FitSettings(**{**asdict(settings), "threads": args.threads,
@@ -1142,7 +1168,8 @@ def _run_real(args: argparse.Namespace) -> dict[str, Any]:
                              sizes=REAL_SIZES[args.dataset], baseline=True,
                              data=cmapss_folds(folds=args.folds, **CMAPSS_DATA),
                              baseline_data=cmapss_folds(folds=args.folds,
-                                                        **{**CMAPSS_DATA, "window": CMAPSS_BASELINE_WINDOW}))
+                                                        **{**CMAPSS_DATA, "window": CMAPSS_BASELINE_WINDOW}),
+                             predictions_file=evaluations / CMAPSS_PREDICTIONS_FILE)
     figures["rebuild_command"] = _command(args, tier)
     return figures
 
@@ -1179,6 +1206,8 @@ first 20 cycles as 14 more channels 12.64 (15 epochs)."""
 CMAPSS_DATA: dict[str, Any] = {"window": 50, "cap": datasets.RUL_CAP}
 """C-MAPSS windows of the CLI run (:func:`cmapss_folds`): 50 cycles (chosen on validation, see
 :data:`REAL_SIZES`; shorter test engines are zero-padded and masked), RUL capped at 125."""
+CMAPSS_PREDICTIONS_FILE = "cmapss_predictions.npz"
+"""Beside ``cmapss.json``: the CLI run's out-of-fold and test predictions (:func:`save_cmapss_predictions`)."""
 CMAPSS_BASELINE_WINDOW = 90
 """C-MAPSS windows of the LightGBM baseline in the CLI run: 90 cycles (training windows from 45 cycles of
 history on; shorter histories zero-padded and masked). The cut-off points are the same whatever the window, so

@@ -96,16 +96,26 @@ def test_cmapss_protocol_scores_the_official_test_set_once() -> None:
         assert scores[kept[0]] == min(scores)
 
 
-def test_the_cmapss_baseline_may_use_its_own_window_on_the_same_cuts() -> None:
+def test_the_cmapss_baseline_may_use_its_own_window_on_the_same_cuts(tmp_path: Path) -> None:
     require(datasets.CMAPSS_FOLDER)
     folds = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=50)
     longer = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=60)
-    figures = training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=longer)
+    saved = tmp_path / "cmapss_predictions.npz"
+    figures = training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=longer,
+                                  predictions_file=saved)
     baseline, blend = figures["baseline"], figures["blend"]
     assert baseline["window"] == 60 and blend["attention_share"] in evaluation.BLEND_WEIGHTS
     assert len(baseline["features"]) == 14 * 10 + 2 * 14 and baseline["features"][-1] == "s21.history_slope"
     assert baseline["seeds"] == list(training.CMAPSS_GBM_SEEDS) and baseline["params"]["num_leaves"] == 15
     assert np.shape(baseline["iterations"]) == (2, len(training.CMAPSS_GBM_SEEDS))
+    with np.load(saved) as predictions:  # the blend again from the saved predictions alone
+        share = blend["attention_share"]
+        mixed = share * predictions["network_validation"] + (1 - share) * predictions["gbm_validation"]
+        capped = np.minimum(predictions["validation_truth"], predictions["rul_cap"])
+        assert evaluation.rmse(mixed, capped) == pytest.approx(blend["validation"]["rmse_capped_truth"])
+        mixed_test = share * predictions["network_test"] + (1 - share) * predictions["gbm_test"]
+        assert evaluation.rmse(mixed_test, predictions["test_truth"]) == pytest.approx(blend["test"]["rmse"])
+    assert figures["predictions_file"] == saved.name
     other_cuts = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, seed=5)
     with pytest.raises(ValueError, match="same engines and cuts"):
         training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds, baseline=True, baseline_data=other_cuts)
