@@ -236,9 +236,9 @@ def window_tensor(readings: pd.DataFrame, sensors: Mapping[Any, SensorScale] | I
 
 # ---------------------------------------------------------------------------------------------- statistics
 
-def feature_names() -> list[str]:
-    """Names of :func:`batch_window_features`' columns: ``<step feature>.<statistic>``."""
-    return [f"{feature}.{stat}" for feature in STEP_FEATURES for stat in WINDOW_STATISTICS]
+def feature_names(channels: Iterable[str] = STEP_FEATURES) -> list[str]:
+    """Names of :func:`batch_window_features`' columns: ``<channel>.<statistic>`` (the step features by default)."""
+    return [f"{channel}.{stat}" for channel in channels for stat in WINDOW_STATISTICS]
 
 
 def _band_energies(x: FloatArray, mean: FloatArray) -> FloatArray:

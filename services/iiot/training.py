@@ -405,10 +405,10 @@ def cmapss_gbm(data: Splits | Sequence[Splits], seeds: Sequence[int] = CMAPSS_GB
 
 def cmapss_gbm_feature_names(fold: Splits) -> list[str]:
     """The names of :func:`cmapss_gbm_inputs`' columns for ``fold``'s sensors."""
-    from services.iiot.features import WINDOW_STATISTICS, history_feature_names
+    from services.iiot.features import feature_names, history_feature_names
 
-    window = [f"{channel}.{stat}" for channel in fold.channels for stat in WINDOW_STATISTICS]
-    return window + (history_feature_names(fold.channels) if fold.train.history is not None else [])
+    history = history_feature_names(fold.channels) if fold.train.history is not None else []
+    return feature_names(fold.channels) + history
 
 
 def cmapss_blend(folds: Sequence[Splits], network: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],

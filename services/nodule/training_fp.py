@@ -52,7 +52,7 @@ from model_runtime import resolve_device
 from model_runtime.artifacts import save_artifact
 from model_runtime.runtime import ModelRuntime
 from services.nodule.candidate_features import FEATURE_NAMES, FeatureModel, candidate_features, train_feature_model
-from services.nodule.candidates import scan_candidates
+from services.nodule.candidates import FAINT_SCORE_CAP_HU, scan_candidates
 from services.nodule.classifier import (
     CROP_SIZE,
     STUDENT_CROP_CONFIG,
@@ -590,8 +590,8 @@ def _blend_text() -> str:
 def _faint_text(faint_candidates: int) -> str:
     if not faint_candidates:
         return ""
-    return (f" (the last {faint_candidates} of them by a second ranking whose response cap is 60 HU, room for "
-            "faint ground-glass blobs that dense vessels and noise outrank)")
+    return (f" (the last {faint_candidates} of them by a second ranking whose response cap is "
+            f"{FAINT_SCORE_CAP_HU:g} HU, room for faint ground-glass blobs that dense vessels and noise outrank)")
 
 
 # -- the command ----------------------------------------------------------------------------------
