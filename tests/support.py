@@ -76,14 +76,16 @@ def model_child(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
-    """Poll ``predicate`` until true or fail the test naming ``what``."""
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1,
+               details: Callable[[], str] | None = None) -> None:
+    """Poll ``predicate`` until true or fail the test naming ``what`` (and ``details()``, when given)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    suffix = f": {details()}" if details else ""
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{suffix}")
 
 
 async def wait_until_async(predicate: Callable[[], bool], timeout_s: float, what: str,

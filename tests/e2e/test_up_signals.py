@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.cli import STOP_GRACE_S
 from tests.support import ManagedProcess, alive, descendants, free_port, model_child, python_argv, wait_until
 
 
@@ -25,6 +26,17 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def survivors(pids: set[int]) -> list[str]:
+    """The command line of each process in ``pids`` still running, for a failure message."""
+    found = []
+    for pid in sorted(pids):
+        if alive(pid):
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:100].decode()
+                found.append(f"{pid} {command}")
+    return found
 
 
 def serving(port: int) -> bool:
@@ -52,8 +64,11 @@ def test_every_signal_that_ends_tessera_up_ends_its_children(tmp_path: Path, end
         assert len(children) >= 4, children  # uvicorn and its model child, the worker and its pool / beat
         os.killpg(up.process.pid, ending)  # a closed terminal signals its foreground process group
         up.process.wait(timeout=60)
-        wait_until(lambda: port_free(port) and not any(alive(pid) for pid in children), 15,
-                   f"the port to be free and every child of `tessera up` to end after {ending.name}")
+        # after SIGKILL no supervisor is left to escalate: each child gets SIGTERM from the kernel and stops
+        # gracefully (an idle Celery worker takes ~5 s here, more on a loaded CI box), so allow `up`'s own grace
+        wait_until(lambda: port_free(port) and not any(alive(pid) for pid in children), STOP_GRACE_S + 10,
+                   f"the port to be free and every child of `tessera up` to end after {ending.name}",
+                   details=lambda: f"still running: {survivors(children)}")
         if ending != signal.SIGKILL:
             assert up.process.returncode == 0, up.output[-3000:]
             assert f"{ending.name} received; stopping" in up.output and "tessera up: all stopped" in up.output
