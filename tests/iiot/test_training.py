@@ -175,3 +175,21 @@ def test_shipped_cards_quote_the_real_data_evaluations_as_they_stand() -> None:
         stale = (directory / MODEL_CARD_NAME).read_text() != current
         command = f"tessera train iiot --card-only --tier {directory.parent.name} --version {directory.name}"
         assert not stale, f"{directory}: the card quotes older figures; run `{command}`"
+
+
+def test_history_channels_are_standardised_on_the_training_windows_and_zero_where_padded() -> None:
+    require(datasets.CMAPSS_FOLDER)
+    fold = training.cmapss_folds(folds=2, cuts=3, unit_limit=8, window=50)[0]  # some test engines are shorter
+    widened = training.with_history_channels(fold)
+    sensors = len(datasets.CMAPSS_SENSORS)
+    assert widened.channels[-1] == "s21.history_slope" and len(widened.channels) == 3 * sensors
+    assert widened.train.x.shape == (*fold.train.x.shape[:2], 3 * sensors)
+    np.testing.assert_array_equal(widened.validation.x[..., :sensors], fold.validation.x)
+    last = widened.train.x[:, -1, sensors:]  # the last step is never padding
+    np.testing.assert_allclose(last.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(last.std(axis=0), 1.0, atol=1e-3)
+    padded = widened.test.mask == 0
+    assert padded.any() and not widened.test.x[padded][:, sensors:].any()
+    steps = widened.test.mask[0] > 0  # constant along the window's valid steps
+    np.testing.assert_array_equal(widened.test.x[0, steps, sensors:], np.broadcast_to(
+        widened.test.x[0, -1, sensors:], (int(steps.sum()), 2 * sensors)))
