@@ -193,3 +193,13 @@ def test_history_channels_are_standardised_on_the_training_windows_and_zero_wher
     steps = widened.test.mask[0] > 0  # constant along the window's valid steps
     np.testing.assert_array_equal(widened.test.x[0, steps, sensors:], np.broadcast_to(
         widened.test.x[0, -1, sensors:], (int(steps.sum()), 2 * sensors)))
+
+
+def test_networks_train_on_history_channels_and_the_protocol_says_so() -> None:
+    require(datasets.CMAPSS_FOLDER)
+    folds = [training.with_history_channels(fold) for fold in training.cmapss_folds(folds=2, cuts=3, unit_limit=8)]
+    figures = training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=folds)
+    assert "history features (below) as constant channels" in figures["protocol"]
+    plain = training.run_cmapss(seeds=1, settings=QUICK, sizes=TINY, data=training.cmapss_folds(folds=2, cuts=3,
+                                                                                                unit_limit=8))
+    assert "constant channels" not in plain["protocol"] and figures["parameters"] > plain["parameters"]
