@@ -183,6 +183,10 @@ class TwoStageSettings:
     blended : bool
         Whether the classifier also takes each candidate's hand-crafted features (a v10 artifact with a
         feature model; set from the artifact when it is read).
+    centre_shift_limit : float
+        In candidate radii: when the segmentation's core centroid lies further than this from the stage-1
+        peak, the peak is reported as the centre instead (the region grew into a vessel or the wall).
+        0 keeps the centroid always, as artifacts before v12 do.
     """
 
     max_candidates: int = 64
@@ -191,6 +195,7 @@ class TwoStageSettings:
     solid_share_min: float = 0.6
     ground_glass_share_max: float = 0.08
     blended: bool = False
+    centre_shift_limit: float = 0.0
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> TwoStageSettings:

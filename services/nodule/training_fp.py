@@ -128,6 +128,9 @@ class FpPlan:
     max_candidates: int = 64
     faint_candidates: int = 0
     """Of ``max_candidates``, how many stage 1 fills by its faint (ground-glass) ranking (v11: 16)."""
+    centre_shift_limit: float = 0.0
+    """:attr:`~services.nodule.classifier.TwoStageSettings.centre_shift_limit` of the artifacts, calibration
+    included (v12: 1)."""
     batch_size: int = 32
     teacher_steps: int = 2000
     student_steps: int = 2000
@@ -396,10 +399,11 @@ class FpCalibration:
 
 def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
                         device: str = "cpu", feature_model: FeatureModel | None = None,
-                        faint_candidates: int = 0) -> FpCalibration:
+                        faint_candidates: int = 0, centre_shift_limit: float = 0.0) -> FpCalibration:
     """Run the whole v3 detector with ``net`` (blended with ``feature_model`` if given) on ``studies`` through a
     private runtime; choose its settings."""
-    return asyncio.run(_calibrate(net, studies, max_candidates, name, device, feature_model, faint_candidates))
+    return asyncio.run(_calibrate(net, studies, max_candidates, name, device, feature_model, faint_candidates,
+                                  centre_shift_limit))
 
 
 def bank_features(bank: CropBank) -> np.ndarray:
@@ -411,14 +415,14 @@ def bank_features(bank: CropBank) -> np.ndarray:
 
 async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
                      device: str, feature_model: FeatureModel | None = None,
-                     faint_candidates: int = 0) -> FpCalibration:
+                     faint_candidates: int = 0, centre_shift_limit: float = 0.0) -> FpCalibration:
     from services.nodule.detect import solid_share
     from services.nodule.evaluation import volume_from_simulated
     from services.nodule.two_stage import detect_two_stage
 
     runtime = ModelRuntime()
     base = TwoStageSettings(max_candidates=max_candidates, faint_candidates=faint_candidates,
-                            blended=feature_model is not None)
+                            blended=feature_model is not None, centre_shift_limit=centre_shift_limit)
     records: list[ScanRecord] = []
     shares: list[list[tuple[float, str, float] | None]] = []
     seconds = []
@@ -535,7 +539,7 @@ A two-stage detector, as LUNA16 CAD systems are built:
    {config.stem_stride}. **{parameter_count(net):,} parameters.** Served through the shared runtime (crops of
    every candidate and study batched together; `services/nodule/classifier.py`);
 3. each accepted candidate is segmented by a region grow in HU (half-way between lung and the nodule's
-   peak) inside a ball around it and measured (`services/nodule/two_stage.py`).
+   peak) inside a ball around it and measured (`services/nodule/two_stage.py`){_centre_text(settings)}.
 {_blend_text() if plan.feature_model else ""}
 ## Data
 {data_text(plan.training_settings)}
@@ -587,6 +591,14 @@ def _blend_text() -> str:
             "crop bank; the weight was fixed beforehand, not tuned.\n")
 
 
+def _centre_text(settings: TwoStageSettings) -> str:
+    if not settings.centre_shift_limit:
+        return ""
+    return (f"; the reported centre is the centroid of the region's core unless that lies more than "
+            f"{settings.centre_shift_limit:g} x the candidate's radius from the stage-1 peak (the region grew into "
+            f"a vessel or the wall), then the peak (v12)")
+
+
 def _faint_text(faint_candidates: int) -> str:
     if not faint_candidates:
         return ""
@@ -606,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "max-candidates", "faint-candidates", "seed", "teacher-stem-stride"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
-                 "hard-negative-fraction", "extra-noise-hu"):
+                 "hard-negative-fraction", "extra-noise-hu", "centre-shift-limit"):
         parser.add_argument(f"--{name}", type=float)
     parser.add_argument("--training-settings", choices=sorted(TRAINING_SETTINGS),
                         help="the simulated domain of the training and validation studies (default: default)")
@@ -635,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "faint_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
-                                                      "extra_noise_hu", "training_settings", "teacher_stem_stride",
+                                                      "extra_noise_hu", "centre_shift_limit", "training_settings",
+                                                      "teacher_stem_stride",
                                                       "feature_model")
                  if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
@@ -673,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     for role, net, log in trained:
         calibration = calibrate_two_stage(net, validation, plan.max_candidates,
                                           f"nodule-{role}-{args.version}-calibration", device, feature_model,
-                                          plan.faint_candidates)
+                                          plan.faint_candidates, plan.centre_shift_limit)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
         extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" and log.steps else ""
         init = args.teacher_init if role == "teacher" else args.student_init

@@ -20,7 +20,9 @@ attenuation near the centre (clipped to -720..-350 HU, so ground glass stays in 
 is cut at its half-maximum edge, as the simulator's labels are), and the 26-connected component
 holding the peak is kept; the ball stops vessels and the chest wall from running off with it. The
 reported centre is the centroid of the component's core (voxels at least half the largest depth
-inside it: a vessel or wall the component touches hardly moves it). Measurements are the dense
+inside it: a vessel or wall the component touches hardly moves it), unless that lies further than
+``centre_shift_limit`` candidate radii from the stage-1 peak (v12 artifacts: 1): then the component is mostly
+something else (a small nodule on a vessel or the pleura) and the peak is reported instead. Measurements are the dense
 detector's (:mod:`services.nodule.detect`): long/short axis on the largest axial section, volume,
 mean HU, and the type from the interior's solid share.
 """
@@ -101,6 +103,17 @@ def segment_candidate(hu: np.ndarray, spacing_mm: tuple[float, float, float], ce
     return window, mask, centroid  # type: ignore[return-value]
 
 
+def reported_centre(centroid: np.ndarray, candidate: BlobCandidate, spacing_mm: tuple[float, float, float],
+                    shift_limit: float) -> np.ndarray:
+    """The segmentation's ``centroid`` (voxels), or ``candidate``'s stage-1 peak when the centroid lies further
+    than ``shift_limit`` x the candidate's radius from it (``shift_limit`` 0: the centroid always)."""
+    peak = np.asarray(candidate.centre_voxel, dtype=float)
+    shift_mm = float(np.linalg.norm((np.asarray(centroid, dtype=float) - peak) * np.asarray(spacing_mm)))
+    if shift_limit > 0 and shift_mm > shift_limit * candidate.radius_mm:
+        return peak
+    return np.asarray(centroid, dtype=float)
+
+
 def measure_candidates(candidates: Sequence[BlobCandidate], confidences: Sequence[float], hu: np.ndarray,
                        spacing_mm: tuple[float, float, float], voxel_to_lps: Callable[[np.ndarray], np.ndarray],
                        settings: TwoStageSettings, *, min_confidence: float = 0.0
@@ -122,6 +135,7 @@ def measure_candidates(candidates: Sequence[BlobCandidate], confidences: Sequenc
             break
         candidate = candidates[index]
         window, mask, centre = segment_candidate(hu, spacing_mm, candidate.centre_voxel, candidate.radius_mm)
+        centre = reported_centre(centre, candidate, spacing_mm, settings.centre_shift_limit)
         at = tuple(int(round(v)) for v in np.clip(centre, 0, np.asarray(hu.shape) - 1))
         if labels[at]:
             continue

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model_runtime.runtime import ModelRuntime
-from services.nodule.candidates import generate_candidates, scan_candidates
+from services.nodule.candidates import BlobCandidate, generate_candidates, scan_candidates
 from services.nodule.classifier import (
     CROP_SIZE,
     STUDENT_CROP_CONFIG,
@@ -41,7 +41,7 @@ from services.nodule.training_fp import (
     teacher_probabilities,
     train_classifier,
 )
-from services.nodule.two_stage import segment_candidate
+from services.nodule.two_stage import reported_centre, segment_candidate
 
 ONE_SOLID = SimulationConfig(seed=11, shape=(48, 192, 192), nodule_count=(1, 1), no_nodule_probability=0.0,
                              nodule_diameter_mm=(10.0, 12.0), type_weights=(1.0, 0.0, 0.0),
@@ -184,6 +184,24 @@ def test_segmentation_measures_a_ball() -> None:
     assert np.allclose(centre, (16, 40, 40), atol=0.6)
     volume = mask.sum() * np.prod(spacing)
     assert abs(volume - 4 / 3 * np.pi * 125) / (4 / 3 * np.pi * 125) < 0.2
+
+
+def test_a_small_nodule_on_a_vessel_keeps_its_peak_as_centre() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    shape = (40, 40, 40)
+    grids = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    hu = np.full(shape, -850.0, dtype=np.float32)
+    hu[(grids[0] - 20) ** 2 + (grids[1] - 20) ** 2 + (grids[2] - 20) ** 2 <= 1.6 ** 2] = 40.0  # a 3 mm nodule
+    hu[(grids[0] - 20) ** 2 + (grids[1] - 23.5) ** 2 <= 2.0 ** 2] = 40.0  # on a 4 mm vessel running along x
+    candidate = BlobCandidate((20.0, 20.0, 20.0), 1.7, 300.0, 0.8, 200.0)
+    _, _, centroid = segment_candidate(hu, spacing, candidate.centre_voxel, candidate.radius_mm)
+    assert np.linalg.norm(centroid - 20.0) > 1.7  # the region grew along the vessel
+    np.testing.assert_allclose(reported_centre(centroid, candidate, spacing, 1.0), (20.0, 20.0, 20.0))
+    np.testing.assert_allclose(reported_centre(centroid, candidate, spacing, 0.0), centroid)  # before v12
+    near = np.array([20.0, 20.5, 20.0])
+    np.testing.assert_allclose(reported_centre(near, candidate, spacing, 1.0), near)
+    assert TwoStageSettings.from_json({"max_candidates": 64}).centre_shift_limit == 0.0  # artifacts before v12
+    assert TwoStageSettings.from_json({"centre_shift_limit": 1.0}).centre_shift_limit == 1.0
 
 
 def test_quick_two_stage_artifacts_are_served_by_detect_series(tmp_path: Path) -> None:
