@@ -154,6 +154,11 @@ class FpPlan:
         """The teacher's network configuration under this plan."""
         return replace(TEACHER_CROP_CONFIG, stem_stride=self.teacher_stem_stride)
 
+    def detector_settings(self, blended: bool) -> TwoStageSettings:
+        """The detector settings this plan's artifacts start from (calibration then chooses the rest)."""
+        return TwoStageSettings(max_candidates=self.max_candidates, faint_candidates=self.faint_candidates,
+                                blended=blended, centre_shift_limit=self.centre_shift_limit)
+
     def study_config(self, split: str, seed: int) -> SimulationConfig:
         """The simulation config of one ``train`` or ``validation`` study of this plan."""
         return replace(split_config(split, seed, TRAINING_SETTINGS[self.training_settings]), shape=self.study_shape)
@@ -397,13 +402,11 @@ class FpCalibration:
     candidate_recall: float
 
 
-def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
-                        device: str = "cpu", feature_model: FeatureModel | None = None,
-                        faint_candidates: int = 0, centre_shift_limit: float = 0.0) -> FpCalibration:
-    """Run the whole v3 detector with ``net`` (blended with ``feature_model`` if given) on ``studies`` through a
-    private runtime; choose its settings."""
-    return asyncio.run(_calibrate(net, studies, max_candidates, name, device, feature_model, faint_candidates,
-                                  centre_shift_limit))
+def calibrate_two_stage(net: CropNet, studies: list[SimulatedStudy], base: TwoStageSettings, name: str,
+                        device: str = "cpu", feature_model: FeatureModel | None = None) -> FpCalibration:
+    """Run the whole v3 detector with ``net`` (blended with ``feature_model`` if given) and ``base``'s settings on
+    ``studies`` through a private runtime; choose the rest of its settings."""
+    return asyncio.run(_calibrate(net, studies, base, name, device, feature_model))
 
 
 def bank_features(bank: CropBank) -> np.ndarray:
@@ -413,16 +416,13 @@ def bank_features(bank: CropBank) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
 
 
-async def _calibrate(net: CropNet, studies: list[SimulatedStudy], max_candidates: int, name: str,
-                     device: str, feature_model: FeatureModel | None = None,
-                     faint_candidates: int = 0, centre_shift_limit: float = 0.0) -> FpCalibration:
+async def _calibrate(net: CropNet, studies: list[SimulatedStudy], base: TwoStageSettings, name: str,
+                     device: str, feature_model: FeatureModel | None = None) -> FpCalibration:
     from services.nodule.detect import solid_share
     from services.nodule.evaluation import volume_from_simulated
     from services.nodule.two_stage import detect_two_stage
 
     runtime = ModelRuntime()
-    base = TwoStageSettings(max_candidates=max_candidates, faint_candidates=faint_candidates,
-                            blended=feature_model is not None, centre_shift_limit=centre_shift_limit)
     records: list[ScanRecord] = []
     shares: list[list[tuple[float, str, float] | None]] = []
     seconds = []
@@ -684,9 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                   for seed in split_seeds("validation", plan.validation_studies)]
     rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:
-        calibration = calibrate_two_stage(net, validation, plan.max_candidates,
-                                          f"nodule-{role}-{args.version}-calibration", device, feature_model,
-                                          plan.faint_candidates, plan.centre_shift_limit)
+        calibration = calibrate_two_stage(net, validation, plan.detector_settings(feature_model is not None),
+                                          f"nodule-{role}-{args.version}-calibration", device, feature_model)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
         extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" and log.steps else ""
         init = args.teacher_init if role == "teacher" else args.student_init
