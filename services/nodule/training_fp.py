@@ -77,6 +77,7 @@ from services.nodule.evaluation import (
     candidates_of_nodules,
     choose_threshold,
     match,
+    small_nodule_config,
     split_config,
     split_seeds,
     summarise,
@@ -123,6 +124,9 @@ class FpPlan:
     """How much to simulate and train for the two-stage detector (see the module docstring)."""
 
     train_studies: int = 120
+    small_nodule_studies: int = 0
+    """Extra training studies with 2-6 nodules of 3-6 mm each (:func:`~services.nodule.evaluation.small_nodule_config`,
+    the ``train_small`` seeds), added to the crop bank."""
     validation_studies: int = CALIBRATION_STUDIES
     study_shape: tuple[int, int, int] = (64, 256, 256)
     max_candidates: int = 64
@@ -160,8 +164,11 @@ class FpPlan:
                                 blended=blended, centre_shift_limit=self.centre_shift_limit)
 
     def study_config(self, split: str, seed: int) -> SimulationConfig:
-        """The simulation config of one ``train`` or ``validation`` study of this plan."""
-        return replace(split_config(split, seed, TRAINING_SETTINGS[self.training_settings]), shape=self.study_shape)
+        """The simulation config of one ``train``, ``train_small`` or ``validation`` study of this plan."""
+        domain = TRAINING_SETTINGS[self.training_settings]
+        if split == "train_small":
+            return replace(small_nodule_config(domain), seed=seed, shape=self.study_shape)
+        return replace(split_config(split, seed, domain), shape=self.study_shape)
 
 
 QUICK_FP_PLAN = FpPlan(train_studies=2, validation_studies=2, study_shape=(24, 96, 96), max_candidates=16,
@@ -614,8 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--version", default="v3")
     parser.add_argument("--quick", action="store_true")
-    for name in ("train-studies", "validation-studies", "teacher-steps", "student-steps", "batch-size",
-                 "max-candidates", "faint-candidates", "seed", "teacher-stem-stride"):
+    for name in ("train-studies", "small-nodule-studies", "validation-studies", "teacher-steps", "student-steps",
+                 "batch-size", "max-candidates", "faint-candidates", "seed", "teacher-stem-stride"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
                  "hard-negative-fraction", "extra-noise-hu", "centre-shift-limit"):
@@ -642,8 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--two-stage"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = QUICK_FP_PLAN if args.quick else FpPlan()
-    overrides = {key: getattr(args, key) for key in ("train_studies", "validation_studies", "teacher_steps",
-                                                      "student_steps", "batch_size", "max_candidates",
+    overrides = {key: getattr(args, key) for key in ("train_studies", "small_nodule_studies", "validation_studies",
+                                                      "teacher_steps", "student_steps", "batch_size", "max_candidates",
                                                       "faint_candidates", "seed",
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
@@ -661,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(plan.seed)
     started = time.perf_counter()
     bank = build_crop_bank("train", plan.train_studies, plan, args.cache_dir, args.jobs)
+    if plan.small_nodule_studies:
+        small = build_crop_bank("train_small", plan.small_nodule_studies, plan, args.cache_dir, args.jobs)
+        bank = CropBank.concatenate([bank, small])
     logger.info("crop bank: %d crops (%d positive) in %.0f s", len(bank.labels), int(bank.labels.sum()),
                 time.perf_counter() - started)
     feature_model = None

@@ -126,3 +126,20 @@ def test_a_training_domain_never_changes_the_held_out_studies() -> None:
     assert split_config("train", 5, WIDE_TRAINING_CONFIG) == replace(WIDE_TRAINING_CONFIG, seed=5)
     assert split_config("validation", 5) == replace(TRAINING_CONFIG, seed=5)
     assert WIDE_TRAINING_CONFIG.slice_spacing_choices_mm != EVALUATION_CONFIG.slice_spacing_choices_mm
+
+
+def test_small_nodule_studies_have_their_own_seeds_and_only_small_nodules() -> None:
+    """``--small-nodule-studies``: the extra training studies share no seed with any split and draw 3-6 mm nodules."""
+    from services.nodule.evaluation import SMALL_NODULE_MM, TRAINING_CONFIG
+    from services.nodule.training_fp import FpPlan
+
+    small = set(split_seeds("train_small", 200))
+    assert not small & set().union(*(split_seeds(split, 200) for split in ("train", "validation", "evaluation")))
+    plan = FpPlan(study_shape=(32, 128, 128))
+    config = plan.study_config("train_small", 7)
+    assert config.nodule_diameter_mm == SMALL_NODULE_MM and config.no_nodule_probability == 0.0
+    assert config.nodule_count[0] >= 2 and config.shape == (32, 128, 128) and config.seed == 7
+    as_usual = replace(config, nodule_diameter_mm=TRAINING_CONFIG.nodule_diameter_mm,
+                       nodule_count=TRAINING_CONFIG.nodule_count,
+                       no_nodule_probability=TRAINING_CONFIG.no_nodule_probability)
+    assert as_usual == plan.study_config("train", 7)
