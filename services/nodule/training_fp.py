@@ -9,7 +9,9 @@
    and hits on nodules under 3 mm, are left out. ``--cache-dir`` keeps the bank on disk; ``--jobs``
    builds it in several processes. ``--training-settings wide`` (v6) draws the training and
    validation studies from :data:`~services.nodule.evaluation.WIDE_TRAINING_CONFIG` instead of the
-   simulator's defaults.
+   simulator's defaults. ``--small-nodule-studies N`` (v13) adds N studies of the same domain with 2-6 nodules
+   of 3-6 mm each (:func:`~services.nodule.evaluation.small_nodule_config`, their own ``train_small`` seeds):
+   the classifier generalised worst to small nodules, which the usual studies hold few of.
 2. **Teacher** (:class:`~services.nodule.classifier.CropNet`, teacher config): binary cross-entropy,
    batches with ``positive_fraction`` positives, random ``32^3`` windows of the ``36^3`` crops
    (+-2 mm shifts), flips on every axis, row/column swaps, extra noise and small contrast changes.
@@ -71,6 +73,7 @@ from services.nodule.classifier import (
 from services.nodule.evaluation import (
     CALIBRATION_STUDIES,
     MIN_COUNTED_MM,
+    SMALL_NODULE_MM,
     TRAINING_SETTINGS,
     ScanRecord,
     Summary,
@@ -550,9 +553,9 @@ A two-stage detector, as LUNA16 CAD systems are built:
 {_blend_text() if plan.feature_model else ""}
 ## Data
 {data_text(plan.training_settings)}
-Training: {plan.train_studies} studies of {list(plan.study_shape)} voxels ({len(bank.labels):,} crops,
-{positives:,} positive: candidates within a nodule's radius and the true centres); validation:
-{plan.validation_studies} studies (other seeds). Batches of {plan.batch_size} with
+Training: {plan.train_studies} studies{_small_text(plan)} of {list(plan.study_shape)} voxels
+({len(bank.labels):,} crops, {positives:,} positive: candidates within a nodule's radius and the true centres);
+validation: {plan.validation_studies} studies (other seeds). Batches of {plan.batch_size} with
 {round(plan.positive_fraction * 100)} % positives; random +-2 mm shifts, flips, row/column swaps, extra noise
 up to {plan.extra_noise_hu:g} HU.
 
@@ -604,6 +607,14 @@ def _centre_text(settings: TwoStageSettings) -> str:
     return (f"; the reported centre is the centroid of the region's core unless that lies more than "
             f"{settings.centre_shift_limit:g} x the candidate's radius from the stage-1 peak (the region grew into "
             f"a vessel or the wall), then the peak (v12)")
+
+
+def _small_text(plan: FpPlan) -> str:
+    if not plan.small_nodule_studies:
+        return ""
+    low, high = SMALL_NODULE_MM
+    return (f" and {plan.small_nodule_studies} more with 2-6 nodules of {low:g}-{high:g} mm each "
+            "(small-nodule studies, their own seeds)")
 
 
 def _faint_text(faint_candidates: int) -> str:
