@@ -73,7 +73,6 @@ from services.nodule.classifier import (
 from services.nodule.evaluation import (
     CALIBRATION_STUDIES,
     MIN_COUNTED_MM,
-    SMALL_NODULE_MM,
     TRAINING_SETTINGS,
     ScanRecord,
     Summary,
@@ -612,8 +611,9 @@ def _centre_text(settings: TwoStageSettings) -> str:
 def _small_text(plan: FpPlan) -> str:
     if not plan.small_nodule_studies:
         return ""
-    low, high = SMALL_NODULE_MM
-    return (f" and {plan.small_nodule_studies} more with 2-6 nodules of {low:g}-{high:g} mm each "
+    config = small_nodule_config(TRAINING_SETTINGS[plan.training_settings])
+    (fewest, most), (low, high) = config.nodule_count, config.nodule_diameter_mm
+    return (f" and {plan.small_nodule_studies} more with {fewest}-{most} nodules of {low:g}-{high:g} mm each "
             "(small-nodule studies, their own seeds)")
 
 
