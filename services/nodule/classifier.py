@@ -11,6 +11,8 @@ resampled to 1 mm isotropic (the candidate stage's own grid: cropping costs a sl
 
 A v10 artifact also holds a :class:`~services.nodule.candidate_features.FeatureModel`; it is served as
 :class:`BlendedCropProbability` (the two logits averaged), its items carrying each crop's features.
+A teacher may average its logit over symmetric views of each crop (:class:`ViewAveragedNet`, the
+artifact's ``test_time_views``; v14's teacher: 16), the views the training augments with.
 
 (A full-resolution teacher stem was tried first: it did not reach 100 steps of 32 crops in 6 minutes
 on the shared CPU, so it would not have trained in the time there was.)
@@ -108,10 +110,50 @@ class CropNet(nn.Module):
         return self.head(pooled)  # type: ignore[no-any-return]
 
 
+TEST_TIME_VIEW_COUNTS = (1, 8, 16)
+"""How many views :class:`ViewAveragedNet` may average: the crop itself; its 8 flips over the three axes; those 8
+with rows and columns swapped as well (16). Training augments with exactly these (:mod:`training_fp`)."""
+
+
+def crop_view(crops: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (0-15) of ``(N, 1, D, H, W)`` crops: bits 0-2 flip depth, rows, columns; bit 3 swaps rows and
+    columns. View 0 is the crop itself."""
+    flips = [axis for bit, axis in enumerate((2, 3, 4)) if view >> bit & 1]
+    out = torch.flip(crops, flips) if flips else crops
+    return out.transpose(3, 4) if view & 8 else out
+
+
+class ViewAveragedNet(nn.Module):
+    """A :class:`CropNet` whose logit is its mean over ``views`` symmetric views of each crop (test-time
+    augmentation: one forward pass per view, so it costs ``views`` x the network's time).
+
+    Only a teacher is served this way: it makes the teacher a heavier and steadier ensemble of itself, whose
+    probabilities the student is distilled from; the student stays one pass.
+    """
+
+    def __init__(self, net: CropNet, views: int) -> None:
+        super().__init__()
+        if views not in TEST_TIME_VIEW_COUNTS:
+            raise ValueError(f"test-time views must be one of {TEST_TIME_VIEW_COUNTS}, not {views}")
+        self.net, self.views = net, views
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 1)``: the mean over the views (each view in its own pass, so memory stays one pass's)."""
+        total = self.net(crops)
+        for view in range(1, self.views):
+            total = total + self.net(crop_view(crops, view))
+        return total / self.views
+
+
+def with_test_time_views(net: CropNet, views: int) -> nn.Module:
+    """``net`` itself for one view, else the :class:`ViewAveragedNet` averaging ``views`` views."""
+    return net if views == 1 else ViewAveragedNet(net, views)
+
+
 class CropProbability(nn.Module):
     """What the runtime serves: a :class:`CropNet` followed by a sigmoid, ``(N, 1)`` probabilities."""
 
-    def __init__(self, net: CropNet) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
@@ -128,7 +170,7 @@ class BlendedCropProbability(nn.Module):
     (``crops`` ``(N, 1, 32, 32, 32)``, ``features`` ``(N, F)``) and returns ``(N, 1)`` probabilities on the CPU.
     """
 
-    def __init__(self, net: CropNet, feature_model: FeatureModel, cnn_weight: float) -> None:
+    def __init__(self, net: nn.Module, feature_model: FeatureModel, cnn_weight: float) -> None:
         super().__init__()
         self.net, self.feature_model, self.cnn_weight = net, feature_model, cnn_weight
 
@@ -187,6 +229,9 @@ class TwoStageSettings:
         In candidate radii: when the segmentation's core centroid lies further than this from the stage-1
         peak, the peak is reported as the centre instead (the region grew into a vessel or the wall).
         0 keeps the centroid always, as artifacts before v12 do.
+    test_time_views : int
+        Views of each crop the network's logit is averaged over (:class:`ViewAveragedNet`; one of
+        :data:`TEST_TIME_VIEW_COUNTS`); 1, a single pass, in artifacts before v14 and in every student.
     """
 
     max_candidates: int = 64
@@ -196,6 +241,7 @@ class TwoStageSettings:
     ground_glass_share_max: float = 0.08
     blended: bool = False
     centre_shift_limit: float = 0.0
+    test_time_views: int = 1
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> TwoStageSettings:
@@ -263,28 +309,31 @@ def parameter_count(module: nn.Module) -> int:
 
 # -- the runtime adapter --------------------------------------------------------------------------
 def _load_for_runtime(context: LoadContext, net: CropNet | None, feature_model: FeatureModel | None,
-                      cnn_weight: float | None) -> nn.Module:
+                      cnn_weight: float | None, views: int) -> nn.Module:
     if net is None:
         if context.artifact_dir is None:
             raise ValueError("a crop classifier needs an artifact directory or a network built in code")
         net, config = load_crop_net(context.artifact_dir)
+        views = config.detector.test_time_views
         if config.cnn_weight is not None:
             feature_model, cnn_weight = FeatureModel.load(context.artifact_dir), config.cnn_weight
+    served = with_test_time_views(net.eval(), views)
     if feature_model is not None and cnn_weight is not None:
-        return BlendedCropProbability(net.eval().to(context.placement.device), feature_model, cnn_weight)
-    return CropProbability(net.eval()).to(context.placement.device)
+        return BlendedCropProbability(served.to(context.placement.device), feature_model, cnn_weight)
+    return CropProbability(served).to(context.placement.device)
 
 
 def classifier_model_spec(name: str, *, artifact_dir: Path | None = None, net: CropNet | None = None,
                           feature_model: FeatureModel | None = None, cnn_weight: float = 0.5,
-                          version: str = "", max_batch_size: int = 64, device: str | None = None,
-                          precision: str | None = None, warm_up: bool = True) -> ModelSpec:
+                          test_time_views: int = 1, version: str = "", max_batch_size: int = 64,
+                          device: str | None = None, precision: str | None = None, warm_up: bool = True) -> ModelSpec:
     """The :class:`~model_runtime.ModelSpec` that serves a crop classifier.
 
     Items are :func:`crop_items`: ``(1, 32, 32, 32)`` float tensors (one candidate's normalised crop) or,
     for a classifier blended with a feature model (a v10 artifact, or ``net`` with ``feature_model``),
     ``{"crops": (1, 32, 32, 32), "features": (F,)}``; each answer is a ``(1,)`` tensor holding that
     candidate's probability. Crops of every study in flight share batches of up to ``max_batch_size``.
+    ``test_time_views`` applies to ``net`` (an artifact's own setting applies to it).
     """
     if artifact_dir is None and net is None:
         raise ValueError("classifier_model_spec needs artifact_dir or net")
@@ -295,7 +344,7 @@ def classifier_model_spec(name: str, *, artifact_dir: Path | None = None, net: C
     warmup = list(crop_items(empty, blended)) if warm_up else []
     return ModelSpec(
         name=name, version=version or ("" if artifact_dir is not None else "in-code"),
-        loader=lambda context: _load_for_runtime(context, net, feature_model, cnn_weight),
+        loader=lambda context: _load_for_runtime(context, net, feature_model, cnn_weight, test_time_views),
         run_batch=run_collated({}) if blended else run_patch_batch,
         artifact_dir=artifact_dir, max_batch_size=max_batch_size, max_wait_ms=2.0, max_queue=4096,
         warmup_items=warmup, device=device, precision=precision or ("fp16" if on_cuda else None),

@@ -68,6 +68,7 @@ from services.nodule.classifier import (
     extract_crops,
     normalise_crop_hu,
     parameter_count,
+    with_test_time_views,
     write_crop_weights,
 )
 from services.nodule.evaluation import (
@@ -151,6 +152,9 @@ class FpPlan:
     teacher_stem_stride: int = TEACHER_CROP_CONFIG.stem_stride
     """1 keeps the teacher's first level at the crop's 1 mm: ~10x the compute of stride 2 (probed 2026-12-03 as
     v7: no validation gain over v4, not shipped)."""
+    teacher_test_time_views: int = 1
+    """Views of each crop the teacher's logit is averaged over when it is served, calibrated and distilled from
+    (:class:`~services.nodule.classifier.ViewAveragedNet`; v14: 16). The student is always one pass."""
     feature_model: bool = False
     """Blend each network with a LightGBM over hand-crafted candidate features (v10,
     :mod:`services.nodule.candidate_features`), the two logits weighted by :data:`CNN_WEIGHT`."""
@@ -160,10 +164,11 @@ class FpPlan:
         """The teacher's network configuration under this plan."""
         return replace(TEACHER_CROP_CONFIG, stem_stride=self.teacher_stem_stride)
 
-    def detector_settings(self, blended: bool) -> TwoStageSettings:
-        """The detector settings this plan's artifacts start from (calibration then chooses the rest)."""
+    def detector_settings(self, blended: bool, role: str = "student") -> TwoStageSettings:
+        """The detector settings ``role``'s artifact starts from (calibration then chooses the rest)."""
+        views = self.teacher_test_time_views if role == "teacher" else 1
         return TwoStageSettings(max_candidates=self.max_candidates, faint_candidates=self.faint_candidates,
-                                blended=blended, centre_shift_limit=self.centre_shift_limit)
+                                blended=blended, centre_shift_limit=self.centre_shift_limit, test_time_views=views)
 
     def study_config(self, split: str, seed: int) -> SimulationConfig:
         """The simulation config of one ``train``, ``train_small`` or ``validation`` study of this plan."""
@@ -387,14 +392,16 @@ def train_classifier(config: CropNetConfig, bank: CropBank, plan: FpPlan, steps:
     return net.eval(), StageLog(log.steps, round(log.seconds, 1), final)
 
 
-def teacher_probabilities(teacher: CropNet, bank: CropBank, device: str = "cpu", batch: int = 128) -> np.ndarray:
-    """The teacher's probability on every (centred) crop of the bank: the student's soft targets."""
+def teacher_probabilities(teacher: CropNet, bank: CropBank, device: str = "cpu", batch: int = 128,
+                          views: int = 1) -> np.ndarray:
+    """The teacher's probability on every (centred) crop of the bank, averaged over ``views`` views as it is
+    served: the student's soft targets."""
     out = []
-    teacher.eval()
+    served = with_test_time_views(teacher.eval(), views)
     with torch.inference_mode():
         for start in range(0, len(bank.crops), batch):
             images = torch.from_numpy(centred(bank.crops[start:start + batch]))[:, None].to(device)
-            out.append(torch.sigmoid(teacher(images))[:, 0].cpu().numpy())
+            out.append(torch.sigmoid(served(images))[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -437,7 +444,7 @@ async def _calibrate(net: CropNet, studies: list[SimulatedStudy], base: TwoStage
     seconds = []
     try:
         await runtime.load(classifier_model_spec(name, net=net, feature_model=feature_model, cnn_weight=CNN_WEIGHT,
-                                                 device=device))
+                                                 test_time_views=base.test_time_views, device=device))
         for index, study in enumerate(studies):
             volume = volume_from_simulated(study, uid=f"validation-{index}")
             started = time.perf_counter()
@@ -546,7 +553,7 @@ A two-stage detector, as LUNA16 CAD systems are built:
    32^3 crop (1 mm, HU clipped to [-1000, 200]) around each candidate, giving its nodule probability;
    channels {list(config.channels)}, {config.convs_per_level} convolution(s) per level, stem stride
    {config.stem_stride}. **{parameter_count(net):,} parameters.** Served through the shared runtime (crops of
-   every candidate and study batched together; `services/nodule/classifier.py`);
+   every candidate and study batched together; `services/nodule/classifier.py`){_views_text(settings)};
 3. each accepted candidate is segmented by a region grow in HU (half-way between lung and the nodule's
    peak) inside a ball around it and measured (`services/nodule/two_stage.py`){_centre_text(settings)}.
 {_blend_text() if plan.feature_model else ""}
@@ -600,6 +607,14 @@ def _blend_text() -> str:
             "crop bank; the weight was fixed beforehand, not tuned.\n")
 
 
+def _views_text(settings: TwoStageSettings) -> str:
+    if settings.test_time_views == 1:
+        return ""
+    return (f"; its logit is the mean over {settings.test_time_views} views of each crop (flips on every axis"
+            f"{', and each with rows and columns swapped' if settings.test_time_views == 16 else ''}: the training "
+            "augmentations), one pass per view, as it is served, calibrated and distilled from (v14)")
+
+
 def _centre_text(settings: TwoStageSettings) -> str:
     if not settings.centre_shift_limit:
         return ""
@@ -633,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="v3")
     parser.add_argument("--quick", action="store_true")
     for name in ("train-studies", "small-nodule-studies", "validation-studies", "teacher-steps", "student-steps",
-                 "batch-size", "max-candidates", "faint-candidates", "seed", "teacher-stem-stride"):
+                 "batch-size", "max-candidates", "faint-candidates", "seed", "teacher-stem-stride",
+                 "teacher-test-time-views"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("teacher-seconds", "student-seconds", "learning-rate", "distillation-weight",
                  "hard-negative-fraction", "extra-noise-hu", "centre-shift-limit"):
@@ -666,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "teacher_seconds", "student_seconds", "learning_rate",
                                                       "distillation_weight", "hard_negative_fraction",
                                                       "extra_noise_hu", "centre_shift_limit", "training_settings",
-                                                      "teacher_stem_stride",
+                                                      "teacher_stem_stride", "teacher_test_time_views",
                                                       "feature_model")
                  if getattr(args, key) is not None}
     plan = replace(plan, **overrides)
@@ -697,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 plan.teacher_seconds, rng, "teacher", device,
                                                 init_from=args.teacher_init)
         trained.append(("teacher", teacher, teacher_log))
-    soft = teacher_probabilities(teacher, bank, device)
+    # the soft labels cost a teacher pass per crop and view: only when the student trains
+    soft = (teacher_probabilities(teacher, bank, device, views=plan.teacher_test_time_views)
+            if plan.student_steps or plan.student_seconds else None)
     student, student_log = train_classifier(STUDENT_CROP_CONFIG, bank, plan, plan.student_steps, plan.student_seconds,
                                             rng, "student", device, soft_targets=soft, init_from=args.student_init)
     trained.append(("student", student, student_log))
@@ -705,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                   for seed in split_seeds("validation", plan.validation_studies)]
     rebuild = " ".join(["tessera train nodule --two-stage", *[a for a in argv if a not in ("--force", "--two-stage")]])
     for role, net, log in trained:
-        calibration = calibrate_two_stage(net, validation, plan.detector_settings(feature_model is not None),
+        calibration = calibrate_two_stage(net, validation, plan.detector_settings(feature_model is not None, role),
                                           f"nodule-{role}-{args.version}-calibration", device, feature_model)
         teacher_dir = args.teacher_from or args.output / "teacher" / args.version
         extra = f"\nDistilled from the teacher at `{teacher_dir}`.\n" if role == "student" and log.steps else ""

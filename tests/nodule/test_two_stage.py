@@ -20,8 +20,10 @@ from services.nodule.classifier import (
     CropNet,
     TwoStageArtifactConfig,
     TwoStageSettings,
+    ViewAveragedNet,
     classifier_model_spec,
     crop_tensors,
+    crop_view,
     extract_crops,
     is_two_stage,
     parameter_count,
@@ -130,6 +132,46 @@ def test_classifier_spec_batches_crops_through_the_runtime() -> None:
     assert all(0.0 <= p <= 1.0 for p in probabilities)
 
 
+def test_the_16_views_are_distinct_and_their_average_is_invariant_under_each() -> None:
+    torch.manual_seed(0)
+    net = CropNet(STUDENT_CROP_CONFIG).eval()
+    crops = torch.rand(3, 1, 8, 8, 8)
+    views = torch.stack([crop_view(crops, view) for view in range(16)])
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 16
+    averaged, flips_only = ViewAveragedNet(net, 16).eval(), ViewAveragedNet(net, 8).eval()
+    with torch.inference_mode():
+        reference = averaged(crops)
+        assert torch.allclose(reference, torch.stack([net(v) for v in views]).mean(dim=0), atol=1e-6)
+        for view in (3, 6, 9, 15):
+            assert torch.allclose(averaged(crop_view(crops, view)), reference, atol=1e-5)
+        assert torch.allclose(flips_only(crop_view(crops, 5)), flips_only(crops), atol=1e-5)
+    with pytest.raises(ValueError, match="test-time views"):
+        ViewAveragedNet(net, 4)
+
+
+def test_an_artifact_with_test_time_views_is_served_averaged(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = CropNet(STUDENT_CROP_CONFIG).eval()
+    write_crop_weights(net, tmp_path)
+    TwoStageArtifactConfig(net.config, TwoStageSettings(test_time_views=16), "teacher").write(tmp_path)
+    assert TwoStageArtifactConfig.read(tmp_path).detector.test_time_views == 16
+    crops = np.random.default_rng(1).uniform(-1000, 200, (4, CROP_SIZE, CROP_SIZE, CROP_SIZE)).astype(np.float32)
+    tensors = crop_tensors(crops)
+
+    async def run() -> list[float]:
+        runtime = ModelRuntime()
+        try:
+            await runtime.load(classifier_model_spec("views-test", artifact_dir=tmp_path))
+            answers = await asyncio.gather(*(runtime.predict("views-test", crop) for crop in tensors))
+            return [float(a.reshape(-1)[0]) for a in answers]
+        finally:
+            await runtime.close()
+
+    with torch.inference_mode():
+        expected = torch.sigmoid(ViewAveragedNet(net, 16)(torch.stack(list(tensors))))[:, 0].tolist()
+    assert np.allclose(asyncio.run(run()), expected, atol=1e-5)
+
+
 def _bank(rng: np.random.Generator, count: int = 16) -> CropBank:
     crops = rng.uniform(0, 0.2, (count, BANK_CROP, BANK_CROP, BANK_CROP)).astype(np.float16)
     labels = (np.arange(count) % 2).astype(np.float32)
@@ -205,9 +247,12 @@ def test_a_small_nodule_on_a_vessel_keeps_its_peak_as_centre() -> None:
 
 
 def test_quick_two_stage_artifacts_are_served_by_detect_series(tmp_path: Path) -> None:
-    assert main(["--two-stage", "--quick", "--output", str(tmp_path)]) == 0
+    assert main(["--two-stage", "--quick", "--output", str(tmp_path), "--teacher-test-time-views", "8"]) == 0
     student = tmp_path / "student" / "v3"
     assert is_two_stage(student) and (student / "MODEL_CARD.md").exists()
+    assert TwoStageArtifactConfig.read(tmp_path / "teacher" / "v3").detector.test_time_views == 8
+    assert "mean over 8 views" in (tmp_path / "teacher" / "v3" / "MODEL_CARD.md").read_text()
+    assert TwoStageArtifactConfig.read(student).detector.test_time_views == 1  # the student is one pass
     assert "SIMULATED" in (student / "MODEL_CARD.md").read_text()
     study = simulate_study(ONE_SOLID)
     volume = volume_from_simulated(study)
