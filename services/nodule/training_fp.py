@@ -612,7 +612,8 @@ def _views_text(settings: TwoStageSettings) -> str:
         return ""
     return (f"; its logit is the mean over {settings.test_time_views} views of each crop (flips on every axis"
             f"{', and each with rows and columns swapped' if settings.test_time_views == 16 else ''}: the training "
-            "augmentations), one pass per view, as it is served, calibrated and distilled from (v14)")
+            "augmentations), one pass per view, as it is served and calibrated, and as a student's soft labels "
+            "are computed from it (v14)")
 
 
 def _centre_text(settings: TwoStageSettings) -> str:
