@@ -127,8 +127,8 @@ class ViewAveragedNet(nn.Module):
     """A :class:`CropNet` whose logit is its mean over ``views`` symmetric views of each crop (test-time
     augmentation: one forward pass per view, so it costs ``views`` x the network's time).
 
-    Only a teacher is served this way: it makes the teacher a heavier and steadier ensemble of itself, whose
-    probabilities the student is distilled from; the student stays one pass.
+    Only a teacher is served this way (v14): a heavier, steadier ensemble of itself, and a student's soft labels
+    are computed from it as served; a student stays one pass.
     """
 
     def __init__(self, net: CropNet, views: int) -> None:
