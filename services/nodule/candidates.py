@@ -2,8 +2,10 @@
 
 :func:`generate_candidates` finds nodule-like blobs in a CT volume (HU) without any network, as the
 candidate stage of LUNA16-style CAD systems does; stage 2 (:mod:`services.nodule.classifier`)
-rejects the false positives. Filtering is :mod:`scipy.ndimage`; the resampling is torch's trilinear
-interpolation (a tensor operation on the CPU, no model):
+rejects the false positives. The scale space's Gaussians and its 3x3x3 maximum filter are OpenCV's
+separable float32 filters (:func:`gaussian_filter`, :func:`maximum_filter_3`: scipy.ndimage's results,
+4-5x and ~14x faster on a CT volume); the lung region and distances are :mod:`scipy.ndimage`; the
+resampling is torch's trilinear interpolation (a tensor operation on the CPU, no model):
 
 1. **Lung region** (:func:`lung_region`), on a grid of about 2 mm: air (< -400 HU) not connected to
    the volume's in-plane border (outside the body), holes filled slice by slice (vessels, nodules)
@@ -31,8 +33,9 @@ interpolation (a tensor operation on the CPU, no model):
    ranking put 17 of 41 ground-glass nodules in the top 64, the mixed one (48 + 16) 29.
 
 On the validation split (24 simulated studies, 48 nodules >= 3 mm), 64 candidates per scan put one
-within the radius of 38 nodules (79 %). Per 64 x 256 x 256 volume on this shared 2-core box: 0.74 s
-profiled, 1.15 s median in a side-by-side timing run at load 9-16.
+within the radius of 38 nodules (79 %). Per simulated 64 x 256 x 256 volume on a 2-core Xeon VM (2026-12-05,
+12 studies): 0.13 s a scan, against 0.36 s with scipy.ndimage's filters (the same candidates; responses
+within 0.01 HU).
 
 Each :class:`BlobCandidate` carries its centre (voxel indices of the original volume), the radius
 its scale implies, the response and the blobness; the classifier sees a crop around the centre.
@@ -43,10 +46,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.spatial import cKDTree
+
+cv2.setNumThreads(1)  # stage 1 runs one study per worker thread; OpenCV's own threads only added overhead here
 
 GRID_MM = 1.0
 """Isotropic grid (mm) of the scale space: the smallest counted nodule (3 mm) spans three voxels."""
@@ -124,10 +131,44 @@ def lung_region(hu: np.ndarray, spacing_mm: tuple[float, float, float], margin_m
     coarse_spacing = np.asarray(spacing_mm) * np.asarray(steps)
     radius = np.maximum(1, np.round(margin_mm / coarse_spacing)).astype(int)
     ball = _ellipsoid(radius)
-    lungs = ndimage.binary_closing(lungs, structure=ball, border_value=0)
-    lungs = ndimage.binary_dilation(lungs, structure=ball)
+    lungs = binary_erosion(binary_dilation(lungs, ball), ball)  # a closing, outside the volume counted empty
+    lungs = binary_dilation(lungs, ball)
     full = lungs.repeat(steps[0], 0).repeat(steps[1], 1).repeat(steps[2], 2)
     return np.ascontiguousarray(full[:hu.shape[0], :hu.shape[1], :hu.shape[2]])
+
+
+def binary_dilation(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_dilation(mask, structure=ball)`` for a 3-D mask and a symmetric, odd-sized ``ball``:
+    the union over the ball's slice offsets of each slice's 2-D dilation (OpenCV) by that offset's section."""
+    return _by_sections(mask, ball, erode=False)
+
+
+def binary_erosion(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_erosion(mask, structure=ball, border_value=0)`` (outside the volume is empty) for a
+    3-D mask and a symmetric, odd-sized ``ball``: the intersection of each offset section's 2-D erosions."""
+    return _by_sections(mask, ball, erode=True)
+
+
+def _by_sections(mask: np.ndarray, ball: np.ndarray, *, erode: bool) -> np.ndarray:
+    source = np.ascontiguousarray(mask, dtype=np.uint8)
+    slices, reach = source.shape[0], ball.shape[0] // 2
+    result = np.full(source.shape, 1 if erode else 0, dtype=np.uint8)
+    for offset in range(-reach, reach + 1):
+        section = np.ascontiguousarray(ball[offset + reach], dtype=np.uint8)
+        if not section.any():
+            continue
+        targets = range(max(0, -offset), min(slices, slices - offset))  # slices whose neighbour at offset exists
+        if erode and len(targets) < slices:
+            outside = [z for z in range(slices) if z not in targets]
+            result[outside] = 0  # the section reaches outside the volume, which counts as empty
+        for z in targets:
+            if erode:
+                moved = cv2.erode(source[z + offset], section, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+                np.minimum(result[z], moved, out=result[z])
+            else:
+                moved = cv2.dilate(source[z + offset], section, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+                np.maximum(result[z], moved, out=result[z])
+    return result.astype(bool)
 
 
 def _ellipsoid(radius: np.ndarray) -> np.ndarray:
@@ -174,7 +215,6 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     # (the centre of a large juxta-pleural nodule sits in the notch it makes in the air)
     coarse_step = 2
     coarse_region = resample_isotropic(region.astype(np.float32), spacing_mm, grid_mm * coarse_step) > 0.5
-    outside_mm = ndimage.distance_transform_edt(~coarse_region) * grid_mm * coarse_step
     fine = [s for s in SIGMAS_MM if s <= COARSE_FROM_MM]
     coarse_sigmas = [s for s in SIGMAS_MM if s >= COARSE_FROM_MM]
     fine_points, fine_levels, fine_strength, fine_smoothed = _scale_peaks(iso, None, [s / grid_mm for s in fine])
@@ -192,8 +232,9 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     zs, ys, xs = points[:, 0], points[:, 1], points[:, 2]
     scale_mm = np.sqrt(np.asarray(SIGMAS_MM)[:-1] * np.asarray(SIGMAS_MM)[1:])  # geometric mean of the DoG pair
     radius = math.sqrt(3.0) * scale_mm[levels]
-    coarse = np.minimum(np.stack([zs, ys, xs], axis=1) // coarse_step, np.asarray(outside_mm.shape) - 1)
-    near_lung = outside_mm[coarse[:, 0], coarse[:, 1], coarse[:, 2]] <= LUNG_MARGIN_MM + 0.8 * radius
+    coarse = np.minimum(np.stack([zs, ys, xs], axis=1) // coarse_step, np.asarray(coarse_region.shape) - 1)
+    outside_mm = distance_to_region(coarse_region, coarse) * grid_mm * coarse_step
+    near_lung = outside_mm <= LUNG_MARGIN_MM + 0.8 * radius
     zs, ys, xs, levels, radius = zs[near_lung], ys[near_lung], xs[near_lung], levels[near_lung], radius[near_lung]
     strength = strength[near_lung]
     points = points[near_lung]
@@ -222,6 +263,29 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     return CandidateScan(found, iso, grid_mm)
 
 
+def distance_to_region(region: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Euclidean distance (voxels) from each ``(n, 3)`` point of ``region``'s grid to its nearest ``True`` voxel:
+    ``scipy.ndimage.distance_transform_edt(~region)`` read at the points, without the transform of every voxel.
+
+    The nearest region voxel to a point outside always lies on the region's boundary (a voxel with a
+    face neighbour outside it: from any other, the step towards the point is a region voxel nearer
+    to it), so a k-d tree of the boundary voxels answers exactly.
+    """
+    if len(points) == 0:
+        return np.zeros(0)
+    padded = np.pad(region, 1, constant_values=True)  # beyond the grid counts as inside: no boundary there
+    interior = region.copy()
+    for axis in range(3):
+        for step in (-1, 1):
+            interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    boundary = np.argwhere(region & ~interior)
+    inside = region[points[:, 0], points[:, 1], points[:, 2]]
+    if len(boundary) == 0:
+        return np.where(inside, 0.0, np.inf)
+    distance, _ = cKDTree(boundary).query(points)
+    return np.where(inside, 0.0, distance)  # type: ignore[no-any-return]
+
+
 def _keep_best(order: np.ndarray, centres_mm: np.ndarray, radius: np.ndarray, kept: list[int], limit: int) -> None:
     """Append to ``kept`` the peaks of ``order`` (best first) that no kept peak merges, until it holds ``limit``.
 
@@ -246,20 +310,67 @@ def _scale_peaks(volume: np.ndarray, start_sigma: float | None, sigmas: list[flo
     """
     smoothed = []
     previous = start_sigma
-    current_volume = volume
+    current_volume = np.ascontiguousarray(volume, dtype=np.float32)
     for sigma in sigmas:
         if previous is None or sigma > previous:
             extra = sigma if previous is None else math.sqrt(sigma ** 2 - previous ** 2)
-            current_volume = ndimage.gaussian_filter(current_volume, extra, truncate=3.0)
+            current_volume = gaussian_filter(current_volume, extra, truncate=3.0)
         smoothed.append(current_volume)
         previous = sigma
-    responses = np.stack([(smoothed[k] - smoothed[k + 1]) * np.float32(sigmas[k] / (sigmas[k + 1] - sigmas[k]))
-                          for k in range(len(sigmas) - 1)])
-    strongest = responses.max(axis=0)
-    peak = (strongest == ndimage.maximum_filter(strongest, size=3, mode="nearest")) & (strongest > MIN_RESPONSE_HU)
+    responses = []
+    for k in range(len(sigmas) - 1):
+        response = np.subtract(smoothed[k], smoothed[k + 1])
+        response *= np.float32(sigmas[k] / (sigmas[k + 1] - sigmas[k]))
+        responses.append(response)
+    strongest = responses[0] if len(responses) == 1 else np.maximum(responses[0], responses[1])
+    for response in responses[2:]:
+        np.maximum(strongest, response, out=strongest)
+    peak = (strongest == maximum_filter_3(strongest)) & (strongest > MIN_RESPONSE_HU)
     points = np.argwhere(peak)
-    levels = responses[:, peak].argmax(axis=0)
+    levels = np.stack([response[peak] for response in responses]).argmax(axis=0)  # the first strongest level
     return points, levels, strongest[peak], smoothed
+
+
+def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian: radius ``int(truncate * sigma + 0.5)``, weights summing to 1."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * offsets ** 2 / sigma ** 2)
+    return (weights / weights.sum()).astype(np.float32)
+
+
+def gaussian_filter(volume: np.ndarray, sigma: float, truncate: float = 3.0) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(volume, sigma, truncate=truncate)`` of a 3-D float32 volume, same
+    kernel and border (``reflect``), summed in float32 by OpenCV (within ~1e-6 relative of scipy's float64 sums).
+
+    Each slice is filtered in-plane, then the slice axis as one 2-D image of ``(slices, rows x columns)``.
+    """
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    kernel = _gaussian_kernel(sigma, truncate)
+    in_plane = np.empty_like(volume)
+    for index in range(volume.shape[0]):
+        cv2.sepFilter2D(volume[index], cv2.CV_32F, kernel, kernel, dst=in_plane[index],
+                        borderType=cv2.BORDER_REFLECT)
+    across = cv2.sepFilter2D(in_plane.reshape(volume.shape[0], -1), cv2.CV_32F, np.ones(1, np.float32), kernel,
+                             borderType=cv2.BORDER_REFLECT)
+    return np.asarray(across).reshape(volume.shape)
+
+
+def maximum_filter_3(volume: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.maximum_filter(volume, size=3, mode="nearest")`` of a 3-D float32 volume, exactly:
+    a 3x3 dilation of each slice (OpenCV), then the maximum with the slices either side."""
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    square = np.ones((3, 3), np.uint8)
+    in_plane = np.empty_like(volume)
+    for index in range(volume.shape[0]):
+        cv2.dilate(volume[index], square, dst=in_plane[index], borderType=cv2.BORDER_REPLICATE)
+    if len(volume) < 2:
+        return in_plane
+    pairs = np.maximum(in_plane[:-1], in_plane[1:])  # pairs[z]: slices z and z + 1
+    result = np.empty_like(in_plane)
+    result[0], result[-1] = pairs[0], pairs[-1]
+    np.maximum(pairs[:-1], pairs[1:], out=result[1:-1])
+    return result
 
 
 def resample_isotropic(volume: np.ndarray, spacing_mm: tuple[float, float, float], grid_mm: float) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""Stage 1's OpenCV filters give scipy.ndimage's results (pure logic, no services)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from services.nodule.candidates import (
+    _ellipsoid,
+    binary_dilation,
+    binary_erosion,
+    distance_to_region,
+    gaussian_filter,
+    maximum_filter_3,
+)
+
+SHAPES = [(1, 6, 7), (2, 9, 9), (5, 20, 21), (24, 48, 50)]
+"""Down to one slice, and kernels wider than an axis (reflected more than once)."""
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sigma", [0.8, 1.34, 3.35, 6.0])
+def test_the_gaussian_is_scipys_within_float32_rounding(shape: tuple[int, int, int], sigma: float) -> None:
+    volume = (np.random.default_rng(0).normal(size=shape) * 300).astype(np.float32)
+    expected = ndimage.gaussian_filter(volume, sigma, truncate=3.0)
+    assert np.abs(gaussian_filter(volume, sigma) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_maximum_filter_is_scipys_exactly(shape: tuple[int, int, int]) -> None:
+    volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    assert np.array_equal(maximum_filter_3(volume), ndimage.maximum_filter(volume, size=3, mode="nearest"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("radius", [(1, 1, 1), (2, 2, 2), (1, 3, 3), (3, 2, 2)])
+def test_dilation_erosion_and_closing_are_scipys_exactly(shape: tuple[int, int, int],
+                                                         radius: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(2)
+    ball = _ellipsoid(np.asarray(radius))
+    sparse, dense = rng.random(shape) < 0.3, rng.random(shape) < 0.8
+    assert np.array_equal(binary_dilation(sparse, ball), ndimage.binary_dilation(sparse, structure=ball))
+    assert np.array_equal(binary_erosion(dense, ball), ndimage.binary_erosion(dense, structure=ball, border_value=0))
+    assert np.array_equal(binary_erosion(binary_dilation(sparse, ball), ball),
+                          ndimage.binary_closing(sparse, structure=ball, border_value=0))
+
+
+@pytest.mark.parametrize("fill", [0.02, 0.3, 0.9, 1.0])
+def test_distance_to_the_region_is_the_distance_transforms_at_the_points(fill: float) -> None:
+    rng = np.random.default_rng(3)
+    region = ndimage.binary_dilation(rng.random((12, 30, 31)) < fill / 10, iterations=2) if fill < 1 else \
+        np.ones((12, 30, 31), bool)
+    points = np.argwhere(np.ones(region.shape, bool))
+    expected = ndimage.distance_transform_edt(~region)[points[:, 0], points[:, 1], points[:, 2]]
+    assert np.array_equal(distance_to_region(region, points), expected)
