@@ -4,8 +4,10 @@
 candidate stage of LUNA16-style CAD systems does; stage 2 (:mod:`services.nodule.classifier`)
 rejects the false positives. The scale space's Gaussians and its 3x3x3 maximum filter are OpenCV's
 separable float32 filters (:func:`gaussian_filter`, :func:`maximum_filter_3`: scipy.ndimage's results,
-4-5x and ~14x faster on a CT volume); the lung region and distances are :mod:`scipy.ndimage`; the
-resampling is torch's trilinear interpolation (a tensor operation on the CPU, no model):
+4-5x and ~14x faster on a CT volume), as are the lung region's closing and dilation (2-D morphology of each
+slice by the ball's sections, :func:`binary_dilation`, :func:`binary_erosion`); its labelling and hole filling are
+:mod:`scipy.ndimage`, the distance of a peak to it a k-d tree (:func:`distance_to_region`); the resampling is
+torch's trilinear interpolation (a tensor operation on the CPU, no model):
 
 1. **Lung region** (:func:`lung_region`), on a grid of about 2 mm: air (< -400 HU) not connected to
    the volume's in-plane border (outside the body), holes filled slice by slice (vessels, nodules)
