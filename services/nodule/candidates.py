@@ -154,22 +154,19 @@ def binary_erosion(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
 def _by_sections(mask: np.ndarray, ball: np.ndarray, *, erode: bool) -> np.ndarray:
     source = np.ascontiguousarray(mask, dtype=np.uint8)
     slices, reach = source.shape[0], ball.shape[0] // 2
+    morph, combine = (cv2.erode, np.minimum) if erode else (cv2.dilate, np.maximum)
     result = np.full(source.shape, 1 if erode else 0, dtype=np.uint8)
     for offset in range(-reach, reach + 1):
         section = np.ascontiguousarray(ball[offset + reach], dtype=np.uint8)
         if not section.any():
             continue
-        targets = range(max(0, -offset), min(slices, slices - offset))  # slices whose neighbour at offset exists
-        if erode and len(targets) < slices:
-            outside = [z for z in range(slices) if z not in targets]
-            result[outside] = 0  # the section reaches outside the volume, which counts as empty
-        for z in targets:
-            if erode:
-                moved = cv2.erode(source[z + offset], section, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-                np.minimum(result[z], moved, out=result[z])
-            else:
-                moved = cv2.dilate(source[z + offset], section, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-                np.maximum(result[z], moved, out=result[z])
+        first, stop = max(0, -offset), min(slices, slices - offset)  # slices whose neighbour at offset exists
+        if erode:  # elsewhere the section reaches outside the volume, which counts as empty
+            result[:first] = 0
+            result[stop:] = 0
+        for z in range(first, stop):
+            moved = morph(source[z + offset], section, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+            combine(result[z], moved, out=result[z])
     return result.astype(bool)
 
 
@@ -275,11 +272,7 @@ def distance_to_region(region: np.ndarray, points: np.ndarray) -> np.ndarray:
     """
     if len(points) == 0:
         return np.zeros(0)
-    padded = np.pad(region, 1, constant_values=True)  # beyond the grid counts as inside: no boundary there
-    interior = region.copy()
-    for axis in range(3):
-        for step in (-1, 1):
-            interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    interior = ndimage.binary_erosion(region, border_value=1)  # beyond the grid counts as inside: no boundary there
     boundary = np.argwhere(region & ~interior)
     inside = region[points[:, 0], points[:, 1], points[:, 2]]
     if len(boundary) == 0:
