@@ -16,9 +16,11 @@ HU, centred on the candidate):
 - the component above -500 HU that holds the centre: its size (log), whether it reaches the crop's edge, and the
   ratios of its second and third principal spreads to the first (round vs elongated).
 
-Everything but the components is linear algebra over the batch of crops (precomputed masks and Gaussian
-derivative kernels). A scan's 64 candidates cost ~65 ms on a 2-core Xeon VM (2026-12-05): ~25 ms the 64
-connected-component labellings, ~14 ms the shells' percentiles, ~11 ms the lung noise, a few ms the rest.
+Everything is computed over the whole batch of crops at once: linear algebra with precomputed masks and Gaussian
+derivative kernels, one partial sort per shell for the percentiles, and one connected-component labelling of all
+the crops stacked with an empty slice between neighbours, whose centre components are then measured by their
+coordinate moments. A scan's 64 candidates cost ~45 ms on a 2-core Xeon VM (2026-12-05; ~80 ms with a labelling
+and a percentile call per crop, the same values to 1e-13).
 
 :class:`FeatureModel` is a LightGBM binary classifier over these features, trained on the crop bank by
 :func:`train_feature_model`; its raw score (a logit) is averaged with the CNN's logit in
@@ -81,7 +83,7 @@ def candidate_features(crops_hu: np.ndarray) -> np.ndarray:
     columns = [flat @ balls]
     for index in shells:
         values = flat[:, index]
-        columns += [values.mean(axis=1, keepdims=True), np.percentile(values, 90, axis=1, keepdims=True),
+        columns += [values.mean(axis=1, keepdims=True), _percentile_90(crops.reshape(len(crops), -1)[:, index]),
                     (values > DENSE_HU).mean(axis=1, keepdims=True)]
     columns += [_lung_noise(flat)[:, None], (flat > DENSE_HU).mean(axis=1, keepdims=True)]
     responses = (flat @ kernels).reshape(len(crops), len(HESSIAN_SCALES_MM), len(_DERIVATIVES))
@@ -90,8 +92,18 @@ def candidate_features(crops_hu: np.ndarray) -> np.ndarray:
         hessian = np.stack([np.stack([dzz, dzy, dzx], -1), np.stack([dzy, dyy, dyx], -1),
                             np.stack([dzx, dyx, dxx], -1)], -2) * scale ** 2
         columns += [np.linalg.eigvalsh(hessian), smoothed[:, None]]
-    columns.append(np.array([_component(crop) for crop in crops]).reshape(len(crops), 4))
+    columns.append(_centre_components(crops))
     return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+def _percentile_90(values: np.ndarray) -> np.ndarray:
+    """``np.percentile(values, 90, axis=1, keepdims=True)`` (linear interpolation) by one partial sort of the rows."""
+    position = 0.9 * (values.shape[1] - 1)
+    below = int(np.floor(position))
+    above = min(below + 1, values.shape[1] - 1)
+    ordered = np.partition(values, [below, above], axis=1)
+    low, high = ordered[:, below].astype(np.float64), ordered[:, above].astype(np.float64)
+    return (low + (high - low) * (position - below))[:, None]  # type: ignore[no-any-return]
 
 
 def _lung_noise(flat: np.ndarray) -> np.ndarray:
@@ -102,18 +114,44 @@ def _lung_noise(flat: np.ndarray) -> np.ndarray:
     return np.where(count > 50, np.sqrt(variance), 0.0)  # type: ignore[no-any-return]
 
 
-def _component(crop: np.ndarray) -> tuple[float, float, float, float]:
-    """Log size, edge contact and spread ratios of the dense component holding the centre (zeros if none)."""
-    labelled, _ = ndimage.label(crop > DENSE_HU)
-    label = labelled[CENTRE, CENTRE, CENTRE]
-    if not label:
-        return 0.0, 0.0, 0.0, 0.0
-    voxels = np.argwhere(labelled == label)
-    touches = float(voxels.min() == 0 or voxels.max() == CROP - 1)
-    if len(voxels) < 4:
-        return float(np.log1p(len(voxels))), touches, 1.0, 1.0
-    spreads = np.sort(np.linalg.eigvalsh(np.cov(voxels.T)))[::-1] + 1e-6
-    return float(np.log1p(len(voxels))), touches, float(spreads[1] / spreads[0]), float(spreads[2] / spreads[0])
+@lru_cache(maxsize=1)
+def _moment_columns() -> np.ndarray:
+    """``(V, 11)``: per crop voxel 1, z, y, x, z², y², x², zy, zx, yx and whether it lies on the crop's faces."""
+    coordinates = np.indices((CROP,) * 3).reshape(3, -1).T.astype(np.float64)
+    z, y, x = coordinates.T
+    on_face = ((coordinates == 0) | (coordinates == CROP - 1)).any(axis=1)
+    return np.stack([np.ones_like(z), z, y, x, z * z, y * y, x * x, z * y, z * x, y * x, on_face], axis=1)
+
+
+def _centre_components(crops: np.ndarray) -> np.ndarray:
+    """``(n, 4)``: log size, edge contact and spread ratios of each crop's dense component holding the centre
+    (zeros where the centre is not dense; ratios 1 below 4 voxels).
+
+    The crops are labelled in one call, stacked with an empty slice between neighbours so that no component
+    crosses from one crop to the next; each centre component's count, coordinate sums and face contact come
+    from one matrix product, its covariance (``np.cov``'s, unbiased) from those sums.
+    """
+    count_crops = len(crops)
+    stacked = np.zeros((count_crops, CROP + 1, CROP, CROP), dtype=bool)
+    stacked[:, :CROP] = crops > DENSE_HU
+    labelled, _ = ndimage.label(stacked.reshape(count_crops * (CROP + 1), CROP, CROP))
+    labelled = labelled.reshape(count_crops, CROP + 1, -1)[:, :CROP].reshape(count_crops, -1)
+    centre_label = labelled[:, (CENTRE * CROP + CENTRE) * CROP + CENTRE]
+    member = (labelled == centre_label[:, None]) & (centre_label[:, None] > 0)
+    sums = member.astype(np.float64) @ _moment_columns()
+    size = sums[:, 0]
+    mean = sums[:, 1:4] / np.maximum(size, 1)[:, None]
+    covariance = np.empty((count_crops, 3, 3))
+    for column, (a, b) in enumerate(((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)), start=4):
+        covariance[:, a, b] = covariance[:, b, a] = \
+            (sums[:, column] - size * mean[:, a] * mean[:, b]) / np.maximum(size - 1, 1)
+    spreads = np.sort(np.linalg.eigvalsh(covariance), axis=1)[:, ::-1] + 1e-6
+    small = size < 4
+    features = np.stack([np.log1p(size), (sums[:, 10] > 0).astype(np.float64),
+                         np.where(small, 1.0, spreads[:, 1] / spreads[:, 0]),
+                         np.where(small, 1.0, spreads[:, 2] / spreads[:, 0])], axis=1)
+    features[size == 0] = 0.0
+    return features
 
 
 class FeatureModel:

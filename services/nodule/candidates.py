@@ -5,8 +5,9 @@ candidate stage of LUNA16-style CAD systems does; stage 2 (:mod:`services.nodule
 rejects the false positives. The scale space's Gaussians and its 3x3x3 maximum filter are OpenCV's
 separable float32 filters (:func:`gaussian_filter`, :func:`maximum_filter_3`: scipy.ndimage's results,
 4-5x and ~14x faster on a CT volume), as are the lung region's closing and dilation (2-D morphology of each
-slice by the ball's sections, :func:`binary_dilation`, :func:`binary_erosion`); its labelling and hole filling are
-:mod:`scipy.ndimage`, the distance of a peak to it a k-d tree (:func:`distance_to_region`); the resampling is
+slice by the ball's sections, :func:`binary_dilation`, :func:`binary_erosion`); its labelling is
+:mod:`scipy.ndimage`'s, its hole filling one more labelling (:func:`fill_holes`, SciPy's result without its
+dilation to convergence), the distance of a peak to it a k-d tree (:func:`distance_to_region`); the resampling is
 torch's trilinear interpolation (a tensor operation on the CPU, no model):
 
 1. **Lung region** (:func:`lung_region`), on a grid of about 2 mm: air (< -400 HU) not connected to
@@ -37,7 +38,8 @@ torch's trilinear interpolation (a tensor operation on the CPU, no model):
 On the validation split (24 simulated studies, 48 nodules >= 3 mm), 64 candidates per scan put one
 within the radius of 38 nodules (79 %). Per simulated 64 x 256 x 256 volume on a 2-core Xeon VM (2026-12-05,
 12 studies): 0.13 s a scan, against 0.36 s with scipy.ndimage's filters (the same candidates; responses
-within 0.01 HU).
+within 0.01 HU); on a 2-core AMD EPYC VM 0.13 s, and 0.11 s once the hole filling was one labelling and peaks were
+listed with ``np.flatnonzero`` instead of ``np.argwhere`` (2026-12-05 afternoon, the same candidates).
 
 Each :class:`BlobCandidate` carries its centre (voxel indices of the original volume), the radius
 its scale implies, the response and the blobness; the classifier sees a crop around the centre.
@@ -129,7 +131,7 @@ def lung_region(hu: np.ndarray, spacing_mm: tuple[float, float, float], margin_m
                                        labelled[:, :, 0].ravel(), labelled[:, :, -1].ravel()]))
     outside = np.isin(labelled, border[border > 0])
     lungs = air & ~outside
-    lungs = ndimage.binary_fill_holes(lungs, structure=in_plane)
+    lungs = fill_holes(lungs, in_plane)
     coarse_spacing = np.asarray(spacing_mm) * np.asarray(steps)
     radius = np.maximum(1, np.round(margin_mm / coarse_spacing)).astype(int)
     ball = _ellipsoid(radius)
@@ -137,6 +139,19 @@ def lung_region(hu: np.ndarray, spacing_mm: tuple[float, float, float], margin_m
     lungs = binary_dilation(lungs, ball)
     full = lungs.repeat(steps[0], 0).repeat(steps[1], 1).repeat(steps[2], 2)
     return np.ascontiguousarray(full[:hu.shape[0], :hu.shape[1], :hu.shape[2]])
+
+
+def fill_holes(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask, structure=structure)`` for a 3x3x3 ``structure``, by one labelling
+    instead of SciPy's dilation to convergence: a background component (connected by ``structure``) is a hole unless
+    it reaches outside the array, that is, holds a voxel on a face across which ``structure`` steps."""
+    background, _ = ndimage.label(~mask, structure=structure)
+    reaches_outside = np.zeros(int(background.max()) + 1, dtype=bool)
+    for axis in range(3):
+        if np.moveaxis(structure, axis, 0)[[0, 2]].any():  # the structure steps along this axis
+            for end in (0, -1):
+                reaches_outside[np.take(background, end, axis=axis).ravel()] = True
+    return mask | ~reaches_outside[background]  # type: ignore[no-any-return]
 
 
 def binary_dilation(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
@@ -273,12 +288,19 @@ def distance_to_region(region: np.ndarray, points: np.ndarray) -> np.ndarray:
     if len(points) == 0:
         return np.zeros(0)
     interior = ndimage.binary_erosion(region, border_value=1)  # beyond the grid counts as inside: no boundary there
-    boundary = np.argwhere(region & ~interior)
+    boundary = _indices_of(region & ~interior)
     inside = region[points[:, 0], points[:, 1], points[:, 2]]
     if len(boundary) == 0:
         return np.where(inside, 0.0, np.inf)
-    distance, _ = cKDTree(boundary).query(points)
-    return np.where(inside, 0.0, distance)  # type: ignore[no-any-return]
+    distance = np.zeros(len(points))
+    if not inside.all():
+        distance[~inside], _ = cKDTree(boundary).query(points[~inside])
+    return distance
+
+
+def _indices_of(mask: np.ndarray) -> np.ndarray:
+    """``np.argwhere(mask)`` (C order), through ``np.flatnonzero``, which is ~20x faster on a 3-D mask."""
+    return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1)
 
 
 def _keep_best(order: np.ndarray, centres_mm: np.ndarray, radius: np.ndarray, kept: list[int], limit: int) -> None:
@@ -321,7 +343,7 @@ def _scale_peaks(volume: np.ndarray, start_sigma: float | None, sigmas: list[flo
     for response in responses[2:]:
         np.maximum(strongest, response, out=strongest)
     peak = (strongest == maximum_filter_3(strongest)) & (strongest > MIN_RESPONSE_HU)
-    points = np.argwhere(peak)
+    points = _indices_of(peak)
     levels = np.stack([response[peak] for response in responses]).argmax(axis=0)  # the first strongest level
     return points, levels, strongest[peak], smoothed
 

@@ -79,6 +79,44 @@ def test_the_hessian_features_equal_scipys_gaussian_derivatives_at_the_centre() 
         assert features[0, FEATURE_NAMES.index(f"hessian_{scale:g}mm_smoothed")] == pytest.approx(smoothed, rel=1e-5)
 
 
+def _component_one_by_one(crop: np.ndarray) -> tuple[float, float, float, float]:
+    """The centre component's features computed the plain way: one labelling, ``np.cov`` of its voxels."""
+    labelled, _ = ndimage.label(crop > -500.0)
+    label = labelled[(CROP_SIZE // 2,) * 3]
+    if not label:
+        return 0.0, 0.0, 0.0, 0.0
+    voxels = np.argwhere(labelled == label)
+    touches = float(voxels.min() == 0 or voxels.max() == CROP_SIZE - 1)
+    if len(voxels) < 4:
+        return float(np.log1p(len(voxels))), touches, 1.0, 1.0
+    spreads = np.sort(np.linalg.eigvalsh(np.cov(voxels.T)))[::-1] + 1e-6
+    return float(np.log1p(len(voxels))), touches, float(spreads[1] / spreads[0]), float(spreads[2] / spreads[0])
+
+
+def test_batched_components_and_percentiles_equal_the_per_crop_computation() -> None:
+    rng = np.random.default_rng(5)
+    crops = np.concatenate([_crops(), rng.normal(-600.0, 250.0, (6, CROP_SIZE, CROP_SIZE, CROP_SIZE))])
+    crops[3, 14:19, 14:19, 14:19] = 40.0  # a cube touching the component of its noisy neighbours
+    crops[4, CROP_SIZE // 2, CROP_SIZE // 2, CROP_SIZE // 2] = 40.0  # a lone dense voxel: fewer than 4 voxels
+    crops[4, CROP_SIZE // 2 - 1:CROP_SIZE // 2 + 2, CROP_SIZE // 2 - 1:CROP_SIZE // 2 + 2] = -900.0
+    crops[4, CROP_SIZE // 2, CROP_SIZE // 2, CROP_SIZE // 2] = 40.0
+    crops[5] = crops[5][::-1]  # a dense last slice next to the following crop's first
+    crops[6, -1] = 100.0
+    crops[7, 0] = 100.0
+    crops = np.clip(crops, -1000, 200).astype(np.float32)
+    features = candidate_features(crops)
+    names = ("component_log_size", "component_touches_edge", "component_spread_2_1", "component_spread_3_1")
+    got = np.stack([_feature(features, name) for name in names], axis=1)
+    expected = np.array([_component_one_by_one(crop) for crop in crops], dtype=np.float32)
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert _feature(features, "component_log_size")[4] == pytest.approx(np.log1p(1))
+    radius = np.sqrt(GRID[0] ** 2 + GRID[1] ** 2 + GRID[2] ** 2)
+    for inner, outer in ((1.5, 3.5), (3.5, 6.0), (6.0, 10.0), (10.0, 15.0)):
+        shell = (radius > inner) & (radius <= outer)
+        expected_p90 = np.percentile(crops[:, shell].astype(np.float64), 90, axis=1)
+        assert np.allclose(_feature(features, f"shell_{inner:g}_{outer:g}mm_p90"), expected_p90, rtol=1e-6)
+
+
 def test_features_refuse_crops_of_another_shape() -> None:
     with pytest.raises(ValueError, match="expected"):
         candidate_features(np.zeros((2, 16, 16, 16)))

@@ -1,4 +1,4 @@
-"""Stage 1's OpenCV filters give scipy.ndimage's results (pure logic, no services)."""
+"""Stage 1's OpenCV filters and shortcuts give scipy.ndimage's and NumPy's results (pure logic, no services)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from scipy import ndimage
 
 from services.nodule.candidates import (
     _ellipsoid,
+    _indices_of,
     binary_dilation,
     binary_erosion,
     distance_to_region,
+    fill_holes,
     gaussian_filter,
     maximum_filter_3,
 )
@@ -54,3 +56,20 @@ def test_distance_to_the_region_is_the_distance_transforms_at_the_points(fill: f
     points = np.argwhere(np.ones(region.shape, bool))
     expected = ndimage.distance_transform_edt(~region)[points[:, 0], points[:, 1], points[:, 2]]
     assert np.array_equal(distance_to_region(region, points), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fill", [0.3, 0.55, 0.75])
+def test_holes_are_filled_as_scipy_fills_them(shape: tuple[int, int, int], fill: float) -> None:
+    rng = np.random.default_rng(4)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    for structure in (in_plane, ndimage.generate_binary_structure(3, 1), np.ones((3, 3, 3), bool)):
+        mask = rng.random(shape) < fill
+        assert np.array_equal(fill_holes(mask, structure), ndimage.binary_fill_holes(mask, structure=structure))
+
+
+def test_the_indices_of_a_mask_are_argwheres() -> None:
+    for fill in (0.0, 0.01, 0.5, 1.0):
+        mask = np.random.default_rng(5).random((7, 11, 13)) < fill
+        assert np.array_equal(_indices_of(mask), np.argwhere(mask))
