@@ -55,12 +55,15 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 
 @lru_cache(maxsize=1)
-def _geometry() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Ball masks normalised to means ``(V, balls)``, derivative kernels ``(V, scales * 7)`` and shell indices."""
+def _geometry() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Ball masks normalised to means ``(V, balls)``, shell masks normalised to means plus the whole crop's
+    ``(V, shells + 1)``, derivative kernels ``(V, scales * 7)`` and shell indices."""
     grids = np.meshgrid(*[np.arange(CROP) - CENTRE] * 3, indexing="ij")
     radius = np.sqrt(sum(g.astype(float) ** 2 for g in grids)).reshape(-1)
     balls = np.stack([(radius <= r) / (radius <= r).sum() for r in BALL_RADII_MM], axis=1)
-    shells = [np.nonzero((radius > a) & (radius <= b))[0] for a, b in SHELLS_MM]
+    shell_masks = [(radius > a) & (radius <= b) for a, b in SHELLS_MM]
+    shell_means = np.stack([*(mask / mask.sum() for mask in shell_masks), np.full(radius.size, 1 / radius.size)],
+                           axis=1)
     delta = np.zeros((CROP,) * 3)
     delta[CENTRE, CENTRE, CENTRE] = 1.0
     kernels = []
@@ -70,7 +73,7 @@ def _geometry() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
             # centre (odd orders change sign under the mirror, which the flip carries)
             response = ndimage.gaussian_filter(delta, scale, order=order, mode="constant")
             kernels.append(np.roll(np.flip(response), 1, axis=(0, 1, 2)).reshape(-1))
-    return balls, np.stack(kernels, axis=1), shells
+    return balls, shell_means, np.stack(kernels, axis=1), [np.nonzero(mask)[0] for mask in shell_masks]
 
 
 def candidate_features(crops_hu: np.ndarray) -> np.ndarray:
@@ -78,14 +81,16 @@ def candidate_features(crops_hu: np.ndarray) -> np.ndarray:
     crops = np.asarray(crops_hu, dtype=np.float32)
     if crops.ndim != 4 or crops.shape[1:] != (CROP,) * 3:
         raise ValueError(f"expected (n, {CROP}, {CROP}, {CROP}) crops, got {crops.shape}")
-    flat = crops.reshape(len(crops), -1).astype(np.float64)
-    balls, kernels, shells = _geometry()
+    flat32 = crops.reshape(len(crops), -1)
+    flat = flat32.astype(np.float64)
+    balls, shell_means, kernels, shells = _geometry()
     columns = [flat @ balls]
-    for index in shells:
-        values = flat[:, index]
-        columns += [values.mean(axis=1, keepdims=True), _percentile_90(crops.reshape(len(crops), -1)[:, index]),
-                    (values > DENSE_HU).mean(axis=1, keepdims=True)]
-    columns += [_lung_noise(flat)[:, None], (flat > DENSE_HU).mean(axis=1, keepdims=True)]
+    means = flat @ shell_means[:, :-1]
+    dense_shares = (flat32 > DENSE_HU).astype(np.float64) @ shell_means  # per shell, then the whole crop
+    for position, index in enumerate(shells):
+        columns += [means[:, position:position + 1], _percentile_90(flat32[:, index]),
+                    dense_shares[:, position:position + 1]]
+    columns += [_lung_noise(flat)[:, None], dense_shares[:, -1:]]
     responses = (flat @ kernels).reshape(len(crops), len(HESSIAN_SCALES_MM), len(_DERIVATIVES))
     for position, scale in enumerate(HESSIAN_SCALES_MM):
         smoothed, dzz, dyy, dxx, dzy, dzx, dyx = (responses[:, position, k] for k in range(len(_DERIVATIVES)))
@@ -107,10 +112,12 @@ def _percentile_90(values: np.ndarray) -> np.ndarray:
 
 
 def _lung_noise(flat: np.ndarray) -> np.ndarray:
+    """Standard deviation of each row's values below :data:`LUNG_HU` (0 with 50 or fewer of them)."""
     lung = flat < LUNG_HU
-    count = lung.sum(axis=1)
-    mean = np.where(lung, flat, 0.0).sum(axis=1) / np.maximum(count, 1)
-    variance = np.where(lung, (flat - mean[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(count, 1)
+    count = np.maximum(np.count_nonzero(lung, axis=1), 1)
+    deviation = flat - (np.sum(flat, axis=1, where=lung) / count)[:, None]
+    np.multiply(deviation, deviation, out=deviation)
+    variance = np.sum(deviation, axis=1, where=lung) / count
     return np.where(count > 50, np.sqrt(variance), 0.0)  # type: ignore[no-any-return]
 
 

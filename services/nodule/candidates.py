@@ -343,9 +343,10 @@ def _scale_peaks(volume: np.ndarray, start_sigma: float | None, sigmas: list[flo
     for response in responses[2:]:
         np.maximum(strongest, response, out=strongest)
     peak = (strongest == maximum_filter_3(strongest)) & (strongest > MIN_RESPONSE_HU)
-    points = _indices_of(peak)
-    levels = np.stack([response[peak] for response in responses]).argmax(axis=0)  # the first strongest level
-    return points, levels, strongest[peak], smoothed
+    at = np.flatnonzero(peak)
+    points = np.stack(np.unravel_index(at, peak.shape), axis=1)
+    levels = np.stack([response.ravel()[at] for response in responses]).argmax(axis=0)  # the first strongest level
+    return points, levels, strongest.ravel()[at], smoothed
 
 
 def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
