@@ -38,7 +38,7 @@ torch's trilinear interpolation (a tensor operation on the CPU, no model):
 On the validation split (24 simulated studies, 48 nodules >= 3 mm), 64 candidates per scan put one
 within the radius of 38 nodules (79 %). Per simulated 64 x 256 x 256 volume on a 2-core Xeon VM (2026-12-05,
 12 studies): 0.13 s a scan, against 0.36 s with scipy.ndimage's filters (the same candidates; responses
-within 0.01 HU); on a 2-core AMD EPYC VM 0.13 s, and 0.11 s once the hole filling was one labelling and peaks were
+within 0.01 HU); on a 2-core AMD EPYC VM 0.12-0.13 s, and 0.11 s once the hole filling was one labelling and peaks were
 listed with ``np.flatnonzero`` instead of ``np.argwhere`` (2026-12-05 afternoon, the same candidates).
 
 Each :class:`BlobCandidate` carries its centre (voxel indices of the original volume), the radius
