@@ -164,7 +164,11 @@ def create_service_app(name: str, *, title: str, routers: Sequence[APIRouter] = 
         readiness.add("broker", broker_ready)
     app = ServiceApp(service_name=name, hot_routes=hot_routes, documented_models=documented_models, title=title,
                      version=version, lifespan=_with_gc_tuning(lifespan),
-                     dependencies=[Depends(json_request_bodies)])
+                     dependencies=[Depends(json_request_bodies)],
+                     # a body without a Content-Type is JSON, as on the hot and raw routes; every other declared
+                     # type is refused by ``json_request_bodies`` with a 415 (FastAPI's own default answered such a
+                     # body with a misleading 422, "Input should be a valid dictionary")
+                     strict_content_type=False)
     app.state.readiness = readiness
     app.state.service_name = name
     install_problem_handlers(app)

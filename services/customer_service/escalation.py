@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 DEFAULT_VALENCE: dict[str, float] = {
     "angry": -1.0,
@@ -64,30 +64,31 @@ class Rule(StrEnum):
 class EscalationPolicy(BaseModel):
     """When a call is escalated to a supervisor; every field has a default a tenant may override."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # numbers are JSON numbers (no "3" or true), finite: a tenant's overrides are validated with this model
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     anger_labels: tuple[str, ...] = Field(default=("angry", "frustrated"), min_length=1,
                                           description="emotion labels whose probabilities add up to the anger signal")
-    anger_threshold: float = Field(default=0.6, gt=0, le=1, description="anger probability that counts toward "
-                                   "the emotion rule")
-    anger_release_threshold: float = Field(default=0.4, ge=0, le=1, description="below this the emotion rule's "
-                                           "signal is clear (re-arming); at most anger_threshold")
-    anger_consecutive: int = Field(default=2, ge=1, le=50, description="consecutive customer utterances at or "
-                                   "above anger_threshold that fire the emotion rule")
+    anger_threshold: StrictFloat = Field(default=0.6, gt=0, le=1, description="anger probability that counts toward "
+                                         "the emotion rule")
+    anger_release_threshold: StrictFloat = Field(default=0.4, ge=0, le=1, description="below this the emotion rule's "
+                                                 "signal is clear (re-arming); at most anger_threshold")
+    anger_consecutive: StrictInt = Field(default=2, ge=1, le=50, description="consecutive customer utterances at or "
+                                         "above anger_threshold that fire the emotion rule")
     keywords: tuple[str, ...] = Field(default=DEFAULT_KEYWORDS, description="words or phrases that fire the "
                                       "keyword rule (whole words, any case)")
-    negative_valence_threshold: float = Field(default=-0.3, ge=-1, le=1, description="a customer utterance with "
-                                              "valence below this is negative")
-    negative_release_valence: float = Field(default=0.0, ge=-1, le=1, description="at or above this the negative "
-                                            "streak's signal is clear; at least negative_valence_threshold")
-    negative_streak: int = Field(default=4, ge=1, le=100, description="consecutive negative customer utterances "
-                                 "that fire the negative-streak rule")
-    rearm_after: int = Field(default=2, ge=1, le=100, description="consecutive clear customer utterances after "
-                             "which a fired rule can fire again")
-    sentiment_alpha: float = Field(default=0.3, gt=0, le=1, description="weight of the newest utterance in the "
-                                   "sentiment trend (EWMA)")
-    valence: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_VALENCE),
-                                      description="valence of each emotion label in [-1, 1]")
+    negative_valence_threshold: StrictFloat = Field(default=-0.3, ge=-1, le=1, description="a customer utterance with "
+                                                    "valence below this is negative")
+    negative_release_valence: StrictFloat = Field(default=0.0, ge=-1, le=1, description="at or above this the negative "
+                                                  "streak's signal is clear; at least negative_valence_threshold")
+    negative_streak: StrictInt = Field(default=4, ge=1, le=100, description="consecutive negative customer utterances "
+                                       "that fire the negative-streak rule")
+    rearm_after: StrictInt = Field(default=2, ge=1, le=100, description="consecutive clear customer utterances after "
+                                   "which a fired rule can fire again")
+    sentiment_alpha: StrictFloat = Field(default=0.3, gt=0, le=1, description="weight of the newest utterance in the "
+                                         "sentiment trend (EWMA)")
+    valence: dict[str, StrictFloat] = Field(default_factory=lambda: dict(DEFAULT_VALENCE),
+                                            description="valence of each emotion label in [-1, 1]")
     customer_speakers: tuple[str, ...] = Field(default=(CUSTOMER,), min_length=1,
                                                description="speakers whose utterances the rules watch")
 

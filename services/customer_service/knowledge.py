@@ -32,8 +32,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 _STOPWORD_TEXT = """
 a about above after again against all am an and any are aren't as at be because been before being below
@@ -95,19 +96,23 @@ class Article:
     updated_at: datetime | None = None
 
 
+BoostFactor = Annotated[StrictFloat, Field(gt=0, le=10)]
+"""An emotion boost: a finite multiplier of an article's score, above 0 (0 or less would hide or invert it)."""
+
+
 class RetrievalSettings(BaseModel):
     """How suggestions are scored; every field has a default a tenant may override."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    k1: float = Field(default=1.2, ge=0, le=3, description="BM25 term-frequency saturation")
-    b: float = Field(default=0.75, ge=0, le=1, description="BM25 length normalisation")
-    title_weight: int = Field(default=2, ge=1, le=10, description="times a title term counts (read when an "
-                              "article is indexed: the index's own settings, not a search's)")
-    min_score: float = Field(default=1.0, ge=0, description="below this score no reply is suggested")
-    max_reply_chars: int = Field(default=240, ge=20, le=4000, description="the body's first sentences up to "
-                                 "this length make the reply (at least one sentence, cut at a word if longer)")
-    emotion_boosts: dict[str, dict[str, float]] = Field(
+    k1: StrictFloat = Field(default=1.2, ge=0, le=3, description="BM25 term-frequency saturation")
+    b: StrictFloat = Field(default=0.75, ge=0, le=1, description="BM25 length normalisation")
+    title_weight: StrictInt = Field(default=2, ge=1, le=10, description="times a title term counts (read when an "
+                                    "article is indexed: the index's own settings, not a search's)")
+    min_score: StrictFloat = Field(default=1.0, ge=0, le=1000, description="below this score no reply is suggested")
+    max_reply_chars: StrictInt = Field(default=240, ge=20, le=4000, description="the body's first sentences up to "
+                                       "this length make the reply (at least one sentence, cut at a word if longer)")
+    emotion_boosts: dict[str, dict[str, BoostFactor]] = Field(
         default_factory=lambda: {"angry": {"apology": 1.5, "de-escalation": 1.5},
                                  "frustrated": {"apology": 1.5, "de-escalation": 1.5},
                                  "sad": {"empathy": 1.3}},

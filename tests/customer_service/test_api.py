@@ -11,6 +11,7 @@ suggestions show the index following the API's changes."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import struct
 import time
@@ -210,6 +211,38 @@ def test_settings_are_overridden_validated_whole_and_reset(tenant_a: Tenant, ten
     reset = client.patch("/v1/settings", json={"escalation": None})
     assert reset.json()["escalation"] == defaults["escalation"]
     assert reset.json()["retrieval"]["min_score"] == 2.5  # the section left out stays
+
+
+@pytest.mark.parametrize("body", [
+    '{"retrieval": {"k1": "1"}}', '{"retrieval": {"min_score": "2"}}', '{"retrieval": {"min_score": Infinity}}',
+    '{"retrieval": {"min_score": 1e6}}', '{"retrieval": {"title_weight": 2.0}}',
+    '{"retrieval": {"emotion_boosts": {"angry": {"apology": NaN}}}}',
+    '{"retrieval": {"emotion_boosts": {"angry": {"apology": -5}}}}',
+    '{"retrieval": {"emotion_boosts": {"angry": {"apology": Infinity}}}}',
+    '{"escalation": {"anger_consecutive": "3"}}', '{"escalation": {"anger_consecutive": true}}',
+    '{"escalation": {"anger_threshold": NaN}}', '{"escalation": {"valence": {"angry": "-1"}}}',
+])
+def test_settings_numbers_are_finite_json_numbers(tenant_a: Tenant, body: str) -> None:
+    client = tenant_a.client
+    before = client.get("/v1/settings").json()
+    problem(client.patch("/v1/settings", content=body, headers={"Content-Type": "application/json"}), 422)
+    assert client.get("/v1/settings").json() == before
+    accepted = client.patch("/v1/settings", json={"retrieval": {"k1": 1, "emotion_boosts": {"angry": {"apology": 2}}}})
+    assert accepted.status_code == 200, accepted.text  # an integer is fine where a decimal is expected
+
+
+def test_a_json_body_without_a_content_type_is_read_as_json(tenant_a: Tenant) -> None:
+    article = {**ARTICLE, "id": "no-content-type"}
+    created = tenant_a.client.post("/v1/knowledge/articles", content=json_bytes(article))
+    assert created.status_code == 201, created.text
+    assert created.json()["title"] == ARTICLE["title"]
+    problem(tenant_a.client.post("/v1/knowledge/articles", content=json_bytes({**article, "id": "plain-text"}),
+                                 headers={"Content-Type": "text/plain"}), 415)
+
+
+def json_bytes(document: dict[str, Any]) -> bytes:
+    """``document`` as a JSON body, sent without any Content-Type header."""
+    return json.dumps(document).encode()
 
 
 def test_integration_secrets_are_write_only(cs_server: CsServer, tenant_a: Tenant, tenant_b: Tenant) -> None:
