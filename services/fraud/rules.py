@@ -69,6 +69,12 @@ ORDERING_OPS = frozenset(ORDERING_OPERATORS)
 MEMBERSHIP_OPS = frozenset(MEMBERSHIP_OPERATORS)
 
 
+MAX_LIST_VALUES = 1_000
+"""Most values an in/not_in list may hold: every condition is evaluated on each scored transaction."""
+MAX_TEXT_VALUE_CHARS = 128
+"""Longest text value: the longest text field (a customer or terminal id) holds 128 characters."""
+
+
 def validate_rule(rule: RuleIn, known_fields: set[str], text_fields: set[str]) -> None:
     """Refuse a rule that could never fire: an unknown field (a typo) or a condition whose value
     cannot be compared with its field (evaluation would quietly call it false).
@@ -94,6 +100,10 @@ def _condition_problem(condition: Condition, *, is_text: bool) -> str | None:
         return "in and not_in take a list, the other operators a single value"
     if not values:
         return "the list is empty"
+    if len(values) > MAX_LIST_VALUES:
+        return f"the list holds {len(values)} values, at most {MAX_LIST_VALUES} are accepted"
+    if any(isinstance(v, str) and len(v) > MAX_TEXT_VALUE_CHARS for v in values):
+        return f"a text value is longer than {MAX_TEXT_VALUE_CHARS} characters (no field holds one)"
     if is_text and condition.op in ORDERING_OPS:
         return "a text field is compared with eq, ne, in or not_in"
     if not all(_is_valid_value(v, is_text=is_text) for v in values):

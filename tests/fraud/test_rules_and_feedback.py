@@ -39,7 +39,9 @@ def test_rules_crud_versions_and_effect_on_decisions(fresh_tenant: FraudTenant) 
                                      ({"field": "amount", "op": "gt", "value": "abc"}, "finite number"),
                                      ({"field": "currency", "op": "gt", "value": 5}, "text field"),
                                      ({"field": "merchant_category", "op": "eq", "value": 5411}, "be text"),
-                                     ({"field": "channel", "op": "in", "value": []}, "empty")):
+                                     ({"field": "channel", "op": "in", "value": []}, "empty"),
+                                     ({"field": "amount", "op": "in", "value": list(range(1001))}, "at most 1000"),
+                                     ({"field": "customer_id", "op": "eq", "value": "c" * 129}, "128 characters")):
             never_fires = {**BIG_AMOUNT_RULE, "id": "never", "when": [condition]}
             assert_problem(client.post("/rules", json=never_fires), 422, complaint)
         assert client.get("/rules").json()["version"] == 1
