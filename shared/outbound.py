@@ -197,6 +197,8 @@ class OutboundPolicy:
             raise OutboundRefused(f"not a valid URL: {exc}", "invalid") from None
         if parsed.scheme not in ("http", "https") or not _normal_host(parsed.host):
             raise OutboundRefused("the URL must be http(s)://host/...", "invalid")
+        if parsed.port is not None and not 1 <= parsed.port <= 65535:
+            raise OutboundRefused(f"port {parsed.port} is not a TCP port (1-65535)", "invalid")
         if self.require_https and parsed.scheme != "https":
             raise OutboundRefused("the URL must use https in production", "not-https")
         return parsed

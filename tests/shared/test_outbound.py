@@ -104,6 +104,10 @@ def test_https_is_required_in_production_and_only_http_urls_are_accepted() -> No
     for url in ("ftp://bank.example/", "file:///etc/passwd", "gopher://127.0.0.1:6379/_", "http:///nohost"):
         with pytest.raises(OutboundRefused):
             OutboundPolicy().vet(url, DNS)
+    for port in (0, 65536, 99999):
+        with pytest.raises(OutboundRefused, match="not a TCP port") as caught:
+            OutboundPolicy().vet(f"http://bank.example:{port}/hooks", DNS)
+        assert caught.value.reason == "invalid"
 
 
 def test_the_allow_list_setting_is_comma_separated_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
