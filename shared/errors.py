@@ -332,10 +332,28 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(body)
 
 
+_FASTAPI_UNPARSED_BODY = "There was an error parsing the body"
+"""FastAPI's 400 for a JSON body it could not decode for any reason but a JSON syntax error (a 422 here)."""
+
+
+def undecodable_body_detail(cause: BaseException) -> str:
+    """Why a declared-JSON body could not be decoded, from the decoder's exception."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 text (byte {cause.start}); JSON is sent as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the JSON nests arrays or objects too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number in the body has too many digits"
+    return f"the body could not be decoded as JSON ({type(cause).__name__})"
+
+
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else None
-    body = problem_body(exc.status_code, None, detail, None, request.url.path,
+    type_slug = None
+    if exc.status_code == 400 and exc.__cause__ is not None and detail == _FASTAPI_UNPARSED_BODY:
+        type_slug, detail = "undecodable-body", undecodable_body_detail(exc.__cause__)
+    body = problem_body(exc.status_code, None, detail, type_slug, request.url.path,
                         {"request_id": _request_id(request)})
     headers = dict(exc.headers or {})
     if exc.status_code == 405:

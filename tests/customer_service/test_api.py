@@ -240,6 +240,16 @@ def test_a_json_body_without_a_content_type_is_read_as_json(tenant_a: Tenant) ->
                                  headers={"Content-Type": "text/plain"}), 415)
 
 
+@pytest.mark.parametrize(("body", "detail"), [
+    (b'{"title": "\xff"}', "not UTF-8 text"), (b"[" * 100_000 + b"]" * 100_000, "nests"),
+    (b'{"title": ' + b"9" * 5000 + b"}", "too many digits"),
+])
+def test_an_undecodable_json_body_is_a_precise_400(tenant_a: Tenant, body: bytes, detail: str) -> None:
+    document = problem(tenant_a.client.post("/v1/knowledge/articles", content=body,
+                                            headers={"Content-Type": "application/json"}), 400)
+    assert document["type"].endswith("/undecodable-body") and detail in document["detail"]
+
+
 def json_bytes(document: dict[str, Any]) -> bytes:
     """``document`` as a JSON body, sent without any Content-Type header."""
     return json.dumps(document).encode()
