@@ -3,9 +3,11 @@
 - DICOMweb STOW-RS (``POST /dicomweb/studies[/{study}]``): a ``multipart/related`` body of
   ``application/dicom`` parts, streamed part by part to disk, each instance checked and stored as a
   C-STORE one would be; the answer is PS3.18's Store Instances Response as DICOM JSON (200 all
-  stored, 202 some, 409 none; 415 for a part of another type, 400 for a malformed body).
+  stored, 202 some, 409 none; 415 for a part of another type, 400 for a malformed body or a
+  study path that is not a DICOM UID).
 - ``POST /v1/uploads``: a zip of DICOM files (multipart/form-data ``file``), streamed to disk,
-  each member stored like a STOW-RS part; the answer lists what was stored and what failed.
+  each member stored like a STOW-RS part; the answer (200) lists what was stored and what failed,
+  a member that cannot be read failing alone; 422 for a file that is not a zip or holds no file.
 - WADO-RS (``GET /dicomweb/studies/{study}/series/{series}/instances/{sop}``): a received
   instance or one of our result objects, ``multipart/related; type="application/dicom"`` or a
   single ``application/dicom`` part (:mod:`services.nodule.wado`).
@@ -42,6 +44,7 @@ from services.nodule.dicom_io import (
     stow_boundary,
     stow_response,
     stow_status_code,
+    uid_problem,
 )
 from services.nodule.fusion import NoduleRisk, SeriesRisk, highest_category
 from services.nodule.schemas import (
@@ -96,6 +99,9 @@ STOW_RS_ANSWERS: dict[int | str, dict[str, Any]] = {
     **problem_responses(400, 413, 415, notes={415: "A part that is not application/dicom, or a body that is "
                                               'not multipart/related; type="application/dicom".'})}
 """STOW-RS answers: a PS3.18 response dataset as DICOM JSON, or a problem for the whole request."""
+STOW_RS_STUDY_ANSWERS: dict[int | str, dict[str, Any]] = {
+    **STOW_RS_ANSWERS, **problem_responses(400, notes={400: "A malformed body, or a study instance UID in the path "
+                                                            "that is not a DICOM UID."})}
 
 
 # --- DICOMweb ------------------------------------------------------------------------------------
@@ -112,9 +118,15 @@ async def store_instances(request: Request, principal: NodulePrincipal) -> Respo
 
 
 @dicomweb.post("/studies/{study_instance_uid}", summary="Store instances of one study (STOW-RS)",
-               response_class=Response, responses=STOW_RS_ANSWERS, openapi_extra=STOW_RS_BODY)
+               response_class=Response, responses=STOW_RS_STUDY_ANSWERS, openapi_extra=STOW_RS_BODY)
 async def store_study_instances(study_instance_uid: str, request: Request, principal: NodulePrincipal) -> Response:
-    """Store CT instances that must belong to ``study_instance_uid`` (others fail with FailureReason 0xA901)."""
+    """Store CT instances that must belong to ``study_instance_uid`` (others fail with FailureReason 0xA901).
+
+    A path that is not a DICOM UID is a 400 before the body is read.
+    """
+    problem = uid_problem(study_instance_uid)
+    if problem is not None:
+        raise BadRequest(f"the study instance UID in the path is not a DICOM UID: {problem}")
     return await _stow(request, principal.tenant_id, study_instance_uid)
 
 
@@ -223,9 +235,15 @@ def _zip_head(head: bytes) -> None:
 @router.post("/uploads", summary="Upload a zipped series",
              openapi_extra=multipart_upload_body("file", description="a zip of one series' DICOM files",
                                                  media_type="application/zip", max_bytes=MAX_UPLOAD_BYTES),
-             responses=problem_responses(400, 413, 415, 422))
+             responses=problem_responses(400, 413, 415, 422, notes={
+                 422: "The file is not a zip archive (no readable central directory), or it holds no file."}))
 async def upload_series(request: Request, principal: NodulePrincipal) -> UploadResult:
-    """Upload a zip of a series' DICOM files, streamed to disk and stored as if pushed by C-STORE."""
+    """Upload a zip of a series' DICOM files, streamed to disk and stored as if pushed by C-STORE.
+
+    The answer is a 200 listing each member, stored or failed: a member that is not a CT instance
+    or cannot be read (corrupt, CRC error, encrypted, unsupported compression) fails alone with its
+    DICOM status and reason, and the other members are stored (as STOW-RS does).
+    """
     upload = await receive_multipart_upload(request, incoming_dir(), max_bytes=MAX_UPLOAD_BYTES, part_types=ZIP_TYPES,
                                             name_prefix=f"upload-{uuid.uuid4().hex}-", name_suffix=".zip",
                                             check_head=_zip_head, head_bytes=4)

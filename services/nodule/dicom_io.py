@@ -22,13 +22,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import lzma
 import os
 import re
-import shutil
 import struct
 import threading
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +279,7 @@ def _identify(dataset: Dataset, syntax: UID, refuse: Any) -> ParsedInstance:
     uids = {keyword: _text(dataset, keyword) for keyword in
             ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     for keyword, value in uids.items():
-        if not value or len(value) > MAX_UID_CHARS or not UID_PATTERN.match(value):
+        if not value or uid_problem(value):
             raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing or not a valid UID")
     modality = _text(dataset, "Modality")
     if modality is not None and modality != "CT":
@@ -292,6 +293,22 @@ def _identify(dataset: Dataset, syntax: UID, refuse: Any) -> ParsedInstance:
         transfer_syntax_uid=str(syntax), modality=modality, patient_id=(_text(dataset, "PatientID") or "")[:64] or None,
         patient_age_years=age_in_years(_text(dataset, "PatientAge")),
         patient_sex=sex if sex in ("M", "F", "O") else None)
+
+
+def uid_problem(value: str) -> str | None:
+    """Why ``value`` is not a DICOM UID (PS3.5 9.1), or None when it is one.
+
+    A UID is at most 64 characters of digits and dots: components of digits, separated by single
+    dots, none with a leading zero unless it is ``0`` itself.
+    """
+    if not value:
+        return "it is empty"
+    if len(value) > MAX_UID_CHARS:
+        return f"it is {len(value)} characters long; a UID has at most {MAX_UID_CHARS}"
+    if not UID_PATTERN.fullmatch(value):  # fullmatch: ``$`` alone would let a trailing newline through
+        return ("a UID is digits and dots only: components separated by single dots, none empty and none "
+                "with a leading zero (except 0)")
+    return None
 
 
 def _check_pixels(dataset: Dataset, syntax: UID, refuse: Any) -> None:
@@ -617,33 +634,108 @@ def serve(stop: threading.Event) -> None:
 
 MAX_ZIP_MEMBER_BYTES = 512 << 20
 """A zip member larger than this is not a CT slice: refused unread (a zip bomb's member)."""
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+               zipfile.ZIP_LZMA: "LZMA"}
+"""The compression methods zipfile inflates (by their number in the zip's headers)."""
+ZIP_ENCRYPTED_FLAGS = 0x0041
+"""General purpose flag bits 0 (encrypted) and 6 (strong encryption): no password is ever asked for."""
+ZIP_COPY_BYTES = 1 << 20
+ZIP_ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError)
+"""What zipfile raises for a central directory it cannot read (ValueError: a name that is not UTF-8)."""
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError, NotImplementedError,
+                     RuntimeError, ValueError, struct.error)
+"""What zipfile and its decompressors raise for one member's damaged header or data (bz2: OSError)."""
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """The archive at ``path``, its central directory read.
+
+    Raises
+    ------
+    UnprocessableContent
+        When there is no readable central directory: the file is not a zip archive.
+    """
+    try:
+        return zipfile.ZipFile(path)
+    except ZIP_ARCHIVE_ERRORS as exc:
+        raise UnprocessableContent(f"the upload is not a readable zip archive ({type(exc).__name__})") from None
 
 
 def extract_zip_members(path: Path) -> Iterator[tuple[str, Path | InstanceRefused]]:
     """Each file of a zip, extracted to its own incoming file; directories and ``__MACOSX`` skipped.
 
-    Yields (member name, incoming path) or (member name, the refusal of a member too large to be
-    an instance). The caller stores or deletes each path before asking for the next.
+    Yields (member name, incoming path) or (member name, the refusal of a member that cannot be
+    read: too large to be an instance, encrypted, compressed by an unsupported method, or damaged).
+    The caller stores or deletes each path before asking for the next; an extracted file left
+    over (the caller stopped early) is deleted when the generator resumes or is closed. Raises
+    :class:`UnprocessableContent` (from :func:`open_zip`) when the file is not a zip archive.
     """
     # zipfile inflates a member no further than its declared size (a lie is a BadZipFile), so the
     # declared sizes bound the work: per member, and for the archive by its compression ratio.
     budget = decompression_limit(path.stat().st_size)
-    with zipfile.ZipFile(path) as archive:
+    with open_zip(path) as archive:
         for info in archive.infolist():
             if info.is_dir() or info.filename.startswith("__MACOSX/"):
                 continue
-            if info.file_size > MAX_ZIP_MEMBER_BYTES:
-                yield info.filename, InstanceRefused(OUT_OF_RESOURCES, "the member is too large for one instance")
-                continue
-            if info.file_size > budget:
-                yield info.filename, InstanceRefused(OUT_OF_RESOURCES, (
-                    f"the archive inflates to more than {MAX_DECOMPRESSION_RATIO}x its size"))
+            refused = _unopened_member_refusal(info, budget)
+            if refused is not None:
+                yield info.filename, refused
                 continue
             budget -= info.file_size
             target = new_incoming_path()
-            with archive.open(info) as member, target.open("xb") as handle:
-                shutil.copyfileobj(member, handle, 1 << 20)
-            yield info.filename, target
+            try:
+                yield info.filename, _extract_member(archive, info, target) or target
+            finally:
+                target.unlink(missing_ok=True)
+
+
+def _unopened_member_refusal(info: zipfile.ZipInfo, budget: int) -> InstanceRefused | None:
+    """Why a member is refused from its central directory entry alone (nothing read), or None."""
+    if info.file_size > MAX_ZIP_MEMBER_BYTES:
+        return InstanceRefused(OUT_OF_RESOURCES, "the member is too large for one instance")
+    if info.file_size > budget:
+        return InstanceRefused(OUT_OF_RESOURCES, f"the archive inflates to more than {MAX_DECOMPRESSION_RATIO}x "
+                               "its size")
+    if info.flag_bits & ZIP_ENCRYPTED_FLAGS:
+        return InstanceRefused(CANNOT_UNDERSTAND, "the member is encrypted: password-protected members are not "
+                               "accepted")
+    if info.compress_type not in ZIP_METHODS:
+        return InstanceRefused(CANNOT_UNDERSTAND, f"the member's compression method {info.compress_type} is not "
+                               f"supported ({', '.join(ZIP_METHODS.values())} are)")
+    return None
+
+
+def _extract_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> InstanceRefused | None:
+    """Inflate one member into ``target`` (a new file); None when done, else why it cannot be read or kept."""
+    try:
+        member = archive.open(info)
+    except ZIP_MEMBER_ERRORS as exc:
+        return _unreadable_member(info, exc)
+    with member, target.open("xb") as handle:
+        while True:
+            try:
+                chunk = member.read(ZIP_COPY_BYTES)
+            except ZIP_MEMBER_ERRORS as exc:
+                return _unreadable_member(info, exc)
+            if not chunk:
+                return None
+            try:
+                handle.write(chunk)
+            except OSError as exc:
+                return InstanceRefused(OUT_OF_RESOURCES, f"the member could not be written ({type(exc).__name__})")
+
+
+def _unreadable_member(info: zipfile.ZipInfo, exc: Exception) -> InstanceRefused:
+    """The refusal of a member whose header or data zipfile could not read (no exception text: it names files)."""
+    if isinstance(exc, zipfile.BadZipFile) and str(exc).startswith("Bad CRC-32"):
+        reason = "the member's data does not match its CRC-32: the archive is corrupt"
+    elif isinstance(exc, zipfile.BadZipFile | UnicodeDecodeError) or getattr(exc, "errno", None) is not None:
+        reason = "the member's local header is damaged or disagrees with the central directory"
+    elif isinstance(exc, NotImplementedError | RuntimeError):
+        reason = f"the member needs a zip feature not supported here ({type(exc).__name__})"
+    else:  # zlib.error, LZMAError, bz2's OSError, EOFError: what the decompressor makes of the bytes
+        reason = f"the member's {ZIP_METHODS[info.compress_type]} data is corrupt or truncated ({type(exc).__name__})"
+    return InstanceRefused(CANNOT_UNDERSTAND, reason)
 
 
 # --- STOW-RS and zip uploads ---------------------------------------------------------------------------
@@ -775,23 +867,27 @@ def store_one(path: Path, *, name: str, tenant_id: str, source: Source,
 def store_zip(path: Path, *, tenant_id: str) -> list[PartOutcome]:
     """Store each member of an uploaded zip as a STOW-RS part; the zip is deleted afterwards.
 
+    A member that cannot be read (damaged, encrypted, an unsupported compression method) is a
+    failed outcome like a member that is not a CT instance; the other members are still stored.
+
     Raises
     ------
     UnprocessableContent
-        When the file is not a readable zip archive.
+        When the file is not a readable zip archive (no central directory), or holds no file.
     """
-    outcomes = []
     try:
-        for name, item in extract_zip_members(path):
-            if isinstance(item, InstanceRefused):
-                outcomes.append(PartOutcome(name, item.status, item.reason))
-            else:
-                outcomes.append(store_one(item, name=name, tenant_id=tenant_id, source="upload"))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
-        raise UnprocessableContent(f"the upload is not a readable zip archive ({type(exc).__name__})") from None
+        outcomes = [_store_member(name, item, tenant_id) for name, item in extract_zip_members(path)]
     finally:
         path.unlink(missing_ok=True)
+    if not outcomes:
+        raise UnprocessableContent("the zip holds no files (directories and __MACOSX entries are skipped)")
     return outcomes
+
+
+def _store_member(name: str, item: Path | InstanceRefused, tenant_id: str) -> PartOutcome:
+    if isinstance(item, InstanceRefused):
+        return PartOutcome(name, item.status, item.reason)
+    return store_one(item, name=name, tenant_id=tenant_id, source="upload")
 
 
 def stow_status_code(outcomes: Sequence[PartOutcome]) -> int:

@@ -99,14 +99,19 @@ class SeriesStatus(BaseModel):
 
 
 class ClinicalDataIn(BaseModel):
-    """What the referring side knows of the patient (inputs of the Brock model); unknown stays null."""
+    """What the referring side knows of the patient (inputs of the Brock model); unknown stays null.
+
+    Strict: a JSON number (integer or not, finite) for pack-years and JSON true/false for the rest;
+    a string such as "3" or "yes", or 1 for true, is a 422 rather than a guess.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    pack_years: float | None = Field(default=None, ge=0, le=300, description="smoking history, pack-years")
-    current_smoker: bool | None = None
-    family_history_lung_cancer: bool | None = None
-    emphysema: bool | None = None
+    pack_years: float | None = Field(default=None, ge=0, le=300, strict=True, allow_inf_nan=False,
+                                     description="smoking history, pack-years")
+    current_smoker: bool | None = Field(default=None, strict=True)
+    family_history_lung_cancer: bool | None = Field(default=None, strict=True)
+    emphysema: bool | None = Field(default=None, strict=True)
 
 
 class ClinicalDataOut(ClinicalDataIn):
