@@ -286,16 +286,17 @@ def parse_json(model: type[ModelT], body: bytes) -> ModelT:
         raise _unprocessable(exc) from None
 
 
-def parse_object(model: type[ModelT], data: object) -> ModelT:
-    """As :func:`parse_json`, for a value already decoded from JSON (e.g. one item of a batch)."""
+def parse_object(model: type[ModelT], data: object, *, loc: Sequence[str | int] = ()) -> ModelT:
+    """As :func:`parse_json`, for a value already decoded from JSON (e.g. one item of a batch);
+    ``loc``: where ``data`` lies in the request (e.g. ``("body", "retrieval")``), prefixed to each error's."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _unprocessable(exc) from None
+        raise _unprocessable(exc, loc) from None
 
 
-def _unprocessable(exc: ValidationError) -> UnprocessableContent:
-    errors, detail = _error_entries(exc.errors())
+def _unprocessable(exc: ValidationError, loc: Sequence[str | int] = ()) -> UnprocessableContent:
+    errors, detail = _error_entries([{**error, "loc": (*loc, *error.get("loc", ()))} for error in exc.errors()])
     return UnprocessableContent(detail, errors=errors)
 
 

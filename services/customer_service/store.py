@@ -355,11 +355,11 @@ def set_assist_settings(session: Session, tenant_id: str, patch: AssistSettingsP
     row = session.get(TenantSettings, tenant_id) or TenantSettings(tenant_id=tenant_id, escalation={}, retrieval={})
     if "escalation" in patch.model_fields_set:
         overrides = patch.escalation or {}
-        parse_object(EscalationPolicy, {**EscalationPolicy().model_dump(), **overrides})
+        parse_object(EscalationPolicy, {**EscalationPolicy().model_dump(), **overrides}, loc=("body", "escalation"))
         row.escalation = dict(overrides)
     if "retrieval" in patch.model_fields_set:
         overrides = patch.retrieval or {}
-        parse_object(RetrievalSettings, overrides)
+        parse_object(RetrievalSettings, overrides, loc=("body", "retrieval"))
         row.retrieval = dict(overrides)
     row.updated_at = utcnow()
     session.add(row)

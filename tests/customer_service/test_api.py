@@ -206,7 +206,8 @@ def test_settings_are_overridden_validated_whole_and_reset(tenant_a: Tenant, ten
     assert tenant_b.client.get("/v1/settings").json() == defaults
     problem(client.patch("/v1/settings", json={"escalation": {"anger_threshold": 0.3,
                                                               "anger_release_threshold": 0.5}}), 422)
-    problem(client.patch("/v1/settings", json={"retrieval": {"k1": -1}}), 422)
+    refused = problem(client.patch("/v1/settings", json={"retrieval": {"k1": -1}}), 422)
+    assert refused["errors"][0]["loc"] == ["body", "retrieval", "k1"]
     assert client.get("/v1/settings").json() == changed.json()  # a refused change changes nothing
     reset = client.patch("/v1/settings", json={"escalation": None})
     assert reset.json()["escalation"] == defaults["escalation"]
