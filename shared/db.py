@@ -45,9 +45,17 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        """``value`` in UTC; ValueError for a naive one, or one whose UTC time is outside years 1-9999
+        (``0001-01-01T00:00:00+14:00``: ``astimezone`` overflows). Callers refuse such input first."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC) if value is not None else None
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"datetime {value.isoformat()} given to a UTC column is outside years 1-9999 "
+                             "in UTC") from None
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from services.fraud.features import FEATURE_NAMES
+from shared.times import as_utc, is_iso_datetime_text
 
 MAX_FUTURE_SKEW = timedelta(days=1)
 """Event times further ahead than this are refused (a wrong clock would age every window out)."""
@@ -31,9 +32,6 @@ their own time: back-tests, catch-up after an outage)."""
 
 AMOUNT_TEXT = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,20})?$")
 """An amount sent as text: a plain decimal."""
-TIMESTAMP_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:?\d{2})?$")
-"""An event time: ISO 8601 date and time, with an optional UTC offset."""
-
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
 
@@ -98,17 +96,17 @@ class TransactionIn(BaseModel):
         # contract is an ISO 8601 date and time.
         if isinstance(value, datetime):  # built in Python, not parsed from a request
             return value
-        if not isinstance(value, str) or not TIMESTAMP_TEXT.match(value):
+        if not is_iso_datetime_text(value):
             raise ValueError("timestamp must be an ISO 8601 date and time, e.g. 2026-11-23T10:15:00Z")
         return value
 
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
-        try:
-            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: its UTC time is before year 1
-            raise ValueError(f"timestamp is outside the datetime range (accepted {TIMESTAMP_WINDOW})") from None
+        utc = as_utc(value)
+        if utc is None:  # e.g. 0001-01-01T00:00:00+01:00: its UTC time is before year 1
+            raise ValueError(f"timestamp is outside the datetime range (accepted {TIMESTAMP_WINDOW})")
+        value = utc
         if value < EARLIEST_TIMESTAMP:
             raise ValueError(f"timestamp is too old (accepted {TIMESTAMP_WINDOW})")
         if value > datetime.now(UTC) + MAX_FUTURE_SKEW:

@@ -61,9 +61,10 @@ class ScorePoint:
 
 
 class AlertPolicy(BaseModel):
-    """A tenant's alert thresholds and hysteresis (see the module's docstring); strict types."""
+    """A tenant's alert thresholds and hysteresis (see the module's docstring); strict types, finite
+    numbers (FastAPI reads a body with Python's json, which takes NaN and Infinity)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # defaults: chosen for the shipped cloud model (models/iiot/cloud/v2) by replaying its hourly scores
     # over four validation fleets (simulated, seeds 2000-2003, 157 failures): most failures alerted >= 72 h

@@ -361,11 +361,22 @@ def run_file_ingest(session: Session, job: Job) -> dict[str, Any]:
         _ingest_chunks(session, job, ingest, path, shape)
     except FileRefused as exc:
         session.rollback()
-        _close(session, ingest, path, error=str(exc))
+        session.refresh(ingest)  # its counters as the committed chunks left them
+        reason = refusal_reason(exc, ingest)
+        _close(session, ingest, path, error=reason)
         session.commit()
-        raise IngestRefused(str(exc)) from None
+        raise IngestRefused(reason) from None
     _close(session, ingest, path, error=None)
     return summary(ingest)
+
+
+def refusal_reason(exc: FileRefused, ingest: Ingest) -> str:
+    """Why the file was refused and, when chunks before the fault were committed, what of it stays
+    ingested (``ingest`` as committed: its readings are stored once and counted, the rest is not read)."""
+    if not ingest.rows_done:
+        return str(exc)
+    return (f"{exc}; the file's first {ingest.rows_done} lines were ingested before it "
+            f"({ingest.rows_kept} readings kept, {ingest.rows_quarantined} quarantined)")
 
 
 @dataclass

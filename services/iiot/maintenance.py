@@ -8,16 +8,18 @@ record resolves the asset's active alert (the machine was dealt with), with a no
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.iiot.alerts import active_alert, resolve
 from services.iiot.db import MAINTENANCE_KINDS, Asset, MaintenanceRecord
+from services.iiot.validation import TIME_WINDOW, aware_utc
 from shared.db import utcnow
 from shared.errors import NotFound, UnprocessableContent
+from shared.times import is_iso_datetime_text
 
 RESOLVING_KINDS = ("failure", "repair")
 MAX_FUTURE_SKEW = timedelta(days=1)
@@ -31,10 +33,27 @@ class MaintenanceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: MaintenanceKind
-    occurred_at: AwareDatetime = Field(description="when it happened, with a time zone")
+    occurred_at: AwareDatetime = Field(description="when it happened: ISO 8601 with a UTC offset, accepted "
+                                                   f"{TIME_WINDOW} and at most a day ahead of the server clock")
     failure_mode: str | None = Field(default=None, min_length=1, max_length=64,
                                      description="what failed (bearing, seal, overheating, ...)")
     note: str | None = Field(default=None, max_length=1000)
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _offset_time_text(cls, value: Any) -> Any:
+        # pydantic's lax mode reads a number (or a text of digits) as Unix seconds: the contract is text
+        if isinstance(value, datetime):  # built in Python, not parsed from a request
+            return value
+        if not is_iso_datetime_text(value, offset_required=True):
+            raise ValueError("occurred_at must be an ISO 8601 date and time with a UTC offset, "
+                             "e.g. 2026-11-23T10:15:00Z")
+        return value
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _in_window(cls, value: datetime) -> datetime:
+        return aware_utc(value, "occurred_at")
 
 
 class MaintenanceOut(BaseModel):

@@ -130,7 +130,10 @@ def sniff_head(head: bytes, filename: str | None = None) -> tuple[Format, bool, 
 
 
 def layout_of(columns: Iterable[str]) -> Layout:
-    """``long`` or ``wide`` from a header; :class:`FileRefused` (a ``schema`` problem) for neither."""
+    """``long`` or ``wide`` from a header; :class:`FileRefused` (a ``schema`` problem) for neither, or
+    for a header naming a column twice."""
+    columns = list(columns)
+    _refuse_duplicate_columns(columns)
     names = {column.strip().lower() for column in columns}
     if "sensor" in names or "value" in names:
         missing = [column for column in REQUIRED_LONG if column not in names]
@@ -142,6 +145,18 @@ def layout_of(columns: Iterable[str]) -> Layout:
         return "wide"
     raise FileRefused("schema: expected the long format (timestamp, asset, sensor, value[, unit]) or the wide "
                       "format (timestamp, asset and one column per sensor)")
+
+
+def _refuse_duplicate_columns(columns: list[str]) -> None:
+    """:class:`FileRefused` naming the first column the header has twice (the long layout's columns
+    and ``timestamp``/``asset`` compared as the reader matches them: trimmed, any case)."""
+    seen: set[str] = set()
+    for column in columns:
+        name = column.strip().lower()
+        key = name if name in LONG_COLUMNS else column
+        if key in seen:
+            raise FileRefused(f"schema: the header names column {key!r} more than once")
+        seen.add(key)
 
 
 def first_line(text: bytes) -> bytes:
@@ -206,18 +221,34 @@ def file_shape(path: Path, filename: str | None = None) -> FileShape:
 # --- text streams: gzip with a limit, lines with a length cap -----------------------------------------
 
 class LimitedStream(io.RawIOBase):
-    """A binary stream that refuses (:class:`GzipBomb`) to yield more than ``limit`` bytes."""
+    """A binary stream that refuses (:class:`GzipBomb`) to yield more than ``limit`` bytes, and a gzip
+    stream that is truncated or corrupt (:class:`FileRefused`, saying which)."""
 
     def __init__(self, inner: IO[bytes], limit: int | None, position: Callable[[], int]) -> None:
         self.inner, self.limit, self.total, self.position = inner, limit, 0, position
 
     def read(self, size: int = -1) -> bytes:
-        data = self.inner.read(size)
+        try:
+            data = self.inner.read(size)
+        except EOFError:
+            raise FileRefused("the gzip stream is truncated: it ends before its end-of-stream marker") from None
+        except gzip.BadGzipFile as exc:
+            raise FileRefused(_bad_gzip_reason(exc)) from None
+        except zlib.error as exc:
+            raise FileRefused(f"the gzip stream is corrupt: {exc}") from None
         self.total += len(data)
         if self.limit is not None and self.total > self.limit:
             raise GzipBomb(f"the gzip file decompresses to more than {self.limit} bytes "
                            f"(limit: {MAX_DECOMPRESSION_RATIO}x its compressed size, at most the upload limit)")
         return data
+
+
+def _bad_gzip_reason(exc: gzip.BadGzipFile) -> str:
+    """Why a gzip stream failed past its first member's header (which :func:`sniff_head` read): bytes
+    that are no gzip member after a complete one, or a member whose check fails."""
+    if str(exc).startswith(("Not a gzipped file", "Unknown compression method")):
+        return "trailing data after the gzip stream: the bytes after its end are not another gzip member"
+    return f"the gzip stream is corrupt: {exc}"
 
 
 class _OpenText:

@@ -50,7 +50,6 @@ _IN_CHUNK = 5_000
 SelectT = TypeVar("SelectT", bound=Select[*tuple[Any, ...]])
 RegistryId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _iana_zone(name: str) -> str:
@@ -71,7 +70,9 @@ Quantity = Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: FastAPI reads a body with Python's json, which takes NaN and Infinity; refused in
+    # every float, those inside ``details`` too (stored, they would come back as null)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --- what clients send ---------------------------------------------------------------------------
@@ -111,9 +112,9 @@ class SensorIn(_Strict):
     unit: UnitName = Field(description="its canonical unit (any alias; stored by canonical name): readings "
                                        "sent in another unit of the same quantity are converted to it")
     quantity: Quantity | None = Field(default=None, description="derived from the unit when absent")
-    min_value: Finite | None = Field(default=None, description="expected range, in `unit`")
-    max_value: Finite | None = None
-    sampling_interval_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+    min_value: float | None = Field(default=None, description="expected range, in `unit`")
+    max_value: float | None = None
+    sampling_interval_s: Annotated[float, Field(gt=0)] | None = Field(
         default=None, description="a longer silence between readings is counted as a gap")
 
     @model_validator(mode="after")
@@ -151,9 +152,9 @@ class SensorPatch(_Strict):
 
     unit: UnitName | SkipJsonSchema[None] = None  # null refused (a sensor has a unit); absent: stays
     quantity: Quantity | None = None
-    min_value: Finite | None = None
-    max_value: Finite | None = None
-    sampling_interval_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+    sampling_interval_s: Annotated[float, Field(gt=0)] | None = None
 
 
 # --- the document of the bulk upsert ------------------------------------------------------------

@@ -13,7 +13,7 @@ they are still a PNG, saying so: an asset scored for the first time tomorrow is 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import pandas as pd
@@ -30,6 +30,7 @@ from services.iiot.timeline import (
     render_line_timeline,
     render_message,
 )
+from services.iiot.validation import TIME_WINDOW, aware_utc
 from shared.config import get_settings
 from shared.db import SessionDep, utcnow
 from shared.errors import UnprocessableContent, problem_responses
@@ -38,8 +39,10 @@ from shared.security import Principal, require_scope
 IiotPrincipal = Annotated[Principal, Depends(require_scope("iiot"))]
 AssetId = Annotated[str, Path(pattern=ID_PATTERN, description="the tenant's id of the asset")]
 LineId = Annotated[str, Path(pattern=ID_PATTERN, description="the tenant's id of the line")]
-Start = Annotated[datetime | None, Query(description="from (ISO 8601; without an offset: UTC); default end - 14 days")]
-End = Annotated[datetime | None, Query(description="to (ISO 8601; without an offset: UTC); default now")]
+Start = Annotated[datetime | None, Query(description=f"from (ISO 8601; without an offset: UTC; {TIME_WINDOW}); "
+                                                    "default end - 14 days")]
+End = Annotated[datetime | None, Query(description=f"to (ISO 8601; without an offset: UTC; {TIME_WINDOW}); "
+                                                  "default now")]
 StaleAfter = Annotated[float | None, Query(gt=0, le=24 * 30, description=(
     "hours after which an asset's latest score no longer counts in the line risk; default three scoring "
     "intervals, at least 1 h"))]
@@ -53,7 +56,8 @@ PNG_TIMELINE: dict[int | str, dict[str, Any]] = {
     200: {"description": "the timeline as a PNG image (a frame saying so when there are no scores yet)",
           "content": {"image/png": {}}},
     **problem_responses(404, 422, notes={404: "No such id for this tenant.",
-                                         422: "Also start not before end, or a range over 366 days."})}
+                                         422: "Also start not before end, a range over 366 days, or a time "
+                                              f"outside {TIME_WINDOW}."})}
 
 router = APIRouter(prefix="/v1", tags=["risk"], responses=problem_responses(401, 403))
 
@@ -86,9 +90,10 @@ class LineRiskOut(BaseModel):
 
 
 def _time_range(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
-    """The range asked for, aware (naive = UTC), with its defaults; 422 when empty or too long."""
-    end = _aware(end) if end is not None else utcnow()
-    start = _aware(start) if start is not None else end - DEFAULT_RANGE
+    """The range asked for, in UTC (naive = UTC), with its defaults; 422 when empty, too long, or a
+    time given is outside :data:`~services.iiot.validation.TIME_WINDOW`."""
+    end = _in_window(end, "end") if end is not None else utcnow()
+    start = _in_window(start, "start") if start is not None else end - DEFAULT_RANGE
     if start >= end:
         raise UnprocessableContent(f"start ({start.isoformat()}) must be before end ({end.isoformat()})", errors=[
             {"loc": ["query", "start"], "msg": "not before end", "type": "value_error"}])
@@ -98,8 +103,12 @@ def _time_range(start: datetime | None, end: datetime | None) -> tuple[datetime,
     return start, end
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+def _in_window(moment: datetime, name: str) -> datetime:
+    try:
+        return aware_utc(moment, name)
+    except ValueError as exc:
+        raise UnprocessableContent(str(exc), errors=[
+            {"loc": ["query", name], "msg": str(exc), "type": "value_error"}]) from None
 
 
 def _stale_after(hours: float | None) -> timedelta:

@@ -9,9 +9,10 @@ or quarantined exactly once.
 Two stages:
 
 - :func:`check_rows` needs only the registry: timestamps (ISO 8601 with an offset, or naive = the
-  plant's time zone; unparseable, ambiguous/non-existent local times and those more than
-  :data:`MAX_FUTURE` ahead are ``bad_timestamp``), unknown asset or sensor, units (unknown,
-  incompatible, converted otherwise), NaN/inf/text values, the sensor's expected range.
+  plant's time zone; unparseable, ambiguous/non-existent local times, those before
+  :data:`EARLIEST_READING` and those more than :data:`MAX_FUTURE` ahead are ``bad_timestamp``),
+  unknown asset or sensor, units (unknown, incompatible, converted otherwise), NaN/inf/text values,
+  values beyond :data:`MAX_ABS_VALUE` or the sensor's expected range (``out_of_range``).
 - :func:`check_watermarks` needs each sensor's watermark (``Sensor.last_ts``): rows are sorted by
   ``(sensor, ts)`` first, so a chunk need not be ordered. A reading at ``ts <= watermark`` is a
   ``duplicate`` when the same ``(sensor, ts)`` is stored or earlier in the chunk, else
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from services.iiot.db import Asset, Line, Plant, Sensor
 from services.iiot.units import IncompatibleUnits, UnknownUnit, canonical_unit, converter
+from shared.times import as_utc
 
 Reason = Literal["malformed_row", "bad_timestamp", "unknown_asset", "unknown_sensor", "unknown_unit",
                  "incompatible_unit", "not_a_number", "out_of_range", "duplicate", "out_of_order",
@@ -46,6 +48,23 @@ GAP_FACTOR = 2.0
 """A silence longer than this many sampling intervals is a gap (1x would count every late sample)."""
 MAX_FUTURE = timedelta(days=1)
 """A reading further ahead of now than this is a bad timestamp: it would hold the watermark hostage."""
+EARLIEST_READING = datetime(1970, 1, 1, tzinfo=UTC)
+"""A reading before this is a bad timestamp: nothing these sensors measure predates the Unix epoch, and
+the floor keeps every time kept inside the range the storage converts (a Python ``datetime`` of years
+1-9999; a year-1 reading with a +14:00 offset once broke the watermark arithmetic with a 500)."""
+LATEST_TIME = datetime(9999, 12, 30, tzinfo=UTC)
+"""The latest time :func:`aware_utc` accepts: more than a day short of ``datetime.max``, so an offset
+or a day added to it stays representable."""
+TIME_WINDOW = f"from {EARLIEST_READING:%Y-%m-%dT%H:%M:%SZ} to {LATEST_TIME:%Y-%m-%dT%H:%M:%SZ}"
+"""The times a maintenance record or a time-range query may name (:func:`aware_utc`)."""
+MAX_UTC_OFFSET = timedelta(days=1)
+"""More than any time zone's offset from UTC: a wall time further than this outside the accepted
+window is outside it in every zone."""
+MAX_ABS_VALUE = 1e15
+"""A reading of a larger magnitude is ``out_of_range`` for every sensor, with or without an expected
+range: the features square and sum values in float64 and cast them to float32, so larger magnitudes
+overflow (a 1e308 reading stopped its asset from being scored); no physical reading in the supported
+units comes near it."""
 TS_DTYPE = "datetime64[us, UTC]"
 _OFFSET_PATTERN = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
 _KEY_SEPARATOR = "\x1f"
@@ -264,11 +283,36 @@ def _parse_timestamps(frame: pd.DataFrame, zones: npt.NDArray[np.object_], rejec
         rejections.reject(ts.isna().to_numpy(), "bad_timestamp",
                           lambda rows: [f"unparseable timestamp {str(text)[:40]!r}" for text in rows["timestamp"]])
     ts = pd.Series(ts, index=frame.index).astype(TS_DTYPE)
+    _refuse_outside_window(ts, rejections, now, slack=MAX_UTC_OFFSET)  # localising fails on such wall times
     ts = _localise_naive(ts, naive, zones, rejections)
     rejections.reject(ts.isna().to_numpy(), "bad_timestamp", "missing timestamp")
-    future = (ts > pd.Timestamp(now + MAX_FUTURE)).to_numpy(dtype=bool)
-    rejections.reject(future, "bad_timestamp", f"more than {MAX_FUTURE} ahead of the server's clock")
+    _refuse_outside_window(ts, rejections, now)
     return ts
+
+
+def _refuse_outside_window(ts: pd.Series, rejections: _Rejections, now: datetime,
+                           slack: timedelta = timedelta(0)) -> None:
+    """Refuse times before :data:`EARLIEST_READING` or more than :data:`MAX_FUTURE` after ``now``, by
+    more than ``slack`` (NaT is left alone)."""
+    too_old = (ts < pd.Timestamp(EARLIEST_READING - slack)).to_numpy(dtype=bool)
+    rejections.reject(too_old, "bad_timestamp", f"before {EARLIEST_READING:%Y-%m-%dT%H:%M:%SZ}: older than "
+                                                "any reading these sensors take")
+    future = (ts > pd.Timestamp(now + MAX_FUTURE + slack)).to_numpy(dtype=bool)
+    rejections.reject(future, "bad_timestamp", f"more than {MAX_FUTURE} ahead of the server's clock")
+
+
+def aware_utc(value: datetime, what: str) -> datetime:
+    """``value`` in UTC (naive: taken as UTC); ValueError naming ``what`` outside :data:`TIME_WINDOW`.
+
+    The API's times (a maintenance record's, a time range's), through :func:`shared.times.as_utc`: an offset
+    that moves a time past year 1 or 9999 (``0001-01-01T00:00:00+14:00``) is refused like any time outside.
+    """
+    utc = as_utc(value)
+    if utc is None:
+        raise ValueError(f"{what} is outside the datetime range (accepted {TIME_WINDOW})")
+    if not EARLIEST_READING <= utc <= LATEST_TIME:
+        raise ValueError(f"{what} {utc.isoformat()} is outside the accepted times ({TIME_WINDOW})")
+    return utc
 
 
 def _parse_iso(column: pd.Series, zones: npt.NDArray[np.object_]) -> tuple[pd.Series, npt.NDArray[np.bool_]]:
@@ -292,7 +336,9 @@ def _parse_iso(column: pd.Series, zones: npt.NDArray[np.object_]) -> tuple[pd.Se
 
 def _localise_naive(ts: pd.Series, naive: npt.NDArray[np.bool_], zones: npt.NDArray[np.object_],
                     rejections: _Rejections) -> pd.Series:
-    """Naive timestamps (parsed as if UTC) re-read as wall time of their asset's plant time zone."""
+    """Naive timestamps (parsed as if UTC) re-read as wall time of their asset's plant time zone (rows
+    already refused are left as they are)."""
+    naive = naive & ~rejections.refused
     if not naive.any():
         return ts
     for zone in pd.unique(zones[naive]):
@@ -371,7 +417,14 @@ def _convert_units(frame: pd.DataFrame, values: npt.NDArray[np.float64], registr
 
 def _check_ranges(frame: pd.DataFrame, values: npt.NDArray[np.float64], registry: Registry,
                   sensor_index: npt.NDArray[np.int64], rejections: _Rejections) -> None:
-    """Values outside the sensor's expected range (in its canonical unit) quarantined."""
+    """Values beyond :data:`MAX_ABS_VALUE` or outside the sensor's expected range (in its canonical
+    unit) quarantined."""
+    with np.errstate(invalid="ignore"):
+        implausible = np.abs(values) > MAX_ABS_VALUE
+    if implausible.any():
+        rejections.reject(implausible, "out_of_range", lambda rows: [
+            f"{values[index]:g} is beyond ±{MAX_ABS_VALUE:g}, the bound of every sensor's readings"
+            for index in rows.index])
     if not len(registry.min_value):  # an empty registry: every row was already refused as unknown
         return
     low, high = registry.min_value[sensor_index], registry.max_value[sensor_index]
