@@ -22,6 +22,7 @@ transition that happened queues one signed webhook to the tenant's ``notify_url`
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -213,6 +214,9 @@ def load_settings(session: Session, tenant_id: str) -> AlertSettings:
     stored = dict(row.policy or {})
     if stored:  # saved before rul_close_hours existed: RUL closed at rul_open_hours, as it still does for it
         stored.setdefault("rul_close_hours", None)
+    # saved before the policy refused non-finite numbers: the API showed the tenant an Infinity as null
+    stored = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+              for name, value in stored.items()}
     return AlertSettings(policy=AlertPolicy.model_validate(stored), notify_url=row.notify_url)
 
 

@@ -226,6 +226,18 @@ def test_a_policy_saved_before_rul_close_hours_keeps_closing_at_rul_open_hours(m
         assert alerts.load_settings(session, f"{tenant_id}-x").policy == AlertPolicy()
 
 
+def test_a_policy_saved_with_an_infinity_loads_as_the_null_the_tenant_was_shown(migrated_stack: Stack) -> None:
+    if migrated_stack.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's json type refuses Infinity: only SQLite could have stored one")
+    tenant_id = f"plant-{uuid.uuid4().hex[:8]}"
+    saved = {**AlertPolicy().model_dump(), "rul_open_hours": float("inf"), "rul_critical_hours": float("inf")}
+    with session_scope() as session:
+        session.add(TenantSettings(tenant_id=tenant_id, policy=saved, notify_url=None))
+    with session_scope() as session:
+        policy = alerts.load_settings(session, tenant_id).policy
+    assert (policy.rul_open_hours, policy.rul_critical_hours) == (None, None)
+
+
 def test_two_scorers_racing_open_one_alert(tenant: str) -> None:
     """Both insert at once: the unique index makes one insert win and the other do nothing (no error)."""
     import threading
