@@ -12,7 +12,9 @@ IIoT alerts later) publishes dicts to a topic and serves subscribers from :func:
 Topics are plain strings; the caller puts the tenant in the topic, which is the wall between
 tenants (a subscriber names one topic and gets that topic only). Each event gets a monotonically
 increasing ``feed_id`` (a string) within its topic, so a client that reconnects can ask for what it
-missed (``after=``) instead of a blind replay.
+missed (``after=``) instead of a blind replay. A ``feed_id`` is the implementation's: a decimal
+integer (:class:`LocalFeed`) or a Redis stream id ``<ms>-<seq>`` (:class:`RedisFeed`); an ``after``
+of another shape is :class:`InvalidFeedId` (``check_feed_id`` says so up front).
 
 Two implementations, one contract:
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -51,6 +54,24 @@ TOPIC_IDLE_S = 3600.0
 """A local topic with no publish and no subscriber for this long is forgotten."""
 
 
+MAX_ID_PART = 2**64 - 1
+"""The largest part of a feed id (a Redis stream id is two unsigned 64-bit integers)."""
+_LOCAL_ID = re.compile(r"[0-9]{1,20}")
+_REDIS_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+
+
+class InvalidFeedId(ValueError):
+    """An ``after`` that is not a ``feed_id`` of this feed; the message names the expected format."""
+
+
+def _checked_parts(feed_id: str, pattern: re.Pattern[str], expected: str) -> str:
+    """``feed_id`` when ``pattern`` matches it whole and no part exceeds :data:`MAX_ID_PART`."""
+    match = pattern.fullmatch(feed_id)
+    if match is None or any(int(part) > MAX_ID_PART for part in match.groups(default="0") or (feed_id,)):
+        raise InvalidFeedId(f"after={feed_id[:40]!r} is not a feed_id: expected {expected}")
+    return feed_id
+
+
 class FeedLagged(Exception):
     """The subscriber fell too far behind the topic and was cut off; it may resubscribe with ``after``."""
 
@@ -65,6 +86,10 @@ class EventFeed(Protocol):
     def subscribe(self, topic: str, *, replay: int = 0, after: str | None = None) -> AsyncIterator[Event]:
         """Events of ``topic`` as they come: first the last ``replay`` ones (or every kept one after
         ``feed_id`` ``after``), then new ones, each with its ``feed_id``; ends only when cancelled."""
+        ...
+
+    def check_feed_id(self, feed_id: str) -> str:
+        """``feed_id`` when it has the shape of this feed's ids, else :class:`InvalidFeedId`."""
         ...
 
 
@@ -112,8 +137,15 @@ class LocalFeed:
                 queue.put_nowait(stamped)
         return feed_id
 
+    def check_feed_id(self, feed_id: str) -> str:
+        """See :meth:`EventFeed.check_feed_id`: a decimal integer."""
+        return _checked_parts(feed_id, _LOCAL_ID, "a decimal integer such as 42")
+
     async def subscribe(self, topic: str, *, replay: int = 0, after: str | None = None) -> AsyncIterator[Event]:
-        """See :meth:`EventFeed.subscribe`; raises :class:`FeedLagged` when cut off."""
+        """See :meth:`EventFeed.subscribe`; raises :class:`FeedLagged` when cut off, :class:`InvalidFeedId`
+        for a malformed ``after``."""
+        if after is not None:
+            self.check_feed_id(after)
         state = self._topic(topic)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         for kept in _replayed(list(state.history), replay=replay, after=after):
@@ -156,8 +188,14 @@ class RedisFeed:
                                                    maxlen=self._history, approximate=True)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
+    def check_feed_id(self, feed_id: str) -> str:
+        """See :meth:`EventFeed.check_feed_id`: a Redis stream id, ``<ms>`` or ``<ms>-<seq>``."""
+        return _checked_parts(feed_id, _REDIS_ID, "a Redis stream id <ms>-<seq> such as 1700000000000-0")
+
     async def subscribe(self, topic: str, *, replay: int = 0, after: str | None = None) -> AsyncIterator[Event]:
-        """See :meth:`EventFeed.subscribe`."""
+        """See :meth:`EventFeed.subscribe`; :class:`InvalidFeedId` for a malformed ``after``."""
+        if after is not None:
+            self.check_feed_id(after)
         client = kv.async_redis()
         key = self._key(topic)
         position = after if after is not None else "$"

@@ -16,8 +16,8 @@ Who may stream for a tenant
 
 Feeds (API key with the ``cs`` scope; a browser offers it as a subprotocol, :mod:`shared.websockets`)
     ``/v1/calls/{call_id}/events``  one call's assist events: first those kept (the call so far;
-        ``?after=<feed_id>`` resumes after a reconnect), then live ones; closed ``1000`` once the
-        call has ended.
+        ``?after=<feed_id>`` resumes after a reconnect; an ``after`` that is not a feed id closes 1007),
+        then live ones; closed ``1000`` once the call has ended.
     ``/v1/supervisor/events``  the tenant's live calls (a ``live.calls`` snapshot first), then
         each call started, updated (current emotion), escalated and ended.
 """
@@ -48,9 +48,11 @@ from services.customer_service.protocols.twilio import TwilioCredentials, Twilio
 from services.customer_service.protocols.vonage import VonageSession
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.errors import NotFound, ProblemError
-from shared.feeds import FeedLagged
+from shared.errors import BadRequest, NotFound, ProblemError
+from shared.feeds import EventFeed, FeedLagged, InvalidFeedId
+from shared.observability import request_id_var
 from shared.websockets import (
+    INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
     NORMAL_CLOSURE,
     POLICY_VIOLATION,
@@ -60,6 +62,7 @@ from shared.websockets import (
     close_code_for,
     close_quietly,
     close_reason,
+    websocket_request_id,
 )
 
 logger = logging.getLogger("tessera.cs.streams")
@@ -240,7 +243,22 @@ async def twilio_media_stream(websocket: WebSocket) -> None:
     session = TwilioSession(url=signed_stream_url(websocket.scope, settings.cs_public_stream_base),
                             signature=signature, credentials_for=twilio_credentials, require_signature=required,
                             default_tenant=None if required else "default")
-    await run_stream(PlainChannel(websocket), session)
+    await _run_plain_stream(websocket, session)
+
+
+async def _run_plain_stream(websocket: WebSocket, session: StreamSession) -> None:
+    """:func:`run_stream` for an endpoint outside :func:`shared.websockets.serve_websocket` (Twilio shows
+    no API key, so it is not wrapped): an unexpected error is logged and closes the socket with 1011
+    and the request id, as ``serve_websocket`` does, instead of escaping to the ASGI server."""
+    request_id = websocket_request_id(websocket)
+    token = request_id_var.set(request_id)
+    try:
+        await run_stream(PlainChannel(websocket), session)
+    except Exception:
+        logger.exception("stream handler failed", extra={"path": websocket.url.path})
+        await close_quietly(websocket, INTERNAL_ERROR, f"internal error; request id {request_id}")
+    finally:
+        request_id_var.reset(token)
 
 
 @streams.websocket("/streams/audiohook")
@@ -286,9 +304,9 @@ async def call_assist_events(connection: AuthorizedWebSocket) -> None:
     tenant_id = connection.principal.tenant_id
     call_id = connection.websocket.path_params["call_id"]
     status = await asyncio.to_thread(_call_status, tenant_id, call_id)
-    after = connection.websocket.query_params.get("after")
-    events = assist_services().feed.subscribe(call_topic(tenant_id, call_id), replay=10_000,
-                                              after=after or None)
+    feed = assist_services().feed
+    after = _checked_after(feed, connection.websocket.query_params.get("after") or None)
+    events = feed.subscribe(call_topic(tenant_id, call_id), replay=10_000, after=after)
     await _serve_feed(connection, events, until=lambda event: event.get("type") == "call.ended",
                       ended_already=status != "live")
 
@@ -354,6 +372,17 @@ async def _until_idle(forwarding: Awaitable[None], idle_s: float) -> None:
     old call may have lost its ``call.ended`` to the history cap)."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(forwarding, timeout=idle_s)
+
+
+def _checked_after(feed: EventFeed, after: str | None) -> str | None:
+    """``?after=`` when it is a ``feed_id`` of ``feed`` (or absent); else :class:`BadRequest` (close 1007)
+    naming the expected format."""
+    if after is not None:
+        try:
+            feed.check_feed_id(after)
+        except InvalidFeedId as invalid:
+            raise BadRequest(f"{invalid}; resume with the feed_id of the last event received") from None
+    return after
 
 
 def _call_status(tenant_id: str, call_id: str) -> str:

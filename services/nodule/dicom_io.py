@@ -275,7 +275,22 @@ def _readable(source: Path | bytes) -> Any:
     return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
+TEXT_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+                 "PatientID", "PatientName", "PatientAge", "PatientSex", "Modality", "StudyDescription",
+                 "SeriesDescription", "ConvolutionKernel", "AccessionNumber", "StudyID")
+"""Text values the node keeps or indexes (the database takes no NUL: PostgreSQL refuses it in text)."""
+
+
+def _refuse_nul_text(dataset: Dataset, refuse: Any) -> None:
+    """An instance whose text values (:data:`TEXT_KEYWORDS`) hold a NUL character is refused with 0xA900:
+    malformed input a PACS must not retry. The reason names the keyword only, never the value (PHI)."""
+    for keyword in TEXT_KEYWORDS:
+        if "\0" in str(getattr(dataset, keyword, None) or ""):
+            raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} contains a NUL character")
+
+
 def _identify(dataset: Dataset, syntax: UID, refuse: Any) -> ParsedInstance:
+    _refuse_nul_text(dataset, refuse)
     uids = {keyword: _text(dataset, keyword) for keyword in
             ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     for keyword, value in uids.items():

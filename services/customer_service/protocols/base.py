@@ -35,6 +35,7 @@ duplicate), a signature or tenant refused (401/403), ``1009`` a message over the
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ Track = Literal["customer", "agent"]
 EndReason = Literal["completed", "disconnected", "protocol-error"]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 Frame = str | bytes
+
+MAX_ID_LENGTH = 128
+"""The longest call or stream id kept (``services.customer_service.db.CALL_ID_LENGTH``)."""
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 # --- neutral events ---------------------------------------------------------------------------------
@@ -332,6 +337,21 @@ def validated(model: type[ModelT], data: Any, what: str) -> ModelT:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise MalformedMessage(f"{what}: {where + ': ' if where else ''}{first['msg']}") from None
+
+
+def checked_id(value: Any, what: str) -> str:
+    """``value`` as a call or stream id the store keeps: a string of 1-:data:`MAX_ID_LENGTH` characters
+    without control characters (NUL included); else :class:`MalformedMessage` (1007). The reason
+    gives the length or the character's code point, never the value (it may be megabytes)."""
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{what}: expected a string, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise MalformedMessage(f"{what}: {len(value)} characters; an id is 1-{MAX_ID_LENGTH} characters")
+    control = CONTROL_CHARACTER.search(value)
+    if control is not None:
+        raise MalformedMessage(f"{what}: control character U+{ord(control.group()):04X} at position "
+                               f"{control.start()}; an id is printable text")
+    return value
 
 
 def request_target(scope: Mapping[str, Any]) -> str:

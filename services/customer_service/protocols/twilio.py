@@ -29,6 +29,8 @@ numbers; close codes in :mod:`.base`):
 - ``sequenceNumber`` counts 1, 2, 3…: a repeat is a duplicate, a lower one out of order, a higher one
   a gap naming the missing numbers (1008). With ``allow_gaps`` a gap is an :class:`~.base.AudioGap`
   event instead and the stream goes on; duplicates and reordering are always refused.
+- ``streamSid`` and ``callSid`` are 1-128 characters without control characters (1007; Twilio's CA/MZ + 32 hex
+  format is not required).
 - ``streamSid`` of every message is the one ``start`` announced; ``media.track`` one of
   ``start.tracks``; ``chunk`` increases per track (1008).
 - ``start.mediaFormat`` is ``audio/x-mulaw`` at 8000 Hz, one channel (else 1003); ``payload`` is
@@ -90,6 +92,7 @@ from services.customer_service.protocols.base import (
     UnexpectedMessage,
     UnsupportedFormat,
     WireMessage,
+    checked_id,
     json_object,
     request_target,
     text_frame,
@@ -375,6 +378,8 @@ class TwilioSession(StreamSession):
     def _on_start(self, data: dict[str, Any], step: StreamStep) -> None:
         message = validated(StartMessage, data, "start")
         body = message.start
+        checked_id(message.streamSid, "start.streamSid")
+        checked_id(body.callSid, "start.callSid")
         if body.streamSid != message.streamSid:
             raise MalformedMessage(f"start.streamSid {body.streamSid!r} differs from streamSid {message.streamSid!r}")
         fmt = body.mediaFormat

@@ -17,7 +17,8 @@ little-endian mono PCM at the announced rate, normally 20 ms each (640 bytes at 
 The call ends when Vonage closes the socket (there is no stop message), so a normal close (1000,
 1001) ends it as completed. Enforced: the metadata first (binary before it: 1008), its ``event`` is
 ``websocket:connected`` and its content type L16 at 8000 or 16000 Hz (else 1003), frames are whole
-samples (an odd length: 1007). Server → Vonage (not used here): binary L16 frames at the same rate
+samples (an odd length: 1007), the call id (``?call_id=``, the metadata's ``call_id`` or ``uuid``) a string of
+1-128 characters without control characters (1007). Server → Vonage (not used here): binary L16 frames at the same rate
 to play, ``{"action":"clear"}`` to flush them; Vonage buffers at most 3,072 messages.
 """
 
@@ -43,6 +44,7 @@ from services.customer_service.protocols.base import (
     TrackFormat,
     UnexpectedMessage,
     UnsupportedFormat,
+    checked_id,
     json_object,
 )
 
@@ -113,12 +115,23 @@ class VonageSession(StreamSession):
         if named is not None and self.tenant_id is not None and named != self.tenant_id:
             raise TenantRefused(f"the metadata names tenant {str(named)[:64]!r}, not the endpoint's {self.tenant_id!r}")
         tenant = self.tenant_id or (named if isinstance(named, str) else None)
-        call_id = self.call_id or metadata.get("call_id") or metadata.get("uuid") or str(uuid.uuid4())
+        call_id = self._call_id(metadata)
         parameters = {key: value for key, value in metadata.items() if key not in ("event", "content-type")}
-        self.call = CallStarted(self.protocol, str(call_id), tenant, str(call_id),
+        self.call = CallStarted(self.protocol, call_id, tenant, call_id,
                                 (TrackFormat("customer", "audio", "l16", self.sample_rate),),
                                 (Participant("customer"),), None, parameters)
         return StreamStep(events=[self.call])
+
+    def _call_id(self, metadata: dict[str, Any]) -> str:
+        """The call id: ``?call_id=``, else the metadata's ``call_id`` or ``uuid``, else a new UUID;
+        whichever is given (an empty one counts as absent) must be a valid id
+        (:func:`~.base.checked_id`: a string of 1-128 characters, no control characters; else 1007)."""
+        if self.call_id:
+            return checked_id(self.call_id, "?call_id=")
+        for key in ("call_id", "uuid"):
+            if metadata.get(key) not in (None, ""):
+                return checked_id(metadata[key], key)
+        return str(uuid.uuid4())
 
     def _on_audio(self, frame: bytes) -> StreamStep:
         if len(frame) % 2:
