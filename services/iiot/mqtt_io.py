@@ -13,7 +13,9 @@ Topics, under ``settings.iiot_mqtt_topic_prefix`` (``<prefix>``):
 The subscriber batches what arrives (every ``flush_interval_s`` or ``max_batch_readings``) into
 :func:`services.iiot.ingest.accept_readings`, the validation path files and ``POST /readings`` take;
 a payload that is not JSON, not readings or too large goes to
-:func:`~services.iiot.ingest.quarantine_raw` with its reason, and the subscriber reads on.
+:func:`~services.iiot.ingest.quarantine_raw` with its reason, and the subscriber reads on. Each reading
+is type-checked as ``POST /readings`` checks it (text fields without control characters, a JSON number
+for ``value``): a bad one is quarantined alone, the rest of its message kept.
 
 Delivery: QoS 1, a fixed client id and a persistent session (MQTT 5 ``clean_start=False`` with a
 session expiry), so what is published while the subscriber restarts is delivered when it is back.
@@ -21,7 +23,10 @@ Messages are acknowledged by hand (paho's ``manual_ack``) only once their batch 
 crash before the commit means the broker delivers them again. A batch committed just before a
 connection dropped is delivered again too, and its readings are then quarantined as ``duplicate``
 by the watermark rule: accepted work is never lost, at worst recorded twice in the quarantine.
-Reconnection is paho's, with a backoff from 1 s to 30 s.
+Reconnection is paho's, with a backoff from 1 s to 30 s. A batch's commit is retried only while the
+database is unreachable, each of its steps (quarantines, readings, risks) applied once; a message whose
+commit fails for another reason is quarantined as ``malformed_row`` ("could not be stored: ...") and
+acknowledged, so one poison message never holds up the ones behind it.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import importlib
 import json
 import logging
 import math
+import re
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -46,10 +52,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.times import as_utc
 
 logger = logging.getLogger("tessera.iiot.mqtt")
 
@@ -62,6 +70,12 @@ RISK_LEVEL = "risk"
 """The topic level that marks an edge risk message: ``<prefix>/<tenant>/risk/<asset>``."""
 LOCATION_TTL_S = 30.0
 """How long an asset's plant and line are trusted before the registry is read again."""
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""Characters a reading's text fields may not hold (PostgreSQL text cannot even hold NUL)."""
+READING_FIELDS = ("timestamp", "asset", "sensor", "value", "unit")
+"""A reading's fields (validation's ``LONG_COLUMNS``, not imported: the edge gateway shares this module)."""
+MAX_JSON_INT = (1 << 63) - 1
+"""The largest magnitude of a JSON integer value taken as a reading (64 bits)."""
 
 
 # --- brokers and clients ---------------------------------------------------------------------------
@@ -207,12 +221,17 @@ class DecodedReadings:
 
 def row_text(entry: Any) -> str:
     """One reading as JSON text for the quarantine (truncated); made only for refused readings."""
-    return orjson.dumps(entry, default=str).decode()[:RAW_CHARS]
+    try:
+        text = orjson.dumps(entry, default=str).decode()
+    except TypeError:  # an integer beyond 64 bits, say
+        text = json.dumps(entry, default=str)
+    return text[:RAW_CHARS]
 
 
 def raw_text(payload: bytes) -> str:
-    """The payload as text for the quarantine (undecodable bytes replaced, truncated)."""
-    return payload[:RAW_CHARS * 4].decode("utf-8", errors="replace")[:RAW_CHARS]
+    """The payload as text for the quarantine (undecodable bytes and NUL, which PostgreSQL text cannot
+    hold, replaced; truncated)."""
+    return payload[:RAW_CHARS * 4].decode("utf-8", errors="replace")[:RAW_CHARS].replace("\x00", "\ufffd")
 
 
 def _json_payload(payload: bytes) -> Any:
@@ -244,15 +263,56 @@ def decode_readings(payload: bytes, asset_id: str) -> DecodedReadings:
                              '{"sensor", "timestamp", "value"}, a list of them or {"readings": [...]}')
     decoded = DecodedReadings([], [])
     for entry in entries:
-        if not isinstance(entry, dict):
-            decoded.refused.append(Refusal("malformed_row", "a reading must be a JSON object", row_text(entry)))
-        elif "asset" in entry and str(entry["asset"]) != asset_id:
-            decoded.refused.append(Refusal("malformed_row", f"the reading names asset {entry['asset']!r} but was "
-                                           f"published on asset {asset_id!r}'s topic", row_text(entry)))
+        refusal = reading_refusal(entry, asset_id)
+        if refusal is not None:
+            decoded.refused.append(refusal)
         else:
-            entry["asset"] = asset_id
-            decoded.rows.append(entry)
+            decoded.rows.append({**{key: entry[key] for key in READING_FIELDS if key in entry}, "asset": asset_id})
     return decoded
+
+
+def reading_refusal(entry: Any, asset_id: str) -> Refusal | None:
+    """Why one reading of a payload on ``asset_id``'s topic is refused before validation (``None``: it
+    is not). Types are the HTTP schema's: text for ``asset``, ``sensor``, ``unit`` and ``timestamp``
+    (no control characters), a JSON number for ``value``; a missing field is left to validation."""
+    if not isinstance(entry, dict):
+        return Refusal("malformed_row", "a reading must be a JSON object", row_text(entry))
+    problem = next(filter(None, (_field_problem(entry, key) for key in READING_FIELDS)), None)
+    if problem is None and "asset" in entry and entry["asset"] != asset_id:
+        problem = ("malformed_row", f"the reading names asset {entry['asset']!r} but was published on "
+                   f"asset {asset_id!r}'s topic")
+    return None if problem is None else Refusal(problem[0], problem[1], row_text(entry))
+
+
+def _field_problem(entry: dict[str, Any], key: str) -> tuple[str, str] | None:
+    if key not in entry or (key == "unit" and entry[key] is None):
+        return None
+    value = entry[key]
+    if key == "value":
+        return _number_problem(value)
+    reason = "bad_timestamp" if key == "timestamp" else "malformed_row"
+    if not isinstance(value, str):
+        return reason, f"{key} must be text, got {_json_type(value)}"
+    if CONTROL_CHARACTERS.search(value):
+        return reason, f"{key} {value[:40]!r} holds a control character"
+    return None
+
+
+def _number_problem(value: Any) -> tuple[str, str] | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "not_a_number", f"value must be a JSON number, got {_json_type(value)}"
+    if isinstance(value, int) and not -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        try:
+            float(value)
+        except OverflowError:
+            return "not_a_number", f"value {str(value)[:40]} is beyond the range of a float"
+        return "out_of_range", f"value {str(value)[:40]} is beyond 64 bits"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", dict: "an object", list: "a list", str: "text", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 @dataclass(frozen=True)
@@ -310,10 +370,15 @@ def _optional_hours(value: Any) -> float | None:
 
 
 def _aware(value: Any) -> datetime:
-    moment = datetime.fromisoformat(str(value))
+    if not isinstance(value, str):
+        raise ValueError(f"window_end must be ISO 8601 text, got {value!r}")
+    moment = datetime.fromisoformat(value)
     if moment.tzinfo is None:
         raise ValueError(f"window_end {value!r} has no UTC offset")
-    return moment.astimezone(UTC)
+    utc = as_utc(moment)
+    if utc is None:
+        raise ValueError(f"window_end {value!r} is outside years 1-9999 in UTC")
+    return utc
 
 
 def _optional_text(value: Any) -> str | None:
@@ -443,6 +508,7 @@ class SubscriberConfig:
 class _ReadingsWork:
     topic: ReadingsTopic
     decoded: DecodedReadings
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -459,6 +525,25 @@ class _RiskWork:
 
 
 _Work = _ReadingsWork | _RefusedWork | _RiskWork
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One transaction of a batch's commit: ``run`` answers the steps it leads to; ``instead`` those
+    that replace it when it fails for a reason retrying cannot fix."""
+
+    run: Callable[[], list[_Step]]
+    instead: Callable[[Exception], list[_Step]]
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError, OSError)
+"""Database connectivity errors (``ConnectionError`` is an ``OSError``): a commit they stop is retried."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying may fix what stopped a commit: the database or its connection was unreachable."""
+    return isinstance(exc, TRANSIENT_ERRORS) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
 
 
 @dataclass(frozen=True)
@@ -563,6 +648,13 @@ class MqttSubscriber:
             logger.warning("mqtt: disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """Queue a message's work (never raises: an exception would stop paho's network thread)."""
+        try:
+            self._receive(message)
+        except Exception:
+            logger.exception("mqtt: could not handle a message on %r", message.topic)
+
+    def _receive(self, message: mqtt.MQTTMessage) -> None:
         work = self._work_of(message.topic, bytes(message.payload))
         with self._wake:
             if work is None:
@@ -589,9 +681,13 @@ class MqttSubscriber:
             if isinstance(topic, RiskTopic):
                 return _RiskWork(topic.tenant_id, RiskMessage.from_payload(payload, topic.asset_id),
                                  raw_text(payload))
-            return _ReadingsWork(topic, decode_readings(payload, topic.asset_id))
+            return _ReadingsWork(topic, decode_readings(payload, topic.asset_id), payload)
         except PayloadRefused as refused:
             return _RefusedWork(topic.tenant_id, Refusal(refused.reason, refused.detail, raw_text(payload)))
+        except Exception as exc:  # a bug's victim is quarantined, not lost, and the subscriber reads on
+            logger.exception("mqtt: could not read a message on %r; quarantined", topic_name)
+            return _RefusedWork(topic.tenant_id, Refusal("malformed_row", f"could not be read: {type(exc).__name__}",
+                                                         raw_text(payload)))
 
     def _batch_full(self) -> bool:
         return (self._pending_readings >= self.config.max_batch_readings
@@ -624,11 +720,17 @@ class MqttSubscriber:
             return batch
 
     def _flush_until_committed(self, batch: list[_Delivery]) -> None:
-        """Commit a batch, retrying with a backoff while the database fails; then acknowledge it."""
+        """Commit a batch, retrying with a backoff while the database is unreachable; then acknowledge it.
+
+        Each step of the commit is its own transaction and runs once: a retry goes on from the step
+        that failed. A step that fails for a reason retrying cannot fix is replaced by its fallback
+        (its messages one at a time, then a quarantined message: ``could not be stored``)."""
+        steps = self._plan(batch)
         delay_s = 0.5
         while True:
             try:
-                self._commit(batch)
+                self._run_steps(steps)
+                self.stats.flushes += 1
                 break
             except Exception:
                 self.stats.flush_failures += 1
@@ -648,9 +750,26 @@ class MqttSubscriber:
             if delivery.generation == generation:  # an older connection's message ids mean nothing now
                 self._client.ack(delivery.mid, delivery.qos)
 
-    def _commit(self, batch: list[_Delivery]) -> None:
+    @staticmethod
+    def _run_steps(steps: deque[_Step]) -> None:
+        """Run the steps left, each replaced by those it leads to; a transient error is raised (retry)."""
+        while steps:
+            step = steps[0]
+            try:
+                follow = step.run()
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                logger.warning("mqtt: a commit step failed for good (%s: %s); falling back",
+                               type(exc).__name__, str(exc)[:200])
+                follow = step.instead(exc)
+            steps.popleft()
+            steps.extendleft(reversed(follow))
+
+    def _plan(self, batch: list[_Delivery]) -> deque[_Step]:
         readings: dict[str, list[_ReadingsWork]] = defaultdict(list)
         risks: dict[str, list[_RiskWork]] = defaultdict(list)
+        steps: list[_Step] = []
         for delivery in batch:
             work = delivery.work
             if isinstance(work, _ReadingsWork):
@@ -658,30 +777,58 @@ class MqttSubscriber:
             elif isinstance(work, _RiskWork):
                 risks[work.tenant_id].append(work)
             else:
-                self._quarantine(work.tenant_id, work.refusal)
-                self.stats.refused_payloads += 1
-        for tenant_id, works in readings.items():
-            self._commit_readings(tenant_id, works)
-        for tenant_id, risk_works in risks.items():
-            self._commit_risks(tenant_id, risk_works)
-        self.stats.flushes += 1
+                steps.append(self._quarantine_step(work.tenant_id, work.refusal, payload=True))
+        steps.extend(self._placing_step(tenant_id, works) for tenant_id, works in readings.items())
+        steps.extend(self._risks_step(tenant_id, works) for tenant_id, works in risks.items())
+        return deque(steps)
 
-    def _commit_readings(self, tenant_id: str, works: list[_ReadingsWork]) -> None:
-        rows: list[dict[str, Any]] = []
-        for work, refusals in self._placed(tenant_id, works):
-            if refusals:
-                for refusal in refusals:
-                    self._quarantine(tenant_id, refusal)
-                continue
-            rows.extend(work.decoded.rows)
-            for refusal in work.decoded.refused:
-                self._quarantine(tenant_id, refusal)
-        self.stats.readings += len(rows)
-        if rows:
-            # raw=None: validation writes a quarantined reading's JSON itself, only for those it refuses
-            outcome = self.sink.accept_readings(tenant_id, rows, source=SOURCE)
-            self.stats.kept += int(outcome.kept)
-            self.stats.quarantined += int(outcome.quarantined)
+    def _quarantine_step(self, tenant_id: str, refusal: Refusal, *, payload: bool = False) -> _Step:
+        def run() -> list[_Step]:
+            self._quarantine(tenant_id, refusal)
+            self.stats.refused_payloads += int(payload)
+            return []
+
+        def instead(exc: Exception) -> list[_Step]:
+            logger.error("mqtt: could not quarantine a message of tenant %r (%s: %s), dropped: %s",
+                         tenant_id, refusal.reason, type(exc).__name__, refusal.raw[:200])
+            return []
+        return _Step(run, instead)
+
+    def _unstorable(self, tenant_id: str, raw: str, exc: Exception) -> _Step:
+        """Quarantining a message whose commit failed for a reason retrying cannot fix."""
+        detail = f"could not be stored: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return self._quarantine_step(tenant_id, Refusal("malformed_row", detail.replace("\x00", "\ufffd"), raw))
+
+    def _placing_step(self, tenant_id: str, works: list[_ReadingsWork]) -> _Step:
+        def run() -> list[_Step]:
+            quarantines: list[_Step] = []
+            kept: list[_ReadingsWork] = []
+            for work, refusals in self._placed(tenant_id, works):
+                kept.extend([] if refusals else [work])
+                refused = refusals or work.decoded.refused
+                quarantines.extend(self._quarantine_step(tenant_id, refusal) for refusal in refused)
+            return [*quarantines, *([self._accept_step(tenant_id, kept)] if kept else [])]
+
+        def instead(exc: Exception) -> list[_Step]:
+            return [self._unstorable(tenant_id, raw_text(work.payload), exc) for work in works]
+        return _Step(run, instead)
+
+    def _accept_step(self, tenant_id: str, works: list[_ReadingsWork]) -> _Step:
+        def run() -> list[_Step]:
+            rows = [row for work in works for row in work.decoded.rows]
+            if rows:
+                # raw=None: validation writes a quarantined reading's JSON itself, only for those it refuses
+                outcome = self.sink.accept_readings(tenant_id, rows, source=SOURCE)
+                self.stats.readings += len(rows)
+                self.stats.kept += int(outcome.kept)
+                self.stats.quarantined += int(outcome.quarantined)
+            return []
+
+        def instead(exc: Exception) -> list[_Step]:
+            if len(works) > 1:
+                return [self._accept_step(tenant_id, [work]) for work in works]
+            return [self._unstorable(tenant_id, raw_text(works[0].payload), exc)]
+        return _Step(run, instead)
 
     def _placed(self, tenant_id: str, works: list[_ReadingsWork]) -> Iterator[tuple[_ReadingsWork, list[Refusal]]]:
         """Each message with the refusals of all its readings when its asset sits elsewhere than its
@@ -698,14 +845,19 @@ class MqttSubscriber:
             yield work, [Refusal("unknown_asset", detail, text)
                          for text in [*map(row_text, work.decoded.rows), *(r.raw for r in work.decoded.refused)]]
 
-    def _commit_risks(self, tenant_id: str, works: list[_RiskWork]) -> None:
-        unknown = {message.asset_id for message in store_edge_risks(tenant_id, [work.message for work in works])}
-        for work in works:
-            if work.message.asset_id in unknown:
-                self._quarantine(tenant_id, Refusal("unknown_asset", f"edge risk for asset {work.message.asset_id!r}, "
-                                                    "which the tenant's registry does not have", work.raw))
-            else:
-                self.stats.edge_scores += 1
+    def _risks_step(self, tenant_id: str, works: list[_RiskWork]) -> _Step:
+        def run() -> list[_Step]:
+            unknown = {message.asset_id for message in store_edge_risks(tenant_id, [work.message for work in works])}
+            self.stats.edge_scores += sum(work.message.asset_id not in unknown for work in works)
+            return [self._quarantine_step(tenant_id, Refusal(
+                "unknown_asset", f"edge risk for asset {work.message.asset_id!r}, which the tenant's registry "
+                "does not have", work.raw)) for work in works if work.message.asset_id in unknown]
+
+        def instead(exc: Exception) -> list[_Step]:
+            if len(works) > 1:
+                return [self._risks_step(tenant_id, [work]) for work in works]
+            return [self._unstorable(tenant_id, works[0].raw, exc)]
+        return _Step(run, instead)
 
     def _quarantine(self, tenant_id: str, refusal: Refusal) -> None:
         self.sink.quarantine_raw(tenant_id, SOURCE, refusal.reason, refusal.detail, refusal.raw)
