@@ -44,6 +44,7 @@ import pandas as pd
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from services.iiot.limits import EARLIEST_READING, MAX_ABS_VALUE, MAX_FUTURE
 from services.iiot.mqtt_io import (
     PayloadRefused,
     ReadingsTopic,
@@ -56,6 +57,7 @@ from services.iiot.mqtt_io import (
     start_client,
     stop_client,
 )
+from shared.times import as_utc
 
 logger = logging.getLogger("tessera.iiot.edge")
 
@@ -176,11 +178,18 @@ class RollingWindows:
             return None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=ZoneInfo(sensor.timezone))
+        utc = as_utc(moment)
+        if utc is None or not EARLIEST_READING <= utc <= datetime.now(UTC) + MAX_FUTURE:
+            self.dropped["bad_timestamp"] += 1  # the server's bounds (services.iiot.limits)
+            return None
         value = _canonical_value(row.get("value"), row.get("unit"), sensor.unit)
         if isinstance(value, str):
             self.dropped[value] += 1
             return None
-        return sensor, moment.timestamp(), value
+        if abs(value) > MAX_ABS_VALUE:
+            self.dropped["out_of_range"] += 1
+            return None
+        return sensor, utc.timestamp(), value
 
     def due(self) -> list[str]:
         """Assets with readings newer than their last score."""

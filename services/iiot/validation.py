@@ -35,6 +35,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.iiot.db import Asset, Line, Plant, Sensor
+from services.iiot.limits import (
+    EARLIEST_READING,
+    LATEST_TIME,
+    MAX_ABS_VALUE,
+    MAX_FUTURE,
+    MAX_UTC_OFFSET,
+    TIME_WINDOW,
+)
 from services.iiot.units import IncompatibleUnits, UnknownUnit, canonical_unit, converter
 from shared.times import as_utc
 
@@ -46,25 +54,6 @@ LONG_COLUMNS = ("timestamp", "asset", "sensor", "value", "unit")
 """The columns of a :class:`RawReadings` frame besides ``row_number`` (``unit`` may be empty)."""
 GAP_FACTOR = 2.0
 """A silence longer than this many sampling intervals is a gap (1x would count every late sample)."""
-MAX_FUTURE = timedelta(days=1)
-"""A reading further ahead of now than this is a bad timestamp: it would hold the watermark hostage."""
-EARLIEST_READING = datetime(1970, 1, 1, tzinfo=UTC)
-"""A reading before this is a bad timestamp: nothing these sensors measure predates the Unix epoch, and
-the floor keeps every time kept inside the range the storage converts (a Python ``datetime`` of years
-1-9999; a year-1 reading with a +14:00 offset once broke the watermark arithmetic with a 500)."""
-LATEST_TIME = datetime(9999, 12, 30, tzinfo=UTC)
-"""The latest time :func:`aware_utc` accepts: more than a day short of ``datetime.max``, so an offset
-or a day added to it stays representable."""
-TIME_WINDOW = f"from {EARLIEST_READING:%Y-%m-%dT%H:%M:%SZ} to {LATEST_TIME:%Y-%m-%dT%H:%M:%SZ}"
-"""The times a maintenance record or a time-range query may name (:func:`aware_utc`)."""
-MAX_UTC_OFFSET = timedelta(days=1)
-"""More than any time zone's offset from UTC: a wall time further than this outside the accepted
-window is outside it in every zone."""
-MAX_ABS_VALUE = 1e15
-"""A reading of a larger magnitude is ``out_of_range`` for every sensor, with or without an expected
-range: the features square and sum values in float64 and cast them to float32, so larger magnitudes
-overflow (a 1e308 reading stopped its asset from being scored); no physical reading in the supported
-units comes near it."""
 TS_DTYPE = "datetime64[us, UTC]"
 _OFFSET_PATTERN = r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
 _KEY_SEPARATOR = "\x1f"

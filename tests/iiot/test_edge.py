@@ -126,14 +126,18 @@ def test_rolling_windows_convert_units_trim_to_the_span_and_count_what_they_drop
     windows.add("a1", [{"sensor": "nope", "timestamp": START.isoformat(), "value": 1.0},
                        {"sensor": "temp", "timestamp": "yesterday", "value": 1.0},
                        {"sensor": "temp", "timestamp": START.isoformat(), "value": "hot"},
-                       {"sensor": "temp", "timestamp": START.isoformat(), "value": 1.0, "unit": "furlongs"}])
+                       {"sensor": "temp", "timestamp": START.isoformat(), "value": 1.0, "unit": "furlongs"},
+                       {"sensor": "temp", "timestamp": "0001-01-01T00:00:00+14:00", "value": 1.0},
+                       {"sensor": "temp", "timestamp": "1960-01-01T00:00:00Z", "value": 1.0},
+                       {"sensor": "temp", "timestamp": START.isoformat(), "value": 1e308}])
     assert windows.due() == ["a1"]
     frame, end = windows.frame("a1")
     assert end == START + timedelta(hours=5) and windows.due() == []
     assert frame["ts"].min() == START + timedelta(hours=2)  # only the last 4 hours stay
     newest_temp = frame[frame["sensor_pk"] == 1]["value"].iloc[-1]
     assert newest_temp == pytest.approx(60.5)  # sent in degF, kept in degC
-    assert dict(windows.dropped) == {"unknown_sensor": 1, "bad_timestamp": 1, "not_a_number": 1, "unknown_unit": 1}
+    assert dict(windows.dropped) == {"unknown_sensor": 1, "bad_timestamp": 3, "not_a_number": 1, "unknown_unit": 1,
+                                     "out_of_range": 1}
 
 
 GATEWAY_SCORING = """
