@@ -330,6 +330,7 @@ def _check_pixels(dataset: Dataset, syntax: UID, refuse: Any) -> None:
     """Pixel data complete (native) or decodable (compressed): what assembly will need later."""
     if "PixelData" not in dataset:
         raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "no pixel data")
+    _check_image_size(dataset, refuse)
     try:
         if syntax.is_compressed:
             dataset.pixel_array  # noqa: B018  (decoding is the check)
@@ -345,9 +346,20 @@ def _check_pixel_header(dataset: Dataset, pixels: _PixelHeader, refuse: Any) -> 
     """The native pixel data's length from its element header: declared, received and the image's size."""
     if pixels.tag != PIXEL_DATA:
         raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "no pixel data")
+    _check_image_size(dataset, refuse)
     if pixels.length == UNDEFINED_LENGTH:
         raise refuse(CANNOT_UNDERSTAND, "encapsulated pixel data in a native transfer syntax")
     _check_native_length(dataset, min(pixels.length, pixels.received), refuse)
+
+
+def _check_image_size(dataset: Dataset, refuse: Any) -> None:
+    """An image of at least one pixel: Rows, Columns and BitsAllocated present and positive (a CT image's
+    are; one of 0 x 0 pixels was stored and only failed at assembly)."""
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        value = dataset.get(keyword)
+        if not isinstance(value, int) or value < 1:
+            raise refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing or not positive: the image has "
+                         "no pixels")
 
 
 def _check_native_length(dataset: Dataset, length: int, refuse: Any) -> None:

@@ -1,6 +1,6 @@
-"""A C-STORE whose text values hold a NUL character is refused as malformed (0xA900), not answered
-0x0110 (processing failure, which a PACS retries forever: PostgreSQL refuses NUL in text), and
-neither the refusal's reason nor any log line carries the value (PHI)."""
+"""A C-STORE whose text values hold a NUL character, or whose image has no pixels, is refused as malformed
+(0xA900): a NUL was answered 0x0110 (processing failure, which a PACS retries forever: PostgreSQL refuses NUL
+in text), a 0 x 0 image stored; neither the refusal's reason nor any log line carries the value (PHI)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def test_the_same_instance_without_the_nul_is_stored(scp: int) -> None:
     dataset = small_series(slices=1)[0]
     assert push(scp, [dataset]) == [dicom_io.SUCCESS]
     assert instance_count(sop_instance_uid=str(dataset.SOPInstanceUID)) == 1
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("Rows", 0), ("Columns", 0), ("BitsAllocated", 0)])
+def test_an_image_without_pixels_is_refused_with_a900(scp: int, keyword: str, value: int) -> None:
+    """A 0 x 0 image was stored with 0x0000 and only failed at assembly; a CT image has pixels."""
+    dataset = small_series(slices=1)[0]
+    setattr(dataset, keyword, value)
+    assert push(scp, [dataset]) == [dicom_io.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    assert instance_count(sop_instance_uid=str(dataset.SOPInstanceUID)) == 0
