@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -382,9 +383,28 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(failure_document(None, request.url.path, _request_id(request)))
 
 
+def holds_nul_text(exc: DataError) -> bool:
+    """Whether the database refused a statement for a NUL character (U+0000) in a text or JSON value:
+    PostgreSQL's text cannot hold one (SQLite's can), so it comes from the request, not from a fault here."""
+    message = str(exc.orig)
+    return type(exc.orig).__name__ == "UntranslatableCharacter" or "NUL (0x00)" in message or "\\u0000" in message
+
+
+async def _on_data_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DataError)
+    if not holds_nul_text(exc):
+        return await _on_unexpected(request, exc)
+    detail = "a text value in the request holds a NUL character (U+0000), which no stored value may hold"
+    body = problem_body(422, "Unprocessable Content", detail, "validation-error", request.url.path,
+                        {"errors": [{"loc": [], "msg": detail, "type": "nul_character"}],
+                         "request_id": _request_id(request)})
+    return problem_response(body)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error ``app`` returns a problem+json document (unexpected ones: a generic 500)."""
     app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(DataError, _on_data_error)
     app.add_exception_handler(EdgeMappedError, _on_mapped)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)

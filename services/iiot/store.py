@@ -172,7 +172,8 @@ def _column(frame: pd.DataFrame, name: str) -> Sequence[Any]:
 
 
 def _clip(value: Any, limit: int) -> str | None:
-    return None if value is None else str(value)[:limit]
+    """``value`` as text of at most ``limit`` characters, NUL (which PostgreSQL text cannot hold) replaced."""
+    return None if value is None else str(value)[:limit].replace("\x00", "\ufffd")
 
 
 def read_readings(session: Session, sensor_pks: Sequence[int], start: datetime, end: datetime) -> pd.DataFrame:
