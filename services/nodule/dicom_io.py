@@ -169,7 +169,8 @@ def parse_instance(source: Path | bytes, *, expected_study_uid: str | None = Non
     ------
     InstanceRefused
         0xC000 unreadable or undecodable, 0x0122 another SOP class, 0xC122 a transfer syntax with
-        no decoder, 0xA900 missing or malformed identifiers, 0xA901 another study than expected.
+        no decoder, 0xA900 missing or malformed identifiers, a kept text value holding a NUL, or an
+        image without pixels (Rows, Columns or BitsAllocated 0), 0xA901 another study than expected.
     """
     dataset = _read_part10(source)
     return _checked(dataset, UID(str(dataset.file_meta.TransferSyntaxUID)),
