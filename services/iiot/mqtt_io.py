@@ -36,7 +36,6 @@ import importlib
 import json
 import logging
 import math
-import re
 import threading
 import time
 from collections import defaultdict, deque
@@ -57,6 +56,7 @@ from sqlalchemy import select
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.text import CONTROL_CHARACTER
 from shared.times import as_utc
 
 logger = logging.getLogger("tessera.iiot.mqtt")
@@ -70,8 +70,6 @@ RISK_LEVEL = "risk"
 """The topic level that marks an edge risk message: ``<prefix>/<tenant>/risk/<asset>``."""
 LOCATION_TTL_S = 30.0
 """How long an asset's plant and line are trusted before the registry is read again."""
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-"""Characters a reading's text fields may not hold (PostgreSQL text cannot even hold NUL)."""
 READING_FIELDS = ("timestamp", "asset", "sensor", "value", "unit")
 """A reading's fields (validation's ``LONG_COLUMNS``, not imported: the edge gateway shares this module)."""
 MAX_JSON_INT = (1 << 63) - 1
@@ -229,9 +227,9 @@ def row_text(entry: Any) -> str:
 
 
 def raw_text(payload: bytes) -> str:
-    """The payload as text for the quarantine (undecodable bytes and NUL, which PostgreSQL text cannot
-    hold, replaced; truncated)."""
-    return payload[:RAW_CHARS * 4].decode("utf-8", errors="replace")[:RAW_CHARS].replace("\x00", "\ufffd")
+    """The payload as text for the quarantine (undecodable bytes replaced; truncated; NUL is replaced where
+    every quarantined text is written, :func:`services.iiot.store.write_quarantine`)."""
+    return payload[:RAW_CHARS * 4].decode("utf-8", errors="replace")[:RAW_CHARS]
 
 
 def _json_payload(payload: bytes) -> Any:
@@ -293,7 +291,7 @@ def _field_problem(entry: dict[str, Any], key: str) -> tuple[str, str] | None:
     reason = "bad_timestamp" if key == "timestamp" else "malformed_row"
     if not isinstance(value, str):
         return reason, f"{key} must be text, got {_json_type(value)}"
-    if CONTROL_CHARACTERS.search(value):
+    if CONTROL_CHARACTER.search(value):
         return reason, f"{key} {value[:40]!r} holds a control character"
     return None
 
@@ -797,7 +795,7 @@ class MqttSubscriber:
     def _unstorable(self, tenant_id: str, raw: str, exc: Exception) -> _Step:
         """Quarantining a message whose commit failed for a reason retrying cannot fix."""
         detail = f"could not be stored: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        return self._quarantine_step(tenant_id, Refusal("malformed_row", detail.replace("\x00", "\ufffd"), raw))
+        return self._quarantine_step(tenant_id, Refusal("malformed_row", detail, raw))
 
     def _placing_step(self, tenant_id: str, works: list[_ReadingsWork]) -> _Step:
         def run() -> list[_Step]:

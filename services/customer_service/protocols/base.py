@@ -35,7 +35,6 @@ duplicate), a signature or tenant refused (401/403), ``1009`` a message over the
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shared.errors import ProblemError
+from shared.text import CONTROL_CHARACTER
 from shared.websockets import close_code_for, close_reason
 
 Track = Literal["customer", "agent"]
@@ -56,7 +56,6 @@ Frame = str | bytes
 
 MAX_ID_LENGTH = 128
 """The longest call or stream id kept (``services.customer_service.db.CALL_ID_LENGTH``)."""
-CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 # --- neutral events ---------------------------------------------------------------------------------
