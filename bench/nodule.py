@@ -63,6 +63,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench._measure import peak_rss_mb  # noqa: E402
+from shared.processes import with_allocator_env  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "nodule.json"
 QUIET_PERIOD_S = 1.0
@@ -263,7 +264,9 @@ def point(way: str, models_dir: Path, shape: tuple[int, int, int], repeats: int,
     command = [sys.executable, __file__, "point", "--way", way, "--models-dir", str(models_dir),
                "--shape", ",".join(map(str, shape)), "--repeats", str(repeats),
                "--concurrency", ",".join(map(str, concurrency)), "--device", device]
-    env = {**os.environ, "TESSERA_LOG_JSON": "false", "TESSERA_LOG_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore",
+    # every way under the allocator settings `tessera up` gives its processes (the MONAI reference too)
+    env = {**with_allocator_env(os.environ), "TESSERA_LOG_JSON": "false", "TESSERA_LOG_LEVEL": "WARNING",
+           "PYTHONWARNINGS": "ignore",
            "TESSERA_DEVICE": device, "TESSERA_TORCH_THREADS": str(os.cpu_count() or 1),
            "TESSERA_MODELS_DIR": str(models_dir)}
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=REPO)
@@ -368,7 +371,8 @@ def storescp(binary: str, directory: Path, *, nodelay: bool) -> Iterator[int]:
 
 
 def stack_env(data_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The embedded (SQLite) deployment with every file under ``data_dir``, migrated."""
+    """The embedded (SQLite) deployment with every file under ``data_dir``, migrated; with the allocator settings
+    `tessera up` gives its processes (:data:`shared.processes.ALLOCATOR_ENV`)."""
     from alembic import command
     from alembic.config import Config
 
@@ -378,8 +382,8 @@ def stack_env(data_dir: Path, extra: dict[str, str] | None = None) -> dict[str, 
     config.set_main_option("script_location", str(REPO / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url)
     command.upgrade(config, "head")
-    return {"TESSERA_ENVIRONMENT": "test", "TESSERA_DATA_DIR": str(data_dir), "TESSERA_DATABASE_URL": database_url,
-            "TESSERA_BROKER_URL": f"sqla+sqlite:///{data_dir / 'broker.db'}",
+    return {**with_allocator_env({}), "TESSERA_ENVIRONMENT": "test", "TESSERA_DATA_DIR": str(data_dir),
+            "TESSERA_DATABASE_URL": database_url, "TESSERA_BROKER_URL": f"sqla+sqlite:///{data_dir / 'broker.db'}",
             "TESSERA_RESULT_BACKEND": f"db+sqlite:///{data_dir / 'results.db'}", "TESSERA_LOG_JSON": "false",
             "TESSERA_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", "TESSERA_DEVICE": "cpu",
             "TESSERA_JOB_SWEEP_INTERVAL_S": "1", **(extra or {})}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import get_settings
-from shared.processes import end_with_parent
+from shared.processes import end_with_parent, with_allocator_env
 from shared.queue import QUEUES
 from shared.verticals import COMMANDS, Vertical, api_key_scopes, get_vertical, verticals
 
@@ -101,6 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for name, argv in commands:
         _say(f"starting {name}: {' '.join(argv[1:])}")
         processes.append((name, subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True,
+                                                 env=with_allocator_env(os.environ),
                                                  preexec_fn=_ended_with_parent(os.getpid()))))
     return _supervise(processes, stop)
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from services.cli import STOP_GRACE_S
+from shared.processes import ALLOCATOR_ENV
 from tests.support import ManagedProcess, alive, descendants, free_port, model_child, python_argv, wait_until
 
 
@@ -39,6 +40,15 @@ def survivors(pids: set[int]) -> list[str]:
     return found
 
 
+def environment(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` started with ({} once it has ended)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(entry.decode(errors="replace").partition("=")[::2] for entry in raw.split(b"\0") if entry)
+
+
 def serving(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
@@ -62,6 +72,8 @@ def test_every_signal_that_ends_tessera_up_ends_its_children(tmp_path: Path, end
                    "the gateway's fraud model child process to start")
         children = descendants(up.process.pid)
         assert len(children) >= 4, children  # uvicorn and its model child, the worker and its pool / beat
+        started = [environment(pid) for pid in children]
+        assert all(ALLOCATOR_ENV.items() <= env.items() for env in started if env), "glibc settings missing"
         os.killpg(up.process.pid, ending)  # a closed terminal signals its foreground process group
         up.process.wait(timeout=60)
         # after SIGKILL no supervisor is left to escalate: each child gets SIGTERM from the kernel and stops
