@@ -36,16 +36,18 @@ def end_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), signum)
 
 
-ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
                  "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-"""glibc malloc settings for Tessera's servers and workers: at most two arenas, blocks under 256 MiB from the heap
-rather than their own ``mmap``, and up to 1 GiB of freed heap kept rather than handed back to the kernel.
+"""glibc malloc settings for Tessera's servers and workers: one arena (the main heap) for every thread, blocks
+under 256 MiB from that heap rather than their own ``mmap``, and up to 1 GiB of freed heap kept rather than handed
+back to the kernel.
 
-Why: each CT scan's stage 1 allocates and frees ~20 float32 volumes of tens of MB. With glibc's defaults those come
-from fresh ``mmap`` s or per-thread heaps that are unmapped again on free, so every scan page-faults them in anew
-(~12,000 faults and +50-90 ms a scan of the 2 mm bench volume); with these settings a worker reuses
-the memory of the previous scan (0 faults; docs/benchmarks/nodule.md, "The allocator"). The cost is that a process's
-resident memory stays near its peak; fraud scoring's latency was unchanged in the same measurement.
+Why: each CT scan's stage 1 allocates and frees ~20 float32 volumes of tens of MB, on worker threads. With glibc's
+defaults those come from fresh ``mmap`` s or per-thread arenas whose heaps are unmapped again on free, so every scan
+page-faults them in anew (~12,000 faults and +50-90 ms a scan of the 2 mm bench volume); with these settings a
+worker reuses the memory of the previous scan (0 faults). Only the main heap honours the trim threshold, hence one
+arena. The cost is that a process's resident memory stays near its peak; fraud scoring's latency was unchanged in
+the same measurement (docs/benchmarks/nodule.md, "The allocator").
 """
 
 

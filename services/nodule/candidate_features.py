@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from shared.parallel import for_ranges
+
 CROP = 32
 CENTRE = CROP // 2
 BALL_RADII_MM = (1.5, 2.5, 3.5, 5.0, 8.0, 12.0)
@@ -43,6 +45,8 @@ SHELLS_MM = ((1.5, 3.5), (3.5, 6.0), (6.0, 10.0), (10.0, 15.0))
 HESSIAN_SCALES_MM = (1.0, 2.0, 3.0)
 DENSE_HU = -500.0
 LUNG_HU = -700.0
+_MIN_GROUP = 16
+"""Crops a group measured on one core holds at least."""
 _DERIVATIVES = ((0, 0, 0), (2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -77,27 +81,43 @@ def _geometry() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
 
 
 def candidate_features(crops_hu: np.ndarray) -> np.ndarray:
-    """``(n, len(FEATURE_NAMES))`` float32 features of ``(n, 32, 32, 32)`` HU crops (see the module docstring)."""
+    """``(n, len(FEATURE_NAMES))`` float32 features of ``(n, 32, 32, 32)`` HU crops (see the module docstring).
+
+    The matrix products run once over all crops (BLAS uses every core itself); the percentiles, the lung noise
+    and the centre components, which BLAS does not do, are computed for groups of crops on all cores at once
+    (:func:`shared.parallel.for_ranges`). A crop's features do not depend on the group it is in."""
     crops = np.asarray(crops_hu, dtype=np.float32)
     if crops.ndim != 4 or crops.shape[1:] != (CROP,) * 3:
         raise ValueError(f"expected (n, {CROP}, {CROP}, {CROP}) crops, got {crops.shape}")
-    flat32 = crops.reshape(len(crops), -1)
+    count = len(crops)
+    flat32 = crops.reshape(count, -1)
     flat = flat32.astype(np.float64)
     balls, shell_means, kernels, shells = _geometry()
+    percentiles = np.empty((count, len(shells)))
+    noise = np.empty(count)
+    members = np.empty(flat32.shape, dtype=bool)
+
+    def measure(start: int, stop: int) -> None:
+        for position, index in enumerate(shells):
+            percentiles[start:stop, position] = _percentile_90(flat32[start:stop, index])[:, 0]
+        noise[start:stop] = _lung_noise(flat[start:stop])
+        members[start:stop] = _centre_members(crops[start:stop])
+
+    for_ranges(count, measure, min_size=_MIN_GROUP)
     columns = [flat @ balls]
     means = flat @ shell_means[:, :-1]
     dense_shares = (flat32 > DENSE_HU).astype(np.float64) @ shell_means  # per shell, then the whole crop
-    for position, index in enumerate(shells):
-        columns += [means[:, position:position + 1], _percentile_90(flat32[:, index]),
+    for position in range(len(shells)):
+        columns += [means[:, position:position + 1], percentiles[:, position:position + 1],
                     dense_shares[:, position:position + 1]]
-    columns += [_lung_noise(flat)[:, None], dense_shares[:, -1:]]
-    responses = (flat @ kernels).reshape(len(crops), len(HESSIAN_SCALES_MM), len(_DERIVATIVES))
+    columns += [noise[:, None], dense_shares[:, -1:]]
+    responses = (flat @ kernels).reshape(count, len(HESSIAN_SCALES_MM), len(_DERIVATIVES))
     for position, scale in enumerate(HESSIAN_SCALES_MM):
         smoothed, dzz, dyy, dxx, dzy, dzx, dyx = (responses[:, position, k] for k in range(len(_DERIVATIVES)))
         hessian = np.stack([np.stack([dzz, dzy, dzx], -1), np.stack([dzy, dyy, dyx], -1),
                             np.stack([dzx, dyx, dxx], -1)], -2) * scale ** 2
         columns += [np.linalg.eigvalsh(hessian), smoothed[:, None]]
-    columns.append(_centre_components(crops))
+    columns.append(_component_features(members))
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
@@ -130,13 +150,12 @@ def _moment_columns() -> np.ndarray:
     return np.stack([np.ones_like(z), z, y, x, z * z, y * y, x * x, z * y, z * x, y * x, on_face], axis=1)
 
 
-def _centre_components(crops: np.ndarray) -> np.ndarray:
-    """``(n, 4)``: log size, edge contact and spread ratios of each crop's dense component holding the centre
-    (zeros where the centre is not dense; ratios 1 below 4 voxels).
+def _centre_members(crops: np.ndarray) -> np.ndarray:
+    """``(n, 32^3)``: whether each voxel belongs to its crop's dense component holding the centre (none where the
+    centre is not dense).
 
     The crops are labelled in one call, stacked with an empty slice between neighbours so that no component
-    crosses from one crop to the next; each centre component's count, coordinate sums and face contact come
-    from one matrix product, its covariance (``np.cov``'s, unbiased) from those sums.
+    crosses from one crop to the next.
     """
     count_crops = len(crops)
     stacked = np.zeros((count_crops, CROP + 1, CROP, CROP), dtype=bool)
@@ -144,8 +163,18 @@ def _centre_components(crops: np.ndarray) -> np.ndarray:
     labelled, _ = ndimage.label(stacked.reshape(count_crops * (CROP + 1), CROP, CROP))
     labelled = labelled.reshape(count_crops, CROP + 1, -1)[:, :CROP].reshape(count_crops, -1)
     centre_label = labelled[:, (CENTRE * CROP + CENTRE) * CROP + CENTRE]
-    member = (labelled == centre_label[:, None]) & (centre_label[:, None] > 0)
-    sums = member.astype(np.float64) @ _moment_columns()
+    return (labelled == centre_label[:, None]) & (centre_label[:, None] > 0)  # type: ignore[no-any-return]
+
+
+def _component_features(members: np.ndarray) -> np.ndarray:
+    """``(n, 4)``: log size, edge contact and spread ratios of each crop's centre component (``members``, from
+    :func:`_centre_members`; zeros where it is empty, ratios 1 below 4 voxels).
+
+    Each component's count, coordinate sums and face contact come from one matrix product, its covariance
+    (``np.cov``'s, unbiased) from those sums.
+    """
+    count_crops = len(members)
+    sums = members.astype(np.float64) @ _moment_columns()
     size = sums[:, 0]
     mean = sums[:, 1:4] / np.maximum(size, 1)[:, None]
     covariance = np.empty((count_crops, 3, 3))

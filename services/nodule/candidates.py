@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from shared.parallel import beside, for_ranges
+
 cv2.setNumThreads(1)  # stage 1 runs one study per worker thread; OpenCV's own threads only added overhead here
 
 GRID_MM = 1.0
@@ -76,6 +78,11 @@ SCORE_CAP_HU = 200.0
 FAINT_SCORE_CAP_HU = 60.0
 """The cap of the second ranking that fills a scan's faint-candidate slots (``faint_candidates``): at 60 HU a
 ground-glass blob (a few hundred HU above the lung) ranks on its shape alone against vessels and noise."""
+_MIN_SLICES = 8
+"""Slices (or column blocks) a piece of work spread over the cores holds at least."""
+_COLUMN_ALIGN = 64
+"""Column blocks of the slice-axis Gaussian start at multiples of this, so OpenCV's vector loops cover the same
+columns as in one call over the whole image."""
 MERGE_MM = 2.5
 """Two candidates closer than this, or than the smaller one's radius, are one (the stronger is kept)."""
 
@@ -221,14 +228,9 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     grid_mm : float
         Isotropic grid of the scale space.
     """
-    region = lung_region(hu, spacing_mm) if lung is None else lung
+    # the lung region is found on another core while this one builds the scale space
+    region_of_lungs = beside(lambda: lung_region(hu, spacing_mm)) if lung is None else (lambda: lung)
     iso = resample_isotropic(np.clip(hu, *HU_CLIP), spacing_mm, grid_mm)
-    if not region.any():
-        return CandidateScan([], iso, grid_mm)
-    # distance (mm) of every grid voxel to the lung region: a peak may lie up to ~ its radius outside
-    # (the centre of a large juxta-pleural nodule sits in the notch it makes in the air)
-    coarse_step = 2
-    coarse_region = resample_isotropic(region.astype(np.float32), spacing_mm, grid_mm * coarse_step) > 0.5
     fine = [s for s in SIGMAS_MM if s <= COARSE_FROM_MM]
     coarse_sigmas = [s for s in SIGMAS_MM if s >= COARSE_FROM_MM]
     fine_points, fine_levels, fine_strength, fine_smoothed = _scale_peaks(iso, None, [s / grid_mm for s in fine])
@@ -236,6 +238,13 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     start = fine_smoothed[-1][::2, ::2, ::2]
     coarse_points, coarse_levels, coarse_strength, coarse_smoothed = _scale_peaks(
         start, coarse_sigmas[0] / (2 * grid_mm), [s / (2 * grid_mm) for s in coarse_sigmas])
+    region = region_of_lungs()
+    if not region.any():
+        return CandidateScan([], iso, grid_mm)
+    # distance (mm) of every grid voxel to the lung region: a peak may lie up to ~ its radius outside
+    # (the centre of a large juxta-pleural nodule sits in the notch it makes in the air)
+    coarse_step = 2
+    coarse_region = resample_isotropic(region.astype(np.float32), spacing_mm, grid_mm * coarse_step) > 0.5
     points = np.concatenate([fine_points, coarse_points * 2])
     levels = np.concatenate([fine_levels, coarse_levels + len(fine) - 1])
     strength = np.concatenate([fine_strength, coarse_strength])
@@ -247,7 +256,8 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     scale_mm = np.sqrt(np.asarray(SIGMAS_MM)[:-1] * np.asarray(SIGMAS_MM)[1:])  # geometric mean of the DoG pair
     radius = math.sqrt(3.0) * scale_mm[levels]
     coarse = np.minimum(np.stack([zs, ys, xs], axis=1) // coarse_step, np.asarray(coarse_region.shape) - 1)
-    outside_mm = distance_to_region(coarse_region, coarse) * grid_mm * coarse_step
+    reach = (LUNG_MARGIN_MM + 0.8 * float(radius.max())) / (grid_mm * coarse_step)  # the furthest that matters
+    outside_mm = distance_to_region(coarse_region, coarse, limit=reach) * grid_mm * coarse_step
     near_lung = outside_mm <= LUNG_MARGIN_MM + 0.8 * radius
     zs, ys, xs, levels, radius = zs[near_lung], ys[near_lung], xs[near_lung], levels[near_lung], radius[near_lung]
     strength = strength[near_lung]
@@ -277,9 +287,10 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     return CandidateScan(found, iso, grid_mm)
 
 
-def distance_to_region(region: np.ndarray, points: np.ndarray) -> np.ndarray:
+def distance_to_region(region: np.ndarray, points: np.ndarray, *, limit: float = math.inf) -> np.ndarray:
     """Euclidean distance (voxels) from each ``(n, 3)`` point of ``region``'s grid to its nearest ``True`` voxel:
     ``scipy.ndimage.distance_transform_edt(~region)`` read at the points, without the transform of every voxel.
+    Distances beyond ``limit`` come back as ``inf`` (the k-d tree stops searching there, most of the cost).
 
     The nearest region voxel to a point outside always lies on the region's boundary (a voxel with a
     face neighbour outside it: from any other, the step towards the point is a region voxel nearer
@@ -294,7 +305,9 @@ def distance_to_region(region: np.ndarray, points: np.ndarray) -> np.ndarray:
         return np.where(inside, 0.0, np.inf)
     distance = np.zeros(len(points))
     if not inside.all():
-        distance[~inside], _ = cKDTree(boundary).query(points[~inside])
+        # the bound is widened a little so that a distance equal to ``limit`` is still found whatever the rounding
+        bound = limit * (1 + 1e-9) + 1e-9 if math.isfinite(limit) else math.inf
+        distance[~inside], _ = cKDTree(boundary).query(points[~inside], distance_upper_bound=bound)
     return distance
 
 
@@ -334,18 +347,35 @@ def _scale_peaks(volume: np.ndarray, start_sigma: float | None, sigmas: list[flo
             current_volume = gaussian_filter(current_volume, extra, truncate=3.0)
         smoothed.append(current_volume)
         previous = sigma
-    responses = []
-    for k in range(len(sigmas) - 1):
-        response = np.subtract(smoothed[k], smoothed[k + 1])
-        response *= np.float32(sigmas[k] / (sigmas[k + 1] - sigmas[k]))
-        responses.append(response)
-    strongest = responses[0] if len(responses) == 1 else np.maximum(responses[0], responses[1])
-    for response in responses[2:]:
-        np.maximum(strongest, response, out=strongest)
-    peak = (strongest == maximum_filter_3(strongest)) & (strongest > MIN_RESPONSE_HU)
+    factors = [np.float32(sigmas[k] / (sigmas[k + 1] - sigmas[k])) for k in range(len(sigmas) - 1)]
+    strongest = np.empty_like(smoothed[0])
+    scratch = np.empty_like(strongest)  # allocated here: the pool's threads allocate nothing big
+    peak = np.empty(strongest.shape, dtype=bool)
+
+    def strongest_response(start: int, stop: int) -> None:  # the levels' maximum of the scaled DoG, a slab
+        level = scratch[start:stop]
+        for k, factor in enumerate(factors):
+            target = strongest[start:stop] if k == 0 else level
+            np.subtract(smoothed[k][start:stop], smoothed[k + 1][start:stop], out=target)
+            target *= factor
+            if k:
+                np.maximum(strongest[start:stop], level, out=strongest[start:stop])
+
+    for_ranges(len(strongest), strongest_response, min_size=_MIN_SLICES)
+    neighbourhood = maximum_filter_3(strongest)
+    above = np.empty_like(peak)
+
+    def peaks(start: int, stop: int) -> None:
+        np.equal(strongest[start:stop], neighbourhood[start:stop], out=peak[start:stop])
+        np.greater(strongest[start:stop], MIN_RESPONSE_HU, out=above[start:stop])
+        peak[start:stop] &= above[start:stop]
+
+    for_ranges(len(strongest), peaks, min_size=_MIN_SLICES)
     at = np.flatnonzero(peak)
     points = np.stack(np.unravel_index(at, peak.shape), axis=1)
-    levels = np.stack([response.ravel()[at] for response in responses]).argmax(axis=0)  # the first strongest level
+    # each level's response at the peaks alone, by the same float32 operations: the first strongest level
+    levels = np.stack([(smoothed[k].ravel()[at] - smoothed[k + 1].ravel()[at]) * factor
+                       for k, factor in enumerate(factors)]).argmax(axis=0)
     return points, levels, strongest.ravel()[at], smoothed
 
 
@@ -361,33 +391,54 @@ def gaussian_filter(volume: np.ndarray, sigma: float, truncate: float = 3.0) -> 
     """``scipy.ndimage.gaussian_filter(volume, sigma, truncate=truncate)`` of a 3-D float32 volume, same
     kernel and border (``reflect``), summed in float32 by OpenCV (within ~1e-6 relative of scipy's float64 sums).
 
-    Each slice is filtered in-plane, then the slice axis as one 2-D image of ``(slices, rows x columns)``.
+    Each slice is filtered in-plane, then the slice axis as one 2-D image of ``(slices, rows x columns)``; both
+    passes are spread over the cores (:func:`shared.parallel.for_ranges`: slices, then column blocks), which
+    changes no value.
     """
     volume = np.ascontiguousarray(volume, dtype=np.float32)
     kernel = _gaussian_kernel(sigma, truncate)
     in_plane = np.empty_like(volume)
-    for index in range(volume.shape[0]):
-        cv2.sepFilter2D(volume[index], cv2.CV_32F, kernel, kernel, dst=in_plane[index],
+
+    def filter_slices(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            cv2.sepFilter2D(volume[index], cv2.CV_32F, kernel, kernel, dst=in_plane[index],
+                            borderType=cv2.BORDER_REFLECT)
+
+    for_ranges(volume.shape[0], filter_slices, min_size=_MIN_SLICES)
+    columns = in_plane.reshape(volume.shape[0], -1)
+    across = np.empty_like(columns)
+    unit = np.ones(1, np.float32)
+
+    def filter_columns(start: int, stop: int) -> None:
+        cv2.sepFilter2D(columns[:, start:stop], cv2.CV_32F, unit, kernel, dst=across[:, start:stop],
                         borderType=cv2.BORDER_REFLECT)
-    across = cv2.sepFilter2D(in_plane.reshape(volume.shape[0], -1), cv2.CV_32F, np.ones(1, np.float32), kernel,
-                             borderType=cv2.BORDER_REFLECT)
-    return np.asarray(across).reshape(volume.shape)
+
+    for_ranges(columns.shape[1], filter_columns, align=_COLUMN_ALIGN, min_size=_MIN_SLICES * _COLUMN_ALIGN)
+    return across.reshape(volume.shape)
 
 
 def maximum_filter_3(volume: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.maximum_filter(volume, size=3, mode="nearest")`` of a 3-D float32 volume, exactly:
-    a 3x3 dilation of each slice (OpenCV), then the maximum with the slices either side."""
+    a 3x3 dilation of each slice (OpenCV), then the maximum with the slices either side (slabs of slices
+    spread over the cores)."""
     volume = np.ascontiguousarray(volume, dtype=np.float32)
     square = np.ones((3, 3), np.uint8)
     in_plane = np.empty_like(volume)
-    for index in range(volume.shape[0]):
-        cv2.dilate(volume[index], square, dst=in_plane[index], borderType=cv2.BORDER_REPLICATE)
-    if len(volume) < 2:
-        return in_plane
-    pairs = np.maximum(in_plane[:-1], in_plane[1:])  # pairs[z]: slices z and z + 1
+    last = len(volume) - 1
+
+    def dilate_slices(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            cv2.dilate(volume[index], square, dst=in_plane[index], borderType=cv2.BORDER_REPLICATE)
+
+    for_ranges(len(volume), dilate_slices, min_size=_MIN_SLICES)
     result = np.empty_like(in_plane)
-    result[0], result[-1] = pairs[0], pairs[-1]
-    np.maximum(pairs[:-1], pairs[1:], out=result[1:-1])
+
+    def across_slices(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            np.maximum(in_plane[max(index - 1, 0)], in_plane[index], out=result[index])
+            np.maximum(result[index], in_plane[min(index + 1, last)], out=result[index])
+
+    for_ranges(len(volume), across_slices, min_size=_MIN_SLICES)
     return result
 
 

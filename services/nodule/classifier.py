@@ -198,11 +198,16 @@ def normalise_crop_hu(hu: np.ndarray) -> np.ndarray:
 def extract_crops(iso: np.ndarray, centres: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """``(n, size, size, size)`` crops of the isotropic volume centred on ``(n, 3)`` grid indices (air-padded)."""
     half = size // 2
-    padded = np.pad(iso, half + 1, mode="constant", constant_values=HU_CLIP[0])
+    shape = np.asarray(iso.shape)
     out = np.empty((len(centres), size, size, size), dtype=iso.dtype)
     for row, centre in enumerate(np.rint(np.asarray(centres)).astype(int)):
-        start = centre + 1  # the pad's offset (half + 1) minus half
-        out[row] = padded[start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size]
+        start = centre - half
+        low, high = np.maximum(start, 0), np.minimum(start + size, shape)
+        if (low - start).any() or (start + size - high).any():  # reaches past the volume: air there
+            out[row] = HU_CLIP[0]
+        if (high > low).all():
+            inner = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(low, start, high, strict=True))
+            out[row][inner] = iso[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
     return out
 
 

@@ -73,3 +73,22 @@ def test_the_indices_of_a_mask_are_argwheres() -> None:
     for fill in (0.0, 0.01, 0.5, 1.0):
         mask = np.random.default_rng(5).random((7, 11, 13)) < fill
         assert np.array_equal(_indices_of(mask), np.argwhere(mask))
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.0, 2.5, 6.0])
+def test_distances_within_the_limit_are_exact_and_the_rest_infinite(limit: float) -> None:
+    rng = np.random.default_rng(4)
+    region = ndimage.binary_dilation(rng.random((12, 30, 31)) < 0.002, iterations=2)
+    points = np.argwhere(np.ones(region.shape, bool))
+    expected = ndimage.distance_transform_edt(~region)[points[:, 0], points[:, 1], points[:, 2]]
+    found = distance_to_region(region, points, limit=limit)
+    assert np.array_equal(found[expected <= limit], expected[expected <= limit])
+    assert np.isinf(found[expected > limit]).all()
+
+
+def test_spreading_the_filters_over_the_cores_changes_no_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    volume = (np.random.default_rng(5).normal(size=(40, 70, 90)) * 300).astype(np.float32)
+    spread = gaussian_filter(volume, 1.34), maximum_filter_3(volume)
+    monkeypatch.setattr("shared.parallel.cores", lambda: 1)
+    assert np.array_equal(spread[0], gaussian_filter(volume, 1.34))
+    assert np.array_equal(spread[1], maximum_filter_3(volume))

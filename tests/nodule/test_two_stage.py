@@ -105,6 +105,20 @@ def test_crops_are_centred_and_air_padded() -> None:
     assert crops[1][0, 0, 0] == -1000.0  # outside the volume
 
 
+def test_crops_equal_those_of_the_padded_volume_at_every_edge() -> None:
+    """Crops read in place equal crops of the volume padded with air, the way the v3 detector first cut them."""
+    rng = np.random.default_rng(0)
+    iso = rng.normal(-600, 200, (37, 45, 41)).astype(np.float32)
+    half = CROP_SIZE // 2
+    padded = np.pad(iso, half + 1, mode="constant", constant_values=-1000.0)
+    centres = np.array([[0, 0, 0], [36, 44, 40], [18, 22, 20], [3, 40, 1], *rng.integers(0, 37, (20, 3))])
+    crops = extract_crops(iso, centres)
+    for crop, centre in zip(crops, centres, strict=True):
+        start = centre + 1
+        np.testing.assert_array_equal(crop, padded[start[0]:start[0] + CROP_SIZE, start[1]:start[1] + CROP_SIZE,
+                                                   start[2]:start[2] + CROP_SIZE])
+
+
 def test_student_has_at_least_80_percent_fewer_parameters() -> None:
     teacher, student = parameter_count(CropNet(TEACHER_CROP_CONFIG)), parameter_count(CropNet(STUDENT_CROP_CONFIG))
     assert student <= 0.2 * teacher
