@@ -20,7 +20,8 @@ Everything is computed over the whole batch of crops at once: linear algebra wit
 derivative kernels, one partial sort per shell for the percentiles, and one connected-component labelling of all
 the crops stacked with an empty slice between neighbours, whose centre components are then measured by their
 coordinate moments. A scan's 64 candidates cost ~49 ms on a 2-core AMD EPYC VM (2026-12-05), against 79 ms there
-with a labelling, ``np.cov`` and ``np.percentile`` call per crop, which gave the same float32 features.
+with a labelling, ``np.cov`` and ``np.percentile`` call per crop, which gave the same float32 features; ~32-45 ms
+since the work that is not a matrix product runs for two groups of crops on the two cores.
 
 :class:`FeatureModel` is a LightGBM binary classifier over these features, trained on the crop bank by
 :func:`train_feature_model`; its raw score (a logit) is averaged with the CNN's logit in
