@@ -49,6 +49,12 @@ class BadRequest(ProblemError):
     status, title, type_slug = 400, "Bad Request", "bad-request"
 
 
+class UndecodableBody(BadRequest):
+    """A body declared as JSON that is not UTF-8 text (or nests too deeply, or holds a number too long)."""
+
+    type_slug = "undecodable-body"
+
+
 class Unauthorized(ProblemError):
     status, title, type_slug = 401, "Unauthorized", "unauthorized"
 
@@ -275,15 +281,24 @@ def _error_entries(raw_errors: Sequence[Any]) -> tuple[list[dict[str, Any]], str
     return errors, f"{where}: {first['msg']}"
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def parse_json(model: type[ModelT], body: bytes) -> ModelT:
     """Validate a raw JSON body (e.g. one whose signature was checked first) into ``model``.
 
     Malformed input raises :class:`UnprocessableContent` carrying every error, as FastAPI's own
-    request validation does.
+    request validation does; a body that is not UTF-8 raises :class:`UndecodableBody` (400), as FastAPI's
+    routes answer it. A leading UTF-8 byte order mark is ignored, as FastAPI's routes ignore it (RFC 8259 §8.1).
     """
+    text = body[len(UTF8_BOM):] if body.startswith(UTF8_BOM) else body
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(text)
     except ValidationError as exc:
+        try:
+            text.decode("utf-8")  # only on the error path: is the JSON wrong, or the encoding?
+        except UnicodeDecodeError as cause:
+            raise UndecodableBody(undecodable_body_detail(cause)) from None
         raise _unprocessable(exc) from None
 
 
@@ -354,7 +369,7 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else None
     type_slug = None
     if exc.status_code == 400 and exc.__cause__ is not None and detail == _FASTAPI_UNPARSED_BODY:
-        type_slug, detail = "undecodable-body", undecodable_body_detail(exc.__cause__)
+        type_slug, detail = UndecodableBody.type_slug, undecodable_body_detail(exc.__cause__)
     body = problem_body(exc.status_code, None, detail, type_slug, request.url.path,
                         {"request_id": _request_id(request)})
     headers = dict(exc.headers or {})

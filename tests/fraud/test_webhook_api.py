@@ -90,6 +90,14 @@ def test_malformed_input_is_422_with_the_failing_field(tenant: FraudTenant) -> N
     assert_problem(post(tenant, missing), 422, "customer_id")
 
 
+def test_a_body_that_is_not_utf8_is_a_400_and_a_byte_order_mark_is_ignored(tenant: FraudTenant) -> None:
+    """As FastAPI's own routes answer them: the signed raw body is decoded by the platform's ``parse_json``."""
+    problem = assert_problem(post(tenant, b'{"transaction_id": "\xff"}'), 400, "not UTF-8 text (byte 20)")
+    assert problem["type"].endswith("/undecodable-body")
+    accepted = post(tenant, b"\xef\xbb\xbf" + orjson.dumps(transaction()))
+    assert accepted.status_code == 200, accepted.text
+
+
 def test_resend_returns_the_stored_decision(tenant: FraudTenant) -> None:
     payload = transaction()
     first = post(tenant, payload).json()
