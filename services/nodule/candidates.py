@@ -343,6 +343,8 @@ def _scale_peaks(volume: np.ndarray, start_sigma: float | None, sigmas: list[flo
     ``volume`` is already smoothed by ``start_sigma`` (``None``: not at all). A peak is the maximum
     of its 3x3x3 neighbourhood over the levels' maximum, and at least its neighbours in scale at the same place.
     """
+    if len(sigmas) < 2:
+        raise ValueError("a difference of Gaussians needs at least two scales")
     smoothed = []
     previous = start_sigma
     current_volume = np.ascontiguousarray(volume, dtype=np.float32)
