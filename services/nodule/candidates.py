@@ -233,8 +233,11 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     grid_mm : float
         Isotropic grid of the scale space.
     """
-    # the lung region is found on another core while this one builds the scale space
-    region_of_lungs = beside(lambda: lung_region(hu, spacing_mm)) if lung is None else (lambda: lung)
+    # the lung region, its copy on the grid twice as coarse and the k-d tree of that copy's boundary are made on
+    # another core while this one builds the scale space
+    coarse_step = 2
+    lungs = beside(lambda: _with_coarse(lung_region(hu, spacing_mm) if lung is None else lung, spacing_mm,
+                                        grid_mm * coarse_step))
     iso = resample_isotropic(np.clip(hu, *HU_CLIP), spacing_mm, grid_mm)
     fine = [s for s in SIGMAS_MM if s <= COARSE_FROM_MM]
     coarse_sigmas = [s for s in SIGMAS_MM if s >= COARSE_FROM_MM]
@@ -243,13 +246,11 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     start = fine_smoothed[-1][::2, ::2, ::2]
     coarse_points, coarse_levels, coarse_strength, coarse_smoothed = _scale_peaks(
         start, coarse_sigmas[0] / (2 * grid_mm), [s / (2 * grid_mm) for s in coarse_sigmas])
-    region = region_of_lungs()
+    region, to_coarse_region = lungs()
     if not region.any():
         return CandidateScan([], iso, grid_mm)
     # distance (mm) of every grid voxel to the lung region: a peak may lie up to ~ its radius outside
     # (the centre of a large juxta-pleural nodule sits in the notch it makes in the air)
-    coarse_step = 2
-    coarse_region = resample_isotropic(region.astype(np.float32), spacing_mm, grid_mm * coarse_step) > 0.5
     points = np.concatenate([fine_points, coarse_points * 2])
     levels = np.concatenate([fine_levels, coarse_levels + len(fine) - 1])
     strength = np.concatenate([fine_strength, coarse_strength])
@@ -260,9 +261,9 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     zs, ys, xs = points[:, 0], points[:, 1], points[:, 2]
     scale_mm = np.sqrt(np.asarray(SIGMAS_MM)[:-1] * np.asarray(SIGMAS_MM)[1:])  # geometric mean of the DoG pair
     radius = math.sqrt(3.0) * scale_mm[levels]
-    coarse = np.minimum(np.stack([zs, ys, xs], axis=1) // coarse_step, np.asarray(coarse_region.shape) - 1)
+    coarse = np.minimum(np.stack([zs, ys, xs], axis=1) // coarse_step, np.asarray(to_coarse_region.region.shape) - 1)
     reach = (LUNG_MARGIN_MM + 0.8 * float(radius.max())) / (grid_mm * coarse_step)  # the furthest that matters
-    outside_mm = distance_to_region(coarse_region, coarse, limit=reach) * grid_mm * coarse_step
+    outside_mm = to_coarse_region.to(coarse, limit=reach) * grid_mm * coarse_step
     near_lung = outside_mm <= LUNG_MARGIN_MM + 0.8 * radius
     zs, ys, xs, levels, radius = zs[near_lung], ys[near_lung], xs[near_lung], levels[near_lung], radius[near_lung]
     strength = strength[near_lung]
@@ -292,28 +293,48 @@ def scan_candidates(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     return CandidateScan(found, iso, grid_mm)
 
 
+def _with_coarse(region: np.ndarray, spacing_mm: tuple[float, float, float], coarse_mm: float
+                 ) -> tuple[np.ndarray, RegionDistance]:
+    """``region``, and distances to it on a grid of ``coarse_mm`` isotropic (the region resampled trilinearly,
+    then more than half inside)."""
+    return region, RegionDistance(resample_isotropic(region.astype(np.float32), spacing_mm, coarse_mm) > 0.5)
+
+
 def distance_to_region(region: np.ndarray, points: np.ndarray, *, limit: float = math.inf) -> np.ndarray:
     """Euclidean distance (voxels) from each ``(n, 3)`` point of ``region``'s grid to its nearest ``True`` voxel:
     ``scipy.ndimage.distance_transform_edt(~region)`` read at the points, without the transform of every voxel.
     Distances beyond ``limit`` come back as ``inf`` (the k-d tree stops searching there, most of the cost).
+    """
+    if len(points) == 0:
+        return np.zeros(0)
+    return RegionDistance(region).to(points, limit=limit)
+
+
+class RegionDistance:
+    """Distances to one region's ``True`` voxels (:func:`distance_to_region`), its k-d tree built once.
 
     The nearest region voxel to a point outside always lies on the region's boundary (a voxel with a
     face neighbour outside it: from any other, the step towards the point is a region voxel nearer
     to it), so a k-d tree of the boundary voxels answers exactly.
     """
-    if len(points) == 0:
-        return np.zeros(0)
-    interior = ndimage.binary_erosion(region, border_value=1)  # beyond the grid counts as inside: no boundary there
-    boundary = _indices_of(region & ~interior)
-    inside = region[points[:, 0], points[:, 1], points[:, 2]]
-    if len(boundary) == 0:
-        return np.where(inside, 0.0, np.inf)
-    distance = np.zeros(len(points))
-    if not inside.all():
-        # the bound is widened a little so that a distance equal to ``limit`` is still found whatever the rounding
-        bound = limit * (1 + 1e-9) + 1e-9 if math.isfinite(limit) else math.inf
-        distance[~inside], _ = cKDTree(boundary).query(points[~inside], distance_upper_bound=bound)
-    return distance
+
+    def __init__(self, region: np.ndarray) -> None:
+        self.region = region
+        interior = ndimage.binary_erosion(region, border_value=1)  # beyond the grid counts as inside: no boundary
+        boundary = _indices_of(region & ~interior)
+        self.tree = cKDTree(boundary) if len(boundary) else None
+
+    def to(self, points: np.ndarray, *, limit: float = math.inf) -> np.ndarray:
+        """Distance (voxels) of each ``(n, 3)`` grid point; ``inf`` beyond ``limit`` (or with no region at all)."""
+        inside = self.region[points[:, 0], points[:, 1], points[:, 2]]
+        if self.tree is None:
+            return np.where(inside, 0.0, np.inf)
+        distance = np.zeros(len(points))
+        if not inside.all():
+            # the bound is widened a little so that a distance equal to ``limit`` is still found whatever the rounding
+            bound = limit * (1 + 1e-9) + 1e-9 if math.isfinite(limit) else math.inf
+            distance[~inside], _ = self.tree.query(points[~inside], distance_upper_bound=bound)
+        return distance
 
 
 def _indices_of(mask: np.ndarray) -> np.ndarray:
