@@ -16,7 +16,12 @@ Candidates:
   (chosen over ``torch.ao.quantize_dynamic``, deprecated in torch 2.13 and unsafe on
   ``nn.TransformerEncoder`` unless the process-wide MHA fast path is switched off);
 - ``openvino``: the same ONNX graph compiled by OpenVINO for the CPU, in f32 unless asked, when
-  ``openvino`` is installed (the ``openvino`` extra: ``pip install -e '.[openvino]'``).
+  ``openvino`` is installed (the ``openvino`` extra: ``pip install -e '.[openvino]'``);
+- ``onnx-int8-static``: that graph with weights *and activations* in int8 (ONNX Runtime's static
+  quantizer, QDQ, activation ranges calibrated on representative batches: integer convolutions and
+  matrix products, where the dynamic quantizer keeps float convolutions). Its error is quantisation
+  error, not rounding: it is only measured when asked for by name (:data:`QUANTIZED_CPU_CANDIDATES`),
+  with a tolerance stated in the answer's own terms (``compare_as``, e.g. probabilities).
 
 :func:`export_onnx` exports several named inputs and outputs with dynamic axes (batch always,
 sequence length or spatial size when asked). :func:`available_cpu_candidates` lists the candidates
@@ -70,6 +75,11 @@ CPU_CANDIDATES: tuple[str, ...] = ("eager", "onnx", "onnx-int8")
 """The default candidates (always buildable)."""
 OPTIONAL_CPU_CANDIDATES: tuple[str, ...] = ("torch-compile", "openvino")
 """Candidates measured only where this machine can build them (see :func:`available_cpu_candidates`)."""
+QUANTIZED_CPU_CANDIDATES: tuple[str, ...] = ("onnx-int8-static",)
+"""Candidates whose outputs carry quantisation error: never a default, asked for by a model whose tolerance
+(in the answer's terms, see ``compare_as`` of :func:`compare_backends`) admits it."""
+CALIBRATION_OPTION = "calibration"
+"""``backend_options["onnx-int8-static"][CALIBRATION_OPTION]``: the batches that calibrate activation ranges."""
 DEFAULT_COMPILE_TIMEOUT_S = 300.0
 Inputs: TypeAlias = "torch.Tensor | Mapping[str, torch.Tensor]"
 """One batch: a tensor, or named tensors (all with the batch on axis 0)."""
@@ -613,6 +623,57 @@ def quantize_onnx_int8(source: Path, destination: Path) -> Path:
     return destination
 
 
+def quantize_onnx_int8_static(source: Path, destination: Path, calibration: Sequence[Inputs]) -> Path:
+    """Write an int8 copy of an ONNX graph, weights and activations (QDQ), calibrated on ``calibration``.
+
+    Each calibration batch is fed as the graph's inputs (a tensor, or named tensors as at serving);
+    activation ranges are the min/max seen over all of them, so they should look like served traffic
+    (lengths, levels) and not be the rows accuracy is judged on. Convolutions, matrix products and
+    ``Gemm`` are quantized; everything else stays float.
+    """
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise ValueError("static int8 quantization needs at least one calibration batch")
+    graph_inputs = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()
+    input_types = {node.name: _ORT_NUMPY_TYPES.get(node.type, np.float32) for node in graph_inputs}
+    feeds = [_named_arrays(batch, input_types) for batch in calibration]
+
+    class _Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
+        def __init__(self) -> None:
+            self._feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._feeds, None)
+
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        prepared = destination.with_suffix(".pre.onnx")
+        # shape inference and graph optimisation first, as the quantizer asks; symbolic shape inference
+        # is skipped because it cannot follow the arithmetic of a dynamic length through a conv stack
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(destination), _Batches(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        prepared.unlink(missing_ok=True)
+    finally:
+        quiet.setLevel(level)
+    return destination
+
+
+def calibration_rows(example_batch: Inputs) -> list[Inputs]:
+    """Each row of the example batch as a batch of one: the default calibration of ``onnx-int8-static``."""
+    rows = _rows(example_batch)
+    if is_tensor(example_batch):
+        return [example_batch[index:index + 1] for index in range(rows)]  # type: ignore[index]
+    named = dict(example_batch)  # type: ignore[arg-type]
+    return [{name: value[index:index + 1] for name, value in named.items()} for index in range(rows)]
+
+
 def available_cpu_candidates() -> tuple[str, ...]:
     """:data:`CPU_CANDIDATES` plus the optional ones this machine can build (``torch-compile``, ``openvino``)."""
     optional = {"torch-compile": torch_compile_available, "openvino": openvino_available}
@@ -627,7 +688,9 @@ def build_cpu_backend(kind: str, module: torch.nn.Module, example_batch: Inputs,
 
     ``export_options``: keyword arguments for :func:`export_onnx` (``output_names``, ``dynamic_axes``).
     ``backend_options``: keyword arguments per backend name for its class, e.g.
-    ``{"onnx": {"spinning": False}, "openvino": {"streams": 2}}``.
+    ``{"onnx": {"spinning": False}, "openvino": {"streams": 2}}``; ``onnx-int8-static`` also takes
+    ``calibration`` (:data:`CALIBRATION_OPTION`: batches for its activation ranges; each example row
+    by default).
 
     Raises
     ------
@@ -642,8 +705,9 @@ def build_cpu_backend(kind: str, module: torch.nn.Module, example_batch: Inputs,
         return CompiledTorchBackend(module, example_batch, compile_timeout_s=compile_timeout_s)
     if kind == "openvino" and not openvino_available():
         raise ModuleNotFoundError("openvino is not installed")
-    if kind not in CPU_CANDIDATES + OPTIONAL_CPU_CANDIDATES:
-        raise ValueError(f"unknown CPU backend {kind!r}; expected one of {CPU_CANDIDATES + OPTIONAL_CPU_CANDIDATES}")
+    known = CPU_CANDIDATES + OPTIONAL_CPU_CANDIDATES + QUANTIZED_CPU_CANDIDATES
+    if kind not in known:
+        raise ValueError(f"unknown CPU backend {kind!r}; expected one of {known}")
     onnx_path = workdir / "model.onnx"
     if not onnx_path.exists():
         export_onnx(module, example_batch, onnx_path, **(export_options or {}))
@@ -652,6 +716,10 @@ def build_cpu_backend(kind: str, module: torch.nn.Module, example_batch: Inputs,
         return OnnxRuntimeBackend(onnx_path, name="onnx", **options)
     if kind == "openvino":
         return OpenVinoBackend(onnx_path, **options)
+    if kind == "onnx-int8-static":
+        calibration = options.pop(CALIBRATION_OPTION, None) or calibration_rows(example_batch)
+        static = quantize_onnx_int8_static(onnx_path, workdir / "model.int8-static.onnx", calibration)
+        return OnnxRuntimeBackend(static, name="onnx-int8-static", **options)
     quantized = quantize_onnx_int8(onnx_path, workdir / "model.int8.onnx")
     return OnnxRuntimeBackend(quantized, name="onnx-int8", **options)
 
@@ -760,11 +828,13 @@ def max_abs_difference(outputs: Any, reference: Any) -> float:
 
 
 def _measure(name: str, backend: Backend, example_batch: Inputs, reference: Any,
-             batch_sizes: Sequence[int], max_abs_error: float, repeats: int) -> BackendMeasurement:
+             batch_sizes: Sequence[int], max_abs_error: float, repeats: int,
+             compare_as: Callable[[Any], Any] | None = None) -> BackendMeasurement:
     import torch
 
     with torch.inference_mode():
-        error = max_abs_difference(backend(example_batch), reference)
+        outputs = backend(example_batch)
+        error = max_abs_difference(compare_as(outputs) if compare_as else outputs, reference)
     measurement = BackendMeasurement(name, max_abs_error=error, accurate=error <= max_abs_error)
     for size in batch_sizes:
         latency = time_call(backend, _tile(example_batch, size), repeats=repeats)
@@ -790,7 +860,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 def compare_backends(reference: Backend, candidates: Mapping[str, Backend], example_batch: Inputs,
                      max_abs_error: float = 1e-3, *, batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
                      threads: int | None = None,
-                     failed: Sequence[BackendMeasurement] = ()) -> BackendChoice:
+                     failed: Sequence[BackendMeasurement] = (),
+                     compare_as: Callable[[Any], Any] | None = None) -> BackendChoice:
     """Measure built backends against ``reference`` and choose the fastest accurate one.
 
     Parameters
@@ -812,23 +883,29 @@ def compare_backends(reference: Backend, candidates: Mapping[str, Backend], exam
         Torch intra-op threads while measuring (match what serving uses, e.g. 1).
     failed : sequence of BackendMeasurement
         Candidates that could not be built, recorded as they are.
+    compare_as : callable, optional
+        Maps outputs (a backend's and the reference's alike) to what ``max_abs_error`` is stated in,
+        e.g. logits to the probabilities a caller is answered with. Without it, raw output units.
     """
     import torch
 
     with torch_threads(threads), torch.inference_mode():
         reference_output = reference(example_batch)
+        if compare_as is not None:
+            reference_output = compare_as(reference_output)
         measurements = list(failed)
         for name, backend in candidates.items():
             try:
                 measurements.append(_measure(name, backend, example_batch, reference_output, batch_sizes,
-                                             max_abs_error, repeats))
+                                             max_abs_error, repeats, compare_as))
             except Exception as exc:  # a candidate that cannot run is recorded, not fatal
                 measurements.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
     best = min(measurements, key=lambda m: m.score)
     chosen = candidates.get(best.name, reference) if math.isfinite(best.score) else reference
     conditions = {"torch_threads": threads or torch.get_num_threads(), "example_rows": _rows(example_batch),
                   "repeats": repeats, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "error_in": getattr(compare_as, "__name__", "compare_as") if compare_as else "outputs"}
     return BackendChoice(backend=chosen, measurements=measurements, max_abs_error=max_abs_error,
                          conditions=conditions)
 
@@ -838,7 +915,8 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: Inputs,
                        batch_sizes: Sequence[int] = (1, 32), repeats: int = 30,
                        workdir: Path | None = None, export_options: Mapping[str, Any] | None = None,
                        compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
-                       backend_options: Mapping[str, Mapping[str, Any]] | None = None) -> BackendChoice:
+                       backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+                       compare_as: Callable[[Any], Any] | None = None) -> BackendChoice:
     """Export, measure each CPU backend and return the fastest one whose outputs stay close to eager.
 
     Parameters
@@ -848,10 +926,11 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: Inputs,
     example_batch : Tensor[N, ...] or mapping of name -> Tensor[N, ...]
         Representative inputs; accuracy is checked on all N, latency on tiles of it.
     candidates : sequence of str
-        Backend names from :data:`CPU_CANDIDATES` and :data:`OPTIONAL_CPU_CANDIDATES`;
+        Backend names from :data:`CPU_CANDIDATES`, :data:`OPTIONAL_CPU_CANDIDATES` and
+        :data:`QUANTIZED_CPU_CANDIDATES`;
         :func:`available_cpu_candidates` gives every one this machine can build. One that cannot be
         built (not installed, compile over ``compile_timeout_s``) is recorded as failed.
-    max_abs_error, batch_sizes, repeats
+    max_abs_error, batch_sizes, repeats, compare_as
         As in :func:`compare_backends`.
     workdir : Path, optional
         Where exported graphs are written (a temporary directory by default; keep it if the
@@ -874,6 +953,7 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: Inputs,
     build_ms: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tessera-backend-") as scratch:
         folder = workdir or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
         for name in candidates:
             started = time.perf_counter()
             try:
@@ -884,7 +964,7 @@ def choose_cpu_backend(model: torch.nn.Module, example_batch: Inputs,
                 failed.append(BackendMeasurement(name, accurate=False, error=repr(exc)))
             build_ms[name] = round((time.perf_counter() - started) * 1000.0, 1)
         choice = compare_backends(eager, built, example_batch, max_abs_error, batch_sizes=batch_sizes,
-                                  repeats=repeats, failed=failed)
+                                  repeats=repeats, failed=failed, compare_as=compare_as)
     for measurement in choice.measurements:
         measurement.build_ms = build_ms.get(measurement.name)
     return choice

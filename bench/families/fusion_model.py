@@ -21,6 +21,7 @@ import torch
 from transformers import RobertaConfig, RobertaModel, Wav2Vec2Config, Wav2Vec2Model
 
 from model_runtime import ModelSpec, choose_cpu_backend, collate, length_bucket, run_collated
+from model_runtime.backends import CALIBRATION_OPTION, CPU_CANDIDATES, QUANTIZED_CPU_CANDIDATES
 
 SAMPLE_RATE = 16_000
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised")
@@ -208,9 +209,9 @@ run_fusion = run_collated(PAD_AXES, pad_values={"tokens": PAD_ID})
 
 def answer(logits: torch.Tensor) -> dict[str, Any]:
     """One row of logits -> ``{"label", "probabilities"}``."""
-    probabilities = torch.softmax(logits.float(), dim=-1).tolist()
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    return {"label": EMOTIONS[best], "probabilities": dict(zip(EMOTIONS, probabilities, strict=True))}
+    answered = probabilities(logits).tolist()
+    best = max(range(len(answered)), key=answered.__getitem__)
+    return {"label": EMOTIONS[best], "probabilities": dict(zip(EMOTIONS, answered, strict=True))}
 
 
 def predict_one(model: FusionClassifier, item: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -250,11 +251,46 @@ def backend_example(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     return {**batch.inputs, **{name + "_mask": mask for name, mask in batch.masks.items()}}
 
 
-def choose_backend(model: FusionClassifier) -> tuple[FusionGraph, dict[str, Any]]:
-    """Eager vs ONNX Runtime vs ONNX int8 on this machine (``model_runtime.choose_cpu_backend``)."""
-    example = backend_example([decode(pcm, text) for pcm, text, _ in utterance_pool()[:2]])
-    choice = choose_cpu_backend(model, example, max_abs_error=1e-3, batch_sizes=(1, 4), repeats=3,
-                                export_options={"dynamic_axes": ONNX_DYNAMIC_AXES, "output_names": ["logits"]})
+FLOAT_TOLERANCE = 1e-3
+"""Largest logit difference from eager a float backend may show (rounding, not a different model)."""
+QUANTIZED_TOLERANCE = 0.01
+"""Largest difference from eager's answered probabilities a quantized backend may show (one percentage
+point: the label and every probability a caller reads as the eager model's, to two decimals at worst)."""
+CALIBRATION_UTTERANCES = 16
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Logits -> the probabilities callers are answered with (:func:`answer`)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def answered_probabilities(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """A backend's outputs (the logits, or ONNX Runtime's ``{"logits": ...}``) -> answered probabilities."""
+    return probabilities(outputs["logits"] if isinstance(outputs, dict) else outputs)
+
+
+def choose_backend(model: FusionClassifier, *, quantized: bool = False) -> tuple[FusionGraph, dict[str, Any]]:
+    """The fastest accurate backend on this machine (``model_runtime.choose_cpu_backend``).
+
+    Float (default): eager vs ONNX Runtime vs ONNX dynamic int8, within :data:`FLOAT_TOLERANCE` of eager's
+    logits. ``quantized``: ONNX Runtime's calibrated int8 (``onnx-int8-static``) joins them, every candidate
+    judged on the answered probabilities within :data:`QUANTIZED_TOLERANCE`, over 8 pool utterances; its
+    activation ranges come from :data:`CALIBRATION_UTTERANCES` utterances the load never sends (the pool
+    continued with the same seed).
+    """
+    export = {"dynamic_axes": ONNX_DYNAMIC_AXES, "output_names": ["logits"]}
+    pool = utterance_pool(POOL_SIZE + CALIBRATION_UTTERANCES)
+    if not quantized:
+        example = backend_example([decode(pcm, text) for pcm, text, _ in pool[:2]])
+        choice = choose_cpu_backend(model, example, max_abs_error=FLOAT_TOLERANCE, batch_sizes=(1, 4), repeats=3,
+                                    export_options=export)
+        return FusionGraph(model, choice.backend, choice.name), choice.as_dict()
+    example = backend_example([decode(pcm, text) for pcm, text, _ in pool[:8]])
+    calibration = [backend_example([decode(pcm, text)]) for pcm, text, _ in pool[POOL_SIZE:]]
+    choice = choose_cpu_backend(model, example, CPU_CANDIDATES + QUANTIZED_CPU_CANDIDATES,
+                                max_abs_error=QUANTIZED_TOLERANCE, batch_sizes=(1, 4), repeats=3,
+                                export_options=export, compare_as=answered_probabilities,
+                                backend_options={"onnx-int8-static": {CALIBRATION_OPTION: calibration}})
     return FusionGraph(model, choice.backend, choice.name), choice.as_dict()
 
 

@@ -11,13 +11,16 @@ import torch
 from bench.families.fusion_model import (
     EMOTIONS,
     ONNX_DYNAMIC_AXES,
+    QUANTIZED_TOLERANCE,
     FusionClassifier,
     FusionGraph,
     backend_example,
+    choose_backend,
     decode,
     fusion_model,
     fusion_spec,
     predict_one,
+    probabilities,
     run_fusion,
     tokenize,
 )
@@ -95,3 +98,18 @@ def test_onnx_graph_matches_eager_and_falls_back_when_a_modality_is_absent(tmp_p
         for batch in (items, items[1:2], text_only):
             assert torch.allclose(torch.stack(run_fusion(graph, batch)), torch.stack(run_fusion(model, batch)),
                                   atol=1e-4)
+
+
+def test_the_quantized_choice_judges_every_candidate_on_answered_probabilities() -> None:
+    model = tiny_model()
+    graph, choice = choose_backend(model, quantized=True)
+    measured = {m["name"]: m for m in choice["measurements"]}
+    assert {"eager", "onnx", "onnx-int8", "onnx-int8-static"} <= set(measured)
+    assert measured["onnx-int8-static"]["error"] is None  # calibrated and measured, not failed
+    assert choice["conditions"]["error_in"] == "answered_probabilities"
+    assert choice["max_abs_error_allowed"] == QUANTIZED_TOLERANCE
+    items = [decode(*request) for request in REQUESTS[:2]]
+    with torch.inference_mode():
+        served = probabilities(torch.stack(run_fusion(graph, items)))
+        eager = probabilities(torch.stack(run_fusion(model, items)))
+    assert float((served - eager).abs().max()) <= QUANTIZED_TOLERANCE
