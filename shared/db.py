@@ -88,8 +88,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
                         "factory": sqlite.GatedConnection}
         if "poolclass" not in kwargs:  # connections kept for every thread that may hold one at once
             kwargs.update(pool_size=sqlite.POOL_SIZE, max_overflow=sqlite.POOL_OVERFLOW)
+        kwargs.setdefault("json_serializer", sqlite.json_without_nul)
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         event.listen(engine, "connect", sqlite.connect_listener(engine.url.database, engine))
+        event.listen(engine, "before_cursor_execute", sqlite.refuse_nul_parameters)
         return engine
     if "poolclass" not in kwargs:
         kwargs.update(pool_size=10, max_overflow=20)

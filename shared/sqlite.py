@@ -19,6 +19,12 @@ under concurrent requests (issue 14; ``bench/fraud_sqlite_wrk.py`` drives the we
   per database file and process copies it in the background (see its docstring for how the
   WAL is kept from growing).
 
+- **NUL refused as PostgreSQL refuses it.** PostgreSQL's ``text`` and ``jsonb`` cannot hold U+0000;
+  SQLite's can. So that a request holding one gets the same answer on both (a 422, see
+  :func:`shared.errors.holds_nul_text`), a statement binding a string with a NUL, or a JSON document
+  holding one, raises :class:`NulCharacter` here (:func:`refuse_nul_parameters`, :func:`json_without_nul`).
+  The driver's own cursor, which bulk paths use directly, is not checked: they clean their text first.
+
 Durability is unchanged: a transaction is committed (in the WAL) before ``commit()`` returns; with
 ``synchronous=NORMAL`` in WAL mode a committed transaction survives a crash of the process, and
 the last ones before a power loss or OS crash may roll back (the WAL is fsynced at checkpoints).
@@ -26,13 +32,17 @@ the last ones before a power loss or OS crash may roll back (the WAL is fsynced 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy.exc import DontWrapMixin
 
 logger = logging.getLogger("tessera.db.sqlite")
 
@@ -284,3 +294,47 @@ def connect_listener(database: str | None, owner: object) -> Callable[[Any, Any]
             ensure_checkpointer(database, engine)
 
     return on_connect
+
+
+class NulCharacter(ValueError, DontWrapMixin):
+    """A statement would store U+0000 in a text or JSON value, which PostgreSQL cannot hold.
+
+    A ``ValueError`` (write-behind streams quarantine it, as they do PostgreSQL's ``DataError``) that
+    SQLAlchemy lets through unwrapped (``DontWrapMixin``); the message names ``NUL (0x00)`` as
+    PostgreSQL's does.
+    """
+
+
+NUL_MESSAGE = "a string literal cannot contain NUL (0x00) characters"
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+"""``\\u0000`` in JSON text, preceded by an even run of backslashes (so the escape is a NUL, not a
+backslash followed by the letters ``u0000``)."""
+
+
+def json_without_nul(value: Any) -> str:
+    """SQLAlchemy's JSON serializer for SQLite: ``json.dumps``, refusing a document holding U+0000."""
+    text = json.dumps(value)
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise NulCharacter(NUL_MESSAGE)
+    return text
+
+
+def refuse_nul_parameters(_conn: Any, _cursor: Any, _statement: str, parameters: Any, _context: Any,
+                          _executemany: bool) -> None:
+    """The engine's ``before_cursor_execute`` listener: :class:`NulCharacter` for a bound string with U+0000."""
+    if _holds_nul(parameters):
+        raise NulCharacter(NUL_MESSAGE)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a statement's parameters (one row or many; tuples, lists or dicts) hold a string with U+0000."""
+    if isinstance(value, str):
+        return "\x00" in value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    for item in items:
+        if type(item) is str:  # the common case first: a row's plain values, no call per value
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict | list | tuple) and _holds_nul(item):
+            return True
+    return False

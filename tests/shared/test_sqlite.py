@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event
@@ -191,3 +192,27 @@ def test_the_configured_url_is_computed_once_per_settings(tmp_path: Path, monkey
     finally:
         get_settings.cache_clear()
         reset_engines()
+
+
+def test_nul_in_text_or_json_is_refused_as_postgresql_refuses_it(tmp_path: Path) -> None:
+    """PostgreSQL's text and jsonb cannot hold U+0000: SQLite is made to refuse it too, through Core, the ORM's
+    executemany and the JSON serializer alike, while a backslash followed by the letters u0000 is stored."""
+    from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, insert, select
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'nul.db'}")
+    table = Table("docs", MetaData(), Column("id", Integer, primary_key=True), Column("name", String),
+                  Column("doc", JSON))
+    table.metadata.create_all(engine)
+    refused: list[dict[str, Any]] = [{"name": "a\x00b"}, {"doc": {"k": "v\x00"}}, {"doc": {"key\x00": 1}},
+                                     {"doc": ["\\\x00"]}]
+    for values in refused:
+        with pytest.raises(sqlite.NulCharacter, match=r"NUL \(0x00\)"), engine.begin() as connection:
+            connection.execute(insert(table).values(**values))
+    with pytest.raises(sqlite.NulCharacter), engine.begin() as connection:
+        connection.execute(insert(table), [{"name": "fine"}, {"name": "not\x00fine"}])
+    kept = [{"name": "back\\u0000slash", "doc": {"k": "\\u0000", "j": "\\\\\\u0000"}}]
+    with engine.begin() as connection:
+        connection.execute(insert(table), kept)
+        rows = connection.execute(select(table.c.name, table.c.doc)).all()
+    assert [(row.name, row.doc) for row in rows] == [(kept[0]["name"], kept[0]["doc"])]
+    assert issubclass(sqlite.NulCharacter, ValueError)  # write-behind streams quarantine it
