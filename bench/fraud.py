@@ -193,8 +193,8 @@ async def _timed_runtime(name: str, spec, items: list[Any], concurrency: int,  #
     rss_reset()
     lat: list[float] = []
     next_index = 0
-    calls_before = _batch_calls[0], _batch_calls[1]
-    cpu0, started = time.process_time(), time.perf_counter()
+    batches_before = _batch_totals(spec.name)
+    cpu0, started = proc_cpu_s(os.getpid()), time.perf_counter()
     deadline = started + budget_s
 
     async def caller() -> None:
@@ -208,9 +208,9 @@ async def _timed_runtime(name: str, spec, items: list[Any], concurrency: int,  #
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    cpu = time.process_time() - cpu0
-    batches = _batch_calls[0] - calls_before[0]
-    batched_items = _batch_calls[1] - calls_before[1]
+    cpu = proc_cpu_s(os.getpid()) - cpu0  # the model's child process too, where the spec runs it there
+    batches, batched_items = (after - before for after, before in zip(_batch_totals(spec.name), batches_before,
+                                                                       strict=True))
     await runtime.close()
     p50, p99 = percentiles(lat, 50, 99)
     return {"name": name, "concurrency": concurrency, "items": len(lat), "throughput": len(lat) / elapsed,
@@ -218,7 +218,13 @@ async def _timed_runtime(name: str, spec, items: list[Any], concurrency: int,  #
             "mean_batch": batched_items / batches if batches else None}
 
 
-_batch_calls = [0, 0]  # run_batch calls, items (counted by a wrapper around score_batch)
+def _batch_totals(model: str) -> tuple[float, float]:
+    """Batches run and items in them so far, from the runtime's own ``tessera_model_batch_size`` histogram (the
+    batcher observes it in this process, also for a model served from a child process)."""
+    from prometheus_client import REGISTRY
+
+    return tuple(REGISTRY.get_sample_value(f"tessera_model_batch_size_{kind}", {"model": model}) or 0.0
+                 for kind in ("count", "sum"))  # type: ignore[return-value]
 
 
 def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, Any]]:
@@ -246,11 +252,6 @@ def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, An
           f"{scorer.trees.feature.shape[0]} trees, depth {scorer.trees.depth}); {n} items, "
           f"<= {budget:.0f} s a point", file=sys.stderr, flush=True)
 
-    def counted_score_batch(model, batch):  # type: ignore[no-untyped-def]
-        _batch_calls[0] += 1
-        _batch_calls[1] += len(batch)
-        return score_batch(model, batch)
-
     rows: list[dict[str, Any]] = []
 
     def model_inputs(pair):  # type: ignore[no-untyped-def]
@@ -271,7 +272,7 @@ def run_inprocess(args: argparse.Namespace, artifact: Path) -> list[dict[str, An
         rows.append(_timed_sync(name, fn, inputs, budget))
         print(f"  {name}: {rows[-1]['throughput']:.0f}/s", file=sys.stderr, flush=True)
 
-    base = dataclasses.replace(fraud_model_spec(artifact), run_batch=counted_score_batch)
+    base = fraud_model_spec(artifact)
     specs = (("runtime unbatched (max_batch 1)", dataclasses.replace(base, max_batch_size=1)),
              ("runtime batched (shipped spec)", base))
 
