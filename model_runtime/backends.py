@@ -260,8 +260,7 @@ class OnnxRuntimeBackend:
     def __init__(self, model: Path | bytes, *, threads: int | None = None, name: str = "onnx",
                  placement: Placement | None = None, spinning: bool = True) -> None:
         self.session = onnx_session(model, threads=threads, placement=placement, spinning=spinning)
-        self.input_types = {node.name: _ORT_NUMPY_TYPES.get(node.type, np.float32)
-                            for node in self.session.get_inputs()}
+        self.input_types = _input_types(self.session)
         self.output_names = [node.name for node in self.session.get_outputs()]
         self.name = name
 
@@ -613,14 +612,26 @@ def quantize_onnx_int8(source: Path, destination: Path) -> Path:
     """Write an int8-weight copy of an ONNX graph (dynamic activation quantization)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the quantizer logs a "run pre-processing" hint on every call
-    try:
+    with _quantizer_quiet():
         quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8)
-    finally:
-        quiet.setLevel(level)
     return destination
+
+
+@contextlib.contextmanager
+def _quantizer_quiet() -> Iterator[None]:
+    """Root logging at ERROR for the block: ONNX Runtime's quantizers log a "run pre-processing" hint on every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _input_types(session: Any) -> dict[str, Any]:
+    """An ONNX Runtime session's inputs: name -> the numpy type fed to it."""
+    return {node.name: _ORT_NUMPY_TYPES.get(node.type, np.float32) for node in session.get_inputs()}
 
 
 def quantize_onnx_int8_static(source: Path, destination: Path, calibration: Sequence[Inputs]) -> Path:
@@ -637,8 +648,7 @@ def quantize_onnx_int8_static(source: Path, destination: Path, calibration: Sequ
 
     if not calibration:
         raise ValueError("static int8 quantization needs at least one calibration batch")
-    graph_inputs = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()
-    input_types = {node.name: _ORT_NUMPY_TYPES.get(node.type, np.float32) for node in graph_inputs}
+    input_types = _input_types(onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"]))
     feeds = [_named_arrays(batch, input_types) for batch in calibration]
 
     class _Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
@@ -648,20 +658,17 @@ def quantize_onnx_int8_static(source: Path, destination: Path, calibration: Sequ
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._feeds, None)
 
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    prepared = destination.with_suffix(".pre.onnx")
     try:
-        prepared = destination.with_suffix(".pre.onnx")
-        # shape inference and graph optimisation first, as the quantizer asks; symbolic shape inference
-        # is skipped because it cannot follow the arithmetic of a dynamic length through a conv stack
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(destination), _Batches(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
-        prepared.unlink(missing_ok=True)
+        with _quantizer_quiet():
+            # shape inference and graph optimisation first, as the quantizer asks; symbolic shape inference
+            # is skipped because it cannot follow the arithmetic of a dynamic length through a conv stack
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(destination), _Batches(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"])
     finally:
-        quiet.setLevel(level)
+        prepared.unlink(missing_ok=True)
     return destination
 
 

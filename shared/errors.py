@@ -19,8 +19,6 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from shared.sqlite import NulCharacter
-
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://tessera.dev/problems/"
 
@@ -412,15 +410,6 @@ async def _on_data_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DataError)
     if not holds_nul_text(exc):
         return await _on_unexpected(request, exc)
-    return _nul_character(request)
-
-
-async def _on_nul_character(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, NulCharacter)  # SQLite refusing what PostgreSQL refuses (shared.sqlite)
-    return _nul_character(request)
-
-
-def _nul_character(request: Request) -> JSONResponse:
     detail = "a text value in the request holds a NUL character (U+0000), which no stored value may hold"
     body = problem_body(422, "Unprocessable Content", detail, "validation-error", request.url.path,
                         {"errors": [{"loc": [], "msg": detail, "type": "nul_character"}],
@@ -432,7 +421,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     """Make every error ``app`` returns a problem+json document (unexpected ones: a generic 500)."""
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(DataError, _on_data_error)
-    app.add_exception_handler(NulCharacter, _on_nul_character)
     app.add_exception_handler(EdgeMappedError, _on_mapped)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)

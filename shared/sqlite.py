@@ -42,7 +42,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import DontWrapMixin
+from sqlalchemy.exc import DataError, DontWrapMixin
 
 logger = logging.getLogger("tessera.db.sqlite")
 
@@ -296,16 +296,19 @@ def connect_listener(database: str | None, owner: object) -> Callable[[Any, Any]
     return on_connect
 
 
-class NulCharacter(ValueError, DontWrapMixin):
+NUL_MESSAGE = "a string literal cannot contain NUL (0x00) characters"
+
+
+class NulCharacter(DataError, ValueError, DontWrapMixin):
     """A statement would store U+0000 in a text or JSON value, which PostgreSQL cannot hold.
 
-    A ``ValueError`` (write-behind streams quarantine it, as they do PostgreSQL's ``DataError``) that
-    SQLAlchemy lets through unwrapped (``DontWrapMixin``); the message names ``NUL (0x00)`` as
-    PostgreSQL's does.
+    The ``DataError`` PostgreSQL's refusal arrives as, naming ``NUL (0x00)`` as PostgreSQL does, so the
+    platform's one mapping of it (:func:`shared.errors.holds_nul_text`: a 422) and the write-behind streams'
+    quarantine treat both databases alike; SQLAlchemy lets it through unwrapped (``DontWrapMixin``).
     """
 
-
-NUL_MESSAGE = "a string literal cannot contain NUL (0x00) characters"
+    def __init__(self) -> None:
+        super().__init__(None, None, ValueError(NUL_MESSAGE))
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 """``\\u0000`` in JSON text, preceded by an even run of backslashes (so the escape is a NUL, not a
 backslash followed by the letters ``u0000``)."""
@@ -315,7 +318,7 @@ def json_without_nul(value: Any) -> str:
     """SQLAlchemy's JSON serializer for SQLite: ``json.dumps``, refusing a document holding U+0000."""
     text = json.dumps(value)
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
-        raise NulCharacter(NUL_MESSAGE)
+        raise NulCharacter()
     return text
 
 
@@ -323,7 +326,7 @@ def refuse_nul_parameters(_conn: Any, _cursor: Any, _statement: str, parameters:
                           _executemany: bool) -> None:
     """The engine's ``before_cursor_execute`` listener: :class:`NulCharacter` for a bound string with U+0000."""
     if _holds_nul(parameters):
-        raise NulCharacter(NUL_MESSAGE)
+        raise NulCharacter()
 
 
 def _holds_nul(value: Any) -> bool:

@@ -279,12 +279,12 @@ def choose_backend(model: FusionClassifier, *, quantized: bool = False) -> tuple
     continued with the same seed).
     """
     export = {"dynamic_axes": ONNX_DYNAMIC_AXES, "output_names": ["logits"]}
-    pool = utterance_pool(POOL_SIZE + CALIBRATION_UTTERANCES)
     if not quantized:
-        example = backend_example([decode(pcm, text) for pcm, text, _ in pool[:2]])
+        example = backend_example([decode(pcm, text) for pcm, text, _ in utterance_pool()[:2]])
         choice = choose_cpu_backend(model, example, max_abs_error=FLOAT_TOLERANCE, batch_sizes=(1, 4), repeats=3,
                                     export_options=export)
         return FusionGraph(model, choice.backend, choice.name), choice.as_dict()
+    pool = utterance_pool(POOL_SIZE + CALIBRATION_UTTERANCES)
     example = backend_example([decode(pcm, text) for pcm, text, _ in pool[:8]])
     calibration = [backend_example([decode(pcm, text)]) for pcm, text, _ in pool[POOL_SIZE:]]
     choice = choose_cpu_backend(model, example, CPU_CANDIDATES + QUANTIZED_CPU_CANDIDATES,
