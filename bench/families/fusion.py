@@ -84,6 +84,7 @@ import orjson  # noqa: E402
 from bench.families.fusion_model import (  # noqa: E402
     BUCKET_BASE,
     EMOTIONS,
+    FLOAT_TOLERANCE,
     MODEL_NAME,
     POOL_SEED,
     POOL_SIZE,
@@ -505,8 +506,8 @@ def answer_difference(url: str, count: int = 3) -> float:
 
 def answer_tolerance(server: str) -> float:
     """How far a server's probabilities may be from eager's: :data:`QUANTIZED_TOLERANCE` for a quantized
-    variant, 1e-3 (rounding) for the others."""
-    return QUANTIZED_TOLERANCE if RUNTIME_VARIANTS.get(server, {}).get("quantized") else 1e-3
+    variant, :data:`FLOAT_TOLERANCE` (rounding) for the others."""
+    return QUANTIZED_TOLERANCE if RUNTIME_VARIANTS.get(server, {}).get("quantized") else FLOAT_TOLERANCE
 
 
 def _batches(handle: ServerHandle, server: str) -> tuple[float, float]:
