@@ -125,6 +125,9 @@ class ModelSpec:
         Versioned artifact directory; verified with :func:`load_manifest` before ``loader`` runs.
     max_batch_size, max_wait_ms, max_queue, max_queue_delay_ms, timeout_s, isolate_failures, fill, run_inline
         Batching policy, see :class:`~model_runtime.batcher.BatchPolicy`.
+    inline_below_ms
+        Run a batch on the event loop when its fitted time is under this (ms), saving the hand-off
+        to the worker thread (see :class:`~model_runtime.batcher.BatchPolicy`).
     latency_target_ms
         Admission by measured capacity (:mod:`model_runtime.admission`): past saturation, refuse
         at once what would be answered later than this, instead of queueing it (when two full
@@ -173,6 +176,7 @@ class ModelSpec:
     isolate_failures: bool = True
     fill: FillPolicy = "greedy"
     run_inline: bool = False
+    inline_below_ms: float | None = None
     uses_torch: bool = True
     warmup_items: Sequence[Any] = ()
     device: str | None = None
@@ -200,7 +204,7 @@ class ModelSpec:
                            timeout_s=self.timeout_s,
                            isolate_failures=self.isolate_failures, fill=self.fill, run_inline=self.run_inline,
                            cost=self.cost, max_batch_cost=self.max_batch_cost, bucket=self.bucket,
-                           latency_target_ms=self.latency_target_ms)
+                           latency_target_ms=self.latency_target_ms, inline_below_ms=self.inline_below_ms)
 
 
 @dataclass(frozen=True, slots=True)

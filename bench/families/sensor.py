@@ -56,6 +56,8 @@ D_MODEL, HEADS, FEED_FORWARD, LAYERS = 64, 4, 128, 2
 CALLERS = (1, 4, 16)
 MAX_BATCH = 64
 PREPARE_IN: PrepareIn = "loop"  # a 2 us check: a thread hop per call costs more (halved K=4 batches)
+INLINE_BELOW_MS = 1.0
+"""Batches predicted under this run on the loop (``ModelSpec.inline_below_ms``): hand-offs took 0.2 of 1 ms at K=4."""
 WINDOWS_FULL, WINDOWS_QUICK = 4096, 1024
 ROUNDS_FULL, ROUNDS_QUICK = 5, 3
 MODEL_NAME = "sensor-window"
@@ -171,7 +173,8 @@ def sensor_spec(name: str, loader: Callable[[LoadContext], Any], counter: BatchC
 
     return ModelSpec(name=name, version="bench", loader=loader, run_batch=run_batch, prepare=prepare_window,
                      max_batch_size=max_batch_size, max_queue=1024, fill="greedy", prepare_in=prepare_in,
-                     uses_torch=uses_torch, warmup_items=make_windows(max_batch_size, seed=7))
+                     inline_below_ms=INLINE_BELOW_MS, uses_torch=uses_torch,
+                     warmup_items=make_windows(max_batch_size, seed=7))
 
 
 async def load_eager(runtime: ModelRuntime, model: torch.nn.Module, name: str = MODEL_NAME) -> Served:
@@ -387,7 +390,7 @@ def bench_sensor(quick: bool) -> dict[str, Any]:
               "points": rows, "ratios": ratios(rows), "backends": choice.as_dict(),
               "config": {"quick": quick, "windows": len(windows), "callers": list(CALLERS),
                          "rounds": rounds, "max_batch_size": MAX_BATCH, "fill": "greedy",
-                         "prepare_in": PREPARE_IN, "torch_threads": threads,
+                         "prepare_in": PREPARE_IN, "inline_below_ms": INLINE_BELOW_MS, "torch_threads": threads,
                          "load_average_1min": [round(load_before, 2), round(load_after, 2)],
                          "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
     return record

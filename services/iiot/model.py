@@ -79,6 +79,8 @@ Tier = Literal["cloud", "edge"]
 MASKED = -1e4
 """Additive attention bias of a padded step (finite, so a window of padding gives no NaN)."""
 TOP_DRIVERS = 3
+INLINE_BELOW_MS = 1.0
+"""A batch of windows the runtime predicts under this (ms) runs on the event loop, without a thread hand-off."""
 TORCH_NAMES = ("ChannelAttention", "NumericTokens", "SensorWindowNet", "example_inputs", "export_risk_onnx",
                "load_artifact", "save_risk_model")
 """Names of :mod:`services.iiot.network` served by this module (imported, with torch, on first use)."""
@@ -339,7 +341,8 @@ def build_served_model(directory: Path, backend: Backend = "auto", threads: int 
 def risk_model_spec(artifact_dir: Path | None = None, *, name: str = "iiot", tier: Tier = "cloud",
                     backend: Backend = "auto", net: SensorWindowNet | None = None, version: str = "",
                     max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                    timeout_s: float | None = 30.0, threads: int | None = None) -> ModelSpec:
+                    timeout_s: float | None = 30.0, threads: int | None = None,
+                    inline_below_ms: float | None = INLINE_BELOW_MS) -> ModelSpec:
     """The risk model as a model of the shared runtime: items :class:`RiskRequest`, answers :class:`RiskResult`.
 
     Parameters
@@ -355,6 +358,8 @@ def risk_model_spec(artifact_dir: Path | None = None, *, name: str = "iiot", tie
         A network built in code (tests), served eagerly instead of an artifact.
     max_batch_size, max_wait_ms, max_queue, timeout_s
         Batching policy: windows of concurrently scored assets share a batch.
+    inline_below_ms : float, optional
+        Batches predicted shorter run on the event loop (``ModelSpec.inline_below_ms``); ``None``: never.
     threads : int, optional
         ONNX Runtime intra-op threads (default ``settings.torch_threads``).
     """
@@ -382,7 +387,7 @@ def risk_model_spec(artifact_dir: Path | None = None, *, name: str = "iiot", tie
                      run_batch=run_batch, prepare=WindowPreparer(config), prepare_in="auto",
                      artifact_dir=artifact_dir if net is None else None, max_batch_size=max_batch_size,
                      max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
-                     warmup_items=warmup_requests(config), uses_torch=not onnx_only,
+                     inline_below_ms=inline_below_ms, warmup_items=warmup_requests(config), uses_torch=not onnx_only,
                      device="cpu" if onnx_only else None)
 
 
