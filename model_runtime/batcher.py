@@ -7,7 +7,8 @@ takes the next batch from the queue itself and goes on, posting each batch's ans
 The model therefore never waits for the loop between batches: a loop busy with other work
 (thousands of refusals a second past saturation, or a box whose other processes take its CPU)
 answers late, but does not idle the model. With ``run_inline`` batches run on the loop itself
-(items that arrive in one loop turn still share a batch). Policies:
+(items that arrive in one loop turn still share a batch); with ``inline_below_ms`` only the batches
+the fitted batch time predicts shorter than that do, the others go to the worker. Policies:
 
 - ``greedy`` (default): never wait for a batch to fill. At concurrency 1 an item runs at once, so
   latency equals the unbatched call; under load, items pile up while the worker is busy and the
@@ -654,10 +655,11 @@ class DynamicBatcher:
     def _record(self, ran: list[_Pending], elapsed: float) -> None:
         if not ran:
             return
+        cost = sum(pending.cost for pending in ran)
         self._recent.update(elapsed, len(ran))
-        self._batch_time.observe(sum(pending.cost for pending in ran), elapsed)
+        self._batch_time.observe(cost, elapsed)
         if self._admission is not None:
-            self._admission.batch_finished(sum(pending.cost for pending in ran), elapsed)
+            self._admission.batch_finished(cost, elapsed)
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(ran))
 
