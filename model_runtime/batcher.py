@@ -511,6 +511,7 @@ class DynamicBatcher:
                 self._settle(*await self._run_awaited(batch))
                 continue
             if self.policy.run_inline or self._short_enough_to_run_inline(batch):
+                self._initialize_loop_thread()
                 self._settle(*self._run_guarded(batch, inline=True))
                 continue
             # handed over in a list the worker empties: neither this frame nor the executor's work item
@@ -519,17 +520,18 @@ class DynamicBatcher:
             del batch
 
     def _short_enough_to_run_inline(self, batch: list[_Pending]) -> bool:
-        """Whether ``inline_below_ms`` sends this batch to the loop (on the loop: initializes its thread first)."""
+        """Whether ``inline_below_ms`` sends this batch to the loop: its fitted time is under the bound."""
         if self.policy.inline_below_ms is None or self._batch_time.samples == 0:
             return False
         predicted_s = self._batch_time.seconds(sum(pending.cost for pending in batch))
-        if predicted_s * 1000.0 >= self.policy.inline_below_ms:
-            return False
+        return predicted_s * 1000.0 < self.policy.inline_below_ms
+
+    def _initialize_loop_thread(self) -> None:
+        """Before the first batch run on the loop: the worker's thread initializer (torch's thread count) here too."""
         if not self._loop_thread_initialized:
             self._loop_thread_initialized = True
             if self._thread_initializer is not None:
-                self._thread_initializer()  # the worker's torch thread count, for the batches run here
-        return True
+                self._thread_initializer()
 
     def _full_batch_waiting(self) -> bool:
         return (len(self._queue) >= self.policy.max_batch_size

@@ -112,6 +112,26 @@ def test_the_worker_thread_initializer_runs_on_the_loop_before_its_first_inline_
     assert len(initialized_on) == 2  # and once in the worker, for the first batch
 
 
+def test_a_run_inline_batcher_also_initializes_the_loop_thread_once() -> None:
+    initialized_on: list[int] = []
+    model = TimedModel()
+
+    async def scenario() -> int:
+        batcher = DynamicBatcher("inline-init", model.run_batch, BatchPolicy(run_inline=True),
+                                 ModelMetrics("inline-init"),
+                                 thread_initializer=lambda: initialized_on.append(threading.get_ident()))
+        batcher.start()
+        try:
+            for item in range(3):
+                assert await batcher.submit(item) == 2 * item
+        finally:
+            await batcher.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert initialized_on == [loop_thread]  # every batch ran on the loop: the worker thread never started
+
+
 def test_inline_below_ms_must_be_positive() -> None:
     with pytest.raises(ValueError, match="inline_below_ms"):
         BatchPolicy(inline_below_ms=0.0)
