@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
+import random
 import re
 import signal
 import socket
@@ -25,11 +27,46 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO_ROOT.parent / "shared"
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+TEST_PORTS_FROM, TEST_PORTS_PER_WORKER = 20000, 1500
+"""Each pytest-xdist worker draws its servers' ports from its own slice of 20000-31999."""
+_port_choice = random.Random()  # its own generator: tests that seed the global one do not repeat its draws
+_ports_handed_out: collections.deque[int] = collections.deque(maxlen=256)  # not yet bound, maybe
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range where it can.
+
+    A port from ``bind(("127.0.0.1", 0))`` is an ephemeral one, the range the kernel also takes the
+    local port of every outgoing connection from: between this call and the server's own bind, a
+    test's client connecting to PostgreSQL or Redis could take it (seen once in a full run: uvicorn's
+    "address already in use"). Below the range only explicit binds take ports, and each xdist worker
+    keeps to its own slice, so two workers never hand out the same one.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = TEST_PORTS_FROM + (int(worker) % 8 if worker.isdigit() else 0) * TEST_PORTS_PER_WORKER
+    if first + TEST_PORTS_PER_WORKER <= _ephemeral_low():
+        for port in _port_choice.sample(range(first, first + TEST_PORTS_PER_WORKER), 50):
+            if port in _ports_handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # in use, or lingering in TIME_WAIT
+                    continue
+            _ports_handed_out.append(port)
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import running_in_ci
+from tests.support import free_port
 
 ORTHANC_BINARY_NAMES = ("Orthanc", "orthanc")
 STARTUP_TIMEOUT_S = 30.0
@@ -51,13 +52,6 @@ def require_orthanc() -> str:
     if running_in_ci():
         pytest.fail(f"{message}; CI=true: a skipped variant fails the run", pytrace=False)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on at the moment (loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
