@@ -333,13 +333,14 @@ class DynamicBatcher:
         self._lock = threading.Lock()  # the queue, its cost and the running batch: the loop and the worker share them
         self._in_transit = 0  # admitted (AdmissionTicket held), not yet queued
         self._mean_cost = 1.0
+        self._batch_time = BatchTimeModel()  # batch seconds against cost: admission's fit and inline_below_ms's
         self._admission = (None if policy.latency_target_ms is None
-                           else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity))
+                           else CapacityAdmission(policy.latency_target_ms / 1000.0, policy.batch_capacity,
+                                                  model=self._batch_time))
         self._running: list[_Pending] | None = None  # the batch the model is running (set when it is taken)
         self._worker: asyncio.Future[None] | None = None  # the worker thread's job: batches until the queue is empty
         self._recent = _Recent(per_item_s=per_item_s or 0.001, batch_s=per_item_s or 0.001,
                                samples=1 if per_item_s else 0)
-        self._batch_time = BatchTimeModel()  # for inline_below_ms
         self._thread_initializer = thread_initializer
         self._loop_thread_initialized = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}",
@@ -659,9 +660,10 @@ class DynamicBatcher:
             return
         cost = sum(pending.cost for pending in ran)
         self._recent.update(elapsed, len(ran))
-        self._batch_time.observe(cost, elapsed)
         if self._admission is not None:
-            self._admission.batch_finished(cost, elapsed)
+            self._admission.batch_finished(cost, elapsed)  # refits self._batch_time, the fit it was given
+        else:
+            self._batch_time.observe(cost, elapsed)
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(ran))
 

@@ -61,6 +61,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@functools.cache
 def _ephemeral_low() -> int:
     """The lowest port of the kernel's ephemeral range (32768 where it cannot be read)."""
     try:

@@ -91,13 +91,13 @@ def test_without_the_option_every_batch_runs_in_the_worker(runtime: ModelRuntime
     assert all(thread != loop_thread for _, thread in model.batches)
 
 
-def test_the_worker_thread_initializer_runs_on_the_loop_before_its_first_inline_batch() -> None:
+def initializer_threads(policy: BatchPolicy) -> tuple[list[int], int]:
+    """Serve three items one after another with ``policy``: the threads the initializer ran on, and the loop's."""
     initialized_on: list[int] = []
     model = TimedModel()
 
     async def scenario() -> int:
-        batcher = DynamicBatcher("timed-init", model.run_batch, BatchPolicy(inline_below_ms=8.0),
-                                 ModelMetrics("timed-init"),
+        batcher = DynamicBatcher("initialized", model.run_batch, policy, ModelMetrics("initialized"),
                                  thread_initializer=lambda: initialized_on.append(threading.get_ident()))
         batcher.start()
         try:
@@ -108,27 +108,17 @@ def test_the_worker_thread_initializer_runs_on_the_loop_before_its_first_inline_
         return threading.get_ident()
 
     loop_thread = asyncio.run(scenario())
+    return initialized_on, loop_thread
+
+
+def test_the_worker_thread_initializer_runs_on_the_loop_before_its_first_inline_batch() -> None:
+    initialized_on, loop_thread = initializer_threads(BatchPolicy(inline_below_ms=8.0))
     assert initialized_on.count(loop_thread) == 1  # once, however many inline batches
     assert len(initialized_on) == 2  # and once in the worker, for the first batch
 
 
 def test_a_run_inline_batcher_also_initializes_the_loop_thread_once() -> None:
-    initialized_on: list[int] = []
-    model = TimedModel()
-
-    async def scenario() -> int:
-        batcher = DynamicBatcher("inline-init", model.run_batch, BatchPolicy(run_inline=True),
-                                 ModelMetrics("inline-init"),
-                                 thread_initializer=lambda: initialized_on.append(threading.get_ident()))
-        batcher.start()
-        try:
-            for item in range(3):
-                assert await batcher.submit(item) == 2 * item
-        finally:
-            await batcher.close()
-        return threading.get_ident()
-
-    loop_thread = asyncio.run(scenario())
+    initialized_on, loop_thread = initializer_threads(BatchPolicy(run_inline=True))
     assert initialized_on == [loop_thread]  # every batch ran on the loop: the worker thread never started
 
 
